@@ -1,0 +1,1 @@
+//! groupcall-proto: sans-IO MSC3401 core.
