@@ -1,0 +1,1690 @@
+//! The orchestrator: one participant in one room's call.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde_json::Value;
+use tracing::{debug, info, warn};
+
+use crate::error::{CommandError, ParseError};
+use crate::events::{CallContent, Feed, FeedPurpose};
+use crate::ids::{DeviceKey, IdGen, should_call};
+use crate::membership::{OwnDevice, joined_content, left_content};
+use crate::reorder::{Pushed, ReorderBuffer};
+use crate::room::{RoomCallState, RoomChange};
+use crate::signalling::{
+    Answer, Body, Candidate, Candidates, Capabilities, CommonFields, Hangup, Invite, Message,
+    MessageType, MetadataChanged, Negotiate, SdpStreamMetadata, SelectAnswer, SessionDescription,
+    StreamMetadata, Version, reason,
+};
+use crate::types::*;
+
+const REORDER_CAPACITY: usize = 64;
+const MAX_HELD_PER_DEVICE: usize = 32;
+const MAX_BUFFERS_PER_DEVICE: usize = 16;
+const MAX_PENDING_REMOTE_CANDIDATES: usize = 512;
+const ENDED_CALL_MEMORY_MS: u64 = 10 * 60 * 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Outbound,
+    Inbound,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Outbound: waiting for the media layer's offer.
+    CreatingOffer,
+    /// Outbound: invite sent, waiting for the answer.
+    InviteSent,
+    /// Inbound: waiting for the media layer's answer.
+    CreatingAnswer,
+    /// Descriptions exchanged, waiting for media.
+    Connecting,
+    /// Media connected.
+    Connected,
+    /// Lost connectivity after being connected; ICE restart under way.
+    Restarting,
+}
+
+#[derive(Debug)]
+struct Peer {
+    handle: PeerHandle,
+    call_id: String,
+    direction: Direction,
+    remote: DeviceKey,
+    remote_session: String,
+    remote_party: Option<String>,
+    phase: Phase,
+    /// When the current phase started (drives its timeout).
+    phase_since: u64,
+    send_seq: u64,
+    /// Our invite/answer has been sent: later candidates can be trickled.
+    signalled_at: Option<u64>,
+    local_candidates: Vec<Candidate>,
+    candidates_flush_at: Option<u64>,
+    remote_description_set: bool,
+    remote_candidates: Vec<Candidate>,
+    /// A local renegotiation offer is in flight (until its answer is applied).
+    local_offer_pending: bool,
+    /// A remote renegotiation offer is being answered by the media layer.
+    answering_remote_offer: bool,
+    /// Renegotiate once the current exchange is done.
+    renegotiate_needed: bool,
+    ice_restart_next: bool,
+    remote_feeds: SdpStreamMetadata,
+}
+
+impl Peer {
+    fn polite(&self) -> bool {
+        self.direction == Direction::Inbound
+    }
+    fn stable(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Connecting | Phase::Connected | Phase::Restarting
+        ) && !self.local_offer_pending
+            && !self.answering_remote_offer
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Retry {
+    session_id: String,
+    calls_placed: u32,
+    last_placed_at: u64,
+    gave_up: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Joined {
+    call_id: String,
+    session_id: String,
+    usermedia: LocalFeed,
+    screenshare: Option<LocalFeed>,
+    audio_muted: bool,
+    video_muted: bool,
+    membership_published: bool,
+    refresh_at: u64,
+}
+
+impl Joined {
+    fn feeds(&self) -> Vec<LocalFeed> {
+        let mut v = vec![self.usermedia.clone()];
+        v.extend(self.screenshare.clone());
+        v
+    }
+    fn metadata(&self) -> SdpStreamMetadata {
+        let mut m = SdpStreamMetadata::new();
+        m.insert(
+            self.usermedia.stream_id.clone(),
+            StreamMetadata {
+                purpose: FeedPurpose::Usermedia,
+                audio_muted: self.audio_muted || self.usermedia.audio_track_id.is_none(),
+                video_muted: self.video_muted || self.usermedia.video_track_id.is_none(),
+                extra: Default::default(),
+            },
+        );
+        if let Some(s) = &self.screenshare {
+            m.insert(
+                s.stream_id.clone(),
+                StreamMetadata {
+                    purpose: FeedPurpose::Screenshare,
+                    audio_muted: false,
+                    video_muted: false,
+                    extra: Default::default(),
+                },
+            );
+        }
+        m
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Bucket {
+    tokens: f64,
+    at: u64,
+}
+
+/// One participant of one room's group call, sans-IO.
+///
+/// Feed it room state ([`GroupCall::handle_state`]), to-device messages
+/// ([`GroupCall::handle_to_device`]), media results
+/// ([`GroupCall::handle_media`]), user commands ([`GroupCall::handle_command`])
+/// and time ([`GroupCall::handle_timeout`] when [`GroupCall::poll_timeout`]
+/// says); carry out what [`GroupCall::poll_output`] returns. Time is POSIX
+/// milliseconds, passed in by the caller.
+#[derive(Debug)]
+pub struct GroupCall {
+    cfg: Config,
+    me: DeviceKey,
+    ids: IdGen,
+    room: RoomCallState,
+    joined: Option<Joined>,
+    peers: BTreeMap<DeviceKey, Peer>,
+    retry: BTreeMap<DeviceKey, Retry>,
+    reorder: BTreeMap<(DeviceKey, String), ReorderBuffer<Message>>,
+    ended_calls: BTreeMap<String, u64>,
+    held: BTreeMap<DeviceKey, Vec<(u64, Message)>>,
+    buckets: BTreeMap<String, Bucket>,
+    next_handle: u64,
+    /// The latest time passed in.
+    now: u64,
+    out: VecDeque<Output>,
+    to_device: Vec<(MessageType, OutgoingMessage)>,
+}
+
+impl GroupCall {
+    /// A participant that is not in a call yet.
+    pub fn new(cfg: Config) -> Self {
+        let mut room = RoomCallState::new();
+        room.set_require_room_membership(cfg.require_room_membership);
+        Self {
+            me: DeviceKey::new(cfg.user_id.clone(), cfg.device_id.clone()),
+            ids: IdGen::new(cfg.seed),
+            room,
+            cfg,
+            joined: None,
+            peers: BTreeMap::new(),
+            retry: BTreeMap::new(),
+            reorder: BTreeMap::new(),
+            ended_calls: BTreeMap::new(),
+            held: BTreeMap::new(),
+            buckets: BTreeMap::new(),
+            next_handle: 1,
+            now: 0,
+            out: VecDeque::new(),
+            to_device: Vec::new(),
+        }
+    }
+
+    /// Our device.
+    pub fn me(&self) -> &DeviceKey {
+        &self.me
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The room's call state.
+    pub fn room(&self) -> &RoomCallState {
+        &self.room
+    }
+
+    /// The call we are in, if any.
+    pub fn joined_call_id(&self) -> Option<&str> {
+        self.joined.as_ref().map(|j| j.call_id.as_str())
+    }
+
+    /// Our session id, while joined.
+    pub fn session_id(&self) -> Option<&str> {
+        self.joined.as_ref().map(|j| j.session_id.as_str())
+    }
+
+    /// Our feeds, while joined.
+    pub fn local_feeds(&self) -> Vec<LocalFeed> {
+        self.joined.as_ref().map(Joined::feeds).unwrap_or_default()
+    }
+
+    /// The remote devices we have a peer connection with, and whether it is
+    /// connected.
+    pub fn peers(&self) -> Vec<(DeviceKey, PeerHandle, bool)> {
+        self.peers
+            .values()
+            .map(|p| (p.remote.clone(), p.handle, p.phase == Phase::Connected))
+            .collect()
+    }
+
+    /// The remote device of a peer handle (while the peer exists).
+    pub fn peer_device(&self, handle: PeerHandle) -> Option<&DeviceKey> {
+        self.peers
+            .values()
+            .find(|p| p.handle == handle)
+            .map(|p| &p.remote)
+    }
+
+    /// The next output, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// Any input, through one entry point (errors are logged and dropped).
+    pub fn handle_input(&mut self, now: u64, input: Input) {
+        match input {
+            Input::State(v) => {
+                if let Err(e) = self.handle_state(now, &v) {
+                    debug!("state event ignored: {e}");
+                }
+            }
+            Input::ToDevice(m) => {
+                if let Err(e) = self.handle_to_device(now, m) {
+                    debug!("to-device ignored: {e}");
+                }
+            }
+            Input::Media(m) => self.handle_media(now, m),
+            Input::Command(c) => {
+                if let Err(e) = self.handle_command(now, c) {
+                    debug!("command refused: {e}");
+                }
+            }
+            Input::MembershipPublished => self.handle_membership_published(now),
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Room state
+
+    /// A room state event (client-server JSON). Events of unrelated types
+    /// are ignored; malformed call events are rejected with the reason.
+    pub fn handle_state(&mut self, now: u64, event: &Value) -> Result<(), ParseError> {
+        self.now = self.now.max(now);
+        let changes = self.room.apply_json(event, now)?;
+        self.on_room_changes(now, changes);
+        self.flush();
+        Ok(())
+    }
+
+    fn on_room_changes(&mut self, now: u64, changes: Vec<RoomChange>) {
+        for ch in changes {
+            match ch {
+                RoomChange::CallChanged { call_id } => {
+                    if self.joined.is_none() {
+                        self.event(CallEvent::RoomCallChanged { call_id });
+                    }
+                }
+                RoomChange::CallTerminated { call_id, reason } => {
+                    if self.joined.as_ref().is_some_and(|j| j.call_id == call_id) {
+                        info!(%call_id, %reason, "call terminated");
+                        self.leave(now, reason::USER_HANGUP);
+                        self.event(CallEvent::CallEnded { call_id, reason });
+                    }
+                }
+                RoomChange::DeviceJoined { device, session_id } => {
+                    if device == self.me {
+                        self.own_entry_seen(&session_id);
+                        continue;
+                    }
+                    self.event(CallEvent::ParticipantJoined {
+                        device: device.clone(),
+                        session_id,
+                    });
+                    self.release_held(now, &device);
+                }
+                RoomChange::DeviceLeft {
+                    device,
+                    session_id,
+                    reason,
+                } => {
+                    if device == self.me {
+                        self.own_entry_lost(now);
+                        continue;
+                    }
+                    self.event(CallEvent::ParticipantLeft {
+                        device: device.clone(),
+                        session_id,
+                        reason,
+                    });
+                    if self.peers.contains_key(&device) {
+                        self.close_peer(&device, false, "participant_left", false);
+                    }
+                    self.forget_device(&device);
+                }
+                RoomChange::SessionChanged {
+                    device,
+                    old_session_id,
+                    new_session_id,
+                } => {
+                    if device == self.me {
+                        self.own_entry_seen(&new_session_id);
+                        continue;
+                    }
+                    self.event(CallEvent::ParticipantLeft {
+                        device: device.clone(),
+                        session_id: old_session_id,
+                        reason: crate::room::LeftReason::Removed,
+                    });
+                    self.event(CallEvent::ParticipantJoined {
+                        device: device.clone(),
+                        session_id: new_session_id,
+                    });
+                    if self
+                        .peers
+                        .get(&device)
+                        .is_some_and(|p| p.remote_session != *self.session_of(&device))
+                    {
+                        // The reference's caller hangs up with new_session; the
+                        // message goes to the old session, which may still run.
+                        let send = self
+                            .peers
+                            .get(&device)
+                            .is_some_and(|p| p.direction == Direction::Outbound);
+                        self.close_peer(&device, send, reason::NEW_SESSION, false);
+                    }
+                    self.retry.remove(&device);
+                    self.reorder.retain(|(d, _), _| *d != device);
+                    self.release_held(now, &device);
+                }
+                RoomChange::FeedsChanged { .. } => {}
+            }
+        }
+        self.mesh(now);
+    }
+
+    fn session_of(&self, device: &DeviceKey) -> &String {
+        static EMPTY: String = String::new();
+        self.room
+            .participants()
+            .get(device)
+            .map(|p| &p.session_id)
+            .unwrap_or(&EMPTY)
+    }
+
+    fn own_entry_seen(&mut self, session_id: &str) {
+        if let Some(j) = &mut self.joined
+            && j.session_id == session_id
+        {
+            j.membership_published = true;
+        }
+    }
+
+    fn own_entry_lost(&mut self, now: u64) {
+        // Someone (another client of ours, or an expiry) removed our entry
+        // while we are in the call: publish it again.
+        if self.joined.as_ref().is_some_and(|j| j.membership_published) {
+            warn!("our member entry disappeared while in the call; republishing");
+            self.publish_membership(now);
+        }
+    }
+
+    fn forget_device(&mut self, device: &DeviceKey) {
+        self.retry.remove(device);
+        self.reorder.retain(|(d, _), _| d != device);
+        self.held.remove(device);
+    }
+
+    // ------------------------------------------------------------------
+    // Commands
+
+    /// A user command.
+    pub fn handle_command(&mut self, now: u64, cmd: Command) -> Result<(), CommandError> {
+        self.now = self.now.max(now);
+        let r = self.command(now, cmd);
+        self.flush();
+        r
+    }
+
+    fn command(&mut self, now: u64, cmd: Command) -> Result<(), CommandError> {
+        match cmd {
+            Command::Join {
+                create,
+                audio,
+                video,
+            } => self.join(now, create, audio, video),
+            Command::Leave => {
+                if self.joined.is_none() {
+                    return Err(CommandError::NotJoined);
+                }
+                self.leave(now, reason::USER_HANGUP);
+                Ok(())
+            }
+            Command::Terminate => {
+                let call_id = self
+                    .joined
+                    .as_ref()
+                    .map(|j| j.call_id.clone())
+                    .ok_or(CommandError::NotJoined)?;
+                self.leave(now, reason::USER_HANGUP);
+                let mut content = self
+                    .room
+                    .call(&call_id)
+                    .map(|c| c.content.clone())
+                    .unwrap_or_default();
+                content.terminated = Some("call_ended".into());
+                let changes = self.room.local_echo_call(&call_id, content.clone(), now);
+                self.publish_call(&call_id, &content);
+                self.on_room_changes(now, changes);
+                self.event(CallEvent::CallEnded {
+                    call_id,
+                    reason: "call_ended".into(),
+                });
+                Ok(())
+            }
+            Command::SetAudioMuted(m) => self.set_muted(Some(m), None),
+            Command::SetVideoMuted(m) => self.set_muted(None, Some(m)),
+            Command::Screenshare(on) => self.screenshare(now, on),
+        }
+    }
+
+    fn join(
+        &mut self,
+        now: u64,
+        create: Option<CreateOptions>,
+        audio: bool,
+        video: bool,
+    ) -> Result<(), CommandError> {
+        if self.joined.is_some() {
+            return Err(CommandError::AlreadyJoined);
+        }
+        if !audio && !video {
+            return Err(CommandError::InvalidArgument(
+                "a participant needs audio or video".into(),
+            ));
+        }
+        let mut created = false;
+        let call_id = match (self.room.live_call().map(|c| c.call_id.clone()), create) {
+            (Some(id), _) => id,
+            (None, Some(opts)) => {
+                let id = self.ids.call_id(now);
+                let mut content = CallContent::new(opts.intent, opts.call_type);
+                content.name = opts.name;
+                self.publish_call(&id, &content);
+                let changes = self.room.local_echo_call(&id, content, now);
+                self.on_room_changes(now, changes);
+                created = true;
+                id
+            }
+            (None, None) => return Err(CommandError::NoCallToJoin),
+        };
+        let session_id = self.ids.string(16);
+        let usermedia = LocalFeed {
+            stream_id: self.ids.string(16),
+            purpose: FeedPurpose::Usermedia,
+            audio_track_id: audio.then(|| self.ids.string(16)),
+            video_track_id: video.then(|| self.ids.string(16)),
+        };
+        self.joined = Some(Joined {
+            call_id: call_id.clone(),
+            session_id: session_id.clone(),
+            usermedia,
+            screenshare: None,
+            audio_muted: false,
+            video_muted: false,
+            membership_published: false,
+            refresh_at: now,
+        });
+        let changes = self.room.pin(Some(call_id.clone()), now);
+        self.publish_membership(now);
+        self.event(CallEvent::Joined {
+            call_id,
+            session_id,
+            created,
+        });
+        // Participants already there (announce them now that we are in).
+        let present: Vec<_> = self
+            .room
+            .participants()
+            .iter()
+            .filter(|(k, _)| **k != self.me)
+            .map(|(k, p)| (k.clone(), p.session_id.clone()))
+            .collect();
+        for (device, session_id) in present {
+            self.event(CallEvent::ParticipantJoined { device, session_id });
+        }
+        let changes: Vec<_> = changes
+            .into_iter()
+            .filter(|c| !matches!(c, RoomChange::DeviceJoined { .. }))
+            .collect();
+        self.on_room_changes(now, changes);
+        Ok(())
+    }
+
+    fn leave(&mut self, now: u64, why: &str) {
+        let Some(j) = self.joined.clone() else { return };
+        let devices: Vec<_> = self.peers.keys().cloned().collect();
+        for d in devices {
+            self.close_peer(&d, true, why, false);
+        }
+        let content = left_content(
+            self.room.member_content(&self.me.user_id),
+            &self.me.device_id,
+            now,
+        );
+        self.out.push_back(Output::PublishState {
+            event_type: self.cfg.event_names.call_member().into(),
+            state_key: self.me.user_id.clone(),
+            content,
+        });
+        self.joined = None;
+        self.retry.clear();
+        self.reorder.clear();
+        self.held.clear();
+        let _ = self.room.pin(None, now);
+        debug!(call_id = %j.call_id, "left");
+        self.event(CallEvent::Left);
+    }
+
+    fn set_muted(&mut self, audio: Option<bool>, video: Option<bool>) -> Result<(), CommandError> {
+        let j = self.joined.as_mut().ok_or(CommandError::NotJoined)?;
+        if let Some(a) = audio {
+            j.audio_muted = a;
+        }
+        if let Some(v) = video {
+            j.video_muted = v;
+        }
+        let (audio_muted, video_muted) = (j.audio_muted, j.video_muted);
+        let meta = j.metadata();
+        self.out.push_back(Output::Media(MediaRequest::SetMuted {
+            audio_muted,
+            video_muted,
+        }));
+        let devices: Vec<_> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.signalled_at.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for d in devices {
+            self.send(
+                &d,
+                Body::SdpStreamMetadataChanged(MetadataChanged {
+                    sdp_stream_metadata: meta.clone(),
+                    extra: Default::default(),
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    fn screenshare(&mut self, now: u64, on: bool) -> Result<(), CommandError> {
+        let stream_id = self.ids.string(16);
+        let track_id = self.ids.string(16);
+        let j = self.joined.as_mut().ok_or(CommandError::NotJoined)?;
+        if j.screenshare.is_some() == on {
+            return Ok(());
+        }
+        j.screenshare = on.then_some(LocalFeed {
+            stream_id,
+            purpose: FeedPurpose::Screenshare,
+            audio_track_id: None,
+            video_track_id: Some(track_id),
+        });
+        self.publish_membership(now);
+        let devices: Vec<_> = self.peers.keys().cloned().collect();
+        for d in devices {
+            self.renegotiate(now, &d, false);
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------
+    // Membership
+
+    /// Our membership event was accepted by the homeserver: calls can start.
+    pub fn handle_membership_published(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        if let Some(j) = &mut self.joined {
+            j.membership_published = true;
+        }
+        self.mesh(now);
+        self.flush();
+    }
+
+    fn publish_membership(&mut self, now: u64) {
+        let Some(j) = &mut self.joined else { return };
+        let mut feeds = vec![Feed::with_purpose(FeedPurpose::Usermedia)];
+        if j.screenshare.is_some() {
+            feeds.push(Feed::with_purpose(FeedPurpose::Screenshare));
+        }
+        let dev = OwnDevice {
+            device_id: self.me.device_id.clone(),
+            session_id: j.session_id.clone(),
+            feeds,
+        };
+        j.refresh_at = now.saturating_add(self.cfg.member_refresh_ms);
+        let content = joined_content(
+            self.room.member_content(&self.me.user_id),
+            &j.call_id,
+            &dev,
+            now.saturating_add(self.cfg.member_expiry_ms),
+            now,
+        );
+        self.out.push_back(Output::PublishState {
+            event_type: self.cfg.event_names.call_member().into(),
+            state_key: self.me.user_id.clone(),
+            content,
+        });
+    }
+
+    fn publish_call(&mut self, call_id: &str, content: &CallContent) {
+        self.out.push_back(Output::PublishState {
+            event_type: self.cfg.event_names.call().into(),
+            state_key: call_id.to_owned(),
+            content: serde_json::to_value(content)
+                .unwrap_or_else(|_| Value::Object(Default::default())),
+        });
+    }
+
+    // ------------------------------------------------------------------
+    // The mesh
+
+    fn mesh(&mut self, now: u64) {
+        let Some(j) = &self.joined else { return };
+        if !j.membership_published {
+            return;
+        }
+        let wanted: Vec<(DeviceKey, String)> = self
+            .room
+            .participants()
+            .iter()
+            .filter(|(k, _)| **k != self.me && should_call(&self.me, k))
+            .map(|(k, p)| (k.clone(), p.session_id.clone()))
+            .collect();
+        for (device, session) in wanted {
+            if self
+                .peers
+                .get(&device)
+                .is_some_and(|p| p.remote_session == session)
+            {
+                continue;
+            }
+            let r = self.retry.entry(device.clone()).or_insert(Retry {
+                session_id: session.clone(),
+                calls_placed: 0,
+                last_placed_at: 0,
+                gave_up: false,
+            });
+            if r.session_id != session {
+                *r = Retry {
+                    session_id: session.clone(),
+                    calls_placed: 0,
+                    last_placed_at: 0,
+                    gave_up: false,
+                };
+            }
+            if r.calls_placed == 0
+                || (r.calls_placed <= self.cfg.max_retries
+                    && now >= r.last_placed_at + self.cfg.retry_interval_ms)
+            {
+                r.calls_placed += 1;
+                r.last_placed_at = now;
+                self.place_call(now, &device, session);
+            } else if r.calls_placed > self.cfg.max_retries && !r.gave_up {
+                r.gave_up = true;
+                warn!(%device, "no answer after {} calls; giving up", r.calls_placed);
+                self.event(CallEvent::GaveUp { device });
+            }
+        }
+    }
+
+    fn new_peer(
+        &mut self,
+        now: u64,
+        call_id: String,
+        direction: Direction,
+        remote: DeviceKey,
+        session: String,
+        phase: Phase,
+    ) -> PeerHandle {
+        let handle = PeerHandle(self.next_handle);
+        self.next_handle += 1;
+        self.peers.insert(
+            remote.clone(),
+            Peer {
+                handle,
+                call_id: call_id.clone(),
+                direction,
+                remote: remote.clone(),
+                remote_session: session,
+                remote_party: None,
+                phase,
+                phase_since: now,
+                send_seq: 0,
+                signalled_at: None,
+                local_candidates: Vec::new(),
+                candidates_flush_at: None,
+                remote_description_set: false,
+                remote_candidates: Vec::new(),
+                local_offer_pending: false,
+                answering_remote_offer: false,
+                renegotiate_needed: false,
+                ice_restart_next: false,
+                remote_feeds: SdpStreamMetadata::new(),
+            },
+        );
+        self.event(CallEvent::PeerState {
+            device: remote,
+            peer: handle,
+            call_id,
+            status: PeerStatus::Connecting,
+        });
+        handle
+    }
+
+    fn place_call(&mut self, now: u64, device: &DeviceKey, session: String) {
+        let call_id = self.ids.call_id(now);
+        debug!(%device, %call_id, "calling");
+        let handle = self.new_peer(
+            now,
+            call_id,
+            Direction::Outbound,
+            device.clone(),
+            session,
+            Phase::CreatingOffer,
+        );
+        let feeds = self.local_feeds();
+        self.out.push_back(Output::Media(MediaRequest::CreateOffer {
+            peer: handle,
+            remote: device.clone(),
+            feeds,
+            ice_restart: false,
+        }));
+    }
+
+    /// Removes the peer with `device`; optionally sends a hangup first.
+    fn close_peer(&mut self, device: &DeviceKey, send_hangup: bool, why: &str, failed: bool) {
+        if send_hangup && self.peers.contains_key(device) {
+            self.send(
+                device,
+                Body::Hangup(Hangup {
+                    reason: Some(why.to_owned()),
+                    extra: Default::default(),
+                }),
+            );
+        }
+        let Some(peer) = self.peers.remove(device) else {
+            return;
+        };
+        self.out
+            .push_back(Output::Media(MediaRequest::ClosePeer { peer: peer.handle }));
+        for stream_id in peer.remote_feeds.keys() {
+            self.event(CallEvent::FeedRemoved {
+                device: device.clone(),
+                stream_id: stream_id.clone(),
+            });
+        }
+        let status = if failed {
+            PeerStatus::Failed(why.to_owned())
+        } else {
+            PeerStatus::Closed(why.to_owned())
+        };
+        self.ended_calls.insert(peer.call_id.clone(), self.now);
+        self.reorder
+            .retain(|(d, c), _| !(d == device && *c == peer.call_id));
+        self.event(CallEvent::PeerState {
+            device: device.clone(),
+            peer: peer.handle,
+            call_id: peer.call_id,
+            status,
+        });
+    }
+
+    // ------------------------------------------------------------------
+    // Sending
+
+    fn send(&mut self, device: &DeviceKey, body: Body) {
+        let Some(j) = &self.joined else { return };
+        let Some(peer) = self.peers.get_mut(device) else {
+            return;
+        };
+        let msg = Message {
+            common: CommonFields {
+                version: Version::V1,
+                call_id: peer.call_id.clone(),
+                party_id: self.me.device_id.clone(),
+                conf_id: j.call_id.clone(),
+                device_id: self.me.device_id.clone(),
+                sender_session_id: j.session_id.clone(),
+                dest_session_id: peer.remote_session.clone(),
+                seq: peer.send_seq,
+            },
+            body,
+        };
+        peer.send_seq += 1;
+        self.to_device.push((
+            msg.message_type(),
+            OutgoingMessage {
+                user_id: device.user_id.clone(),
+                device_id: device.device_id.clone(),
+                content: msg.to_content(),
+            },
+        ));
+    }
+
+    /// Moves queued to-device messages into outputs, one batch per event
+    /// type, types in order of first appearance.
+    fn flush(&mut self) {
+        if self.to_device.is_empty() {
+            return;
+        }
+        let mut order: Vec<MessageType> = Vec::new();
+        let mut by_type: BTreeMap<MessageType, Vec<OutgoingMessage>> = BTreeMap::new();
+        for (t, m) in self.to_device.drain(..) {
+            if !by_type.contains_key(&t) {
+                order.push(t);
+            }
+            by_type.entry(t).or_default().push(m);
+        }
+        for t in order {
+            if let Some(messages) = by_type.remove(&t) {
+                self.out.push_back(Output::ToDevice(ToDeviceBatch {
+                    event_type: t.as_str().into(),
+                    messages,
+                }));
+            }
+        }
+    }
+
+    fn event(&mut self, e: CallEvent) {
+        self.out.push_back(Output::Event(e));
+    }
+
+    // ------------------------------------------------------------------
+    // Incoming signalling
+
+    /// A to-device message. `Ok` says what was done with it; `Err` why it was
+    /// ignored (it is also logged at debug level).
+    pub fn handle_to_device(&mut self, now: u64, m: IncomingToDevice) -> Result<Accepted, Ignored> {
+        self.now = self.now.max(now);
+        let r = self.receive_to_device(now, m);
+        if let Err(e) = &r {
+            debug!("signalling ignored: {e}");
+        }
+        self.flush();
+        r
+    }
+
+    fn receive_to_device(&mut self, now: u64, m: IncomingToDevice) -> Result<Accepted, Ignored> {
+        if MessageType::from_event_type(&m.event_type).is_none() {
+            return Err(Ignored::NotSignalling(truncate(&m.event_type)));
+        }
+        let Some(j) = &self.joined else {
+            return Err(Ignored::NotJoined);
+        };
+        let (conf, session) = (j.call_id.clone(), j.session_id.clone());
+        if self.cfg.require_encrypted && !m.encrypted {
+            return Err(Ignored::Unencrypted);
+        }
+        if !self.take_token(&m.sender, now) {
+            return Err(Ignored::RateLimited(truncate(&m.sender)));
+        }
+        let msg = Message::parse(&m.event_type, &m.content)?;
+        if msg.common.conf_id != conf {
+            return Err(Ignored::OtherCall(msg.common.conf_id));
+        }
+        if msg.common.dest_session_id != session {
+            return Err(Ignored::WrongSession(msg.common.dest_session_id));
+        }
+        if let Some(actual) = &m.sender_device
+            && *actual != msg.common.device_id
+        {
+            return Err(Ignored::DeviceMismatch {
+                claimed: msg.common.device_id,
+                actual: actual.clone(),
+            });
+        }
+        let key = DeviceKey::new(m.sender, msg.common.device_id.clone());
+        if key == self.me {
+            return Err(Ignored::OwnEcho);
+        }
+        let known = self
+            .room
+            .participants()
+            .get(&key)
+            .is_some_and(|p| p.session_id == msg.common.sender_session_id);
+        if !known {
+            let held = self.held.entry(key.clone()).or_default();
+            if held.len() >= MAX_HELD_PER_DEVICE {
+                return Err(Ignored::Overflow);
+            }
+            debug!(device = %key, "holding signalling until the sender's member event arrives");
+            held.push((now, msg));
+            return Ok(Accepted::HeldForMembership);
+        }
+        self.accept_from_member(now, key, msg)
+    }
+
+    fn accept_from_member(
+        &mut self,
+        now: u64,
+        key: DeviceKey,
+        msg: Message,
+    ) -> Result<Accepted, Ignored> {
+        let bkey = (key.clone(), msg.common.call_id.clone());
+        if !self.reorder.contains_key(&bkey) {
+            let n = self.reorder.keys().filter(|(d, _)| *d == key).count();
+            if n >= MAX_BUFFERS_PER_DEVICE {
+                // Drop the oldest-named buffers of that device that have no peer.
+                let live = self.peers.get(&key).map(|p| p.call_id.clone());
+                self.reorder
+                    .retain(|(d, c), _| *d != key || Some(c) == live.as_ref());
+            }
+        }
+        let buf = self
+            .reorder
+            .entry(bkey)
+            .or_insert_with(|| ReorderBuffer::new(REORDER_CAPACITY));
+        match buf.push(msg.common.seq, msg, now) {
+            Pushed::Released(msgs) => {
+                let mut first = Ok(Accepted::Processed);
+                for (i, m) in msgs.into_iter().enumerate() {
+                    let r = self.process(now, &key, m);
+                    if i == 0 {
+                        first = r.map(|_| Accepted::Processed);
+                    }
+                }
+                first
+            }
+            Pushed::Buffered => Ok(Accepted::Reordered),
+            Pushed::Duplicate => Err(Ignored::Duplicate),
+            Pushed::Overflow => Err(Ignored::Overflow),
+        }
+    }
+
+    fn release_held(&mut self, now: u64, device: &DeviceKey) {
+        let Some(session) = self
+            .room
+            .participants()
+            .get(device)
+            .map(|p| p.session_id.clone())
+        else {
+            return;
+        };
+        let Some(held) = self.held.remove(device) else {
+            return;
+        };
+        let (ready, keep): (Vec<_>, Vec<_>) = held
+            .into_iter()
+            .partition(|(_, m)| m.common.sender_session_id == session);
+        if !keep.is_empty() {
+            self.held.insert(device.clone(), keep);
+        }
+        for (_, m) in ready {
+            if let Err(e) = self.accept_from_member(now, device.clone(), m) {
+                debug!(%device, "held signalling ignored: {e}");
+            }
+        }
+    }
+
+    fn take_token(&mut self, sender: &str, now: u64) -> bool {
+        let burst = f64::from(self.cfg.rate_burst);
+        let b = self.buckets.entry(sender.to_owned()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let elapsed = now.saturating_sub(b.at) as f64 / 1000.0;
+        b.tokens = (b.tokens + elapsed * f64::from(self.cfg.rate_per_sec)).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn process(&mut self, now: u64, key: &DeviceKey, msg: Message) -> Result<(), Ignored> {
+        let call_id = msg.common.call_id.clone();
+        if let Body::Invite(inv) = msg.body {
+            return self.on_invite(now, key, msg.common, inv);
+        }
+        let Some(peer) = self.peers.get_mut(key).filter(|p| p.call_id == call_id) else {
+            return Err(Ignored::UnknownCall(call_id));
+        };
+        if let Some(party) = &peer.remote_party
+            && *party != msg.common.party_id
+        {
+            return Err(Ignored::Unexpected(format!(
+                "party {} is not our peer's",
+                msg.common.party_id
+            )));
+        }
+        match msg.body {
+            Body::Invite(_) => Ok(()),
+            Body::Answer(a) => {
+                if peer.phase != Phase::InviteSent {
+                    return Err(Ignored::Unexpected(
+                        "answer while not waiting for one".into(),
+                    ));
+                }
+                peer.remote_party = Some(msg.common.party_id.clone());
+                peer.phase = Phase::Connecting;
+                peer.phase_since = now;
+                peer.remote_description_set = true;
+                let handle = peer.handle;
+                let cands = std::mem::take(&mut peer.remote_candidates);
+                self.out.push_back(Output::Media(MediaRequest::ApplyAnswer {
+                    peer: handle,
+                    sdp: a.answer.sdp,
+                }));
+                if !cands.is_empty() {
+                    self.out
+                        .push_back(Output::Media(MediaRequest::AddRemoteCandidates {
+                            peer: handle,
+                            candidates: cands,
+                        }));
+                }
+                self.send(
+                    key,
+                    Body::SelectAnswer(SelectAnswer {
+                        selected_party_id: msg.common.party_id,
+                        extra: Default::default(),
+                    }),
+                );
+                if let Some(meta) = a.sdp_stream_metadata {
+                    self.update_remote_feeds(key, meta, true);
+                }
+                self.after_stable(now, key);
+                Ok(())
+            }
+            Body::Candidates(c) => {
+                if peer.remote_description_set {
+                    let handle = peer.handle;
+                    self.out
+                        .push_back(Output::Media(MediaRequest::AddRemoteCandidates {
+                            peer: handle,
+                            candidates: c.candidates,
+                        }));
+                } else if peer.remote_candidates.len() + c.candidates.len()
+                    <= MAX_PENDING_REMOTE_CANDIDATES
+                {
+                    peer.remote_candidates.extend(c.candidates);
+                } else {
+                    return Err(Ignored::Overflow);
+                }
+                Ok(())
+            }
+            Body::SelectAnswer(s) => {
+                if peer.direction != Direction::Inbound {
+                    return Err(Ignored::Unexpected("select_answer to the caller".into()));
+                }
+                if s.selected_party_id != self.me.device_id {
+                    info!(device = %key, "call answered elsewhere");
+                    self.close_peer(key, false, "answered_elsewhere", false);
+                }
+                Ok(())
+            }
+            Body::Negotiate(n) => self.on_negotiate(now, key, n),
+            Body::Hangup(h) | Body::Reject(h) => {
+                let why = h.reason.unwrap_or_else(|| reason::USER_HANGUP.into());
+                info!(device = %key, reason = %why, "remote hung up");
+                self.close_peer(key, false, &why, false);
+                self.mesh(now);
+                Ok(())
+            }
+            Body::SdpStreamMetadataChanged(m) => {
+                self.update_remote_feeds(key, m.sdp_stream_metadata, false);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_invite(
+        &mut self,
+        now: u64,
+        key: &DeviceKey,
+        common: CommonFields,
+        inv: Invite,
+    ) -> Result<(), Ignored> {
+        if inv.invitee.as_ref().is_some_and(|i| *i != self.me.user_id) {
+            return Err(Ignored::NotForUs);
+        }
+        if self.ended_calls.contains_key(&common.call_id) {
+            return Err(Ignored::UnknownCall(common.call_id));
+        }
+        if let Some(existing) = self.peers.get(key) {
+            if existing.call_id == common.call_id {
+                return Err(Ignored::Duplicate);
+            }
+            let unanswered_outbound = existing.direction == Direction::Outbound
+                && matches!(existing.phase, Phase::CreatingOffer | Phase::InviteSent);
+            if unanswered_outbound && existing.call_id < common.call_id {
+                // Glare, and our call wins (smaller call_id, as the
+                // reference): refuse theirs; they will answer ours.
+                info!(device = %key, "glare: keeping our call");
+                self.reject_foreign(key, &common, reason::REPLACED);
+                return Ok(());
+            }
+            let why = reason::REPLACED;
+            if unanswered_outbound {
+                info!(device = %key, "glare: taking their call");
+            }
+            self.close_peer(key, true, why, false);
+        }
+        let handle = self.new_peer(
+            now,
+            common.call_id.clone(),
+            Direction::Inbound,
+            key.clone(),
+            common.sender_session_id.clone(),
+            Phase::CreatingAnswer,
+        );
+        if let Some(p) = self.peers.get_mut(key) {
+            p.remote_party = Some(common.party_id.clone());
+            p.remote_description_set = true;
+        }
+        let feeds = self.local_feeds();
+        self.out.push_back(Output::Media(MediaRequest::AcceptOffer {
+            peer: handle,
+            remote: key.clone(),
+            sdp: inv.offer.sdp,
+            feeds,
+        }));
+        if let Some(meta) = inv.sdp_stream_metadata {
+            self.update_remote_feeds(key, meta, true);
+        }
+        Ok(())
+    }
+
+    /// Sends a hangup on a call we have no peer for (glare loser).
+    fn reject_foreign(&mut self, key: &DeviceKey, common: &CommonFields, why: &str) {
+        let Some(j) = &self.joined else { return };
+        let msg = Message {
+            common: CommonFields {
+                version: Version::V1,
+                call_id: common.call_id.clone(),
+                party_id: self.me.device_id.clone(),
+                conf_id: j.call_id.clone(),
+                device_id: self.me.device_id.clone(),
+                sender_session_id: j.session_id.clone(),
+                dest_session_id: common.sender_session_id.clone(),
+                seq: 0,
+            },
+            body: Body::Hangup(Hangup {
+                reason: Some(why.into()),
+                extra: Default::default(),
+            }),
+        };
+        self.ended_calls.insert(common.call_id.clone(), self.now);
+        self.to_device.push((
+            MessageType::Hangup,
+            OutgoingMessage {
+                user_id: key.user_id.clone(),
+                device_id: key.device_id.clone(),
+                content: msg.to_content(),
+            },
+        ));
+    }
+
+    fn on_negotiate(&mut self, now: u64, key: &DeviceKey, n: Negotiate) -> Result<(), Ignored> {
+        let Some(peer) = self.peers.get_mut(key) else {
+            return Ok(());
+        };
+        if n.description.is_offer() {
+            let collision = peer.local_offer_pending
+                || !matches!(
+                    peer.phase,
+                    Phase::Connecting | Phase::Connected | Phase::Restarting
+                );
+            if collision && !peer.polite() {
+                return Err(Ignored::Unexpected(
+                    "negotiate offer collides with ours (we are impolite)".into(),
+                ));
+            }
+            if peer.local_offer_pending {
+                // Polite: roll back ours (the media layer does on AcceptOffer)
+                // and offer again afterwards.
+                peer.local_offer_pending = false;
+                peer.renegotiate_needed = true;
+            }
+            peer.answering_remote_offer = true;
+            peer.remote_description_set = true;
+            let handle = peer.handle;
+            let feeds = self.local_feeds();
+            self.out.push_back(Output::Media(MediaRequest::AcceptOffer {
+                peer: handle,
+                remote: key.clone(),
+                sdp: n.description.sdp,
+                feeds,
+            }));
+        } else {
+            if !peer.local_offer_pending {
+                return Err(Ignored::Unexpected(
+                    "negotiate answer without an offer".into(),
+                ));
+            }
+            peer.local_offer_pending = false;
+            let handle = peer.handle;
+            self.out.push_back(Output::Media(MediaRequest::ApplyAnswer {
+                peer: handle,
+                sdp: n.description.sdp,
+            }));
+        }
+        if let Some(meta) = n.sdp_stream_metadata {
+            self.update_remote_feeds(key, meta, true);
+        }
+        self.after_stable(now, key);
+        Ok(())
+    }
+
+    fn update_remote_feeds(&mut self, key: &DeviceKey, meta: SdpStreamMetadata, full: bool) {
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        let old = std::mem::take(&mut peer.remote_feeds);
+        let mut events = Vec::new();
+        let mut new = if full {
+            SdpStreamMetadata::new()
+        } else {
+            old.clone()
+        };
+        for (id, m) in meta {
+            match old.get(&id) {
+                None => events.push(CallEvent::FeedAdded {
+                    device: key.clone(),
+                    stream_id: id.clone(),
+                    purpose: m.purpose.clone(),
+                    audio_muted: m.audio_muted,
+                    video_muted: m.video_muted,
+                }),
+                Some(o)
+                    if o.audio_muted != m.audio_muted
+                        || o.video_muted != m.video_muted
+                        || o.purpose != m.purpose =>
+                {
+                    events.push(CallEvent::FeedChanged {
+                        device: key.clone(),
+                        stream_id: id.clone(),
+                        purpose: m.purpose.clone(),
+                        audio_muted: m.audio_muted,
+                        video_muted: m.video_muted,
+                    })
+                }
+                Some(_) => {}
+            }
+            new.insert(id, m);
+        }
+        if full {
+            for id in old.keys().filter(|k| !new.contains_key(*k)) {
+                events.push(CallEvent::FeedRemoved {
+                    device: key.clone(),
+                    stream_id: id.clone(),
+                });
+            }
+        }
+        peer.remote_feeds = new;
+        for e in events {
+            self.event(e);
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Media results
+
+    /// A result from the media layer.
+    pub fn handle_media(&mut self, now: u64, ev: MediaEvent) {
+        self.now = self.now.max(now);
+        self.media(now, ev);
+        self.flush();
+    }
+
+    fn device_of(&self, handle: PeerHandle) -> Option<DeviceKey> {
+        self.peers
+            .values()
+            .find(|p| p.handle == handle)
+            .map(|p| p.remote.clone())
+    }
+
+    fn media(&mut self, now: u64, ev: MediaEvent) {
+        let handle = match &ev {
+            MediaEvent::OfferCreated { peer, .. }
+            | MediaEvent::AnswerCreated { peer, .. }
+            | MediaEvent::LocalCandidates { peer, .. }
+            | MediaEvent::State { peer, .. }
+            | MediaEvent::Error { peer, .. } => *peer,
+        };
+        let Some(key) = self.device_of(handle) else {
+            debug!(?handle, "media event for a closed peer");
+            return;
+        };
+        let Some(j) = &self.joined else { return };
+        let meta = j.metadata();
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        match ev {
+            MediaEvent::OfferCreated {
+                sdp,
+                gathering_complete,
+                ..
+            } => {
+                if peer.phase == Phase::CreatingOffer {
+                    peer.phase = Phase::InviteSent;
+                    peer.phase_since = now;
+                    Self::mark_signalled(
+                        peer,
+                        now,
+                        gathering_complete,
+                        self.cfg.caller_candidate_delay_ms,
+                    );
+                    let invite = Invite {
+                        lifetime: self.cfg.invite_lifetime_ms,
+                        offer: SessionDescription::offer(sdp),
+                        invitee: Some(key.user_id.clone()),
+                        capabilities: Some(Capabilities::default()),
+                        sdp_stream_metadata: Some(meta),
+                        intent: self
+                            .room
+                            .call(&j.call_id)
+                            .and_then(|c| c.content.intent.clone()),
+                        extra: Default::default(),
+                    };
+                    self.send(&key, Body::Invite(invite));
+                } else if peer.local_offer_pending {
+                    Self::mark_signalled(
+                        peer,
+                        now,
+                        gathering_complete,
+                        self.cfg.caller_candidate_delay_ms,
+                    );
+                    let n = Negotiate {
+                        description: SessionDescription::offer(sdp),
+                        lifetime: Some(self.cfg.invite_lifetime_ms),
+                        sdp_stream_metadata: Some(meta),
+                        extra: Default::default(),
+                    };
+                    self.send(&key, Body::Negotiate(n));
+                } else {
+                    debug!(device = %key, "unexpected offer from the media layer (rolled back?)");
+                }
+            }
+            MediaEvent::AnswerCreated {
+                sdp,
+                gathering_complete,
+                ..
+            } => {
+                if peer.phase == Phase::CreatingAnswer {
+                    peer.phase = Phase::Connecting;
+                    peer.phase_since = now;
+                    Self::mark_signalled(
+                        peer,
+                        now,
+                        gathering_complete,
+                        self.cfg.callee_candidate_delay_ms,
+                    );
+                    let answer = Answer {
+                        answer: SessionDescription::answer(sdp),
+                        capabilities: Some(Capabilities::default()),
+                        sdp_stream_metadata: Some(meta),
+                        extra: Default::default(),
+                    };
+                    self.send(&key, Body::Answer(answer));
+                    self.after_stable(now, &key);
+                } else if peer.answering_remote_offer {
+                    peer.answering_remote_offer = false;
+                    Self::mark_signalled(
+                        peer,
+                        now,
+                        gathering_complete,
+                        self.cfg.callee_candidate_delay_ms,
+                    );
+                    let n = Negotiate {
+                        description: SessionDescription::answer(sdp),
+                        lifetime: None,
+                        sdp_stream_metadata: Some(meta),
+                        extra: Default::default(),
+                    };
+                    self.send(&key, Body::Negotiate(n));
+                    self.after_stable(now, &key);
+                } else {
+                    debug!(device = %key, "unexpected answer from the media layer");
+                }
+            }
+            MediaEvent::LocalCandidates { candidates, .. } => {
+                let end = candidates.iter().any(Candidate::is_end);
+                peer.local_candidates.extend(candidates);
+                if end && peer.signalled_at.is_some() {
+                    peer.candidates_flush_at = Some(now);
+                }
+                self.flush_candidates(now, &key);
+            }
+            MediaEvent::State { state, .. } => self.on_media_state(now, &key, state),
+            MediaEvent::Error { message, .. } => {
+                warn!(device = %key, "media error: {message}");
+                self.close_peer(&key, true, reason::UNKNOWN_ERROR, true);
+                self.mesh(now);
+            }
+        }
+    }
+
+    fn mark_signalled(peer: &mut Peer, now: u64, gathering_complete: bool, delay: u64) {
+        peer.signalled_at = Some(now);
+        if gathering_complete {
+            // Everything is in the SDP already; nothing to trickle.
+            peer.candidates_flush_at = None;
+        } else if !peer.local_candidates.is_empty() || peer.candidates_flush_at.is_none() {
+            peer.candidates_flush_at = Some(now + delay);
+        }
+    }
+
+    fn flush_candidates(&mut self, now: u64, key: &DeviceKey) {
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        let due = peer.signalled_at.is_some() && peer.candidates_flush_at.is_some_and(|t| now >= t);
+        if !due {
+            return;
+        }
+        peer.candidates_flush_at = None;
+        if peer.local_candidates.is_empty() {
+            return;
+        }
+        let candidates = std::mem::take(&mut peer.local_candidates);
+        self.send(
+            key,
+            Body::Candidates(Candidates {
+                candidates,
+                extra: Default::default(),
+            }),
+        );
+    }
+
+    fn on_media_state(&mut self, now: u64, key: &DeviceKey, state: MediaState) {
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        let (handle, call_id) = (peer.handle, peer.call_id.clone());
+        match state {
+            MediaState::Connecting | MediaState::Disconnected => {}
+            MediaState::Connected => {
+                if peer.phase != Phase::Connected {
+                    peer.phase = Phase::Connected;
+                    peer.phase_since = now;
+                    if let Some(r) = self.retry.get_mut(key) {
+                        r.calls_placed = 0;
+                        r.gave_up = false;
+                    }
+                    self.event(CallEvent::PeerState {
+                        device: key.clone(),
+                        peer: handle,
+                        call_id,
+                        status: PeerStatus::Connected,
+                    });
+                }
+            }
+            MediaState::Failed => match peer.phase {
+                Phase::Connected if peer.direction == Direction::Outbound => {
+                    info!(device = %key, "connection failed; restarting ICE");
+                    peer.phase = Phase::Restarting;
+                    peer.phase_since = now;
+                    self.event(CallEvent::PeerState {
+                        device: key.clone(),
+                        peer: handle,
+                        call_id,
+                        status: PeerStatus::Reconnecting,
+                    });
+                    self.renegotiate(now, key, true);
+                }
+                Phase::Connected => {
+                    // The caller restarts ICE; we wait for its offer.
+                    peer.phase = Phase::Restarting;
+                    peer.phase_since = now;
+                    self.event(CallEvent::PeerState {
+                        device: key.clone(),
+                        peer: handle,
+                        call_id,
+                        status: PeerStatus::Reconnecting,
+                    });
+                }
+                Phase::Restarting => {
+                    self.close_peer(key, true, reason::ICE_TIMEOUT, true);
+                    self.mesh(now);
+                }
+                _ => {
+                    self.close_peer(key, true, reason::ICE_FAILED, true);
+                    self.mesh(now);
+                }
+            },
+        }
+    }
+
+    fn renegotiate(&mut self, now: u64, key: &DeviceKey, ice_restart: bool) {
+        let feeds = self.local_feeds();
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        if ice_restart {
+            peer.ice_restart_next = true;
+        }
+        if !peer.stable() {
+            peer.renegotiate_needed = true;
+            return;
+        }
+        peer.local_offer_pending = true;
+        peer.renegotiate_needed = false;
+        let ice = std::mem::take(&mut peer.ice_restart_next);
+        let _ = now;
+        self.out.push_back(Output::Media(MediaRequest::CreateOffer {
+            peer: peer.handle,
+            remote: key.clone(),
+            feeds,
+            ice_restart: ice,
+        }));
+    }
+
+    fn after_stable(&mut self, now: u64, key: &DeviceKey) {
+        if self
+            .peers
+            .get(key)
+            .is_some_and(|p| p.renegotiate_needed && p.stable())
+        {
+            self.renegotiate(now, key, false);
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Time
+
+    /// When [`GroupCall::handle_timeout`] should be called next (POSIX ms).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut t: Option<u64> = None;
+        let mut at = |x: u64| t = Some(t.map_or(x, |t| t.min(x)));
+        if let Some(x) = self.room.next_expiry() {
+            at(x);
+        }
+        let Some(j) = &self.joined else { return t };
+        at(j.refresh_at);
+        for p in self.peers.values() {
+            if let Some(d) = self.phase_deadline(p) {
+                at(d);
+            }
+            if let Some(x) = p.candidates_flush_at {
+                at(x);
+            }
+        }
+        for (k, r) in &self.retry {
+            if !self.peers.contains_key(k) && !r.gave_up && r.calls_placed > 0 {
+                at(r.last_placed_at + self.cfg.retry_interval_ms);
+            }
+        }
+        for b in self.reorder.values() {
+            if let Some(x) = b.deadline(self.cfg.reorder_gap_timeout_ms) {
+                at(x);
+            }
+        }
+        for held in self.held.values() {
+            if let Some((first, _)) = held.first() {
+                at(first + self.cfg.unknown_sender_grace_ms);
+            }
+        }
+        t
+    }
+
+    fn phase_deadline(&self, p: &Peer) -> Option<u64> {
+        match p.phase {
+            Phase::InviteSent => Some(p.phase_since + self.cfg.retry_interval_ms),
+            Phase::CreatingOffer
+            | Phase::CreatingAnswer
+            | Phase::Connecting
+            | Phase::Restarting => Some(p.phase_since + self.cfg.connect_timeout_ms),
+            Phase::Connected => None,
+        }
+    }
+
+    /// Processes everything due at `now`.
+    pub fn handle_timeout(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        let changes = self.room.tick(now);
+        self.on_room_changes(now, changes);
+        if self.joined.as_ref().is_some_and(|j| now >= j.refresh_at) {
+            self.publish_membership(now);
+        }
+        // Peer deadlines.
+        let due: Vec<(DeviceKey, Phase)> = self
+            .peers
+            .values()
+            .filter(|p| self.phase_deadline(p).is_some_and(|d| now >= d))
+            .map(|p| (p.remote.clone(), p.phase))
+            .collect();
+        for (key, phase) in due {
+            let (why, failed) = match phase {
+                Phase::InviteSent => (reason::INVITE_TIMEOUT, true),
+                Phase::Restarting => (reason::ICE_TIMEOUT, true),
+                Phase::Connecting => (reason::ICE_FAILED, true),
+                _ => (reason::USER_MEDIA_FAILED, true),
+            };
+            info!(device = %key, reason = why, "peer timed out");
+            self.close_peer(&key, true, why, failed);
+        }
+        let flush: Vec<DeviceKey> = self
+            .peers
+            .values()
+            .filter(|p| p.candidates_flush_at.is_some_and(|t| now >= t))
+            .map(|p| p.remote.clone())
+            .collect();
+        for key in flush {
+            self.flush_candidates(now, &key);
+        }
+        // Reorder gaps.
+        let gap = self.cfg.reorder_gap_timeout_ms;
+        let keys: Vec<_> = self
+            .reorder
+            .iter()
+            .filter(|(_, b)| b.deadline(gap).is_some_and(|d| now >= d))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            let msgs = self
+                .reorder
+                .get_mut(&k)
+                .map(|b| b.expire(now, gap))
+                .unwrap_or_default();
+            if !msgs.is_empty() {
+                warn!(device = %k.0, call_id = %k.1, "seq gap timed out; continuing with {} buffered messages", msgs.len());
+            }
+            for m in msgs {
+                if let Err(e) = self.process(now, &k.0, m) {
+                    debug!("released message ignored: {e}");
+                }
+            }
+        }
+        // Held messages past their grace.
+        let grace = self.cfg.unknown_sender_grace_ms;
+        for (device, held) in self.held.iter_mut() {
+            let before = held.len();
+            held.retain(|(t, _)| now < t + grace);
+            if held.len() < before {
+                warn!(%device, "dropped {} messages from a device that never joined the call", before - held.len());
+            }
+        }
+        self.held.retain(|_, h| !h.is_empty());
+        self.ended_calls
+            .retain(|_, t| now < t.saturating_add(ENDED_CALL_MEMORY_MS));
+        self.mesh(now);
+        self.flush();
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}

@@ -1,0 +1,452 @@
+//! Room state events of MSC3401: `m.call` and `m.call.member`.
+//!
+//! Both the stable names and the unstable `org.matrix.msc3401.*` names are
+//! read; the unstable names are written by default because that is what the
+//! reference implementation reads. Every content type keeps fields it does not
+//! know in `extra`, so that a read/modify/write cycle loses nothing.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::ParseError;
+
+/// Stable event type of the call event.
+pub const CALL: &str = "m.call";
+/// Unstable event type of the call event (what the reference writes).
+pub const CALL_UNSTABLE: &str = "org.matrix.msc3401.call";
+/// Stable event type of the call member event.
+pub const CALL_MEMBER: &str = "m.call.member";
+/// Unstable event type of the call member event (what the reference writes).
+pub const CALL_MEMBER_UNSTABLE: &str = "org.matrix.msc3401.call.member";
+/// Room membership event type.
+pub const ROOM_MEMBER: &str = "m.room.member";
+
+/// Longest identifier (call id, session id, device id, user id) accepted.
+pub const MAX_ID_LEN: usize = 255;
+/// Most devices of one member entry that are looked at.
+pub const MAX_DEVICES_PER_CALL: usize = 64;
+/// Most feeds of one device that are looked at.
+pub const MAX_FEEDS: usize = 16;
+
+/// Which event type names to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventNames {
+    /// `org.matrix.msc3401.call` / `org.matrix.msc3401.call.member` (default:
+    /// what deployed clients read).
+    #[default]
+    Unstable,
+    /// `m.call` / `m.call.member`.
+    Stable,
+}
+
+impl EventNames {
+    /// The call event type to write.
+    pub fn call(self) -> &'static str {
+        match self {
+            EventNames::Unstable => CALL_UNSTABLE,
+            EventNames::Stable => CALL,
+        }
+    }
+    /// The call member event type to write.
+    pub fn call_member(self) -> &'static str {
+        match self {
+            EventNames::Unstable => CALL_MEMBER_UNSTABLE,
+            EventNames::Stable => CALL_MEMBER,
+        }
+    }
+}
+
+/// Is this the type of a call event (either name)?
+pub fn is_call_type(t: &str) -> bool {
+    t == CALL || t == CALL_UNSTABLE
+}
+
+/// Is this the type of a call member event (either name)?
+pub fn is_call_member_type(t: &str) -> bool {
+    t == CALL_MEMBER || t == CALL_MEMBER_UNSTABLE
+}
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $var:ident = $s:literal),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(from = "String", into = "String")]
+        pub enum $name {
+            $($(#[$vm])* $var,)*
+            /// A value this crate does not know, kept as it was.
+            Other(String),
+        }
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                match s.as_str() {
+                    $($s => $name::$var,)*
+                    _ => $name::Other(s),
+                }
+            }
+        }
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.as_str().to_owned()
+            }
+        }
+        impl $name {
+            /// The wire string.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $($name::$var => $s,)*
+                    $name::Other(s) => s,
+                }
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// `m.intent`: the intended UX of a call.
+    CallIntent {
+        /// Ring the room's members (1:1 or small group call).
+        Ring = "m.ring",
+        /// Present as a conference the members are prompted to join.
+        Prompt = "m.prompt",
+        /// A voice/video room: immersion on selecting the room.
+        Room = "m.room",
+    }
+);
+
+string_enum!(
+    /// `m.type`: the initial media type of a call.
+    CallType {
+        /// Voice only.
+        Voice = "m.voice",
+        /// Video.
+        Video = "m.video",
+    }
+);
+
+string_enum!(
+    /// The purpose of a feed (MSC3077).
+    FeedPurpose {
+        /// Camera and microphone.
+        Usermedia = "m.usermedia",
+        /// Screen sharing.
+        Screenshare = "m.screenshare",
+    }
+);
+
+/// Content of `m.call` (state key = call id).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct CallContent {
+    /// `m.intent`.
+    #[serde(rename = "m.intent", default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<CallIntent>,
+    /// `m.type`.
+    #[serde(rename = "m.type", default, skip_serializing_if = "Option::is_none")]
+    pub call_type: Option<CallType>,
+    /// `m.terminated`: present when the call has ended, with the reason.
+    #[serde(
+        rename = "m.terminated",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub terminated: Option<String>,
+    /// `m.name`: a human-visible label.
+    #[serde(rename = "m.name", default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Fields this crate does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl CallContent {
+    /// A new, live call.
+    pub fn new(intent: CallIntent, call_type: CallType) -> Self {
+        Self {
+            intent: Some(intent),
+            call_type: Some(call_type),
+            ..Default::default()
+        }
+    }
+
+    /// Is this call over?
+    pub fn is_terminated(&self) -> bool {
+        self.terminated.is_some()
+    }
+}
+
+/// A track of a feed in `m.call.member` (informational).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Track {
+    /// `audio` or `video`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// WebRTC track id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Human-readable label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Fields this crate does not know (`settings`, ...).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A feed a device shares, as listed in `m.call.member`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Feed {
+    /// What the feed is.
+    pub purpose: FeedPurpose,
+    /// WebRTC stream id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Its tracks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracks: Option<Vec<Track>>,
+    /// Fields this crate does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Feed {
+    /// A feed with just a purpose (what the reference writes).
+    pub fn with_purpose(purpose: FeedPurpose) -> Self {
+        Self {
+            purpose,
+            id: None,
+            tracks: None,
+            extra: Map::new(),
+        }
+    }
+}
+
+/// One device's participation in a call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceEntry {
+    /// Device id for to-device messages.
+    pub device_id: String,
+    /// Session id; a change means a new session of that device.
+    pub session_id: String,
+    /// POSIX ms after which this entry is stale.
+    pub expires_ts: u64,
+    /// Feeds the device shares.
+    pub feeds: Vec<Feed>,
+    /// Fields this crate does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// One call a user takes part in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallMembership {
+    /// `m.call_id`.
+    #[serde(rename = "m.call_id")]
+    pub call_id: String,
+    /// `m.devices`.
+    #[serde(rename = "m.devices")]
+    pub devices: Vec<DeviceEntry>,
+    /// Fields this crate does not know (`m.foci`, ...).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// Content of `m.call.member` (state key = user id).
+///
+/// For writing. Reading other users' events goes through
+/// [`MemberContent::live_devices`], which is lenient: one malformed device
+/// entry does not hide the others (the reference checks entries one by one).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct MemberContent {
+    /// `m.calls`.
+    #[serde(rename = "m.calls", default)]
+    pub calls: Vec<CallMembership>,
+    /// Fields this crate does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A device read out of someone's `m.call.member` event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberDevice {
+    /// Device id.
+    pub device_id: String,
+    /// Session id.
+    pub session_id: String,
+    /// Expiry, POSIX ms.
+    pub expires_ts: u64,
+    /// Purposes of the feeds it lists (unknown purposes left out).
+    pub feeds: Vec<FeedPurpose>,
+}
+
+impl MemberContent {
+    /// The well-formed, unexpired device entries for `call_id` in a raw
+    /// member event content, and the reasons entries were skipped.
+    ///
+    /// A device counts when `device_id` and `session_id` are strings of a sane
+    /// length, `expires_ts` is a number greater than `now`, and `feeds` is an
+    /// array: the same checks as the reference.
+    pub fn live_devices(
+        content: &Value,
+        call_id: &str,
+        now: u64,
+    ) -> (Vec<MemberDevice>, Vec<String>) {
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        let Some(calls) = content.get("m.calls").and_then(Value::as_array) else {
+            if content.get("m.calls").is_some() {
+                skipped.push("`m.calls` is not an array".to_owned());
+            }
+            return (out, skipped);
+        };
+        for call in calls {
+            if call.get("m.call_id").and_then(Value::as_str) != Some(call_id) {
+                continue;
+            }
+            let Some(devices) = call.get("m.devices").and_then(Value::as_array) else {
+                skipped.push("`m.devices` is not an array".to_owned());
+                continue;
+            };
+            for (i, dev) in devices.iter().enumerate() {
+                if i >= MAX_DEVICES_PER_CALL {
+                    skipped.push(format!("more than {MAX_DEVICES_PER_CALL} devices"));
+                    break;
+                }
+                match parse_member_device(dev) {
+                    Ok(d) if d.expires_ts > now => out.push(d),
+                    Ok(d) => skipped.push(format!(
+                        "device {} expired at {}",
+                        d.device_id, d.expires_ts
+                    )),
+                    Err(e) => skipped.push(format!("device entry {i}: {e}")),
+                }
+            }
+        }
+        (out, skipped)
+    }
+}
+
+fn parse_member_device(dev: &Value) -> Result<MemberDevice, ParseError> {
+    let obj = dev.as_object().ok_or(ParseError::NotAnObject {
+        what: "device entry",
+    })?;
+    let device_id = id_field(obj, "device_id")?;
+    let session_id = id_field(obj, "session_id")?;
+    let expires_ts = match obj.get("expires_ts") {
+        None => return Err(ParseError::MissingField("expires_ts")),
+        Some(v) => v
+            .as_u64()
+            .or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.is_finite() && *f >= 0.0)
+                    .map(|f| f as u64)
+            })
+            .ok_or(ParseError::WrongType {
+                field: "expires_ts",
+                expected: "number",
+            })?,
+    };
+    let feeds = match obj.get("feeds") {
+        None => return Err(ParseError::MissingField("feeds")),
+        Some(Value::Array(a)) => a
+            .iter()
+            .take(MAX_FEEDS)
+            .filter_map(|f| f.get("purpose").and_then(Value::as_str))
+            .filter_map(|p| match FeedPurpose::from(p.to_owned()) {
+                FeedPurpose::Other(_) => None,
+                known => Some(known),
+            })
+            .collect(),
+        Some(_) => {
+            return Err(ParseError::WrongType {
+                field: "feeds",
+                expected: "array",
+            });
+        }
+    };
+    Ok(MemberDevice {
+        device_id,
+        session_id,
+        expires_ts,
+        feeds,
+    })
+}
+
+/// Reads a string id field of bounded length.
+pub(crate) fn id_field(
+    obj: &Map<String, Value>,
+    field: &'static str,
+) -> Result<String, ParseError> {
+    match obj.get(field) {
+        None => Err(ParseError::MissingField(field)),
+        Some(Value::String(s)) if s.is_empty() => Err(ParseError::InvalidValue {
+            field,
+            reason: "empty".to_owned(),
+        }),
+        Some(Value::String(s)) if s.len() > MAX_ID_LEN => Err(ParseError::TooLong {
+            field,
+            len: s.len(),
+            max: MAX_ID_LEN,
+        }),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(ParseError::WrongType {
+            field,
+            expected: "string",
+        }),
+    }
+}
+
+/// A room state event as the core needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateEvent {
+    /// Event type.
+    pub event_type: String,
+    /// State key.
+    pub state_key: String,
+    /// Sender user id.
+    pub sender: String,
+    /// Server timestamp, ms.
+    pub origin_server_ts: u64,
+    /// Content (may be `{}` for redacted events).
+    pub content: Value,
+}
+
+impl StateEvent {
+    /// Reads a state event from its client-server API JSON.
+    pub fn from_json(v: &Value) -> Result<Self, ParseError> {
+        let obj = v.as_object().ok_or(ParseError::NotAnObject {
+            what: "state event",
+        })?;
+        let s = |field: &'static str| -> Result<String, ParseError> {
+            match obj.get(field) {
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(_) => Err(ParseError::WrongType {
+                    field,
+                    expected: "string",
+                }),
+                None => Err(ParseError::MissingField(field)),
+            }
+        };
+        let event_type = s("type")?;
+        let state_key = s("state_key")?;
+        let sender = s("sender")?;
+        let origin_server_ts = obj
+            .get("origin_server_ts")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let content = match obj.get("content") {
+            Some(c @ Value::Object(_)) => c.clone(),
+            Some(_) => {
+                return Err(ParseError::WrongType {
+                    field: "content",
+                    expected: "object",
+                });
+            }
+            None => Value::Object(Map::new()),
+        };
+        Ok(Self {
+            event_type,
+            state_key,
+            sender,
+            origin_server_ts,
+            content,
+        })
+    }
+}

@@ -1,0 +1,477 @@
+//! The room's call state: which call is live and which devices take part.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use tracing::debug;
+
+use crate::error::ParseError;
+use crate::events::{
+    CallContent, FeedPurpose, MemberContent, ROOM_MEMBER, StateEvent, is_call_member_type,
+    is_call_type,
+};
+use crate::ids::DeviceKey;
+
+/// A call known from an `m.call` event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRecord {
+    /// The call id (state key).
+    pub call_id: String,
+    /// Its content.
+    pub content: CallContent,
+    /// Server timestamp of the event, for "newest wins".
+    pub ts: u64,
+}
+
+/// A live participant device of the current call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Participant {
+    /// Session id.
+    pub session_id: String,
+    /// Expiry, POSIX ms.
+    pub expires_ts: u64,
+    /// Feed purposes listed.
+    pub feeds: Vec<FeedPurpose>,
+}
+
+/// Why a device is no longer a participant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeftReason {
+    /// Its entry was removed from the member event.
+    Removed,
+    /// Its `expires_ts` passed.
+    Expired,
+    /// The user's room membership is no longer `join`.
+    RoomLeft,
+    /// The call it was in ended or is no longer the current call.
+    CallEnded,
+}
+
+/// A change in the room's call state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoomChange {
+    /// The current call changed (a new call, or none).
+    CallChanged {
+        /// The call id now current, if any.
+        call_id: Option<String>,
+    },
+    /// The current (pinned) call was terminated.
+    CallTerminated {
+        /// Its id.
+        call_id: String,
+        /// The `m.terminated` reason.
+        reason: String,
+    },
+    /// A device joined.
+    DeviceJoined {
+        /// The device.
+        device: DeviceKey,
+        /// Its session.
+        session_id: String,
+    },
+    /// A device left.
+    DeviceLeft {
+        /// The device.
+        device: DeviceKey,
+        /// Its last session.
+        session_id: String,
+        /// Why.
+        reason: LeftReason,
+    },
+    /// A device started a new session.
+    SessionChanged {
+        /// The device.
+        device: DeviceKey,
+        /// Previous session.
+        old_session_id: String,
+        /// New session.
+        new_session_id: String,
+    },
+    /// A device's listed feeds changed.
+    FeedsChanged {
+        /// The device.
+        device: DeviceKey,
+        /// Purposes now listed.
+        feeds: Vec<FeedPurpose>,
+    },
+}
+
+/// Folds `m.call`, `m.call.member` and `m.room.member` state plus the time
+/// into the live call and its participants.
+///
+/// The *current call* is the pinned call when one is pinned (the call we
+/// joined), otherwise the newest non-terminated `m.call`. Participants are the
+/// devices listed for the current call whose entries are well formed and not
+/// expired, of users whose membership is `join` and who sent their own member
+/// event (state key = sender).
+#[derive(Debug, Clone, Default)]
+pub struct RoomCallState {
+    calls: BTreeMap<String, CallRecord>,
+    members: BTreeMap<String, Value>,
+    memberships: BTreeMap<String, String>,
+    pinned: Option<String>,
+    current: Option<String>,
+    participants: BTreeMap<DeviceKey, Participant>,
+    /// Whether to require `m.room.member` = join (default true).
+    require_room_membership: bool,
+}
+
+impl RoomCallState {
+    /// An empty state.
+    pub fn new() -> Self {
+        Self {
+            require_room_membership: true,
+            ..Default::default()
+        }
+    }
+
+    /// Whether participants must have room membership `join` (default true).
+    /// Turn off only for a driver that cannot see room membership.
+    pub fn set_require_room_membership(&mut self, on: bool) {
+        self.require_room_membership = on;
+    }
+
+    /// The newest non-terminated call, whatever is pinned.
+    pub fn live_call(&self) -> Option<&CallRecord> {
+        self.calls
+            .values()
+            .filter(|c| !c.content.is_terminated())
+            .max_by(|a, b| a.ts.cmp(&b.ts).then_with(|| a.call_id.cmp(&b.call_id)))
+    }
+
+    /// A call by id.
+    pub fn call(&self, call_id: &str) -> Option<&CallRecord> {
+        self.calls.get(call_id)
+    }
+
+    /// The current call id (pinned or live).
+    pub fn current_call_id(&self) -> Option<&str> {
+        self.current.as_deref()
+    }
+
+    /// The live participants of the current call.
+    pub fn participants(&self) -> &BTreeMap<DeviceKey, Participant> {
+        &self.participants
+    }
+
+    /// The raw content of a user's member event, if any.
+    pub fn member_content(&self, user_id: &str) -> Option<&Value> {
+        self.members.get(user_id)
+    }
+
+    /// A user's room membership, if known.
+    pub fn membership(&self, user_id: &str) -> Option<&str> {
+        self.memberships.get(user_id).map(String::as_str)
+    }
+
+    /// The next time a participant expires (POSIX ms): wake up then and call
+    /// [`RoomCallState::tick`].
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.participants.values().map(|p| p.expires_ts).min()
+    }
+
+    /// Pins the current call (after joining it) or unpins (`None`).
+    pub fn pin(&mut self, call_id: Option<String>, now: u64) -> Vec<RoomChange> {
+        self.pinned = call_id;
+        self.recompute(now)
+    }
+
+    /// Records a call event we sent ourselves before its echo arrives.
+    pub fn local_echo_call(
+        &mut self,
+        call_id: &str,
+        content: CallContent,
+        now: u64,
+    ) -> Vec<RoomChange> {
+        self.calls.insert(
+            call_id.to_owned(),
+            CallRecord {
+                call_id: call_id.to_owned(),
+                content,
+                ts: now,
+            },
+        );
+        self.recompute(now)
+    }
+
+    /// Applies a state event from its JSON.
+    pub fn apply_json(&mut self, event: &Value, now: u64) -> Result<Vec<RoomChange>, ParseError> {
+        let ev = StateEvent::from_json(event)?;
+        self.apply(&ev, now)
+    }
+
+    /// Applies a state event. Events of other types are ignored (`Ok(vec![])`).
+    pub fn apply(&mut self, ev: &StateEvent, now: u64) -> Result<Vec<RoomChange>, ParseError> {
+        if is_call_type(&ev.event_type) {
+            if ev.state_key.is_empty() {
+                return Err(ParseError::InvalidValue {
+                    field: "state_key",
+                    reason: "empty call id".into(),
+                });
+            }
+            let content = if ev.content.as_object().is_some_and(|o| o.is_empty()) {
+                // A redacted call event: treat as terminated.
+                CallContent {
+                    terminated: Some("redacted".into()),
+                    ..Default::default()
+                }
+            } else {
+                serde_json::from_value::<CallContent>(ev.content.clone())?
+            };
+            self.calls.insert(
+                ev.state_key.clone(),
+                CallRecord {
+                    call_id: ev.state_key.clone(),
+                    content,
+                    ts: ev.origin_server_ts,
+                },
+            );
+        } else if is_call_member_type(&ev.event_type) {
+            if ev.state_key != ev.sender {
+                return Err(ParseError::InvalidValue {
+                    field: "state_key",
+                    reason: format!("member event for {} sent by {}", ev.state_key, ev.sender),
+                });
+            }
+            if !ev.content.is_object() {
+                return Err(ParseError::NotAnObject {
+                    what: "member content",
+                });
+            }
+            self.members
+                .insert(ev.state_key.clone(), ev.content.clone());
+        } else if ev.event_type == ROOM_MEMBER {
+            let m = ev
+                .content
+                .get("membership")
+                .and_then(Value::as_str)
+                .unwrap_or("leave");
+            self.memberships.insert(ev.state_key.clone(), m.to_owned());
+        } else {
+            return Ok(Vec::new());
+        }
+        Ok(self.recompute(now))
+    }
+
+    /// Advances time: expired devices leave.
+    pub fn tick(&mut self, now: u64) -> Vec<RoomChange> {
+        self.recompute(now)
+    }
+
+    fn compute_current(&self) -> Option<String> {
+        match &self.pinned {
+            Some(p) => Some(p.clone()),
+            None => self.live_call().map(|c| c.call_id.clone()),
+        }
+    }
+
+    fn recompute(&mut self, now: u64) -> Vec<RoomChange> {
+        let mut changes = Vec::new();
+        let current = self.compute_current();
+        if current != self.current {
+            changes.push(RoomChange::CallChanged {
+                call_id: current.clone(),
+            });
+        }
+        let was_terminated = self
+            .current
+            .as_ref()
+            .filter(|c| Some(*c) == current.as_ref())
+            .and_then(|c| self.calls.get(c))
+            .is_some_and(|c| c.content.is_terminated());
+        self.current = current;
+
+        let mut next = BTreeMap::new();
+        let mut call_live = false;
+        if let Some(call_id) = &self.current {
+            if let Some(rec) = self.calls.get(call_id) {
+                if let Some(reason) = &rec.content.terminated {
+                    if !was_terminated {
+                        changes.push(RoomChange::CallTerminated {
+                            call_id: call_id.clone(),
+                            reason: reason.clone(),
+                        });
+                    }
+                } else {
+                    call_live = true;
+                }
+            }
+            if call_live {
+                for (user, content) in &self.members {
+                    if self.require_room_membership
+                        && self.memberships.get(user).map(String::as_str) != Some("join")
+                    {
+                        continue;
+                    }
+                    let (devices, skipped) = MemberContent::live_devices(content, call_id, now);
+                    for s in skipped {
+                        debug!(user = %user, "member entry skipped: {s}");
+                    }
+                    for d in devices {
+                        next.insert(
+                            DeviceKey::new(user.clone(), d.device_id),
+                            Participant {
+                                session_id: d.session_id,
+                                expires_ts: d.expires_ts,
+                                feeds: d.feeds,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+
+        for (key, old) in &self.participants {
+            match next.get(key) {
+                None => {
+                    let reason = if !call_live {
+                        LeftReason::CallEnded
+                    } else if self.require_room_membership
+                        && self.memberships.get(&key.user_id).map(String::as_str) != Some("join")
+                    {
+                        LeftReason::RoomLeft
+                    } else if old.expires_ts <= now {
+                        LeftReason::Expired
+                    } else {
+                        LeftReason::Removed
+                    };
+                    changes.push(RoomChange::DeviceLeft {
+                        device: key.clone(),
+                        session_id: old.session_id.clone(),
+                        reason,
+                    });
+                }
+                Some(new) if new.session_id != old.session_id => {
+                    changes.push(RoomChange::SessionChanged {
+                        device: key.clone(),
+                        old_session_id: old.session_id.clone(),
+                        new_session_id: new.session_id.clone(),
+                    })
+                }
+                Some(new) if new.feeds != old.feeds => changes.push(RoomChange::FeedsChanged {
+                    device: key.clone(),
+                    feeds: new.feeds.clone(),
+                }),
+                Some(_) => {}
+            }
+        }
+        for (key, new) in &next {
+            if !self.participants.contains_key(key) {
+                changes.push(RoomChange::DeviceJoined {
+                    device: key.clone(),
+                    session_id: new.session_id.clone(),
+                });
+            }
+        }
+        self.participants = next;
+        changes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn member(user: &str, call: &str, dev: &str, sess: &str, exp: u64) -> Value {
+        json!({"type": "org.matrix.msc3401.call.member", "state_key": user, "sender": user, "origin_server_ts": 1,
+            "content": {"m.calls": [{"m.call_id": call, "m.devices": [
+                {"device_id": dev, "session_id": sess, "expires_ts": exp, "feeds": [{"purpose": "m.usermedia"}]}]}]}})
+    }
+    fn join(user: &str) -> Value {
+        json!({"type": "m.room.member", "state_key": user, "sender": user, "content": {"membership": "join"}})
+    }
+    fn call(id: &str, ts: u64, terminated: bool) -> Value {
+        let mut c = json!({"m.intent": "m.prompt", "m.type": "m.video"});
+        if terminated {
+            c["m.terminated"] = json!("call_ended");
+        }
+        json!({"type": "org.matrix.msc3401.call", "state_key": id, "sender": "@a:x", "origin_server_ts": ts, "content": c})
+    }
+
+    #[test]
+    fn newest_non_terminated_call_wins() {
+        let mut r = RoomCallState::new();
+        r.apply_json(&call("c1", 10, false), 0).unwrap();
+        r.apply_json(&call("c2", 20, false), 0).unwrap();
+        assert_eq!(r.current_call_id(), Some("c2"));
+        r.apply_json(&call("c2", 30, true), 0).unwrap();
+        assert_eq!(r.current_call_id(), Some("c1"));
+    }
+
+    #[test]
+    fn expiry_and_membership() {
+        let mut r = RoomCallState::new();
+        r.apply_json(&call("c1", 10, false), 0).unwrap();
+        r.apply_json(&join("@b:x"), 0).unwrap();
+        let ch = r
+            .apply_json(&member("@b:x", "c1", "D", "S", 1000), 0)
+            .unwrap();
+        assert!(ch.contains(&RoomChange::DeviceJoined {
+            device: DeviceKey::new("@b:x", "D"),
+            session_id: "S".into()
+        }));
+        assert_eq!(r.next_expiry(), Some(1000));
+        assert!(r.tick(999).is_empty());
+        let ch = r.tick(1000);
+        assert!(matches!(
+            &ch[..],
+            [RoomChange::DeviceLeft {
+                reason: LeftReason::Expired,
+                ..
+            }]
+        ));
+        r.apply_json(&member("@b:x", "c1", "D", "S", 5000), 1000)
+            .unwrap();
+        assert_eq!(r.participants().len(), 1);
+        let ch = r
+            .apply_json(&json!({"type": "m.room.member", "state_key": "@b:x", "sender": "@b:x", "content": {"membership": "leave"}}), 1000)
+            .unwrap();
+        assert!(matches!(
+            &ch[..],
+            [RoomChange::DeviceLeft {
+                reason: LeftReason::RoomLeft,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn member_for_other_call_or_spoofed_sender_is_ignored() {
+        let mut r = RoomCallState::new();
+        r.apply_json(&call("c1", 10, false), 0).unwrap();
+        r.apply_json(&join("@b:x"), 0).unwrap();
+        r.apply_json(&member("@b:x", "other", "D", "S", 1000), 0)
+            .unwrap();
+        assert!(r.participants().is_empty());
+        let mut spoof = member("@b:x", "c1", "D", "S", 1000);
+        spoof["sender"] = json!("@evil:x");
+        assert!(r.apply_json(&spoof, 0).is_err());
+        assert!(r.participants().is_empty());
+    }
+
+    #[test]
+    fn session_change_and_bad_entries() {
+        let mut r = RoomCallState::new();
+        r.apply_json(&call("c1", 10, false), 0).unwrap();
+        r.apply_json(&join("@b:x"), 0).unwrap();
+        r.apply_json(&member("@b:x", "c1", "D", "S1", 1000), 0)
+            .unwrap();
+        let ch = r
+            .apply_json(&member("@b:x", "c1", "D", "S2", 1000), 0)
+            .unwrap();
+        assert!(matches!(&ch[..], [RoomChange::SessionChanged { .. }]));
+        let bad = json!({"type": "org.matrix.msc3401.call.member", "state_key": "@b:x", "sender": "@b:x",
+            "content": {"m.calls": [{"m.call_id": "c1", "m.devices": [
+                {"device_id": 5, "session_id": "S", "expires_ts": 1000, "feeds": []},
+                {"device_id": "E", "session_id": "S", "expires_ts": "soon", "feeds": []},
+                {"device_id": "F", "session_id": "S", "expires_ts": 1000, "feeds": []}]}]}});
+        r.apply_json(&bad, 0).unwrap();
+        let keys: Vec<_> = r
+            .participants()
+            .keys()
+            .map(|k| k.device_id.as_str())
+            .collect();
+        assert_eq!(keys, vec!["F"]);
+    }
+}
