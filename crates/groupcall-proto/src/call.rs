@@ -72,6 +72,10 @@ struct Peer {
     renegotiate_needed: bool,
     ice_restart_next: bool,
     remote_feeds: SdpStreamMetadata,
+    /// The device's entry vanished from the member state at this time; the
+    /// peer is kept for a grace period in case it comes back (see
+    /// [`Config::orphan_grace_ms`]).
+    orphaned_since: Option<u64>,
 }
 
 impl Peer {
@@ -305,10 +309,28 @@ impl GroupCall {
                         self.own_entry_seen(&session_id);
                         continue;
                     }
-                    self.event(CallEvent::ParticipantJoined {
-                        device: device.clone(),
-                        session_id,
-                    });
+                    let back = self
+                        .peers
+                        .get_mut(&device)
+                        .filter(|p| p.orphaned_since.is_some() && p.remote_session == session_id);
+                    if let Some(peer) = back {
+                        // It came back with the same session: a flap (two of
+                        // a user's devices overwrote each other's entries).
+                        debug!(%device, "member entry is back; keeping the peer");
+                        peer.orphaned_since = None;
+                    } else {
+                        if self
+                            .peers
+                            .get(&device)
+                            .is_some_and(|p| p.orphaned_since.is_some())
+                        {
+                            self.close_peer(&device, false, reason::NEW_SESSION, false);
+                        }
+                        self.event(CallEvent::ParticipantJoined {
+                            device: device.clone(),
+                            session_id,
+                        });
+                    }
                     self.release_held(now, &device);
                 }
                 RoomChange::DeviceLeft {
@@ -318,6 +340,13 @@ impl GroupCall {
                 } => {
                     if device == self.me {
                         self.own_entry_lost(now);
+                        continue;
+                    }
+                    if reason == crate::room::LeftReason::Removed
+                        && let Some(peer) = self.peers.get_mut(&device)
+                        && peer.orphaned_since.is_none()
+                    {
+                        peer.orphaned_since = Some(now);
                         continue;
                     }
                     self.event(CallEvent::ParticipantLeft {
@@ -740,6 +769,7 @@ impl GroupCall {
                 renegotiate_needed: false,
                 ice_restart_next: false,
                 remote_feeds: SdpStreamMetadata::new(),
+                orphaned_since: None,
             },
         );
         self.event(CallEvent::PeerState {
@@ -1578,6 +1608,9 @@ impl GroupCall {
             if let Some(d) = self.phase_deadline(p) {
                 at(d);
             }
+            if let Some(o) = p.orphaned_since {
+                at(o + self.cfg.orphan_grace_ms);
+            }
             if let Some(x) = p.candidates_flush_at {
                 at(x);
             }
@@ -1618,6 +1651,25 @@ impl GroupCall {
         self.on_room_changes(now, changes);
         if self.joined.as_ref().is_some_and(|j| now >= j.refresh_at) {
             self.publish_membership(now);
+        }
+        // Peers whose device stayed gone.
+        let gone: Vec<(DeviceKey, String)> = self
+            .peers
+            .values()
+            .filter(|p| {
+                p.orphaned_since
+                    .is_some_and(|o| now >= o + self.cfg.orphan_grace_ms)
+            })
+            .map(|p| (p.remote.clone(), p.remote_session.clone()))
+            .collect();
+        for (device, session_id) in gone {
+            self.event(CallEvent::ParticipantLeft {
+                device: device.clone(),
+                session_id,
+                reason: crate::room::LeftReason::Removed,
+            });
+            self.close_peer(&device, false, "participant_left", false);
+            self.forget_device(&device);
         }
         // Peer deadlines.
         let due: Vec<(DeviceKey, Phase)> = self

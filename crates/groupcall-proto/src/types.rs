@@ -42,6 +42,12 @@ pub struct Config {
     /// Messages from a device not (yet) in the member state are held this
     /// long waiting for its member event, then dropped (default 10 s).
     pub unknown_sender_grace_ms: u64,
+    /// A connected device whose member entry disappears (not expired: removed)
+    /// keeps its peer this long in case the entry comes back with the same
+    /// session. Two devices of one user share one state event and can
+    /// overwrite each other's entries; each republishes its own, so such a
+    /// flap heals within a few state round trips (default 5 s).
+    pub orphan_grace_ms: u64,
     /// Refuse plaintext signalling.
     pub require_encrypted: bool,
     /// Participants need room membership `join` (default true).
@@ -70,6 +76,7 @@ impl Config {
             callee_candidate_delay_ms: 500,
             reorder_gap_timeout_ms: 2000,
             unknown_sender_grace_ms: 10_000,
+            orphan_grace_ms: 5000,
             require_encrypted: false,
             require_room_membership: true,
             rate_burst: 200,
