@@ -168,7 +168,7 @@ impl SessionDescription {
 
 /// An ICE candidate as in `RTCIceCandidateInit`. An empty `candidate` is the
 /// end-of-candidates marker.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     /// The `candidate:` line, or `""` for end of candidates.
     pub candidate: String,
@@ -182,6 +182,9 @@ pub struct Candidate {
         skip_serializing_if = "Option::is_none"
     )]
     pub sdp_m_line_index: Option<u32>,
+    /// Fields this crate does not know (`usernameFragment`, ...).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 impl Candidate {
@@ -191,6 +194,7 @@ impl Candidate {
             candidate: String::new(),
             sdp_mid: None,
             sdp_m_line_index: None,
+            extra: Map::new(),
         }
     }
     /// Is this the end-of-candidates marker?
@@ -246,7 +250,11 @@ pub struct Invite {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Capabilities>,
     /// Streams in the offer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "org.matrix.msc3077.sdp_stream_metadata"
+    )]
     pub sdp_stream_metadata: Option<SdpStreamMetadata>,
     /// `m.intent` (MSC3401: lets a 1:1 call ring before `m.call` arrives).
     #[serde(rename = "m.intent", default, skip_serializing_if = "Option::is_none")]
@@ -265,7 +273,11 @@ pub struct Answer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Capabilities>,
     /// Streams in the answer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "org.matrix.msc3077.sdp_stream_metadata"
+    )]
     pub sdp_stream_metadata: Option<SdpStreamMetadata>,
     /// Fields this crate does not know.
     #[serde(flatten)]
@@ -301,7 +313,11 @@ pub struct Negotiate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifetime: Option<u64>,
     /// Streams after this negotiation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        alias = "org.matrix.msc3077.sdp_stream_metadata"
+    )]
     pub sdp_stream_metadata: Option<SdpStreamMetadata>,
     /// Fields this crate does not know.
     #[serde(flatten)]
@@ -323,6 +339,7 @@ pub struct Hangup {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetadataChanged {
     /// The new metadata.
+    #[serde(alias = "org.matrix.msc3077.sdp_stream_metadata")]
     pub sdp_stream_metadata: SdpStreamMetadata,
     /// Fields this crate does not know.
     #[serde(flatten)]

@@ -12,7 +12,7 @@ fn users_for(seed: u64, n: usize) -> Vec<String> {
     let mut rng = IdGen::new(seed);
     (0..n)
         .map(|i| {
-            if i > 0 && rng.next_u64() % 4 == 0 {
+            if i > 0 && rng.next_u64().is_multiple_of(4) {
                 format!("@user{}:sim", i - 1)
             } else {
                 format!("@user{i}:sim")
@@ -188,20 +188,4 @@ fn mesh_forms_with_lost_messages() {
         }
     }
     assert!(ok >= 97, "only {ok}/100 meshes formed with 5% loss");
-}
-
-#[test]
-#[ignore]
-fn debug_seed() {
-    let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
-    let n = 2 + (seed % 7) as usize;
-    let users = users_for(seed, n);
-    let users: Vec<&str> = users.iter().map(String::as_str).collect();
-    let mut w = World::new(seed, &users, Faults::default());
-    join_all(&mut w, seed);
-    w.run_until(T0 + 30_000);
-    for l in &w.log {
-        println!("{l}");
-    }
-    println!("{:?}", w.check_full_mesh());
 }

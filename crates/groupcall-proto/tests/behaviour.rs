@@ -1,0 +1,748 @@
+//! The orchestrator's rules, one at a time, with hand-fed inputs.
+
+use groupcall_proto::room::LeftReason;
+use groupcall_proto::*;
+use serde_json::{Value, json};
+
+const NOW: u64 = 1_700_000_000_000;
+const CONF: &str = "CONF";
+
+fn member_ev(user: &str, device: &str, session: &str, expires: u64) -> Value {
+    json!({"type": "org.matrix.msc3401.call.member", "state_key": user, "sender": user, "origin_server_ts": NOW,
+        "content": {"m.calls": [{"m.call_id": CONF, "m.devices": [
+            {"device_id": device, "session_id": session, "expires_ts": expires, "feeds": [{"purpose": "m.usermedia"}]}]}]}})
+}
+
+fn join_ev(user: &str, membership: &str) -> Value {
+    json!({"type": "m.room.member", "state_key": user, "sender": user, "content": {"membership": membership}})
+}
+
+/// Us (`@a`, the caller of everyone here) joined to CONF, membership published.
+fn joined(cfg: impl FnOnce(&mut Config)) -> GroupCall {
+    let mut c = Config::new("@a:x", "ADEV");
+    cfg(&mut c);
+    let mut call = GroupCall::new(c);
+    call.handle_state(NOW, &join_ev("@a:x", "join")).unwrap();
+    call.handle_state(NOW, &join_ev("@b:x", "join")).unwrap();
+    call.handle_state(
+        NOW,
+        &json!({"type": "org.matrix.msc3401.call", "state_key": CONF, "sender": "@b:x", "origin_server_ts": NOW,
+            "content": {"m.intent": "m.prompt", "m.type": "m.video"}}),
+    )
+    .unwrap();
+    call.handle_command(
+        NOW,
+        Command::Join {
+            create: None,
+            audio: true,
+            video: true,
+        },
+    )
+    .unwrap();
+    call.handle_membership_published(NOW);
+    drain(&mut call);
+    call
+}
+
+fn drain(call: &mut GroupCall) -> Vec<Output> {
+    std::iter::from_fn(|| call.poll_output()).collect()
+}
+
+fn sent(outs: &[Output]) -> Vec<(String, Value)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::ToDevice(b) => Some(
+                b.messages
+                    .iter()
+                    .map(|m| (b.event_type.clone(), m.content.clone()))
+                    .collect::<Vec<_>>(),
+            ),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn offer_request(outs: &[Output]) -> Option<PeerHandle> {
+    outs.iter().find_map(|o| match o {
+        Output::Media(MediaRequest::CreateOffer {
+            peer,
+            ice_restart: false,
+            ..
+        }) => Some(*peer),
+        _ => None,
+    })
+}
+
+/// `@b/BDEV` joins; we call it and it answers; media connects. Returns the
+/// peer handle and the call id.
+fn connected_with_b(call: &mut GroupCall, expires: u64) -> (PeerHandle, String) {
+    call.handle_state(NOW, &member_ev("@b:x", "BDEV", "BSESS", expires))
+        .unwrap();
+    let peer = offer_request(&drain(call)).expect("we call b");
+    call.handle_media(
+        NOW,
+        MediaEvent::OfferCreated {
+            peer,
+            sdp: "offer".into(),
+            gathering_complete: true,
+        },
+    );
+    let outs = drain(call);
+    let invite = &sent(&outs)[0].1;
+    let call_id = invite["call_id"].as_str().unwrap().to_owned();
+    let answer = with_dest(
+        from_b(
+            "m.call.answer",
+            &call_id,
+            0,
+            json!({"answer": {"type": "answer", "sdp": "answer"}}),
+        ),
+        call,
+    );
+    let r = call.handle_to_device(NOW + 10, answer);
+    assert_eq!(r, Ok(Accepted::Processed));
+    call.handle_media(
+        NOW + 20,
+        MediaEvent::State {
+            peer,
+            state: MediaState::Connected,
+        },
+    );
+    drain(call);
+    assert_eq!(
+        call.peers(),
+        vec![(DeviceKey::new("@b:x", "BDEV"), peer, true)]
+    );
+    (peer, call_id)
+}
+
+fn from_b(ty: &str, call_id: &str, seq: u64, body: Value) -> IncomingToDevice {
+    from_b_session(ty, call_id, seq, body, "BSESS")
+}
+
+fn from_b_session(
+    ty: &str,
+    call_id: &str,
+    seq: u64,
+    mut body: Value,
+    session: &str,
+) -> IncomingToDevice {
+    body["version"] = json!("1");
+    body["call_id"] = json!(call_id);
+    body["party_id"] = json!("BDEV");
+    body["conf_id"] = json!(CONF);
+    body["device_id"] = json!("BDEV");
+    body["sender_session_id"] = json!(session);
+    body["seq"] = json!(seq);
+    IncomingToDevice {
+        sender: "@b:x".into(),
+        sender_device: Some("BDEV".into()),
+        event_type: ty.into(),
+        content: body,
+        encrypted: true,
+    }
+}
+
+fn with_dest(mut m: IncomingToDevice, call: &GroupCall) -> IncomingToDevice {
+    m.content["dest_session_id"] = json!(call.session_id().unwrap());
+    m
+}
+
+#[test]
+fn expiry_removes_device_and_closes_peer_at_that_time() {
+    let mut call = joined(|_| {});
+    let expires = NOW + 60_000;
+    let (peer, _) = connected_with_b(&mut call, expires);
+    assert_eq!(call.poll_timeout(), Some(expires));
+    call.handle_timeout(expires - 1);
+    assert!(
+        drain(&mut call)
+            .iter()
+            .all(|o| !matches!(o, Output::Media(MediaRequest::ClosePeer { .. })))
+    );
+    call.handle_timeout(expires);
+    let outs = drain(&mut call);
+    assert!(outs.contains(&Output::Media(MediaRequest::ClosePeer { peer })));
+    assert!(outs.iter().any(|o| matches!(
+        o,
+        Output::Event(CallEvent::ParticipantLeft {
+            reason: LeftReason::Expired,
+            ..
+        })
+    )));
+    assert!(call.peers().is_empty());
+}
+
+#[test]
+fn room_leave_removes_device_and_closes_peer() {
+    let mut call = joined(|_| {});
+    let (peer, _) = connected_with_b(&mut call, NOW + 3_600_000);
+    call.handle_state(NOW + 100, &join_ev("@b:x", "leave"))
+        .unwrap();
+    let outs = drain(&mut call);
+    assert!(outs.contains(&Output::Media(MediaRequest::ClosePeer { peer })));
+    assert!(outs.iter().any(|o| matches!(
+        o,
+        Output::Event(CallEvent::ParticipantLeft {
+            reason: LeftReason::RoomLeft,
+            ..
+        })
+    )));
+}
+
+#[test]
+fn bad_input_is_ignored_with_a_reason_and_the_call_survives() {
+    let mut call = joined(|_| {});
+    let (peer, call_id) = connected_with_b(&mut call, NOW + 3_600_000);
+    let ok = |seq| {
+        with_dest(
+            from_b(
+                "m.call.candidates",
+                &call_id,
+                seq,
+                json!({"candidates": []}),
+            ),
+            &call,
+        )
+    };
+    let cases: Vec<(IncomingToDevice, fn(&Ignored) -> bool)> = vec![
+        (
+            {
+                let mut m = ok(1);
+                m.event_type = "m.call.bogus".into();
+                m
+            },
+            |e| matches!(e, Ignored::NotSignalling(_)),
+        ),
+        (
+            {
+                let mut m = ok(1);
+                m.content["seq"] = json!("one");
+                m
+            },
+            |e| matches!(e, Ignored::Malformed(_)),
+        ),
+        (
+            {
+                let mut m = ok(1);
+                m.content.as_object_mut().unwrap().remove("call_id");
+                m
+            },
+            |e| matches!(e, Ignored::Malformed(_)),
+        ),
+        (
+            {
+                let mut m = ok(1);
+                m.content["call_id"] = json!("x".repeat(100_000));
+                m
+            },
+            |e| matches!(e, Ignored::Malformed(_)),
+        ),
+        (
+            {
+                let mut m = ok(1);
+                m.content["candidates"] = json!([{"candidate": "x".repeat(5000)}]);
+                m
+            },
+            |e| matches!(e, Ignored::Malformed(_)),
+        ),
+        (
+            {
+                let mut m = ok(1);
+                m.content["candidates"] = json!(vec![json!({"candidate": "c"}); 1000]);
+                m
+            },
+            |e| matches!(e, Ignored::Malformed(_)),
+        ),
+        (
+            {
+                let mut m = ok(1);
+                m.content = json!([1, 2]);
+                m
+            },
+            |e| matches!(e, Ignored::Malformed(_)),
+        ),
+        (
+            {
+                let mut m = ok(1);
+                m.content["conf_id"] = json!("OTHER");
+                m
+            },
+            |e| matches!(e, Ignored::OtherCall(_)),
+        ),
+        (
+            {
+                let mut m = ok(1);
+                m.content["dest_session_id"] = json!("NOTME");
+                m
+            },
+            |e| matches!(e, Ignored::WrongSession(_)),
+        ),
+        (
+            {
+                let mut m = ok(1);
+                m.sender_device = Some("EVIL".into());
+                m
+            },
+            |e| matches!(e, Ignored::DeviceMismatch { .. }),
+        ),
+        (
+            {
+                let mut m = ok(1);
+                m.content["call_id"] = json!("nosuchcall");
+                m.content["seq"] = json!(0);
+                m
+            },
+            |e| matches!(e, Ignored::UnknownCall(_)),
+        ),
+        (
+            {
+                let mut m = with_dest(
+                    from_b(
+                        "m.call.invite",
+                        "sdp",
+                        0,
+                        json!({"lifetime": 1, "offer": {"type": "offer", "sdp": "x".repeat(200_000)}}),
+                    ),
+                    &call,
+                );
+                m.content["call_id"] = json!("big");
+                m
+            },
+            |e| matches!(e, Ignored::Malformed(_)),
+        ),
+    ];
+    for (i, (m, expect)) in cases.into_iter().enumerate() {
+        let r = call.handle_to_device(NOW + 200, m);
+        match r {
+            Err(e) => assert!(expect(&e), "case {i}: unexpected reason {e}"),
+            Ok(a) => panic!("case {i}: accepted ({a:?})"),
+        }
+        assert!(drain(&mut call).is_empty(), "case {i} produced output");
+    }
+    // State garbage.
+    assert!(call.handle_state(NOW, &json!("nope")).is_err());
+    assert!(call.handle_state(NOW, &json!({"type": "org.matrix.msc3401.call", "state_key": CONF, "sender": "@b:x", "content": {"m.terminated": 5}})).is_err());
+    assert!(call.handle_state(NOW, &json!({"type": "org.matrix.msc3401.call.member", "state_key": "@b:x", "sender": "@evil:x", "content": {}})).is_err());
+    drain(&mut call);
+    assert_eq!(
+        call.peers(),
+        vec![(DeviceKey::new("@b:x", "BDEV"), peer, true)]
+    );
+}
+
+#[test]
+fn plaintext_is_refused_when_encryption_is_required() {
+    let mut call = joined(|c| c.require_encrypted = true);
+    let (_, call_id) = connected_with_b(&mut call, NOW + 3_600_000);
+    let mut m = with_dest(
+        from_b("m.call.candidates", &call_id, 1, json!({"candidates": []})),
+        &call,
+    );
+    m.encrypted = false;
+    assert_eq!(call.handle_to_device(NOW, m), Err(Ignored::Unencrypted));
+}
+
+#[test]
+fn floods_are_rate_limited_per_sender() {
+    let mut call = joined(|c| {
+        c.rate_burst = 20;
+        c.rate_per_sec = 10;
+    });
+    let (_, call_id) = connected_with_b(&mut call, NOW + 3_600_000);
+    let mut limited = 0;
+    for seq in 1..100 {
+        let m = with_dest(
+            from_b(
+                "m.call.candidates",
+                &call_id,
+                seq,
+                json!({"candidates": []}),
+            ),
+            &call,
+        );
+        if call.handle_to_device(NOW + 1000, m) == Err(Ignored::RateLimited("@b:x".into())) {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 75, "only {limited} limited");
+    assert_eq!(call.peers().len(), 1);
+}
+
+#[test]
+fn reorder_gap_is_skipped_after_the_timeout() {
+    let mut call = joined(|_| {});
+    let (peer, call_id) = connected_with_b(&mut call, NOW + 3_600_000);
+    // seq 1 is lost; seq 2 (candidates) waits, then is released.
+    let m = with_dest(
+        from_b(
+            "m.call.candidates",
+            &call_id,
+            2,
+            json!({"candidates": [{"candidate": "candidate:x", "sdpMid": "0"}]}),
+        ),
+        &call,
+    );
+    assert_eq!(call.handle_to_device(NOW + 100, m), Ok(Accepted::Reordered));
+    assert!(drain(&mut call).is_empty());
+    let t = call.poll_timeout().unwrap();
+    assert_eq!(t, NOW + 100 + 2000);
+    call.handle_timeout(t);
+    let outs = drain(&mut call);
+    assert!(outs.iter().any(|o| matches!(o, Output::Media(MediaRequest::AddRemoteCandidates { peer: p, .. }) if *p == peer)));
+    // A late seq 1 is now a duplicate.
+    let late = with_dest(
+        from_b("m.call.candidates", &call_id, 1, json!({"candidates": []})),
+        &call,
+    );
+    assert_eq!(call.handle_to_device(t + 1, late), Err(Ignored::Duplicate));
+}
+
+#[test]
+fn unanswered_invites_are_retried_three_times_then_given_up() {
+    let mut call = joined(|_| {});
+    call.handle_state(NOW, &member_ev("@b:x", "BDEV", "BSESS", NOW + 3_600_000))
+        .unwrap();
+    let mut invites = 0;
+    let mut t = NOW;
+    let mut gave_up = false;
+    for _ in 0..20 {
+        let outs = drain(&mut call);
+        if let Some(peer) = offer_request(&outs) {
+            call.handle_media(
+                t,
+                MediaEvent::OfferCreated {
+                    peer,
+                    sdp: "o".into(),
+                    gathering_complete: true,
+                },
+            );
+            invites += sent(&drain(&mut call))
+                .iter()
+                .filter(|(ty, _)| ty == "m.call.invite")
+                .count();
+        }
+        gave_up |= outs
+            .iter()
+            .any(|o| matches!(o, Output::Event(CallEvent::GaveUp { .. })));
+        let Some(next) = call.poll_timeout() else {
+            break;
+        };
+        if next > NOW + 60_000 {
+            break;
+        }
+        t = next;
+        call.handle_timeout(t);
+    }
+    gave_up |= drain(&mut call)
+        .iter()
+        .any(|o| matches!(o, Output::Event(CallEvent::GaveUp { .. })));
+    assert_eq!(invites, 4, "first call and 3 retries");
+    assert!(gave_up);
+}
+
+#[test]
+fn retries_stop_when_the_device_leaves() {
+    let mut call = joined(|_| {});
+    call.handle_state(NOW, &member_ev("@b:x", "BDEV", "BSESS", NOW + 3_600_000))
+        .unwrap();
+    let peer = offer_request(&drain(&mut call)).unwrap();
+    call.handle_media(
+        NOW,
+        MediaEvent::OfferCreated {
+            peer,
+            sdp: "o".into(),
+            gathering_complete: true,
+        },
+    );
+    drain(&mut call);
+    call.handle_state(NOW + 1000, &json!({"type": "org.matrix.msc3401.call.member", "state_key": "@b:x", "sender": "@b:x", "content": {"m.calls": []}})).unwrap();
+    // The unanswered invite's peer is kept through the orphan grace, then closed; no new call.
+    for t in [NOW + 7000, NOW + 20_000, NOW + 40_000] {
+        call.handle_timeout(t);
+        assert!(offer_request(&drain(&mut call)).is_none());
+    }
+    assert!(call.peers().is_empty());
+}
+
+#[test]
+fn glare_smaller_call_id_wins() {
+    let mut call = joined(|_| {});
+    call.handle_state(NOW, &member_ev("@b:x", "BDEV", "BSESS", NOW + 3_600_000))
+        .unwrap();
+    let peer = offer_request(&drain(&mut call)).unwrap();
+    call.handle_media(
+        NOW,
+        MediaEvent::OfferCreated {
+            peer,
+            sdp: "o".into(),
+            gathering_complete: true,
+        },
+    );
+    let ours = sent(&drain(&mut call))[0].1["call_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Theirs is larger: we keep ours and hang up theirs.
+    let big = format!("{ours}z");
+    let inv = |_id: &str| json!({"lifetime": 60000, "offer": {"type": "offer", "sdp": "theirs"}, "invitee": "@a:x"});
+    let r = call.handle_to_device(
+        NOW + 5,
+        with_dest(from_b("m.call.invite", &big, 0, inv(&big)), &call),
+    );
+    assert_eq!(r, Ok(Accepted::Processed));
+    let outs = drain(&mut call);
+    let s = sent(&outs);
+    assert_eq!(s.len(), 1);
+    assert_eq!(
+        (s[0].0.as_str(), s[0].1["call_id"].as_str().unwrap()),
+        ("m.call.hangup", big.as_str())
+    );
+    assert_eq!(call.peers()[0].1, peer);
+    // Theirs is smaller: we drop ours and answer theirs.
+    let small = "0000".to_owned();
+    call.handle_to_device(
+        NOW + 6,
+        with_dest(from_b("m.call.invite", &small, 0, inv(&small)), &call),
+    )
+    .unwrap();
+    let outs = drain(&mut call);
+    assert!(outs.contains(&Output::Media(MediaRequest::ClosePeer { peer })));
+    assert!(outs.iter().any(
+        |o| matches!(o, Output::Media(MediaRequest::AcceptOffer { sdp, .. }) if sdp == "theirs")
+    ));
+    assert!(sent(&outs).iter().any(|(ty, c)| ty == "m.call.hangup"
+        && c["call_id"] == ours.as_str()
+        && c["reason"] == "replaced"));
+}
+
+#[test]
+fn signalling_from_a_non_member_is_held_then_dropped_or_released() {
+    let mut call = joined(|_| {});
+    // An invite from @c, who is not (yet) in the member state.
+    let mut m = from_b_session(
+        "m.call.invite",
+        "1",
+        0,
+        json!({"lifetime": 60000, "offer": {"type": "offer", "sdp": "c"}}),
+        "CSESS",
+    );
+    m.sender = "@c:x".into();
+    m.sender_device = Some("CDEV".into());
+    m.content["device_id"] = json!("CDEV");
+    m.content["party_id"] = json!("CDEV");
+    let m = with_dest(m, &call);
+    assert_eq!(
+        call.handle_to_device(NOW, m.clone()),
+        Ok(Accepted::HeldForMembership)
+    );
+    assert!(drain(&mut call).is_empty());
+    // Grace passes: dropped.
+    call.handle_timeout(NOW + 10_000);
+    call.handle_state(NOW + 10_001, &join_ev("@c:x", "join"))
+        .unwrap();
+    call.handle_state(
+        NOW + 10_001,
+        &member_ev("@c:x", "CDEV", "CSESS", NOW + 3_600_000),
+    )
+    .unwrap();
+    assert!(
+        !drain(&mut call)
+            .iter()
+            .any(|o| matches!(o, Output::Media(MediaRequest::AcceptOffer { .. })))
+    );
+    // Held, then its member event arrives in time: answered.
+    let mut m2 = m.clone();
+    m2.content["call_id"] = json!("2");
+    call.handle_state(
+        NOW + 10_002,
+        &member_ev("@c:x", "CDEV", "CSESS2", NOW + 3_600_000),
+    )
+    .unwrap();
+    drain(&mut call);
+    m2.content["sender_session_id"] = json!("CSESS3");
+    assert_eq!(
+        call.handle_to_device(NOW + 10_003, m2),
+        Ok(Accepted::HeldForMembership)
+    );
+    call.handle_state(
+        NOW + 10_100,
+        &member_ev("@c:x", "CDEV", "CSESS3", NOW + 3_600_000),
+    )
+    .unwrap();
+    assert!(
+        drain(&mut call)
+            .iter()
+            .any(|o| matches!(o, Output::Media(MediaRequest::AcceptOffer { .. })))
+    );
+}
+
+#[test]
+fn screenshare_renegotiates_and_updates_membership() {
+    let mut call = joined(|_| {});
+    let (peer, _) = connected_with_b(&mut call, NOW + 3_600_000);
+    call.handle_command(NOW + 100, Command::Screenshare(true))
+        .unwrap();
+    let outs = drain(&mut call);
+    let member = outs.iter().find_map(|o| match o {
+        Output::PublishState { content, .. } => Some(content.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        member.unwrap()["m.calls"][0]["m.devices"][0]["feeds"],
+        json!([{"purpose": "m.usermedia"}, {"purpose": "m.screenshare"}])
+    );
+    let feeds = outs.iter().find_map(|o| match o {
+        Output::Media(MediaRequest::CreateOffer {
+            peer: p,
+            feeds,
+            ice_restart: false,
+            ..
+        }) if *p == peer => Some(feeds.clone()),
+        _ => None,
+    });
+    assert_eq!(feeds.unwrap().len(), 2);
+    call.handle_media(
+        NOW + 110,
+        MediaEvent::OfferCreated {
+            peer,
+            sdp: "o2".into(),
+            gathering_complete: true,
+        },
+    );
+    let s = sent(&drain(&mut call));
+    assert_eq!(s[0].0, "m.call.negotiate");
+    assert_eq!(s[0].1["description"]["type"], "offer");
+    assert_eq!(s[0].1["sdp_stream_metadata"].as_object().unwrap().len(), 2);
+}
+
+#[test]
+fn caller_restarts_ice_after_failure_then_hangs_up() {
+    let mut call = joined(|_| {});
+    let (peer, _) = connected_with_b(&mut call, NOW + 3_600_000);
+    call.handle_media(
+        NOW + 1000,
+        MediaEvent::State {
+            peer,
+            state: MediaState::Failed,
+        },
+    );
+    let outs = drain(&mut call);
+    assert!(outs.iter().any(|o| matches!(
+        o,
+        Output::Media(MediaRequest::CreateOffer {
+            ice_restart: true,
+            ..
+        })
+    )));
+    assert!(outs.iter().any(|o| matches!(
+        o,
+        Output::Event(CallEvent::PeerState {
+            status: PeerStatus::Reconnecting,
+            ..
+        })
+    )));
+    call.handle_media(
+        NOW + 1001,
+        MediaEvent::OfferCreated {
+            peer,
+            sdp: "restart".into(),
+            gathering_complete: true,
+        },
+    );
+    assert_eq!(sent(&drain(&mut call))[0].0, "m.call.negotiate");
+    // No recovery within the connect timeout: hang up with ice_timeout.
+    call.handle_timeout(NOW + 1000 + 15_000);
+    let outs = drain(&mut call);
+    assert!(
+        sent(&outs)
+            .iter()
+            .any(|(ty, c)| ty == "m.call.hangup" && c["reason"] == "ice_timeout")
+    );
+}
+
+#[test]
+fn leave_hangs_up_and_removes_membership() {
+    let mut call = joined(|_| {});
+    let (peer, _) = connected_with_b(&mut call, NOW + 3_600_000);
+    call.handle_command(NOW + 5, Command::Leave).unwrap();
+    let outs = drain(&mut call);
+    assert!(
+        sent(&outs)
+            .iter()
+            .any(|(ty, c)| ty == "m.call.hangup" && c["reason"] == "user_hangup")
+    );
+    assert!(outs.contains(&Output::Media(MediaRequest::ClosePeer { peer })));
+    assert!(outs.iter().any(
+        |o| matches!(o, Output::PublishState { content, .. } if *content == json!({"m.calls": []}))
+    ));
+    assert!(outs.contains(&Output::Event(CallEvent::Left)));
+    assert_eq!(
+        call.handle_command(NOW + 6, Command::Leave),
+        Err(CommandError::NotJoined)
+    );
+}
+
+#[test]
+fn membership_is_refreshed_before_it_expires() {
+    let mut call = joined(|c| {
+        c.member_expiry_ms = 60_000;
+        c.member_refresh_ms = 45_000;
+    });
+    assert!(call.poll_timeout().unwrap() <= NOW + 45_000);
+    call.handle_timeout(NOW + 45_000);
+    let outs = drain(&mut call);
+    let c = outs.iter().find_map(|o| match o {
+        Output::PublishState { content, .. } => Some(content.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        c.unwrap()["m.calls"][0]["m.devices"][0]["expires_ts"],
+        NOW + 45_000 + 60_000
+    );
+}
+
+#[test]
+fn terminate_marks_the_call_ended() {
+    let mut call = joined(|_| {});
+    call.handle_command(NOW + 5, Command::Terminate).unwrap();
+    let outs = drain(&mut call);
+    assert!(outs.iter().any(|o| matches!(o, Output::PublishState { event_type, content, .. }
+        if event_type == "org.matrix.msc3401.call" && content["m.terminated"] == "call_ended" && content["m.intent"] == "m.prompt")));
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Event(CallEvent::CallEnded { .. })))
+    );
+}
+
+#[test]
+fn join_without_a_call_needs_create() {
+    let mut call = GroupCall::new(Config::new("@a:x", "ADEV"));
+    assert_eq!(
+        call.handle_command(
+            NOW,
+            Command::Join {
+                create: None,
+                audio: true,
+                video: false
+            }
+        ),
+        Err(CommandError::NoCallToJoin)
+    );
+    call.handle_command(
+        NOW,
+        Command::Join {
+            create: Some(CreateOptions::default()),
+            audio: true,
+            video: false,
+        },
+    )
+    .unwrap();
+    let outs = drain(&mut call);
+    assert!(outs.iter().any(|o| matches!(o, Output::PublishState { event_type, .. } if event_type == "org.matrix.msc3401.call")));
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Event(CallEvent::Joined { created: true, .. })))
+    );
+}
