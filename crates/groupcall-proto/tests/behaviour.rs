@@ -1,5 +1,7 @@
 //! The orchestrator's rules, one at a time, with hand-fed inputs.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use groupcall_proto::room::LeftReason;
 use groupcall_proto::*;
 use serde_json::{Value, json};
@@ -206,7 +208,8 @@ fn bad_input_is_ignored_with_a_reason_and_the_call_survives() {
             &call,
         )
     };
-    let cases: Vec<(IncomingToDevice, fn(&Ignored) -> bool)> = vec![
+    type Case = (IncomingToDevice, fn(&Ignored) -> bool);
+    let cases: Vec<Case> = vec![
         (
             {
                 let mut m = ok(1);

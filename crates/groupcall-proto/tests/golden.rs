@@ -2,6 +2,8 @@
 //! writes parse in ours and survive a round trip, and what we write passes
 //! the checks the reference applies.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use groupcall_proto::events::{CallContent, CallIntent, CallType, MemberContent};
 use groupcall_proto::signalling::{Body, Message};
 use groupcall_proto::*;

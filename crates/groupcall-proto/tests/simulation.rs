@@ -1,6 +1,8 @@
 //! Seeded simulations of 2 to 8 participants over an in-memory homeserver
 //! with reordered, duplicated and delayed to-device messages.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 mod sim;
 
 use groupcall_proto::ids::IdGen;
