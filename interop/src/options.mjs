@@ -1,0 +1,67 @@
+// Command-line options shared by the Node peer (peer.mjs) and the browser
+// driver (browser.mjs). Plain data out, so it can be handed to the page.
+
+const USAGE = `usage: node peer.mjs --homeserver URL --user NAME --password PW --room ROOM_ID
+         [--register] [--create-call] [--video|--voice] [--mute-audio] [--mute-video]
+         [--screenshare] [--duration SECS] [--log-signalling] [--encrypted]
+         [--ice-server URI] [--log-level debug|info|warn|error|silent]`;
+
+const FLAGS = {
+  "--register": "register",
+  "--create-call": "createCall",
+  "--mute-audio": "muteAudio",
+  "--mute-video": "muteVideo",
+  "--screenshare": "screenshare",
+  "--log-signalling": "logSignalling",
+  "--encrypted": "encrypted",
+};
+
+const VALUES = {
+  "--homeserver": "homeserver",
+  "--user": "user",
+  "--password": "password",
+  "--room": "room",
+  "--duration": "duration",
+  "--log-level": "logLevel",
+  "--ice-server": "iceServer",
+};
+
+export class UsageError extends Error {}
+
+export function parseOptions(argv) {
+  const opts = {
+    callType: "video",
+    duration: null,
+    logLevel: "info",
+  };
+  for (const flag of Object.values(FLAGS)) opts[flag] = false;
+
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === "--help" || arg === "-h") throw new UsageError(USAGE);
+    if (arg === "--video" || arg === "--voice") {
+      opts.callType = arg.slice(2);
+    } else if (FLAGS[arg]) {
+      opts[FLAGS[arg]] = true;
+    } else if (VALUES[arg]) {
+      const value = argv[++i];
+      if (value === undefined) throw new UsageError(`${arg} needs a value\n${USAGE}`);
+      opts[VALUES[arg]] = value;
+    } else {
+      throw new UsageError(`unknown argument ${arg}\n${USAGE}`);
+    }
+  }
+
+  for (const required of ["homeserver", "user", "password", "room"]) {
+    if (!opts[required]) throw new UsageError(`--${required} is required\n${USAGE}`);
+  }
+  if (opts.duration !== null) {
+    opts.duration = Number(opts.duration);
+    if (!(opts.duration > 0)) throw new UsageError(`--duration must be a positive number`);
+  }
+  if (!["debug", "info", "warn", "error", "silent"].includes(opts.logLevel)) {
+    throw new UsageError(`bad --log-level ${opts.logLevel}`);
+  }
+  opts.homeserver = opts.homeserver.replace(/\/+$/, "");
+  return opts;
+}
