@@ -1,0 +1,48 @@
+//! WebRTC media for groupcall: peer connections on [`str0m`] over real UDP,
+//! encoded media sources and sinks.
+//!
+//! This crate knows nothing about Matrix. The protocol core tells a
+//! [`MediaPeer`] what to do (create an offer with these local feeds, accept
+//! this remote offer, apply this answer, add these remote candidates,
+//! restart ICE, close) and the peer reports back local SDP, candidates,
+//! connection state, remote tracks and media as [`PeerEvent`]s.
+//!
+//! Media is handled as encoded frames only (Opus packets, VP8 frames): no
+//! codec is linked. Sources read Ogg/Opus and IVF/VP8 (and built-in samples
+//! made with real encoders); sinks count frames and record Ogg/Opus and IVF.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), groupcall_media::MediaError> {
+//! use groupcall_media::*;
+//! let (a, _a_events) = MediaPeer::new(PeerConfig::default()).await?;
+//! let (b, mut b_events) = MediaPeer::new(PeerConfig::default()).await?;
+//! let feeds = [LocalFeed::usermedia("stream-a")];
+//! a.set_source("stream-a-audio", OggOpusSource::tone())?;
+//! let offer = a.create_offer(&feeds).await?;
+//! let answer = b.accept_offer(&offer, &[LocalFeed::usermedia("stream-b")]).await?;
+//! a.apply_answer(&answer).await?;
+//! while let Some(ev) = b_events.recv().await {
+//!     if let PeerEvent::RemoteTrack { stream_id, .. } = ev {
+//!         assert_eq!(stream_id, "stream-a");
+//!         break;
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod ivf;
+pub mod ogg;
+mod peer;
+mod sdp;
+pub mod sink;
+pub mod source;
+pub mod stun;
+mod types;
+
+pub use peer::{MediaError, MediaPeer, PeerConfig, PeerEvent, PeerEvents};
+pub use sink::{CounterSink, FrameSink, IvfRecorder, OggOpusRecorder, SinkError, SinkFilter};
+pub use source::{FrameSource, IvfSource, OggOpusSource, SourceError, SourceFrame};
+pub use types::{
+    Counters, FeedPurpose, Frame, IceCandidate, LocalFeed, LocalTrackStats, PeerStats,
+    RemoteTrackStats, TrackKind,
+};

@@ -1,0 +1,204 @@
+//! Plain data types shared by the peer, the sources and the sinks.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Audio or video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TrackKind {
+    /// Opus audio (48 kHz RTP clock).
+    Audio,
+    /// VP8 video (90 kHz RTP clock).
+    Video,
+}
+
+impl TrackKind {
+    /// RTP clock rate of the codec used for this kind (Opus 48 kHz, VP8 90 kHz).
+    pub fn clock_rate(self) -> u32 {
+        match self {
+            TrackKind::Audio => 48_000,
+            TrackKind::Video => 90_000,
+        }
+    }
+
+    /// `"audio"` or `"video"`, as in SDP.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrackKind::Audio => "audio",
+            TrackKind::Video => "video",
+        }
+    }
+}
+
+impl std::fmt::Display for TrackKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a local stream is (MSC3077 `purpose`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FeedPurpose {
+    /// Camera and/or microphone (`m.usermedia`).
+    Usermedia,
+    /// Screen sharing (`m.screenshare`).
+    Screenshare,
+}
+
+impl FeedPurpose {
+    /// The MSC3077 wire value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedPurpose::Usermedia => "m.usermedia",
+            FeedPurpose::Screenshare => "m.screenshare",
+        }
+    }
+}
+
+/// One local stream to send: its msid stream id and up to one audio and one
+/// video track. The SDP carries `a=msid:<stream_id> <track_id>` for each
+/// track, so the remote can look the stream up in `sdp_stream_metadata`.
+///
+/// Ids must be 1 to 64 RFC 8830 token characters (letters, digits and
+/// ``!#$%&'*+-.^_`{|}~``); UUIDs qualify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalFeed {
+    /// The msid stream id (the key of `sdp_stream_metadata`).
+    pub stream_id: String,
+    /// Usermedia or screenshare.
+    pub purpose: FeedPurpose,
+    /// Track id of the Opus audio track, if any.
+    pub audio_track_id: Option<String>,
+    /// Track id of the VP8 video track, if any.
+    pub video_track_id: Option<String>,
+}
+
+impl LocalFeed {
+    /// A usermedia feed with audio and video tracks named `<stream_id>-audio`
+    /// and `<stream_id>-video`.
+    pub fn usermedia(stream_id: impl Into<String>) -> Self {
+        let stream_id = stream_id.into();
+        Self {
+            audio_track_id: Some(format!("{stream_id}-audio")),
+            video_track_id: Some(format!("{stream_id}-video")),
+            stream_id,
+            purpose: FeedPurpose::Usermedia,
+        }
+    }
+
+    /// A video-only screenshare feed with track `<stream_id>-video`.
+    pub fn screenshare(stream_id: impl Into<String>) -> Self {
+        let stream_id = stream_id.into();
+        Self {
+            audio_track_id: None,
+            video_track_id: Some(format!("{stream_id}-video")),
+            stream_id,
+            purpose: FeedPurpose::Screenshare,
+        }
+    }
+}
+
+/// An encoded frame received from the remote peer.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// msid stream id of the remote track.
+    pub stream_id: Arc<str>,
+    /// msid track id of the remote track.
+    pub track_id: Arc<str>,
+    /// Audio (one Opus packet) or video (one VP8 frame).
+    pub kind: TrackKind,
+    /// The encoded data.
+    pub data: Arc<[u8]>,
+    /// RTP timestamp, extended to 64 bits, in the kind's clock rate.
+    pub rtp_time: u64,
+    /// Whether this is a VP8 key frame (always false for audio).
+    pub keyframe: bool,
+    /// False when packets were lost right before this frame.
+    pub contiguous: bool,
+    /// When the first packet of the frame arrived.
+    pub received_at: Instant,
+}
+
+/// An ICE candidate for trickling, in the shape Matrix `m.call.candidates`
+/// uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IceCandidate {
+    /// `candidate:...` attribute value (without `a=`).
+    pub candidate: String,
+    /// The mid of the m-line the candidate belongs to (the first, BUNDLE).
+    pub sdp_mid: Option<String>,
+    /// Index of that m-line.
+    pub sdp_m_line_index: Option<u16>,
+}
+
+/// Frame/byte counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Frames (audio packets or video frames).
+    pub frames: u64,
+    /// Payload bytes.
+    pub bytes: u64,
+    /// VP8 key frames.
+    pub keyframes: u64,
+}
+
+impl Counters {
+    pub(crate) fn add(&mut self, len: usize, keyframe: bool) {
+        self.frames += 1;
+        self.bytes += len as u64;
+        if keyframe {
+            self.keyframes += 1;
+        }
+    }
+}
+
+/// State of one remote track as seen by [`crate::MediaPeer::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteTrackStats {
+    /// msid stream id.
+    pub stream_id: String,
+    /// msid track id.
+    pub track_id: String,
+    /// Audio or video.
+    pub kind: TrackKind,
+    /// The m-line's mid.
+    pub mid: String,
+    /// Whether the remote currently sends this track.
+    pub active: bool,
+    /// Received frames.
+    pub received: Counters,
+}
+
+/// State of one local track as seen by [`crate::MediaPeer::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalTrackStats {
+    /// msid stream id.
+    pub stream_id: String,
+    /// msid track id.
+    pub track_id: String,
+    /// Audio or video.
+    pub kind: TrackKind,
+    /// The m-line's mid, when negotiated.
+    pub mid: Option<String>,
+    /// Whether the track is muted.
+    pub muted: bool,
+    /// Whether a source is attached.
+    pub has_source: bool,
+    /// Frames handed to the WebRTC stack.
+    pub sent: Counters,
+}
+
+/// A snapshot of a peer's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Whether ICE and DTLS are up.
+    pub connected: bool,
+    /// Local tracks.
+    pub local: Vec<LocalTrackStats>,
+    /// Remote tracks, including ended ones (`active == false`).
+    pub remote: Vec<RemoteTrackStats>,
+    /// Frames not delivered as events because the event queue was full.
+    pub frames_dropped: u64,
+    /// Media frames on m-lines without a known remote track.
+    pub frames_unmatched: u64,
+}
