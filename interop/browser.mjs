@@ -86,6 +86,10 @@ async function main() {
       executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
       headless: true,
       args: CHROMIUM_FLAGS,
+      // We handle the signals: leave the call first, then close the browser.
+      handleSIGINT: false,
+      handleSIGTERM: false,
+      handleSIGHUP: false,
     });
   } catch (e) {
     return fail(e);
@@ -100,7 +104,7 @@ async function main() {
   page.on("console", (msg) => {
     if (LOG_ORDER.indexOf(CONSOLE_LEVEL[msg.type()] ?? "info") >= minLevel) process.stderr.write(`[page] ${msg.text()}\n`);
   });
-  page.on("pageerror", (e) => emit({ event: "error", message: `page: ${errorMessage(e)}` }));
+  page.on("pageerror", (e) => process.stderr.write(`[page] uncaught: ${errorMessage(e)}\n`)); // the page reports it
   page.on("crash", () => fail(new Error("page crashed")));
   await page.addInitScript((o) => { window.__peerOpts = o; }, opts);
 

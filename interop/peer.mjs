@@ -46,7 +46,7 @@ async function main() {
   } catch (e) {
     if (e instanceof UsageError) {
       process.stderr.write(e.message + "\n");
-      return fail(e, 2);
+      return fail(new Error(e.message.split("\n")[0]), 2);
     }
     throw e;
   }
@@ -58,11 +58,17 @@ async function main() {
   // Import the SDK only now: it must see the polyfills and globals.
   const sdk = await import("matrix-js-sdk");
 
-  let peer = null;
+  // Stopping leaves the call cleanly; during startup it first waits (boundedly)
+  // for the peer to be up, so that a peer that has just entered still leaves.
+  let startup = null;
   let stopping = false;
   const stop = async (code, reason) => {
     if (stopping) return;
     stopping = true;
+    let timer;
+    const gaveUp = new Promise((resolve) => { timer = setTimeout(resolve, 10000, null); });
+    const peer = startup && (await Promise.race([startup.catch(() => null), gaveUp]));
+    clearTimeout(timer);
     if (peer) code = await peer.shutdown(code, reason);
     else media.stop();
     exit(code);
@@ -77,13 +83,15 @@ async function main() {
     countFrames,
     cleanup: () => media.stop(),
   };
+  startup = startPeer({ sdk, opts, platform, emit });
+  let peer;
   try {
-    peer = await startPeer({ sdk, opts, platform, emit });
+    peer = await startup;
   } catch (e) {
     emit({ event: "error", message: errorMessage(e) });
     return stop(1, "startup failed");
   }
-  if (stopping) return void (await peer.shutdown(1, "startup interrupted"));
+  if (stopping) return;
 
   // Commands on stdin when it is a pipe or terminal; its end means quit.
   // (/dev/null, as given by `spawn(..., {stdio: "ignore"})`, is ignored.)
@@ -91,8 +99,11 @@ async function main() {
   if (st.isFIFO() || st.isSocket() || process.stdin.isTTY) {
     const lines = createInterface({ input: process.stdin });
     let chain = Promise.resolve();
-    lines.on("line", (line) => { chain = chain.then(() => peer.command(line)).then(() => { if (line.trim() === "quit") stop(0, "quit"); }); });
-    lines.on("close", () => { chain.then(() => stop(0, "stdin closed")); });
+    lines.on("line", (line) => {
+      if (line.trim().toLowerCase() === "quit") chain = chain.then(() => stop(0, "quit"));
+      else chain = chain.then(() => peer.command(line));
+    });
+    lines.on("close", () => chain.then(() => stop(0, "stdin closed")));
   }
 }
 

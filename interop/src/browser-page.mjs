@@ -74,8 +74,11 @@ window.__peerCommand = (line) => {
   chain = chain.then(async () => (await peerStarted).command(line));
   return chain;
 };
+// Like peer.mjs: during startup, wait (boundedly) for the peer to be up so a
+// peer that has just entered still leaves cleanly.
 window.__peerShutdown = async (code, reason) => {
-  window.__peerExit(peer ? await peer.shutdown(code, reason) : code);
+  const up = peer ?? (await Promise.race([peerStarted, new Promise((r) => setTimeout(r, 10000, null))]));
+  window.__peerExit(up ? await up.shutdown(code, reason) : code);
 };
 
 async function main() {
@@ -95,8 +98,13 @@ async function main() {
   started(peer);
 }
 
+// Every failure ends the peer with an error, as in Node.
 window.addEventListener("unhandledrejection", (ev) => {
   emit({ event: "error", message: errorMessage(ev.reason) });
   window.__peerShutdown(1, "unhandled rejection");
+});
+window.addEventListener("error", (ev) => {
+  emit({ event: "error", message: errorMessage(ev.error ?? ev.message) });
+  window.__peerShutdown(1, "uncaught exception");
 });
 main();

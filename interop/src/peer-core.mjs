@@ -26,7 +26,8 @@ export function errorMessage(e) {
 /**
  * Start the peer. Resolves with a controller once the peer is in the call:
  * { command(line): Promise<void>, shutdown(code, reason): Promise<number> }.
- * `shutdown` leaves the call cleanly and resolves with the exit code.
+ * `command` runs one stdin command other than quit; `shutdown` leaves the
+ * call cleanly and resolves with the exit code.
  */
 export async function startPeer({ sdk, opts, platform, emit }) {
   const { ClientEvent, GroupCallEvent, CallEvent, CallFeedEvent, GroupCallIntent, GroupCallType } = sdk;
@@ -285,7 +286,6 @@ export async function startPeer({ sdk, opts, platform, emit }) {
   const command = async (line) => {
     const cmd = line.trim().replace(/\s+/g, " ").toLowerCase();
     if (cmd === "") return;
-    if (cmd === "quit") return void (await shutdown(0, "quit"));
     const run = commands[cmd];
     if (!run) {
       emit({ event: "command", command: cmd, ok: false, message: "unknown command" });
@@ -381,9 +381,13 @@ class CallEncryptor {
     const known = async () => (await this.crypto.getUserDeviceInfo([userId])).get(userId)?.has(deviceId) ?? false;
     if (await known()) return;
     // Internals of RustCrypto: there is no public "track this user" call.
-    const olmMachine = this.crypto.olmMachine;
-    await olmMachine.updateTrackedUsers([new UserId(userId)]);
-    await this.crypto.outgoingRequestProcessor.makeOutgoingRequest(olmMachine.queryKeysForUsers([new UserId(userId)]));
+    // Tracking queues a /keys/query, which the outgoing-request loop sends.
+    await this.crypto.olmMachine.updateTrackedUsers([new UserId(userId)]);
+    await this.crypto.outgoingRequestsManager.doProcessOutgoingRequests();
+    if (await known()) return;
+    // Already tracked, but the device is newer than our copy of the list.
+    await this.crypto.olmMachine.markAllTrackedUsersAsDirty();
+    await this.crypto.outgoingRequestsManager.doProcessOutgoingRequests();
     if (!(await known())) throw new Error(`no device keys for ${userId} ${deviceId}`);
   }
 }
