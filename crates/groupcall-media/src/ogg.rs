@@ -345,12 +345,11 @@ impl<'a> OggPacketReader<'a> {
                 last_complete = Some(self.ready.len() - 1);
             }
         }
-        if let Some(i) = last_complete {
-            if page.granule_position != u64::MAX {
-                if let Some(p) = self.ready.get_mut(i) {
-                    p.granule_position = Some(page.granule_position);
-                }
-            }
+        if let Some(i) = last_complete
+            && page.granule_position != u64::MAX
+            && let Some(p) = self.ready.get_mut(i)
+        {
+            p.granule_position = Some(page.granule_position);
         }
         Ok(())
     }

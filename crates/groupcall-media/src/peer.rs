@@ -593,10 +593,10 @@ async fn gather_srflx(
         loop {
             match tokio::time::timeout_at(wait_until, sock.recv_from(&mut buf)).await {
                 Ok(Ok((n, from))) => {
-                    if from == server {
-                        if let Some(a) = stun::parse_binding_response(&buf[..n], &tid) {
-                            return Some(a);
-                        }
+                    if from == server
+                        && let Some(a) = stun::parse_binding_response(&buf[..n], &tid)
+                    {
+                        return Some(a);
                     }
                 }
                 Ok(Err(e)) => {
@@ -909,10 +909,10 @@ impl Driver {
                         .iter()
                         .position(|a| *a == t.source)
                         .unwrap_or(0);
-                    if let Some(s) = self.sockets.get(idx) {
-                        if let Err(e) = s.send_to(&t.contents, t.destination).await {
-                            trace!(dest = %t.destination, error = %e, "UDP send failed");
-                        }
+                    if let Some(s) = self.sockets.get(idx)
+                        && let Err(e) = s.send_to(&t.contents, t.destination).await
+                    {
+                        trace!(dest = %t.destination, error = %e, "UDP send failed");
                     }
                 }
                 Output::Event(e) => self.on_rtc_event(e),
@@ -1033,11 +1033,11 @@ impl Driver {
         }
         let mut failed = Vec::new();
         for (i, (filter, sink)) in self.sinks.iter_mut().enumerate() {
-            if filter.matches(&frame) {
-                if let Err(e) = sink.write_frame(&frame) {
-                    warn!(error = %e, "sink failed, detaching it");
-                    failed.push(i);
-                }
+            if filter.matches(&frame)
+                && let Err(e) = sink.write_frame(&frame)
+            {
+                warn!(error = %e, "sink failed, detaching it");
+                failed.push(i);
             }
         }
         for i in failed.into_iter().rev() {
@@ -1084,12 +1084,21 @@ impl Driver {
             return Ok(());
         };
         let input = Input::Receive(now, recv);
-        if !self.rtc.accepts(&input) {
-            trace!(%from, "datagram not for this peer");
-            return Ok(());
+        // Every datagram on our sockets is meant for this Rtc (sockets are
+        // not shared), so all of them go in: filtering with `accepts` would
+        // drop an early DTLS hello that overtakes ICE nomination. `accepts`
+        // only decides whether the packet proves the remote alive.
+        let known = self.rtc.accepts(&input);
+        if let Err(e) = self.rtc.handle_input(input) {
+            debug!(%from, error = %e, "datagram refused");
+            if !self.rtc.is_alive() {
+                return Err(e);
+            }
+            return self.drain().await;
         }
-        self.rtc.handle_input(input)?;
-        self.last_rx = now;
+        if known {
+            self.last_rx = now;
+        }
         if self.ever_connected
             && matches!(self.state, ConnState::Disconnected | ConnState::Failed)
             && self.rtc.is_connected()
@@ -1102,10 +1111,7 @@ impl Driver {
     async fn handle_timer(&mut self) -> Result<(), str0m::RtcError> {
         let now = Instant::now();
         for i in 0..self.tracks.len() {
-            loop {
-                let Some(t) = self.tracks.get_mut(i) else {
-                    break;
-                };
+            while let Some(t) = self.tracks.get_mut(i) {
                 let Some(due) = t.next_due else { break };
                 if due > now {
                     break;
@@ -1144,10 +1150,10 @@ impl Driver {
                 self.set_state(ConnState::Failed)
             }
             ConnState::New => {
-                if let Some(t) = self.negotiated_at {
-                    if now.saturating_duration_since(t) >= self.config.failed_timeout {
-                        self.set_state(ConnState::Failed)
-                    }
+                if let Some(t) = self.negotiated_at
+                    && now.saturating_duration_since(t) >= self.config.failed_timeout
+                {
+                    self.set_state(ConnState::Failed)
                 }
             }
             _ => {}
@@ -1366,10 +1372,10 @@ impl Driver {
             }
             debug!(stream = %w.stream_id, track = %w.track_id, kind = %w.kind, purpose = w.purpose.as_str(), "local track added");
             let mut t = LocalTrack::new(&w.stream_id, &w.track_id, w.kind, w.purpose);
-            if let Some(src) = self.pending_sources.remove(&w.track_id) {
-                if src.kind() == w.kind {
-                    t.source = Some(src);
-                }
+            if let Some(src) = self.pending_sources.remove(&w.track_id)
+                && src.kind() == w.kind
+            {
+                t.source = Some(src);
             }
             if let Some(m) = self.pending_muted.remove(&w.track_id) {
                 t.muted = m;
@@ -1606,13 +1612,13 @@ impl Driver {
             })
         };
         for t in &mut self.tracks {
-            if let Some(mid) = t.mid {
-                if !can_send(mid, t.kind) || self.rtc.media(mid).is_none() {
-                    debug!(track = %t.track_id, %mid, "m-line no longer usable for sending");
-                    t.mid = None;
-                    t.mid_pending = false;
-                    t.awaiting = false;
-                }
+            if let Some(mid) = t.mid
+                && (!can_send(mid, t.kind) || self.rtc.media(mid).is_none())
+            {
+                debug!(track = %t.track_id, %mid, "m-line no longer usable for sending");
+                t.mid = None;
+                t.mid_pending = false;
+                t.awaiting = false;
             }
         }
         let mut taken: HashSet<Mid> = self.tracks.iter().filter_map(|t| t.mid).collect();
@@ -1690,14 +1696,14 @@ impl Driver {
         }
         let mut renegotiate = false;
         for t in &mut self.tracks {
-            if let Some(mid) = t.mid {
-                if self.rtc.media(mid).is_none_or(|m| m.disabled()) {
-                    debug!(track = %t.track_id, %mid, "remote rejected the m-line");
-                    t.mid = None;
-                    t.awaiting = false;
-                    t.mid_pending = false;
-                    renegotiate = true;
-                }
+            if let Some(mid) = t.mid
+                && self.rtc.media(mid).is_none_or(|m| m.disabled())
+            {
+                debug!(track = %t.track_id, %mid, "remote rejected the m-line");
+                t.mid = None;
+                t.awaiting = false;
+                t.mid_pending = false;
+                renegotiate = true;
             }
         }
         self.confirm_bindings();
@@ -1817,7 +1823,7 @@ impl Driver {
     fn stats(&self) -> PeerStats {
         let mut remote: Vec<RemoteTrackStats> = self.ended_remote.clone();
         let mut current: Vec<&RemoteTrack> = self.remote.values().collect();
-        current.sort_by(|a, b| a.mid.cmp(&b.mid));
+        current.sort_by_key(|a| a.mid);
         remote.extend(current.into_iter().map(|r| r.stats(true)));
         PeerStats {
             connected: self.rtc.is_connected(),

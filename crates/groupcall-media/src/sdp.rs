@@ -88,14 +88,12 @@ pub(crate) fn parse_sections(sdp: &str) -> Vec<Section> {
             sec.direction = d;
         } else if let Some(v) = attr.strip_prefix("msid:") {
             sec.msid = split_msid(v);
-        } else if let Some(v) = attr.strip_prefix("ssrc:") {
-            if sec.msid.is_none() {
-                if let Some((_, rest)) = v.split_once(' ') {
-                    if let Some(m) = rest.strip_prefix("msid:") {
-                        sec.msid = split_msid(m);
-                    }
-                }
-            }
+        } else if let Some(v) = attr.strip_prefix("ssrc:")
+            && sec.msid.is_none()
+            && let Some((_, rest)) = v.split_once(' ')
+            && let Some(m) = rest.strip_prefix("msid:")
+        {
+            sec.msid = split_msid(m);
         }
     }
     out
@@ -136,12 +134,12 @@ pub(crate) fn rewrite_local(sdp: &str, plan: &HashMap<String, LinePlan>) -> Stri
         let line_plan = mid.as_ref().and_then(|m| plan.get(m));
         let Some(p) = line_plan else {
             for l in sec {
-                if let Some(v) = l.strip_prefix("a=msid:") {
-                    if let Some((s, _)) = split_msid(v) {
-                        if !stream_ids.contains(&s) && s != "-" {
-                            stream_ids.push(s);
-                        }
-                    }
+                if let Some(v) = l.strip_prefix("a=msid:")
+                    && let Some((s, _)) = split_msid(v)
+                    && !stream_ids.contains(&s)
+                    && s != "-"
+                {
+                    stream_ids.push(s);
                 }
                 rendered.push(format!("{l}\r\n"));
             }
@@ -152,10 +150,11 @@ pub(crate) fn rewrite_local(sdp: &str, plan: &HashMap<String, LinePlan>) -> Stri
             .and_then(|m| m.split_whitespace().nth(1))
             .is_some_and(|port| port == "0");
         let msid_value = p.msid.as_ref().map(|(s, t)| format!("{s} {t}"));
-        if let Some((s, _)) = &p.msid {
-            if !stream_ids.contains(s) && !disabled {
-                stream_ids.push(s.clone());
-            }
+        if let Some((s, _)) = &p.msid
+            && !stream_ids.contains(s)
+            && !disabled
+        {
+            stream_ids.push(s.clone());
         }
         let mut wrote_msid = false;
         let mut out: Vec<String> = Vec::new();
@@ -173,29 +172,29 @@ pub(crate) fn rewrite_local(sdp: &str, plan: &HashMap<String, LinePlan>) -> Stri
                     }
                     continue;
                 }
-                if let Some(v) = attr.strip_prefix("ssrc:") {
-                    if let Some((ssrc, rest)) = v.split_once(' ') {
-                        if rest.starts_with("msid:") {
-                            if let (Some(m), false) = (&msid_value, disabled) {
-                                out.push(format!("a=ssrc:{ssrc} msid:{m}"));
-                            }
-                            continue;
-                        }
+                if let Some(v) = attr.strip_prefix("ssrc:")
+                    && let Some((ssrc, rest)) = v.split_once(' ')
+                    && rest.starts_with("msid:")
+                {
+                    if let (Some(m), false) = (&msid_value, disabled) {
+                        out.push(format!("a=ssrc:{ssrc} msid:{m}"));
                     }
+                    continue;
                 }
             }
             out.push((*l).to_string());
         }
         // str0m writes msid for every enabled m-line; add one if it did not.
-        if !wrote_msid && !disabled {
-            if let Some(v) = &msid_value {
-                let at = out
-                    .iter()
-                    .position(|l| l.starts_with("a=mid:"))
-                    .map(|i| i + 1)
-                    .unwrap_or(out.len());
-                out.insert(at, format!("a=msid:{v}"));
-            }
+        if !wrote_msid
+            && !disabled
+            && let Some(v) = &msid_value
+        {
+            let at = out
+                .iter()
+                .position(|l| l.starts_with("a=mid:"))
+                .map(|i| i + 1)
+                .unwrap_or(out.len());
+            out.insert(at, format!("a=msid:{v}"));
         }
         for l in out {
             rendered.push(format!("{l}\r\n"));

@@ -41,7 +41,7 @@ pub(crate) fn parse_binding_response(msg: &[u8], tid: &TransactionId) -> Option<
     if typ != BINDING_SUCCESS
         || header[4..8] != MAGIC.to_be_bytes()
         || &header[8..20] != tid
-        || len % 4 != 0
+        || !len.is_multiple_of(4)
     {
         return None;
     }
