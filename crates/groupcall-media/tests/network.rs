@@ -300,19 +300,11 @@ async fn pushed_frames_are_pulled_on_the_other_side() {
     // A delta frame first: dropped by the sender until a key frame comes.
     a.send_frame("push-v", ivf[1].data.to_vec(), Duration::from_millis(33))
         .unwrap();
-    for i in 0..20 {
-        a.send_frame(
-            "push-v",
-            ivf[i].data.to_vec(),
-            Duration::from_micros(33_333),
-        )
-        .unwrap();
-        a.send_frame(
-            "push-a",
-            opus.packets[i].data.clone(),
-            Duration::from_millis(20),
-        )
-        .unwrap();
+    for (v, p) in ivf.iter().zip(&opus.packets).take(20) {
+        a.send_frame("push-v", v.data.to_vec(), Duration::from_micros(33_333))
+            .unwrap();
+        a.send_frame("push-a", p.data.clone(), Duration::from_millis(20))
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut video = Vec::new();
