@@ -2,10 +2,11 @@
 // End-to-end checks of the reference peer against a throwaway Synapse:
 //   node   two Node peers: connect, media both ways, mute, screenshare, leave
 //   e2e    two Node peers with --encrypted: signalling arrives Olm-encrypted
+//   mesh   three Node peers in full mesh, one muted and screensharing
 //   browser  headless Chromium peer (caller) and a Node peer: media both ways
 // and, with --golden, rewrites golden/*.json from the `node` scenario.
 //
-//   node tools/check.mjs [--only node,e2e,browser] [--golden] [--keep-logs]
+//   node tools/check.mjs [--only node,e2e,mesh,browser] [--golden] [--keep-logs]
 // Synapse comes from $SYNAPSE_PYTHON or a venv made by tools/synapse.mjs.
 // Prints one JSON line per scenario with its figures, then "N passed, N failed".
 
@@ -21,7 +22,7 @@ import { writeGolden } from "./golden.mjs";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const args = process.argv.slice(2);
-const only = args.includes("--only") ? args[args.indexOf("--only") + 1].split(",") : ["node", "e2e", "browser"];
+const only = args.includes("--only") ? args[args.indexOf("--only") + 1].split(",") : ["node", "e2e", "mesh", "browser"];
 const wantGolden = args.includes("--golden");
 const keepLogs = args.includes("--keep-logs");
 const logDir = mkdtempSync(join(tmpdir(), "groupcall-check-"));
@@ -259,9 +260,38 @@ async function scenarioBrowser(peers) {
   return { caller: "browser", connect_ms: { browser: cc._t - joined._t, node: cd._t - joined._t }, fps };
 }
 
+async function scenarioMesh(peers) {
+  // Three Node peers in full mesh; the last enters muted and screensharing.
+  const r = await newRoom(["gina", "hank", "ivy"]);
+  const ids = Object.fromEntries(Object.entries(r.users).map(([n, u]) => [n, u.user_id]));
+  const started = {};
+  for (const [name, extra] of [["gina", ["--create-call"]], ["hank", []], ["ivy", ["--mute-audio", "--screenshare"]]]) {
+    const p = new Peer(`mesh-${name}`, "peer.mjs", peerArgs(r, r.users[name], extra));
+    peers.push(p);
+    started[name] = p;
+    await p.waitFor("joined", (e) => e.event === "joined");
+  }
+  const t0 = Date.now();
+  const waits = [];
+  for (const [name, p] of Object.entries(started)) {
+    for (const other of Object.keys(started).filter((o) => o !== name)) {
+      waits.push(p.waitFor(`${other}'s video`, isMedia(ids[other], "video")));
+      if (other !== "ivy") waits.push(p.waitFor(`${other}'s audio`, isMedia(ids[other], "audio")));
+    }
+    if (name !== "ivy") {
+      waits.push(p.waitFor("ivy muted", (e) => e.event === "feed_added" && e.user_id === ids.ivy && e.purpose === "m.usermedia" && e.audio_muted));
+      waits.push(p.waitFor("ivy's screen", isMedia(ids.ivy, "video", "m.screenshare")));
+    }
+  }
+  await Promise.all(waits);
+  const allMedia = Date.now() - t0;
+  for (const p of Object.values(started)) await p.quit();
+  return { peers: 3, all_media_ms: allMedia };
+}
+
 // ---- main --------------------------------------------------------------------
 
-const scenarios = { node: scenarioNode, e2e: scenarioE2e, browser: scenarioBrowser };
+const scenarios = { node: scenarioNode, e2e: scenarioE2e, browser: scenarioBrowser, mesh: scenarioMesh };
 let passed = 0;
 let failed = 0;
 try {
