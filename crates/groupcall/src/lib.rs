@@ -1,0 +1,11 @@
+//! groupcall: native Matrix group calls (MSC3401) in Rust.
+//!
+//! [`matrix`] is the Matrix transport: session, rooms and state, the sync
+//! loop, to-device messaging and MSC4140 delayed events.
+
+// matrix-sdk's deeply nested futures overflow the default limit when the
+// sync loop is spawned (E0275).
+#![recursion_limit = "256"]
+#![warn(missing_docs)]
+
+pub mod matrix;

@@ -1,0 +1,344 @@
+//! The sync loop: long-polls `/sync` in a task and turns each response
+//! into ordered [`MatrixInput`]s on a channel, surviving homeserver
+//! outages with capped exponential backoff.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use matrix_sdk::config::{SyncSettings, SyncToken};
+use matrix_sdk::deserialized_responses::ProcessedToDeviceEvent;
+use matrix_sdk::ruma::api::error::ErrorKind;
+use matrix_sdk::sync::{State, SyncResponse, Timeline};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, trace, warn};
+
+use super::{MatrixError, MatrixSession};
+
+/// What the sync loop delivers, in the order the homeserver reported it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum MatrixInput {
+    /// A state event of a joined (or just left) room, from the sync's
+    /// `state` section or its timeline.
+    State {
+        /// The room.
+        room_id: String,
+        /// The full event JSON: `type`, `state_key`, `sender`,
+        /// `origin_server_ts`, `content`, `event_id`, `unsigned`, and
+        /// `room_id` (added if the sync format left it out).
+        event: Value,
+    },
+    /// A to-device event, decrypted if it came Olm-encrypted.
+    ToDevice {
+        /// The sending user.
+        sender: String,
+        /// The sending device, known only for Olm-decrypted events (from
+        /// the Olm session, not from the content).
+        sender_device: Option<String>,
+        /// The (decrypted) event type, e.g. `m.call.invite`.
+        event_type: String,
+        /// The (decrypted) content.
+        content: Value,
+        /// Whether the event arrived Olm-encrypted.
+        encrypted: bool,
+    },
+    /// A sync succeeded after the loop started (`first == true`) or after
+    /// an outage (`first == false`); everything before it in the channel
+    /// is caught up with the homeserver.
+    Synced {
+        /// Whether this was the loop's first successful sync.
+        first: bool,
+    },
+    /// Syncing failed; the loop retries with backoff unless `fatal`.
+    /// Sent once per outage.
+    Disconnected {
+        /// What went wrong.
+        error: String,
+        /// The loop gave up (e.g. the access token was revoked).
+        fatal: bool,
+    },
+}
+
+/// Settings of [`MatrixSession::start_sync`].
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// Long-poll timeout of each `/sync`.
+    pub timeout: Duration,
+    /// First retry delay after a failed sync.
+    pub min_backoff: Duration,
+    /// Cap of the exponential retry delay.
+    pub max_backoff: Duration,
+    /// Capacity of the channel; the loop waits when it is full.
+    pub channel_capacity: usize,
+    /// Start with a full initial sync (no stored `since` token), so that
+    /// the channel first carries the whole current state of every joined
+    /// room. With `false`, a restored session continues where its last
+    /// sync stopped and only changes arrive.
+    pub from_scratch: bool,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            timeout: Duration::from_secs(30),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            channel_capacity: 1024,
+            from_scratch: true,
+        }
+    }
+}
+
+/// The running sync task. Dropping the handle stops the loop.
+#[derive(Debug)]
+pub struct SyncHandle {
+    task: JoinHandle<()>,
+}
+
+impl SyncHandle {
+    /// Stops the loop.
+    pub fn stop(self) {
+        self.task.abort();
+    }
+
+    /// Whether the loop has ended (receiver dropped, fatal error, stop).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for SyncHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// To-device types that are the crypto layer's business, not ours.
+const CRYPTO_INTERNAL: &[&str] = &[
+    "m.room_key",
+    "m.room_key_request",
+    "m.room_key.withheld",
+    "m.forwarded_room_key",
+    "m.secret.request",
+    "m.secret.send",
+    "m.dummy",
+];
+
+impl MatrixSession {
+    /// Spawns the sync loop on the current tokio runtime and returns its
+    /// handle and the channel of inputs.
+    ///
+    /// Within one sync response, room state comes first (per room: the
+    /// `state` section, then the timeline's state events in order), then
+    /// to-device events in the order the homeserver sent them.
+    pub fn start_sync(&self, options: SyncOptions) -> (SyncHandle, mpsc::Receiver<MatrixInput>) {
+        let (tx, rx) = mpsc::channel(options.channel_capacity.max(1));
+        let session = self.clone();
+        let task = tokio::spawn(async move { session.sync_loop(options, tx).await });
+        (SyncHandle { task }, rx)
+    }
+
+    async fn sync_loop(self, options: SyncOptions, tx: mpsc::Sender<MatrixInput>) {
+        let mut token: Option<String> = None;
+        let mut backoff = options.min_backoff;
+        let mut first = true;
+        let mut outage = false;
+        info!(user_id = %self.user_id, "sync loop started");
+        loop {
+            // Right after start or an outage, return at once so that
+            // `Synced` reports the (re)connection without a long poll.
+            let timeout = if first || outage {
+                Duration::ZERO
+            } else {
+                options.timeout
+            };
+            let mut settings = SyncSettings::new().timeout(timeout);
+            settings = match &token {
+                Some(t) => settings.token(t.clone()),
+                None if options.from_scratch => settings.token(SyncToken::NoToken),
+                None => settings,
+            };
+            match self.client.sync_once(settings).await {
+                Ok(response) => {
+                    token = Some(response.next_batch.clone());
+                    backoff = options.min_backoff;
+                    if outage {
+                        info!(user_id = %self.user_id, "sync recovered");
+                    }
+                    if deliver(&tx, response).await.is_err() {
+                        break;
+                    }
+                    if (first || outage) && tx.send(MatrixInput::Synced { first }).await.is_err() {
+                        break;
+                    }
+                    first = false;
+                    outage = false;
+                }
+                Err(e) => {
+                    let fatal =
+                        matches!(e.client_api_error_kind(), Some(ErrorKind::UnknownToken(_)));
+                    let err = MatrixError::sdk("syncing", e);
+                    if fatal {
+                        error!(user_id = %self.user_id, error = %err, "sync stopped: access token no longer valid");
+                        let _ = tx
+                            .send(MatrixInput::Disconnected {
+                                error: err.to_string(),
+                                fatal: true,
+                            })
+                            .await;
+                        break;
+                    }
+                    if !outage {
+                        warn!(user_id = %self.user_id, error = %err, "sync failed; retrying with backoff");
+                        outage = true;
+                        let sent = tx
+                            .send(MatrixInput::Disconnected {
+                                error: err.to_string(),
+                                fatal: false,
+                            })
+                            .await;
+                        if sent.is_err() {
+                            break;
+                        }
+                    } else {
+                        debug!(error = %err, ?backoff, "sync still failing");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(options.max_backoff);
+                }
+            }
+        }
+        info!(user_id = %self.user_id, "sync loop ended");
+    }
+}
+
+/// Sends the inputs of one sync response; `Err` when the receiver is gone.
+async fn deliver(tx: &mpsc::Sender<MatrixInput>, response: SyncResponse) -> Result<(), ()> {
+    let SyncResponse {
+        rooms, to_device, ..
+    } = response;
+    let joined = rooms
+        .joined
+        .into_iter()
+        .map(|(id, r)| (id, r.state, r.timeline));
+    let left = rooms
+        .left
+        .into_iter()
+        .map(|(id, r)| (id, r.state, r.timeline));
+    for (room_id, state, timeline) in joined.chain(left) {
+        for event in room_state_events(room_id.as_str(), state, timeline) {
+            tx.send(MatrixInput::State {
+                room_id: room_id.to_string(),
+                event,
+            })
+            .await
+            .map_err(|_| ())?;
+        }
+    }
+    for ev in to_device {
+        if let Some(input) = to_device_input(ev) {
+            tx.send(input).await.map_err(|_| ())?;
+        }
+    }
+    Ok(())
+}
+
+/// The room's state events in order: the `state` section (minus events the
+/// timeline repeats) then the timeline's state events.
+fn room_state_events(room_id: &str, state: State, timeline: Timeline) -> Vec<Value> {
+    let timeline_state: Vec<Value> = timeline
+        .events
+        .iter()
+        .filter_map(|ev| ev.raw().deserialize_as::<Value>().ok())
+        .filter(|v| v.get("state_key").is_some())
+        .collect();
+    let in_timeline: HashSet<&str> = timeline_state
+        .iter()
+        .filter_map(|v| v.get("event_id").and_then(Value::as_str))
+        .collect();
+    let section = match state {
+        State::Before(events) | State::After(events) => events,
+    };
+    let mut out: Vec<Value> = section
+        .iter()
+        .filter_map(|raw| raw.deserialize_as::<Value>().ok())
+        .filter(|v| {
+            v.get("event_id")
+                .and_then(Value::as_str)
+                .is_none_or(|id| !in_timeline.contains(id))
+        })
+        .collect();
+    out.extend(timeline_state.iter().cloned());
+    for v in &mut out {
+        if let Some(obj) = v.as_object_mut() {
+            obj.entry("room_id")
+                .or_insert_with(|| Value::String(room_id.to_owned()));
+        }
+    }
+    out
+}
+
+fn to_device_input(ev: ProcessedToDeviceEvent) -> Option<MatrixInput> {
+    let (raw, info) = match ev {
+        ProcessedToDeviceEvent::Decrypted {
+            raw,
+            encryption_info,
+        } => (raw, Some(encryption_info)),
+        ProcessedToDeviceEvent::PlainText(raw) => (raw, None),
+        ProcessedToDeviceEvent::UnableToDecrypt {
+            encrypted_event,
+            utd_info,
+        } => {
+            let sender = encrypted_event
+                .get_field::<String>("sender")
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            warn!(sender, reason = ?utd_info, "dropping a to-device event we could not decrypt");
+            return None;
+        }
+        ProcessedToDeviceEvent::Invalid(raw) => {
+            debug!(event = %raw.json().get(), "dropping an invalid to-device event");
+            return None;
+        }
+    };
+    let mut value = match raw.deserialize_as::<Value>() {
+        Ok(v) => v,
+        Err(e) => {
+            debug!(error = %e, "dropping an unparsable to-device event");
+            return None;
+        }
+    };
+    let event_type = value.get("type").and_then(Value::as_str)?.to_owned();
+    if CRYPTO_INTERNAL.contains(&event_type.as_str()) {
+        trace!(event_type, "skipping crypto-internal to-device event");
+        return None;
+    }
+    let content = value
+        .get_mut("content")
+        .map(Value::take)
+        .unwrap_or(Value::Object(Default::default()));
+    let raw_sender = value
+        .get("sender")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    Some(match info {
+        Some(info) => MatrixInput::ToDevice {
+            sender: info.sender.to_string(),
+            sender_device: info.sender_device.map(|d| d.to_string()),
+            event_type,
+            content,
+            encrypted: true,
+        },
+        None => MatrixInput::ToDevice {
+            sender: raw_sender,
+            sender_device: None,
+            event_type,
+            content,
+            encrypted: false,
+        },
+    })
+}
