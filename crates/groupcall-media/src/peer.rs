@@ -814,8 +814,9 @@ impl Driver {
                     }
                     Poll::Pending
                 });
+                // Unbiased: neither a flood of commands nor of datagrams can
+                // starve the other branches.
                 tokio::select! {
-                    biased;
                     c = self.cmd_rx.recv() => Wake::Command(c),
                     (i, r) = recv => Wake::Packet(i, r),
                     _ = tokio::time::sleep_until(deadline.into()) => Wake::Timer,
@@ -1811,10 +1812,26 @@ impl Driver {
             owned = format!("candidate:{s}");
             owned.as_str()
         };
-        let c = Candidate::from_sdp_string(s).map_err(|e| MediaError::BadCandidate {
-            candidate: cand.to_string(),
-            reason: e.to_string(),
-        })?;
+        let c = match Candidate::from_sdp_string(s) {
+            Ok(c) => c,
+            // mDNS host names (browsers hide local IPs this way) cannot be
+            // resolved here; the remote's checks to our candidates still
+            // reveal its address as a peer-reflexive candidate.
+            Err(_)
+                if s.split_whitespace()
+                    .nth(4)
+                    .is_some_and(|a| a.ends_with(".local")) =>
+            {
+                debug!(candidate = s, "ignoring mDNS candidate");
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(MediaError::BadCandidate {
+                    candidate: cand.to_string(),
+                    reason: e.to_string(),
+                });
+            }
+        };
         debug!(candidate = %c, "adding remote candidate");
         self.rtc.add_remote_candidate(c);
         self.drain().await.map_err(rtc_err)

@@ -380,6 +380,14 @@ async fn bad_input_gives_errors() {
             Err(MediaError::BadCandidate { .. })
         ));
     }
+    // mDNS candidates are ignored, not refused.
+    a.add_remote_candidate(
+        "candidate:1 1 udp 2113937151 0a1b2c3d-1111-2222-3333-444455556666.local 54321 typ host",
+        Some("0"),
+        Some(0),
+    )
+    .await
+    .unwrap();
     let bad_feed = LocalFeed {
         stream_id: "has space".into(),
         ..audio_feed("x")
@@ -413,4 +421,28 @@ async fn bad_input_gives_errors() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(b.stats().await.unwrap().connected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unspecified_bind_address_expands_to_interfaces() {
+    init_tracing();
+    // Only binds and writes SDP: no traffic leaves the machine.
+    let cfg = PeerConfig {
+        bind_addrs: vec!["0.0.0.0".parse().unwrap()],
+        ..PeerConfig::default()
+    };
+    let (a, _ev) = MediaPeer::new(cfg).await.unwrap();
+    assert!(!a.local_addrs().is_empty());
+    for addr in a.local_addrs() {
+        assert!(!addr.ip().is_unspecified(), "{addr}");
+        assert_ne!(addr.port(), 0);
+    }
+    let offer = a.create_offer(&[audio_feed("s")]).await.unwrap();
+    for addr in a.local_addrs() {
+        assert!(
+            offer.contains(&format!(" {} {} typ host", addr.ip(), addr.port())),
+            "{addr} missing in\n{offer}"
+        );
+    }
+    a.close().await.unwrap();
 }
