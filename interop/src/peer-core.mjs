@@ -1,6 +1,6 @@
 // The reference peer: matrix-js-sdk's legacy GroupCall (MSC3401 full mesh),
 // shared by the Node peer and the browser page. Everything that differs
-// between the two (media capture, frame counting, exit) comes in through
+// between the two (frame counting, media cleanup) comes in through
 // `platform`; everything observable goes out through `emit(object)` as one
 // JSON line each.
 //
@@ -67,14 +67,12 @@ export async function startPeer({ sdk, opts, platform, emit }) {
   const rawSendToDevice = client.sendToDevice.bind(client);
   client.sendToDevice = (eventType, contentMap, txnId) => {
     if (!eventType.startsWith("m.call.")) return rawSendToDevice(eventType, contentMap, txnId);
-    for (const [userId, devices] of contentMap) {
+    for (const [userId, devices] of opts.logSignalling ? contentMap : []) {
       for (const [deviceId, content] of devices) {
-        if (opts.logSignalling) {
-          emit({
-            event: "signalling", direction: "out", type: eventType,
-            to_user: userId, to_device: deviceId, encrypted: !!encryptor, content,
-          });
-        }
+        emit({
+          event: "signalling", direction: "out", type: eventType,
+          to_user: userId, to_device: deviceId, encrypted: !!encryptor, content,
+        });
       }
     }
     const send = encryptor
