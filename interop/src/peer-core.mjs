@@ -131,6 +131,12 @@ export async function startPeer({ sdk, opts, platform, emit }) {
     audio_muted: feed.isAudioMuted(), video_muted: feed.isVideoMuted(),
   });
 
+  // Start counting on every track of the feed not counted yet.
+  const countTracks = (feed, entry) => {
+    for (const t of feed.stream.getTracks()) {
+      if (!entry.counters.has(t.id)) entry.counters.set(t.id, { kind: t.kind, ...platform.countFrames(t, feed) });
+    }
+  };
   const syncFeeds = () => {
     const current = [...groupCall.userMediaFeeds, ...groupCall.screenshareFeeds].filter((f) => !f.isLocal());
     for (const [feed, entry] of feeds) {
@@ -145,6 +151,7 @@ export async function startPeer({ sdk, opts, platform, emit }) {
       const entry = { counters: new Map(), last: new Map(), onMute: () => emit({ event: "feed_muted", ...feedInfo(feed) }) };
       feed.on(CallFeedEvent.MuteStateChanged, entry.onMute);
       feeds.set(feed, entry);
+      countTracks(feed, entry);
       emit({ event: "feed_added", ...feedInfo(feed) });
     }
   };
@@ -198,9 +205,7 @@ export async function startPeer({ sdk, opts, platform, emit }) {
   }, 1000);
   const reportMedia = async () => {
     for (const [feed, entry] of feeds) {
-      for (const t of feed.stream.getTracks()) {
-        if (!entry.counters.has(t.id)) entry.counters.set(t.id, { kind: t.kind, ...platform.countFrames(t, feed) });
-      }
+      countTracks(feed, entry); // tracks can join a feed's stream later
       for (const [id, counter] of entry.counters) {
         const frames = await counter.read();
         const previous = entry.last.get(id) ?? 0;
