@@ -446,3 +446,36 @@ async fn unspecified_bind_address_expands_to_interfaces() {
     }
     a.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_connecting_reports_failed() {
+    init_tracing();
+    let cfg = PeerConfig {
+        failed_timeout: Duration::from_millis(1500),
+        ..PeerConfig::default()
+    };
+    let (a, mut a_ev) = MediaPeer::new(cfg.clone()).await.unwrap();
+    let (b, _b_ev) = MediaPeer::new(cfg).await.unwrap();
+    let (a_addr, b_addr) = (a.local_addrs()[0], b.local_addrs()[0]);
+    let p = proxy(a_addr, b_addr).await;
+    p.cut.store(true, Ordering::Relaxed);
+    let offer = a.create_offer(&[audio_feed("sa")]).await.unwrap();
+    let answer = b
+        .accept_offer(&retarget(&offer, a_addr, p.pb), &[])
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    a.apply_answer(&retarget(&answer, b_addr, p.pa))
+        .await
+        .unwrap();
+    let ev = until(&mut a_ev, "A failed", |e| {
+        matches!(e, PeerEvent::Failed | PeerEvent::Connected)
+    })
+    .await;
+    assert!(matches!(ev, PeerEvent::Failed), "{ev:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t0.elapsed()
+    );
+}
