@@ -408,7 +408,7 @@ async fn delayed_state_events() {
     let t0 = Instant::now();
     let id = alice
         .session
-        .schedule_delayed_state(&room, CALL_MEMBER_EVENT_TYPE, key, hangup.clone(), 1500)
+        .schedule_delayed_state(&room, CALL_MEMBER_EVENT_TYPE, key, hangup.clone(), 2000)
         .await
         .unwrap();
     let listed = alice.session.delayed_events().await.unwrap();
@@ -417,10 +417,10 @@ async fn delayed_state_events() {
         "{listed:?}"
     );
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
         alice.session.restart_delayed(&id).await.unwrap();
     }
-    // 2.1 s have passed: without the restarts it would have fired.
+    // 2.4 s have passed: without the restarts it would have fired.
     wait_for(&mut alice.rx, Duration::from_secs(10), |i| {
         is_member_state_with(i, &room, key, &empty)
     })
@@ -428,7 +428,7 @@ async fn delayed_state_events() {
     let fired_after = t0.elapsed();
     eprintln!("delayed event fired after {fired_after:?}");
     assert!(
-        fired_after >= Duration::from_millis(3500),
+        fired_after >= Duration::from_millis(4400),
         "{fired_after:?}"
     );
     // Once sent, it is gone.
@@ -458,12 +458,12 @@ async fn delayed_state_events() {
     .await;
     let id = alice
         .session
-        .schedule_delayed_state(&room, CALL_MEMBER_EVENT_TYPE, key, hangup.clone(), 800)
+        .schedule_delayed_state(&room, CALL_MEMBER_EVENT_TYPE, key, hangup.clone(), 1500)
         .await
         .unwrap();
     alice.session.cancel_delayed(&id).await.unwrap();
     assert!(
-        !arrives_within(&mut alice.rx, Duration::from_millis(2500), |i| {
+        !arrives_within(&mut alice.rx, Duration::from_millis(3000), |i| {
             is_member_state_with(i, &room, key, &empty)
         })
         .await,

@@ -342,3 +342,87 @@ fn to_device_input(ev: ProcessedToDeviceEvent) -> Option<MatrixInput> {
         },
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use matrix_sdk::deserialized_responses::TimelineEvent;
+    use matrix_sdk::ruma::serde::Raw;
+    use serde_json::json;
+
+    use super::*;
+
+    fn state(id: &str, ty: &str, key: &str) -> Value {
+        json!({
+            "type": ty, "state_key": key, "event_id": id, "sender": "@a:x",
+            "origin_server_ts": 1, "content": {},
+        })
+    }
+
+    fn timeline(events: &[Value]) -> Timeline {
+        Timeline {
+            events: events
+                .iter()
+                .map(|e| TimelineEvent::from_plaintext(Raw::new(e).unwrap().cast_unchecked()))
+                .collect(),
+            ..Timeline::default()
+        }
+    }
+
+    #[test]
+    fn state_section_first_then_timeline_without_duplicates() {
+        let s1 = state("$1", "m.room.member", "@a:x");
+        let s2 = state("$2", CALL_MEMBER, "@a:x");
+        let message = json!({
+            "type": "m.room.message", "event_id": "$3", "sender": "@a:x",
+            "origin_server_ts": 2, "content": { "body": "hi" },
+        });
+        let s4 = state("$4", CALL_MEMBER, "@b:x");
+        let section = vec![
+            Raw::new(&s1).unwrap().cast_unchecked(),
+            // state_after repeats the timeline's final state: skipped.
+            Raw::new(&s4).unwrap().cast_unchecked(),
+        ];
+        let out = room_state_events(
+            "!r:x",
+            State::After(section),
+            timeline(&[s2.clone(), message, s4.clone()]),
+        );
+        let ids: Vec<&str> = out
+            .iter()
+            .map(|v| v["event_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["$1", "$2", "$4"]);
+        assert!(out.iter().all(|v| v["room_id"] == "!r:x"));
+    }
+
+    const CALL_MEMBER: &str = "org.matrix.msc3401.call.member";
+
+    #[test]
+    fn plaintext_to_device_keeps_sender_and_content() {
+        let raw = Raw::new(&json!({
+            "type": "m.call.invite", "sender": "@a:x", "content": { "call_id": "c" },
+        }))
+        .unwrap()
+        .cast_unchecked();
+        let input = to_device_input(ProcessedToDeviceEvent::PlainText(raw)).unwrap();
+        assert_eq!(
+            input,
+            MatrixInput::ToDevice {
+                sender: "@a:x".to_owned(),
+                sender_device: None,
+                event_type: "m.call.invite".to_owned(),
+                content: json!({ "call_id": "c" }),
+                encrypted: false,
+            }
+        );
+    }
+
+    #[test]
+    fn crypto_internal_to_device_is_skipped() {
+        let raw = Raw::new(&json!({ "type": "m.dummy", "sender": "@a:x", "content": {} }))
+            .unwrap()
+            .cast_unchecked();
+        assert!(to_device_input(ProcessedToDeviceEvent::PlainText(raw)).is_none());
+    }
+}
