@@ -8,7 +8,9 @@
 //!
 //! It sends the built-in tone and test pattern as stream `rust-stream`,
 //! prints `EVENT ...` lines, and after SECONDS (default 8) a `STATS ...` line
-//! per remote track, then exits.
+//! per remote track, then exits. With `SCREENSHARE=1` it also renegotiates:
+//! after 3 s it offers a screenshare stream `rust-screen` (printing the offer
+//! + "END" and reading the answer), and after 6 s an offer without it.
 
 use std::io::BufRead;
 use std::time::Duration;
@@ -58,10 +60,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{}END", answer.replace("\r\n", "\n"));
     }
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, events.recv()).await {
-        if !matches!(ev, PeerEvent::Frame(_)) {
-            println!("EVENT {ev:?}");
+    let start = tokio::time::Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let screenshare = std::env::var("SCREENSHARE").is_ok_and(|v| v == "1");
+    let screen = LocalFeed::screenshare("rust-screen");
+    let mut steps: Vec<(u64, Vec<LocalFeed>)> = if screenshare {
+        peer.set_source("rust-screen-video", IvfSource::test_pattern()?)?;
+        vec![(6, vec![feed.clone()]), (3, vec![feed.clone(), screen])]
+    } else {
+        vec![]
+    };
+    loop {
+        let next = steps
+            .last()
+            .map(|(at, _)| start + Duration::from_secs(*at))
+            .unwrap_or(deadline)
+            .min(deadline);
+        match tokio::time::timeout_at(next, events.recv()).await {
+            Ok(Some(PeerEvent::Frame(_))) => {}
+            Ok(Some(ev)) => println!("EVENT {ev:?}"),
+            Ok(None) => break,
+            Err(_) => {
+                let Some((_, feeds)) = steps.pop() else { break };
+                let offer = peer.create_offer(&feeds).await?;
+                println!("{}END", offer.replace("\r\n", "\n"));
+                let answer = tokio::task::spawn_blocking(read_sdp).await?;
+                peer.apply_answer(&answer).await?;
+                println!("EVENT renegotiated with {} feeds", feeds.len());
+            }
         }
     }
     let stats = peer.stats().await?;

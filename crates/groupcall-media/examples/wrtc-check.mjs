@@ -35,11 +35,14 @@ const frame = new Uint8ClampedArray(320 * 240 * 1.5);
 let n = 0;
 const vi = setInterval(() => { frame.fill((n++ * 7) % 255, 0, 320 * 240); vSrc.onFrame({ width: 320, height: 240, data: frame }); }, 66);
 
-const counts = { audio: 0, video: 0, size: null, tracks: [] };
+const counts = { audio: 0, video: 0, size: null, tracks: [], per: {} };
 pc.ontrack = (e) => {
-  counts.tracks.push(`${e.streams[0]?.id} ${e.track.kind}`);
+  const sid = e.streams[0]?.id;
+  counts.tracks.push(`${sid} ${e.track.kind}`);
+  console.log("node ontrack", sid, e.track.kind);
+  if (e.streams[0]) e.streams[0].onremovetrack = (ev) => { console.log("node removetrack", sid, ev.track.kind); counts.removed = (counts.removed || []).concat(sid); };
   if (e.track.kind === "audio") { const s = new RTCAudioSink(e.track); s.ondata = () => counts.audio++; }
-  else { const s = new RTCVideoSink(e.track); s.onframe = ({ frame }) => { counts.video++; counts.size = `${frame.width}x${frame.height}`; }; }
+  else { const s = new RTCVideoSink(e.track); s.onframe = ({ frame }) => { counts.video++; counts.size = `${frame.width}x${frame.height}`; counts.per[sid] = (counts.per[sid] || 0) + 1; }; }
 };
 pc.onconnectionstatechange = () => console.log("node state", pc.connectionState);
 const gathered = () => new Promise((r) => { if (pc.iceGatheringState === "complete") r(); pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && r(); setTimeout(r, 2000); });
@@ -55,6 +58,17 @@ if (mode === "answer") {
   const answer = await pc.createAnswer(); await pc.setLocalDescription(answer); await gathered();
   child.stdin.write(pc.localDescription.sdp + "\nEND\n");
 }
+// Later SDPs from the Rust side are renegotiation offers.
+(async () => {
+  for (;;) {
+    const offer = await nextSdp();
+    await pc.setRemoteDescription({ type: "offer", sdp: offer });
+    const answer = await pc.createAnswer(); await pc.setLocalDescription(answer);
+    child.stdin.write(pc.localDescription.sdp + "\nEND\n");
+    console.log("node answered a renegotiation; receivers:",
+      pc.getTransceivers().map((t) => `${t.mid}:${t.currentDirection}`).join(" "));
+  }
+})();
 const t0 = Date.now();
-setTimeout(() => { console.log("node received after", (Date.now() - t0) / 1000, "s:", JSON.stringify(counts)); }, 6000);
+setTimeout(() => { console.log("node received after", (Date.now() - t0) / 1000, "s:", JSON.stringify(counts)); }, 7500);
 child.on("exit", () => { clearInterval(ai); clearInterval(vi); setTimeout(() => process.exit(0), 200); });

@@ -172,14 +172,23 @@ pub(crate) fn rewrite_local(sdp: &str, plan: &HashMap<String, LinePlan>) -> Stri
                     }
                     continue;
                 }
-                if let Some(v) = attr.strip_prefix("ssrc:")
-                    && let Some((ssrc, rest)) = v.split_once(' ')
-                    && rest.starts_with("msid:")
-                {
-                    if let (Some(m), false) = (&msid_value, disabled) {
-                        out.push(format!("a=ssrc:{ssrc} msid:{m}"));
-                    }
+                // Nothing is sent on a line without a track: no SSRCs either
+                // (libwebrtc refuses SSRC lines it cannot tie to one track).
+                let sends = msid_value.is_some() && !disabled;
+                if attr.starts_with("ssrc-group:") && !sends {
                     continue;
+                }
+                if let Some(v) = attr.strip_prefix("ssrc:") {
+                    if !sends {
+                        continue;
+                    }
+                    if let Some((ssrc, rest)) = v.split_once(' ')
+                        && rest.starts_with("msid:")
+                        && let Some(m) = &msid_value
+                    {
+                        out.push(format!("a=ssrc:{ssrc} msid:{m}"));
+                        continue;
+                    }
                 }
             }
             out.push((*l).to_string());
@@ -247,6 +256,7 @@ a=group:BUNDLE 0 1\r\na=msid-semantic: WMS remote\r\n\
 m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\na=msid:remote rtrack\r\n\
 a=ssrc:11 cname:x\r\na=ssrc:11 msid:remote rtrack\r\n\
 m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendrecv\r\na=msid:remote vtrack\r\n\
+a=ssrc:21 cname:y\r\na=ssrc:22 cname:y\r\na=ssrc-group:FID 21 22\r\n\
 m=video 0 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=inactive\r\n";
 
     #[test]
@@ -286,6 +296,7 @@ m=video 0 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=inactive\r\n";
         assert!(out.contains("a=msid:mine a1\r\n"));
         assert!(out.contains("a=ssrc:11 msid:mine a1\r\n"));
         assert!(!out.contains("remote"));
+        assert_eq!(out.matches("a=ssrc:").count(), 2);
         let s = parse_sections(&out);
         assert_eq!(s[1].direction, Direction::RecvOnly);
         assert_eq!(s[1].msid, None);
