@@ -1,33 +1,53 @@
 //! A media peer driven over stdin/stdout, to try the crate against another
-//! WebRTC stack (e.g. libwebrtc in Node) by hand.
+//! WebRTC stack (e.g. libwebrtc in Node, see `wrtc-check.mjs`) by hand.
 //!
 //! ```text
-//! sdp_stdio answer [SECONDS]   read an offer (ended by a line "END"), print the answer + "END"
-//! sdp_stdio offer  [SECONDS]   print an offer + "END", read the answer (ended by "END")
+//! sdp_stdio answer [SECONDS]   wait for the other side's offer
+//! sdp_stdio offer  [SECONDS]   make the first offer
 //! ```
 //!
-//! It sends the built-in tone and test pattern as stream `rust-stream`,
-//! prints `EVENT ...` lines, and after SECONDS (default 8) a `STATS ...` line
-//! per remote track, then exits. With `SCREENSHARE=1` it also renegotiates:
-//! after 3 s it offers a screenshare stream `rust-screen` (printing the offer
-//! + "END" and reading the answer), and after 6 s an offer without it.
+//! Messages both ways are a line `OFFER` or `ANSWER`, the SDP, and a line
+//! `END`; offers may come at any time (renegotiation). The peer sends the
+//! built-in tone and test pattern as stream `rust-stream`, prints
+//! `EVENT ...` lines, and after SECONDS (default 8) a `STATS ...` line per
+//! track, then exits. With `SCREENSHARE=1` it also offers a screenshare
+//! stream `rust-screen` after 3 s and an offer without it after 6 s.
 
 use std::io::BufRead;
 use std::time::Duration;
 
 use groupcall_media::{IvfSource, LocalFeed, MediaPeer, OggOpusSource, PeerConfig, PeerEvent};
+use tokio::sync::mpsc;
 
-fn read_sdp() -> String {
-    let mut sdp = String::new();
-    for line in std::io::stdin().lock().lines() {
-        let Ok(line) = line else { break };
-        if line.trim() == "END" {
-            break;
+fn send(kind: &str, sdp: &str) {
+    println!("{kind}\n{}END", sdp.replace("\r\n", "\n"));
+}
+
+/// Reads `OFFER`/`ANSWER` messages from stdin on a thread.
+fn stdin_messages() -> mpsc::UnboundedReceiver<(String, String)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        let mut kind: Option<String> = None;
+        let mut sdp = String::new();
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            let line = line.trim_end();
+            match (&kind, line) {
+                (None, "OFFER" | "ANSWER") => kind = Some(line.to_string()),
+                (None, _) => {}
+                (Some(_), "END") => {
+                    if let Some(k) = kind.take() {
+                        let _ = tx.send((k, std::mem::take(&mut sdp)));
+                    }
+                }
+                (Some(_), l) => {
+                    sdp.push_str(l);
+                    sdp.push_str("\r\n");
+                }
+            }
         }
-        sdp.push_str(line.trim_end());
-        sdp.push_str("\r\n");
-    }
-    sdp
+    });
+    rx
 }
 
 #[tokio::main]
@@ -43,60 +63,62 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let secs: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(8);
 
     let (peer, mut events) = MediaPeer::new(PeerConfig::default()).await?;
-    let feed = LocalFeed::usermedia("rust-stream");
+    let usermedia = LocalFeed::usermedia("rust-stream");
     peer.set_source("rust-stream-audio", OggOpusSource::tone())?;
     peer.set_source("rust-stream-video", IvfSource::test_pattern()?)?;
+    let mut feeds = vec![usermedia.clone()];
+    let mut incoming = stdin_messages();
 
     if mode == "offer" {
-        let offer = peer.create_offer(std::slice::from_ref(&feed)).await?;
-        println!("{}END", offer.replace("\r\n", "\n"));
-        let answer = tokio::task::spawn_blocking(read_sdp).await?;
-        peer.apply_answer(&answer).await?;
-    } else {
-        let offer = tokio::task::spawn_blocking(read_sdp).await?;
-        let answer = peer
-            .accept_offer(&offer, std::slice::from_ref(&feed))
-            .await?;
-        println!("{}END", answer.replace("\r\n", "\n"));
+        send("OFFER", &peer.create_offer(&feeds).await?);
     }
-
     let start = tokio::time::Instant::now();
     let deadline = start + Duration::from_secs(secs);
-    let screenshare = std::env::var("SCREENSHARE").is_ok_and(|v| v == "1");
-    let screen = LocalFeed::screenshare("rust-screen");
-    let mut steps: Vec<(u64, Vec<LocalFeed>)> = if screenshare {
+    let mut steps: Vec<(u64, Vec<LocalFeed>)> = Vec::new();
+    if std::env::var("SCREENSHARE").is_ok_and(|v| v == "1") {
         peer.set_source("rust-screen-video", IvfSource::test_pattern()?)?;
-        vec![(6, vec![feed.clone()]), (3, vec![feed.clone(), screen])]
-    } else {
-        vec![]
-    };
+        steps = vec![
+            (6, vec![usermedia.clone()]),
+            (3, vec![usermedia, LocalFeed::screenshare("rust-screen")]),
+        ];
+    }
     loop {
         let next = steps
             .last()
             .map(|(at, _)| start + Duration::from_secs(*at))
             .unwrap_or(deadline)
             .min(deadline);
-        match tokio::time::timeout_at(next, events.recv()).await {
-            Ok(Some(PeerEvent::Frame(_))) => {}
-            Ok(Some(ev)) => println!("EVENT {ev:?}"),
-            Ok(None) => break,
-            Err(_) => {
-                let Some((_, feeds)) = steps.pop() else { break };
-                let offer = peer.create_offer(&feeds).await?;
-                println!("{}END", offer.replace("\r\n", "\n"));
-                let answer = tokio::task::spawn_blocking(read_sdp).await?;
-                peer.apply_answer(&answer).await?;
-                println!("EVENT renegotiated with {} feeds", feeds.len());
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(PeerEvent::Frame(_)) => {}
+                Some(ev) => println!("EVENT {ev:?}"),
+                None => break,
+            },
+            msg = incoming.recv() => match msg {
+                Some((kind, sdp)) if kind == "OFFER" => {
+                    send("ANSWER", &peer.accept_offer(&sdp, &feeds).await?);
+                }
+                Some((_, sdp)) => {
+                    peer.apply_answer(&sdp).await?;
+                    println!("EVENT applied answer ({} feeds)", feeds.len());
+                }
+                None => break,
+            },
+            _ = tokio::time::sleep_until(next) => {
+                let Some((_, f)) = steps.pop() else { break };
+                feeds = f;
+                send("OFFER", &peer.create_offer(&feeds).await?);
             }
         }
     }
     let stats = peer.stats().await?;
     for r in &stats.remote {
         println!(
-            "STATS remote {} {} {} frames={} bytes={} keyframes={}",
+            "STATS remote {} {} {} active={} frames={} bytes={} keyframes={}",
             r.stream_id,
             r.track_id,
             r.kind,
+            r.active,
             r.received.frames,
             r.received.bytes,
             r.received.keyframes
