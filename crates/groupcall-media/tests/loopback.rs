@@ -109,6 +109,8 @@ fn tmp(name: &str) -> PathBuf {
     dir.join(format!("{}-{name}", std::process::id()))
 }
 
+/// `Some(true)` if ffprobe sees an Opus/VP8 stream and ffmpeg decodes the
+/// whole file without an error message; `None` if ffmpeg is not installed.
 fn ffprobe_ok(path: &std::path::Path) -> Option<bool> {
     let out = std::process::Command::new("ffprobe")
         .args([
@@ -123,13 +125,21 @@ fn ffprobe_ok(path: &std::path::Path) -> Option<bool> {
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let probe_ok = out.status.success() && (text.contains("opus") || text.contains("vp8"));
+    let dec = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(path)
+        .args(["-f", "null", "-"])
+        .output()
+        .ok()?;
+    let errors = String::from_utf8_lossy(&dec.stderr).to_string();
     eprintln!(
-        "ffprobe {}: {} {}",
+        "ffprobe {}: {}; ffmpeg decode errors: {:?}",
         path.display(),
         text.trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
+        errors.trim()
     );
-    Some(out.status.success() && (text.contains("opus") || text.contains("vp8")))
+    Some(probe_ok && dec.status.success() && errors.trim().is_empty())
 }
 
 async fn start_sources(peer: &MediaPeer, stream: &str) {
