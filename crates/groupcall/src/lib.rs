@@ -8,4 +8,11 @@
 #![recursion_limit = "256"]
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod matrix;
+
+pub use client::{
+    AudioSource, CallHandle, ClientError, ClientEvent, JoinOptions, VideoSource, join_call,
+};
+pub use groupcall_media as media;
+pub use groupcall_proto as proto;
