@@ -1,0 +1,385 @@
+//! Command line arguments (their doc comments are the `--help` text) and
+//! what they turn into.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use groupcall::{AudioSource, VideoSource};
+use groupcall_proto::events::{CallIntent, CallType};
+
+/// Native Matrix group calls (MSC3401) from the command line.
+#[derive(Parser)]
+#[command(name = "groupcall", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// The subcommands.
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Join (or start) the group call of a Matrix room and send media.
+    ///
+    /// Prints a live view of the call (or JSON lines with --json) and reads
+    /// commands from stdin, one per line: `mute audio`, `unmute audio`,
+    /// `mute video`, `unmute video`, `screenshare on`, `screenshare off`,
+    /// `leave`. The end of stdin does not end the call: --duration, `leave`,
+    /// SIGINT or SIGTERM do, leaving cleanly (hang up, remove our membership).
+    Join(JoinArgs),
+    /// Run a throwaway local Synapse with users and a call room, until SIGINT
+    /// or SIGTERM.
+    ///
+    /// Prints one JSON line: {"event":"synapse","homeserver":URL,
+    /// "room_id":ID,"users":[...]}.
+    Synapse(SynapseArgs),
+}
+
+/// Arguments of `groupcall join`.
+#[derive(Args)]
+pub struct JoinArgs {
+    /// Homeserver base URL, e.g. https://matrix.example.org.
+    #[arg(long, value_name = "URL")]
+    pub homeserver: String,
+
+    /// User to log in as: a localpart (alice) or a full Matrix user id
+    /// (@alice:example.org).
+    #[arg(long, value_name = "NAME")]
+    pub user: String,
+
+    /// Password. Other local users can see command lines: prefer
+    /// --password-file or the GROUPCALL_PASSWORD environment variable.
+    #[arg(long, value_name = "PW", conflicts_with = "password_file")]
+    pub password: Option<String>,
+
+    /// Read the password from the first line of this file.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// Room id (!id:server) or alias (#alias:server); joined first if needed.
+    #[arg(long, value_name = "ROOM_ID_OR_ALIAS")]
+    pub room: String,
+
+    /// Start a call if the room has none (otherwise joining a room without a
+    /// call is an error).
+    #[arg(long)]
+    pub create_call: bool,
+
+    /// Intent of a call started with --create-call.
+    #[arg(long, value_enum, requires = "create_call")]
+    pub intent: Option<Intent>,
+
+    /// Voice call: a call started with --create-call is a voice call, and we
+    /// send no video.
+    #[arg(long, conflicts_with = "video")]
+    pub voice: bool,
+
+    /// Audio to send: `tone` (a built-in 440 Hz tone), an Ogg/Opus FILE
+    /// (looped), or `none`.
+    #[arg(long, value_name = "tone|FILE|none", default_value = "tone")]
+    pub audio: String,
+
+    /// Video to send: `pattern` (a built-in moving test pattern), an IVF/VP8
+    /// FILE (looped), or `none`. Default: pattern.
+    #[arg(long, value_name = "pattern|FILE|none")]
+    pub video: Option<String>,
+
+    /// Record every remote track into this directory (Ogg/Opus for audio,
+    /// IVF/VP8 for video), one file per device and stream.
+    #[arg(long, value_name = "DIR")]
+    pub record: Option<PathBuf>,
+
+    /// Leave the call after this many seconds (fractions allowed).
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Where the login session and the encryption keys are kept (the device is
+    /// reused across runs). Default:
+    /// $XDG_DATA_HOME/groupcall/<user>@<homeserver host>, or
+    /// ~/.local/share/groupcall/<user>@<homeserver host>.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Print one JSON object per line on stdout instead of the live view.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Local address for media (host candidates); repeatable. Default:
+    /// 127.0.0.1 only.
+    #[arg(long = "bind", value_name = "ADDR")]
+    pub bind: Vec<IpAddr>,
+
+    /// Refuse signalling that did not come Olm-encrypted.
+    #[arg(long, conflicts_with = "plaintext")]
+    pub require_encrypted: bool,
+
+    /// Send signalling as plaintext to-device messages (no Olm).
+    #[arg(long)]
+    pub plaintext: bool,
+}
+
+/// `m.intent` of a new call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Intent {
+    /// Members are prompted to join (a conference).
+    Prompt,
+    /// Members' devices ring.
+    Ring,
+    /// A voice/video room.
+    Room,
+}
+
+impl From<Intent> for CallIntent {
+    fn from(i: Intent) -> CallIntent {
+        match i {
+            Intent::Prompt => CallIntent::Prompt,
+            Intent::Ring => CallIntent::Ring,
+            Intent::Room => CallIntent::Room,
+        }
+    }
+}
+
+/// Arguments of `groupcall synapse`.
+#[derive(Args)]
+pub struct SynapseArgs {
+    /// A user to register, as NAME:PASSWORD; repeatable. The first one creates
+    /// the room and invites the others.
+    #[arg(long = "user", value_name = "NAME:PASSWORD", required = true, value_parser = parse_user_spec)]
+    pub users: Vec<UserSpec>,
+
+    /// Port on 127.0.0.1 (default: a free one).
+    #[arg(long)]
+    pub port: Option<u16>,
+
+    /// Keep Synapse's config, database and log in this directory (default: a
+    /// temporary directory, removed on exit).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Name of the call room.
+    #[arg(long, default_value = "groupcall")]
+    pub room_name: String,
+}
+
+/// A user of `groupcall synapse --user`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserSpec {
+    /// Localpart.
+    pub name: String,
+    /// Password.
+    pub password: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if secs <= 0.0 {
+        return Err("the duration must be positive".to_owned());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn parse_user_spec(s: &str) -> Result<UserSpec, String> {
+    match s.split_once(':') {
+        Some((name, password)) if !name.is_empty() && !password.is_empty() => Ok(UserSpec {
+            name: name.to_owned(),
+            password: password.to_owned(),
+        }),
+        _ => Err("expected NAME:PASSWORD".to_owned()),
+    }
+}
+
+impl JoinArgs {
+    /// The password from --password, --password-file or GROUPCALL_PASSWORD.
+    pub fn password(&self) -> anyhow::Result<String> {
+        if let Some(p) = &self.password {
+            return Ok(p.clone());
+        }
+        if let Some(f) = &self.password_file {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the password file {}", f.display()))?;
+            let line = text.lines().next().unwrap_or_default();
+            if line.is_empty() {
+                bail!("the password file {} is empty", f.display());
+            }
+            return Ok(line.to_owned());
+        }
+        match std::env::var("GROUPCALL_PASSWORD") {
+            Ok(p) if !p.is_empty() => Ok(p),
+            _ => bail!("no password: give --password, --password-file or set GROUPCALL_PASSWORD"),
+        }
+    }
+
+    /// Our audio source; a file must be readable Ogg/Opus.
+    pub fn audio_source(&self) -> anyhow::Result<AudioSource> {
+        Ok(match self.audio.as_str() {
+            "tone" => AudioSource::Tone,
+            "none" => AudioSource::None,
+            file => {
+                groupcall::media::OggOpusSource::open(file)
+                    .with_context(|| format!("cannot use audio file {file}"))?;
+                AudioSource::File(PathBuf::from(file))
+            }
+        })
+    }
+
+    /// Our video source; a file must be readable IVF/VP8.
+    pub fn video_source(&self) -> anyhow::Result<VideoSource> {
+        if self.voice {
+            return Ok(VideoSource::None);
+        }
+        Ok(match self.video.as_deref().unwrap_or("pattern") {
+            "pattern" => VideoSource::Pattern,
+            "none" => VideoSource::None,
+            file => {
+                groupcall::media::IvfSource::open(file)
+                    .with_context(|| format!("cannot use video file {file}"))?;
+                VideoSource::File(PathBuf::from(file))
+            }
+        })
+    }
+
+    /// Type of a call we create.
+    pub fn call_type(&self) -> CallType {
+        if self.voice {
+            CallType::Voice
+        } else {
+            CallType::Video
+        }
+    }
+
+    /// The data directory: given, or derived from user and homeserver.
+    pub fn data_dir(&self) -> anyhow::Result<PathBuf> {
+        if let Some(d) = &self.data_dir {
+            return Ok(d.clone());
+        }
+        let base = match std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+            Some(d) => PathBuf::from(d),
+            None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+                Some(h) => Path::new(&h).join(".local").join("share"),
+                None => bail!("no data directory: give --data-dir, or set XDG_DATA_HOME or HOME"),
+            },
+        };
+        Ok(base
+            .join("groupcall")
+            .join(account_dir_name(&self.user, &self.homeserver)))
+    }
+}
+
+/// `<localpart>@<host[:port]>`, safe as one path component.
+pub fn account_dir_name(user: &str, homeserver: &str) -> String {
+    let localpart = user
+        .strip_prefix('@')
+        .map(|u| u.split_once(':').map_or(u, |(l, _)| l))
+        .unwrap_or(user);
+    let host = homeserver
+        .split_once("://")
+        .map_or(homeserver, |(_, rest)| rest)
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.:=".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!("{}@{}", clean(localpart), clean(host))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join(extra: &[&str]) -> Result<JoinArgs, clap::Error> {
+        let mut argv = vec![
+            "groupcall",
+            "join",
+            "--homeserver",
+            "http://127.0.0.1:8008",
+            "--user",
+            "alice",
+            "--room",
+            "!r:localhost",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|c| match c.command {
+            Cmd::Join(a) => a,
+            Cmd::Synapse(_) => unreachable!(),
+        })
+    }
+
+    #[test]
+    fn data_dir_names() {
+        assert_eq!(
+            account_dir_name("alice", "http://127.0.0.1:8008/"),
+            "alice@127.0.0.1:8008"
+        );
+        assert_eq!(
+            account_dir_name("@alice:example.org", "https://matrix.example.org"),
+            "alice@matrix.example.org"
+        );
+        assert_eq!(account_dir_name("a/b", "x"), "a_b@x");
+    }
+
+    #[test]
+    fn flags() {
+        let a = join(&["--voice", "--create-call", "--intent", "ring"]).unwrap();
+        assert_eq!(a.video_source().unwrap(), VideoSource::None);
+        assert_eq!(a.call_type(), CallType::Voice);
+        assert_eq!(a.intent, Some(Intent::Ring));
+        let a = join(&["--bind", "127.0.0.1", "--bind", "::1", "--audio", "none"]).unwrap();
+        assert_eq!(a.bind.len(), 2);
+        assert_eq!(a.audio_source().unwrap(), AudioSource::None);
+        assert_eq!(a.video_source().unwrap(), VideoSource::Pattern);
+        assert!(join(&["--voice", "--video", "none"]).is_err());
+        assert!(join(&["--intent", "ring"]).is_err());
+        assert!(join(&["--plaintext", "--require-encrypted"]).is_err());
+        assert!(join(&["--password", "a", "--password-file", "f"]).is_err());
+        assert!(join(&["--bind", "nope"]).is_err());
+        assert!(join(&["--duration", "-1"]).is_err());
+        assert!(join(&["--duration", "inf"]).is_err());
+        assert_eq!(
+            join(&["--duration", "1.5"]).unwrap().duration,
+            Some(Duration::from_millis(1500))
+        );
+        assert!(
+            join(&["--audio", "/nonexistent.ogg"])
+                .unwrap()
+                .audio_source()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn password_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let a = join(&["--password-file", f.to_str().unwrap()]).unwrap();
+        assert_eq!(a.password().unwrap(), "s3cret");
+    }
+
+    #[test]
+    fn user_specs() {
+        assert_eq!(
+            parse_user_spec("bob:pw:x").unwrap(),
+            UserSpec {
+                name: "bob".into(),
+                password: "pw:x".into()
+            }
+        );
+        assert!(parse_user_spec("bob").is_err());
+        assert!(parse_user_spec(":pw").is_err());
+    }
+}

@@ -1,0 +1,103 @@
+//! Runtime commands read from stdin, one per line.
+
+use groupcall_proto::Command;
+use tokio::sync::mpsc;
+
+/// One line of stdin, understood.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Line {
+    /// Nothing to do (a blank line).
+    Empty,
+    /// A command for the call.
+    Call(Command),
+    /// Leave the call and exit.
+    Leave,
+}
+
+/// The commands, for help texts.
+pub const HELP: &str = "mute audio | unmute audio | mute video | unmute video | screenshare on | screenshare off | leave";
+
+/// Parses one line; an unknown line is an error message.
+pub fn parse(line: &str) -> Result<Line, String> {
+    let words: Vec<String> = line
+        .split_whitespace()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    Ok(match words.as_slice() {
+        [] => Line::Empty,
+        ["mute", "audio"] => Line::Call(Command::SetAudioMuted(true)),
+        ["unmute", "audio"] => Line::Call(Command::SetAudioMuted(false)),
+        ["mute", "video"] => Line::Call(Command::SetVideoMuted(true)),
+        ["unmute", "video"] => Line::Call(Command::SetVideoMuted(false)),
+        ["screenshare", "on"] => Line::Call(Command::Screenshare(true)),
+        ["screenshare", "off"] => Line::Call(Command::Screenshare(false)),
+        ["leave"] => Line::Leave,
+        _ => {
+            return Err(format!(
+                "unknown command `{}` (commands: {HELP})",
+                line.trim()
+            ));
+        }
+    })
+}
+
+/// Reads stdin lines on a plain thread (a blocked read must never hold up
+/// the exit) and sends them; the channel closes at the end of stdin.
+pub fn spawn_stdin_reader() -> mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let spawned = std::thread::Builder::new()
+        .name("stdin".to_owned())
+        .spawn(move || {
+            let stdin = std::io::stdin();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match stdin.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if tx.send(line.clone()).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot read commands from stdin: {e}");
+    }
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines() {
+        assert_eq!(parse("  \n"), Ok(Line::Empty));
+        assert_eq!(
+            parse("mute audio\n"),
+            Ok(Line::Call(Command::SetAudioMuted(true)))
+        );
+        assert_eq!(
+            parse("Unmute  Video"),
+            Ok(Line::Call(Command::SetVideoMuted(false)))
+        );
+        assert_eq!(
+            parse("screenshare on"),
+            Ok(Line::Call(Command::Screenshare(true)))
+        );
+        assert_eq!(
+            parse("screenshare off"),
+            Ok(Line::Call(Command::Screenshare(false)))
+        );
+        assert_eq!(parse("leave"), Ok(Line::Leave));
+        assert!(
+            parse("dance")
+                .unwrap_err()
+                .contains("unknown command `dance`")
+        );
+        assert!(parse("mute everything").is_err());
+    }
+}

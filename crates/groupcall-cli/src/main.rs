@@ -1,0 +1,173 @@
+//! `groupcall`: native Matrix group calls (MSC3401) from the command line.
+//!
+//! - `groupcall join`: log in, join (or start) a room's group call, send test
+//!   or file media, report what happens (a live view, or JSON lines with
+//!   `--json`), obey commands on stdin, leave cleanly on a signal.
+//! - `groupcall synapse`: a throwaway local Synapse with users and a call
+//!   room, for trying things out and for tests.
+
+// matrix-sdk's deeply nested futures overflow the default limit (E0275).
+#![recursion_limit = "256"]
+
+mod args;
+mod commands;
+mod join;
+mod output;
+mod synapse;
+mod view;
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::args::{Cli, Cmd};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(&e),
+    };
+    let live_view =
+        matches!(&cli.command, Cmd::Join(a) if !a.json) && std::io::stdout().is_terminal();
+    init_logging(live_view);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&anyhow::anyhow!("starting the async runtime: {e}")),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Cmd::Join(args) => join::run(args).await,
+            Cmd::Synapse(args) => synapse::run(args).await,
+        }
+    });
+    // Do not wait for tasks that are still blocked (stdin reader, HTTP).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    let _ = std::io::stdout().flush();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Prints one `error: ...` line and returns exit code 1.
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {}", chain_line(e));
+    ExitCode::from(1)
+}
+
+/// An error and its causes on one line, leaving out causes whose text an
+/// outer message already includes.
+fn chain_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    one_line(&msg)
+}
+
+/// Help and version go to stdout with exit code 0; usage errors become one
+/// `error: ...` line on stderr with exit code 2.
+fn clap_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(if e.use_stderr() { 2 } else { 0 })
+        }
+        _ => {
+            eprintln!("{} (see --help)", clap_one_line(&e.render().to_string()));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The part of clap's message before its tips and usage, on one line.
+fn clap_one_line(rendered: &str) -> String {
+    let head: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = one_line(&head.join(" "));
+    if line.starts_with("error:") {
+        line
+    } else {
+        format!("error: {line}")
+    }
+}
+
+/// Collapses whitespace runs (newlines included) into single spaces.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Logs go to stderr. `RUST_LOG` wins; the default is `info` for groupcall's
+/// crates and `warn` for the rest, or `warn` everywhere while the live view
+/// owns the terminal.
+fn init_logging(live_view: bool) {
+    let default = if live_view {
+        "warn"
+    } else {
+        "warn,groupcall=info,groupcall_proto=info,groupcall_media=info,groupcall_synapse=info"
+    };
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(s) if !s.trim().is_empty() => {
+            EnvFilter::try_new(&s).unwrap_or_else(|_| EnvFilter::new(default))
+        }
+        _ => EnvFilter::new(default),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        let rendered = "error: the following required arguments were not provided:\n  \
+                        --homeserver <URL>\n  --user <NAME>\n\nUsage: groupcall join \
+                        --homeserver <URL>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            clap_one_line(rendered),
+            "error: the following required arguments were not provided: --homeserver <URL> \
+             --user <NAME>"
+        );
+    }
+
+    #[test]
+    fn causes_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let e = anyhow::Error::new(io)
+            .context("reading x: gone")
+            .context("using\nx");
+        assert_eq!(chain_line(&e), "using x: reading x: gone");
+    }
+
+    #[test]
+    fn parse_errors_exit_2() {
+        let e = Cli::try_parse_from(["groupcall", "join", "--bogus"])
+            .err()
+            .expect("a bogus flag is refused");
+        assert_eq!(clap_error(&e), ExitCode::from(2));
+    }
+}

@@ -1,0 +1,515 @@
+//! Tests of the `groupcall` binary: usage errors, login and room errors
+//! against a real local Synapse, and a real call between two `groupcall
+//! join --json` processes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use groupcall_synapse::{Synapse, SynapseOptions};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_groupcall");
+
+/// The outcome of a finished run.
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    /// The `error: ...` lines of stderr.
+    fn errors(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .collect()
+    }
+
+    /// The single error line, which must contain every one of `words`.
+    fn assert_error(&self, code: i32, words: &[&str]) {
+        let errors = self.errors();
+        assert_eq!(
+            self.code,
+            Some(code),
+            "exit code; stderr:\n{}\nstdout:\n{}",
+            self.stderr,
+            self.stdout
+        );
+        assert_eq!(errors.len(), 1, "one error line; stderr:\n{}", self.stderr);
+        eprintln!("exit {code}: {}", errors[0]);
+        for w in words {
+            assert!(
+                errors[0].to_lowercase().contains(&w.to_lowercase()),
+                "`{w}` not in `{}`",
+                errors[0]
+            );
+        }
+        assert!(
+            !self.stderr.contains("panicked") && !self.stderr.contains("stack backtrace"),
+            "{}",
+            self.stderr
+        );
+    }
+}
+
+/// Runs the binary to its end (stdin closed), with a time limit.
+async fn run(args: &[&str]) -> Output {
+    let child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(90), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("groupcall {args:?} did not finish in 90 s"))
+        .unwrap();
+    Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn usage_errors() {
+    let out = run(&["join", "--bogus"]).await;
+    out.assert_error(2, &["--bogus"]);
+
+    let out = run(&["join", "--homeserver", "http://127.0.0.1:1"]).await;
+    out.assert_error(2, &["--user", "--room"]);
+
+    let out = run(&["fly"]).await;
+    out.assert_error(2, &["fly"]);
+
+    let out = run(&["synapse", "--user", "nopassword"]).await;
+    out.assert_error(2, &["NAME:PASSWORD"]);
+
+    let base = [
+        "join",
+        "--homeserver",
+        "http://127.0.0.1:1",
+        "--user",
+        "alice",
+        "--room",
+        "!r:localhost",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        base.iter().chain(extra).copied().collect()
+    };
+    let out = run(&with(&["--voice", "--video", "pattern"])).await;
+    out.assert_error(2, &["--voice"]);
+
+    let out = run(&with(&[])).await;
+    out.assert_error(1, &["password"]);
+
+    let out = run(&with(&["--password", "x", "--audio", "/nonexistent/a.ogg"])).await;
+    out.assert_error(1, &["audio", "/nonexistent/a.ogg"]);
+
+    let out = run(&with(&["--password", "x", "--video", "/nonexistent/v.ivf"])).await;
+    out.assert_error(1, &["video", "/nonexistent/v.ivf"]);
+
+    let out = run(&["join", "--help"]).await;
+    assert_eq!(out.code, Some(0));
+    assert!(out.stdout.contains("--create-call"), "{}", out.stdout);
+}
+
+/// Creates a room with `alice`'s access token, with this power-level
+/// override; `bob` may join (public room).
+async fn create_room(hs: &Synapse, token: &str, power_levels: Value) -> String {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let resp = http
+        .post(format!("{}/_matrix/client/v3/createRoom", hs.base_url()))
+        .bearer_auth(token)
+        .json(&json!({
+            "preset": "public_chat",
+            "power_level_content_override": power_levels,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let body: Value = resp.json().await.unwrap();
+    body["room_id"].as_str().unwrap().to_owned()
+}
+
+fn join_args<'a>(
+    hs: &'a str,
+    user: &'a str,
+    pw: &'a str,
+    room: &'a str,
+    dir: &'a Path,
+) -> Vec<String> {
+    [
+        "join",
+        "--homeserver",
+        hs,
+        "--user",
+        user,
+        "--password",
+        pw,
+        "--room",
+        room,
+        "--json",
+        "--data-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([dir.display().to_string()])
+    .collect()
+}
+
+async fn run_owned(args: Vec<String>) -> Output {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&refs).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_and_room_errors() {
+    let hs = Synapse::start(SynapseOptions::default()).await.unwrap();
+    let url = hs.base_url();
+    let alice = hs.register_user("alice", "alice-pw").await.unwrap();
+    hs.register_user("bob", "bob-pw").await.unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    let d = |name: &str| dirs.path().join(name);
+
+    // Only power level 100 may send call member events.
+    let forbidden = create_room(
+        &hs,
+        &alice.access_token,
+        json!({ "events": {
+            "org.matrix.msc3401.call.member": 100,
+            "m.call.member": 100,
+            "org.matrix.msc3401.call": 100,
+            "m.call": 100,
+        }}),
+    )
+    .await;
+    // Call events allowed, but no call.
+    let callless = create_room(
+        &hs,
+        &alice.access_token,
+        json!({ "events": {
+            "org.matrix.msc3401.call.member": 0,
+            "org.matrix.msc3401.call": 0,
+        }}),
+    )
+    .await;
+
+    let started = Instant::now();
+    let (wrong_pw, unknown_room, unknown_alias, not_permitted, no_call) = tokio::join!(
+        run_owned(join_args(&url, "alice", "wrong", &callless, &d("a1"))),
+        run_owned(join_args(
+            &url,
+            "@alice:localhost",
+            "alice-pw",
+            "!doesnotexist:localhost",
+            &d("a2")
+        )),
+        run_owned(join_args(
+            &url,
+            "alice",
+            "alice-pw",
+            "#nowhere:localhost",
+            &d("a3")
+        )),
+        run_owned(join_args(&url, "bob", "bob-pw", &forbidden, &d("b1"))),
+        run_owned(join_args(&url, "bob", "bob-pw", &callless, &d("b2"))),
+    );
+    eprintln!("five error runs took {:?}", started.elapsed());
+
+    wrong_pw.assert_error(1, &["password"]);
+    unknown_room.assert_error(1, &["!doesnotexist:localhost"]);
+    unknown_alias.assert_error(1, &["#nowhere:localhost"]);
+    not_permitted.assert_error(1, &["permission", "org.matrix.msc3401.call.member"]);
+    no_call.assert_error(1, &["--create-call"]);
+    for out in [
+        &wrong_pw,
+        &unknown_room,
+        &unknown_alias,
+        &not_permitted,
+        &no_call,
+    ] {
+        assert!(out.stdout.is_empty(), "stdout: {}", out.stdout);
+    }
+}
+
+/// A running `groupcall` process with its stdout lines as JSON.
+struct Proc {
+    name: String,
+    child: tokio::process::Child,
+    lines: mpsc::UnboundedReceiver<Value>,
+    seen: Vec<Value>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[String]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                "warn,groupcall=debug,groupcall_proto=debug,groupcall_media=info",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::unbounded_channel();
+        let stdout = child.stdout.take().unwrap();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = r.next_line().await {
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| json!({ "event": "NOT JSON", "line": line }));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let err = child.stderr.take().unwrap();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(err).lines();
+            while let Ok(Some(line)) = r.next_line().await {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Proc {
+            name: name.to_owned(),
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// Takes in every line that is there now.
+    fn poll(&mut self) {
+        while let Ok(v) = self.lines.try_recv() {
+            self.seen.push(v);
+        }
+    }
+
+    /// Waits for a line matching `pred`.
+    async fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(v)) => {
+                    self.seen.push(v.clone());
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Ok(None) => panic!("{} ended while waiting; {}", self.name, self.report()),
+                Err(_) => panic!("{} timed out waiting; {}", self.name, self.report()),
+            }
+        }
+    }
+
+    fn signal(&self, sig: Signal) {
+        if let Some(pid) = self.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), sig);
+        }
+    }
+
+    /// Waits for the exit and the rest of stdout.
+    async fn finish(&mut self, timeout: Duration) -> Option<i32> {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit; {}", self.name, self.report()))
+            .unwrap();
+        let rest = async {
+            while let Some(v) = self.lines.recv().await {
+                self.seen.push(v);
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), rest).await;
+        status.code()
+    }
+
+    /// Events seen (counted by type) and the end of stderr.
+    fn report(&self) -> String {
+        let mut counts = std::collections::BTreeMap::new();
+        for v in &self.seen {
+            *counts
+                .entry(v["event"].as_str().unwrap_or("?").to_owned())
+                .or_insert(0) += 1;
+        }
+        let interesting: Vec<String> = self
+            .seen
+            .iter()
+            .filter(|v| {
+                !matches!(
+                    v["event"].as_str(),
+                    Some("media" | "media_sent" | "signalling")
+                )
+            })
+            .map(Value::to_string)
+            .collect();
+        let stderr = self.stderr.lock().unwrap();
+        let tail: Vec<&str> = stderr.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "event counts {counts:?}\nevents:\n{}\nstderr tail:\n{}",
+            interesting.join("\n"),
+            tail.join("\n")
+        )
+    }
+}
+
+impl Drop for Proc {
+    /// A failed test still leaves cleanly: SIGTERM, a grace period, SIGKILL.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal(Signal::SIGTERM);
+            let until = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < until && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.start_kill();
+        }
+    }
+}
+
+/// Whether `p` has seen, from `other`: a connected peer and media frames of
+/// both kinds.
+fn call_is_up(p: &Proc, other: &str) -> bool {
+    let from_other = |v: &&Value| v["user_id"] == other;
+    let connected = p
+        .seen
+        .iter()
+        .filter(from_other)
+        .any(|v| v["event"] == "peer_state" && v["state"] == "connected");
+    let frames = |kind: &str| {
+        p.seen.iter().filter(from_other).any(|v| {
+            v["event"] == "media" && v["kind"] == kind && v["frames"].as_u64().unwrap_or(0) > 0
+        })
+    };
+    connected && frames("audio") && frames("video")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_call_and_leave_on_sigterm() {
+    // `groupcall synapse` gives a homeserver, users and a call room.
+    let mut hs = Proc::spawn(
+        "synapse",
+        &[
+            "synapse",
+            "--user",
+            "alice:alice-pw",
+            "--user",
+            "bob:bob-pw",
+        ]
+        .map(String::from),
+    );
+    let ready = hs
+        .wait_for(Duration::from_secs(180), |v| v["event"] == "synapse")
+        .await;
+    let url = ready["homeserver"].as_str().unwrap().to_owned();
+    let room = ready["room_id"].as_str().unwrap().to_owned();
+    assert_eq!(ready["users"][1]["user_id"], "@bob:localhost", "{ready}");
+
+    let dirs = tempfile::tempdir().unwrap();
+    let alice_dir = dirs.path().join("alice");
+    let bob_dir = dirs.path().join("bob");
+    let mut alice_args = join_args(&url, "alice", "alice-pw", &room, &alice_dir);
+    alice_args.push("--create-call".into());
+    let mut alice = Proc::spawn("alice", &alice_args);
+    let joined = alice
+        .wait_for(Duration::from_secs(60), |v| v["event"] == "joined")
+        .await;
+    assert_eq!(joined["created"], true, "{joined}");
+    assert_eq!(joined["user_id"], "@alice:localhost", "{joined}");
+
+    let mut bob = Proc::spawn("bob", &join_args(&url, "bob", "bob-pw", &room, &bob_dir));
+    let joined_bob = bob
+        .wait_for(Duration::from_secs(60), |v| v["event"] == "joined")
+        .await;
+    assert_eq!(joined_bob["created"], false, "{joined_bob}");
+    assert_eq!(joined_bob["call_id"], joined["call_id"]);
+
+    // Both see each other connected, with audio and video frames, within 30 s.
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    loop {
+        alice.poll();
+        bob.poll();
+        if call_is_up(&alice, "@bob:localhost") && call_is_up(&bob, "@alice:localhost") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no call with media within 30 s.\n--- alice: {}\n--- bob: {}",
+            alice.report(),
+            bob.report()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "connected with media both ways after {:?}",
+        started.elapsed()
+    );
+    for p in [&alice, &bob] {
+        for v in &p.seen {
+            assert_ne!(v["event"], "NOT JSON", "{}: {v}", p.name);
+        }
+        assert!(
+            p.seen.iter().any(|v| v["event"] == "participant_joined"),
+            "{}",
+            p.report()
+        );
+        assert!(
+            p.seen.iter().any(|v| v["event"] == "feed_added"),
+            "{}",
+            p.report()
+        );
+    }
+
+    // SIGTERM: both leave cleanly.
+    let leaving = Instant::now();
+    alice.signal(Signal::SIGTERM);
+    bob.signal(Signal::SIGTERM);
+    let (a, b) = tokio::join!(
+        alice.finish(Duration::from_secs(40)),
+        bob.finish(Duration::from_secs(40))
+    );
+    eprintln!("both left after {:?}", leaving.elapsed());
+    for (p, code) in [(&alice, a), (&bob, b)] {
+        assert_eq!(code, Some(0), "{} exit code; {}", p.name, p.report());
+        assert_eq!(
+            p.seen.last(),
+            Some(&json!({"event": "left"})),
+            "{}",
+            p.report()
+        );
+    }
+
+    hs.signal(Signal::SIGTERM);
+    assert_eq!(
+        hs.finish(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        hs.report()
+    );
+}
