@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use groupcall::matrix::{MatrixError, MatrixSession};
-use groupcall::{CallHandle, ClientError, ClientEvent, JoinOptions, join_call};
+use groupcall::{
+    AudioSource, CallHandle, ClientError, ClientEvent, JoinOptions, VideoSource, join_call,
+};
 use groupcall_proto::{CallEvent, Command, CommandError, CreateOptions};
 use serde_json::{Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -25,6 +27,12 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     let password = args.password()?;
     let audio = args.audio_source()?;
     let video = args.video_source()?;
+    if audio == AudioSource::None && video == VideoSource::None {
+        anyhow::bail!(
+            "nothing to send: a participant needs audio or video (drop --audio none, or --voice / \
+             --video none)"
+        );
+    }
     let data_dir = args.data_dir()?;
     let mut signals = Signals::new()?;
     let mut out = Out::new(args.json);
@@ -113,7 +121,7 @@ async fn run_call(
                 Some(line) => match commands::parse(&line) {
                     Ok(Line::Empty) => {}
                     Ok(Line::Call(cmd)) => {
-                        out.command(&cmd);
+                        out.command(line.trim(), &cmd);
                         handle.command(cmd);
                     }
                     Ok(Line::Leave) => break End::Leave("leave command".to_owned()),
@@ -260,8 +268,11 @@ impl Out {
         }
     }
 
-    fn command(&mut self, cmd: &Command) {
+    fn command(&mut self, line: &str, cmd: &Command) {
         self.view.command(cmd);
+        if !self.json && self.tty {
+            self.view.note(format!("> {line}"));
+        }
     }
 
     fn warning(&mut self, message: &str) {

@@ -118,18 +118,24 @@ fn one_line(s: &str) -> String {
 
 /// Logs go to stderr. `RUST_LOG` wins; the default is `info` for groupcall's
 /// crates and `warn` for the rest, or `warn` everywhere while the live view
-/// owns the terminal.
+/// owns the terminal. matrix-sdk's request errors (it logs expected 404s of
+/// a fresh login as errors; real failures come back to us as errors) and
+/// its key backup warnings (we use no backup) are off by default.
 fn init_logging(live_view: bool) {
+    const QUIET_SDK: &str = "matrix_sdk::http_client=off,matrix_sdk_crypto::backups=error";
     let default = if live_view {
-        "warn"
+        format!("warn,{QUIET_SDK}")
     } else {
-        "warn,groupcall=info,groupcall_proto=info,groupcall_media=info,groupcall_synapse=info"
+        format!(
+            "warn,groupcall=info,groupcall_proto=info,groupcall_media=info,\
+             groupcall_synapse=info,{QUIET_SDK}"
+        )
     };
     let filter = match std::env::var("RUST_LOG") {
         Ok(s) if !s.trim().is_empty() => {
-            EnvFilter::try_new(&s).unwrap_or_else(|_| EnvFilter::new(default))
+            EnvFilter::try_new(&s).unwrap_or_else(|_| EnvFilter::new(&default))
         }
-        _ => EnvFilter::new(default),
+        _ => EnvFilter::new(&default),
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)

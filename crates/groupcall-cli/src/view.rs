@@ -191,7 +191,13 @@ impl View {
             }
             CallEvent::PeerState { device, status, .. } => {
                 let (state, reason) = peer_status(status);
-                self.participant(device).state = state.to_owned();
+                // A peer closing after its participant left does not bring
+                // the participant back.
+                match self.participants.get_mut(device) {
+                    Some(p) => p.state = state.to_owned(),
+                    None if reason.is_none() => self.participant(device).state = state.to_owned(),
+                    None => {}
+                }
                 Some(match reason {
                     Some(r) => format!("{}: {state} ({r})", short(device)),
                     None => format!("{}: {state}", short(device)),
@@ -257,8 +263,9 @@ impl View {
             let _ = writeln!(s, "(nobody else in the call)");
         }
         for (device, p) in &self.participants {
-            let rx: f64 = p.received.values().map(|c| c.rate(now)).sum();
-            let tx: f64 = p.sent.values().map(|c| c.rate(now)).sum();
+            // (fold, not sum: an empty f64 sum is -0.0)
+            let rx = p.received.values().fold(0.0, |a, c| a + c.rate(now));
+            let tx = p.sent.values().fold(0.0, |a, c| a + c.rate(now));
             let feeds: Vec<String> = p
                 .feeds
                 .values()
@@ -386,6 +393,17 @@ mod tests {
             }),
             t1,
         );
-        assert!(v.render(t1, true).contains("nobody else"));
+        v.event(
+            &ClientEvent::Call(CallEvent::PeerState {
+                device: DeviceKey::new("@bob:localhost", "BOBDEV"),
+                peer: PeerHandle(1),
+                call_id: "c".into(),
+                status: PeerStatus::Closed("user_hangup".into()),
+            }),
+            t1,
+        );
+        let text = v.render(t1, true);
+        assert!(text.contains("nobody else"), "{text}");
+        assert!(!text.contains("-0.0"), "{text}");
     }
 }

@@ -12,7 +12,7 @@ use groupcall_synapse::{Synapse, SynapseOptions};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
@@ -120,6 +120,9 @@ async fn usage_errors() {
     let out = run(&with(&["--password", "x", "--video", "/nonexistent/v.ivf"])).await;
     out.assert_error(1, &["video", "/nonexistent/v.ivf"]);
 
+    let out = run(&with(&["--password", "x", "--audio", "none", "--voice"])).await;
+    out.assert_error(1, &["nothing to send"]);
+
     let out = run(&["join", "--help"]).await;
     assert_eq!(out.code, Some(0));
     assert!(out.stdout.contains("--create-call"), "{}", out.stdout);
@@ -196,6 +199,16 @@ async fn login_and_room_errors() {
         }}),
     )
     .await;
+    // Call events allowed, for a call of alice alone.
+    let solo = create_room(
+        &hs,
+        &alice.access_token,
+        json!({ "events": {
+            "org.matrix.msc3401.call.member": 0,
+            "org.matrix.msc3401.call": 0,
+        }}),
+    )
+    .await;
     // Call events allowed, but no call.
     let callless = create_room(
         &hs,
@@ -207,8 +220,11 @@ async fn login_and_room_errors() {
     )
     .await;
 
+    let mut solo_args = join_args(&url, "alice", "alice-pw", &solo, &d("a4"));
+    solo_args.extend(["--create-call", "--duration", "2", "--voice"].map(String::from));
+
     let started = Instant::now();
-    let (wrong_pw, unknown_room, unknown_alias, not_permitted, no_call) = tokio::join!(
+    let (wrong_pw, unknown_room, unknown_alias, not_permitted, no_call, alone) = tokio::join!(
         run_owned(join_args(&url, "alice", "wrong", &callless, &d("a1"))),
         run_owned(join_args(
             &url,
@@ -226,8 +242,30 @@ async fn login_and_room_errors() {
         )),
         run_owned(join_args(&url, "bob", "bob-pw", &forbidden, &d("b1"))),
         run_owned(join_args(&url, "bob", "bob-pw", &callless, &d("b2"))),
+        run_owned(solo_args),
     );
-    eprintln!("five error runs took {:?}", started.elapsed());
+    eprintln!("six runs took {:?}", started.elapsed());
+
+    // --duration ends a call cleanly.
+    assert_eq!(alone.code, Some(0), "{}", alone.stderr);
+    let lines: Vec<Value> = alone
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["event"] == "joined" && v["created"] == true),
+        "{}",
+        alone.stdout
+    );
+    assert_eq!(
+        lines.last(),
+        Some(&json!({"event": "left"})),
+        "{}",
+        alone.stdout
+    );
 
     wrong_pw.assert_error(1, &["password"]);
     unknown_room.assert_error(1, &["!doesnotexist:localhost"]);
@@ -255,14 +293,19 @@ struct Proc {
 }
 
 impl Proc {
+    /// Starts `groupcall` with `args`, stdin closed.
     fn spawn(name: &str, args: &[String]) -> Proc {
+        Self::spawn_with(name, args, Stdio::null())
+    }
+
+    fn spawn_with(name: &str, args: &[String], stdin: Stdio) -> Proc {
         let mut child = Command::new(BIN)
             .args(args)
             .env(
                 "RUST_LOG",
                 "warn,groupcall=debug,groupcall_proto=debug,groupcall_media=info",
             )
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -435,7 +478,8 @@ async fn two_clients_call_and_leave_on_sigterm() {
     let bob_dir = dirs.path().join("bob");
     let mut alice_args = join_args(&url, "alice", "alice-pw", &room, &alice_dir);
     alice_args.push("--create-call".into());
-    let mut alice = Proc::spawn("alice", &alice_args);
+    let mut alice = Proc::spawn_with("alice", &alice_args, Stdio::piped());
+    let mut alice_stdin = alice.child.stdin.take().unwrap();
     let joined = alice
         .wait_for(Duration::from_secs(60), |v| v["event"] == "joined")
         .await;
@@ -485,6 +529,44 @@ async fn two_clients_call_and_leave_on_sigterm() {
             p.report()
         );
     }
+
+    // Commands on stdin: an unknown one is a warning; muting reaches bob.
+    alice_stdin.write_all(b"dance\nmute audio\n").await.unwrap();
+    alice_stdin.flush().await.unwrap();
+    let warning = alice
+        .wait_for(Duration::from_secs(10), |v| v["event"] == "warning")
+        .await;
+    assert!(
+        warning["message"].as_str().unwrap().contains("dance"),
+        "{warning}"
+    );
+    bob.wait_for(Duration::from_secs(15), |v| {
+        v["event"] == "feed_changed"
+            && v["user_id"] == "@alice:localhost"
+            && v["audio_muted"] == true
+    })
+    .await;
+    // The end of stdin does not end the call: bob still gets alice's video.
+    drop(alice_stdin);
+    let video_frames = |p: &Proc| {
+        p.seen
+            .iter()
+            .filter(|v| v["event"] == "media" && v["kind"] == "video")
+            .filter_map(|v| v["frames"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    bob.poll();
+    let before = video_frames(&bob);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    bob.poll();
+    alice.poll();
+    assert!(video_frames(&bob) > before, "{}", bob.report());
+    assert!(
+        !alice.seen.iter().any(|v| v["event"] == "left"),
+        "{}",
+        alice.report()
+    );
 
     // SIGTERM: both leave cleanly.
     let leaving = Instant::now();
