@@ -34,7 +34,9 @@ pub enum Cmd {
     /// or SIGTERM.
     ///
     /// Prints one JSON line: {"event":"synapse","homeserver":URL,
-    /// "room_id":ID,"users":[...]}.
+    /// "room_id":ID,"users":[{"user_id","name","password"},...]}. The room
+    /// is public and lets every member send the call events. Synapse comes
+    /// from a venv in ~/.cache/groupcall (installed with pip on first use).
     Synapse(SynapseArgs),
 }
 
