@@ -95,7 +95,9 @@ impl Peer {
 struct Retry {
     session_id: String,
     calls_placed: u32,
-    last_placed_at: u64,
+    /// No call before this time: `retry_interval_ms` after the last call
+    /// was placed, or after the last call failed or was hung up.
+    not_before: u64,
     gave_up: bool,
 }
 
@@ -175,6 +177,21 @@ pub struct GroupCall {
     now: u64,
     out: VecDeque<Output>,
     to_device: Vec<(MessageType, OutgoingMessage)>,
+    /// Held messages dropped after their grace period, for the driver to
+    /// report ([`GroupCall::take_dropped_signalling`]).
+    dropped: Vec<DroppedSignalling>,
+}
+
+/// A to-device message that was accepted for holding and later dropped
+/// (see [`GroupCall::take_dropped_signalling`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DroppedSignalling {
+    /// Sender user.
+    pub sender: String,
+    /// Event type.
+    pub event_type: String,
+    /// Why it was dropped.
+    pub reason: Ignored,
 }
 
 impl GroupCall {
@@ -198,6 +215,7 @@ impl GroupCall {
             now: 0,
             out: VecDeque::new(),
             to_device: Vec::new(),
+            dropped: Vec::new(),
         }
     }
 
@@ -251,6 +269,14 @@ impl GroupCall {
     /// The next output, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
+    }
+
+    /// Signalling that was held waiting for its sender's member event
+    /// ([`Accepted::HeldForMembership`]) and dropped when the grace period
+    /// ran out, since the last call. Lets the driver log the refusal of
+    /// messages that looked acceptable when they arrived.
+    pub fn take_dropped_signalling(&mut self) -> Vec<DroppedSignalling> {
+        std::mem::take(&mut self.dropped)
     }
 
     /// Any input, through one entry point (errors are logged and dropped).
@@ -710,23 +736,20 @@ impl GroupCall {
             let r = self.retry.entry(device.clone()).or_insert(Retry {
                 session_id: session.clone(),
                 calls_placed: 0,
-                last_placed_at: 0,
+                not_before: 0,
                 gave_up: false,
             });
             if r.session_id != session {
                 *r = Retry {
                     session_id: session.clone(),
                     calls_placed: 0,
-                    last_placed_at: 0,
+                    not_before: 0,
                     gave_up: false,
                 };
             }
-            if r.calls_placed == 0
-                || (r.calls_placed <= self.cfg.max_retries
-                    && now >= r.last_placed_at + self.cfg.retry_interval_ms)
-            {
+            if r.calls_placed <= self.cfg.max_retries && now >= r.not_before {
                 r.calls_placed += 1;
-                r.last_placed_at = now;
+                r.not_before = now + self.cfg.retry_interval_ms;
                 self.place_call(now, &device, session);
             } else if r.calls_placed > self.cfg.max_retries && !r.gave_up {
                 r.gave_up = true;
@@ -815,6 +838,23 @@ impl GroupCall {
         let Some(peer) = self.peers.remove(device) else {
             return;
         };
+        // A call that failed or was hung up is not placed again at once: the
+        // device may be leaving (its hangup or member event is on the way),
+        // and a remote that hung up deserves the retry spacing. An
+        // unanswered invite was already waited for.
+        if why != reason::INVITE_TIMEOUT
+            && let Some(r) = self.retry.get_mut(device)
+        {
+            r.not_before = r.not_before.max(self.now + self.cfg.retry_interval_ms);
+        }
+        if peer.orphaned_since.is_some() {
+            // Its member entry is gone: it is now a participant that left.
+            self.event(CallEvent::ParticipantLeft {
+                device: device.clone(),
+                session_id: peer.remote_session.clone(),
+                reason: crate::room::LeftReason::Removed,
+            });
+        }
         self.out
             .push_back(Output::Media(MediaRequest::ClosePeer { peer: peer.handle }));
         for stream_id in peer.remote_feeds.keys() {
@@ -1616,8 +1656,9 @@ impl GroupCall {
             }
         }
         for (k, r) in &self.retry {
-            if !self.peers.contains_key(k) && !r.gave_up && r.calls_placed > 0 {
-                at(r.last_placed_at + self.cfg.retry_interval_ms);
+            if !self.peers.contains_key(k) && !r.gave_up && self.room.participants().contains_key(k)
+            {
+                at(r.not_before);
             }
         }
         for b in self.reorder.values() {
@@ -1653,21 +1694,16 @@ impl GroupCall {
             self.publish_membership(now);
         }
         // Peers whose device stayed gone.
-        let gone: Vec<(DeviceKey, String)> = self
+        let gone: Vec<DeviceKey> = self
             .peers
             .values()
             .filter(|p| {
                 p.orphaned_since
                     .is_some_and(|o| now >= o + self.cfg.orphan_grace_ms)
             })
-            .map(|p| (p.remote.clone(), p.remote_session.clone()))
+            .map(|p| p.remote.clone())
             .collect();
-        for (device, session_id) in gone {
-            self.event(CallEvent::ParticipantLeft {
-                device: device.clone(),
-                session_id,
-                reason: crate::room::LeftReason::Removed,
-            });
+        for device in gone {
             self.close_peer(&device, false, "participant_left", false);
             self.forget_device(&device);
         }
@@ -1724,10 +1760,26 @@ impl GroupCall {
         let grace = self.cfg.unknown_sender_grace_ms;
         for (device, held) in self.held.iter_mut() {
             let before = held.len();
-            held.retain(|(t, _)| now < t + grace);
+            let dropped = &mut self.dropped;
+            held.retain(|(t, m)| {
+                let keep = now < t + grace;
+                if !keep {
+                    dropped.push(DroppedSignalling {
+                        sender: device.user_id.clone(),
+                        event_type: m.message_type().as_str().into(),
+                        reason: Ignored::NotParticipant(truncate(&device.device_id)),
+                    });
+                }
+                keep
+            });
             if held.len() < before {
                 warn!(%device, "dropped {} messages from a device that never joined the call", before - held.len());
             }
+        }
+        // Bounded: a driver that never collects them loses the oldest.
+        if self.dropped.len() > 1024 {
+            let excess = self.dropped.len() - 1024;
+            self.dropped.drain(..excess);
         }
         self.held.retain(|_, h| !h.is_empty());
         self.ended_calls

@@ -39,7 +39,7 @@ pub mod room;
 pub mod signalling;
 pub mod types;
 
-pub use call::GroupCall;
+pub use call::{DroppedSignalling, GroupCall};
 pub use error::{CommandError, ParseError};
 pub use ids::{DeviceKey, should_call};
 pub use types::*;

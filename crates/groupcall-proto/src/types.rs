@@ -492,6 +492,10 @@ pub enum Ignored {
     /// A message that does not fit the call's state.
     #[error("unexpected in this state: {0}")]
     Unexpected(String),
+    /// Held for [`Config::unknown_sender_grace_ms`] waiting for the sender's
+    /// member event, which never came: the sender is not a participant.
+    #[error("sender device {0} is not a participant of the call (grace period over)")]
+    NotParticipant(String),
 }
 
 /// What happened to an incoming to-device message that was accepted.

@@ -541,8 +541,15 @@ fn signalling_from_a_non_member_is_held_then_dropped_or_released() {
         Ok(Accepted::HeldForMembership)
     );
     assert!(drain(&mut call).is_empty());
-    // Grace passes: dropped.
+    // Grace passes: dropped, and reported once.
+    assert!(call.take_dropped_signalling().is_empty());
     call.handle_timeout(NOW + 10_000);
+    let dropped = call.take_dropped_signalling();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(dropped[0].sender, "@c:x");
+    assert_eq!(dropped[0].event_type, "m.call.invite");
+    assert!(matches!(dropped[0].reason, Ignored::NotParticipant(_)));
+    assert!(call.take_dropped_signalling().is_empty());
     call.handle_state(NOW + 10_001, &join_ev("@c:x", "join"))
         .unwrap();
     call.handle_state(
@@ -747,5 +754,64 @@ fn join_without_a_call_needs_create() {
     assert!(
         outs.iter()
             .any(|o| matches!(o, Output::Event(CallEvent::Joined { created: true, .. })))
+    );
+}
+
+#[test]
+fn a_device_whose_entry_vanished_during_setup_is_reported_gone_when_its_peer_ends() {
+    let mut call = joined(|_| {});
+    call.handle_state(NOW, &member_ev("@b:x", "BDEV", "BSESS", NOW + 3_600_000))
+        .unwrap();
+    let peer = offer_request(&drain(&mut call)).unwrap();
+    call.handle_media(
+        NOW,
+        MediaEvent::OfferCreated {
+            peer,
+            sdp: "o".into(),
+            gathering_complete: true,
+        },
+    );
+    drain(&mut call);
+    // b's entry disappears while our invite is unanswered; the peer is kept
+    // for the orphan grace, then the invite times out first.
+    call.handle_state(
+        NOW + 100,
+        &json!({"type": "org.matrix.msc3401.call.member", "state_key": "@b:x", "sender": "@b:x", "content": {"m.calls": []}}),
+    )
+    .unwrap();
+    assert!(
+        !drain(&mut call)
+            .iter()
+            .any(|o| matches!(o, Output::Event(CallEvent::ParticipantLeft { .. })))
+    );
+    call.handle_timeout(NOW + 5000);
+    let outs = drain(&mut call);
+    assert!(outs.contains(&Output::Media(MediaRequest::ClosePeer { peer })));
+    assert!(outs.iter().any(|o| matches!(o, Output::Event(CallEvent::ParticipantLeft { device, reason: LeftReason::Removed, .. }) if device.device_id == "BDEV")));
+    assert!(
+        offer_request(&outs).is_none(),
+        "no new call to a device that left"
+    );
+}
+
+#[test]
+fn a_failed_call_is_not_placed_again_before_the_retry_interval() {
+    let mut call = joined(|_| {});
+    let (peer, _) = connected_with_b(&mut call, NOW + 3_600_000);
+    call.handle_media(
+        NOW + 1000,
+        MediaEvent::Error {
+            peer,
+            message: "peer closed".into(),
+        },
+    );
+    let outs = drain(&mut call);
+    assert!(outs.contains(&Output::Media(MediaRequest::ClosePeer { peer })));
+    assert!(offer_request(&outs).is_none(), "re-called at once");
+    assert_eq!(call.poll_timeout(), Some(NOW + 1000 + 5000));
+    call.handle_timeout(NOW + 6000);
+    assert!(
+        offer_request(&drain(&mut call)).is_some(),
+        "re-called after the interval"
     );
 }
