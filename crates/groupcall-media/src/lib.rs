@@ -32,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+pub mod ice;
 pub mod ivf;
 pub mod ogg;
 mod peer;
@@ -39,12 +40,15 @@ mod sdp;
 pub mod sink;
 pub mod source;
 pub mod stun;
+mod turn;
 mod types;
 
+pub use ice::{IceServer, IceTransport, IceUrl, IceUrlError, IceUrlScheme};
 pub use peer::{MediaError, MediaPeer, PeerConfig, PeerEvent, PeerEvents};
 pub use sink::{CounterSink, FrameSink, IvfRecorder, OggOpusRecorder, SinkError, SinkFilter};
 pub use source::{FrameSource, IvfSource, OggOpusSource, SourceError, SourceFrame};
+pub use turn::TurnError;
 pub use types::{
-    Counters, FeedPurpose, Frame, IceCandidate, LocalFeed, LocalTrackStats, PeerStats,
-    RemoteTrackStats, TrackKind,
+    Counters, FeedPurpose, Frame, IceCandidate, LocalFeed, LocalTrackStats, PeerStats, RelayStats,
+    RemoteTrackStats, SelectedPair, TrackKind,
 };

@@ -201,4 +201,50 @@ pub struct PeerStats {
     pub frames_dropped: u64,
     /// Media frames on m-lines without a known remote track.
     pub frames_unmatched: u64,
+    /// The candidate pair DTLS and media go over, once known.
+    pub selected_pair: Option<SelectedPair>,
+    /// The TURN allocations of this peer.
+    pub relays: Vec<RelayStats>,
+    /// How long gathering took, once it finished.
+    pub gathering_time: Option<std::time::Duration>,
+}
+
+/// The candidate pair in use (as seen from what we send).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SelectedPair {
+    /// Our side: a socket address, or a TURN relayed address.
+    pub local: std::net::SocketAddr,
+    /// The remote candidate's address.
+    pub remote: std::net::SocketAddr,
+    /// Whether `local` is a relayed address (media goes through TURN).
+    pub relayed: bool,
+}
+
+/// One TURN allocation of a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayStats {
+    /// The `turn:` URL it came from.
+    pub url: String,
+    /// The server's address.
+    pub server: std::net::SocketAddr,
+    /// The relayed address (also after the allocation was lost).
+    pub relayed: Option<std::net::SocketAddr>,
+    /// Why allocating failed or the allocation was lost.
+    pub error: Option<String>,
+    /// Packets relayed to peers.
+    pub packets_sent: u64,
+    /// Payload bytes relayed to peers.
+    pub bytes_sent: u64,
+    /// Packets received from peers through the relay.
+    pub packets_received: u64,
+    /// Payload bytes received from peers through the relay.
+    pub bytes_received: u64,
+    /// Of the packets sent, how many went as ChannelData.
+    pub channel_data_sent: u64,
+    /// Of the packets received, how many came as ChannelData.
+    pub channel_data_received: u64,
+    /// Peer IPs with an installed permission.
+    pub permissions: usize,
+    /// Peer addresses with a bound channel.
+    pub channels: usize,
 }

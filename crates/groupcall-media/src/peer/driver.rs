@@ -12,6 +12,7 @@ impl Driver {
         while !self.finished {
             let deadline = self.next_deadline();
             let wake = {
+                let lookups = self.gather.pending_lookups() > 0;
                 let sockets = &self.sockets;
                 let recv = poll_fn(|cx| {
                     for (i, s) in sockets.iter().enumerate() {
@@ -27,6 +28,7 @@ impl Driver {
                 tokio::select! {
                     c = self.cmd_rx.recv() => Wake::Command(c),
                     (i, r) = recv => Wake::Packet(i, r),
+                    Some(l) = self.gather.lookup_rx.recv(), if lookups => Wake::Lookup(l),
                     _ = tokio::time::sleep_until(deadline.into()) => Wake::Timer,
                 }
             };
@@ -46,6 +48,7 @@ impl Driver {
                     trace!(socket = i, error = %e, "UDP receive error");
                     Ok(())
                 }
+                Wake::Lookup(l) => self.on_lookup(l).await,
                 Wake::Timer => self.handle_timer().await,
             };
             if let Err(e) = r {
@@ -82,6 +85,9 @@ impl Driver {
     pub(super) fn next_deadline(&self) -> Instant {
         let now = Instant::now();
         let mut d = self.rtc_timeout.min(now + Duration::from_secs(1));
+        if let Some(t) = self.gather.next_timeout() {
+            d = d.min(t);
+        }
         for t in &self.tracks {
             if let Some(due) = t.next_due {
                 d = d.min(due);
@@ -113,6 +119,17 @@ impl Driver {
                     return Ok(());
                 }
                 Output::Transmit(t) => {
+                    // STUN starts with 0b00; DTLS and SRTP only go on the
+                    // selected pair.
+                    if t.contents.first().is_some_and(|b| *b > 3) {
+                        self.selected = Some((t.source, t.destination));
+                    }
+                    if self
+                        .relay_transmit(t.source, t.destination, &t.contents)
+                        .await
+                    {
+                        continue;
+                    }
                     let idx = self
                         .local_addrs
                         .iter()
@@ -287,7 +304,21 @@ impl Driver {
         let Some(&local) = self.local_addrs.get(idx) else {
             return Ok(());
         };
-        let now = Instant::now();
+        if self.gather_packet(idx, from, data).await? {
+            return Ok(());
+        }
+        self.receive(Instant::now(), from, local, data).await
+    }
+
+    /// Feeds one datagram (from a socket, or unwrapped from a TURN relay:
+    /// then `local` is the relayed address) to str0m.
+    pub(super) async fn receive(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        local: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), str0m::RtcError> {
         let Ok(recv) = Receive::new(Protocol::Udp, from, local, data) else {
             trace!(%from, "unrecognised datagram");
             return Ok(());
@@ -319,6 +350,9 @@ impl Driver {
 
     pub(super) async fn handle_timer(&mut self) -> Result<(), str0m::RtcError> {
         let now = Instant::now();
+        if self.gather.next_timeout().is_some_and(|t| t <= now) {
+            self.gather_timeout(now).await?;
+        }
         for i in 0..self.tracks.len() {
             while let Some(t) = self.tracks.get_mut(i) {
                 let Some(due) = t.next_due else { break };

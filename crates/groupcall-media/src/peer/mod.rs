@@ -7,11 +7,11 @@
 //! datagram is known). There is no shared socket and no demultiplexing
 //! between peers; a few sockets per peer are cheap at mesh sizes.
 //!
-//! Candidates: host candidates of every bound socket (and, if a STUN server
-//! is configured, the server-reflexive address learnt at construction) are
-//! added before any SDP is made, so every offer/answer carries them and no
-//! separate candidates message is needed. TURN is not supported (str0m has
-//! no TURN client).
+//! Candidates: host candidates of every bound socket (unless `relay_only`),
+//! server-reflexive addresses from STUN servers and relayed addresses from
+//! TURN servers (see `gather`). Offers and answers wait for gathering at
+//! most `gather_wait`, so they usually carry every candidate; later ones are
+//! reported as [`PeerEvent::LocalCandidates`] for trickling.
 
 use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
@@ -30,16 +30,17 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, trace, warn};
 
+use crate::ice::IceServer;
 use crate::sdp::{self, LinePlan, Section};
 use crate::sink::{FrameSink, SinkError, SinkFilter};
 use crate::source::FrameSource;
 use crate::stun;
 use crate::types::{
     Counters, FeedPurpose, Frame, IceCandidate, LocalFeed, LocalTrackStats, PeerStats,
-    RemoteTrackStats, TrackKind,
+    RemoteTrackStats, SelectedPair, TrackKind,
 };
 
 /// Errors of [`MediaPeer`] operations.
@@ -86,10 +87,23 @@ pub struct PeerConfig {
     /// `0.0.0.0` / `::` expand to the non-loopback interface addresses of
     /// that family (falling back to loopback). Default: `127.0.0.1`.
     pub bind_addrs: Vec<IpAddr>,
-    /// STUN server to learn a server-reflexive candidate from.
+    /// STUN server to learn a server-reflexive candidate from (the same as
+    /// a `stun:` URL in `ice_servers`).
     pub stun_server: Option<SocketAddr>,
-    /// How long construction waits for the STUN answer.
+    /// STUN and TURN servers: `stun:` URLs give server-reflexive candidates,
+    /// `turn:` URLs (UDP, with username and credential) relayed ones.
+    pub ice_servers: Vec<IceServer>,
+    /// Offer only relayed candidates (no host or server-reflexive ones):
+    /// all media goes through a TURN server. Hides the local addresses and
+    /// gets through strict NATs and firewalls that allow the TURN server.
+    pub relay_only: bool,
+    /// How long a STUN server's answer or a TURN allocation may take before
+    /// that server is given up.
     pub stun_timeout: Duration,
+    /// How long `create_offer`, `accept_offer` and `local_candidates` wait
+    /// for gathering to finish (counted from the peer's creation); later
+    /// candidates come as [`PeerEvent::LocalCandidates`].
+    pub gather_wait: Duration,
     /// No packet for this long while connected: [`PeerEvent::Disconnected`].
     pub disconnect_timeout: Duration,
     /// No packet for this long (or no connection this long after the
@@ -112,7 +126,10 @@ impl Default for PeerConfig {
         Self {
             bind_addrs: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
             stun_server: None,
+            ice_servers: Vec::new(),
+            relay_only: false,
             stun_timeout: Duration::from_millis(1500),
+            gather_wait: Duration::from_millis(300),
             disconnect_timeout: Duration::from_secs(5),
             failed_timeout: Duration::from_secs(15),
             receive_audio: true,
@@ -167,6 +184,17 @@ pub enum PeerEvent {
     /// Some local tracks could not be placed in the last answer: make a new
     /// offer (`create_offer`) to send them.
     NegotiationNeeded,
+    /// Local candidates found after an offer or answer was made without
+    /// them (gathering took longer than `gather_wait`): send them to the
+    /// remote. `complete` marks the end of gathering (then `candidates` may
+    /// be empty). Only reported when an SDP went out before gathering
+    /// finished.
+    LocalCandidates {
+        /// The new candidates.
+        candidates: Vec<IceCandidate>,
+        /// Gathering is over.
+        complete: bool,
+    },
 }
 
 /// The receiving end of a peer's events.
@@ -259,6 +287,8 @@ enum Command {
 pub struct MediaPeer {
     cmd: mpsc::UnboundedSender<Command>,
     local_addrs: Vec<SocketAddr>,
+    gathered: watch::Receiver<bool>,
+    gather_deadline: Instant,
 }
 
 impl std::fmt::Debug for MediaPeer {
@@ -301,36 +331,19 @@ impl MediaPeer {
             .build(now);
 
         let mut candidates = Vec::new();
-        for addr in &local_addrs {
-            match Candidate::host(*addr, "udp") {
-                Ok(c) => {
-                    if let Some(c) = rtc.add_local_candidate(c) {
-                        candidates.push(c.clone());
-                    }
-                }
-                Err(e) => warn!(%addr, error = %e, "unusable host candidate"),
-            }
-        }
-        if let Some(server) = config.stun_server {
-            for (s, base) in sockets.iter().zip(&local_addrs) {
-                let Some(mapped) = gather_srflx(s, server, config.stun_timeout).await else {
-                    warn!(%server, %base, "no STUN answer");
-                    continue;
-                };
-                debug!(%base, %mapped, "server-reflexive address");
-                if mapped == *base {
-                    continue;
-                }
-                match Candidate::server_reflexive(mapped, *base, "udp") {
+        if !config.relay_only {
+            for addr in &local_addrs {
+                match Candidate::host(*addr, "udp") {
                     Ok(c) => {
                         if let Some(c) = rtc.add_local_candidate(c) {
                             candidates.push(c.clone());
                         }
                     }
-                    Err(e) => warn!(%mapped, error = %e, "unusable srflx candidate"),
+                    Err(e) => warn!(%addr, error = %e, "unusable host candidate"),
                 }
             }
         }
+        let (gather, gathered) = gather::Gatherer::new(&config, now);
         info!(addrs = ?local_addrs, "media peer bound");
 
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -360,14 +373,20 @@ impl MediaPeer {
             rtc_timeout: now,
             frames_dropped: 0,
             frames_unmatched: 0,
+            gather,
+            selected: None,
+            gather_deadline: now + config.gather_wait,
             config,
             finished: false,
         };
+        let gather_deadline = driver.gather_deadline;
         tokio::spawn(driver.run());
         Ok((
             MediaPeer {
                 cmd: cmd_tx,
                 local_addrs,
+                gathered,
+                gather_deadline,
             },
             PeerEvents { rx: ev_rx, queued },
         ))
@@ -376,6 +395,19 @@ impl MediaPeer {
     /// The bound socket addresses.
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// Whether gathering has finished (every STUN server answered or was
+    /// given up, every TURN allocation made or failed).
+    pub fn gathering_complete(&self) -> bool {
+        *self.gathered.borrow()
+    }
+
+    /// Waits until gathering finished or `gather_wait` after creation.
+    async fn wait_gathering(&self) {
+        let mut rx = self.gathered.clone();
+        let _ =
+            tokio::time::timeout_at(self.gather_deadline.into(), rx.wait_for(|done| *done)).await;
     }
 
     fn send(&self, c: Command) -> Result<(), MediaError> {
@@ -393,6 +425,7 @@ impl MediaPeer {
     /// candidates. The offer stays pending until [`MediaPeer::apply_answer`]
     /// or until a remote offer is accepted instead.
     pub async fn create_offer(&self, feeds: &[LocalFeed]) -> Result<String, MediaError> {
+        self.wait_gathering().await;
         let feeds = feeds.to_vec();
         self.call(|reply| Command::CreateOffer {
             feeds,
@@ -404,6 +437,7 @@ impl MediaPeer {
 
     /// Like [`MediaPeer::create_offer`] with new ICE credentials (ICE restart).
     pub async fn restart_ice(&self, feeds: &[LocalFeed]) -> Result<String, MediaError> {
+        self.wait_gathering().await;
         let feeds = feeds.to_vec();
         self.call(|reply| Command::CreateOffer {
             feeds,
@@ -417,6 +451,7 @@ impl MediaPeer {
     /// offered m-lines where possible (see [`PeerEvent::NegotiationNeeded`]).
     /// A pending local offer is rolled back.
     pub async fn accept_offer(&self, sdp: &str, feeds: &[LocalFeed]) -> Result<String, MediaError> {
+        self.wait_gathering().await;
         let feeds = feeds.to_vec();
         let sdp = sdp.to_string();
         self.call(|reply| Command::AcceptOffer { sdp, feeds, reply })
@@ -445,8 +480,10 @@ impl MediaPeer {
             .await
     }
 
-    /// The local candidates (all of them are also in every local SDP).
+    /// The local candidates gathered so far (waiting for gathering like
+    /// `create_offer`); all of them are also in every later local SDP.
     pub async fn local_candidates(&self) -> Result<Vec<IceCandidate>, MediaError> {
+        self.wait_gathering().await;
         self.call(|reply| Command::LocalCandidates { reply }).await
     }
 
@@ -564,49 +601,6 @@ fn expand_bind_addrs(addrs: &[IpAddr]) -> Vec<IpAddr> {
         }
     }
     out
-}
-
-async fn gather_srflx(
-    sock: &UdpSocket,
-    server: SocketAddr,
-    timeout: Duration,
-) -> Option<SocketAddr> {
-    let local = sock.local_addr().ok()?;
-    if local.is_ipv4() != server.is_ipv4() {
-        return None;
-    }
-    let tid = stun::new_transaction_id();
-    let req = stun::binding_request(&tid);
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut rto = Duration::from_millis(100);
-    let mut buf = [0u8; 1500];
-    loop {
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            return None;
-        }
-        if let Err(e) = sock.send_to(&req, server).await {
-            debug!(error = %e, "STUN send failed");
-        }
-        let wait_until = (now + rto).min(deadline);
-        rto *= 2;
-        loop {
-            match tokio::time::timeout_at(wait_until, sock.recv_from(&mut buf)).await {
-                Ok(Ok((n, from))) => {
-                    if from == server
-                        && let Some(a) = stun::parse_binding_response(&buf[..n], &tid)
-                    {
-                        return Some(a);
-                    }
-                }
-                Ok(Err(e)) => {
-                    debug!(error = %e, "STUN receive failed");
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -761,6 +755,7 @@ fn duration_to_ticks(d: Duration, rate: u32) -> u64 {
 enum Wake {
     Command(Option<Command>),
     Packet(usize, std::io::Result<(usize, SocketAddr)>),
+    Lookup(gather::Lookup),
     Timer,
 }
 
@@ -790,9 +785,16 @@ struct Driver {
     rtc_timeout: Instant,
     frames_dropped: u64,
     frames_unmatched: u64,
+    /// Candidate gathering and the TURN relays.
+    gather: gather::Gatherer,
+    /// (source, destination) of the last non-STUN packet str0m sent: the
+    /// selected candidate pair.
+    selected: Option<(SocketAddr, SocketAddr)>,
+    gather_deadline: Instant,
     config: PeerConfig,
     finished: bool,
 }
 
 mod driver;
+mod gather;
 mod negotiate;

@@ -104,6 +104,9 @@ impl Driver {
         text: &str,
         directions: Option<&HashMap<Mid, Direction>>,
     ) -> String {
+        if !self.gather.is_done() {
+            self.gather.sdp_while_gathering = true;
+        }
         let sections = sdp::parse_sections(text);
         let mut plan = HashMap::new();
         for s in &sections {
@@ -529,6 +532,17 @@ impl Driver {
             remote,
             frames_dropped: self.frames_dropped,
             frames_unmatched: self.frames_unmatched,
+            selected_pair: self.selected.map(|(local, remote)| SelectedPair {
+                local,
+                remote,
+                relayed: self
+                    .gather
+                    .relays
+                    .iter()
+                    .any(|r| r.client.relayed() == Some(local)),
+            }),
+            relays: self.gather.relay_stats(),
+            gathering_time: self.gather.finished_after,
         }
     }
 
@@ -554,6 +568,7 @@ impl Driver {
         if let Err(e) = self.drain().await {
             debug!(error = %e, "drain on close");
         }
+        self.close_relays().await;
         self.finish_all_sinks();
         self.set_state(ConnState::Closed);
         self.finished = true;
