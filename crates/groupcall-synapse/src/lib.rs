@@ -37,7 +37,7 @@
 mod install;
 mod process;
 
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -85,9 +85,9 @@ pub enum SynapseError {
         /// The end of the installer's output.
         log: String,
     },
-    /// The requested fixed port is in use on 127.0.0.1.
+    /// The requested fixed port is in use on the listen address.
     #[error(
-        "port {port} on 127.0.0.1 is busy (another program listens there); pick another port or let groupcall-synapse choose a free one"
+        "port {port} is busy (another program listens there); pick another port or let groupcall-synapse choose a free one"
     )]
     PortBusy {
         /// The busy port.
@@ -201,8 +201,11 @@ pub struct SynapseOptions {
     /// (unless `GROUPCALL_SYNAPSE_KEEP=1`). A given directory is kept and,
     /// when it already holds a generated config, reused as is.
     pub data_dir: Option<PathBuf>,
-    /// Fixed port on 127.0.0.1; `None` picks a free one.
+    /// Fixed port; `None` picks a free one.
     pub port: Option<u16>,
+    /// The address the client API listens on (default 127.0.0.1). Tests
+    /// with network namespaces use the address of a bridge they created.
+    pub bind_address: IpAddr,
     /// The homeserver's `server_name` (default `localhost`).
     pub server_name: String,
     /// Whether pip may install Synapse when it is missing.
@@ -224,6 +227,7 @@ impl Default for SynapseOptions {
             cache_dir: None,
             data_dir: None,
             port: None,
+            bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             server_name: "localhost".to_owned(),
             install: InstallPolicy::FromEnv,
             python: None,
@@ -273,6 +277,7 @@ pub struct Synapse {
     venv: PathBuf,
     data: DataDir,
     port: u16,
+    bind_address: IpAddr,
     server_name: String,
     start_timeout: Duration,
     stop_timeout: Duration,
@@ -345,6 +350,7 @@ impl Synapse {
             venv,
             data,
             port: 0,
+            bind_address: options.bind_address,
             server_name: options.server_name.clone(),
             start_timeout: options.start_timeout,
             stop_timeout: options.stop_timeout,
@@ -359,10 +365,10 @@ impl Synapse {
         for _ in 0..attempts {
             let port = match options.port {
                 Some(p) => {
-                    check_port_free(p)?;
+                    check_port_free(hs.bind_address, p)?;
                     p
                 }
-                None => free_port()?,
+                None => free_port(hs.bind_address)?,
             };
             hs.port = port;
             hs.write_overrides(&options.extra_config)?;
@@ -380,10 +386,13 @@ impl Synapse {
 
     /// Base URL of the client API, e.g. `http://127.0.0.1:41234`.
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!(
+            "http://{}",
+            std::net::SocketAddr::new(self.bind_address, self.port)
+        )
     }
 
-    /// The loopback port Synapse listens on.
+    /// The port Synapse listens on.
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -489,7 +498,7 @@ impl Synapse {
     /// with the same data.
     pub async fn restart(&mut self) -> Result<(), SynapseError> {
         self.stop().await?;
-        check_port_free(self.port)?;
+        check_port_free(self.bind_address, self.port)?;
         self.launch().await
     }
 
@@ -550,7 +559,7 @@ impl Synapse {
         });
         write_json(&dir.join(LOG_CONFIG_FILE), &log_config)?;
 
-        let mut config = overrides(self.port, dir);
+        let mut config = overrides(self.bind_address, self.port, dir);
         for (k, v) in extra {
             config.insert(k.clone(), v.clone());
         }
@@ -618,14 +627,18 @@ impl Synapse {
 }
 
 /// Our settings on top of the generated config.
-fn overrides(port: u16, dir: &Path) -> serde_json::Map<String, serde_json::Value> {
+fn overrides(
+    bind_address: IpAddr,
+    port: u16,
+    dir: &Path,
+) -> serde_json::Map<String, serde_json::Value> {
     // Rate limits: `per_second: 0` never refills, so "unlimited" is a huge
     // rate with a huge burst.
     let huge = serde_json::json!({ "per_second": 1_000_000, "burst_count": 1_000_000 });
     let value = serde_json::json!({
         "listeners": [{
             "port": port,
-            "bind_addresses": ["127.0.0.1"],
+            "bind_addresses": [bind_address.to_string()],
             "type": "http",
             "tls": false,
             "x_forwarded": false,
@@ -689,9 +702,9 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), SynapseError
 }
 
 /// Fails with [`SynapseError::PortBusy`] when `port` cannot be bound on
-/// 127.0.0.1.
-fn check_port_free(port: u16) -> Result<(), SynapseError> {
-    match TcpListener::bind(("127.0.0.1", port)) {
+/// `addr`.
+fn check_port_free(addr: IpAddr, port: u16) -> Result<(), SynapseError> {
+    match TcpListener::bind((addr, port)) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(SynapseError::PortBusy { port }),
         Err(e) => Err(SynapseError::Io {
@@ -701,9 +714,9 @@ fn check_port_free(port: u16) -> Result<(), SynapseError> {
     }
 }
 
-/// A port that was free on 127.0.0.1 a moment ago.
-fn free_port() -> Result<u16, SynapseError> {
-    let l = TcpListener::bind(("127.0.0.1", 0)).map_err(SynapseError::io("binding port 0"))?;
+/// A port that was free on `addr` a moment ago.
+fn free_port(addr: IpAddr) -> Result<u16, SynapseError> {
+    let l = TcpListener::bind((addr, 0)).map_err(SynapseError::io("binding port 0"))?;
     Ok(l.local_addr()
         .map_err(SynapseError::io("reading a bound port"))?
         .port())
@@ -716,8 +729,9 @@ mod tests {
 
     #[test]
     fn overrides_are_valid_json_with_our_keys() {
-        let m = overrides(1234, Path::new("/tmp/x"));
+        let m = overrides(IpAddr::V4(Ipv4Addr::LOCALHOST), 1234, Path::new("/tmp/x"));
         assert_eq!(m["listeners"][0]["port"], 1234);
+        assert_eq!(m["listeners"][0]["bind_addresses"][0], "127.0.0.1");
         assert_eq!(m["max_event_delay_duration"], "24h");
         assert_eq!(m["caches"]["sync_response_cache_duration"], 0);
         assert!(
@@ -732,7 +746,7 @@ mod tests {
         let l = TcpListener::bind(("127.0.0.1", 0)).unwrap();
         let port = l.local_addr().unwrap().port();
         assert!(matches!(
-            check_port_free(port),
+            check_port_free(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
             Err(SynapseError::PortBusy { .. })
         ));
     }
