@@ -29,6 +29,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::faults::{FaultOptions, Faults};
+use crate::liveness::{DelayedLeave, LivenessOptions, PublishedHook};
 use crate::matrix::{MatrixError, MatrixInput, MatrixSession, SyncOptions};
 
 /// Where our audio comes from.
@@ -78,6 +80,11 @@ pub struct JoinOptions {
     /// Core settings (timeouts, expiry...). `user_id`, `device_id`, `seed`
     /// and `require_encrypted` are filled in.
     pub core: Option<Config>,
+    /// Crash cleanup (MSC4140 delayed leave or short expiry) and media
+    /// liveness timeouts.
+    pub liveness: LivenessOptions,
+    /// Test only: inject faults into `m.call.*` to-device messages.
+    pub faults: Option<FaultOptions>,
 }
 
 impl JoinOptions {
@@ -94,6 +101,8 @@ impl JoinOptions {
             require_encrypted: false,
             stats_interval: Duration::from_secs(1),
             core: None,
+            liveness: LivenessOptions::default(),
+            faults: None,
         }
     }
 }
@@ -138,7 +147,9 @@ pub enum ClientEvent {
         /// Bytes sent so far.
         bytes: u64,
     },
-    /// A signalling message arrived (for diagnostics and tests).
+    /// A signalling message arrived (for diagnostics and tests), or one
+    /// held for its sender's member event was dropped after the grace period
+    /// (then `ignored` says so and `encrypted` is false).
     Signalling {
         /// Sender user.
         sender: String,
@@ -285,6 +296,20 @@ pub async fn join_call(
     }
 
     let mut cfg = opts.core.clone().unwrap_or_else(|| Config::new("", ""));
+    let delayed_leave =
+        opts.liveness.delayed_leave && session.supports_delayed_events().await.unwrap_or(false);
+    if !delayed_leave {
+        // No crash cleanup by the homeserver: a short expiry instead.
+        let expiry = opts.liveness.fallback_expiry.as_millis() as u64;
+        let refresh = opts.liveness.fallback_refresh.as_millis() as u64;
+        cfg.member_expiry_ms = cfg.member_expiry_ms.min(expiry);
+        cfg.member_refresh_ms = cfg.member_refresh_ms.min(refresh);
+    }
+    info!(
+        delayed_leave,
+        member_expiry_ms = cfg.member_expiry_ms,
+        "crash cleanup"
+    );
     cfg.user_id = session.user_id().to_owned();
     cfg.device_id = session.device_id();
     cfg.seed = RandomState::new().hash_one(SystemTime::now());
@@ -331,6 +356,21 @@ pub async fn join_call(
     let (media_tx, media_rx) = mpsc::unbounded_channel();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let (liveness, hook) = if delayed_leave {
+        let (l, h) = DelayedLeave::start(
+            session.clone(),
+            room_id.clone(),
+            &opts.liveness,
+            ev_tx.clone(),
+        );
+        (Some(l), Some(h))
+    } else {
+        (None, None)
+    };
+    let sync_rx = match &opts.faults {
+        Some(f) if f.incoming => crate::faults::wrap_incoming(sync_rx, f.clone()),
+        _ => sync_rx,
+    };
     let outbox = tokio::spawn(outbox(
         session.clone(),
         room_id.clone(),
@@ -338,6 +378,14 @@ pub async fn join_call(
         out_rx,
         ack_tx,
         ev_tx.clone(),
+        OutboxHooks {
+            member_published: hook,
+            faults: opts
+                .faults
+                .clone()
+                .filter(|f| f.outgoing)
+                .map(|f| Faults::new(f, "outgoing")),
+        },
     ));
     let driver = Driver {
         call,
@@ -349,6 +397,7 @@ pub async fn join_call(
         events: ev_tx,
         pending: VecDeque::new(),
         recordings: Vec::new(),
+        liveness,
     };
     let task = tokio::spawn(driver.run(sync, sync_rx, cmd_rx, media_rx, ack_rx, outbox));
     Ok(CallHandle {
@@ -372,6 +421,14 @@ enum OutItem {
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
+/// Optional extras of the outbox.
+struct OutboxHooks {
+    /// Told about our member content once the homeserver accepted it.
+    member_published: Option<PublishedHook>,
+    /// Test only: faults on outgoing signalling.
+    faults: Option<Faults>,
+}
+
 /// Sends state events and to-device messages one after the other, in the
 /// order the core produced them.
 async fn outbox(
@@ -381,13 +438,17 @@ async fn outbox(
     mut rx: mpsc::UnboundedReceiver<OutItem>,
     ack: mpsc::UnboundedSender<()>,
     events: mpsc::UnboundedSender<ClientEvent>,
+    mut hooks: OutboxHooks,
 ) {
     while let Some(item) = rx.recv().await {
         match item {
             OutItem::ToDevice {
                 event_type,
-                messages,
+                mut messages,
             } => {
+                if let Some(f) = &mut hooks.faults {
+                    messages = crate::faults::outgoing(f, &session, &event_type, messages, encrypt);
+                }
                 let n = messages.len();
                 if let Err(e) = session.send_to_device(&event_type, messages, encrypt).await {
                     warn!(%event_type, "to-device send failed: {e}");
@@ -411,6 +472,11 @@ async fn outbox(
                         Ok(_) => {
                             if member {
                                 let _ = ack.send(());
+                                if let Some(h) = &hooks.member_published
+                                    && state_key == session.user_id()
+                                {
+                                    h.published(&event_type, &content);
+                                }
                             }
                             break;
                         }
@@ -456,6 +522,8 @@ struct Driver {
     /// Media results to feed back into the core.
     pending: VecDeque<MediaEvent>,
     recordings: Vec<PathBuf>,
+    /// The MSC4140 delayed leave, when used.
+    liveness: Option<DelayedLeave>,
 }
 
 impl Driver {
@@ -519,6 +587,14 @@ impl Driver {
         let _ = tokio::time::timeout(Duration::from_secs(10), done_rx).await;
         drop(self.out_tx);
         let _ = tokio::time::timeout(Duration::from_secs(5), outbox).await;
+        // After a clean leave our member event no longer lists us: cancel
+        // the delayed leave. Otherwise dropping it stops the heartbeat and
+        // the homeserver removes our entry after the delay.
+        if let Some(l) = self.liveness.take()
+            && result.is_ok()
+        {
+            l.stop().await;
+        }
         sync.stop();
         for path in std::mem::take(&mut self.recordings) {
             let _ = self.events.send(ClientEvent::Recorded { path });
@@ -566,6 +642,20 @@ impl Driver {
             }
             MatrixInput::Disconnected { error, fatal } => {
                 warn!(fatal, "homeserver unreachable: {error}");
+                let _ = self.events.send(ClientEvent::Warning(format!(
+                    "homeserver unreachable ({}): {error}",
+                    if fatal {
+                        "giving up"
+                    } else {
+                        "retrying with backoff"
+                    }
+                )));
+            }
+            MatrixInput::Synced { first: false } => {
+                info!("homeserver reachable again");
+                let _ = self
+                    .events
+                    .send(ClientEvent::Warning("homeserver reachable again".into()));
             }
             _ => {}
         }
@@ -705,6 +795,14 @@ impl Driver {
                 None => break,
             }
         }
+        for d in self.call.take_dropped_signalling() {
+            let _ = self.events.send(ClientEvent::Signalling {
+                sender: d.sender,
+                event_type: d.event_type,
+                encrypted: false,
+                ignored: Some(d.reason.to_string()),
+            });
+        }
     }
 
     fn media_feeds(&self) -> Vec<groupcall_media::LocalFeed> {
@@ -729,6 +827,8 @@ impl Driver {
         }
         let config = PeerConfig {
             bind_addrs: self.opts.bind_addrs.clone(),
+            disconnect_timeout: self.opts.liveness.media_disconnect_timeout,
+            failed_timeout: self.opts.liveness.media_failed_timeout,
             ..PeerConfig::default()
         };
         let (media, mut events) = MediaPeer::new(config).await.map_err(|e| e.to_string())?;

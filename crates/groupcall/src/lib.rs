@@ -9,10 +9,14 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod faults;
+pub mod liveness;
 pub mod matrix;
 
 pub use client::{
     AudioSource, CallHandle, ClientError, ClientEvent, JoinOptions, VideoSource, join_call,
 };
+pub use faults::FaultOptions;
 pub use groupcall_media as media;
 pub use groupcall_proto as proto;
+pub use liveness::LivenessOptions;
