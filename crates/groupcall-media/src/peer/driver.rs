@@ -59,6 +59,9 @@ impl Driver {
                 self.finished = true;
             }
         }
+        // However the peer ended (closed here or by the remote, failed, or
+        // the handle dropped), release the TURN allocations.
+        self.close_relays().await;
         debug!("media peer task ended");
     }
 
