@@ -188,8 +188,10 @@ impl Coturn {
         );
         let conf_path = dir.path().join("turnserver.conf");
         std::fs::write(&conf_path, conf).map_err(io("writing turnserver.conf"))?;
-        let log = File::create(dir.path().join("turnserver.log"))
-            .map_err(io("creating the coturn log"))?;
+        // coturn writes its log itself (line by line); stdout and stderr
+        // only get what it prints before opening it.
+        let log = File::create(dir.path().join("turnserver.out"))
+            .map_err(io("creating the coturn output file"))?;
         let err = log.try_clone().map_err(io("duplicating the log handle"))?;
         let child = Command::new(binary)
             .arg("-c")
@@ -254,11 +256,15 @@ impl Coturn {
         (username, password)
     }
 
-    /// The whole log so far.
+    /// The whole log so far (its output before the log file opened, then
+    /// the log file).
     pub fn log(&self) -> String {
-        std::fs::read(self.dir.path().join("turnserver.log"))
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        let read = |name: &str| {
+            std::fs::read(self.dir.path().join(name))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        read("turnserver.out") + &read("turn.log")
     }
 
     /// The last `n` lines of the log.
@@ -375,11 +381,12 @@ fn config(dir: &Path, port: u16, relay: (u16, u16), secret: &str, realm: &str) -
          no-software-attribute\n\
          verbose\n\
          simple-log\n\
-         log-file=stdout\n\
+         log-file={}\n\
          pidfile={}\n\
          userdb={}\n",
         relay.0,
         relay.1,
+        dir.join("turn.log").display(),
         dir.join("turnserver.pid").display(),
         dir.join("turndb").display(),
     )
