@@ -38,7 +38,7 @@ impl DelayedAction {
 
 /// Whether a retry is safe and useful.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Retry {
+pub(super) enum Retry {
     /// Idempotent request: retry transport errors, 5xx and 429.
     Transient,
     /// Retry only when the request provably never reached the server.
@@ -247,7 +247,7 @@ impl MatrixSession {
 
     /// An authenticated request to the homeserver with JSON in and out.
     /// Path segments are percent-encoded.
-    async fn raw_request(
+    pub(super) async fn raw_request(
         &self,
         action: &str,
         method: Method,

@@ -1,7 +1,7 @@
 //! The Matrix transport: login with a persisted E2EE session, room and
 //! state helpers, a resilient sync loop that feeds [`MatrixInput`]s into a
-//! channel, plaintext and Olm-encrypted to-device sending, and MSC4140
-//! delayed events.
+//! channel, plaintext and Olm-encrypted to-device sending, MSC4140
+//! delayed events, and the homeserver's TURN servers.
 //!
 //! Everything here speaks raw JSON (`serde_json::Value`) for event contents:
 //! the MSC3401 shapes on the wire differ from ruma's typed `m.call.*`
@@ -12,6 +12,7 @@ mod error;
 mod room;
 mod sync;
 mod to_device;
+mod turn;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub use delayed::DelayedAction;
 pub use error::MatrixError;
 pub use room::CreateRoomOptions;
 pub use sync::{MatrixInput, SyncHandle, SyncOptions};
+pub use turn::{TurnServers, TurnWatch};
 
 /// Unstable (on-the-wire) type of the MSC3401 call state event.
 pub const CALL_EVENT_TYPE: &str = "org.matrix.msc3401.call";
