@@ -111,6 +111,9 @@ pub struct RoomCallState {
     memberships: BTreeMap<String, String>,
     pinned: Option<String>,
     current: Option<String>,
+    /// Whether `current` was terminated when last computed (the record
+    /// itself is overwritten by the event that terminates it).
+    current_terminated: bool,
     participants: BTreeMap<DeviceKey, Participant>,
     /// Whether to require `m.room.member` = join (default true).
     require_room_membership: bool,
@@ -273,13 +276,15 @@ impl RoomCallState {
                 call_id: current.clone(),
             });
         }
-        let was_terminated = self
+        // Compare with what we knew before this event: by now the record
+        // already holds the new content.
+        let was_terminated = self.current_terminated && current == self.current;
+        self.current = current;
+        self.current_terminated = self
             .current
             .as_ref()
-            .filter(|c| Some(*c) == current.as_ref())
             .and_then(|c| self.calls.get(c))
             .is_some_and(|c| c.content.is_terminated());
-        self.current = current;
 
         let mut next = BTreeMap::new();
         let mut call_live = false;

@@ -727,6 +727,36 @@ fn terminate_marks_the_call_ended() {
 }
 
 #[test]
+fn terminated_by_someone_else_ends_our_call() {
+    // The reference terminates with the call's content plus "m.terminated"
+    // (a newer event with the same state key as the live call).
+    let mut call = joined(|_| {});
+    call.handle_state(
+        NOW + 10,
+        &json!({"type": "org.matrix.msc3401.call", "state_key": CONF, "sender": "@b:x", "origin_server_ts": NOW + 10,
+            "content": {"m.intent": "m.prompt", "m.type": "m.video", "m.terminated": "call_ended"}}),
+    )
+    .unwrap();
+    let outs = drain(&mut call);
+    assert!(
+        outs.iter().any(
+            |o| matches!(o, Output::Event(CallEvent::CallEnded { call_id, reason })
+            if call_id == CONF && reason == "call_ended")
+        ),
+        "{outs:?}"
+    );
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Event(CallEvent::Left)))
+    );
+    assert!(outs.iter().any(
+        |o| matches!(o, Output::PublishState { event_type, content, .. }
+        if event_type == "org.matrix.msc3401.call.member" && content["m.calls"] == json!([]))
+    ));
+    assert_eq!(call.joined_call_id(), None);
+}
+
+#[test]
 fn join_without_a_call_needs_create() {
     let mut call = GroupCall::new(Config::new("@a:x", "ADEV"));
     assert_eq!(
