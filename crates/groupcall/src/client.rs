@@ -40,6 +40,9 @@ pub enum AudioSource {
     Tone,
     /// An Ogg/Opus file (looped).
     File(PathBuf),
+    /// Opus packets pushed by the application through
+    /// [`CallHandle::frame_pusher`].
+    Push,
     /// No audio track.
     None,
 }
@@ -51,6 +54,9 @@ pub enum VideoSource {
     Pattern,
     /// An IVF/VP8 file (looped).
     File(PathBuf),
+    /// VP8 frames pushed by the application through
+    /// [`CallHandle::frame_pusher`].
+    Push,
     /// No video track.
     None,
 }
@@ -77,9 +83,14 @@ pub struct JoinOptions {
     pub require_encrypted: bool,
     /// How often to report media counters.
     pub stats_interval: Duration,
+    /// Deliver every received encoded frame as [`ClientEvent::Frame`].
+    pub deliver_frames: bool,
     /// Core settings (timeouts, expiry...). `user_id`, `device_id`, `seed`
     /// and `require_encrypted` are filled in.
     pub core: Option<Config>,
+    /// Offer only relayed candidates: all media goes through the
+    /// homeserver's TURN server (for strict NATs; needs one).
+    pub relay_only: bool,
     /// Crash cleanup (MSC4140 delayed leave or short expiry) and media
     /// liveness timeouts.
     pub liveness: LivenessOptions,
@@ -100,7 +111,9 @@ impl JoinOptions {
             encrypt: true,
             require_encrypted: false,
             stats_interval: Duration::from_secs(1),
+            deliver_frames: false,
             core: None,
+            relay_only: false,
             liveness: LivenessOptions::default(),
             faults: None,
         }
@@ -160,6 +173,13 @@ pub enum ClientEvent {
         /// Why it was ignored, if it was.
         ignored: Option<String>,
     },
+    /// A received encoded frame (with [`JoinOptions::deliver_frames`]).
+    Frame {
+        /// Remote device.
+        device: DeviceKey,
+        /// The frame.
+        frame: ReceivedFrame,
+    },
     /// A recording was finished.
     Recorded {
         /// The file.
@@ -186,8 +206,42 @@ pub enum ClientError {
     SyncStopped(String),
 }
 
+/// An encoded frame received from a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedFrame {
+    /// Stream id (msid) of the remote feed.
+    pub stream_id: String,
+    /// Track id.
+    pub track_id: String,
+    /// Audio (an Opus packet) or video (a VP8 frame).
+    pub kind: TrackKind,
+    /// The encoded data.
+    pub data: std::sync::Arc<[u8]>,
+    /// RTP time (48 kHz audio, 90 kHz video), extended to 64 bits.
+    pub rtp_time: u64,
+    /// A VP8 key frame.
+    pub keyframe: bool,
+}
+
+/// Pushes encoded frames to every peer (for [`AudioSource::Push`] and
+/// [`VideoSource::Push`]).
+#[derive(Debug, Clone)]
+pub struct FramePusher(mpsc::UnboundedSender<PushedFrame>);
+
+type PushedFrame = (TrackKind, std::sync::Arc<[u8]>, Duration);
+
+impl FramePusher {
+    /// Sends one encoded frame (an Opus packet or a VP8 frame) of our
+    /// camera/microphone feed to every peer; `duration` is its play time.
+    /// `false` when the call has ended.
+    pub fn push(&self, kind: TrackKind, data: impl Into<std::sync::Arc<[u8]>>, duration: Duration) -> bool {
+        self.0.send((kind, data.into(), duration)).is_ok()
+    }
+}
+
 /// A running call. Drop it or call [`CallHandle::leave`] to leave.
 pub struct CallHandle {
+    pusher: FramePusher,
     commands: mpsc::UnboundedSender<Command>,
     events: mpsc::UnboundedReceiver<ClientEvent>,
     task: JoinHandle<Result<(), ClientError>>,
@@ -205,6 +259,12 @@ impl CallCommander {
 }
 
 impl CallHandle {
+    /// A sender of encoded frames for [`AudioSource::Push`] /
+    /// [`VideoSource::Push`].
+    pub fn frame_pusher(&self) -> FramePusher {
+        self.pusher.clone()
+    }
+
     /// A sender of commands that can live apart from the handle.
     pub fn commander(&self) -> CallCommander {
         CallCommander(self.commands.clone())
@@ -352,6 +412,7 @@ pub async fn join_call(
     )?;
 
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (push_tx, push_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let (media_tx, media_rx) = mpsc::unbounded_channel();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -387,6 +448,7 @@ pub async fn join_call(
                 .map(|f| Faults::new(f, "outgoing")),
         },
     ));
+    let turn = session.watch_turn_servers().await;
     let driver = Driver {
         call,
         room_id,
@@ -397,10 +459,12 @@ pub async fn join_call(
         events: ev_tx,
         pending: VecDeque::new(),
         recordings: Vec::new(),
+        turn,
         liveness,
     };
-    let task = tokio::spawn(driver.run(sync, sync_rx, cmd_rx, media_rx, ack_rx, outbox));
+    let task = tokio::spawn(driver.run(sync, sync_rx, cmd_rx, media_rx, ack_rx, push_rx, outbox));
     Ok(CallHandle {
+        pusher: FramePusher(push_tx),
         commands: cmd_tx,
         events: ev_rx,
         task,
@@ -522,6 +586,8 @@ struct Driver {
     /// Media results to feed back into the core.
     pending: VecDeque<MediaEvent>,
     recordings: Vec<PathBuf>,
+    /// The homeserver's TURN servers, kept fresh.
+    turn: crate::matrix::TurnWatch,
     /// The MSC4140 delayed leave, when used.
     liveness: Option<DelayedLeave>,
 }
@@ -534,6 +600,7 @@ impl Driver {
         mut cmd_rx: mpsc::UnboundedReceiver<Command>,
         mut media_rx: mpsc::UnboundedReceiver<(PeerHandle, PeerEvent)>,
         mut ack_rx: mpsc::UnboundedReceiver<()>,
+        mut push_rx: mpsc::UnboundedReceiver<PushedFrame>,
         outbox: JoinHandle<()>,
     ) -> Result<(), ClientError> {
         self.drain().await;
@@ -570,6 +637,7 @@ impl Driver {
                 Some(()) = ack_rx.recv() => self.call.handle_membership_published(now_ms()),
                 _ = timer => self.call.handle_timeout(now_ms()),
                 _ = stats.tick() => self.report_stats().await,
+                Some((kind, data, duration)) = push_rx.recv() => self.push_frame(kind, data, duration),
             }
             self.drain().await;
             if self.call.joined_call_id().is_none() {
@@ -666,6 +734,22 @@ impl Driver {
             PeerEvent::Connected => Some(MediaState::Connected),
             PeerEvent::Disconnected => Some(MediaState::Disconnected),
             PeerEvent::Failed => Some(MediaState::Failed),
+            PeerEvent::Frame(frame) => {
+                if let Some(peer) = self.peers.get(&handle) {
+                    let _ = self.events.send(ClientEvent::Frame {
+                        device: peer.device.clone(),
+                        frame: ReceivedFrame {
+                            stream_id: frame.stream_id.to_string(),
+                            track_id: frame.track_id.to_string(),
+                            kind: frame.kind,
+                            data: frame.data,
+                            rtp_time: frame.rtp_time,
+                            keyframe: frame.keyframe,
+                        },
+                    });
+                }
+                None
+            }
             PeerEvent::RemoteTrack {
                 stream_id,
                 track_id,
@@ -709,6 +793,32 @@ impl Driver {
                         kind,
                     });
                 }
+                None
+            }
+            PeerEvent::LocalCandidates {
+                candidates,
+                complete,
+            } => {
+                // Found after the offer/answer went out: trickle them.
+                let mut candidates: Vec<_> = candidates
+                    .into_iter()
+                    .map(|c| groupcall_proto::signalling::Candidate {
+                        candidate: c.candidate,
+                        sdp_mid: c.sdp_mid,
+                        sdp_m_line_index: c.sdp_m_line_index.map(u32::from),
+                        extra: Default::default(),
+                    })
+                    .collect();
+                if complete {
+                    candidates.push(groupcall_proto::signalling::Candidate::end_of_candidates());
+                }
+                self.call.handle_media(
+                    now_ms(),
+                    MediaEvent::LocalCandidates {
+                        peer: handle,
+                        candidates,
+                    },
+                );
                 None
             }
             _ => None,
@@ -827,6 +937,9 @@ impl Driver {
         }
         let config = PeerConfig {
             bind_addrs: self.opts.bind_addrs.clone(),
+            ice_servers: self.turn.ice_servers(),
+            relay_only: self.opts.relay_only,
+            deliver_frames: self.opts.deliver_frames,
             disconnect_timeout: self.opts.liveness.media_disconnect_timeout,
             failed_timeout: self.opts.liveness.media_failed_timeout,
             ..PeerConfig::default()
@@ -853,6 +966,27 @@ impl Driver {
     }
 
     /// Gives every local track of the peer a source (once).
+    /// Sends a pushed frame on the camera/microphone track of its kind to
+    /// every peer.
+    fn push_frame(&mut self, kind: TrackKind, data: std::sync::Arc<[u8]>, duration: Duration) {
+        let feeds = self.call.local_feeds();
+        let Some(track) = feeds
+            .iter()
+            .find(|f| f.purpose == FeedPurpose::Usermedia)
+            .and_then(|f| match kind {
+                TrackKind::Audio => f.audio_track_id.clone(),
+                TrackKind::Video => f.video_track_id.clone(),
+            })
+        else {
+            return;
+        };
+        for peer in self.peers.values() {
+            if let Err(e) = peer.media.send_frame(&track, data.clone(), duration) {
+                debug!("pushed frame not sent: {e}");
+            }
+        }
+    }
+
     fn attach_sources(&mut self, handle: PeerHandle, feeds: &[groupcall_media::LocalFeed]) {
         let Some(peer) = self.peers.get_mut(&handle) else {
             return;
@@ -863,6 +997,7 @@ impl Driver {
             {
                 let src = match &self.opts.audio {
                     AudioSource::File(p) => OggOpusSource::open(p).ok(),
+                    AudioSource::Push => None,
                     _ => Some(OggOpusSource::tone()),
                 };
                 if let Some(src) = src
@@ -878,6 +1013,7 @@ impl Driver {
                     (VideoSource::File(p), groupcall_media::FeedPurpose::Usermedia) => {
                         IvfSource::open(p).ok()
                     }
+                    (VideoSource::Push, groupcall_media::FeedPurpose::Usermedia) => None,
                     _ => IvfSource::test_pattern().ok(),
                 };
                 if let Some(src) = src
