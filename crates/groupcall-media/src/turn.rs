@@ -1263,3 +1263,76 @@ mod tests {
         assert!(c.relayed().is_some());
     }
 }
+
+/// Against a real coturn (see groupcall-coturn): what a long call needs.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod against_coturn {
+    use super::*;
+
+    fn drain(c: &mut TurnClient) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| c.poll_transmit()).collect()
+    }
+
+    /// Sends what the client wants sent and feeds back answers (at `now`)
+    /// until the server is quiet for 200 ms.
+    async fn exchange(
+        c: &mut TurnClient,
+        sock: &tokio::net::UdpSocket,
+        server: SocketAddr,
+        now: Instant,
+    ) {
+        let mut buf = [0u8; 2048];
+        loop {
+            for d in drain(c) {
+                sock.send_to(&d, server).await.unwrap();
+            }
+            match tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf)).await {
+                Ok(Ok((n, _))) => {
+                    c.handle_input(now, &buf[..n]);
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// TURN REST credentials expire (Synapse's `turn_user_lifetime`), but
+    /// an allocation made with them must outlive them: coturn accepts the
+    /// Refresh of an existing allocation after the user name's expiry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refresh_after_the_credentials_expired() {
+        let turn = groupcall_coturn::Coturn::start(Default::default())
+            .await
+            .unwrap();
+        let (user, pass) = turn.credentials("long-call", Duration::from_secs(1));
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let t0 = Instant::now();
+        let mut c = TurnClient::new(turn.addr(), &user, &pass, TurnTiming::default(), t0);
+        exchange(&mut c, &sock, turn.addr(), t0).await;
+        assert!(matches!(c.poll_event(), Some(TurnEvent::Allocated { .. })));
+        let relayed = c.relayed();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        // Pretend 9 minutes passed: the refresh is due.
+        let later = Instant::now() + Duration::from_secs(541);
+        c.handle_timeout(later);
+        let refresh = drain(&mut c);
+        assert_eq!(refresh.len(), 1);
+        assert_eq!(
+            Message::decode(&refresh[0]).unwrap().method,
+            method::REFRESH
+        );
+        for d in refresh {
+            sock.send_to(&d, turn.addr()).await.unwrap();
+        }
+        exchange(&mut c, &sock, turn.addr(), later).await;
+        assert_eq!(c.poll_event(), None, "{}", turn.log_tail(10));
+        assert_eq!(c.relayed(), relayed);
+        // The next refresh is due about ten minutes after this one.
+        let next = c.next_timeout().unwrap();
+        assert!(
+            next > later + Duration::from_secs(500),
+            "{:?}",
+            next - later
+        );
+    }
+}
