@@ -131,6 +131,8 @@ async fn relay_only_peer_connects_through_coturn() {
     let (b, mut b_ev) = MediaPeer::new(PeerConfig {
         ice_servers: vec![b_server],
         relay_only: true,
+        // Room for a loaded CI machine; the allocation takes ~10 ms.
+        gather_wait: Duration::from_secs(2),
         ..PeerConfig::default()
     })
     .await
@@ -143,7 +145,7 @@ async fn relay_only_peer_connects_through_coturn() {
     assert!(cands[0].contains("typ relay"), "{offer}");
     let sb = b.stats().await.unwrap();
     let gathering = sb.gathering_time.expect("gathering finished");
-    assert!(gathering < Duration::from_millis(300), "{gathering:?}");
+    assert!(gathering < Duration::from_secs(2), "{gathering:?}");
     let relayed = sb.relays[0].relayed.expect("relayed address");
     assert!(cands[0].contains(&format!("{} {} typ relay", relayed.ip(), relayed.port())));
     let (lo, hi) = turn.relay_ports();
@@ -203,6 +205,7 @@ async fn both_sides_relay_only() {
     let cfg = |user: &str| PeerConfig {
         ice_servers: vec![turn_server(&turn, user)],
         relay_only: true,
+        gather_wait: Duration::from_secs(2),
         ..PeerConfig::default()
     };
     let (a, mut a_ev) = MediaPeer::new(cfg("alice")).await.unwrap();
@@ -269,9 +272,9 @@ async fn delaying_proxy(target: SocketAddr, delay: Duration) -> SocketAddr {
 async fn slow_turn_server_is_trickled() {
     init_tracing();
     let turn = coturn().await;
-    // Two round trips of 300 ms: the allocation takes ~600 ms, longer than
+    // Two round trips of 500 ms: the allocation takes ~1 s, longer than
     // the 300 ms an offer waits.
-    let proxy = delaying_proxy(turn.addr(), Duration::from_millis(150)).await;
+    let proxy = delaying_proxy(turn.addr(), Duration::from_millis(250)).await;
     let (username, password) = turn.credentials("bob", Duration::from_secs(3600));
     let server = IceServer::turn([format!("turn:{proxy}?transport=udp")], username, password);
     let (a, mut a_ev) = MediaPeer::new(PeerConfig::default()).await.unwrap();
@@ -286,7 +289,7 @@ async fn slow_turn_server_is_trickled() {
     let offer = b.create_offer(&[LocalFeed::usermedia("sb")]).await.unwrap();
     let offered_after = t0.elapsed();
     assert!(
-        offered_after < Duration::from_millis(450),
+        offered_after >= Duration::from_millis(300) && offered_after < Duration::from_millis(900),
         "offer took {offered_after:?}"
     );
     assert!(candidates(&offer).is_empty(), "{offer}");
@@ -354,7 +357,7 @@ async fn wrong_turn_password_fails_cleanly() {
     // The host candidate still works; the relay is reported as failed.
     connect(&b, &mut b_ev, &a, &mut a_ev).await;
     let s = b.stats().await.unwrap();
-    assert!(s.gathering_time.unwrap() < Duration::from_millis(300));
+    assert!(s.gathering_time.unwrap() < Duration::from_millis(1500));
     let err = s.relays[0].error.clone().expect("an error");
     assert!(err.contains("401"), "{err}");
     assert!(s.relays[0].relayed.is_none());
@@ -397,7 +400,7 @@ async fn stun_url_gives_srflx_and_unusable_urls_are_skipped() {
     let t0 = Instant::now();
     let (a, _ev) = MediaPeer::new(cfg).await.unwrap();
     let offer = a.create_offer(&[LocalFeed::usermedia("s")]).await.unwrap();
-    assert!(t0.elapsed() < Duration::from_millis(300));
+    assert!(t0.elapsed() < Duration::from_secs(1));
     let port = a.local_addrs()[0].port();
     assert!(
         offer.contains(&format!("127.0.0.2 {port} typ srflx")),
