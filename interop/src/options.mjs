@@ -4,7 +4,8 @@
 const USAGE = `usage: node peer.mjs --homeserver URL --user NAME --password PW --room ROOM_ID
          [--register] [--create-call] [--video|--voice] [--mute-audio] [--mute-video]
          [--screenshare] [--duration SECS] [--log-signalling] [--encrypted]
-         [--ice-server URI] [--log-level debug|info|warn|error|silent]`;
+         [--ice-server URI] [--log-level debug|info|warn|error|silent]
+         [--media-interval MS]`;
 
 const FLAGS = {
   "--register": "register",
@@ -24,6 +25,7 @@ const VALUES = {
   "--duration": "duration",
   "--log-level": "logLevel",
   "--ice-server": "iceServer",
+  "--media-interval": "mediaInterval",
 };
 
 export class UsageError extends Error {}
@@ -33,6 +35,7 @@ export function parseOptions(argv) {
     callType: "video",
     duration: null,
     logLevel: "info",
+    mediaInterval: 1000,
   };
   for (const flag of Object.values(FLAGS)) opts[flag] = false;
 
@@ -59,6 +62,8 @@ export function parseOptions(argv) {
     opts.duration = Number(opts.duration);
     if (!(opts.duration > 0)) throw new UsageError(`--duration must be a positive number`);
   }
+  opts.mediaInterval = Number(opts.mediaInterval);
+  if (!(opts.mediaInterval >= 10)) throw new UsageError(`--media-interval must be at least 10 (ms)`);
   if (!["debug", "info", "warn", "error", "silent"].includes(opts.logLevel)) {
     throw new UsageError(`bad --log-level ${opts.logLevel}`);
   }

@@ -199,10 +199,11 @@ export async function startPeer({ sdk, opts, platform, emit }) {
   groupCall.on(GroupCallEvent.Error, (e) =>
     emit({ event: "call_error", code: e.code ?? null, message: errorMessage(e) }));
 
-  // Frame counts: once a second per remote feed and track kind.
+  // Frame counts: once a second (--media-interval) per remote feed and track kind.
+  const mediaInterval = opts.mediaInterval ?? 1000;
   const mediaTimer = setInterval(() => {
     reportMedia().catch((e) => emit({ event: "call_error", code: "media_stats", message: errorMessage(e) }));
-  }, 1000);
+  }, mediaInterval);
   const reportMedia = async () => {
     for (const [feed, entry] of feeds) {
       countTracks(feed, entry); // tracks can join a feed's stream later
@@ -210,7 +211,7 @@ export async function startPeer({ sdk, opts, platform, emit }) {
         const frames = await counter.read();
         const previous = entry.last.get(id) ?? 0;
         entry.last.set(id, frames);
-        emit({ event: "media", ...who(feed), stream_id: feed.stream.id, purpose: feed.purpose, kind: counter.kind, track_id: id, frames, fps: frames - previous });
+        emit({ event: "media", ...who(feed), stream_id: feed.stream.id, purpose: feed.purpose, kind: counter.kind, track_id: id, frames, fps: Math.round(((frames - previous) * 1000) / mediaInterval) });
       }
     }
   };
