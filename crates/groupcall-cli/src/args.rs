@@ -38,6 +38,173 @@ pub enum Cmd {
     /// is public and lets every member send the call events. Synapse comes
     /// from a venv in ~/.cache/groupcall (installed with pip on first use).
     Synapse(SynapseArgs),
+    /// Show the whole system working: a group call of N participants on a
+    /// throwaway local Synapse (or any homeserver), with a report.
+    ///
+    /// Without --homeserver it starts a local Synapse (installed once into
+    /// ~/.cache/groupcall), registers the users, creates a call room, runs
+    /// --participants groupcall clients in this process (and --with-reference
+    /// matrix-js-sdk peers from interop/), shows every pair connecting and
+    /// media flowing, prints a table and writes a report directory
+    /// (summary.json, timeline.svg, index.html, recordings). Everything it
+    /// started is stopped at the end, on errors and on SIGINT/SIGTERM.
+    Demo(DemoArgs),
+    /// Benchmarks against the reference implementation (matrix-js-sdk).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+/// `groupcall bench` subcommands.
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Call setup: groupcall and the reference on one local Synapse, N = 2,
+    /// 4, 8 participants, several repetitions each.
+    ///
+    /// P1: time from the last participant's join (its first member state
+    /// event reaching the homeserver) until every pair receives audio and
+    /// video frames both ways. P2: to-device requests, messages and bytes
+    /// per pair, and member state events, counted by an HTTP proxy in front
+    /// of Synapse. P4: CPU time per participant and connected peer over a
+    /// fixed window once the mesh is up. Prints a table; with --json also
+    /// one JSON object per N on stdout.
+    Setup(BenchSetupArgs),
+}
+
+/// Which recordings the demo keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RecordWhich {
+    /// The first participant's.
+    First,
+    /// Every groupcall participant's.
+    All,
+    /// None.
+    None,
+}
+
+/// Arguments of `groupcall demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Number of groupcall participants (in this process). Default: 4, or
+    /// with --homeserver the number of --user accounts left after the
+    /// reference peers.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub participants: Option<u16>,
+
+    /// Seconds of media after every pair is connected with media both ways.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Add K reference peers (matrix-js-sdk GroupCall in Node,
+    /// `node interop/peer.mjs`; `npm ci` runs first when needed).
+    #[arg(long, value_name = "K", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=8))]
+    pub with_reference: u16,
+
+    /// Where the report goes (default ./groupcall-report-<UTC timestamp>).
+    #[arg(long, value_name = "DIR")]
+    pub report_dir: Option<PathBuf>,
+
+    /// Whose received media is recorded into the report.
+    #[arg(long, value_enum, default_value = "first")]
+    pub record: RecordWhich,
+
+    /// Also print JSON lines on stdout (progress, then a summary as the last
+    /// line); the table then goes to stderr.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Use this homeserver instead of a local Synapse (needs --user).
+    #[arg(long, value_name = "URL", requires = "users")]
+    pub homeserver: Option<String>,
+
+    /// An account on --homeserver, as NAME:PASSWORD; repeatable. The first
+    /// ones are the groupcall participants, the rest the reference peers.
+    #[arg(long = "user", value_name = "NAME:PASSWORD", value_parser = parse_user_spec, requires = "homeserver")]
+    pub users: Vec<UserSpec>,
+
+    /// With --homeserver: the room to call in (it must let members send the
+    /// call events); default: the first user creates one.
+    #[arg(long, value_name = "ROOM_ID_OR_ALIAS", requires = "homeserver")]
+    pub room: Option<String>,
+
+    /// Port for the local Synapse on 127.0.0.1 (default: a free one).
+    #[arg(long, value_name = "PORT", conflicts_with = "homeserver")]
+    pub synapse_port: Option<u16>,
+
+    /// Give up when a participant has not joined, or a pair is not connected
+    /// with media both ways, this many seconds after the last join.
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Send signalling as plaintext to-device messages (no Olm).
+    #[arg(long)]
+    pub plaintext: bool,
+
+    /// The interop directory with peer.mjs (default: ./interop, else the
+    /// one of the source tree this binary was built from).
+    #[arg(long, value_name = "DIR")]
+    pub interop_dir: Option<PathBuf>,
+
+    /// Test only: the last groupcall participant offers media on ::1 only,
+    /// which the others (on 127.0.0.1) cannot reach, so its pairs never
+    /// connect.
+    #[arg(long, hide = true)]
+    pub break_media: bool,
+}
+
+/// Arguments of `groupcall bench setup`.
+#[derive(Args, Debug)]
+pub struct BenchSetupArgs {
+    /// Call sizes (participants), comma separated.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',', default_value = "2,4,8", value_parser = clap::value_parser!(u16).range(2..=16))]
+    pub sizes: Vec<u16>,
+
+    /// Repetitions per size and system.
+    #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=50))]
+    pub reps: u16,
+
+    /// Which systems to run.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "groupcall,reference"
+    )]
+    pub systems: Vec<System>,
+
+    /// CPU measurement window once the mesh is up (P4); 0 skips P4.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration_or_zero)]
+    pub cpu_window: Duration,
+
+    /// Give up on a run when a pair is not up this long after the last join.
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Olm-encrypted signalling for both systems (default: plaintext, the
+    /// reference's default).
+    #[arg(long)]
+    pub encrypted: bool,
+
+    /// Port for the local Synapse on 127.0.0.1 (default: a free one).
+    #[arg(long, value_name = "PORT")]
+    pub synapse_port: Option<u16>,
+
+    /// The interop directory with peer.mjs (default: ./interop, else the
+    /// one of the source tree this binary was built from).
+    #[arg(long, value_name = "DIR")]
+    pub interop_dir: Option<PathBuf>,
+
+    /// Also print one JSON object per size on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A system under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum System {
+    /// groupcall (this project), in this process.
+    Groupcall,
+    /// matrix-js-sdk GroupCall in Node (interop/peer.mjs).
+    Reference,
 }
 
 /// Arguments of `groupcall join`.
@@ -185,6 +352,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
 }
 
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
 fn parse_user_spec(s: &str) -> Result<UserSpec, String> {
     match s.split_once(':') {
         Some((name, password)) if !name.is_empty() && !password.is_empty() => Ok(UserSpec {
@@ -317,7 +491,7 @@ mod tests {
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv).map(|c| match c.command {
             Cmd::Join(a) => a,
-            Cmd::Synapse(_) => unreachable!(),
+            _ => unreachable!(),
         })
     }
 

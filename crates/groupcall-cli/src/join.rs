@@ -203,13 +203,13 @@ fn explain(e: ClientError, args: &JoinArgs) -> anyhow::Error {
 }
 
 /// SIGINT and SIGTERM.
-struct Signals {
+pub(crate) struct Signals {
     term: Signal,
     int: Signal,
 }
 
 impl Signals {
-    fn new() -> anyhow::Result<Signals> {
+    pub(crate) fn new() -> anyhow::Result<Signals> {
         Ok(Signals {
             term: signal(SignalKind::terminate())
                 .map_err(|e| anyhow!("cannot handle SIGTERM: {e}"))?,
@@ -219,7 +219,7 @@ impl Signals {
     }
 
     /// The next signal's name.
-    async fn recv(&mut self) -> &'static str {
+    pub(crate) async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",

@@ -5,15 +5,26 @@
 //!   `--json`), obey commands on stdin, leave cleanly on a signal.
 //! - `groupcall synapse`: a throwaway local Synapse with users and a call
 //!   room, for trying things out and for tests.
+//! - `groupcall demo`: the whole system on a fresh machine: a local Synapse,
+//!   N participants, live progress, a summary table and a report.
+//! - `groupcall bench setup`: call setup time, signalling and CPU against
+//!   the reference implementation (matrix-js-sdk).
 
 // matrix-sdk's deeply nested futures overflow the default limit (E0275).
 #![recursion_limit = "256"]
 
 mod args;
+mod bench;
 mod commands;
+mod demo;
 mod join;
+mod local;
 mod output;
+mod peers;
+mod proxy;
+mod report;
 mod synapse;
+mod tracker;
 mod view;
 
 use std::io::{IsTerminal, Write};
@@ -22,7 +33,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::args::{Cli, Cmd};
+use crate::args::{BenchCmd, Cli, Cmd};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -31,7 +42,9 @@ fn main() -> ExitCode {
     };
     let live_view =
         matches!(&cli.command, Cmd::Join(a) if !a.json) && std::io::stdout().is_terminal();
-    init_logging(live_view);
+    // The demo and the benchmarks print their own progress.
+    let quiet = live_view || matches!(&cli.command, Cmd::Demo(_) | Cmd::Bench(_));
+    init_logging(quiet);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -44,6 +57,8 @@ fn main() -> ExitCode {
         match cli.command {
             Cmd::Join(args) => join::run(args).await,
             Cmd::Synapse(args) => synapse::run(args).await,
+            Cmd::Demo(args) => demo::run(args).await,
+            Cmd::Bench(BenchCmd::Setup(args)) => bench::run_setup(args).await,
         }
     });
     // Do not wait for tasks that are still blocked (stdin reader, HTTP).
@@ -121,10 +136,12 @@ fn one_line(s: &str) -> String {
 /// owns the terminal. matrix-sdk's request errors (it logs expected 404s of
 /// a fresh login as errors; real failures come back to us as errors) and
 /// its key backup warnings (we use no backup) are off by default.
-fn init_logging(live_view: bool) {
+fn init_logging(quiet: bool) {
     const QUIET_SDK: &str = "matrix_sdk::http_client=off,matrix_sdk_crypto::backups=error";
-    let default = if live_view {
-        format!("warn,{QUIET_SDK}")
+    let default = if quiet {
+        // matrix-sdk's crypto warns about every encrypted call event ("an
+        // unexpected encrypted to-device event"): not news in a demo.
+        format!("warn,{QUIET_SDK},matrix_sdk_crypto=error")
     } else {
         format!(
             "warn,groupcall=info,groupcall_proto=info,groupcall_media=info,\

@@ -58,6 +58,10 @@ pub fn event_json(ev: &ClientEvent) -> Option<Value> {
             json!({ "event": "recorded", "path": path.display().to_string() })
         }
         ClientEvent::Warning(message) => warning_json(message),
+        // Events added to the client later (e.g. received frames) have no
+        // line.
+        #[allow(unreachable_patterns)]
+        _ => return None,
     };
     Some(v)
 }

@@ -141,6 +141,10 @@ impl View {
             ClientEvent::Signalling { .. } => None,
             ClientEvent::Recorded { path } => Some(format!("recorded {}", path.display())),
             ClientEvent::Warning(w) => Some(format!("warning: {w}")),
+            // Events added to the client later (e.g. received frames) are
+            // not shown.
+            #[allow(unreachable_patterns)]
+            _ => None,
         };
         if let Some(l) = &line {
             self.note(l.clone());

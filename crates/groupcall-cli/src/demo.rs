@@ -1,0 +1,766 @@
+//! `groupcall demo`: a whole group call on a machine with nothing set up.
+//!
+//! Starts a local Synapse (or uses --homeserver), registers the users,
+//! creates a call room, runs the groupcall participants in this process
+//! (and reference peers in Node), shows every pair connecting and media
+//! flowing, then leaves, prints the table and writes the report. Whatever
+//! it started is stopped on every way out: the end, an error, a signal.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use groupcall::JoinOptions;
+use groupcall::matrix::MatrixSession;
+use groupcall_proto::CreateOptions;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::args::{DemoArgs, RecordWhich};
+use crate::join::Signals;
+use crate::local::{self, Local};
+use crate::peers::{self, GroupcallPeer, Obs, RefOptions, RefPeer, Reporter, What};
+use crate::proxy::{Kind as ReqKind, Proxy};
+use crate::report;
+use crate::tracker::{Progress, Tracker};
+
+/// Names of the groupcall participants (then `user9`, ...).
+const NAMES: [&str; 8] = [
+    "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
+];
+
+/// How long leaving may take per participant.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the demo starts, stopped by [`Env::shutdown`] (and killed on
+/// drop if it comes to that).
+#[derive(Default)]
+struct Env {
+    local: Option<Local>,
+    gc: Vec<GroupcallPeer>,
+    refs: Vec<RefPeer>,
+    tmp: Option<tempfile::TempDir>,
+}
+
+impl Env {
+    /// Leaves the call with everyone still in it, stops the reference peers
+    /// and Synapse.
+    async fn shutdown(&mut self) {
+        leave_all(&mut self.gc, &mut self.refs).await;
+        self.gc.clear();
+        self.refs.clear();
+        if let Some(mut l) = self.local.take() {
+            l.stop().await;
+        }
+        self.tmp = None;
+    }
+}
+
+/// Every participant leaves, concurrently, bounded.
+pub async fn leave_all(gc: &mut [GroupcallPeer], refs: &mut [RefPeer]) {
+    for p in gc.iter_mut() {
+        p.begin_leave();
+    }
+    for r in refs.iter_mut() {
+        r.begin_stop().await;
+    }
+    for p in gc.iter_mut() {
+        p.wait(LEAVE_TIMEOUT).await;
+    }
+    for r in refs.iter_mut() {
+        r.stop(LEAVE_TIMEOUT).await;
+    }
+}
+
+/// Progress on stderr (and JSON lines on stdout with --json).
+pub struct Out {
+    json: bool,
+    t0: Instant,
+}
+
+impl Out {
+    /// Progress starting now.
+    pub fn new(json: bool) -> Out {
+        Out {
+            json,
+            t0: Instant::now(),
+        }
+    }
+
+    /// A progress line on stderr.
+    pub fn say(&self, text: &str) {
+        eprintln!("[{:6.2} s] {text}", self.t0.elapsed().as_secs_f64());
+    }
+
+    /// A JSON line on stdout, with --json.
+    pub fn json(&self, v: &Value) {
+        if self.json {
+            use std::io::Write as _;
+            let mut o = std::io::stdout().lock();
+            let _ = writeln!(o, "{v}");
+            let _ = o.flush();
+        }
+    }
+}
+
+/// Runs `groupcall demo`.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let mut signals = Signals::new()?;
+    let mut env = Env::default();
+    let out = Out::new(args.json);
+    let result = tokio::select! {
+        r = demo(&args, &mut env, &out) => r,
+        sig = signals.recv() => Err(anyhow!("interrupted by {sig}")),
+    };
+    if result.is_err() {
+        out.say("stopping everything");
+    }
+    tokio::select! {
+        () = env.shutdown() => {}
+        sig = signals.recv() => {
+            // Dropping `env` kills Synapse and the reference peers.
+            out.say(&format!("{sig} again: not waiting for a clean leave"));
+        }
+    }
+    result
+}
+
+/// A participant of the demo.
+struct Part {
+    name: String,
+    login: String,
+    password: String,
+    reference: bool,
+}
+
+/// `./groupcall-report-YYYYMMDD-HHMMSS` (UTC).
+fn default_report_dir() -> PathBuf {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    PathBuf::from(format!("groupcall-report-{}", utc_stamp(secs)))
+}
+
+/// `YYYYMMDD-HHMMSS` of a Unix time (UTC), by the civil-from-days rule.
+fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn localpart(user: &str) -> String {
+    user.strip_prefix('@')
+        .map(|u| u.split_once(':').map_or(u, |(l, _)| l))
+        .unwrap_or(user)
+        .to_owned()
+}
+
+async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
+    let k = usize::from(args.with_reference);
+    let remote = args.homeserver.is_some();
+    let n_gc = match (remote, args.participants) {
+        (_, Some(n)) => usize::from(n),
+        (false, None) => 4,
+        (true, None) => args.users.len().saturating_sub(k),
+    };
+    if n_gc == 0 {
+        bail!(
+            "the demo needs at least one groupcall participant (--participants, or more --user accounts)"
+        );
+    }
+    if n_gc + k < 2 {
+        bail!(
+            "a call needs two participants at least: raise --participants or add --with-reference"
+        );
+    }
+    if remote && args.users.len() < n_gc + k {
+        bail!(
+            "{n_gc} groupcall participants and {k} reference peers need {} --user accounts, got {}",
+            n_gc + k,
+            args.users.len()
+        );
+    }
+    let report_dir = args.report_dir.clone().unwrap_or_else(default_report_dir);
+    let interop = if k > 0 {
+        let dir = peers::interop_dir(args.interop_dir.as_deref())?;
+        peers::ensure_interop(&dir).await?;
+        Some(dir)
+    } else {
+        None
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("groupcall-demo-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let data = tmp.path().to_owned();
+    env.tmp = Some(tmp);
+
+    // The homeserver and the accounts.
+    let mut parts: Vec<Part> = Vec::new();
+    let hs_url = match &args.homeserver {
+        Some(url) => {
+            for (i, u) in args.users.iter().take(n_gc + k).enumerate() {
+                parts.push(Part {
+                    name: localpart(&u.name),
+                    login: u.name.clone(),
+                    password: u.password.clone(),
+                    reference: i >= n_gc,
+                });
+            }
+            out.say(&format!("using {url}"));
+            url.trim_end_matches('/').to_owned()
+        }
+        None => {
+            out.say("starting a local Synapse (the first run installs it into ~/.cache/groupcall, a minute or two)");
+            let l = Local::start(args.synapse_port).await?;
+            out.say(&format!(
+                "Synapse on {} (pid {}), clients go through {}",
+                l.synapse.base_url(),
+                l.synapse.pid().unwrap_or(0),
+                l.url()
+            ));
+            out.json(&json!({
+                "event": "synapse",
+                "homeserver": l.synapse.base_url(),
+                "proxy": l.url(),
+                "pid": l.synapse.pid(),
+            }));
+            for i in 0..n_gc + k {
+                let name = if i < n_gc {
+                    NAMES
+                        .get(i)
+                        .map_or_else(|| format!("user{}", i + 1), |s| (*s).to_owned())
+                } else {
+                    format!("ref{}", i - n_gc + 1)
+                };
+                let password = format!("{name}-demo-pw");
+                l.register(&name, &password).await?;
+                parts.push(Part {
+                    name: name.clone(),
+                    login: name,
+                    password,
+                    reference: i >= n_gc,
+                });
+            }
+            let url = l.url();
+            env.local = Some(l);
+            url
+        }
+    };
+    let names: Vec<String> = parts.iter().map(|p| p.name.clone()).collect();
+    out.say(&format!(
+        "participants: {} (groupcall){}",
+        names[..n_gc].join(", "),
+        if k > 0 {
+            format!(", {} (reference, matrix-js-sdk)", names[n_gc..].join(", "))
+        } else {
+            String::new()
+        }
+    ));
+
+    // Log the groupcall participants in, concurrently.
+    let mut logins = tokio::task::JoinSet::new();
+    for (i, p) in parts.iter().enumerate().take(n_gc) {
+        let (url, login, pw, dir) = (
+            hs_url.clone(),
+            p.login.clone(),
+            p.password.clone(),
+            data.join(&p.name),
+        );
+        let t = args.connect_timeout;
+        logins.spawn(async move { (i, local::login(&url, &login, &pw, &dir, t).await) });
+    }
+    let mut sessions: Vec<Option<MatrixSession>> = vec![None; n_gc];
+    while let Some(r) = logins.join_next().await {
+        let (i, s) = r.context("a login task failed")?;
+        sessions[i] = Some(s?);
+    }
+    let sessions: Vec<MatrixSession> = sessions.into_iter().flatten().collect();
+    let first = sessions
+        .first()
+        .ok_or_else(|| anyhow!("no participant logged in"))?;
+    let server = first
+        .user_id()
+        .split_once(':')
+        .map(|(_, s)| s.to_owned())
+        .unwrap_or_default();
+    let user_id = |p: &Part| {
+        if p.login.starts_with('@') {
+            p.login.clone()
+        } else {
+            format!("@{}:{server}", p.login)
+        }
+    };
+
+    let room = match &args.room {
+        Some(r) => r.clone(),
+        None => {
+            let invite = parts.iter().skip(1).map(user_id).collect();
+            local::create_room(first, "groupcall demo", invite).await?
+        }
+    };
+    out.say(&format!("call room {room}"));
+
+    std::fs::create_dir_all(&report_dir)
+        .with_context(|| format!("creating the report directory {}", report_dir.display()))?;
+
+    // Start: the reference peers (slow to start, they wait for the call),
+    // the first groupcall participant creating the call, then the others.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Obs>();
+    let origin = Instant::now();
+    let mut tracker = Tracker::new(names.clone(), origin);
+    for (i, p) in parts.iter().enumerate() {
+        tracker.set_identity(i, &user_id(p));
+    }
+    let stats_interval = Duration::from_millis(200);
+    for (i, p) in parts.iter().enumerate().skip(n_gc) {
+        let dir = interop.as_deref().unwrap_or(Path::new("interop"));
+        let log = report_dir.join(format!("{}.stderr.log", p.name));
+        let r = RefPeer::spawn(
+            &RefOptions {
+                dir,
+                homeserver: &hs_url,
+                user: &p.login,
+                password: &p.password,
+                room: &room,
+                create_call: false,
+                encrypted: false,
+                media_interval: stats_interval,
+                log: &log,
+            },
+            Reporter::new(i, tx.clone()),
+        )?;
+        out.say(&format!(
+            "{}: reference peer started (node, pid {})",
+            p.name,
+            r.pid()
+        ));
+        out.json(&json!({"event": "reference", "name": p.name, "pid": r.pid()}));
+        env.refs.push(r);
+    }
+    let opts_for = |i: usize| {
+        let mut o = JoinOptions::new(room.clone());
+        o.stats_interval = stats_interval;
+        o.encrypt = !args.plaintext;
+        o.create = (i == 0).then(CreateOptions::default);
+        let record = match args.record {
+            RecordWhich::All => true,
+            RecordWhich::First => i == 0,
+            RecordWhich::None => false,
+        };
+        if record {
+            o.record_dir = Some(report_dir.join("recordings").join(&names[i]));
+        }
+        if args.break_media && i + 1 == n_gc && i > 0 {
+            // Test only: host candidates on ::1, which nobody on 127.0.0.1
+            // can pair with.
+            o.bind_addrs = vec![IpAddr::V6(Ipv6Addr::LOCALHOST)];
+        }
+        o
+    };
+    let mut pending: Vec<(usize, MatrixSession)> = sessions.into_iter().enumerate().collect();
+    let (i0, s0) = pending.remove(0);
+    env.gc.push(GroupcallPeer::spawn(
+        s0,
+        opts_for(i0),
+        args.connect_timeout,
+        Reporter::new(i0, tx.clone()),
+    ));
+
+    // Until every pair has audio and video both ways.
+    let timeout = args.connect_timeout;
+    let join_deadline = origin + timeout;
+    loop {
+        let deadline = tracker.all_joined().map_or(join_deadline, |t| t + timeout);
+        let o = tokio::select! {
+            o = rx.recv() => o.ok_or_else(|| anyhow!("every participant stopped"))?,
+            () = tokio::time::sleep_until(deadline.into()) => {
+                return Err(timeout_error(&tracker, timeout));
+            }
+        };
+        let progress = observe(&mut tracker, &o, out)?;
+        if progress.contains(&Progress::Joined(0)) {
+            for (i, s) in pending.drain(..) {
+                env.gc.push(GroupcallPeer::spawn(
+                    s,
+                    opts_for(i),
+                    timeout,
+                    Reporter::new(i, tx.clone()),
+                ));
+            }
+        }
+        if progress.contains(&Progress::MeshUp) {
+            break;
+        }
+    }
+    let last_join = tracker.all_joined().unwrap_or(origin);
+    let mesh_up = tracker.mesh_up().unwrap_or(last_join);
+    let setup_ms = mesh_up.saturating_duration_since(last_join).as_secs_f64() * 1000.0;
+    out.say(&format!(
+        "mesh up: all {} pairs have audio and video both ways, {setup_ms:.0} ms after the last join; media for {} s",
+        tracker.pairs().len(),
+        args.duration.as_secs_f64()
+    ));
+    out.json(&json!({"event": "mesh_up", "pairs": tracker.pairs().len(), "after_last_join_ms": setup_ms}));
+
+    // Media for --duration, with a line every 2 s.
+    let end = Instant::now() + args.duration;
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.tick().await;
+    let mut last = (
+        Instant::now(),
+        tracker.totals(),
+        tracker.frames_by_direction(),
+    );
+    loop {
+        tokio::select! {
+            o = rx.recv() => {
+                let o = o.ok_or_else(|| anyhow!("every participant stopped"))?;
+                observe(&mut tracker, &o, out)?;
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let totals = tracker.totals();
+                let by_dir = tracker.frames_by_direction();
+                let dt = now.saturating_duration_since(last.0).as_secs_f64().max(0.001);
+                let flowing = tracker
+                    .pairs()
+                    .iter()
+                    .filter(|(a, b)| {
+                        let grew = |k: (usize, usize)| by_dir.get(&k).copied().unwrap_or(0) > last.2.get(&k).copied().unwrap_or(0);
+                        grew((*a, *b)) && grew((*b, *a))
+                    })
+                    .count();
+                out.say(&format!(
+                    "media: {flowing}/{} pairs flowing both ways, {:.0} frames/s, {:.2} Mbit/s received by groupcall",
+                    tracker.pairs().len(),
+                    (totals.0.saturating_sub(last.1.0)) as f64 / dt,
+                    (totals.1.saturating_sub(last.1.1)) as f64 * 8.0 / dt / 1e6,
+                ));
+                last = (now, totals, by_dir);
+            }
+            () = tokio::time::sleep_until(end.into()) => break,
+        }
+    }
+
+    // Signalling of the whole call so far (setup; nothing more is sent
+    // while media flows), before the hangups of leaving.
+    let signalling = env
+        .local
+        .as_ref()
+        .map(|l| signalling_json(&l.proxy, origin, Instant::now(), tracker.pairs().len()));
+    out.say("leaving");
+    leave_all(&mut env.gc, &mut env.refs).await;
+    while let Ok(o) = rx.try_recv() {
+        tracker.apply(&o);
+    }
+
+    // The report.
+    let pairs = tracker.summaries();
+    let joins_ms: Vec<Option<f64>> = tracker
+        .joined
+        .iter()
+        .map(|j| j.map(|t| t.saturating_duration_since(origin).as_secs_f64() * 1000.0))
+        .collect();
+    let svg = report::timeline_svg(
+        &names,
+        &pairs,
+        &joins_ms,
+        &format!(
+            "groupcall demo: setup of {} pairs ({} participants)",
+            pairs.len(),
+            names.len()
+        ),
+    );
+    report::write(&report_dir.join("timeline.svg"), &svg)?;
+    let report_abs = report_dir
+        .canonicalize()
+        .unwrap_or_else(|_| report_dir.clone());
+    let recordings: Vec<String> = tracker
+        .recordings
+        .iter()
+        .map(|p| {
+            p.strip_prefix(&report_dir)
+                .unwrap_or(p)
+                .display()
+                .to_string()
+        })
+        .collect();
+    let up = pairs.iter().filter(|p| p.up()).count();
+    let summary = json!({
+        "event": "summary",
+        "ok": true,
+        "pairs_total": pairs.len(),
+        "pairs_connected": pairs.iter().filter(|p| p.connected_ms.is_some()).count(),
+        "pairs_media_both_ways": up,
+        "mesh_up_after_last_join_ms": setup_ms,
+        "participants": parts.iter().enumerate().map(|(i, p)| json!({
+            "name": p.name,
+            "user_id": user_id(p),
+            "implementation": if p.reference { "matrix-js-sdk" } else { "groupcall" },
+            "joined_ms": joins_ms[i],
+        })).collect::<Vec<_>>(),
+        "homeserver": if remote { hs_url.clone() } else { "local Synapse".to_owned() },
+        "room": room,
+        "media_seconds": args.duration.as_secs_f64(),
+        "signalling": signalling,
+        "pairs": pairs.iter().map(|p| report::pair_json(&names, p)).collect::<Vec<_>>(),
+        "recordings": recordings,
+        "report_dir": report_abs.display().to_string(),
+    });
+    let pretty = serde_json::to_string_pretty(&summary).context("serializing the summary")?;
+    report::write(&report_dir.join("summary.json"), &format!("{pretty}\n"))?;
+    let mut intro = vec![format!(
+        "{} participants ({}), {}; every pair connected with audio and video both ways {setup_ms:.0} ms after the last join; then {} s of media.",
+        names.len(),
+        names.join(", "),
+        if remote {
+            hs_url.clone()
+        } else {
+            "on a throwaway local Synapse".to_owned()
+        },
+        args.duration.as_secs_f64()
+    )];
+    if let Some(s) = &summary["signalling"].as_object() {
+        intro.push(format!(
+            "Setup signalling: {} to-device messages in {} requests ({} bytes), {} member state events.",
+            s.get("to_device_messages").cloned().unwrap_or(Value::Null),
+            s.get("to_device_requests").cloned().unwrap_or(Value::Null),
+            s.get("to_device_bytes").cloned().unwrap_or(Value::Null),
+            s.get("member_state_events").cloned().unwrap_or(Value::Null),
+        ));
+    }
+    let mut links = vec![
+        ("summary.json".to_owned(), "summary.json".to_owned()),
+        ("timeline.svg".to_owned(), "timeline.svg".to_owned()),
+    ];
+    links.extend(recordings.iter().map(|r| (r.clone(), r.clone())));
+    let html = report::index_html("groupcall demo", &intro, &svg, &names, &pairs, &links);
+    report::write(&report_dir.join("index.html"), &html)?;
+
+    let table = report::table(&names, &pairs);
+    let tail = format!(
+        "\n{table}\n{up}/{} pairs with audio and video both ways; report: {}\n",
+        pairs.len(),
+        report_abs.join("index.html").display()
+    );
+    if args.json {
+        eprint!("{tail}");
+    } else {
+        print!("{tail}");
+    }
+    out.json(&summary);
+    if up < pairs.len() {
+        bail!(
+            "{} of {} pairs lost media during the call (report: {})",
+            pairs.len() - up,
+            pairs.len(),
+            report_abs.display()
+        );
+    }
+    Ok(())
+}
+
+/// Folds one observation in, printing progress; a fatal one is the error.
+fn observe(tracker: &mut Tracker, o: &Obs, out: &Out) -> anyhow::Result<Vec<Progress>> {
+    let names = tracker.names.clone();
+    let name = |i: usize| names.get(i).cloned().unwrap_or_default();
+    match &o.what {
+        What::Fatal(msg) => bail!("{}: {msg}", name(o.idx)),
+        What::Warning(w) => out.say(&format!("warning: {}: {w}", name(o.idx))),
+        _ => {}
+    }
+    let progress = tracker.apply(o);
+    let summaries: HashMap<(usize, usize), _> = if progress.is_empty() {
+        HashMap::new()
+    } else {
+        tracker
+            .summaries()
+            .into_iter()
+            .map(|p| ((p.a, p.b), p))
+            .collect()
+    };
+    for p in &progress {
+        match p {
+            Progress::Joined(i) => {
+                out.say(&format!("{} joined the call", name(*i)));
+                out.json(&json!({"event": "joined", "name": name(*i)}));
+            }
+            Progress::Connected(a, b) => {
+                let ms = summaries.get(&(*a, *b)).and_then(|s| s.connected_ms);
+                out.say(&format!(
+                    "{} ↔ {} connected ({} ms after both joined)",
+                    name(*a),
+                    name(*b),
+                    ms.map_or("?".to_owned(), |m| format!("{m:.0}"))
+                ));
+                out.json(
+                    &json!({"event": "pair_connected", "a": name(*a), "b": name(*b), "ms": ms}),
+                );
+            }
+            Progress::FirstFrame { from, to } => {
+                out.say(&format!("{} → {}: first frame", name(*from), name(*to)));
+            }
+            Progress::PairUp(a, b) => {
+                let s = summaries.get(&(*a, *b));
+                let ms = s.and_then(|s| Some(s.media_ab_ms?.max(s.media_ba_ms?)));
+                out.say(&format!(
+                    "{} ↔ {}: audio and video both ways ({} ms after both joined)",
+                    name(*a),
+                    name(*b),
+                    ms.map_or("?".to_owned(), |m| format!("{m:.0}"))
+                ));
+                out.json(&json!({"event": "pair_media", "a": name(*a), "b": name(*b), "ms": ms}));
+            }
+            Progress::PeerDown { at, remote, why } => {
+                out.say(&format!(
+                    "{} ↔ {}: {why} at {}",
+                    name(*at),
+                    name(*remote),
+                    name(*at)
+                ));
+            }
+            Progress::MeshUp => {}
+        }
+    }
+    Ok(progress)
+}
+
+/// The error when the deadline passed: who did not join, or which pairs
+/// are not up and why.
+fn timeout_error(tracker: &Tracker, timeout: Duration) -> anyhow::Error {
+    let secs = timeout.as_secs_f64();
+    let missing: Vec<String> = tracker
+        .joined
+        .iter()
+        .enumerate()
+        .filter(|(_, j)| j.is_none())
+        .map(|(i, _)| tracker.names[i].clone())
+        .collect();
+    if !missing.is_empty() {
+        return anyhow!(
+            "{} did not join the call within {secs} s (--connect-timeout)",
+            missing.join(", ")
+        );
+    }
+    let down = tracker.pairs_not_up();
+    let shown: Vec<&str> = down.iter().take(3).map(String::as_str).collect();
+    anyhow!(
+        "{} of {} pairs did not connect with media both ways within {secs} s of the last join (--connect-timeout): {}{}",
+        down.len(),
+        tracker.pairs().len(),
+        shown.join("; "),
+        if down.len() > 3 { "; ..." } else { "" }
+    )
+}
+
+/// To-device and member state requests through the proxy from `from` to
+/// `until`, in total and per pair.
+pub fn signalling_json(proxy: &Proxy, from: Instant, until: Instant, pairs: usize) -> Value {
+    let c = count_signalling(proxy, from, until);
+    let per = |x: usize| x as f64 / pairs.max(1) as f64;
+    json!({
+        "window_ms": until.saturating_duration_since(from).as_secs_f64() * 1000.0,
+        "to_device_requests": c.requests,
+        "to_device_messages": c.messages,
+        "to_device_bytes": c.bytes,
+        "to_device_messages_by_type": c.by_type,
+        "to_device_requests_per_pair": per(c.requests),
+        "to_device_messages_per_pair": per(c.messages),
+        "to_device_bytes_per_pair": per(c.bytes),
+        "member_state_events": c.member_events,
+        "delayed_event_requests": c.delayed,
+    })
+}
+
+/// Counted signalling.
+#[derive(Debug, Default, Clone)]
+pub struct Counts {
+    /// sendToDevice requests of call signalling.
+    pub requests: usize,
+    /// Messages (recipient devices) in them.
+    pub messages: usize,
+    /// Their body bytes.
+    pub bytes: usize,
+    /// Messages per event type.
+    pub by_type: std::collections::BTreeMap<String, usize>,
+    /// Member state events sent now (not delayed).
+    pub member_events: usize,
+    /// MSC4140 requests: delayed member events scheduled, restarted, sent.
+    pub delayed: usize,
+    /// Per user id: when its first member state event went through.
+    pub first_member: HashMap<String, Instant>,
+}
+
+/// Counts the call signalling that went through the proxy in a window.
+/// To-device requests count when their type is `m.call.*` (or
+/// `m.room.encrypted`: Olm-encrypted call signalling; the call rooms are
+/// unencrypted, so no room keys travel).
+pub fn count_signalling(proxy: &Proxy, from: Instant, until: Instant) -> Counts {
+    let mut c = Counts::default();
+    for r in proxy.since(from) {
+        if r.at > until {
+            continue;
+        }
+        match r.kind {
+            ReqKind::ToDevice {
+                event_type,
+                messages,
+            } if event_type.starts_with("m.call.")
+                || event_type.starts_with("org.matrix.call.")
+                || event_type == "m.room.encrypted" =>
+            {
+                c.requests += 1;
+                c.messages += messages;
+                c.bytes += r.body_bytes;
+                *c.by_type.entry(event_type).or_default() += messages;
+            }
+            ReqKind::MemberState { state_key, delayed } => {
+                if delayed {
+                    c.delayed += 1;
+                } else {
+                    c.member_events += 1;
+                    c.first_member.entry(state_key).or_insert(r.at);
+                }
+            }
+            ReqKind::DelayedEvents => c.delayed += 1,
+            _ => {}
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps() {
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        assert_eq!(utc_stamp(1_700_000_000), "20231114-221320");
+        assert_eq!(utc_stamp(951_782_400), "20000229-000000");
+    }
+
+    #[test]
+    fn localparts() {
+        assert_eq!(localpart("@bob:example.org"), "bob");
+        assert_eq!(localpart("bob"), "bob");
+    }
+}

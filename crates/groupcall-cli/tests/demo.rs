@@ -1,0 +1,337 @@
+//! Tests of `groupcall demo`: a whole call on a local Synapse with its
+//! report, and the ways it must fail clearly without leaving processes
+//! behind (busy port, Synapse not installable, a participant that never
+//! connects).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_groupcall");
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+impl Run {
+    fn lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    fn errors(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .collect()
+    }
+
+    /// Exit 1 with exactly one error line holding every word.
+    fn assert_error(&self, words: &[&str]) {
+        assert_eq!(self.code, Some(1), "exit code; stderr:\n{}", self.stderr);
+        let errors = self.errors();
+        assert_eq!(errors.len(), 1, "one error line; stderr:\n{}", self.stderr);
+        eprintln!("{} (after {:?})", errors[0], self.took);
+        for w in words {
+            assert!(
+                errors[0].to_lowercase().contains(&w.to_lowercase()),
+                "`{w}` not in `{}`",
+                errors[0]
+            );
+        }
+        assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
+    }
+
+    /// The pid of the local Synapse, from the `synapse` JSON line.
+    fn synapse_pid(&self) -> Option<u32> {
+        self.lines()
+            .iter()
+            .find(|v| v["event"] == "synapse")
+            .and_then(|v| v["pid"].as_u64())
+            .map(|p| p as u32)
+    }
+}
+
+async fn demo(args: &[&str], envs: &[(&str, &Path)], limit: Duration) -> Run {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("demo")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let t = Instant::now();
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("groupcall demo {args:?} took longer than {limit:?}"))
+        .unwrap();
+    let run = Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        took: t.elapsed(),
+    };
+    eprintln!("--- stderr of demo {args:?}:\n{}", run.stderr);
+    run
+}
+
+/// Whether a process runs: `pgrep -f PATTERN` lists it (and /proc has it).
+fn alive(pid: u32, pattern: &str) -> bool {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == pid.to_string());
+    listed || Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether the local Synapse with this pid still runs.
+fn synapse_alive(pid: u32) -> bool {
+    alive(pid, "synapse.app.homeserver")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_participants_connect_with_media_and_a_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("report");
+    let run = demo(
+        &[
+            "--participants",
+            "3",
+            "--duration",
+            "3",
+            "--json",
+            "--report-dir",
+            report.to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(300),
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+    let lines = run.lines();
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["event"], "summary", "{summary}");
+    assert_eq!(summary["pairs_total"], 3);
+    assert_eq!(summary["pairs_connected"], 3);
+    assert_eq!(summary["pairs_media_both_ways"], 3);
+    let dir = Path::new(summary["report_dir"].as_str().unwrap());
+    assert_eq!(dir, report.canonicalize().unwrap());
+    for p in summary["pairs"].as_array().unwrap() {
+        assert!(p["media_both_ways"].as_bool().unwrap(), "{p}");
+        assert!(p["frames_ab"].as_u64().unwrap() > 20, "{p}");
+        assert!(p["frames_ba"].as_u64().unwrap() > 20, "{p}");
+        assert!(p["bytes_ab"].as_u64().unwrap() > 1000, "{p}");
+        assert!(p["connected_ms"].as_f64().unwrap() > 0.0, "{p}");
+    }
+    // groupcall's setup: exactly invite, answer and select_answer per pair.
+    let sig = &summary["signalling"];
+    assert_eq!(sig["to_device_messages_per_pair"], 3.0, "{sig}");
+
+    // Progress lines came before: every pair connected, then the mesh.
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["event"] == "pair_connected")
+            .count(),
+        3
+    );
+    assert!(lines.iter().any(|l| l["event"] == "mesh_up"));
+    // The table.
+    assert!(run.stderr.contains("alice ↔ bob"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("3/3 pairs with audio and video both ways")
+    );
+
+    // The report: summary, timeline with one bar per pair, page, recordings.
+    let on_disk: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(on_disk["pairs_media_both_ways"], 3);
+    let svg = std::fs::read_to_string(dir.join("timeline.svg")).unwrap();
+    assert!(svg.starts_with("<svg"));
+    assert_eq!(svg.matches(r#"<g class="pair">"#).count(), 3, "{svg}");
+    for pair in ["alice ↔ bob", "alice ↔ carol", "bob ↔ carol"] {
+        assert!(svg.contains(pair), "{pair} missing");
+    }
+    let html = std::fs::read_to_string(dir.join("index.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("<table>"));
+    let recordings = summary["recordings"].as_array().unwrap();
+    assert_eq!(
+        recordings.len(),
+        4,
+        "alice records bob's and carol's audio and video: {recordings:?}"
+    );
+    for r in recordings {
+        let f = dir.join(r.as_str().unwrap());
+        assert!(
+            std::fs::metadata(&f).unwrap().len() > 1000,
+            "{}",
+            f.display()
+        );
+    }
+
+    let pid = run.synapse_pid().expect("the synapse line has a pid");
+    assert!(!synapse_alive(pid), "Synapse (pid {pid}) still runs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_synapse_port_is_a_clear_error() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("r");
+    let run = demo(
+        &[
+            "--synapse-port",
+            &port,
+            "--report-dir",
+            report.to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+        Duration::from_secs(120),
+    )
+    .await;
+    run.assert_error(&["busy", &port, "--synapse-port"]);
+    assert!(run.synapse_pid().is_none(), "no Synapse was started");
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_synapse_install_offline_is_a_clear_error() {
+    let cache = tempfile::tempdir().unwrap();
+    let report = cache.path().join("r");
+    let run = demo(
+        &["--report-dir", report.to_str().unwrap(), "--json"],
+        &[
+            ("GROUPCALL_SYNAPSE_OFFLINE", Path::new("1")),
+            ("GROUPCALL_CACHE_DIR", cache.path()),
+        ],
+        Duration::from_secs(120),
+    )
+    .await;
+    run.assert_error(&["not installed", "GROUPCALL_SYNAPSE_OFFLINE"]);
+    assert!(run.synapse_pid().is_none());
+    // Nothing was installed either.
+    assert!(!cache.path().join("synapse-venv").join("bin").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_participant_that_never_connects_fails_within_the_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("r");
+    let run = demo(
+        &[
+            "--participants",
+            "3",
+            "--break-media",
+            "--connect-timeout",
+            "15",
+            "--json",
+            "--report-dir",
+            report.to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(180),
+    )
+    .await;
+    run.assert_error(&["did not connect", "within 15 s", "--connect-timeout"]);
+    let err = run.errors()[0].to_owned();
+    // Carol's pairs are named (alice ↔ bob usually connects; on a loaded
+    // machine it may not have yet).
+    assert!(err.contains("alice ↔ carol not connected"), "{err}");
+    assert!(err.contains("bob ↔ carol not connected"), "{err}");
+    let lines = run.lines();
+    assert!(!lines.iter().any(|l| l["event"] == "summary"));
+    // The error came at the timeout after the last join, not much later.
+    let at = |what: &str| -> f64 {
+        run.stderr
+            .lines()
+            .filter(|l| l.contains(what))
+            .filter_map(|l| {
+                l.strip_prefix('[')?
+                    .split_once(" s]")?
+                    .0
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .next_back()
+            .unwrap_or_else(|| panic!("no `{what}` line"))
+    };
+    let waited = at("stopping everything") - at("joined the call");
+    assert!(
+        (14.0..20.0).contains(&waited),
+        "gave up {waited} s after the last join"
+    );
+    let pid = run.synapse_pid().expect("the synapse line has a pid");
+    assert!(!synapse_alive(pid), "Synapse (pid {pid}) still runs");
+}
+
+/// A mixed call: two groupcall participants and one reference peer
+/// (matrix-js-sdk in Node).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reference_peer_joins_the_demo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("r");
+    let interop = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../interop");
+    let run = demo(
+        &[
+            "--participants",
+            "2",
+            "--with-reference",
+            "1",
+            "--duration",
+            "2",
+            "--json",
+            "--interop-dir",
+            interop.to_str().unwrap(),
+            "--report-dir",
+            report.to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(300),
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+    let summary = run.lines().last().cloned().unwrap();
+    assert_eq!(summary["pairs_total"], 3, "{summary}");
+    assert_eq!(summary["pairs_media_both_ways"], 3, "{summary}");
+    let impls: Vec<&str> = summary["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["implementation"].as_str().unwrap())
+        .collect();
+    assert_eq!(impls, ["groupcall", "groupcall", "matrix-js-sdk"]);
+    let pid = run.synapse_pid().unwrap();
+    assert!(!synapse_alive(pid));
+    // The reference peer is gone too.
+    let node: Vec<u32> = run
+        .lines()
+        .iter()
+        .filter(|l| l["event"] == "reference")
+        .map(|l| l["pid"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(node.len(), 1);
+    assert!(
+        !alive(node[0], "peer.mjs"),
+        "node peer {} still runs",
+        node[0]
+    );
+}
