@@ -227,6 +227,20 @@ async fn both_sides_relay_only() {
         sb.selected_pair.map(|p| (p.local, p.remote, p.relayed)),
         Some((rb, ra, true))
     );
+
+    // An ICE restart keeps the relayed candidates; media goes on.
+    let offer = a.restart_ice(&[LocalFeed::usermedia("sa")]).await.unwrap();
+    assert!(candidates(&offer)[0].contains(&format!("{} typ relay", ra.port())));
+    let answer = b
+        .accept_offer(&offer, &[LocalFeed::usermedia("sb")])
+        .await
+        .unwrap();
+    a.apply_answer(&answer).await.unwrap();
+    let before = received(&sa, TrackKind::Video);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sa = a.stats().await.unwrap();
+    assert!(received(&sa, TrackKind::Video) > before + 20, "{sa:?}");
+    assert!(sa.selected_pair.unwrap().relayed);
 }
 
 /// A UDP forwarder that delays every datagram by `delay` each way: stands
