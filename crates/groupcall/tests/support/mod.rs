@@ -1,0 +1,932 @@
+//! Helpers for tests that put groupcall participants and reference peers
+//! (matrix-js-sdk's `GroupCall` in `interop/`, run by Node or headless
+//! Chromium) in one call on a real Synapse.
+//!
+//! Everything either side reports goes into one [`Log`] of timestamped
+//! [`Entry`]s, so a test can wait for conditions spanning both sides.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command as StdCommand, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use groupcall::client::{CallCommander, ClientEvent, JoinOptions, join_call};
+use groupcall::matrix::{CreateRoomOptions, MatrixSession};
+use groupcall::media::TrackKind;
+use groupcall::proto::events::FeedPurpose;
+use groupcall::proto::{CallEvent, DeviceKey, PeerStatus};
+use groupcall_synapse::{Synapse, SynapseOptions};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+
+pub const PASSWORD: &str = "secret-pw";
+
+/// What a participant reported.
+#[derive(Debug, Clone)]
+pub enum Ev {
+    /// A groupcall participant's event.
+    Rust(ClientEvent),
+    /// One JSON line of a reference peer.
+    Js(Value),
+    /// A reference peer's process ended (exit code, if any).
+    JsExited(Option<i32>),
+}
+
+/// One reported event, when it arrived and from which participant.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub t: Instant,
+    pub who: usize,
+    pub ev: Ev,
+}
+
+impl Entry {
+    /// The JSON line of a reference peer with this `event` name.
+    pub fn js(&self, event: &str) -> Option<&Value> {
+        match &self.ev {
+            Ev::Js(v) if v["event"] == event => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The core event of a groupcall participant.
+    pub fn call(&self) -> Option<&CallEvent> {
+        match &self.ev {
+            Ev::Rust(ClientEvent::Call(e)) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+// ---- installing what the reference peers need ---------------------------
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `interop/`, where the reference peer lives.
+pub fn interop_dir() -> PathBuf {
+    repo_root().join("interop")
+}
+
+fn node_modules_complete(dir: &Path) -> bool {
+    [
+        "matrix-js-sdk/package.json",
+        "@roamhq/wrtc/package.json",
+        "@matrix-org/matrix-sdk-crypto-wasm/package.json",
+        "playwright-core/package.json",
+        "esbuild/package.json",
+    ]
+    .iter()
+    .all(|p| dir.join("node_modules").join(p).exists())
+}
+
+/// Runs `npm ci` in `interop/` when its `node_modules` is missing (or lacks
+/// a package the peer needs). Once per process, and under a file lock so
+/// that test processes running at the same time do not race.
+pub fn ensure_node_modules() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = interop_dir();
+        if node_modules_complete(&dir) {
+            return;
+        }
+        let lock_path = std::env::temp_dir().join("groupcall-interop-npm-ci.lock");
+        let lock = std::fs::File::create(&lock_path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
+        lock.lock()
+            .unwrap_or_else(|e| panic!("locking {}: {e}", lock_path.display()));
+        if node_modules_complete(&dir) {
+            return; // another process installed it meanwhile
+        }
+        eprintln!("interop: running `npm ci` in {}", dir.display());
+        let out = StdCommand::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run npm (needed for the reference peer in interop/): {e}")
+            });
+        assert!(
+            out.status.success(),
+            "`npm ci` in {} failed ({}):\n{}\n{}",
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            node_modules_complete(&dir),
+            "`npm ci` succeeded but interop/node_modules lacks the peer's packages"
+        );
+        drop(lock);
+    });
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The Chromium binary for `browser.mjs` (`$CHROMIUM` or `/usr/bin/chromium`),
+/// installed with apt when missing and we are root. Fails with a clear
+/// message otherwise: never skips.
+pub fn ensure_chromium() -> PathBuf {
+    static DONE: OnceLock<PathBuf> = OnceLock::new();
+    DONE.get_or_init(|| {
+        if let Some(p) = std::env::var_os("CHROMIUM").filter(|p| !p.is_empty()) {
+            let p = PathBuf::from(p);
+            assert!(
+                p.exists(),
+                "$CHROMIUM is {} but does not exist",
+                p.display()
+            );
+            return p;
+        }
+        let path = PathBuf::from("/usr/bin/chromium");
+        if path.exists() {
+            return path;
+        }
+        assert!(
+            is_root(),
+            "/usr/bin/chromium is missing and this test is not root, so it cannot \
+             install it: run `apt-get install -y chromium` as root (or set $CHROMIUM)"
+        );
+        let lock_path = std::env::temp_dir().join("groupcall-interop-apt.lock");
+        let lock = std::fs::File::create(&lock_path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
+        lock.lock()
+            .unwrap_or_else(|e| panic!("locking {}: {e}", lock_path.display()));
+        if !path.exists() {
+            for args in [&["update"][..], &["install", "-y", "chromium"][..]] {
+                eprintln!("interop: apt-get {}", args.join(" "));
+                let out = StdCommand::new("apt-get")
+                    .args(args)
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .output()
+                    .unwrap_or_else(|e| panic!("cannot run apt-get to install chromium: {e}"));
+                assert!(
+                    out.status.success(),
+                    "apt-get {} failed ({}):\n{}",
+                    args.join(" "),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        assert!(
+            path.exists(),
+            "apt-get install chromium did not provide {}",
+            path.display()
+        );
+        drop(lock);
+        path
+    })
+    .clone()
+}
+
+// ---- the harness -------------------------------------------------------
+
+/// Interop tests share two CPU cores with everything else: run one at a
+/// time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A groupcall participant running in this process.
+pub struct Participant {
+    pub commander: CallCommander,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+/// A Synapse, an event log and the participants of one test.
+pub struct Harness {
+    /// When the harness was made: "since the beginning".
+    pub t_start: Instant,
+    pub synapse: Synapse,
+    pub hs: String,
+    pub tmp: tempfile::TempDir,
+    pub log: Log,
+    tx: mpsc::UnboundedSender<(usize, Ev)>,
+    names: Arc<Mutex<Vec<String>>>,
+    peers: Vec<RefPeer>,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Harness {
+    /// Waits for its turn, installs what is missing and starts Synapse.
+    pub async fn new() -> Harness {
+        let serial = SERIAL.lock().await;
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                std::env::var("RUST_LOG")
+                    .unwrap_or_else(|_| "warn,matrix_sdk_crypto=error,groupcall=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        ensure_node_modules();
+        let synapse = Synapse::start(SynapseOptions::default())
+            .await
+            .expect("synapse");
+        let hs = synapse.base_url();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let names = Arc::new(Mutex::new(Vec::new()));
+        Harness {
+            t_start: Instant::now(),
+            synapse,
+            hs,
+            tmp: {
+                // GROUPCALL_INTEROP_KEEP=1 keeps stores and the reference
+                // peers' stderr logs, also when the test fails.
+                let keep = std::env::var_os("GROUPCALL_INTEROP_KEEP").is_some();
+                let t = tempfile::Builder::new()
+                    .prefix("groupcall-interop-")
+                    .disable_cleanup(keep)
+                    .tempdir()
+                    .unwrap();
+                if keep {
+                    eprintln!("interop: logs kept in {}", t.path().display());
+                }
+                t
+            },
+            log: Log {
+                rx,
+                seen: Vec::new(),
+                names: names.clone(),
+            },
+            tx,
+            names,
+            peers: Vec::new(),
+            _serial: serial,
+        }
+    }
+
+    fn slot(&self, name: &str) -> usize {
+        let mut names = self.names.lock().unwrap();
+        names.push(name.to_owned());
+        names.len() - 1
+    }
+
+    /// Registers `name` (password [`PASSWORD`]) and returns its user id.
+    pub async fn register(&self, name: &str) -> String {
+        self.synapse
+            .register_user(name, PASSWORD)
+            .await
+            .unwrap()
+            .user_id
+    }
+
+    /// Logs `name` in (a groupcall device, store under the temp dir).
+    pub async fn login(&self, name: &str) -> MatrixSession {
+        MatrixSession::login(&self.hs, name, PASSWORD, self.tmp.path().join(name))
+            .await
+            .unwrap()
+    }
+
+    /// A public room (anyone may join and send call state) created by
+    /// `creator`.
+    pub async fn room(&self, creator: &MatrixSession) -> String {
+        creator
+            .create_call_room(CreateRoomOptions {
+                name: Some("interop".into()),
+                invite: Vec::new(),
+                encrypted: false,
+                public: true,
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Joins a groupcall participant; its events go into the log as `name`.
+    pub async fn join_rust(
+        &mut self,
+        name: &str,
+        session: MatrixSession,
+        opts: JoinOptions,
+    ) -> (usize, Participant) {
+        let idx = self.slot(name);
+        let mut handle = join_call(session, opts).await.expect("join_call");
+        let commander = handle.commander();
+        let tx = self.tx.clone();
+        let done = tokio::spawn(async move {
+            while let Some(ev) = handle.next_event().await {
+                if tx.send((idx, Ev::Rust(ev))).is_err() {
+                    break;
+                }
+            }
+            let _ = handle.finished().await;
+        });
+        (idx, Participant { commander, done })
+    }
+
+    /// Starts a reference peer (`script` is `peer.mjs` or `browser.mjs`) as
+    /// user `name` in `room`, with extra options.
+    pub fn spawn_js(&mut self, name: &str, script: &str, room: &str, extra: &[&str]) -> usize {
+        let idx = self.slot(name);
+        let mut args = vec![
+            "--homeserver".to_owned(),
+            self.hs.clone(),
+            "--user".to_owned(),
+            name.to_owned(),
+            "--password".to_owned(),
+            PASSWORD.to_owned(),
+            "--room".to_owned(),
+            room.to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let stderr = self.tmp.path().join(format!("{idx}-{name}.stderr.log"));
+        let peer = RefPeer::spawn(idx, name, script, &args, &stderr, self.tx.clone());
+        self.peers.push(peer);
+        idx
+    }
+
+    fn peer_mut(&mut self, idx: usize) -> &mut RefPeer {
+        self.peers
+            .iter_mut()
+            .find(|p| p.idx == idx)
+            .unwrap_or_else(|| panic!("no reference peer #{idx}"))
+    }
+
+    /// Sends a stdin command to a reference peer.
+    pub fn send(&mut self, idx: usize, command: &str) {
+        self.peer_mut(idx).send(command);
+    }
+
+    /// Quits a reference peer cleanly (it leaves the call first) and waits
+    /// for it to exit; kills it after 20 s.
+    pub async fn quit_js(&mut self, idx: usize) {
+        self.peer_mut(idx).close_stdin();
+        self.log
+            .wait_for(&format!("reference peer #{idx} to exit"), 20, |s| {
+                s.iter()
+                    .any(|e| e.who == idx && matches!(e.ev, Ev::JsExited(_)))
+            })
+            .await;
+        let code = self.log.seen.iter().find_map(|e| match e.ev {
+            Ev::JsExited(c) if e.who == idx => Some(c),
+            _ => None,
+        });
+        let pos = self.peers.iter().position(|p| p.idx == idx).unwrap();
+        drop(self.peers.remove(pos));
+        assert_eq!(code, Some(Some(0)), "reference peer #{idx} exit code");
+    }
+
+    /// Waits for a reference peer's `ready` line and returns its device.
+    pub async fn js_device(&mut self, idx: usize) -> DeviceKey {
+        self.log
+            .wait_for("the reference peer to be ready", 60, |s| {
+                s.iter().any(|e| e.who == idx && e.js("ready").is_some())
+            })
+            .await;
+        let v = self
+            .log
+            .seen
+            .iter()
+            .rev()
+            .find_map(|e| (e.who == idx).then(|| e.js("ready")).flatten())
+            .unwrap();
+        DeviceKey::new(
+            v["user_id"].as_str().unwrap(),
+            v["device_id"].as_str().unwrap(),
+        )
+    }
+
+    /// Things that went wrong without failing the test: warnings, refused
+    /// signalling, failed peers, the reference's errors and odd hangups.
+    pub fn anomalies(&mut self) -> Vec<String> {
+        self.log.pump();
+        let names = self.names.lock().unwrap().clone();
+        let mut out = Vec::new();
+        for e in &self.log.seen {
+            let name = names.get(e.who).map(String::as_str).unwrap_or("?");
+            let bad = match &e.ev {
+                Ev::Rust(ClientEvent::Warning(w)) => Some(format!("warning {w}")),
+                Ev::Rust(ClientEvent::Signalling {
+                    ignored: Some(why),
+                    event_type,
+                    sender,
+                    ..
+                }) => Some(format!("ignored {event_type} from {sender}: {why}")),
+                Ev::Rust(ClientEvent::Call(
+                    ev @ (CallEvent::GaveUp { .. }
+                    | CallEvent::PeerState {
+                        status: PeerStatus::Failed(_),
+                        ..
+                    }),
+                )) => Some(format!("{ev:?}")),
+                Ev::Js(v) => match v["event"].as_str() {
+                    Some("call_error" | "error" | "garbage") => Some(v.to_string()),
+                    Some("command") if v["ok"] != true => Some(v.to_string()),
+                    Some("call_state")
+                        if v["state"] == "ended"
+                            && !matches!(
+                                v["hangup_reason"].as_str(),
+                                Some("user_hangup") | Some("new_session")
+                            ) =>
+                    {
+                        Some(v.to_string())
+                    }
+                    _ => None,
+                },
+                Ev::JsExited(Some(0)) => None,
+                Ev::JsExited(c) => Some(format!("exited with {c:?}")),
+                _ => None,
+            };
+            if let Some(b) = bad {
+                out.push(format!("{name}: {b}"));
+            }
+        }
+        out
+    }
+
+    /// Quits every reference peer still running (cleanly, bounded), then
+    /// fails the test on anything that went wrong without failing it so
+    /// far (see [`Harness::anomalies`]).
+    pub async fn shutdown(mut self) {
+        let idxs: Vec<usize> = self.peers.iter().map(|p| p.idx).collect();
+        for p in &mut self.peers {
+            p.close_stdin();
+        }
+        self.log
+            .wait_for("reference peers to exit", 30, |s| {
+                idxs.iter().all(|i| {
+                    s.iter()
+                        .any(|e| e.who == *i && matches!(e.ev, Ev::JsExited(_)))
+                })
+            })
+            .await;
+        self.peers.clear();
+        let anomalies = self.anomalies();
+        assert!(
+            anomalies.is_empty(),
+            "anomalies during the test:\n{}\nrecent events:\n{}",
+            anomalies.join("\n"),
+            self.log.dump(60)
+        );
+    }
+}
+
+/// A reference peer process (and its process group: Chromium for
+/// `browser.mjs`), killed when dropped.
+pub struct RefPeer {
+    pub idx: usize,
+    name: String,
+    pid: u32,
+    stdin: Option<ChildStdin>,
+    stderr_path: PathBuf,
+}
+
+impl RefPeer {
+    fn spawn(
+        idx: usize,
+        name: &str,
+        script: &str,
+        args: &[String],
+        stderr_path: &Path,
+        tx: mpsc::UnboundedSender<(usize, Ev)>,
+    ) -> RefPeer {
+        use std::os::unix::process::CommandExt;
+        let dir = interop_dir();
+        let stderr = std::fs::File::create(stderr_path).unwrap();
+        let mut child: Child = StdCommand::new("node")
+            .arg(dir.join(script))
+            .args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `node {script}`: {e}"));
+        let pid = child.id();
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let v = serde_json::from_str::<Value>(&line)
+                    .unwrap_or_else(|_| serde_json::json!({"event": "garbage", "line": line}));
+                if tx.send((idx, Ev::Js(v))).is_err() {
+                    break;
+                }
+            }
+            let code = child.wait().ok().and_then(|s| s.code());
+            let _ = tx.send((idx, Ev::JsExited(code)));
+        });
+        RefPeer {
+            idx,
+            name: name.to_owned(),
+            pid,
+            stdin,
+            stderr_path: stderr_path.to_owned(),
+        }
+    }
+
+    fn send(&mut self, command: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin still open");
+        stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .and_then(|_| stdin.flush())
+            .unwrap_or_else(|e| panic!("writing to reference peer {}: {e}", self.name));
+    }
+
+    /// End of stdin makes the peer leave the call and exit.
+    fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+}
+
+impl Drop for RefPeer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let tail = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+            let lines: Vec<&str> = tail.lines().collect();
+            let from = lines.len().saturating_sub(30);
+            eprintln!(
+                "---- stderr of reference peer {} (#{}), last lines ----\n{}",
+                self.name,
+                self.idx,
+                lines[from..].join("\n")
+            );
+        }
+        // The whole process group: node, and Chromium under browser.mjs.
+        let _ = StdCommand::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.pid)])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+// ---- the event log -----------------------------------------------------
+
+/// Everything every participant reported, and waiting on conditions.
+pub struct Log {
+    rx: mpsc::UnboundedReceiver<(usize, Ev)>,
+    pub seen: Vec<Entry>,
+    names: Arc<Mutex<Vec<String>>>,
+}
+
+impl Log {
+    /// Takes in everything reported so far without waiting.
+    pub fn pump(&mut self) {
+        while let Ok((who, ev)) = self.rx.try_recv() {
+            self.seen.push(Entry {
+                t: Instant::now(),
+                who,
+                ev,
+            });
+        }
+    }
+
+    /// Waits until `cond` holds on the log, at most `secs` seconds; panics
+    /// with the recent non-media events otherwise. Returns when it held.
+    pub async fn wait_for(
+        &mut self,
+        what: &str,
+        secs: u64,
+        mut cond: impl FnMut(&[Entry]) -> bool,
+    ) -> Instant {
+        self.pump();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !cond(&self.seen) {
+            match timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                self.rx.recv(),
+            )
+            .await
+            {
+                Ok(Some((who, ev))) => {
+                    if let Ev::Js(v) = &ev
+                        && v["event"] == "error"
+                    {
+                        eprintln!("reference peer #{who} reported an error: {v}");
+                    }
+                    self.seen.push(Entry {
+                        t: Instant::now(),
+                        who,
+                        ev,
+                    });
+                }
+                Ok(None) => panic!("event channel closed while waiting for {what}"),
+                Err(_) => panic!(
+                    "timed out after {secs} s waiting for {what}; recent events:\n{}",
+                    self.dump(80)
+                ),
+            }
+        }
+        Instant::now()
+    }
+
+    /// The last `n` events other than media counters, one per line.
+    pub fn dump(&self, n: usize) -> String {
+        let names = self.names.lock().unwrap().clone();
+        let start = self.seen.first().map(|e| e.t);
+        let mut lines: Vec<String> = self
+            .seen
+            .iter()
+            .filter(|e| match &e.ev {
+                Ev::Rust(ClientEvent::Media { .. } | ClientEvent::MediaSent { .. }) => false,
+                Ev::Js(v) => v["event"] != "media",
+                _ => true,
+            })
+            .rev()
+            .take(n)
+            .map(|e| {
+                let name = names.get(e.who).map(String::as_str).unwrap_or("?");
+                let at = start.map(|s| e.t - s).unwrap_or_default();
+                let what = match &e.ev {
+                    Ev::Rust(ev) => format!("{ev:?}"),
+                    Ev::Js(v) => v.to_string(),
+                    Ev::JsExited(c) => format!("exited {c:?}"),
+                };
+                format!("{:>8.3}s {name}: {what}", at.as_secs_f64())
+            })
+            .collect();
+        lines.reverse();
+        lines.join("\n")
+    }
+
+    /// Mark for "since now".
+    pub fn mark(&mut self) -> Instant {
+        self.pump();
+        Instant::now()
+    }
+}
+
+// ---- conditions --------------------------------------------------------
+
+/// Sum of the increases of cumulative counters `(key, value)` after
+/// `since`; a value below the previous one is a restarted counter.
+fn growth<K: Ord + Clone>(
+    seen: &[Entry],
+    since: Instant,
+    mut f: impl FnMut(&Entry) -> Option<(K, u64)>,
+) -> u64 {
+    let mut last: BTreeMap<K, u64> = BTreeMap::new();
+    let mut grown: BTreeMap<K, u64> = BTreeMap::new();
+    for e in seen {
+        let Some((k, v)) = f(e) else { continue };
+        let prev = last.insert(k.clone(), v);
+        if e.t < since {
+            continue;
+        }
+        let inc = match prev {
+            Some(p) if v >= p => v - p,
+            _ => v,
+        };
+        *grown.entry(k).or_default() += inc;
+    }
+    grown.into_values().max().unwrap_or(0)
+}
+
+/// Frames of `kind` a groupcall participant `at` received from `from` after
+/// `since` (the best stream; only `stream` if given).
+pub fn rust_frames(
+    seen: &[Entry],
+    since: Instant,
+    at: usize,
+    from: &DeviceKey,
+    kind: TrackKind,
+    stream: Option<&str>,
+) -> u64 {
+    growth(seen, since, |e| match &e.ev {
+        Ev::Rust(ClientEvent::Media {
+            device,
+            stream_id,
+            kind: k,
+            frames,
+            ..
+        }) if e.who == at
+            && device == from
+            && *k == kind
+            && stream.is_none_or(|s| s == stream_id) =>
+        {
+            Some((stream_id.clone(), *frames))
+        }
+        _ => None,
+    })
+}
+
+/// Frames of `kind` (`"audio"`/`"video"`) a reference peer `at` received
+/// from `from` on a feed of `purpose` after `since` (the best track).
+pub fn js_frames(
+    seen: &[Entry],
+    since: Instant,
+    at: usize,
+    from: &DeviceKey,
+    kind: &str,
+    purpose: &str,
+) -> u64 {
+    growth(seen, since, |e| {
+        let v = e.js("media")?;
+        (e.who == at
+            && v["user_id"] == from.user_id.as_str()
+            && v["device_id"] == from.device_id.as_str()
+            && v["kind"] == kind
+            && v["purpose"] == purpose)
+            .then(|| {
+                (
+                    v["track_id"].as_str().unwrap_or("").to_owned(),
+                    v["frames"].as_u64().unwrap_or(0),
+                )
+            })
+    })
+}
+
+/// Whether groupcall participant `at` reported a connected peer to `dev`
+/// after `since`.
+pub fn rust_connected(seen: &[Entry], since: Instant, at: usize, dev: &DeviceKey) -> bool {
+    rust_connected_at(seen, since, at, dev).is_some()
+}
+
+/// When groupcall participant `at` first reported a connected peer to `dev`
+/// after `since`.
+pub fn rust_connected_at(
+    seen: &[Entry],
+    since: Instant,
+    at: usize,
+    dev: &DeviceKey,
+) -> Option<Instant> {
+    seen.iter()
+        .find(|e| {
+            e.t >= since
+                && e.who == at
+                && matches!(e.call(), Some(CallEvent::PeerState { device, status: PeerStatus::Connected, .. }) if device == dev)
+        })
+        .map(|e| e.t)
+}
+
+/// When reference peer `at` first reported its call with `dev` connected
+/// after `since`.
+pub fn js_connected_at(
+    seen: &[Entry],
+    since: Instant,
+    at: usize,
+    dev: &DeviceKey,
+) -> Option<Instant> {
+    seen.iter()
+        .find(|e| {
+            e.t >= since
+                && e.who == at
+                && e.js("call_state").is_some_and(|v| {
+                    v["state"] == "connected"
+                        && v["user_id"] == dev.user_id.as_str()
+                        && v["device_id"] == dev.device_id.as_str()
+                })
+        })
+        .map(|e| e.t)
+}
+
+/// When the first frame of `kind` from `from` was counted at `at` after
+/// `since` (either side).
+pub fn first_frames_at(
+    seen: &[Entry],
+    since: Instant,
+    at: usize,
+    from: &DeviceKey,
+    kind: TrackKind,
+) -> Option<Instant> {
+    let js_kind = kind.as_str();
+    seen.iter()
+        .find(|e| {
+            e.t >= since
+                && e.who == at
+                && match &e.ev {
+                    Ev::Rust(ClientEvent::Media {
+                        device,
+                        kind: k,
+                        frames,
+                        ..
+                    }) => device == from && *k == kind && *frames > 0,
+                    Ev::Js(v) => {
+                        v["event"] == "media"
+                            && v["user_id"] == from.user_id.as_str()
+                            && v["device_id"] == from.device_id.as_str()
+                            && v["kind"] == js_kind
+                            && v["frames"].as_u64().unwrap_or(0) > 0
+                    }
+                    _ => false,
+                }
+        })
+        .map(|e| e.t)
+}
+
+/// A remote feed as groupcall participant `at` saw it appear after `since`.
+pub fn rust_feed_added(
+    seen: &[Entry],
+    since: Instant,
+    at: usize,
+    from: &DeviceKey,
+    purpose: FeedPurpose,
+) -> Option<String> {
+    seen.iter().find_map(|e| match e.call() {
+        Some(CallEvent::FeedAdded {
+            device,
+            stream_id,
+            purpose: p,
+            ..
+        }) if e.t >= since && e.who == at && device == from && *p == purpose => {
+            Some(stream_id.clone())
+        }
+        _ => None,
+    })
+}
+
+/// Reference peer `at` reported a JSON line after `since` matching `pred`.
+pub fn js_saw(
+    seen: &[Entry],
+    since: Instant,
+    at: usize,
+    event: &str,
+    mut pred: impl FnMut(&Value) -> bool,
+) -> bool {
+    seen.iter()
+        .any(|e| e.t >= since && e.who == at && e.js(event).is_some_and(&mut pred))
+}
+
+/// A JSON line of a reference peer is about device `dev`.
+pub fn about(v: &Value, dev: &DeviceKey) -> bool {
+    v["user_id"] == dev.user_id.as_str() && v["device_id"] == dev.device_id.as_str()
+}
+
+/// Milliseconds from `a` to `b`.
+pub fn ms(a: Instant, b: Instant) -> u128 {
+    b.saturating_duration_since(a).as_millis()
+}
+
+// ---- a STUN server that answers late -------------------------------------
+
+/// A STUN Binding responder on 127.0.0.1 that answers after `delay` with a
+/// made-up server-reflexive address (127.0.0.2, the request's port). Given
+/// to the reference (`--ice-server`), it makes it trickle a late candidate in
+/// `m.call.candidates`: on loopback everything else is gathered before its
+/// invite/answer goes out. Stops when dropped.
+pub struct LateStun {
+    pub uri: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LateStun {
+    pub fn start(delay: Duration) -> LateStun {
+        use std::net::{SocketAddr, UdpSocket};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        const MAGIC: u32 = 0x2112_a442;
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let uri = format!("stun:{}", socket.local_addr().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            let mut due: Vec<(std::time::Instant, Vec<u8>, SocketAddr)> = Vec::new();
+            let mut buf = [0u8; 1500];
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let m = &buf[..n];
+                    let is_binding = n >= 20 && m[0..2] == [0, 1] && m[4..8] == MAGIC.to_be_bytes();
+                    if is_binding {
+                        let mut res = Vec::with_capacity(32);
+                        res.extend_from_slice(&0x0101u16.to_be_bytes()); // Binding success
+                        res.extend_from_slice(&12u16.to_be_bytes());
+                        res.extend_from_slice(&m[4..20]); // cookie + transaction id
+                        res.extend_from_slice(&0x0020u16.to_be_bytes()); // XOR-MAPPED-ADDRESS
+                        res.extend_from_slice(&8u16.to_be_bytes());
+                        res.extend_from_slice(&[0, 1]);
+                        res.extend_from_slice(&(from.port() ^ (MAGIC >> 16) as u16).to_be_bytes());
+                        res.extend_from_slice(
+                            &(u32::from_be_bytes([127, 0, 0, 2]) ^ MAGIC).to_be_bytes(),
+                        );
+                        due.push((std::time::Instant::now() + delay, res, from));
+                    }
+                }
+                let now = std::time::Instant::now();
+                due.retain(|(at, res, to)| {
+                    if *at <= now {
+                        let _ = socket.send_to(res, to);
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+        });
+        LateStun { uri, stop }
+    }
+}
+
+impl Drop for LateStun {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
