@@ -181,7 +181,7 @@ fn event_json(ev: &ClientEvent) -> Option<Value> {
             "encrypted": encrypted, "ignored": ignored}),
         ClientEvent::Recorded { path } => json!({"event": "recorded", "path": path}),
         ClientEvent::Warning(w) => json!({"event": "warning", "message": w}),
-        ClientEvent::RemoteTrack { .. } => return None,
+        ClientEvent::RemoteTrack { .. } | ClientEvent::Frame { .. } => return None,
     })
 }
 

@@ -234,7 +234,12 @@ impl FramePusher {
     /// Sends one encoded frame (an Opus packet or a VP8 frame) of our
     /// camera/microphone feed to every peer; `duration` is its play time.
     /// `false` when the call has ended.
-    pub fn push(&self, kind: TrackKind, data: impl Into<std::sync::Arc<[u8]>>, duration: Duration) -> bool {
+    pub fn push(
+        &self,
+        kind: TrackKind,
+        data: impl Into<std::sync::Arc<[u8]>>,
+        duration: Duration,
+    ) -> bool {
         self.0.send((kind, data.into(), duration)).is_ok()
     }
 }
@@ -462,7 +467,15 @@ pub async fn join_call(
         turn,
         liveness,
     };
-    let task = tokio::spawn(driver.run(sync, sync_rx, cmd_rx, media_rx, ack_rx, push_rx, outbox));
+    let inputs = Inputs {
+        sync,
+        sync_rx,
+        cmd_rx,
+        media_rx,
+        ack_rx,
+        push_rx,
+    };
+    let task = tokio::spawn(driver.run(inputs, outbox));
     Ok(CallHandle {
         pusher: FramePusher(push_tx),
         commands: cmd_tx,
@@ -575,6 +588,16 @@ struct Peer {
     remote_tracks: BTreeMap<(String, &'static str), String>,
 }
 
+/// Everything the driver task listens to.
+struct Inputs {
+    sync: crate::matrix::SyncHandle,
+    sync_rx: mpsc::Receiver<MatrixInput>,
+    cmd_rx: mpsc::UnboundedReceiver<Command>,
+    media_rx: mpsc::UnboundedReceiver<(PeerHandle, PeerEvent)>,
+    ack_rx: mpsc::UnboundedReceiver<()>,
+    push_rx: mpsc::UnboundedReceiver<PushedFrame>,
+}
+
 struct Driver {
     call: GroupCall,
     room_id: String,
@@ -593,16 +616,15 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(
-        mut self,
-        sync: crate::matrix::SyncHandle,
-        mut sync_rx: mpsc::Receiver<MatrixInput>,
-        mut cmd_rx: mpsc::UnboundedReceiver<Command>,
-        mut media_rx: mpsc::UnboundedReceiver<(PeerHandle, PeerEvent)>,
-        mut ack_rx: mpsc::UnboundedReceiver<()>,
-        mut push_rx: mpsc::UnboundedReceiver<PushedFrame>,
-        outbox: JoinHandle<()>,
-    ) -> Result<(), ClientError> {
+    async fn run(mut self, inputs: Inputs, outbox: JoinHandle<()>) -> Result<(), ClientError> {
+        let Inputs {
+            sync,
+            mut sync_rx,
+            mut cmd_rx,
+            mut media_rx,
+            mut ack_rx,
+            mut push_rx,
+        } = inputs;
         self.drain().await;
         let mut stats = tokio::time::interval(self.opts.stats_interval);
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
