@@ -15,15 +15,26 @@ use tokio::time::{Instant, timeout};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pushed_frames_arrive_byte_exact_at_the_other_participant() {
-    let synapse = Synapse::start(SynapseOptions::default()).await.expect("synapse");
+    let synapse = Synapse::start(SynapseOptions::default())
+        .await
+        .expect("synapse");
     let hs = synapse.base_url();
     let tmp = tempfile::tempdir().unwrap();
     synapse.register_user("pusher", "pw-pw-pw").await.unwrap();
     synapse.register_user("puller", "pw-pw-pw").await.unwrap();
-    let a = MatrixSession::login(&hs, "pusher", "pw-pw-pw", tmp.path().join("a")).await.unwrap();
-    let b = MatrixSession::login(&hs, "puller", "pw-pw-pw", tmp.path().join("b")).await.unwrap();
+    let a = MatrixSession::login(&hs, "pusher", "pw-pw-pw", tmp.path().join("a"))
+        .await
+        .unwrap();
+    let b = MatrixSession::login(&hs, "puller", "pw-pw-pw", tmp.path().join("b"))
+        .await
+        .unwrap();
     let room = a
-        .create_call_room(CreateRoomOptions { name: None, invite: vec![b.user_id().to_owned()], encrypted: false, public: false })
+        .create_call_room(CreateRoomOptions {
+            name: None,
+            invite: vec![b.user_id().to_owned()],
+            encrypted: false,
+            public: false,
+        })
         .await
         .unwrap();
 
@@ -53,13 +64,20 @@ async fn pushed_frames_arrive_byte_exact_at_the_other_participant() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = HashSet::new();
     while seen.len() < 50 {
-        let ev = timeout(deadline.saturating_duration_since(Instant::now()), puller.next_event())
-            .await
-            .expect("timed out waiting for pushed frames")
-            .expect("call ended");
+        let ev = timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            puller.next_event(),
+        )
+        .await
+        .expect("timed out waiting for pushed frames")
+        .expect("call ended");
         if let ClientEvent::Frame { frame, .. } = ev {
             assert_eq!(frame.kind, TrackKind::Audio);
-            assert_eq!(&frame.data[..3], &[0xFC, 0xFF, 0xFE], "frame bytes changed in transit");
+            assert_eq!(
+                &frame.data[..3],
+                &[0xFC, 0xFF, 0xFE],
+                "frame bytes changed in transit"
+            );
             seen.insert(u32::from_be_bytes(frame.data[3..7].try_into().unwrap()));
         }
     }
