@@ -8,7 +8,8 @@
 //!     --data-dir /tmp/alice --room '!room:localhost' [--create] \
 //!     [--bind 10.0.0.2] [--record DIR] [--no-delayed-leave] \
 //!     [--expiry-ms 8000 --refresh-ms 3000] \
-//!     [--media-timeouts-ms 1000,3000] [--connect-timeout-ms 15000]
+//!     [--media-timeouts-ms 1000,3000] [--connect-timeout-ms 15000] \
+//!     [--stats-ms 1000]
 //! ```
 //!
 //! Lines on stdin: `leave` leaves the call, `screenshare on|off`.
@@ -51,6 +52,7 @@ struct Args {
     refresh_ms: Option<u64>,
     media_timeouts_ms: Option<(u64, u64)>,
     connect_timeout_ms: Option<u64>,
+    stats_ms: Option<u64>,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -80,6 +82,7 @@ fn parse_args() -> Result<Args, Error> {
             "--expiry-ms" => a.expiry_ms = Some(num(val()?)?),
             "--refresh-ms" => a.refresh_ms = Some(num(val()?)?),
             "--connect-timeout-ms" => a.connect_timeout_ms = Some(num(val()?)?),
+            "--stats-ms" => a.stats_ms = Some(num(val()?)?),
             "--media-timeouts-ms" => {
                 let v = val()?;
                 let (d, f) = v
@@ -181,7 +184,7 @@ fn event_json(ev: &ClientEvent) -> Option<Value> {
             "encrypted": encrypted, "ignored": ignored}),
         ClientEvent::Recorded { path } => json!({"event": "recorded", "path": path}),
         ClientEvent::Warning(w) => json!({"event": "warning", "message": w}),
-        ClientEvent::RemoteTrack { .. } | ClientEvent::Frame { .. } => return None,
+        ClientEvent::RemoteTrack { .. } => return None,
     })
 }
 
@@ -205,6 +208,9 @@ async fn run(args: Args) -> Result<(), Error> {
     if let Some((d, f)) = args.media_timeouts_ms {
         opts.liveness.media_disconnect_timeout = Duration::from_millis(d);
         opts.liveness.media_failed_timeout = Duration::from_millis(f);
+    }
+    if let Some(ms) = args.stats_ms {
+        opts.stats_interval = Duration::from_millis(ms.max(50));
     }
     if let Some(c) = args.connect_timeout_ms {
         let mut core = Config::new("", "");

@@ -154,21 +154,24 @@ async fn start(session: MatrixSession, opts: JoinOptions, idx: usize, log: &Log)
     Participant { commander, done }
 }
 
-/// The participant example's binary, built by `cargo test` (built here if
-/// missing).
+/// The participant example's binary, (re)built once per test run:
+/// `cargo test --test reliability` alone does not build examples.
 fn participant_exe() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join("examples").join("participant");
-    if !path.exists() {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-p", "groupcall", "--example", "participant"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "building the participant example failed");
-    }
-    path
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().unwrap();
+            let dir = exe.parent().and_then(Path::parent).unwrap();
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["build", "-p", "groupcall", "--example", "participant"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .env("CARGO_TARGET_DIR", dir.parent().unwrap())
+                .status()
+                .unwrap();
+            assert!(status.success(), "building the participant example failed");
+            dir.join("examples").join("participant")
+        })
+        .clone()
 }
 
 /// Spawns the participant example (in network namespace `ns` if given);
@@ -466,6 +469,7 @@ fn device_of_ready(v: &Value) -> DeviceKey {
 async fn crashed_participant_is_dropped_within_15_s() {
     let _serial = SERIAL.lock().await;
     init_tracing();
+    participant_exe();
     let s = setup(SynapseOptions::default(), &["alice", "bob"], &["carol"]).await;
     assert!(s.sessions[0].supports_delayed_events().await.unwrap());
     let mut log = Log::new();
@@ -1019,6 +1023,7 @@ async fn hostile_signalling_is_refused_and_the_call_is_undisturbed() {
 
 /// The namespaces, or why the test cannot create them here.
 async fn namespaces(n: usize) -> Option<netns::Net> {
+    participant_exe();
     match netns::Net::create(n).await {
         Ok(net) => Some(net),
         Err(e) => {
@@ -1172,7 +1177,16 @@ async fn lossy_network_in_namespaces_keeps_media_flowing() {
     });
     let mut log = Log::new();
     let t0 = Instant::now();
-    let mut c = ns_call(net, &["alice", "bob", "carol"], &log, &[], true).await;
+    // Counters every 250 ms: sender and receiver snapshots are at most
+    // that far apart.
+    let mut c = ns_call(
+        net,
+        &["alice", "bob", "carol"],
+        &log,
+        &["--stats-ms", "250"],
+        true,
+    )
+    .await;
     let u = c.users.clone();
     log.wait_for(
         "every pair connected with media through the lossy router",
@@ -1224,7 +1238,7 @@ async fn lossy_network_in_namespaces_keeps_media_flowing() {
         min("video")
     );
     assert!(min("audio") > 0.85, "audio: {:?}", ratios["audio"]);
-    assert!(min("video") > 0.90, "video: {:?}", ratios["video"]);
+    assert!(min("video") > 0.93, "video: {:?}", ratios["video"]);
     // Nobody was dropped.
     for (a, b) in pairs(3) {
         assert!(
