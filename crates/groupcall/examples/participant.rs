@@ -184,7 +184,8 @@ fn event_json(ev: &ClientEvent) -> Option<Value> {
             "encrypted": encrypted, "ignored": ignored}),
         ClientEvent::Recorded { path } => json!({"event": "recorded", "path": path}),
         ClientEvent::Warning(w) => json!({"event": "warning", "message": w}),
-        ClientEvent::RemoteTrack { .. } => return None,
+        // Remote tracks, frames, and whatever is added later.
+        _ => return None,
     })
 }
 

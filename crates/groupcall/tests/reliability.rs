@@ -37,12 +37,13 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const PW: &str = "secret-pw";
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,matrix_sdk_crypto=error".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    let _ =
+        tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| {
+                "warn,matrix_sdk_crypto=error,matrix_sdk::http_client=off".into()
+            }))
+            .with_test_writer()
+            .try_init();
 }
 
 /// An event of an in-process participant or a JSON line of a process.
@@ -189,7 +190,8 @@ fn spawn_participant(ns: Option<&str>, args: &[String], idx: usize, log: &Log) -
     cmd.args(args)
         .env(
             "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+            std::env::var("RUST_LOG")
+                .unwrap_or_else(|_| "error,matrix_sdk::http_client=off".into()),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
