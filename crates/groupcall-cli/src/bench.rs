@@ -77,6 +77,8 @@ pub async fn run_setup(args: BenchSetupArgs) -> anyhow::Result<()> {
 struct RunResult {
     /// P1 in ms.
     setup_ms: f64,
+    /// Where the time went: milestones in ms since the last join.
+    breakdown: String,
     /// P2.
     counts: Counts,
     /// P4: CPU ms per second per participant and peer.
@@ -222,12 +224,13 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
                 match r {
                     Ok(r) => {
                         say(&format!(
-                            "N={n} {system:?} {what}: setup {:.0} ms, {:.2} to-device messages per pair{}",
+                            "N={n} {system:?} {what}: setup {:.0} ms, {:.2} to-device messages per pair{}; ms since the last join: {}",
                             r.setup_ms,
                             r.counts.messages as f64 / (n * (n - 1) / 2) as f64,
                             r.cpu
                                 .map(|c| format!(", CPU {c:.1} ms/s per peer"))
-                                .unwrap_or_default()
+                                .unwrap_or_default(),
+                            r.breakdown
                         ));
                         if cpu_run {
                             cell.cpu = r.cpu;
@@ -418,6 +421,37 @@ async fn run_once(env: &mut Env, spec: &RunSpec<'_>) -> anyhow::Result<RunResult
         .or_else(|| tracker.all_joined())
         .ok_or_else(|| anyhow!("no join seen"))?;
     let setup_ms = mesh_up.saturating_duration_since(last_join).as_secs_f64() * 1000.0;
+    let since = |t: Instant| -> String {
+        if t >= last_join {
+            format!("+{:.0}", t.duration_since(last_join).as_secs_f64() * 1000.0)
+        } else {
+            format!("-{:.0}", last_join.duration_since(t).as_secs_f64() * 1000.0)
+        }
+    };
+    let mut breakdown = Vec::new();
+    for (ty, (first, last)) in &counts.span_by_type {
+        let short = ty.trim_start_matches("m.call.");
+        breakdown.push(format!("{short} {}..{}", since(*first), since(*last)));
+    }
+    let summaries = tracker.summaries();
+    let conn = summaries
+        .iter()
+        .filter_map(|p| Some(p.start_ms? + p.connected_ms?))
+        .reduce(f64::max);
+    if let Some(c) = conn {
+        breakdown.push(format!(
+            "last pair connected {}",
+            since(start + Duration::from_secs_f64(c / 1000.0))
+        ));
+    }
+    let breakdown = breakdown.join(", ");
+    if std::env::var_os("GROUPCALL_BENCH_TRACE").is_some() {
+        // Every request of the run, for finding where the time goes.
+        for r in proxy.since(start) {
+            let target = r.target.split('?').next().unwrap_or_default();
+            eprintln!("  {:>7} {} {target}", since(r.at), r.method);
+        }
+    }
 
     let cpu = match spec.cpu_window {
         None => None,
@@ -446,6 +480,7 @@ async fn run_once(env: &mut Env, spec: &RunSpec<'_>) -> anyhow::Result<RunResult
     };
     Ok(RunResult {
         setup_ms,
+        breakdown,
         counts,
         cpu,
     })
@@ -472,7 +507,7 @@ async fn drain_for(
     }
 }
 
-fn cell<'a>(row: &'a [(System, Cell)], s: System) -> Option<&'a Cell> {
+fn cell(row: &[(System, Cell)], s: System) -> Option<&Cell> {
     row.iter().find(|(x, _)| *x == s).map(|(_, c)| c)
 }
 

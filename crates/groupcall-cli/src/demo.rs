@@ -707,6 +707,9 @@ pub struct Counts {
     pub delayed: usize,
     /// Per user id: when its first member state event went through.
     pub first_member: HashMap<String, Instant>,
+    /// Per to-device event type: when the first and the last request went
+    /// through.
+    pub span_by_type: std::collections::BTreeMap<String, (Instant, Instant)>,
 }
 
 /// Counts the call signalling that went through the proxy in a window.
@@ -730,7 +733,10 @@ pub fn count_signalling(proxy: &Proxy, from: Instant, until: Instant) -> Counts 
                 c.requests += 1;
                 c.messages += messages;
                 c.bytes += r.body_bytes;
-                *c.by_type.entry(event_type).or_default() += messages;
+                *c.by_type.entry(event_type.clone()).or_default() += messages;
+                let span = c.span_by_type.entry(event_type).or_insert((r.at, r.at));
+                span.0 = span.0.min(r.at);
+                span.1 = span.1.max(r.at);
             }
             ReqKind::MemberState { state_key, delayed } => {
                 if delayed {

@@ -46,6 +46,10 @@ pub enum Kind {
 pub struct Record {
     /// When its body had been forwarded.
     pub at: Instant,
+    /// HTTP method.
+    pub method: String,
+    /// Request target (path and query), as sent.
+    pub target: String,
     /// Body bytes (decoded from chunks).
     pub body_bytes: usize,
     /// What it was.
@@ -190,6 +194,8 @@ async fn requests(
         let record = Record {
             at: Instant::now(),
             kind: classify(&method, &target, &body),
+            method,
+            target,
             body_bytes,
         };
         if let Ok(mut r) = records.lock() {
