@@ -66,6 +66,10 @@ struct Peer {
     remote_candidates: Vec<Candidate>,
     /// A local renegotiation offer is in flight (until its answer is applied).
     local_offer_pending: bool,
+    /// Our renegotiation offer on the wire: (message, sent at, times resent).
+    /// Resent every `retry_interval_ms` until answered; a lost offer would
+    /// otherwise stall renegotiation for good.
+    offer_in_flight: Option<(Negotiate, u64, u32)>,
     /// A remote renegotiation offer is being answered by the media layer.
     answering_remote_offer: bool,
     /// Renegotiate once the current exchange is done.
@@ -788,6 +792,7 @@ impl GroupCall {
                 remote_description_set: false,
                 remote_candidates: Vec::new(),
                 local_offer_pending: false,
+                offer_in_flight: None,
                 answering_remote_offer: false,
                 renegotiate_needed: false,
                 ice_restart_next: false,
@@ -1281,6 +1286,7 @@ impl GroupCall {
                     "negotiate offer collides with ours (we are impolite)".into(),
                 ));
             }
+            peer.offer_in_flight = None;
             if peer.local_offer_pending {
                 // Polite: roll back ours (the media layer does on AcceptOffer)
                 // and offer again afterwards.
@@ -1304,6 +1310,7 @@ impl GroupCall {
                 ));
             }
             peer.local_offer_pending = false;
+            peer.offer_in_flight = None;
             let handle = peer.handle;
             self.out.push_back(Output::Media(MediaRequest::ApplyAnswer {
                 peer: handle,
@@ -1443,6 +1450,7 @@ impl GroupCall {
                         sdp_stream_metadata: Some(meta),
                         extra: Default::default(),
                     };
+                    peer.offer_in_flight = Some((n.clone(), now, 0));
                     self.send(&key, Body::Negotiate(n));
                 } else {
                     debug!(device = %key, "unexpected offer from the media layer (rolled back?)");
@@ -1651,6 +1659,9 @@ impl GroupCall {
             if let Some(o) = p.orphaned_since {
                 at(o + self.cfg.orphan_grace_ms);
             }
+            if let Some((_, sent, _)) = &p.offer_in_flight {
+                at(sent + self.cfg.retry_interval_ms);
+            }
             if let Some(x) = p.candidates_flush_at {
                 at(x);
             }
@@ -1706,6 +1717,35 @@ impl GroupCall {
         for device in gone {
             self.close_peer(&device, false, "participant_left", false);
             self.forget_device(&device);
+        }
+        // Renegotiation offers without an answer: send again, then give up
+        // on the call (the designated caller calls again).
+        let unanswered: Vec<(DeviceKey, u32)> = self
+            .peers
+            .values()
+            .filter_map(|p| match &p.offer_in_flight {
+                Some((_, sent, resends)) if now >= sent + self.cfg.retry_interval_ms => {
+                    Some((p.remote.clone(), *resends))
+                }
+                _ => None,
+            })
+            .collect();
+        for (device, resends) in unanswered {
+            if resends < self.cfg.max_retries {
+                let Some(n) = self.peers.get_mut(&device).and_then(|p| {
+                    let (n, sent, count) = p.offer_in_flight.as_mut()?;
+                    *sent = now;
+                    *count += 1;
+                    Some(n.clone())
+                }) else {
+                    continue;
+                };
+                info!(%device, "renegotiation offer unanswered; sending it again");
+                self.send(&device, Body::Negotiate(n));
+            } else {
+                warn!(%device, "renegotiation offer never answered; hanging up");
+                self.close_peer(&device, true, reason::SIGNALLING_FAILED, true);
+            }
         }
         // Peer deadlines.
         let due: Vec<(DeviceKey, Phase)> = self

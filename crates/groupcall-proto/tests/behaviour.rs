@@ -845,3 +845,83 @@ fn a_failed_call_is_not_placed_again_before_the_retry_interval() {
         "re-called after the interval"
     );
 }
+
+#[test]
+fn an_unanswered_renegotiation_offer_is_sent_again_then_the_call_is_dropped() {
+    let mut call = joined(|_| {});
+    let (peer, _) = connected_with_b(&mut call, NOW + 3_600_000);
+    call.handle_command(NOW + 100, Command::Screenshare(true))
+        .unwrap();
+    drain(&mut call);
+    call.handle_media(
+        NOW + 110,
+        MediaEvent::OfferCreated {
+            peer,
+            sdp: "o2".into(),
+            gathering_complete: true,
+        },
+    );
+    let first = sent(&drain(&mut call));
+    assert_eq!(first[0].0, "m.call.negotiate");
+    let mut seqs = vec![first[0].1["seq"].as_u64().unwrap()];
+    // The offer (or its answer) is lost: it goes out again every 5 s, the
+    // same SDP with the next seq, three times.
+    for i in 1..=3u64 {
+        let t = NOW + 110 + i * 5000;
+        assert!(call.poll_timeout().unwrap() <= t);
+        call.handle_timeout(t);
+        let again = sent(&drain(&mut call));
+        assert_eq!(again.len(), 1, "resend {i}");
+        assert_eq!(again[0].0, "m.call.negotiate");
+        assert_eq!(again[0].1["description"]["sdp"], "o2");
+        seqs.push(again[0].1["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, vec![seqs[0], seqs[0] + 1, seqs[0] + 2, seqs[0] + 3]);
+    // Still nothing: hang up; the peer is gone.
+    call.handle_timeout(NOW + 110 + 4 * 5000);
+    let outs = drain(&mut call);
+    assert!(
+        sent(&outs)
+            .iter()
+            .any(|(ty, c)| ty == "m.call.hangup" && c["reason"] == "signalling_timeout")
+    );
+    assert!(outs.contains(&Output::Media(MediaRequest::ClosePeer { peer })));
+}
+
+#[test]
+fn an_answered_renegotiation_offer_is_not_sent_again() {
+    let mut call = joined(|_| {});
+    let (peer, call_id) = connected_with_b(&mut call, NOW + 3_600_000);
+    call.handle_command(NOW + 100, Command::Screenshare(true))
+        .unwrap();
+    drain(&mut call);
+    call.handle_media(
+        NOW + 110,
+        MediaEvent::OfferCreated {
+            peer,
+            sdp: "o2".into(),
+            gathering_complete: true,
+        },
+    );
+    drain(&mut call);
+    let answer = with_dest(
+        from_b(
+            "m.call.negotiate",
+            &call_id,
+            1,
+            json!({"description": {"type": "answer", "sdp": "a2"}}),
+        ),
+        &call,
+    );
+    assert_eq!(
+        call.handle_to_device(NOW + 200, answer),
+        Ok(Accepted::Processed)
+    );
+    assert!(
+        drain(&mut call).iter().any(
+            |o| matches!(o, Output::Media(MediaRequest::ApplyAnswer { sdp, .. }) if sdp == "a2")
+        )
+    );
+    call.handle_timeout(NOW + 30_000);
+    assert!(sent(&drain(&mut call)).is_empty());
+}
