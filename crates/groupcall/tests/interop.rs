@@ -1212,3 +1212,91 @@ async fn voice_call_audio_only() {
     );
     h.shutdown().await;
 }
+
+/// Extra: a groupcall participant crashes (its task is aborted: no
+/// hangup, no member state update). Its MSC4140 delayed leave, scheduled on
+/// the homeserver and no longer kept alive, removes its device from the
+/// member state a few seconds later, and the reference drops it from its
+/// participants. (The reference's 1:1 call with it stays: when ICE fails it
+/// sends an ICE-restart offer to the dead device and waits for ever; it does
+/// not hang up calls with devices that leave the member state.) The crashed
+/// participant restarts (same device, new session) and calls again: the
+/// reference replaces the stale call and media flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn groupcall_crash_is_cleaned_up_for_the_reference() {
+    let mut h = Harness::new().await;
+    h.register("una").await;
+    h.register("vic").await;
+    let una = h.login("una").await;
+    let una_dev = DeviceKey::new(una.user_id(), una.device_id());
+    let room = h.room(&una).await;
+    let mut opts = JoinOptions::new(room.clone());
+    opts.create = Some(CreateOptions::default());
+    let (u, una_p) = h.join_rust("una", una, opts).await;
+    let t0 = h.log.mark();
+    let vic = h.spawn_js("vic", "peer.mjs", &room, &["--log-signalling"]);
+    let vic_dev = h.js_device(vic).await;
+    pair_media(&mut h, t0, (u, &una_dev), (vic, &vic_dev)).await;
+
+    let t = h.log.mark();
+    una_p.crash().await;
+    let removed = h
+        .log
+        .wait_for(
+            "the homeserver to remove the crashed device from the member state",
+            T,
+            |s| {
+                js_saw(s, t, vic, "state", |v| {
+                    v["state_key"] == una_dev.user_id.as_str()
+                        && v["type"] == "org.matrix.msc3401.call.member"
+                        && !v["content"].to_string().contains(&una_dev.device_id)
+                })
+            },
+        )
+        .await;
+    let dropped = h
+        .log
+        .wait_for("the reference to drop the crashed participant", T, |s| {
+            js_saw(s, t, vic, "participants", |v| {
+                v["participants"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().all(|p| p["user_id"] != una_dev.user_id.as_str()))
+            })
+        })
+        .await;
+    // Restart: same device, new session; una calls vic again.
+    let t_back = h.log.mark();
+    let una2 = h.login("una").await;
+    assert_eq!(una2.device_id(), una_dev.device_id);
+    let (u2, _una2_p) = h
+        .join_rust("una", una2, JoinOptions::new(room.clone()))
+        .await;
+    let back = h
+        .log
+        .wait_for(
+            "the restarted participant connected to the reference",
+            T,
+            |s| {
+                rust_connected(s, t_back, u2, &vic_dev)
+                    && js_connected_at(s, t_back, vic, &una_dev).is_some()
+            },
+        )
+        .await;
+    h.log
+        .wait_for("media both ways after the restart", T, |s| {
+            media_ok(s, t_back, (u2, true), &vic_dev, 50, 20)
+                && media_ok(s, t_back, (vic, false), &una_dev, 50, 20)
+        })
+        .await;
+    // The stale call is the one replaced; the reference's hangup of it is
+    // addressed to the crashed session, so the new one ignores it.
+    h.allow_anomaly("\"hangup_reason\":\"replaced\"");
+    h.allow_anomaly("ignored m.call.hangup from @vic:localhost: for another session");
+    eprintln!(
+        "FIGURES groupcall crash: abort -> member entry removed by the delayed leave {} ms, reference dropped the participant {} ms; restart -> connected again {} ms",
+        ms(t, removed),
+        ms(t, dropped),
+        ms(t_back, back)
+    );
+    h.shutdown().await;
+}
