@@ -49,6 +49,7 @@ function countFrames(track, feed) {
   sinks.append(el);
   el.play().catch(() => {});
   let frames = 0;
+  let audible = 0;
   return {
     read: async () => {
       const pc = feed.call?.peerConn;
@@ -57,11 +58,14 @@ function countFrames(track, feed) {
       for (const s of stats.values()) {
         if (s.type !== "inbound-rtp") continue;
         // Video: decoded frames. Audio: 10 ms frames played out, as in Node.
-        // (totalSamplesReceived counts 48 kHz samples for Opus.)
+        // (totalSamplesReceived counts 48 kHz samples for Opus.) Audible:
+        // the samples that were not concealment.
         frames = track.kind === "video" ? s.framesDecoded ?? 0 : Math.floor((s.totalSamplesReceived ?? 0) / 480);
+        audible = Math.floor(((s.totalSamplesReceived ?? 0) - (s.concealedSamples ?? 0)) / 480);
       }
       return frames;
     },
+    audible: track.kind === "audio" ? () => audible : undefined,
     stop: () => el.remove(),
   };
 }

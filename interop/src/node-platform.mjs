@@ -190,14 +190,26 @@ export function installMediaDevices(media) {
   }
 }
 
-/** Count decoded frames of a received track with the nonstandard sinks. */
+/**
+ * Count decoded frames of a received track with the nonstandard sinks. An
+ * audio sink delivers 10 ms frames whether or not packets arrive (silence
+ * before the connection is up): `audible` counts the frames with sound.
+ */
 export function countFrames(track) {
   let frames = 0;
+  let audible = 0;
   const sink = track.kind === "audio" ? new nonstandard.RTCAudioSink(track) : new nonstandard.RTCVideoSink(track);
-  if (track.kind === "audio") sink.ondata = () => { frames++; };
-  else sink.onframe = () => { frames++; };
+  if (track.kind === "audio") {
+    sink.ondata = ({ samples }) => {
+      frames++;
+      if (samples?.some((v) => v > 32 || v < -32)) audible++;
+    };
+  } else {
+    sink.onframe = () => { frames++; };
+  }
   return {
     read: () => frames,
+    audible: track.kind === "audio" ? () => audible : undefined,
     stop: () => sink.stop(),
   };
 }

@@ -209,9 +209,10 @@ export async function startPeer({ sdk, opts, platform, emit }) {
       countTracks(feed, entry); // tracks can join a feed's stream later
       for (const [id, counter] of entry.counters) {
         const frames = await counter.read();
+        const audible = counter.audible?.(); // audio: frames with sound (read() first)
         const previous = entry.last.get(id) ?? 0;
         entry.last.set(id, frames);
-        emit({ event: "media", ...who(feed), stream_id: feed.stream.id, purpose: feed.purpose, kind: counter.kind, track_id: id, frames, fps: Math.round(((frames - previous) * 1000) / mediaInterval) });
+        emit({ event: "media", ...who(feed), stream_id: feed.stream.id, purpose: feed.purpose, kind: counter.kind, track_id: id, frames, ...(audible === undefined ? {} : { audible }), fps: Math.round(((frames - previous) * 1000) / mediaInterval) });
       }
     }
   };
