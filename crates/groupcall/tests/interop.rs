@@ -19,6 +19,9 @@ use tokio::time::{Instant, timeout};
 
 const T: u64 = 60;
 
+/// Media counters every 100 ms where first-frame times are measured.
+const FINE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Audio and video flow from `from` to `at`, whichever side each is on:
 /// more than `audio` audio frames and `video` video frames since `since`.
 fn media_ok(
@@ -48,6 +51,17 @@ async fn pair_media(
     rust: (usize, &DeviceKey),
     js: (usize, &DeviceKey),
 ) -> String {
+    pair_media_from(h, t0, t0, rust, js).await
+}
+
+/// [`pair_media`] with figures measured from `t_fig`.
+async fn pair_media_from(
+    h: &mut Harness,
+    t0: Instant,
+    t_fig: Instant,
+    rust: (usize, &DeviceKey),
+    js: (usize, &DeviceKey),
+) -> String {
     let (r, rdev) = rust;
     let (j, jdev) = js;
     h.log
@@ -61,7 +75,7 @@ async fn pair_media(
         })
         .await;
     let s = &h.log.seen;
-    let f = |t: Option<Instant>| t.map(|t| ms(t0, t).to_string()).unwrap_or("-".into());
+    let f = |t: Option<Instant>| t.map(|t| ms(t_fig, t).to_string()).unwrap_or("-".into());
     format!(
         "connected: groupcall {} ms, reference {} ms; first video: at groupcall {} ms, at reference {} ms; first audio: at groupcall {} ms, at reference {} ms",
         f(rust_connected_at(s, t0, r, jdev)),
@@ -84,7 +98,12 @@ async fn reference_creates_call_groupcall_joins() {
     let bob_dev = DeviceKey::new(bob.user_id(), bob.device_id());
     let room = h.room(&bob).await;
 
-    let alice = h.spawn_js("alice", "peer.mjs", &room, &["--create-call"]);
+    let alice = h.spawn_js(
+        "alice",
+        "peer.mjs",
+        &room,
+        &["--create-call", "--media-interval", "100"],
+    );
     let alice_dev = h.js_device(alice).await;
     let since = h.t_start;
     h.log
@@ -93,18 +112,22 @@ async fn reference_creates_call_groupcall_joins() {
         })
         .await;
     let t0 = h.log.mark();
-    let (b, _bob_p) = h
-        .join_rust("bob", bob, JoinOptions::new(room.clone()))
-        .await;
-    h.log
+    let mut opts = JoinOptions::new(room.clone());
+    opts.stats_interval = FINE;
+    let (b, _bob_p) = h.join_rust("bob", bob, opts).await;
+    let joined = h
+        .log
         .wait_for("groupcall to join the reference's call", T, |s| {
             s.iter().any(|e| {
                 e.who == b && matches!(e.call(), Some(CallEvent::Joined { created: false, .. }))
             })
         })
         .await;
-    let figures = pair_media(&mut h, t0, (b, &bob_dev), (alice, &alice_dev)).await;
-    eprintln!("FIGURES reference creates, groupcall joins: {figures}");
+    let figures = pair_media_from(&mut h, t0, joined, (b, &bob_dev), (alice, &alice_dev)).await;
+    eprintln!(
+        "FIGURES reference creates, groupcall joins: join_call {} ms; after groupcall joined: {figures}",
+        ms(t0, joined)
+    );
     h.shutdown().await;
 }
 
@@ -121,6 +144,7 @@ async fn groupcall_creates_call_reference_joins() {
 
     let mut opts = JoinOptions::new(room.clone());
     opts.create = Some(CreateOptions::default());
+    opts.stats_interval = FINE;
     let (c, _carol_p) = h.join_rust("carol", carol, opts).await;
     h.log
         .wait_for("groupcall to create the call", T, |s| {
@@ -130,15 +154,19 @@ async fn groupcall_creates_call_reference_joins() {
         })
         .await;
     let t0 = h.log.mark();
-    let dave = h.spawn_js("dave", "peer.mjs", &room, &[]);
+    let dave = h.spawn_js("dave", "peer.mjs", &room, &["--media-interval", "100"]);
     let dave_dev = h.js_device(dave).await;
-    h.log
+    let joined = h
+        .log
         .wait_for("the reference to enter groupcall's call", T, |s| {
             js_saw(s, t0, dave, "joined", |v| v["created"] == false)
         })
         .await;
-    let figures = pair_media(&mut h, t0, (c, &carol_dev), (dave, &dave_dev)).await;
-    eprintln!("FIGURES groupcall creates, reference joins: {figures}");
+    let figures = pair_media_from(&mut h, t0, joined, (c, &carol_dev), (dave, &dave_dev)).await;
+    eprintln!(
+        "FIGURES groupcall creates, reference joins: reference start to joined {} ms; after it joined: {figures}",
+        ms(t0, joined)
+    );
     h.shutdown().await;
 }
 
@@ -466,6 +494,30 @@ async fn mute_and_screenshare_both_ways() {
             )
             .await;
         figures.push(format!("groupcall {label} seen {} ms", ms(t, seen)));
+        if audio {
+            // Muted for real: no sound reaches the reference any more (two
+            // reports in a row without a new audible frame)...
+            h.log
+                .wait_for("groupcall's audio to go silent at the reference", T, |s| {
+                    let audible: Vec<u64> = s
+                        .iter()
+                        .filter(|e| e.t >= seen && e.who == fay)
+                        .filter_map(|e| e.js("media"))
+                        .filter(|v| about(v, &erin_dev) && v["kind"] == "audio")
+                        .filter_map(|v| v["audible"].as_u64())
+                        .collect();
+                    audible.windows(2).any(|w| w[0] == w[1])
+                })
+                .await;
+        } else if !video {
+            // ... and it comes back after unmuting.
+            let t = h.log.mark();
+            h.log
+                .wait_for("groupcall's audio audible again at the reference", T, |s| {
+                    js_frames(s, t, fay, &erin_dev, "audio", "m.usermedia") > 50
+                })
+                .await;
+        }
     }
 
     // groupcall shares its screen.

@@ -760,6 +760,18 @@ pub fn rust_frames(
     })
 }
 
+/// The frames a reference's `media` line counts as received: decoded video
+/// frames; for audio the `audible` 10 ms frames (the sinks also produce
+/// silence while no packets arrive).
+fn js_count(v: &Value) -> u64 {
+    let n = if v["kind"] == "audio" && !v["audible"].is_null() {
+        &v["audible"]
+    } else {
+        &v["frames"]
+    };
+    n.as_u64().unwrap_or(0)
+}
+
 /// Frames of `kind` (`"audio"`/`"video"`) a reference peer `at` received
 /// from `from` on a feed of `purpose` after `since` (the best track).
 pub fn js_frames(
@@ -777,12 +789,7 @@ pub fn js_frames(
             && v["device_id"] == from.device_id.as_str()
             && v["kind"] == kind
             && v["purpose"] == purpose)
-            .then(|| {
-                (
-                    v["track_id"].as_str().unwrap_or("").to_owned(),
-                    v["frames"].as_u64().unwrap_or(0),
-                )
-            })
+            .then(|| (v["track_id"].as_str().unwrap_or("").to_owned(), js_count(v)))
     })
 }
 
@@ -856,7 +863,7 @@ pub fn first_frames_at(
                             && v["user_id"] == from.user_id.as_str()
                             && v["device_id"] == from.device_id.as_str()
                             && v["kind"] == js_kind
-                            && v["frames"].as_u64().unwrap_or(0) > 0
+                            && js_count(v) > 0
                     }
                     _ => false,
                 }
