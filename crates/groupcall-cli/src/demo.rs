@@ -375,6 +375,29 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         }
         o
     };
+    // Reference peers take seconds of CPU to start (SDK, crypto WebAssembly):
+    // let them get ready first, so that their start-up does not slow down
+    // the groupcall joins on a small machine.
+    if k > 0 {
+        out.say("waiting for the reference peers to be logged in and synced");
+        let mut ready = vec![false; k];
+        while ready.iter().any(|r| !r) {
+            let o = tokio::select! {
+                o = rx.recv() => o.ok_or_else(|| anyhow!("every participant stopped"))?,
+                () = tokio::time::sleep_until((origin + args.connect_timeout).into()) => {
+                    bail!("the reference peers were not ready within {} s (--connect-timeout); see {}/ref*.stderr.log", args.connect_timeout.as_secs_f64(), report_dir.display());
+                }
+            };
+            if let What::Identity(_) = &o.what
+                && let Some(slot) = o.idx.checked_sub(n_gc).and_then(|r| ready.get_mut(r))
+            {
+                *slot = true;
+            }
+            observe(&mut tracker, &o, out)?;
+        }
+    }
+    let origin = Instant::now();
+    tracker.origin = origin;
     let mut pending: Vec<(usize, MatrixSession)> = sessions.into_iter().enumerate().collect();
     let (i0, s0) = pending.remove(0);
     env.gc.push(GroupcallPeer::spawn(

@@ -135,7 +135,7 @@ pub fn timeline_svg(
 ) -> String {
     const W: f64 = 960.0;
     const LEFT: f64 = 190.0;
-    const RIGHT: f64 = 150.0;
+    const RIGHT: f64 = 170.0;
     const TOP: f64 = 78.0;
     const ROW: f64 = 28.0;
     const BAR: f64 = 12.0;
@@ -215,7 +215,7 @@ pub fn timeline_svg(
     }
     let _ = writeln!(
         s,
-        r##"<line x1="{LEFT}" y1="{axis_y}" x2="{:.1}" y2="{axis_y}" stroke="#555"/><text x="{:.1}" y="{}" text-anchor="middle" fill="#555">time since the first participant joined</text>"##,
+        r##"<line x1="{LEFT}" y1="{axis_y}" x2="{:.1}" y2="{axis_y}" stroke="#555"/><text x="{:.1}" y="{}" text-anchor="middle" fill="#555">time since the first participant joined (→: from the first named to the second)</text>"##,
         LEFT + plot_w,
         LEFT + plot_w / 2.0,
         axis_y + 38.0
@@ -355,7 +355,7 @@ pub fn index_html(
     let _ = writeln!(h, "<h2>Setup timeline</h2>\n{svg}");
     let _ = writeln!(
         h,
-        "<h2>Pairs</h2>\n<p>Times since the later of the pair's two joins; → is from the first named participant to the second, as received by the second.</p>\n<table><tr>"
+        "<h2>Pairs</h2>\n<p>Times since the later of the pair's two joins; → is from the first named participant to the second, as received by the second. Frames are counted by the receiver: groupcall counts received audio packets (20 ms of Opus) and video frames, the reference peers count decoded 10 ms audio frames and decoded video frames; only groupcall reports bytes.</p>\n<table><tr>"
     );
     for c in HEADERS {
         let _ = write!(h, "<th>{}</th>", esc(c));
