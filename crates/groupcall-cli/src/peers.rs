@@ -492,11 +492,17 @@ fn ref_line(report: &Reporter, v: &Value) {
                 Some("video") => Kind::Video,
                 _ => return,
             };
+            // Its audio sinks produce (silent) frames before any packet
+            // arrives: count the audible ones where it says.
+            let frames = match kind {
+                Kind::Audio => v.get("audible").or_else(|| v.get("frames")),
+                Kind::Video => v.get("frames"),
+            };
             report.send(What::Frames {
                 remote: s("user_id"),
                 stream: s("stream_id"),
                 kind,
-                frames: v.get("frames").and_then(Value::as_u64).unwrap_or(0),
+                frames: frames.and_then(Value::as_u64).unwrap_or(0),
                 bytes: None,
             });
         }
@@ -552,6 +558,10 @@ mod tests {
             &r,
             &serde_json::json!({"event":"call_state","user_id":"@a:x","state":"connected"}),
         );
+        ref_line(
+            &r,
+            &serde_json::json!({"event":"media","user_id":"@a:x","stream_id":"s","kind":"audio","frames":90,"audible":0}),
+        );
         let o = rx.try_recv().unwrap();
         assert_eq!(o.idx, 3);
         assert!(matches!(
@@ -566,5 +576,14 @@ mod tests {
         assert!(
             matches!(rx.try_recv().unwrap().what, What::Peer { state, .. } if state == "connected")
         );
+        // Silence before the first packet is not a frame received.
+        assert!(matches!(
+            rx.try_recv().unwrap().what,
+            What::Frames {
+                kind: Kind::Audio,
+                frames: 0,
+                ..
+            }
+        ));
     }
 }

@@ -355,7 +355,7 @@ pub fn index_html(
     let _ = writeln!(h, "<h2>Setup timeline</h2>\n{svg}");
     let _ = writeln!(
         h,
-        "<h2>Pairs</h2>\n<p>Times since the later of the pair's two joins; → is from the first named participant to the second, as received by the second. Frames are counted by the receiver: groupcall counts received audio packets (20 ms of Opus) and video frames, the reference peers count decoded 10 ms audio frames and decoded video frames; only groupcall reports bytes.</p>\n<table><tr>"
+        "<h2>Pairs</h2>\n<p>Times since the later of the pair's two joins; → is from the first named participant to the second, as received by the second. Frames are counted by the receiver: groupcall counts received audio packets (20 ms of Opus) and video frames, the reference peers count audible 10 ms audio frames (their sinks play silence before any packet arrives) and decoded video frames; only groupcall reports bytes.</p>\n<table><tr>"
     );
     for c in HEADERS {
         let _ = write!(h, "<th>{}</th>", esc(c));
