@@ -372,9 +372,11 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
             })
             .collect();
         new_streams.iter().any(|st| {
-            [0, 1]
-                .iter()
-                .all(|&at| frames_from(s, at, &devices[2], TrackKind::Video, Some(st)) > 20)
+            [0, 1].iter().all(|&at| {
+                // Enough of both for the recordings checked below.
+                frames_from(s, at, &devices[2], TrackKind::Video, Some(st)) > 20
+                    && frames_from(s, at, &devices[2], TrackKind::Audio, Some(st)) > 60
+            })
         })
     })
     .await;
