@@ -116,8 +116,9 @@ pub struct DemoArgs {
     #[arg(long, value_name = "URL", requires = "users")]
     pub homeserver: Option<String>,
 
-    /// An account on --homeserver, as NAME:PASSWORD; repeatable. The first
-    /// ones are the groupcall participants, the rest the reference peers.
+    /// An account on --homeserver, as NAME:PASSWORD (NAME a localpart; the
+    /// password may hold colons); repeatable. The first ones are the
+    /// groupcall participants, the rest the reference peers.
     #[arg(long = "user", value_name = "NAME:PASSWORD", value_parser = parse_user_spec, requires = "homeserver")]
     pub users: Vec<UserSpec>,
 

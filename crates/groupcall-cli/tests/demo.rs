@@ -335,3 +335,53 @@ async fn a_reference_peer_joins_the_demo() {
         node[0]
     );
 }
+
+/// `--homeserver` with existing accounts: the same call on a homeserver the
+/// demo did not start (here a Synapse the test runs).
+#[tokio::test(flavor = "multi_thread")]
+async fn any_homeserver_with_given_accounts() {
+    let mut hs = groupcall_synapse::Synapse::start(groupcall_synapse::SynapseOptions::default())
+        .await
+        .unwrap();
+    hs.register_user("ann", "ann-pw").await.unwrap();
+    hs.register_user("ben", "ben-pw").await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("r");
+    let url = hs.base_url();
+    let run = demo(
+        &[
+            "--homeserver",
+            &url,
+            "--user",
+            "ann:ann-pw",
+            "--user",
+            "ben:ben-pw",
+            "--duration",
+            "1",
+            "--json",
+            "--report-dir",
+            report.to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+    let lines = run.lines();
+    assert!(run.synapse_pid().is_none(), "no Synapse of its own");
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["pairs_total"], 1, "{summary}");
+    assert_eq!(summary["pairs_media_both_ways"], 1, "{summary}");
+    assert_eq!(summary["homeserver"], url.as_str());
+    assert!(summary["signalling"].is_null(), "no proxy in front of it");
+    let names: Vec<&str> = summary["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ann", "ben"]);
+    // The homeserver is still there: the demo only stops what it started.
+    assert!(hs.is_running());
+    hs.stop().await.unwrap();
+}
