@@ -385,3 +385,55 @@ async fn any_homeserver_with_given_accounts() {
     assert!(hs.is_running());
     hs.stop().await.unwrap();
 }
+
+/// SIGTERM in the middle of the call: one error line, everyone leaves,
+/// Synapse is stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_everything() {
+    use tokio::io::AsyncBufReadExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("r");
+    let mut child = Command::new(BIN)
+        .args(["demo", "--participants", "2", "--duration", "60", "--json"])
+        .arg("--report-dir")
+        .arg(&report)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut pid = None;
+    let wait = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v["event"] == "synapse" {
+                pid = v["pid"].as_u64().map(|p| p as u32);
+            }
+            if v["event"] == "mesh_up" {
+                return;
+            }
+        }
+        panic!("stdout ended before the mesh was up");
+    };
+    tokio::time::timeout(Duration::from_secs(120), wait)
+        .await
+        .expect("mesh up in time");
+    let pid = pid.expect("synapse pid");
+    let demo_pid = child.id().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(40), child.wait_with_output())
+        .await
+        .expect("exits soon after SIGTERM")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(errors, ["error: interrupted by SIGTERM"], "{stderr}");
+    assert!(!synapse_alive(pid), "Synapse (pid {pid}) still runs");
+}
