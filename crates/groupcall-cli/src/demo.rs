@@ -437,9 +437,9 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     let mesh_up = tracker.mesh_up().unwrap_or(last_join);
     let setup_ms = mesh_up.saturating_duration_since(last_join).as_secs_f64() * 1000.0;
     out.say(&format!(
-        "mesh up: all {} pairs have audio and video both ways, {setup_ms:.0} ms after the last join; media for {} s",
-        tracker.pairs().len(),
-        args.duration.as_secs_f64()
+        "mesh up: {n}/{n} pairs with audio and video both ways, {setup_ms:.0} ms after the last join; media for {secs} s",
+        n = tracker.pairs().len(),
+        secs = args.duration.as_secs_f64()
     ));
     out.json(&json!({"event": "mesh_up", "pairs": tracker.pairs().len(), "after_last_join_ms": setup_ms}));
 
