@@ -888,24 +888,41 @@ impl GroupCall {
     // Sending
 
     fn send(&mut self, device: &DeviceKey, body: Body) {
-        let Some(j) = &self.joined else { return };
         let Some(peer) = self.peers.get_mut(device) else {
             return;
         };
+        let (call_id, dest, seq) = (
+            peer.call_id.clone(),
+            peer.remote_session.clone(),
+            peer.send_seq,
+        );
+        peer.send_seq += 1;
+        self.queue_message(device, call_id, dest, seq, body);
+    }
+
+    /// Queues one message of `call_id` to `device` with our group fields.
+    fn queue_message(
+        &mut self,
+        device: &DeviceKey,
+        call_id: String,
+        dest_session_id: String,
+        seq: u64,
+        body: Body,
+    ) {
+        let Some(j) = &self.joined else { return };
         let msg = Message {
             common: CommonFields {
                 version: Version::V1,
-                call_id: peer.call_id.clone(),
+                call_id,
                 party_id: self.me.device_id.clone(),
                 conf_id: j.call_id.clone(),
                 device_id: self.me.device_id.clone(),
                 sender_session_id: j.session_id.clone(),
-                dest_session_id: peer.remote_session.clone(),
-                seq: peer.send_seq,
+                dest_session_id,
+                seq,
             },
             body,
         };
-        peer.send_seq += 1;
         self.to_device.push((
             msg.message_type(),
             OutgoingMessage {
@@ -1243,32 +1260,19 @@ impl GroupCall {
 
     /// Sends a hangup on a call we have no peer for (glare loser).
     fn reject_foreign(&mut self, key: &DeviceKey, common: &CommonFields, why: &str) {
-        let Some(j) = &self.joined else { return };
-        let msg = Message {
-            common: CommonFields {
-                version: Version::V1,
-                call_id: common.call_id.clone(),
-                party_id: self.me.device_id.clone(),
-                conf_id: j.call_id.clone(),
-                device_id: self.me.device_id.clone(),
-                sender_session_id: j.session_id.clone(),
-                dest_session_id: common.sender_session_id.clone(),
-                seq: 0,
-            },
-            body: Body::Hangup(Hangup {
-                reason: Some(why.into()),
-                extra: Default::default(),
-            }),
-        };
         self.ended_calls.insert(common.call_id.clone(), self.now);
-        self.to_device.push((
-            MessageType::Hangup,
-            OutgoingMessage {
-                user_id: key.user_id.clone(),
-                device_id: key.device_id.clone(),
-                content: msg.to_content(),
-            },
-        ));
+        let body = Body::Hangup(Hangup {
+            reason: Some(why.into()),
+            extra: Default::default(),
+        });
+        // Their call, our first message on it: seq 0.
+        self.queue_message(
+            key,
+            common.call_id.clone(),
+            common.sender_session_id.clone(),
+            0,
+            body,
+        );
     }
 
     fn on_negotiate(&mut self, now: u64, key: &DeviceKey, n: Negotiate) -> Result<(), Ignored> {
