@@ -20,7 +20,7 @@ enum Op {
     Advance(u16),
     Timeout,
     RoomMember { user: u8, join: bool },
-    Call { id: u8, terminated: bool, ts: u8 },
+    Call { id: u8, terminated: u8, ts: u8 },
     Member { user: u8, device: u8, session: u8, expires: i16, call: u8 },
     Signal { kind: u8, user: u8, device: u8, session: u8, dest_ours: bool, call_id: u8, seq: u8, encrypted: bool, spoof: bool, sdp: u8 },
     Raw { kind: u8, json: String },
@@ -65,8 +65,14 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Call { id, terminated, ts } => {
                 let mut c = json!({"m.intent": "m.prompt", "m.type": "m.video"});
-                if terminated {
-                    c["m.terminated"] = json!("call_ended");
+                // What different clients write (and some nonsense).
+                match terminated % 6 {
+                    0 => {}
+                    1 => c["m.terminated"] = json!("call_ended"),
+                    2 => c["m.terminated"] = json!(true),
+                    3 => c["m.terminated"] = json!(false),
+                    4 => c["m.terminated"] = json!(0),
+                    _ => c["m.terminated"] = json!({"x": 1}),
                 }
                 let ev = json!({"type": "org.matrix.msc3401.call", "state_key": format!("C{}", id % 3),
                     "sender": "@b:x", "origin_server_ts": u64::from(ts), "content": c});

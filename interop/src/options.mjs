@@ -5,7 +5,7 @@ const USAGE = `usage: node peer.mjs --homeserver URL --user NAME --password PW -
          [--register] [--create-call] [--video|--voice] [--mute-audio] [--mute-video]
          [--screenshare] [--duration SECS] [--log-signalling] [--encrypted]
          [--ice-server URI] [--log-level debug|info|warn|error|silent]
-         [--media-interval MS]`;
+         [--media-interval MS] [--intent ring|prompt|room]`;
 
 const FLAGS = {
   "--register": "register",
@@ -26,6 +26,7 @@ const VALUES = {
   "--log-level": "logLevel",
   "--ice-server": "iceServer",
   "--media-interval": "mediaInterval",
+  "--intent": "intent",
 };
 
 export class UsageError extends Error {}
@@ -36,6 +37,7 @@ export function parseOptions(argv) {
     duration: null,
     logLevel: "info",
     mediaInterval: 1000,
+    intent: "prompt",
   };
   for (const flag of Object.values(FLAGS)) opts[flag] = false;
 
@@ -55,6 +57,9 @@ export function parseOptions(argv) {
     }
   }
 
+  if (!["ring", "prompt", "room"].includes(opts.intent)) {
+    throw new UsageError(`--intent must be ring, prompt or room\n${USAGE}`);
+  }
   for (const required of ["homeserver", "user", "password", "room"]) {
     if (!opts[required]) throw new UsageError(`--${required} is required\n${USAGE}`);
   }

@@ -109,7 +109,8 @@ export async function startPeer({ sdk, opts, platform, emit }) {
   let created = false;
   if (!groupCall && opts.createCall) {
     const type = opts.callType === "voice" ? GroupCallType.Voice : GroupCallType.Video;
-    groupCall = await client.createGroupCall(roomId, type, false, GroupCallIntent.Prompt);
+    const intent = { ring: GroupCallIntent.Ring, prompt: GroupCallIntent.Prompt, room: GroupCallIntent.Room }[opts.intent];
+    groupCall = await client.createGroupCall(roomId, type, false, intent);
     created = true;
   } else if (!groupCall) {
     groupCall = await new Promise((resolve) => {

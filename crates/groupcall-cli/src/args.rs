@@ -238,6 +238,12 @@ pub struct JoinArgs {
     #[arg(long)]
     pub create_call: bool,
 
+    /// If the room has no call, wait in it for one to start, then join it
+    /// (an answering bot in one command). The call's start is reported first
+    /// (`call_started`, with its intent).
+    #[arg(long, conflicts_with = "create_call")]
+    pub wait: bool,
+
     /// Intent of a call started with --create-call.
     #[arg(long, value_enum, requires = "create_call")]
     pub intent: Option<Intent>,

@@ -63,6 +63,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     }
     opts.encrypt = !args.plaintext;
     opts.require_encrypted = args.require_encrypted;
+    opts.wait_for_call = args.wait;
 
     let handle = tokio::select! {
         r = join_call(session, opts) => r.map_err(|e| explain(e, &args))?,
@@ -195,7 +196,7 @@ fn explain(e: ClientError, args: &JoinArgs) -> anyhow::Error {
             anyhow!("cannot join room {}: {rest}{hint}", args.room)
         }
         ClientError::Command(CommandError::NoCallToJoin) => anyhow!(
-            "room {} has no ongoing call to join; use --create-call to start one",
+            "room {} has no ongoing call to join; use --create-call to start one, or --wait to wait for one",
             args.room
         ),
         e => anyhow::Error::new(e),

@@ -152,7 +152,21 @@ fn call_event_json(ev: &CallEvent) -> Option<Value> {
         CallEvent::FeedRemoved { device, stream_id } => {
             with_device("feed_removed", device, json!({ "stream_id": stream_id }))
         }
-        CallEvent::GaveUp { device } => with_device("gave_up", device, json!({})),
+        CallEvent::Unanswered { device, calls } => {
+            with_device("unanswered", device, json!({ "calls": calls }))
+        }
+        CallEvent::CallStarted {
+            call_id,
+            intent,
+            call_type,
+            name,
+        } => json!({
+            "event": "call_started",
+            "call_id": call_id,
+            "intent": intent.as_ref().map(|i| i.as_str()),
+            "type": call_type.as_ref().map(|t| t.as_str()),
+            "name": name,
+        }),
     };
     Some(v)
 }

@@ -232,7 +232,16 @@ impl View {
                 self.participant(device).feeds.remove(stream_id);
                 None
             }
-            CallEvent::GaveUp { device } => Some(format!("gave up calling {}", short(device))),
+            CallEvent::Unanswered { device, calls } => Some(format!(
+                "{} answered none of {calls} calls; calling on, less often",
+                short(device)
+            )),
+            CallEvent::CallStarted {
+                call_id, intent, ..
+            } => Some(format!(
+                "call {call_id} started ({})",
+                intent.as_ref().map_or("m.prompt", |i| i.as_str())
+            )),
         }
     }
 

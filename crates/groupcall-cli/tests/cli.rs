@@ -299,12 +299,30 @@ impl Proc {
     }
 
     fn spawn_with(name: &str, args: &[String], stdin: Stdio) -> Proc {
-        let mut child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).env(
+            "RUST_LOG",
+            "warn,groupcall=debug,groupcall_proto=debug,groupcall_media=info",
+        );
+        Self::spawn_cmd(name, cmd, stdin)
+    }
+
+    /// The reference peer (matrix-js-sdk GroupCall in Node, `interop/`).
+    fn spawn_reference(name: &str, args: &[String]) -> Proc {
+        let interop = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../interop");
+        assert!(
+            interop.join("node_modules").is_dir(),
+            "interop/node_modules is missing: run `npm ci` in interop/ (scripts/test does)"
+        );
+        let mut cmd = Command::new("node");
+        cmd.arg(interop.join("peer.mjs"))
             .args(args)
-            .env(
-                "RUST_LOG",
-                "warn,groupcall=debug,groupcall_proto=debug,groupcall_media=info",
-            )
+            .current_dir(&interop);
+        Self::spawn_cmd(name, cmd, Stdio::piped())
+    }
+
+    fn spawn_cmd(name: &str, mut cmd: Command, stdin: Stdio) -> Proc {
+        let mut child = cmd
             .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -587,6 +605,142 @@ async fn two_clients_call_and_leave_on_sigterm() {
         );
     }
 
+    hs.signal(Signal::SIGTERM);
+    assert_eq!(
+        hs.finish(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        hs.report()
+    );
+}
+
+/// `groupcall join --wait`: an answering bot in one command. It waits in a
+/// room without a call; the reference starts one 10 s later; it reports the
+/// call's start with its intent, joins, and both sides get media.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_wait_joins_a_call_the_reference_starts_later() {
+    let mut hs = Proc::spawn(
+        "synapse",
+        &[
+            "synapse",
+            "--user",
+            "alice:alice-pw",
+            "--user",
+            "zed:zed-pw",
+        ]
+        .map(String::from),
+    );
+    let ready = hs
+        .wait_for(Duration::from_secs(180), |v| v["event"] == "synapse")
+        .await;
+    let url = ready["homeserver"].as_str().unwrap().to_owned();
+    let room = ready["room_id"].as_str().unwrap().to_owned();
+    let dirs = tempfile::tempdir().unwrap();
+    let mut args = join_args(&url, "alice", "alice-pw", &room, &dirs.path().join("alice"));
+    args.push("--wait".into());
+    let mut alice = Proc::spawn("alice", &args);
+
+    // Ten seconds without a call: still waiting, not failed.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    alice.poll();
+    assert!(
+        matches!(alice.child.try_wait(), Ok(None)),
+        "groupcall join --wait exited; {}",
+        alice.report()
+    );
+    assert!(
+        !alice.seen.iter().any(|v| v["event"] == "joined"),
+        "{}",
+        alice.report()
+    );
+
+    let started = Instant::now();
+    let mut zed = Proc::spawn_reference(
+        "zed",
+        &[
+            "--homeserver",
+            &url,
+            "--user",
+            "zed",
+            "--password",
+            "zed-pw",
+            "--room",
+            &room,
+            "--create-call",
+            "--intent",
+            "ring",
+        ]
+        .map(String::from),
+    );
+    let zed_joined = zed
+        .wait_for(Duration::from_secs(60), |v| v["event"] == "joined")
+        .await;
+    let call_id = zed_joined["call_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let call_started = alice
+        .wait_for(Duration::from_secs(30), |v| v["event"] == "call_started")
+        .await;
+    assert_eq!(call_started["intent"], "m.ring", "{call_started}");
+    assert_eq!(call_started["call_id"], call_id.as_str(), "{call_started}");
+    let joined = alice
+        .wait_for(Duration::from_secs(30), |v| v["event"] == "joined")
+        .await;
+    assert_eq!(joined["created"], false, "{joined}");
+    assert_eq!(joined["call_id"], call_id.as_str(), "{joined}");
+    eprintln!(
+        "joined {:?} after the reference started the call",
+        started.elapsed()
+    );
+
+    // Media both ways: groupcall's counters and the reference's decoded
+    // video and audible audio.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let zed_got = |z: &Proc, kind: &str| {
+        z.seen.iter().any(|v| {
+            v["event"] == "media"
+                && v["user_id"] == "@alice:localhost"
+                && v["kind"] == kind
+                && (if kind == "audio" {
+                    &v["audible"]
+                } else {
+                    &v["frames"]
+                })
+                .as_u64()
+                .unwrap_or(0)
+                    > 0
+        })
+    };
+    loop {
+        alice.poll();
+        zed.poll();
+        if call_is_up(&alice, "@zed:localhost") && zed_got(&zed, "audio") && zed_got(&zed, "video")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no media both ways within 30 s.\n--- alice: {}\n--- zed: {}",
+            alice.report(),
+            zed.report()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "media both ways {:?} after the reference started the call",
+        started.elapsed()
+    );
+
+    alice.signal(Signal::SIGTERM);
+    assert_eq!(
+        alice.finish(Duration::from_secs(40)).await,
+        Some(0),
+        "{}",
+        alice.report()
+    );
+    drop(zed.child.stdin.take());
+    let _ = zed.finish(Duration::from_secs(30)).await;
     hs.signal(Signal::SIGTERM);
     assert_eq!(
         hs.finish(Duration::from_secs(30)).await,

@@ -80,6 +80,18 @@ struct Peer {
     /// peer is kept for a grace period in case it comes back (see
     /// [`Config::orphan_grace_ms`]).
     orphaned_since: Option<u64>,
+    /// Our invite (caller) or answer (callee) as sent, with its `seq`: sent
+    /// again unchanged when it may have been lost. The receiver's reorder
+    /// buffer drops a copy it already has.
+    kept: Option<(Body, u64)>,
+    /// Caller, invite unanswered: when the invite is sent again next ...
+    resend_at: Option<u64>,
+    /// ... and how many times it was sent again so far.
+    resends: u32,
+    /// When we last sent the kept message.
+    kept_sent_at: u64,
+    /// This call's invite lifetime: an unanswered invite is hung up after it.
+    lifetime: u64,
 }
 
 impl Peer {
@@ -100,9 +112,21 @@ struct Retry {
     session_id: String,
     calls_placed: u32,
     /// No call before this time: `retry_interval_ms` after the last call
-    /// was placed, or after the last call failed or was hung up.
+    /// was placed, or (backed off) after the last call failed or was hung up.
     not_before: u64,
-    gave_up: bool,
+    /// [`CallEvent::Unanswered`] was reported for this session.
+    reported: bool,
+}
+
+impl Retry {
+    fn new(session_id: String) -> Self {
+        Self {
+            session_id,
+            calls_placed: 0,
+            not_before: 0,
+            reported: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -324,7 +348,20 @@ impl GroupCall {
             match ch {
                 RoomChange::CallChanged { call_id } => {
                     if self.joined.is_none() {
+                        let started = call_id
+                            .as_deref()
+                            .and_then(|id| self.room.call(id))
+                            .filter(|c| !c.content.is_terminated())
+                            .map(|c| CallEvent::CallStarted {
+                                call_id: c.call_id.clone(),
+                                intent: c.content.intent.clone(),
+                                call_type: c.content.call_type.clone(),
+                                name: c.content.name.clone(),
+                            });
                         self.event(CallEvent::RoomCallChanged { call_id });
+                        if let Some(e) = started {
+                            self.event(e);
+                        }
                     }
                 }
                 RoomChange::CallTerminated { call_id, reason } => {
@@ -424,7 +461,12 @@ impl GroupCall {
                     self.reorder.retain(|(d, _), _| *d != device);
                     self.release_held(now, &device);
                 }
-                RoomChange::FeedsChanged { .. } => {}
+                RoomChange::FeedsChanged { device, .. }
+                | RoomChange::DeviceRefreshed { device } => {
+                    if device != self.me {
+                        self.device_active(now, &device);
+                    }
+                }
             }
         }
         self.mesh(now);
@@ -499,7 +541,7 @@ impl GroupCall {
                     .call(&call_id)
                     .map(|c| c.content.clone())
                     .unwrap_or_default();
-                content.terminated = Some("call_ended".into());
+                content.terminate("call_ended");
                 let changes = self.room.local_echo_call(&call_id, content.clone(), now);
                 self.publish_call(&call_id, &content);
                 self.on_room_changes(now, changes);
@@ -545,7 +587,14 @@ impl GroupCall {
             }
             (None, None) => return Err(CommandError::NoCallToJoin),
         };
-        let session_id = self.ids.string(16);
+        let session_id = match &self.cfg.session_id {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.ids.string(16);
+                self.cfg.session_id = Some(s.clone());
+                s
+            }
+        };
         let usermedia = LocalFeed {
             stream_id: self.ids.string(16),
             purpose: FeedPurpose::Usermedia,
@@ -595,7 +644,8 @@ impl GroupCall {
             self.close_peer(&d, true, why, false);
         }
         let content = left_content(
-            self.room.member_content(&self.me.user_id),
+            self.room
+                .member_content(&self.me.user_id, self.cfg.event_names.call_member()),
             &self.me.device_id,
             now,
         );
@@ -692,7 +742,8 @@ impl GroupCall {
         };
         j.refresh_at = now.saturating_add(self.cfg.member_refresh_ms);
         let content = joined_content(
-            self.room.member_content(&self.me.user_id),
+            self.room
+                .member_content(&self.me.user_id, self.cfg.event_names.call_member()),
             &j.call_id,
             &dev,
             now.saturating_add(self.cfg.member_expiry_ms),
@@ -737,29 +788,68 @@ impl GroupCall {
             {
                 continue;
             }
-            let r = self.retry.entry(device.clone()).or_insert(Retry {
-                session_id: session.clone(),
-                calls_placed: 0,
-                not_before: 0,
-                gave_up: false,
-            });
+            let r = self
+                .retry
+                .entry(device.clone())
+                .or_insert_with(|| Retry::new(session.clone()));
             if r.session_id != session {
-                *r = Retry {
-                    session_id: session.clone(),
-                    calls_placed: 0,
-                    not_before: 0,
-                    gave_up: false,
-                };
+                *r = Retry::new(session.clone());
             }
-            if r.calls_placed <= self.cfg.max_retries && now >= r.not_before {
-                r.calls_placed += 1;
-                r.not_before = now + self.cfg.retry_interval_ms;
-                self.place_call(now, &device, session);
-            } else if r.calls_placed > self.cfg.max_retries && !r.gave_up {
-                r.gave_up = true;
-                warn!(%device, "no answer after {} calls; giving up", r.calls_placed);
-                self.event(CallEvent::GaveUp { device });
+            if now < r.not_before {
+                continue;
             }
+            r.calls_placed += 1;
+            r.not_before = now + self.cfg.retry_interval_ms;
+            let calls = r.calls_placed;
+            let report = calls > self.cfg.max_retries + 1 && !r.reported;
+            if report {
+                r.reported = true;
+            }
+            // The first call and the MSC's retries are open for the invite
+            // lifetime; later ones ever longer: there is always one invite
+            // for the device to answer when it wakes, and fewer of them.
+            let lifetime = self.backoff(self.cfg.invite_lifetime_ms, calls);
+            self.place_call(now, &device, session, lifetime);
+            if report {
+                warn!(%device, "no answer after {} calls; calling on at a backed-off interval", calls - 1);
+                self.event(CallEvent::Unanswered {
+                    device,
+                    calls: calls - 1,
+                });
+            }
+        }
+    }
+
+    /// `base` doubled for each call placed beyond the MSC's retries, capped
+    /// at [`Config::max_backoff_ms`] (never below `base`).
+    fn backoff(&self, base: u64, calls_placed: u32) -> u64 {
+        let beyond = calls_placed
+            .saturating_sub(self.cfg.max_retries + 1)
+            .min(20);
+        base.saturating_mul(1u64 << beyond)
+            .min(self.cfg.max_backoff_ms)
+            .max(base)
+    }
+
+    /// The device showed signs of life (it sent us something or refreshed
+    /// its membership): an unanswered invite to it goes out again now, and a
+    /// call waiting for its backed-off slot is placed now.
+    fn device_active(&mut self, now: u64, device: &DeviceKey) {
+        if let Some(p) = self.peers.get_mut(device) {
+            if p.phase == Phase::InviteSent {
+                // At most one extra copy a second, whatever it sends.
+                let at = p.kept_sent_at.saturating_add(1000);
+                if now >= at {
+                    self.resend_kept(now, device);
+                } else if p.resend_at.is_none_or(|t| t > at) {
+                    p.resend_at = Some(at);
+                }
+            }
+        } else if let Some(r) = self.retry.get_mut(device)
+            && r.not_before > now
+        {
+            debug!(%device, "device is active; calling it now");
+            r.not_before = now;
         }
     }
 
@@ -770,8 +860,12 @@ impl GroupCall {
         direction: Direction,
         remote: DeviceKey,
         session: String,
-        phase: Phase,
+        lifetime: u64,
     ) -> PeerHandle {
+        let phase = match direction {
+            Direction::Outbound => Phase::CreatingOffer,
+            Direction::Inbound => Phase::CreatingAnswer,
+        };
         let handle = PeerHandle(self.next_handle);
         self.next_handle += 1;
         self.peers.insert(
@@ -798,6 +892,11 @@ impl GroupCall {
                 ice_restart_next: false,
                 remote_feeds: SdpStreamMetadata::new(),
                 orphaned_since: None,
+                kept: None,
+                resend_at: None,
+                resends: 0,
+                kept_sent_at: now,
+                lifetime,
             },
         );
         self.event(CallEvent::PeerState {
@@ -809,16 +908,16 @@ impl GroupCall {
         handle
     }
 
-    fn place_call(&mut self, now: u64, device: &DeviceKey, session: String) {
+    fn place_call(&mut self, now: u64, device: &DeviceKey, session: String, lifetime: u64) {
         let call_id = self.ids.call_id(now);
-        debug!(%device, %call_id, "calling");
+        debug!(%device, %call_id, lifetime, "calling");
         let handle = self.new_peer(
             now,
             call_id,
             Direction::Outbound,
             device.clone(),
             session,
-            Phase::CreatingOffer,
+            lifetime,
         );
         let feeds = self.local_feeds();
         self.out.push_back(Output::Media(MediaRequest::CreateOffer {
@@ -848,9 +947,12 @@ impl GroupCall {
         // and a remote that hung up deserves the retry spacing. An
         // unanswered invite was already waited for.
         if why != reason::INVITE_TIMEOUT
-            && let Some(r) = self.retry.get_mut(device)
+            && let Some(calls) = self.retry.get(device).map(|r| r.calls_placed)
         {
-            r.not_before = r.not_before.max(self.now + self.cfg.retry_interval_ms);
+            let wait = self.backoff(self.cfg.retry_interval_ms, calls);
+            if let Some(r) = self.retry.get_mut(device) {
+                r.not_before = r.not_before.max(self.now + wait);
+            }
         }
         if peer.orphaned_since.is_some() {
             // Its member entry is gone: it is now a participant that left.
@@ -900,6 +1002,31 @@ impl GroupCall {
         self.queue_message(device, call_id, dest, seq, body);
     }
 
+    /// Sends our invite or answer and keeps it (with its `seq`) to send
+    /// again unchanged if it may have been lost.
+    fn send_kept(&mut self, now: u64, device: &DeviceKey, body: Body) {
+        let Some(peer) = self.peers.get_mut(device) else {
+            return;
+        };
+        peer.kept = Some((body.clone(), peer.send_seq));
+        peer.kept_sent_at = now;
+        self.send(device, body);
+    }
+
+    /// Sends the kept invite or answer again, with its original `seq`.
+    fn resend_kept(&mut self, now: u64, device: &DeviceKey) {
+        let Some(peer) = self.peers.get_mut(device) else {
+            return;
+        };
+        let Some((body, seq)) = peer.kept.clone() else {
+            return;
+        };
+        peer.kept_sent_at = now;
+        let (call_id, dest) = (peer.call_id.clone(), peer.remote_session.clone());
+        debug!(%device, %call_id, seq, "sending {} again", body.message_type().as_str());
+        self.queue_message(device, call_id, dest, seq, body);
+    }
+
     /// Queues one message of `call_id` to `device` with our group fields.
     fn queue_message(
         &mut self,
@@ -916,8 +1043,8 @@ impl GroupCall {
                 call_id,
                 party_id: self.me.device_id.clone(),
                 conf_id: j.call_id.clone(),
-                device_id: self.me.device_id.clone(),
-                sender_session_id: j.session_id.clone(),
+                device_id: Some(self.me.device_id.clone()),
+                sender_session_id: Some(j.session_id.clone()),
                 dest_session_id,
                 seq,
             },
@@ -997,24 +1124,36 @@ impl GroupCall {
         if msg.common.dest_session_id != session {
             return Err(Ignored::WrongSession(msg.common.dest_session_id));
         }
-        if let Some(actual) = &m.sender_device
-            && *actual != msg.common.device_id
-        {
-            return Err(Ignored::DeviceMismatch {
-                claimed: msg.common.device_id,
-                actual: actual.clone(),
-            });
-        }
-        let key = DeviceKey::new(m.sender, msg.common.device_id.clone());
+        // The sending device: named in the message (required on invites
+        // only), known from Olm, or else the peer whose call this is.
+        let device_id = match (&msg.common.device_id, &m.sender_device) {
+            (Some(claimed), Some(actual)) if claimed != actual => {
+                return Err(Ignored::DeviceMismatch {
+                    claimed: claimed.clone(),
+                    actual: actual.clone(),
+                });
+            }
+            (Some(d), _) | (None, Some(d)) => d.clone(),
+            (None, None) => self
+                .peers
+                .values()
+                .find(|p| p.remote.user_id == m.sender && p.call_id == msg.common.call_id)
+                .map(|p| p.remote.device_id.clone())
+                .ok_or_else(|| Ignored::UnknownCall(truncate(&msg.common.call_id)))?,
+        };
+        let key = DeviceKey::new(m.sender, device_id);
         if key == self.me {
             return Err(Ignored::OwnEcho);
         }
-        let known = self
-            .room
-            .participants()
-            .get(&key)
-            .is_some_and(|p| p.session_id == msg.common.sender_session_id);
-        if !known {
+        let known = self.room.participants().get(&key).is_some_and(|p| {
+            msg.common
+                .sender_session_id
+                .as_ref()
+                .is_none_or(|s| *s == p.session_id)
+        });
+        if known {
+            self.device_active(now, &key);
+        } else {
             let held = self.held.entry(key.clone()).or_default();
             if held.len() >= MAX_HELD_PER_DEVICE {
                 return Err(Ignored::Overflow);
@@ -1023,7 +1162,9 @@ impl GroupCall {
             held.push((now, msg));
             return Ok(Accepted::HeldForMembership);
         }
-        self.accept_from_member(now, key, msg)
+        let r = self.accept_from_member(now, key, msg);
+        self.mesh(now);
+        r
     }
 
     fn accept_from_member(
@@ -1046,6 +1187,8 @@ impl GroupCall {
             .reorder
             .entry(bkey)
             .or_insert_with(|| ReorderBuffer::new(REORDER_CAPACITY));
+        // An invite is kept aside: a repeated one still matters.
+        let invite = matches!(msg.body, Body::Invite(_)).then(|| msg.clone());
         match buf.push(msg.common.seq, msg, now) {
             Pushed::Released(msgs) => {
                 let mut first = Ok(Accepted::Processed);
@@ -1058,7 +1201,10 @@ impl GroupCall {
                 first
             }
             Pushed::Buffered => Ok(Accepted::Reordered),
-            Pushed::Duplicate => Err(Ignored::Duplicate),
+            Pushed::Duplicate => match invite {
+                Some(msg) => self.on_repeated_invite(now, &key, msg),
+                None => Err(Ignored::Duplicate),
+            },
             Pushed::Overflow => Err(Ignored::Overflow),
         }
     }
@@ -1075,9 +1221,12 @@ impl GroupCall {
         let Some(held) = self.held.remove(device) else {
             return;
         };
-        let (ready, keep): (Vec<_>, Vec<_>) = held
-            .into_iter()
-            .partition(|(_, m)| m.common.sender_session_id == session);
+        let (ready, keep): (Vec<_>, Vec<_>) = held.into_iter().partition(|(_, m)| {
+            m.common
+                .sender_session_id
+                .as_ref()
+                .is_none_or(|s| *s == session)
+        });
         if !keep.is_empty() {
             self.held.insert(device.clone(), keep);
         }
@@ -1114,6 +1263,7 @@ impl GroupCall {
             return Err(Ignored::UnknownCall(call_id));
         };
         if let Some(party) = &peer.remote_party
+            && !msg.common.party_id.is_empty()
             && *party != msg.common.party_id
         {
             return Err(Ignored::Unexpected(format!(
@@ -1129,10 +1279,14 @@ impl GroupCall {
                         "answer while not waiting for one".into(),
                     ));
                 }
-                peer.remote_party = Some(msg.common.party_id.clone());
+                if !msg.common.party_id.is_empty() {
+                    peer.remote_party = Some(msg.common.party_id.clone());
+                }
                 peer.phase = Phase::Connecting;
                 peer.phase_since = now;
                 peer.remote_description_set = true;
+                peer.kept = None;
+                peer.resend_at = None;
                 let handle = peer.handle;
                 let cands = std::mem::take(&mut peer.remote_candidates);
                 self.out.push_back(Output::Media(MediaRequest::ApplyAnswer {
@@ -1201,6 +1355,41 @@ impl GroupCall {
         }
     }
 
+    /// An invite whose `seq` was seen before on its call: the caller sent it
+    /// again because it heard nothing back. If we answered, our answer may
+    /// have been lost: send it again (same `seq`). If we never took the
+    /// invite (its first copy was lost and a `seq` gap skipped past it),
+    /// take it now.
+    fn on_repeated_invite(
+        &mut self,
+        now: u64,
+        key: &DeviceKey,
+        msg: Message,
+    ) -> Result<Accepted, Ignored> {
+        let call_id = msg.common.call_id.clone();
+        match self.peers.get(key) {
+            Some(p) if p.call_id == call_id => {
+                if p.direction == Direction::Inbound
+                    && p.phase == Phase::Connecting
+                    && p.kept.is_some()
+                    && now >= p.kept_sent_at.saturating_add(1000)
+                {
+                    self.resend_kept(now, key);
+                    return Ok(Accepted::Processed);
+                }
+                Err(Ignored::Duplicate)
+            }
+            _ if self.ended_calls.contains_key(&call_id) => Err(Ignored::Duplicate),
+            _ => {
+                let Body::Invite(inv) = msg.body else {
+                    return Err(Ignored::Duplicate);
+                };
+                self.on_invite(now, key, msg.common, inv)
+                    .map(|()| Accepted::Processed)
+            }
+        }
+    }
+
     fn on_invite(
         &mut self,
         now: u64,
@@ -1238,11 +1427,13 @@ impl GroupCall {
             common.call_id.clone(),
             Direction::Inbound,
             key.clone(),
-            common.sender_session_id.clone(),
-            Phase::CreatingAnswer,
+            common.sender_session_id.clone().unwrap_or_default(),
+            inv.lifetime,
         );
         if let Some(p) = self.peers.get_mut(key) {
-            p.remote_party = Some(common.party_id.clone());
+            if !common.party_id.is_empty() {
+                p.remote_party = Some(common.party_id.clone());
+            }
             p.remote_description_set = true;
         }
         let feeds = self.local_feeds();
@@ -1269,7 +1460,7 @@ impl GroupCall {
         self.queue_message(
             key,
             common.call_id.clone(),
-            common.sender_session_id.clone(),
+            common.sender_session_id.clone().unwrap_or_default(),
             0,
             body,
         );
@@ -1429,7 +1620,7 @@ impl GroupCall {
                         self.cfg.caller_candidate_delay_ms,
                     );
                     let invite = Invite {
-                        lifetime: self.cfg.invite_lifetime_ms,
+                        lifetime: peer.lifetime,
                         offer: SessionDescription::offer(sdp),
                         invitee: Some(key.user_id.clone()),
                         capabilities: Some(Capabilities::default()),
@@ -1440,7 +1631,8 @@ impl GroupCall {
                             .and_then(|c| c.content.intent.clone()),
                         extra: Default::default(),
                     };
-                    self.send(&key, Body::Invite(invite));
+                    peer.resend_at = Some(now + self.cfg.retry_interval_ms);
+                    self.send_kept(now, &key, Body::Invite(invite));
                 } else if peer.local_offer_pending {
                     Self::mark_signalled(
                         peer,
@@ -1480,7 +1672,7 @@ impl GroupCall {
                         sdp_stream_metadata: Some(meta),
                         extra: Default::default(),
                     };
-                    self.send(&key, Body::Answer(answer));
+                    self.send_kept(now, &key, Body::Answer(answer));
                     self.after_stable(now, &key);
                 } else if peer.answering_remote_offer {
                     peer.answering_remote_offer = false;
@@ -1562,9 +1754,11 @@ impl GroupCall {
                 if peer.phase != Phase::Connected {
                     peer.phase = Phase::Connected;
                     peer.phase_since = now;
+                    peer.kept = None;
+                    peer.resend_at = None;
                     if let Some(r) = self.retry.get_mut(key) {
                         r.calls_placed = 0;
-                        r.gave_up = false;
+                        r.reported = false;
                     }
                     self.event(CallEvent::PeerState {
                         device: key.clone(),
@@ -1669,10 +1863,12 @@ impl GroupCall {
             if let Some(x) = p.candidates_flush_at {
                 at(x);
             }
+            if let Some(x) = p.resend_at {
+                at(x);
+            }
         }
         for (k, r) in &self.retry {
-            if !self.peers.contains_key(k) && !r.gave_up && self.room.participants().contains_key(k)
-            {
+            if !self.peers.contains_key(k) && self.room.participants().contains_key(k) {
                 at(r.not_before);
             }
         }
@@ -1691,7 +1887,7 @@ impl GroupCall {
 
     fn phase_deadline(&self, p: &Peer) -> Option<u64> {
         match p.phase {
-            Phase::InviteSent => Some(p.phase_since + self.cfg.retry_interval_ms),
+            Phase::InviteSent => Some(p.phase_since.saturating_add(p.lifetime)),
             Phase::CreatingOffer
             | Phase::CreatingAnswer
             | Phase::Connecting
@@ -1750,6 +1946,26 @@ impl GroupCall {
                 warn!(%device, "renegotiation offer never answered; hanging up");
                 self.close_peer(&device, true, reason::SIGNALLING_FAILED, true);
             }
+        }
+        // Unanswered invites: the same invite again (same seq), at doubling
+        // intervals, until its lifetime ends.
+        let resend: Vec<DeviceKey> = self
+            .peers
+            .values()
+            .filter(|p| p.phase == Phase::InviteSent && p.resend_at.is_some_and(|t| now >= t))
+            .map(|p| p.remote.clone())
+            .collect();
+        for device in resend {
+            let Some(resends) = self.peers.get(&device).map(|p| p.resends + 1) else {
+                continue;
+            };
+            // Every retry interval for the MSC's retries, then doubling.
+            let wait = self.backoff(self.cfg.retry_interval_ms, resends + 2);
+            if let Some(p) = self.peers.get_mut(&device) {
+                p.resends = resends;
+                p.resend_at = Some(now.saturating_add(wait));
+            }
+            self.resend_kept(now, &device);
         }
         // Peer deadlines.
         let due: Vec<(DeviceKey, Phase)> = self

@@ -28,6 +28,10 @@ pub const MAX_DEVICES_PER_CALL: usize = 64;
 /// Most feeds of one device that are looked at.
 pub const MAX_FEEDS: usize = 16;
 
+/// The reason reported for a call whose `m.terminated` is truthy but not a
+/// string (Hydrogen writes `true`).
+pub const TERMINATED_WITHOUT_REASON: &str = "call_ended";
+
 /// Which event type names to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EventNames {
@@ -142,13 +146,17 @@ pub struct CallContent {
     /// `m.type`.
     #[serde(rename = "m.type", default, skip_serializing_if = "Option::is_none")]
     pub call_type: Option<CallType>,
-    /// `m.terminated`: present when the call has ended, with the reason.
+    /// `m.terminated`, as written: the call has ended when the value is
+    /// truthy (JavaScript's rule, which the reference applies): a reason
+    /// string (`"call_ended"` from matrix-js-sdk), `true` (Hydrogen), any
+    /// non-zero number, object or array. `false`, `0`, `""` and `null` do not
+    /// end it. See [`CallContent::termination`].
     #[serde(
         rename = "m.terminated",
         default,
         skip_serializing_if = "Option::is_none"
     )]
-    pub terminated: Option<String>,
+    pub terminated: Option<Value>,
     /// `m.name`: a human-visible label.
     #[serde(rename = "m.name", default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -167,9 +175,53 @@ impl CallContent {
         }
     }
 
-    /// Is this call over?
+    /// Is this call over? (`m.terminated` present and truthy.)
     pub fn is_terminated(&self) -> bool {
-        self.terminated.is_some()
+        self.termination().is_some()
+    }
+
+    /// Why the call ended, if it did: the `m.terminated` string when it is
+    /// one, [`TERMINATED_WITHOUT_REASON`] for any other truthy value.
+    pub fn termination(&self) -> Option<String> {
+        match self.terminated.as_ref()? {
+            Value::Null | Value::Bool(false) => None,
+            Value::String(s) if s.is_empty() => None,
+            Value::Number(n) if n.as_f64() == Some(0.0) => None,
+            Value::String(s) => Some(s.chars().take(MAX_ID_LEN).collect()),
+            _ => Some(TERMINATED_WITHOUT_REASON.to_owned()),
+        }
+    }
+
+    /// Reads a call content the way the reference does: field by field, so
+    /// that an odd value in one field (a non-string `m.intent`, a boolean
+    /// `m.terminated`) never hides the rest. Fields of an unexpected type
+    /// are kept in `extra` as they were.
+    pub fn from_json_lenient(content: &Value) -> Self {
+        let mut extra = content.as_object().cloned().unwrap_or_default();
+        let mut take_str = |key: &str| match extra.get(key) {
+            Some(Value::String(s)) => {
+                let s = s.clone();
+                extra.remove(key);
+                Some(s)
+            }
+            _ => None,
+        };
+        let intent = take_str("m.intent").map(CallIntent::from);
+        let call_type = take_str("m.type").map(CallType::from);
+        let name = take_str("m.name");
+        let terminated = extra.remove("m.terminated");
+        Self {
+            intent,
+            call_type,
+            terminated,
+            name,
+            extra,
+        }
+    }
+
+    /// Marks the call ended with `reason` (a string, as the reference writes).
+    pub fn terminate(&mut self, reason: &str) {
+        self.terminated = Some(Value::String(reason.to_owned()));
     }
 }
 
@@ -281,8 +333,11 @@ impl MemberContent {
     /// member event content, and the reasons entries were skipped.
     ///
     /// A device counts when `device_id` and `session_id` are strings of a sane
-    /// length, `expires_ts` is a number greater than `now`, and `feeds` is an
-    /// array: the same checks as the reference.
+    /// length and its expiry is a number greater than `now`: the checks of the
+    /// reference, with two leniencies for what other clients write. The expiry
+    /// is the entry's `expires_ts` or, when the entry has none, the content's
+    /// top-level `m.expires_ts` (older matrix-js-sdk, the MSC3898 example);
+    /// `feeds` may be missing (no feeds), but when present must be an array.
     pub fn live_devices(
         content: &Value,
         call_id: &str,
@@ -290,6 +345,7 @@ impl MemberContent {
     ) -> (Vec<MemberDevice>, Vec<String>) {
         let mut out = Vec::new();
         let mut skipped = Vec::new();
+        let top_expiry = content.get(TOP_LEVEL_EXPIRES_TS).and_then(as_timestamp);
         let Some(calls) = content.get("m.calls").and_then(Value::as_array) else {
             if content.get("m.calls").is_some() {
                 skipped.push("`m.calls` is not an array".to_owned());
@@ -309,7 +365,7 @@ impl MemberContent {
                     skipped.push(format!("more than {MAX_DEVICES_PER_CALL} devices"));
                     break;
                 }
-                match parse_member_device(dev) {
+                match parse_member_device(dev, top_expiry) {
                     Ok(d) if d.expires_ts > now => out.push(d),
                     Ok(d) => skipped.push(format!(
                         "device {} expired at {}",
@@ -323,28 +379,34 @@ impl MemberContent {
     }
 }
 
-fn parse_member_device(dev: &Value) -> Result<MemberDevice, ParseError> {
+/// Key of the content-wide expiry some clients write instead of (or besides)
+/// each device's `expires_ts`.
+pub const TOP_LEVEL_EXPIRES_TS: &str = "m.expires_ts";
+
+/// A timestamp written as a JSON number (integer or float, not negative).
+fn as_timestamp(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| f as u64)
+    })
+}
+
+fn parse_member_device(dev: &Value, top_expiry: Option<u64>) -> Result<MemberDevice, ParseError> {
     let obj = dev.as_object().ok_or(ParseError::NotAnObject {
         what: "device entry",
     })?;
     let device_id = id_field(obj, "device_id")?;
     let session_id = id_field(obj, "session_id")?;
     let expires_ts = match obj.get("expires_ts") {
-        None => return Err(ParseError::MissingField("expires_ts")),
-        Some(v) => v
-            .as_u64()
-            .or_else(|| {
-                v.as_f64()
-                    .filter(|f| f.is_finite() && *f >= 0.0)
-                    .map(|f| f as u64)
-            })
-            .ok_or(ParseError::WrongType {
-                field: "expires_ts",
-                expected: "number",
-            })?,
+        None => top_expiry.ok_or(ParseError::MissingField("expires_ts"))?,
+        Some(v) => as_timestamp(v).ok_or(ParseError::WrongType {
+            field: "expires_ts",
+            expected: "number",
+        })?,
     };
     let feeds = match obj.get("feeds") {
-        None => return Err(ParseError::MissingField("feeds")),
+        None => Vec::new(),
         Some(Value::Array(a)) => a
             .iter()
             .take(MAX_FEEDS)

@@ -7,8 +7,8 @@ use tracing::debug;
 
 use crate::error::ParseError;
 use crate::events::{
-    CallContent, FeedPurpose, MemberContent, ROOM_MEMBER, StateEvent, is_call_member_type,
-    is_call_type,
+    CALL_MEMBER, CallContent, FeedPurpose, MemberContent, ROOM_MEMBER, StateEvent,
+    is_call_member_type, is_call_type,
 };
 use crate::ids::DeviceKey;
 
@@ -87,6 +87,12 @@ pub enum RoomChange {
         /// New session.
         new_session_id: String,
     },
+    /// A device republished its entry (same session, new expiry): it is
+    /// alive.
+    DeviceRefreshed {
+        /// The device.
+        device: DeviceKey,
+    },
     /// A device's listed feeds changed.
     FeedsChanged {
         /// The device.
@@ -107,7 +113,10 @@ pub enum RoomChange {
 #[derive(Debug, Clone, Default)]
 pub struct RoomCallState {
     calls: BTreeMap<String, CallRecord>,
-    members: BTreeMap<String, Value>,
+    /// Member event contents by (user, event type as sent): a user may have
+    /// one under the stable and one under the unstable name, and a stale one
+    /// under one name must not hide a live one under the other.
+    members: BTreeMap<(String, String), Value>,
     memberships: BTreeMap<String, String>,
     pinned: Option<String>,
     current: Option<String>,
@@ -157,9 +166,14 @@ impl RoomCallState {
         &self.participants
     }
 
-    /// The raw content of a user's member event, if any.
-    pub fn member_content(&self, user_id: &str) -> Option<&Value> {
-        self.members.get(user_id)
+    /// The raw content of a user's member event under `event_type` (either
+    /// name of the member event), if any. Our own content is edited from the
+    /// event under the name we write, never from the other.
+    pub fn member_content(&self, user_id: &str, event_type: &str) -> Option<&Value> {
+        self.members.get(&(
+            user_id.to_owned(),
+            canonical_member_type(event_type).to_owned(),
+        ))
     }
 
     /// A user's room membership, if known.
@@ -214,12 +228,11 @@ impl RoomCallState {
             }
             let content = if ev.content.as_object().is_some_and(|o| o.is_empty()) {
                 // A redacted call event: treat as terminated.
-                CallContent {
-                    terminated: Some("redacted".into()),
-                    ..Default::default()
-                }
+                let mut c = CallContent::default();
+                c.terminate("redacted");
+                c
             } else {
-                serde_json::from_value::<CallContent>(ev.content.clone())?
+                CallContent::from_json_lenient(&ev.content)
             };
             self.calls.insert(
                 ev.state_key.clone(),
@@ -230,6 +243,13 @@ impl RoomCallState {
                 },
             );
         } else if is_call_member_type(&ev.event_type) {
+            if is_msc4143_state_key(&ev.state_key, &ev.sender) {
+                // MatrixRTC (MSC4143, today's Element Call): same event type,
+                // per-device state keys, another content shape and protocol.
+                // Not an MSC3401 participant; not an error either.
+                debug!(state_key = %ev.state_key, "MSC4143 membership ignored");
+                return Ok(Vec::new());
+            }
             if ev.state_key != ev.sender {
                 return Err(ParseError::InvalidValue {
                     field: "state_key",
@@ -241,8 +261,13 @@ impl RoomCallState {
                     what: "member content",
                 });
             }
-            self.members
-                .insert(ev.state_key.clone(), ev.content.clone());
+            self.members.insert(
+                (
+                    ev.state_key.clone(),
+                    canonical_member_type(&ev.event_type).to_owned(),
+                ),
+                ev.content.clone(),
+            );
         } else if ev.event_type == ROOM_MEMBER {
             let m = ev
                 .content
@@ -290,11 +315,11 @@ impl RoomCallState {
         let mut call_live = false;
         if let Some(call_id) = &self.current {
             if let Some(rec) = self.calls.get(call_id) {
-                if let Some(reason) = &rec.content.terminated {
+                if let Some(reason) = rec.content.termination() {
                     if !was_terminated {
                         changes.push(RoomChange::CallTerminated {
                             call_id: call_id.clone(),
-                            reason: reason.clone(),
+                            reason,
                         });
                     }
                 } else {
@@ -302,7 +327,7 @@ impl RoomCallState {
                 }
             }
             if call_live {
-                for (user, content) in &self.members {
+                for ((user, _), content) in &self.members {
                     if self.require_room_membership
                         && self.memberships.get(user).map(String::as_str) != Some("join")
                     {
@@ -313,8 +338,17 @@ impl RoomCallState {
                         debug!(user = %user, "member entry skipped: {s}");
                     }
                     for d in devices {
+                        let key = DeviceKey::new(user.clone(), d.device_id);
+                        // Listed under both names: the entry that lives
+                        // longer is the device's current one.
+                        if next
+                            .get(&key)
+                            .is_some_and(|p: &Participant| p.expires_ts >= d.expires_ts)
+                        {
+                            continue;
+                        }
                         next.insert(
-                            DeviceKey::new(user.clone(), d.device_id),
+                            key,
                             Participant {
                                 session_id: d.session_id,
                                 expires_ts: d.expires_ts,
@@ -357,6 +391,11 @@ impl RoomCallState {
                     device: key.clone(),
                     feeds: new.feeds.clone(),
                 }),
+                Some(new) if new.expires_ts != old.expires_ts => {
+                    changes.push(RoomChange::DeviceRefreshed {
+                        device: key.clone(),
+                    })
+                }
                 Some(_) => {}
             }
         }
@@ -371,6 +410,24 @@ impl RoomCallState {
         self.participants = next;
         changes
     }
+}
+
+/// The member event type a content is filed under: the stable name for the
+/// stable type, the unstable name for everything else.
+fn canonical_member_type(event_type: &str) -> &'static str {
+    if event_type == CALL_MEMBER {
+        CALL_MEMBER
+    } else {
+        crate::events::CALL_MEMBER_UNSTABLE
+    }
+}
+
+/// Is this the state key of an MSC4143 (MatrixRTC) per-device membership of
+/// `sender`: `_{user_id}_{device_id}` or `{user_id}_{device_id}`?
+pub fn is_msc4143_state_key(state_key: &str, sender: &str) -> bool {
+    let rest = state_key.strip_prefix('_').unwrap_or(state_key);
+    rest.strip_prefix(sender)
+        .is_some_and(|tail| tail.len() > 1 && tail.starts_with('_'))
 }
 
 #[cfg(test)]

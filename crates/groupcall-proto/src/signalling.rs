@@ -121,14 +121,16 @@ pub struct CommonFields {
     pub version: Version,
     /// `call_id`: the 1:1 call (peer connection) this message belongs to.
     pub call_id: String,
-    /// `party_id`: the sender's party (the reference uses its device id).
+    /// `party_id`: the sender's party (the reference uses its device id);
+    /// empty when the message carries neither `party_id` nor `device_id`.
     pub party_id: String,
     /// `conf_id`: the group call id (state key of `m.call`).
     pub conf_id: String,
-    /// `device_id`: the sender's device.
-    pub device_id: String,
-    /// `sender_session_id`.
-    pub sender_session_id: String,
+    /// `device_id`: the sender's device. MSC3401 requires it on invites
+    /// only; on other messages the device is known from Olm or from the call.
+    pub device_id: Option<String>,
+    /// `sender_session_id`: required on invites only, like `device_id`.
+    pub sender_session_id: Option<String>,
     /// `dest_session_id`.
     pub dest_session_id: String,
     /// `seq`: per `call_id`, from 0, no gaps.
@@ -411,17 +413,28 @@ impl Message {
 
     /// Reads a message from its to-device event type and content.
     ///
-    /// Every group field is required (`version` defaults to `0`, `party_id`
-    /// to `device_id`); sizes are bounded (see the `MAX_*` constants).
+    /// `call_id`, `conf_id`, `dest_session_id` and `seq` are required on every
+    /// message; `device_id` and `sender_session_id` on invites only (as
+    /// MSC3401 says), but checked wherever present. `version` defaults to `0`,
+    /// `party_id` to `device_id`. Sizes are bounded (see the `MAX_*`
+    /// constants).
     pub fn parse(event_type: &str, content: &Value) -> Result<Self, ParseError> {
         let ty = MessageType::from_event_type(event_type)
             .ok_or_else(|| ParseError::UnknownEventType(event_type.to_owned()))?;
         let obj = content
             .as_object()
             .ok_or(ParseError::NotAnObject { what: "content" })?;
-        let device_id = id_field(obj, "device_id")?;
+        let invite = ty == MessageType::Invite;
+        let optional_id = |field: &'static str| match obj.get(field) {
+            None | Some(Value::Null) if !invite => Ok(None),
+            _ => id_field(obj, field).map(Some),
+        };
+        let device_id = optional_id("device_id")?;
+        let sender_session_id = optional_id("sender_session_id")?;
+        // Without `party_id` (version 0) the party is the device, or unknown
+        // (empty) when the message names no device either.
         let party_id = match obj.get("party_id") {
-            None | Some(Value::Null) => device_id.clone(),
+            None | Some(Value::Null) => device_id.clone().unwrap_or_default(),
             Some(_) => id_field(obj, "party_id")?,
         };
         let seq = match obj.get("seq") {
@@ -437,7 +450,7 @@ impl Message {
             party_id,
             conf_id: id_field(obj, "conf_id")?,
             device_id,
-            sender_session_id: id_field(obj, "sender_session_id")?,
+            sender_session_id,
             dest_session_id: id_field(obj, "dest_session_id")?,
             seq,
         };
@@ -561,11 +574,12 @@ impl Message {
         map.insert("call_id".into(), c.call_id.clone().into());
         map.insert("party_id".into(), c.party_id.clone().into());
         map.insert("conf_id".into(), c.conf_id.clone().into());
-        map.insert("device_id".into(), c.device_id.clone().into());
-        map.insert(
-            "sender_session_id".into(),
-            c.sender_session_id.clone().into(),
-        );
+        if let Some(d) = &c.device_id {
+            map.insert("device_id".into(), d.clone().into());
+        }
+        if let Some(s) = &c.sender_session_id {
+            map.insert("sender_session_id".into(), s.clone().into());
+        }
         map.insert("dest_session_id".into(), c.dest_session_id.clone().into());
         map.insert("seq".into(), c.seq.into());
         Value::Object(map)

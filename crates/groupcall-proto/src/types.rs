@@ -23,13 +23,26 @@ pub struct Config {
     pub member_expiry_ms: u64,
     /// Republish our entry this long after the last publish (default 45 min).
     pub member_refresh_ms: u64,
-    /// Wait this long for an answer before calling again; also the spacing
-    /// of retries (default 5 s).
+    /// An unanswered invite is sent again (same `seq`) this long after it
+    /// was sent, then at doubling intervals; also the spacing of calls after
+    /// a failed one (default 5 s).
     pub retry_interval_ms: u64,
-    /// Calls again at most this many times after the first call (default 3).
+    /// The MSC's retries: after the first call and this many more went
+    /// unanswered, [`CallEvent::Unanswered`] is reported and the device is
+    /// called on at a backed-off interval while it stays a live member with
+    /// the same session (default 3).
     pub max_retries: u32,
-    /// `lifetime` of our invites and negotiate offers (default 60 s).
+    /// `lifetime` of our invites and negotiate offers (default 60 s). An
+    /// unanswered invite stays open this long, as the reference's does.
     pub invite_lifetime_ms: u64,
+    /// Longest backed-off wait: the lifetime of an invite after the MSC's
+    /// retries (doubling from `invite_lifetime_ms`), and the spacing of calls
+    /// after repeated failures (default 10 min).
+    pub max_backoff_ms: u64,
+    /// Our session id (MSC3401: "generated once per client load"). The
+    /// driver passes one per process run; when `None` the core makes one
+    /// when first joining and keeps it for later joins.
+    pub session_id: Option<String>,
     /// Media must connect this long after the offer/answer exchange, and the
     /// media layer must produce a description within it (default 15 s).
     pub connect_timeout_ms: u64,
@@ -71,6 +84,8 @@ impl Config {
             retry_interval_ms: 5000,
             max_retries: 3,
             invite_lifetime_ms: 60_000,
+            max_backoff_ms: 10 * 60 * 1000,
+            session_id: None,
             connect_timeout_ms: 15_000,
             caller_candidate_delay_ms: 2000,
             callee_candidate_delay_ms: 500,
@@ -414,10 +429,29 @@ pub enum CallEvent {
         /// Stream id.
         stream_id: String,
     },
-    /// We gave up calling a device after all retries.
-    GaveUp {
+    /// A device answered neither our first call nor the MSC's retries
+    /// ([`Config::max_retries`]). Reported once per session of the device;
+    /// we go on calling it at a backed-off interval (each invite open longer,
+    /// up to [`Config::max_backoff_ms`]), and at once when it sends anything
+    /// or refreshes its membership.
+    Unanswered {
         /// The device.
         device: DeviceKey,
+        /// Calls placed so far.
+        calls: u32,
+    },
+    /// A call became live in the room while we are not in one: ring, prompt
+    /// or stay silent according to its `intent` (`m.ring` rings, `m.prompt`
+    /// prompts, `m.room` is silent; absent or unknown: prompt).
+    CallStarted {
+        /// Its call id.
+        call_id: String,
+        /// `m.intent` of its `m.call` event.
+        intent: Option<CallIntent>,
+        /// `m.type` of its `m.call` event.
+        call_type: Option<CallType>,
+        /// `m.name`, if any.
+        name: Option<String>,
     },
 }
 

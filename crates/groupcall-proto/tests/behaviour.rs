@@ -326,7 +326,6 @@ fn bad_input_is_ignored_with_a_reason_and_the_call_survives() {
     }
     // State garbage.
     assert!(call.handle_state(NOW, &json!("nope")).is_err());
-    assert!(call.handle_state(NOW, &json!({"type": "org.matrix.msc3401.call", "state_key": CONF, "sender": "@b:x", "content": {"m.terminated": 5}})).is_err());
     assert!(call.handle_state(NOW, &json!({"type": "org.matrix.msc3401.call.member", "state_key": "@b:x", "sender": "@evil:x", "content": {}})).is_err());
     drain(&mut call);
     assert_eq!(
@@ -402,16 +401,22 @@ fn reorder_gap_is_skipped_after_the_timeout() {
     assert_eq!(call.handle_to_device(t + 1, late), Err(Ignored::Duplicate));
 }
 
-#[test]
-fn unanswered_invites_are_retried_three_times_then_given_up() {
-    let mut call = joined(|_| {});
-    call.handle_state(NOW, &member_ev("@b:x", "BDEV", "BSESS", NOW + 3_600_000))
-        .unwrap();
-    let mut invites = 0;
-    let mut t = NOW;
-    let mut gave_up = false;
-    for _ in 0..20 {
-        let outs = drain(&mut call);
+/// An invite as sent: (ms since NOW, call_id, seq, lifetime).
+type SentInvite = (u64, String, u64, u64);
+
+/// Runs the call's timers up to `until`, answering every media offer request
+/// at once; returns every invite sent (time, call_id, seq, lifetime) and
+/// every event.
+fn run_unanswered(
+    call: &mut GroupCall,
+    from: u64,
+    until: u64,
+) -> (Vec<SentInvite>, Vec<CallEvent>) {
+    let mut invites = Vec::new();
+    let mut events = Vec::new();
+    let mut t = from;
+    loop {
+        let mut outs = drain(call);
         if let Some(peer) = offer_request(&outs) {
             call.handle_media(
                 t,
@@ -421,28 +426,239 @@ fn unanswered_invites_are_retried_three_times_then_given_up() {
                     gathering_complete: true,
                 },
             );
-            invites += sent(&drain(&mut call))
-                .iter()
-                .filter(|(ty, _)| ty == "m.call.invite")
-                .count();
+            outs.extend(drain(call));
         }
-        gave_up |= outs
-            .iter()
-            .any(|o| matches!(o, Output::Event(CallEvent::GaveUp { .. })));
+        for (ty, c) in sent(&outs) {
+            if ty == "m.call.invite" {
+                invites.push((
+                    t - NOW,
+                    c["call_id"].as_str().unwrap().to_owned(),
+                    c["seq"].as_u64().unwrap(),
+                    c["lifetime"].as_u64().unwrap(),
+                ));
+            }
+        }
+        events.extend(outs.into_iter().filter_map(|o| match o {
+            Output::Event(e) => Some(e),
+            _ => None,
+        }));
         let Some(next) = call.poll_timeout() else {
             break;
         };
-        if next > NOW + 60_000 {
+        if next > until {
             break;
         }
         t = next;
         call.handle_timeout(t);
     }
-    gave_up |= drain(&mut call)
+    (invites, events)
+}
+
+#[test]
+fn an_unanswered_invite_stays_open_for_its_lifetime_and_is_sent_again_unchanged() {
+    let mut call = joined(|_| {});
+    call.handle_state(NOW, &member_ev("@b:x", "BDEV", "BSESS", NOW + 3_600_000))
+        .unwrap();
+    let (invites, events) = run_unanswered(&mut call, NOW, NOW + 59_999);
+    // One call, open for its 60 s lifetime: sent at 0, then the same
+    // message again every 5 s for the MSC's 3 retries, then at doubling
+    // intervals.
+    let times: Vec<u64> = invites.iter().map(|i| i.0).collect();
+    assert_eq!(times, vec![0, 5_000, 10_000, 15_000, 25_000, 45_000]);
+    assert!(
+        invites
+            .iter()
+            .all(|i| i.1 == invites[0].1 && i.2 == 0 && i.3 == 60_000)
+    );
+    assert!(!events.iter().any(|e| matches!(
+        e,
+        CallEvent::PeerState {
+            status: PeerStatus::Closed(_) | PeerStatus::Failed(_),
+            ..
+        }
+    )));
+    assert_eq!(call.peers().len(), 1);
+}
+
+#[test]
+fn a_device_that_never_answers_is_called_on_at_a_backed_off_interval() {
+    let mut call = joined(|_| {});
+    call.handle_state(NOW, &member_ev("@b:x", "BDEV", "BSESS", NOW + 3_600_000))
+        .unwrap();
+    let (invites, events) = run_unanswered(&mut call, NOW, NOW + 10 * 60_000);
+    let mut calls: Vec<(u64, String, u64)> = Vec::new();
+    for (t, id, _, lifetime) in &invites {
+        if calls.last().is_none_or(|c| c.1 != *id) {
+            calls.push((*t, id.clone(), *lifetime));
+        }
+    }
+    // The first call and the MSC's 3 retries, each open 60 s with no gap
+    // between them (there is always an invite to answer), then calls open
+    // ever longer.
+    let starts: Vec<(u64, u64)> = calls.iter().map(|c| (c.0, c.2)).collect();
+    assert_eq!(
+        starts,
+        vec![
+            (0, 60_000),
+            (60_000, 60_000),
+            (120_000, 60_000),
+            (180_000, 60_000),
+            (240_000, 120_000),
+            (360_000, 240_000),
+            (600_000, 480_000)
+        ]
+    );
+    let unanswered: Vec<_> = events
         .iter()
-        .any(|o| matches!(o, Output::Event(CallEvent::GaveUp { .. })));
-    assert_eq!(invites, 4, "first call and 3 retries");
-    assert!(gave_up);
+        .filter(|e| matches!(e, CallEvent::Unanswered { .. }))
+        .collect();
+    assert_eq!(
+        unanswered,
+        vec![&CallEvent::Unanswered {
+            device: DeviceKey::new("@b:x", "BDEV"),
+            calls: 4
+        }],
+        "reported once"
+    );
+    // Each expired call was hung up before the next one (one at a time).
+    let timeouts = events
+        .iter()
+        .filter(|e| matches!(e, CallEvent::PeerState { status: PeerStatus::Failed(r), .. } if r == "invite_timeout"))
+        .count();
+    assert_eq!(timeouts, 6);
+    assert!(call.peers().len() <= 1);
+}
+
+#[test]
+fn a_sleeping_device_that_shows_life_gets_the_invite_again_at_once() {
+    let mut call = joined(|_| {});
+    call.handle_state(NOW, &member_ev("@b:x", "BDEV", "BSESS", NOW + 3_600_000))
+        .unwrap();
+    let (invites, _) = run_unanswered(&mut call, NOW, NOW + 30_000);
+    assert_eq!(invites.last().map(|i| i.0), Some(25_000));
+    // At 30 s (next copy due at 45 s) it refreshes its membership: it is
+    // awake, the invite goes out again now.
+    call.handle_state(
+        NOW + 30_000,
+        &member_ev("@b:x", "BDEV", "BSESS", NOW + 7_200_000),
+    )
+    .unwrap();
+    let again: Vec<_> = sent(&drain(&mut call))
+        .into_iter()
+        .filter(|(ty, _)| ty == "m.call.invite")
+        .collect();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].1["call_id"].as_str(), Some(invites[0].1.as_str()));
+    assert_eq!(again[0].1["seq"], 0);
+}
+
+#[test]
+fn a_repeated_invite_gets_the_answer_again_and_a_lost_first_copy_is_recovered() {
+    // We are the callee here: @0 calls us.
+    let mut call = joined(|_| {});
+    let zero = |ty: &str, call_id: &str, seq: u64, mut body: Value, call: &GroupCall| {
+        body["version"] = json!("1");
+        body["call_id"] = json!(call_id);
+        body["party_id"] = json!("ZDEV");
+        body["conf_id"] = json!(CONF);
+        body["device_id"] = json!("ZDEV");
+        body["sender_session_id"] = json!("ZSESS");
+        body["dest_session_id"] = json!(call.session_id().unwrap());
+        body["seq"] = json!(seq);
+        IncomingToDevice {
+            sender: "@0:x".into(),
+            sender_device: Some("ZDEV".into()),
+            event_type: ty.into(),
+            content: body,
+            encrypted: true,
+        }
+    };
+    call.handle_state(NOW, &join_ev("@0:x", "join")).unwrap();
+    call.handle_state(NOW, &member_ev("@0:x", "ZDEV", "ZSESS", NOW + 3_600_000))
+        .unwrap();
+    drain(&mut call);
+    let invite =
+        json!({"lifetime": 60000, "offer": {"type": "offer", "sdp": "o"}, "invitee": "@a:x"});
+    assert_eq!(
+        call.handle_to_device(NOW, zero("m.call.invite", "C1", 0, invite.clone(), &call)),
+        Ok(Accepted::Processed)
+    );
+    let peer = drain(&mut call)
+        .iter()
+        .find_map(|o| match o {
+            Output::Media(MediaRequest::AcceptOffer { peer, .. }) => Some(*peer),
+            _ => None,
+        })
+        .unwrap();
+    call.handle_media(
+        NOW + 10,
+        MediaEvent::AnswerCreated {
+            peer,
+            sdp: "a".into(),
+            gathering_complete: true,
+        },
+    );
+    let answer = sent(&drain(&mut call));
+    assert_eq!(answer.len(), 1);
+    assert_eq!(answer[0].0, "m.call.answer");
+    // The caller heard nothing and sends the invite again: our answer goes
+    // out again, unchanged (same seq).
+    assert_eq!(
+        call.handle_to_device(
+            NOW + 5_000,
+            zero("m.call.invite", "C1", 0, invite.clone(), &call)
+        ),
+        Ok(Accepted::Processed)
+    );
+    let again = sent(&drain(&mut call));
+    assert_eq!(again, answer);
+    // Once connected, a copy is only a duplicate.
+    call.handle_media(
+        NOW + 5_100,
+        MediaEvent::State {
+            peer,
+            state: MediaState::Connected,
+        },
+    );
+    drain(&mut call);
+    assert_eq!(
+        call.handle_to_device(
+            NOW + 10_000,
+            zero("m.call.invite", "C1", 0, invite.clone(), &call)
+        ),
+        Err(Ignored::Duplicate)
+    );
+
+    // A second caller whose first invite was lost: its candidates (seq 1)
+    // wait for the gap, which is skipped; the invite's next copy is taken.
+    call.handle_state(NOW, &join_ev("@1:x", "join")).unwrap();
+    call.handle_state(NOW, &member_ev("@1:x", "ODEV", "OSESS", NOW + 3_600_000))
+        .unwrap();
+    drain(&mut call);
+    let one = |ty: &str, seq: u64, body: Value, call: &GroupCall| {
+        let mut m = zero(ty, "C2", seq, body, call);
+        m.sender = "@1:x".into();
+        m.sender_device = Some("ODEV".into());
+        m.content["device_id"] = json!("ODEV");
+        m.content["party_id"] = json!("ODEV");
+        m.content["sender_session_id"] = json!("OSESS");
+        m
+    };
+    let t = NOW + 20_000;
+    assert_eq!(
+        call.handle_to_device(
+            t,
+            one("m.call.candidates", 1, json!({"candidates": []}), &call)
+        ),
+        Ok(Accepted::Reordered)
+    );
+    call.handle_timeout(t + 2_000);
+    drain(&mut call);
+    assert_eq!(
+        call.handle_to_device(t + 5_000, one("m.call.invite", 0, invite, &call)),
+        Ok(Accepted::Processed)
+    );
+    assert!(drain(&mut call).iter().any(|o| matches!(o, Output::Media(MediaRequest::AcceptOffer { remote, .. }) if remote.device_id == "ODEV")));
 }
 
 #[test]
@@ -802,8 +1018,8 @@ fn a_device_whose_entry_vanished_during_setup_is_reported_gone_when_its_peer_end
         },
     );
     drain(&mut call);
-    // b's entry disappears while our invite is unanswered; the peer is kept
-    // for the orphan grace, then the invite times out first.
+    // b's entry disappears while our invite is unanswered (open for its
+    // 60 s lifetime); the peer is kept for the orphan grace, then ends.
     call.handle_state(
         NOW + 100,
         &json!({"type": "org.matrix.msc3401.call.member", "state_key": "@b:x", "sender": "@b:x", "content": {"m.calls": []}}),
@@ -814,7 +1030,9 @@ fn a_device_whose_entry_vanished_during_setup_is_reported_gone_when_its_peer_end
             .iter()
             .any(|o| matches!(o, Output::Event(CallEvent::ParticipantLeft { .. })))
     );
-    call.handle_timeout(NOW + 5000);
+    call.handle_timeout(NOW + 5099);
+    assert!(!drain(&mut call).contains(&Output::Media(MediaRequest::ClosePeer { peer })));
+    call.handle_timeout(NOW + 5100);
     let outs = drain(&mut call);
     assert!(outs.contains(&Output::Media(MediaRequest::ClosePeer { peer })));
     assert!(outs.iter().any(|o| matches!(o, Output::Event(CallEvent::ParticipantLeft { device, reason: LeftReason::Removed, .. }) if device.device_id == "BDEV")));
@@ -924,4 +1142,330 @@ fn an_answered_renegotiation_offer_is_not_sent_again() {
     );
     call.handle_timeout(NOW + 30_000);
     assert!(sent(&drain(&mut call)).is_empty());
+}
+
+// ----------------------------------------------------------------------
+// What other clients write (read-side leniency).
+
+#[test]
+fn any_truthy_m_terminated_ends_the_call_and_falsy_ones_do_not() {
+    // Hydrogen writes `true`; matrix-js-sdk only checks truthiness.
+    for (value, ends, reason) in [
+        (json!(true), true, "call_ended"),
+        (json!("hung_up_by_admin"), true, "hung_up_by_admin"),
+        (json!(1), true, "call_ended"),
+        (json!({"why": "x"}), true, "call_ended"),
+        (json!(false), false, ""),
+        (json!(0), false, ""),
+        (json!(""), false, ""),
+        (json!(null), false, ""),
+    ] {
+        let mut call = joined(|_| {});
+        let r = call.handle_state(
+            NOW + 10,
+            &json!({"type": "org.matrix.msc3401.call", "state_key": CONF, "sender": "@b:x", "origin_server_ts": NOW + 10,
+                "content": {"m.intent": "m.prompt", "m.type": "m.video", "m.terminated": value.clone()}}),
+        );
+        assert_eq!(r, Ok(()), "{value}");
+        let outs = drain(&mut call);
+        let ended = outs.iter().any(|o| {
+            matches!(o, Output::Event(CallEvent::CallEnded { call_id, reason: r }) if call_id == CONF && r == reason)
+        });
+        assert_eq!(ended, ends, "{value}: {outs:?}");
+        assert_eq!(call.joined_call_id().is_none(), ends, "{value}");
+        if ends {
+            assert!(outs.iter().any(|o| matches!(o, Output::PublishState { content, .. } if content["m.calls"] == json!([]))));
+        }
+    }
+}
+
+#[test]
+fn an_odd_field_in_m_call_does_not_hide_the_call() {
+    let mut call = GroupCall::new(Config::new("@a:x", "ADEV"));
+    call.handle_state(
+        NOW,
+        &json!({"type": "m.call", "state_key": "C9", "sender": "@b:x", "origin_server_ts": NOW,
+            "content": {"m.intent": 7, "m.type": "m.voice", "x.other": [1]}}),
+    )
+    .unwrap();
+    let live = call.room().live_call().unwrap();
+    assert_eq!(live.call_id, "C9");
+    assert_eq!(live.content.intent, None);
+    assert_eq!(live.content.extra["m.intent"], json!(7), "kept as written");
+}
+
+#[test]
+fn top_level_m_expires_ts_is_read_when_a_device_has_none() {
+    let mut call = joined(|_| {});
+    call.handle_state(
+        NOW,
+        &json!({"type": "org.matrix.msc3401.call.member", "state_key": "@b:x", "sender": "@b:x", "origin_server_ts": NOW,
+            "content": {"m.expires_ts": NOW + 30_000, "m.calls": [{"m.call_id": CONF, "m.devices": [
+                {"device_id": "BDEV", "session_id": "BSESS", "feeds": [{"purpose": "m.usermedia"}]},
+                {"device_id": "BDEV2", "session_id": "S2", "expires_ts": NOW + 90_000}]}]}}),
+    )
+    .unwrap();
+    let p = call.room().participants();
+    assert_eq!(p[&DeviceKey::new("@b:x", "BDEV")].expires_ts, NOW + 30_000);
+    assert_eq!(
+        p[&DeviceKey::new("@b:x", "BDEV2")].expires_ts,
+        NOW + 90_000,
+        "a device's own expiry wins; feeds may be missing"
+    );
+    call.handle_timeout(NOW + 30_000);
+    assert!(
+        !call
+            .room()
+            .participants()
+            .contains_key(&DeviceKey::new("@b:x", "BDEV"))
+    );
+    // Without either, the entry is skipped.
+    call.handle_state(
+        NOW,
+        &json!({"type": "org.matrix.msc3401.call.member", "state_key": "@c:x", "sender": "@c:x", "origin_server_ts": NOW,
+            "content": {"m.calls": [{"m.call_id": CONF, "m.devices": [{"device_id": "C", "session_id": "S", "feeds": []}]}]}}),
+    )
+    .unwrap();
+    assert!(
+        !call
+            .room()
+            .participants()
+            .keys()
+            .any(|k| k.user_id == "@c:x")
+    );
+}
+
+#[test]
+fn a_stale_member_event_under_one_name_does_not_hide_a_live_one_under_the_other() {
+    let mut call = joined(|_| {});
+    // b's live entry is under the unstable name ...
+    call.handle_state(NOW, &member_ev("@b:x", "BDEV", "BSESS", NOW + 3_600_000))
+        .unwrap();
+    // ... and an old, expired one under the stable name arrives later.
+    let mut stale = member_ev("@b:x", "BDEV", "OLD", NOW - 1);
+    stale["type"] = json!("m.call.member");
+    call.handle_state(NOW + 5, &stale).unwrap();
+    let p = call.room().participants();
+    assert_eq!(p[&DeviceKey::new("@b:x", "BDEV")].session_id, "BSESS");
+    // The other way round: a stable live entry is not hidden by an
+    // unstable stale one.
+    let mut live_c = member_ev("@c:x", "CDEV", "CSESS", NOW + 3_600_000);
+    live_c["type"] = json!("m.call.member");
+    call.handle_state(NOW, &join_ev("@c:x", "join")).unwrap();
+    call.handle_state(NOW, &live_c).unwrap();
+    call.handle_state(NOW, &json!({"type": "org.matrix.msc3401.call.member", "state_key": "@c:x", "sender": "@c:x", "content": {"m.calls": []}}))
+        .unwrap();
+    assert!(
+        call.room()
+            .participants()
+            .contains_key(&DeviceKey::new("@c:x", "CDEV"))
+    );
+}
+
+#[test]
+fn our_content_is_edited_from_the_event_under_the_name_we_write() {
+    let mut call = GroupCall::new(Config::new("@a:x", "ADEV"));
+    call.handle_state(NOW, &join_ev("@a:x", "join")).unwrap();
+    call.handle_state(
+        NOW,
+        &json!({"type": "org.matrix.msc3401.call", "state_key": CONF, "sender": "@b:x", "origin_server_ts": NOW,
+            "content": {"m.intent": "m.prompt", "m.type": "m.video"}}),
+    )
+    .unwrap();
+    // A stale stable-name event of ours from another client: not copied.
+    call.handle_state(
+        NOW,
+        &json!({"type": "m.call.member", "state_key": "@a:x", "sender": "@a:x", "origin_server_ts": NOW,
+            "content": {"m.calls": [{"m.call_id": "OLDCALL", "m.devices": [
+                {"device_id": "OTHER", "session_id": "S", "expires_ts": NOW + 3_600_000, "feeds": []}]}], "x.stable": 1}}),
+    )
+    .unwrap();
+    // Our unstable-name event keeps another app's key.
+    call.handle_state(
+        NOW,
+        &json!({"type": "org.matrix.msc3401.call.member", "state_key": "@a:x", "sender": "@a:x", "origin_server_ts": NOW,
+            "content": {"m.calls": [], "memberships": [{"application": "m.call"}]}}),
+    )
+    .unwrap();
+    drain(&mut call);
+    call.handle_command(
+        NOW,
+        Command::Join {
+            create: None,
+            audio: true,
+            video: true,
+        },
+    )
+    .unwrap();
+    let content = drain(&mut call)
+        .into_iter()
+        .find_map(|o| match o {
+            Output::PublishState {
+                event_type,
+                content,
+                ..
+            } if event_type == "org.matrix.msc3401.call.member" => Some(content),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(content["m.calls"].as_array().unwrap().len(), 1);
+    assert_eq!(content["m.calls"][0]["m.call_id"], CONF);
+    assert!(
+        content.get("x.stable").is_none(),
+        "nothing from the other name: {content}"
+    );
+    assert_eq!(content["memberships"], json!([{"application": "m.call"}]));
+}
+
+#[test]
+fn messages_other_than_invites_need_no_device_id_nor_sender_session_id() {
+    let mut call = joined(|_| {});
+    let (peer, call_id) = connected_with_b(&mut call, NOW + 3_600_000);
+    // A plaintext hangup that names neither: matched by its call id.
+    let mut m = with_dest(
+        from_b(
+            "m.call.sdp_stream_metadata_changed",
+            &call_id,
+            1,
+            json!({"sdp_stream_metadata": {}}),
+        ),
+        &call,
+    );
+    let obj = m.content.as_object_mut().unwrap();
+    obj.remove("device_id");
+    obj.remove("sender_session_id");
+    obj.remove("party_id");
+    m.sender_device = None;
+    m.encrypted = false;
+    assert_eq!(
+        call.handle_to_device(NOW + 100, m.clone()),
+        Ok(Accepted::Processed)
+    );
+    // The same shape on a call we do not have: refused, not guessed.
+    m.content["call_id"] = json!("nope");
+    m.content["seq"] = json!(0);
+    assert_eq!(
+        call.handle_to_device(NOW + 110, m),
+        Err(Ignored::UnknownCall("nope".into()))
+    );
+    // An invite must name both (MSC3401).
+    let mut inv = with_dest(
+        from_b(
+            "m.call.invite",
+            "NEWCALL",
+            0,
+            json!({"lifetime": 60000, "offer": {"type": "offer", "sdp": "o"}}),
+        ),
+        &call,
+    );
+    inv.content
+        .as_object_mut()
+        .unwrap()
+        .remove("sender_session_id");
+    assert!(matches!(
+        call.handle_to_device(NOW + 120, inv),
+        Err(Ignored::Malformed(ParseError::MissingField(
+            "sender_session_id"
+        )))
+    ));
+    assert_eq!(
+        call.peers(),
+        vec![(DeviceKey::new("@b:x", "BDEV"), peer, true)]
+    );
+}
+
+#[test]
+fn msc4143_memberships_in_the_room_are_neither_misread_nor_an_error() {
+    let mut call = joined(|_| {});
+    connected_with_b(&mut call, NOW + 3_600_000);
+    // Today's Element Call: per-device state keys on the same type.
+    for key in ["_@e:x_EDEV", "@e:x_EDEV"] {
+        let r = call.handle_state(
+            NOW + 200,
+            &json!({"type": "org.matrix.msc3401.call.member", "state_key": key, "sender": "@e:x", "origin_server_ts": NOW,
+                "content": {"application": "m.call", "call_id": "", "device_id": "EDEV", "scope": "m.room",
+                    "focus_active": {"type": "livekit"}, "foci_preferred": [{"type": "livekit", "livekit_service_url": "https://x"}],
+                    "expires": 14400000}}),
+        );
+        assert_eq!(r, Ok(()), "{key}");
+    }
+    // The older MSC4143 shape under the user's own key.
+    call.handle_state(NOW, &join_ev("@e:x", "join")).unwrap();
+    call.handle_state(
+        NOW + 200,
+        &json!({"type": "org.matrix.msc3401.call.member", "state_key": "@e:x", "sender": "@e:x", "origin_server_ts": NOW,
+            "content": {"memberships": [{"application": "m.call", "call_id": "", "device_id": "EDEV", "expires": 3600000}]}}),
+    )
+    .unwrap();
+    assert!(
+        !call
+            .room()
+            .participants()
+            .keys()
+            .any(|k| k.user_id == "@e:x")
+    );
+    let keys: Vec<_> = call.room().participants().keys().cloned().collect();
+    assert_eq!(keys, vec![DeviceKey::new("@b:x", "BDEV")], "b, untouched");
+    assert_eq!(call.peers().len(), 1);
+    assert!(call.peers()[0].2, "still connected");
+    // A key that is not of that shape is still refused as a spoof.
+    assert!(call
+        .handle_state(NOW, &json!({"type": "org.matrix.msc3401.call.member", "state_key": "@b:x_BDEV", "sender": "@e:x", "content": {}}))
+        .is_err());
+}
+
+#[test]
+fn a_call_starting_in_the_room_is_reported_with_its_intent() {
+    for intent in ["m.ring", "m.prompt", "m.room"] {
+        let mut call = GroupCall::new(Config::new("@a:x", "ADEV"));
+        call.handle_state(
+            NOW,
+            &json!({"type": "org.matrix.msc3401.call", "state_key": "C1", "sender": "@b:x", "origin_server_ts": NOW,
+                "content": {"m.intent": intent, "m.type": "m.voice", "m.name": "standup"}}),
+        )
+        .unwrap();
+        let outs = drain(&mut call);
+        assert!(
+            outs.contains(&Output::Event(CallEvent::CallStarted {
+                call_id: "C1".into(),
+                intent: Some(groupcall_proto::events::CallIntent::from(intent.to_owned())),
+                call_type: Some(groupcall_proto::events::CallType::Voice),
+                name: Some("standup".into()),
+            })),
+            "{outs:?}"
+        );
+    }
+}
+
+#[test]
+fn one_session_per_core_across_rejoins() {
+    let mut call = joined(|_| {});
+    let first = call.session_id().unwrap().to_owned();
+    call.handle_command(NOW + 1, Command::Leave).unwrap();
+    call.handle_command(
+        NOW + 2,
+        Command::Join {
+            create: None,
+            audio: true,
+            video: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(call.session_id(), Some(first.as_str()));
+    // A driver passes its process's session.
+    let mut c = Config::new("@a:x", "ADEV");
+    c.session_id = Some("PROCESS".into());
+    let mut other = GroupCall::new(c);
+    other.handle_state(NOW, &join_ev("@a:x", "join")).unwrap();
+    other
+        .handle_command(
+            NOW,
+            Command::Join {
+                create: Some(CreateOptions::default()),
+                audio: true,
+                video: false,
+            },
+        )
+        .unwrap();
+    assert_eq!(other.session_id(), Some("PROCESS"));
 }

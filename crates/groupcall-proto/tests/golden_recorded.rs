@@ -42,7 +42,8 @@ fn recorded_signalling_parses_and_round_trips() {
             "{name}"
         );
         assert_eq!(
-            m.common.party_id, m.common.device_id,
+            Some(m.common.party_id.clone()),
+            m.common.device_id,
             "{name}: the reference's party_id is its device id"
         );
         match &m.body {

@@ -155,8 +155,8 @@ fn event_json(ev: &ClientEvent) -> Option<Value> {
                 json!({"event": "peer_state", "user": device.user_id, "device": device.device_id,
                     "peer": peer.0, "call_id": call_id, "state": state, "reason": reason})
             }
-            CallEvent::GaveUp { device } => {
-                json!({"event": "gave_up", "user": device.user_id, "device": device.device_id})
+            CallEvent::Unanswered { device, calls } => {
+                json!({"event": "unanswered", "user": device.user_id, "device": device.device_id, "calls": calls})
             }
             other => json!({"event": "call", "debug": format!("{other:?}")}),
         },

@@ -96,6 +96,11 @@ pub struct JoinOptions {
     pub liveness: LivenessOptions,
     /// Test only: inject faults into `m.call.*` to-device messages.
     pub faults: Option<FaultOptions>,
+    /// When the room has no call (and `create` is `None`), wait for one to
+    /// start and join it, instead of failing with
+    /// [`CommandError::NoCallToJoin`]. The call's start is the first event
+    /// ([`CallEvent::CallStarted`], with its intent).
+    pub wait_for_call: bool,
 }
 
 impl JoinOptions {
@@ -116,8 +121,26 @@ impl JoinOptions {
             relay_only: false,
             liveness: LivenessOptions::default(),
             faults: None,
+            wait_for_call: false,
         }
     }
+}
+
+/// Our session id: one per process run, as MSC3401 asks ("generated once per
+/// client load"), shared by every join of this process. Others see a new
+/// session only when we restart.
+pub fn process_session_id() -> &'static str {
+    static SESSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SESSION.get_or_init(|| {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        let state = RandomState::new();
+        (0..16u64)
+            .map(|i| {
+                let x = state.hash_one((i, SystemTime::now(), std::process::id()));
+                char::from(ALPHABET[(x % ALPHABET.len() as u64) as usize])
+            })
+            .collect()
+    })
 }
 
 /// What the client reports.
@@ -379,6 +402,9 @@ pub async fn join_call(
     cfg.device_id = session.device_id();
     cfg.seed = RandomState::new().hash_one(SystemTime::now());
     cfg.require_encrypted = opts.require_encrypted;
+    if cfg.session_id.is_none() {
+        cfg.session_id = Some(process_session_id().to_owned());
+    }
     let mut call = GroupCall::new(cfg);
 
     // Load the room's current call state from the homeserver, then what the
@@ -404,7 +430,41 @@ pub async fn join_call(
             let _ = call.handle_state(now, &event);
         }
     }
-    while call.poll_output().is_some() {}
+    // Before joining only a call's start matters to the application.
+    let mut started = Vec::new();
+    let mut keep_started = |call: &mut GroupCall| {
+        while let Some(out) = call.poll_output() {
+            if let Output::Event(e @ CallEvent::CallStarted { .. }) = out {
+                started.push(e);
+            }
+        }
+    };
+    keep_started(&mut call);
+    if opts.wait_for_call && opts.create.is_none() && call.room().live_call().is_none() {
+        info!(room = %opts.room, "no call in the room; waiting for one to start");
+        while call.room().live_call().is_none() {
+            match sync_rx.recv().await {
+                Some(MatrixInput::State { room_id: r, event }) if r == room_id => {
+                    if let Err(e) = call.handle_state(now_ms(), &event) {
+                        debug!("ignoring state event: {e}");
+                    }
+                    keep_started(&mut call);
+                }
+                Some(MatrixInput::Disconnected { error, fatal: true }) => {
+                    return Err(ClientError::SyncStopped(error));
+                }
+                Some(_) => {}
+                None => {
+                    return Err(ClientError::SyncStopped(
+                        "sync ended while waiting for a call".into(),
+                    ));
+                }
+            }
+        }
+    }
+    // Only the latest start counts (a call may have replaced another).
+    let started = started.pop();
+    let now = now_ms();
     let audio = opts.audio != AudioSource::None;
     let video = opts.video != VideoSource::None;
     call.handle_command(
@@ -419,6 +479,9 @@ pub async fn join_call(
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (push_tx, push_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    if let Some(e) = started {
+        let _ = ev_tx.send(ClientEvent::Call(e));
+    }
     let (media_tx, media_rx) = mpsc::unbounded_channel();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let (out_tx, out_rx) = mpsc::unbounded_channel();

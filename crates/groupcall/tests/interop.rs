@@ -1359,3 +1359,209 @@ async fn groupcall_crash_is_cleaned_up_for_the_reference() {
     );
     h.shutdown().await;
 }
+
+/// A callee asleep while groupcall calls it (the reference peer frozen with
+/// SIGSTOP, as a phone in the background): groupcall (the smaller user id,
+/// so the caller) keeps an invite open for it, and media flows both ways
+/// within 10 s of its waking. `scale` divides groupcall's call timers (invite
+/// lifetime, retry interval, longest backoff) for the long pauses; the
+/// pause is divided by the same factor, so the test covers the same phase
+/// of the backoff as the full-length run.
+async fn sleeping_callee(name: &str, pause: std::time::Duration, scale: u64) {
+    let mut h = Harness::new().await;
+    h.register("anna").await;
+    h.register("zoe").await;
+    let anna = h.login("anna").await;
+    let anna_dev = DeviceKey::new(anna.user_id(), anna.device_id());
+    let room = h.room(&anna).await;
+    let zoe = h.spawn_js(
+        "zoe",
+        "peer.mjs",
+        &room,
+        &["--create-call", "--media-interval", "100"],
+    );
+    let zoe_dev = h.js_device(zoe).await;
+    let since = h.t_start;
+    h.log
+        .wait_for("the reference to create and enter the call", T, |s| {
+            js_saw(s, since, zoe, "joined", |v| v["created"] == true)
+        })
+        .await;
+    // It falls asleep; then we join and call it.
+    h.signal_js(zoe, "STOP");
+    let t_stop = Instant::now();
+    let mut opts = JoinOptions::new(room.clone());
+    opts.stats_interval = FINE;
+    let mut core = groupcall::proto::Config::new("", "");
+    core.invite_lifetime_ms /= scale;
+    core.retry_interval_ms /= scale;
+    core.max_backoff_ms /= scale;
+    opts.core = Some(core);
+    let (a, _anna_p) = h.join_rust("anna", anna, opts).await;
+    let pause = pause / scale as u32;
+    tokio::time::sleep_until(t_stop + pause).await;
+    let t_wake = h.log.mark();
+    h.signal_js(zoe, "CONT");
+    let invites = h
+        .log
+        .seen
+        .iter()
+        .filter(|e| {
+            e.who == a
+                && matches!(
+                    e.call(),
+                    Some(CallEvent::PeerState {
+                        status: groupcall::proto::PeerStatus::Connecting,
+                        ..
+                    })
+                )
+        })
+        .count();
+    h.log
+        .wait_for("media both ways within 10 s of waking", 10, |s| {
+            rust_connected(s, t_wake, a, &zoe_dev)
+                && js_connected_at(s, t_wake, zoe, &anna_dev).is_some()
+                && media_ok(s, t_wake, (a, true), &zoe_dev, 10, 5)
+                && media_ok(s, t_wake, (zoe, false), &anna_dev, 10, 5)
+        })
+        .await;
+    let woke = h.log.mark();
+    let unanswered = h
+        .log
+        .seen
+        .iter()
+        .any(|e| e.who == a && matches!(e.call(), Some(CallEvent::Unanswered { .. })));
+    eprintln!(
+        "FIGURES {name}: asleep {} ms (timers / {scale}); calls placed while asleep: {invites}; unanswered reported: {unanswered}; media both ways {} ms after waking",
+        pause.as_millis(),
+        ms(t_wake, woke)
+    );
+    // Calls that expired while it slept end in an invite timeout on our side
+    // and a hangup the reference sees on waking: expected here.
+    h.allow_anomaly("invite_timeout");
+    h.allow_anomaly("Unanswered");
+    h.allow_anomaly("ignored m.call.answer");
+    h.allow_anomaly("ignored m.call.hangup");
+    h.allow_anomaly("ignored m.call.candidates");
+    h.allow_anomaly("ignored m.call.select_answer");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_callee_asleep_for_25_s_gets_media_within_10_s_of_waking() {
+    sleeping_callee("asleep 25 s", std::time::Duration::from_secs(25), 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_callee_asleep_for_90_s_gets_media_within_10_s_of_waking() {
+    sleeping_callee("asleep 90 s", std::time::Duration::from_secs(90), 1).await;
+}
+
+/// Five minutes asleep: past the MSC's retries, into the backed-off calls.
+/// Timers and pause / 10 in the suite (30 s); `GROUPCALL_FULL_LENGTH=1`
+/// runs the full five minutes with the real timers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_callee_asleep_for_5_min_gets_media_within_10_s_of_waking() {
+    let scale = if std::env::var_os("GROUPCALL_FULL_LENGTH").is_some() {
+        1
+    } else {
+        10
+    };
+    sleeping_callee("asleep 5 min", std::time::Duration::from_secs(300), scale).await;
+}
+
+/// Another client (Hydrogen) ends the call by writing `"m.terminated": true`,
+/// a boolean, into the `m.call` event; matrix-js-sdk treats any truthy value
+/// as ended. Every groupcall participant leaves within 2 s: `CallEnded`,
+/// `Left`, its member entry removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_boolean_m_terminated_from_another_client_ends_the_call_for_everyone() {
+    let mut h = Harness::new().await;
+    for n in ["hana", "ivo", "hydro"] {
+        h.register(n).await;
+    }
+    let hana = h.login("hana").await;
+    let ivo = h.login("ivo").await;
+    let hydro = h.login("hydro").await;
+    let room = h.room(&hana).await;
+    hydro.join_room(&room).await.unwrap();
+    let devs = [
+        DeviceKey::new(hana.user_id(), hana.device_id()),
+        DeviceKey::new(ivo.user_id(), ivo.device_id()),
+    ];
+    let mut opts = JoinOptions::new(room.clone());
+    opts.create = Some(CreateOptions::default());
+    let (a, _pa) = h.join_rust("hana", hana, opts).await;
+    let (b, _pb) = h
+        .join_rust("ivo", ivo, JoinOptions::new(room.clone()))
+        .await;
+    let t0 = h.t_start;
+    h.log
+        .wait_for("both connected", T, |s| {
+            rust_connected(s, t0, a, &devs[1]) && rust_connected(s, t0, b, &devs[0])
+        })
+        .await;
+    let call_id = h
+        .log
+        .seen
+        .iter()
+        .find_map(|e| match e.call() {
+            Some(CallEvent::Joined { call_id, .. }) if e.who == a => Some(call_id.clone()),
+            _ => None,
+        })
+        .unwrap();
+    // Written raw, as Hydrogen does: the call's content plus a boolean.
+    let t_end = h.log.mark();
+    hydro
+        .send_state(
+            &room,
+            "org.matrix.msc3401.call",
+            &call_id,
+            serde_json::json!({"m.intent": "m.prompt", "m.type": "m.video", "m.terminated": true}),
+        )
+        .await
+        .unwrap();
+    h.log
+        .wait_for("every participant ended the call and left", 2, |s| {
+            [a, b].iter().all(|&i| {
+                s.iter().any(|e| {
+                    e.who == i
+                        && e.t >= t_end
+                        && matches!(e.call(), Some(CallEvent::CallEnded { call_id: c, reason }) if *c == call_id && reason == "call_ended")
+                }) && s
+                    .iter()
+                    .any(|e| e.who == i && e.t >= t_end && matches!(e.call(), Some(CallEvent::Left)))
+            })
+        })
+        .await;
+    let left = h.log.mark();
+    // Their member entries leave the room state (the PUT follows `Left`).
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let state = hydro
+            .fetch_room_state(&room, "org.matrix.msc3401.call.member")
+            .await
+            .unwrap();
+        let left_behind: Vec<_> = state
+            .iter()
+            .filter(|ev| {
+                ev["content"]["m.calls"]
+                    .as_array()
+                    .is_some_and(|calls| calls.iter().any(|c| c["m.call_id"] == call_id.as_str()))
+            })
+            .collect();
+        if left_behind.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "member entries left behind: {left_behind:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "FIGURES boolean m.terminated: every participant left {} ms after the state event was sent",
+        ms(t_end, left)
+    );
+    h.shutdown().await;
+}

@@ -403,6 +403,17 @@ impl Harness {
         self.peer_mut(idx).send(command);
     }
 
+    /// Sends a signal (`STOP`, `CONT`, ...) to a reference peer's process
+    /// group: `STOP` freezes it as a phone in the background would be.
+    pub fn signal_js(&mut self, idx: usize, sig: &str) {
+        let pid = self.peer_mut(idx).pid;
+        let ok = StdCommand::new("kill")
+            .args([format!("-{sig}"), "--".into(), format!("-{pid}")])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} reference peer #{idx}");
+    }
+
     /// Quits a reference peer cleanly (it leaves the call first) and waits
     /// for it to exit; kills it after 20 s.
     pub async fn quit_js(&mut self, idx: usize) {
@@ -459,7 +470,7 @@ impl Harness {
                     ..
                 }) => Some(format!("ignored {event_type} from {sender}: {why}")),
                 Ev::Rust(ClientEvent::Call(
-                    ev @ (CallEvent::GaveUp { .. }
+                    ev @ (CallEvent::Unanswered { .. }
                     | CallEvent::PeerState {
                         status: PeerStatus::Failed(_),
                         ..
