@@ -470,25 +470,26 @@ fn call_is_up(p: &Proc, other: &str) -> bool {
     connected && frames("audio") && frames("video")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_clients_call_and_leave_on_sigterm() {
-    // `groupcall synapse` gives a homeserver, users and a call room.
-    let mut hs = Proc::spawn(
-        "synapse",
-        &[
-            "synapse",
-            "--user",
-            "alice:alice-pw",
-            "--user",
-            "bob:bob-pw",
-        ]
-        .map(String::from),
-    );
+/// `groupcall synapse` with these `NAME:PASSWORD` users: the process, its
+/// ready line, the homeserver URL and the call room.
+async fn synapse_with(users: &[&str]) -> (Proc, Value, String, String) {
+    let mut args = vec!["synapse".to_owned()];
+    for u in users {
+        args.extend(["--user".to_owned(), (*u).to_owned()]);
+    }
+    let mut hs = Proc::spawn("synapse", &args);
     let ready = hs
         .wait_for(Duration::from_secs(180), |v| v["event"] == "synapse")
         .await;
     let url = ready["homeserver"].as_str().unwrap().to_owned();
     let room = ready["room_id"].as_str().unwrap().to_owned();
+    (hs, ready, url, room)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_call_and_leave_on_sigterm() {
+    // `groupcall synapse` gives a homeserver, users and a call room.
+    let (mut hs, ready, url, room) = synapse_with(&["alice:alice-pw", "bob:bob-pw"]).await;
     assert_eq!(ready["users"][1]["user_id"], "@bob:localhost", "{ready}");
 
     let dirs = tempfile::tempdir().unwrap();
@@ -619,22 +620,7 @@ async fn two_clients_call_and_leave_on_sigterm() {
 /// call's start with its intent, joins, and both sides get media.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_wait_joins_a_call_the_reference_starts_later() {
-    let mut hs = Proc::spawn(
-        "synapse",
-        &[
-            "synapse",
-            "--user",
-            "alice:alice-pw",
-            "--user",
-            "zed:zed-pw",
-        ]
-        .map(String::from),
-    );
-    let ready = hs
-        .wait_for(Duration::from_secs(180), |v| v["event"] == "synapse")
-        .await;
-    let url = ready["homeserver"].as_str().unwrap().to_owned();
-    let room = ready["room_id"].as_str().unwrap().to_owned();
+    let (mut hs, _, url, room) = synapse_with(&["alice:alice-pw", "zed:zed-pw"]).await;
     let dirs = tempfile::tempdir().unwrap();
     let mut args = join_args(&url, "alice", "alice-pw", &room, &dirs.path().join("alice"));
     args.push("--wait".into());
