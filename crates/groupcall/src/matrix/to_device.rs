@@ -574,3 +574,50 @@ fn to_device_content(content: &Value) -> Result<Raw<AnyToDeviceEventContent>, Ma
         .map(Raw::cast_unchecked)
         .map_err(|e| MatrixError::invalid("to-device content", &content.to_string(), e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn to(d: &str) -> (String, String) {
+        ("@bea:localhost".to_owned(), d.to_owned())
+    }
+
+    #[test]
+    fn send_modes_report_first_time_and_changes_only() {
+        let mut modes = SendModes::default();
+        let keyless = SendReport {
+            plaintext_no_keys: vec![to("BEA")],
+            encrypted: vec![to("*")],
+            ..SendReport::default()
+        };
+        let c = modes.changes(&keyless, "m.call.invite");
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert!(!c[0].encrypted && !c[0].refused && c[0].device_id == "BEA");
+        assert!(
+            c[0].reason
+                .as_deref()
+                .is_some_and(|r| r.contains("no keys"))
+        );
+        assert!(modes.changes(&keyless, "m.call.candidates").is_empty());
+
+        // The device published keys: Olm from then on, reported once.
+        let olm = SendReport {
+            encrypted: vec![to("BEA")],
+            ..SendReport::default()
+        };
+        let c = modes.changes(&olm, "m.call.invite");
+        assert_eq!(c.len(), 1);
+        assert!(c[0].encrypted && c[0].reason.is_none());
+        assert!(modes.changes(&olm, "m.call.hangup").is_empty());
+
+        let refused = SendReport {
+            refused_no_keys: vec![to("OTHER")],
+            ..SendReport::default()
+        };
+        let c = modes.changes(&refused, "m.call.invite");
+        assert_eq!(c.len(), 1);
+        assert!(!c[0].encrypted && c[0].refused && c[0].device_id == "OTHER");
+        assert!(modes.changes(&refused, "m.call.invite").is_empty());
+    }
+}
