@@ -3,7 +3,7 @@
 
 const USAGE = `usage: node peer.mjs --homeserver URL --user NAME --password PW --room ROOM_ID
          [--register] [--create-call] [--video|--voice] [--mute-audio] [--mute-video]
-         [--screenshare] [--duration SECS] [--log-signalling] [--encrypted]
+         [--screenshare] [--duration SECS] [--log-signalling] [--encrypted | --no-crypto]
          [--ice-server URI] [--log-level debug|info|warn|error|silent]
          [--media-interval MS] [--intent ring|prompt|room]`;
 
@@ -15,6 +15,7 @@ const FLAGS = {
   "--screenshare": "screenshare",
   "--log-signalling": "logSignalling",
   "--encrypted": "encrypted",
+  "--no-crypto": "noCrypto",
 };
 
 const VALUES = {
@@ -62,6 +63,9 @@ export function parseOptions(argv) {
   }
   for (const required of ["homeserver", "user", "password", "room"]) {
     if (!opts[required]) throw new UsageError(`--${required} is required\n${USAGE}`);
+  }
+  if (opts.encrypted && opts.noCrypto) {
+    throw new UsageError(`--encrypted needs crypto: it cannot go with --no-crypto\n${USAGE}`);
   }
   if (opts.duration !== null) {
     opts.duration = Number(opts.duration);

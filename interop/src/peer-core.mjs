@@ -54,7 +54,10 @@ export async function startPeer({ sdk, opts, platform, emit }) {
   if (!client.groupCallEventHandler) {
     throw new Error("matrix-js-sdk reports no WebRTC support (window/document/RTCPeerConnection shims missing?)");
   }
-  await client.initRustCrypto({ useIndexedDB: false });
+  // --no-crypto: as a matrix-js-sdk client without crypto, no OlmMachine, so
+  // no device keys are published; call signalling goes out as plaintext
+  // to-device messages (useE2eForGroupCall is false) and plaintext comes in.
+  if (!opts.noCrypto) await client.initRustCrypto({ useIndexedDB: false });
   if (opts.iceServer) {
     // Instead of the homeserver's /voip/turnServer answer (none on a test
     // Synapse): a fixed STUN/TURN URI for every peer connection.
@@ -84,7 +87,13 @@ export async function startPeer({ sdk, opts, platform, emit }) {
   client.sendStateEvent = (...args) => track(rawSendStateEvent(...args));
 
   client.on(ClientEvent.ReceivedToDeviceMessage, ({ message, encryptionInfo }) => {
-    if (!opts.logSignalling || !message.type?.startsWith("m.call.")) return;
+    if (!opts.logSignalling) return;
+    if (opts.noCrypto && message.type === "m.room.encrypted") {
+      // Without crypto, anything encrypted to us stays undecrypted.
+      emit({ event: "signalling", direction: "in", type: message.type, sender: message.sender, encrypted: true, decrypted: false });
+      return;
+    }
+    if (!message.type?.startsWith("m.call.")) return;
     emit({
       event: "signalling", direction: "in", type: message.type, sender: message.sender,
       encrypted: encryptionInfo !== null,
@@ -102,7 +111,10 @@ export async function startPeer({ sdk, opts, platform, emit }) {
   // ---- join the room and sync -------------------------------------------
   await client.joinRoom(roomId);
   await startAndSync(client, sdk);
-  emit({ event: "ready", user_id: client.getUserId(), device_id: client.getDeviceId(), session_id: client.getSessionId() });
+  emit({
+    event: "ready", user_id: client.getUserId(), device_id: client.getDeviceId(), session_id: client.getSessionId(),
+    crypto: client.getCrypto() !== undefined,
+  });
 
   await client.waitUntilRoomReadyForGroupCalls(roomId);
   let groupCall = client.getGroupCallForRoom(roomId);

@@ -2,11 +2,13 @@
 // End-to-end checks of the reference peer against a throwaway Synapse:
 //   node   two Node peers: connect, media both ways, mute, screenshare, leave
 //   e2e    two Node peers with --encrypted: signalling arrives Olm-encrypted
+//   nocrypto  a Node peer with --no-crypto (no device keys) and one with crypto:
+//          media both ways, every m.call.* plaintext
 //   mesh   three Node peers in full mesh, one muted and screensharing
 //   browser  headless Chromium peer (caller) and a Node peer: media both ways
 // and, with --golden, rewrites golden/*.json from the `node` scenario.
 //
-//   node tools/check.mjs [--only node,e2e,mesh,browser] [--golden] [--keep-logs]
+//   node tools/check.mjs [--only node,e2e,nocrypto,mesh,browser] [--golden] [--keep-logs]
 // Synapse comes from $SYNAPSE_PYTHON or a venv made by tools/synapse.mjs.
 // Prints one JSON line per scenario with its figures, then "N passed, N failed".
 
@@ -16,13 +18,13 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
-import { startSynapse, register, createCallRoom } from "./synapse.mjs";
+import { startSynapse, register, createCallRoom, api } from "./synapse.mjs";
 import { startStunStub } from "./stun-stub.mjs";
 import { writeGolden } from "./golden.mjs";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const args = process.argv.slice(2);
-const only = args.includes("--only") ? args[args.indexOf("--only") + 1].split(",") : ["node", "e2e", "mesh", "browser"];
+const only = args.includes("--only") ? args[args.indexOf("--only") + 1].split(",") : ["node", "e2e", "nocrypto", "mesh", "browser"];
 const wantGolden = args.includes("--golden");
 const keepLogs = args.includes("--keep-logs");
 const logDir = mkdtempSync(join(tmpdir(), "groupcall-check-"));
@@ -227,6 +229,45 @@ async function scenarioE2e(peers) {
   return { connect_ms: ce._t - joined._t, encrypted_types_received: types, encrypted_messages: received.length };
 }
 
+async function scenarioNoCrypto(peers) {
+  // gail has no crypto (no device keys), hugo has: gail calls hugo.
+  const r = await newRoom(["gail", "hugo"]);
+  const G = r.users.gail.user_id;
+  const H = r.users.hugo.user_id;
+  const gail = new Peer("nocrypto-gail", "peer.mjs", peerArgs(r, r.users.gail, ["--create-call", "--no-crypto", "--log-signalling"]));
+  peers.push(gail);
+  const gailReady = await gail.waitFor("ready", (e) => e.event === "ready");
+  if (gailReady.crypto !== false) throw new Error(`--no-crypto peer reports crypto ${gailReady.crypto}`);
+  await gail.waitFor("joined", (e) => e.event === "joined");
+  const hugo = new Peer("nocrypto-hugo", "peer.mjs", peerArgs(r, r.users.hugo, ["--log-signalling"]));
+  peers.push(hugo);
+  const hugoReady = await hugo.waitFor("ready", (e) => e.event === "ready");
+  const joined = await hugo.waitFor("joined", (e) => e.event === "joined");
+  const [cg] = await Promise.all([
+    gail.waitFor("connected", (e) => e.event === "call_state" && e.user_id === H && e.state === "connected"),
+    hugo.waitFor("connected", (e) => e.event === "call_state" && e.user_id === G && e.state === "connected"),
+  ]);
+  const fps = Object.fromEntries(await Promise.all([
+    ["gail_audio_from_hugo", gail, H, "audio"], ["gail_video_from_hugo", gail, H, "video"],
+    ["hugo_audio_from_gail", hugo, G, "audio"], ["hugo_video_from_gail", hugo, G, "video"],
+  ].map(async ([k, p, from, kind]) => [k, await measureFps(p, from, kind)])));
+  // The homeserver has keys for hugo's device, none for gail's.
+  const keys = await api(hs.url, "POST", "/_matrix/client/v3/keys/query", {
+    token: r.users.hugo.access_token, body: { device_keys: { [G]: [], [H]: [] } },
+  });
+  if (keys.device_keys?.[G]?.[gailReady.device_id]) throw new Error("the --no-crypto peer published device keys");
+  if (!keys.device_keys?.[H]?.[hugoReady.device_id]) throw new Error("the peer with crypto published no device keys");
+  await gail.quit();
+  await hugo.quit();
+  const received = [...gail.events, ...hugo.events].filter((e) => e.event === "signalling" && e.direction === "in");
+  const encrypted = received.filter((e) => e.encrypted);
+  if (encrypted.length > 0) throw new Error(`encrypted to-device received: ${encrypted.map((e) => e.type).join(", ")}`);
+  if (!received.some((e) => e.type === "m.call.invite") || !received.some((e) => e.type === "m.call.answer")) {
+    throw new Error("no plaintext invite/answer seen");
+  }
+  return { connect_ms: cg._t - joined._t, plaintext_messages: received.length, fps };
+}
+
 async function scenarioBrowser(peers) {
   // The browser's user id sorts first, so the browser places the call.
   const r = await newRoom(["carol", "dave"]);
@@ -291,7 +332,7 @@ async function scenarioMesh(peers) {
 
 // ---- main --------------------------------------------------------------------
 
-const scenarios = { node: scenarioNode, e2e: scenarioE2e, browser: scenarioBrowser, mesh: scenarioMesh };
+const scenarios = { node: scenarioNode, e2e: scenarioE2e, nocrypto: scenarioNoCrypto, browser: scenarioBrowser, mesh: scenarioMesh };
 let passed = 0;
 let failed = 0;
 try {

@@ -288,7 +288,9 @@ pub struct JoinArgs {
     #[arg(long = "bind", value_name = "ADDR")]
     pub bind: Vec<IpAddr>,
 
-    /// Refuse signalling that did not come Olm-encrypted.
+    /// Encryption only: refuse signalling that did not come Olm-encrypted,
+    /// and send none to a device without published keys (by default such a
+    /// device gets plaintext, with a warning).
     #[arg(long, conflicts_with = "plaintext")]
     pub require_encrypted: bool,
 

@@ -54,6 +54,16 @@ pub fn event_json(ev: &ClientEvent) -> Option<Value> {
             "encrypted": encrypted,
             "ignored": ignored,
         }),
+        ClientEvent::SignallingTo {
+            device,
+            encrypted,
+            refused,
+            reason,
+        } => with_device(
+            "signalling_to",
+            device,
+            json!({ "encrypted": encrypted, "refused": refused, "reason": reason }),
+        ),
         ClientEvent::Recorded { path } => {
             json!({ "event": "recorded", "path": path.display().to_string() })
         }
@@ -312,6 +322,17 @@ mod tests {
         assert_eq!(
             sig,
             json!({"event":"signalling","sender":"@bob:localhost","type":"m.call.invite","encrypted":true,"ignored":null})
+        );
+        let to = event_json(&ClientEvent::SignallingTo {
+            device: dev(),
+            encrypted: false,
+            refused: false,
+            reason: Some("no keys".into()),
+        })
+        .unwrap();
+        assert_eq!(
+            to,
+            json!({"event":"signalling_to","user_id":"@bob:localhost","device_id":"BOBDEV","encrypted":false,"refused":false,"reason":"no keys"})
         );
         assert_eq!(
             event_json(&ClientEvent::Warning("w".into())).unwrap(),

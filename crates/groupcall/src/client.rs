@@ -31,7 +31,9 @@ use tracing::{debug, info, warn};
 
 use crate::faults::{FaultOptions, Faults};
 use crate::liveness::{DelayedLeave, LivenessOptions, PublishedHook};
-use crate::matrix::{MatrixError, MatrixInput, MatrixSession, SyncOptions};
+use crate::matrix::{
+    KeylessDevices, MatrixError, MatrixInput, MatrixSession, SendModes, SyncOptions,
+};
 
 /// Where our audio comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,9 +79,14 @@ pub struct JoinOptions {
     pub record_dir: Option<PathBuf>,
     /// Local addresses for host candidates.
     pub bind_addrs: Vec<IpAddr>,
-    /// Send signalling Olm-encrypted (default true).
+    /// Send signalling Olm-encrypted (default true). A device that has
+    /// published no keys (a client without crypto) gets plaintext instead,
+    /// reported as [`ClientEvent::SignallingTo`] with `encrypted: false`,
+    /// unless `require_encrypted`.
     pub encrypt: bool,
-    /// Refuse plaintext signalling.
+    /// Encryption only, both ways: refuse plaintext signalling from others,
+    /// and send nothing to a device that has published no keys (reported as
+    /// [`ClientEvent::SignallingTo`] with `refused: true`).
     pub require_encrypted: bool,
     /// How often to report media counters.
     pub stats_interval: Duration,
@@ -195,6 +202,20 @@ pub enum ClientEvent {
         encrypted: bool,
         /// Why it was ignored, if it was.
         ignored: Option<String>,
+    },
+    /// How our signalling goes to one remote device: reported the first
+    /// time we send it something and whenever that changes (e.g. a device
+    /// without keys publishes them: Olm from then on).
+    SignallingTo {
+        /// Remote device.
+        device: DeviceKey,
+        /// Olm-encrypted (true) or plaintext (false).
+        encrypted: bool,
+        /// Nothing is sent to it: it has published no keys and
+        /// [`JoinOptions::require_encrypted`] is set.
+        refused: bool,
+        /// Why it is not encrypted (`None` when it is).
+        reason: Option<String>,
     },
     /// A received encoded frame (with [`JoinOptions::deliver_frames`]).
     Frame {
@@ -503,7 +524,7 @@ pub async fn join_call(
     let outbox = tokio::spawn(outbox(
         session.clone(),
         room_id.clone(),
-        opts.encrypt,
+        (opts.encrypt, opts.require_encrypted),
         out_rx,
         ack_tx,
         ev_tx.clone(),
@@ -574,12 +595,18 @@ struct OutboxHooks {
 async fn outbox(
     session: MatrixSession,
     room_id: String,
-    encrypt: bool,
+    (encrypt, require_encrypted): (bool, bool),
     mut rx: mpsc::UnboundedReceiver<OutItem>,
     ack: mpsc::UnboundedSender<()>,
     events: mpsc::UnboundedSender<ClientEvent>,
     mut hooks: OutboxHooks,
 ) {
+    let keyless = if require_encrypted {
+        KeylessDevices::Refuse
+    } else {
+        KeylessDevices::Plaintext
+    };
+    let mut modes = SendModes::default();
     while let Some(item) = rx.recv().await {
         match item {
             OutItem::ToDevice {
@@ -590,7 +617,18 @@ async fn outbox(
                     messages = crate::faults::outgoing(f, &session, &event_type, messages, encrypt);
                 }
                 let n = messages.len();
-                if let Err(e) = session.send_to_device(&event_type, messages, encrypt).await {
+                let report = session
+                    .send_signalling(&event_type, messages, encrypt, keyless)
+                    .await;
+                for m in modes.changes(&report, &event_type) {
+                    let _ = events.send(ClientEvent::SignallingTo {
+                        device: DeviceKey::new(m.user_id, m.device_id),
+                        encrypted: m.encrypted,
+                        refused: m.refused,
+                        reason: m.reason,
+                    });
+                }
+                if let Some(e) = report.error {
                     warn!(%event_type, "to-device send failed: {e}");
                     let _ = events.send(ClientEvent::Warning(format!(
                         "sending {event_type} to {n} devices failed: {e}"

@@ -1,6 +1,7 @@
 //! The Matrix transport: login with a persisted E2EE session, room and
 //! state helpers, a resilient sync loop that feeds [`MatrixInput`]s into a
-//! channel, plaintext and Olm-encrypted to-device sending, MSC4140
+//! channel, plaintext and Olm-encrypted to-device sending (with a plaintext
+//! fallback for devices without keys), MSC4140
 //! delayed events, and the homeserver's TURN servers.
 //!
 //! Everything here speaks raw JSON (`serde_json::Value`) for event contents:
@@ -31,6 +32,7 @@ pub use delayed::DelayedAction;
 pub use error::MatrixError;
 pub use room::CreateRoomOptions;
 pub use sync::{MatrixInput, SyncHandle, SyncOptions};
+pub use to_device::{DeviceSendMode, KeylessDevices, SendModes, SendReport};
 pub use turn::{TurnServers, TurnWatch};
 
 /// Unstable (on-the-wire) type of the MSC3401 call state event.
@@ -61,6 +63,8 @@ pub struct MatrixSession {
     user_id: OwnedUserId,
     data_dir: PathBuf,
     delayed_support: Arc<OnceCell<bool>>,
+    /// Recipient devices found without published keys (for Olm).
+    keyless: Arc<to_device::KeylessCache>,
 }
 
 impl MatrixSession {
@@ -169,6 +173,7 @@ impl MatrixSession {
             user_id: response.user_id,
             data_dir,
             delayed_support: Arc::default(),
+            keyless: Arc::default(),
         })
     }
 
@@ -191,6 +196,7 @@ impl MatrixSession {
             user_id,
             data_dir,
             delayed_support: Arc::default(),
+            keyless: Arc::default(),
         })
     }
 
