@@ -58,9 +58,12 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     opts.audio = audio;
     opts.video = video;
     opts.record_dir = args.record.clone();
-    if !args.bind.is_empty() {
-        opts.bind_addrs = args.bind.clone();
-    }
+    // --bind, else loopback for a homeserver on loopback, else every usable
+    // interface address.
+    let (media_addrs, why) =
+        groupcall::media::bind::media_bind_addrs(&args.bind, &session.homeserver_url());
+    info!(addrs = ?media_addrs, why = why.as_str(), "media addresses");
+    opts.bind_addrs = media_addrs.clone();
     opts.encrypt = !args.plaintext;
     opts.require_encrypted = args.require_encrypted;
 
@@ -73,6 +76,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
         }
     };
     out.me(&user_id, &device_id, &args.room);
+    out.media_addrs = media_addrs;
     run_call(handle, &args, &mut signals, &mut out).await?;
     out.left();
     Ok(())
@@ -233,6 +237,8 @@ struct Out {
     tty: bool,
     view: View,
     me: Option<(String, String)>,
+    /// The local media addresses, for the `joined` line.
+    media_addrs: Vec<std::net::IpAddr>,
 }
 
 impl Out {
@@ -242,6 +248,7 @@ impl Out {
             tty: std::io::stdout().is_terminal(),
             view: View::new(String::new(), String::new()),
             me: None,
+            media_addrs: Vec::new(),
         }
     }
 
@@ -258,6 +265,9 @@ impl Out {
                 {
                     obj.insert("user_id".to_owned(), json!(u));
                     obj.insert("device_id".to_owned(), json!(d));
+                    let addrs: Vec<String> =
+                        self.media_addrs.iter().map(|a| a.to_string()).collect();
+                    obj.insert("media_addrs".to_owned(), json!(addrs));
                 }
                 self.line(&v);
             }
