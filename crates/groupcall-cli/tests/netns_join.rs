@@ -12,9 +12,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-// The reliability tests' namespaces and router, shared rather than copied;
-// this test uses only part of it.
-#[allow(dead_code)]
+// The reliability tests' namespaces and router, shared rather than copied.
 #[path = "../../groupcall/tests/netns/mod.rs"]
 mod netns;
 
@@ -198,7 +196,7 @@ fn join_args(hs: &str, user: &str, room: &str, dir: &Path, extra: &[&str]) -> Ve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn default_flags_connect_across_namespaces_without_loopback() {
-    let net = netns::Net::create(2).await.unwrap_or_else(|e| {
+    let net = netns::Net::create_dual_stack(2).await.unwrap_or_else(|e| {
         panic!(
             "this test needs root, `ip netns` and /dev/net/tun (the session and CI have them): \
              cannot create network namespaces here: {e}"
@@ -266,15 +264,19 @@ async fn default_flags_connect_across_namespaces_without_loopback() {
     assert_eq!(joined_a["call_id"], joined_b["call_id"]);
 
     // Default flags, homeserver not on loopback: media is bound to the
-    // namespace's interface address alone (loopback and the link-local
-    // IPv6 address of eth0 are skipped).
+    // namespace's interface addresses, IPv4 and IPv6, alone (loopback and
+    // the link-local IPv6 address of eth0 are skipped).
     for (p, joined, i) in [(&a, &joined_a, 0), (&b, &joined_b, 1)] {
-        assert_eq!(
-            joined["media_addrs"],
-            json!([net.addr(i).to_string()]),
-            "{}: {joined}",
-            p.name
-        );
+        let mut got: Vec<String> = joined["media_addrs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: no media_addrs in {joined}", p.name))
+            .iter()
+            .map(|v| v.as_str().unwrap_or_default().to_owned())
+            .collect();
+        got.sort();
+        let mut want = vec![net.addr(i).to_string(), net.addr6(i).to_string()];
+        want.sort();
+        assert_eq!(got, want, "{}: {joined}", p.name);
     }
 
     // Connected with audio and video frames both ways.
@@ -303,13 +305,14 @@ async fn default_flags_connect_across_namespaces_without_loopback() {
     println!(
         "FIGURE connected with media both ways {:.1} s after alice started; \
          alice got {} audio / {} video frames from bob, bob {} / {} from alice; \
-         router forwarded {} packets",
+         router forwarded {} packets ({} IPv6)",
         started.elapsed().as_secs_f64(),
         a.frames_from(ub, "audio"),
         a.frames_from(ub, "video"),
         b.frames_from(ua, "audio"),
         b.frames_from(ua, "video"),
-        counts.forwarded
+        counts.forwarded,
+        counts.forwarded_v6
     );
     // Media between the namespaces went through the router (the only path).
     assert!(
@@ -318,8 +321,15 @@ async fn default_flags_connect_across_namespaces_without_loopback() {
         counts.forwarded
     );
 
+    // The IPv6 host candidates were offered and checked too: connectivity
+    // checks between the IPv6 addresses crossed the router.
+    assert!(
+        counts.forwarded_v6 > 0,
+        "no IPv6 packet between the namespaces"
+    );
+
     // Every peer's sockets (one host candidate each) are on the namespace's
-    // address, none on loopback.
+    // addresses, none on loopback.
     for (p, i) in [(&a, 0), (&b, 1)] {
         let bound = p.bound_logs();
         assert!(
@@ -327,13 +337,18 @@ async fn default_flags_connect_across_namespaces_without_loopback() {
             "{}: no `media peer bound` log line",
             p.name
         );
-        let own = format!("{}:", net.addr(i));
+        let own4 = format!("{}:", net.addr(i));
+        let own6 = format!("[{}]:", net.addr6(i));
         for addrs in &bound {
             assert!(
-                addrs.contains(&own) && !addrs.contains("127.0.0.1") && !addrs.contains("::1"),
-                "{}: media peer bound {addrs}, expected {own}* only",
+                addrs.contains(&own4)
+                    && addrs.contains(&own6)
+                    && !addrs.contains("127.0.0.1")
+                    && !addrs.contains("[::1]"),
+                "{}: media peer bound {addrs}, expected {own4}* and {own6}* only",
                 p.name
             );
+            assert_eq!(addrs.matches(", ").count(), 1, "two sockets: {addrs}");
         }
         println!("{} bound {}", p.name, bound.join(" "));
     }
