@@ -194,14 +194,27 @@ fn join_args(hs: &str, user: &str, room: &str, dir: &Path, extra: &[&str]) -> Ve
     v
 }
 
+/// IPv4 only, then IPv4 and IPv6 in every namespace (one after the other:
+/// the namespaces' names come from the process id).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn default_flags_connect_across_namespaces_without_loopback() {
-    let net = netns::Net::create_dual_stack(2).await.unwrap_or_else(|e| {
+    call_across_namespaces(false).await;
+    call_across_namespaces(true).await;
+}
+
+async fn call_across_namespaces(dual_stack: bool) {
+    let created = if dual_stack {
+        netns::Net::create_dual_stack(2).await
+    } else {
+        netns::Net::create(2).await
+    };
+    let net = created.unwrap_or_else(|e| {
         panic!(
             "this test needs root, `ip netns` and /dev/net/tun (the session and CI have them): \
              cannot create network namespaces here: {e}"
         )
     });
+    let stack = if dual_stack { "IPv4+IPv6" } else { "IPv4" };
     let synapse = Synapse::start(SynapseOptions {
         bind_address: net.gateway().into(),
         ..SynapseOptions::default()
@@ -264,8 +277,8 @@ async fn default_flags_connect_across_namespaces_without_loopback() {
     assert_eq!(joined_a["call_id"], joined_b["call_id"]);
 
     // Default flags, homeserver not on loopback: media is bound to the
-    // namespace's interface addresses, IPv4 and IPv6, alone (loopback and
-    // the link-local IPv6 address of eth0 are skipped).
+    // namespace's interface addresses (IPv4, and IPv6 if it has one) alone
+    // (loopback and the link-local IPv6 address of eth0 are skipped).
     for (p, joined, i) in [(&a, &joined_a, 0), (&b, &joined_b, 1)] {
         let mut got: Vec<String> = joined["media_addrs"]
             .as_array()
@@ -274,7 +287,10 @@ async fn default_flags_connect_across_namespaces_without_loopback() {
             .map(|v| v.as_str().unwrap_or_default().to_owned())
             .collect();
         got.sort();
-        let mut want = vec![net.addr(i).to_string(), net.addr6(i).to_string()];
+        let mut want = vec![net.addr(i).to_string()];
+        if dual_stack {
+            want.push(net.addr6(i).to_string());
+        }
         want.sort();
         assert_eq!(got, want, "{}: {joined}", p.name);
     }
@@ -303,7 +319,7 @@ async fn default_flags_connect_across_namespaces_without_loopback() {
     }
     let counts = *net.counts.lock().unwrap();
     println!(
-        "FIGURE connected with media both ways {:.1} s after alice started; \
+        "FIGURE {stack}: connected with media both ways {:.1} s after alice started; \
          alice got {} audio / {} video frames from bob, bob {} / {} from alice; \
          router forwarded {} packets ({} IPv6)",
         started.elapsed().as_secs_f64(),
@@ -321,12 +337,16 @@ async fn default_flags_connect_across_namespaces_without_loopback() {
         counts.forwarded
     );
 
-    // The IPv6 host candidates were offered and checked too: connectivity
-    // checks between the IPv6 addresses crossed the router.
-    assert!(
-        counts.forwarded_v6 > 0,
-        "no IPv6 packet between the namespaces"
-    );
+    // The IPv6 host candidates were offered and used: ICE prefers IPv6
+    // host pairs (str0m's local preference), so media between the IPv6
+    // addresses crossed the router (more packets than connectivity checks).
+    if dual_stack {
+        assert!(
+            counts.forwarded_v6 > 100,
+            "only {} IPv6 packets between the namespaces",
+            counts.forwarded_v6
+        );
+    }
 
     // Every peer's sockets (one host candidate each) are on the namespace's
     // addresses, none on loopback.
@@ -342,15 +362,16 @@ async fn default_flags_connect_across_namespaces_without_loopback() {
         for addrs in &bound {
             assert!(
                 addrs.contains(&own4)
-                    && addrs.contains(&own6)
+                    && (addrs.contains(&own6) || !dual_stack)
                     && !addrs.contains("127.0.0.1")
                     && !addrs.contains("[::1]"),
                 "{}: media peer bound {addrs}, expected {own4}* and {own6}* only",
                 p.name
             );
-            assert_eq!(addrs.matches(", ").count(), 1, "two sockets: {addrs}");
+            let sockets = 1 + usize::from(dual_stack);
+            assert_eq!(addrs.matches(", ").count() + 1, sockets, "{addrs}");
         }
-        println!("{} bound {}", p.name, bound.join(" "));
+        println!("{stack}: {} bound {}", p.name, bound.join(" "));
     }
 
     // Both leave cleanly on SIGTERM.
