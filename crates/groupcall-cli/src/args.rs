@@ -284,7 +284,10 @@ pub struct JoinArgs {
     pub json: bool,
 
     /// Local address for media (host candidates); repeatable. Default:
-    /// 127.0.0.1 only.
+    /// 127.0.0.1 when the homeserver is on loopback (127.0.0.0/8, ::1,
+    /// localhost), else every address (IPv4 and IPv6, not loopback or
+    /// link-local) of every interface that is up. `0.0.0.0` / `::` stand for
+    /// every such address of that family.
     #[arg(long = "bind", value_name = "ADDR")]
     pub bind: Vec<IpAddr>,
 

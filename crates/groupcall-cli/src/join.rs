@@ -58,9 +58,12 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     opts.audio = audio;
     opts.video = video;
     opts.record_dir = args.record.clone();
-    if !args.bind.is_empty() {
-        opts.bind_addrs = args.bind.clone();
-    }
+    // --bind, else loopback for a homeserver on loopback, else every usable
+    // interface address.
+    let (media_addrs, why) =
+        groupcall::media::bind::media_bind_addrs(&args.bind, &session.homeserver_url());
+    info!(addrs = ?media_addrs, why = why.as_str(), "media addresses");
+    opts.bind_addrs = media_addrs.clone();
     opts.encrypt = !args.plaintext;
     opts.require_encrypted = args.require_encrypted;
     opts.wait_for_call = args.wait;
@@ -74,6 +77,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
         }
     };
     out.me(&user_id, &device_id, &args.room);
+    out.media_addrs = media_addrs;
     run_call(handle, &args, &mut signals, &mut out).await?;
     out.left();
     Ok(())
@@ -234,6 +238,8 @@ struct Out {
     tty: bool,
     view: View,
     me: Option<(String, String)>,
+    /// The local media addresses, for the `joined` line.
+    media_addrs: Vec<std::net::IpAddr>,
 }
 
 impl Out {
@@ -243,6 +249,7 @@ impl Out {
             tty: std::io::stdout().is_terminal(),
             view: View::new(String::new(), String::new()),
             me: None,
+            media_addrs: Vec::new(),
         }
     }
 
@@ -259,6 +266,9 @@ impl Out {
                 {
                     obj.insert("user_id".to_owned(), json!(u));
                     obj.insert("device_id".to_owned(), json!(d));
+                    let addrs: Vec<String> =
+                        self.media_addrs.iter().map(|a| a.to_string()).collect();
+                    obj.insert("media_addrs".to_owned(), json!(addrs));
                 }
                 self.line(&v);
             }

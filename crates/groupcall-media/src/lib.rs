@@ -32,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bind;
 pub mod ice;
 pub mod ivf;
 pub mod ogg;

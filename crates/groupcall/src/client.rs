@@ -77,7 +77,10 @@ pub struct JoinOptions {
     /// Record every remote track into this directory (Ogg for audio, IVF for
     /// video).
     pub record_dir: Option<PathBuf>,
-    /// Local addresses for host candidates.
+    /// Local addresses for host candidates. Empty (the default): chosen
+    /// when joining from the homeserver's URL, see
+    /// [`groupcall_media::bind::media_bind_addrs`] (`127.0.0.1` for a
+    /// homeserver on loopback, else every usable interface address).
     pub bind_addrs: Vec<IpAddr>,
     /// Send signalling Olm-encrypted (default true). A device that has
     /// published no keys (a client without crypto) gets plaintext instead,
@@ -111,7 +114,8 @@ pub struct JoinOptions {
 }
 
 impl JoinOptions {
-    /// Defaults: tone + test pattern, loopback candidates, encrypted.
+    /// Defaults: tone + test pattern, media addresses chosen from the
+    /// homeserver (see [`JoinOptions::bind_addrs`]), encrypted.
     pub fn new(room: impl Into<String>) -> Self {
         Self {
             room: room.into(),
@@ -119,7 +123,7 @@ impl JoinOptions {
             audio: AudioSource::Tone,
             video: VideoSource::Pattern,
             record_dir: None,
-            bind_addrs: vec![IpAddr::from([127, 0, 0, 1])],
+            bind_addrs: Vec::new(),
             encrypt: true,
             require_encrypted: false,
             stats_interval: Duration::from_secs(1),
@@ -360,8 +364,14 @@ fn now_ms() -> u64 {
 /// Joins the room's call (creating it if asked) and runs it in a task.
 pub async fn join_call(
     session: MatrixSession,
-    opts: JoinOptions,
+    mut opts: JoinOptions,
 ) -> Result<CallHandle, ClientError> {
+    if opts.bind_addrs.is_empty() {
+        let hs = session.homeserver_url();
+        let (addrs, why) = groupcall_media::bind::media_bind_addrs(&[], &hs);
+        info!(addrs = ?addrs, why = why.as_str(), homeserver = %hs, "media addresses");
+        opts.bind_addrs = addrs;
+    }
     // Fail early on unusable media files.
     if let AudioSource::File(p) = &opts.audio {
         OggOpusSource::open(p).map_err(|e| ClientError::Media(e.to_string()))?;

@@ -84,8 +84,9 @@ pub enum MediaError {
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
     /// Local addresses to bind one UDP socket each (ephemeral ports).
-    /// `0.0.0.0` / `::` expand to the non-loopback interface addresses of
-    /// that family (falling back to loopback). Default: `127.0.0.1`.
+    /// `0.0.0.0` / `::` expand to the usable addresses of that family of
+    /// the interfaces that are up (see [`crate::bind`]; falling back to
+    /// loopback). Default: `127.0.0.1`.
     pub bind_addrs: Vec<IpAddr>,
     /// STUN server to learn a server-reflexive candidate from (the same as
     /// a `stun:` URL in `ice_servers`).
@@ -573,24 +574,12 @@ fn expand_bind_addrs(addrs: &[IpAddr]) -> Vec<IpAddr> {
             continue;
         }
         let mut found = false;
-        match if_addrs::get_if_addrs() {
-            Ok(ifs) => {
-                for i in ifs {
-                    let ip = i.ip();
-                    let usable = match (a, ip) {
-                        (IpAddr::V4(_), IpAddr::V4(v)) => !v.is_loopback() && !v.is_link_local(),
-                        (IpAddr::V6(_), IpAddr::V6(v)) => {
-                            !v.is_loopback() && (v.segments()[0] & 0xffc0) != 0xfe80
-                        }
-                        _ => false,
-                    };
-                    if usable {
-                        push(ip, &mut out);
-                        found = true;
-                    }
-                }
+        let interfaces = crate::bind::interface_addrs();
+        for ip in crate::bind::usable_addrs(&interfaces) {
+            if ip.is_ipv4() == a.is_ipv4() {
+                push(ip, &mut out);
+                found = true;
             }
-            Err(e) => warn!(error = %e, "cannot list interfaces"),
         }
         if !found {
             let lo = match a {

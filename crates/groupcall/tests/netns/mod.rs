@@ -17,9 +17,18 @@
 //! /32 route to their namespace. A policy rule per veth sends what arrives
 //! from a namespace and is not for the root namespace into the TUN; what the
 //! test writes back into the TUN is routed to the destination veth.
+//!
+//! With [`Net::create_dual_stack`], every namespace also has an IPv6
+//! address (`fd00:231:N::1i`, gateway `fd00:231:N::1`) routed the same way,
+//! through the same router.
+//!
+//! Shared by test crates that each use part of it
+//! (`groupcall/tests/reliability.rs`, `groupcall-cli/tests/netns_join.rs`).
+
+#![allow(dead_code)]
 
 use std::collections::BinaryHeap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,6 +53,8 @@ pub struct Impairment {
 pub struct Counts {
     pub forwarded: u64,
     pub dropped: u64,
+    /// Of `forwarded`: IPv6 packets.
+    pub forwarded_v6: u64,
 }
 
 pub struct Net {
@@ -53,6 +64,8 @@ pub struct Net {
     pub counts: Arc<Mutex<Counts>>,
     router: Option<JoinHandle<()>>,
     forward_was: String,
+    /// IPv6 too, and the IPv6 forwarding setting to restore.
+    ipv6: Option<String>,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -96,11 +109,47 @@ impl Net {
     pub fn addr(&self, i: usize) -> Ipv4Addr {
         Ipv4Addr::new(10, 231, self.id, 10 + i as u8)
     }
+    /// The gateway's IPv6 address (with `create_dual_stack`).
+    pub fn gateway6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x231, u16::from(self.id), 0, 0, 0, 0, 1)
+    }
+    /// The IPv6 address of namespace `i` (with `create_dual_stack`).
+    pub fn addr6(&self, i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd00,
+            0x231,
+            u16::from(self.id),
+            0,
+            0,
+            0,
+            0,
+            0x10 + i as u16,
+        )
+    }
+    fn prefix6(&self) -> String {
+        format!("fd00:231:{:x}::/64", self.id)
+    }
 
     /// Creates `n` namespaces and the router; `Err` says why it is not
     /// possible here (not root, no `ip`, no TUN...).
     pub async fn create(n: usize) -> Result<Net, String> {
+        Self::create_inner(n, false).await
+    }
+
+    /// As [`Net::create`], with an IPv6 address in every namespace too.
+    pub async fn create_dual_stack(n: usize) -> Result<Net, String> {
+        Self::create_inner(n, true).await
+    }
+
+    async fn create_inner(n: usize, ipv6: bool) -> Result<Net, String> {
         let id = (std::process::id() % 200) as u8 + 20;
+        let ipv6 = if ipv6 {
+            let was = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding")
+                .map_err(|e| format!("reading IPv6 forwarding: {e}"))?;
+            Some(was.trim().to_owned())
+        } else {
+            None
+        };
         let forward_was = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
             .map_err(|e| format!("reading ip_forward: {e}"))?;
         let mut net = Net {
@@ -110,6 +159,7 @@ impl Net {
             counts: Arc::default(),
             router: None,
             forward_was: forward_was.trim().to_owned(),
+            ipv6,
         };
         net.cleanup();
         if let Err(e) = net.setup().await {
@@ -171,6 +221,30 @@ impl Net {
             ip(&["link", "set", &veth, "up"])?;
             ip(&["route", "add", &format!("{addr}/32"), "dev", &veth])?;
             ip(&["rule", "add", "iif", &veth, "lookup", &table])?;
+            if self.ipv6.is_some() {
+                let (gw6, addr6) = (self.gateway6().to_string(), self.addr6(i).to_string());
+                let addr = format!("{addr6}/128");
+                ip(&[
+                    "-n", &ns, "-6", "addr", "add", &addr, "dev", "eth0", "nodad",
+                ])?;
+                let gw = format!("{gw6}/128");
+                ip(&["-n", &ns, "-6", "route", "add", &gw, "dev", "eth0"])?;
+                let prefix = self.prefix6();
+                ip(&[
+                    "-n", &ns, "-6", "route", "add", &prefix, "via", &gw6, "dev", "eth0",
+                ])?;
+                ip(&["-6", "addr", "add", &gw, "dev", &veth, "nodad"])?;
+                ip(&["-6", "route", "add", &addr, "dev", &veth])?;
+                ip(&["-6", "rule", "add", "iif", &veth, "lookup", &table])?;
+            }
+        }
+        if self.ipv6.is_some() {
+            std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+                .map_err(|e| format!("enabling IPv6 forwarding: {e}"))?;
+            let prefix = self.prefix6();
+            ip(&[
+                "-6", "route", "add", &prefix, "dev", &tun_name, "table", &table,
+            ])?;
         }
         ip(&[
             "route",
@@ -198,10 +272,19 @@ impl Net {
         let table = self.table();
         for i in 0..self.n {
             let _ = ip(&["rule", "del", "iif", &self.veth(i), "lookup", &table]);
+            if self.ipv6.is_some() {
+                let _ = ip(&["-6", "rule", "del", "iif", &self.veth(i), "lookup", &table]);
+            }
             let _ = ip(&["link", "del", &self.veth(i)]);
             let _ = ip(&["netns", "del", &self.ns(i)]);
         }
         let _ = ip(&["route", "flush", "table", &table]);
+        if let Some(was) = &self.ipv6 {
+            let _ = ip(&["-6", "route", "flush", "table", &table]);
+            if was == "0" {
+                let _ = std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "0");
+            }
+        }
         if self.forward_was == "0" {
             let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", "0");
         }
@@ -221,6 +304,13 @@ impl Drop for Net {
 /// Index of the namespace an address of ours belongs to.
 fn ns_of(id: u8, a: [u8; 4]) -> Option<usize> {
     (a[0] == 10 && a[1] == 231 && a[2] == id && a[3] >= 10).then(|| usize::from(a[3] - 10))
+}
+
+/// The same for an IPv6 address (`fd00:231:id::1i`).
+fn ns_of6(id: u8, a: &[u8]) -> Option<usize> {
+    let s = Ipv6Addr::from(<[u8; 16]>::try_from(a).ok()?).segments();
+    (s[..3] == [0xfd00, 0x231, u16::from(id)] && s[3..7] == [0; 4] && s[7] >= 0x10)
+        .then(|| usize::from(s[7] - 0x10))
 }
 
 #[derive(PartialEq, Eq)]
@@ -259,13 +349,16 @@ async fn route(
             r = dev.recv(&mut buf) => {
                 let Ok(n) = r else { continue };
                 let pkt = &buf[..n];
-                if n < 20 || pkt[0] >> 4 != 4 {
-                    continue;
-                }
-                let src = [pkt[12], pkt[13], pkt[14], pkt[15]];
-                let dst = [pkt[16], pkt[17], pkt[18], pkt[19]];
+                let (src, dst) = match pkt.first().map(|b| b >> 4) {
+                    Some(4) if n >= 20 => (
+                        ns_of(id, [pkt[12], pkt[13], pkt[14], pkt[15]]),
+                        ns_of(id, [pkt[16], pkt[17], pkt[18], pkt[19]]),
+                    ),
+                    Some(6) if n >= 40 => (ns_of6(id, &pkt[8..24]), ns_of6(id, &pkt[24..40])),
+                    _ => continue,
+                };
                 let i = *imp.lock().unwrap();
-                let cut = i.cut.is_some_and(|c| ns_of(id, src) == Some(c) || ns_of(id, dst) == Some(c));
+                let cut = i.cut.is_some_and(|c| src == Some(c) || dst == Some(c));
                 if cut || unit() < i.loss {
                     counts.lock().unwrap().dropped += 1;
                     continue;
@@ -285,7 +378,11 @@ async fn route(
                 while heap.peek().is_some_and(|q| q.0 <= now) {
                     if let Some(q) = heap.pop() {
                         let _ = dev.send(&q.2).await;
-                        counts.lock().unwrap().forwarded += 1;
+                        let mut c = counts.lock().unwrap();
+                        c.forwarded += 1;
+                        if q.2.first().is_some_and(|b| b >> 4 == 6) {
+                            c.forwarded_v6 += 1;
+                        }
                     }
                 }
             }

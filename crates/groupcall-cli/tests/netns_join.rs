@@ -1,0 +1,389 @@
+//! Default media addresses beyond loopback: two `groupcall join` processes
+//! with default flags (no `--bind`), each in its own network namespace,
+//! reach each other and the homeserver only through a routed link (the
+//! userspace router of `groupcall/tests/netns`; no shared loopback).
+//! Synapse listens on the namespaces' gateway address, so the homeserver is
+//! not on loopback and each process binds its namespace's interface address.
+//!
+//! Needs root and `ip netns` (the session and CI run as root); without them
+//! the test fails and says why.
+//!
+//! Run: `cargo test -p groupcall-cli --test netns_join -- --nocapture`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+// The reliability tests' namespaces and router, shared rather than copied.
+#[path = "../../groupcall/tests/netns/mod.rs"]
+mod netns;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use groupcall_synapse::{Synapse, SynapseOptions};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_groupcall");
+const PW: &str = "secret-pw";
+
+/// A `groupcall join --json` process in a namespace: its JSON lines and its
+/// stderr (default logging: `info` for groupcall's crates).
+struct Proc {
+    name: String,
+    child: tokio::process::Child,
+    lines: mpsc::UnboundedReceiver<Value>,
+    seen: Vec<Value>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    fn spawn(name: &str, ns: &str, args: &[String]) -> Proc {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, BIN])
+            .args(args)
+            // Default logging, whatever the test's environment says.
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::unbounded_channel();
+        let stdout = child.stdout.take().unwrap();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = r.next_line().await {
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| json!({ "event": "NOT JSON", "line": line }));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let err = child.stderr.take().unwrap();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(err).lines();
+            while let Ok(Some(line)) = r.next_line().await {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Proc {
+            name: name.to_owned(),
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    fn poll(&mut self) {
+        while let Ok(v) = self.lines.try_recv() {
+            self.seen.push(v);
+        }
+    }
+
+    async fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(v)) => {
+                    self.seen.push(v.clone());
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Ok(None) => panic!("{} ended while waiting; {}", self.name, self.report()),
+                Err(_) => panic!("{} timed out waiting; {}", self.name, self.report()),
+            }
+        }
+    }
+
+    /// Most frames of `kind` reported received from `user`.
+    fn frames_from(&self, user: &str, kind: &str) -> u64 {
+        self.seen
+            .iter()
+            .filter(|v| v["event"] == "media" && v["user_id"] == user && v["kind"] == kind)
+            .filter_map(|v| v["frames"].as_u64())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn connected_to(&self, user: &str) -> bool {
+        self.seen.iter().any(|v| {
+            v["event"] == "peer_state" && v["user_id"] == user && v["state"] == "connected"
+        })
+    }
+
+    /// The `addrs=[...]` of every "media peer bound" log line.
+    fn bound_logs(&self) -> Vec<String> {
+        self.stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("media peer bound"))
+            .filter_map(|l| l.split_once("addrs=").map(|(_, a)| a.trim().to_owned()))
+            .collect()
+    }
+
+    fn report(&self) -> String {
+        let interesting: Vec<String> = self
+            .seen
+            .iter()
+            .filter(|v| !matches!(v["event"].as_str(), Some("media" | "media_sent")))
+            .map(Value::to_string)
+            .collect();
+        let stderr = self.stderr.lock().unwrap();
+        let tail: Vec<&str> = stderr.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "events:\n{}\nstderr tail:\n{}",
+            interesting.join("\n"),
+            tail.join("\n")
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            if let Some(pid) = self.child.id() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            }
+            let until = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < until && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.start_kill();
+        }
+    }
+}
+
+fn join_args(hs: &str, user: &str, room: &str, dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "join",
+        "--homeserver",
+        hs,
+        "--user",
+        user,
+        "--password",
+        PW,
+        "--room",
+        room,
+        "--json",
+        "--data-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(dir.display().to_string());
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// IPv4 only, then IPv4 and IPv6 in every namespace (one after the other:
+/// the namespaces' names come from the process id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn default_flags_connect_across_namespaces_without_loopback() {
+    call_across_namespaces(false).await;
+    call_across_namespaces(true).await;
+}
+
+async fn call_across_namespaces(dual_stack: bool) {
+    let created = if dual_stack {
+        netns::Net::create_dual_stack(2).await
+    } else {
+        netns::Net::create(2).await
+    };
+    let net = created.unwrap_or_else(|e| {
+        panic!(
+            "this test needs root, `ip netns` and /dev/net/tun (the session and CI have them): \
+             cannot create network namespaces here: {e}"
+        )
+    });
+    let stack = if dual_stack { "IPv4+IPv6" } else { "IPv4" };
+    let synapse = Synapse::start(SynapseOptions {
+        bind_address: net.gateway().into(),
+        ..SynapseOptions::default()
+    })
+    .await
+    .expect("Synapse on the namespaces' gateway address");
+    let hs = synapse.base_url();
+    assert!(
+        hs.contains(&net.gateway().to_string()),
+        "homeserver {hs} is on the gateway"
+    );
+    let alice = synapse.register_user("alice", PW).await.unwrap();
+    let bob = synapse.register_user("bob", PW).await.unwrap();
+
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let resp = http
+        .post(format!("{hs}/_matrix/client/v3/createRoom"))
+        .bearer_auth(&alice.access_token)
+        .json(&json!({
+            "preset": "public_chat",
+            "name": "beyond loopback",
+            "power_level_content_override": { "events": {
+                "org.matrix.msc3401.call": 0,
+                "org.matrix.msc3401.call.member": 0,
+            } },
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let room = resp.json::<Value>().await.unwrap()["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let dirs = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut a = Proc::spawn(
+        "alice",
+        &net.ns(0),
+        &join_args(
+            &hs,
+            "alice",
+            &room,
+            &dirs.path().join("alice"),
+            &["--create-call"],
+        ),
+    );
+    let joined_a = a
+        .wait_for(Duration::from_secs(90), |v| v["event"] == "joined")
+        .await;
+    let mut b = Proc::spawn(
+        "bob",
+        &net.ns(1),
+        &join_args(&hs, "bob", &room, &dirs.path().join("bob"), &[]),
+    );
+    let joined_b = b
+        .wait_for(Duration::from_secs(90), |v| v["event"] == "joined")
+        .await;
+    assert_eq!(joined_a["call_id"], joined_b["call_id"]);
+
+    // Default flags, homeserver not on loopback: media is bound to the
+    // namespace's interface addresses (IPv4, and IPv6 if it has one) alone
+    // (loopback and the link-local IPv6 address of eth0 are skipped).
+    for (p, joined, i) in [(&a, &joined_a, 0), (&b, &joined_b, 1)] {
+        let mut got: Vec<String> = joined["media_addrs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: no media_addrs in {joined}", p.name))
+            .iter()
+            .map(|v| v.as_str().unwrap_or_default().to_owned())
+            .collect();
+        got.sort();
+        let mut want = vec![net.addr(i).to_string()];
+        if dual_stack {
+            want.push(net.addr6(i).to_string());
+        }
+        want.sort();
+        assert_eq!(got, want, "{}: {joined}", p.name);
+    }
+
+    // Connected with audio and video frames both ways.
+    let deadline = started + Duration::from_secs(120);
+    let (ua, ub) = (alice.user_id.as_str(), bob.user_id.as_str());
+    loop {
+        a.poll();
+        b.poll();
+        let up = |p: &Proc, other: &str| {
+            p.connected_to(other)
+                && p.frames_from(other, "audio") >= 50
+                && p.frames_from(other, "video") >= 15
+        };
+        if up(&a, ub) && up(&b, ua) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no call with media both ways within 120 s.\n--- alice: {}\n--- bob: {}",
+            a.report(),
+            b.report()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let counts = *net.counts.lock().unwrap();
+    println!(
+        "FIGURE {stack}: connected with media both ways {:.1} s after alice started; \
+         alice got {} audio / {} video frames from bob, bob {} / {} from alice; \
+         router forwarded {} packets ({} IPv6)",
+        started.elapsed().as_secs_f64(),
+        a.frames_from(ub, "audio"),
+        a.frames_from(ub, "video"),
+        b.frames_from(ua, "audio"),
+        b.frames_from(ua, "video"),
+        counts.forwarded,
+        counts.forwarded_v6
+    );
+    // Media between the namespaces went through the router (the only path).
+    assert!(
+        counts.forwarded > 200,
+        "router forwarded only {} packets",
+        counts.forwarded
+    );
+
+    // The IPv6 host candidates were offered and used: ICE prefers IPv6
+    // host pairs (str0m's local preference), so media between the IPv6
+    // addresses crossed the router (more packets than connectivity checks).
+    if dual_stack {
+        assert!(
+            counts.forwarded_v6 > 100,
+            "only {} IPv6 packets between the namespaces",
+            counts.forwarded_v6
+        );
+    }
+
+    // Every peer's sockets (one host candidate each) are on the namespace's
+    // addresses, none on loopback.
+    for (p, i) in [(&a, 0), (&b, 1)] {
+        let bound = p.bound_logs();
+        assert!(
+            !bound.is_empty(),
+            "{}: no `media peer bound` log line",
+            p.name
+        );
+        let own4 = format!("{}:", net.addr(i));
+        let own6 = format!("[{}]:", net.addr6(i));
+        for addrs in &bound {
+            assert!(
+                addrs.contains(&own4)
+                    && (addrs.contains(&own6) || !dual_stack)
+                    && !addrs.contains("127.0.0.1")
+                    && !addrs.contains("[::1]"),
+                "{}: media peer bound {addrs}, expected {own4}* and {own6}* only",
+                p.name
+            );
+            let sockets = 1 + usize::from(dual_stack);
+            assert_eq!(addrs.matches(", ").count() + 1, sockets, "{addrs}");
+        }
+        println!("{stack}: {} bound {}", p.name, bound.join(" "));
+    }
+
+    // Both leave cleanly on SIGTERM.
+    for p in [&mut a, &mut b] {
+        if let Some(pid) = p.child.id() {
+            kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+        }
+    }
+    for p in [&mut a, &mut b] {
+        p.wait_for(Duration::from_secs(30), |v| v["event"] == "left")
+            .await;
+    }
+    drop(synapse);
+    drop(net);
+}
