@@ -96,6 +96,11 @@ pub struct JoinOptions {
     pub liveness: LivenessOptions,
     /// Test only: inject faults into `m.call.*` to-device messages.
     pub faults: Option<FaultOptions>,
+    /// Diagnostic only, keep the default (`true`): `false` turns video
+    /// retransmission (NACK/RTX) off, see
+    /// [`groupcall_media::PeerConfig::retransmission`]. The lossy-network
+    /// test uses it to measure what retransmission recovers.
+    pub retransmission: bool,
 }
 
 impl JoinOptions {
@@ -116,6 +121,7 @@ impl JoinOptions {
             relay_only: false,
             liveness: LivenessOptions::default(),
             faults: None,
+            retransmission: true,
         }
     }
 }
@@ -964,6 +970,7 @@ impl Driver {
             deliver_frames: self.opts.deliver_frames,
             disconnect_timeout: self.opts.liveness.media_disconnect_timeout,
             failed_timeout: self.opts.liveness.media_failed_timeout,
+            retransmission: self.opts.retransmission,
             ..PeerConfig::default()
         };
         let (media, mut events) = MediaPeer::new(config).await.map_err(|e| e.to_string())?;
