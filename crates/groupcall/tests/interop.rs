@@ -169,7 +169,14 @@ async fn groupcall_creates_call_reference_joins() {
         ms(t0, joined)
     );
     // Carol leaves: her recordings of the reference's audio and video
-    // decode without errors (ffmpeg), with at least the frames waited for.
+    // decode without errors (ffmpeg), with at least the frames waited for
+    // above. (Recording starts at a key frame after the track appeared: a
+    // little more media first, so that the files hold that many.)
+    h.log
+        .wait_for("more media at carol for her recordings", T, |s| {
+            media_ok(s, t0, (c, true), &dave_dev, 100, 40)
+        })
+        .await;
     carol_p.commander.send(groupcall::proto::Command::Leave);
     carol_p.done.await.unwrap();
     h.log.pump();
