@@ -1296,10 +1296,13 @@ async fn lossy_call(net: netns::Net, retransmission: bool) -> (netns::Net, Lossy
         // What the source sent to alice: its last report before the peer
         // closed (at most 250 ms old).
         let sent = j_frames(&log.seen, b, &u[0], "video", true, None);
+        // What alice's counter says she received (frames str0m delivered,
+        // also those before the recording began at a key frame).
+        let received = j_frames(&log.seen, 0, &u[b], "video", false, None);
         let decoded = support::assert_decodes(f, 201);
         assert!(keyframes >= 1, "{}", f.display());
         println!(
-            "FIGURE lossy: retransmission {}: recording of {name} at alice has {} frames ({} key frames), ffmpeg decodes {decoded} of {sent} sent ({:.1}%)",
+            "FIGURE lossy: retransmission {}: recording of {name} at alice has {} frames ({} key frames), ffmpeg decodes {decoded} of {sent} sent ({:.1}%); alice's counter: {received} received",
             if retransmission { "on" } else { "off" },
             frames.len(),
             keyframes,
