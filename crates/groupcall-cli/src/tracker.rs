@@ -481,6 +481,8 @@ mod tests {
         let mut t = Tracker::new(vec!["a".into(), "b".into()], t0);
         t.apply(&obs(t0, 0, What::Identity("@a:x".into())));
         t.apply(&obs(t0, 1, What::Identity("@b:x".into())));
+        t.apply(&obs(t0, 0, What::Joined));
+        t.apply(&obs(t0, 1, What::Joined));
         for (ms, n) in [(100, 1), (1000, 30)] {
             for k in [Kind::Audio, Kind::Video] {
                 t.apply(&obs(at(ms), 0, frames("@b:x", k, n)));
