@@ -150,6 +150,12 @@ pub struct DemoArgs {
     /// connect.
     #[arg(long, hide = true)]
     pub break_media: bool,
+
+    /// Test only: this many seconds into the media time, the last groupcall
+    /// participant mutes its microphone and camera, so that its pairs' media
+    /// stops (which the demo must report as an error).
+    #[arg(long, hide = true, value_name = "SECS", value_parser = parse_duration)]
+    pub stop_media_after: Option<Duration>,
 }
 
 /// Arguments of `groupcall bench setup`.

@@ -445,6 +445,9 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
 
     // Media for --duration, with a line every 2 s.
     let end = Instant::now() + args.duration;
+    // Test only (--stop-media-after): the last groupcall participant's
+    // media stops mid-call.
+    let mut stop_media = args.stop_media_after.map(|d| Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.tick().await;
     let mut last = (
@@ -479,9 +482,27 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                 ));
                 last = (now, totals, by_dir);
             }
+            () = async {
+                match stop_media {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                stop_media = None;
+                if let Some(p) = env.gc.last() {
+                    p.command(groupcall_proto::Command::SetAudioMuted(true));
+                    p.command(groupcall_proto::Command::SetVideoMuted(true));
+                    out.say(&format!(
+                        "{}: stops its media (--stop-media-after, a test option)",
+                        names[env.gc.len() - 1]
+                    ));
+                }
+            }
             () = tokio::time::sleep_until(end.into()) => break,
         }
     }
+    // Whether media still flowed is judged now, before anyone leaves.
+    tracker.judge_recent_at(Instant::now());
 
     // Signalling of the whole call so far (setup; nothing more is sent
     // while media flows), before the hangups of leaving.
@@ -527,12 +548,15 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         })
         .collect();
     let up = pairs.iter().filter(|p| p.up()).count();
+    let recent = pairs.iter().filter(|p| p.media_recent).count();
     let summary = json!({
         "event": "summary",
-        "ok": true,
+        "ok": up == pairs.len() && recent == pairs.len(),
         "pairs_total": pairs.len(),
         "pairs_connected": pairs.iter().filter(|p| p.connected_ms.is_some()).count(),
         "pairs_media_both_ways": up,
+        "pairs_media_recent": recent,
+        "media_recent_window_ms": crate::tracker::RECENT.as_secs_f64() * 1000.0,
         "mesh_up_after_last_join_ms": setup_ms,
         "participants": parts.iter().enumerate().map(|(i, p)| json!({
             "name": p.name,
@@ -580,8 +604,10 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
 
     let table = report::table(&names, &pairs);
     let tail = format!(
-        "\n{table}\n{up}/{} pairs with audio and video both ways; report: {}\n",
+        "\n{table}\n{up}/{} pairs with audio and video both ways, {recent}/{} with media both ways in the last {} s; report: {}\n",
         pairs.len(),
+        pairs.len(),
+        crate::tracker::RECENT.as_secs(),
         report_abs.join("index.html").display()
     );
     if args.json {
@@ -595,6 +621,17 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
             "{} of {} pairs lost media during the call (report: {})",
             pairs.len() - up,
             pairs.len(),
+            report_abs.display()
+        );
+    }
+    let stopped = tracker.pairs_media_stopped();
+    if !stopped.is_empty() {
+        bail!(
+            "media stopped during the call: {} of {} pairs had no media both ways in the last {} s: {} (report: {})",
+            stopped.len(),
+            pairs.len(),
+            crate::tracker::RECENT.as_secs(),
+            stopped.join("; "),
             report_abs.display()
         );
     }

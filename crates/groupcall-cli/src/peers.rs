@@ -208,6 +208,11 @@ impl GroupcallPeer {
         }
     }
 
+    /// Sends a command to its call; false once it is leaving or gone.
+    pub fn command(&self, cmd: Command) -> bool {
+        self.commander.as_ref().is_some_and(|c| c.send(cmd).is_ok())
+    }
+
     /// Asks it to leave the call (hang up, remove its membership).
     pub fn begin_leave(&mut self) {
         if let Some(c) = self.commander.take() {

@@ -30,7 +30,7 @@ pub fn cell_bytes(v: Option<u64>) -> String {
 }
 
 /// The columns of the table.
-const HEADERS: [&str; 9] = [
+const HEADERS: [&str; 10] = [
     "pair",
     "connected",
     "1st frame →",
@@ -40,9 +40,10 @@ const HEADERS: [&str; 9] = [
     "frames ←",
     "bytes →",
     "bytes ←",
+    "media at end",
 ];
 
-fn rows(names: &[String], pairs: &[PairSummary]) -> Vec<[String; 9]> {
+fn rows(names: &[String], pairs: &[PairSummary]) -> Vec<[String; 10]> {
     pairs
         .iter()
         .map(|p| {
@@ -60,6 +61,13 @@ fn rows(names: &[String], pairs: &[PairSummary]) -> Vec<[String; 9]> {
                 p.frames_ba.to_string(),
                 cell_bytes(p.bytes_ab),
                 cell_bytes(p.bytes_ba),
+                if p.media_recent {
+                    "flowing".to_owned()
+                } else if p.up() {
+                    "stopped".to_owned()
+                } else {
+                    "-".to_owned()
+                },
             ]
         })
         .collect()
@@ -392,6 +400,7 @@ pub fn pair_json(names: &[String], p: &PairSummary) -> Value {
         "bytes_ab": p.bytes_ab,
         "bytes_ba": p.bytes_ba,
         "media_both_ways": p.up(),
+        "media_recent": p.media_recent,
         "state_a": p.states.0,
         "state_b": p.states.1,
     })
@@ -421,6 +430,7 @@ mod tests {
             bytes_ab: Some(20_000),
             bytes_ba: None,
             states: ("connected".into(), "connected".into()),
+            media_recent: up,
         }
     }
 
@@ -449,5 +459,6 @@ mod tests {
         assert_eq!(t.lines().count(), 4);
         assert!(t.contains("300 ms") && t.contains("360 ms"), "{t}");
         assert!(t.contains("20 kB"), "{t}");
+        assert!(t.contains("media at end") && t.contains("flowing"), "{t}");
     }
 }

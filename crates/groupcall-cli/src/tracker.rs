@@ -18,6 +18,8 @@ pub struct Direction {
     pub first_video: Option<Instant>,
     /// Latest totals per (stream, kind): frames and bytes.
     pub tracks: BTreeMap<(String, Kind), (u64, Option<u64>)>,
+    /// When the total of frames last grew.
+    pub last_frame: Option<Instant>,
 }
 
 impl Direction {
@@ -83,6 +85,11 @@ pub struct Tracker {
     dirs: HashMap<(usize, usize), Direction>,
     pairs_up: usize,
     mesh_up: Option<Instant>,
+    /// The latest observation.
+    latest: Option<Instant>,
+    /// "Recent media" is judged at this moment (default: the latest
+    /// observation), see [`Tracker::judge_recent_at`].
+    recent_at: Option<Instant>,
     /// Recordings made.
     pub recordings: Vec<std::path::PathBuf>,
 }
@@ -117,6 +124,9 @@ pub struct PairSummary {
     pub bytes_ba: Option<u64>,
     /// Last peer state at a and at b.
     pub states: (String, String),
+    /// Frames arrived both ways within [`RECENT`] before the moment of
+    /// judgement ([`Tracker::judge_recent_at`]): media had not stopped.
+    pub media_recent: bool,
 }
 
 impl PairSummary {
@@ -125,6 +135,10 @@ impl PairSummary {
         self.media_ab_ms.is_some() && self.media_ba_ms.is_some()
     }
 }
+
+/// How recent the last frames of both directions of a pair must be for
+/// its media to count as still flowing.
+pub const RECENT: Duration = Duration::from_secs(3);
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -144,6 +158,8 @@ impl Tracker {
             dirs: HashMap::new(),
             pairs_up: 0,
             mesh_up: None,
+            latest: None,
+            recent_at: None,
             recordings: Vec::new(),
         }
     }
@@ -180,10 +196,18 @@ impl Tracker {
         self.mesh_up
     }
 
+    /// Judges "recent media" ([`PairSummary::media_recent`]) at `at`
+    /// instead of at the latest observation: the end of the media time,
+    /// before anyone leaves.
+    pub fn judge_recent_at(&mut self, at: Instant) {
+        self.recent_at = Some(at);
+    }
+
     /// Takes one observation in; returns what became true.
     pub fn apply(&mut self, o: &Obs) -> Vec<Progress> {
         let mut out = Vec::new();
         let at = o.idx;
+        self.latest = Some(self.latest.map_or(o.at, |l| l.max(o.at)));
         match &o.what {
             What::Identity(u) => self.set_identity(at, u),
             What::Joined => {
@@ -232,7 +256,11 @@ impl Tracker {
                     return out;
                 };
                 let d = self.dirs.entry((at, from)).or_default();
+                let before = d.frames();
                 d.tracks.insert((stream.clone(), *kind), (*frames, *bytes));
+                if d.frames() > before {
+                    d.last_frame = Some(o.at);
+                }
                 if *frames > 0 {
                     if d.first_frame.is_none() {
                         d.first_frame = Some(o.at);
@@ -303,8 +331,42 @@ impl Tracker {
             .collect()
     }
 
+    /// Pairs whose media stopped: up once, but no frames both ways within
+    /// [`RECENT`] before the moment of judgement, with how long each
+    /// direction has been silent, for error messages.
+    pub fn pairs_media_stopped(&self) -> Vec<String> {
+        let judge = self.recent_at.or(self.latest);
+        let silent = |to: usize, from: usize| -> String {
+            let last = self.dirs.get(&(to, from)).and_then(|d| d.last_frame);
+            match (judge, last) {
+                (Some(j), Some(l)) => {
+                    format!("{:.1} s", j.saturating_duration_since(l).as_secs_f64())
+                }
+                _ => "ever".to_owned(),
+            }
+        };
+        self.summaries()
+            .into_iter()
+            .filter(|p| p.up() && !p.media_recent)
+            .map(|p| {
+                format!(
+                    "{a} ↔ {b} (nothing {a} → {b} for {}, {b} → {a} for {})",
+                    silent(p.b, p.a),
+                    silent(p.a, p.b),
+                    a = self.names[p.a],
+                    b = self.names[p.b],
+                )
+            })
+            .collect()
+    }
+
     /// Every pair's figures.
     pub fn summaries(&self) -> Vec<PairSummary> {
+        let judge = self.recent_at.or(self.latest);
+        let recent = |d: &Direction| match (judge, d.last_frame) {
+            (Some(j), Some(l)) => l + RECENT >= j,
+            _ => false,
+        };
         self.pairs()
             .into_iter()
             .map(|(a, b)| {
@@ -343,6 +405,7 @@ impl Tracker {
                     bytes_ab: ab.bytes(),
                     bytes_ba: ba.bytes(),
                     states: (state(a, b), state(b, a)),
+                    media_recent: recent(ab) && recent(ba),
                 }
             })
             .collect()
@@ -409,6 +472,39 @@ mod tests {
         assert_eq!(s.frames_ab, 7);
         assert_eq!(s.bytes_ba, Some(1000));
         assert!(t.pairs_not_up().is_empty());
+    }
+
+    #[test]
+    fn media_that_stops_is_not_recent() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut t = Tracker::new(vec!["a".into(), "b".into()], t0);
+        t.apply(&obs(t0, 0, What::Identity("@a:x".into())));
+        t.apply(&obs(t0, 1, What::Identity("@b:x".into())));
+        t.apply(&obs(t0, 0, What::Joined));
+        t.apply(&obs(t0, 1, What::Joined));
+        for (ms, n) in [(100, 1), (1000, 30)] {
+            for k in [Kind::Audio, Kind::Video] {
+                t.apply(&obs(at(ms), 0, frames("@b:x", k, n)));
+                t.apply(&obs(at(ms), 1, frames("@a:x", k, n)));
+            }
+        }
+        assert!(t.summaries()[0].media_recent);
+        assert!(t.pairs_media_stopped().is_empty());
+        // b keeps receiving; a's counters from b stop growing.
+        for ms in [2000, 3000, 4000, 5000] {
+            t.apply(&obs(at(ms), 1, frames("@a:x", Kind::Video, ms)));
+            t.apply(&obs(at(ms), 0, frames("@b:x", Kind::Video, 30)));
+        }
+        let s = &t.summaries()[0];
+        assert!(s.up() && !s.media_recent);
+        assert_eq!(
+            t.pairs_media_stopped(),
+            vec!["a ↔ b (nothing a → b for 0.0 s, b → a for 4.0 s)".to_owned()]
+        );
+        // Judged at an earlier moment, it was still flowing.
+        t.judge_recent_at(at(3500));
+        assert!(t.summaries()[0].media_recent);
     }
 
     #[test]

@@ -129,10 +129,13 @@ async fn three_participants_connect_with_media_and_a_report() {
     assert_eq!(summary["pairs_total"], 3);
     assert_eq!(summary["pairs_connected"], 3);
     assert_eq!(summary["pairs_media_both_ways"], 3);
+    assert_eq!(summary["pairs_media_recent"], 3);
+    assert_eq!(summary["ok"], true);
     let dir = Path::new(summary["report_dir"].as_str().unwrap());
     assert_eq!(dir, report.canonicalize().unwrap());
     for p in summary["pairs"].as_array().unwrap() {
         assert!(p["media_both_ways"].as_bool().unwrap(), "{p}");
+        assert_eq!(p["media_recent"], true, "{p}");
         assert!(p["frames_ab"].as_u64().unwrap() > 20, "{p}");
         assert!(p["frames_ba"].as_u64().unwrap() > 20, "{p}");
         assert!(p["bytes_ab"].as_u64().unwrap() > 1000, "{p}");
@@ -279,6 +282,60 @@ async fn a_participant_that_never_connects_fails_within_the_timeout() {
         (14.0..20.0).contains(&waited),
         "gave up {waited} s after the last join"
     );
+    let pid = run.synapse_pid().expect("the synapse line has a pid");
+    assert!(!synapse_alive(pid), "Synapse (pid {pid}) still runs");
+}
+
+/// A participant whose media stops mid-call (`--stop-media-after`, a
+/// hidden test option: carol mutes microphone and camera 2 s into the 7 s
+/// of media): its pairs were up, but have had no media both ways in the
+/// last seconds. The summary says so per pair, and the demo fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn media_that_stops_mid_call_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("r");
+    let run = demo(
+        &[
+            "--participants",
+            "3",
+            "--duration",
+            "7",
+            "--stop-media-after",
+            "2",
+            "--json",
+            "--report-dir",
+            report.to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(300),
+    )
+    .await;
+    run.assert_error(&["media stopped", "2 of 3 pairs", "in the last 3 s"]);
+    let err = run.errors()[0].to_owned();
+    assert!(err.contains("alice ↔ carol (nothing"), "{err}");
+    assert!(err.contains("bob ↔ carol (nothing"), "{err}");
+    assert!(!err.contains("alice ↔ bob"), "{err}");
+    let lines = run.lines();
+    let summary = lines
+        .iter()
+        .find(|l| l["event"] == "summary")
+        .expect("a summary before the error");
+    // The old keys: every pair was up once.
+    assert_eq!(summary["pairs_total"], 3, "{summary}");
+    assert_eq!(summary["pairs_media_both_ways"], 3, "{summary}");
+    // The new ones: only alice ↔ bob still had media at the end.
+    assert_eq!(summary["pairs_media_recent"], 1, "{summary}");
+    assert_eq!(summary["ok"], false, "{summary}");
+    for p in summary["pairs"].as_array().unwrap() {
+        let with_carol = p["a"] == "carol" || p["b"] == "carol";
+        assert_eq!(p["media_both_ways"], true, "{p}");
+        assert_eq!(p["media_recent"], !with_carol, "{p}");
+    }
+    let on_disk: Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(on_disk["pairs_media_recent"], 1);
+    assert!(run.stderr.contains("stopped"), "{}", run.stderr);
     let pid = run.synapse_pid().expect("the synapse line has a pid");
     assert!(!synapse_alive(pid), "Synapse (pid {pid}) still runs");
 }

@@ -479,3 +479,31 @@ async fn never_connecting_reports_failed() {
         t0.elapsed()
     );
 }
+
+/// `retransmission: false` (a diagnostic knob) offers VP8 without RTX and
+/// without `nack` feedback; the default offers both. PLI stays either way.
+#[tokio::test]
+async fn retransmission_off_offers_vp8_without_rtx_and_nack() {
+    init_tracing();
+    let feed = LocalFeed {
+        stream_id: "sv".to_string(),
+        purpose: FeedPurpose::Usermedia,
+        audio_track_id: Some("sv-audio".to_string()),
+        video_track_id: Some("sv-video".to_string()),
+    };
+    for retransmission in [true, false] {
+        let (a, _ev) = MediaPeer::new(PeerConfig {
+            retransmission,
+            ..PeerConfig::default()
+        })
+        .await
+        .unwrap();
+        let offer = a.create_offer(std::slice::from_ref(&feed)).await.unwrap();
+        let has = |s: &str| offer.lines().any(|l| l.trim_end() == s);
+        let rtx = offer.lines().any(|l| l.contains(" rtx/90000"));
+        assert!(offer.contains("VP8/90000"), "{offer}");
+        assert!(has("a=rtcp-fb:96 nack pli"), "{offer}");
+        assert_eq!(has("a=rtcp-fb:96 nack"), retransmission, "{offer}");
+        assert_eq!(rtx, retransmission, "{offer}");
+    }
+}

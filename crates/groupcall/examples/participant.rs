@@ -9,8 +9,11 @@
 //!     [--bind 10.0.0.2] [--record DIR] [--no-delayed-leave] \
 //!     [--expiry-ms 8000 --refresh-ms 3000] \
 //!     [--media-timeouts-ms 1000,3000] [--connect-timeout-ms 15000] \
-//!     [--stats-ms 1000]
+//!     [--stats-ms 1000] [--no-retransmission]
 //! ```
+//!
+//! `--no-retransmission` turns video NACK/RTX off (a diagnostic knob: the
+//! lossy-network test compares the recordings with and without it).
 //!
 //! Lines on stdin: `leave` leaves the call, `screenshare on|off`.
 
@@ -53,6 +56,7 @@ struct Args {
     media_timeouts_ms: Option<(u64, u64)>,
     connect_timeout_ms: Option<u64>,
     stats_ms: Option<u64>,
+    no_retransmission: bool,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -79,6 +83,7 @@ fn parse_args() -> Result<Args, Error> {
             }
             "--record" => a.record = Some(val()?.into()),
             "--no-delayed-leave" => a.no_delayed_leave = true,
+            "--no-retransmission" => a.no_retransmission = true,
             "--expiry-ms" => a.expiry_ms = Some(num(val()?)?),
             "--refresh-ms" => a.refresh_ms = Some(num(val()?)?),
             "--connect-timeout-ms" => a.connect_timeout_ms = Some(num(val()?)?),
@@ -200,6 +205,7 @@ async fn run(args: Args) -> Result<(), Error> {
     }
     opts.record_dir = args.record.clone();
     opts.liveness.delayed_leave = !args.no_delayed_leave;
+    opts.retransmission = !args.no_retransmission;
     if let Some(e) = args.expiry_ms {
         opts.liveness.fallback_expiry = Duration::from_millis(e);
     }

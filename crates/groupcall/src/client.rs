@@ -111,6 +111,11 @@ pub struct JoinOptions {
     /// [`CommandError::NoCallToJoin`]. The call's start is the first event
     /// ([`CallEvent::CallStarted`], with its intent).
     pub wait_for_call: bool,
+    /// Diagnostic only, keep the default (`true`): `false` turns video
+    /// retransmission (NACK/RTX) off, see
+    /// [`groupcall_media::PeerConfig::retransmission`]. The lossy-network
+    /// test uses it to measure what retransmission recovers.
+    pub retransmission: bool,
 }
 
 impl JoinOptions {
@@ -133,6 +138,7 @@ impl JoinOptions {
             liveness: LivenessOptions::default(),
             faults: None,
             wait_for_call: false,
+            retransmission: true,
         }
     }
 }
@@ -1075,6 +1081,7 @@ impl Driver {
             deliver_frames: self.opts.deliver_frames,
             disconnect_timeout: self.opts.liveness.media_disconnect_timeout,
             failed_timeout: self.opts.liveness.media_failed_timeout,
+            retransmission: self.opts.retransmission,
             ..PeerConfig::default()
         };
         let (media, mut events) = MediaPeer::new(config).await.map_err(|e| e.to_string())?;

@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![recursion_limit = "256"]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -410,11 +412,22 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
         ivf.len() >= 2 && ogg.len() >= 2,
         "alice's recordings: {alice_files:?}"
     );
+    // They decode (ffmpeg): no decoding error, at least as many frames.
     for p in &ivf {
         assert!(count_ivf(p) > 10, "{} has too few frames", p.display());
+        let decoded = support::assert_decodes(p, 11);
+        eprintln!(
+            "FIGURE call: {} decodes to {decoded} video frames",
+            p.display()
+        );
     }
     for p in &ogg {
         assert!(count_ogg(p) > 50, "{} has too few packets", p.display());
+        let decoded = support::assert_decodes(p, 51);
+        eprintln!(
+            "FIGURE call: {} decodes to {decoded} audio frames",
+            p.display()
+        );
     }
     drop(synapse);
 }

@@ -145,7 +145,8 @@ async fn groupcall_creates_call_reference_joins() {
     let mut opts = JoinOptions::new(room.clone());
     opts.create = Some(CreateOptions::default());
     opts.stats_interval = FINE;
-    let (c, _carol_p) = h.join_rust("carol", carol, opts).await;
+    opts.record_dir = Some(h.tmp.path().join("rec-carol"));
+    let (c, carol_p) = h.join_rust("carol", carol, opts).await;
     h.log
         .wait_for("groupcall to create the call", T, |s| {
             s.iter().any(|e| {
@@ -167,6 +168,40 @@ async fn groupcall_creates_call_reference_joins() {
         "FIGURES groupcall creates, reference joins: reference start to joined {} ms; after it joined: {figures}",
         ms(t0, joined)
     );
+    // Carol leaves: her recordings of the reference's audio and video
+    // decode without errors (ffmpeg), with at least the frames waited for
+    // above. (Recording starts at a key frame after the track appeared: a
+    // little more media first, so that the files hold that many.)
+    h.log
+        .wait_for("more media at carol for her recordings", T, |s| {
+            media_ok(s, t0, (c, true), &dave_dev, 100, 40)
+        })
+        .await;
+    carol_p.commander.send(groupcall::proto::Command::Leave);
+    carol_p.done.await.unwrap();
+    h.log.pump();
+    let recorded: Vec<std::path::PathBuf> = h
+        .log
+        .seen
+        .iter()
+        .filter_map(|e| match &e.ev {
+            Ev::Rust(groupcall::client::ClientEvent::Recorded { path }) if e.who == c => {
+                Some(path.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    for (ext, min) in [("ivf", 21), ("ogg", 51)] {
+        let files: Vec<_> = recorded
+            .iter()
+            .filter(|p| p.extension().is_some_and(|x| x == ext))
+            .collect();
+        assert_eq!(files.len(), 1, "carol's .{ext} recordings: {recorded:?}");
+        let frames = assert_decodes(files[0], min);
+        eprintln!(
+            "FIGURES groupcall creates, reference joins: carol's .{ext} recording decodes to {frames} frames"
+        );
+    }
     h.shutdown().await;
 }
 

@@ -13,6 +13,7 @@
 #![recursion_limit = "256"]
 
 mod netns;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -1160,30 +1161,50 @@ async fn ns_call(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn lossy_network_in_namespaces_keeps_media_flowing() {
-    let _serial = SERIAL.lock().await;
-    init_tracing();
-    let Some(net) = namespaces(3).await else {
-        return;
-    };
-    net.set(|i| {
-        i.loss = 0.05;
-        i.delay = Duration::from_millis(100);
-        i.jitter = Duration::from_millis(20);
-    });
+/// What one lossy call measured.
+struct Lossy {
+    /// Start to every pair connected with video.
+    connected: Duration,
+    /// Share of packets the router dropped in the 10 s window.
+    loss: f64,
+    /// Frames received/sent per direction over the 10 s window, by kind.
+    ratios: BTreeMap<&'static str, Vec<f64>>,
+    /// Alice's video recordings: (sender, frames the sender sent her,
+    /// frames ffmpeg decodes from the recording, key frames in it).
+    recordings: Vec<(String, u64, u64, usize)>,
+}
+
+impl Lossy {
+    fn min(&self, k: &str) -> f64 {
+        self.ratios[k].iter().cloned().fold(f64::MAX, f64::min)
+    }
+
+    fn mean(&self, k: &str) -> f64 {
+        self.ratios[k].iter().sum::<f64>() / self.ratios[k].len() as f64
+    }
+
+    /// Video frames decoded from alice's recordings / frames sent to her.
+    fn decoded_share(&self) -> f64 {
+        let sent: u64 = self.recordings.iter().map(|r| r.1).sum();
+        let decoded: u64 = self.recordings.iter().map(|r| r.2).sum();
+        decoded as f64 / sent.max(1) as f64
+    }
+}
+
+/// A call of 3 participant processes through the lossy router, with video
+/// retransmission (NACK/RTX) on or off: counters over 10 s, then alice
+/// leaves and her video recordings are decoded with ffmpeg. Returns the
+/// namespaces for the next run.
+async fn lossy_call(net: netns::Net, retransmission: bool) -> (netns::Net, Lossy) {
     let mut log = Log::new();
     let t0 = Instant::now();
     // Counters every 250 ms: sender and receiver snapshots are at most
     // that far apart.
-    let mut c = ns_call(
-        net,
-        &["alice", "bob", "carol"],
-        &log,
-        &["--stats-ms", "250"],
-        true,
-    )
-    .await;
+    let mut extra = vec!["--stats-ms", "250"];
+    if !retransmission {
+        extra.push("--no-retransmission");
+    }
+    let mut c = ns_call(net, &["alice", "bob", "carol"], &log, &extra, true).await;
     let u = c.users.clone();
     log.wait_for(
         "every pair connected with media through the lossy router",
@@ -1204,7 +1225,7 @@ async fn lossy_network_in_namespaces_keeps_media_flowing() {
     log.run_for(Duration::from_secs(10)).await;
     let t2 = Instant::now();
     let counts2 = *c.net.counts.lock().unwrap();
-    let mut ratios: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut ratios: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     for kind in ["audio", "video"] {
         for (a, b) in pairs(3) {
             let recv = j_frames(&log.seen, a, &u[b], kind, false, Some(t2))
@@ -1221,31 +1242,17 @@ async fn lossy_network_in_namespaces_keeps_media_flowing() {
                 .push(recv as f64 / sent as f64);
         }
     }
-    let min = |k: &str| ratios[k].iter().cloned().fold(f64::MAX, f64::min);
-    let mean = |k: &str| ratios[k].iter().sum::<f64>() / ratios[k].len() as f64;
     let loss = (counts2.dropped - counts1.dropped) as f64
         / ((counts2.dropped - counts1.dropped) + (counts2.forwarded - counts1.forwarded)) as f64;
-    println!(
-        "FIGURE lossy: 5% loss, 100 ms +- 20 ms one way: mesh of 3 connected in {:.1} s; router dropped {:.1}% of packets; frames delivered (received/sent, 10 s, 6 directions): audio mean {:.3} min {:.3}, video mean {:.3} min {:.3}",
-        connected.as_secs_f64(),
-        loss * 100.0,
-        mean("audio"),
-        min("audio"),
-        mean("video"),
-        min("video")
-    );
-    assert!(min("audio") > 0.85, "audio: {:?}", ratios["audio"]);
-    // Media keeps flowing. (Video mostly recovers by NACK/RTX, mean
-    // 0.97-1.0 against audio's 0.95, but a retransmission can be lost too.)
-    assert!(min("video") > 0.85, "video: {:?}", ratios["video"]);
     // Nobody was dropped.
     for (a, b) in pairs(3) {
         assert!(
             !j_dropped_since(&log.seen, t0, a, &u[b]),
-            "p{a} dropped p{b}"
+            "p{a} dropped p{b} (retransmission {retransmission})"
         );
     }
-    // Alice leaves: her recordings are complete VP8 streams.
+    // Alice leaves: her video recordings are complete VP8 streams that
+    // ffmpeg decodes without an error.
     if let Some(stdin) = c.children[0].stdin.as_mut() {
         use tokio::io::AsyncWriteExt;
         stdin.write_all(b"leave\n").await.unwrap();
@@ -1266,7 +1273,12 @@ async fn lossy_network_in_namespaces_keeps_media_flowing() {
         .filter(|p| p.extension().is_some_and(|x| x == "ivf"))
         .collect();
     assert_eq!(files.len(), 2, "{files:?}");
-    for f in &files {
+    let mut recordings = Vec::new();
+    for (b, name) in [(1, "bob"), (2, "carol")] {
+        let f = files
+            .iter()
+            .find(|f| f.file_name().unwrap().to_string_lossy().contains(name))
+            .unwrap_or_else(|| panic!("no recording of {name}: {files:?}"));
         let data = std::fs::read(f).unwrap();
         let frames = groupcall::media::ivf::IvfReader::new(&data)
             .unwrap()
@@ -1276,17 +1288,93 @@ async fn lossy_network_in_namespaces_keeps_media_flowing() {
             .iter()
             .filter(|fr| groupcall::media::ivf::vp8_frame_info(fr.data).is_some_and(|i| i.keyframe))
             .count();
+        // What the source sent to alice: its last report before the peer
+        // closed (at most 250 ms old).
+        let sent = j_frames(&log.seen, b, &u[0], "video", true, None);
+        // What alice's counter says she received (frames str0m delivered,
+        // also those before the recording began at a key frame).
+        let received = j_frames(&log.seen, 0, &u[b], "video", false, None);
+        let decoded = support::assert_decodes(f, 201);
+        assert!(keyframes >= 1, "{}", f.display());
         println!(
-            "FIGURE lossy: recording {} has {} frames, {} key frames",
-            f.file_name().unwrap().to_string_lossy(),
+            "FIGURE lossy: retransmission {}: recording of {name} at alice has {} frames ({} key frames), ffmpeg decodes {decoded} of {sent} sent ({:.1}%); alice's counter: {received} received",
+            if retransmission { "on" } else { "off" },
             frames.len(),
-            keyframes
+            keyframes,
+            decoded as f64 * 100.0 / sent.max(1) as f64
         );
-        assert!(frames.len() > 200 && keyframes >= 1, "{}", f.display());
+        recordings.push((name.to_owned(), sent, decoded, keyframes));
     }
-    drop(c.children);
-    drop(c.synapse);
-    drop(c.tmp);
+    let NsCall {
+        net,
+        synapse,
+        tmp,
+        children,
+        ..
+    } = c;
+    drop(children);
+    drop(synapse);
+    drop(tmp);
+    (
+        net,
+        Lossy {
+            connected,
+            loss,
+            ratios,
+            recordings,
+        },
+    )
+}
+
+/// 5% loss and 100 ms +- 20 ms delay each way between 3 participant
+/// processes: media keeps flowing, and video retransmission (NACK/RTX)
+/// makes a measurable difference. In one run the same call is made twice,
+/// first with retransmission off, then on; the video frames ffmpeg decodes
+/// from alice's recordings must be at least 3 percentage points of the
+/// frames sent higher with it on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lossy_network_in_namespaces_keeps_media_flowing() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let Some(net) = namespaces(3).await else {
+        return;
+    };
+    net.set(|i| {
+        i.loss = 0.05;
+        i.delay = Duration::from_millis(100);
+        i.jitter = Duration::from_millis(20);
+    });
+    let (net, off) = lossy_call(net, false).await;
+    let (net, on) = lossy_call(net, true).await;
+    drop(net);
+    for (what, r) in [("off", &off), ("on", &on)] {
+        println!(
+            "FIGURE lossy: retransmission {what}: 5% loss, 100 ms +- 20 ms one way: mesh of 3 connected in {:.1} s; router dropped {:.1}% of packets; frames delivered (received/sent, 10 s, 6 directions): audio mean {:.3} min {:.3}, video mean {:.3} min {:.3}; video frames decoded by ffmpeg from alice's 2 recordings / sent: {:.1}%",
+            r.connected.as_secs_f64(),
+            r.loss * 100.0,
+            r.mean("audio"),
+            r.min("audio"),
+            r.mean("video"),
+            r.min("video"),
+            r.decoded_share() * 100.0
+        );
+    }
+    let gain = (on.decoded_share() - off.decoded_share()) * 100.0;
+    println!(
+        "FIGURE lossy: NACK/RTX gain: video frames decoded from the recordings {:.1}% of sent with retransmission vs {:.1}% without: +{gain:.1} percentage points",
+        on.decoded_share() * 100.0,
+        off.decoded_share() * 100.0
+    );
+    // With retransmission: audio has none (Opus), video recovers most lost
+    // packets, but a retransmission can be lost too.
+    assert!(on.min("audio") > 0.85, "audio: {:?}", on.ratios["audio"]);
+    assert!(on.min("video") > 0.85, "video: {:?}", on.ratios["video"]);
+    assert!(
+        gain >= 3.0,
+        "NACK/RTX gain {gain:.1} percentage points < 3 (decoded/sent: on {:?}, off {:?})",
+        on.recordings,
+        off.recordings
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -22,9 +22,9 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::format::Codec;
+use str0m::format::{Codec, CodecConfig, CodecSpec, FormatParams, PayloadParams};
 use str0m::media::{
-    Direction, Frequency, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Mid,
+    Direction, Frequency, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Mid, Pt,
 };
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
@@ -120,6 +120,12 @@ pub struct PeerConfig {
     /// With `deliver_frames`, at most this many undelivered frames queue up;
     /// further frames are dropped (and counted) until the queue drains.
     pub max_queued_frames: usize,
+    /// Diagnostic knob, not for real calls (default `true`): `false` offers
+    /// and accepts VP8 without an RTX payload type and without `nack`
+    /// feedback, so lost video packets are neither NACKed by us nor
+    /// retransmitted to a peer that has the same setting. The lossy-network
+    /// test turns it off to measure what NACK/RTX recovers.
+    pub retransmission: bool,
 }
 
 impl Default for PeerConfig {
@@ -137,8 +143,29 @@ impl Default for PeerConfig {
             receive_video: true,
             deliver_frames: false,
             max_queued_frames: 512,
+            retransmission: true,
         }
     }
+}
+
+/// Adds VP8 without an RTX payload type and without `nack` feedback (see
+/// [`PeerConfig::retransmission`]): str0m then neither sends NACKs for it
+/// nor answers them.
+fn without_retransmission(codecs: &mut CodecConfig) {
+    let mut vp8 = PayloadParams::new(
+        Pt::new_with_value(96),
+        None,
+        CodecSpec {
+            codec: Codec::Vp8,
+            clock_rate: Frequency::NINETY_KHZ,
+            channels: None,
+            format: FormatParams::default(),
+        },
+    );
+    vp8.set_fb_nack(false);
+    let mut params = codecs.params().to_vec();
+    params.push(vp8);
+    *codecs = CodecConfig::new_from_payload_params(params);
 }
 
 /// What a [`MediaPeer`] reports.
@@ -325,11 +352,13 @@ impl MediaPeer {
         }
 
         let now = Instant::now();
-        let mut rtc = Rtc::builder()
-            .clear_codecs()
-            .enable_opus(true, false)
-            .enable_vp8(true)
-            .build(now);
+        let mut builder = Rtc::builder().clear_codecs().enable_opus(true, false);
+        if config.retransmission {
+            builder = builder.enable_vp8(true);
+        } else {
+            without_retransmission(builder.codec_config());
+        }
+        let mut rtc = builder.build(now);
 
         let mut candidates = Vec::new();
         if !config.relay_only {

@@ -991,3 +991,61 @@ impl Drop for LateStun {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+// ---- decoding recordings with ffmpeg -------------------------------------
+
+/// What ffmpeg made of a recording (see [`ffmpeg_decode`]).
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// Frames decoded (audio and video frames of every stream).
+    pub frames: u64,
+    /// ffmpeg's error lines (`-v error`): decoding or demuxing errors.
+    pub errors: Vec<String>,
+}
+
+/// Decodes every stream of a recording (our Ogg/Opus or IVF/VP8 files)
+/// with ffmpeg: `ffmpeg -v error -i FILE -f framecrc -`, which writes one
+/// line per decoded frame (counted) and only errors on stderr. Panics when
+/// ffmpeg cannot be run (`scripts/setup-system` installs it).
+pub fn ffmpeg_decode(path: &Path) -> Decoded {
+    let out = StdCommand::new("ffmpeg")
+        .args(["-nostdin", "-hide_banner", "-v", "error", "-i"])
+        .arg(path)
+        .args(["-f", "framecrc", "-"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ffmpeg ({e}): scripts/setup-system installs it"));
+    let frames = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .count() as u64;
+    let mut errors: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !out.status.success() {
+        errors.push(format!("ffmpeg exited with {}", out.status));
+    }
+    Decoded { frames, errors }
+}
+
+/// The number of frames ffmpeg decodes from a recording; fails the test on
+/// any ffmpeg error line or when fewer than `min` frames decode.
+pub fn assert_decodes(path: &Path, min: u64) -> u64 {
+    let d = ffmpeg_decode(path);
+    assert!(
+        d.errors.is_empty(),
+        "ffmpeg: {} does not decode cleanly ({} frames decoded): {}",
+        path.display(),
+        d.frames,
+        d.errors.join("; ")
+    );
+    assert!(
+        d.frames >= min,
+        "ffmpeg decoded {} frames of {}, expected at least {min}",
+        d.frames,
+        path.display()
+    );
+    d.frames
+}
