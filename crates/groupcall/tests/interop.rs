@@ -1402,7 +1402,12 @@ async fn groupcall_crash_is_cleaned_up_for_the_reference() {
 /// lifetime, retry interval, longest backoff) for the long pauses; the
 /// pause is divided by the same factor, so the test covers the same phase
 /// of the backoff as the full-length run.
-async fn sleeping_callee(name: &str, pause: std::time::Duration, scale: u64) {
+async fn sleeping_callee(
+    name: &str,
+    pause: std::time::Duration,
+    scale: u64,
+    calls_expected: usize,
+) {
     let mut h = Harness::new().await;
     h.register("anna").await;
     h.register("zoe").await;
@@ -1422,6 +1427,34 @@ async fn sleeping_callee(name: &str, pause: std::time::Duration, scale: u64) {
             js_saw(s, since, zoe, "joined", |v| v["created"] == true)
         })
         .await;
+    // Its member entry must be in the room state before it falls asleep
+    // (the reference reports `joined` before its state event is sent).
+    let deadline = Instant::now() + std::time::Duration::from_secs(T);
+    loop {
+        let state = anna
+            .fetch_room_state(&room, "org.matrix.msc3401.call.member")
+            .await
+            .unwrap();
+        let listed = state.iter().any(|ev| {
+            ev["state_key"] == zoe_dev.user_id.as_str()
+                && ev["content"]["m.calls"].as_array().is_some_and(|calls| {
+                    calls.iter().any(|c| {
+                        c["m.devices"].as_array().is_some_and(|d| {
+                            d.iter()
+                                .any(|d| d["device_id"] == zoe_dev.device_id.as_str())
+                        })
+                    })
+                })
+        });
+        if listed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reference's member event never arrived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     // It falls asleep; then we join and call it.
     h.signal_js(zoe, "STOP");
     let t_stop = Instant::now();
@@ -1461,11 +1494,20 @@ async fn sleeping_callee(name: &str, pause: std::time::Duration, scale: u64) {
         })
         .await;
     let woke = h.log.mark();
+    assert_eq!(
+        invites, calls_expected,
+        "calls placed to the sleeping device (one at a time, each open for its lifetime)"
+    );
     let unanswered = h
         .log
         .seen
         .iter()
         .any(|e| e.who == a && matches!(e.call(), Some(CallEvent::Unanswered { .. })));
+    assert_eq!(
+        unanswered,
+        calls_expected > 4,
+        "Unanswered is reported once the MSC's 3 retries went unanswered"
+    );
     eprintln!(
         "FIGURES {name}: asleep {} ms (timers / {scale}); calls placed while asleep: {invites}; unanswered reported: {unanswered}; media both ways {} ms after waking",
         pause.as_millis(),
@@ -1484,12 +1526,12 @@ async fn sleeping_callee(name: &str, pause: std::time::Duration, scale: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_callee_asleep_for_25_s_gets_media_within_10_s_of_waking() {
-    sleeping_callee("asleep 25 s", std::time::Duration::from_secs(25), 1).await;
+    sleeping_callee("asleep 25 s", std::time::Duration::from_secs(25), 1, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_callee_asleep_for_90_s_gets_media_within_10_s_of_waking() {
-    sleeping_callee("asleep 90 s", std::time::Duration::from_secs(90), 1).await;
+    sleeping_callee("asleep 90 s", std::time::Duration::from_secs(90), 1, 2).await;
 }
 
 /// Five minutes asleep: past the MSC's retries, into the backed-off calls.
@@ -1502,7 +1544,15 @@ async fn a_callee_asleep_for_5_min_gets_media_within_10_s_of_waking() {
     } else {
         10
     };
-    sleeping_callee("asleep 5 min", std::time::Duration::from_secs(300), scale).await;
+    // Calls at 0, 1, 2, 3 and 4 min (scaled: 0, 6, 12, 18, 24 s), the last
+    // open 2 min (12 s).
+    sleeping_callee(
+        "asleep 5 min",
+        std::time::Duration::from_secs(300),
+        scale,
+        5,
+    )
+    .await;
 }
 
 /// Another client (Hydrogen) ends the call by writing `"m.terminated": true`,
