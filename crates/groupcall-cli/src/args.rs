@@ -95,7 +95,8 @@ pub struct DemoArgs {
     pub duration: Duration,
 
     /// Add K reference peers (matrix-js-sdk GroupCall in Node,
-    /// `node interop/peer.mjs`; `npm ci` runs first when needed).
+    /// `node interop/peer.mjs`; its npm packages come from
+    /// `scripts/setup-node`, which `scripts/demo` runs).
     #[arg(long, value_name = "K", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=8))]
     pub with_reference: u16,
 

@@ -303,8 +303,19 @@ pub fn interop_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// Makes sure Node is there and the interop packages are installed
-/// (`npm ci` when `node_modules` is missing).
+/// The packages `peer.mjs` and `browser.mjs` load; the same list as
+/// `scripts/setup-node`.
+const NODE_PACKAGES: [&str; 5] = [
+    "matrix-js-sdk",
+    "@roamhq/wrtc",
+    "@matrix-org/matrix-sdk-crypto-wasm",
+    "playwright-core",
+    "esbuild",
+];
+
+/// Checks that Node is there and the interop packages are installed. It
+/// installs nothing: `scripts/setup-node` does (`scripts/demo` runs it for
+/// `--with-reference`), and the error names it.
 pub async fn ensure_interop(dir: &Path) -> anyhow::Result<()> {
     let node = tokio::process::Command::new("node")
         .arg("--version")
@@ -312,32 +323,28 @@ pub async fn ensure_interop(dir: &Path) -> anyhow::Result<()> {
         .output()
         .await
         .map_err(|e| {
-            anyhow!("Node.js is needed for the reference peers but `node` cannot run ({e}); install it (Debian: apt-get install nodejs npm)")
+            anyhow!("Node.js is needed for the reference peers but `node` cannot run ({e}); install it (Debian: apt-get install nodejs npm, or scripts/setup-system)")
         })?;
     if !node.status.success() {
         bail!("`node --version` failed: install Node.js 20 or newer");
     }
-    if dir.join("node_modules").join("matrix-js-sdk").is_dir() {
-        return Ok(());
-    }
-    eprintln!(
-        "installing the reference peer's packages (npm ci in {}) ...",
-        dir.display()
-    );
-    let out = tokio::process::Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| anyhow!("cannot run npm ({e}); install it (Debian: apt-get install npm)"))?;
-    if !out.status.success() {
-        let text = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = text.lines().rev().take(3).collect();
+    let missing: Vec<&str> = NODE_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !dir.join("node_modules")
+                .join(p)
+                .join("package.json")
+                .is_file()
+        })
+        .collect();
+    if !missing.is_empty() {
         bail!(
-            "npm ci in {} failed: {}",
+            "the reference peer's packages are not installed ({}/node_modules lacks {}): \
+             run scripts/setup-node {} (it runs `npm ci` there)",
             dir.display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            missing.join(", "),
+            dir.display()
         );
     }
     Ok(())

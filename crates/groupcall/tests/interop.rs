@@ -884,7 +884,7 @@ async fn signalling_plaintext_and_olm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn headless_chromium_with_groupcall() {
     let mut h = Harness::new().await;
-    ensure_chromium();
+    require_chromium();
     for n in ["kim", "lee", "max"] {
         h.register(n).await;
     }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command as StdCommand, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use groupcall::client::{CallCommander, ClientEvent, JoinOptions, join_call};
@@ -63,7 +63,7 @@ impl Entry {
     }
 }
 
-// ---- installing what the reference peers need ---------------------------
+// ---- what the reference peers need (installed by scripts, checked here) ---
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -75,126 +75,54 @@ pub fn interop_dir() -> PathBuf {
     repo_root().join("interop")
 }
 
-fn node_modules_complete(dir: &Path) -> bool {
-    [
-        "matrix-js-sdk/package.json",
-        "@roamhq/wrtc/package.json",
-        "@matrix-org/matrix-sdk-crypto-wasm/package.json",
-        "playwright-core/package.json",
-        "esbuild/package.json",
-    ]
-    .iter()
-    .all(|p| dir.join("node_modules").join(p).exists())
+/// The packages `peer.mjs` and `browser.mjs` load; the same list as
+/// `scripts/setup-node`.
+const NODE_PACKAGES: [&str; 5] = [
+    "matrix-js-sdk",
+    "@roamhq/wrtc",
+    "@matrix-org/matrix-sdk-crypto-wasm",
+    "playwright-core",
+    "esbuild",
+];
+
+/// Checks that `interop/node_modules` holds every package the reference
+/// peer needs. Tests install nothing: `scripts/setup-node` does (and
+/// `scripts/test` runs it), so a missing package fails the test with the
+/// command to run.
+pub fn require_node_modules() {
+    let dir = interop_dir().join("node_modules");
+    let missing: Vec<&str> = NODE_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dir.join(p).join("package.json").exists())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "interop/node_modules lacks {}: run scripts/setup-node (scripts/test does)",
+        missing.join(", ")
+    );
 }
 
-/// Runs `npm ci` in `interop/` when its `node_modules` is missing (or lacks
-/// a package the peer needs). Once per process, and under a file lock so
-/// that test processes running at the same time do not race.
-pub fn ensure_node_modules() {
-    static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        let dir = interop_dir();
-        if node_modules_complete(&dir) {
-            return;
-        }
-        let lock_path = std::env::temp_dir().join("groupcall-interop-npm-ci.lock");
-        let lock = std::fs::File::create(&lock_path)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
-        lock.lock()
-            .unwrap_or_else(|e| panic!("locking {}: {e}", lock_path.display()));
-        if node_modules_complete(&dir) {
-            return; // another process installed it meanwhile
-        }
-        eprintln!("interop: running `npm ci` in {}", dir.display());
-        let out = StdCommand::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!("cannot run npm (needed for the reference peer in interop/): {e}")
-            });
+/// The Chromium binary for `browser.mjs` (`$CHROMIUM` or `/usr/bin/chromium`).
+/// Tests install nothing: `scripts/setup-system` installs Chromium, so a
+/// missing binary fails the test with the command to run (never skips).
+pub fn require_chromium() -> PathBuf {
+    if let Some(p) = std::env::var_os("CHROMIUM").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
         assert!(
-            out.status.success(),
-            "`npm ci` in {} failed ({}):\n{}\n{}",
-            dir.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            p.exists(),
+            "$CHROMIUM is {} but does not exist",
+            p.display()
         );
-        assert!(
-            node_modules_complete(&dir),
-            "`npm ci` succeeded but interop/node_modules lacks the peer's packages"
-        );
-        drop(lock);
-    });
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// The Chromium binary for `browser.mjs` (`$CHROMIUM` or `/usr/bin/chromium`),
-/// installed with apt when missing and we are root. Fails with a clear
-/// message otherwise: never skips.
-pub fn ensure_chromium() -> PathBuf {
-    static DONE: OnceLock<PathBuf> = OnceLock::new();
-    DONE.get_or_init(|| {
-        if let Some(p) = std::env::var_os("CHROMIUM").filter(|p| !p.is_empty()) {
-            let p = PathBuf::from(p);
-            assert!(
-                p.exists(),
-                "$CHROMIUM is {} but does not exist",
-                p.display()
-            );
-            return p;
-        }
-        let path = PathBuf::from("/usr/bin/chromium");
-        if path.exists() {
-            return path;
-        }
-        assert!(
-            is_root(),
-            "/usr/bin/chromium is missing and this test is not root, so it cannot \
-             install it: run `apt-get install -y chromium` as root (or set $CHROMIUM)"
-        );
-        let lock_path = std::env::temp_dir().join("groupcall-interop-apt.lock");
-        let lock = std::fs::File::create(&lock_path)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
-        lock.lock()
-            .unwrap_or_else(|e| panic!("locking {}: {e}", lock_path.display()));
-        if !path.exists() {
-            for args in [&["update"][..], &["install", "-y", "chromium"][..]] {
-                eprintln!("interop: apt-get {}", args.join(" "));
-                let out = StdCommand::new("apt-get")
-                    .args(args)
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .output()
-                    .unwrap_or_else(|e| panic!("cannot run apt-get to install chromium: {e}"));
-                assert!(
-                    out.status.success(),
-                    "apt-get {} failed ({}):\n{}",
-                    args.join(" "),
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        }
-        assert!(
-            path.exists(),
-            "apt-get install chromium did not provide {}",
-            path.display()
-        );
-        drop(lock);
-        path
-    })
-    .clone()
+        return p;
+    }
+    let path = PathBuf::from("/usr/bin/chromium");
+    assert!(
+        path.exists(),
+        "/usr/bin/chromium is missing: run scripts/setup-system as root \
+         (scripts/test does), or set $CHROMIUM"
+    );
+    path
 }
 
 // ---- the harness -------------------------------------------------------
@@ -237,7 +165,8 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Waits for its turn, installs what is missing and starts Synapse.
+    /// Waits for its turn, checks the reference peer's packages and starts
+    /// Synapse.
     pub async fn new() -> Harness {
         let serial = SERIAL.lock().await;
         let _ = tracing_subscriber::fmt()
@@ -247,7 +176,7 @@ impl Harness {
             )
             .with_test_writer()
             .try_init();
-        ensure_node_modules();
+        require_node_modules();
         let synapse = Synapse::start(SynapseOptions::default())
             .await
             .expect("synapse");
