@@ -312,7 +312,7 @@ impl Proc {
         let interop = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../interop");
         assert!(
             interop.join("node_modules").is_dir(),
-            "interop/node_modules is missing: run `npm ci` in interop/ (scripts/test does)"
+            "interop/node_modules is missing: run scripts/setup-node (scripts/test does)"
         );
         let mut cmd = Command::new("node");
         cmd.arg(interop.join("peer.mjs"))
