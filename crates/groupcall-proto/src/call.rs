@@ -831,12 +831,14 @@ impl GroupCall {
             .max(base)
     }
 
-    /// The device showed signs of life (it sent us something or refreshed
-    /// its membership): an unanswered invite to it goes out again now, and a
+    /// The device showed signs of life (it sent us something outside our
+    /// call with it, or republished its member entry): an invite to it that
+    /// has been unanswered for a retry interval goes out again now, and a
     /// call waiting for its backed-off slot is placed now.
     fn device_active(&mut self, now: u64, device: &DeviceKey) {
+        let retry = self.cfg.retry_interval_ms;
         if let Some(p) = self.peers.get_mut(device) {
-            if p.phase == Phase::InviteSent {
+            if p.phase == Phase::InviteSent && now >= p.phase_since.saturating_add(retry) {
                 // At most one extra copy a second, whatever it sends.
                 let at = p.kept_sent_at.saturating_add(1000);
                 if now >= at {
@@ -1151,9 +1153,16 @@ impl GroupCall {
                 .as_ref()
                 .is_none_or(|s| *s == p.session_id)
         });
-        if known {
+        // Messages of our call with it are its answer (or its end): the
+        // state machine takes those.
+        let other_call = self
+            .peers
+            .get(&key)
+            .is_none_or(|p| p.call_id != msg.common.call_id);
+        if known && other_call {
             self.device_active(now, &key);
-        } else {
+        }
+        if !known {
             let held = self.held.entry(key.clone()).or_default();
             if held.len() >= MAX_HELD_PER_DEVICE {
                 return Err(Ignored::Overflow);

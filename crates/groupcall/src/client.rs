@@ -143,23 +143,6 @@ impl JoinOptions {
     }
 }
 
-/// Our session id: one per process run, as MSC3401 asks ("generated once per
-/// client load"), shared by every join of this process. Others see a new
-/// session only when we restart.
-pub fn process_session_id() -> &'static str {
-    static SESSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SESSION.get_or_init(|| {
-        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-        let state = RandomState::new();
-        (0..16u64)
-            .map(|i| {
-                let x = state.hash_one((i, SystemTime::now(), std::process::id()));
-                char::from(ALPHABET[(x % ALPHABET.len() as u64) as usize])
-            })
-            .collect()
-    })
-}
-
 /// What the client reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientEvent {
@@ -440,7 +423,7 @@ pub async fn join_call(
     cfg.seed = RandomState::new().hash_one(SystemTime::now());
     cfg.require_encrypted = opts.require_encrypted;
     if cfg.session_id.is_none() {
-        cfg.session_id = Some(process_session_id().to_owned());
+        cfg.session_id = Some(session.call_session_id().to_owned());
     }
     let mut call = GroupCall::new(cfg);
 

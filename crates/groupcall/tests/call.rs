@@ -322,8 +322,8 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
     .await;
 
     // 5. Carol leaves: the others see it and close her peer; she rejoins with
-    //    the same session (one per process run, as MSC3401 asks) and is
-    //    called again: the others saw her entry go and come back.
+    //    a new session (a new login is a new client load, as MSC3401 puts
+    //    it) and is called again.
     let t_leave = Instant::now();
     let carol = parts.pop().unwrap();
     carol.commander.send(Command::Leave);

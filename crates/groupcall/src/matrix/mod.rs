@@ -65,6 +65,24 @@ pub struct MatrixSession {
     delayed_support: Arc<OnceCell<bool>>,
     /// Recipient devices found without published keys (for Olm).
     keyless: Arc<to_device::KeylessCache>,
+    /// The call `session_id` of this client load (see
+    /// [`MatrixSession::call_session_id`]).
+    call_session_id: Arc<str>,
+}
+
+/// A fresh call session id: 16 letters from the OS-seeded hasher.
+fn new_call_session_id() -> Arc<str> {
+    use std::hash::{BuildHasher, RandomState};
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let state = RandomState::new();
+    let now = std::time::SystemTime::now();
+    (0..16u64)
+        .map(|i| {
+            let x = state.hash_one((i, now));
+            char::from(ALPHABET[(x % ALPHABET.len() as u64) as usize])
+        })
+        .collect::<String>()
+        .into()
 }
 
 impl MatrixSession {
@@ -174,7 +192,18 @@ impl MatrixSession {
             data_dir,
             delayed_support: Arc::default(),
             keyless: Arc::default(),
+            call_session_id: new_call_session_id(),
         })
+    }
+
+    /// Our call `session_id`: MSC3401 asks for one "generated once per
+    /// client load". A `MatrixSession` (a login or a restore) is one client
+    /// load: every call joined with it (and its clones) uses this id, so a
+    /// leave and a rejoin keep it, and a restart (a new session object, in a
+    /// new process or the same one) makes a new one, which others answer as
+    /// a restart (`new_session`).
+    pub fn call_session_id(&self) -> &str {
+        &self.call_session_id
     }
 
     /// Restores the session stored in `data_dir` by an earlier
@@ -197,6 +226,7 @@ impl MatrixSession {
             data_dir,
             delayed_support: Arc::default(),
             keyless: Arc::default(),
+            call_session_id: new_call_session_id(),
         })
     }
 
