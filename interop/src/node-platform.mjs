@@ -104,7 +104,9 @@ export class SyntheticMedia {
     this.timers = [];
     this.startAudio();
     this.startVideo(this.camera, 320, 240, 0);
-    this.startVideo(this.screen, 640, 360, 1);
+    // The 640x360 screen pattern costs CPU: generated only once a screen is
+    // shared (getDisplayMedia), not for every peer that never shares.
+    this.screenStarted = false;
   }
 
   startAudio() {
@@ -154,7 +156,13 @@ export class SyntheticMedia {
     const tracks = [];
     if (audio) tracks.push(this.audio.createTrack());
     if (video) tracks.push(this.camera.createTrack());
-    if (screen) tracks.push(this.screen.createTrack());
+    if (screen) {
+      if (!this.screenStarted) {
+        this.screenStarted = true;
+        this.startVideo(this.screen, 640, 360, 1);
+      }
+      tracks.push(this.screen.createTrack());
+    }
     for (const t of tracks) this.tracks.add(t);
     return new MediaStream(tracks);
   }
@@ -194,18 +202,20 @@ export function installMediaDevices(media) {
  * Count decoded frames of a received track with the nonstandard sinks. An
  * audio sink delivers 10 ms frames whether or not packets arrive (silence
  * before the connection is up): `audible` counts the frames with sound.
+ * `onFirst()` is called at the first decoded video frame / audible audio
+ * frame.
  */
-export function countFrames(track) {
+export function countFrames(track, _feed, onFirst = () => {}) {
   let frames = 0;
   let audible = 0;
   const sink = track.kind === "audio" ? new nonstandard.RTCAudioSink(track) : new nonstandard.RTCVideoSink(track);
   if (track.kind === "audio") {
     sink.ondata = ({ samples }) => {
       frames++;
-      if (samples?.some((v) => v > 32 || v < -32)) audible++;
+      if (samples?.some((v) => v > 32 || v < -32) && audible++ === 0) onFirst();
     };
   } else {
-    sink.onframe = () => { frames++; };
+    sink.onframe = () => { if (frames++ === 0) onFirst(); };
   }
   return {
     read: () => frames,

@@ -5,7 +5,8 @@ const USAGE = `usage: node peer.mjs --homeserver URL --user NAME --password PW -
          [--register] [--create-call] [--video|--voice] [--mute-audio] [--mute-video]
          [--screenshare] [--duration SECS] [--log-signalling] [--encrypted | --no-crypto]
          [--ice-server URI] [--log-level debug|info|warn|error|silent]
-         [--media-interval MS] [--intent ring|prompt|room]`;
+         [--media-interval MS] [--intent ring|prompt|room]
+         [--candidate-ip IP[,IP...]]`;
 
 const FLAGS = {
   "--register": "register",
@@ -39,6 +40,7 @@ export function parseOptions(argv) {
     logLevel: "info",
     mediaInterval: 1000,
     intent: "prompt",
+    candidateIps: [],
   };
   for (const flag of Object.values(FLAGS)) opts[flag] = false;
 
@@ -47,6 +49,11 @@ export function parseOptions(argv) {
     if (arg === "--help" || arg === "-h") throw new UsageError(USAGE);
     if (arg === "--video" || arg === "--voice") {
       opts.callType = arg.slice(2);
+    } else if (arg === "--candidate-ip") {
+      // Offer only UDP candidates on these addresses (repeatable).
+      const value = argv[++i];
+      if (value === undefined) throw new UsageError(`${arg} needs a value\n${USAGE}`);
+      opts.candidateIps.push(value);
     } else if (FLAGS[arg]) {
       opts[FLAGS[arg]] = true;
     } else if (VALUES[arg]) {
@@ -73,6 +80,11 @@ export function parseOptions(argv) {
   }
   opts.mediaInterval = Number(opts.mediaInterval);
   if (!(opts.mediaInterval >= 10)) throw new UsageError(`--media-interval must be at least 10 (ms)`);
+  for (const ip of opts.candidateIps.flatMap((v) => v.split(","))) {
+    if (!/^(\d{1,3}(\.\d{1,3}){3}|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*)$/.test(ip.trim())) {
+      throw new UsageError(`--candidate-ip: not an IP address: ${ip}`);
+    }
+  }
   if (!["debug", "info", "warn", "error", "silent"].includes(opts.logLevel)) {
     throw new UsageError(`bad --log-level ${opts.logLevel}`);
   }

@@ -10,6 +10,7 @@
 // }
 
 import { UserId } from "@matrix-org/matrix-sdk-crypto-wasm";
+import { parseCandidateIps, reportRemoteCandidates, restrictCandidates } from "./candidates.mjs";
 
 const CALL_STATE_TYPE = "org.matrix.msc3401.call";
 const CALL_MEMBER_TYPE = "org.matrix.msc3401.call.member";
@@ -67,9 +68,16 @@ export async function startPeer({ sdk, opts, platform, emit }) {
 
   // ---- to-device: logging, optional Olm encryption, flush tracking --------
   const encryptor = opts.encrypted ? new CallEncryptor(client) : null;
+  const candidateIps = parseCandidateIps(opts.candidateIps ?? []);
+  if (opts.logSignalling) reportRemoteCandidates(globalThis.RTCPeerConnection, emit);
   const rawSendToDevice = client.sendToDevice.bind(client);
   client.sendToDevice = (eventType, contentMap, txnId) => {
     if (!eventType.startsWith("m.call.")) return rawSendToDevice(eventType, contentMap, txnId);
+    if (candidateIps.size > 0) {
+      // --candidate-ip: offer only UDP candidates on these addresses.
+      contentMap = new Map([...contentMap].map(([user, devices]) =>
+        [user, new Map([...devices].map(([device, c]) => [device, restrictCandidates(eventType, c, candidateIps)]))]));
+    }
     for (const [userId, devices] of opts.logSignalling ? contentMap : []) {
       for (const [deviceId, content] of devices) {
         emit({
@@ -147,7 +155,11 @@ export async function startPeer({ sdk, opts, platform, emit }) {
   // Start counting on every track of the feed not counted yet.
   const countTracks = (feed, entry) => {
     for (const t of feed.stream.getTracks()) {
-      if (!entry.counters.has(t.id)) entry.counters.set(t.id, { kind: t.kind, ...platform.countFrames(t, feed) });
+      if (entry.counters.has(t.id)) continue;
+      // The moment the first frame is decoded (audio: with sound), where the
+      // platform can tell; `media` lines come only every --media-interval.
+      const first = () => emit({ event: "first_frame", ...who(feed), stream_id: feed.stream.id, purpose: feed.purpose, kind: t.kind, track_id: t.id });
+      entry.counters.set(t.id, { kind: t.kind, ...platform.countFrames(t, feed, first) });
     }
   };
   const syncFeeds = () => {

@@ -383,6 +383,16 @@ pub struct RefPeer {
 impl RefPeer {
     /// Starts `node peer.mjs` and reports its JSON lines.
     pub fn spawn(o: &RefOptions<'_>, report: Reporter) -> anyhow::Result<RefPeer> {
+        Self::spawn_with(o, &[], report)
+    }
+
+    /// [`RefPeer::spawn`] with more command-line options for `peer.mjs`
+    /// (e.g. `--candidate-ip 127.0.0.1`).
+    pub fn spawn_with(
+        o: &RefOptions<'_>,
+        extra: &[&str],
+        report: Reporter,
+    ) -> anyhow::Result<RefPeer> {
         let log = std::fs::File::create(o.log)
             .with_context(|| format!("creating {}", o.log.display()))?;
         let mut cmd = std::process::Command::new("node");
@@ -405,6 +415,7 @@ impl RefPeer {
         if o.encrypted {
             cmd.arg("--encrypted");
         }
+        cmd.args(extra);
         let mut child = tokio::process::Command::from(cmd)
             .kill_on_drop(true)
             .spawn()
@@ -498,6 +509,22 @@ fn ref_line(report: &Reporter, v: &Value) {
                 .and_then(Value::as_str)
                 .map(str::to_owned),
         }),
+        // The moment a track's first frame was decoded (video) or its first
+        // audible frame played (audio): exact, whatever --media-interval.
+        "first_frame" => {
+            let kind = match v.get("kind").and_then(Value::as_str) {
+                Some("audio") => Kind::Audio,
+                Some("video") => Kind::Video,
+                _ => return,
+            };
+            report.send(What::Frames {
+                remote: s("user_id"),
+                stream: s("stream_id"),
+                kind,
+                frames: 1,
+                bytes: None,
+            });
+        }
         "media" => {
             let kind = match v.get("kind").and_then(Value::as_str) {
                 Some("audio") => Kind::Audio,
@@ -597,5 +624,23 @@ mod tests {
                 ..
             }
         ));
+        // The first decoded frame counts at once.
+        ref_line(
+            &r,
+            &serde_json::json!({"event":"first_frame","user_id":"@a:x","stream_id":"s","kind":"audio","track_id":"t"}),
+        );
+        assert!(matches!(
+            rx.try_recv().unwrap().what,
+            What::Frames {
+                kind: Kind::Audio,
+                frames: 1,
+                ..
+            }
+        ));
+        ref_line(
+            &r,
+            &serde_json::json!({"event":"first_frame","user_id":"@a:x","kind":"data"}),
+        );
+        assert!(rx.try_recv().is_err());
     }
 }

@@ -672,9 +672,18 @@ fn js_signalling<'a>(
 /// Every pair connects with media; each side reports how each message
 /// arrived, and the decrypted contents carry MSC3401's group fields with
 /// `seq` from 0 without gaps.
+///
+/// Trickle both ways: the homeserver's STUN server (a stub) answers 800 ms
+/// late, after groupcall's 300 ms gathering wait, so gus and jay trickle
+/// their server-reflexive candidates in `m.call.candidates`, and each
+/// reference adds every one of them (`addIceCandidate` succeeds). hal's own
+/// STUN server holds its answers until jay has hal's invite, so hal's
+/// server-reflexive candidate comes after its SDP went out and before ICE
+/// can connect: hal trickles it, and jay takes every message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn signalling_plaintext_and_olm() {
-    let mut h = Harness::new().await;
+    let gc_stun = LateStun::start(std::time::Duration::from_millis(800));
+    let mut h = Harness::with_stun(&gc_stun.uri).await;
     for n in ["gus", "hal", "ivy", "jay"] {
         h.register(n).await;
     }
@@ -687,9 +696,9 @@ async fn signalling_plaintext_and_olm() {
     opts.create = Some(CreateOptions::default());
     let (g, _gus_p) = h.join_rust("gus", gus, opts).await;
     let t0 = h.log.mark();
-    // hal's STUN server answers late, so hal trickles m.call.candidates
-    // (as the callee of gus, as the caller of ivy and jay).
-    let stun = LateStun::start(std::time::Duration::from_millis(400));
+    // hal's STUN server answers only once released (below), so hal
+    // trickles m.call.candidates to jay (hal calls jay).
+    let stun = LateStun::held(std::time::Duration::from_millis(400));
     let hal = h.spawn_js(
         "hal",
         "peer.mjs",
@@ -707,6 +716,19 @@ async fn signalling_plaintext_and_olm() {
     let (j, _jay_p) = h.join_rust("jay", jay, opts).await;
     let hal_dev = h.js_device(hal).await;
     let ivy_dev = h.js_device(ivy).await;
+    // Release hal's STUN answers once jay has hal's invite: hal's SDP went
+    // out (and its send completed, so later candidates are batched with the
+    // end-of-candidates marker), while jay answers only after its own 300 ms
+    // gathering wait, so ICE cannot be up yet.
+    let released = h
+        .log
+        .wait_for("jay to receive hal's invite", T, |s| {
+            rust_signalling(s, j, &hal_dev.user_id)
+                .iter()
+                .any(|(t, _, _)| t == "m.call.invite")
+        })
+        .await;
+    stun.release();
     let members: Vec<Member> = vec![
         (g, true, gus_dev.clone()),
         (hal, false, hal_dev.clone()),
@@ -822,12 +844,12 @@ async fn signalling_plaintext_and_olm() {
             );
         }
     }
-    // hal's late candidates reach jay (hal is the caller: it trickles them
-    // 2 s after its invite, ending with the end-of-candidates marker), and
-    // jay takes every m.call.candidates. As gus's callee, hal trickles only
-    // when its STUN answer beats ICE: libwebrtc stops gathering once the
-    // connection is up, which on loopback is often first. Whatever hal sent
-    // to gus, gus took.
+    // hal's late candidate reaches jay (hal is the caller: it trickles it
+    // 2 s after its invite, with the end-of-candidates marker), and jay
+    // takes every m.call.candidates. As gus's callee, hal trickles only when
+    // its STUN answer comes between its answer and ICE connecting (libwebrtc
+    // stops gathering once the connection is up): whatever it sent to gus,
+    // gus took.
     let trickled = |s: &[Entry], at: usize, to: &DeviceKey| -> (usize, bool, usize) {
         let sent: Vec<_> = js_signalling(s, hal, "out", &to.user_id)
             .into_iter()
@@ -850,14 +872,11 @@ async fn signalling_plaintext_and_olm() {
             .count();
         (sent.len(), complete, taken)
     };
-    h.log
+    let hal_trickled = h
+        .log
         .wait_for("hal's trickled candidates taken by jay", T, |s| {
-            // Whether the reference trickles at all depends on timing
-            // (libwebrtc stops gathering once ICE connects, which on loopback
-            // can beat the late STUN answer): require only that every
-            // candidate it did send was taken.
             let (sent, complete, taken) = trickled(s, j, &jay_dev);
-            taken == sent && (sent == 0 || complete)
+            sent > 0 && complete && taken == sent
         })
         .await;
     h.log
@@ -866,13 +885,83 @@ async fn signalling_plaintext_and_olm() {
             sent == taken
         })
         .await;
+    // The other way: gus and jay trickle to both references (their STUN
+    // answer comes after their SDP), and the references add every candidate
+    // they got from us (`remote_candidate` lines: addIceCandidate's result).
+    let ours = |s: &[Entry], at: usize, from: &DeviceKey| -> (usize, Vec<String>, usize) {
+        let got: Vec<_> = js_signalling(s, at, "in", &from.user_id)
+            .into_iter()
+            .filter(|v| v["type"] == "m.call.candidates")
+            .collect();
+        let cands: Vec<String> = got
+            .iter()
+            .flat_map(|v| {
+                v["content"]["candidates"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|c| c["candidate"].as_str().map(str::to_owned))
+            .filter(|c| !c.is_empty())
+            .collect();
+        let added = cands
+            .iter()
+            .filter(|c| {
+                s.iter().any(|e| {
+                    e.who == at
+                        && e.js("remote_candidate")
+                            .is_some_and(|v| v["candidate"] == c.as_str() && v["ok"] == true)
+                })
+            })
+            .count();
+        (got.len(), cands, added)
+    };
+    h.log
+        .wait_for(
+            "hal and ivy to add every candidate gus and jay trickled",
+            T,
+            |s| {
+                [hal, ivy].iter().all(|&at| {
+                    [&gus_dev, &jay_dev].iter().all(|from| {
+                        let (msgs, cands, added) = ours(s, at, from);
+                        msgs > 0 && !cands.is_empty() && added == cands.len()
+                    })
+                })
+            },
+        )
+        .await;
     let s = &h.log.seen;
+    for at in [hal, ivy] {
+        let refused: Vec<_> = s
+            .iter()
+            .filter(|e| e.who == at)
+            .filter_map(|e| e.js("remote_candidate"))
+            .filter(|v| v["ok"] != true && v["candidate"] != "")
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "reference #{at} refused candidates: {refused:?}"
+        );
+    }
     let (to_gus, _, _) = trickled(s, g, &gus_dev);
+    let (to_jay, _, _) = trickled(s, j, &jay_dev);
     report.push(format!(
-        "hal->jay (hal calls): {} m.call.candidates; hal->gus (hal answers): {to_gus}",
-        trickled(s, j, &jay_dev).0
+        "hal->jay (hal calls): {to_jay} m.call.candidates ({} ms after its STUN answers were released); hal->gus (hal answers): {to_gus}",
+        ms(released, hal_trickled)
     ));
+    for (at, at_dev) in [(hal, &hal_dev), (ivy, &ivy_dev)] {
+        for from in [&gus_dev, &jay_dev] {
+            let (msgs, cands, added) = ours(s, at, from);
+            report.push(format!(
+                "{}->{}: {msgs} m.call.candidates, {added}/{} candidates added",
+                from.user_id,
+                at_dev.user_id,
+                cands.len()
+            ));
+        }
+    }
     drop(stun);
+    drop(gc_stun);
     eprintln!("FIGURES signalling: {}", report.join(", "));
     h.shutdown().await;
 }
@@ -1106,14 +1195,22 @@ async fn leave_and_restart_both_sides() {
         ms(t, noticed)
     ));
 
-    // pam restarts: same device, new session.
+    // pam restarts: same device (its stored session), new session.
     let t = h.log.mark();
     let pam2 = h.login("pam").await;
-    // Normally the stored session (and so the device) is reused; once, under
-    // heavy load, a fresh device was logged in instead (under
-    // investigation). Either way pam comes back with a new session, which is
-    // what this step is about: follow whatever device it has.
-    let pam_dev = DeviceKey::new(pam2.user_id(), pam2.device_id());
+    assert_eq!(
+        pam2.device_id(),
+        pam_dev.device_id,
+        "same device after re-login"
+    );
+    assert!(
+        pam2.from_stored_session(),
+        "the re-login should reuse the stored session (its access token), not log in again"
+    );
+    figures.push(format!(
+        "re-login from the stored session {} ms",
+        ms(t, Instant::now())
+    ));
     let (p2, _pam2_p) = h
         .join_rust("pam", pam2, JoinOptions::new(room.clone()))
         .await;
@@ -1362,6 +1459,10 @@ async fn groupcall_crash_is_cleaned_up_for_the_reference() {
     let t_back = h.log.mark();
     let una2 = h.login("una").await;
     assert_eq!(una2.device_id(), una_dev.device_id);
+    assert!(
+        una2.from_stored_session(),
+        "restart reuses the stored session"
+    );
     let (u2, _una2_p) = h
         .join_rust("una", una2, JoinOptions::new(room.clone()))
         .await;

@@ -21,7 +21,10 @@ use std::time::Duration;
 
 use matrix_sdk::authentication::matrix::MatrixSession as SdkSession;
 use matrix_sdk::config::RequestConfig;
+use matrix_sdk::ruma::api::client::session::login;
+use matrix_sdk::ruma::api::client::uiaa::{MatrixUserIdentifier, UserIdentifier};
 use matrix_sdk::ruma::api::error::ErrorKind;
+use matrix_sdk::ruma::assign;
 use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use matrix_sdk::{Client, Room};
 use serde::{Deserialize, Serialize};
@@ -48,6 +51,11 @@ const SESSION_FILE: &str = "session.json";
 const STORE_DIR: &str = "store";
 const DEVICE_DISPLAY_NAME: &str = "groupcall";
 
+/// How long [`MatrixSession::login`] keeps retrying to check a stored
+/// session while the homeserver is unreachable or answers with transient
+/// errors, before it gives up (keeping the session for the next try).
+pub const STORED_SESSION_PATIENCE: Duration = Duration::from_secs(30);
+
 /// What is persisted in `<data_dir>/session.json`.
 #[derive(Serialize, Deserialize)]
 struct StoredSession {
@@ -68,6 +76,7 @@ pub struct MatrixSession {
     /// The call `session_id` of this client load (see
     /// [`MatrixSession::call_session_id`]).
     call_session_id: Arc<str>,
+    from_stored_session: bool,
 }
 
 /// A fresh call session id: 16 letters from the OS-seeded hasher.
@@ -91,8 +100,18 @@ impl MatrixSession {
     ///
     /// If `data_dir` already holds a session of the same user on the same
     /// homeserver, that device is reused: its stored access token if it
-    /// still works, else a fresh password login onto the same device id.
-    /// A session of another account is [`MatrixError::SessionMismatch`].
+    /// still works, else a fresh password login onto the same device id
+    /// (never a new device: a homeserver that answers with another device id
+    /// is an error). While the homeserver cannot be reached or answers with
+    /// a transient error, checking the stored token is retried for up to
+    /// [`STORED_SESSION_PATIENCE`] before giving up with that error. A
+    /// session of another account is [`MatrixError::SessionMismatch`].
+    ///
+    /// A new login's session is written to `<data_dir>/session.json`
+    /// (atomically, and synced to disk) before the E2EE store is touched, so
+    /// that a process killed at any point leaves either no device or a
+    /// session file for it, never a store whose device cannot be logged into
+    /// again.
     pub async fn login(
         homeserver_url: &str,
         user: &str,
@@ -120,16 +139,14 @@ impl MatrixSession {
             }
             let device = stored.session.meta.device_id.to_string();
             match Self::restore(&data_dir).await {
-                Ok(s) => match s.client.whoami().await {
-                    Ok(_) => {
+                Ok(mut s) => match s.check_stored_token().await {
+                    Ok(()) => {
                         info!(user_id = %s.user_id, device_id = device, "reusing stored session");
+                        s.from_stored_session = true;
                         return Ok(s);
                     }
+                    Err(e) if e.is_transient() => return Err(e),
                     Err(e) => {
-                        let e = MatrixError::http("checking the stored access token", e);
-                        if e.is_transient() {
-                            return Err(e);
-                        }
                         info!(error = %e, "stored access token rejected; logging in again on the same device");
                     }
                 },
@@ -153,39 +170,65 @@ impl MatrixSession {
         }
 
         let client = build_client(homeserver_url, &data_dir).await?;
-        let mut login = client
-            .matrix_auth()
-            .login_username(user, password)
-            .initial_device_display_name(DEVICE_DISPLAY_NAME);
-        if let Some(device) = &reuse_device {
-            login = login.device_id(device);
-        }
-        let response = login.send().await.map_err(|e| {
-            let wrong_password = matches!(e.client_api_error_kind(), Some(ErrorKind::Forbidden));
-            if wrong_password {
-                MatrixError::WrongPassword {
-                    user: user.to_owned(),
-                    homeserver: homeserver_url.to_owned(),
-                }
-            } else {
-                MatrixError::sdk(format!("logging in as {user}"), e)
+        // The login request on its own (not the SDK's login, which sets the
+        // session up in the store before we could write it down).
+        let request = assign!(
+            login::v3::Request::new(login::v3::LoginInfo::Password(login::v3::Password::new(
+                UserIdentifier::Matrix(MatrixUserIdentifier::new(user.to_owned())),
+                password.to_owned(),
+            ))),
+            {
+                device_id: reuse_device.clone().map(Into::into),
+                initial_device_display_name: Some(DEVICE_DISPLAY_NAME.to_owned()),
             }
-        })?;
-        info!(user_id = %response.user_id, device_id = %response.device_id, "logged in");
-        let session = client
-            .matrix_auth()
-            .session()
-            .ok_or_else(|| MatrixError::Http {
-                action: "logging in".to_owned(),
-                message: "no session after a successful login".to_owned(),
+        );
+        // A login onto a known device is idempotent and retried like the
+        // SDK's own; a new device's is not: a retry of a login the server did
+        // complete would make a second, orphaned device.
+        let retry = if reuse_device.is_some() {
+            RequestConfig::short_retry()
+        } else {
+            RequestConfig::new().disable_retry()
+        };
+        let response = client
+            .send(request)
+            .with_request_config(retry)
+            .await
+            .map_err(|e| {
+                if matches!(e.client_api_error_kind(), Some(ErrorKind::Forbidden)) {
+                    MatrixError::WrongPassword {
+                        user: user.to_owned(),
+                        homeserver: homeserver_url.to_owned(),
+                    }
+                } else {
+                    MatrixError::http(format!("logging in as {user}"), e)
+                }
             })?;
+        if let Some(device) = &reuse_device
+            && response.device_id.as_str() != device
+        {
+            return Err(MatrixError::SessionMismatch {
+                dir: data_dir,
+                stored: format!("device {device}"),
+                requested: format!(
+                    "the homeserver logged {} in as device {}",
+                    response.user_id, response.device_id
+                ),
+            });
+        }
+        info!(user_id = %response.user_id, device_id = %response.device_id, "logged in");
+        let session = SdkSession::from(&response);
         write_session(
             &data_dir,
             &StoredSession {
                 homeserver: homeserver_url.to_owned(),
-                session,
+                session: session.clone(),
             },
         )?;
+        client
+            .restore_session(session)
+            .await
+            .map_err(|e| MatrixError::sdk("setting up the new session", e))?;
         Ok(MatrixSession {
             client,
             user_id: response.user_id,
@@ -193,6 +236,7 @@ impl MatrixSession {
             delayed_support: Arc::default(),
             keyless: Arc::default(),
             call_session_id: new_call_session_id(),
+            from_stored_session: false,
         })
     }
 
@@ -204,6 +248,32 @@ impl MatrixSession {
     /// a restart (`new_session`).
     pub fn call_session_id(&self) -> &str {
         &self.call_session_id
+    }
+
+    /// Whether the stored access token still works (`whoami`), retrying
+    /// transient failures (homeserver unreachable, slow, 5xx, 429) with
+    /// backoff for up to [`STORED_SESSION_PATIENCE`].
+    async fn check_stored_token(&self) -> Result<(), MatrixError> {
+        let give_up = tokio::time::Instant::now() + STORED_SESSION_PATIENCE;
+        let mut wait = Duration::from_millis(250);
+        loop {
+            let e = match self.client.whoami().await {
+                Ok(_) => return Ok(()),
+                Err(e) => MatrixError::http("checking the stored access token", e),
+            };
+            if !e.is_transient() || tokio::time::Instant::now() + wait > give_up {
+                return Err(e);
+            }
+            warn!(error = %e, retry_in = ?wait, "cannot check the stored session yet; retrying (the device is kept)");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(4));
+        }
+    }
+
+    /// Whether [`MatrixSession::login`] reused the stored session (its
+    /// access token still worked) rather than logging in with the password.
+    pub fn from_stored_session(&self) -> bool {
+        self.from_stored_session
     }
 
     /// Restores the session stored in `data_dir` by an earlier
@@ -227,6 +297,7 @@ impl MatrixSession {
             delayed_support: Arc::default(),
             keyless: Arc::default(),
             call_session_id: new_call_session_id(),
+            from_stored_session: true,
         })
     }
 
@@ -337,6 +408,8 @@ fn read_session(data_dir: &Path) -> Result<Option<StoredSession>, MatrixError> {
 }
 
 fn write_session(data_dir: &Path, stored: &StoredSession) -> Result<(), MatrixError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let path = data_dir.join(SESSION_FILE);
     let io = |source| MatrixError::Io {
         what: "writing session",
@@ -344,11 +417,25 @@ fn write_session(data_dir: &Path, stored: &StoredSession) -> Result<(), MatrixEr
         source,
     };
     let text = serde_json::to_string_pretty(stored).map_err(|e| io(std::io::Error::other(e)))?;
-    // Write then rename, so a crash never leaves a half-written session.
+    // Write, sync, then rename (and sync the directory), so that neither a
+    // crash nor a power loss leaves a half-written or vanished session.
     let tmp = data_dir.join(format!("{SESSION_FILE}.tmp"));
-    std::fs::write(&tmp, text).map_err(io)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
     restrict_permissions(&tmp);
-    std::fs::rename(&tmp, &path).map_err(io)
+    file.write_all(text.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    if let Err(e) = std::fs::File::open(data_dir).and_then(|d| d.sync_all()) {
+        warn!(dir = %data_dir.display(), error = %e, "could not sync the data directory");
+    }
+    Ok(())
 }
 
 /// The session file holds an access token: keep it private to the user.

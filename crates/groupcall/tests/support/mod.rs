@@ -168,6 +168,24 @@ impl Harness {
     /// Waits for its turn, checks the reference peer's packages and starts
     /// Synapse.
     pub async fn new() -> Harness {
+        Self::with_synapse(SynapseOptions::default()).await
+    }
+
+    /// [`Harness::new`] with a STUN server that groupcall participants use:
+    /// the homeserver's `/voip/turnServer` names `stun_uri` (with static
+    /// credentials: Synapse answers nothing without). Reference peers read
+    /// it too, unless given their own `--ice-server`.
+    pub async fn with_stun(stun_uri: &str) -> Harness {
+        let mut options = SynapseOptions::default();
+        let extra = &mut options.extra_config;
+        extra.insert("turn_uris".into(), serde_json::json!([stun_uri]));
+        extra.insert("turn_username".into(), "stun-user".into());
+        extra.insert("turn_password".into(), "stun-pw".into());
+        Self::with_synapse(options).await
+    }
+
+    /// [`Harness::new`] with Synapse started with `options`.
+    pub async fn with_synapse(options: SynapseOptions) -> Harness {
         let serial = SERIAL.lock().await;
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -177,9 +195,7 @@ impl Harness {
             .with_test_writer()
             .try_init();
         require_node_modules();
-        let synapse = Synapse::start(SynapseOptions::default())
-            .await
-            .expect("synapse");
+        let synapse = Synapse::start(options).await.expect("synapse");
         let hs = synapse.base_url();
         let (tx, rx) = mpsc::unbounded_channel();
         let names = Arc::new(Mutex::new(Vec::new()));
@@ -860,24 +876,58 @@ pub fn ms(a: Instant, b: Instant) -> u128 {
 /// made-up server-reflexive address (127.0.0.2, the request's port). Given
 /// to the reference (`--ice-server`), it makes it trickle a late candidate in
 /// `m.call.candidates`: on loopback everything else is gathered before its
-/// invite/answer goes out. Stops when dropped.
+/// invite/answer goes out. Given to groupcall (the homeserver's
+/// `/voip/turnServer`, see [`Harness::with_stun`]), answers later than the
+/// peer's gathering wait make it trickle too. Stops when dropped.
+///
+/// [`LateStun::held`] keeps every answer until [`LateStun::release`]: a test
+/// releases them right after it saw the reference send its invite, so the
+/// server-reflexive candidate is certain to come after the SDP went out and
+/// before ICE can connect (libwebrtc drops a candidate gathered after that).
 pub struct LateStun {
     pub uri: String,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    released: Arc<std::sync::atomic::AtomicBool>,
+    answered: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl LateStun {
+    /// Answers every Binding request `delay` after it came.
     pub fn start(delay: Duration) -> LateStun {
+        Self::spawn(delay, true)
+    }
+
+    /// Holds every answer until [`LateStun::release`] (then sends the held
+    /// ones at once and answers later requests after `delay`).
+    pub fn held(delay: Duration) -> LateStun {
+        Self::spawn(delay, false)
+    }
+
+    /// Lets the held answers go out.
+    pub fn release(&self) {
+        self.released
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many Binding answers were sent so far.
+    pub fn answered(&self) -> usize {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn spawn(delay: Duration, released: bool) -> LateStun {
         use std::net::{SocketAddr, UdpSocket};
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         const MAGIC: u32 = 0x2112_a442;
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Short, so that answers leave within a few ms of being due.
         socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
+            .set_read_timeout(Some(Duration::from_millis(5)))
             .unwrap();
         let uri = format!("stun:{}", socket.local_addr().unwrap());
         let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
+        let released = Arc::new(AtomicBool::new(released));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (stopped, go, count) = (stop.clone(), released.clone(), answered.clone());
         std::thread::spawn(move || {
             let mut due: Vec<(std::time::Instant, Vec<u8>, SocketAddr)> = Vec::new();
             let mut buf = [0u8; 1500];
@@ -900,10 +950,15 @@ impl LateStun {
                         due.push((std::time::Instant::now() + delay, res, from));
                     }
                 }
+                if !go.load(Ordering::Relaxed) {
+                    continue;
+                }
                 let now = std::time::Instant::now();
                 due.retain(|(at, res, to)| {
                     if *at <= now {
-                        let _ = socket.send_to(res, to);
+                        if socket.send_to(res, to).is_ok() {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
                         false
                     } else {
                         true
@@ -911,7 +966,12 @@ impl LateStun {
                 });
             }
         });
-        LateStun { uri, stop }
+        LateStun {
+            uri,
+            stop,
+            released,
+            answered,
+        }
     }
 }
 
