@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::args::{Intent, JoinArgs};
 use crate::commands::{self, Line};
-use crate::output::{event_json, warning_json};
+use crate::output::{event_json, left_json, warning_json};
 use crate::view::View;
 
 /// How long leaving (hangups, membership removal, recordings) may take.
@@ -307,7 +307,7 @@ impl Out {
 
     fn left(&mut self) {
         if self.json {
-            self.line(&json!({ "event": "left" }));
+            self.line(&left_json());
         } else {
             self.text("left the call\n");
         }

@@ -15,6 +15,11 @@
 //! `--no-retransmission` turns video NACK/RTX off (a diagnostic knob: the
 //! lossy-network test compares the recordings with and without it).
 //!
+//! Lines on stdout: every client event in the library's one JSON shape
+//! ([`groupcall::json`]), plus `{"event":"ready","user_id","device_id"}`
+//! after login, `{"event":"finished"}` at the end and
+//! `{"event":"error","message"}`; each with `t_ms` (wall clock, ms).
+//!
 //! Lines on stdin: `leave` leaves the call, `screenshare on|off`.
 
 #![allow(clippy::print_stdout)]
@@ -25,8 +30,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use groupcall::matrix::MatrixSession;
-use groupcall::proto::{CallEvent, Command, Config, CreateOptions, PeerStatus};
-use groupcall::{ClientEvent, JoinOptions, join_call};
+use groupcall::proto::{Command, Config, CreateOptions};
+use groupcall::{JoinOptions, join_call};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -120,84 +125,10 @@ fn emit(mut v: Value) {
     println!("{v}");
 }
 
-fn status_json(s: &PeerStatus) -> (&'static str, Option<&str>) {
-    match s {
-        PeerStatus::Connecting => ("connecting", None),
-        PeerStatus::Connected => ("connected", None),
-        PeerStatus::Reconnecting => ("reconnecting", None),
-        PeerStatus::Failed(r) => ("failed", Some(r)),
-        PeerStatus::Closed(r) => ("closed", Some(r)),
-    }
-}
-
-fn event_json(ev: &ClientEvent) -> Option<Value> {
-    Some(match ev {
-        ClientEvent::Call(c) => match c {
-            CallEvent::Joined {
-                call_id,
-                session_id,
-                created,
-            } => {
-                json!({"event": "joined", "call_id": call_id, "session_id": session_id, "created": created})
-            }
-            CallEvent::Left => json!({"event": "left"}),
-            CallEvent::ParticipantJoined { device, session_id } => json!({
-                "event": "participant_joined", "user": device.user_id,
-                "device": device.device_id, "session_id": session_id}),
-            CallEvent::ParticipantLeft {
-                device,
-                session_id,
-                reason,
-            } => json!({"event": "participant_left", "user": device.user_id,
-                "device": device.device_id, "session_id": session_id, "reason": format!("{reason:?}")}),
-            CallEvent::PeerState {
-                device,
-                peer,
-                call_id,
-                status,
-            } => {
-                let (state, reason) = status_json(status);
-                json!({"event": "peer_state", "user": device.user_id, "device": device.device_id,
-                    "peer": peer.0, "call_id": call_id, "state": state, "reason": reason})
-            }
-            CallEvent::Unanswered { device, calls } => {
-                json!({"event": "unanswered", "user": device.user_id, "device": device.device_id, "calls": calls})
-            }
-            other => json!({"event": "call", "debug": format!("{other:?}")}),
-        },
-        ClientEvent::Media {
-            device,
-            stream_id,
-            kind,
-            frames,
-            bytes,
-        } => json!({"event": "media", "user": device.user_id, "device": device.device_id,
-            "stream_id": stream_id, "kind": kind.as_str(), "frames": frames, "bytes": bytes}),
-        ClientEvent::MediaSent {
-            device,
-            kind,
-            frames,
-            bytes,
-        } => json!({"event": "media_sent", "user": device.user_id, "device": device.device_id,
-            "kind": kind.as_str(), "frames": frames, "bytes": bytes}),
-        ClientEvent::Signalling {
-            sender,
-            event_type,
-            encrypted,
-            ignored,
-        } => json!({"event": "signalling", "sender": sender, "type": event_type,
-            "encrypted": encrypted, "ignored": ignored}),
-        ClientEvent::Recorded { path } => json!({"event": "recorded", "path": path}),
-        ClientEvent::Warning(w) => json!({"event": "warning", "message": w}),
-        // Remote tracks, frames, and whatever is added later.
-        _ => return None,
-    })
-}
-
 async fn run(args: Args) -> Result<(), Error> {
     let session =
         MatrixSession::login(&args.homeserver, &args.user, &args.password, &args.data_dir).await?;
-    emit(json!({"event": "ready", "user": session.user_id(), "device": session.device_id()}));
+    emit(json!({"event": "ready", "user_id": session.user_id(), "device_id": session.device_id()}));
     let mut opts = JoinOptions::new(args.room.clone());
     opts.create = args.create.then(CreateOptions::default);
     if !args.bind.is_empty() {
@@ -241,9 +172,8 @@ async fn run(args: Args) -> Result<(), Error> {
         }
     });
     while let Some(ev) = call.next_event().await {
-        if let Some(v) = event_json(&ev) {
-            emit(v);
-        }
+        // Frames are not asked for (`deliver_frames` stays off).
+        emit(ev.to_json());
     }
     call.finished().await?;
     emit(json!({"event": "finished"}));

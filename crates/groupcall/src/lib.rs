@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod faults;
+pub mod json;
 pub mod liveness;
 pub mod matrix;
 

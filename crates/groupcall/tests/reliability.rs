@@ -462,7 +462,10 @@ async fn wait_mesh(log: &mut Log, idx: &[usize], devices: &[DeviceKey], since: I
 }
 
 fn device_of_ready(v: &Value) -> DeviceKey {
-    DeviceKey::new(v["user"].as_str().unwrap(), v["device"].as_str().unwrap())
+    DeviceKey::new(
+        v["user_id"].as_str().unwrap(),
+        v["device_id"].as_str().unwrap(),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -1033,7 +1036,7 @@ async fn namespaces(n: usize) -> Option<netns::Net> {
 
 /// JSON-line helpers (participant processes).
 fn j_user(v: &Value) -> &str {
-    v["user"].as_str().unwrap_or_default()
+    v["user_id"].as_str().unwrap_or_default()
 }
 
 fn j_state_since(
