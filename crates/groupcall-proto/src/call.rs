@@ -92,6 +92,8 @@ struct Peer {
     kept_sent_at: u64,
     /// This call's invite lifetime: an unanswered invite is hung up after it.
     lifetime: u64,
+    /// When the peer was made (our invite was placed, or theirs arrived).
+    opened_at: u64,
 }
 
 impl Peer {
@@ -899,6 +901,7 @@ impl GroupCall {
                 resends: 0,
                 kept_sent_at: now,
                 lifetime,
+                opened_at: now,
             },
         );
         self.event(CallEvent::PeerState {
@@ -1346,6 +1349,9 @@ impl GroupCall {
                 if s.selected_party_id != self.me.device_id {
                     info!(device = %key, "call answered elsewhere");
                     self.close_peer(key, false, "answered_elsewhere", false);
+                } else {
+                    // The caller has our answer: no copy of it is needed.
+                    peer.kept = None;
                 }
                 Ok(())
             }
@@ -1897,6 +1903,15 @@ impl GroupCall {
     fn phase_deadline(&self, p: &Peer) -> Option<u64> {
         match p.phase {
             Phase::InviteSent => Some(p.phase_since.saturating_add(p.lifetime)),
+            // Callee whose answer the caller has not confirmed: the caller
+            // may still be sending its invite again (our answer lost), so
+            // wait for it as long as its invite is open (bounded).
+            Phase::Connecting if p.direction == Direction::Inbound && p.kept.is_some() => Some(
+                (p.phase_since + self.cfg.connect_timeout_ms).max(
+                    p.opened_at
+                        .saturating_add(p.lifetime.min(self.cfg.max_backoff_ms)),
+                ),
+            ),
             Phase::CreatingOffer
             | Phase::CreatingAnswer
             | Phase::Connecting
@@ -1968,8 +1983,22 @@ impl GroupCall {
             let Some(resends) = self.peers.get(&device).map(|p| p.resends + 1) else {
                 continue;
             };
-            // Every retry interval for the MSC's retries, then doubling.
-            let wait = self.backoff(self.cfg.retry_interval_ms, resends + 2);
+            // Every retry interval while we are within the MSC's retries
+            // (the first call and 3 more): a lost message costs at most that
+            // long, as with the reference's re-invites. Beyond them, the
+            // backed-off calls' copies come at doubling intervals.
+            let beyond_msc = self
+                .retry
+                .get(&device)
+                .is_some_and(|r| r.calls_placed > self.cfg.max_retries + 1);
+            let wait = if beyond_msc {
+                self.backoff(
+                    self.cfg.retry_interval_ms,
+                    resends + self.cfg.max_retries + 1,
+                )
+            } else {
+                self.cfg.retry_interval_ms
+            };
             if let Some(p) = self.peers.get_mut(&device) {
                 p.resends = resends;
                 p.resend_at = Some(now.saturating_add(wait));

@@ -81,10 +81,16 @@ pub const T0: u64 = 1_700_000_000_000;
 impl World {
     /// `users[i]` is the user of node i; device ids are `DEV{i}`.
     pub fn new(seed: u64, users: &[&str], faults: Faults) -> Self {
+        Self::with_config(seed, users, faults, |_| {})
+    }
+
+    /// [`World::new`] with every participant's [`Config`] adjusted by `f`.
+    pub fn with_config(seed: u64, users: &[&str], faults: Faults, f: impl Fn(&mut Config)) -> Self {
         let mut nodes = Vec::new();
         for (i, u) in users.iter().enumerate() {
             let mut cfg = Config::new(*u, format!("DEV{i}"));
             cfg.seed = seed.wrapping_mul(1000).wrapping_add(i as u64);
+            f(&mut cfg);
             nodes.push(Node {
                 key: DeviceKey::new(*u, format!("DEV{i}")),
                 call: GroupCall::new(cfg),
