@@ -5,16 +5,17 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use groupcall_synapse::{Synapse, SynapseOptions};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
-use tokio::sync::mpsc;
+
+mod proc;
+
+use proc::Proc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_groupcall");
 
@@ -283,15 +284,6 @@ async fn login_and_room_errors() {
     }
 }
 
-/// A running `groupcall` process with its stdout lines as JSON.
-struct Proc {
-    name: String,
-    child: tokio::process::Child,
-    lines: mpsc::UnboundedReceiver<Value>,
-    seen: Vec<Value>,
-    stderr: Arc<Mutex<String>>,
-}
-
 impl Proc {
     /// Starts `groupcall` with `args`, stdin closed.
     fn spawn(name: &str, args: &[String]) -> Proc {
@@ -319,137 +311,6 @@ impl Proc {
             .args(args)
             .current_dir(&interop);
         Self::spawn_cmd(name, cmd, Stdio::piped())
-    }
-
-    fn spawn_cmd(name: &str, mut cmd: Command, stdin: Stdio) -> Proc {
-        let mut child = cmd
-            .stdin(stdin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        let stdout = child.stdout.take().unwrap();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = r.next_line().await {
-                let v = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| json!({ "event": "NOT JSON", "line": line }));
-                if tx.send(v).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let err = child.stderr.take().unwrap();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(err).lines();
-            while let Ok(Some(line)) = r.next_line().await {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Proc {
-            name: name.to_owned(),
-            child,
-            lines,
-            seen: Vec::new(),
-            stderr,
-        }
-    }
-
-    /// Takes in every line that is there now.
-    fn poll(&mut self) {
-        while let Ok(v) = self.lines.try_recv() {
-            self.seen.push(v);
-        }
-    }
-
-    /// Waits for a line matching `pred`.
-    async fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + timeout;
-        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
-            return v.clone();
-        }
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(v)) => {
-                    self.seen.push(v.clone());
-                    if pred(&v) {
-                        return v;
-                    }
-                }
-                Ok(None) => panic!("{} ended while waiting; {}", self.name, self.report()),
-                Err(_) => panic!("{} timed out waiting; {}", self.name, self.report()),
-            }
-        }
-    }
-
-    fn signal(&self, sig: Signal) {
-        if let Some(pid) = self.child.id() {
-            let _ = kill(Pid::from_raw(pid as i32), sig);
-        }
-    }
-
-    /// Waits for the exit and the rest of stdout.
-    async fn finish(&mut self, timeout: Duration) -> Option<i32> {
-        let status = tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("{} did not exit; {}", self.name, self.report()))
-            .unwrap();
-        let rest = async {
-            while let Some(v) = self.lines.recv().await {
-                self.seen.push(v);
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), rest).await;
-        status.code()
-    }
-
-    /// Events seen (counted by type) and the end of stderr.
-    fn report(&self) -> String {
-        let mut counts = std::collections::BTreeMap::new();
-        for v in &self.seen {
-            *counts
-                .entry(v["event"].as_str().unwrap_or("?").to_owned())
-                .or_insert(0) += 1;
-        }
-        let interesting: Vec<String> = self
-            .seen
-            .iter()
-            .filter(|v| {
-                !matches!(
-                    v["event"].as_str(),
-                    Some("media" | "media_sent" | "signalling")
-                )
-            })
-            .map(Value::to_string)
-            .collect();
-        let stderr = self.stderr.lock().unwrap();
-        let tail: Vec<&str> = stderr.lines().rev().take(60).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        format!(
-            "event counts {counts:?}\nevents:\n{}\nstderr tail:\n{}",
-            interesting.join("\n"),
-            tail.join("\n")
-        )
-    }
-}
-
-impl Drop for Proc {
-    /// A failed test still leaves cleanly: SIGTERM, a grace period, SIGKILL.
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.signal(Signal::SIGTERM);
-            let until = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < until && matches!(self.child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.start_kill();
-        }
     }
 }
 

@@ -15,161 +15,59 @@
 // The reliability tests' namespaces and router, shared rather than copied.
 #[path = "../../groupcall/tests/netns/mod.rs"]
 mod netns;
+mod proc;
+
+use proc::Proc;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use groupcall_synapse::{Synapse, SynapseOptions};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
-use tokio::sync::mpsc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_groupcall");
 const PW: &str = "secret-pw";
 
-/// A `groupcall join --json` process in a namespace: its JSON lines and its
-/// stderr (default logging: `info` for groupcall's crates).
-struct Proc {
-    name: String,
-    child: tokio::process::Child,
-    lines: mpsc::UnboundedReceiver<Value>,
-    seen: Vec<Value>,
-    stderr: Arc<Mutex<String>>,
+/// A `groupcall join --json` process in a namespace (default logging:
+/// `info` for groupcall's crates).
+fn spawn_in(name: &str, ns: &str, args: &[String]) -> Proc {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, BIN])
+        .args(args)
+        // Default logging, whatever the test's environment says.
+        .env_remove("RUST_LOG");
+    Proc::spawn_cmd(name, cmd, Stdio::null())
 }
 
-impl Proc {
-    fn spawn(name: &str, ns: &str, args: &[String]) -> Proc {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, BIN])
-            .args(args)
-            // Default logging, whatever the test's environment says.
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        let stdout = child.stdout.take().unwrap();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = r.next_line().await {
-                let v = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| json!({ "event": "NOT JSON", "line": line }));
-                if tx.send(v).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let err = child.stderr.take().unwrap();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(err).lines();
-            while let Ok(Some(line)) = r.next_line().await {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Proc {
-            name: name.to_owned(),
-            child,
-            lines,
-            seen: Vec::new(),
-            stderr,
-        }
-    }
-
-    fn poll(&mut self) {
-        while let Ok(v) = self.lines.try_recv() {
-            self.seen.push(v);
-        }
-    }
-
-    async fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + timeout;
-        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
-            return v.clone();
-        }
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(v)) => {
-                    self.seen.push(v.clone());
-                    if pred(&v) {
-                        return v;
-                    }
-                }
-                Ok(None) => panic!("{} ended while waiting; {}", self.name, self.report()),
-                Err(_) => panic!("{} timed out waiting; {}", self.name, self.report()),
-            }
-        }
-    }
-
-    /// Most frames of `kind` reported received from `user`.
-    fn frames_from(&self, user: &str, kind: &str) -> u64 {
-        self.seen
-            .iter()
-            .filter(|v| v["event"] == "media" && v["user_id"] == user && v["kind"] == kind)
-            .filter_map(|v| v["frames"].as_u64())
-            .max()
-            .unwrap_or(0)
-    }
-
-    fn connected_to(&self, user: &str) -> bool {
-        self.seen.iter().any(|v| {
-            v["event"] == "peer_state" && v["user_id"] == user && v["state"] == "connected"
-        })
-    }
-
-    /// The `addrs=[...]` of every "media peer bound" log line.
-    fn bound_logs(&self) -> Vec<String> {
-        self.stderr
-            .lock()
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains("media peer bound"))
-            .filter_map(|l| l.split_once("addrs=").map(|(_, a)| a.trim().to_owned()))
-            .collect()
-    }
-
-    fn report(&self) -> String {
-        let interesting: Vec<String> = self
-            .seen
-            .iter()
-            .filter(|v| !matches!(v["event"].as_str(), Some("media" | "media_sent")))
-            .map(Value::to_string)
-            .collect();
-        let stderr = self.stderr.lock().unwrap();
-        let tail: Vec<&str> = stderr.lines().rev().take(60).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        format!(
-            "events:\n{}\nstderr tail:\n{}",
-            interesting.join("\n"),
-            tail.join("\n")
-        )
-    }
+/// Most frames of `kind` that `p` reported received from `user`.
+fn frames_from(p: &Proc, user: &str, kind: &str) -> u64 {
+    p.seen
+        .iter()
+        .filter(|v| v["event"] == "media" && v["user_id"] == user && v["kind"] == kind)
+        .filter_map(|v| v["frames"].as_u64())
+        .max()
+        .unwrap_or(0)
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            if let Some(pid) = self.child.id() {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-            }
-            let until = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < until && matches!(self.child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.start_kill();
-        }
-    }
+fn connected_to(p: &Proc, user: &str) -> bool {
+    p.seen
+        .iter()
+        .any(|v| v["event"] == "peer_state" && v["user_id"] == user && v["state"] == "connected")
+}
+
+/// The `addrs=[...]` of every "media peer bound" log line of `p`.
+fn bound_logs(p: &Proc) -> Vec<String> {
+    p.stderr
+        .lock()
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("media peer bound"))
+        .filter_map(|l| l.split_once("addrs=").map(|(_, a)| a.trim().to_owned()))
+        .collect()
 }
 
 fn join_args(hs: &str, user: &str, room: &str, dir: &Path, extra: &[&str]) -> Vec<String> {
@@ -252,7 +150,7 @@ async fn call_across_namespaces(dual_stack: bool) {
 
     let dirs = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let mut a = Proc::spawn(
+    let mut a = spawn_in(
         "alice",
         &net.ns(0),
         &join_args(
@@ -266,7 +164,7 @@ async fn call_across_namespaces(dual_stack: bool) {
     let joined_a = a
         .wait_for(Duration::from_secs(90), |v| v["event"] == "joined")
         .await;
-    let mut b = Proc::spawn(
+    let mut b = spawn_in(
         "bob",
         &net.ns(1),
         &join_args(&hs, "bob", &room, &dirs.path().join("bob"), &[]),
@@ -302,9 +200,9 @@ async fn call_across_namespaces(dual_stack: bool) {
         a.poll();
         b.poll();
         let up = |p: &Proc, other: &str| {
-            p.connected_to(other)
-                && p.frames_from(other, "audio") >= 50
-                && p.frames_from(other, "video") >= 15
+            connected_to(p, other)
+                && frames_from(p, other, "audio") >= 50
+                && frames_from(p, other, "video") >= 15
         };
         if up(&a, ub) && up(&b, ua) {
             break;
@@ -323,10 +221,10 @@ async fn call_across_namespaces(dual_stack: bool) {
          alice got {} audio / {} video frames from bob, bob {} / {} from alice; \
          router forwarded {} packets ({} IPv6)",
         started.elapsed().as_secs_f64(),
-        a.frames_from(ub, "audio"),
-        a.frames_from(ub, "video"),
-        b.frames_from(ua, "audio"),
-        b.frames_from(ua, "video"),
+        frames_from(&a, ub, "audio"),
+        frames_from(&a, ub, "video"),
+        frames_from(&b, ua, "audio"),
+        frames_from(&b, ua, "video"),
         counts.forwarded,
         counts.forwarded_v6
     );
@@ -351,7 +249,7 @@ async fn call_across_namespaces(dual_stack: bool) {
     // Every peer's sockets (one host candidate each) are on the namespace's
     // addresses, none on loopback.
     for (p, i) in [(&a, 0), (&b, 1)] {
-        let bound = p.bound_logs();
+        let bound = bound_logs(p);
         assert!(
             !bound.is_empty(),
             "{}: no `media peer bound` log line",
