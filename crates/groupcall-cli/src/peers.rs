@@ -13,7 +13,7 @@ use groupcall::matrix::MatrixSession;
 use groupcall::media::TrackKind;
 use groupcall::{ClientError, ClientEvent, JoinOptions, join_call};
 use groupcall_proto::events;
-use groupcall_proto::{CallEvent, Command, CommandError, PeerStatus};
+use groupcall_proto::{CallEvent, Command, CommandError};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -243,17 +243,11 @@ fn forward(report: &Reporter, ev: ClientEvent) {
     match ev {
         ClientEvent::Call(CallEvent::Joined { .. }) => report.send(What::Joined),
         ClientEvent::Call(CallEvent::PeerState { device, status, .. }) => {
-            let (state, reason) = match status {
-                PeerStatus::Connecting => ("connecting", None),
-                PeerStatus::Connected => ("connected", None),
-                PeerStatus::Reconnecting => ("reconnecting", None),
-                PeerStatus::Failed(r) => ("failed", Some(r)),
-                PeerStatus::Closed(r) => ("closed", Some(r)),
-            };
+            let (state, reason) = groupcall::json::peer_state(&status);
             report.send(What::Peer {
                 remote: device.user_id,
                 state: state.to_owned(),
-                reason,
+                reason: reason.map(str::to_owned),
             });
         }
         ClientEvent::Media {

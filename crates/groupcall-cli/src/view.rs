@@ -242,6 +242,7 @@ impl View {
                 "call {call_id} started ({})",
                 intent.as_ref().map_or("m.prompt", |i| i.as_str())
             )),
+            other => Some(format!("{other:?}")),
         }
     }
 

@@ -200,28 +200,14 @@ pub struct GroupCall {
     retry: BTreeMap<DeviceKey, Retry>,
     reorder: BTreeMap<(DeviceKey, String), ReorderBuffer<Message>>,
     ended_calls: BTreeMap<String, u64>,
-    held: BTreeMap<DeviceKey, Vec<(u64, Message)>>,
+    /// Messages from devices not (yet) in the member state: (arrival, message, encrypted).
+    held: BTreeMap<DeviceKey, Vec<(u64, Message, bool)>>,
     buckets: BTreeMap<String, Bucket>,
     next_handle: u64,
     /// The latest time passed in.
     now: u64,
     out: VecDeque<Output>,
     to_device: Vec<(MessageType, OutgoingMessage)>,
-    /// Held messages dropped after their grace period, for the driver to
-    /// report ([`GroupCall::take_dropped_signalling`]).
-    dropped: Vec<DroppedSignalling>,
-}
-
-/// A to-device message that was accepted for holding and later dropped
-/// (see [`GroupCall::take_dropped_signalling`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct DroppedSignalling {
-    /// Sender user.
-    pub sender: String,
-    /// Event type.
-    pub event_type: String,
-    /// Why it was dropped.
-    pub reason: Ignored,
 }
 
 impl GroupCall {
@@ -245,7 +231,6 @@ impl GroupCall {
             now: 0,
             out: VecDeque::new(),
             to_device: Vec::new(),
-            dropped: Vec::new(),
         }
     }
 
@@ -301,14 +286,6 @@ impl GroupCall {
         self.out.pop_front()
     }
 
-    /// Signalling that was held waiting for its sender's member event
-    /// ([`Accepted::HeldForMembership`]) and dropped when the grace period
-    /// ran out, since the last call. Lets the driver log the refusal of
-    /// messages that looked acceptable when they arrived.
-    pub fn take_dropped_signalling(&mut self) -> Vec<DroppedSignalling> {
-        std::mem::take(&mut self.dropped)
-    }
-
     /// Any input, through one entry point (errors are logged and dropped).
     pub fn handle_input(&mut self, now: u64, input: Input) {
         match input {
@@ -317,11 +294,7 @@ impl GroupCall {
                     debug!("state event ignored: {e}");
                 }
             }
-            Input::ToDevice(m) => {
-                if let Err(e) = self.handle_to_device(now, m) {
-                    debug!("to-device ignored: {e}");
-                }
-            }
+            Input::ToDevice(m) => self.handle_to_device(now, m),
             Input::Media(m) => self.handle_media(now, m),
             Input::Command(c) => {
                 if let Err(e) = self.handle_command(now, c) {
@@ -1096,16 +1069,27 @@ impl GroupCall {
     // ------------------------------------------------------------------
     // Incoming signalling
 
-    /// A to-device message. `Ok` says what was done with it; `Err` why it was
-    /// ignored (it is also logged at debug level).
-    pub fn handle_to_device(&mut self, now: u64, m: IncomingToDevice) -> Result<Accepted, Ignored> {
+    /// A to-device message. What was done with it comes out first as an
+    /// [`Output::Signalling`], ahead of the outputs it caused.
+    pub fn handle_to_device(&mut self, now: u64, m: IncomingToDevice) {
         self.now = self.now.max(now);
-        let r = self.receive_to_device(now, m);
-        if let Err(e) = &r {
+        let at = self.out.len();
+        let (sender, event_type, encrypted) =
+            (truncate(&m.sender), truncate(&m.event_type), m.encrypted);
+        let outcome = self.receive_to_device(now, m);
+        if let Err(e) = &outcome {
             debug!("signalling ignored: {e}");
         }
+        self.out.insert(
+            at.min(self.out.len()),
+            Output::Signalling(SignallingReport {
+                sender,
+                event_type,
+                encrypted,
+                outcome,
+            }),
+        );
         self.flush();
-        r
     }
 
     fn receive_to_device(&mut self, now: u64, m: IncomingToDevice) -> Result<Accepted, Ignored> {
@@ -1171,7 +1155,7 @@ impl GroupCall {
                 return Err(Ignored::Overflow);
             }
             debug!(device = %key, "holding signalling until the sender's member event arrives");
-            held.push((now, msg));
+            held.push((now, msg, m.encrypted));
             return Ok(Accepted::HeldForMembership);
         }
         let r = self.accept_from_member(now, key, msg);
@@ -1233,7 +1217,7 @@ impl GroupCall {
         let Some(held) = self.held.remove(device) else {
             return;
         };
-        let (ready, keep): (Vec<_>, Vec<_>) = held.into_iter().partition(|(_, m)| {
+        let (ready, keep): (Vec<_>, Vec<_>) = held.into_iter().partition(|(_, m, _)| {
             m.common
                 .sender_session_id
                 .as_ref()
@@ -1242,7 +1226,7 @@ impl GroupCall {
         if !keep.is_empty() {
             self.held.insert(device.clone(), keep);
         }
-        for (_, m) in ready {
+        for (_, m, _) in ready {
             if let Err(e) = self.accept_from_member(now, device.clone(), m) {
                 debug!(%device, "held signalling ignored: {e}");
             }
@@ -1893,7 +1877,7 @@ impl GroupCall {
             }
         }
         for held in self.held.values() {
-            if let Some((first, _)) = held.first() {
+            if let Some((first, _, _)) = held.first() {
                 at(first + self.cfg.unknown_sender_grace_ms);
             }
         }
@@ -2058,26 +2042,22 @@ impl GroupCall {
         let grace = self.cfg.unknown_sender_grace_ms;
         for (device, held) in self.held.iter_mut() {
             let before = held.len();
-            let dropped = &mut self.dropped;
-            held.retain(|(t, m)| {
+            let out = &mut self.out;
+            held.retain(|(t, m, encrypted)| {
                 let keep = now < t + grace;
                 if !keep {
-                    dropped.push(DroppedSignalling {
+                    out.push_back(Output::Signalling(SignallingReport {
                         sender: device.user_id.clone(),
                         event_type: m.message_type().as_str().into(),
-                        reason: Ignored::NotParticipant(truncate(&device.device_id)),
-                    });
+                        encrypted: *encrypted,
+                        outcome: Err(Ignored::NotParticipant(truncate(&device.device_id))),
+                    }));
                 }
                 keep
             });
             if held.len() < before {
                 warn!(%device, "dropped {} messages from a device that never joined the call", before - held.len());
             }
-        }
-        // Bounded: a driver that never collects them loses the oldest.
-        if self.dropped.len() > 1024 {
-            let excess = self.dropped.len() - 1024;
-            self.dropped.drain(..excess);
         }
         self.held.retain(|_, h| !h.is_empty());
         self.ended_calls

@@ -5,6 +5,7 @@ use thiserror::Error;
 /// Why a piece of external input (a state event, a to-device message, a
 /// data-channel message) was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum ParseError {
     /// The input is not a JSON object where one is required.
     #[error("{what} is not a JSON object")]
@@ -57,6 +58,7 @@ impl From<serde_json::Error> for ParseError {
 
 /// Why a user command could not be carried out.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum CommandError {
     /// `join` without `create` in a room that has no live call.
     #[error("the room has no ongoing call to join (use create to start one)")]

@@ -34,6 +34,7 @@ pub const TERMINATED_WITHOUT_REASON: &str = "call_ended";
 
 /// Which event type names to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum EventNames {
     /// `org.matrix.msc3401.call` / `org.matrix.msc3401.call.member` (default:
     /// what deployed clients read).

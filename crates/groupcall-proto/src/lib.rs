@@ -20,6 +20,8 @@
 //!         Output::ToDevice(batch) => println!("send {} x{}", batch.event_type, batch.messages.len()),
 //!         Output::Media(req) => println!("media: {req:?}"),
 //!         Output::Event(ev) => println!("event: {ev:?}"),
+//!         Output::Signalling(r) => println!("{} from {}: {:?}", r.event_type, r.sender, r.outcome),
+//!         _ => {} // outputs are #[non_exhaustive]: newer ones are ignored here
 //!     }
 //! }
 //! ```
@@ -39,7 +41,7 @@ pub mod room;
 pub mod signalling;
 pub mod types;
 
-pub use call::{DroppedSignalling, GroupCall};
+pub use call::GroupCall;
 pub use error::{CommandError, ParseError};
 pub use ids::{DeviceKey, should_call};
 pub use types::*;

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 /// What [`ReorderBuffer::push`] did with a message.
 #[derive(Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Pushed<T> {
     /// Released, with any buffered messages that followed it, in order.
     Released(Vec<T>),

@@ -36,6 +36,7 @@ pub struct Participant {
 
 /// Why a device is no longer a participant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LeftReason {
     /// Its entry was removed from the member event.
     Removed,
@@ -49,6 +50,7 @@ pub enum LeftReason {
 
 /// A change in the room's call state.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum RoomChange {
     /// The current call changed (a new call, or none).
     CallChanged {

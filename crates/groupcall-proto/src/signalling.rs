@@ -28,6 +28,7 @@ pub const VOIP_VERSION: &str = "1";
 
 /// The to-device event types of the signalling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum MessageType {
     /// `m.call.invite`
     Invite,
@@ -87,6 +88,7 @@ impl MessageType {
 /// The `version` field: `"1"` is written; `0` and anything else are read and
 /// treated like `"1"`, as MSC2746 asks.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Version {
     /// Integer `0` (legacy).
     V0,
@@ -350,6 +352,7 @@ pub struct MetadataChanged {
 
 /// The type-specific part of a message.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Body {
     /// `m.call.invite`
     Invite(Invite),

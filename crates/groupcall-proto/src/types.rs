@@ -140,6 +140,7 @@ impl Default for CreateOptions {
 
 /// What the user asks for.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Command {
     /// Join the room's call; create one first if there is none and
     /// `create` is given.
@@ -180,6 +181,7 @@ pub struct IncomingToDevice {
 
 /// Connection state reported by the media layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MediaState {
     /// ICE/DTLS in progress.
     Connecting,
@@ -193,6 +195,7 @@ pub enum MediaState {
 
 /// Results of [`MediaRequest`]s, from the media layer.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum MediaEvent {
     /// The offer asked for by [`MediaRequest::CreateOffer`].
     OfferCreated {
@@ -238,6 +241,7 @@ pub enum MediaEvent {
 
 /// Everything that can come in, for drivers and fuzzers that prefer one entry point.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Input {
     /// A room state event (client-server JSON).
     State(Value),
@@ -273,6 +277,7 @@ pub struct ToDeviceBatch {
 
 /// What the core asks the media layer to do.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum MediaRequest {
     /// Create an offer with our feeds: a new peer connection if `peer` is
     /// new, otherwise a renegotiation (with an ICE restart if asked). Answer
@@ -330,6 +335,7 @@ pub enum MediaRequest {
 
 /// State of a peer as shown to the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PeerStatus {
     /// Signalling or ICE in progress.
     Connecting,
@@ -345,6 +351,7 @@ pub enum PeerStatus {
 
 /// What the application is told.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum CallEvent {
     /// The room's current call changed (before or without joining).
     RoomCallChanged {
@@ -457,6 +464,7 @@ pub enum CallEvent {
 
 /// What the core asks the driver to do.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Output {
     /// Send these to-device messages (Olm-encrypted where possible).
     ToDevice(ToDeviceBatch),
@@ -474,10 +482,30 @@ pub enum Output {
     Media(MediaRequest),
     /// An event for the application.
     Event(CallEvent),
+    /// What became of an incoming to-device message: one for every message
+    /// passed to [`crate::call::GroupCall::handle_to_device`] (before the
+    /// outputs it caused), and one more when a message held for its
+    /// sender's member event is dropped later.
+    Signalling(SignallingReport),
+}
+
+/// What became of one incoming to-device message (see
+/// [`Output::Signalling`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignallingReport {
+    /// Sender user.
+    pub sender: String,
+    /// Event type.
+    pub event_type: String,
+    /// Whether it came Olm-encrypted.
+    pub encrypted: bool,
+    /// `Ok`: what was done with it; `Err`: why it was refused.
+    pub outcome: Result<Accepted, Ignored>,
 }
 
 /// Why an incoming to-device message was not acted upon.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Ignored {
     /// Not an `m.call.*` signalling type.
     #[error("not a call signalling event: {0}")]
@@ -534,6 +562,7 @@ pub enum Ignored {
 
 /// What happened to an incoming to-device message that was accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Accepted {
     /// Processed (possibly with buffered messages after it).
     Processed,

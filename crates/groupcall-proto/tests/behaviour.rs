@@ -50,6 +50,31 @@ fn drain(call: &mut GroupCall) -> Vec<Output> {
     std::iter::from_fn(|| call.poll_output()).collect()
 }
 
+/// Delivers a to-device message and returns its outcome: the report is the
+/// first output after it (the queue being drained before), ahead of what it
+/// caused, which stays queued.
+macro_rules! deliver {
+    ($call:expr, $now:expr, $m:expr $(,)?) => {{
+        let m: IncomingToDevice = $m;
+        let now: u64 = $now;
+        $call.handle_to_device(now, m);
+        match $call.poll_output() {
+            Some(Output::Signalling(r)) => r.outcome,
+            other => panic!("expected the signalling report first, got {other:?}"),
+        }
+    }};
+}
+
+/// The signalling reports among outputs.
+fn reports(outs: &[Output]) -> Vec<SignallingReport> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Signalling(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn sent(outs: &[Output]) -> Vec<(String, Value)> {
     outs.iter()
         .filter_map(|o| match o {
@@ -102,7 +127,7 @@ fn connected_with_b(call: &mut GroupCall, expires: u64) -> (PeerHandle, String) 
         ),
         call,
     );
-    let r = call.handle_to_device(NOW + 10, answer);
+    let r = deliver!(call, NOW + 10, answer);
     assert_eq!(r, Ok(Accepted::Processed));
     call.handle_media(
         NOW + 20,
@@ -317,7 +342,7 @@ fn bad_input_is_ignored_with_a_reason_and_the_call_survives() {
         ),
     ];
     for (i, (m, expect)) in cases.into_iter().enumerate() {
-        let r = call.handle_to_device(NOW + 200, m);
+        let r = deliver!(call, NOW + 200, m);
         match r {
             Err(e) => assert!(expect(&e), "case {i}: unexpected reason {e}"),
             Ok(a) => panic!("case {i}: accepted ({a:?})"),
@@ -343,7 +368,7 @@ fn plaintext_is_refused_when_encryption_is_required() {
         &call,
     );
     m.encrypted = false;
-    assert_eq!(call.handle_to_device(NOW, m), Err(Ignored::Unencrypted));
+    assert_eq!(deliver!(call, NOW, m), Err(Ignored::Unencrypted));
 }
 
 #[test]
@@ -364,9 +389,10 @@ fn floods_are_rate_limited_per_sender() {
             ),
             &call,
         );
-        if call.handle_to_device(NOW + 1000, m) == Err(Ignored::RateLimited("@b:x".into())) {
+        if deliver!(call, NOW + 1000, m) == Err(Ignored::RateLimited("@b:x".into())) {
             limited += 1;
         }
+        drain(&mut call);
     }
     assert!(limited >= 75, "only {limited} limited");
     assert_eq!(call.peers().len(), 1);
@@ -386,7 +412,7 @@ fn reorder_gap_is_skipped_after_the_timeout() {
         ),
         &call,
     );
-    assert_eq!(call.handle_to_device(NOW + 100, m), Ok(Accepted::Reordered));
+    assert_eq!(deliver!(call, NOW + 100, m), Ok(Accepted::Reordered));
     assert!(drain(&mut call).is_empty());
     let t = call.poll_timeout().unwrap();
     assert_eq!(t, NOW + 100 + 2000);
@@ -398,7 +424,7 @@ fn reorder_gap_is_skipped_after_the_timeout() {
         from_b("m.call.candidates", &call_id, 1, json!({"candidates": []})),
         &call,
     );
-    assert_eq!(call.handle_to_device(t + 1, late), Err(Ignored::Duplicate));
+    assert_eq!(deliver!(call, t + 1, late), Err(Ignored::Duplicate));
 }
 
 /// An invite as sent: (ms since NOW, call_id, seq, lifetime).
@@ -579,7 +605,11 @@ fn a_repeated_invite_gets_the_answer_again_and_a_lost_first_copy_is_recovered() 
     let invite =
         json!({"lifetime": 60000, "offer": {"type": "offer", "sdp": "o"}, "invitee": "@a:x"});
     assert_eq!(
-        call.handle_to_device(NOW, zero("m.call.invite", "C1", 0, invite.clone(), &call)),
+        deliver!(
+            call,
+            NOW,
+            zero("m.call.invite", "C1", 0, invite.clone(), &call)
+        ),
         Ok(Accepted::Processed)
     );
     let peer = drain(&mut call)
@@ -603,7 +633,8 @@ fn a_repeated_invite_gets_the_answer_again_and_a_lost_first_copy_is_recovered() 
     // The caller heard nothing and sends the invite again: our answer goes
     // out again, unchanged (same seq).
     assert_eq!(
-        call.handle_to_device(
+        deliver!(
+            call,
             NOW + 5_000,
             zero("m.call.invite", "C1", 0, invite.clone(), &call)
         ),
@@ -621,7 +652,8 @@ fn a_repeated_invite_gets_the_answer_again_and_a_lost_first_copy_is_recovered() 
     );
     drain(&mut call);
     assert_eq!(
-        call.handle_to_device(
+        deliver!(
+            call,
             NOW + 10_000,
             zero("m.call.invite", "C1", 0, invite.clone(), &call)
         ),
@@ -645,7 +677,8 @@ fn a_repeated_invite_gets_the_answer_again_and_a_lost_first_copy_is_recovered() 
     };
     let t = NOW + 20_000;
     assert_eq!(
-        call.handle_to_device(
+        deliver!(
+            call,
             t,
             one("m.call.candidates", 1, json!({"candidates": []}), &call)
         ),
@@ -654,7 +687,7 @@ fn a_repeated_invite_gets_the_answer_again_and_a_lost_first_copy_is_recovered() 
     call.handle_timeout(t + 2_000);
     drain(&mut call);
     assert_eq!(
-        call.handle_to_device(t + 5_000, one("m.call.invite", 0, invite, &call)),
+        deliver!(call, t + 5_000, one("m.call.invite", 0, invite, &call)),
         Ok(Accepted::Processed)
     );
     assert!(drain(&mut call).iter().any(|o| matches!(o, Output::Media(MediaRequest::AcceptOffer { remote, .. }) if remote.device_id == "ODEV")));
@@ -705,7 +738,8 @@ fn glare_smaller_call_id_wins() {
     // Theirs is larger: we keep ours and hang up theirs.
     let big = format!("{ours}z");
     let inv = |_id: &str| json!({"lifetime": 60000, "offer": {"type": "offer", "sdp": "theirs"}, "invitee": "@a:x"});
-    let r = call.handle_to_device(
+    let r = deliver!(
+        call,
         NOW + 5,
         with_dest(from_b("m.call.invite", &big, 0, inv(&big)), &call),
     );
@@ -720,7 +754,8 @@ fn glare_smaller_call_id_wins() {
     assert_eq!(call.peers()[0].1, peer);
     // Theirs is smaller: we drop ours and answer theirs.
     let small = "0000".to_owned();
-    call.handle_to_device(
+    deliver!(
+        call,
         NOW + 6,
         with_dest(from_b("m.call.invite", &small, 0, inv(&small)), &call),
     )
@@ -752,19 +787,25 @@ fn signalling_from_a_non_member_is_held_then_dropped_or_released() {
     m.content["party_id"] = json!("CDEV");
     let m = with_dest(m, &call);
     assert_eq!(
-        call.handle_to_device(NOW, m.clone()),
+        deliver!(call, NOW, m.clone()),
         Ok(Accepted::HeldForMembership)
     );
     assert!(drain(&mut call).is_empty());
     // Grace passes: dropped, and reported once.
-    assert!(call.take_dropped_signalling().is_empty());
+    call.handle_timeout(NOW + 9_999);
+    assert!(reports(&drain(&mut call)).is_empty());
     call.handle_timeout(NOW + 10_000);
-    let dropped = call.take_dropped_signalling();
+    let dropped = reports(&drain(&mut call));
     assert_eq!(dropped.len(), 1);
     assert_eq!(dropped[0].sender, "@c:x");
     assert_eq!(dropped[0].event_type, "m.call.invite");
-    assert!(matches!(dropped[0].reason, Ignored::NotParticipant(_)));
-    assert!(call.take_dropped_signalling().is_empty());
+    assert!(dropped[0].encrypted);
+    assert!(matches!(
+        dropped[0].outcome,
+        Err(Ignored::NotParticipant(_))
+    ));
+    call.handle_timeout(NOW + 10_000);
+    assert!(reports(&drain(&mut call)).is_empty());
     call.handle_state(NOW + 10_001, &join_ev("@c:x", "join"))
         .unwrap();
     call.handle_state(
@@ -788,7 +829,7 @@ fn signalling_from_a_non_member_is_held_then_dropped_or_released() {
     drain(&mut call);
     m2.content["sender_session_id"] = json!("CSESS3");
     assert_eq!(
-        call.handle_to_device(NOW + 10_003, m2),
+        deliver!(call, NOW + 10_003, m2),
         Ok(Accepted::HeldForMembership)
     );
     call.handle_state(
@@ -1130,10 +1171,7 @@ fn an_answered_renegotiation_offer_is_not_sent_again() {
         ),
         &call,
     );
-    assert_eq!(
-        call.handle_to_device(NOW + 200, answer),
-        Ok(Accepted::Processed)
-    );
+    assert_eq!(deliver!(call, NOW + 200, answer), Ok(Accepted::Processed));
     assert!(
         drain(&mut call).iter().any(
             |o| matches!(o, Output::Media(MediaRequest::ApplyAnswer { sdp, .. }) if sdp == "a2")
@@ -1337,14 +1375,14 @@ fn messages_other_than_invites_need_no_device_id_nor_sender_session_id() {
     m.sender_device = None;
     m.encrypted = false;
     assert_eq!(
-        call.handle_to_device(NOW + 100, m.clone()),
+        deliver!(call, NOW + 100, m.clone()),
         Ok(Accepted::Processed)
     );
     // The same shape on a call we do not have: refused, not guessed.
     m.content["call_id"] = json!("nope");
     m.content["seq"] = json!(0);
     assert_eq!(
-        call.handle_to_device(NOW + 110, m),
+        deliver!(call, NOW + 110, m),
         Err(Ignored::UnknownCall("nope".into()))
     );
     // An invite must name both (MSC3401).
@@ -1362,7 +1400,7 @@ fn messages_other_than_invites_need_no_device_id_nor_sender_session_id() {
         .unwrap()
         .remove("sender_session_id");
     assert!(matches!(
-        call.handle_to_device(NOW + 120, inv),
+        deliver!(call, NOW + 120, inv),
         Err(Ignored::Malformed(ParseError::MissingField(
             "sender_session_id"
         )))

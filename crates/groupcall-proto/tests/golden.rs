@@ -217,7 +217,7 @@ fn our_output_passes_reference_checks() {
     let mut answer = golden("answer");
     answer["call_id"] = sent[0].1["call_id"].clone();
     answer["dest_session_id"] = json!(call.session_id().unwrap());
-    let r = call.handle_to_device(
+    call.handle_to_device(
         now,
         IncomingToDevice {
             sender: "@z:localhost".into(),
@@ -227,6 +227,10 @@ fn our_output_passes_reference_checks() {
             encrypted: false,
         },
     );
+    let r = match call.poll_output() {
+        Some(Output::Signalling(r)) => r.outcome,
+        other => panic!("expected the signalling report first, got {other:?}"),
+    };
     assert_eq!(r, Ok(Accepted::Processed));
     let mut sent2 = Vec::new();
     let mut feed_muted = None;

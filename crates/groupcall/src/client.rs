@@ -813,22 +813,18 @@ impl Driver {
                 {
                     return;
                 }
-                let r = self.call.handle_to_device(
+                // What became of it comes out of the core as
+                // `Output::Signalling` (see `drain`).
+                self.call.handle_to_device(
                     now,
                     IncomingToDevice {
-                        sender: sender.clone(),
+                        sender,
                         sender_device,
-                        event_type: event_type.clone(),
+                        event_type,
                         content,
                         encrypted,
                     },
                 );
-                let _ = self.events.send(ClientEvent::Signalling {
-                    sender,
-                    event_type,
-                    encrypted,
-                    ignored: r.err().map(|e| e.to_string()),
-                });
             }
             MatrixInput::Disconnected { error, fatal } => {
                 warn!(fatal, "homeserver unreachable: {error}");
@@ -1020,20 +1016,21 @@ impl Driver {
                         info!(event = ?e, "call");
                         let _ = self.events.send(ClientEvent::Call(e));
                     }
+                    Output::Signalling(r) => {
+                        let _ = self.events.send(ClientEvent::Signalling {
+                            sender: r.sender,
+                            event_type: r.event_type,
+                            encrypted: r.encrypted,
+                            ignored: r.outcome.err().map(|e| e.to_string()),
+                        });
+                    }
+                    other => warn!("core output not handled by this driver: {other:?}"),
                 }
             }
             match self.pending.pop_front() {
                 Some(ev) => self.call.handle_media(now_ms(), ev),
                 None => break,
             }
-        }
-        for d in self.call.take_dropped_signalling() {
-            let _ = self.events.send(ClientEvent::Signalling {
-                sender: d.sender,
-                event_type: d.event_type,
-                encrypted: false,
-                ignored: Some(d.reason.to_string()),
-            });
         }
     }
 
@@ -1249,6 +1246,7 @@ impl Driver {
                 }
             }
             MediaRequest::ClosePeer { peer } => self.close_peer(peer).await,
+            other => warn!("media request not handled by this driver: {other:?}"),
         }
     }
 

@@ -43,6 +43,7 @@ pub fn peer_state(status: &PeerStatus) -> (&'static str, Option<&str>) {
         PeerStatus::Reconnecting => ("reconnecting", None),
         PeerStatus::Failed(r) => ("failed", Some(r)),
         PeerStatus::Closed(r) => ("closed", Some(r)),
+        _ => ("unknown", None),
     }
 }
 
@@ -53,6 +54,7 @@ pub fn left_reason(reason: LeftReason) -> &'static str {
         LeftReason::Expired => "expired",
         LeftReason::RoomLeft => "room_left",
         LeftReason::CallEnded => "call_ended",
+        _ => "unknown",
     }
 }
 
@@ -194,6 +196,9 @@ enum Shape<'a> {
     },
     Warning {
         message: &'a str,
+    },
+    Unknown {
+        debug: String,
     },
 }
 
@@ -373,6 +378,10 @@ impl<'a> Shape<'a> {
                 intent: intent.as_ref().map(|i| i.as_str()),
                 call_type: call_type.as_ref().map(|t| t.as_str()),
                 name: name.as_deref(),
+            },
+            // A core event this version does not map yet: printed, not lost.
+            other => Shape::Unknown {
+                debug: format!("{other:?}"),
             },
         }
     }

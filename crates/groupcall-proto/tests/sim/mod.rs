@@ -187,7 +187,7 @@ impl World {
                 i
             }
             Ev::ToDevice(i, m) => {
-                let _ = self.nodes[i].call.handle_to_device(now, m);
+                self.nodes[i].call.handle_to_device(now, m);
                 i
             }
             Ev::Media(i, m) => {
@@ -217,6 +217,7 @@ impl World {
         while let Some(out) = self.nodes[i].call.poll_output() {
             let now = self.now;
             match out {
+                Output::Signalling(_) => {}
                 Output::PublishState {
                     event_type,
                     state_key,
@@ -278,6 +279,7 @@ impl World {
                 }
                 Output::Media(req) => self.media(i, req),
                 Output::Event(e) => self.log.push(format!("{now} node{i} {e:?}")),
+                other => panic!("the simulation does not know {other:?}"),
             }
         }
     }
@@ -341,6 +343,7 @@ impl World {
                     self.fail_later(j, hj, i, peer);
                 }
             }
+            other => panic!("the simulation does not know {other:?}"),
         }
     }
 
