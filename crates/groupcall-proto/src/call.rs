@@ -187,8 +187,9 @@ struct Bucket {
 /// ([`GroupCall::handle_to_device`]), media results
 /// ([`GroupCall::handle_media`]), user commands ([`GroupCall::handle_command`])
 /// and time ([`GroupCall::handle_timeout`] when [`GroupCall::poll_timeout`]
-/// says); carry out what [`GroupCall::poll_output`] returns. Time is POSIX
-/// milliseconds, passed in by the caller.
+/// says); carry out what [`GroupCall::poll_output`] returns. Time is passed
+/// in by the caller as a [`Now`]: timers on its monotonic clock, wall-clock
+/// times only where the wire has them.
 #[derive(Debug)]
 pub struct GroupCall {
     cfg: Config,
@@ -204,8 +205,11 @@ pub struct GroupCall {
     held: BTreeMap<DeviceKey, Vec<(u64, Message, bool)>>,
     buckets: BTreeMap<String, Bucket>,
     next_handle: u64,
-    /// The latest time passed in.
+    /// The latest monotonic time passed in.
     now: u64,
+    /// `unix_ms - mono_ms` at the latest input: turns wall-clock times
+    /// (`expires_ts`) into monotonic deadlines and back.
+    wall_offset: i64,
     out: VecDeque<Output>,
     to_device: Vec<(MessageType, OutgoingMessage)>,
 }
@@ -229,6 +233,7 @@ impl GroupCall {
             buckets: BTreeMap::new(),
             next_handle: 1,
             now: 0,
+            wall_offset: 0,
             out: VecDeque::new(),
             to_device: Vec::new(),
         }
@@ -281,13 +286,32 @@ impl GroupCall {
             .map(|p| &p.remote)
     }
 
+    /// Takes the time of an input: records the wall clock's offset and
+    /// returns the monotonic time every timer uses.
+    fn clock(&mut self, now: Now) -> u64 {
+        self.wall_offset = (now.unix_ms as i64).wrapping_sub(now.mono_ms as i64);
+        self.now = self.now.max(now.mono_ms);
+        now.mono_ms
+    }
+
+    /// The wall-clock time (POSIX ms) of monotonic time `mono`.
+    fn wall(&self, mono: u64) -> u64 {
+        (mono as i64).saturating_add(self.wall_offset).max(0) as u64
+    }
+
+    /// The monotonic time of wall-clock time `unix_ms`.
+    fn mono_of_wall(&self, unix_ms: u64) -> u64 {
+        (unix_ms as i64).saturating_sub(self.wall_offset).max(0) as u64
+    }
+
     /// The next output, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
     }
 
     /// Any input, through one entry point (errors are logged and dropped).
-    pub fn handle_input(&mut self, now: u64, input: Input) {
+    pub fn handle_input(&mut self, now: impl Into<Now>, input: Input) {
+        let now: Now = now.into();
         match input {
             Input::State(v) => {
                 if let Err(e) = self.handle_state(now, &v) {
@@ -310,9 +334,9 @@ impl GroupCall {
 
     /// A room state event (client-server JSON). Events of unrelated types
     /// are ignored; malformed call events are rejected with the reason.
-    pub fn handle_state(&mut self, now: u64, event: &Value) -> Result<(), ParseError> {
-        self.now = self.now.max(now);
-        let changes = self.room.apply_json(event, now)?;
+    pub fn handle_state(&mut self, now: impl Into<Now>, event: &Value) -> Result<(), ParseError> {
+        let now = self.clock(now.into());
+        let changes = self.room.apply_json(event, self.wall(now))?;
         self.on_room_changes(now, changes);
         self.flush();
         Ok(())
@@ -483,8 +507,12 @@ impl GroupCall {
     // Commands
 
     /// A user command.
-    pub fn handle_command(&mut self, now: u64, cmd: Command) -> Result<(), CommandError> {
-        self.now = self.now.max(now);
+    pub fn handle_command(
+        &mut self,
+        now: impl Into<Now>,
+        cmd: Command,
+    ) -> Result<(), CommandError> {
+        let now = self.clock(now.into());
         let r = self.command(now, cmd);
         self.flush();
         r
@@ -517,7 +545,9 @@ impl GroupCall {
                     .map(|c| c.content.clone())
                     .unwrap_or_default();
                 content.terminate("call_ended");
-                let changes = self.room.local_echo_call(&call_id, content.clone(), now);
+                let changes = self
+                    .room
+                    .local_echo_call(&call_id, content.clone(), self.wall(now));
                 self.publish_call(&call_id, &content);
                 self.on_room_changes(now, changes);
                 self.event(CallEvent::CallEnded {
@@ -551,11 +581,11 @@ impl GroupCall {
         let call_id = match (self.room.live_call().map(|c| c.call_id.clone()), create) {
             (Some(id), _) => id,
             (None, Some(opts)) => {
-                let id = self.ids.call_id(now);
+                let id = self.ids.call_id(self.wall(now));
                 let mut content = CallContent::new(opts.intent, opts.call_type);
                 content.name = opts.name;
                 self.publish_call(&id, &content);
-                let changes = self.room.local_echo_call(&id, content, now);
+                let changes = self.room.local_echo_call(&id, content, self.wall(now));
                 self.on_room_changes(now, changes);
                 created = true;
                 id
@@ -586,7 +616,7 @@ impl GroupCall {
             membership_published: false,
             refresh_at: now,
         });
-        let changes = self.room.pin(Some(call_id.clone()), now);
+        let changes = self.room.pin(Some(call_id.clone()), self.wall(now));
         self.publish_membership(now);
         self.event(CallEvent::Joined {
             call_id,
@@ -622,7 +652,7 @@ impl GroupCall {
             self.room
                 .member_content(&self.me.user_id, self.cfg.event_names.call_member()),
             &self.me.device_id,
-            now,
+            self.wall(now),
         );
         self.out.push_back(Output::PublishState {
             event_type: self.cfg.event_names.call_member().into(),
@@ -633,7 +663,7 @@ impl GroupCall {
         self.retry.clear();
         self.reorder.clear();
         self.held.clear();
-        let _ = self.room.pin(None, now);
+        let _ = self.room.pin(None, self.wall(now));
         debug!(call_id = %j.call_id, "left");
         self.event(CallEvent::Left);
     }
@@ -695,8 +725,8 @@ impl GroupCall {
     // Membership
 
     /// Our membership event was accepted by the homeserver: calls can start.
-    pub fn handle_membership_published(&mut self, now: u64) {
-        self.now = self.now.max(now);
+    pub fn handle_membership_published(&mut self, now: impl Into<Now>) {
+        let now = self.clock(now.into());
         if let Some(j) = &mut self.joined {
             j.membership_published = true;
         }
@@ -705,6 +735,7 @@ impl GroupCall {
     }
 
     fn publish_membership(&mut self, now: u64) {
+        let wall = self.wall(now);
         let Some(j) = &mut self.joined else { return };
         let mut feeds = vec![Feed::with_purpose(FeedPurpose::Usermedia)];
         if j.screenshare.is_some() {
@@ -721,8 +752,8 @@ impl GroupCall {
                 .member_content(&self.me.user_id, self.cfg.event_names.call_member()),
             &j.call_id,
             &dev,
-            now.saturating_add(self.cfg.member_expiry_ms),
-            now,
+            wall.saturating_add(self.cfg.member_expiry_ms),
+            wall,
         );
         self.out.push_back(Output::PublishState {
             event_type: self.cfg.event_names.call_member().into(),
@@ -887,7 +918,7 @@ impl GroupCall {
     }
 
     fn place_call(&mut self, now: u64, device: &DeviceKey, session: String, lifetime: u64) {
-        let call_id = self.ids.call_id(now);
+        let call_id = self.ids.call_id(self.wall(now));
         debug!(%device, %call_id, lifetime, "calling");
         let handle = self.new_peer(
             now,
@@ -1071,8 +1102,8 @@ impl GroupCall {
 
     /// A to-device message. What was done with it comes out first as an
     /// [`Output::Signalling`], ahead of the outputs it caused.
-    pub fn handle_to_device(&mut self, now: u64, m: IncomingToDevice) {
-        self.now = self.now.max(now);
+    pub fn handle_to_device(&mut self, now: impl Into<Now>, m: IncomingToDevice) {
+        let now = self.clock(now.into());
         let at = self.out.len();
         let (sender, event_type, encrypted) =
             (truncate(&m.sender), truncate(&m.event_type), m.encrypted);
@@ -1573,8 +1604,8 @@ impl GroupCall {
     // Media results
 
     /// A result from the media layer.
-    pub fn handle_media(&mut self, now: u64, ev: MediaEvent) {
-        self.now = self.now.max(now);
+    pub fn handle_media(&mut self, now: impl Into<Now>, ev: MediaEvent) {
+        let now = self.clock(now.into());
         self.media(now, ev);
         self.flush();
     }
@@ -1840,12 +1871,13 @@ impl GroupCall {
     // ------------------------------------------------------------------
     // Time
 
-    /// When [`GroupCall::handle_timeout`] should be called next (POSIX ms).
+    /// When [`GroupCall::handle_timeout`] should be called next, on the
+    /// monotonic clock ([`Now::mono_ms`]).
     pub fn poll_timeout(&self) -> Option<u64> {
         let mut t: Option<u64> = None;
         let mut at = |x: u64| t = Some(t.map_or(x, |t| t.min(x)));
         if let Some(x) = self.room.next_expiry() {
-            at(x);
+            at(self.mono_of_wall(x));
         }
         let Some(j) = &self.joined else { return t };
         at(j.refresh_at);
@@ -1905,9 +1937,9 @@ impl GroupCall {
     }
 
     /// Processes everything due at `now`.
-    pub fn handle_timeout(&mut self, now: u64) {
-        self.now = self.now.max(now);
-        let changes = self.room.tick(now);
+    pub fn handle_timeout(&mut self, now: impl Into<Now>) {
+        let now = self.clock(now.into());
+        let changes = self.room.tick(self.wall(now));
         self.on_room_changes(now, changes);
         if self.joined.as_ref().is_some_and(|j| now >= j.refresh_at) {
             self.publish_membership(now);

@@ -1,8 +1,9 @@
 //! # groupcall-proto
 //!
 //! The sans-IO protocol core of MSC3401 "Native Group VoIP signalling": no
-//! sockets, no clock, no tasks. Inputs go in with the current time (POSIX
-//! milliseconds), and everything that must happen comes out of
+//! sockets, no clock, no tasks. Inputs go in with the current time (a
+//! [`Now`]: monotonic ms for timers, POSIX ms for `expires_ts`; a plain `u64`
+//! sets both), and everything that must happen comes out of
 //! [`GroupCall::poll_output`]; [`GroupCall::poll_timeout`] says when to call
 //! [`GroupCall::handle_timeout`]. The async drivers (Matrix client, WebRTC
 //! media) live in other crates.

@@ -164,6 +164,35 @@ pub enum Command {
     Screenshare(bool),
 }
 
+/// The time of an input, on the two clocks the core reads.
+///
+/// Every timer (retries, timeouts, rate limits, grace periods, the member
+/// refresh) runs on `mono_ms`, a monotonic clock in milliseconds from any
+/// origin ([`GroupCall::poll_timeout`](crate::GroupCall::poll_timeout) is on it
+/// too); `unix_ms` (POSIX milliseconds) is read only where the wire carries
+/// wall-clock times: the `expires_ts` we write and the ones we compare, and
+/// call ids. A wall clock that jumps (NTP step, suspend) therefore moves
+/// expiries, never timers.
+///
+/// A plain `u64` converts into a `Now` with both clocks equal: simulations
+/// and tests that have one clock pass it directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic milliseconds (any origin; never goes back).
+    pub mono_ms: u64,
+    /// Wall clock, POSIX milliseconds.
+    pub unix_ms: u64,
+}
+
+impl From<u64> for Now {
+    fn from(ms: u64) -> Self {
+        Now {
+            mono_ms: ms,
+            unix_ms: ms,
+        }
+    }
+}
+
 /// A to-device message that arrived, after decryption.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IncomingToDevice {

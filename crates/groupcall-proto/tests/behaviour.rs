@@ -1506,3 +1506,73 @@ fn one_session_per_core_across_rejoins() {
         .unwrap();
     assert_eq!(other.session_id(), Some("PROCESS"));
 }
+
+#[test]
+fn timers_run_on_the_monotonic_clock_and_expiries_on_the_wall_clock() {
+    const HOUR: u64 = 3_600_000;
+    let mut call = joined(|c| {
+        c.member_expiry_ms = 60_000;
+        c.member_refresh_ms = 45_000;
+    });
+    call.handle_state(NOW, &member_ev("@b:x", "BDEV", "BSESS", NOW + HOUR))
+        .unwrap();
+    let peer = offer_request(&drain(&mut call)).expect("we call b");
+    call.handle_media(
+        NOW,
+        MediaEvent::OfferCreated {
+            peer,
+            sdp: "offer".into(),
+            gathering_complete: true,
+        },
+    );
+    let first = sent(&drain(&mut call));
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].0, "m.call.invite");
+    // The wall clock steps back an hour (an NTP step): the unanswered
+    // invite is still sent again 5 s later on the monotonic clock.
+    let back = |mono: u64| Now {
+        mono_ms: mono,
+        unix_ms: mono - HOUR,
+    };
+    call.handle_timeout(back(NOW + 4_999));
+    assert!(sent(&drain(&mut call)).is_empty());
+    assert!(call.poll_timeout().unwrap() <= NOW + 5_000);
+    call.handle_timeout(back(NOW + 5_000));
+    let again = sent(&drain(&mut call));
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0], first[0]);
+    // Our membership refresh is a monotonic timer too; the expires_ts it
+    // writes is wall-clock time.
+    call.handle_timeout(back(NOW + 45_000));
+    let content = drain(&mut call)
+        .into_iter()
+        .find_map(|o| match o {
+            Output::PublishState { content, .. } => Some(content),
+            _ => None,
+        })
+        .expect("membership refreshed at 45 s");
+    assert_eq!(
+        content["m.calls"][0]["m.devices"][0]["expires_ts"],
+        NOW + 45_000 - HOUR + 60_000
+    );
+    // b's entry expires on the wall clock: once wall time passes its
+    // expires_ts, b is gone although the monotonic clock moved 1 s.
+    assert_eq!(call.peers().len(), 1);
+    call.handle_timeout(Now {
+        mono_ms: NOW + 46_000,
+        unix_ms: NOW + HOUR,
+    });
+    let outs = drain(&mut call);
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Media(MediaRequest::ClosePeer { peer: p }) if *p == peer))
+    );
+    assert!(outs.iter().any(|o| matches!(
+        o,
+        Output::Event(CallEvent::ParticipantLeft {
+            reason: LeftReason::Expired,
+            ..
+        })
+    )));
+    assert!(call.peers().is_empty());
+}

@@ -21,7 +21,7 @@ use groupcall_media::{
 use groupcall_proto::events::{self, FeedPurpose};
 use groupcall_proto::{
     CallEvent, Command, Config, CreateOptions, DeviceKey, GroupCall, IncomingToDevice, MediaEvent,
-    MediaRequest, MediaState, Output, PeerHandle,
+    MediaRequest, MediaState, Now, Output, PeerHandle,
 };
 use serde_json::Value;
 use thiserror::Error;
@@ -343,11 +343,19 @@ impl CallHandle {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// The time for the core: monotonic ms since this process first asked
+/// (every timer runs on it) and the wall clock (only `expires_ts` and call
+/// ids use it).
+fn clock_now() -> Now {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+    Now {
+        mono_ms: origin.elapsed().as_millis() as u64,
+        unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    }
 }
 
 /// Joins the room's call (creating it if asked) and runs it in a task.
@@ -429,7 +437,7 @@ pub async fn join_call(
 
     // Load the room's current call state from the homeserver, then what the
     // first sync brought.
-    let now = now_ms();
+    let now = clock_now();
     for ty in [
         events::ROOM_MEMBER,
         events::CALL_UNSTABLE,
@@ -465,7 +473,7 @@ pub async fn join_call(
         while call.room().live_call().is_none() {
             match sync_rx.recv().await {
                 Some(MatrixInput::State { room_id: r, event }) if r == room_id => {
-                    if let Err(e) = call.handle_state(now_ms(), &event) {
+                    if let Err(e) = call.handle_state(clock_now(), &event) {
                         debug!("ignoring state event: {e}");
                     }
                     keep_started(&mut call);
@@ -484,7 +492,7 @@ pub async fn join_call(
     }
     // Only the latest start counts (a call may have replaced another).
     let started = started.pop();
-    let now = now_ms();
+    let now = clock_now();
     let audio = opts.audio != AudioSource::None;
     let video = opts.video != VideoSource::None;
     call.handle_command(
@@ -730,7 +738,7 @@ impl Driver {
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let result = loop {
             let wake = self.call.poll_timeout().map(|t| {
-                let d = Duration::from_millis(t.saturating_sub(now_ms()));
+                let d = Duration::from_millis(t.saturating_sub(clock_now().mono_ms));
                 tokio::time::Instant::now() + d
             });
             let timer = async {
@@ -748,7 +756,7 @@ impl Driver {
                 cmd = cmd_rx.recv() => {
                     let cmd = cmd.unwrap_or(Command::Leave);
                     let leaving = matches!(cmd, Command::Leave | Command::Terminate);
-                    if let Err(e) = self.call.handle_command(now_ms(), cmd) {
+                    if let Err(e) = self.call.handle_command(clock_now(), cmd) {
                         let _ = self.events.send(ClientEvent::Warning(e.to_string()));
                     }
                     if leaving && self.call.joined_call_id().is_none() {
@@ -756,8 +764,8 @@ impl Driver {
                         break Ok(());
                     }
                 }
-                Some(()) = ack_rx.recv() => self.call.handle_membership_published(now_ms()),
-                _ = timer => self.call.handle_timeout(now_ms()),
+                Some(()) = ack_rx.recv() => self.call.handle_membership_published(clock_now()),
+                _ = timer => self.call.handle_timeout(clock_now()),
                 _ = stats.tick() => self.report_stats().await,
                 Some((kind, data, duration)) = push_rx.recv() => self.push_frame(kind, data, duration),
             }
@@ -793,7 +801,7 @@ impl Driver {
     }
 
     fn on_matrix(&mut self, input: MatrixInput) {
-        let now = now_ms();
+        let now = clock_now();
         match input {
             MatrixInput::State { room_id, event } => {
                 if room_id == self.room_id
@@ -931,7 +939,7 @@ impl Driver {
                     candidates.push(groupcall_proto::signalling::Candidate::end_of_candidates());
                 }
                 self.call.handle_media(
-                    now_ms(),
+                    clock_now(),
                     MediaEvent::LocalCandidates {
                         peer: handle,
                         candidates,
@@ -943,7 +951,7 @@ impl Driver {
         };
         if let Some(state) = state {
             self.call.handle_media(
-                now_ms(),
+                clock_now(),
                 MediaEvent::State {
                     peer: handle,
                     state,
@@ -1028,7 +1036,7 @@ impl Driver {
                 }
             }
             match self.pending.pop_front() {
-                Some(ev) => self.call.handle_media(now_ms(), ev),
+                Some(ev) => self.call.handle_media(clock_now(), ev),
                 None => break,
             }
         }
