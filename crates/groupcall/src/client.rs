@@ -1486,3 +1486,7 @@ fn sanitize(s: &str) -> String {
         })
         .collect()
 }
+
+#[cfg(test)]
+#[path = "client_tests.rs"]
+mod tests;
