@@ -5,18 +5,24 @@
 //! One tokio task owns the core. Inputs (sync, media events, user commands,
 //! timers) go into the core; its outputs are carried out here: state events
 //! and to-device messages through one ordered outbox task (so that `seq`
-//! order on the wire matches the order the core produced), media requests on
-//! the peers directly.
+//! order on the wire matches the order the core produced), media requests
+//! through one small worker task per peer (`peer_worker`), which
+//! carries out that peer's operations in order and reports each result back
+//! as a [`MediaEvent`]: the driver's loop never awaits a media operation, so
+//! one peer's ICE gathering delays neither the others nor sync, timers and
+//! commands.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use groupcall_media::{
     IvfRecorder, IvfSource, MediaPeer, OggOpusRecorder, OggOpusSource, PeerConfig, PeerEvent,
-    SinkFilter, TrackKind,
+    PeerStats, SinkFilter, TrackKind,
 };
 use groupcall_proto::events::{self, FeedPurpose};
 use groupcall_proto::{
@@ -25,8 +31,8 @@ use groupcall_proto::{
 };
 use serde_json::Value;
 use thiserror::Error;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
 use crate::faults::{FaultOptions, Faults};
@@ -553,7 +559,7 @@ pub async fn join_call(
         media_tx,
         out_tx,
         events: ev_tx,
-        pending: VecDeque::new(),
+        workers: JoinSet::new(),
         recordings: Vec::new(),
         turn,
         liveness,
@@ -688,7 +694,16 @@ async fn outbox(
 }
 
 struct Peer {
-    media: MediaPeer,
+    /// Operations for the peer's worker, carried out in order.
+    ops: mpsc::UnboundedSender<PeerOp>,
+    /// Dropped with the peer: tells its worker to finish the sinks and close
+    /// the connection (abandoning operations not yet carried out).
+    _close: oneshot::Sender<()>,
+    /// The media peer, once its worker has made it (the worker reports it
+    /// before any result or event of the peer).
+    media: Option<Arc<MediaPeer>>,
+    /// A stats request is with the worker.
+    stats_pending: bool,
     device: DeviceKey,
     /// Local track ids that already have a source.
     sourced: Vec<String>,
@@ -701,7 +716,7 @@ struct Inputs {
     sync: crate::matrix::SyncHandle,
     sync_rx: mpsc::Receiver<MatrixInput>,
     cmd_rx: mpsc::UnboundedReceiver<Command>,
-    media_rx: mpsc::UnboundedReceiver<(PeerHandle, PeerEvent)>,
+    media_rx: mpsc::UnboundedReceiver<(PeerHandle, FromPeer)>,
     ack_rx: mpsc::UnboundedReceiver<()>,
     push_rx: mpsc::UnboundedReceiver<PushedFrame>,
 }
@@ -711,11 +726,12 @@ struct Driver {
     room_id: String,
     opts: JoinOptions,
     peers: HashMap<PeerHandle, Peer>,
-    media_tx: mpsc::UnboundedSender<(PeerHandle, PeerEvent)>,
+    /// Where the peers' workers report results and events.
+    media_tx: mpsc::UnboundedSender<(PeerHandle, FromPeer)>,
     out_tx: mpsc::UnboundedSender<OutItem>,
     events: mpsc::UnboundedSender<ClientEvent>,
-    /// Media results to feed back into the core.
-    pending: VecDeque<MediaEvent>,
+    /// The peers' workers, also those still closing their peer.
+    workers: JoinSet<()>,
     recordings: Vec<PathBuf>,
     /// The homeserver's TURN servers, kept fresh.
     turn: crate::matrix::TurnWatch,
@@ -733,7 +749,7 @@ impl Driver {
             mut ack_rx,
             mut push_rx,
         } = inputs;
-        self.drain().await;
+        self.drain();
         let mut stats = tokio::time::interval(self.opts.stats_interval);
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let result = loop {
@@ -752,7 +768,7 @@ impl Driver {
                     Some(input) => self.on_matrix(input),
                     None => break Err(ClientError::SyncStopped("sync channel closed".into())),
                 },
-                Some((handle, ev)) = media_rx.recv() => self.on_peer_event(handle, ev),
+                Some((handle, msg)) = media_rx.recv() => self.on_worker(handle, msg),
                 cmd = cmd_rx.recv() => {
                     let cmd = cmd.unwrap_or(Command::Leave);
                     let leaving = matches!(cmd, Command::Leave | Command::Terminate);
@@ -760,25 +776,30 @@ impl Driver {
                         let _ = self.events.send(ClientEvent::Warning(e.to_string()));
                     }
                     if leaving && self.call.joined_call_id().is_none() {
-                        self.drain().await;
+                        self.drain();
                         break Ok(());
                     }
                 }
                 Some(()) = ack_rx.recv() => self.call.handle_membership_published(clock_now()),
                 _ = timer => self.call.handle_timeout(clock_now()),
-                _ = stats.tick() => self.report_stats().await,
+                _ = stats.tick() => self.request_stats(),
                 Some((kind, data, duration)) = push_rx.recv() => self.push_frame(kind, data, duration),
             }
-            self.drain().await;
+            self.drain();
+            // Forget the workers that have closed their peer.
+            while self.workers.try_join_next().is_some() {}
             if self.call.joined_call_id().is_none() {
                 // The call ended under us (terminated by someone else).
                 break Ok(());
             }
         };
-        // Close every peer (finishing recordings), flush the outbox, stop.
-        let handles: Vec<_> = self.peers.keys().copied().collect();
-        for h in handles {
-            self.close_peer(h).await;
+        // Close every peer: each worker finishes its sinks (recordings) and
+        // closes the connection, all at once and bounded. Then flush the
+        // outbox and stop.
+        self.peers.clear();
+        let closing = async { while self.workers.join_next().await.is_some() {} };
+        if tokio::time::timeout(CLOSE_ALL_WAIT, closing).await.is_err() {
+            warn!("media peers still closing after {CLOSE_ALL_WAIT:?}; leaving them");
         }
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let _ = self.out_tx.send(OutItem::Flush(done_tx));
@@ -882,9 +903,11 @@ impl Driver {
                 kind,
                 ..
             } => {
-                if let Some(peer) = self.peers.get_mut(&handle) {
+                if let Some(peer) = self.peers.get_mut(&handle)
+                    && let Some(media) = peer.media.clone()
+                {
                     if kind == TrackKind::Video {
-                        let _ = peer.media.request_keyframe(&track_id);
+                        let _ = media.request_keyframe(&track_id);
                     }
                     let first = peer
                         .remote_tracks
@@ -901,10 +924,11 @@ impl Driver {
                         };
                         let filter = SinkFilter::stream(stream_id.clone(), kind);
                         let added = match kind {
-                            TrackKind::Audio => OggOpusRecorder::create(&path)
-                                .map(|r| peer.media.add_sink(filter, r)),
+                            TrackKind::Audio => {
+                                OggOpusRecorder::create(&path).map(|r| media.add_sink(filter, r))
+                            }
                             TrackKind::Video => {
-                                IvfRecorder::create(&path).map(|r| peer.media.add_sink(filter, r))
+                                IvfRecorder::create(&path).map(|r| media.add_sink(filter, r))
                             }
                         };
                         match added {
@@ -960,140 +984,176 @@ impl Driver {
         }
     }
 
-    async fn report_stats(&mut self) {
-        for peer in self.peers.values() {
-            let Ok(stats) = peer.media.stats().await else {
-                continue;
-            };
-            for t in stats.remote {
-                let _ = self.events.send(ClientEvent::Media {
-                    device: peer.device.clone(),
-                    stream_id: t.stream_id,
-                    kind: t.kind,
-                    frames: t.received.frames,
-                    bytes: t.received.bytes,
-                });
+    /// Handles what a peer's worker reported: results go into the core as
+    /// the [`MediaEvent`] they answer, peer events as before.
+    fn on_worker(&mut self, handle: PeerHandle, msg: FromPeer) {
+        // A closed peer's worker may have reported before it noticed: the
+        // core has forgotten the handle, so nothing of it matters.
+        let Some(peer) = self.peers.get_mut(&handle) else {
+            return;
+        };
+        match msg {
+            FromPeer::Created(media) => peer.media = Some(media),
+            FromPeer::Offer { sdp, feeds } => {
+                self.attach_sources(handle, &feeds);
+                self.call.handle_media(
+                    clock_now(),
+                    MediaEvent::OfferCreated {
+                        peer: handle,
+                        sdp,
+                        gathering_complete: true,
+                    },
+                );
             }
-            let mut sent: BTreeMap<&'static str, (TrackKind, u64, u64)> = BTreeMap::new();
-            for t in stats.local {
-                let e = sent.entry(t.kind.as_str()).or_insert((t.kind, 0, 0));
-                e.1 += t.sent.frames;
-                e.2 += t.sent.bytes;
+            FromPeer::Answer { sdp, feeds } => {
+                self.attach_sources(handle, &feeds);
+                self.call.handle_media(
+                    clock_now(),
+                    MediaEvent::AnswerCreated {
+                        peer: handle,
+                        sdp,
+                        gathering_complete: true,
+                    },
+                );
             }
-            for (_, (kind, frames, bytes)) in sent {
-                let _ = self.events.send(ClientEvent::MediaSent {
-                    device: peer.device.clone(),
-                    kind,
-                    frames,
-                    bytes,
-                });
+            FromPeer::Failed(message) => self.call.handle_media(
+                clock_now(),
+                MediaEvent::Error {
+                    peer: handle,
+                    message,
+                },
+            ),
+            FromPeer::Event(ev) => self.on_peer_event(handle, ev),
+            FromPeer::Stats(stats) => {
+                peer.stats_pending = false;
+                if let Some(stats) = stats {
+                    let device = peer.device.clone();
+                    self.report_stats(device, stats);
+                }
             }
         }
     }
 
-    /// Carries out everything the core asks for, feeding media results
-    /// back, until it is quiet.
-    async fn drain(&mut self) {
-        loop {
-            while let Some(out) = self.call.poll_output() {
-                match out {
-                    Output::ToDevice(batch) => {
-                        let messages = batch
-                            .messages
-                            .into_iter()
-                            .map(|m| (m.user_id, m.device_id, m.content))
-                            .collect();
-                        let _ = self.out_tx.send(OutItem::ToDevice {
-                            event_type: batch.event_type,
-                            messages,
-                        });
-                    }
-                    Output::PublishState {
+    /// Asks every peer's worker for its counters (reported in
+    /// [`Driver::on_worker`]); at most one request per peer at a time.
+    fn request_stats(&mut self) {
+        for peer in self.peers.values_mut() {
+            if !peer.stats_pending && peer.ops.send(PeerOp::Stats).is_ok() {
+                peer.stats_pending = true;
+            }
+        }
+    }
+
+    fn report_stats(&self, device: DeviceKey, stats: PeerStats) {
+        for t in stats.remote {
+            let _ = self.events.send(ClientEvent::Media {
+                device: device.clone(),
+                stream_id: t.stream_id,
+                kind: t.kind,
+                frames: t.received.frames,
+                bytes: t.received.bytes,
+            });
+        }
+        let mut sent: BTreeMap<&'static str, (TrackKind, u64, u64)> = BTreeMap::new();
+        for t in stats.local {
+            let e = sent.entry(t.kind.as_str()).or_insert((t.kind, 0, 0));
+            e.1 += t.sent.frames;
+            e.2 += t.sent.bytes;
+        }
+        for (_, (kind, frames, bytes)) in sent {
+            let _ = self.events.send(ClientEvent::MediaSent {
+                device: device.clone(),
+                kind,
+                frames,
+                bytes,
+            });
+        }
+    }
+
+    /// Carries out everything the core asks for until it is quiet. Media
+    /// requests only go to the peers' workers: their results come back
+    /// later through [`Driver::on_worker`].
+    fn drain(&mut self) {
+        while let Some(out) = self.call.poll_output() {
+            match out {
+                Output::ToDevice(batch) => {
+                    let messages = batch
+                        .messages
+                        .into_iter()
+                        .map(|m| (m.user_id, m.device_id, m.content))
+                        .collect();
+                    let _ = self.out_tx.send(OutItem::ToDevice {
+                        event_type: batch.event_type,
+                        messages,
+                    });
+                }
+                Output::PublishState {
+                    event_type,
+                    state_key,
+                    content,
+                } => {
+                    let _ = self.out_tx.send(OutItem::State {
                         event_type,
                         state_key,
                         content,
-                    } => {
-                        let _ = self.out_tx.send(OutItem::State {
-                            event_type,
-                            state_key,
-                            content,
-                        });
-                    }
-                    Output::Media(req) => self.media_request(req).await,
-                    Output::Event(e) => {
-                        info!(event = ?e, "call");
-                        let _ = self.events.send(ClientEvent::Call(e));
-                    }
-                    Output::Signalling(r) => {
-                        let _ = self.events.send(ClientEvent::Signalling {
-                            sender: r.sender,
-                            event_type: r.event_type,
-                            encrypted: r.encrypted,
-                            ignored: r.outcome.err().map(|e| e.to_string()),
-                        });
-                    }
-                    other => warn!("core output not handled by this driver: {other:?}"),
+                    });
                 }
-            }
-            match self.pending.pop_front() {
-                Some(ev) => self.call.handle_media(clock_now(), ev),
-                None => break,
+                Output::Media(req) => self.media_request(req),
+                Output::Event(e) => {
+                    info!(event = ?e, "call");
+                    let _ = self.events.send(ClientEvent::Call(e));
+                }
+                Output::Signalling(r) => {
+                    let _ = self.events.send(ClientEvent::Signalling {
+                        sender: r.sender,
+                        event_type: r.event_type,
+                        encrypted: r.encrypted,
+                        ignored: r.outcome.err().map(|e| e.to_string()),
+                    });
+                }
+                other => warn!("core output not handled by this driver: {other:?}"),
             }
         }
     }
 
-    fn media_feeds(&self) -> Vec<groupcall_media::LocalFeed> {
-        self.call
-            .local_feeds()
-            .into_iter()
-            .map(|f| groupcall_media::LocalFeed {
-                stream_id: f.stream_id,
-                purpose: match f.purpose {
-                    FeedPurpose::Screenshare => groupcall_media::FeedPurpose::Screenshare,
-                    _ => groupcall_media::FeedPurpose::Usermedia,
-                },
-                audio_track_id: f.audio_track_id,
-                video_track_id: f.video_track_id,
-            })
-            .collect()
-    }
-
-    async fn ensure_peer(&mut self, handle: PeerHandle, remote: &DeviceKey) -> Result<(), String> {
-        if self.peers.contains_key(&handle) {
-            return Ok(());
-        }
-        let config = PeerConfig {
-            bind_addrs: self.opts.bind_addrs.clone(),
-            ice_servers: self.turn.ice_servers(),
-            relay_only: self.opts.relay_only,
-            deliver_frames: self.opts.deliver_frames,
-            disconnect_timeout: self.opts.liveness.media_disconnect_timeout,
-            failed_timeout: self.opts.liveness.media_failed_timeout,
-            retransmission: self.opts.retransmission,
-            ..PeerConfig::default()
-        };
-        let (media, mut events) = MediaPeer::new(config).await.map_err(|e| e.to_string())?;
-        let tx = self.media_tx.clone();
-        tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                if tx.send((handle, ev)).is_err() {
-                    break;
-                }
+    /// The peer of `handle`, with a worker started for it if it is new (the
+    /// worker makes the media peer before carrying out anything else).
+    fn peer_or_start(&mut self, handle: PeerHandle, remote: &DeviceKey) -> &mut Peer {
+        match self.peers.entry(handle) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let config = PeerConfig {
+                    bind_addrs: self.opts.bind_addrs.clone(),
+                    ice_servers: self.turn.ice_servers(),
+                    relay_only: self.opts.relay_only,
+                    deliver_frames: self.opts.deliver_frames,
+                    disconnect_timeout: self.opts.liveness.media_disconnect_timeout,
+                    failed_timeout: self.opts.liveness.media_failed_timeout,
+                    retransmission: self.opts.retransmission,
+                    ..PeerConfig::default()
+                };
+                let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+                let (close_tx, close_rx) = oneshot::channel();
+                self.workers.spawn(peer_worker(
+                    handle,
+                    config,
+                    ops_rx,
+                    close_rx,
+                    self.media_tx.clone(),
+                ));
+                e.insert(Peer {
+                    ops: ops_tx,
+                    _close: close_tx,
+                    media: None,
+                    stats_pending: false,
+                    device: remote.clone(),
+                    sourced: Vec::new(),
+                    remote_tracks: BTreeMap::new(),
+                })
             }
-        });
-        self.peers.insert(
-            handle,
-            Peer {
-                media,
-                device: remote.clone(),
-                sourced: Vec::new(),
-                remote_tracks: BTreeMap::new(),
-            },
-        );
-        Ok(())
+        }
     }
 
-    /// Gives every local track of the peer a source (once).
     /// Sends a pushed frame on the camera/microphone track of its kind to
     /// every peer.
     fn push_frame(&mut self, kind: TrackKind, data: std::sync::Arc<[u8]>, duration: Duration) {
@@ -1108,15 +1168,19 @@ impl Driver {
         else {
             return;
         };
-        for peer in self.peers.values() {
-            if let Err(e) = peer.media.send_frame(&track, data.clone(), duration) {
+        for media in self.peers.values().filter_map(|p| p.media.as_ref()) {
+            if let Err(e) = media.send_frame(&track, data.clone(), duration) {
                 debug!("pushed frame not sent: {e}");
             }
         }
     }
 
+    /// Gives every local track of the peer a source (once).
     fn attach_sources(&mut self, handle: PeerHandle, feeds: &[groupcall_media::LocalFeed]) {
         let Some(peer) = self.peers.get_mut(&handle) else {
+            return;
+        };
+        let Some(media) = &peer.media else {
             return;
         };
         for f in feeds {
@@ -1129,7 +1193,7 @@ impl Driver {
                     _ => Some(OggOpusSource::tone()),
                 };
                 if let Some(src) = src
-                    && peer.media.set_source(t, src).is_ok()
+                    && media.set_source(t, src).is_ok()
                 {
                     peer.sourced.push(t.clone());
                 }
@@ -1145,7 +1209,7 @@ impl Driver {
                     _ => IvfSource::test_pattern().ok(),
                 };
                 if let Some(src) = src
-                    && peer.media.set_source(t, src).is_ok()
+                    && media.set_source(t, src).is_ok()
                 {
                     peer.sourced.push(t.clone());
                 }
@@ -1153,123 +1217,270 @@ impl Driver {
         }
     }
 
-    async fn media_request(&mut self, req: MediaRequest) {
-        match req {
+    /// Hands a media request to the peer's worker (starting one for a new
+    /// peer); nothing here waits for the media layer.
+    fn media_request(&mut self, req: MediaRequest) {
+        let op = match req {
             MediaRequest::CreateOffer {
                 peer,
                 remote,
-                feeds: _,
+                feeds,
                 ice_restart,
             } => {
-                let feeds = self.media_feeds();
-                let r = match self.ensure_peer(peer, &remote).await {
-                    Err(e) => Err(e),
-                    Ok(()) => {
-                        let media = &self.peers[&peer].media;
-                        let sdp = if ice_restart {
-                            media.restart_ice(&feeds).await
-                        } else {
-                            media.create_offer(&feeds).await
-                        };
-                        sdp.map_err(|e| e.to_string())
-                    }
-                };
-                match r {
-                    Ok(sdp) => {
-                        self.attach_sources(peer, &feeds);
-                        self.pending.push_back(MediaEvent::OfferCreated {
-                            peer,
-                            sdp,
-                            gathering_complete: true,
-                        });
-                    }
-                    Err(message) => self.pending.push_back(MediaEvent::Error { peer, message }),
-                }
+                let feeds = media_feeds(feeds);
+                let p = self.peer_or_start(peer, &remote);
+                let _ = p.ops.send(PeerOp::CreateOffer { feeds, ice_restart });
+                return;
             }
             MediaRequest::AcceptOffer {
                 peer,
                 remote,
                 sdp,
-                feeds: _,
+                feeds,
             } => {
-                let feeds = self.media_feeds();
-                let r = match self.ensure_peer(peer, &remote).await {
-                    Err(e) => Err(e),
-                    Ok(()) => self.peers[&peer]
-                        .media
-                        .accept_offer(&sdp, &feeds)
-                        .await
-                        .map_err(|e| e.to_string()),
-                };
-                match r {
-                    Ok(sdp) => {
-                        self.attach_sources(peer, &feeds);
-                        self.pending.push_back(MediaEvent::AnswerCreated {
-                            peer,
-                            sdp,
-                            gathering_complete: true,
-                        });
-                    }
-                    Err(message) => self.pending.push_back(MediaEvent::Error { peer, message }),
-                }
+                let feeds = media_feeds(feeds);
+                let p = self.peer_or_start(peer, &remote);
+                let _ = p.ops.send(PeerOp::AcceptOffer { sdp, feeds });
+                return;
             }
-            MediaRequest::ApplyAnswer { peer, sdp } => {
-                if let Some(p) = self.peers.get(&peer)
-                    && let Err(e) = p.media.apply_answer(&sdp).await
-                {
-                    self.pending.push_back(MediaEvent::Error {
-                        peer,
-                        message: e.to_string(),
-                    });
-                }
-            }
+            MediaRequest::ApplyAnswer { peer, sdp } => (peer, PeerOp::ApplyAnswer { sdp }),
             MediaRequest::AddRemoteCandidates { peer, candidates } => {
-                if let Some(p) = self.peers.get(&peer) {
-                    for c in candidates {
-                        let idx = c.sdp_m_line_index.and_then(|i| u16::try_from(i).ok());
-                        if let Err(e) = p
-                            .media
-                            .add_remote_candidate(&c.candidate, c.sdp_mid.as_deref(), idx)
-                            .await
-                        {
-                            debug!("remote candidate refused: {e}");
-                        }
-                    }
-                }
+                (peer, PeerOp::AddRemoteCandidates { candidates })
             }
             MediaRequest::SetMuted {
                 audio_muted,
                 video_muted,
             } => {
-                let feeds = self.call.local_feeds();
-                for p in self.peers.values() {
-                    for f in feeds.iter().filter(|f| f.purpose == FeedPurpose::Usermedia) {
-                        if let Some(t) = &f.audio_track_id {
-                            let _ = p.media.set_muted(t, audio_muted);
-                        }
-                        if let Some(t) = &f.video_track_id {
-                            let _ = p.media.set_muted(t, video_muted);
-                        }
+                // The request carries no feeds: our camera/microphone tracks.
+                let mut tracks = Vec::new();
+                for f in self.call.local_feeds() {
+                    if f.purpose != FeedPurpose::Usermedia {
+                        continue;
+                    }
+                    if let Some(t) = f.audio_track_id {
+                        tracks.push((t, audio_muted));
+                    }
+                    if let Some(t) = f.video_track_id {
+                        tracks.push((t, video_muted));
                     }
                 }
+                // Through the workers, so that it follows the offers and
+                // answers already asked for (and reaches a peer still being
+                // made).
+                for p in self.peers.values() {
+                    let _ = p.ops.send(PeerOp::SetMuted {
+                        tracks: tracks.clone(),
+                    });
+                }
+                return;
             }
-            MediaRequest::ClosePeer { peer } => self.close_peer(peer).await,
-            other => warn!("media request not handled by this driver: {other:?}"),
+            MediaRequest::ClosePeer { peer } => {
+                // Dropping it tells the worker to finish the sinks and close.
+                self.peers.remove(&peer);
+                return;
+            }
+            other => {
+                warn!("media request not handled by this driver: {other:?}");
+                return;
+            }
+        };
+        let (peer, op) = op;
+        if let Some(p) = self.peers.get(&peer) {
+            let _ = p.ops.send(op);
         }
     }
+}
 
-    async fn close_peer(&mut self, handle: PeerHandle) {
-        if let Some(peer) = self.peers.remove(&handle) {
-            match peer.media.finish_sinks().await {
-                Ok(errors) => {
-                    for e in errors {
-                        warn!("recording: {e}");
+/// The core's feeds as the media layer takes them.
+fn media_feeds(feeds: Vec<groupcall_proto::LocalFeed>) -> Vec<groupcall_media::LocalFeed> {
+    feeds
+        .into_iter()
+        .map(|f| groupcall_media::LocalFeed {
+            stream_id: f.stream_id,
+            purpose: match f.purpose {
+                FeedPurpose::Screenshare => groupcall_media::FeedPurpose::Screenshare,
+                _ => groupcall_media::FeedPurpose::Usermedia,
+            },
+            audio_track_id: f.audio_track_id,
+            video_track_id: f.video_track_id,
+        })
+        .collect()
+}
+
+/// How long closing one peer may take (finishing its sinks, then closing).
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long leaving waits for every peer to close.
+const CLOSE_ALL_WAIT: Duration = Duration::from_secs(10);
+
+/// A media operation for a peer's worker.
+enum PeerOp {
+    /// Answered with [`FromPeer::Offer`] or [`FromPeer::Failed`].
+    CreateOffer {
+        feeds: Vec<groupcall_media::LocalFeed>,
+        ice_restart: bool,
+    },
+    /// Answered with [`FromPeer::Answer`] or [`FromPeer::Failed`].
+    AcceptOffer {
+        sdp: String,
+        feeds: Vec<groupcall_media::LocalFeed>,
+    },
+    /// Answered with [`FromPeer::Failed`] only if it fails.
+    ApplyAnswer { sdp: String },
+    /// Not answered (a refused candidate is logged).
+    AddRemoteCandidates {
+        candidates: Vec<groupcall_proto::signalling::Candidate>,
+    },
+    /// Not answered: (local track id, muted).
+    SetMuted { tracks: Vec<(String, bool)> },
+    /// Answered with [`FromPeer::Stats`].
+    Stats,
+}
+
+/// What a peer's worker reports to the driver, in order.
+enum FromPeer {
+    /// The media peer exists (reported before anything else of the peer).
+    Created(Arc<MediaPeer>),
+    /// The offer asked for, made with these feeds.
+    Offer {
+        sdp: String,
+        feeds: Vec<groupcall_media::LocalFeed>,
+    },
+    /// The answer asked for, made with these feeds.
+    Answer {
+        sdp: String,
+        feeds: Vec<groupcall_media::LocalFeed>,
+    },
+    /// Making the peer or an operation failed.
+    Failed(String),
+    /// An event of the media peer.
+    Event(PeerEvent),
+    /// The counters asked for (`None`: the peer could not tell).
+    Stats(Option<PeerStats>),
+}
+
+/// Carries out one peer's media operations in the order they were asked
+/// for, and forwards its events, reporting everything through `tx`. The
+/// driver never waits for it: ICE gathering (up to the peer's gathering wait
+/// in `create_offer` / `accept_offer`) holds up this peer only.
+///
+/// Events the peer emits while an operation runs are forwarded after that
+/// operation's result, as when the driver awaited operations itself: local
+/// candidates found after an offer follow the offer.
+///
+/// When `close` fires or its sender is dropped (the peer was closed, or the
+/// call is over), operations not yet carried out are abandoned and the peer
+/// finishes its sinks and closes, each step bounded by [`CLOSE_WAIT`].
+async fn peer_worker(
+    handle: PeerHandle,
+    config: PeerConfig,
+    mut ops: mpsc::UnboundedReceiver<PeerOp>,
+    mut close: oneshot::Receiver<()>,
+    tx: mpsc::UnboundedSender<(PeerHandle, FromPeer)>,
+) {
+    let created = tokio::select! {
+        biased;
+        _ = &mut close => return,
+        r = MediaPeer::new(config) => r,
+    };
+    let (media, mut events) = match created {
+        Ok((media, events)) => (Arc::new(media), events),
+        Err(e) => {
+            // The core closes the peer on this error.
+            let _ = tx.send((handle, FromPeer::Failed(e.to_string())));
+            return;
+        }
+    };
+    if tx.send((handle, FromPeer::Created(media.clone()))).is_err() {
+        return;
+    }
+    let mut events_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut close => break,
+            ev = events.recv(), if events_open => match ev {
+                Some(ev) => {
+                    if tx.send((handle, FromPeer::Event(ev))).is_err() {
+                        break;
                     }
                 }
-                Err(e) => debug!("finishing sinks: {e}"),
+                None => events_open = false,
+            },
+            op = ops.recv() => {
+                let Some(op) = op else { break };
+                let result = tokio::select! {
+                    biased;
+                    _ = &mut close => break,
+                    r = run_op(&media, op) => r,
+                };
+                if let Some(msg) = result
+                    && tx.send((handle, msg)).is_err()
+                {
+                    break;
+                }
             }
-            let _ = peer.media.close().await;
         }
+    }
+    match tokio::time::timeout(CLOSE_WAIT, media.finish_sinks()).await {
+        Ok(Ok(errors)) => {
+            for e in errors {
+                warn!("recording: {e}");
+            }
+        }
+        Ok(Err(e)) => debug!("finishing sinks: {e}"),
+        Err(_) => warn!("finishing sinks took longer than {CLOSE_WAIT:?}"),
+    }
+    if tokio::time::timeout(CLOSE_WAIT, media.close())
+        .await
+        .is_err()
+    {
+        warn!("closing a media peer took longer than {CLOSE_WAIT:?}");
+    }
+}
+
+/// Carries out one operation; what to report, if anything.
+async fn run_op(media: &MediaPeer, op: PeerOp) -> Option<FromPeer> {
+    match op {
+        PeerOp::CreateOffer { feeds, ice_restart } => {
+            let sdp = if ice_restart {
+                media.restart_ice(&feeds).await
+            } else {
+                media.create_offer(&feeds).await
+            };
+            Some(match sdp {
+                Ok(sdp) => FromPeer::Offer { sdp, feeds },
+                Err(e) => FromPeer::Failed(e.to_string()),
+            })
+        }
+        PeerOp::AcceptOffer { sdp, feeds } => Some(match media.accept_offer(&sdp, &feeds).await {
+            Ok(sdp) => FromPeer::Answer { sdp, feeds },
+            Err(e) => FromPeer::Failed(e.to_string()),
+        }),
+        PeerOp::ApplyAnswer { sdp } => media
+            .apply_answer(&sdp)
+            .await
+            .err()
+            .map(|e| FromPeer::Failed(e.to_string())),
+        PeerOp::AddRemoteCandidates { candidates } => {
+            for c in candidates {
+                let idx = c.sdp_m_line_index.and_then(|i| u16::try_from(i).ok());
+                if let Err(e) = media
+                    .add_remote_candidate(&c.candidate, c.sdp_mid.as_deref(), idx)
+                    .await
+                {
+                    debug!("remote candidate refused: {e}");
+                }
+            }
+            None
+        }
+        PeerOp::SetMuted { tracks } => {
+            for (track, muted) in tracks {
+                let _ = media.set_muted(&track, muted);
+            }
+            None
+        }
+        PeerOp::Stats => Some(FromPeer::Stats(media.stats().await.ok())),
     }
 }
 
@@ -1284,3 +1495,7 @@ fn sanitize(s: &str) -> String {
         })
         .collect()
 }
+
+#[cfg(test)]
+#[path = "client_tests.rs"]
+mod tests;
