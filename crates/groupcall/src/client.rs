@@ -560,6 +560,7 @@ pub async fn join_call(
         out_tx,
         events: ev_tx,
         workers: JoinSet::new(),
+        muted: (false, false),
         recordings: Vec::new(),
         turn,
         liveness,
@@ -732,6 +733,9 @@ struct Driver {
     events: mpsc::UnboundedSender<ClientEvent>,
     /// The peers' workers, also those still closing their peer.
     workers: JoinSet<()>,
+    /// The last mute state asked for (audio, video): a peer made later
+    /// starts with it.
+    muted: (bool, bool),
     recordings: Vec<PathBuf>,
     /// The homeserver's TURN servers, kept fresh.
     turn: crate::matrix::TurnWatch,
@@ -1154,6 +1158,26 @@ impl Driver {
         }
     }
 
+    /// Like [`Driver::peer_or_start`]; a new peer is first muted as asked before
+    /// (the core's `SetMuted` only reaches the peers that exist when it is
+    /// made): its tracks are made by the offer or answer that follows.
+    fn start_muted(
+        &mut self,
+        handle: PeerHandle,
+        remote: &DeviceKey,
+        feeds: &[groupcall_media::LocalFeed],
+    ) -> &mut Peer {
+        let new = !self.peers.contains_key(&handle);
+        let muted = self.muted;
+        let p = self.peer_or_start(handle, remote);
+        if new && muted != (false, false) {
+            let _ = p.ops.send(PeerOp::SetMuted {
+                tracks: usermedia_tracks(feeds, muted),
+            });
+        }
+        p
+    }
+
     /// Sends a pushed frame on the camera/microphone track of its kind to
     /// every peer.
     fn push_frame(&mut self, kind: TrackKind, data: std::sync::Arc<[u8]>, duration: Duration) {
@@ -1228,7 +1252,7 @@ impl Driver {
                 ice_restart,
             } => {
                 let feeds = media_feeds(feeds);
-                let p = self.peer_or_start(peer, &remote);
+                let p = self.start_muted(peer, &remote, &feeds);
                 let _ = p.ops.send(PeerOp::CreateOffer { feeds, ice_restart });
                 return;
             }
@@ -1239,7 +1263,7 @@ impl Driver {
                 feeds,
             } => {
                 let feeds = media_feeds(feeds);
-                let p = self.peer_or_start(peer, &remote);
+                let p = self.start_muted(peer, &remote, &feeds);
                 let _ = p.ops.send(PeerOp::AcceptOffer { sdp, feeds });
                 return;
             }
@@ -1252,18 +1276,8 @@ impl Driver {
                 video_muted,
             } => {
                 // The request carries no feeds: our camera/microphone tracks.
-                let mut tracks = Vec::new();
-                for f in self.call.local_feeds() {
-                    if f.purpose != FeedPurpose::Usermedia {
-                        continue;
-                    }
-                    if let Some(t) = f.audio_track_id {
-                        tracks.push((t, audio_muted));
-                    }
-                    if let Some(t) = f.video_track_id {
-                        tracks.push((t, video_muted));
-                    }
-                }
+                self.muted = (audio_muted, video_muted);
+                let tracks = usermedia_tracks(&media_feeds(self.call.local_feeds()), self.muted);
                 // Through the workers, so that it follows the offers and
                 // answers already asked for (and reaches a peer still being
                 // made).
@@ -1289,6 +1303,27 @@ impl Driver {
             let _ = p.ops.send(op);
         }
     }
+}
+
+/// The camera/microphone tracks of `feeds`, each with its mute state
+/// (`muted` is (audio, video)).
+fn usermedia_tracks(
+    feeds: &[groupcall_media::LocalFeed],
+    (audio_muted, video_muted): (bool, bool),
+) -> Vec<(String, bool)> {
+    let mut tracks = Vec::new();
+    for f in feeds {
+        if f.purpose != groupcall_media::FeedPurpose::Usermedia {
+            continue;
+        }
+        if let Some(t) = &f.audio_track_id {
+            tracks.push((t.clone(), audio_muted));
+        }
+        if let Some(t) = &f.video_track_id {
+            tracks.push((t.clone(), video_muted));
+        }
+    }
+    tracks
 }
 
 /// The core's feeds as the media layer takes them.
