@@ -12,6 +12,7 @@ use matrix_sdk::ruma::{OwnedUserId, RoomOrAliasId};
 use serde_json::{Value, json};
 use tracing::{debug, info};
 
+use super::retry::{REQUEST, STATE};
 use super::{
     CALL_EVENT_TYPE, CALL_EVENT_TYPE_STABLE, CALL_MEMBER_EVENT_TYPE, CALL_MEMBER_EVENT_TYPE_STABLE,
     MatrixError, MatrixSession,
@@ -180,9 +181,10 @@ impl MatrixSession {
     /// Sends a state event with raw JSON content under exactly the given
     /// type; returns its event id.
     ///
-    /// This goes around matrix-sdk on purpose: ruma treats `m.call.member`
-    /// as an alias of `org.matrix.msc3401.call.member` and would put the
-    /// unstable name on the wire.
+    /// A typed request of our own (`requests::send_state`), not ruma's:
+    /// ruma treats `m.call.member` as an alias of
+    /// `org.matrix.msc3401.call.member` and would put the unstable name on
+    /// the wire. Transient failures are retried ([`super::retry::REQUEST`]).
     pub async fn send_state(
         &self,
         room: &str,
@@ -190,17 +192,28 @@ impl MatrixSession {
         state_key: &str,
         content: Value,
     ) -> Result<String, MatrixError> {
-        Self::parse_room_id(room)?;
         let event_id = self
-            .put_state(room, event_type, state_key, &content, &[])
-            .await?;
-        let event_id = event_id
-            .get("event_id")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
+            .put_state(room, event_type, state_key, &content, None, &REQUEST)
+            .await?
+            .event_id
+            .unwrap_or_default();
         debug!(room, event_type, state_key, event_id, "sent state");
         Ok(event_id)
+    }
+
+    /// Like [`MatrixSession::send_state`], but keeps retrying transient
+    /// failures for longer ([`STATE`], ~15 s): for publishing our call
+    /// membership, which everything else waits for.
+    pub(crate) async fn publish_state(
+        &self,
+        room: &str,
+        event_type: &str,
+        state_key: &str,
+        content: &Value,
+    ) -> Result<(), MatrixError> {
+        self.put_state(room, event_type, state_key, content, None, &STATE)
+            .await
+            .map(drop)
     }
 
     /// Whether our power level lets us send state events of `event_type`
