@@ -647,8 +647,12 @@ async fn outbox(
             let merged = merge(std::mem::take(&mut run));
             if queued > 0 {
                 debug!(
+                    user_id = session.user_id(),
                     queued,
-                    requests = merged.len(),
+                    requests = ?merged
+                        .iter()
+                        .map(|b| (b.event_type.as_str(), b.messages.len()))
+                        .collect::<Vec<_>>(),
                     "outbox: to-device sends coalesced"
                 );
             }

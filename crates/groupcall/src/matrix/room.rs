@@ -12,7 +12,7 @@ use matrix_sdk::ruma::{OwnedUserId, RoomOrAliasId};
 use serde_json::{Value, json};
 use tracing::{debug, info};
 
-use super::retry::{REQUEST, STATE};
+use super::retry::{REQUEST, Retry, STATE, classify_http, classify_matrix, once};
 use super::{
     CALL_EVENT_TYPE, CALL_EVENT_TYPE_STABLE, CALL_MEMBER_EVENT_TYPE, CALL_MEMBER_EVENT_TYPE_STABLE,
     MatrixError, MatrixSession,
@@ -36,7 +36,8 @@ impl MatrixSession {
     /// Creates a room in which every member (power level 0) may send the
     /// MSC3401 call state events (`org.matrix.msc3401.call` and
     /// `org.matrix.msc3401.call.member`, and their stable `m.call*` names).
-    /// Returns the room id.
+    /// Returns the room id. Not retried (a retry of a request that did
+    /// arrive would make a second room).
     pub async fn create_call_room(
         &self,
         options: CreateRoomOptions,
@@ -94,21 +95,39 @@ impl MatrixSession {
     pub async fn join_room(&self, id_or_alias: &str) -> Result<String, MatrixError> {
         let target = <&RoomOrAliasId>::try_from(id_or_alias)
             .map_err(|e| MatrixError::invalid("room id or alias", id_or_alias, e))?;
-        let room = self
-            .client
-            .join_room_by_id_or_alias(target, &[])
-            .await
-            .map_err(|e| MatrixError::sdk(format!("joining {id_or_alias}"), e))?;
+        let what = format!("joining {id_or_alias}");
+        // Joining is idempotent: retried like any request.
+        let room = REQUEST
+            .run(
+                &what,
+                || async {
+                    self.client
+                        .join_room_by_id_or_alias(target, &[])
+                        .await
+                        .map_err(|e| MatrixError::sdk(what.clone(), e))
+                },
+                classify_matrix,
+            )
+            .await?;
         info!(room_id = %room.room_id(), "joined room");
         Ok(room.room_id().to_string())
     }
 
     /// Leaves a room.
     pub async fn leave_room(&self, room: &str) -> Result<(), MatrixError> {
-        self.room(room)?
-            .leave()
+        let r = self.room(room)?;
+        let what = format!("leaving {room}");
+        REQUEST
+            .run(
+                &what,
+                || async {
+                    r.leave()
+                        .await
+                        .map_err(|e| MatrixError::sdk(what.clone(), e))
+                },
+                classify_matrix,
+            )
             .await
-            .map_err(|e| MatrixError::sdk(format!("leaving {room}"), e))
     }
 
     /// All state events of `event_type` (every state key) as the local
@@ -165,11 +184,20 @@ impl MatrixSession {
         event_type: &str,
     ) -> Result<Vec<Value>, MatrixError> {
         let room_id = Self::parse_room_id(room)?;
-        let response = self
-            .client
-            .send(get_state_events::v3::Request::new(room_id))
+        let what = format!("fetching the state of {room}");
+        let request = get_state_events::v3::Request::new(room_id);
+        let response = REQUEST
+            .run(
+                &what,
+                || {
+                    self.client
+                        .send(request.clone())
+                        .with_request_config(once())
+                },
+                |e| classify_http(e, Retry::Transient),
+            )
             .await
-            .map_err(|e| MatrixError::http(format!("fetching the state of {room}"), e))?;
+            .map_err(|e| MatrixError::http(what.clone(), e))?;
         Ok(response
             .room_state
             .iter()

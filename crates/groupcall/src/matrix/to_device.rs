@@ -527,11 +527,20 @@ impl MatrixSession {
             return Ok(found);
         }
         debug!(%user_id, device, "device unknown; querying keys");
-        self.client
-            .encryption()
-            .request_user_identity(user_id)
-            .await
-            .map_err(|e| MatrixError::sdk(format!("querying the keys of {user_id}"), e))?;
+        let what = format!("querying the keys of {user_id}");
+        retry::REQUEST
+            .run(
+                &what,
+                || async {
+                    self.client
+                        .encryption()
+                        .request_user_identity(user_id)
+                        .await
+                        .map_err(|e| MatrixError::sdk(what.clone(), e))
+                },
+                retry::classify_matrix,
+            )
+            .await?;
         self.known_devices(user_id, device).await
     }
 
