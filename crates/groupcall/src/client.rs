@@ -611,10 +611,11 @@ async fn outbox(
     };
     let mut modes = SendModes::default();
     while let Some(first) = rx.recv().await {
-        // Everything queued now; one yield lets a producer that is still
-        // running finish its burst.
+        // Everything queued now; a yield lets a producer that is still
+        // running finish its burst (a few rounds at most, so that a steady
+        // stream cannot hold the first item back).
         let mut items = vec![first];
-        loop {
+        for _ in 0..4 {
             while let Ok(more) = rx.try_recv() {
                 items.push(more);
             }
@@ -622,6 +623,9 @@ async fn outbox(
             if rx.is_empty() {
                 break;
             }
+        }
+        while let Ok(more) = rx.try_recv() {
+            items.push(more);
         }
         let mut run: Vec<ToDeviceBatch> = Vec::new();
         let mut items = items.into_iter();

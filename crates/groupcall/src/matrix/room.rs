@@ -212,7 +212,7 @@ impl MatrixSession {
     /// A typed request of our own (`requests::send_state`), not ruma's:
     /// ruma treats `m.call.member` as an alias of
     /// `org.matrix.msc3401.call.member` and would put the unstable name on
-    /// the wire. Transient failures are retried ([`super::retry::REQUEST`]).
+    /// the wire. Transient failures are retried (4 attempts, 200 ms doubling).
     pub async fn send_state(
         &self,
         room: &str,

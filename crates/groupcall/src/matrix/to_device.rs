@@ -158,7 +158,7 @@ impl MatrixSession {
     /// content are encrypted and sent together); devices we do not know yet
     /// are looked up with `/keys/query` first.
     ///
-    /// Transient failures are retried ([`retry::REQUEST`]); recipients
+    /// Transient failures are retried (4 attempts, 200 ms doubling); recipients
     /// that still did not get the message are reported in
     /// [`MatrixError::ToDeviceFailed`].
     pub async fn send_to_device(
