@@ -186,17 +186,26 @@ impl MatrixSession {
                 initial_device_display_name: Some(DEVICE_DISPLAY_NAME.to_owned()),
             }
         );
-        // A login onto a known device is idempotent and retried like the
-        // SDK's own; a new device's is not: a retry of a login the server did
-        // complete would make a second, orphaned device.
-        let retry = if reuse_device.is_some() {
-            RequestConfig::short_retry()
+        // A login onto a known device is idempotent and retried like any
+        // request; a new device's is not: a retry of a login the server did
+        // complete would make a second, orphaned device, so it is retried
+        // only when it cannot have been processed.
+        let idempotence = if reuse_device.is_some() {
+            retry::Retry::Transient
         } else {
-            RequestConfig::new().disable_retry()
+            retry::Retry::ConnectOnly
         };
-        let response = client
-            .send(request)
-            .with_request_config(retry)
+        let what = format!("logging in as {user}");
+        let response = retry::REQUEST
+            .run(
+                &what,
+                || {
+                    client
+                        .send(request.clone())
+                        .with_request_config(retry::once())
+                },
+                |e| retry::classify_http(e, idempotence),
+            )
             .await
             .map_err(|e| {
                 if matches!(e.client_api_error_kind(), Some(ErrorKind::Forbidden)) {
@@ -205,7 +214,7 @@ impl MatrixSession {
                         homeserver: homeserver_url.to_owned(),
                     }
                 } else {
-                    MatrixError::http(format!("logging in as {user}"), e)
+                    MatrixError::http(what.clone(), e)
                 }
             })?;
         if let Some(device) = &reuse_device
