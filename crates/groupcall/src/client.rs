@@ -604,8 +604,11 @@ struct OutboxHooks {
     faults: Option<Faults>,
 }
 
-/// Sends state events and to-device messages one after the other, in the
-/// order the core produced them.
+/// Sends state events and to-device messages in the order the core
+/// produced them. What is queued at the same moment is coalesced: between
+/// two state events (or flushes), to-device messages go out in as few
+/// `sendToDevice` requests as possible, one per event type unless a
+/// recipient's order forbids it (see [`crate::matrix::batch::merge`]).
 async fn outbox(
     session: MatrixSession,
     room_id: String,
@@ -615,21 +618,68 @@ async fn outbox(
     events: mpsc::UnboundedSender<ClientEvent>,
     mut hooks: OutboxHooks,
 ) {
+    use crate::matrix::batch::{ToDeviceBatch, merge};
     let keyless = if require_encrypted {
         KeylessDevices::Refuse
     } else {
         KeylessDevices::Plaintext
     };
     let mut modes = SendModes::default();
-    while let Some(item) = rx.recv().await {
-        match item {
-            OutItem::ToDevice {
+    while let Some(first) = rx.recv().await {
+        // Everything queued now; a yield lets a producer that is still
+        // running finish its burst (a few rounds at most, so that a steady
+        // stream cannot hold the first item back).
+        let mut items = vec![first];
+        for _ in 0..4 {
+            while let Ok(more) = rx.try_recv() {
+                items.push(more);
+            }
+            tokio::task::yield_now().await;
+            if rx.is_empty() {
+                break;
+            }
+        }
+        while let Ok(more) = rx.try_recv() {
+            items.push(more);
+        }
+        let mut run: Vec<ToDeviceBatch> = Vec::new();
+        let mut items = items.into_iter();
+        loop {
+            let item = items.next();
+            if let Some(OutItem::ToDevice {
                 event_type,
                 mut messages,
-            } => {
+            }) = item
+            {
                 if let Some(f) = &mut hooks.faults {
                     messages = crate::faults::outgoing(f, &session, &event_type, messages, encrypt);
                 }
+                run.push(ToDeviceBatch {
+                    event_type,
+                    messages,
+                });
+                continue;
+            }
+            // A state event, a flush or the end: send the to-device run
+            // queued before it first.
+            let queued = run.len();
+            let merged = merge(std::mem::take(&mut run));
+            if queued > 0 {
+                debug!(
+                    user_id = session.user_id(),
+                    queued,
+                    requests = ?merged
+                        .iter()
+                        .map(|b| (b.event_type.as_str(), b.messages.len()))
+                        .collect::<Vec<_>>(),
+                    "outbox: to-device sends coalesced"
+                );
+            }
+            for batch in merged {
+                let ToDeviceBatch {
+                    event_type,
+                    messages,
+                } = batch;
                 let n = messages.len();
                 let report = session
                     .send_signalling(&event_type, messages, encrypt, keyless)
@@ -649,19 +699,18 @@ async fn outbox(
                     )));
                 }
             }
-            OutItem::State {
-                event_type,
-                state_key,
-                content,
-            } => {
-                let member = events::is_call_member_type(&event_type);
-                let mut delay = Duration::from_millis(200);
-                loop {
+            match item {
+                Some(OutItem::State {
+                    event_type,
+                    state_key,
+                    content,
+                }) => {
+                    let member = events::is_call_member_type(&event_type);
                     match session
-                        .send_state(&room_id, &event_type, &state_key, content.clone())
+                        .publish_state(&room_id, &event_type, &state_key, &content)
                         .await
                     {
-                        Ok(_) => {
+                        Ok(()) => {
                             if member {
                                 let _ = ack.send(());
                                 if let Some(h) = &hooks.member_published
@@ -670,25 +719,19 @@ async fn outbox(
                                     h.published(&event_type, &content);
                                 }
                             }
-                            break;
-                        }
-                        Err(e) if e.is_transient() && delay < Duration::from_secs(10) => {
-                            warn!(%event_type, "state send failed, retrying: {e}");
-                            tokio::time::sleep(delay).await;
-                            delay *= 2;
                         }
                         Err(e) => {
                             warn!(%event_type, "state send failed: {e}");
                             let _ = events.send(ClientEvent::Warning(format!(
                                 "sending {event_type} failed: {e}"
                             )));
-                            break;
                         }
                     }
                 }
-            }
-            OutItem::Flush(done) => {
-                let _ = done.send(());
+                Some(OutItem::Flush(done)) => {
+                    let _ = done.send(());
+                }
+                Some(OutItem::ToDevice { .. }) | None => break,
             }
         }
     }

@@ -1,19 +1,15 @@
-//! MSC4140 delayed events through raw HTTP requests (matrix-sdk 0.18 has
-//! no API for them).
+//! MSC4140 delayed events, through typed requests: ruma's
+//! `update_delayed_event` for the `{"action": ...}` form, our own typed
+//! requests (see `requests`) for the rest.
 
-use std::time::Duration;
-
-use matrix_sdk::reqwest::Method;
-use serde_json::{Value, json};
+use matrix_sdk::ruma::api::FeatureFlag;
+use matrix_sdk::ruma::api::client::delayed_events::update_delayed_event::unstable as update_legacy;
+use serde_json::Value;
 use tracing::{debug, warn};
 
+use super::requests::{list_delayed, send_state, update_delayed};
+use super::retry::{self, Retry, classify_http};
 use super::{MatrixError, MatrixSession};
-
-/// Unstable prefix under which Synapse serves the management endpoints.
-const UNSTABLE: [&str; 4] = ["_matrix", "client", "unstable", "org.matrix.msc4140"];
-/// Stable prefix of the management endpoints (MSC4140 as merged).
-const STABLE: [&str; 3] = ["_matrix", "client", "v1"];
-const ATTEMPTS: u32 = 3;
 
 /// What to do with a scheduled delayed event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,15 +30,14 @@ impl DelayedAction {
             DelayedAction::Send => "send",
         }
     }
-}
 
-/// Whether a retry is safe and useful.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Retry {
-    /// Idempotent request: retry transport errors, 5xx and 429.
-    Transient,
-    /// Retry only when the request provably never reached the server.
-    ConnectOnly,
+    fn legacy(self) -> update_legacy::UpdateAction {
+        match self {
+            DelayedAction::Restart => update_legacy::UpdateAction::Restart,
+            DelayedAction::Cancel => update_legacy::UpdateAction::Cancel,
+            DelayedAction::Send => update_legacy::UpdateAction::Send,
+        }
+    }
 }
 
 impl MatrixSession {
@@ -52,20 +47,16 @@ impl MatrixSession {
     pub async fn supports_delayed_events(&self) -> Result<bool, MatrixError> {
         self.delayed_support
             .get_or_try_init(|| async {
-                let (_, body) = self
-                    .raw_request(
-                        "checking delayed event support",
-                        Method::GET,
-                        &["_matrix", "client", "versions"],
-                        &[],
-                        None,
-                        Retry::Transient,
+                let what = "checking delayed event support";
+                let features = retry::REQUEST
+                    .run(
+                        what,
+                        || self.client.unstable_features(),
+                        |e| classify_http(e, Retry::Transient),
                     )
-                    .await?;
-                let supported = body
-                    .pointer("/unstable_features/org.matrix.msc4140")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
+                    .await
+                    .map_err(|e| MatrixError::http(what, e))?;
+                let supported = features.contains(&FeatureFlag::from("org.matrix.msc4140"));
                 debug!(supported, "MSC4140 delayed events support");
                 Ok(supported)
             })
@@ -87,16 +78,17 @@ impl MatrixSession {
         if !self.supports_delayed_events().await? {
             return Err(MatrixError::DelayedEventsUnsupported);
         }
-        let body = self
+        let response = self
             .put_state(
                 room,
                 event_type,
                 state_key,
                 &content,
-                &[("org.matrix.msc4140.delay", delay_ms.to_string())],
+                Some(delay_ms),
+                &retry::REQUEST,
             )
             .await?;
-        match body.get("delay_id").and_then(Value::as_str) {
+        match response.delay_id {
             Some(id) => {
                 debug!(
                     room,
@@ -106,12 +98,12 @@ impl MatrixSession {
                     delay_id = id,
                     "scheduled delayed state"
                 );
-                Ok(id.to_owned())
+                Ok(id)
             }
             None => {
                 // A server that ignored the delay parameter sent the event
                 // right away.
-                warn!(room, event_type, response = %body, "homeserver ignored the delay");
+                warn!(room, event_type, event_id = ?response.event_id, "homeserver ignored the delay");
                 Err(MatrixError::DelayedEventsUnsupported)
             }
         }
@@ -143,34 +135,65 @@ impl MatrixSession {
     ) -> Result<(), MatrixError> {
         let what = format!("{} delayed event {delay_id}", action.as_str());
         let verb = action.as_str();
-        let mut unstable: Vec<&str> = UNSTABLE.to_vec();
-        unstable.extend(["delayed_events", delay_id, verb]);
-        let mut stable: Vec<&str> = STABLE.to_vec();
-        stable.extend(["delayed_events", delay_id, verb]);
-        let mut legacy: Vec<&str> = UNSTABLE.to_vec();
-        legacy.extend(["delayed_events", delay_id]);
-        let empty = json!({});
-        let legacy_body = json!({ "action": verb });
-        let tries: [(&[&str], &Value); 3] = [
-            (&unstable, &empty),
-            (&stable, &empty),
-            (&legacy, &legacy_body),
-        ];
-
+        let classify = |e: &matrix_sdk::HttpError| classify_http(e, Retry::Transient);
+        let once = retry::once;
         let mut last = None;
-        for (segments, body) in tries {
-            match self
-                .raw_request(
-                    &what,
-                    Method::POST,
-                    segments,
-                    &[],
-                    Some(body),
-                    Retry::Transient,
-                )
-                .await
-            {
-                Ok(_) => {
+        for form in 0..3 {
+            let result = match form {
+                0 => {
+                    let request = update_delayed::Unstable {
+                        delay_id: delay_id.to_owned(),
+                        action: verb,
+                    };
+                    retry::REQUEST
+                        .run(
+                            &what,
+                            || {
+                                self.client
+                                    .send(request.clone())
+                                    .with_request_config(once())
+                            },
+                            classify,
+                        )
+                        .await
+                        .map(drop)
+                }
+                1 => {
+                    let request = update_delayed::Stable {
+                        delay_id: delay_id.to_owned(),
+                        action: verb,
+                    };
+                    retry::REQUEST
+                        .run(
+                            &what,
+                            || {
+                                self.client
+                                    .send(request.clone())
+                                    .with_request_config(once())
+                            },
+                            classify,
+                        )
+                        .await
+                        .map(drop)
+                }
+                _ => {
+                    let request = update_legacy::Request::new(delay_id.to_owned(), action.legacy());
+                    retry::REQUEST
+                        .run(
+                            &what,
+                            || {
+                                self.client
+                                    .send(request.clone())
+                                    .with_request_config(once())
+                            },
+                            classify,
+                        )
+                        .await
+                        .map(drop)
+                }
+            };
+            match result.map_err(|e| MatrixError::http(&what, e)) {
+                Ok(()) => {
                     debug!(delay_id, action = verb, "updated delayed event");
                     return Ok(());
                 }
@@ -188,154 +211,65 @@ impl MatrixSession {
 
     /// Our scheduled delayed events as the homeserver lists them.
     pub async fn delayed_events(&self) -> Result<Vec<Value>, MatrixError> {
-        let mut segments: Vec<&str> = UNSTABLE.to_vec();
-        segments.push("delayed_events");
-        let (_, body) = self
-            .raw_request(
-                "listing delayed events",
-                Method::GET,
-                &segments,
-                &[],
-                None,
-                Retry::Transient,
+        let what = "listing delayed events";
+        let response = retry::REQUEST
+            .run(
+                what,
+                || {
+                    self.client
+                        .send(list_delayed::Request)
+                        .with_request_config(retry::once())
+                },
+                |e| classify_http(e, Retry::Transient),
             )
-            .await?;
-        Ok(body
-            .get("delayed_events")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default())
+            .await
+            .map_err(|e| MatrixError::http(what, e))?;
+        Ok(response.delayed_events)
     }
 
-    /// `PUT /rooms/{room}/state/{type}/{key}` with optional query
-    /// parameters; returns the response JSON.
+    /// `PUT /rooms/{room}/state/{type}/{key}`, delayed by `delay_ms` when
+    /// given (MSC4140), retried as `policy` says.
     pub(crate) async fn put_state(
         &self,
         room: &str,
         event_type: &str,
         state_key: &str,
         content: &Value,
-        query: &[(&str, String)],
-    ) -> Result<Value, MatrixError> {
-        let delayed = !query.is_empty();
-        let action = if delayed {
+        delay_ms: Option<u64>,
+        policy: &retry::Backoff,
+    ) -> Result<send_state::Response, MatrixError> {
+        let room_id = Self::parse_room_id(room)?;
+        let action = if delay_ms.is_some() {
             format!("scheduling delayed {event_type} state in {room}")
         } else {
             format!("sending {event_type} state in {room}")
         };
+        let request = send_state::Request {
+            room_id,
+            event_type: event_type.to_owned(),
+            state_key: state_key.to_owned(),
+            delay_ms,
+            content: content.clone(),
+        };
         // Setting state is idempotent, scheduling is not: retry the latter
-        // only when the request cannot have arrived.
-        let retry = if delayed {
+        // only when the request cannot have been processed.
+        let retry = if delay_ms.is_some() {
             Retry::ConnectOnly
         } else {
             Retry::Transient
         };
-        let (_, body) = self
-            .raw_request(
+        policy
+            .run(
                 &action,
-                Method::PUT,
-                &[
-                    "_matrix", "client", "v3", "rooms", room, "state", event_type, state_key,
-                ],
-                query,
-                Some(content),
-                retry,
+                || {
+                    self.client
+                        .send(request.clone())
+                        .with_request_config(retry::once())
+                },
+                |e| classify_http(e, retry),
             )
-            .await?;
-        Ok(body)
-    }
-
-    /// An authenticated request to the homeserver with JSON in and out.
-    /// Path segments are percent-encoded.
-    pub(super) async fn raw_request(
-        &self,
-        action: &str,
-        method: Method,
-        segments: &[&str],
-        query: &[(&str, String)],
-        body: Option<&Value>,
-        retry: Retry,
-    ) -> Result<(u16, Value), MatrixError> {
-        let mut url = self.client.homeserver();
-        {
-            let mut path = url
-                .path_segments_mut()
-                .map_err(|()| MatrixError::InvalidId {
-                    what: "homeserver URL",
-                    value: self.client.homeserver().to_string(),
-                    message: "cannot be a base URL".to_owned(),
-                })?;
-            path.pop_if_empty();
-            path.extend(segments);
-        }
-        if !query.is_empty() {
-            let mut pairs = url.query_pairs_mut();
-            for (k, v) in query {
-                pairs.append_pair(k, v);
-            }
-        }
-        let token = self.client.access_token();
-        let mut delay = Duration::from_millis(200);
-        let mut attempt = 1;
-        loop {
-            let mut request = self
-                .client
-                .http_client()
-                .request(method.clone(), url.clone())
-                .timeout(Duration::from_secs(30));
-            if let Some(t) = &token {
-                request = request.bearer_auth(t);
-            }
-            if let Some(b) = body {
-                request = request
-                    .header("content-type", "application/json")
-                    .body(b.to_string());
-            }
-            let (err, retry_after) = match request.send().await {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let retry_after = resp
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .map(Duration::from_secs);
-                    let text = resp.text().await.map_err(|e| MatrixError::Http {
-                        action: action.to_owned(),
-                        message: e.to_string(),
-                    })?;
-                    if (200..300).contains(&status) {
-                        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-                        return Ok((status, json));
-                    }
-                    let err = MatrixError::from_response(action.to_owned(), status, &text);
-                    let retryable = retry == Retry::Transient && err.is_transient();
-                    if !retryable {
-                        return Err(err);
-                    }
-                    (err, retry_after)
-                }
-                Err(e) => {
-                    let retryable = retry == Retry::Transient || e.is_connect();
-                    let err = MatrixError::Http {
-                        action: action.to_owned(),
-                        message: e.to_string(),
-                    };
-                    if !retryable {
-                        return Err(err);
-                    }
-                    (err, None)
-                }
-            };
-            if attempt >= ATTEMPTS {
-                return Err(err);
-            }
-            let wait = retry_after.unwrap_or(delay).min(Duration::from_secs(5));
-            warn!(action, attempt, error = %err, ?wait, "request failed; retrying");
-            tokio::time::sleep(wait).await;
-            delay *= 2;
-            attempt += 1;
-        }
+            .await
+            .map_err(|e| MatrixError::http(&action, e))
     }
 }
 

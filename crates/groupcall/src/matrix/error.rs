@@ -201,27 +201,4 @@ impl MatrixError {
             message: e.to_string(),
         }
     }
-
-    /// Builds an error from a raw HTTP response of a request we made
-    /// ourselves (delayed events).
-    pub(crate) fn from_response(action: String, status: u16, body: &str) -> MatrixError {
-        let json: Option<serde_json::Value> = serde_json::from_str(body).ok();
-        let field = |k: &str| {
-            json.as_ref()
-                .and_then(|j| j.get(k))
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        };
-        let errcode = field("errcode").unwrap_or_default();
-        let message = field("error").unwrap_or_else(|| body.chars().take(500).collect());
-        if errcode == "M_FORBIDDEN" {
-            return MatrixError::Forbidden { action, message };
-        }
-        MatrixError::Api {
-            action,
-            status,
-            errcode,
-            message,
-        }
-    }
 }

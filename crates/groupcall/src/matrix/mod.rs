@@ -8,8 +8,11 @@
 //! the MSC3401 shapes on the wire differ from ruma's typed `m.call.*`
 //! contents, and the protocol core owns its own serde types.
 
+pub(crate) mod batch;
 mod delayed;
 mod error;
+mod requests;
+pub(crate) mod retry;
 mod room;
 mod sync;
 mod to_device;
@@ -21,6 +24,7 @@ use std::time::Duration;
 
 use matrix_sdk::authentication::matrix::MatrixSession as SdkSession;
 use matrix_sdk::config::RequestConfig;
+use matrix_sdk::ruma::api::client::account::whoami;
 use matrix_sdk::ruma::api::client::session::login;
 use matrix_sdk::ruma::api::client::uiaa::{MatrixUserIdentifier, UserIdentifier};
 use matrix_sdk::ruma::api::error::ErrorKind;
@@ -182,17 +186,26 @@ impl MatrixSession {
                 initial_device_display_name: Some(DEVICE_DISPLAY_NAME.to_owned()),
             }
         );
-        // A login onto a known device is idempotent and retried like the
-        // SDK's own; a new device's is not: a retry of a login the server did
-        // complete would make a second, orphaned device.
-        let retry = if reuse_device.is_some() {
-            RequestConfig::short_retry()
+        // A login onto a known device is idempotent and retried like any
+        // request; a new device's is not: a retry of a login the server did
+        // complete would make a second, orphaned device, so it is retried
+        // only when it cannot have been processed.
+        let idempotence = if reuse_device.is_some() {
+            retry::Retry::Transient
         } else {
-            RequestConfig::new().disable_retry()
+            retry::Retry::ConnectOnly
         };
-        let response = client
-            .send(request)
-            .with_request_config(retry)
+        let what = format!("logging in as {user}");
+        let response = retry::REQUEST
+            .run(
+                &what,
+                || {
+                    client
+                        .send(request.clone())
+                        .with_request_config(retry::once())
+                },
+                |e| retry::classify_http(e, idempotence),
+            )
             .await
             .map_err(|e| {
                 if matches!(e.client_api_error_kind(), Some(ErrorKind::Forbidden)) {
@@ -201,7 +214,7 @@ impl MatrixSession {
                         homeserver: homeserver_url.to_owned(),
                     }
                 } else {
-                    MatrixError::http(format!("logging in as {user}"), e)
+                    MatrixError::http(what.clone(), e)
                 }
             })?;
         if let Some(device) = &reuse_device
@@ -254,20 +267,26 @@ impl MatrixSession {
     /// transient failures (homeserver unreachable, slow, 5xx, 429) with
     /// backoff for up to [`STORED_SESSION_PATIENCE`].
     async fn check_stored_token(&self) -> Result<(), MatrixError> {
-        let give_up = tokio::time::Instant::now() + STORED_SESSION_PATIENCE;
-        let mut wait = Duration::from_millis(250);
-        loop {
-            let e = match self.client.whoami().await {
-                Ok(_) => return Ok(()),
-                Err(e) => MatrixError::http("checking the stored access token", e),
-            };
-            if !e.is_transient() || tokio::time::Instant::now() + wait > give_up {
-                return Err(e);
-            }
-            warn!(error = %e, retry_in = ?wait, "cannot check the stored session yet; retrying (the device is kept)");
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(4));
-        }
+        let what = "checking the stored access token";
+        let patience = retry::Backoff {
+            first: Duration::from_millis(250),
+            max_delay: Duration::from_secs(4),
+            attempts: None,
+            budget: Some(STORED_SESSION_PATIENCE),
+        };
+        patience
+            .run(
+                what,
+                || {
+                    self.client
+                        .send(whoami::v3::Request::new())
+                        .with_request_config(retry::once())
+                },
+                |e| retry::classify_http(e, retry::Retry::Transient),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| MatrixError::http(what, e))
     }
 
     /// Whether [`MatrixSession::login`] reused the stored session (its
@@ -370,13 +389,12 @@ async fn build_client(homeserver_url: &str, data_dir: &Path) -> Result<Client, M
     Client::builder()
         .homeserver_url(homeserver_url)
         .sqlite_store(data_dir.join(STORE_DIR), None)
-        // Bounded, quick retries: the sync loop has its own backoff, and
-        // callers get errors instead of a 15-minute silent retry.
-        .request_config(
-            RequestConfig::new()
-                .retry_limit(3)
-                .max_retry_time(Duration::from_secs(2)),
-        )
+        // No retries inside matrix-sdk (its default retries for up to 15
+        // minutes): every retry is ours, in one policy (`retry`), and never
+        // stacked on the SDK's. Requests we do not retry (creating a room,
+        // the SDK's own key uploads and queries, which it repeats with the
+        // next sync) fail fast with an error.
+        .request_config(RequestConfig::new().disable_retry())
         .build()
         .await
         .map_err(|e| MatrixError::Http {

@@ -12,6 +12,7 @@ use matrix_sdk::ruma::{OwnedUserId, RoomOrAliasId};
 use serde_json::{Value, json};
 use tracing::{debug, info};
 
+use super::retry::{REQUEST, Retry, STATE, classify_http, classify_matrix, once};
 use super::{
     CALL_EVENT_TYPE, CALL_EVENT_TYPE_STABLE, CALL_MEMBER_EVENT_TYPE, CALL_MEMBER_EVENT_TYPE_STABLE,
     MatrixError, MatrixSession,
@@ -35,7 +36,8 @@ impl MatrixSession {
     /// Creates a room in which every member (power level 0) may send the
     /// MSC3401 call state events (`org.matrix.msc3401.call` and
     /// `org.matrix.msc3401.call.member`, and their stable `m.call*` names).
-    /// Returns the room id.
+    /// Returns the room id. Not retried (a retry of a request that did
+    /// arrive would make a second room).
     pub async fn create_call_room(
         &self,
         options: CreateRoomOptions,
@@ -93,21 +95,39 @@ impl MatrixSession {
     pub async fn join_room(&self, id_or_alias: &str) -> Result<String, MatrixError> {
         let target = <&RoomOrAliasId>::try_from(id_or_alias)
             .map_err(|e| MatrixError::invalid("room id or alias", id_or_alias, e))?;
-        let room = self
-            .client
-            .join_room_by_id_or_alias(target, &[])
-            .await
-            .map_err(|e| MatrixError::sdk(format!("joining {id_or_alias}"), e))?;
+        let what = format!("joining {id_or_alias}");
+        // Joining is idempotent: retried like any request.
+        let room = REQUEST
+            .run(
+                &what,
+                || async {
+                    self.client
+                        .join_room_by_id_or_alias(target, &[])
+                        .await
+                        .map_err(|e| MatrixError::sdk(what.clone(), e))
+                },
+                classify_matrix,
+            )
+            .await?;
         info!(room_id = %room.room_id(), "joined room");
         Ok(room.room_id().to_string())
     }
 
     /// Leaves a room.
     pub async fn leave_room(&self, room: &str) -> Result<(), MatrixError> {
-        self.room(room)?
-            .leave()
+        let r = self.room(room)?;
+        let what = format!("leaving {room}");
+        REQUEST
+            .run(
+                &what,
+                || async {
+                    r.leave()
+                        .await
+                        .map_err(|e| MatrixError::sdk(what.clone(), e))
+                },
+                classify_matrix,
+            )
             .await
-            .map_err(|e| MatrixError::sdk(format!("leaving {room}"), e))
     }
 
     /// All state events of `event_type` (every state key) as the local
@@ -164,11 +184,20 @@ impl MatrixSession {
         event_type: &str,
     ) -> Result<Vec<Value>, MatrixError> {
         let room_id = Self::parse_room_id(room)?;
-        let response = self
-            .client
-            .send(get_state_events::v3::Request::new(room_id))
+        let what = format!("fetching the state of {room}");
+        let request = get_state_events::v3::Request::new(room_id);
+        let response = REQUEST
+            .run(
+                &what,
+                || {
+                    self.client
+                        .send(request.clone())
+                        .with_request_config(once())
+                },
+                |e| classify_http(e, Retry::Transient),
+            )
             .await
-            .map_err(|e| MatrixError::http(format!("fetching the state of {room}"), e))?;
+            .map_err(|e| MatrixError::http(what.clone(), e))?;
         Ok(response
             .room_state
             .iter()
@@ -180,9 +209,10 @@ impl MatrixSession {
     /// Sends a state event with raw JSON content under exactly the given
     /// type; returns its event id.
     ///
-    /// This goes around matrix-sdk on purpose: ruma treats `m.call.member`
-    /// as an alias of `org.matrix.msc3401.call.member` and would put the
-    /// unstable name on the wire.
+    /// A typed request of our own (`requests::send_state`), not ruma's:
+    /// ruma treats `m.call.member` as an alias of
+    /// `org.matrix.msc3401.call.member` and would put the unstable name on
+    /// the wire. Transient failures are retried (4 attempts, 200 ms doubling).
     pub async fn send_state(
         &self,
         room: &str,
@@ -190,17 +220,28 @@ impl MatrixSession {
         state_key: &str,
         content: Value,
     ) -> Result<String, MatrixError> {
-        Self::parse_room_id(room)?;
         let event_id = self
-            .put_state(room, event_type, state_key, &content, &[])
-            .await?;
-        let event_id = event_id
-            .get("event_id")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
+            .put_state(room, event_type, state_key, &content, None, &REQUEST)
+            .await?
+            .event_id
+            .unwrap_or_default();
         debug!(room, event_type, state_key, event_id, "sent state");
         Ok(event_id)
+    }
+
+    /// Like [`MatrixSession::send_state`], but keeps retrying transient
+    /// failures for longer ([`STATE`], ~15 s): for publishing our call
+    /// membership, which everything else waits for.
+    pub(crate) async fn publish_state(
+        &self,
+        room: &str,
+        event_type: &str,
+        state_key: &str,
+        content: &Value,
+    ) -> Result<(), MatrixError> {
+        self.put_state(room, event_type, state_key, content, None, &STATE)
+            .await
+            .map(drop)
     }
 
     /// Whether our power level lets us send state events of `event_type`

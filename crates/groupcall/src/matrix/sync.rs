@@ -142,7 +142,14 @@ impl MatrixSession {
 
     async fn sync_loop(self, options: SyncOptions, tx: mpsc::Sender<MatrixInput>) {
         let mut token: Option<String> = None;
-        let mut backoff = options.min_backoff;
+        // The one retry policy's schedule (the loop itself never gives up).
+        let backoff = super::retry::Backoff {
+            first: options.min_backoff,
+            max_delay: options.max_backoff,
+            attempts: None,
+            budget: None,
+        };
+        let mut failures = 0u32;
         let mut first = true;
         let mut outage = false;
         info!(user_id = %self.user_id, "sync loop started");
@@ -163,7 +170,7 @@ impl MatrixSession {
             match self.client.sync_once(settings).await {
                 Ok(response) => {
                     token = Some(response.next_batch.clone());
-                    backoff = options.min_backoff;
+                    failures = 0;
                     if outage {
                         info!(user_id = %self.user_id, "sync recovered");
                     }
@@ -203,10 +210,10 @@ impl MatrixSession {
                             break;
                         }
                     } else {
-                        debug!(error = %err, ?backoff, "sync still failing");
+                        debug!(error = %err, retry_in = ?backoff.delay(failures + 1), "sync still failing");
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(options.max_backoff);
+                    failures += 1;
+                    tokio::time::sleep(backoff.delay(failures)).await;
                 }
             }
         }

@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use super::retry::{self, Retry};
+
 use matrix_sdk::encryption::identities::Device;
 use matrix_sdk::ruma::api::client::to_device::send_event_to_device::v3::{
     Messages, Request as SendToDeviceRequest,
@@ -16,10 +18,6 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use super::{MatrixError, MatrixSession};
-
-/// Attempts per send (first try included).
-const ATTEMPTS: u32 = 4;
-const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 /// How long a "this device has no published keys" answer is trusted before
 /// its keys are queried again. An invite (a new call) always queries again.
@@ -160,7 +158,7 @@ impl MatrixSession {
     /// content are encrypted and sent together); devices we do not know yet
     /// are looked up with `/keys/query` first.
     ///
-    /// Transient failures are retried a few times with backoff; recipients
+    /// Transient failures are retried (4 attempts, 200 ms doubling); recipients
     /// that still did not get the message are reported in
     /// [`MatrixError::ToDeviceFailed`].
     pub async fn send_to_device(
@@ -201,38 +199,34 @@ impl MatrixSession {
         // One transaction id for all attempts: the homeserver deduplicates
         // a retry of a request that did arrive.
         let txn_id = TransactionId::new();
-        let mut delay = FIRST_RETRY_DELAY;
-        let mut attempt = 1;
-        loop {
-            let request = SendToDeviceRequest::new_raw(
-                ToDeviceEventType::from(event_type),
-                txn_id.clone(),
-                map.clone(),
-            );
-            match self.client.send(request).await {
-                Ok(_) => {
-                    debug!(
-                        event_type,
-                        recipients = recipients.len(),
-                        "sent plaintext to-device"
-                    );
-                    return Ok(());
-                }
-                Err(e) => {
-                    let err = MatrixError::http(format!("sending to-device {event_type}"), e);
-                    if !err.is_transient() || attempt >= ATTEMPTS {
-                        return Err(MatrixError::ToDeviceFailed {
-                            event_type: event_type.to_owned(),
-                            failed: recipients,
-                            reason: err.to_string(),
-                        });
-                    }
-                    warn!(event_type, attempt, error = %err, "to-device send failed; retrying");
-                }
+        let what = format!("sending to-device {event_type}");
+        let request =
+            SendToDeviceRequest::new_raw(ToDeviceEventType::from(event_type), txn_id, map);
+        let sent = retry::REQUEST
+            .run(
+                &what,
+                || {
+                    self.client
+                        .send(request.clone())
+                        .with_request_config(retry::once())
+                },
+                |e| retry::classify_http(e, Retry::Transient),
+            )
+            .await;
+        match sent {
+            Ok(_) => {
+                debug!(
+                    event_type,
+                    recipients = recipients.len(),
+                    "sent plaintext to-device"
+                );
+                Ok(())
             }
-            tokio::time::sleep(delay).await;
-            delay *= 2;
-            attempt += 1;
+            Err(e) => Err(MatrixError::ToDeviceFailed {
+                event_type: event_type.to_owned(),
+                failed: recipients,
+                reason: MatrixError::http(what, e).to_string(),
+            }),
         }
     }
 
@@ -411,60 +405,63 @@ impl MatrixSession {
         devices: Vec<Device>,
     ) -> Result<(), MatrixError> {
         let raw = to_device_content(&content)?;
-        let mut pending = devices;
-        let mut delay = FIRST_RETRY_DELAY;
-        let mut attempt = 1;
-        loop {
-            let result = self
-                .client
-                .encryption()
-                .encrypt_and_send_raw_to_device(
-                    pending.iter().collect(),
-                    event_type,
-                    raw.clone(),
-                    Default::default(),
-                )
-                .await;
-            let (still_failed, reason) = match result {
-                Ok(f) if f.is_empty() => (Vec::new(), String::new()),
-                Ok(f) => (f, "could not establish an Olm session or send".to_owned()),
-                Err(e) => {
-                    let err = MatrixError::sdk(format!("encrypting to-device {event_type}"), e);
-                    let ids = pending
-                        .iter()
-                        .map(|d| (d.user_id().to_owned(), d.device_id().to_owned()))
-                        .collect();
-                    (ids, err.to_string())
-                }
-            };
-            if still_failed.is_empty() {
+        let what = format!("encrypting to-device {event_type}");
+        // matrix-sdk sends the encrypted requests with its own short retry
+        // (not configurable): devices it still failed are reported, not
+        // retried on top. Errors before sending (claiming one-time keys,
+        // the store) go through our policy.
+        let result = retry::REQUEST
+            .run(
+                &what,
+                || async {
+                    self.client
+                        .encryption()
+                        .encrypt_and_send_raw_to_device(
+                            devices.iter().collect(),
+                            event_type,
+                            raw.clone(),
+                            Default::default(),
+                        )
+                        .await
+                        .map_err(|e| MatrixError::sdk(what.clone(), e))
+                },
+                retry::classify_matrix,
+            )
+            .await;
+        let (failed, reason) = match result {
+            Ok(f) if f.is_empty() => {
                 debug!(
                     event_type,
-                    devices = pending.len(),
+                    devices = devices.len(),
                     "sent encrypted to-device"
                 );
                 return Ok(());
             }
-            if attempt >= ATTEMPTS {
-                return Err(MatrixError::ToDeviceFailed {
-                    event_type: event_type.to_owned(),
-                    failed: still_failed
-                        .iter()
-                        .map(|(u, d)| (u.to_string(), d.to_string()))
-                        .collect(),
-                    reason,
-                });
-            }
-            warn!(event_type, attempt, failed = ?still_failed, reason, "encrypted to-device send failed; retrying");
-            pending.retain(|d| {
-                still_failed
+            Ok(f) => (
+                f.iter()
+                    .map(|(u, d)| (u.to_string(), d.to_string()))
+                    .collect(),
+                "could not establish an Olm session or send".to_owned(),
+            ),
+            Err(e) => (
+                devices
                     .iter()
-                    .any(|(u, id)| d.user_id() == u && d.device_id() == id)
-            });
-            tokio::time::sleep(delay).await;
-            delay *= 2;
-            attempt += 1;
-        }
+                    .map(|d| (d.user_id().to_string(), d.device_id().to_string()))
+                    .collect(),
+                e.to_string(),
+            ),
+        };
+        warn!(
+            event_type,
+            ?failed,
+            reason,
+            "encrypted to-device send failed"
+        );
+        Err(MatrixError::ToDeviceFailed {
+            event_type: event_type.to_owned(),
+            failed,
+            reason,
+        })
     }
 
     /// The devices with keys a recipient names, or [`Recipient::Keyless`].
@@ -530,11 +527,20 @@ impl MatrixSession {
             return Ok(found);
         }
         debug!(%user_id, device, "device unknown; querying keys");
-        self.client
-            .encryption()
-            .request_user_identity(user_id)
-            .await
-            .map_err(|e| MatrixError::sdk(format!("querying the keys of {user_id}"), e))?;
+        let what = format!("querying the keys of {user_id}");
+        retry::REQUEST
+            .run(
+                &what,
+                || async {
+                    self.client
+                        .encryption()
+                        .request_user_identity(user_id)
+                        .await
+                        .map_err(|e| MatrixError::sdk(what.clone(), e))
+                },
+                retry::classify_matrix,
+            )
+            .await?;
         self.known_devices(user_id, device).await
     }
 

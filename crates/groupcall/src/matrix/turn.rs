@@ -4,13 +4,13 @@
 use std::time::Duration;
 
 use groupcall_media::IceServer;
-use matrix_sdk::reqwest::Method;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::delayed::Retry;
+use super::requests::turn_server;
+use super::retry::{self, Retry};
 use super::{MatrixError, MatrixSession};
 
 /// What `/voip/turnServer` answered: TURN URIs with time-limited
@@ -85,18 +85,21 @@ impl MatrixSession {
     /// it has none (an empty answer, or 404 from a server without the
     /// endpoint).
     pub async fn turn_servers(&self) -> Result<Option<TurnServers>, MatrixError> {
-        let r = self
-            .raw_request(
-                "asking for TURN servers",
-                Method::GET,
-                &["_matrix", "client", "v3", "voip", "turnServer"],
-                &[],
-                None,
-                Retry::Transient,
+        let what = "asking for TURN servers";
+        let r = retry::REQUEST
+            .run(
+                what,
+                || {
+                    self.client
+                        .send(turn_server::Request)
+                        .with_request_config(retry::once())
+                },
+                |e| retry::classify_http(e, Retry::Transient),
             )
-            .await;
+            .await
+            .map_err(|e| MatrixError::http(what, e));
         match r {
-            Ok((_, body)) => TurnServers::from_response(&body),
+            Ok(response) => TurnServers::from_response(&response.body),
             Err(MatrixError::Api { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
