@@ -45,7 +45,10 @@ mod turn;
 mod types;
 
 pub use ice::{IceServer, IceTransport, IceUrl, IceUrlError, IceUrlScheme};
-pub use peer::{MediaError, MediaPeer, PeerConfig, PeerEvent, PeerEvents};
+pub use peer::set::{PeerId, PeerSet, RequestId, SetInput, SetOutput, Transmit};
+pub use peer::{
+    Answer, MediaError, MediaHost, MediaPeer, PeerConfig, PeerEvent, PeerEvents, Reply, Request,
+};
 pub use sink::{CounterSink, FrameSink, IvfRecorder, OggOpusRecorder, SinkError, SinkFilter};
 pub use source::{FrameSource, IvfSource, OggOpusSource, SourceError, SourceFrame};
 pub use turn::TurnError;

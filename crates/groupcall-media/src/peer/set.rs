@@ -1,0 +1,725 @@
+//! [`PeerSet`]: the sans-IO core of a participant's media. Many peers (one
+//! `str0m::Rtc` each), the candidate gatherer and the TURN clients, behind
+//! [`PeerSet::handle_input`] / [`PeerSet::poll_output`] /
+//! [`PeerSet::poll_timeout`] with `Instant` time, like str0m and quinn-proto.
+//! No sockets, tasks or clocks inside: the driver (see `host.rs`) owns the
+//! sockets and feeds datagrams, timeouts, resolved host names and requests.
+//!
+//! Demultiplexing of a datagram that arrives on one of the set's sockets:
+//! 1. from a TURN server on the socket its allocation uses: the TURN client
+//!    takes it; relayed data (ChannelData, Data indications) is then routed
+//!    like a datagram that arrived on the relayed address;
+//! 2. an answer to one of our STUN Binding probes: a server-reflexive
+//!    address;
+//! 3. a STUN Binding request: by its USERNAME, `<local ufrag>:<remote
+//!    ufrag>`, to the peer whose local ICE ufrag matches; its source address
+//!    is remembered for that peer;
+//! 4. anything else (STUN answers, DTLS, SRTP): the peer that last sent a
+//!    Binding request from that address, else the first peer whose `Rtc`
+//!    accepts it (str0m's `Rtc::accepts`), else, with a single peer, that
+//!    peer; otherwise it is dropped.
+
+use super::*;
+
+use super::gather::{Found, Gatherer};
+
+/// Identifies a peer of a [`PeerSet`]; chosen by the caller of
+/// [`PeerSet::add_peer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerId(pub u64);
+
+/// Identifies a request, to match its [`SetOutput::Answer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId(pub u64);
+
+/// A datagram to send.
+#[derive(Debug, Clone)]
+pub struct Transmit {
+    /// The local socket address to send from (one the set was made with).
+    pub source: SocketAddr,
+    /// Where to.
+    pub destination: SocketAddr,
+    /// The payload.
+    pub contents: Vec<u8>,
+}
+
+/// What happens to a [`PeerSet`].
+#[derive(Debug)]
+pub enum SetInput<'a> {
+    /// A datagram arrived on the socket bound to `local`.
+    Datagram {
+        /// The receiving socket's address.
+        local: SocketAddr,
+        /// The sender.
+        from: SocketAddr,
+        /// The payload.
+        data: &'a [u8],
+    },
+    /// The answer to a [`SetOutput::Resolve`] (empty: not resolved).
+    Resolved {
+        /// The token of the request.
+        token: u64,
+        /// The addresses found.
+        addrs: Vec<SocketAddr>,
+    },
+    /// Time passed (at or after [`PeerSet::poll_timeout`]).
+    Timeout,
+}
+
+/// What a [`PeerSet`] wants done.
+#[derive(Debug)]
+pub enum SetOutput {
+    /// Send a datagram.
+    Transmit(Transmit),
+    /// A peer's event.
+    Event {
+        /// The peer.
+        peer: PeerId,
+        /// The event.
+        event: PeerEvent,
+    },
+    /// The answer to a request made with an id.
+    Answer {
+        /// The peer.
+        peer: PeerId,
+        /// The request.
+        request: RequestId,
+        /// Its outcome.
+        answer: Answer,
+    },
+    /// Resolve a host name (a STUN or TURN server) and report it with
+    /// [`SetInput::Resolved`].
+    Resolve {
+        /// Echoed in the answer.
+        token: u64,
+        /// The host name.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+    /// A peer ended (closed, failed, or closed by the remote): no more
+    /// events from it.
+    PeerEnded {
+        /// The peer.
+        peer: PeerId,
+    },
+}
+
+/// Where the set sent a datagram (see the module docs); for tests and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    Relay,
+    Probe,
+    Peer(PeerId),
+    Dropped,
+}
+
+/// The sans-IO peer set (see the module docs).
+pub struct PeerSet {
+    now: Instant,
+    sockets: Vec<SocketAddr>,
+    peers: BTreeMap<PeerId, PeerState>,
+    gather: Gatherer,
+    /// Every candidate the gatherer found, for peers added later.
+    found: Vec<Found>,
+    out: VecDeque<SetOutput>,
+    /// Remote address -> the peer that last got a Binding request from it.
+    learnt: HashMap<SocketAddr, PeerId>,
+    close_when_empty: bool,
+    closed: bool,
+}
+
+impl std::fmt::Debug for PeerSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerSet")
+            .field("sockets", &self.sockets)
+            .field("peers", &self.peers.len())
+            .finish()
+    }
+}
+
+fn is_sdp_request(r: &Request) -> bool {
+    matches!(
+        r,
+        Request::CreateOffer { .. } | Request::AcceptOffer { .. } | Request::LocalCandidates
+    )
+}
+
+/// Requests that keep their order behind a deferred SDP request.
+fn is_ordered(r: &Request) -> bool {
+    matches!(
+        r,
+        Request::CreateOffer { .. }
+            | Request::AcceptOffer { .. }
+            | Request::LocalCandidates
+            | Request::ApplyAnswer { .. }
+            | Request::AddRemoteCandidate { .. }
+    )
+}
+
+impl PeerSet {
+    /// A set whose peers use the sockets bound to `sockets` (their host
+    /// candidates).
+    pub fn new(now: Instant, sockets: Vec<SocketAddr>) -> PeerSet {
+        PeerSet {
+            now,
+            gather: Gatherer::new(sockets.clone(), now),
+            sockets,
+            peers: BTreeMap::new(),
+            found: Vec::new(),
+            out: VecDeque::new(),
+            learnt: HashMap::new(),
+            close_when_empty: false,
+            closed: false,
+        }
+    }
+
+    /// Closes the set (releasing its TURN allocations) once its last peer
+    /// ended: for a set made for one peer.
+    pub fn close_when_empty(&mut self) {
+        self.close_when_empty = true;
+    }
+
+    /// The local socket addresses.
+    pub fn socket_addrs(&self) -> &[SocketAddr] {
+        &self.sockets
+    }
+
+    /// Number of peers.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Number of TURN allocations in place (one per TURN server at most,
+    /// whatever the number of peers).
+    pub fn turn_allocations(&self) -> usize {
+        self.gather.allocations()
+    }
+
+    /// No STUN probe or TURN allocation is under way.
+    pub fn gathering_complete(&self) -> bool {
+        self.gather.done
+    }
+
+    /// The set was closed: nothing more happens.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Adds a peer. Its STUN and TURN servers join the set's (a server the
+    /// set already uses is shared, not allocated again); `bind_addrs` of
+    /// `config` is not used (the set's sockets are).
+    pub fn add_peer(&mut self, now: Instant, id: PeerId, config: PeerConfig) {
+        self.now = now;
+        if self.closed || self.peers.contains_key(&id) {
+            warn!(peer = id.0, "peer id refused (set closed or id in use)");
+            self.out.push_back(SetOutput::PeerEnded { peer: id });
+            return;
+        }
+        self.gather.add_servers(&config, now);
+        let mut builder = Rtc::builder().clear_codecs().enable_opus(true, false);
+        if config.retransmission {
+            builder = builder.enable_vp8(true);
+        } else {
+            without_retransmission(builder.codec_config());
+        }
+        let mut rtc = builder.build(now);
+        let mut candidates = Vec::new();
+        if !config.relay_only {
+            for addr in &self.sockets {
+                match Candidate::host(*addr, "udp") {
+                    Ok(c) => {
+                        if let Some(c) = rtc.add_local_candidate(c) {
+                            candidates.push(c.clone());
+                        }
+                    }
+                    Err(e) => warn!(%addr, error = %e, "unusable host candidate"),
+                }
+            }
+        }
+        for f in &self.found {
+            if config.relay_only && !f.relayed {
+                continue;
+            }
+            if let Some(c) = rtc.add_local_candidate(f.candidate.clone()) {
+                candidates.push(c.clone());
+            }
+        }
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        let done = self.gather.done;
+        debug!(peer = id.0, candidates = candidates.len(), "peer added");
+        let peer = PeerState {
+            now,
+            rtc,
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            candidates,
+            tracks: Vec::new(),
+            pending_sources: HashMap::new(),
+            pending_muted: HashMap::new(),
+            ever_bound: HashSet::new(),
+            local_sections: Vec::new(),
+            remote: HashMap::new(),
+            ended_remote: Vec::new(),
+            pending_offer: None,
+            sinks: Vec::new(),
+            state: ConnState::New,
+            ever_connected: false,
+            last_rx: now,
+            negotiated_at: None,
+            rtc_timeout: now,
+            frames_dropped: 0,
+            frames_unmatched: 0,
+            selected: None,
+            gather_done: done,
+            sdp_while_gathering: false,
+            late: Vec::new(),
+            late_complete: false,
+            gathering_time: done.then_some(Duration::ZERO),
+            created: now,
+            gather_deadline: now + config.gather_wait,
+            deferred: VecDeque::new(),
+            ufrag,
+            config,
+            finished: false,
+        };
+        self.peers.insert(id, peer);
+        if let Some(p) = self.peers.get_mut(&id)
+            && let Err(e) = p.drain()
+        {
+            warn!(peer = id.0, error = %e, "webrtc failed at start");
+            fail_peer(p);
+        }
+        self.pump();
+    }
+
+    /// A request for a peer. With `id`, its outcome comes as
+    /// [`SetOutput::Answer`] (with an error if the peer does not exist).
+    /// Offers and answers (and `LocalCandidates`) wait until gathering is
+    /// complete or the peer's `gather_wait` passed; the peer's later
+    /// negotiation requests queue behind them. Other peers never wait.
+    pub fn request(&mut self, now: Instant, peer: PeerId, id: Option<RequestId>, req: Request) {
+        self.now = now;
+        let gather_done = self.gather.done;
+        let Some(p) = self.peers.get_mut(&peer) else {
+            if let Some(request) = id {
+                self.out.push_back(SetOutput::Answer {
+                    peer,
+                    request,
+                    answer: Err(MediaError::Closed),
+                });
+            }
+            return;
+        };
+        p.now = now;
+        let defer = is_ordered(&req)
+            && (!p.deferred.is_empty()
+                || (is_sdp_request(&req) && !gather_done && now < p.gather_deadline));
+        if defer {
+            trace!(peer = peer.0, "request waits for gathering");
+            p.deferred.push_back((id, req));
+            return;
+        }
+        if matches!(req, Request::Stats) && !p.finished {
+            let mut stats = p.stats();
+            complete_stats(&self.gather, &mut stats);
+            if let Some(request) = id {
+                self.out.push_back(SetOutput::Answer {
+                    peer,
+                    request,
+                    answer: Ok(Reply::Stats(Box::new(stats))),
+                });
+            }
+            return;
+        }
+        if matches!(req, Request::Close) {
+            for (rid, _) in p.deferred.drain(..) {
+                if let Some(request) = rid {
+                    self.out.push_back(SetOutput::Answer {
+                        peer,
+                        request,
+                        answer: Err(MediaError::Closed),
+                    });
+                }
+            }
+        }
+        run_request(p, peer, id, req, &mut self.out);
+        self.pump();
+    }
+
+    /// Closes every peer and releases the TURN allocations.
+    pub fn close(&mut self, now: Instant) {
+        self.now = now;
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.request(now, id, None, Request::Close);
+        }
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if self.closed {
+            return;
+        }
+        let mut tx = VecDeque::new();
+        self.gather.close(self.now, &mut tx);
+        self.out.extend(tx.into_iter().map(SetOutput::Transmit));
+        self.closed = true;
+        debug!("peer set closed");
+    }
+
+    /// Feeds an input.
+    pub fn handle_input(&mut self, now: Instant, input: SetInput<'_>) {
+        self.now = now;
+        if self.closed {
+            return;
+        }
+        match input {
+            SetInput::Datagram { local, from, data } => {
+                self.datagram(local, from, data);
+            }
+            SetInput::Resolved { token, addrs } => self.gather.on_resolved(token, addrs, now),
+            SetInput::Timeout => self.timeout(),
+        }
+        self.pump();
+    }
+
+    /// The next output, if any.
+    pub fn poll_output(&mut self) -> Option<SetOutput> {
+        self.out.pop_front()
+    }
+
+    /// When [`SetInput::Timeout`] is due next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        let peers = self.peers.values().map(|p| p.next_deadline());
+        peers.chain(self.gather.next_timeout()).min()
+    }
+
+    fn timeout(&mut self) {
+        let now = self.now;
+        let mut tx = VecDeque::new();
+        self.gather.handle_timeout(now, &mut tx);
+        self.out.extend(tx.into_iter().map(SetOutput::Transmit));
+        for (id, p) in &mut self.peers {
+            p.now = now;
+            if p.finished {
+                continue;
+            }
+            run_deferred(p, *id, false, &mut self.out);
+            if p.next_deadline() <= now
+                && let Err(e) = p.handle_timer()
+            {
+                warn!(peer = id.0, error = %e, "webrtc error, failing the peer");
+                fail_peer(p);
+            }
+        }
+    }
+
+    fn datagram(&mut self, local: SocketAddr, from: SocketAddr, data: &[u8]) -> Route {
+        if let Some(i) = self.gather.relay_for(local, from) {
+            let now = self.now;
+            let relayed = self.gather.relays.get(i).and_then(|r| r.client.relayed());
+            let unwrapped = self
+                .gather
+                .relays
+                .get_mut(i)
+                .and_then(|r| r.client.handle_input(now, data))
+                .map(|(peer, payload)| (peer, payload.to_vec()));
+            if let (Some((peer, payload)), Some(relayed)) = (unwrapped, relayed) {
+                self.deliver(relayed, peer, &payload);
+            }
+            return Route::Relay;
+        }
+        if stun::is_stun(data) && self.gather.probe_answer(local, from, data) {
+            return Route::Probe;
+        }
+        self.deliver(local, from, data)
+    }
+
+    /// Routes a datagram (arrived on `local`, a socket or relayed address)
+    /// to a peer and feeds it in.
+    fn deliver(&mut self, local: SocketAddr, from: SocketAddr, data: &[u8]) -> Route {
+        let Some(id) = self.route(local, from, data) else {
+            trace!(%from, %local, len = data.len(), "datagram for no peer");
+            return Route::Dropped;
+        };
+        let Ok(recv) = Receive::new(Protocol::Udp, from, local, data) else {
+            trace!(%from, "unrecognised datagram");
+            return Route::Dropped;
+        };
+        let input = Input::Receive(self.now, recv);
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.now = self.now;
+            let known = p.rtc.accepts(&input);
+            if let Err(e) = p.receive(from, input, known) {
+                warn!(peer = id.0, error = %e, "webrtc error, failing the peer");
+                fail_peer(p);
+            }
+        }
+        Route::Peer(id)
+    }
+
+    /// Which peer a datagram is for (see the module docs).
+    pub(crate) fn route(
+        &mut self,
+        local: SocketAddr,
+        from: SocketAddr,
+        data: &[u8],
+    ) -> Option<PeerId> {
+        if let Some(username) = binding_request_username(data) {
+            let ufrag = username.split(':').next().unwrap_or("");
+            let id = self
+                .peers
+                .iter()
+                .find(|(_, p)| !p.finished && p.ufrag == ufrag)
+                .map(|(id, _)| *id);
+            match id {
+                Some(id) => {
+                    self.learnt.insert(from, id);
+                }
+                None => trace!(%from, ufrag, "Binding request for an unknown ufrag"),
+            }
+            return id;
+        }
+        if let Some(id) = self.learnt.get(&from)
+            && self.peers.get(id).is_some_and(|p| !p.finished)
+        {
+            return Some(*id);
+        }
+        let recv = Receive::new(Protocol::Udp, from, local, data).ok()?;
+        let input = Input::Receive(self.now, recv);
+        if let Some((id, _)) = self
+            .peers
+            .iter()
+            .find(|(_, p)| !p.finished && p.rtc.accepts(&input))
+        {
+            return Some(*id);
+        }
+        if self.peers.len() == 1 {
+            return self.peers.keys().next().copied();
+        }
+        None
+    }
+
+    /// Moves the peers' transmits and events out (relaying what goes from a
+    /// relayed address), hands new candidates to every peer, notices the
+    /// end of gathering and removes ended peers.
+    fn pump(&mut self) {
+        let now = self.now;
+        loop {
+            let mut more = false;
+            let mut tx = VecDeque::new();
+            let ended = self.gather.service(now, &mut tx);
+            self.out.extend(tx.drain(..).map(SetOutput::Transmit));
+            while let Some((token, host, port)) = self.gather.resolve.pop_front() {
+                self.out.push_back(SetOutput::Resolve { token, host, port });
+            }
+            let found: Vec<Found> = std::mem::take(&mut self.gather.found);
+            for f in &found {
+                debug!(candidate = %f.candidate, "local candidate (all peers)");
+                for (id, p) in &mut self.peers {
+                    if p.finished || (p.config.relay_only && !f.relayed) {
+                        continue;
+                    }
+                    p.now = now;
+                    if let Err(e) = p.add_gathered(f.candidate.clone()) {
+                        warn!(peer = id.0, error = %e, "webrtc error, failing the peer");
+                        fail_peer(p);
+                    }
+                }
+                more = true;
+            }
+            self.found.extend(found);
+            if ended {
+                for (id, p) in &mut self.peers {
+                    p.now = now;
+                    p.gathering_finished();
+                    run_deferred(p, *id, true, &mut self.out);
+                }
+                more = true;
+            }
+            // Peers' outputs.
+            let mut ended_peers = Vec::new();
+            for (id, p) in &mut self.peers {
+                p.report_late();
+                while let Some(t) = p.out.pop_front() {
+                    match self.gather.relay_with_address(t.source) {
+                        Some(i) => {
+                            if let Some(r) = self.gather.relays.get_mut(i) {
+                                r.client.send_to(now, t.destination, &t.contents);
+                            }
+                            more = true;
+                        }
+                        None => self.out.push_back(SetOutput::Transmit(t)),
+                    }
+                }
+                while let Some(event) = p.events.pop_front() {
+                    self.out.push_back(SetOutput::Event { peer: *id, event });
+                }
+                if p.finished {
+                    ended_peers.push(*id);
+                }
+            }
+            for id in ended_peers {
+                self.peers.remove(&id);
+                self.learnt.retain(|_, p| *p != id);
+                debug!(peer = id.0, "peer ended");
+                self.out.push_back(SetOutput::PeerEnded { peer: id });
+                if self.close_when_empty && self.peers.is_empty() {
+                    self.shutdown();
+                }
+            }
+            if !more {
+                break;
+            }
+        }
+    }
+}
+
+/// Adds the set-level figures (relays) to a peer's stats.
+fn complete_stats(gather: &Gatherer, stats: &mut PeerStats) {
+    if let Some(pair) = stats.selected_pair.as_mut() {
+        pair.relayed = gather.relay_with_address(pair.local).is_some();
+    }
+    stats.relays = gather.relay_stats();
+}
+
+/// The USERNAME of a STUN Binding request, if `data` is one.
+fn binding_request_username(data: &[u8]) -> Option<String> {
+    if !stun::is_stun(data) {
+        return None;
+    }
+    let msg = stun::Message::decode(data).ok()?;
+    if msg.method != stun::method::BINDING || msg.class != stun::Class::Request {
+        return None;
+    }
+    msg.text(stun::attr::USERNAME)
+}
+
+fn fail_peer(p: &mut PeerState) {
+    p.set_state(ConnState::Failed);
+    p.rtc.disconnect();
+    p.finish_all_sinks();
+    p.finished = true;
+}
+
+fn run_request(
+    p: &mut PeerState,
+    peer: PeerId,
+    id: Option<RequestId>,
+    req: Request,
+    out: &mut VecDeque<SetOutput>,
+) {
+    if p.finished {
+        if let Some(request) = id {
+            out.push_back(SetOutput::Answer {
+                peer,
+                request,
+                answer: Err(MediaError::Closed),
+            });
+        }
+        return;
+    }
+    let r = p.handle_request(req);
+    p.ufrag = p.rtc.direct_api().local_ice_credentials().ufrag;
+    match r {
+        Ok(Some(answer)) => {
+            if let Some(request) = id {
+                out.push_back(SetOutput::Answer {
+                    peer,
+                    request,
+                    answer,
+                });
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            warn!(peer = peer.0, error = %e, "webrtc error, failing the peer");
+            fail_peer(p);
+            if let Some(request) = id {
+                out.push_back(SetOutput::Answer {
+                    peer,
+                    request,
+                    answer: Err(MediaError::Rtc(e.to_string())),
+                });
+            }
+        }
+    }
+}
+
+/// Runs the peer's deferred requests that may run now.
+fn run_deferred(p: &mut PeerState, peer: PeerId, gather_done: bool, out: &mut VecDeque<SetOutput>) {
+    if gather_done {
+        p.gather_done = true;
+    }
+    while let Some((_, front)) = p.deferred.front() {
+        if is_sdp_request(front) && !p.gather_done && p.now < p.gather_deadline {
+            break;
+        }
+        let Some((id, req)) = p.deferred.pop_front() else {
+            break;
+        };
+        run_request(p, peer, id, req, out);
+    }
+}
+
+impl PeerState {
+    /// A candidate the set's gatherer found.
+    pub(super) fn add_gathered(&mut self, c: Candidate) -> Result<(), str0m::RtcError> {
+        if let Some(c) = self.rtc.add_local_candidate(c) {
+            let c = c.clone();
+            self.candidates.push(c.clone());
+            if self.sdp_while_gathering {
+                self.late.push(c);
+            }
+            // str0m pairs the new candidate and may check it right away.
+            self.rtc.handle_input(Input::Timeout(self.now))?;
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    /// The set's gathering ended.
+    pub(super) fn gathering_finished(&mut self) {
+        self.gather_done = true;
+        if self.gathering_time.is_none() {
+            self.gathering_time = Some(self.now.saturating_duration_since(self.created));
+        }
+        if self.sdp_while_gathering {
+            self.late_complete = true;
+        }
+    }
+
+    /// Reports late candidates (and the end of gathering) when an SDP went
+    /// out before gathering finished.
+    pub(super) fn report_late(&mut self) {
+        if !self.sdp_while_gathering {
+            self.late.clear();
+            return;
+        }
+        let complete = std::mem::take(&mut self.late_complete);
+        if self.late.is_empty() && !complete {
+            return;
+        }
+        let mid = self.local_sections.first().and_then(|s| s.mid.clone());
+        let candidates = self
+            .late
+            .drain(..)
+            .map(|c| IceCandidate {
+                candidate: c.to_sdp_string(),
+                sdp_mid: mid.clone(),
+                sdp_m_line_index: Some(0),
+            })
+            .collect();
+        self.emit(PeerEvent::LocalCandidates {
+            candidates,
+            complete,
+        });
+        if complete {
+            self.sdp_while_gathering = false;
+        }
+    }
+}
