@@ -48,6 +48,7 @@ pub use ice::{IceServer, IceTransport, IceUrl, IceUrlError, IceUrlScheme};
 pub use peer::set::{PeerId, PeerSet, RequestId, SetInput, SetOutput, Transmit};
 pub use peer::{
     Answer, MediaError, MediaHost, MediaPeer, PeerConfig, PeerEvent, PeerEvents, Reply, Request,
+    live_socket_count,
 };
 pub use sink::{CounterSink, FrameSink, IvfRecorder, OggOpusRecorder, SinkError, SinkFilter};
 pub use source::{FrameSource, IvfSource, OggOpusSource, SourceError, SourceFrame};

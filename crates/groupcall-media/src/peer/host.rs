@@ -14,6 +14,31 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use super::set::{PeerId, PeerSet, RequestId, SetInput, SetOutput};
 use super::*;
 
+/// UDP sockets held by the media hosts of this process.
+static LIVE_SOCKETS: AtomicUsize = AtomicUsize::new(0);
+
+/// The number of UDP sockets all [`MediaHost`]s of this process hold right
+/// now (one per bound address per host, whatever their numbers of peers).
+pub fn live_socket_count() -> usize {
+    LIVE_SOCKETS.load(Ordering::Relaxed)
+}
+
+/// Counts a host's sockets in [`LIVE_SOCKETS`] while its task exists.
+struct SocketCount(usize);
+
+impl SocketCount {
+    fn new(n: usize) -> Self {
+        LIVE_SOCKETS.fetch_add(n, Ordering::Relaxed);
+        SocketCount(n)
+    }
+}
+
+impl Drop for SocketCount {
+    fn drop(&mut self) {
+        LIVE_SOCKETS.fetch_sub(self.0, Ordering::Relaxed);
+    }
+}
+
 /// Lookups of STUN/TURN host names give up after this long.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -112,6 +137,7 @@ impl MediaHost {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (lookup_tx, lookup_rx) = mpsc::unbounded_channel();
         let task = HostTask {
+            count: Some(SocketCount::new(sockets.len())),
             set,
             sockets,
             cmd_rx,
@@ -200,6 +226,8 @@ struct PeerChannel {
 }
 
 struct HostTask {
+    /// Dropped when the task ends (before a `close` caller is answered).
+    count: Option<SocketCount>,
     set: PeerSet,
     sockets: Vec<UdpSocket>,
     cmd_rx: mpsc::UnboundedReceiver<HostCommand>,
@@ -291,6 +319,8 @@ impl HostTask {
         }
         self.shared.peers.store(0, Ordering::Relaxed);
         self.shared.allocations.store(0, Ordering::Relaxed);
+        self.sockets.clear();
+        self.count = None;
         if let Some(reply) = closing {
             let _ = reply.send(());
         }

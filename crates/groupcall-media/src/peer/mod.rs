@@ -617,5 +617,5 @@ mod negotiate;
 pub mod set;
 mod state;
 
-pub use host::{MediaHost, MediaPeer};
+pub use host::{MediaHost, MediaPeer, live_socket_count};
 use set::{RequestId, Transmit};

@@ -723,3 +723,206 @@ impl PeerState {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn binding_request(username: &str) -> Vec<u8> {
+        stun::MessageBuilder::new(
+            stun::method::BINDING,
+            stun::Class::Request,
+            stun::new_transaction_id(),
+        )
+        .attr(stun::attr::USERNAME, username.as_bytes())
+        .fingerprint()
+    }
+
+    /// A DTLS record header (content type 22, handshake) and some bytes.
+    const DTLS: &[u8] = &[22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 2, 3, 4];
+
+    fn set_with_peers(n: u64) -> (PeerSet, Instant) {
+        let now = Instant::now();
+        let mut set = PeerSet::new(now, vec![addr("127.0.0.1:5000")]);
+        for i in 1..=n {
+            set.add_peer(now, PeerId(i), PeerConfig::default());
+        }
+        (set, now)
+    }
+
+    fn ufrag(set: &PeerSet, id: u64) -> String {
+        set.peers.get(&PeerId(id)).unwrap().ufrag.clone()
+    }
+
+    #[test]
+    fn binding_requests_go_by_ufrag_then_by_address() {
+        let (mut set, _) = set_with_peers(3);
+        let local = addr("127.0.0.1:5000");
+        let (u1, u2, u3) = (ufrag(&set, 1), ufrag(&set, 2), ufrag(&set, 3));
+        assert!(u1 != u2 && u2 != u3 && u1 != u3);
+        let (r1, r2, r3) = (
+            addr("10.0.0.1:4001"),
+            addr("10.0.0.2:4002"),
+            addr("10.0.0.3:4003"),
+        );
+        // Binding requests: by the local ufrag before the colon.
+        let req = binding_request(&format!("{u2}:remote2"));
+        assert_eq!(set.route(local, r2, &req), Some(PeerId(2)));
+        let req = binding_request(&format!("{u3}:remote3"));
+        assert_eq!(set.route(local, r3, &req), Some(PeerId(3)));
+        let req = binding_request(&format!("{u1}:remote1"));
+        assert_eq!(set.route(local, r1, &req), Some(PeerId(1)));
+        // An unknown ufrag goes nowhere.
+        let req = binding_request("nobody:remote");
+        assert_eq!(set.route(local, addr("10.0.0.9:9"), &req), None);
+        // Everything else: by the address the requests came from.
+        assert_eq!(set.route(local, r2, DTLS), Some(PeerId(2)));
+        assert_eq!(set.route(local, r3, DTLS), Some(PeerId(3)));
+        assert_eq!(set.route(local, r1, DTLS), Some(PeerId(1)));
+        // An address no peer knows: dropped (several peers, none accepts).
+        assert_eq!(set.route(local, addr("10.0.0.9:9"), DTLS), None);
+        // The same remote address, now checking a new peer (e.g. a call
+        // replaced): the latest Binding request wins.
+        let req = binding_request(&format!("{u3}:other"));
+        assert_eq!(set.route(local, r1, &req), Some(PeerId(3)));
+        assert_eq!(set.route(local, r1, DTLS), Some(PeerId(3)));
+    }
+
+    #[test]
+    fn datagrams_through_handle_input_reach_the_routed_peer() {
+        let (mut set, now) = set_with_peers(2);
+        let local = addr("127.0.0.1:5000");
+        while set.poll_output().is_some() {}
+        // A datagram for no peer: nothing happens.
+        set.handle_input(
+            now,
+            SetInput::Datagram {
+                local,
+                from: addr("10.0.0.9:9"),
+                data: DTLS,
+            },
+        );
+        assert!(set.poll_output().is_none());
+        // A Binding request for peer 2, signed with its ICE password: str0m
+        // parses it and it is fed to peer 2 (no answer yet: no remote
+        // credentials before an offer/answer).
+        let u2 = ufrag(&set, 2);
+        let pass = set
+            .peers
+            .get_mut(&PeerId(2))
+            .unwrap()
+            .rtc
+            .direct_api()
+            .local_ice_credentials()
+            .pass;
+        let from = addr("10.0.0.2:4002");
+        let req = stun::MessageBuilder::new(
+            stun::method::BINDING,
+            stun::Class::Request,
+            stun::new_transaction_id(),
+        )
+        .attr(stun::attr::USERNAME, format!("{u2}:x").as_bytes())
+        .u32(0x0024, 1) // PRIORITY
+        .integrity(pass.as_bytes())
+        .fingerprint();
+        assert_eq!(set.datagram(local, from, &req), Route::Peer(PeerId(2)));
+        assert_eq!(set.learnt.get(&from), Some(&PeerId(2)));
+        // Garbage from it goes to peer 2 and does not break anything.
+        assert_eq!(set.datagram(local, from, DTLS), Route::Peer(PeerId(2)));
+        assert_eq!(set.peer_count(), 2);
+    }
+
+    #[test]
+    fn single_peer_takes_unknown_datagrams() {
+        let (mut set, _) = set_with_peers(1);
+        let local = addr("127.0.0.1:5000");
+        assert_eq!(set.route(local, addr("10.0.0.9:9"), DTLS), Some(PeerId(1)));
+    }
+
+    #[test]
+    fn an_offer_waits_for_gathering_without_holding_up_other_peers() {
+        let now = Instant::now();
+        let local = addr("127.0.0.1:5000");
+        let mut set = PeerSet::new(now, vec![local]);
+        // A TURN server that never answers (nothing listens there).
+        let turn = crate::ice::IceServer::turn(
+            ["turn:127.0.0.1:9?transport=udp".to_string()],
+            "user".to_string(),
+            "pass".to_string(),
+        );
+        let cfg = PeerConfig {
+            ice_servers: vec![turn],
+            gather_wait: Duration::from_millis(300),
+            ..PeerConfig::default()
+        };
+        set.add_peer(now, PeerId(1), cfg.clone());
+        set.add_peer(now, PeerId(2), cfg);
+        assert!(!set.gathering_complete());
+        // The Allocate request goes out from the set's socket.
+        let mut allocates = 0;
+        while let Some(o) = set.poll_output() {
+            if let SetOutput::Transmit(t) = o {
+                assert_eq!(t.source, local);
+                assert_eq!(t.destination, addr("127.0.0.1:9"));
+                allocates += 1;
+            }
+        }
+        assert_eq!(allocates, 1, "one Allocate for two peers");
+
+        let feeds = vec![LocalFeed::usermedia("s1")];
+        set.request(
+            now,
+            PeerId(1),
+            Some(RequestId(1)),
+            Request::CreateOffer {
+                feeds,
+                ice_restart: false,
+            },
+        );
+        // Peer 1's offer waits; peer 2's requests are answered at once.
+        set.request(now, PeerId(2), Some(RequestId(2)), Request::Stats);
+        let mut answered = Vec::new();
+        while let Some(o) = set.poll_output() {
+            if let SetOutput::Answer { request, .. } = o {
+                answered.push(request);
+            }
+        }
+        assert_eq!(answered, vec![RequestId(2)]);
+        // The set wakes at the gather deadline at the latest.
+        let wake = set.poll_timeout().unwrap();
+        assert!(wake <= now + Duration::from_millis(300), "{wake:?}");
+        let later = now + Duration::from_millis(300);
+        set.handle_input(later, SetInput::Timeout);
+        let mut sdp = None;
+        while let Some(o) = set.poll_output() {
+            if let SetOutput::Answer {
+                peer,
+                request,
+                answer,
+            } = o
+            {
+                assert_eq!((peer, request), (PeerId(1), RequestId(1)));
+                sdp = Some(answer);
+            }
+        }
+        let Some(Ok(Reply::Sdp(sdp))) = sdp else {
+            panic!("no offer after the gather wait: {sdp:?}");
+        };
+        assert!(sdp.contains("typ host"), "{sdp}");
+        assert!(!sdp.contains("typ relay"), "{sdp}");
+        // Requests for an unknown peer are answered with an error.
+        set.request(later, PeerId(9), Some(RequestId(3)), Request::Stats);
+        assert!(matches!(
+            set.poll_output(),
+            Some(SetOutput::Answer {
+                answer: Err(MediaError::Closed),
+                ..
+            })
+        ));
+    }
+}
