@@ -542,6 +542,7 @@ pub async fn join_call(
         room_id,
         opts,
         peers: HashMap::new(),
+        media_host: None,
         media_tx,
         out_tx,
         events: ev_tx,
@@ -703,6 +704,10 @@ struct Driver {
     room_id: String,
     opts: JoinOptions,
     peers: HashMap<PeerHandle, Peer>,
+    /// This participant's media peer set: every peer shares its sockets
+    /// (one per bound address) and TURN allocations. Made with the first
+    /// peer.
+    media_host: Option<groupcall_media::MediaHost>,
     media_tx: mpsc::UnboundedSender<(PeerHandle, PeerEvent)>,
     out_tx: mpsc::UnboundedSender<OutItem>,
     events: mpsc::UnboundedSender<ClientEvent>,
@@ -1067,7 +1072,17 @@ impl Driver {
             retransmission: self.opts.retransmission,
             ..PeerConfig::default()
         };
-        let (media, mut events) = MediaPeer::new(config).await.map_err(|e| e.to_string())?;
+        let host = match &self.media_host {
+            Some(h) => h.clone(),
+            None => {
+                let h = groupcall_media::MediaHost::spawn(&self.opts.bind_addrs)
+                    .map_err(|e| e.to_string())?;
+                info!(sockets = h.socket_count(), addrs = ?h.local_addrs(), "media host");
+                self.media_host = Some(h.clone());
+                h
+            }
+        };
+        let (media, mut events) = host.new_peer(config).map_err(|e| e.to_string())?;
         let tx = self.media_tx.clone();
         tokio::spawn(async move {
             while let Some(ev) = events.recv().await {
