@@ -44,6 +44,8 @@ pub(super) struct Relay {
     pub(super) client: TurnClient,
     /// The local socket address the allocation was made from.
     pub(super) socket: SocketAddr,
+    /// host and port of the URL: one allocation per server.
+    key: (String, u16),
     url: String,
     relayed: Option<SocketAddr>,
     error: Option<String>,
@@ -73,6 +75,9 @@ pub(super) struct Gatherer {
     pub(super) finished_after: Option<Duration>,
     /// Candidates found since the set last took them.
     pub(super) found: Vec<Found>,
+    /// Relayed addresses of allocations given up (their candidates are not
+    /// offered to new peers).
+    pub(super) lost: Vec<SocketAddr>,
     stun_timeout: Duration,
 }
 
@@ -91,6 +96,7 @@ impl Gatherer {
             done: true,
             finished_after: Some(Duration::ZERO),
             found: Vec::new(),
+            lost: Vec::new(),
             stun_timeout: Duration::from_millis(1500),
         }
     }
@@ -119,10 +125,24 @@ impl Gatherer {
         }
         for (u, url, username, password) in turn_targets {
             let key = (u.host.clone(), u.port);
-            if self.turn_seen.contains(&key) || self.turn_seen.len() >= MAX_TURN_SERVERS {
+            if self.turn_seen.contains(&key) {
+                // Known: shared, unless its allocation failed or was lost;
+                // then this peer's (perhaps newer) credentials try again.
+                let Some(i) = self.relays.iter().position(|r| {
+                    r.key == key && r.client.settled() && r.client.relayed().is_none()
+                }) else {
+                    continue;
+                };
+                let old = self.relays.remove(i);
+                if let Some(addr) = old.relayed {
+                    self.lost.push(addr);
+                }
+                debug!(url = %old.url, "allocating again on a TURN server whose allocation failed");
+            } else if self.turn_seen.len() >= MAX_TURN_SERVERS {
                 continue;
+            } else {
+                self.turn_seen.push(key);
             }
-            self.turn_seen.push(key);
             started |= self.lookup(
                 u.host,
                 u.port,
@@ -230,6 +250,7 @@ impl Gatherer {
                         self.relays.push(Relay {
                             client: TurnClient::new(server, &username, &password, timing, now),
                             socket,
+                            key: _key,
                             url,
                             relayed: None,
                             error: None,
@@ -359,6 +380,9 @@ impl Gatherer {
                     TurnEvent::Failed(e) | TurnEvent::Lost(e) => {
                         warn!(url = %r.url, error = %e, "TURN relay unusable");
                         r.error = Some(e.to_string());
+                        if let Some(addr) = r.relayed {
+                            self.lost.push(addr);
+                        }
                     }
                 }
             }

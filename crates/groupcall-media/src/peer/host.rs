@@ -137,6 +137,7 @@ impl MediaHost {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (lookup_tx, lookup_rx) = mpsc::unbounded_channel();
         let task = HostTask {
+            addrs: shared.local_addrs.clone(),
             count: Some(SocketCount::new(sockets.len())),
             set,
             sockets,
@@ -230,6 +231,8 @@ struct HostTask {
     count: Option<SocketCount>,
     set: PeerSet,
     sockets: Vec<UdpSocket>,
+    /// The sockets' local addresses, in the same order.
+    addrs: Vec<SocketAddr>,
     cmd_rx: mpsc::UnboundedReceiver<HostCommand>,
     lookup_tx: mpsc::UnboundedSender<(u64, Vec<SocketAddr>)>,
     lookup_rx: mpsc::UnboundedReceiver<(u64, Vec<SocketAddr>)>,
@@ -294,9 +297,7 @@ impl HostTask {
                     self.set.close(now);
                 }
                 Wake::Packet(i, Ok((n, from))) => {
-                    if let (Some(s), Some(data)) = (self.sockets.get(i), buf.get(..n))
-                        && let Ok(local) = s.local_addr()
-                    {
+                    if let (Some(&local), Some(data)) = (self.addrs.get(i), buf.get(..n)) {
                         self.set
                             .handle_input(now, SetInput::Datagram { local, from, data });
                     }
@@ -389,9 +390,10 @@ impl HostTask {
             match o {
                 SetOutput::Transmit(t) => {
                     let Some(s) = self
-                        .sockets
+                        .addrs
                         .iter()
-                        .find(|s| s.local_addr().is_ok_and(|a| a == t.source))
+                        .position(|a| *a == t.source)
+                        .and_then(|i| self.sockets.get(i))
                     else {
                         trace!(source = %t.source, "transmit from an unknown address");
                         continue;

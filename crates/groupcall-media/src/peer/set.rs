@@ -517,6 +517,9 @@ impl PeerSet {
             while let Some((token, host, port)) = self.gather.resolve.pop_front() {
                 self.out.push_back(SetOutput::Resolve { token, host, port });
             }
+            for lost in std::mem::take(&mut self.gather.lost) {
+                self.found.retain(|f| f.candidate.addr() != lost);
+            }
             let found: Vec<Found> = std::mem::take(&mut self.gather.found);
             for f in &found {
                 debug!(candidate = %f.candidate, "local candidate (all peers)");
@@ -924,5 +927,104 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn garbage_datagrams_never_break_the_set() {
+        let (mut set, now) = set_with_peers(3);
+        let local = addr("127.0.0.1:5000");
+        let u1 = ufrag(&set, 1);
+        let seeds: Vec<Vec<u8>> = vec![
+            binding_request(&format!("{u1}:r")),
+            binding_request("no-colon"),
+            binding_request(""),
+            DTLS.to_vec(),
+            vec![0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4], // ChannelData
+            vec![0x80, 0x60, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1], // RTP
+            Vec::new(),
+        ];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for round in 0..3000u32 {
+            let mut data = seeds[round as usize % seeds.len()].clone();
+            // Flip bytes, truncate or extend.
+            match rng.u8(0..4) {
+                0 if !data.is_empty() => {
+                    let i = rng.usize(0..data.len());
+                    data[i] ^= 1 << rng.u8(0..8);
+                }
+                1 if !data.is_empty() => data.truncate(rng.usize(0..data.len())),
+                2 => data.extend((0..rng.usize(0..64)).map(|_| rng.u8(..))),
+                _ => {}
+            }
+            let from = SocketAddr::new([10, 0, 0, rng.u8(1..5)].into(), 4000 + rng.u16(0..4));
+            set.handle_input(
+                now + Duration::from_millis(u64::from(round)),
+                SetInput::Datagram {
+                    local,
+                    from,
+                    data: &data,
+                },
+            );
+            while set.poll_output().is_some() {}
+        }
+        // Every peer is still there and answers.
+        assert_eq!(set.peer_count(), 3);
+        for i in 1..=3 {
+            let later = now + Duration::from_secs(3);
+            set.request(later, PeerId(i), Some(RequestId(i)), Request::Stats);
+            assert!(matches!(
+                set.poll_output(),
+                Some(SetOutput::Answer {
+                    answer: Ok(Reply::Stats(_)),
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_failed_allocation_is_tried_again_for_a_later_peer() {
+        let now = Instant::now();
+        let local = addr("127.0.0.1:5000");
+        let mut set = PeerSet::new(now, vec![local]);
+        let turn = crate::ice::IceServer::turn(
+            ["turn:127.0.0.1:9?transport=udp".to_string()],
+            "user".to_string(),
+            "pass".to_string(),
+        );
+        let cfg = PeerConfig {
+            ice_servers: vec![turn],
+            stun_timeout: Duration::from_millis(200),
+            ..PeerConfig::default()
+        };
+        let allocates = |set: &mut PeerSet| {
+            let mut n = 0;
+            while let Some(o) = set.poll_output() {
+                if let SetOutput::Transmit(t) = o
+                    && t.destination == addr("127.0.0.1:9")
+                {
+                    n += 1;
+                }
+            }
+            n
+        };
+        set.add_peer(now, PeerId(1), cfg.clone());
+        assert_eq!(allocates(&mut set), 1);
+        // A second peer while the first allocation is under way: shared.
+        set.add_peer(now, PeerId(2), cfg.clone());
+        assert_eq!(allocates(&mut set), 0);
+        // No answer: the allocation fails and gathering ends.
+        let mut t = now;
+        while !set.gathering_complete() {
+            t = set.poll_timeout().unwrap().max(t);
+            set.handle_input(t, SetInput::Timeout);
+            let _ = allocates(&mut set);
+            assert!(t < now + Duration::from_secs(2), "allocation never gave up");
+        }
+        assert_eq!(set.turn_allocations(), 0);
+        // A later peer (e.g. with fresh credentials) tries again.
+        set.add_peer(t, PeerId(3), cfg);
+        assert!(!set.gathering_complete());
+        assert_eq!(allocates(&mut set), 1);
     }
 }
