@@ -75,10 +75,21 @@ struct Side {
     events: PeerEvents,
 }
 
+/// Sockets this process holds, from `/proc/self/fd` (`None` without procfs).
+fn open_sockets() -> Option<usize> {
+    let dir = std::fs::read_dir("/proc/self/fd").ok()?;
+    Some(
+        dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy().starts_with("socket:"))
+            .count(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_participants_one_socket_each_full_mesh() {
     init_tracing();
     let sockets_before = groupcall_media::live_socket_count();
+    let fds_before = open_sockets();
     let names = ["p0", "p1", "p2"];
     let hosts: Vec<MediaHost> = names
         .iter()
@@ -195,6 +206,14 @@ async fn three_participants_one_socket_each_full_mesh() {
         assert_eq!(h.peer_count(), 2);
     }
     assert_eq!(groupcall_media::live_socket_count() - sockets_before, 3);
+    // The kernel agrees: three more sockets in this process for six peers.
+    if let (Some(before), Some(now)) = (fds_before, open_sockets()) {
+        assert_eq!(
+            now - before,
+            3,
+            "sockets in /proc/self/fd: {before} -> {now}"
+        );
+    }
 
     // What p0 recorded from p1 decodes.
     let errors = sides[0][1]
