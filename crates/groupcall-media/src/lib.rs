@@ -7,6 +7,13 @@
 //! restart ICE, close) and the peer reports back local SDP, candidates,
 //! connection state, remote tracks and media as [`PeerEvent`]s.
 //!
+//! A participant's peers share a [`MediaHost`]: one tokio task and one UDP
+//! socket per bound local address, feeding one sans-IO [`PeerSet`] (one
+//! `str0m::Rtc` per peer, shared candidate gathering, one TURN allocation
+//! per TURN server). Datagrams are demultiplexed by STUN USERNAME (the local
+//! ICE ufrag) and then by remote address. [`MediaPeer::new`] makes a host
+//! for a single peer.
+//!
 //! Media is handled as encoded frames only (Opus packets, VP8 frames): no
 //! codec is linked. Sources read Ogg/Opus and IVF/VP8 (and built-in samples
 //! made with real encoders); sinks count frames and record Ogg/Opus and IVF.

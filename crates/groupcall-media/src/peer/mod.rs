@@ -1,5 +1,5 @@
 //! WebRTC peer connections to remote devices: one `str0m::Rtc` per peer,
-//! many peers of one participant in one sans-IO [`PeerSet`] behind one UDP
+//! many peers of one participant in one sans-IO [`PeerSet`](set::PeerSet) behind one UDP
 //! socket per bound local address, driven by one tokio task
 //! ([`MediaHost`]).
 //!
@@ -268,7 +268,7 @@ impl PeerEvents {
     }
 }
 
-/// A request to one peer of a [`PeerSet`] (see [`MediaPeer`] for what
+/// A request to one peer of a [`PeerSet`](set::PeerSet) (see [`MediaPeer`] for what
 /// each does).
 pub enum Request {
     /// Create an offer sending these feeds (with new ICE credentials if
@@ -560,7 +560,7 @@ fn duration_to_ticks(d: Duration, rate: u32) -> u64 {
     (d.as_nanos() * rate as u128 / 1_000_000_000) as u64
 }
 
-/// One peer of a [`PeerSet`] (sans-IO).
+/// One peer of a [`PeerSet`](set::PeerSet) (sans-IO).
 struct PeerState {
     /// The time of the input being handled.
     now: Instant,
