@@ -289,3 +289,89 @@ async fn futures_join<F: std::future::Future<Output = ()>>(futs: Vec<F>) {
     })
     .await;
 }
+
+/// One participant's host with eleven peers (its side of a 12-participant
+/// mesh) on one socket, each to a participant of its own: all connect and
+/// carry audio and video both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eleven_peers_on_one_socket() {
+    init_tracing();
+    const N: usize = 11;
+    let host = MediaHost::spawn(&["127.0.0.1".parse().unwrap()]).unwrap();
+    let mut pairs = Vec::new();
+    for i in 0..N {
+        let (a, a_ev) = host.new_peer(PeerConfig::default()).unwrap();
+        let (b, b_ev) = MediaPeer::new(PeerConfig::default()).await.unwrap();
+        let remote = format!("r{i}");
+        for (p, stream) in [(&a, "me"), (&b, remote.as_str())] {
+            p.set_source(&format!("{stream}-audio"), OggOpusSource::tone())
+                .unwrap();
+            p.set_source(
+                &format!("{stream}-video"),
+                IvfSource::test_pattern().unwrap(),
+            )
+            .unwrap();
+        }
+        pairs.push((a, a_ev, b, b_ev, remote));
+    }
+    let t0 = Instant::now();
+    let mut negotiations = Vec::new();
+    for (a, _, b, _, remote) in &pairs {
+        negotiations.push(async move {
+            let offer = a.create_offer(&[LocalFeed::usermedia("me")]).await.unwrap();
+            let answer = b
+                .accept_offer(&offer, &[LocalFeed::usermedia(remote)])
+                .await
+                .unwrap();
+            a.apply_answer(&answer).await.unwrap();
+        });
+    }
+    futures_join(negotiations).await;
+    for (_, a_ev, _, b_ev, _) in &mut pairs {
+        until(a_ev, "host side connected", |e| {
+            matches!(e, PeerEvent::Connected)
+        })
+        .await;
+        until(b_ev, "remote connected", |e| {
+            matches!(e, PeerEvent::Connected)
+        })
+        .await;
+    }
+    eprintln!(
+        "{N} pairs connected {:?} after the first offer",
+        t0.elapsed()
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut ok = true;
+        let mut report = Vec::new();
+        for (a, _, b, _, remote) in &pairs {
+            let (sa, sb) = (a.stats().await.unwrap(), b.stats().await.unwrap());
+            let got = [
+                received(&sa, remote, TrackKind::Audio),
+                received(&sa, remote, TrackKind::Video),
+                received(&sb, "me", TrackKind::Audio),
+                received(&sb, "me", TrackKind::Video),
+            ];
+            ok &= got[0] >= 50 && got[1] >= 30 && got[2] >= 50 && got[3] >= 30;
+            assert_eq!(
+                sa.selected_pair.expect("selected pair").local,
+                host.local_addrs()[0]
+            );
+            report.push(format!("{remote}: {got:?}"));
+        }
+        if ok {
+            eprintln!("frames [in audio, in video, out audio, out video]: {report:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "media did not flow: {report:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(host.socket_count(), 1);
+    assert_eq!(host.peer_count(), N);
+    for (a, _, b, _, _) in &pairs {
+        a.close().await.unwrap();
+        b.close().await.unwrap();
+    }
+    host.close().await;
+}
