@@ -20,6 +20,9 @@ use groupcall_media::{
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// The tests count the process's sockets: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -85,9 +88,21 @@ fn open_sockets() -> Option<usize> {
     )
 }
 
+/// Waits until no media host of an earlier test holds a socket (a host's
+/// task may end a moment after its last peer closed).
+async fn no_media_sockets() {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while groupcall_media::live_socket_count() != 0 {
+        assert!(Instant::now() < deadline, "media sockets left open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_participants_one_socket_each_full_mesh() {
+    let _serial = SERIAL.lock().await;
     init_tracing();
+    no_media_sockets().await;
     let sockets_before = groupcall_media::live_socket_count();
     let fds_before = open_sockets();
     let names = ["p0", "p1", "p2"];
@@ -295,7 +310,10 @@ async fn futures_join<F: std::future::Future<Output = ()>>(futs: Vec<F>) {
 /// carry audio and video both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eleven_peers_on_one_socket() {
+    let _serial = SERIAL.lock().await;
     init_tracing();
+    no_media_sockets().await;
+    let sockets_before = groupcall_media::live_socket_count();
     const N: usize = 11;
     let host = MediaHost::spawn(&["127.0.0.1".parse().unwrap()]).unwrap();
     let mut pairs = Vec::new();
@@ -369,6 +387,8 @@ async fn eleven_peers_on_one_socket() {
     }
     assert_eq!(host.socket_count(), 1);
     assert_eq!(host.peer_count(), N);
+    // This host's one socket and one per remote (each its own host).
+    assert_eq!(groupcall_media::live_socket_count() - sockets_before, 1 + N);
     for (a, _, b, _, _) in &pairs {
         a.close().await.unwrap();
         b.close().await.unwrap();

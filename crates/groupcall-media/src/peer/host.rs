@@ -39,6 +39,10 @@ impl Drop for SocketCount {
     }
 }
 
+/// After a datagram, at most this many more already waiting on the same
+/// socket are fed in before the outputs are sent.
+const RECV_BATCH: usize = 32;
+
 /// Lookups of STUN/TURN host names give up after this long.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -300,6 +304,21 @@ impl HostTask {
                     if let (Some(&local), Some(data)) = (self.addrs.get(i), buf.get(..n)) {
                         self.set
                             .handle_input(now, SetInput::Datagram { local, from, data });
+                    }
+                    // Take what else is waiting on that socket before
+                    // sending and sleeping again (bounded, so that timers
+                    // and commands still come in between).
+                    for _ in 0..RECV_BATCH {
+                        let Some(s) = self.sockets.get(i) else { break };
+                        let Ok((n, from)) = s.try_recv_from(&mut buf) else {
+                            break;
+                        };
+                        if let (Some(&local), Some(data)) = (self.addrs.get(i), buf.get(..n)) {
+                            self.set.handle_input(
+                                Instant::now(),
+                                SetInput::Datagram { local, from, data },
+                            );
+                        }
                     }
                 }
                 Wake::Packet(i, Err(e)) => {

@@ -16,8 +16,8 @@
 //!    is remembered for that peer;
 //! 4. anything else (STUN answers, DTLS, SRTP): the peer that last sent a
 //!    Binding request from that address, else the first peer whose `Rtc`
-//!    accepts it (str0m's `Rtc::accepts`), else, with a single peer, that
-//!    peer; otherwise it is dropped.
+//!    accepts it (str0m's `Rtc::accepts`), else, in a set made for a single
+//!    peer, that peer; otherwise it is dropped.
 
 use super::*;
 
@@ -125,6 +125,9 @@ pub struct PeerSet {
     out: VecDeque<SetOutput>,
     /// Remote address -> the peer that last got a Binding request from it.
     learnt: HashMap<SocketAddr, PeerId>,
+    /// Peers touched since their outputs were last taken: only these are
+    /// looked at after an input (not every peer per datagram).
+    dirty: BTreeSet<PeerId>,
     close_when_empty: bool,
     closed: bool,
 }
@@ -169,6 +172,7 @@ impl PeerSet {
             found: Vec::new(),
             out: VecDeque::new(),
             learnt: HashMap::new(),
+            dirty: BTreeSet::new(),
             close_when_empty: false,
             closed: false,
         }
@@ -284,6 +288,7 @@ impl PeerSet {
             finished: false,
         };
         self.peers.insert(id, peer);
+        self.dirty.insert(id);
         if let Some(p) = self.peers.get_mut(&id)
             && let Err(e) = p.drain()
         {
@@ -312,6 +317,7 @@ impl PeerSet {
             return;
         };
         p.now = now;
+        self.dirty.insert(peer);
         let defer = is_ordered(&req)
             && (!p.deferred.is_empty()
                 || (is_sdp_request(&req) && !gather_done && now < p.gather_deadline));
@@ -408,12 +414,16 @@ impl PeerSet {
             if p.finished {
                 continue;
             }
-            run_deferred(p, *id, false, &mut self.out);
-            if p.next_deadline() <= now
-                && let Err(e) = p.handle_timer()
-            {
-                warn!(peer = id.0, error = %e, "webrtc error, failing the peer");
-                fail_peer(p);
+            if !p.deferred.is_empty() {
+                self.dirty.insert(*id);
+                run_deferred(p, *id, false, &mut self.out);
+            }
+            if p.next_deadline() <= now {
+                self.dirty.insert(*id);
+                if let Err(e) = p.handle_timer() {
+                    warn!(peer = id.0, error = %e, "webrtc error, failing the peer");
+                    fail_peer(p);
+                }
             }
         }
     }
@@ -452,6 +462,7 @@ impl PeerSet {
         };
         let input = Input::Receive(self.now, recv);
         if let Some(p) = self.peers.get_mut(&id) {
+            self.dirty.insert(id);
             p.now = self.now;
             let known = p.rtc.accepts(&input);
             if let Err(e) = p.receive(from, input, known) {
@@ -498,7 +509,10 @@ impl PeerSet {
         {
             return Some(*id);
         }
-        if self.peers.len() == 1 {
+        // A set made for one peer (`MediaPeer::new`) gives it everything,
+        // as its own socket would; a shared set never guesses (a packet of a
+        // peer that just ended must not reach another).
+        if self.close_when_empty && self.peers.len() == 1 {
             return self.peers.keys().next().copied();
         }
         None
@@ -527,6 +541,7 @@ impl PeerSet {
                     if p.finished || (p.config.relay_only && !f.relayed) {
                         continue;
                     }
+                    self.dirty.insert(*id);
                     p.now = now;
                     if let Err(e) = p.add_gathered(f.candidate.clone()) {
                         warn!(peer = id.0, error = %e, "webrtc error, failing the peer");
@@ -538,6 +553,7 @@ impl PeerSet {
             self.found.extend(found);
             if ended {
                 for (id, p) in &mut self.peers {
+                    self.dirty.insert(*id);
                     p.now = now;
                     p.gathering_finished();
                     run_deferred(p, *id, true, &mut self.out);
@@ -546,7 +562,10 @@ impl PeerSet {
             }
             // Peers' outputs.
             let mut ended_peers = Vec::new();
-            for (id, p) in &mut self.peers {
+            for id in std::mem::take(&mut self.dirty) {
+                let Some(p) = self.peers.get_mut(&id) else {
+                    continue;
+                };
                 p.report_late();
                 while let Some(t) = p.out.pop_front() {
                     match self.gather.relay_with_address(t.source) {
@@ -560,10 +579,10 @@ impl PeerSet {
                     }
                 }
                 while let Some(event) = p.events.pop_front() {
-                    self.out.push_back(SetOutput::Event { peer: *id, event });
+                    self.out.push_back(SetOutput::Event { peer: id, event });
                 }
                 if p.finished {
-                    ended_peers.push(*id);
+                    ended_peers.push(id);
                 }
             }
             for id in ended_peers {
@@ -841,9 +860,16 @@ mod tests {
     }
 
     #[test]
-    fn single_peer_takes_unknown_datagrams() {
-        let (mut set, _) = set_with_peers(1);
+    fn only_a_single_peer_set_takes_unknown_datagrams() {
         let local = addr("127.0.0.1:5000");
+        // A shared set left with one peer drops what no peer knows.
+        let (mut set, _) = set_with_peers(1);
+        assert_eq!(set.route(local, addr("10.0.0.9:9"), DTLS), None);
+        // A set made for one peer gives it everything, like its own socket.
+        let now = Instant::now();
+        let mut set = PeerSet::new(now, vec![local]);
+        set.close_when_empty();
+        set.add_peer(now, PeerId(1), PeerConfig::default());
         assert_eq!(set.route(local, addr("10.0.0.9:9"), DTLS), Some(PeerId(1)));
     }
 
