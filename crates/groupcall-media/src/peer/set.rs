@@ -1053,4 +1053,145 @@ mod tests {
         assert!(!set.gathering_complete());
         assert_eq!(allocates(&mut set), 1);
     }
+
+    type Drained = (Vec<(PeerId, Answer)>, Vec<(PeerId, PeerEvent)>);
+
+    /// Takes a set's outputs: transmits go to `wire`, answers and events
+    /// are returned.
+    fn drain_set(set: &mut PeerSet, wire: &mut Vec<Transmit>) -> Drained {
+        let (mut answers, mut events) = (Vec::new(), Vec::new());
+        while let Some(o) = set.poll_output() {
+            match o {
+                SetOutput::Transmit(t) => wire.push(t),
+                SetOutput::Answer { peer, answer, .. } => answers.push((peer, answer)),
+                SetOutput::Event { peer, event } => events.push((peer, event)),
+                _ => {}
+            }
+        }
+        (answers, events)
+    }
+
+    fn sdp_of(answers: Vec<(PeerId, Answer)>, peer: PeerId) -> String {
+        answers
+            .into_iter()
+            .find_map(|(p, a)| match a {
+                Ok(Reply::Sdp(s)) if p == peer => Some(s),
+                _ => None,
+            })
+            .expect("an SDP")
+    }
+
+    /// Three participants' sets wired together in memory, no sockets and a
+    /// simulated clock: A's two peers (to B and to C) share A's one address
+    /// and both connect.
+    #[test]
+    fn two_peers_of_one_set_connect_over_a_simulated_wire() {
+        let t0 = Instant::now();
+        let (a_addr, b_addr, c_addr) = (
+            addr("10.0.0.1:1000"),
+            addr("10.0.0.2:2000"),
+            addr("10.0.0.3:3000"),
+        );
+        let mut sets = [
+            PeerSet::new(t0, vec![a_addr]),
+            PeerSet::new(t0, vec![b_addr]),
+            PeerSet::new(t0, vec![c_addr]),
+        ];
+        let (ab, ac, remote) = (PeerId(1), PeerId(2), PeerId(1));
+        sets[0].add_peer(t0, ab, PeerConfig::default());
+        sets[0].add_peer(t0, ac, PeerConfig::default());
+        sets[1].add_peer(t0, remote, PeerConfig::default());
+        sets[2].add_peer(t0, remote, PeerConfig::default());
+        let mut wire = Vec::new();
+        let mut connected: Vec<(usize, PeerId)> = Vec::new();
+        for (i, mine) in [(1usize, ab), (2, ac)] {
+            let feeds = vec![LocalFeed::usermedia("a")];
+            sets[0].request(
+                t0,
+                mine,
+                Some(RequestId(1)),
+                Request::CreateOffer {
+                    feeds,
+                    ice_restart: false,
+                },
+            );
+            let offer = sdp_of(drain_set(&mut sets[0], &mut wire).0, mine);
+            let feeds = vec![LocalFeed::usermedia("r")];
+            sets[i].request(
+                t0,
+                remote,
+                Some(RequestId(1)),
+                Request::AcceptOffer { sdp: offer, feeds },
+            );
+            let answer = sdp_of(drain_set(&mut sets[i], &mut wire).0, remote);
+            sets[0].request(
+                t0,
+                mine,
+                Some(RequestId(2)),
+                Request::ApplyAnswer { sdp: answer },
+            );
+        }
+        let mut now = t0;
+        let mut from_a = 0;
+        while connected.len() < 4 {
+            assert!(
+                now < t0 + Duration::from_secs(10),
+                "not connected in 10 simulated seconds: {connected:?}"
+            );
+            for (i, set) in sets.iter_mut().enumerate() {
+                for (peer, ev) in drain_set(set, &mut wire).1 {
+                    if matches!(ev, PeerEvent::Connected) {
+                        connected.push((i, peer));
+                    }
+                }
+            }
+            if wire.is_empty() {
+                // Nothing in flight: on to the next timeout.
+                now = sets
+                    .iter()
+                    .filter_map(|s| s.poll_timeout())
+                    .min()
+                    .unwrap_or(now)
+                    .max(now + Duration::from_millis(1));
+                for set in sets.iter_mut() {
+                    set.handle_input(now, SetInput::Timeout);
+                }
+                continue;
+            }
+            now += Duration::from_millis(1);
+            for t in std::mem::take(&mut wire) {
+                if t.source == a_addr {
+                    from_a += 1;
+                }
+                assert!([a_addr, b_addr, c_addr].contains(&t.source), "{t:?}");
+                let Some(set) = sets
+                    .iter_mut()
+                    .find(|s| s.socket_addrs() == [t.destination])
+                else {
+                    continue;
+                };
+                set.handle_input(
+                    now,
+                    SetInput::Datagram {
+                        local: t.destination,
+                        from: t.source,
+                        data: &t.contents,
+                    },
+                );
+            }
+        }
+        connected.sort();
+        assert_eq!(connected, vec![(0, ab), (0, ac), (1, remote), (2, remote)]);
+        eprintln!(
+            "connected after {:?} simulated, {from_a} datagrams from A's address",
+            now - t0
+        );
+        // 1 ms per hop: no datagram was lost to the demux (a lost check or
+        // handshake packet would cost a retransmission timeout, >= 50 ms).
+        assert!(now - t0 < Duration::from_millis(50), "{:?}", now - t0);
+        assert!(from_a > 0);
+        // Each of A's peers learnt its remote's address, on A's one socket.
+        assert_eq!(sets[0].learnt.get(&b_addr), Some(&ab));
+        assert_eq!(sets[0].learnt.get(&c_addr), Some(&ac));
+    }
 }
