@@ -125,6 +125,8 @@ pub struct PeerSet {
     out: VecDeque<SetOutput>,
     /// Remote address -> the peer that last got a Binding request from it.
     learnt: HashMap<SocketAddr, PeerId>,
+    /// Local ICE ufrag -> peer (an index, checked on use).
+    by_ufrag: HashMap<String, PeerId>,
     /// Peers touched since their outputs were last taken: only these are
     /// looked at after an input (not every peer per datagram).
     dirty: BTreeSet<PeerId>,
@@ -172,6 +174,7 @@ impl PeerSet {
             found: Vec::new(),
             out: VecDeque::new(),
             learnt: HashMap::new(),
+            by_ufrag: HashMap::new(),
             dirty: BTreeSet::new(),
             close_when_empty: false,
             closed: false,
@@ -482,11 +485,27 @@ impl PeerSet {
     ) -> Option<PeerId> {
         if let Some(username) = binding_request_username(data) {
             let ufrag = username.split(':').next().unwrap_or("");
-            let id = self
-                .peers
-                .iter()
-                .find(|(_, p)| !p.finished && p.ufrag == ufrag)
-                .map(|(id, _)| *id);
+            let live = |peers: &BTreeMap<PeerId, PeerState>, id: &PeerId| {
+                peers
+                    .get(id)
+                    .is_some_and(|p| !p.finished && p.ufrag == ufrag)
+            };
+            // The index is rebuilt when it misses (a new peer, an ICE
+            // restart changed a ufrag, or a ufrag nobody has).
+            let mut id = self
+                .by_ufrag
+                .get(ufrag)
+                .copied()
+                .filter(|id| live(&self.peers, id));
+            if id.is_none() {
+                self.by_ufrag = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| !p.finished)
+                    .map(|(id, p)| (p.ufrag.clone(), *id))
+                    .collect();
+                id = self.by_ufrag.get(ufrag).copied();
+            }
             match id {
                 Some(id) => {
                     self.learnt.insert(from, id);
