@@ -279,6 +279,13 @@ impl Coturn {
         self.log().lines().filter_map(parse_usage).collect()
     }
 
+    /// How many allocations coturn made for `username`: its log's
+    /// `user <NAME>: incoming packet ALLOCATE processed, success` lines (one
+    /// per successful Allocate request; refreshes are REFRESH lines).
+    pub fn allocations(&self, username: &str) -> usize {
+        count_allocations(&self.log(), username)
+    }
+
     /// Whether the log shows an allocation for `username`.
     pub fn has_allocation(&self, username: &str) -> bool {
         self.log().lines().any(|l| {
@@ -390,6 +397,13 @@ fn config(dir: &Path, port: u16, relay: (u16, u16), secret: &str, realm: &str) -
         dir.join("turnserver.pid").display(),
         dir.join("turndb").display(),
     )
+}
+
+fn count_allocations(log: &str, username: &str) -> usize {
+    let user = format!("user <{username}>:");
+    log.lines()
+        .filter(|l| l.contains(&user) && l.contains("ALLOCATE processed, success"))
+        .count()
 }
 
 /// base64(HMAC-SHA1(secret, username)): the TURN REST API password.
@@ -583,6 +597,19 @@ mod tests {
         );
         assert_eq!(parse_usage("nothing here"), None);
         assert_eq!(parse_usage("usage: rp=x"), None);
+    }
+
+    #[test]
+    fn allocation_lines() {
+        // Lines as coturn 4.6 writes them (checked with turnutils_uclient).
+        let log = "1: : session 000000000000000001: new, realm=<test>, username=<17:bob>, lifetime=777\n\
+                   1: : session 000000000000000001: realm <test> user <17:bob>: incoming packet ALLOCATE processed, success\n\
+                   1: : session 000000000000000001: realm <test> user <17:bob>: incoming packet REFRESH processed, success\n\
+                   1: : session 000000000000000002: realm <test> user <17:bobby>: incoming packet ALLOCATE processed, success\n\
+                   1: : session 000000000000000003: realm <test> user <17:bob>: incoming packet ALLOCATE processed, error 401: Unauthorized\n";
+        assert_eq!(count_allocations(log, "17:bob"), 1);
+        assert_eq!(count_allocations(log, "17:bobby"), 1);
+        assert_eq!(count_allocations(log, "17:alice"), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,13 @@
 //! restart ICE, close) and the peer reports back local SDP, candidates,
 //! connection state, remote tracks and media as [`PeerEvent`]s.
 //!
+//! A participant's peers share a [`MediaHost`]: one tokio task and one UDP
+//! socket per bound local address, feeding one sans-IO [`PeerSet`] (one
+//! `str0m::Rtc` per peer, shared candidate gathering, one TURN allocation
+//! per TURN server). Datagrams are demultiplexed by STUN USERNAME (the local
+//! ICE ufrag) and then by remote address. [`MediaPeer::new`] makes a host
+//! for a single peer.
+//!
 //! Media is handled as encoded frames only (Opus packets, VP8 frames): no
 //! codec is linked. Sources read Ogg/Opus and IVF/VP8 (and built-in samples
 //! made with real encoders); sinks count frames and record Ogg/Opus and IVF.
@@ -45,7 +52,11 @@ mod turn;
 mod types;
 
 pub use ice::{IceServer, IceTransport, IceUrl, IceUrlError, IceUrlScheme};
-pub use peer::{MediaError, MediaPeer, PeerConfig, PeerEvent, PeerEvents};
+pub use peer::set::{PeerId, PeerSet, RequestId, SetInput, SetOutput, Transmit};
+pub use peer::{
+    Answer, MediaError, MediaHost, MediaPeer, PeerConfig, PeerEvent, PeerEvents, Reply, Request,
+    live_socket_count,
+};
 pub use sink::{CounterSink, FrameSink, IvfRecorder, OggOpusRecorder, SinkError, SinkFilter};
 pub use source::{FrameSource, IvfSource, OggOpusSource, SourceError, SourceFrame};
 pub use turn::TurnError;

@@ -424,3 +424,61 @@ async fn stun_url_gives_srflx_and_unusable_urls_are_skipped() {
     assert!(s.relays.is_empty());
     assert!(a.gathering_complete());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_allocation_for_all_peers_of_a_host() {
+    init_tracing();
+    let turn = coturn().await;
+    let server = turn_server(&turn, "carol");
+    let user = server.username.clone().unwrap();
+    // Carol's host: three relay-only peers, to three other participants.
+    let host = groupcall_media::MediaHost::spawn(&["127.0.0.1".parse().unwrap()]).unwrap();
+    let cfg = || PeerConfig {
+        ice_servers: vec![server.clone()],
+        relay_only: true,
+        gather_wait: Duration::from_secs(2),
+        ..PeerConfig::default()
+    };
+    let mut relayed = None;
+    let mut pairs = Vec::new();
+    for i in 0..3 {
+        let (c, mut c_ev) = host.new_peer(cfg()).unwrap();
+        let (r, mut r_ev) = MediaPeer::new(PeerConfig::default()).await.unwrap();
+        let (offer, _answer, took) = connect(&c, &mut c_ev, &r, &mut r_ev).await;
+        let cands = candidates(&offer);
+        assert_eq!(cands.len(), 1, "{offer}");
+        assert!(cands[0].contains("typ relay"), "{offer}");
+        let s = c.stats().await.unwrap();
+        let addr = s.relays[0].relayed.expect("relayed address");
+        // Every peer offers the same relayed address.
+        assert_eq!(*relayed.get_or_insert(addr), addr);
+        println!("peer {i}: connected via relay {addr} {took:?} after the answer");
+        pairs.push((c, r));
+    }
+    for (c, r) in &pairs {
+        let (sc, sr) = media_both_ways(c, r).await;
+        let pair = sc.selected_pair.expect("selected pair");
+        assert!(pair.relayed, "{pair:?}");
+        assert_eq!(Some(pair.local), relayed);
+        assert_eq!(sr.selected_pair.expect("remote pair").remote, pair.local);
+    }
+    // One allocation for the three peers: the host's figure and coturn's.
+    assert_eq!(host.turn_allocations(), 1);
+    assert_eq!(host.socket_count(), 1);
+    assert_eq!(turn.allocations(&user), 1, "{}", turn.log_tail(40));
+    let s = pairs[0].0.stats().await.unwrap();
+    assert_eq!(s.relays.len(), 1);
+    let r = &s.relays[0];
+    // One permission (every remote is on 127.0.0.1), a channel per remote
+    // address.
+    assert_eq!((r.permissions, r.channels), (1, 3), "{r:?}");
+    println!(
+        "coturn allocations for {user}: {}; relay counters {r:?}",
+        turn.allocations(&user)
+    );
+    for (c, r) in &pairs {
+        c.close().await.unwrap();
+        r.close().await.unwrap();
+    }
+    host.close().await;
+}

@@ -556,6 +556,7 @@ pub async fn join_call(
         room_id,
         opts,
         peers: HashMap::new(),
+        media_host: None,
         media_tx,
         out_tx,
         events: ev_tx,
@@ -770,6 +771,10 @@ struct Driver {
     room_id: String,
     opts: JoinOptions,
     peers: HashMap<PeerHandle, Peer>,
+    /// This participant's media peer set: every peer shares its sockets
+    /// (one per bound address) and TURN allocations. Made with the first
+    /// peer.
+    media_host: Option<groupcall_media::MediaHost>,
     /// Where the peers' workers report results and events.
     media_tx: mpsc::UnboundedSender<(PeerHandle, FromPeer)>,
     out_tx: mpsc::UnboundedSender<OutItem>,
@@ -1163,12 +1168,27 @@ impl Driver {
         }
     }
 
+    /// This participant's media host (its sockets and TURN allocations,
+    /// shared by all its peers), made with the first peer.
+    fn media_host(&mut self) -> Result<groupcall_media::MediaHost, String> {
+        if let Some(h) = &self.media_host {
+            return Ok(h.clone());
+        }
+        let h = groupcall_media::MediaHost::spawn(&self.opts.bind_addrs)
+            .map_err(|e| format!("media sockets: {e}"))?;
+        info!(sockets = h.socket_count(), addrs = ?h.local_addrs(), "media host");
+        self.media_host = Some(h.clone());
+        Ok(h)
+    }
+
     /// The peer of `handle`, with a worker started for it if it is new (the
     /// worker makes the media peer before carrying out anything else).
     fn peer_or_start(&mut self, handle: PeerHandle, remote: &DeviceKey) -> &mut Peer {
+        let host = (!self.peers.contains_key(&handle)).then(|| self.media_host());
         match self.peers.entry(handle) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
+                let host = host.unwrap_or_else(|| Err("no media host".into()));
                 let config = PeerConfig {
                     bind_addrs: self.opts.bind_addrs.clone(),
                     ice_servers: self.turn.ice_servers(),
@@ -1183,6 +1203,7 @@ impl Driver {
                 let (close_tx, close_rx) = oneshot::channel();
                 self.workers.spawn(peer_worker(
                     handle,
+                    host,
                     config,
                     ops_rx,
                     close_rx,
@@ -1451,21 +1472,18 @@ enum FromPeer {
 /// finishes its sinks and closes, each step bounded by [`CLOSE_WAIT`].
 async fn peer_worker(
     handle: PeerHandle,
+    host: Result<groupcall_media::MediaHost, String>,
     config: PeerConfig,
     mut ops: mpsc::UnboundedReceiver<PeerOp>,
     mut close: oneshot::Receiver<()>,
     tx: mpsc::UnboundedSender<(PeerHandle, FromPeer)>,
 ) {
-    let created = tokio::select! {
-        biased;
-        _ = &mut close => return,
-        r = MediaPeer::new(config) => r,
-    };
+    let created = host.and_then(|h| h.new_peer(config).map_err(|e| e.to_string()));
     let (media, mut events) = match created {
         Ok((media, events)) => (Arc::new(media), events),
         Err(e) => {
             // The core closes the peer on this error.
-            let _ = tx.send((handle, FromPeer::Failed(e.to_string())));
+            let _ = tx.send((handle, FromPeer::Failed(e)));
             return;
         }
     };

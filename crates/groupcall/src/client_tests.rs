@@ -16,11 +16,15 @@ struct Worker {
     task: JoinHandle<()>,
 }
 
+/// Each worker's peer on a media host of its own (as peers of different
+/// participants are).
 fn worker(handle: u64, config: PeerConfig, tx: &Tx) -> Worker {
     let (ops, ops_rx) = mpsc::unbounded_channel();
     let (close, close_rx) = oneshot::channel();
+    let host = groupcall_media::MediaHost::spawn(&config.bind_addrs).map_err(|e| e.to_string());
     let task = tokio::spawn(peer_worker(
         PeerHandle(handle),
+        host,
         config,
         ops_rx,
         close_rx,

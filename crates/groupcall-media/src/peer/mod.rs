@@ -1,19 +1,28 @@
-//! [`MediaPeer`]: one WebRTC peer connection (one `str0m::Rtc`) to one
-//! remote device, driven by a tokio task over real UDP sockets.
+//! WebRTC peer connections to remote devices: one `str0m::Rtc` per peer,
+//! many peers of one participant in one sans-IO [`PeerSet`](set::PeerSet) behind one UDP
+//! socket per bound local address, driven by one tokio task
+//! ([`MediaHost`]).
 //!
-//! Sockets: each peer binds its own UDP socket per local address (an
-//! unspecified address such as `0.0.0.0` expands to the interface addresses
-//! of that family, each bound separately so that the destination of every
-//! datagram is known). There is no shared socket and no demultiplexing
-//! between peers; a few sockets per peer are cheap at mesh sizes.
+//! - [`set`]: the sans-IO core (peers, gathering, TURN, demultiplexing).
+//! - [`host`]: the thin tokio driver and the handles ([`MediaHost`],
+//!   [`MediaPeer`]).
+//! - `state` / `negotiate`: one peer (str0m events, media, offer/answer).
+//! - `gather`: STUN and TURN candidates for the whole set.
 //!
-//! Candidates: host candidates of every bound socket (unless `relay_only`),
+//! Sockets: a host binds one UDP socket per local address (an unspecified
+//! address such as `0.0.0.0` expands to the interface addresses of that
+//! family, each bound separately so that the destination of every datagram
+//! is known); all its peers share them. Participants in one process use one
+//! host each: two of them on one socket could not tell their DTLS apart.
+//!
+//! Candidates: host candidates of every socket (unless `relay_only`),
 //! server-reflexive addresses from STUN servers and relayed addresses from
-//! TURN servers (see `gather`). Offers and answers wait for gathering at
-//! most `gather_wait`, so they usually carry every candidate; later ones are
-//! reported as [`PeerEvent::LocalCandidates`] for trickling.
+//! TURN servers (one allocation per TURN server per host). Offers and
+//! answers wait for gathering at most `gather_wait` (inside the set, without
+//! holding up other peers), so they usually carry every candidate; later
+//! ones are reported as [`PeerEvent::LocalCandidates`] for trickling.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::poll_fn;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -30,7 +39,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use crate::ice::IceServer;
@@ -231,6 +240,12 @@ pub struct PeerEvents {
     queued: Arc<AtomicUsize>,
 }
 
+impl std::fmt::Debug for PeerEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerEvents").finish_non_exhaustive()
+    }
+}
+
 impl PeerEvents {
     /// The next event; `None` once the peer's task has ended.
     pub async fn recv(&mut self) -> Option<PeerEvent> {
@@ -253,342 +268,117 @@ impl PeerEvents {
     }
 }
 
-type Reply<T> = oneshot::Sender<Result<T, MediaError>>;
-
-enum Command {
+/// A request to one peer of a [`PeerSet`](set::PeerSet) (see [`MediaPeer`] for what
+/// each does).
+pub enum Request {
+    /// Create an offer sending these feeds (with new ICE credentials if
+    /// `ice_restart`). Answered with [`Reply::Sdp`].
     CreateOffer {
+        /// The complete set of local feeds.
         feeds: Vec<LocalFeed>,
+        /// ICE restart.
         ice_restart: bool,
-        reply: Reply<String>,
     },
+    /// Accept a remote offer. Answered with [`Reply::Sdp`].
     AcceptOffer {
+        /// The remote SDP.
         sdp: String,
+        /// The complete set of local feeds.
         feeds: Vec<LocalFeed>,
-        reply: Reply<String>,
     },
+    /// Apply the remote answer. Answered with [`Reply::Done`].
     ApplyAnswer {
+        /// The remote SDP.
         sdp: String,
-        reply: Reply<()>,
     },
+    /// Add a trickled remote candidate. Answered with [`Reply::Done`].
     AddRemoteCandidate {
+        /// The candidate line.
         candidate: String,
-        reply: Reply<()>,
     },
-    LocalCandidates {
-        reply: Reply<Vec<IceCandidate>>,
-    },
+    /// The local candidates. Answered with [`Reply::Candidates`].
+    LocalCandidates,
+    /// Send one encoded frame. No answer.
     SendFrame {
+        /// The local track.
         track_id: String,
+        /// The encoded frame.
         data: Arc<[u8]>,
+        /// Its duration.
         duration: Duration,
     },
+    /// Attach a paced source. No answer.
     SetSource {
+        /// The local track.
         track_id: String,
+        /// The source.
         source: Box<dyn FrameSource>,
     },
+    /// Mute or unmute a local track. No answer.
     SetMuted {
+        /// The local track.
         track_id: String,
+        /// Muted.
         muted: bool,
     },
+    /// Ask the remote for a key frame. No answer.
     RequestKeyframe {
+        /// The remote track.
         track_id: String,
     },
+    /// Attach a sink. No answer.
     AddSink {
+        /// Which frames.
         filter: SinkFilter,
+        /// The sink.
         sink: Box<dyn FrameSink>,
     },
-    FinishSinks {
-        reply: Reply<Vec<SinkError>>,
-    },
-    Stats {
-        reply: Reply<PeerStats>,
-    },
-    Close {
-        reply: Reply<()>,
-    },
+    /// Finish and detach the sinks. Answered with [`Reply::SinkErrors`].
+    FinishSinks,
+    /// Counters. Answered with [`Reply::Stats`].
+    Stats,
+    /// Close the connection. Answered with [`Reply::Done`].
+    Close,
 }
 
-/// A WebRTC peer connection to one remote device.
-///
-/// Cheap to share by reference; all methods only enqueue work for the
-/// peer's task. Dropping the handle closes the connection.
-pub struct MediaPeer {
-    cmd: mpsc::UnboundedSender<Command>,
-    local_addrs: Vec<SocketAddr>,
-    gathered: watch::Receiver<bool>,
-    gather_deadline: Instant,
-}
-
-impl std::fmt::Debug for MediaPeer {
+impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MediaPeer")
-            .field("local_addrs", &self.local_addrs)
-            .finish()
-    }
-}
-
-impl MediaPeer {
-    /// Binds the sockets, gathers candidates (host, and server-reflexive if
-    /// configured) and starts the peer's task. Must be called within a
-    /// tokio runtime.
-    pub async fn new(config: PeerConfig) -> Result<(MediaPeer, PeerEvents), MediaError> {
-        let addrs = expand_bind_addrs(&config.bind_addrs);
-        if addrs.is_empty() {
-            return Err(MediaError::NoLocalAddress);
-        }
-        let mut sockets = Vec::new();
-        for ip in addrs {
-            match UdpSocket::bind(SocketAddr::new(ip, 0)).await {
-                Ok(s) => sockets.push(s),
-                Err(e) => warn!(%ip, error = %e, "cannot bind UDP socket"),
-            }
-        }
-        if sockets.is_empty() {
-            return Err(MediaError::NoLocalAddress);
-        }
-        let mut local_addrs = Vec::new();
-        for s in &sockets {
-            local_addrs.push(s.local_addr()?);
-        }
-
-        let now = Instant::now();
-        let mut builder = Rtc::builder().clear_codecs().enable_opus(true, false);
-        if config.retransmission {
-            builder = builder.enable_vp8(true);
-        } else {
-            without_retransmission(builder.codec_config());
-        }
-        let mut rtc = builder.build(now);
-
-        let mut candidates = Vec::new();
-        if !config.relay_only {
-            for addr in &local_addrs {
-                match Candidate::host(*addr, "udp") {
-                    Ok(c) => {
-                        if let Some(c) = rtc.add_local_candidate(c) {
-                            candidates.push(c.clone());
-                        }
-                    }
-                    Err(e) => warn!(%addr, error = %e, "unusable host candidate"),
-                }
-            }
-        }
-        let (gather, gathered) = gather::Gatherer::new(&config, now);
-        info!(addrs = ?local_addrs, "media peer bound");
-
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let driver = Driver {
-            rtc,
-            sockets,
-            local_addrs: local_addrs.clone(),
-            cmd_rx,
-            events: ev_tx,
-            queued: queued.clone(),
-            candidates,
-            tracks: Vec::new(),
-            pending_sources: HashMap::new(),
-            pending_muted: HashMap::new(),
-            ever_bound: HashSet::new(),
-            local_sections: Vec::new(),
-            remote: HashMap::new(),
-            ended_remote: Vec::new(),
-            pending_offer: None,
-            sinks: Vec::new(),
-            state: ConnState::New,
-            ever_connected: false,
-            last_rx: now,
-            negotiated_at: None,
-            rtc_timeout: now,
-            frames_dropped: 0,
-            frames_unmatched: 0,
-            gather,
-            selected: None,
-            gather_deadline: now + config.gather_wait,
-            config,
-            finished: false,
+        let name = match self {
+            Request::CreateOffer { .. } => "CreateOffer",
+            Request::AcceptOffer { .. } => "AcceptOffer",
+            Request::ApplyAnswer { .. } => "ApplyAnswer",
+            Request::AddRemoteCandidate { .. } => "AddRemoteCandidate",
+            Request::LocalCandidates => "LocalCandidates",
+            Request::SendFrame { .. } => "SendFrame",
+            Request::SetSource { .. } => "SetSource",
+            Request::SetMuted { .. } => "SetMuted",
+            Request::RequestKeyframe { .. } => "RequestKeyframe",
+            Request::AddSink { .. } => "AddSink",
+            Request::FinishSinks => "FinishSinks",
+            Request::Stats => "Stats",
+            Request::Close => "Close",
         };
-        let gather_deadline = driver.gather_deadline;
-        tokio::spawn(driver.run());
-        Ok((
-            MediaPeer {
-                cmd: cmd_tx,
-                local_addrs,
-                gathered,
-                gather_deadline,
-            },
-            PeerEvents { rx: ev_rx, queued },
-        ))
-    }
-
-    /// The bound socket addresses.
-    pub fn local_addrs(&self) -> &[SocketAddr] {
-        &self.local_addrs
-    }
-
-    /// Whether gathering has finished (every STUN server answered or was
-    /// given up, every TURN allocation made or failed).
-    pub fn gathering_complete(&self) -> bool {
-        *self.gathered.borrow()
-    }
-
-    /// Waits until gathering finished or `gather_wait` after creation.
-    async fn wait_gathering(&self) {
-        let mut rx = self.gathered.clone();
-        let _ =
-            tokio::time::timeout_at(self.gather_deadline.into(), rx.wait_for(|done| *done)).await;
-    }
-
-    fn send(&self, c: Command) -> Result<(), MediaError> {
-        self.cmd.send(c).map_err(|_| MediaError::Closed)
-    }
-
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, MediaError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(make(tx))?;
-        rx.await.map_err(|_| MediaError::Closed)?
-    }
-
-    /// Creates an offer sending `feeds` (the complete set of local feeds:
-    /// tracks missing from it stop being sent). The SDP contains all local
-    /// candidates. The offer stays pending until [`MediaPeer::apply_answer`]
-    /// or until a remote offer is accepted instead.
-    pub async fn create_offer(&self, feeds: &[LocalFeed]) -> Result<String, MediaError> {
-        self.wait_gathering().await;
-        let feeds = feeds.to_vec();
-        self.call(|reply| Command::CreateOffer {
-            feeds,
-            ice_restart: false,
-            reply,
-        })
-        .await
-    }
-
-    /// Like [`MediaPeer::create_offer`] with new ICE credentials (ICE restart).
-    pub async fn restart_ice(&self, feeds: &[LocalFeed]) -> Result<String, MediaError> {
-        self.wait_gathering().await;
-        let feeds = feeds.to_vec();
-        self.call(|reply| Command::CreateOffer {
-            feeds,
-            ice_restart: true,
-            reply,
-        })
-        .await
-    }
-
-    /// Accepts a remote offer and returns the answer, sending `feeds` on the
-    /// offered m-lines where possible (see [`PeerEvent::NegotiationNeeded`]).
-    /// A pending local offer is rolled back.
-    pub async fn accept_offer(&self, sdp: &str, feeds: &[LocalFeed]) -> Result<String, MediaError> {
-        self.wait_gathering().await;
-        let feeds = feeds.to_vec();
-        let sdp = sdp.to_string();
-        self.call(|reply| Command::AcceptOffer { sdp, feeds, reply })
-            .await
-    }
-
-    /// Applies the remote answer to the pending offer.
-    pub async fn apply_answer(&self, sdp: &str) -> Result<(), MediaError> {
-        let sdp = sdp.to_string();
-        self.call(|reply| Command::ApplyAnswer { sdp, reply }).await
-    }
-
-    /// Adds a trickled remote candidate (`candidate:...`, with or without
-    /// `a=`). An empty string or `end-of-candidates` is accepted and ignored.
-    /// With BUNDLE all m-lines share one transport, so `sdp_mid` and
-    /// `sdp_m_line_index` are only logged.
-    pub async fn add_remote_candidate(
-        &self,
-        candidate: &str,
-        sdp_mid: Option<&str>,
-        sdp_m_line_index: Option<u16>,
-    ) -> Result<(), MediaError> {
-        trace!(candidate, ?sdp_mid, ?sdp_m_line_index, "remote candidate");
-        let candidate = candidate.to_string();
-        self.call(|reply| Command::AddRemoteCandidate { candidate, reply })
-            .await
-    }
-
-    /// The local candidates gathered so far (waiting for gathering like
-    /// `create_offer`); all of them are also in every later local SDP.
-    pub async fn local_candidates(&self) -> Result<Vec<IceCandidate>, MediaError> {
-        self.wait_gathering().await;
-        self.call(|reply| Command::LocalCandidates { reply }).await
-    }
-
-    /// Sends one encoded frame on a local track: an Opus packet (audio) or a
-    /// VP8 frame (video), lasting `duration`. RTP timestamps advance by the
-    /// duration, also while muted or not yet connected (frames are dropped
-    /// then). After (un)binding or unmuting a video track, delta frames are
-    /// dropped until a key frame comes.
-    pub fn send_frame(
-        &self,
-        track_id: &str,
-        data: impl Into<Arc<[u8]>>,
-        duration: Duration,
-    ) -> Result<(), MediaError> {
-        self.send(Command::SendFrame {
-            track_id: track_id.to_string(),
-            data: data.into(),
-            duration,
-        })
-    }
-
-    /// Attaches a source that the peer paces in real time for `track_id`
-    /// (replacing any previous one). It may be set before the track is
-    /// negotiated; it starts once connected.
-    pub fn set_source(&self, track_id: &str, source: impl FrameSource) -> Result<(), MediaError> {
-        self.send(Command::SetSource {
-            track_id: track_id.to_string(),
-            source: Box::new(source),
-        })
-    }
-
-    /// Mutes or unmutes a local track: nothing is sent while muted, without
-    /// renegotiation.
-    pub fn set_muted(&self, track_id: &str, muted: bool) -> Result<(), MediaError> {
-        self.send(Command::SetMuted {
-            track_id: track_id.to_string(),
-            muted,
-        })
-    }
-
-    /// Asks the remote for a key frame (PLI) on a remote video track.
-    pub fn request_keyframe(&self, remote_track_id: &str) -> Result<(), MediaError> {
-        self.send(Command::RequestKeyframe {
-            track_id: remote_track_id.to_string(),
-        })
-    }
-
-    /// Attaches a sink for received frames matching `filter`.
-    pub fn add_sink(&self, filter: SinkFilter, sink: impl FrameSink) -> Result<(), MediaError> {
-        self.send(Command::AddSink {
-            filter,
-            sink: Box::new(sink),
-        })
-    }
-
-    /// Finishes (writes trailers, flushes) and detaches all sinks; returns
-    /// the errors sinks reported while finishing or writing.
-    pub async fn finish_sinks(&self) -> Result<Vec<SinkError>, MediaError> {
-        self.call(|reply| Command::FinishSinks { reply }).await
-    }
-
-    /// Counters of all local and remote tracks.
-    pub async fn stats(&self) -> Result<PeerStats, MediaError> {
-        self.call(|reply| Command::Stats { reply }).await
-    }
-
-    /// Closes the connection (DTLS close_notify), finishes the sinks and ends
-    /// the peer's task. Emits [`PeerEvent::Closed`].
-    pub async fn close(&self) -> Result<(), MediaError> {
-        match self.call(|reply| Command::Close { reply }).await {
-            Err(MediaError::Closed) => Ok(()),
-            r => r,
-        }
+        f.write_str(name)
     }
 }
+
+/// The successful outcome of a [`Request`].
+#[derive(Debug)]
+pub enum Reply {
+    /// Done.
+    Done,
+    /// A local SDP (offer or answer).
+    Sdp(String),
+    /// Local candidates.
+    Candidates(Vec<IceCandidate>),
+    /// Errors of sinks while finishing.
+    SinkErrors(Vec<SinkError>),
+    /// Counters.
+    Stats(Box<PeerStats>),
+}
+
+/// The outcome of a [`Request`].
+pub type Answer = Result<Reply, MediaError>;
 
 fn expand_bind_addrs(addrs: &[IpAddr]) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = Vec::new();
@@ -770,20 +560,14 @@ fn duration_to_ticks(d: Duration, rate: u32) -> u64 {
     (d.as_nanos() * rate as u128 / 1_000_000_000) as u64
 }
 
-enum Wake {
-    Command(Option<Command>),
-    Packet(usize, std::io::Result<(usize, SocketAddr)>),
-    Lookup(gather::Lookup),
-    Timer,
-}
-
-struct Driver {
+/// One peer of a [`PeerSet`](set::PeerSet) (sans-IO).
+struct PeerState {
+    /// The time of the input being handled.
+    now: Instant,
     rtc: Rtc,
-    sockets: Vec<UdpSocket>,
-    local_addrs: Vec<SocketAddr>,
-    cmd_rx: mpsc::UnboundedReceiver<Command>,
-    events: mpsc::UnboundedSender<PeerEvent>,
-    queued: Arc<AtomicUsize>,
+    /// str0m's transmits, for the set to send or relay.
+    out: VecDeque<Transmit>,
+    events: VecDeque<PeerEvent>,
     candidates: Vec<Candidate>,
     tracks: Vec<LocalTrack>,
     pending_sources: HashMap<String, Box<dyn FrameSource>>,
@@ -803,16 +587,35 @@ struct Driver {
     rtc_timeout: Instant,
     frames_dropped: u64,
     frames_unmatched: u64,
-    /// Candidate gathering and the TURN relays.
-    gather: gather::Gatherer,
     /// (source, destination) of the last non-STUN packet str0m sent: the
     /// selected candidate pair.
     selected: Option<(SocketAddr, SocketAddr)>,
+    /// The set's gathering is complete.
+    gather_done: bool,
+    /// An SDP was made before gathering finished: later candidates and the
+    /// end of gathering are reported as events.
+    sdp_while_gathering: bool,
+    /// Candidates found since the last report.
+    late: Vec<Candidate>,
+    /// The end of gathering is to be reported.
+    late_complete: bool,
+    gathering_time: Option<Duration>,
+    created: Instant,
+    /// SDP requests wait for gathering until then.
     gather_deadline: Instant,
+    /// Requests waiting for gathering, in order.
+    deferred: VecDeque<(Option<RequestId>, Request)>,
+    /// The local ICE ufrag (for demultiplexing Binding requests).
+    ufrag: String,
     config: PeerConfig,
     finished: bool,
 }
 
-mod driver;
 mod gather;
+pub mod host;
 mod negotiate;
+pub mod set;
+mod state;
+
+pub use host::{MediaHost, MediaPeer, live_socket_count};
+use set::{RequestId, Transmit};

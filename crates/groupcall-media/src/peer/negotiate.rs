@@ -16,7 +16,7 @@ fn local_direction(remote: Direction, bound: bool) -> Direction {
     }
 }
 
-impl Driver {
+impl PeerState {
     /// Makes the local tracks match `wanted`. New tracks start unbound; the
     /// sources of removed tracks are kept in case the track comes back.
     pub(super) fn sync_tracks(&mut self, wanted: &[Wanted]) {
@@ -93,7 +93,7 @@ impl Driver {
 
     pub(super) fn note_negotiated(&mut self) {
         if self.state == ConnState::New && self.negotiated_at.is_none() {
-            self.negotiated_at = Some(Instant::now());
+            self.negotiated_at = Some(self.now);
         }
     }
 
@@ -104,8 +104,8 @@ impl Driver {
         text: &str,
         directions: Option<&HashMap<Mid, Direction>>,
     ) -> String {
-        if !self.gather.is_done() {
-            self.gather.sdp_while_gathering = true;
+        if !self.gather_done {
+            self.sdp_while_gathering = true;
         }
         let sections = sdp::parse_sections(text);
         let mut plan = HashMap::new();
@@ -128,7 +128,7 @@ impl Driver {
         out
     }
 
-    pub(super) async fn create_offer(
+    pub(super) fn create_offer(
         &mut self,
         feeds: &[LocalFeed],
         ice_restart: bool,
@@ -243,13 +243,13 @@ impl Driver {
                 self.ever_bound.insert(mid);
             }
         }
-        self.drain().await.map_err(rtc_err)?;
+        self.drain().map_err(rtc_err)?;
         let Some((offer, pending)) = applied else {
             return Err(MediaError::NothingToNegotiate);
         };
         self.pending_offer = Some(pending);
         if ice_restart && self.state == ConnState::Failed {
-            self.negotiated_at = Some(Instant::now());
+            self.negotiated_at = Some(self.now);
         }
         let text = self.finalize_local_sdp(&offer.to_sdp_string(), None);
         debug!(restart = ice_restart, "created offer");
@@ -257,7 +257,7 @@ impl Driver {
         Ok(text)
     }
 
-    pub(super) async fn accept_offer(
+    pub(super) fn accept_offer(
         &mut self,
         text: &str,
         feeds: &[LocalFeed],
@@ -269,7 +269,7 @@ impl Driver {
         trace!(sdp = %text, "remote offer");
         self.rollback_pending();
         let answer = self.rtc.sdp_api().accept_offer(offer);
-        self.drain().await.map_err(rtc_err)?;
+        self.drain().map_err(rtc_err)?;
         let answer = answer.map_err(|e| MediaError::RemoteSdp(e.to_string()))?;
         self.sync_tracks(&wanted);
 
@@ -326,11 +326,11 @@ impl Driver {
             // Dropped without apply(): the directions above are already in
             // the session and match the answer we send.
         }
-        self.drain().await.map_err(rtc_err)?;
+        self.drain().map_err(rtc_err)?;
         self.confirm_bindings();
         let out = self.finalize_local_sdp(&answer.to_sdp_string(), Some(&desired));
         self.update_remote_tracks(&remote_sections);
-        self.drain().await.map_err(rtc_err)?;
+        self.drain().map_err(rtc_err)?;
         self.note_negotiated();
         if self.tracks.iter().any(|t| t.mid.is_none()) {
             debug!("some local tracks need a new offer");
@@ -342,7 +342,7 @@ impl Driver {
         Ok(out)
     }
 
-    pub(super) async fn apply_answer(&mut self, text: &str) -> Result<(), MediaError> {
+    pub(super) fn apply_answer(&mut self, text: &str) -> Result<(), MediaError> {
         let Some(pending) = self.pending_offer.take() else {
             return Err(MediaError::NoPendingOffer);
         };
@@ -356,7 +356,7 @@ impl Driver {
         trace!(sdp = %text, "remote answer");
         let remote_sections = sdp::parse_sections(text);
         let r = self.rtc.sdp_api().accept_answer(pending, answer);
-        self.drain().await.map_err(rtc_err)?;
+        self.drain().map_err(rtc_err)?;
         if let Err(e) = r {
             for t in &mut self.tracks {
                 if t.mid_pending {
@@ -381,7 +381,7 @@ impl Driver {
         }
         self.confirm_bindings();
         self.update_remote_tracks(&remote_sections);
-        self.drain().await.map_err(rtc_err)?;
+        self.drain().map_err(rtc_err)?;
         self.note_negotiated();
         if renegotiate {
             self.emit(PeerEvent::NegotiationNeeded);
@@ -470,7 +470,7 @@ impl Driver {
         }
     }
 
-    pub(super) async fn add_remote_candidate(&mut self, cand: &str) -> Result<(), MediaError> {
+    pub(super) fn add_remote_candidate(&mut self, cand: &str) -> Result<(), MediaError> {
         let s = cand.trim();
         let s = s.strip_prefix("a=").unwrap_or(s);
         if s.is_empty() || s == "end-of-candidates" {
@@ -506,7 +506,7 @@ impl Driver {
         };
         debug!(candidate = %c, "adding remote candidate");
         self.rtc.add_remote_candidate(c);
-        self.drain().await.map_err(rtc_err)
+        self.drain().map_err(rtc_err)
     }
 
     pub(super) fn stats(&self) -> PeerStats {
@@ -535,14 +535,11 @@ impl Driver {
             selected_pair: self.selected.map(|(local, remote)| SelectedPair {
                 local,
                 remote,
-                relayed: self
-                    .gather
-                    .relays
-                    .iter()
-                    .any(|r| r.client.relayed() == Some(local)),
+                // Filled in by the set, which holds the relays.
+                relayed: false,
             }),
-            relays: self.gather.relay_stats(),
-            gathering_time: self.gather.finished_after,
+            relays: Vec::new(),
+            gathering_time: self.gathering_time,
         }
     }
 
@@ -557,7 +554,7 @@ impl Driver {
         errors
     }
 
-    pub(super) async fn do_close(&mut self) {
+    pub(super) fn do_close(&mut self) {
         if self.finished {
             return;
         }
@@ -565,10 +562,9 @@ impl Driver {
         if let Err(e) = self.rtc.close() {
             debug!(error = %e, "close");
         }
-        if let Err(e) = self.drain().await {
+        if let Err(e) = self.drain() {
             debug!(error = %e, "drain on close");
         }
-        self.close_relays().await;
         self.finish_all_sinks();
         self.set_state(ConnState::Closed);
         self.finished = true;

@@ -1,72 +1,12 @@
-//! The peer task: run loop, str0m events, sending and receiving media.
+//! One peer of a [`PeerSet`](super::set::PeerSet): its `str0m::Rtc`, local
+//! and remote tracks, sources, sinks and connection state. Sans-IO: it
+//! queues str0m's transmits and its events; the set routes them.
 
 use super::*;
 
-impl Driver {
-    pub(super) async fn run(mut self) {
-        let mut buf = vec![0u8; 2048];
-        if let Err(e) = self.drain().await {
-            warn!(error = %e, "webrtc failed at start");
-            return;
-        }
-        while !self.finished {
-            let deadline = self.next_deadline();
-            let wake = {
-                let lookups = self.gather.pending_lookups() > 0;
-                let sockets = &self.sockets;
-                let recv = poll_fn(|cx| {
-                    for (i, s) in sockets.iter().enumerate() {
-                        let mut rb = ReadBuf::new(&mut buf);
-                        if let Poll::Ready(r) = s.poll_recv_from(cx, &mut rb) {
-                            return Poll::Ready((i, r.map(|a| (rb.filled().len(), a))));
-                        }
-                    }
-                    Poll::Pending
-                });
-                // Unbiased: neither a flood of commands nor of datagrams can
-                // starve the other branches.
-                tokio::select! {
-                    c = self.cmd_rx.recv() => Wake::Command(c),
-                    (i, r) = recv => Wake::Packet(i, r),
-                    Some(l) = self.gather.lookup_rx.recv(), if lookups => Wake::Lookup(l),
-                    _ = tokio::time::sleep_until(deadline.into()) => Wake::Timer,
-                }
-            };
-            let r = match wake {
-                Wake::Command(Some(c)) => self.handle_command(c).await,
-                Wake::Command(None) => {
-                    debug!("handle dropped, closing peer");
-                    self.do_close().await;
-                    Ok(())
-                }
-                Wake::Packet(i, Ok((n, from))) => {
-                    let data = buf.get(..n).unwrap_or(&[]);
-                    self.handle_packet(i, from, data).await
-                }
-                Wake::Packet(i, Err(e)) => {
-                    // E.g. ICMP port unreachable surfacing on Linux: ignore.
-                    trace!(socket = i, error = %e, "UDP receive error");
-                    Ok(())
-                }
-                Wake::Lookup(l) => self.on_lookup(l).await,
-                Wake::Timer => self.handle_timer().await,
-            };
-            if let Err(e) = r {
-                warn!(error = %e, "webrtc error, failing the peer");
-                self.set_state(ConnState::Failed);
-                self.rtc.disconnect();
-                self.finish_all_sinks();
-                self.finished = true;
-            }
-        }
-        // However the peer ended (closed here or by the remote, failed, or
-        // the handle dropped), release the TURN allocations.
-        self.close_relays().await;
-        debug!("media peer task ended");
-    }
-
-    pub(super) fn emit(&self, ev: PeerEvent) {
-        let _ = self.events.send(ev);
+impl PeerState {
+    pub(super) fn emit(&mut self, ev: PeerEvent) {
+        self.events.push_back(ev);
     }
 
     pub(super) fn set_state(&mut self, s: ConnState) {
@@ -85,11 +25,11 @@ impl Driver {
         self.emit(ev);
     }
 
+    /// When the peer wants [`PeerState::handle_timer`] next.
     pub(super) fn next_deadline(&self) -> Instant {
-        let now = Instant::now();
-        let mut d = self.rtc_timeout.min(now + Duration::from_secs(1));
-        if let Some(t) = self.gather.next_timeout() {
-            d = d.min(t);
+        let mut d = self.rtc_timeout.min(self.now + Duration::from_secs(1));
+        if !self.deferred.is_empty() && !self.gather_done {
+            d = d.min(self.gather_deadline);
         }
         for t in &self.tracks {
             if let Some(due) = t.next_due {
@@ -110,10 +50,12 @@ impl Driver {
     }
 
     /// Polls str0m until it wants a timeout: the single-mutation invariant.
-    pub(super) async fn drain(&mut self) -> Result<(), str0m::RtcError> {
+    /// Its transmits are queued for the set (which relays those from a
+    /// relayed candidate).
+    pub(super) fn drain(&mut self) -> Result<(), str0m::RtcError> {
         loop {
             if !self.rtc.is_alive() {
-                self.rtc_timeout = Instant::now() + Duration::from_secs(3600);
+                self.rtc_timeout = self.now + Duration::from_secs(3600);
                 return Ok(());
             }
             match self.rtc.poll_output()? {
@@ -127,22 +69,11 @@ impl Driver {
                     if t.contents.first().is_some_and(|b| *b > 3) {
                         self.selected = Some((t.source, t.destination));
                     }
-                    if self
-                        .relay_transmit(t.source, t.destination, &t.contents)
-                        .await
-                    {
-                        continue;
-                    }
-                    let idx = self
-                        .local_addrs
-                        .iter()
-                        .position(|a| *a == t.source)
-                        .unwrap_or(0);
-                    if let Some(s) = self.sockets.get(idx)
-                        && let Err(e) = s.send_to(&t.contents, t.destination).await
-                    {
-                        trace!(dest = %t.destination, error = %e, "UDP send failed");
-                    }
+                    self.out.push_back(Transmit {
+                        source: t.source,
+                        destination: t.destination,
+                        contents: t.contents.to_vec(),
+                    });
                 }
                 Output::Event(e) => self.on_rtc_event(e),
             }
@@ -153,7 +84,7 @@ impl Driver {
         match e {
             Event::Connected => {
                 self.ever_connected = true;
-                self.last_rx = Instant::now();
+                self.last_rx = self.now;
                 self.set_state(ConnState::Connected);
                 self.start_sources();
                 let mids: Vec<Mid> = self
@@ -179,7 +110,7 @@ impl Driver {
                                 ConnState::Disconnected | ConnState::Failed
                             ) =>
                     {
-                        self.last_rx = Instant::now();
+                        self.last_rx = self.now;
                         self.set_state(ConnState::Connected)
                     }
                     _ => {}
@@ -212,7 +143,7 @@ impl Driver {
     }
 
     pub(super) fn send_pli(&mut self, mid: Mid) {
-        let now = Instant::now();
+        let now = self.now;
         if let Some(r) = self.remote.get_mut(&mid) {
             r.last_pli = Some(now);
         }
@@ -240,8 +171,9 @@ impl Driver {
                 r.need_keyframe = true;
             }
             if r.need_keyframe
-                && r.last_pli
-                    .is_none_or(|t| t.elapsed() >= Duration::from_millis(500))
+                && r.last_pli.is_none_or(|t| {
+                    self.now.saturating_duration_since(t) >= Duration::from_millis(500)
+                })
             {
                 pli = true;
             }
@@ -274,12 +206,9 @@ impl Driver {
             let _ = sink.finish();
         }
         if self.config.deliver_frames {
-            if self.queued.load(Ordering::Relaxed) < self.config.max_queued_frames {
-                self.queued.fetch_add(1, Ordering::Relaxed);
-                self.emit(PeerEvent::Frame(frame));
-            } else {
-                self.frames_dropped += 1;
-            }
+            // The driver bounds the queue (`max_queued_frames`) and counts
+            // what it drops.
+            self.emit(PeerEvent::Frame(frame));
         }
     }
 
@@ -287,7 +216,7 @@ impl Driver {
         if !matches!(self.state, ConnState::Connected | ConnState::Disconnected) {
             return;
         }
-        let now = Instant::now();
+        let now = self.now;
         for t in &mut self.tracks {
             if t.source.is_some() && t.next_due.is_none() {
                 t.next_due = Some(now);
@@ -298,46 +227,25 @@ impl Driver {
         }
     }
 
-    pub(super) async fn handle_packet(
+    /// Feeds one datagram the set routed to this peer (from a socket, or
+    /// unwrapped from a TURN relay: then its destination is the relayed
+    /// address). `known`: str0m's `accepts` said it belongs to this `Rtc`
+    /// (then it proves the remote alive); the set may also route by a
+    /// learnt remote address, e.g. an early DTLS hello that overtakes ICE
+    /// nomination.
+    pub(super) fn receive(
         &mut self,
-        idx: usize,
         from: SocketAddr,
-        data: &[u8],
+        input: Input<'_>,
+        known: bool,
     ) -> Result<(), str0m::RtcError> {
-        let Some(&local) = self.local_addrs.get(idx) else {
-            return Ok(());
-        };
-        if self.gather_packet(idx, from, data).await? {
-            return Ok(());
-        }
-        self.receive(Instant::now(), from, local, data).await
-    }
-
-    /// Feeds one datagram (from a socket, or unwrapped from a TURN relay:
-    /// then `local` is the relayed address) to str0m.
-    pub(super) async fn receive(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        local: SocketAddr,
-        data: &[u8],
-    ) -> Result<(), str0m::RtcError> {
-        let Ok(recv) = Receive::new(Protocol::Udp, from, local, data) else {
-            trace!(%from, "unrecognised datagram");
-            return Ok(());
-        };
-        let input = Input::Receive(now, recv);
-        // Every datagram on our sockets is meant for this Rtc (sockets are
-        // not shared), so all of them go in: filtering with `accepts` would
-        // drop an early DTLS hello that overtakes ICE nomination. `accepts`
-        // only decides whether the packet proves the remote alive.
-        let known = self.rtc.accepts(&input);
+        let now = self.now;
         if let Err(e) = self.rtc.handle_input(input) {
             debug!(%from, error = %e, "datagram refused");
             if !self.rtc.is_alive() {
                 return Err(e);
             }
-            return self.drain().await;
+            return self.drain();
         }
         if known {
             self.last_rx = now;
@@ -348,14 +256,11 @@ impl Driver {
         {
             self.set_state(ConnState::Connected);
         }
-        self.drain().await
+        self.drain()
     }
 
-    pub(super) async fn handle_timer(&mut self) -> Result<(), str0m::RtcError> {
-        let now = Instant::now();
-        if self.gather.next_timeout().is_some_and(|t| t <= now) {
-            self.gather_timeout(now).await?;
-        }
+    pub(super) fn handle_timer(&mut self) -> Result<(), str0m::RtcError> {
+        let now = self.now;
         for i in 0..self.tracks.len() {
             while let Some(t) = self.tracks.get_mut(i) {
                 let Some(due) = t.next_due else { break };
@@ -376,12 +281,11 @@ impl Driver {
                 };
                 t.next_due =
                     Some(due + ticks_to_duration(frame.duration as u64, t.kind.clock_rate()));
-                self.write_frame(i, frame.data, frame.duration as u64, frame.keyframe, due)
-                    .await?;
+                self.write_frame(i, frame.data, frame.duration as u64, frame.keyframe, due)?;
             }
         }
         self.rtc.handle_input(Input::Timeout(now))?;
-        self.drain().await?;
+        self.drain()?;
         self.check_liveness(now);
         Ok(())
     }
@@ -407,7 +311,7 @@ impl Driver {
     }
 
     /// Writes one frame of local track `idx` (a mutation) and drains.
-    pub(super) async fn write_frame(
+    pub(super) fn write_frame(
         &mut self,
         idx: usize,
         data: Arc<[u8]>,
@@ -464,32 +368,28 @@ impl Driver {
             }
             Err(e) => trace!(%mid, error = %e, "write refused"),
         }
-        self.drain().await
+        self.drain()
     }
 
-    pub(super) async fn handle_command(&mut self, c: Command) -> Result<(), str0m::RtcError> {
+    /// Runs one request; `Ok(None)` for requests without an answer, `Err`
+    /// when str0m failed (the peer is then failed).
+    pub(super) fn handle_request(&mut self, c: Request) -> Result<Option<Answer>, str0m::RtcError> {
         match c {
-            Command::CreateOffer {
-                feeds,
-                ice_restart,
-                reply,
-            } => {
-                let r = self.create_offer(&feeds, ice_restart).await;
-                let _ = reply.send(r);
+            Request::CreateOffer { feeds, ice_restart } => {
+                return Ok(Some(self.create_offer(&feeds, ice_restart).map(Reply::Sdp)));
             }
-            Command::AcceptOffer { sdp, feeds, reply } => {
-                let r = self.accept_offer(&sdp, &feeds).await;
-                let _ = reply.send(r);
+            Request::AcceptOffer { sdp, feeds } => {
+                return Ok(Some(self.accept_offer(&sdp, &feeds).map(Reply::Sdp)));
             }
-            Command::ApplyAnswer { sdp, reply } => {
-                let r = self.apply_answer(&sdp).await;
-                let _ = reply.send(r);
+            Request::ApplyAnswer { sdp } => {
+                return Ok(Some(self.apply_answer(&sdp).map(|()| Reply::Done)));
             }
-            Command::AddRemoteCandidate { candidate, reply } => {
-                let r = self.add_remote_candidate(&candidate).await;
-                let _ = reply.send(r);
+            Request::AddRemoteCandidate { candidate } => {
+                return Ok(Some(
+                    self.add_remote_candidate(&candidate).map(|()| Reply::Done),
+                ));
             }
-            Command::LocalCandidates { reply } => {
+            Request::LocalCandidates => {
                 let mid = self.local_sections.first().and_then(|s| s.mid.clone());
                 let list = self
                     .candidates
@@ -500,31 +400,30 @@ impl Driver {
                         sdp_m_line_index: Some(0),
                     })
                     .collect();
-                let _ = reply.send(Ok(list));
+                return Ok(Some(Ok(Reply::Candidates(list))));
             }
-            Command::SendFrame {
+            Request::SendFrame {
                 track_id,
                 data,
                 duration,
             } => {
                 let Some(i) = self.tracks.iter().position(|t| t.track_id == track_id) else {
                     debug!(track = %track_id, "send_frame on unknown track");
-                    return Ok(());
+                    return Ok(None);
                 };
                 let ticks = self
                     .tracks
                     .get(i)
                     .map(|t| duration_to_ticks(duration, t.kind.clock_rate()))
                     .unwrap_or(0);
-                self.write_frame(i, data, ticks, false, Instant::now())
-                    .await?;
+                self.write_frame(i, data, ticks, false, self.now)?;
             }
-            Command::SetSource { track_id, source } => {
+            Request::SetSource { track_id, source } => {
                 match self.tracks.iter_mut().find(|t| t.track_id == track_id) {
                     Some(t) => {
                         if source.kind() != t.kind {
                             warn!(track = %track_id, "source kind does not match the track");
-                            return Ok(());
+                            return Ok(None);
                         }
                         t.source = Some(source);
                         t.next_due = None;
@@ -535,10 +434,10 @@ impl Driver {
                     }
                 }
             }
-            Command::SetMuted { track_id, muted } => {
+            Request::SetMuted { track_id, muted } => {
                 let Some(t) = self.tracks.iter_mut().find(|t| t.track_id == track_id) else {
                     self.pending_muted.insert(track_id, muted);
-                    return Ok(());
+                    return Ok(None);
                 };
                 let unmuting_video = t.muted && !muted && t.kind == TrackKind::Video;
                 debug!(track = %track_id, muted, "mute");
@@ -550,7 +449,7 @@ impl Driver {
                     }
                 }
             }
-            Command::RequestKeyframe { track_id } => {
+            Request::RequestKeyframe { track_id } => {
                 let mid = self
                     .remote
                     .values()
@@ -558,22 +457,22 @@ impl Driver {
                     .map(|r| r.mid);
                 if let Some(mid) = mid {
                     self.send_pli(mid);
-                    self.drain().await?;
+                    self.drain()?;
                 }
             }
-            Command::AddSink { filter, sink } => self.sinks.push((filter, sink)),
-            Command::FinishSinks { reply } => {
+            Request::AddSink { filter, sink } => self.sinks.push((filter, sink)),
+            Request::FinishSinks => {
                 let errors = self.finish_all_sinks();
-                let _ = reply.send(Ok(errors));
+                return Ok(Some(Ok(Reply::SinkErrors(errors))));
             }
-            Command::Stats { reply } => {
-                let _ = reply.send(Ok(self.stats()));
+            Request::Stats => {
+                return Ok(Some(Ok(Reply::Stats(Box::new(self.stats())))));
             }
-            Command::Close { reply } => {
-                self.do_close().await;
-                let _ = reply.send(Ok(()));
+            Request::Close => {
+                self.do_close();
+                return Ok(Some(Ok(Reply::Done)));
             }
         }
-        Ok(())
+        Ok(None)
     }
 }
