@@ -275,3 +275,68 @@ async fn bad_options_are_clear_errors() {
     }
     eprintln!("a failing server is reported as: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_share_one_room() {
+    init_tracing();
+    let t0 = Instant::now();
+    let fed = Federation::start(FederationOptions {
+        servers: 3,
+        ..FederationOptions::default()
+    })
+    .await
+    .unwrap();
+    eprintln!("FIGURE federation: 3 homeservers up in {:?}", t0.elapsed());
+    let mut users = Vec::new();
+    for (i, n) in ["ann", "ben", "cid"].iter().enumerate() {
+        users.push(fed.server(i).register_user(n, "pw").await.unwrap());
+    }
+    let t1 = Instant::now();
+    let room = fed
+        .shared_room(&users[0], &users[1..], serde_json::Map::new())
+        .await
+        .unwrap();
+    eprintln!(
+        "FIGURE federation: room shared by 3 servers in {:?}",
+        t1.elapsed()
+    );
+    let mut syncers = Vec::new();
+    for u in &users {
+        syncers.push(Syncer::new(u).await);
+    }
+    // A message from the third server reaches both others; a to-device
+    // event goes from the first to the third and back.
+    send_message(&users[2], &room, "from cid").await;
+    for s in &mut syncers[..2] {
+        let d = s
+            .until("cid's message", |v| has_message(v, &room, "from cid"))
+            .await;
+        eprintln!(
+            "FIGURE federation: server 2 -> {} message {d:?}",
+            s.user.user_id
+        );
+    }
+    let (first, rest) = syncers.split_at_mut(1);
+    let d = both_ways(
+        &room,
+        &users[0],
+        &mut first[0],
+        &users[2],
+        &mut rest[1],
+        "ac",
+    )
+    .await;
+    eprintln!(
+        "FIGURE federation: servers 0<->2: message {:?} / {:?}, to-device {:?} / {:?}",
+        d[0], d[1], d[2], d[3]
+    );
+    let pids = fed.pids();
+    assert_eq!(pids.len(), 3);
+    drop(fed);
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} left running"
+        );
+    }
+}
