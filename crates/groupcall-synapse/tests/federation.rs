@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 use groupcall_synapse::{Federation, FederationOptions, RegisteredUser, SynapseError};
 use serde_json::{Value, json};
 
+/// The tests start 2-3 Synapses each on a 2-core machine: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -155,6 +158,7 @@ async fn both_ways(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_federate_messages_and_to_device_both_ways_restart_and_shutdown() {
+    let _serial = SERIAL.lock().await;
     init_tracing();
     let t0 = Instant::now();
     let mut fed = Federation::start(FederationOptions::default())
@@ -247,6 +251,7 @@ async fn two_servers_federate_messages_and_to_device_both_ways_restart_and_shutd
 
 #[tokio::test]
 async fn bad_options_are_clear_errors() {
+    let _serial = SERIAL.lock().await;
     init_tracing();
     let err = Federation::start(FederationOptions {
         servers: 0,
@@ -278,6 +283,7 @@ async fn bad_options_are_clear_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_share_one_room() {
+    let _serial = SERIAL.lock().await;
     init_tracing();
     let t0 = Instant::now();
     let fed = Federation::start(FederationOptions {
