@@ -276,6 +276,17 @@ impl RoomCallState {
                 .get("membership")
                 .and_then(Value::as_str)
                 .unwrap_or("leave");
+            if m == "invite"
+                && self.memberships.get(&ev.state_key).map(String::as_str) == Some("join")
+            {
+                // The auth rules forbid inviting a joined user, so this is
+                // older state, not a change: an incremental sync's `state`
+                // section is the state at the start of its timeline, which
+                // after a fork in the room DAG (events arriving over
+                // federation) can be older than what we already applied.
+                debug!(user = %ev.state_key, "stale invite for a joined member ignored");
+                return Ok(Vec::new());
+            }
             self.memberships.insert(ev.state_key.clone(), m.to_owned());
         } else {
             return Ok(Vec::new());
@@ -461,6 +472,31 @@ mod tests {
         assert_eq!(r.current_call_id(), Some("c2"));
         r.apply_json(&call("c2", 30, true), 0).unwrap();
         assert_eq!(r.current_call_id(), Some("c1"));
+    }
+
+    #[test]
+    fn a_stale_invite_does_not_undo_a_join() {
+        // An incremental sync's `state` section after a federation fork:
+        // the invite that preceded the join arrives after it.
+        let mut r = RoomCallState::new();
+        r.apply_json(&call("c1", 10, false), 0).unwrap();
+        r.apply_json(&join("@b:x"), 0).unwrap();
+        r.apply_json(&member("@b:x", "c1", "D", "S", 5000), 0)
+            .unwrap();
+        assert_eq!(r.participants().len(), 1);
+        let invite = json!({"type": "m.room.member", "state_key": "@b:x", "sender": "@a:x", "content": {"membership": "invite"}});
+        assert!(r.apply_json(&invite, 0).unwrap().is_empty());
+        assert_eq!(r.participants().len(), 1);
+        // A real leave still counts.
+        let leave = json!({"type": "m.room.member", "state_key": "@b:x", "sender": "@b:x", "content": {"membership": "leave"}});
+        let ch = r.apply_json(&leave, 0).unwrap();
+        assert!(matches!(
+            &ch[..],
+            [RoomChange::DeviceLeft {
+                reason: LeftReason::RoomLeft,
+                ..
+            }]
+        ));
     }
 
     #[test]

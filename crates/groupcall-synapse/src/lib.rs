@@ -7,7 +7,8 @@
 //! install at once), generates a configuration in a fresh data directory,
 //! tunes it for tests (no rate limits, no sync response cache, MSC4140
 //! delayed events on, open registration, no federation) and starts Synapse
-//! as a child process on a loopback port.
+//! as a child process on a loopback port. [`Federation::start`] starts
+//! several that federate with each other on loopback (see [`Federation`]).
 //!
 //! The child runs in its own process group and is killed when the
 //! [`Synapse`] value is dropped, so a panicking test leaves no stray server.
@@ -34,6 +35,7 @@
 
 #![warn(missing_docs)]
 
+mod federation;
 mod install;
 mod process;
 
@@ -44,6 +46,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
+pub use federation::{Federation, FederationListener, FederationOptions, FederationRetry};
 pub use install::{SYNAPSE_VERSION, default_cache_dir};
 
 /// Errors of starting, driving and stopping a local Synapse.
@@ -154,6 +157,36 @@ pub enum SynapseError {
     /// No cache directory could be determined.
     #[error("no cache directory: set GROUPCALL_CACHE_DIR, XDG_CACHE_HOME or HOME")]
     NoCacheDir,
+    /// Making the throwaway TLS certificate of a test federation failed.
+    #[error(
+        "making the test federation's throwaway TLS certificate with `openssl` failed ({reason}); \
+         install openssl (Debian: apt-get install openssl)"
+    )]
+    Certificate {
+        /// Why it failed (with openssl's output).
+        reason: String,
+    },
+    /// A client-server request made by the federation helpers failed.
+    #[error("{what} failed: HTTP {status}: {body}")]
+    Request {
+        /// What was being requested.
+        what: String,
+        /// HTTP status code.
+        status: u16,
+        /// Response body (a Matrix error JSON).
+        body: String,
+    },
+    /// A federation option is out of range.
+    #[error("invalid federation option: {0}")]
+    InvalidOption(String),
+    /// Something expected over federation did not arrive in time.
+    #[error("timed out after {timeout:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        timeout: Duration,
+    },
 }
 
 impl SynapseError {
@@ -219,6 +252,12 @@ pub struct SynapseOptions {
     pub stop_timeout: Duration,
     /// Extra top-level config keys, applied last (they win over ours).
     pub extra_config: serde_json::Map<String, serde_json::Value>,
+    /// A federation listener (TLS) and the settings that let this server
+    /// federate with the other servers of a loopback test federation;
+    /// `None` (the default) disables federation. Normally set by
+    /// [`Federation::start`], which also makes `server_name`
+    /// `<bind address>:<federation port>`.
+    pub federation: Option<FederationListener>,
 }
 
 impl Default for SynapseOptions {
@@ -234,6 +273,7 @@ impl Default for SynapseOptions {
             start_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(10),
             extra_config: serde_json::Map::new(),
+            federation: None,
         }
     }
 }
@@ -281,6 +321,7 @@ pub struct Synapse {
     server_name: String,
     start_timeout: Duration,
     stop_timeout: Duration,
+    federation: Option<FederationListener>,
     http: reqwest::Client,
 }
 
@@ -354,6 +395,7 @@ impl Synapse {
             server_name: options.server_name.clone(),
             start_timeout: options.start_timeout,
             stop_timeout: options.stop_timeout,
+            federation: options.federation.clone(),
             http,
         };
         hs.generate_config().await?;
@@ -370,6 +412,9 @@ impl Synapse {
                 }
                 None => free_port(hs.bind_address)?,
             };
+            if let Some(f) = &options.federation {
+                check_port_free(hs.bind_address, f.port)?;
+            }
             hs.port = port;
             hs.write_overrides(&options.extra_config)?;
             match hs.launch().await {
@@ -395,6 +440,16 @@ impl Synapse {
     /// The port Synapse listens on.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The federation listener, when this server federates.
+    pub fn federation(&self) -> Option<&FederationListener> {
+        self.federation.as_ref()
+    }
+
+    /// The HTTP client used for requests to this server (no proxy).
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     /// The homeserver's `server_name` (the part after `:` in user ids).
@@ -499,6 +554,9 @@ impl Synapse {
     pub async fn restart(&mut self) -> Result<(), SynapseError> {
         self.stop().await?;
         check_port_free(self.bind_address, self.port)?;
+        if let Some(f) = &self.federation {
+            check_port_free(self.bind_address, f.port)?;
+        }
         self.launch().await
     }
 
@@ -560,6 +618,9 @@ impl Synapse {
         write_json(&dir.join(LOG_CONFIG_FILE), &log_config)?;
 
         let mut config = overrides(self.bind_address, self.port, dir);
+        if let Some(f) = &self.federation {
+            federation::apply(&mut config, self.bind_address, f);
+        }
         for (k, v) in extra {
             config.insert(k.clone(), v.clone());
         }

@@ -408,9 +408,51 @@ pub async fn join_call(
     tokio::time::timeout(Duration::from_secs(60), first_sync)
         .await
         .map_err(|_| ClientError::SyncStopped("no sync response within 60 s".into()))??;
-    session
-        .ensure_can_send_state(&room_id, events::CALL_MEMBER_UNSTABLE)
-        .await?;
+    // A room just joined over federation can be missing from the first
+    // syncs: Synapse joins remote rooms with partial state and leaves such
+    // rooms out of (non-lazy-loading) syncs until it has the full state, so
+    // the power levels are not known yet. Wait for the sync that brings
+    // them (a refusal is final).
+    let state_wait = tokio::time::Instant::now();
+    let state_deadline = state_wait + Duration::from_secs(60);
+    loop {
+        match session
+            .ensure_can_send_state(&room_id, events::CALL_MEMBER_UNSTABLE)
+            .await
+        {
+            Ok(()) => {
+                let waited = state_wait.elapsed();
+                if waited > Duration::from_millis(100) {
+                    info!(room = %room_id, waited_ms = waited.as_millis() as u64, "room state synced");
+                }
+                break;
+            }
+            Err(e @ MatrixError::NotPermitted { .. }) => return Err(e.into()),
+            Err(e) => {
+                if tokio::time::Instant::now() >= state_deadline {
+                    return Err(e.into());
+                }
+                debug!(error = %e, room = %room_id, "room state not synced yet; checking again");
+                // Sync goes on meanwhile (only the first response and
+                // reconnections are reported as `Synced`): keep what it
+                // delivers and look again shortly.
+                let pause = tokio::time::sleep(Duration::from_millis(200));
+                tokio::pin!(pause);
+                loop {
+                    tokio::select! {
+                        input = sync_rx.recv() => match input {
+                            Some(MatrixInput::Disconnected { error, fatal: true }) => {
+                                return Err(ClientError::SyncStopped(error));
+                            }
+                            Some(other) => early.push(other),
+                            None => return Err(ClientError::SyncStopped("sync ended".into())),
+                        },
+                        () = &mut pause => break,
+                    }
+                }
+            }
+        }
+    }
     if opts.create.is_some() {
         session
             .ensure_can_send_state(&room_id, events::CALL_UNSTABLE)
