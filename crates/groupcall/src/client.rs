@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+#[cfg(feature = "faults")]
 use crate::faults::{FaultOptions, Faults};
 use crate::liveness::{DelayedLeave, LivenessOptions, PublishedHook};
 use crate::matrix::{
@@ -104,7 +105,9 @@ pub struct JoinOptions {
     /// Crash cleanup (MSC4140 delayed leave or short expiry) and media
     /// liveness timeouts.
     pub liveness: LivenessOptions,
-    /// Test only: inject faults into `m.call.*` to-device messages.
+    /// Test only (cargo feature `faults`): inject faults into `m.call.*`
+    /// to-device messages.
+    #[cfg(feature = "faults")]
     pub faults: Option<FaultOptions>,
     /// When the room has no call (and `create` is `None`), wait for one to
     /// start and join it, instead of failing with
@@ -136,6 +139,7 @@ impl JoinOptions {
             core: None,
             relay_only: false,
             liveness: LivenessOptions::default(),
+            #[cfg(feature = "faults")]
             faults: None,
             wait_for_call: false,
             retransmission: true,
@@ -516,6 +520,7 @@ pub async fn join_call(
     } else {
         (None, None)
     };
+    #[cfg(feature = "faults")]
     let sync_rx = match &opts.faults {
         Some(f) if f.incoming => crate::faults::wrap_incoming(sync_rx, f.clone()),
         _ => sync_rx,
@@ -529,6 +534,7 @@ pub async fn join_call(
         ev_tx.clone(),
         OutboxHooks {
             member_published: hook,
+            #[cfg(feature = "faults")]
             faults: opts
                 .faults
                 .clone()
@@ -586,6 +592,7 @@ struct OutboxHooks {
     /// Told about our member content once the homeserver accepted it.
     member_published: Option<PublishedHook>,
     /// Test only: faults on outgoing signalling.
+    #[cfg(feature = "faults")]
     faults: Option<Faults>,
 }
 
@@ -598,7 +605,7 @@ async fn outbox(
     mut rx: mpsc::UnboundedReceiver<OutItem>,
     ack: mpsc::UnboundedSender<()>,
     events: mpsc::UnboundedSender<ClientEvent>,
-    mut hooks: OutboxHooks,
+    #[cfg_attr(not(feature = "faults"), allow(unused_mut))] mut hooks: OutboxHooks,
 ) {
     let keyless = if require_encrypted {
         KeylessDevices::Refuse
@@ -610,11 +617,13 @@ async fn outbox(
         match item {
             OutItem::ToDevice {
                 event_type,
-                mut messages,
+                messages,
             } => {
-                if let Some(f) = &mut hooks.faults {
-                    messages = crate::faults::outgoing(f, &session, &event_type, messages, encrypt);
-                }
+                #[cfg(feature = "faults")]
+                let messages = match &mut hooks.faults {
+                    Some(f) => crate::faults::outgoing(f, &session, &event_type, messages, encrypt),
+                    None => messages,
+                };
                 let n = messages.len();
                 let report = session
                     .send_signalling(&event_type, messages, encrypt, keyless)
