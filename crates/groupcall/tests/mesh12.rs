@@ -10,11 +10,12 @@
 //! fails. Everything before it (mesh, media, decoding) is asserted first and
 //! reported on stderr as `FIGURE mesh12 ...` lines. With today's driver
 //! (it awaits each media operation inline: 11 peers' ICE gathering in a
-//! row per participant) the mesh did not form within 180 s in two runs on
-//! this 2-core machine shared with five builds (114 and 121 of 132
-//! directions connected; peers failing ICE/DTLS under starvation and being
-//! called again): the non-blocking driver of the same issue is expected to
-//! fix that part.
+//! row per participant) the mesh is slow to form on this 2-core machine
+//! shared with five builds: every pair connected 179 s after the last join
+//! in one run (then media and decoding passed; 132 sockets), not within
+//! 180 s in two others (114 and 121 of 132 directions; peers failing
+//! ICE/DTLS under starvation and being called again). Hence the 300 s
+//! wait; the non-blocking driver of the same issue should shorten it.
 //!
 //! Run: `cargo test -p groupcall --test mesh12 -- --nocapture`.
 //! Timers are scaled for two shared cores in a debug build: media liveness
@@ -189,7 +190,8 @@ async fn twelve_participants_full_mesh_with_media_on_one_socket_each() {
     let connected = wait_all(
         &mut h,
         "every pair connected",
-        180,
+        // Today's driver took 179 s here on two shared cores (see above).
+        300,
         &names,
         |s, at, from| rust_connected(s, t0, at, &devices[from]),
     )
