@@ -442,6 +442,20 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         secs = args.duration.as_secs_f64()
     ));
     out.json(&json!({"event": "mesh_up", "pairs": tracker.pairs().len(), "after_last_join_ms": setup_ms}));
+    // The media sockets of the groupcall participants (the only UDP
+    // sockets of this process): one per participant and local address is
+    // the design (issue 10); shown, not enforced.
+    let sockets = udp_sockets();
+    if let Some(s) = &sockets {
+        let expected = n_gc * s.addresses.len().max(1);
+        out.say(&format!(
+            "sockets: {} UDP sockets in this process for {n_gc} groupcall participants on {} local address(es) ({}); one per participant and address would be {expected}",
+            s.count,
+            s.addresses.len(),
+            s.addresses.join(", ")
+        ));
+        out.json(&json!({"event": "sockets", "udp": s.count, "addresses": s.addresses, "participants": n_gc, "one_per_participant_and_address": s.count == expected}));
+    }
 
     // Media for --duration, with a line every 2 s.
     let end = Instant::now() + args.duration;
@@ -568,6 +582,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         "room": room,
         "media_seconds": args.duration.as_secs_f64(),
         "signalling": signalling,
+        "udp_sockets": sockets.as_ref().map(|s| json!({"count": s.count, "addresses": s.addresses})),
         "pairs": pairs.iter().map(|p| report::pair_json(&names, p)).collect::<Vec<_>>(),
         "recordings": recordings,
         "report_dir": report_abs.display().to_string(),
@@ -636,6 +651,74 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The UDP sockets of this process.
+struct UdpSockets {
+    /// How many.
+    count: usize,
+    /// Their distinct local IP addresses.
+    addresses: Vec<String>,
+}
+
+/// The UDP sockets this process holds: the entries of `/proc/self/fd` that
+/// are sockets whose inode `/proc/net/udp` or `/proc/net/udp6` lists. `None`
+/// without `/proc`.
+fn udp_sockets() -> Option<UdpSockets> {
+    let mut by_inode: HashMap<u64, String> = HashMap::new();
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(local), Some(Ok(inode))) =
+                (cols.get(1), cols.get(9).map(|i| i.parse::<u64>()))
+                && let Some(ip) = proc_net_ip(local)
+            {
+                by_inode.insert(inode, ip);
+            }
+        }
+    }
+    let fds = std::fs::read_dir("/proc/self/fd").ok()?;
+    let mut addresses: Vec<String> = Vec::new();
+    let mut count = 0;
+    for fd in fds.flatten() {
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        let inode = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']'))
+            .and_then(|i| i.parse::<u64>().ok());
+        if let Some(ip) = inode.and_then(|i| by_inode.get(&i)) {
+            count += 1;
+            if !addresses.contains(ip) {
+                addresses.push(ip.clone());
+            }
+        }
+    }
+    addresses.sort();
+    Some(UdpSockets { count, addresses })
+}
+
+/// The IP of a `/proc/net/udp{,6}` local address (`0100007F:1F90`: 32-bit
+/// words in host byte order).
+fn proc_net_ip(s: &str) -> Option<String> {
+    let hex = s.split_once(':')?.0;
+    let mut bytes = Vec::with_capacity(16);
+    for i in (0..hex.len()).step_by(8) {
+        let w = u32::from_str_radix(hex.get(i..i + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&w.to_ne_bytes());
+    }
+    match bytes.len() {
+        4 => Some(std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string()),
+        16 => {
+            let b: [u8; 16] = bytes.try_into().ok()?;
+            Some(std::net::Ipv6Addr::from(b).to_string())
+        }
+        _ => None,
+    }
 }
 
 /// Folds one observation in, printing progress; a fatal one is the error.
@@ -822,6 +905,29 @@ mod tests {
         assert_eq!(utc_stamp(0), "19700101-000000");
         assert_eq!(utc_stamp(1_700_000_000), "20231114-221320");
         assert_eq!(utc_stamp(951_782_400), "20000229-000000");
+    }
+
+    #[test]
+    fn proc_net_addresses() {
+        if cfg!(target_endian = "little") {
+            assert_eq!(proc_net_ip("0100007F:1F90").as_deref(), Some("127.0.0.1"));
+            assert_eq!(
+                proc_net_ip("00000000000000000000000001000000:0035").as_deref(),
+                Some("::1")
+            );
+        }
+        assert_eq!(proc_net_ip("zz:1"), None);
+        assert_eq!(proc_net_ip("nocolon"), None);
+    }
+
+    #[test]
+    fn counts_own_udp_sockets() {
+        let before = udp_sockets().map_or(0, |s| s.count);
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let after = udp_sockets().unwrap();
+        assert_eq!(after.count, before + 1);
+        assert!(after.addresses.contains(&"127.0.0.1".to_owned()));
+        drop(sock);
     }
 
     #[test]

@@ -7,15 +7,13 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use groupcall_synapse::{Synapse, SynapseOptions};
+use groupcall_testkit::synapse::{Synapse, SynapseOptions};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-mod proc;
-
-use proc::Proc;
+use groupcall_testkit::Proc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_groupcall");
 
@@ -284,34 +282,18 @@ async fn login_and_room_errors() {
     }
 }
 
-impl Proc {
-    /// Starts `groupcall` with `args`, stdin closed.
-    fn spawn(name: &str, args: &[String]) -> Proc {
-        Self::spawn_with(name, args, Stdio::null())
-    }
+/// Starts `groupcall` with `args`, stdin closed.
+fn spawn(name: &str, args: &[String]) -> Proc {
+    spawn_with(name, args, Stdio::null())
+}
 
-    fn spawn_with(name: &str, args: &[String], stdin: Stdio) -> Proc {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).env(
-            "RUST_LOG",
-            "warn,groupcall=debug,groupcall_proto=debug,groupcall_media=info",
-        );
-        Self::spawn_cmd(name, cmd, stdin)
-    }
-
-    /// The reference peer (matrix-js-sdk GroupCall in Node, `interop/`).
-    fn spawn_reference(name: &str, args: &[String]) -> Proc {
-        let interop = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../interop");
-        assert!(
-            interop.join("node_modules").is_dir(),
-            "interop/node_modules is missing: run scripts/setup-node (scripts/test does)"
-        );
-        let mut cmd = Command::new("node");
-        cmd.arg(interop.join("peer.mjs"))
-            .args(args)
-            .current_dir(&interop);
-        Self::spawn_cmd(name, cmd, Stdio::piped())
-    }
+fn spawn_with(name: &str, args: &[String], stdin: Stdio) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env(
+        "RUST_LOG",
+        "warn,groupcall=debug,groupcall_proto=debug,groupcall_media=info",
+    );
+    Proc::spawn_cmd(name, cmd, stdin)
 }
 
 /// Whether `p` has seen, from `other`: a connected peer and media frames of
@@ -338,7 +320,7 @@ async fn synapse_with(users: &[&str]) -> (Proc, Value, String, String) {
     for u in users {
         args.extend(["--user".to_owned(), (*u).to_owned()]);
     }
-    let mut hs = Proc::spawn("synapse", &args);
+    let mut hs = spawn("synapse", &args);
     let ready = hs
         .wait_for(Duration::from_secs(180), |v| v["event"] == "synapse")
         .await;
@@ -358,7 +340,7 @@ async fn two_clients_call_and_leave_on_sigterm() {
     let bob_dir = dirs.path().join("bob");
     let mut alice_args = join_args(&url, "alice", "alice-pw", &room, &alice_dir);
     alice_args.push("--create-call".into());
-    let mut alice = Proc::spawn_with("alice", &alice_args, Stdio::piped());
+    let mut alice = spawn_with("alice", &alice_args, Stdio::piped());
     let mut alice_stdin = alice.child.stdin.take().unwrap();
     let joined = alice
         .wait_for(Duration::from_secs(60), |v| v["event"] == "joined")
@@ -366,7 +348,7 @@ async fn two_clients_call_and_leave_on_sigterm() {
     assert_eq!(joined["created"], true, "{joined}");
     assert_eq!(joined["user_id"], "@alice:localhost", "{joined}");
 
-    let mut bob = Proc::spawn("bob", &join_args(&url, "bob", "bob-pw", &room, &bob_dir));
+    let mut bob = spawn("bob", &join_args(&url, "bob", "bob-pw", &room, &bob_dir));
     let joined_bob = bob
         .wait_for(Duration::from_secs(60), |v| v["event"] == "joined")
         .await;
@@ -485,7 +467,7 @@ async fn join_wait_joins_a_call_the_reference_starts_later() {
     let dirs = tempfile::tempdir().unwrap();
     let mut args = join_args(&url, "alice", "alice-pw", &room, &dirs.path().join("alice"));
     args.push("--wait".into());
-    let mut alice = Proc::spawn("alice", &args);
+    let mut alice = spawn("alice", &args);
 
     // Ten seconds without a call: still waiting, not failed.
     tokio::time::sleep(Duration::from_secs(10)).await;

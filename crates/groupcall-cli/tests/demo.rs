@@ -397,9 +397,11 @@ async fn a_reference_peer_joins_the_demo() {
 /// demo did not start (here a Synapse the test runs).
 #[tokio::test(flavor = "multi_thread")]
 async fn any_homeserver_with_given_accounts() {
-    let mut hs = groupcall_synapse::Synapse::start(groupcall_synapse::SynapseOptions::default())
-        .await
-        .unwrap();
+    let mut hs = groupcall_testkit::synapse::Synapse::start(
+        groupcall_testkit::synapse::SynapseOptions::default(),
+    )
+    .await
+    .unwrap();
     hs.register_user("ann", "ann-pw").await.unwrap();
     hs.register_user("ben", "ben-pw").await.unwrap();
     let tmp = tempfile::tempdir().unwrap();

@@ -1,7 +1,7 @@
 //! Default media addresses beyond loopback: two `groupcall join` processes
 //! with default flags (no `--bind`), each in its own network namespace,
 //! reach each other and the homeserver only through a routed link (the
-//! userspace router of `groupcall/tests/netns`; no shared loopback).
+//! userspace router of the test kit's `netns`; no shared loopback).
 //! Synapse listens on the namespaces' gateway address, so the homeserver is
 //! not on loopback and each process binds its namespace's interface address.
 //!
@@ -13,17 +13,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 // The reliability tests' namespaces and router, shared rather than copied.
-#[path = "../../groupcall/tests/netns/mod.rs"]
-mod netns;
-mod proc;
-
-use proc::Proc;
+use groupcall_testkit::{Proc, netns};
 
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use groupcall_synapse::{Synapse, SynapseOptions};
+use groupcall_testkit::synapse::{Synapse, SynapseOptions};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};

@@ -1,9 +1,9 @@
 //! A throwaway [coturn](https://github.com/coturn/coturn) TURN server on a
 //! loopback port, for groupcall's tests.
 //!
-//! [`Coturn::start`] finds Debian's `turnserver` (installing the `coturn`
-//! package with apt when it is missing and we run as root, or failing with
-//! [`CoturnError::NotInstalled`]), writes a configuration into a fresh
+//! [`Coturn::start`] finds Debian's `turnserver` (or fails with
+//! [`CoturnError::NotInstalled`]: it installs nothing; `scripts/setup-system`
+//! installs the `coturn` package), writes a configuration into a fresh
 //! temporary directory and starts it on a free loopback port, returning once
 //! it answers a STUN Binding request. The configuration is the one a
 //! homeserver's `turn_shared_secret` pairs with: TURN REST API credentials
@@ -16,7 +16,6 @@
 //!
 //! Environment variables:
 //! - `GROUPCALL_TURNSERVER`: the `turnserver` binary to run (else `PATH`).
-//! - `GROUPCALL_COTURN_OFFLINE=1`: never install with apt.
 
 #![warn(missing_docs)]
 
@@ -33,23 +32,18 @@ use nix::unistd::Pid;
 use sha1::Sha1;
 use tracing::{debug, info, warn};
 
-/// Errors of installing and running coturn.
+/// Errors of running coturn.
 #[derive(Debug, thiserror::Error)]
 pub enum CoturnError {
-    /// `turnserver` is not installed and could not be installed.
+    /// `turnserver` is not installed.
     #[error(
-        "coturn's `turnserver` is not installed ({reason}); install it as root with \
-         `apt-get install -y coturn`, or point GROUPCALL_TURNSERVER at the binary"
+        "coturn's `turnserver` is not installed ({reason}); run scripts/setup-system as root \
+         (it installs the coturn package; scripts/test runs it), or point \
+         GROUPCALL_TURNSERVER at the binary"
     )]
     NotInstalled {
-        /// Why it was not installed automatically.
+        /// Where it was looked for.
         reason: String,
-    },
-    /// `apt-get install coturn` failed.
-    #[error("installing coturn with apt-get failed; output tail:\n{log}")]
-    InstallFailed {
-        /// The end of apt's output.
-        log: String,
     },
     /// A file or process operation failed.
     #[error("{what} failed: {source}")]
@@ -92,9 +86,6 @@ pub struct CoturnOptions {
     pub secret: String,
     /// The realm.
     pub realm: String,
-    /// Whether apt may install coturn when it is missing (also needs root
-    /// and no `GROUPCALL_COTURN_OFFLINE`).
-    pub install: bool,
     /// How long to wait for the server to answer.
     pub start_timeout: Duration,
 }
@@ -104,7 +95,6 @@ impl Default for CoturnOptions {
         Self {
             secret: format!("groupcall-test-{:016x}", fastrand::u64(..)),
             realm: "groupcall.test".into(),
-            install: true,
             start_timeout: Duration::from_secs(10),
         }
     }
@@ -147,10 +137,12 @@ impl std::fmt::Debug for Coturn {
 }
 
 impl Coturn {
-    /// Installs coturn if needed and allowed, and starts it on a free
-    /// loopback port.
+    /// Starts coturn on a free loopback port (it must be installed, see
+    /// [`CoturnError::NotInstalled`]).
     pub async fn start(options: CoturnOptions) -> Result<Coturn, CoturnError> {
-        let binary = ensure_installed(options.install).await?;
+        let binary = find_binary().ok_or_else(|| CoturnError::NotInstalled {
+            reason: "no turnserver in $GROUPCALL_TURNSERVER, $PATH, /usr/bin or /usr/sbin".into(),
+        })?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -485,78 +477,6 @@ fn find_binary() -> Option<PathBuf> {
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
         .map(|d| d.join("turnserver"))
         .find(|p| p.is_file())
-}
-
-async fn ensure_installed(allowed: bool) -> Result<PathBuf, CoturnError> {
-    if let Some(p) = find_binary() {
-        return Ok(p);
-    }
-    let offline =
-        std::env::var_os("GROUPCALL_COTURN_OFFLINE").is_some_and(|v| !v.is_empty() && v != "0");
-    if !allowed || offline {
-        return Err(CoturnError::NotInstalled {
-            reason: "installing is disabled".into(),
-        });
-    }
-    if !nix::unistd::geteuid().is_root() {
-        return Err(CoturnError::NotInstalled {
-            reason: "not running as root, so apt-get cannot install it".into(),
-        });
-    }
-    // One installer at a time across test processes (apt has its own lock,
-    // but fails instead of waiting).
-    let lock_path = std::env::temp_dir().join("groupcall-coturn-install.lock");
-    let lock = File::create(&lock_path).map_err(io(format!("creating {}", lock_path.display())))?;
-    loop {
-        match lock.try_lock() {
-            Ok(()) => break,
-            Err(std::fs::TryLockError::WouldBlock) => {
-                tokio::time::sleep(Duration::from_millis(250)).await
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(io(format!("locking {}", lock_path.display()))(e));
-            }
-        }
-    }
-    if let Some(p) = find_binary() {
-        return Ok(p);
-    }
-    info!("installing coturn with apt-get");
-    let install = || {
-        tokio::process::Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "coturn"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .output()
-    };
-    let mut out = install().await.map_err(io("running apt-get install"))?;
-    if !out.status.success() {
-        // A fresh machine may have no package lists yet.
-        let update = tokio::process::Command::new("apt-get")
-            .arg("update")
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(io("running apt-get update"))?;
-        if !update.status.success() {
-            warn!("apt-get update failed");
-        }
-        out = install().await.map_err(io("running apt-get install"))?;
-    }
-    if !out.status.success() {
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let lines: Vec<&str> = text.lines().collect();
-        return Err(CoturnError::InstallFailed {
-            log: lines[lines.len().saturating_sub(20)..].join("\n"),
-        });
-    }
-    find_binary().ok_or_else(|| CoturnError::NotInstalled {
-        reason: "apt-get succeeded but no turnserver binary was found".into(),
-    })
 }
 
 #[cfg(test)]

@@ -16,12 +16,7 @@ use tokio::net::UdpSocket;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    groupcall_testkit::init_tracing("warn");
 }
 
 async fn until(
@@ -29,15 +24,7 @@ async fn until(
     what: &str,
     pred: impl Fn(&PeerEvent) -> bool,
 ) -> PeerEvent {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(ev)) if pred(&ev) => return ev,
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("event stream ended waiting for {what}"),
-            Err(_) => panic!("timed out waiting for {what}"),
-        }
-    }
+    groupcall_testkit::media::peer_event_until(events, WAIT, what, pred).await
 }
 
 fn strip_candidates(sdp: &str) -> String {

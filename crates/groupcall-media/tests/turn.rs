@@ -1,5 +1,5 @@
-//! TURN against a real coturn on 127.0.0.1 (installed with apt when
-//! missing and running as root; see groupcall-coturn): relay-only peers
+//! TURN against a real coturn on 127.0.0.1 (`scripts/setup-system` installs
+//! it; the test kit starts it): relay-only peers
 //! connect and carry audio and video both ways through the relay; slow
 //! allocations are trickled; bad credentials fail cleanly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -8,29 +8,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use groupcall_coturn::{Coturn, CoturnOptions};
 use groupcall_media::{
     IceServer, IvfSource, LocalFeed, MediaPeer, OggOpusSource, PeerConfig, PeerEvent, PeerEvents,
     PeerStats, TrackKind, stun,
 };
+use groupcall_testkit::coturn;
+use groupcall_testkit::coturn::Coturn;
 use tokio::net::UdpSocket;
 
 const WAIT: Duration = Duration::from_secs(15);
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-async fn coturn() -> Coturn {
-    match Coturn::start(CoturnOptions::default()).await {
-        Ok(t) => t,
-        Err(e) => panic!("cannot run coturn for the TURN tests: {e}"),
-    }
+    groupcall_testkit::init_tracing("warn");
 }
 
 fn turn_server(turn: &Coturn, user: &str) -> IceServer {
@@ -43,15 +32,7 @@ async fn until(
     what: &str,
     pred: impl Fn(&PeerEvent) -> bool,
 ) -> PeerEvent {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(ev)) if pred(&ev) => return ev,
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("event stream ended waiting for {what}"),
-            Err(_) => panic!("timed out waiting for {what}"),
-        }
-    }
+    groupcall_testkit::media::peer_event_until(events, WAIT, what, pred).await
 }
 
 fn candidates(sdp: &str) -> Vec<&str> {

@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
+#[cfg(feature = "faults")]
 use crate::faults::{FaultOptions, Faults};
 use crate::liveness::{DelayedLeave, LivenessOptions, PublishedHook};
 use crate::matrix::{
@@ -110,7 +111,9 @@ pub struct JoinOptions {
     /// Crash cleanup (MSC4140 delayed leave or short expiry) and media
     /// liveness timeouts.
     pub liveness: LivenessOptions,
-    /// Test only: inject faults into `m.call.*` to-device messages.
+    /// Test only (cargo feature `faults`): inject faults into `m.call.*`
+    /// to-device messages.
+    #[cfg(feature = "faults")]
     pub faults: Option<FaultOptions>,
     /// When the room has no call (and `create` is `None`), wait for one to
     /// start and join it, instead of failing with
@@ -142,6 +145,7 @@ impl JoinOptions {
             core: None,
             relay_only: false,
             liveness: LivenessOptions::default(),
+            #[cfg(feature = "faults")]
             faults: None,
             wait_for_call: false,
             retransmission: true,
@@ -572,6 +576,7 @@ pub async fn join_call(
     } else {
         (None, None)
     };
+    #[cfg(feature = "faults")]
     let sync_rx = match &opts.faults {
         Some(f) if f.incoming => crate::faults::wrap_incoming(sync_rx, f.clone()),
         _ => sync_rx,
@@ -585,6 +590,7 @@ pub async fn join_call(
         ev_tx.clone(),
         OutboxHooks {
             member_published: hook,
+            #[cfg(feature = "faults")]
             faults: opts
                 .faults
                 .clone()
@@ -644,6 +650,7 @@ struct OutboxHooks {
     /// Told about our member content once the homeserver accepted it.
     member_published: Option<PublishedHook>,
     /// Test only: faults on outgoing signalling.
+    #[cfg(feature = "faults")]
     faults: Option<Faults>,
 }
 
@@ -659,7 +666,7 @@ async fn outbox(
     mut rx: mpsc::UnboundedReceiver<OutItem>,
     ack: mpsc::UnboundedSender<()>,
     events: mpsc::UnboundedSender<ClientEvent>,
-    mut hooks: OutboxHooks,
+    #[cfg_attr(not(feature = "faults"), allow(unused_mut))] mut hooks: OutboxHooks,
 ) {
     use crate::matrix::batch::{ToDeviceBatch, merge};
     let keyless = if require_encrypted {
@@ -691,12 +698,14 @@ async fn outbox(
             let item = items.next();
             if let Some(OutItem::ToDevice {
                 event_type,
-                mut messages,
+                messages,
             }) = item
             {
-                if let Some(f) = &mut hooks.faults {
-                    messages = crate::faults::outgoing(f, &session, &event_type, messages, encrypt);
-                }
+                #[cfg(feature = "faults")]
+                let messages = match &mut hooks.faults {
+                    Some(f) => crate::faults::outgoing(f, &session, &event_type, messages, encrypt),
+                    None => messages,
+                };
                 run.push(ToDeviceBatch {
                     event_type,
                     messages,

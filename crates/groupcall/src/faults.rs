@@ -1,8 +1,9 @@
 //! A seeded fault injector for `m.call.*` to-device messages, between the
 //! driver and the homeserver: drops, duplicates and delays (which reorders)
-//! incoming and outgoing signalling. Compiled always, active only when
-//! [`crate::JoinOptions::faults`] is set: for tests of the protocol's
-//! robustness against a misbehaving transport.
+//! incoming and outgoing signalling. Compiled only with the cargo feature
+//! `faults` (the test kit, `groupcall-testkit`, turns it on; the product
+//! does not), active only when [`crate::JoinOptions::faults`] is set: for
+//! tests of the protocol's robustness against a misbehaving transport.
 
 use std::time::Duration;
 

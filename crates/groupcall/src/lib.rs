@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+#[cfg(feature = "faults")]
 pub mod faults;
 pub mod json;
 pub mod liveness;
@@ -17,6 +18,7 @@ pub mod matrix;
 pub use client::{
     AudioSource, CallHandle, ClientError, ClientEvent, JoinOptions, VideoSource, join_call,
 };
+#[cfg(feature = "faults")]
 pub use faults::FaultOptions;
 pub use groupcall_media as media;
 pub use groupcall_proto as proto;

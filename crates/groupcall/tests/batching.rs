@@ -15,7 +15,7 @@ use groupcall::client::{ClientEvent, JoinOptions, join_call};
 use groupcall::matrix::{CreateRoomOptions, MatrixSession};
 use groupcall::media::TrackKind;
 use groupcall::proto::{CallEvent, Command, CreateOptions, DeviceKey, PeerStatus};
-use groupcall_synapse::{Synapse, SynapseOptions};
+use groupcall_testkit::synapse::{Synapse, SynapseOptions};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 

@@ -4,121 +4,51 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![recursion_limit = "256"]
 
-mod support;
-
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
-use groupcall::client::{CallCommander, ClientEvent, JoinOptions, join_call};
+use groupcall::client::{ClientEvent, JoinOptions};
 use groupcall::matrix::{CreateRoomOptions, MatrixSession};
 use groupcall::media::TrackKind;
 use groupcall::proto::events::FeedPurpose;
 use groupcall::proto::{CallEvent, Command, CreateOptions, DeviceKey, PeerStatus};
-use groupcall_synapse::{Synapse, SynapseOptions};
-use tokio::sync::mpsc;
-use tokio::time::{Instant, timeout};
+use groupcall_testkit::{Entry, Ev, Harness, PASSWORD, spawn_participant};
+use groupcall_testkit::{assert_decodes, count_ivf, count_ogg};
+use tokio::time::Instant;
 
-type Tagged = (usize, ClientEvent);
-
-struct Participant {
-    commander: CallCommander,
-    done: tokio::task::JoinHandle<()>,
-}
-
-/// Joins and forwards every event, tagged with `idx`, into `tx`.
-async fn start(
-    session: MatrixSession,
-    opts: JoinOptions,
-    idx: usize,
-    tx: mpsc::UnboundedSender<Tagged>,
-) -> Participant {
-    let mut handle = join_call(session, opts).await.expect("join");
-    let commander = handle.commander();
-    let done = tokio::spawn(async move {
-        while let Some(ev) = handle.next_event().await {
-            if tx.send((idx, ev)).is_err() {
-                break;
-            }
-        }
-        let _ = handle.finished().await;
-    });
-    Participant { commander, done }
-}
-
-/// Everything seen so far, and helpers to wait for conditions on it.
-struct Log {
-    rx: mpsc::UnboundedReceiver<Tagged>,
-    seen: Vec<(Instant, usize, ClientEvent)>,
-}
-
-impl Log {
-    async fn wait_for(
-        &mut self,
-        what: &str,
-        secs: u64,
-        mut cond: impl FnMut(&[(Instant, usize, ClientEvent)]) -> bool,
-    ) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while !cond(&self.seen) {
-            match timeout(
-                deadline.saturating_duration_since(Instant::now()),
-                self.rx.recv(),
-            )
-            .await
-            {
-                Ok(Some((i, ev))) => self.seen.push((Instant::now(), i, ev)),
-                Ok(None) => panic!("event channel closed while waiting for {what}"),
-                Err(_) => {
-                    let tail: Vec<String> = self
-                        .seen
-                        .iter()
-                        .filter(|(_, _, e)| {
-                            !matches!(e, ClientEvent::Media { .. } | ClientEvent::MediaSent { .. })
-                        })
-                        .rev()
-                        .take(60)
-                        .map(|(_, i, e)| format!("p{i}: {e:?}"))
-                        .collect();
-                    panic!(
-                        "timed out after {secs} s waiting for {what}; recent events:\n{}",
-                        tail.join("\n")
-                    );
-                }
-            }
-        }
+/// The client event of a groupcall participant.
+fn client(e: &Entry) -> Option<&ClientEvent> {
+    match &e.ev {
+        Ev::Rust(c) => Some(c),
+        _ => None,
     }
 }
 
-fn connected_since(
-    seen: &[(Instant, usize, ClientEvent)],
-    since: Instant,
-    at: usize,
-    dev: &DeviceKey,
-) -> bool {
-    seen.iter().any(|(t, i, e)| {
-        *t >= since
-            && *i == at
-            && matches!(e, ClientEvent::Call(CallEvent::PeerState { device, status: PeerStatus::Connected, .. }) if device == dev)
+fn connected_since(seen: &[Entry], since: Instant, at: usize, dev: &DeviceKey) -> bool {
+    seen.iter().any(|e| {
+        e.t >= since
+            && e.who == at
+            && matches!(e.call(), Some(CallEvent::PeerState { device, status: PeerStatus::Connected, .. }) if device == dev)
     })
 }
 
+/// The highest frame count from `dev` at `at` (of `stream` if given).
 fn frames_from(
-    seen: &[(Instant, usize, ClientEvent)],
+    seen: &[Entry],
     at: usize,
     dev: &DeviceKey,
     kind: TrackKind,
     stream: Option<&str>,
 ) -> u64 {
     seen.iter()
-        .filter_map(|(_, i, e)| match e {
+        .filter_map(|e| match client(e)? {
             ClientEvent::Media {
                 device,
                 kind: k,
                 frames,
                 stream_id,
                 ..
-            } if *i == at
+            } if e.who == at
                 && device == dev
                 && *k == kind
                 && stream.is_none_or(|s| s == stream_id) =>
@@ -131,45 +61,17 @@ fn frames_from(
         .unwrap_or(0)
 }
 
-fn count_ivf(path: &Path) -> usize {
-    let data = std::fs::read(path).unwrap();
-    groupcall::media::ivf::IvfReader::new(&data)
-        .unwrap()
-        .frames()
-        .unwrap()
-        .len()
-}
-
-fn count_ogg(path: &Path) -> usize {
-    let data = std::fs::read(path).unwrap();
-    let mut r = groupcall::media::ogg::OggPacketReader::new(&data);
-    let mut n = 0;
-    while r.next_packet().unwrap().is_some() {
-        n += 1;
-    }
-    n
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            std::env::var("RUST_LOG")
-                .unwrap_or_else(|_| "warn,matrix_sdk_crypto=error,groupcall=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let synapse = Synapse::start(SynapseOptions::default())
-        .await
-        .expect("synapse");
-    let hs = synapse.base_url();
-    let tmp = tempfile::tempdir().unwrap();
+    let mut h = Harness::new().await;
+    let hs = h.hs.clone();
+    let tmp = h.tmp.path().to_owned();
     let names = ["alice", "bob", "carol"];
     let mut sessions = Vec::new();
     for n in names {
-        synapse.register_user(n, "secret-pw").await.unwrap();
+        h.register(n).await;
         sessions.push(
-            MatrixSession::login(&hs, n, "secret-pw", tmp.path().join(n))
+            MatrixSession::login(&hs, n, PASSWORD, tmp.join(n))
                 .await
                 .unwrap(),
         );
@@ -191,31 +93,24 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
         .iter()
         .map(|s| DeviceKey::new(s.user_id(), s.device_id()))
         .collect();
-    let record: Vec<PathBuf> = names
-        .iter()
-        .map(|n| tmp.path().join(format!("rec-{n}")))
-        .collect();
+    let record: Vec<PathBuf> = names.iter().map(|n| tmp.join(format!("rec-{n}"))).collect();
 
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut log = Log {
-        rx,
-        seen: Vec::new(),
-    };
+    let tx = h.log.sender();
+    for n in names {
+        h.log.name_next(n);
+    }
+    let log = &mut h.log;
     let mut parts = Vec::new();
     let t0 = Instant::now();
     for (i, s) in sessions.iter().enumerate() {
         let mut opts = JoinOptions::new(room.clone());
         opts.create = (i == 0).then(CreateOptions::default);
         opts.record_dir = Some(record[i].clone());
-        parts.push(start(s.clone(), opts, i, tx.clone()).await);
+        parts.push(spawn_participant(tx.clone(), i, s.clone(), opts).await);
         if i == 0 {
             log.wait_for("the creator to join", 20, |s| {
-                s.iter().any(|(_, i, e)| {
-                    *i == 0
-                        && matches!(
-                            e,
-                            ClientEvent::Call(CallEvent::Joined { created: true, .. })
-                        )
+                s.iter().any(|e| {
+                    e.who == 0 && matches!(e.call(), Some(CallEvent::Joined { created: true, .. }))
                 })
             })
             .await;
@@ -247,7 +142,7 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
     let signalling: Vec<_> = log
         .seen
         .iter()
-        .filter_map(|(_, _, e)| match e {
+        .filter_map(|e| match client(e)? {
             ClientEvent::Signalling {
                 encrypted,
                 event_type,
@@ -269,9 +164,9 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
     parts[0].commander.send(Command::SetAudioMuted(true));
     log.wait_for("alice's audio mute at bob and carol", 15, |s| {
         [1, 2].iter().all(|&at| {
-            s.iter().any(|(_, i, e)| {
-                *i == at
-                    && matches!(e, ClientEvent::Call(CallEvent::FeedChanged { device, audio_muted: true, .. }) if *device == devices[0])
+            s.iter().any(|e| {
+                e.who == at
+                    && matches!(e.call(), Some(CallEvent::FeedChanged { device, audio_muted: true, .. }) if *device == devices[0])
             })
         })
     })
@@ -284,13 +179,13 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
         let found: Vec<String> = [0, 2]
             .iter()
             .filter_map(|&at| {
-                s.iter().find_map(|(_, i, e)| match e {
-                    ClientEvent::Call(CallEvent::FeedAdded {
+                s.iter().find_map(|e| match e.call()? {
+                    CallEvent::FeedAdded {
                         device,
                         purpose: FeedPurpose::Screenshare,
                         stream_id,
                         ..
-                    }) if *i == at && *device == devices[1] => Some(stream_id.clone()),
+                    } if e.who == at && *device == devices[1] => Some(stream_id.clone()),
                     _ => None,
                 })
             })
@@ -313,9 +208,9 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
     parts[1].commander.send(Command::Screenshare(false));
     log.wait_for("bob's screenshare removed at alice and carol", 20, |s| {
         [0, 2].iter().all(|&at| {
-            s.iter().any(|(_, i, e)| {
-                *i == at
-                    && matches!(e, ClientEvent::Call(CallEvent::FeedRemoved { device, stream_id }) if *device == devices[1] && *stream_id == share_stream)
+            s.iter().any(|e| {
+                e.who == at
+                    && matches!(e.call(), Some(CallEvent::FeedRemoved { device, stream_id }) if *device == devices[1] && *stream_id == share_stream)
             })
         })
     })
@@ -330,20 +225,20 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
     carol.done.await.unwrap();
     log.wait_for("carol gone at alice and bob", 20, |s| {
         [0, 1].iter().all(|&at| {
-            s.iter().any(|(t, i, e)| {
-                *t >= t_leave
-                    && *i == at
-                    && matches!(e, ClientEvent::Call(CallEvent::PeerState { device, status: PeerStatus::Closed(_) | PeerStatus::Failed(_), .. }) if *device == devices[2])
-            }) && s.iter().any(|(t, i, e)| {
-                *t >= t_leave
-                    && *i == at
-                    && matches!(e, ClientEvent::Call(CallEvent::ParticipantLeft { device, .. }) if *device == devices[2])
+            s.iter().any(|e| {
+                e.t >= t_leave
+                    && e.who == at
+                    && matches!(e.call(), Some(CallEvent::PeerState { device, status: PeerStatus::Closed(_) | PeerStatus::Failed(_), .. }) if *device == devices[2])
+            }) && s.iter().any(|e| {
+                e.t >= t_leave
+                    && e.who == at
+                    && matches!(e.call(), Some(CallEvent::ParticipantLeft { device, .. }) if *device == devices[2])
             })
         })
     })
     .await;
     let t_rejoin = Instant::now();
-    let carol_again = MatrixSession::login(&hs, "carol", "secret-pw", tmp.path().join("carol"))
+    let carol_again = MatrixSession::login(&hs, "carol", PASSWORD, tmp.join("carol"))
         .await
         .unwrap();
     assert_eq!(
@@ -353,10 +248,10 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
     );
     let mut opts = JoinOptions::new(room.clone());
     opts.record_dir = Some(record[2].clone());
-    parts.push(start(carol_again, opts, 2, tx.clone()).await);
+    parts.push(spawn_participant(tx.clone(), 2, carol_again, opts).await);
     log.wait_for("carol re-called and connected after rejoining", 60, |s| {
-        let new_session = s.iter().any(|(t, i, e)| {
-            *t >= t_rejoin && *i == 0 && matches!(e, ClientEvent::Call(CallEvent::ParticipantJoined { device, .. }) if *device == devices[2])
+        let new_session = s.iter().any(|e| {
+            e.t >= t_rejoin && e.who == 0 && matches!(e.call(), Some(CallEvent::ParticipantJoined { device, .. }) if *device == devices[2])
         });
         new_session
             && [0, 1].iter().all(|&at| connected_since(s, t_rejoin, at, &devices[2]))
@@ -367,10 +262,12 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
     log.wait_for("media from carol's new streams at alice and bob", 30, |s| {
         let new_streams: Vec<String> = s
             .iter()
-            .filter_map(|(t, i, e)| match e {
-                ClientEvent::Call(CallEvent::FeedAdded {
+            .filter_map(|e| match e.call()? {
+                CallEvent::FeedAdded {
                     device, stream_id, ..
-                }) if *t >= t_rejoin && *i == 0 && *device == devices[2] => Some(stream_id.clone()),
+                } if e.t >= t_rejoin && e.who == 0 && *device == devices[2] => {
+                    Some(stream_id.clone())
+                }
                 _ => None,
             })
             .collect();
@@ -389,14 +286,13 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
         p.commander.send(Command::Leave);
         p.done.await.unwrap();
     }
+    // Every participant's task ended: all it reported is in the channel.
     drop(tx);
-    while let Some((i, ev)) = log.rx.recv().await {
-        log.seen.push((Instant::now(), i, ev));
-    }
+    log.pump();
     let recorded: BTreeMap<usize, Vec<PathBuf>> =
-        log.seen.iter().fold(BTreeMap::new(), |mut m, (_, i, e)| {
-            if let ClientEvent::Recorded { path } = e {
-                m.entry(*i).or_default().push(path.clone());
+        log.seen.iter().fold(BTreeMap::new(), |mut m, e| {
+            if let Some(ClientEvent::Recorded { path }) = client(e) {
+                m.entry(e.who).or_default().push(path.clone());
             }
             m
         });
@@ -416,7 +312,7 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
     // They decode (ffmpeg): no decoding error, at least as many frames.
     for p in &ivf {
         assert!(count_ivf(p) > 10, "{} has too few frames", p.display());
-        let decoded = support::assert_decodes(p, 11);
+        let decoded = assert_decodes(p, 11);
         eprintln!(
             "FIGURE call: {} decodes to {decoded} video frames",
             p.display()
@@ -424,11 +320,11 @@ async fn three_participants_full_mesh_with_media_mute_screenshare_and_rejoin() {
     }
     for p in &ogg {
         assert!(count_ogg(p) > 50, "{} has too few packets", p.display());
-        let decoded = support::assert_decodes(p, 51);
+        let decoded = assert_decodes(p, 51);
         eprintln!(
             "FIGURE call: {} decodes to {decoded} audio frames",
             p.display()
         );
     }
-    drop(synapse);
+    drop(h);
 }

@@ -7,10 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
 use groupcall::client::JoinOptions;
-use support::Harness;
+use groupcall_testkit::Harness;
 
 /// A mute asked for before a peer exists reaches that peer: alice mutes her
 /// audio while alone in the call, then bob joins. Bob is told the feed is
@@ -54,11 +52,13 @@ async fn a_mute_before_a_peer_exists_reaches_it() {
     let t0 = h.t_start;
     h.log
         .wait_for("60 video frames from alice at bob", 60, |s| {
-            support::rust_frames(s, t0, b, &alice_dev, TrackKind::Video, None) >= 60
+            groupcall_testkit::rust_frames(s, t0, b, &alice_dev, TrackKind::Video, None) >= 60
         })
         .await;
-    let audio = support::rust_frames(&h.log.seen, t0, b, &alice_dev, TrackKind::Audio, None);
-    let video = support::rust_frames(&h.log.seen, t0, b, &alice_dev, TrackKind::Video, None);
+    let audio =
+        groupcall_testkit::rust_frames(&h.log.seen, t0, b, &alice_dev, TrackKind::Audio, None);
+    let video =
+        groupcall_testkit::rust_frames(&h.log.seen, t0, b, &alice_dev, TrackKind::Video, None);
     eprintln!("bob got {video} video frames and {audio} audio frames from alice (muted)");
     assert_eq!(
         audio, 0,

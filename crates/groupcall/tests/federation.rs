@@ -7,8 +7,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![recursion_limit = "256"]
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,8 +15,10 @@ use groupcall::client::{ClientEvent, JoinOptions, join_call};
 use groupcall::matrix::{CreateRoomOptions, MatrixSession};
 use groupcall::media::TrackKind;
 use groupcall::proto::{CallEvent, Command, CreateOptions, DeviceKey};
-use groupcall_synapse::{Federation, FederationOptions};
-use support::{Entry, Ev, assert_decodes, first_frames_at, ms, rust_connected_at, rust_frames};
+use groupcall_testkit::synapse::{Federation, FederationOptions};
+use groupcall_testkit::{
+    Entry, Ev, assert_decodes, first_frames_at, ms, rust_connected_at, rust_frames,
+};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 

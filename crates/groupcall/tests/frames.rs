@@ -10,11 +10,12 @@ use groupcall::client::{AudioSource, ClientEvent, JoinOptions, VideoSource, join
 use groupcall::matrix::{CreateRoomOptions, MatrixSession};
 use groupcall::media::TrackKind;
 use groupcall::proto::CreateOptions;
-use groupcall_synapse::{Synapse, SynapseOptions};
+use groupcall_testkit::synapse::{Synapse, SynapseOptions};
 use tokio::time::{Instant, timeout};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pushed_frames_arrive_byte_exact_at_the_other_participant() {
+    groupcall_testkit::init_tracing("warn,matrix_sdk_crypto=error,groupcall=info");
     let synapse = Synapse::start(SynapseOptions::default())
         .await
         .expect("synapse");

@@ -3,18 +3,18 @@
 //! headless Chromium) in the same MSC3401 call on a real Synapse, with real
 //! WebRTC over UDP. Every test asserts on both sides' reports.
 //!
-//! `cargo test -p groupcall --test interop` (installs `interop/node_modules`
-//! and Chromium when missing). Figures are printed with `--nocapture`.
+//! `cargo test -p groupcall --test interop`. It installs nothing: it needs
+//! `interop/node_modules` (`scripts/setup-node`) and Chromium
+//! (`scripts/setup-system`), and fails naming the script when one is
+//! missing. Figures are printed with `--nocapture`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![recursion_limit = "256"]
 
-mod support;
-
 use groupcall::client::JoinOptions;
 use groupcall::media::TrackKind;
 use groupcall::proto::{CallEvent, CreateOptions, DeviceKey};
-use support::*;
+use groupcall_testkit::*;
 use tokio::time::{Instant, timeout};
 
 const T: u64 = 60;
@@ -2047,7 +2047,7 @@ async fn reference_without_crypto_refused_when_encryption_required() {
 /// to-device events of that sync and its sync token.
 async fn publish_keys(
     hs: &str,
-    u: &groupcall_synapse::RegisteredUser,
+    u: &groupcall_testkit::synapse::RegisteredUser,
 ) -> (
     matrix_sdk::Client,
     Vec<matrix_sdk::deserialized_responses::ProcessedToDeviceEvent>,
@@ -2115,8 +2115,9 @@ async fn keyless_device_gets_olm_after_publishing_keys() {
     let amos = h.login("amos").await;
     let bo = h.synapse.register_user("bo", PASSWORD).await.unwrap();
     let cy = h.synapse.register_user("cy", PASSWORD).await.unwrap();
-    let id = |u: &groupcall_synapse::RegisteredUser| (u.user_id.clone(), u.device_id.clone());
-    let send = |u: &groupcall_synapse::RegisteredUser, ty: &'static str, keyless| {
+    let id =
+        |u: &groupcall_testkit::synapse::RegisteredUser| (u.user_id.clone(), u.device_id.clone());
+    let send = |u: &groupcall_testkit::synapse::RegisteredUser, ty: &'static str, keyless| {
         let amos = amos.clone();
         let (user, device) = id(u);
         async move {

@@ -8,19 +8,13 @@ use groupcall::matrix::{
     CALL_MEMBER_EVENT_TYPE, CreateRoomOptions, MatrixError, MatrixInput, MatrixSession, SyncHandle,
     SyncOptions,
 };
-use groupcall_synapse::{Synapse, SynapseOptions};
+use groupcall_testkit::synapse::{Synapse, SynapseOptions};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::sync::mpsc::Receiver;
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "groupcall=debug,groupcall_synapse=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    groupcall_testkit::init_tracing("groupcall=debug,groupcall_synapse=info");
 }
 
 /// A logged-in, syncing user.

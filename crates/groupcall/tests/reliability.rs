@@ -12,148 +12,28 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![recursion_limit = "256"]
 
-mod netns;
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use groupcall::FaultOptions;
-use groupcall::client::{CallCommander, ClientEvent, JoinOptions, join_call};
+use groupcall::client::{ClientEvent, JoinOptions};
 use groupcall::matrix::{CreateRoomOptions, MatrixSession};
 use groupcall::media::TrackKind;
 use groupcall::proto::{CallEvent, CreateOptions, DeviceKey, PeerStatus};
-use groupcall_synapse::{Synapse, SynapseOptions};
+use groupcall_testkit::harness::spawn_participant as start_participant;
+use groupcall_testkit::synapse::{Synapse, SynapseOptions};
+use groupcall_testkit::{Entry, Ev, Log, assert_decodes, netns, serial};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, sleep};
 
-/// One test at a time: they measure timings.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const PW: &str = "secret-pw";
+const PW: &str = groupcall_testkit::PASSWORD;
 
 fn init_tracing() {
-    let _ =
-        tracing_subscriber::fmt()
-            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| {
-                "warn,matrix_sdk_crypto=error,matrix_sdk::http_client=off".into()
-            }))
-            .with_test_writer()
-            .try_init();
-}
-
-/// An event of an in-process participant or a JSON line of a process.
-#[derive(Debug, Clone)]
-enum Ev {
-    C(ClientEvent),
-    J(Value),
-}
-
-type Tagged = (usize, Ev);
-
-struct Log {
-    rx: mpsc::UnboundedReceiver<Tagged>,
-    tx: mpsc::UnboundedSender<Tagged>,
-    seen: Vec<(Instant, usize, Ev)>,
-}
-
-impl Log {
-    fn new() -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        Self {
-            rx,
-            tx,
-            seen: Vec::new(),
-        }
-    }
-
-    fn pump(&mut self) {
-        while let Ok((i, ev)) = self.rx.try_recv() {
-            self.seen.push((Instant::now(), i, ev));
-        }
-    }
-
-    async fn wait_for(
-        &mut self,
-        what: &str,
-        secs: u64,
-        mut cond: impl FnMut(&[(Instant, usize, Ev)]) -> bool,
-    ) -> Instant {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        self.pump();
-        while !cond(&self.seen) {
-            match timeout(
-                deadline.saturating_duration_since(Instant::now()),
-                self.rx.recv(),
-            )
-            .await
-            {
-                Ok(Some((i, ev))) => self.seen.push((Instant::now(), i, ev)),
-                Ok(None) => panic!("event channel closed while waiting for {what}"),
-                Err(_) => {
-                    let tail: Vec<String> = self
-                        .seen
-                        .iter()
-                        .filter(|(_, _, e)| !is_counter(e))
-                        .rev()
-                        .take(80)
-                        .map(|(_, i, e)| format!("p{i}: {e:?}"))
-                        .collect();
-                    panic!(
-                        "timed out after {secs} s waiting for {what}; recent events:\n{}",
-                        tail.join("\n")
-                    );
-                }
-            }
-        }
-        Instant::now()
-    }
-
-    /// Collects events for `d`.
-    async fn run_for(&mut self, d: Duration) {
-        let end = Instant::now() + d;
-        while let Ok(Some((i, ev))) = timeout(
-            end.saturating_duration_since(Instant::now()),
-            self.rx.recv(),
-        )
-        .await
-        {
-            self.seen.push((Instant::now(), i, ev));
-        }
-    }
-}
-
-fn is_counter(e: &Ev) -> bool {
-    match e {
-        Ev::C(c) => matches!(c, ClientEvent::Media { .. } | ClientEvent::MediaSent { .. }),
-        Ev::J(v) => matches!(v["event"].as_str(), Some("media" | "media_sent")),
-    }
-}
-
-/// An in-process participant.
-struct Participant {
-    commander: CallCommander,
-    done: tokio::task::JoinHandle<()>,
-}
-
-async fn start(session: MatrixSession, opts: JoinOptions, idx: usize, log: &Log) -> Participant {
-    let mut handle = join_call(session, opts).await.expect("join");
-    let commander = handle.commander();
-    let tx = log.tx.clone();
-    let done = tokio::spawn(async move {
-        while let Some(ev) = handle.next_event().await {
-            if tx.send((idx, Ev::C(ev))).is_err() {
-                break;
-            }
-        }
-        let _ = handle.finished().await;
-    });
-    Participant { commander, done }
+    groupcall_testkit::init_tracing("warn,matrix_sdk_crypto=error,matrix_sdk::http_client=off");
 }
 
 /// The participant example's binary, (re)built once per test run:
@@ -200,12 +80,12 @@ fn spawn_participant(ns: Option<&str>, args: &[String], idx: usize, log: &Log) -
         .kill_on_drop(true);
     let mut child = cmd.spawn().expect("spawning the participant");
     let stdout = child.stdout.take().unwrap();
-    let tx = log.tx.clone();
+    let tx = log.sender();
     tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && tx.send((idx, Ev::J(v))).is_err()
+                && tx.send((idx, Ev::Js(v))).is_err()
             {
                 break;
             }
@@ -239,7 +119,7 @@ fn proc_args(hs: &str, user: &str, dir: &Path, room: &str, extra: &[&str]) -> Ve
 
 fn peer_status<'a>(e: &'a Ev, dev: &DeviceKey) -> Option<(&'a PeerStatus, u64)> {
     match e {
-        Ev::C(ClientEvent::Call(CallEvent::PeerState {
+        Ev::Rust(ClientEvent::Call(CallEvent::PeerState {
             device,
             status,
             peer,
@@ -249,35 +129,30 @@ fn peer_status<'a>(e: &'a Ev, dev: &DeviceKey) -> Option<(&'a PeerStatus, u64)> 
     }
 }
 
-fn connected_since(
-    seen: &[(Instant, usize, Ev)],
-    since: Instant,
-    at: usize,
-    dev: &DeviceKey,
-) -> bool {
-    seen.iter().any(|(t, i, e)| {
+fn connected_since(seen: &[Entry], since: Instant, at: usize, dev: &DeviceKey) -> bool {
+    seen.iter().any(|Entry { t, who: i, ev: e }| {
         *t >= since && *i == at && matches!(peer_status(e, dev), Some((PeerStatus::Connected, _)))
     })
 }
 
-fn frames_from(seen: &[(Instant, usize, Ev)], at: usize, dev: &DeviceKey, kind: TrackKind) -> u64 {
+fn frames_from(seen: &[Entry], at: usize, dev: &DeviceKey, kind: TrackKind) -> u64 {
     frames_from_until(seen, at, dev, kind, None)
 }
 
 /// Highest frame count from `dev` at `at` (summed over streams), seen up to `until`.
 fn frames_from_until(
-    seen: &[(Instant, usize, Ev)],
+    seen: &[Entry],
     at: usize,
     dev: &DeviceKey,
     kind: TrackKind,
     until: Option<Instant>,
 ) -> u64 {
     let mut per_stream: BTreeMap<&str, u64> = BTreeMap::new();
-    for (t, i, e) in seen {
+    for Entry { t, who: i, ev: e } in seen {
         if until.is_some_and(|u| *t > u) || *i != at {
             continue;
         }
-        if let Ev::C(ClientEvent::Media {
+        if let Ev::Rust(ClientEvent::Media {
             device,
             kind: k,
             frames,
@@ -295,12 +170,12 @@ fn frames_from_until(
 }
 
 fn closed_or_failed_since(
-    seen: &[(Instant, usize, Ev)],
+    seen: &[Entry],
     since: Instant,
     at: usize,
     dev: &DeviceKey,
 ) -> Option<Instant> {
-    seen.iter().find_map(|(t, i, e)| {
+    seen.iter().find_map(|Entry { t, who: i, ev: e }| {
         (*t >= since
             && *i == at
             && matches!(
@@ -312,13 +187,13 @@ fn closed_or_failed_since(
 }
 
 fn left_since(
-    seen: &[(Instant, usize, Ev)],
+    seen: &[Entry],
     since: Instant,
     at: usize,
     dev: &DeviceKey,
 ) -> Option<(Instant, String)> {
-    seen.iter().find_map(|(t, i, e)| match e {
-        Ev::C(ClientEvent::Call(CallEvent::ParticipantLeft { device, reason, .. }))
+    seen.iter().find_map(|Entry { t, who: i, ev: e }| match e {
+        Ev::Rust(ClientEvent::Call(CallEvent::ParticipantLeft { device, reason, .. }))
             if *t >= since && *i == at && device == dev =>
         {
             Some((*t, format!("{reason:?}")))
@@ -327,25 +202,22 @@ fn left_since(
     })
 }
 
-fn json_line<'a>(seen: &'a [(Instant, usize, Ev)], at: usize, event: &str) -> Option<&'a Value> {
-    seen.iter().find_map(|(_, i, e)| match e {
-        Ev::J(v) if *i == at && v["event"] == event => Some(v),
+fn json_line<'a>(seen: &'a [Entry], at: usize, event: &str) -> Option<&'a Value> {
+    seen.iter().find_map(|Entry { who: i, ev: e, .. }| match e {
+        Ev::Js(v) if *i == at && v["event"] == event => Some(v),
         _ => None,
     })
 }
 
 /// Per participant and remote device: the peers (handles) whose last state
 /// is not closed/failed.
-fn live_peers(
-    seen: &[(Instant, usize, Ev)],
-    at: usize,
-) -> BTreeMap<DeviceKey, Vec<(u64, PeerStatus)>> {
+fn live_peers(seen: &[Entry], at: usize) -> BTreeMap<DeviceKey, Vec<(u64, PeerStatus)>> {
     let mut last: BTreeMap<(DeviceKey, u64), PeerStatus> = BTreeMap::new();
-    for (_, i, e) in seen {
+    for Entry { who: i, ev: e, .. } in seen {
         if *i != at {
             continue;
         }
-        if let Ev::C(ClientEvent::Call(CallEvent::PeerState {
+        if let Ev::Rust(ClientEvent::Call(CallEvent::PeerState {
             device,
             peer,
             status,
@@ -364,10 +236,10 @@ fn live_peers(
     out
 }
 
-fn signalling_reasons(seen: &[(Instant, usize, Ev)], at: usize, from: &str) -> Vec<String> {
+fn signalling_reasons(seen: &[Entry], at: usize, from: &str) -> Vec<String> {
     seen.iter()
-        .filter_map(|(_, i, e)| match e {
-            Ev::C(ClientEvent::Signalling {
+        .filter_map(|Entry { who: i, ev: e, .. }| match e {
+            Ev::Rust(ClientEvent::Signalling {
                 sender,
                 ignored: Some(r),
                 ..
@@ -439,8 +311,8 @@ fn opts(room: &str, create: bool) -> JoinOptions {
 
 async fn wait_joined(log: &mut Log, idx: usize) {
     log.wait_for("the creator to join", 30, |s| {
-        s.iter().any(|(_, i, e)| {
-            *i == idx && matches!(e, Ev::C(ClientEvent::Call(CallEvent::Joined { .. })))
+        s.iter().any(|Entry { who: i, ev: e, .. }| {
+            *i == idx && matches!(e, Ev::Rust(ClientEvent::Call(CallEvent::Joined { .. })))
         })
     })
     .await;
@@ -473,15 +345,16 @@ fn device_of_ready(v: &Value) -> DeviceKey {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crashed_participant_is_dropped_within_15_s() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     init_tracing();
     participant_exe();
     let s = setup(SynapseOptions::default(), &["alice", "bob"], &["carol"]).await;
     assert!(s.sessions[0].supports_delayed_events().await.unwrap());
     let mut log = Log::new();
-    let alice = start(s.sessions[0].clone(), opts(&s.room, true), 0, &log).await;
+    let alice =
+        start_participant(log.sender(), 0, s.sessions[0].clone(), opts(&s.room, true)).await;
     wait_joined(&mut log, 0).await;
-    let bob = start(s.sessions[1].clone(), opts(&s.room, false), 1, &log).await;
+    let bob = start_participant(log.sender(), 1, s.sessions[1].clone(), opts(&s.room, false)).await;
     let t0 = Instant::now();
     wait_mesh(&mut log, &[0, 1], &s.devices, t0, 60).await;
 
@@ -584,7 +457,7 @@ async fn crashed_participant_is_dropped_within_15_s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn homeserver_restart_mid_call_keeps_media_and_peers() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     init_tracing();
     let mut s = setup(
         SynapseOptions::default(),
@@ -593,10 +466,13 @@ async fn homeserver_restart_mid_call_keeps_media_and_peers() {
     )
     .await;
     let mut log = Log::new();
-    let mut parts = vec![start(s.sessions[0].clone(), opts(&s.room, true), 0, &log).await];
+    let mut parts =
+        vec![start_participant(log.sender(), 0, s.sessions[0].clone(), opts(&s.room, true)).await];
     wait_joined(&mut log, 0).await;
     for i in 1..3 {
-        parts.push(start(s.sessions[i].clone(), opts(&s.room, false), i, &log).await);
+        parts.push(
+            start_participant(log.sender(), i, s.sessions[i].clone(), opts(&s.room, false)).await,
+        );
     }
     let t0 = Instant::now();
     wait_mesh(&mut log, &[0, 1, 2], &s.devices, t0, 60).await;
@@ -627,17 +503,19 @@ async fn homeserver_restart_mid_call_keeps_media_and_peers() {
     let t_recovered = log
         .wait_for("all three syncing again", 30, |seen| {
             (0..3).all(|a| {
-                seen.iter().any(|(t, i, e)| {
+                seen.iter().any(|Entry { t, who: i, ev: e }| {
                     *t >= t_stop
                         && *i == a
-                        && matches!(e, Ev::C(ClientEvent::Warning(w)) if w.contains("homeserver reachable again"))
+                        && matches!(e, Ev::Rust(ClientEvent::Warning(w)) if w.contains("homeserver reachable again"))
                 })
             })
         })
         .await;
-    assert!((0..3).all(|a| log.seen.iter().any(|(t, i, e)| *t >= t_stop
+    assert!((0..3).all(|a| {
+        log.seen.iter().any(|Entry { t, who: i, ev: e }| *t >= t_stop
         && *i == a
-        && matches!(e, Ev::C(ClientEvent::Warning(w)) if w.contains("homeserver unreachable")))));
+        && matches!(e, Ev::Rust(ClientEvent::Warning(w)) if w.contains("homeserver unreachable")))
+    }));
     println!(
         "FIGURE restart: homeserver down {:.1} s (stop {:.1} s, start {:.1} s); all clients syncing again {:.1} s after it was up",
         down.as_secs_f64(),
@@ -648,7 +526,9 @@ async fn homeserver_restart_mid_call_keeps_media_and_peers() {
 
     // A participant joining after the restart connects to everyone.
     let t_join = Instant::now();
-    parts.push(start(s.sessions[3].clone(), opts(&s.room, false), 3, &log).await);
+    parts.push(
+        start_participant(log.sender(), 3, s.sessions[3].clone(), opts(&s.room, false)).await,
+    );
     log.wait_for("dave connected both ways with everyone", 60, |seen| {
         (0..3).all(|a| {
             connected_since(seen, t_join, a, &s.devices[3])
@@ -684,7 +564,7 @@ fn pairs(n: usize) -> impl Iterator<Item = (usize, usize)> + Clone {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn faulty_to_device_transport_still_connects_every_pair_once() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     init_tracing();
     let names = ["alice", "bob", "carol", "dave"];
     // Test option: GROUPCALL_FAULT_SEED=<n> changes the fault sequence (the
@@ -707,7 +587,7 @@ async fn faulty_to_device_transport_still_connects_every_pair_once() {
         // Default retry settings: a lost invite or answer is recovered by
         // sending the same invite again (same seq) every 5 s.
         o.faults = Some(f);
-        parts.push(start(s.sessions[i].clone(), o, i, &log).await);
+        parts.push(start_participant(log.sender(), i, s.sessions[i].clone(), o).await);
         if i == 0 {
             wait_joined(&mut log, 0).await;
         }
@@ -721,8 +601,8 @@ async fn faulty_to_device_transport_still_connects_every_pair_once() {
     let mut invites = 0;
     let mut duplicates = 0;
     let mut gap_or_unknown = 0;
-    for (_, _, e) in &log.seen {
-        if let Ev::C(ClientEvent::Signalling {
+    for Entry { ev: e, .. } in &log.seen {
+        if let Ev::Rust(ClientEvent::Signalling {
             event_type,
             ignored,
             ..
@@ -748,8 +628,8 @@ async fn faulty_to_device_transport_still_connects_every_pair_once() {
             );
         }
         assert!(
-            !log.seen.iter().any(|(_, i, e)| *i == a
-                && matches!(e, Ev::C(ClientEvent::Call(CallEvent::Unanswered { .. })))),
+            !log.seen.iter().any(|Entry { who: i, ev: e, .. }| *i == a
+                && matches!(e, Ev::Rust(ClientEvent::Call(CallEvent::Unanswered { .. })))),
             "p{a} had a device not answering"
         );
     }
@@ -785,10 +665,10 @@ fn hostile(device: &str, conf: &str, dest_session: &str, call_id: &str, body: Va
     v
 }
 
-fn joined_info(seen: &[(Instant, usize, Ev)], at: usize) -> (String, String) {
+fn joined_info(seen: &[Entry], at: usize) -> (String, String) {
     seen.iter()
-        .find_map(|(_, i, e)| match e {
-            Ev::C(ClientEvent::Call(CallEvent::Joined {
+        .find_map(|Entry { who: i, ev: e, .. }| match e {
+            Ev::Rust(ClientEvent::Call(CallEvent::Joined {
                 call_id,
                 session_id,
                 ..
@@ -800,7 +680,7 @@ fn joined_info(seen: &[(Instant, usize, Ev)], at: usize) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_signalling_is_refused_and_the_call_is_undisturbed() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     init_tracing();
     let s = setup(SynapseOptions::default(), &["alice", "bob", "mallory"], &[]).await;
     let mallory = s.sessions[2].clone();
@@ -808,16 +688,17 @@ async fn hostile_signalling_is_refused_and_the_call_is_undisturbed() {
     let mdev = mallory.device_id();
     let muser = mallory.user_id().to_owned();
     let mut log = Log::new();
-    let alice = start(s.sessions[0].clone(), opts(&s.room, true), 0, &log).await;
+    let alice =
+        start_participant(log.sender(), 0, s.sessions[0].clone(), opts(&s.room, true)).await;
     wait_joined(&mut log, 0).await;
     let mut bob_opts = opts(&s.room, false);
     bob_opts.require_encrypted = true;
-    let bob = start(s.sessions[1].clone(), bob_opts, 1, &log).await;
+    let bob = start_participant(log.sender(), 1, s.sessions[1].clone(), bob_opts).await;
     let t0 = Instant::now();
     wait_mesh(&mut log, &[0, 1], &s.devices, t0, 60).await;
     log.wait_for("bob's session", 10, |seen| {
-        seen.iter().any(|(_, i, e)| {
-            *i == 1 && matches!(e, Ev::C(ClientEvent::Call(CallEvent::Joined { .. })))
+        seen.iter().any(|Entry { who: i, ev: e, .. }| {
+            *i == 1 && matches!(e, Ev::Rust(ClientEvent::Call(CallEvent::Joined { .. })))
         })
     })
     .await;
@@ -978,8 +859,8 @@ async fn hostile_signalling_is_refused_and_the_call_is_undisturbed() {
     // Nothing from Mallory became a peer; the healthy pair never noticed.
     for a in [0, 1] {
         assert!(
-            !log.seen.iter().any(|(_, i, e)| *i == a
-                && matches!(e, Ev::C(ClientEvent::Call(CallEvent::PeerState { device, .. })) if device.user_id == muser)),
+            !log.seen.iter().any(|Entry { who: i, ev: e, .. }| *i == a
+                && matches!(e, Ev::Rust(ClientEvent::Call(CallEvent::PeerState { device, .. })) if device.user_id == muser)),
             "p{a} made a peer for mallory"
         );
     }
@@ -1047,14 +928,14 @@ fn j_user(v: &Value) -> &str {
 }
 
 fn j_state_since(
-    seen: &[(Instant, usize, Ev)],
+    seen: &[Entry],
     since: Instant,
     at: usize,
     user: &str,
     state: &str,
 ) -> Option<(Instant, u64)> {
-    seen.iter().find_map(|(t, i, e)| match e {
-        Ev::J(v)
+    seen.iter().find_map(|Entry { t, who: i, ev: e }| match e {
+        Ev::Js(v)
             if *t >= since
                 && *i == at
                 && v["event"] == "peer_state"
@@ -1070,7 +951,7 @@ fn j_state_since(
 /// Frames received at `at` from `user` (`sent == false`) or sent by `at` to
 /// `user` (`sent == true`), as last reported up to `until`.
 fn j_frames(
-    seen: &[(Instant, usize, Ev)],
+    seen: &[Entry],
     at: usize,
     user: &str,
     kind: &str,
@@ -1079,8 +960,8 @@ fn j_frames(
 ) -> u64 {
     let ev = if sent { "media_sent" } else { "media" };
     let mut per: BTreeMap<String, u64> = BTreeMap::new();
-    for (t, i, e) in seen {
-        if let Ev::J(v) = e
+    for Entry { t, who: i, ev: e } in seen {
+        if let Ev::Js(v) = e
             && *i == at
             && until.is_none_or(|u| *t <= u)
             && v["event"] == ev
@@ -1095,9 +976,9 @@ fn j_frames(
     per.values().sum()
 }
 
-fn j_dropped_since(seen: &[(Instant, usize, Ev)], since: Instant, at: usize, user: &str) -> bool {
-    seen.iter().any(|(t, i, e)| {
-        matches!(e, Ev::J(v) if *t >= since && *i == at && v["event"] == "peer_state"
+fn j_dropped_since(seen: &[Entry], since: Instant, at: usize, user: &str) -> bool {
+    seen.iter().any(|Entry { t, who: i, ev: e }| {
+        matches!(e, Ev::Js(v) if *t >= since && *i == at && v["event"] == "peer_state"
             && j_user(v) == user && (v["state"] == "closed" || v["state"] == "failed"))
     })
 }
@@ -1274,8 +1155,8 @@ async fn lossy_call(net: netns::Net, retransmission: bool) -> (netns::Net, Lossy
     let files: Vec<PathBuf> = log
         .seen
         .iter()
-        .filter_map(|(_, i, e)| match e {
-            Ev::J(v) if *i == 0 && v["event"] == "recorded" => {
+        .filter_map(|Entry { who: i, ev: e, .. }| match e {
+            Ev::Js(v) if *i == 0 && v["event"] == "recorded" => {
                 v["path"].as_str().map(PathBuf::from)
             }
             _ => None,
@@ -1304,7 +1185,7 @@ async fn lossy_call(net: netns::Net, retransmission: bool) -> (netns::Net, Lossy
         // What alice's counter says she received (frames str0m delivered,
         // also those before the recording began at a key frame).
         let received = j_frames(&log.seen, 0, &u[b], "video", false, None);
-        let decoded = support::assert_decodes(f, 201);
+        let decoded = assert_decodes(f, 201);
         assert!(keyframes >= 1, "{}", f.display());
         println!(
             "FIGURE lossy: retransmission {}: recording of {name} at alice has {} frames ({} key frames), ffmpeg decodes {decoded} of {sent} sent ({:.1}%); alice's counter: {received} received",
@@ -1344,7 +1225,7 @@ async fn lossy_call(net: netns::Net, retransmission: bool) -> (netns::Net, Lossy
 /// frames sent higher with it on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lossy_network_in_namespaces_keeps_media_flowing() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     init_tracing();
     let Some(net) = namespaces(3).await else {
         return;
@@ -1389,7 +1270,7 @@ async fn lossy_network_in_namespaces_keeps_media_flowing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cut_media_path_is_restored_by_ice_restart_without_hangup() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     init_tracing();
     let Some(net) = namespaces(2).await else {
         return;
@@ -1429,8 +1310,8 @@ async fn cut_media_path_is_restored_by_ice_restart_without_hangup() {
     let t_negotiated = log
         .wait_for("the ICE restart offer and its answer", 20, |s| {
             let at = |i: usize, from: &str| {
-                s.iter().any(|(t, x, e)| {
-                    matches!(e, Ev::J(v) if *t >= t_cut && *x == i && v["event"] == "signalling"
+                s.iter().any(|Entry { t, who: x, ev: e }| {
+                    matches!(e, Ev::Js(v) if *t >= t_cut && *x == i && v["event"] == "signalling"
                         && v["type"] == "m.call.negotiate" && v["sender"] == from && v["ignored"].is_null())
                 })
             };
@@ -1481,8 +1362,8 @@ async fn cut_media_path_is_restored_by_ice_restart_without_hangup() {
     let reason = log
         .seen
         .iter()
-        .find_map(|(t, i, e)| match e {
-            Ev::J(v)
+        .find_map(|Entry { t, who: i, ev: e }| match e {
+            Ev::Js(v)
                 if *t >= t_cut2
                     && *i == 0
                     && v["event"] == "peer_state"

@@ -11,26 +11,14 @@ use groupcall::client::{ClientEvent, JoinOptions, join_call};
 use groupcall::matrix::{CreateRoomOptions, MatrixSession};
 use groupcall::media::TrackKind;
 use groupcall::proto::{CallEvent, CreateOptions, DeviceKey, PeerStatus};
-use groupcall_coturn::{Coturn, CoturnOptions, rest_password};
-use groupcall_synapse::{Synapse, SynapseOptions};
+use groupcall_testkit::coturn;
+use groupcall_testkit::coturn::{Coturn, rest_password};
+use groupcall_testkit::synapse::{Synapse, SynapseOptions};
 use serde_json::json;
 use tokio::time::{Instant, timeout};
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            std::env::var("RUST_LOG")
-                .unwrap_or_else(|_| "warn,matrix_sdk_crypto=error,groupcall=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-async fn coturn() -> Coturn {
-    match Coturn::start(CoturnOptions::default()).await {
-        Ok(t) => t,
-        Err(e) => panic!("cannot run coturn for the TURN tests: {e}"),
-    }
+    groupcall_testkit::init_tracing("warn,matrix_sdk_crypto=error,groupcall=info");
 }
 
 async fn synapse_with_turn(turn: &Coturn, lifetime: &str) -> Synapse {

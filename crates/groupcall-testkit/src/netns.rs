@@ -25,8 +25,6 @@
 //! Shared by test crates that each use part of it
 //! (`groupcall/tests/reliability.rs`, `groupcall-cli/tests/netns_join.rs`).
 
-#![allow(dead_code)]
-
 use std::collections::BinaryHeap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;

@@ -1,11 +1,9 @@
-//! Helpers for tests that put groupcall participants and reference peers
+//! The harness of tests that put groupcall participants and reference peers
 //! (matrix-js-sdk's `GroupCall` in `interop/`, run by Node or headless
 //! Chromium) in one call on a real Synapse.
 //!
 //! Everything either side reports goes into one [`Log`] of timestamped
 //! [`Entry`]s, so a test can wait for conditions spanning both sides.
-
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -24,6 +22,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
+use crate::env::{interop_dir, require_node_modules};
+
+/// The password of every user a test registers.
 pub const PASSWORD: &str = "secret-pw";
 
 /// What a participant reported.
@@ -63,79 +64,55 @@ impl Entry {
     }
 }
 
-// ---- what the reference peers need (installed by scripts, checked here) ---
-
-/// The repository root.
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `interop/`, where the reference peer lives.
-pub fn interop_dir() -> PathBuf {
-    repo_root().join("interop")
-}
-
-/// The packages `peer.mjs` and `browser.mjs` load; the same list as
-/// `scripts/setup-node`.
-const NODE_PACKAGES: [&str; 5] = [
-    "matrix-js-sdk",
-    "@roamhq/wrtc",
-    "@matrix-org/matrix-sdk-crypto-wasm",
-    "playwright-core",
-    "esbuild",
-];
-
-/// Checks that `interop/node_modules` holds every package the reference
-/// peer needs. Tests install nothing: `scripts/setup-node` does (and
-/// `scripts/test` runs it), so a missing package fails the test with the
-/// command to run.
-pub fn require_node_modules() {
-    let dir = interop_dir().join("node_modules");
-    let missing: Vec<&str> = NODE_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dir.join(p).join("package.json").exists())
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "interop/node_modules lacks {}: run scripts/setup-node (scripts/test does)",
-        missing.join(", ")
-    );
-}
-
-/// The Chromium binary for `browser.mjs` (`$CHROMIUM` or `/usr/bin/chromium`).
-/// Tests install nothing: `scripts/setup-system` installs Chromium, so a
-/// missing binary fails the test with the command to run (never skips).
-pub fn require_chromium() -> PathBuf {
-    if let Some(p) = std::env::var_os("CHROMIUM").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        assert!(
-            p.exists(),
-            "$CHROMIUM is {} but does not exist",
-            p.display()
-        );
-        return p;
-    }
-    let path = PathBuf::from("/usr/bin/chromium");
-    assert!(
-        path.exists(),
-        "/usr/bin/chromium is missing: run scripts/setup-system as root \
-         (scripts/test does), or set $CHROMIUM"
-    );
-    path
-}
-
 // ---- the harness -------------------------------------------------------
-
-/// Interop tests share two CPU cores with everything else: run one at a
-/// time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A groupcall participant running in this process.
 pub struct Participant {
     pub commander: CallCommander,
     pub done: tokio::task::JoinHandle<()>,
     crash: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Joins a groupcall participant and forwards every event it reports,
+/// tagged `idx`, into `tx` (a [`Log::sender`]).
+pub async fn spawn_participant(
+    tx: mpsc::UnboundedSender<(usize, Ev)>,
+    idx: usize,
+    session: MatrixSession,
+    opts: JoinOptions,
+) -> Participant {
+    let mut handle = join_call(session, opts).await.expect("join_call");
+    let commander = handle.commander();
+    let (crash, mut crashed) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        let mut armed = true;
+        loop {
+            tokio::select! {
+                ev = handle.next_event() => match ev {
+                    Some(ev) => {
+                        if tx.send((idx, Ev::Rust(ev))).is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+                r = &mut crashed, if armed => {
+                    if r.is_ok() {
+                        handle.abort();
+                        return;
+                    }
+                    // Only the crash sender was dropped: keep forwarding.
+                    armed = false;
+                }
+            }
+        }
+        let _ = handle.finished().await;
+    });
+    Participant {
+        commander,
+        done,
+        crash,
+    }
 }
 
 impl Participant {
@@ -156,8 +133,6 @@ pub struct Harness {
     pub hs: String,
     pub tmp: tempfile::TempDir,
     pub log: Log,
-    tx: mpsc::UnboundedSender<(usize, Ev)>,
-    names: Arc<Mutex<Vec<String>>>,
     peers: Vec<RefPeer>,
     /// Anomalies a test expects (substrings).
     allowed: Vec<String>,
@@ -165,8 +140,9 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Waits for its turn, checks the reference peer's packages and starts
-    /// Synapse.
+    /// Waits for its turn (one test at a time per test binary, see
+    /// [`crate::serial`]) and starts Synapse. The reference peer's packages
+    /// are checked when one is started ([`Harness::spawn_js`]).
     pub async fn new() -> Harness {
         Self::with_synapse(SynapseOptions::default()).await
     }
@@ -186,19 +162,10 @@ impl Harness {
 
     /// [`Harness::new`] with Synapse started with `options`.
     pub async fn with_synapse(options: SynapseOptions) -> Harness {
-        let serial = SERIAL.lock().await;
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                std::env::var("RUST_LOG")
-                    .unwrap_or_else(|_| "warn,matrix_sdk_crypto=error,groupcall=info".into()),
-            )
-            .with_test_writer()
-            .try_init();
-        require_node_modules();
+        let serial = crate::serial().await;
+        crate::init_tracing("warn,matrix_sdk_crypto=error,groupcall=info");
         let synapse = Synapse::start(options).await.expect("synapse");
         let hs = synapse.base_url();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let names = Arc::new(Mutex::new(Vec::new()));
         Harness {
             t_start: Instant::now(),
             synapse,
@@ -217,13 +184,7 @@ impl Harness {
                 }
                 t
             },
-            log: Log {
-                rx,
-                seen: Vec::new(),
-                names: names.clone(),
-            },
-            tx,
-            names,
+            log: Log::new(),
             peers: Vec::new(),
             allowed: Vec::new(),
             _serial: serial,
@@ -231,9 +192,7 @@ impl Harness {
     }
 
     fn slot(&self, name: &str) -> usize {
-        let mut names = self.names.lock().unwrap();
-        names.push(name.to_owned());
-        names.len() - 1
+        self.log.name_next(name)
     }
 
     /// Registers `name` (password [`PASSWORD`]) and returns its user id.
@@ -274,47 +233,14 @@ impl Harness {
         opts: JoinOptions,
     ) -> (usize, Participant) {
         let idx = self.slot(name);
-        let mut handle = join_call(session, opts).await.expect("join_call");
-        let commander = handle.commander();
-        let tx = self.tx.clone();
-        let (crash, mut crashed) = tokio::sync::oneshot::channel::<()>();
-        let done = tokio::spawn(async move {
-            let mut armed = true;
-            loop {
-                tokio::select! {
-                    ev = handle.next_event() => match ev {
-                        Some(ev) => {
-                            if tx.send((idx, Ev::Rust(ev))).is_err() {
-                                break;
-                            }
-                        }
-                        None => break,
-                    },
-                    r = &mut crashed, if armed => {
-                        if r.is_ok() {
-                            handle.abort();
-                            return;
-                        }
-                        // Only the crash sender was dropped: keep forwarding.
-                        armed = false;
-                    }
-                }
-            }
-            let _ = handle.finished().await;
-        });
-        (
-            idx,
-            Participant {
-                commander,
-                done,
-                crash,
-            },
-        )
+        let p = spawn_participant(self.log.sender(), idx, session, opts).await;
+        (idx, p)
     }
 
     /// Starts a reference peer (`script` is `peer.mjs` or `browser.mjs`) as
     /// user `name` in `room`, with extra options.
     pub fn spawn_js(&mut self, name: &str, script: &str, room: &str, extra: &[&str]) -> usize {
+        require_node_modules();
         let idx = self.slot(name);
         let mut args = vec![
             "--homeserver".to_owned(),
@@ -331,7 +257,7 @@ impl Harness {
         let dir = interop_dir();
         let mut cmd = StdCommand::new("node");
         cmd.arg(dir.join(script)).args(&args).current_dir(&dir);
-        let peer = RefPeer::spawn(idx, name, cmd, &stderr, self.tx.clone());
+        let peer = RefPeer::spawn(idx, name, cmd, &stderr, self.log.sender());
         self.peers.push(peer);
         idx
     }
@@ -402,7 +328,7 @@ impl Harness {
     /// signalling, failed peers, the reference's errors and odd hangups.
     pub fn anomalies(&mut self) -> Vec<String> {
         self.log.pump();
-        let names = self.names.lock().unwrap().clone();
+        let names = self.log.names();
         let mut out = Vec::new();
         for e in &self.log.seen {
             let name = names.get(e.who).map(String::as_str).unwrap_or("?");
@@ -571,11 +497,64 @@ impl Drop for RefPeer {
 /// Everything every participant reported, and waiting on conditions.
 pub struct Log {
     rx: mpsc::UnboundedReceiver<(usize, Ev)>,
+    tx: mpsc::UnboundedSender<(usize, Ev)>,
+    /// Every event so far, in arrival order.
     pub seen: Vec<Entry>,
     names: Arc<Mutex<Vec<String>>>,
 }
 
+impl Default for Log {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Log {
+    /// An empty log; participants report into it through [`Log::sender`].
+    pub fn new() -> Log {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Log {
+            rx,
+            tx,
+            seen: Vec::new(),
+            names: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// Where participants send `(who, event)`.
+    pub fn sender(&self) -> mpsc::UnboundedSender<(usize, Ev)> {
+        self.tx.clone()
+    }
+
+    /// Names the next participant (for [`Log::dump`]); returns its index.
+    pub fn name_next(&self, name: &str) -> usize {
+        let mut names = self.names.lock().unwrap();
+        names.push(name.to_owned());
+        names.len() - 1
+    }
+
+    /// The participants' names, by index (unnamed ones are `p<index>`).
+    pub fn names(&self) -> Vec<String> {
+        self.names.lock().unwrap().clone()
+    }
+
+    /// Collects events for `d`.
+    pub async fn run_for(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        while let Ok(Some((who, ev))) = timeout(
+            end.saturating_duration_since(Instant::now()),
+            self.rx.recv(),
+        )
+        .await
+        {
+            self.seen.push(Entry {
+                t: Instant::now(),
+                who,
+                ev,
+            });
+        }
+    }
+
     /// Takes in everything reported so far without waiting.
     pub fn pump(&mut self) {
         while let Ok((who, ev)) = self.rx.try_recv() {
@@ -635,13 +614,16 @@ impl Log {
             .iter()
             .filter(|e| match &e.ev {
                 Ev::Rust(ClientEvent::Media { .. } | ClientEvent::MediaSent { .. }) => false,
-                Ev::Js(v) => v["event"] != "media",
+                Ev::Js(v) => !matches!(v["event"].as_str(), Some("media" | "media_sent")),
                 _ => true,
             })
             .rev()
             .take(n)
             .map(|e| {
-                let name = names.get(e.who).map(String::as_str).unwrap_or("?");
+                let name = names
+                    .get(e.who)
+                    .cloned()
+                    .unwrap_or_else(|| format!("p{}", e.who));
                 let at = start.map(|s| e.t - s).unwrap_or_default();
                 let what = match &e.ev {
                     Ev::Rust(ev) => format!("{ev:?}"),
@@ -868,173 +850,4 @@ pub fn about(v: &Value, dev: &DeviceKey) -> bool {
 /// Milliseconds from `a` to `b`.
 pub fn ms(a: Instant, b: Instant) -> u128 {
     b.saturating_duration_since(a).as_millis()
-}
-
-// ---- a STUN server that answers late -------------------------------------
-
-/// A STUN Binding responder on 127.0.0.1 that answers after `delay` with a
-/// made-up server-reflexive address (127.0.0.2, the request's port). Given
-/// to the reference (`--ice-server`), it makes it trickle a late candidate in
-/// `m.call.candidates`: on loopback everything else is gathered before its
-/// invite/answer goes out. Given to groupcall (the homeserver's
-/// `/voip/turnServer`, see [`Harness::with_stun`]), answers later than the
-/// peer's gathering wait make it trickle too. Stops when dropped.
-///
-/// [`LateStun::held`] keeps every answer until [`LateStun::release`]: a test
-/// releases them right after it saw the reference send its invite, so the
-/// server-reflexive candidate is certain to come after the SDP went out and
-/// before ICE can connect (libwebrtc drops a candidate gathered after that).
-pub struct LateStun {
-    pub uri: String,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    released: Arc<std::sync::atomic::AtomicBool>,
-    answered: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl LateStun {
-    /// Answers every Binding request `delay` after it came.
-    pub fn start(delay: Duration) -> LateStun {
-        Self::spawn(delay, true)
-    }
-
-    /// Holds every answer until [`LateStun::release`] (then sends the held
-    /// ones at once and answers later requests after `delay`).
-    pub fn held(delay: Duration) -> LateStun {
-        Self::spawn(delay, false)
-    }
-
-    /// Lets the held answers go out.
-    pub fn release(&self) {
-        self.released
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// How many Binding answers were sent so far.
-    pub fn answered(&self) -> usize {
-        self.answered.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn spawn(delay: Duration, released: bool) -> LateStun {
-        use std::net::{SocketAddr, UdpSocket};
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        const MAGIC: u32 = 0x2112_a442;
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        // Short, so that answers leave within a few ms of being due.
-        socket
-            .set_read_timeout(Some(Duration::from_millis(5)))
-            .unwrap();
-        let uri = format!("stun:{}", socket.local_addr().unwrap());
-        let stop = Arc::new(AtomicBool::new(false));
-        let released = Arc::new(AtomicBool::new(released));
-        let answered = Arc::new(AtomicUsize::new(0));
-        let (stopped, go, count) = (stop.clone(), released.clone(), answered.clone());
-        std::thread::spawn(move || {
-            let mut due: Vec<(std::time::Instant, Vec<u8>, SocketAddr)> = Vec::new();
-            let mut buf = [0u8; 1500];
-            while !stopped.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    let m = &buf[..n];
-                    let is_binding = n >= 20 && m[0..2] == [0, 1] && m[4..8] == MAGIC.to_be_bytes();
-                    if is_binding {
-                        let mut res = Vec::with_capacity(32);
-                        res.extend_from_slice(&0x0101u16.to_be_bytes()); // Binding success
-                        res.extend_from_slice(&12u16.to_be_bytes());
-                        res.extend_from_slice(&m[4..20]); // cookie + transaction id
-                        res.extend_from_slice(&0x0020u16.to_be_bytes()); // XOR-MAPPED-ADDRESS
-                        res.extend_from_slice(&8u16.to_be_bytes());
-                        res.extend_from_slice(&[0, 1]);
-                        res.extend_from_slice(&(from.port() ^ (MAGIC >> 16) as u16).to_be_bytes());
-                        res.extend_from_slice(
-                            &(u32::from_be_bytes([127, 0, 0, 2]) ^ MAGIC).to_be_bytes(),
-                        );
-                        due.push((std::time::Instant::now() + delay, res, from));
-                    }
-                }
-                if !go.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let now = std::time::Instant::now();
-                due.retain(|(at, res, to)| {
-                    if *at <= now {
-                        if socket.send_to(res, to).is_ok() {
-                            count.fetch_add(1, Ordering::Relaxed);
-                        }
-                        false
-                    } else {
-                        true
-                    }
-                });
-            }
-        });
-        LateStun {
-            uri,
-            stop,
-            released,
-            answered,
-        }
-    }
-}
-
-impl Drop for LateStun {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-// ---- decoding recordings with ffmpeg -------------------------------------
-
-/// What ffmpeg made of a recording (see [`ffmpeg_decode`]).
-#[derive(Debug, Clone)]
-pub struct Decoded {
-    /// Frames decoded (audio and video frames of every stream).
-    pub frames: u64,
-    /// ffmpeg's error lines (`-v error`): decoding or demuxing errors.
-    pub errors: Vec<String>,
-}
-
-/// Decodes every stream of a recording (our Ogg/Opus or IVF/VP8 files)
-/// with ffmpeg: `ffmpeg -v error -i FILE -f framecrc -`, which writes one
-/// line per decoded frame (counted) and only errors on stderr. Panics when
-/// ffmpeg cannot be run (`scripts/setup-system` installs it).
-pub fn ffmpeg_decode(path: &Path) -> Decoded {
-    let out = StdCommand::new("ffmpeg")
-        .args(["-nostdin", "-hide_banner", "-v", "error", "-i"])
-        .arg(path)
-        .args(["-f", "framecrc", "-"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run ffmpeg ({e}): scripts/setup-system installs it"));
-    let frames = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .count() as u64;
-    let mut errors: Vec<String> = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_owned)
-        .collect();
-    if !out.status.success() {
-        errors.push(format!("ffmpeg exited with {}", out.status));
-    }
-    Decoded { frames, errors }
-}
-
-/// The number of frames ffmpeg decodes from a recording; fails the test on
-/// any ffmpeg error line or when fewer than `min` frames decode.
-pub fn assert_decodes(path: &Path, min: u64) -> u64 {
-    let d = ffmpeg_decode(path);
-    assert!(
-        d.errors.is_empty(),
-        "ffmpeg: {} does not decode cleanly ({} frames decoded): {}",
-        path.display(),
-        d.frames,
-        d.errors.join("; ")
-    );
-    assert!(
-        d.frames >= min,
-        "ffmpeg decoded {} frames of {}, expected at least {min}",
-        d.frames,
-        path.display()
-    );
-    d.frames
 }

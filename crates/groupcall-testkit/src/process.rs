@@ -1,7 +1,5 @@
 //! A child process of a test (`groupcall`, or the reference peer) whose
-//! stdout lines are JSON: shared by the CLI's test files.
-
-#![allow(dead_code)]
+//! stdout lines are JSON.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -63,6 +61,20 @@ impl Proc {
             seen: Vec::new(),
             stderr,
         }
+    }
+
+    /// The reference peer (matrix-js-sdk GroupCall in Node,
+    /// `interop/peer.mjs`) with `args`, stdin piped (its end makes the peer
+    /// leave and exit). Fails the test when `interop/node_modules` lacks a
+    /// package (`scripts/setup-node` installs them).
+    pub fn spawn_reference(name: &str, args: &[String]) -> Proc {
+        crate::env::require_node_modules();
+        let interop = crate::env::interop_dir();
+        let mut cmd = Command::new("node");
+        cmd.arg(interop.join("peer.mjs"))
+            .args(args)
+            .current_dir(&interop);
+        Self::spawn_cmd(name, cmd, Stdio::piped())
     }
 
     /// Takes in every line that is there now.

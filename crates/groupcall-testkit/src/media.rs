@@ -1,0 +1,133 @@
+//! Media files of a test: counting and decoding recordings.
+
+use std::path::Path;
+use std::process::{Command as StdCommand, Stdio};
+use std::time::Duration;
+
+use groupcall::media::{PeerEvent, PeerEvents};
+
+/// Waits at most `within` for a media peer's event matching `pred`,
+/// skipping others; panics naming `what` on timeout or when the events end.
+pub async fn peer_event_until(
+    events: &mut PeerEvents,
+    within: Duration,
+    what: &str,
+    pred: impl Fn(&PeerEvent) -> bool,
+) -> PeerEvent {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(ev)) if pred(&ev) => return ev,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("event stream ended waiting for {what}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+/// The codec names ffprobe sees in a file, comma separated (`opus`,
+/// `vp8`); panics when ffprobe cannot run (`scripts/setup-system` installs
+/// ffmpeg).
+pub fn ffprobe_codecs(path: &Path) -> String {
+    let out = StdCommand::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_name",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run ffprobe ({e}): scripts/setup-system installs ffmpeg")
+        });
+    assert!(
+        out.status.success(),
+        "ffprobe failed on {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .replace('\n', ",")
+}
+
+/// Frames in an IVF (VP8) recording, read by groupcall's own reader.
+pub fn count_ivf(path: &Path) -> usize {
+    let data = std::fs::read(path).unwrap();
+    groupcall::media::ivf::IvfReader::new(&data)
+        .unwrap()
+        .frames()
+        .unwrap()
+        .len()
+}
+
+/// Packets in an Ogg/Opus recording, read by groupcall's own reader.
+pub fn count_ogg(path: &Path) -> usize {
+    let data = std::fs::read(path).unwrap();
+    let mut r = groupcall::media::ogg::OggPacketReader::new(&data);
+    let mut n = 0;
+    while r.next_packet().unwrap().is_some() {
+        n += 1;
+    }
+    n
+}
+
+/// What ffmpeg made of a recording (see [`ffmpeg_decode`]).
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// Frames decoded (audio and video frames of every stream).
+    pub frames: u64,
+    /// ffmpeg's error lines (`-v error`): decoding or demuxing errors.
+    pub errors: Vec<String>,
+}
+
+/// Decodes every stream of a recording (our Ogg/Opus or IVF/VP8 files)
+/// with ffmpeg: `ffmpeg -v error -i FILE -f framecrc -`, which writes one
+/// line per decoded frame (counted) and only errors on stderr. Panics when
+/// ffmpeg cannot be run (`scripts/setup-system` installs it).
+pub fn ffmpeg_decode(path: &Path) -> Decoded {
+    let out = StdCommand::new("ffmpeg")
+        .args(["-nostdin", "-hide_banner", "-v", "error", "-i"])
+        .arg(path)
+        .args(["-f", "framecrc", "-"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ffmpeg ({e}): scripts/setup-system installs it"));
+    let frames = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .count() as u64;
+    let mut errors: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !out.status.success() {
+        errors.push(format!("ffmpeg exited with {}", out.status));
+    }
+    Decoded { frames, errors }
+}
+
+/// The number of frames ffmpeg decodes from a recording; fails the test on
+/// any ffmpeg error line or when fewer than `min` frames decode.
+pub fn assert_decodes(path: &Path, min: u64) -> u64 {
+    let d = ffmpeg_decode(path);
+    assert!(
+        d.errors.is_empty(),
+        "ffmpeg: {} does not decode cleanly ({} frames decoded): {}",
+        path.display(),
+        d.frames,
+        d.errors.join("; ")
+    );
+    assert!(
+        d.frames >= min,
+        "ffmpeg decoded {} frames of {}, expected at least {min}",
+        d.frames,
+        path.display()
+    );
+    d.frames
+}
