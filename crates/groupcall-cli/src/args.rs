@@ -201,7 +201,14 @@ pub struct BenchSetupArgs {
     #[arg(long, value_name = "DIR")]
     pub interop_dir: Option<PathBuf>,
 
-    /// Also print one JSON object per size on stdout.
+    /// Samples of each floor component (member-state hop, to-device hop,
+    /// loopback ICE/DTLS handshake) measured at the start; 0 skips the
+    /// floor.
+    #[arg(long, value_name = "K", default_value_t = 10, value_parser = clap::value_parser!(u16).range(0..=100))]
+    pub floor_reps: u16,
+
+    /// Also print one JSON object per size on stdout (and one with the
+    /// floor first).
     #[arg(long)]
     pub json: bool,
 }

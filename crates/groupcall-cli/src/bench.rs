@@ -17,7 +17,17 @@
 //! - P4: one extra run per N with the usual 1 s statistics: CPU time over a
 //!   window once the mesh is up, per participant and connected peer
 //!   (groupcall: this process, all N participants; reference: the N Node
-//!   processes).
+//!   processes);
+//! - the floor ([`floor`]): one member-state hop and one to-device hop
+//!   through the same proxy and Synapse, and an ICE + DTLS handshake on
+//!   loopback, measured once at the start of the run; P1 is printed
+//!   against it.
+//!
+//! A run that fails (e.g. the reference at N=12 on 2 cores, not up within
+//! the timeout) is reported with its outcome and the remaining runs of that
+//! system at that size are skipped; the other sizes and systems go on.
+//! Failed groupcall runs (or floor measurement) make the command fail at
+//! the end; failed reference runs are an outcome to report, not an error.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -35,6 +45,11 @@ use crate::join::Signals;
 use crate::local::{self, Local};
 use crate::peers::{self, GroupcallPeer, Obs, RefOptions, RefPeer, Reporter, What};
 use crate::tracker::{Progress, Tracker};
+
+mod floor;
+
+/// How often a run in progress says how far it got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// The one address both systems offer candidates on.
 const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -95,6 +110,8 @@ struct RunResult {
 struct Cell {
     runs: Vec<RunResult>,
     failures: Vec<String>,
+    /// Runs not made after a failure.
+    skipped: usize,
     cpu: Option<f64>,
 }
 
@@ -189,6 +206,37 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
         l.url()
     ));
     env.local = Some(l);
+    let mut floor_error = None;
+    let floor = if args.floor_reps == 0 {
+        None
+    } else {
+        say(&format!(
+            "measuring the floor: {} member-state hops, {} to-device hops, {} loopback handshakes",
+            args.floor_reps, args.floor_reps, args.floor_reps
+        ));
+        let local = env
+            .local
+            .as_ref()
+            .ok_or_else(|| anyhow!("no local Synapse"))?;
+        match floor::measure(local, usize::from(args.floor_reps), "").await {
+            Ok(f) => {
+                say(&format!(
+                    "floor {:.1} ms = member-state hop {} + to-device hop {} + ICE/DTLS handshake {} (ms, median [min–max])",
+                    f.total(),
+                    f.member_state.show(),
+                    f.to_device.show(),
+                    f.handshake.show()
+                ));
+                Some(f)
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                say(&format!("measuring the floor failed: {msg}"));
+                floor_error = Some(msg);
+                None
+            }
+        }
+    };
     let tmp = tempfile::Builder::new()
         .prefix("groupcall-bench-")
         .tempdir()
@@ -204,6 +252,20 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
             let total = usize::from(args.reps) + usize::from(!args.cpu_window.is_zero());
             for rep in 0..total {
                 let cpu_run = rep == usize::from(args.reps);
+                let what = if cpu_run {
+                    "CPU run".to_owned()
+                } else {
+                    format!("rep {}/{}", rep + 1, args.reps)
+                };
+                if !cell.failures.is_empty() {
+                    cell.skipped = total - rep;
+                    say(&format!(
+                        "N={n} {system:?}: skipping the remaining {} runs after the failure",
+                        cell.skipped
+                    ));
+                    break;
+                }
+                say(&format!("N={n} {system:?} {what}: starting"));
                 run_id += 1;
                 let r = run_once(
                     env,
@@ -217,15 +279,12 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
                         encrypted: args.encrypted,
                         interop: interop.as_deref(),
                         data: tmp.path(),
+                        label: format!("N={n} {system:?} {what}"),
+                        bench_start: started,
                     },
                 )
                 .await;
                 env.end_run().await;
-                let what = if cpu_run {
-                    "CPU run".to_owned()
-                } else {
-                    format!("rep {}/{}", rep + 1, args.reps)
-                };
                 match r {
                     Ok(r) => {
                         say(&format!(
@@ -257,19 +316,29 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
         results.push((n, row));
     }
 
-    let text = render(args, &results);
+    let text = render(args, floor.as_ref(), &results);
     println!("{text}");
     if args.json {
+        if let Some(f) = &floor {
+            println!("{}", json!({ "floor": f.json() }));
+        }
         for (n, row) in &results {
-            println!("{}", json_line(*n, row));
+            println!("{}", json_line(*n, row, floor.as_ref()));
         }
     }
     let failures: usize = results
         .iter()
-        .flat_map(|(_, row)| row.iter().map(|(_, c)| c.failures.len()))
+        .flat_map(|(_, row)| {
+            row.iter()
+                .filter(|(s, _)| *s == System::Groupcall)
+                .map(|(_, c)| c.failures.len())
+        })
         .sum();
+    if let Some(e) = floor_error {
+        bail!("measuring the floor failed: {e}");
+    }
     if failures > 0 {
-        bail!("{failures} benchmark runs failed (see the lines above)");
+        bail!("{failures} groupcall benchmark runs failed (see the lines above)");
     }
     Ok(())
 }
@@ -284,6 +353,10 @@ struct RunSpec<'a> {
     encrypted: bool,
     interop: Option<&'a Path>,
     data: &'a Path,
+    /// `N=.. System rep ..`, for progress lines.
+    label: String,
+    /// The bench's start, for progress lines' timestamps.
+    bench_start: Instant,
 }
 
 async fn run_once(env: &mut Env, spec: &RunSpec<'_>) -> anyhow::Result<RunResult> {
@@ -390,16 +463,33 @@ async fn run_once(env: &mut Env, spec: &RunSpec<'_>) -> anyhow::Result<RunResult
 
     // Node needs a few seconds to start: joining may take longer.
     let join_deadline = start + spec.connect_timeout + Duration::from_secs(60);
+    let mut next_progress = start + PROGRESS_EVERY;
     loop {
         let deadline = tracker
             .all_joined()
             .map_or(join_deadline, |t| t + spec.connect_timeout);
         let o = tokio::select! {
             o = rx.recv() => o.ok_or_else(|| anyhow!("every participant stopped"))?,
+            () = tokio::time::sleep_until(next_progress.into()) => {
+                next_progress += PROGRESS_EVERY;
+                eprintln!(
+                    "[{:7.1} s] {}: {} s in, {}",
+                    spec.bench_start.elapsed().as_secs_f64(),
+                    spec.label,
+                    start.elapsed().as_secs(),
+                    how_far(&tracker)
+                );
+                continue;
+            }
             () = tokio::time::sleep_until(deadline.into()) => {
                 let down = tracker.pairs_not_up();
+                let waited = match tracker.all_joined() {
+                    Some(j) => format!("{:.0} s after the last join", j.elapsed().as_secs_f64()),
+                    None => format!("{:.0} s after the start", start.elapsed().as_secs_f64()),
+                };
                 bail!(
-                    "not up within the timeout: {}",
+                    "not up {waited} ({}): {}",
+                    how_far(&tracker),
                     down.into_iter().take(3).collect::<Vec<_>>().join("; ")
                 );
             }
@@ -504,6 +594,22 @@ async fn run_once(env: &mut Env, spec: &RunSpec<'_>) -> anyhow::Result<RunResult
     })
 }
 
+/// `j/N joined, p/P pairs up`.
+fn how_far(tracker: &Tracker) -> String {
+    let joined = tracker.joined.iter().filter(|j| j.is_some()).count();
+    let summaries = tracker.summaries();
+    let up = summaries.iter().filter(|p| p.up()).count();
+    let connected = summaries
+        .iter()
+        .filter(|p| p.connected_ms.is_some())
+        .count();
+    format!(
+        "{joined}/{} joined, {connected}/{} pairs connected, {up} with media both ways",
+        tracker.n(),
+        summaries.len()
+    )
+}
+
 /// Keeps folding observations in for `d`; a fatal one is an error.
 async fn drain_for(
     rx: &mut mpsc::UnboundedReceiver<Obs>,
@@ -542,7 +648,10 @@ fn fmt_p1(c: Option<&Cell>) -> String {
                 }
             )
         }
-        None => "-".to_owned(),
+        None => match c {
+            Some(c) if !c.failures.is_empty() => "failed (see below)".to_owned(),
+            _ => "-".to_owned(),
+        },
     }
 }
 
@@ -557,7 +666,11 @@ fn opt(v: Option<f64>, prec: usize) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{v:.prec$}"))
 }
 
-fn render(args: &BenchSetupArgs, results: &[(usize, Vec<(System, Cell)>)]) -> String {
+fn render(
+    args: &BenchSetupArgs,
+    floor: Option<&floor::Floor>,
+    results: &[(usize, Vec<(System, Cell)>)],
+) -> String {
     let g = System::Groupcall;
     let r = System::Reference;
     let mut t = String::new();
@@ -572,28 +685,61 @@ fn render(args: &BenchSetupArgs, results: &[(usize, Vec<(System, Cell)>)]) -> St
         },
         machine()
     );
+    if let Some(f) = floor {
+        let _ = writeln!(
+            t,
+            "\nFloor (same Synapse and proxy, this run; ms, median [min–max] of {}):\n  member-state hop (PUT state -> the other user's parked /sync returns)  {}\n  to-device hop (PUT sendToDevice m.call.invite, 2 KB -> parked /sync)   {}\n  ICE + DTLS handshake, two groupcall-media peers on 127.0.0.1           {}\n  floor = sum of the medians                                             {:.1}",
+            f.member_state.count,
+            f.member_state.show(),
+            f.to_device.show(),
+            f.handshake.show(),
+            f.total()
+        );
+    }
     let _ = writeln!(
         t,
         "\nP1  setup: last join -> every pair has audio and video both ways, ms, median [min–max]\n    (end point: groupcall a depacketized RTP frame, polled every 20 ms; reference a decoded frame, reported at once;\n     both offer one candidate, UDP 127.0.0.1)"
     );
     let _ = writeln!(
         t,
-        "  {:>3}  {:>22}  {:>22}  {:>17}",
-        "N", "groupcall", "reference", "groupcall/ref"
+        "  {:>3}  {:>22}  {:>22}  {:>13}  {:>15}  {:>15}",
+        "N", "groupcall", "reference", "groupcall/ref", "groupcall/floor", "reference/floor"
     );
+    let x = |v: Option<f64>| v.map_or("-".to_owned(), |x| format!("{x:.2}x"));
     for (n, row) in results {
         let (gc, rc) = (cell(row, g), cell(row, r));
-        let rt = ratio(
-            gc.and_then(Cell::p1).map(|x| x.0),
-            rc.and_then(Cell::p1).map(|x| x.0),
-        );
+        let gm = gc.and_then(Cell::p1).map(|x| x.0);
+        let rm = rc.and_then(Cell::p1).map(|x| x.0);
+        let fl = floor.map(floor::Floor::total);
         let _ = writeln!(
             t,
-            "  {n:>3}  {:>22}  {:>22}  {:>17}",
+            "  {n:>3}  {:>22}  {:>22}  {:>13}  {:>15}  {:>15}",
             fmt_p1(gc),
             fmt_p1(rc),
-            rt.map_or("-".to_owned(), |x| format!("{x:.2}x"))
+            x(ratio(gm, rm)),
+            x(ratio(gm, fl)),
+            x(ratio(rm, fl))
         );
+    }
+    let mut outcomes = Vec::new();
+    for (n, row) in results {
+        for (system, c) in row {
+            for (i, f) in c.failures.iter().enumerate() {
+                outcomes.push(format!("  N={n} {system:?}: run {} failed: {f}", i + 1));
+            }
+            if c.skipped > 0 {
+                outcomes.push(format!(
+                    "  N={n} {system:?}: {} further runs (reps and CPU run) skipped after the failure",
+                    c.skipped
+                ));
+            }
+        }
+    }
+    if !outcomes.is_empty() {
+        let _ = writeln!(t, "\nRuns that did not complete:");
+        for o in outcomes {
+            let _ = writeln!(t, "{o}");
+        }
     }
     let _ = writeln!(
         t,
@@ -644,7 +790,7 @@ fn render(args: &BenchSetupArgs, results: &[(usize, Vec<(System, Cell)>)]) -> St
     t
 }
 
-fn json_line(n: usize, row: &[(System, Cell)]) -> Value {
+fn json_line(n: usize, row: &[(System, Cell)], floor: Option<&floor::Floor>) -> Value {
     let gc = cell(row, System::Groupcall);
     let rc = cell(row, System::Reference);
     let p1 = |c: Option<&Cell>| c.and_then(Cell::p1);
@@ -663,6 +809,9 @@ fn json_line(n: usize, row: &[(System, Cell)]) -> Value {
         "reference_max_ms": p1(rc).map(|x| x.2),
         "reference_runs_ms": runs(rc),
         "ratio": ratio(p1(gc).map(|x| x.0), p1(rc).map(|x| x.0)),
+        "floor_ms": floor.map(floor::Floor::total),
+        "groupcall_floor_ratio": ratio(p1(gc).map(|x| x.0), floor.map(floor::Floor::total)),
+        "reference_floor_ratio": ratio(p1(rc).map(|x| x.0), floor.map(floor::Floor::total)),
         "groupcall_todevice_per_pair": pp(gc, |x| x.messages),
         "reference_todevice_per_pair": pp(rc, |x| x.messages),
         "groupcall_todevice_requests_per_pair": pp(gc, |x| x.requests),
@@ -676,6 +825,10 @@ fn json_line(n: usize, row: &[(System, Cell)]) -> Value {
         "cpu_ratio": ratio(cpu(gc), cpu(rc)),
         "groupcall_failed_runs": gc.map(|c| c.failures.len()),
         "reference_failed_runs": rc.map(|c| c.failures.len()),
+        "groupcall_failures": gc.map(|c| c.failures.clone()),
+        "reference_failures": rc.map(|c| c.failures.clone()),
+        "groupcall_skipped_runs": gc.map(|c| c.skipped),
+        "reference_skipped_runs": rc.map(|c| c.skipped),
     })
 }
 
