@@ -844,4 +844,64 @@ mod tests {
         assert_eq!(ratio(Some(1.0), Some(4.0)), Some(0.25));
         assert_eq!(ratio(Some(1.0), None), None);
     }
+
+    /// A reference that failed at N=12 is reported with its outcome, next to
+    /// groupcall's figures and the floor.
+    #[test]
+    fn render_states_failed_runs_and_the_floor() {
+        use clap::Parser as _;
+        let cli = crate::args::Cli::try_parse_from([
+            "groupcall",
+            "bench",
+            "setup",
+            "--sizes",
+            "12",
+            "--reps",
+            "1",
+        ])
+        .unwrap();
+        let crate::args::Cmd::Bench(crate::args::BenchCmd::Setup(args)) = cli.command else {
+            panic!("not bench setup");
+        };
+        let c = |m| floor::Component {
+            median: m,
+            min: m,
+            max: m,
+            count: 1,
+        };
+        let fl = floor::Floor {
+            member_state: c(20.0),
+            to_device: c(10.0),
+            handshake: c(10.0),
+        };
+        let gc = Cell {
+            runs: vec![RunResult {
+                setup_ms: 400.0,
+                breakdown: String::new(),
+                counts: Counts::default(),
+                cpu: None,
+            }],
+            cpu: Some(3.0),
+            ..Cell::default()
+        };
+        let rc = Cell {
+            failures: vec!["not up 60 s after the last join".to_owned()],
+            skipped: 1,
+            ..Cell::default()
+        };
+        let results = vec![(12, vec![(System::Groupcall, gc), (System::Reference, rc)])];
+        let t = render(&args, Some(&fl), &results);
+        assert!(t.contains("floor = sum of the medians"), "{t}");
+        assert!(t.contains("10.00x"), "400 ms against a 40 ms floor: {t}");
+        assert!(t.contains("failed (see below)"), "{t}");
+        assert!(
+            t.contains("N=12 Reference: run 1 failed: not up 60 s after the last join"),
+            "{t}"
+        );
+        assert!(t.contains("1 further runs"), "{t}");
+        let j = json_line(12, &results[0].1, Some(&fl));
+        assert_eq!(j["groupcall_floor_ratio"], 10.0);
+        assert_eq!(j["reference_failed_runs"], 1);
+        assert_eq!(j["reference_ms"], Value::Null);
+    }
 }
