@@ -207,36 +207,7 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
     ));
     env.local = Some(l);
     let mut floor_error = None;
-    let floor = if args.floor_reps == 0 {
-        None
-    } else {
-        say(&format!(
-            "measuring the floor: {} member-state hops, {} to-device hops, {} loopback handshakes",
-            args.floor_reps, args.floor_reps, args.floor_reps
-        ));
-        let local = env
-            .local
-            .as_ref()
-            .ok_or_else(|| anyhow!("no local Synapse"))?;
-        match floor::measure(local, usize::from(args.floor_reps), "").await {
-            Ok(f) => {
-                say(&format!(
-                    "floor {:.1} ms = member-state hop {} + to-device hop {} + ICE/DTLS handshake {} (ms, median [min–max])",
-                    f.total(),
-                    f.member_state.show(),
-                    f.to_device.show(),
-                    f.handshake.show()
-                ));
-                Some(f)
-            }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                say(&format!("measuring the floor failed: {msg}"));
-                floor_error = Some(msg);
-                None
-            }
-        }
-    };
+    let floor = measure_floor(env, args.floor_reps, "", &say, &mut floor_error).await;
     let tmp = tempfile::Builder::new()
         .prefix("groupcall-bench-")
         .tempdir()
@@ -316,11 +287,17 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
         results.push((n, row));
     }
 
-    let text = render(args, floor.as_ref(), &results);
+    // Again at the end: how much the machine's load moved the floor during
+    // the run.
+    let floor_end = measure_floor(env, args.floor_reps, "end", &say, &mut floor_error).await;
+    let text = render(args, floor.as_ref(), floor_end.as_ref(), &results);
     println!("{text}");
     if args.json {
         if let Some(f) = &floor {
-            println!("{}", json!({ "floor": f.json() }));
+            println!(
+                "{}",
+                json!({ "floor": f.json(), "floor_end": floor_end.as_ref().map(floor::Floor::json) })
+            );
         }
         for (n, row) in &results {
             println!("{}", json_line(*n, row, floor.as_ref()));
@@ -341,6 +318,50 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
         bail!("{failures} groupcall benchmark runs failed (see the lines above)");
     }
     Ok(())
+}
+
+/// Measures the floor (unless `reps` is 0), saying what it found; an error
+/// is said and kept in `error`.
+async fn measure_floor(
+    env: &Env,
+    reps: u16,
+    tag: &str,
+    say: &impl Fn(&str),
+    error: &mut Option<String>,
+) -> Option<floor::Floor> {
+    if reps == 0 {
+        return None;
+    }
+    let when = if tag.is_empty() {
+        ""
+    } else {
+        " (end of the run)"
+    };
+    say(&format!(
+        "measuring the floor{when}: {reps} member-state hops, {reps} to-device hops, {reps} loopback handshakes"
+    ));
+    let r = match env.local.as_ref() {
+        Some(local) => floor::measure(local, usize::from(reps), tag).await,
+        None => Err(anyhow!("no local Synapse")),
+    };
+    match r {
+        Ok(f) => {
+            say(&format!(
+                "floor{when} {:.1} ms = member-state hop {} + to-device hop {} + ICE/DTLS handshake {} (ms, median [min–max])",
+                f.total(),
+                f.member_state.show(),
+                f.to_device.show(),
+                f.handshake.show()
+            ));
+            Some(f)
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            say(&format!("measuring the floor{when} failed: {msg}"));
+            error.get_or_insert(msg);
+            None
+        }
+    }
 }
 
 struct RunSpec<'a> {
@@ -669,6 +690,7 @@ fn opt(v: Option<f64>, prec: usize) -> String {
 fn render(
     args: &BenchSetupArgs,
     floor: Option<&floor::Floor>,
+    floor_end: Option<&floor::Floor>,
     results: &[(usize, Vec<(System, Cell)>)],
 ) -> String {
     let g = System::Groupcall;
@@ -695,6 +717,16 @@ fn render(
             f.handshake.show(),
             f.total()
         );
+        if let Some(e) = floor_end {
+            let _ = writeln!(
+                t,
+                "  again at the end of the run: {:.1} + {:.1} + {:.1} = {:.1} (the ratios below use the first)",
+                e.member_state.median,
+                e.to_device.median,
+                e.handshake.median,
+                e.total()
+            );
+        }
     }
     let _ = writeln!(
         t,
@@ -890,7 +922,7 @@ mod tests {
             ..Cell::default()
         };
         let results = vec![(12, vec![(System::Groupcall, gc), (System::Reference, rc)])];
-        let t = render(&args, Some(&fl), &results);
+        let t = render(&args, Some(&fl), None, &results);
         assert!(t.contains("floor = sum of the medians"), "{t}");
         assert!(t.contains("10.00x"), "400 ms against a 40 ms floor: {t}");
         assert!(t.contains("failed (see below)"), "{t}");

@@ -598,7 +598,8 @@ async fn join_wait_joins_a_call_the_reference_starts_later() {
 }
 
 /// `groupcall bench setup` end to end, tiny: the floor (2 samples of each
-/// component) and one N=2 run of each system on its own Synapse. Not
+/// component, at the start and at the end) and one N=2 run of each system
+/// on its own Synapse. Not
 /// timed: it asserts that every figure is there and consistent, not how
 /// large it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -657,6 +658,10 @@ async fn bench_setup_measures_the_floor_and_both_systems() {
     }
     let floor_ms = floor["floor_ms"].as_f64().unwrap();
     assert!((floor_ms - sum).abs() < 1e-6, "{report}");
+    // Measured again at the end of the run.
+    for part in ["member_state_hop", "to_device_hop", "handshake"] {
+        assert_eq!(lines[0]["floor_end"][part]["samples"], 2, "{report}");
+    }
 
     let n2 = &lines[1];
     assert_eq!(n2["n"], 2, "{report}");
