@@ -207,7 +207,35 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
     ));
     env.local = Some(l);
     let mut floor_error = None;
-    let floor = measure_floor(env, args.floor_reps, "", &say, &mut floor_error).await;
+    let mut prober = None;
+    if args.floor_reps > 0 {
+        match env.local.as_ref() {
+            Some(local) => match floor::Prober::new(local, "").await {
+                Ok(p) => prober = Some(p),
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    say(&format!("preparing the floor measurement failed: {msg}"));
+                    floor_error = Some(msg);
+                }
+            },
+            None => floor_error = Some("no local Synapse".to_owned()),
+        }
+    }
+    // Every floor sample of the run: at the start, between the runs, at the
+    // end. The ratios use all of them, so the floor sees the same load as
+    // the calls.
+    let mut floor_all = floor::Samples::default();
+    let floor_start = measure_floor(
+        &mut prober,
+        args.floor_reps,
+        "at the start",
+        &say,
+        &mut floor_error,
+    )
+    .await;
+    if let Some(f) = &floor_start {
+        floor_all.extend(f);
+    }
     let tmp = tempfile::Builder::new()
         .prefix("groupcall-bench-")
         .tempdir()
@@ -235,6 +263,12 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
                         cell.skipped
                     ));
                     break;
+                }
+                if !cpu_run
+                    && let Some(f) =
+                        measure_floor(&mut prober, FLOOR_PER_RUN, "", &say, &mut floor_error).await
+                {
+                    floor_all.extend(&f);
                 }
                 say(&format!("N={n} {system:?} {what}: starting"));
                 run_id += 1;
@@ -287,16 +321,35 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
         results.push((n, row));
     }
 
-    // Again at the end: how much the machine's load moved the floor during
-    // the run.
-    let floor_end = measure_floor(env, args.floor_reps, "end", &say, &mut floor_error).await;
-    let text = render(args, floor.as_ref(), floor_end.as_ref(), &results);
+    let floor_end = measure_floor(
+        &mut prober,
+        args.floor_reps,
+        "at the end",
+        &say,
+        &mut floor_error,
+    )
+    .await;
+    if let Some(f) = &floor_end {
+        floor_all.extend(f);
+    }
+    let floor = floor_all.floor();
+    let start = floor_start.as_ref().and_then(floor::Samples::floor);
+    let end = floor_end.as_ref().and_then(floor::Samples::floor);
+    let parts: Vec<(&str, floor::Floor)> = [("at the start", start), ("at the end", end)]
+        .into_iter()
+        .filter_map(|(w, f)| Some((w, f?)))
+        .collect();
+    let text = render(args, floor.as_ref(), &parts, &results);
     println!("{text}");
     if args.json {
         if let Some(f) = &floor {
             println!(
                 "{}",
-                json!({ "floor": f.json(), "floor_end": floor_end.as_ref().map(floor::Floor::json) })
+                json!({
+                    "floor": f.json(),
+                    "floor_start": start.as_ref().map(floor::Floor::json),
+                    "floor_end": end.as_ref().map(floor::Floor::json),
+                })
             );
         }
         for (n, row) in &results {
@@ -320,45 +373,48 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Measures the floor (unless `reps` is 0), saying what it found; an error
-/// is said and kept in `error`.
+/// Floor samples of each component taken before each P1 run.
+const FLOOR_PER_RUN: u16 = 2;
+
+/// Takes `reps` floor samples of each component (unless there is no
+/// prober), saying what it found when `when` is not empty; an error is said
+/// and kept in `error`, and ends the floor measurement.
 async fn measure_floor(
-    env: &Env,
+    prober: &mut Option<floor::Prober>,
     reps: u16,
-    tag: &str,
+    when: &str,
     say: &impl Fn(&str),
     error: &mut Option<String>,
-) -> Option<floor::Floor> {
+) -> Option<floor::Samples> {
+    let p = prober.as_mut()?;
     if reps == 0 {
         return None;
     }
-    let when = if tag.is_empty() {
-        ""
-    } else {
-        " (end of the run)"
-    };
-    say(&format!(
-        "measuring the floor{when}: {reps} member-state hops, {reps} to-device hops, {reps} loopback handshakes"
-    ));
-    let r = match env.local.as_ref() {
-        Some(local) => floor::measure(local, usize::from(reps), tag).await,
-        None => Err(anyhow!("no local Synapse")),
-    };
-    match r {
-        Ok(f) => {
-            say(&format!(
-                "floor{when} {:.1} ms = member-state hop {} + to-device hop {} + ICE/DTLS handshake {} (ms, median [min–max])",
-                f.total(),
-                f.member_state.show(),
-                f.to_device.show(),
-                f.handshake.show()
-            ));
-            Some(f)
+    if !when.is_empty() {
+        say(&format!(
+            "measuring the floor {when}: {reps} member-state hops, {reps} to-device hops, {reps} loopback handshakes"
+        ));
+    }
+    match p.sample(usize::from(reps)).await {
+        Ok(samples) => {
+            if !when.is_empty()
+                && let Some(f) = samples.floor()
+            {
+                say(&format!(
+                    "floor {when} {:.1} ms = member-state hop {} + to-device hop {} + ICE/DTLS handshake {} (ms, median [min–max])",
+                    f.total(),
+                    f.member_state.show(),
+                    f.to_device.show(),
+                    f.handshake.show()
+                ));
+            }
+            Some(samples)
         }
         Err(e) => {
             let msg = format!("{e:#}");
-            say(&format!("measuring the floor{when} failed: {msg}"));
+            say(&format!("measuring the floor failed: {msg}"));
             error.get_or_insert(msg);
+            *prober = None;
             None
         }
     }
@@ -690,7 +746,7 @@ fn opt(v: Option<f64>, prec: usize) -> String {
 fn render(
     args: &BenchSetupArgs,
     floor: Option<&floor::Floor>,
-    floor_end: Option<&floor::Floor>,
+    parts: &[(&str, floor::Floor)],
     results: &[(usize, Vec<(System, Cell)>)],
 ) -> String {
     let g = System::Groupcall;
@@ -710,17 +766,18 @@ fn render(
     if let Some(f) = floor {
         let _ = writeln!(
             t,
-            "\nFloor (same Synapse and proxy, this run; ms, median [min–max] of {}):\n  member-state hop (PUT state -> the other user's parked /sync returns)  {}\n  to-device hop (PUT sendToDevice m.call.invite, 2 KB -> parked /sync)   {}\n  ICE + DTLS handshake, two groupcall-media peers on 127.0.0.1           {}\n  floor = sum of the medians                                             {:.1}",
+            "\nFloor (same Synapse and proxy, this run: at the start, before each P1 run and at the end; ms, median [min–max] of {}):\n  member-state hop (PUT state -> the other user's parked /sync returns)  {}\n  to-device hop (PUT sendToDevice m.call.invite, 2 KB -> parked /sync)   {}\n  ICE + DTLS handshake, two groupcall-media peers on 127.0.0.1           {}\n  floor = sum of the medians                                             {:.1}",
             f.member_state.count,
             f.member_state.show(),
             f.to_device.show(),
             f.handshake.show(),
             f.total()
         );
-        if let Some(e) = floor_end {
+        for (when, e) in parts {
             let _ = writeln!(
                 t,
-                "  again at the end of the run: {:.1} + {:.1} + {:.1} = {:.1} (the ratios below use the first)",
+                "  {when} alone ({} samples): {:.1} + {:.1} + {:.1} = {:.1}",
+                e.member_state.count,
                 e.member_state.median,
                 e.to_device.median,
                 e.handshake.median,
@@ -922,7 +979,7 @@ mod tests {
             ..Cell::default()
         };
         let results = vec![(12, vec![(System::Groupcall, gc), (System::Reference, rc)])];
-        let t = render(&args, Some(&fl), None, &results);
+        let t = render(&args, Some(&fl), &[], &results);
         assert!(t.contains("floor = sum of the medians"), "{t}");
         assert!(t.contains("10.00x"), "400 ms against a 40 ms floor: {t}");
         assert!(t.contains("failed (see below)"), "{t}");

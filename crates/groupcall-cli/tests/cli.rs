@@ -598,8 +598,8 @@ async fn join_wait_joins_a_call_the_reference_starts_later() {
 }
 
 /// `groupcall bench setup` end to end, tiny: the floor (2 samples of each
-/// component, at the start and at the end) and one N=2 run of each system
-/// on its own Synapse. Not
+/// component at the start, before each run and at the end) and one N=2 run
+/// of each system on its own Synapse. Not
 /// timed: it asserts that every figure is there and consistent, not how
 /// large it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -644,7 +644,8 @@ async fn bench_setup_measures_the_floor_and_both_systems() {
     let mut sum = 0.0;
     for part in ["member_state_hop", "to_device_hop", "handshake"] {
         let c = &floor[part];
-        assert_eq!(c["samples"], 2, "{part}; {report}");
+        // 2 at the start, 2 before each of the two runs, 2 at the end.
+        assert_eq!(c["samples"], 8, "{part}; {report}");
         let (min, median, max) = (
             c["min_ms"].as_f64().unwrap(),
             c["median_ms"].as_f64().unwrap(),
@@ -658,8 +659,9 @@ async fn bench_setup_measures_the_floor_and_both_systems() {
     }
     let floor_ms = floor["floor_ms"].as_f64().unwrap();
     assert!((floor_ms - sum).abs() < 1e-6, "{report}");
-    // Measured again at the end of the run.
+    // The start and the end alone, as well.
     for part in ["member_state_hop", "to_device_hop", "handshake"] {
+        assert_eq!(lines[0]["floor_start"][part]["samples"], 2, "{report}");
         assert_eq!(lines[0]["floor_end"][part]["samples"], 2, "{report}");
     }
 

@@ -186,102 +186,164 @@ enum Hop {
     ToDevice,
 }
 
-/// Measures the floor: `reps` samples of each component.
-pub async fn measure(local: &Local, reps: usize, run_tag: &str) -> anyhow::Result<Floor> {
-    let password = "floor-pw";
-    let mut users = Vec::new();
-    for who in ["a", "b"] {
-        let name = format!("floor{run_tag}{who}");
-        let u = local
-            .synapse
-            .register_user(&name, password)
-            .await
-            .with_context(|| format!("registering {name}"))?;
-        users.push(User {
-            user_id: u.user_id,
-            device_id: u.device_id,
-            token: u.access_token,
-        });
-    }
-    // Straight to the proxy on 127.0.0.1, whatever HTTP_PROXY says.
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .context("building an HTTP client")?;
-    let base = local.url();
-    let a = Api {
-        http: &http,
-        base: &base,
-        user: &users[0],
-    };
-    let b = Api {
-        http: &http,
-        base: &base,
-        user: &users[1],
-    };
-    let t = Duration::from_secs(30);
-    let room = a
-        .call(
-            reqwest::Method::POST,
-            "/createRoom",
-            Some(&json!({"preset": "public_chat", "name": "floor"})),
-            t,
-        )
-        .await?
-        .get("room_id")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("createRoom without room_id"))?;
-    b.call(
-        reqwest::Method::POST,
-        &format!("/join/{room}"),
-        Some(&json!({})),
-        t,
-    )
-    .await?;
-    let filter = b
-        .call(
-            reqwest::Method::POST,
-            &format!("/user/{}/filter", b.user.user_id),
-            Some(&json!({
-                "presence": {"types": []},
-                "account_data": {"types": []},
-                "room": {
-                    "timeline": {"limit": 5},
-                    "ephemeral": {"types": []},
-                    "account_data": {"types": []},
-                },
-            })),
-            t,
-        )
-        .await?
-        .get("filter_id")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("a filter without filter_id"))?;
+/// Samples of the floor's components, in ms.
+#[derive(Debug, Default, Clone)]
+pub struct Samples {
+    member_state: Vec<f64>,
+    to_device: Vec<f64>,
+    handshake: Vec<f64>,
+}
 
-    let mut member = Vec::new();
-    let mut to_device = Vec::new();
-    // Alternate the two kinds, so that a burst of load elsewhere on the
-    // machine hits both alike.
-    for i in 0..reps {
-        for hop in [Hop::MemberState, Hop::ToDevice] {
-            let ms = one_hop(&a, &b, &filter, &room, hop, &format!("{run_tag}-{i}")).await?;
-            match hop {
-                Hop::MemberState => member.push(ms),
-                Hop::ToDevice => to_device.push(ms),
+impl Samples {
+    /// Adds another set of samples.
+    pub fn extend(&mut self, o: &Samples) {
+        self.member_state.extend_from_slice(&o.member_state);
+        self.to_device.extend_from_slice(&o.to_device);
+        self.handshake.extend_from_slice(&o.handshake);
+    }
+
+    /// The floor of these samples (`None` without samples of each).
+    pub fn floor(&self) -> Option<Floor> {
+        Some(Floor {
+            member_state: Component::of(self.member_state.clone())?,
+            to_device: Component::of(self.to_device.clone())?,
+            handshake: Component::of(self.handshake.clone())?,
+        })
+    }
+}
+
+/// Two users in a room of their own, ready to measure hops.
+pub struct Prober {
+    http: reqwest::Client,
+    base: String,
+    users: [User; 2],
+    room: String,
+    filter: String,
+    taken: usize,
+}
+
+impl Prober {
+    /// Registers the two users (`floor{tag}a`, `floor{tag}b`), creates
+    /// their room and B's sync filter.
+    pub async fn new(local: &Local, tag: &str) -> anyhow::Result<Prober> {
+        let password = "floor-pw";
+        let mut users = Vec::new();
+        for who in ["a", "b"] {
+            let name = format!("floor{tag}{who}");
+            let u = local
+                .synapse
+                .register_user(&name, password)
+                .await
+                .with_context(|| format!("registering {name}"))?;
+            users.push(User {
+                user_id: u.user_id,
+                device_id: u.device_id,
+                token: u.access_token,
+            });
+        }
+        let [ua, ub]: [User; 2] = users
+            .try_into()
+            .map_err(|_| anyhow!("two users expected"))?;
+        // Straight to the proxy on 127.0.0.1, whatever HTTP_PROXY says.
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .context("building an HTTP client")?;
+        let base = local.url();
+        let t = Duration::from_secs(30);
+        let (room, filter) = {
+            let a = Api {
+                http: &http,
+                base: &base,
+                user: &ua,
+            };
+            let b = Api {
+                http: &http,
+                base: &base,
+                user: &ub,
+            };
+            let room = a
+                .call(
+                    reqwest::Method::POST,
+                    "/createRoom",
+                    Some(&json!({"preset": "public_chat", "name": "floor"})),
+                    t,
+                )
+                .await?
+                .get("room_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("createRoom without room_id"))?;
+            b.call(
+                reqwest::Method::POST,
+                &format!("/join/{room}"),
+                Some(&json!({})),
+                t,
+            )
+            .await?;
+            let filter = b
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/user/{}/filter", b.user.user_id),
+                    Some(&json!({
+                        "presence": {"types": []},
+                        "account_data": {"types": []},
+                        "room": {
+                            "timeline": {"limit": 5},
+                            "ephemeral": {"types": []},
+                            "account_data": {"types": []},
+                        },
+                    })),
+                    t,
+                )
+                .await?
+                .get("filter_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("a filter without filter_id"))?;
+            (room, filter)
+        };
+        Ok(Prober {
+            http,
+            base,
+            users: [ua, ub],
+            room,
+            filter,
+            taken: 0,
+        })
+    }
+
+    /// `reps` samples of each component.
+    pub async fn sample(&mut self, reps: usize) -> anyhow::Result<Samples> {
+        let a = Api {
+            http: &self.http,
+            base: &self.base,
+            user: &self.users[0],
+        };
+        let b = Api {
+            http: &self.http,
+            base: &self.base,
+            user: &self.users[1],
+        };
+        let mut out = Samples::default();
+        // Alternate the two kinds, so that a burst of load elsewhere on the
+        // machine hits both alike.
+        for _ in 0..reps {
+            self.taken += 1;
+            let tag = format!("{}", self.taken);
+            for hop in [Hop::MemberState, Hop::ToDevice] {
+                let ms = one_hop(&a, &b, &self.filter, &self.room, hop, &tag).await?;
+                match hop {
+                    Hop::MemberState => out.member_state.push(ms),
+                    Hop::ToDevice => out.to_device.push(ms),
+                }
             }
         }
+        for _ in 0..reps {
+            out.handshake.push(handshake().await?);
+        }
+        Ok(out)
     }
-    let mut handshakes = Vec::new();
-    for _ in 0..reps {
-        handshakes.push(handshake().await?);
-    }
-    Ok(Floor {
-        member_state: Component::of(member).ok_or_else(|| anyhow!("no samples"))?,
-        to_device: Component::of(to_device).ok_or_else(|| anyhow!("no samples"))?,
-        handshake: Component::of(handshakes).ok_or_else(|| anyhow!("no samples"))?,
-    })
 }
 
 /// A filler of a real invite's size: its SDP is about 2 KB.
