@@ -58,15 +58,20 @@ pub enum Cmd {
 #[derive(Subcommand)]
 pub enum BenchCmd {
     /// Call setup: groupcall and the reference on one local Synapse, N = 2,
-    /// 4, 8 participants, several repetitions each.
+    /// 4, 8 participants (--sizes, up to 16), several repetitions each.
     ///
     /// P1: time from the last participant's join (its first member state
     /// event reaching the homeserver) until every pair receives audio and
     /// video frames both ways. P2: to-device requests, messages and bytes
     /// per pair, and member state events, counted by an HTTP proxy in front
     /// of Synapse. P4: CPU time per participant and connected peer over a
-    /// fixed window once the mesh is up. Prints a table; with --json also
-    /// one JSON object per N on stdout.
+    /// fixed window once the mesh is up. The floor, measured first against
+    /// the same Synapse: one member-state hop, one to-device hop and an
+    /// ICE/DTLS handshake on loopback; P1 is shown against it. A run that
+    /// does not complete is reported with its outcome (the remaining runs
+    /// of that system and size are skipped); only groupcall's failures make
+    /// the command fail. Prints a table; with --json also one JSON object
+    /// for the floor and one per N on stdout.
     Setup(BenchSetupArgs),
 }
 
@@ -201,7 +206,14 @@ pub struct BenchSetupArgs {
     #[arg(long, value_name = "DIR")]
     pub interop_dir: Option<PathBuf>,
 
-    /// Also print one JSON object per size on stdout.
+    /// Samples of each floor component (member-state hop, to-device hop,
+    /// loopback ICE/DTLS handshake) measured at the start; 0 skips the
+    /// floor.
+    #[arg(long, value_name = "K", default_value_t = 10, value_parser = clap::value_parser!(u16).range(0..=100))]
+    pub floor_reps: u16,
+
+    /// Also print one JSON object per size on stdout (and one with the
+    /// floor first).
     #[arg(long)]
     pub json: bool,
 }

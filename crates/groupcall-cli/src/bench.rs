@@ -17,7 +17,17 @@
 //! - P4: one extra run per N with the usual 1 s statistics: CPU time over a
 //!   window once the mesh is up, per participant and connected peer
 //!   (groupcall: this process, all N participants; reference: the N Node
-//!   processes).
+//!   processes);
+//! - the floor ([`floor`]): one member-state hop and one to-device hop
+//!   through the same proxy and Synapse, and an ICE + DTLS handshake on
+//!   loopback, measured once at the start of the run; P1 is printed
+//!   against it.
+//!
+//! A run that fails (e.g. the reference at N=12 on 2 cores, not up within
+//! the timeout) is reported with its outcome and the remaining runs of that
+//! system at that size are skipped; the other sizes and systems go on.
+//! Failed groupcall runs (or floor measurement) make the command fail at
+//! the end; failed reference runs are an outcome to report, not an error.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -35,6 +45,11 @@ use crate::join::Signals;
 use crate::local::{self, Local};
 use crate::peers::{self, GroupcallPeer, Obs, RefOptions, RefPeer, Reporter, What};
 use crate::tracker::{Progress, Tracker};
+
+mod floor;
+
+/// How often a run in progress says how far it got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// The one address both systems offer candidates on.
 const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -95,6 +110,8 @@ struct RunResult {
 struct Cell {
     runs: Vec<RunResult>,
     failures: Vec<String>,
+    /// Runs not made after a failure.
+    skipped: usize,
     cpu: Option<f64>,
 }
 
@@ -189,6 +206,36 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
         l.url()
     ));
     env.local = Some(l);
+    let mut floor_error = None;
+    let mut prober = None;
+    if args.floor_reps > 0 {
+        match env.local.as_ref() {
+            Some(local) => match floor::Prober::new(local, "").await {
+                Ok(p) => prober = Some(p),
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    say(&format!("preparing the floor measurement failed: {msg}"));
+                    floor_error = Some(msg);
+                }
+            },
+            None => floor_error = Some("no local Synapse".to_owned()),
+        }
+    }
+    // Every floor sample of the run: at the start, between the runs, at the
+    // end. The ratios use all of them, so the floor sees the same load as
+    // the calls.
+    let mut floor_all = floor::Samples::default();
+    let floor_start = measure_floor(
+        &mut prober,
+        args.floor_reps,
+        "at the start",
+        &say,
+        &mut floor_error,
+    )
+    .await;
+    if let Some(f) = &floor_start {
+        floor_all.extend(f);
+    }
     let tmp = tempfile::Builder::new()
         .prefix("groupcall-bench-")
         .tempdir()
@@ -204,6 +251,26 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
             let total = usize::from(args.reps) + usize::from(!args.cpu_window.is_zero());
             for rep in 0..total {
                 let cpu_run = rep == usize::from(args.reps);
+                let what = if cpu_run {
+                    "CPU run".to_owned()
+                } else {
+                    format!("rep {}/{}", rep + 1, args.reps)
+                };
+                if !cell.failures.is_empty() {
+                    cell.skipped = total - rep;
+                    say(&format!(
+                        "N={n} {system:?}: skipping the remaining {} runs after the failure",
+                        cell.skipped
+                    ));
+                    break;
+                }
+                if !cpu_run
+                    && let Some(f) =
+                        measure_floor(&mut prober, FLOOR_PER_RUN, "", &say, &mut floor_error).await
+                {
+                    floor_all.extend(&f);
+                }
+                say(&format!("N={n} {system:?} {what}: starting"));
                 run_id += 1;
                 let r = run_once(
                     env,
@@ -217,15 +284,12 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
                         encrypted: args.encrypted,
                         interop: interop.as_deref(),
                         data: tmp.path(),
+                        label: format!("N={n} {system:?} {what}"),
+                        bench_start: started,
                     },
                 )
                 .await;
                 env.end_run().await;
-                let what = if cpu_run {
-                    "CPU run".to_owned()
-                } else {
-                    format!("rep {}/{}", rep + 1, args.reps)
-                };
                 match r {
                     Ok(r) => {
                         say(&format!(
@@ -257,21 +321,103 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
         results.push((n, row));
     }
 
-    let text = render(args, &results);
+    let floor_end = measure_floor(
+        &mut prober,
+        args.floor_reps,
+        "at the end",
+        &say,
+        &mut floor_error,
+    )
+    .await;
+    if let Some(f) = &floor_end {
+        floor_all.extend(f);
+    }
+    let floor = floor_all.floor();
+    let start = floor_start.as_ref().and_then(floor::Samples::floor);
+    let end = floor_end.as_ref().and_then(floor::Samples::floor);
+    let parts: Vec<(&str, floor::Floor)> = [("at the start", start), ("at the end", end)]
+        .into_iter()
+        .filter_map(|(w, f)| Some((w, f?)))
+        .collect();
+    let text = render(args, floor.as_ref(), &parts, &results);
     println!("{text}");
     if args.json {
+        if let Some(f) = &floor {
+            println!(
+                "{}",
+                json!({
+                    "floor": f.json(),
+                    "floor_start": start.as_ref().map(floor::Floor::json),
+                    "floor_end": end.as_ref().map(floor::Floor::json),
+                })
+            );
+        }
         for (n, row) in &results {
-            println!("{}", json_line(*n, row));
+            println!("{}", json_line(*n, row, floor.as_ref()));
         }
     }
     let failures: usize = results
         .iter()
-        .flat_map(|(_, row)| row.iter().map(|(_, c)| c.failures.len()))
+        .flat_map(|(_, row)| {
+            row.iter()
+                .filter(|(s, _)| *s == System::Groupcall)
+                .map(|(_, c)| c.failures.len())
+        })
         .sum();
+    if let Some(e) = floor_error {
+        bail!("measuring the floor failed: {e}");
+    }
     if failures > 0 {
-        bail!("{failures} benchmark runs failed (see the lines above)");
+        bail!("{failures} groupcall benchmark runs failed (see the lines above)");
     }
     Ok(())
+}
+
+/// Floor samples of each component taken before each P1 run.
+const FLOOR_PER_RUN: u16 = 2;
+
+/// Takes `reps` floor samples of each component (unless there is no
+/// prober), saying what it found when `when` is not empty; an error is said
+/// and kept in `error`, and ends the floor measurement.
+async fn measure_floor(
+    prober: &mut Option<floor::Prober>,
+    reps: u16,
+    when: &str,
+    say: &impl Fn(&str),
+    error: &mut Option<String>,
+) -> Option<floor::Samples> {
+    let p = prober.as_mut()?;
+    if reps == 0 {
+        return None;
+    }
+    if !when.is_empty() {
+        say(&format!(
+            "measuring the floor {when}: {reps} member-state hops, {reps} to-device hops, {reps} loopback handshakes"
+        ));
+    }
+    match p.sample(usize::from(reps)).await {
+        Ok(samples) => {
+            if !when.is_empty()
+                && let Some(f) = samples.floor()
+            {
+                say(&format!(
+                    "floor {when} {:.1} ms = member-state hop {} + to-device hop {} + ICE/DTLS handshake {} (ms, median [min–max])",
+                    f.total(),
+                    f.member_state.show(),
+                    f.to_device.show(),
+                    f.handshake.show()
+                ));
+            }
+            Some(samples)
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            say(&format!("measuring the floor failed: {msg}"));
+            error.get_or_insert(msg);
+            *prober = None;
+            None
+        }
+    }
 }
 
 struct RunSpec<'a> {
@@ -284,6 +430,10 @@ struct RunSpec<'a> {
     encrypted: bool,
     interop: Option<&'a Path>,
     data: &'a Path,
+    /// `N=.. System rep ..`, for progress lines.
+    label: String,
+    /// The bench's start, for progress lines' timestamps.
+    bench_start: Instant,
 }
 
 async fn run_once(env: &mut Env, spec: &RunSpec<'_>) -> anyhow::Result<RunResult> {
@@ -390,16 +540,33 @@ async fn run_once(env: &mut Env, spec: &RunSpec<'_>) -> anyhow::Result<RunResult
 
     // Node needs a few seconds to start: joining may take longer.
     let join_deadline = start + spec.connect_timeout + Duration::from_secs(60);
+    let mut next_progress = start + PROGRESS_EVERY;
     loop {
         let deadline = tracker
             .all_joined()
             .map_or(join_deadline, |t| t + spec.connect_timeout);
         let o = tokio::select! {
             o = rx.recv() => o.ok_or_else(|| anyhow!("every participant stopped"))?,
+            () = tokio::time::sleep_until(next_progress.into()) => {
+                next_progress += PROGRESS_EVERY;
+                eprintln!(
+                    "[{:7.1} s] {}: {} s in, {}",
+                    spec.bench_start.elapsed().as_secs_f64(),
+                    spec.label,
+                    start.elapsed().as_secs(),
+                    how_far(&tracker)
+                );
+                continue;
+            }
             () = tokio::time::sleep_until(deadline.into()) => {
                 let down = tracker.pairs_not_up();
+                let waited = match tracker.all_joined() {
+                    Some(j) => format!("{:.0} s after the last join", j.elapsed().as_secs_f64()),
+                    None => format!("{:.0} s after the start", start.elapsed().as_secs_f64()),
+                };
                 bail!(
-                    "not up within the timeout: {}",
+                    "not up {waited} ({}): {}",
+                    how_far(&tracker),
                     down.into_iter().take(3).collect::<Vec<_>>().join("; ")
                 );
             }
@@ -504,6 +671,22 @@ async fn run_once(env: &mut Env, spec: &RunSpec<'_>) -> anyhow::Result<RunResult
     })
 }
 
+/// `j/N joined, p/P pairs up`.
+fn how_far(tracker: &Tracker) -> String {
+    let joined = tracker.joined.iter().filter(|j| j.is_some()).count();
+    let summaries = tracker.summaries();
+    let up = summaries.iter().filter(|p| p.up()).count();
+    let connected = summaries
+        .iter()
+        .filter(|p| p.connected_ms.is_some())
+        .count();
+    format!(
+        "{joined}/{} joined, {connected}/{} pairs connected, {up} with media both ways",
+        tracker.n(),
+        summaries.len()
+    )
+}
+
 /// Keeps folding observations in for `d`; a fatal one is an error.
 async fn drain_for(
     rx: &mut mpsc::UnboundedReceiver<Obs>,
@@ -542,7 +725,10 @@ fn fmt_p1(c: Option<&Cell>) -> String {
                 }
             )
         }
-        None => "-".to_owned(),
+        None => match c {
+            Some(c) if !c.failures.is_empty() => "failed (see below)".to_owned(),
+            _ => "-".to_owned(),
+        },
     }
 }
 
@@ -557,7 +743,12 @@ fn opt(v: Option<f64>, prec: usize) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{v:.prec$}"))
 }
 
-fn render(args: &BenchSetupArgs, results: &[(usize, Vec<(System, Cell)>)]) -> String {
+fn render(
+    args: &BenchSetupArgs,
+    floor: Option<&floor::Floor>,
+    parts: &[(&str, floor::Floor)],
+    results: &[(usize, Vec<(System, Cell)>)],
+) -> String {
     let g = System::Groupcall;
     let r = System::Reference;
     let mut t = String::new();
@@ -572,28 +763,72 @@ fn render(args: &BenchSetupArgs, results: &[(usize, Vec<(System, Cell)>)]) -> St
         },
         machine()
     );
+    if let Some(f) = floor {
+        let _ = writeln!(
+            t,
+            "\nFloor (same Synapse and proxy, this run: at the start, before each P1 run and at the end; ms, median [min–max] of {}):\n  member-state hop (PUT state -> the other user's parked /sync returns)  {}\n  to-device hop (PUT sendToDevice m.call.invite, 2 KB -> parked /sync)   {}\n  ICE + DTLS handshake, two groupcall-media peers on 127.0.0.1           {}\n  floor = sum of the medians                                             {:.1}",
+            f.member_state.count,
+            f.member_state.show(),
+            f.to_device.show(),
+            f.handshake.show(),
+            f.total()
+        );
+        for (when, e) in parts {
+            let _ = writeln!(
+                t,
+                "  {when} alone ({} samples): {:.1} + {:.1} + {:.1} = {:.1}",
+                e.member_state.count,
+                e.member_state.median,
+                e.to_device.median,
+                e.handshake.median,
+                e.total()
+            );
+        }
+    }
     let _ = writeln!(
         t,
         "\nP1  setup: last join -> every pair has audio and video both ways, ms, median [min–max]\n    (end point: groupcall a depacketized RTP frame, polled every 20 ms; reference a decoded frame, reported at once;\n     both offer one candidate, UDP 127.0.0.1)"
     );
     let _ = writeln!(
         t,
-        "  {:>3}  {:>22}  {:>22}  {:>17}",
-        "N", "groupcall", "reference", "groupcall/ref"
+        "  {:>3}  {:>22}  {:>22}  {:>13}  {:>15}  {:>15}",
+        "N", "groupcall", "reference", "groupcall/ref", "groupcall/floor", "reference/floor"
     );
+    let x = |v: Option<f64>| v.map_or("-".to_owned(), |x| format!("{x:.2}x"));
     for (n, row) in results {
         let (gc, rc) = (cell(row, g), cell(row, r));
-        let rt = ratio(
-            gc.and_then(Cell::p1).map(|x| x.0),
-            rc.and_then(Cell::p1).map(|x| x.0),
-        );
+        let gm = gc.and_then(Cell::p1).map(|x| x.0);
+        let rm = rc.and_then(Cell::p1).map(|x| x.0);
+        let fl = floor.map(floor::Floor::total);
         let _ = writeln!(
             t,
-            "  {n:>3}  {:>22}  {:>22}  {:>17}",
+            "  {n:>3}  {:>22}  {:>22}  {:>13}  {:>15}  {:>15}",
             fmt_p1(gc),
             fmt_p1(rc),
-            rt.map_or("-".to_owned(), |x| format!("{x:.2}x"))
+            x(ratio(gm, rm)),
+            x(ratio(gm, fl)),
+            x(ratio(rm, fl))
         );
+    }
+    let mut outcomes = Vec::new();
+    for (n, row) in results {
+        for (system, c) in row {
+            for (i, f) in c.failures.iter().enumerate() {
+                outcomes.push(format!("  N={n} {system:?}: run {} failed: {f}", i + 1));
+            }
+            if c.skipped > 0 {
+                outcomes.push(format!(
+                    "  N={n} {system:?}: {} further runs (reps and CPU run) skipped after the failure",
+                    c.skipped
+                ));
+            }
+        }
+    }
+    if !outcomes.is_empty() {
+        let _ = writeln!(t, "\nRuns that did not complete:");
+        for o in outcomes {
+            let _ = writeln!(t, "{o}");
+        }
     }
     let _ = writeln!(
         t,
@@ -644,7 +879,7 @@ fn render(args: &BenchSetupArgs, results: &[(usize, Vec<(System, Cell)>)]) -> St
     t
 }
 
-fn json_line(n: usize, row: &[(System, Cell)]) -> Value {
+fn json_line(n: usize, row: &[(System, Cell)], floor: Option<&floor::Floor>) -> Value {
     let gc = cell(row, System::Groupcall);
     let rc = cell(row, System::Reference);
     let p1 = |c: Option<&Cell>| c.and_then(Cell::p1);
@@ -663,6 +898,9 @@ fn json_line(n: usize, row: &[(System, Cell)]) -> Value {
         "reference_max_ms": p1(rc).map(|x| x.2),
         "reference_runs_ms": runs(rc),
         "ratio": ratio(p1(gc).map(|x| x.0), p1(rc).map(|x| x.0)),
+        "floor_ms": floor.map(floor::Floor::total),
+        "groupcall_floor_ratio": ratio(p1(gc).map(|x| x.0), floor.map(floor::Floor::total)),
+        "reference_floor_ratio": ratio(p1(rc).map(|x| x.0), floor.map(floor::Floor::total)),
         "groupcall_todevice_per_pair": pp(gc, |x| x.messages),
         "reference_todevice_per_pair": pp(rc, |x| x.messages),
         "groupcall_todevice_requests_per_pair": pp(gc, |x| x.requests),
@@ -676,6 +914,10 @@ fn json_line(n: usize, row: &[(System, Cell)]) -> Value {
         "cpu_ratio": ratio(cpu(gc), cpu(rc)),
         "groupcall_failed_runs": gc.map(|c| c.failures.len()),
         "reference_failed_runs": rc.map(|c| c.failures.len()),
+        "groupcall_failures": gc.map(|c| c.failures.clone()),
+        "reference_failures": rc.map(|c| c.failures.clone()),
+        "groupcall_skipped_runs": gc.map(|c| c.skipped),
+        "reference_skipped_runs": rc.map(|c| c.skipped),
     })
 }
 
@@ -690,5 +932,65 @@ mod tests {
         assert_eq!(stats(&mut [4.0, 1.0, 2.0, 3.0]), Some((2.5, 1.0, 4.0)));
         assert_eq!(ratio(Some(1.0), Some(4.0)), Some(0.25));
         assert_eq!(ratio(Some(1.0), None), None);
+    }
+
+    /// A reference that failed at N=12 is reported with its outcome, next to
+    /// groupcall's figures and the floor.
+    #[test]
+    fn render_states_failed_runs_and_the_floor() {
+        use clap::Parser as _;
+        let cli = crate::args::Cli::try_parse_from([
+            "groupcall",
+            "bench",
+            "setup",
+            "--sizes",
+            "12",
+            "--reps",
+            "1",
+        ])
+        .unwrap();
+        let crate::args::Cmd::Bench(crate::args::BenchCmd::Setup(args)) = cli.command else {
+            panic!("not bench setup");
+        };
+        let c = |m| floor::Component {
+            median: m,
+            min: m,
+            max: m,
+            count: 1,
+        };
+        let fl = floor::Floor {
+            member_state: c(20.0),
+            to_device: c(10.0),
+            handshake: c(10.0),
+        };
+        let gc = Cell {
+            runs: vec![RunResult {
+                setup_ms: 400.0,
+                breakdown: String::new(),
+                counts: Counts::default(),
+                cpu: None,
+            }],
+            cpu: Some(3.0),
+            ..Cell::default()
+        };
+        let rc = Cell {
+            failures: vec!["not up 60 s after the last join".to_owned()],
+            skipped: 1,
+            ..Cell::default()
+        };
+        let results = vec![(12, vec![(System::Groupcall, gc), (System::Reference, rc)])];
+        let t = render(&args, Some(&fl), &[], &results);
+        assert!(t.contains("floor = sum of the medians"), "{t}");
+        assert!(t.contains("10.00x"), "400 ms against a 40 ms floor: {t}");
+        assert!(t.contains("failed (see below)"), "{t}");
+        assert!(
+            t.contains("N=12 Reference: run 1 failed: not up 60 s after the last join"),
+            "{t}"
+        );
+        assert!(t.contains("1 further runs"), "{t}");
+        let j = json_line(12, &results[0].1, Some(&fl));
+        assert_eq!(j["groupcall_floor_ratio"], 10.0);
+        assert_eq!(j["reference_failed_runs"], 1);
+        assert_eq!(j["reference_ms"], Value::Null);
     }
 }

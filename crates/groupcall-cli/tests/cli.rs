@@ -578,3 +578,111 @@ async fn join_wait_joins_a_call_the_reference_starts_later() {
         hs.report()
     );
 }
+
+/// `groupcall bench setup` end to end, tiny: the floor (2 samples of each
+/// component at the start, before each run and at the end) and one N=2 run
+/// of each system on its own Synapse. Not
+/// timed: it asserts that every figure is there and consistent, not how
+/// large it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_setup_measures_the_floor_and_both_systems() {
+    let args = [
+        "bench",
+        "setup",
+        "--sizes",
+        "2",
+        "--reps",
+        "1",
+        "--cpu-window",
+        "0",
+        "--floor-reps",
+        "2",
+        "--json",
+    ];
+    let child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("groupcall {args:?} did not finish in 300 s"))
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    let lines: Vec<Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "a floor line and one per size; {report}");
+
+    let floor = &lines[0]["floor"];
+    let mut sum = 0.0;
+    for part in ["member_state_hop", "to_device_hop", "handshake"] {
+        let c = &floor[part];
+        // 2 at the start, 2 before each of the two runs, 2 at the end.
+        assert_eq!(c["samples"], 8, "{part}; {report}");
+        let (min, median, max) = (
+            c["min_ms"].as_f64().unwrap(),
+            c["median_ms"].as_f64().unwrap(),
+            c["max_ms"].as_f64().unwrap(),
+        );
+        assert!(
+            0.0 < min && min <= median && median <= max,
+            "{part}; {report}"
+        );
+        sum += median;
+    }
+    let floor_ms = floor["floor_ms"].as_f64().unwrap();
+    assert!((floor_ms - sum).abs() < 1e-6, "{report}");
+    // The start and the end alone, as well.
+    for part in ["member_state_hop", "to_device_hop", "handshake"] {
+        assert_eq!(lines[0]["floor_start"][part]["samples"], 2, "{report}");
+        assert_eq!(lines[0]["floor_end"][part]["samples"], 2, "{report}");
+    }
+
+    let n2 = &lines[1];
+    assert_eq!(n2["n"], 2, "{report}");
+    for s in ["groupcall", "reference"] {
+        assert_eq!(n2[format!("{s}_failed_runs")], 0, "{s}; {report}");
+        assert_eq!(n2[format!("{s}_skipped_runs")], 0, "{s}; {report}");
+        // At least invite, answer and select_answer per pair.
+        assert!(
+            n2[format!("{s}_todevice_per_pair")].as_f64().unwrap() >= 3.0,
+            "{s}; {report}"
+        );
+    }
+    assert_eq!(n2["groupcall_todevice_per_pair"], 3.0, "{report}");
+    let gc = n2["groupcall_ms"].as_f64().unwrap();
+    let rf = n2["reference_ms"].as_f64().unwrap();
+    assert!(gc > 0.0 && rf > 0.0, "{report}");
+    assert_eq!(n2["floor_ms"].as_f64(), Some(floor_ms), "{report}");
+    let close = |v: &Value, want: f64| (v.as_f64().unwrap() - want).abs() < 1e-9;
+    assert!(close(&n2["ratio"], gc / rf), "{report}");
+    assert!(
+        close(&n2["groupcall_floor_ratio"], gc / floor_ms),
+        "{report}"
+    );
+    assert!(
+        close(&n2["reference_floor_ratio"], rf / floor_ms),
+        "{report}"
+    );
+
+    // The human-readable tables: the floor's parts and P1 against it.
+    for want in [
+        "member-state hop",
+        "to-device hop",
+        "ICE + DTLS handshake",
+        "groupcall/floor",
+        "groupcall/ref",
+    ] {
+        assert!(stdout.contains(want), "`{want}` missing; {report}");
+    }
+    assert!(!stdout.contains("Runs that did not complete"), "{report}");
+}
