@@ -55,13 +55,14 @@ fn connected_to(p: &Proc, user: &str) -> bool {
         .any(|v| v["event"] == "peer_state" && v["user_id"] == user && v["state"] == "connected")
 }
 
-/// The `addrs=[...]` of every "media peer bound" log line of `p`.
+/// The `addrs=[...]` of every "media host bound" log line of `p` (one per
+/// participant: its peers share the host's sockets).
 fn bound_logs(p: &Proc) -> Vec<String> {
     p.stderr
         .lock()
         .unwrap()
         .lines()
-        .filter(|l| l.contains("media peer bound"))
+        .filter(|l| l.contains("media host bound"))
         .filter_map(|l| l.split_once("addrs=").map(|(_, a)| a.trim().to_owned()))
         .collect()
 }
@@ -242,13 +243,13 @@ async fn call_across_namespaces(dual_stack: bool) {
         );
     }
 
-    // Every peer's sockets (one host candidate each) are on the namespace's
-    // addresses, none on loopback.
+    // The participant's sockets (one host candidate each, shared by its
+    // peers) are on the namespace's addresses, none on loopback.
     for (p, i) in [(&a, 0), (&b, 1)] {
         let bound = bound_logs(p);
         assert!(
             !bound.is_empty(),
-            "{}: no `media peer bound` log line",
+            "{}: no `media host bound` log line",
             p.name
         );
         let own4 = format!("{}:", net.addr(i));
@@ -259,7 +260,7 @@ async fn call_across_namespaces(dual_stack: bool) {
                     && (addrs.contains(&own6) || !dual_stack)
                     && !addrs.contains("127.0.0.1")
                     && !addrs.contains("[::1]"),
-                "{}: media peer bound {addrs}, expected {own4}* and {own6}* only",
+                "{}: media host bound {addrs}, expected {own4}* and {own6}* only",
                 p.name
             );
             let sockets = 1 + usize::from(dual_stack);
