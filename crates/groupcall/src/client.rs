@@ -125,6 +125,11 @@ pub struct JoinOptions {
     /// [`groupcall_media::PeerConfig::retransmission`]. The lossy-network
     /// test uses it to measure what retransmission recovers.
     pub retransmission: bool,
+    /// How long a STUN server's answer or a TURN allocation may take before
+    /// that server is given up (default 1.5 s). Gathering is done once for
+    /// all of a participant's peers; candidates found after an offer or
+    /// answer went out are trickled to that peer.
+    pub stun_timeout: Duration,
 }
 
 impl JoinOptions {
@@ -149,6 +154,7 @@ impl JoinOptions {
             faults: None,
             wait_for_call: false,
             retransmission: true,
+            stun_timeout: Duration::from_millis(1500),
         }
     }
 }
@@ -1248,6 +1254,7 @@ impl Driver {
                     disconnect_timeout: self.opts.liveness.media_disconnect_timeout,
                     failed_timeout: self.opts.liveness.media_failed_timeout,
                     retransmission: self.opts.retransmission,
+                    stun_timeout: self.opts.stun_timeout,
                     ..PeerConfig::default()
                 };
                 let (ops_tx, ops_rx) = mpsc::unbounded_channel();
