@@ -137,60 +137,40 @@ impl MatrixSession {
         let verb = action.as_str();
         let classify = |e: &matrix_sdk::HttpError| classify_http(e, Retry::Transient);
         let once = retry::once;
+        // One request form, retried by the policy (the three forms differ
+        // only in their request type).
+        macro_rules! send_retried {
+            ($request:expr) => {{
+                let request = $request;
+                retry::REQUEST
+                    .run(
+                        &what,
+                        || {
+                            self.client
+                                .send(request.clone())
+                                .with_request_config(once())
+                        },
+                        classify,
+                    )
+                    .await
+                    .map(drop)
+            }};
+        }
         let mut last = None;
         for form in 0..3 {
             let result = match form {
-                0 => {
-                    let request = update_delayed::Unstable {
-                        delay_id: delay_id.to_owned(),
-                        action: verb,
-                    };
-                    retry::REQUEST
-                        .run(
-                            &what,
-                            || {
-                                self.client
-                                    .send(request.clone())
-                                    .with_request_config(once())
-                            },
-                            classify,
-                        )
-                        .await
-                        .map(drop)
-                }
-                1 => {
-                    let request = update_delayed::Stable {
-                        delay_id: delay_id.to_owned(),
-                        action: verb,
-                    };
-                    retry::REQUEST
-                        .run(
-                            &what,
-                            || {
-                                self.client
-                                    .send(request.clone())
-                                    .with_request_config(once())
-                            },
-                            classify,
-                        )
-                        .await
-                        .map(drop)
-                }
-                _ => {
-                    let request = update_legacy::Request::new(delay_id.to_owned(), action.legacy());
-                    retry::REQUEST
-                        .run(
-                            &what,
-                            || {
-                                self.client
-                                    .send(request.clone())
-                                    .with_request_config(once())
-                            },
-                            classify,
-                        )
-                        .await
-                        .map(drop)
-                }
+                0 => send_retried!(update_delayed::Unstable {
+                    delay_id: delay_id.to_owned(),
+                    action: verb,
+                }),
+                1 => send_retried!(update_delayed::Stable {
+                    delay_id: delay_id.to_owned(),
+                    action: verb,
+                }),
+                _ => send_retried!(update_legacy::Request::new(
+                    delay_id.to_owned(),
+                    action.legacy()
+                )),
             };
             match result.map_err(|e| MatrixError::http(&what, e)) {
                 Ok(()) => {
