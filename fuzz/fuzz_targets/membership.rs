@@ -9,6 +9,8 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Ok(existing) = serde_json::from_slice::<serde_json::Value>(data) else { return };
     let dev = OwnDevice {
+        foci_active: Vec::new(),
+        foci_preferred: Vec::new(),
         device_id: "ME".into(),
         session_id: "S".into(),
         feeds: vec![Feed::with_purpose(FeedPurpose::Usermedia)],

@@ -15,7 +15,7 @@
 //!     rewriting per subscriber, NACK cache, keyframe requests, active
 //!     speaker);
 //!   - [`metrics`]: the focus's counters and their Prometheus text form;
-//!   - [`config`]: `focus.toml`.
+//!   - [`config`]: the operator's `focus.toml`, parsed and checked.
 //! - the driver (cargo feature `driver`, on by default): the focus as a
 //!   Matrix device with its media host.
 

@@ -327,6 +327,63 @@ pub struct MemberDevice {
     pub expires_ts: u64,
     /// Purposes of the feeds it lists (unknown purposes left out).
     pub feeds: Vec<FeedPurpose>,
+    /// The foci it publishes to (MSC3898 `m.foci.active`); empty when it
+    /// takes part full mesh.
+    pub foci_active: Vec<FocusRef>,
+}
+
+/// A focus (an SFU, MSC3898), named by the Matrix device it runs as.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FocusRef {
+    /// The focus's user id.
+    pub user_id: String,
+    /// The focus's device id.
+    pub device_id: String,
+}
+
+impl std::fmt::Display for FocusRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.user_id, self.device_id)
+    }
+}
+
+/// MSC3898's key for the foci a device publishes to, stable name.
+pub const FOCI_ACTIVE: &str = "m.foci.active";
+/// MSC3898's key for the foci a device publishes to, unstable name.
+pub const FOCI_ACTIVE_UNSTABLE: &str = "org.matrix.msc3898.foci.active";
+/// MSC3898's key for the foci a device would rather use, stable name.
+pub const FOCI_PREFERRED: &str = "m.foci.preferred";
+/// MSC3898's key for the foci a device would rather use, unstable name.
+pub const FOCI_PREFERRED_UNSTABLE: &str = "org.matrix.msc3898.foci.preferred";
+
+/// At most this many foci are read from one list.
+const MAX_FOCI: usize = 8;
+
+/// Reads a foci list (`m.foci.active` or `m.foci.preferred`) of a device
+/// entry: the stable key, else the unstable one. Entries that are not
+/// objects with string `user_id` and `device_id` of a sane length are
+/// skipped; a list that is not an array reads as empty.
+pub fn read_foci(entry: &Map<String, Value>, stable: &str, unstable: &str) -> Vec<FocusRef> {
+    let list = entry
+        .get(stable)
+        .or_else(|| entry.get(unstable))
+        .and_then(Value::as_array);
+    let Some(list) = list else {
+        return Vec::new();
+    };
+    let mut out: Vec<FocusRef> = Vec::new();
+    for f in list.iter().take(MAX_FOCI) {
+        let Some(obj) = f.as_object() else { continue };
+        let (Ok(user_id), Ok(device_id)) = (id_field(obj, "user_id"), id_field(obj, "device_id"))
+        else {
+            continue;
+        };
+        let f = FocusRef { user_id, device_id };
+        if !out.contains(&f) {
+            out.push(f);
+        }
+    }
+    out
 }
 
 impl MemberContent {
@@ -424,11 +481,13 @@ fn parse_member_device(dev: &Value, top_expiry: Option<u64>) -> Result<MemberDev
             });
         }
     };
+    let foci_active = read_foci(obj, FOCI_ACTIVE, FOCI_ACTIVE_UNSTABLE);
     Ok(MemberDevice {
         device_id,
         session_id,
         expires_ts,
         feeds,
+        foci_active,
     })
 }
 

@@ -44,5 +44,6 @@ pub mod types;
 
 pub use call::GroupCall;
 pub use error::{CommandError, ParseError};
+pub use events::FocusRef;
 pub use ids::{DeviceKey, should_call};
 pub use types::*;

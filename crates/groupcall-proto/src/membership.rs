@@ -6,7 +6,9 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::events::Feed;
+use crate::events::{
+    FOCI_ACTIVE, FOCI_ACTIVE_UNSTABLE, FOCI_PREFERRED, FOCI_PREFERRED_UNSTABLE, Feed, FocusRef,
+};
 
 /// Our device's entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,15 +19,34 @@ pub struct OwnDevice {
     pub session_id: String,
     /// Feeds we are actually sending.
     pub feeds: Vec<Feed>,
+    /// The foci we publish to (MSC3898 `m.foci.active`); empty: full mesh.
+    pub foci_active: Vec<FocusRef>,
+    /// The foci we would rather use (`m.foci.preferred`).
+    pub foci_preferred: Vec<FocusRef>,
 }
 
 fn device_json(dev: &OwnDevice, expires_ts: u64) -> Value {
-    json!({
+    let mut v = json!({
         "device_id": dev.device_id,
         "session_id": dev.session_id,
         "expires_ts": expires_ts,
         "feeds": dev.feeds,
-    })
+    });
+    // Both names while MSC3898 is unstable: readers of either find them.
+    let lists = [
+        (&dev.foci_active, FOCI_ACTIVE, FOCI_ACTIVE_UNSTABLE),
+        (&dev.foci_preferred, FOCI_PREFERRED, FOCI_PREFERRED_UNSTABLE),
+    ];
+    if let Some(obj) = v.as_object_mut() {
+        for (list, stable, unstable) in lists {
+            if !list.is_empty() {
+                let list = json!(list);
+                obj.insert(stable.to_owned(), list.clone());
+                obj.insert(unstable.to_owned(), list);
+            }
+        }
+    }
+    v
 }
 
 /// Removes our device everywhere, and devices whose expiry has passed; drops
@@ -113,6 +134,8 @@ mod tests {
 
     fn me() -> OwnDevice {
         OwnDevice {
+            foci_active: Vec::new(),
+            foci_preferred: Vec::new(),
             device_id: "ME".into(),
             session_id: "S".into(),
             feeds: vec![Feed::with_purpose(FeedPurpose::Usermedia)],

@@ -7,7 +7,7 @@ use tracing::debug;
 
 use crate::error::ParseError;
 use crate::events::{
-    CALL_MEMBER, CallContent, FeedPurpose, MemberContent, ROOM_MEMBER, StateEvent,
+    CALL_MEMBER, CallContent, FeedPurpose, FocusRef, MemberContent, ROOM_MEMBER, StateEvent,
     is_call_member_type, is_call_type,
 };
 use crate::ids::DeviceKey;
@@ -32,6 +32,8 @@ pub struct Participant {
     pub expires_ts: u64,
     /// Feed purposes listed.
     pub feeds: Vec<FeedPurpose>,
+    /// The foci it publishes to (`m.foci.active`); empty: full mesh.
+    pub foci_active: Vec<FocusRef>,
 }
 
 /// Why a device is no longer a participant.
@@ -366,6 +368,7 @@ impl RoomCallState {
                                 session_id: d.session_id,
                                 expires_ts: d.expires_ts,
                                 feeds: d.feeds,
+                                foci_active: d.foci_active,
                             },
                         );
                     }

@@ -69,6 +69,10 @@ pub struct Config {
     pub rate_burst: u32,
     /// Refill of that burst per second (default 50).
     pub rate_per_sec: u32,
+    /// The focus (MSC3898 SFU) we publish to, if any: published as our
+    /// `m.foci.active` (and `m.foci.preferred`); members that publish to a
+    /// focus too are then not called in the mesh (default none: full mesh).
+    pub focus: Option<crate::events::FocusRef>,
 }
 
 impl Config {
@@ -78,6 +82,7 @@ impl Config {
             user_id: user_id.into(),
             device_id: device_id.into(),
             seed: 0,
+            focus: None,
             event_names: EventNames::Unstable,
             member_expiry_ms: 60 * 60 * 1000,
             member_refresh_ms: 45 * 60 * 1000,
@@ -320,6 +325,9 @@ pub enum MediaRequest {
         feeds: Vec<LocalFeed>,
         /// Restart ICE.
         ice_restart: bool,
+        /// The remote is our focus (MSC3898): a new peer connection opens
+        /// the data channel that carries the focus's signalling.
+        focus: bool,
     },
     /// Accept a remote offer (a new peer connection if `peer` is new; a
     /// pending local offer is rolled back). Answer with

@@ -1576,3 +1576,265 @@ fn timers_run_on_the_monotonic_clock_and_expiries_on_the_wall_clock() {
     )));
     assert!(call.peers().is_empty());
 }
+
+fn focus() -> FocusRef {
+    FocusRef {
+        user_id: "@sfu:x".into(),
+        device_id: "SFUDEV".into(),
+    }
+}
+
+/// The devices new calls were placed to (offers without ICE restart), with
+/// whether the peer is a focus peer.
+fn calls_placed(outs: &[Output]) -> Vec<(DeviceKey, PeerHandle, bool)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Media(MediaRequest::CreateOffer {
+                peer,
+                remote,
+                ice_restart: false,
+                focus,
+                ..
+            }) => Some((remote.clone(), *peer, *focus)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn placed_to(outs: &[Output], user: &str) -> bool {
+    calls_placed(outs).iter().any(|(d, _, _)| d.user_id == user)
+}
+
+/// `user`'s member event listing `foci` (stable or unstable key) as active.
+fn member_with_foci(user: &str, device: &str, key: &str, foci: Value) -> Value {
+    let mut ev = member_ev(user, device, &format!("{device}-S"), NOW + 7_200_000);
+    ev["content"]["m.calls"][0]["m.devices"][0][key] = foci;
+    ev
+}
+
+fn from_focus(
+    ty: &str,
+    call_id: &str,
+    seq: u64,
+    mut body: Value,
+    call: &GroupCall,
+) -> IncomingToDevice {
+    body["version"] = json!("1");
+    body["call_id"] = json!(call_id);
+    body["party_id"] = json!("SFUDEV");
+    body["conf_id"] = json!(CONF);
+    body["device_id"] = json!("SFUDEV");
+    body["sender_session_id"] = json!("FOCUS-S");
+    body["dest_session_id"] = json!(call.session_id().unwrap());
+    body["seq"] = json!(seq);
+    IncomingToDevice {
+        sender: "@sfu:x".into(),
+        sender_device: Some("SFUDEV".into()),
+        event_type: ty.into(),
+        content: body,
+        encrypted: true,
+    }
+}
+
+#[test]
+fn devices_that_publish_to_a_focus_meet_there_and_keep_the_mesh_with_the_others() {
+    let mut call = joined(|c| c.focus = Some(focus()));
+    let now = NOW + 1000;
+    // Our entry names the focus, under both names of both lists.
+    call.handle_command(now, Command::Screenshare(true))
+        .unwrap();
+    let published = drain(&mut call)
+        .into_iter()
+        .find_map(|o| match o {
+            Output::PublishState { content, .. } => Some(content),
+            _ => None,
+        })
+        .expect("the screenshare republishes our entry");
+    let dev = &published["m.calls"][0]["m.devices"][0];
+    let f = json!([{"user_id": "@sfu:x", "device_id": "SFUDEV"}]);
+    for key in [
+        "m.foci.active",
+        "org.matrix.msc3898.foci.active",
+        "m.foci.preferred",
+        "org.matrix.msc3898.foci.preferred",
+    ] {
+        assert_eq!(dev[key], f, "{key}");
+    }
+
+    // b publishes to a focus (unstable key): not called in the mesh.
+    call.handle_state(
+        now,
+        &member_with_foci("@b:x", "BDEV", "org.matrix.msc3898.foci.active", f.clone()),
+    )
+    .unwrap();
+    assert!(!placed_to(&drain(&mut call), "@b:x"));
+    assert_eq!(
+        call.room().participants()[&DeviceKey::new("@b:x", "BDEV")].foci_active,
+        vec![focus()]
+    );
+    // c has no focus (the reference has no focus mode): called in the mesh.
+    call.handle_state(now, &join_ev("@c:x", "join")).unwrap();
+    call.handle_state(now, &member_ev("@c:x", "CDEV", "CSESS", NOW + 7_200_000))
+        .unwrap();
+    assert!(placed_to(&drain(&mut call), "@c:x"));
+    // A malformed foci list reads as none: d is called in the mesh.
+    call.handle_state(now, &join_ev("@d:x", "join")).unwrap();
+    call.handle_state(
+        now,
+        &member_with_foci(
+            "@d:x",
+            "DDEV",
+            "m.foci.active",
+            json!([{"user_id": 5}, "x"]),
+        ),
+    )
+    .unwrap();
+    assert!(placed_to(&drain(&mut call), "@d:x"));
+}
+
+#[test]
+fn without_a_focus_of_our_own_members_that_use_one_are_called_in_the_mesh() {
+    let mut call = joined(|_| {});
+    call.handle_state(
+        NOW,
+        &member_with_foci(
+            "@b:x",
+            "BDEV",
+            "m.foci.active",
+            json!([{"user_id": "@sfu:x", "device_id": "SFUDEV"}]),
+        ),
+    )
+    .unwrap();
+    assert!(placed_to(&drain(&mut call), "@b:x"));
+}
+
+#[test]
+fn the_focus_is_called_once_and_when_it_goes_the_mesh_takes_over() {
+    // Joining with a focus calls it (a focus peer: the data channel).
+    let mut c = Config::new("@a:x", "ADEV");
+    c.focus = Some(focus());
+    let mut call = GroupCall::new(c);
+    call.handle_state(NOW, &join_ev("@a:x", "join")).unwrap();
+    call.handle_state(NOW, &join_ev("@b:x", "join")).unwrap();
+    call.handle_state(
+        NOW,
+        &json!({"type": "org.matrix.msc3401.call", "state_key": CONF, "sender": "@b:x", "origin_server_ts": NOW,
+            "content": {"m.intent": "m.prompt", "m.type": "m.video"}}),
+    )
+    .unwrap();
+    call.handle_command(
+        NOW,
+        Command::Join {
+            create: None,
+            audio: true,
+            video: true,
+        },
+    )
+    .unwrap();
+    call.handle_membership_published(NOW);
+    let placed = calls_placed(&drain(&mut call));
+    let focus_key = DeviceKey::new("@sfu:x", "SFUDEV");
+    assert_eq!(placed.len(), 1);
+    let (dev, peer, is_focus) = placed[0].clone();
+    assert_eq!((dev, is_focus), (focus_key.clone(), true));
+
+    // b uses the same focus: not called.
+    call.handle_state(
+        NOW,
+        &member_with_foci(
+            "@b:x",
+            "BDEV",
+            "m.foci.active",
+            json!([{"user_id": "@sfu:x", "device_id": "SFUDEV"}]),
+        ),
+    )
+    .unwrap();
+    assert!(calls_placed(&drain(&mut call)).is_empty());
+
+    // The invite goes to the focus device, whose session we do not know yet.
+    call.handle_media(
+        NOW,
+        MediaEvent::OfferCreated {
+            peer,
+            sdp: "offer".into(),
+            gathering_complete: true,
+        },
+    );
+    let outs = drain(&mut call);
+    let invites: Vec<_> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::ToDevice(b) if b.event_type.ends_with("call.invite") => Some(b),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(invites.len(), 1);
+    let m = &invites[0].messages[0];
+    assert_eq!(
+        (m.user_id.as_str(), m.device_id.as_str()),
+        ("@sfu:x", "SFUDEV")
+    );
+    assert_eq!(m.content["dest_session_id"], json!(""));
+    let call_id = m.content["call_id"].as_str().unwrap().to_owned();
+
+    // Its answer is taken although it has no member entry; its session is
+    // learnt from the answer and used from then on.
+    let answer = from_focus(
+        "m.call.answer",
+        &call_id,
+        0,
+        json!({"answer": {"type": "answer", "sdp": "answer"}}),
+        &call,
+    );
+    assert_eq!(deliver!(call, NOW + 10, answer), Ok(Accepted::Processed));
+    let outs = drain(&mut call);
+    let select = sent(&outs)
+        .into_iter()
+        .find(|(t, _)| t.ends_with("select_answer"))
+        .expect("select_answer to the focus");
+    assert_eq!(select.1["dest_session_id"], json!("FOCUS-S"));
+    call.handle_media(
+        NOW + 20,
+        MediaEvent::State {
+            peer,
+            state: MediaState::Connected,
+        },
+    );
+    drain(&mut call);
+    assert_eq!(call.peers(), vec![(focus_key.clone(), peer, true)]);
+
+    // The focus hangs up: b (which uses it too) is called in the mesh, and
+    // the focus is called again after the retry interval.
+    let hangup = from_focus(
+        "m.call.hangup",
+        &call_id,
+        1,
+        json!({"reason": "user_hangup"}),
+        &call,
+    );
+    assert_eq!(deliver!(call, NOW + 30, hangup), Ok(Accepted::Processed));
+    let outs = drain(&mut call);
+    assert!(placed_to(&outs, "@b:x"), "the mesh takes over: {outs:?}");
+    assert!(!placed_to(&outs, "@sfu:x"));
+    call.handle_timeout(NOW + 30 + 60_000);
+    let outs = drain(&mut call);
+    assert!(
+        calls_placed(&outs)
+            .iter()
+            .any(|(d, _, f)| *d == focus_key && *f),
+        "the focus is called again: {outs:?}"
+    );
+}
+
+#[test]
+fn signalling_from_a_focus_that_is_not_ours_is_held_like_a_non_member() {
+    let mut call = joined(|_| {});
+    let m = from_focus(
+        "m.call.invite",
+        "c1",
+        0,
+        json!({"offer": {"type": "offer", "sdp": "x"}, "lifetime": 60000}),
+        &call,
+    );
+    assert_eq!(deliver!(call, NOW, m), Ok(Accepted::HeldForMembership));
+}

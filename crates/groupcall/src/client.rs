@@ -1372,6 +1372,7 @@ impl Driver {
                 remote,
                 feeds,
                 ice_restart,
+                ..
             } => {
                 let feeds = media_feeds(feeds);
                 let p = self.start_muted(peer, &remote, &feeds);

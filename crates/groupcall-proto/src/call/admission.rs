@@ -84,12 +84,18 @@ impl GroupCall {
         if key == self.me {
             return Err(Ignored::OwnEcho);
         }
+        // Our focus has no member entry: what it sends on our call with it
+        // is taken (only Olm-verified when encryption is required).
         let known = self.room.participants().get(&key).is_some_and(|p| {
             msg.common
                 .sender_session_id
                 .as_ref()
                 .is_none_or(|s| *s == p.session_id)
-        });
+        }) || (self.is_focus(&key)
+            && self
+                .peers
+                .get(&key)
+                .is_some_and(|p| p.call_id == msg.common.call_id));
         // Messages of our call with it are its answer (or its end): the
         // state machine takes those.
         let other_call = self

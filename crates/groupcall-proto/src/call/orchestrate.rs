@@ -436,6 +436,8 @@ impl GroupCall {
             device_id: self.me.device_id.clone(),
             session_id: j.session_id.clone(),
             feeds,
+            foci_active: self.cfg.focus.iter().cloned().collect(),
+            foci_preferred: self.cfg.focus.iter().cloned().collect(),
         };
         j.refresh_at = now.saturating_add(self.cfg.member_refresh_ms);
         let content = joined_content(
@@ -475,6 +477,9 @@ impl GroupCall {
             .participants()
             .iter()
             .filter(|(k, _)| **k != self.me && should_call(&self.me, k))
+            // Two devices that both publish to a focus meet there, not in
+            // the mesh (MSC3898); devices without one keep the mesh.
+            .filter(|(_, p)| !self.focus_usable() || p.foci_active.is_empty())
             .map(|(k, p)| (k.clone(), p.session_id.clone()))
             .collect();
         for (device, session) in wanted {
@@ -485,35 +490,70 @@ impl GroupCall {
             {
                 continue;
             }
-            let r = self
-                .retry
-                .entry(device.clone())
-                .or_insert_with(|| Retry::new(session.clone()));
-            if r.session_id != session {
-                *r = Retry::new(session.clone());
-            }
-            if now < r.not_before {
-                continue;
-            }
-            r.calls_placed += 1;
-            r.not_before = now + self.cfg.retry_interval_ms;
-            let calls = r.calls_placed;
-            let report = calls > self.cfg.max_retries + 1 && !r.reported;
-            if report {
-                r.reported = true;
-            }
-            // The first call and the MSC's retries are open for the invite
-            // lifetime; later ones ever longer: there is always one invite
-            // for the device to answer when it wakes, and fewer of them.
-            let lifetime = self.backoff(self.cfg.invite_lifetime_ms, calls);
-            self.place_call(now, &device, session, lifetime);
-            if report {
-                warn!(%device, "no answer after {} calls; calling on at a backed-off interval", calls - 1);
-                self.event(CallEvent::Unanswered {
-                    device,
-                    calls: calls - 1,
-                });
-            }
+            self.call_when_due(now, device, session);
+        }
+        // Our focus: called once, its session learnt from its answer.
+        if let Some(focus) = self.focus_key()
+            && !self.peers.contains_key(&focus)
+        {
+            self.call_when_due(now, focus, String::new());
+        }
+    }
+
+    /// The device key of our focus, if we publish to one.
+    pub(super) fn focus_key(&self) -> Option<DeviceKey> {
+        self.cfg
+            .focus
+            .as_ref()
+            .map(|f| DeviceKey::new(f.user_id.clone(), f.device_id.clone()))
+            .filter(|k| *k != self.me)
+    }
+
+    /// Whether `device` is our focus.
+    pub(super) fn is_focus(&self, device: &DeviceKey) -> bool {
+        self.cfg
+            .focus
+            .as_ref()
+            .is_some_and(|f| f.user_id == device.user_id && f.device_id == device.device_id)
+    }
+
+    /// Whether members that publish to a focus meet us there rather than
+    /// in the mesh: we have a focus and it is not known to be down.
+    pub(super) fn focus_usable(&self) -> bool {
+        self.cfg.focus.is_some() && self.focus_down_since.is_none()
+    }
+
+    /// Places a call to `device` (in `session`) unless the retry policy
+    /// says not yet.
+    fn call_when_due(&mut self, now: u64, device: DeviceKey, session: String) {
+        let r = self
+            .retry
+            .entry(device.clone())
+            .or_insert_with(|| Retry::new(session.clone()));
+        if r.session_id != session {
+            *r = Retry::new(session.clone());
+        }
+        if now < r.not_before {
+            return;
+        }
+        r.calls_placed += 1;
+        r.not_before = now + self.cfg.retry_interval_ms;
+        let calls = r.calls_placed;
+        let report = calls > self.cfg.max_retries + 1 && !r.reported;
+        if report {
+            r.reported = true;
+        }
+        // The first call and the MSC's retries are open for the invite
+        // lifetime; later ones ever longer: there is always one invite
+        // for the device to answer when it wakes, and fewer of them.
+        let lifetime = self.backoff(self.cfg.invite_lifetime_ms, calls);
+        self.place_call(now, &device, session, lifetime);
+        if report {
+            warn!(%device, "no answer after {} calls; calling on at a backed-off interval", calls - 1);
+            self.event(CallEvent::Unanswered {
+                device,
+                calls: calls - 1,
+            });
         }
     }
 
@@ -597,11 +637,13 @@ impl GroupCall {
             lifetime,
         );
         let feeds = self.local_feeds();
+        let focus = self.is_focus(device);
         self.out.push_back(Output::Media(MediaRequest::CreateOffer {
             peer: handle,
             remote: device.clone(),
             feeds,
             ice_restart: false,
+            focus,
         }));
     }
 
@@ -625,6 +667,10 @@ impl GroupCall {
         let Some(peer) = self.peers.remove(device) else {
             return;
         };
+        if self.is_focus(device) && self.focus_down_since.is_none() {
+            warn!(%device, reason = why, "our focus is gone; falling back to the mesh");
+            self.focus_down_since = Some(self.now);
+        }
         // A call that failed or was hung up is not placed again at once: the
         // device may be leaving (its hangup or member event is on the way),
         // and a remote that hung up deserves the retry spacing. An

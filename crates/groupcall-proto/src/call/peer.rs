@@ -213,6 +213,13 @@ impl GroupCall {
                 if !msg.common.party_id.is_empty() {
                     peer.remote_party = Some(msg.common.party_id.clone());
                 }
+                // A focus has no member entry: its session is the one its
+                // answer names (docs/protocol.md, "The focus").
+                if peer.remote_session.is_empty()
+                    && let Some(s) = &msg.common.sender_session_id
+                {
+                    peer.remote_session = s.clone();
+                }
                 peer.phase = Phase::Connecting;
                 peer.phase_since = now;
                 peer.remote_description_set = true;
@@ -690,6 +697,9 @@ impl GroupCall {
                         r.calls_placed = 0;
                         r.reported = false;
                     }
+                    if self.is_focus(key) && self.focus_down_since.take().is_some() {
+                        info!(device = %key, "our focus is back");
+                    }
                     self.event(CallEvent::PeerState {
                         device: key.clone(),
                         peer: handle,
@@ -736,6 +746,7 @@ impl GroupCall {
 
     pub(super) fn renegotiate(&mut self, now: u64, key: &DeviceKey, ice_restart: bool) {
         let feeds = self.local_feeds();
+        let focus = self.is_focus(key);
         let Some(peer) = self.peers.get_mut(key) else {
             return;
         };
@@ -755,6 +766,7 @@ impl GroupCall {
             remote: key.clone(),
             feeds,
             ice_restart: ice,
+            focus,
         }));
     }
 
