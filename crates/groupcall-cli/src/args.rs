@@ -319,6 +319,12 @@ pub struct JoinArgs {
     /// Send signalling as plaintext to-device messages (no Olm).
     #[arg(long)]
     pub plaintext: bool,
+
+    /// Publish to this focus (an SFU, MSC3898), given as
+    /// `@user:server/DEVICE`: it is named in our member entry and called;
+    /// members that use a focus too are met there, the others in the mesh.
+    #[arg(long, value_name = "@USER:SERVER/DEVICE")]
+    pub focus: Option<groupcall::proto::FocusRef>,
 }
 
 /// `m.intent` of a new call.

@@ -341,9 +341,82 @@ pub struct FocusRef {
     pub device_id: String,
 }
 
+impl std::str::FromStr for FocusRef {
+    type Err = ParseError;
+
+    /// `@user:server/DEVICE`: a user id (starting with `@`, with a server
+    /// part), a slash, and a device id (no whitespace, no slash).
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let bad = |reason: &str| ParseError::InvalidValue {
+            field: "focus",
+            reason: format!("{reason} (expected @user:server/DEVICE)"),
+        };
+        let (user_id, device_id) = s.rsplit_once('/').ok_or_else(|| bad("no device id"))?;
+        if !user_id.starts_with('@') || !user_id.contains(':') {
+            return Err(bad("not a user id"));
+        }
+        if device_id.is_empty() || device_id.chars().any(char::is_whitespace) {
+            return Err(bad("not a device id"));
+        }
+        if user_id.len() > MAX_ID_LEN || device_id.len() > MAX_ID_LEN {
+            return Err(bad("too long"));
+        }
+        Ok(FocusRef {
+            user_id: user_id.to_owned(),
+            device_id: device_id.to_owned(),
+        })
+    }
+}
+
 impl std::fmt::Display for FocusRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.user_id, self.device_id)
+    }
+}
+
+#[cfg(test)]
+mod focus_ref_tests {
+    use super::*;
+
+    #[test]
+    fn a_focus_is_written_as_user_slash_device() {
+        let f: FocusRef = "@sfu:example.org:8448/SFUDEV".parse().unwrap_or_else(|e| {
+            unreachable!("{e}");
+        });
+        assert_eq!(f.user_id, "@sfu:example.org:8448");
+        assert_eq!(f.device_id, "SFUDEV");
+        assert_eq!(f.to_string(), "@sfu:example.org:8448/SFUDEV");
+        for bad in ["@sfu:x", "sfu:x/D", "@sfu/D", "@sfu:x/", "@sfu:x/a b", ""] {
+            assert!(bad.parse::<FocusRef>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn foci_lists_prefer_the_stable_name_and_skip_bad_entries() {
+        let v = serde_json::json!({
+            "m.foci.active": [{"user_id": "@a:x", "device_id": "A"}, {"user_id": "@a:x", "device_id": "A"}, 7, {"user_id": "@b:x"}],
+            "org.matrix.msc3898.foci.active": [{"user_id": "@u:x", "device_id": "U"}],
+            "org.matrix.msc3898.foci.preferred": [{"user_id": "@u:x", "device_id": "U"}],
+        });
+        let obj = v.as_object().cloned().unwrap_or_default();
+        let a = read_foci(&obj, FOCI_ACTIVE, FOCI_ACTIVE_UNSTABLE);
+        assert_eq!(
+            a,
+            vec![FocusRef {
+                user_id: "@a:x".into(),
+                device_id: "A".into()
+            }]
+        );
+        let p = read_foci(&obj, FOCI_PREFERRED, FOCI_PREFERRED_UNSTABLE);
+        assert_eq!(
+            p,
+            vec![FocusRef {
+                user_id: "@u:x".into(),
+                device_id: "U".into()
+            }]
+        );
+        let none = serde_json::Map::new();
+        assert!(read_foci(&none, FOCI_ACTIVE, FOCI_ACTIVE_UNSTABLE).is_empty());
     }
 }
 

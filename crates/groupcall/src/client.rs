@@ -130,6 +130,10 @@ pub struct JoinOptions {
     /// all of a participant's peers; candidates found after an offer or
     /// answer went out are trickled to that peer.
     pub stun_timeout: Duration,
+    /// The focus (MSC3898 SFU) to publish to: named in our member entry
+    /// (`m.foci.active`), called once; members that use a focus too are
+    /// then met there rather than in the mesh. Default none: full mesh.
+    pub focus: Option<groupcall_proto::FocusRef>,
 }
 
 impl JoinOptions {
@@ -155,6 +159,7 @@ impl JoinOptions {
             wait_for_call: false,
             retransmission: true,
             stun_timeout: Duration::from_millis(1500),
+            focus: None,
         }
     }
 }
@@ -488,6 +493,9 @@ pub async fn join_call(
     cfg.device_id = session.device_id();
     cfg.seed = RandomState::new().hash_one(SystemTime::now());
     cfg.require_encrypted = opts.require_encrypted;
+    if opts.focus.is_some() {
+        cfg.focus = opts.focus.clone();
+    }
     if cfg.session_id.is_none() {
         cfg.session_id = Some(session.call_session_id().to_owned());
     }
