@@ -27,3 +27,4 @@ pub mod dc;
 pub mod forward;
 pub mod heartbeat;
 pub mod metrics;
+pub mod signal;

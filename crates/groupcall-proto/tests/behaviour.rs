@@ -1751,7 +1751,8 @@ fn the_focus_is_called_once_and_when_it_goes_the_mesh_takes_over() {
     .unwrap();
     assert!(calls_placed(&drain(&mut call)).is_empty());
 
-    // The invite goes to the focus device, whose session we do not know yet.
+    // The invite goes to the focus device, whose session we do not know
+    // yet: its device id stands for it.
     call.handle_media(
         NOW,
         MediaEvent::OfferCreated {
@@ -1774,7 +1775,7 @@ fn the_focus_is_called_once_and_when_it_goes_the_mesh_takes_over() {
         (m.user_id.as_str(), m.device_id.as_str()),
         ("@sfu:x", "SFUDEV")
     );
-    assert_eq!(m.content["dest_session_id"], json!(""));
+    assert_eq!(m.content["dest_session_id"], json!("SFUDEV"));
     let call_id = m.content["call_id"].as_str().unwrap().to_owned();
 
     // Its answer is taken although it has no member entry; its session is

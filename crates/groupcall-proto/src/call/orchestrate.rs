@@ -492,11 +492,13 @@ impl GroupCall {
             }
             self.call_when_due(now, device, session);
         }
-        // Our focus: called once, its session learnt from its answer.
+        // Our focus: called once. It has no member entry: the invite names
+        // its device id as the session, and its answer its real session.
         if let Some(focus) = self.focus_key()
             && !self.peers.contains_key(&focus)
         {
-            self.call_when_due(now, focus, String::new());
+            let session = focus.device_id.clone();
+            self.call_when_due(now, focus, session);
         }
     }
 

@@ -190,6 +190,7 @@ impl GroupCall {
         if let Body::Invite(inv) = msg.body {
             return self.on_invite(now, key, msg.common, inv);
         }
+        let focus = self.is_focus(key);
         let Some(peer) = self.peers.get_mut(key).filter(|p| p.call_id == call_id) else {
             return Err(Ignored::UnknownCall(call_id));
         };
@@ -215,9 +216,7 @@ impl GroupCall {
                 }
                 // A focus has no member entry: its session is the one its
                 // answer names (docs/protocol.md, "The focus").
-                if peer.remote_session.is_empty()
-                    && let Some(s) = &msg.common.sender_session_id
-                {
+                if focus && let Some(s) = &msg.common.sender_session_id {
                     peer.remote_session = s.clone();
                 }
                 peer.phase = Phase::Connecting;
