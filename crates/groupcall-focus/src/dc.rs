@@ -1,1 +1,1239 @@
-//! (being written)
+//! The MSC3898 data-channel messages, for both sides (focus and client).
+//!
+//! On the data channel every message is one JSON object
+//! `{"type": "<event type>", "content": {...}}`, as in the MSC's examples.
+//!
+//! Reading ([`DcMessage::parse`]) is lenient and total: unknown fields are
+//! ignored; `m.call.track_subscription` is read with either array names
+//! (`subscribe`/`unsubscribe`, the MSC's JSON, or `start`/`stop`, its
+//! prose); a missing `content` reads as `{}`; a message of a type this module
+//! does not know comes back as [`DcMessage::Unknown`] for the caller to log
+//! and ignore. Everything else that is wrong (not JSON, wrong JSON types,
+//! sizes over the `MAX_*` limits, a width or height out of range, an SDP
+//! type other than `offer`/`answer`) is a typed [`ParseError`] (groupcall-proto's error for outside input); nothing panics.
+//!
+//! Writing ([`DcMessage::encode`]) is strict: one canonical form, described
+//! in `docs/protocol.md` ("The focus (MSC3898)"): `subscribe`/`unsubscribe`,
+//! both arrays always present, `width`/`height` only when known,
+//! `sdp_stream_metadata` always present on `m.call.negotiate`, every stream
+//! with `purpose`, `audio_muted`, `video_muted` and `tracks`.
+//!
+//! The stream purpose and the session description reuse groupcall-proto's
+//! MSC3077/MSC2746 types ([`FeedPurpose`], [`SessionDescription`]). The
+//! metadata itself is this module's [`StreamMetadata`]: the proto one has no
+//! `tracks` (MSC3898 adds them); [`StreamMetadata::to_proto`] converts.
+
+use std::collections::BTreeMap;
+
+pub use groupcall_proto::error::ParseError;
+use groupcall_proto::events::{FeedPurpose, MAX_ID_LEN};
+use groupcall_proto::signalling::SessionDescription;
+use serde_json::{Map, Value, json};
+
+/// `m.call.track_subscription`.
+pub const TRACK_SUBSCRIPTION: &str = "m.call.track_subscription";
+/// `m.call.negotiate`.
+pub const NEGOTIATE: &str = "m.call.negotiate";
+/// `m.call.sdp_stream_metadata_changed`.
+pub const SDP_STREAM_METADATA_CHANGED: &str = "m.call.sdp_stream_metadata_changed";
+/// `m.call.ping`.
+pub const PING: &str = "m.call.ping";
+/// `m.call.pong`.
+pub const PONG: &str = "m.call.pong";
+
+/// The unstable name of `sdp_stream_metadata` (MSC3077), read as well.
+const METADATA_UNSTABLE: &str = "org.matrix.msc3077.sdp_stream_metadata";
+
+/// Largest message accepted or written, bytes: 256 KiB, the
+/// `a=max-message-size` Chromium and Firefox advertise for their data
+/// channels (nothing bigger can come from a browser). It bounds the SDP too;
+/// a focus's offer to a subscriber of a large call needs the room.
+pub const MAX_MESSAGE_LEN: usize = 256 * 1024;
+/// Most entries of one `m.call.track_subscription`, `subscribe` and
+/// `unsubscribe` together (both spellings of each counted).
+pub const MAX_SUBSCRIPTION_ENTRIES: usize = 512;
+/// Most streams in one `sdp_stream_metadata`.
+pub const MAX_STREAMS: usize = 512;
+/// Most tracks of one stream in `sdp_stream_metadata`.
+pub const MAX_TRACKS_PER_STREAM: usize = 16;
+/// Largest width or height accepted, pixels (16K video).
+pub const MAX_DIMENSION: u32 = 16_384;
+/// Longest type string kept in [`DcMessage::Unknown`].
+pub const MAX_TYPE_LEN: usize = MAX_ID_LEN;
+
+/// A stable short label for a data-channel parse error, for metrics and
+/// logs: `too_large` (the whole message over [`MAX_MESSAGE_LEN`]),
+/// `not_json`, `not_an_object`, `missing_field`, `wrong_type`, `too_long`,
+/// `invalid_value` (out-of-range widths and heights among them), `other`.
+pub fn error_label(e: &ParseError) -> &'static str {
+    match e {
+        ParseError::TooLong {
+            field: "message", ..
+        } => "too_large",
+        ParseError::Serde(_) => "not_json",
+        ParseError::NotAnObject { .. } => "not_an_object",
+        ParseError::MissingField(_) => "missing_field",
+        ParseError::WrongType { .. } => "wrong_type",
+        ParseError::TooLong { .. } => "too_long",
+        ParseError::InvalidValue { .. } => "invalid_value",
+        _ => "other",
+    }
+}
+
+/// A track to receive, with the resolution wished for (video).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackRequest {
+    /// The stream (SDP msid stream id) of the track.
+    pub stream_id: String,
+    /// The track id.
+    pub track_id: String,
+    /// Width wished for, pixels; `None` for audio or "any".
+    pub width: Option<u32>,
+    /// Height wished for, pixels; `None` for audio or "any".
+    pub height: Option<u32>,
+}
+
+/// A track named by its stream and track ids.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TrackRef {
+    /// The stream id.
+    pub stream_id: String,
+    /// The track id.
+    pub track_id: String,
+}
+
+/// `m.call.track_subscription`: tracks to start and stop receiving.
+///
+/// As read, each list holds every track once (a repeated track keeps its
+/// first entry, as the MSC asks foci to ignore repeated requests). A track in
+/// both lists is kept in both: the receiver applies `unsubscribe` first, then
+/// `subscribe` (see `docs/protocol.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TrackSubscription {
+    /// Tracks to receive (or to receive at a new resolution).
+    pub subscribe: Vec<TrackRequest>,
+    /// Tracks to stop receiving.
+    pub unsubscribe: Vec<TrackRef>,
+}
+
+/// One track's entry in [`StreamMetadata::tracks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrackMetadata {
+    /// Width, pixels, when known.
+    pub width: Option<u32>,
+    /// Height, pixels, when known.
+    pub height: Option<u32>,
+}
+
+/// One stream's entry in `sdp_stream_metadata` (MSC3077, MSC3291, and the
+/// per-track resolutions of MSC3898).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamMetadata {
+    /// `m.usermedia` or `m.screenshare` (another value is kept as read).
+    pub purpose: FeedPurpose,
+    /// Audio muted (absent reads as `false`).
+    pub audio_muted: bool,
+    /// Video muted (absent reads as `false`).
+    pub video_muted: bool,
+    /// Track id to its resolution (absent reads as none).
+    pub tracks: BTreeMap<String, TrackMetadata>,
+}
+
+impl StreamMetadata {
+    /// A stream with this purpose, unmuted, no tracks listed.
+    pub fn new(purpose: FeedPurpose) -> Self {
+        Self {
+            purpose,
+            audio_muted: false,
+            video_muted: false,
+            tracks: BTreeMap::new(),
+        }
+    }
+
+    /// The groupcall-proto (to-device, MSC3077) form of this entry: the
+    /// tracks go into its `extra` under `tracks`, in this module's canonical
+    /// form.
+    pub fn to_proto(&self) -> groupcall_proto::signalling::StreamMetadata {
+        let mut extra = Map::new();
+        extra.insert("tracks".into(), tracks_value(&self.tracks));
+        groupcall_proto::signalling::StreamMetadata {
+            purpose: self.purpose.clone(),
+            audio_muted: self.audio_muted,
+            video_muted: self.video_muted,
+            extra,
+        }
+    }
+}
+
+/// `sdp_stream_metadata`: stream id (SDP msid) to its metadata.
+pub type SdpStreamMetadata = BTreeMap<String, StreamMetadata>;
+
+/// The type of an SDP on the data channel: only offers and answers are
+/// exchanged there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SdpType {
+    /// `offer`.
+    Offer,
+    /// `answer`.
+    Answer,
+}
+
+impl SdpType {
+    /// The wire string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SdpType::Offer => "offer",
+            SdpType::Answer => "answer",
+        }
+    }
+}
+
+/// `m.call.negotiate` over the data channel, either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiate {
+    /// Offer or answer.
+    pub sdp_type: SdpType,
+    /// The SDP (non-empty).
+    pub sdp: String,
+    /// The streams after this negotiation (absent reads as empty).
+    pub sdp_stream_metadata: SdpStreamMetadata,
+}
+
+impl Negotiate {
+    /// The description as groupcall-proto's `RTCSessionDescriptionInit`.
+    pub fn description(&self) -> SessionDescription {
+        SessionDescription {
+            sdp_type: self.sdp_type.as_str().to_owned(),
+            sdp: self.sdp.clone(),
+        }
+    }
+}
+
+/// One data-channel message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DcMessage {
+    /// `m.call.track_subscription` (client to focus).
+    TrackSubscription(TrackSubscription),
+    /// `m.call.negotiate` (either way).
+    Negotiate(Negotiate),
+    /// `m.call.sdp_stream_metadata_changed` (either way): who publishes
+    /// what, muted or not.
+    SdpStreamMetadataChanged {
+        /// The new metadata.
+        sdp_stream_metadata: SdpStreamMetadata,
+    },
+    /// `m.call.ping` (focus to client).
+    Ping,
+    /// `m.call.pong` (client to focus).
+    Pong,
+    /// A type this module does not know (`m.call.connect_to_focus` among
+    /// them, until its content is decided): log and ignore.
+    Unknown {
+        /// The `type` as read (at most [`MAX_TYPE_LEN`] bytes).
+        msg_type: String,
+    },
+}
+
+impl DcMessage {
+    /// The `type` of this message.
+    pub fn message_type(&self) -> &str {
+        match self {
+            DcMessage::TrackSubscription(_) => TRACK_SUBSCRIPTION,
+            DcMessage::Negotiate(_) => NEGOTIATE,
+            DcMessage::SdpStreamMetadataChanged { .. } => SDP_STREAM_METADATA_CHANGED,
+            DcMessage::Ping => PING,
+            DcMessage::Pong => PONG,
+            DcMessage::Unknown { msg_type } => msg_type,
+        }
+    }
+
+    /// Reads a message from the bytes of one data-channel message (text or
+    /// binary).
+    pub fn parse(bytes: &[u8]) -> Result<Self, ParseError> {
+        if bytes.len() > MAX_MESSAGE_LEN {
+            return Err(ParseError::TooLong {
+                field: "message",
+                len: bytes.len(),
+                max: MAX_MESSAGE_LEN,
+            });
+        }
+        let v: Value =
+            serde_json::from_slice(bytes).map_err(|e| ParseError::Serde(e.to_string()))?;
+        Self::from_value(&v)
+    }
+
+    /// Reads a message from its JSON (no size check: [`DcMessage::parse`]
+    /// does that on the bytes).
+    pub fn from_value(v: &Value) -> Result<Self, ParseError> {
+        let obj = v
+            .as_object()
+            .ok_or(ParseError::NotAnObject { what: "message" })?;
+        let msg_type = match obj.get("type") {
+            None => return Err(ParseError::MissingField("type")),
+            Some(Value::String(s)) => s.as_str(),
+            Some(_) => {
+                return Err(ParseError::WrongType {
+                    field: "type",
+                    expected: "string",
+                });
+            }
+        };
+        let empty = Map::new();
+        let content = match obj.get("content") {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Object(c)) => c,
+            Some(_) => return Err(ParseError::NotAnObject { what: "content" }),
+        };
+        Ok(match msg_type {
+            TRACK_SUBSCRIPTION => DcMessage::TrackSubscription(read_subscription(content)?),
+            NEGOTIATE => DcMessage::Negotiate(read_negotiate(content)?),
+            SDP_STREAM_METADATA_CHANGED => DcMessage::SdpStreamMetadataChanged {
+                sdp_stream_metadata: match metadata_field(content) {
+                    Some(m) => read_metadata(m)?,
+                    None => return Err(ParseError::MissingField("sdp_stream_metadata")),
+                },
+            },
+            PING => DcMessage::Ping,
+            PONG => DcMessage::Pong,
+            other if other.len() > MAX_TYPE_LEN => {
+                return Err(ParseError::TooLong {
+                    field: "type",
+                    len: other.len(),
+                    max: MAX_TYPE_LEN,
+                });
+            }
+            other => DcMessage::Unknown {
+                msg_type: other.to_owned(),
+            },
+        })
+    }
+
+    /// The canonical JSON of this message. An [`DcMessage::Unknown`] is
+    /// written with an empty content.
+    pub fn to_value(&self) -> Value {
+        let content = match self {
+            DcMessage::TrackSubscription(s) => json!({
+                "subscribe": s.subscribe.iter().map(|r| {
+                    let mut o = Map::new();
+                    o.insert("stream_id".into(), r.stream_id.clone().into());
+                    o.insert("track_id".into(), r.track_id.clone().into());
+                    put_dimensions(&mut o, r.width, r.height);
+                    Value::Object(o)
+                }).collect::<Vec<_>>(),
+                "unsubscribe": s.unsubscribe.iter().map(|r| json!({
+                    "stream_id": r.stream_id,
+                    "track_id": r.track_id,
+                })).collect::<Vec<_>>(),
+            }),
+            DcMessage::Negotiate(n) => json!({
+                "description": {"type": n.sdp_type.as_str(), "sdp": n.sdp},
+                "sdp_stream_metadata": metadata_value(&n.sdp_stream_metadata),
+            }),
+            DcMessage::SdpStreamMetadataChanged {
+                sdp_stream_metadata,
+            } => json!({"sdp_stream_metadata": metadata_value(sdp_stream_metadata)}),
+            DcMessage::Ping | DcMessage::Pong | DcMessage::Unknown { .. } => json!({}),
+        };
+        json!({"type": self.message_type(), "content": content})
+    }
+
+    /// The canonical wire form of this message, refused when it is bigger
+    /// than [`MAX_MESSAGE_LEN`] (the other side would refuse it).
+    pub fn encode(&self) -> Result<String, ParseError> {
+        // The envelope is written by hand so that `type` comes first
+        // whatever key order serde_json is built with.
+        let content = match self.to_value() {
+            Value::Object(mut o) => o.remove("content").unwrap_or_default(),
+            _ => Value::Object(Map::new()),
+        };
+        let s = format!(
+            "{{\"type\":{},\"content\":{}}}",
+            Value::from(self.message_type()),
+            content
+        );
+        if s.len() > MAX_MESSAGE_LEN {
+            return Err(ParseError::TooLong {
+                field: "message",
+                len: s.len(),
+                max: MAX_MESSAGE_LEN,
+            });
+        }
+        Ok(s)
+    }
+}
+
+fn put_dimensions(o: &mut Map<String, Value>, width: Option<u32>, height: Option<u32>) {
+    if let Some(w) = width {
+        o.insert("width".into(), w.into());
+    }
+    if let Some(h) = height {
+        o.insert("height".into(), h.into());
+    }
+}
+
+fn tracks_value(tracks: &BTreeMap<String, TrackMetadata>) -> Value {
+    Value::Object(
+        tracks
+            .iter()
+            .map(|(id, t)| {
+                let mut o = Map::new();
+                put_dimensions(&mut o, t.width, t.height);
+                (id.clone(), Value::Object(o))
+            })
+            .collect(),
+    )
+}
+
+fn metadata_value(m: &SdpStreamMetadata) -> Value {
+    Value::Object(
+        m.iter()
+            .map(|(id, s)| {
+                (
+                    id.clone(),
+                    json!({
+                        "purpose": s.purpose.as_str(),
+                        "audio_muted": s.audio_muted,
+                        "video_muted": s.video_muted,
+                        "tracks": tracks_value(&s.tracks),
+                    }),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// A non-empty string id of at most [`MAX_ID_LEN`] bytes.
+fn id(obj: &Map<String, Value>, field: &'static str) -> Result<String, ParseError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(ParseError::MissingField(field)),
+        Some(Value::String(s)) => check_id(field, s).map(str::to_owned),
+        Some(_) => Err(ParseError::WrongType {
+            field,
+            expected: "string",
+        }),
+    }
+}
+
+fn check_id<'a>(field: &'static str, s: &'a str) -> Result<&'a str, ParseError> {
+    if s.is_empty() {
+        return Err(ParseError::InvalidValue {
+            field,
+            reason: "empty".into(),
+        });
+    }
+    if s.len() > MAX_ID_LEN {
+        return Err(ParseError::TooLong {
+            field,
+            len: s.len(),
+            max: MAX_ID_LEN,
+        });
+    }
+    Ok(s)
+}
+
+/// An optional width or height: a JSON number in `1..=MAX_DIMENSION`; a
+/// fractional value (a client's scaled tile size) is rounded to the nearest
+/// pixel first. `null` reads as absent.
+fn dimension(obj: &Map<String, Value>, field: &'static str) -> Result<Option<u32>, ParseError> {
+    let n = match obj.get(field) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n,
+        Some(_) => {
+            return Err(ParseError::WrongType {
+                field,
+                expected: "number",
+            });
+        }
+    };
+    let out_of_range = || ParseError::InvalidValue {
+        field,
+        reason: format!("{n} is outside 1..={MAX_DIMENSION}"),
+    };
+    let rounded = match n.as_u64() {
+        Some(u) => u,
+        None => {
+            let f = n.as_f64().ok_or_else(out_of_range)?;
+            if !(0.5..MAX_DIMENSION as f64 + 0.5).contains(&f) {
+                return Err(out_of_range());
+            }
+            f.round() as u64
+        }
+    };
+    match u32::try_from(rounded) {
+        Ok(v) if (1..=MAX_DIMENSION).contains(&v) => Ok(Some(v)),
+        _ => Err(out_of_range()),
+    }
+}
+
+/// The entries of the arrays named `names` (each may be absent; present
+/// ones must be arrays), in order.
+fn entries<'a>(
+    content: &'a Map<String, Value>,
+    names: [&'static str; 2],
+    budget: &mut usize,
+) -> Result<Vec<&'a Map<String, Value>>, ParseError> {
+    let mut out = Vec::new();
+    for name in names {
+        let arr = match content.get(name) {
+            None | Some(Value::Null) => continue,
+            Some(Value::Array(a)) => a,
+            Some(_) => {
+                return Err(ParseError::WrongType {
+                    field: name,
+                    expected: "array",
+                });
+            }
+        };
+        if arr.len() > *budget {
+            return Err(ParseError::TooLong {
+                field: name,
+                len: arr.len(),
+                max: MAX_SUBSCRIPTION_ENTRIES,
+            });
+        }
+        *budget -= arr.len();
+        for e in arr {
+            out.push(e.as_object().ok_or(ParseError::NotAnObject {
+                what: "subscription entry",
+            })?);
+        }
+    }
+    Ok(out)
+}
+
+fn read_subscription(content: &Map<String, Value>) -> Result<TrackSubscription, ParseError> {
+    let mut budget = MAX_SUBSCRIPTION_ENTRIES;
+    let mut sub = TrackSubscription::default();
+    let mut seen = std::collections::BTreeSet::new();
+    for e in entries(content, ["subscribe", "start"], &mut budget)? {
+        let r = TrackRequest {
+            stream_id: id(e, "stream_id")?,
+            track_id: id(e, "track_id")?,
+            width: dimension(e, "width")?,
+            height: dimension(e, "height")?,
+        };
+        if seen.insert((r.stream_id.clone(), r.track_id.clone())) {
+            sub.subscribe.push(r);
+        }
+    }
+    seen.clear();
+    for e in entries(content, ["unsubscribe", "stop"], &mut budget)? {
+        let r = TrackRef {
+            stream_id: id(e, "stream_id")?,
+            track_id: id(e, "track_id")?,
+        };
+        if seen.insert((r.stream_id.clone(), r.track_id.clone())) {
+            sub.unsubscribe.push(r);
+        }
+    }
+    Ok(sub)
+}
+
+fn metadata_field(content: &Map<String, Value>) -> Option<&Value> {
+    match content.get("sdp_stream_metadata") {
+        None | Some(Value::Null) => content.get(METADATA_UNSTABLE).filter(|v| !v.is_null()),
+        some => some,
+    }
+}
+
+fn read_negotiate(content: &Map<String, Value>) -> Result<Negotiate, ParseError> {
+    let desc = match content.get("description") {
+        None | Some(Value::Null) => return Err(ParseError::MissingField("description")),
+        Some(Value::Object(d)) => d,
+        Some(_) => {
+            return Err(ParseError::NotAnObject {
+                what: "description",
+            });
+        }
+    };
+    let sdp_type = match desc.get("type") {
+        None | Some(Value::Null) => return Err(ParseError::MissingField("type")),
+        Some(Value::String(s)) if s == "offer" => SdpType::Offer,
+        Some(Value::String(s)) if s == "answer" => SdpType::Answer,
+        Some(Value::String(s)) => {
+            return Err(ParseError::InvalidValue {
+                field: "type",
+                reason: format!(
+                    "`{}` is neither offer nor answer",
+                    s.chars().take(32).collect::<String>()
+                ),
+            });
+        }
+        Some(_) => {
+            return Err(ParseError::WrongType {
+                field: "type",
+                expected: "string",
+            });
+        }
+    };
+    let sdp = match desc.get("sdp") {
+        None | Some(Value::Null) => return Err(ParseError::MissingField("sdp")),
+        Some(Value::String(s)) if s.is_empty() => {
+            return Err(ParseError::InvalidValue {
+                field: "sdp",
+                reason: "empty".into(),
+            });
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => {
+            return Err(ParseError::WrongType {
+                field: "sdp",
+                expected: "string",
+            });
+        }
+    };
+    let sdp_stream_metadata = match metadata_field(content) {
+        Some(m) => read_metadata(m)?,
+        None => SdpStreamMetadata::new(),
+    };
+    Ok(Negotiate {
+        sdp_type,
+        sdp,
+        sdp_stream_metadata,
+    })
+}
+
+fn flag(obj: &Map<String, Value>, field: &'static str) -> Result<bool, ParseError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ParseError::WrongType {
+            field,
+            expected: "boolean",
+        }),
+    }
+}
+
+fn read_metadata(v: &Value) -> Result<SdpStreamMetadata, ParseError> {
+    let obj = v.as_object().ok_or(ParseError::NotAnObject {
+        what: "sdp_stream_metadata",
+    })?;
+    if obj.len() > MAX_STREAMS {
+        return Err(ParseError::TooLong {
+            field: "sdp_stream_metadata",
+            len: obj.len(),
+            max: MAX_STREAMS,
+        });
+    }
+    let mut out = SdpStreamMetadata::new();
+    for (stream_id, s) in obj {
+        check_id("stream_id", stream_id)?;
+        let s = s.as_object().ok_or(ParseError::NotAnObject {
+            what: "stream metadata",
+        })?;
+        let purpose = match s.get("purpose") {
+            None | Some(Value::Null) => return Err(ParseError::MissingField("purpose")),
+            Some(Value::String(p)) => FeedPurpose::from(check_id("purpose", p)?.to_owned()),
+            Some(_) => {
+                return Err(ParseError::WrongType {
+                    field: "purpose",
+                    expected: "string",
+                });
+            }
+        };
+        let mut tracks = BTreeMap::new();
+        match s.get("tracks") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(t)) => {
+                if t.len() > MAX_TRACKS_PER_STREAM {
+                    return Err(ParseError::TooLong {
+                        field: "tracks",
+                        len: t.len(),
+                        max: MAX_TRACKS_PER_STREAM,
+                    });
+                }
+                for (track_id, tm) in t {
+                    check_id("track_id", track_id)?;
+                    let tm = tm.as_object().ok_or(ParseError::NotAnObject {
+                        what: "track metadata",
+                    })?;
+                    tracks.insert(
+                        track_id.clone(),
+                        TrackMetadata {
+                            width: dimension(tm, "width")?,
+                            height: dimension(tm, "height")?,
+                        },
+                    );
+                }
+            }
+            Some(_) => return Err(ParseError::NotAnObject { what: "tracks" }),
+        }
+        out.insert(
+            stream_id.clone(),
+            StreamMetadata {
+                purpose,
+                audio_muted: flag(s, "audio_muted")?,
+                video_muted: flag(s, "video_muted")?,
+                tracks,
+            },
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<DcMessage, ParseError> {
+        DcMessage::parse(v.to_string().as_bytes())
+    }
+
+    fn req(stream: &str, track: &str, w: Option<u32>, h: Option<u32>) -> TrackRequest {
+        TrackRequest {
+            stream_id: stream.into(),
+            track_id: track.into(),
+            width: w,
+            height: h,
+        }
+    }
+
+    fn tref(stream: &str, track: &str) -> TrackRef {
+        TrackRef {
+            stream_id: stream.into(),
+            track_id: track.into(),
+        }
+    }
+
+    /// The MSC's `m.call.track_subscription` example, verbatim.
+    const MSC_SUBSCRIPTION: &str = r#"{
+        "type": "m.call.track_subscription",
+        "content": {
+            "subscribe": [
+                {"stream_id": "streamId1", "track_id": "trackId1", "width": 1920, "height": 1080},
+                {"stream_id": "streamId2", "track_id": "trackId2", "width": 256, "height": 144}
+            ],
+            "unsubscribe": [
+                {"stream_id": "streamId3", "track_id": "trackId4"},
+                {"stream_id": "streamId4", "track_id": "trackId4"}
+            ]
+        }
+    }"#;
+
+    fn msc_subscription() -> TrackSubscription {
+        TrackSubscription {
+            subscribe: vec![
+                req("streamId1", "trackId1", Some(1920), Some(1080)),
+                req("streamId2", "trackId2", Some(256), Some(144)),
+            ],
+            unsubscribe: vec![tref("streamId3", "trackId4"), tref("streamId4", "trackId4")],
+        }
+    }
+
+    #[test]
+    fn msc_subscription_example_parses_and_round_trips() {
+        let m = DcMessage::parse(MSC_SUBSCRIPTION.as_bytes()).unwrap();
+        assert_eq!(m, DcMessage::TrackSubscription(msc_subscription()));
+        let again = DcMessage::parse(m.encode().unwrap().as_bytes()).unwrap();
+        assert_eq!(again, m);
+    }
+
+    #[test]
+    fn start_stop_form_reads_the_same_and_writes_subscribe() {
+        let text = MSC_SUBSCRIPTION
+            .replace("\"subscribe\"", "\"start\"")
+            .replace("\"unsubscribe\"", "\"stop\"");
+        assert!(text.contains("\"start\"") && text.contains("\"stop\""));
+        let m = DcMessage::parse(text.as_bytes()).unwrap();
+        assert_eq!(m, DcMessage::TrackSubscription(msc_subscription()));
+        let out = m.to_value();
+        assert_eq!(
+            out,
+            json!({"type": "m.call.track_subscription", "content": {
+                "subscribe": [
+                    {"stream_id": "streamId1", "track_id": "trackId1", "width": 1920, "height": 1080},
+                    {"stream_id": "streamId2", "track_id": "trackId2", "width": 256, "height": 144}],
+                "unsubscribe": [
+                    {"stream_id": "streamId3", "track_id": "trackId4"},
+                    {"stream_id": "streamId4", "track_id": "trackId4"}]}})
+        );
+    }
+
+    #[test]
+    fn both_spellings_together_merge_and_repeats_keep_the_first() {
+        let m = parse(json!({"type": "m.call.track_subscription", "content": {
+            "subscribe": [{"stream_id": "s", "track_id": "a", "width": 640, "height": 360}],
+            "start": [{"stream_id": "s", "track_id": "a", "width": 1280, "height": 720},
+                      {"stream_id": "s", "track_id": "b"}],
+            "stop": [{"stream_id": "t", "track_id": "c"}, {"stream_id": "t", "track_id": "c"}],
+        }}))
+        .unwrap();
+        assert_eq!(
+            m,
+            DcMessage::TrackSubscription(TrackSubscription {
+                subscribe: vec![
+                    req("s", "a", Some(640), Some(360)),
+                    req("s", "b", None, None)
+                ],
+                unsubscribe: vec![tref("t", "c")],
+            })
+        );
+    }
+
+    #[test]
+    fn empty_subscription_and_unknown_fields() {
+        let m = parse(json!({"type": "m.call.track_subscription", "content": {},
+            "extra": 1}))
+        .unwrap();
+        assert_eq!(
+            m,
+            DcMessage::TrackSubscription(TrackSubscription::default())
+        );
+        assert_eq!(
+            m.to_value(),
+            json!({"type": "m.call.track_subscription", "content": {"subscribe": [], "unsubscribe": []}})
+        );
+        let m = parse(json!({"type": "m.call.track_subscription", "content": {
+            "subscribe": [{"stream_id": "s", "track_id": "a", "rid": "h", "x": {"y": 1}}],
+            "unsubscribe": [{"stream_id": "s", "track_id": "b", "width": 10}]}}))
+        .unwrap();
+        assert_eq!(
+            m,
+            DcMessage::TrackSubscription(TrackSubscription {
+                subscribe: vec![req("s", "a", None, None)],
+                unsubscribe: vec![tref("s", "b")],
+            })
+        );
+    }
+
+    #[test]
+    fn dimensions_fractional_rounded_out_of_range_refused() {
+        let sub = |w: Value, h: Value| {
+            parse(json!({"type": "m.call.track_subscription", "content": {
+                "subscribe": [{"stream_id": "s", "track_id": "a", "width": w, "height": h}]}}))
+        };
+        assert_eq!(
+            sub(json!(426.67), json!(240.0)).unwrap(),
+            DcMessage::TrackSubscription(TrackSubscription {
+                subscribe: vec![req("s", "a", Some(427), Some(240))],
+                unsubscribe: vec![],
+            })
+        );
+        assert!(sub(json!(16384), json!(1)).is_ok());
+        assert!(sub(json!(null), json!(null)).is_ok());
+        for bad in [
+            json!(0),
+            json!(-1),
+            json!(16385),
+            json!(0.4),
+            json!(1e300),
+            json!(u64::MAX),
+        ] {
+            let e = sub(bad.clone(), json!(100)).unwrap_err();
+            assert!(
+                matches!(e, ParseError::InvalidValue { field: "width", .. }),
+                "{bad}: {e}"
+            );
+            let e = sub(json!(100), bad.clone()).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ParseError::InvalidValue {
+                        field: "height",
+                        ..
+                    }
+                ),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(
+            sub(json!("1920"), json!(1080)).unwrap_err(),
+            ParseError::WrongType {
+                field: "width",
+                expected: "number"
+            }
+        );
+    }
+
+    #[test]
+    fn bad_subscriptions_are_typed_errors() {
+        let sub = |c: Value| parse(json!({"type": "m.call.track_subscription", "content": c}));
+        assert_eq!(
+            sub(json!({"subscribe": {"stream_id": "s"}})).unwrap_err(),
+            ParseError::WrongType {
+                field: "subscribe",
+                expected: "array"
+            }
+        );
+        assert_eq!(
+            sub(json!({"stop": [1]})).unwrap_err(),
+            ParseError::NotAnObject {
+                what: "subscription entry"
+            }
+        );
+        assert_eq!(
+            sub(json!({"subscribe": [{"track_id": "a"}]})).unwrap_err(),
+            ParseError::MissingField("stream_id")
+        );
+        assert_eq!(
+            sub(json!({"subscribe": [{"stream_id": "s", "track_id": 5}]})).unwrap_err(),
+            ParseError::WrongType {
+                field: "track_id",
+                expected: "string"
+            }
+        );
+        assert!(matches!(
+            sub(json!({"subscribe": [{"stream_id": "", "track_id": "a"}]})).unwrap_err(),
+            ParseError::InvalidValue {
+                field: "stream_id",
+                ..
+            }
+        ));
+        assert!(matches!(
+            sub(json!({"subscribe": [{"stream_id": "x".repeat(256), "track_id": "a"}]}))
+                .unwrap_err(),
+            ParseError::TooLong {
+                field: "stream_id",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn subscription_entry_limit_counts_both_lists() {
+        let entry = |i: usize| json!({"stream_id": "s", "track_id": format!("t{i}")});
+        let half: Vec<_> = (0..MAX_SUBSCRIPTION_ENTRIES / 2).map(entry).collect();
+        let ok = parse(json!({"type": "m.call.track_subscription",
+            "content": {"subscribe": half, "unsubscribe": half}}))
+        .unwrap();
+        let DcMessage::TrackSubscription(s) = ok else {
+            panic!("not a subscription")
+        };
+        assert_eq!(
+            s.subscribe.len() + s.unsubscribe.len(),
+            MAX_SUBSCRIPTION_ENTRIES
+        );
+        let e = parse(json!({"type": "m.call.track_subscription",
+            "content": {"subscribe": half, "unsubscribe": half, "stop": [entry(0)]}}))
+        .unwrap_err();
+        assert!(
+            matches!(e, ParseError::TooLong { field: "stop", .. }),
+            "{e}"
+        );
+    }
+
+    /// The MSC's metadata example.
+    fn msc_metadata_json() -> Value {
+        json!({
+            "streamId1": {
+                "purpose": "m.usermedia",
+                "audio_muted": false,
+                "video_muted": true,
+                "tracks": {
+                    "trackId1": {"width": 1920, "height": 1080},
+                    "trackId2": {}
+                }
+            }
+        })
+    }
+
+    fn msc_metadata() -> SdpStreamMetadata {
+        let mut s = StreamMetadata::new(FeedPurpose::Usermedia);
+        s.video_muted = true;
+        s.tracks.insert(
+            "trackId1".into(),
+            TrackMetadata {
+                width: Some(1920),
+                height: Some(1080),
+            },
+        );
+        s.tracks.insert("trackId2".into(), TrackMetadata::default());
+        BTreeMap::from([("streamId1".to_owned(), s)])
+    }
+
+    #[test]
+    fn msc_negotiate_example_parses_and_writes_canonically() {
+        let v = json!({"type": "m.call.negotiate", "content": {
+            "description": {"type": "offer", "sdp": "v=0\r\n"},
+            "sdp_stream_metadata": msc_metadata_json()}});
+        let m = parse(v.clone()).unwrap();
+        let DcMessage::Negotiate(n) = &m else {
+            panic!("not a negotiate: {m:?}")
+        };
+        assert_eq!(n.sdp_type, SdpType::Offer);
+        assert_eq!(n.sdp, "v=0\r\n");
+        assert_eq!(n.sdp_stream_metadata, msc_metadata());
+        assert_eq!(n.description(), SessionDescription::offer("v=0\r\n"));
+        // The example is already in the canonical form.
+        assert_eq!(m.to_value(), v);
+        let answer = parse(json!({"type": "m.call.negotiate", "content": {
+            "description": {"type": "answer", "sdp": "v=0"}}}))
+        .unwrap();
+        assert_eq!(
+            answer,
+            DcMessage::Negotiate(Negotiate {
+                sdp_type: SdpType::Answer,
+                sdp: "v=0".into(),
+                sdp_stream_metadata: SdpStreamMetadata::new(),
+            })
+        );
+        assert_eq!(
+            answer.to_value()["content"]["sdp_stream_metadata"],
+            json!({})
+        );
+    }
+
+    #[test]
+    fn bad_negotiates_are_typed_errors() {
+        let neg = |c: Value| parse(json!({"type": "m.call.negotiate", "content": c}));
+        assert_eq!(
+            neg(json!({})).unwrap_err(),
+            ParseError::MissingField("description")
+        );
+        assert!(matches!(
+            neg(json!({"description": {"type": "pranswer", "sdp": "v=0"}})).unwrap_err(),
+            ParseError::InvalidValue { field: "type", .. }
+        ));
+        assert!(matches!(
+            neg(json!({"description": {"type": "offer", "sdp": ""}})).unwrap_err(),
+            ParseError::InvalidValue { field: "sdp", .. }
+        ));
+        assert_eq!(
+            neg(json!({"description": {"type": "offer", "sdp": 1}})).unwrap_err(),
+            ParseError::WrongType {
+                field: "sdp",
+                expected: "string"
+            }
+        );
+        assert_eq!(
+            neg(json!({"description": "offer"})).unwrap_err(),
+            ParseError::NotAnObject {
+                what: "description"
+            }
+        );
+        assert_eq!(
+            neg(json!({"description": {"type": "offer", "sdp": "v=0"},
+                "sdp_stream_metadata": []}))
+            .unwrap_err(),
+            ParseError::NotAnObject {
+                what: "sdp_stream_metadata"
+            }
+        );
+    }
+
+    #[test]
+    fn msc_metadata_changed_example_and_unstable_key() {
+        let m = parse(json!({"type": "m.call.sdp_stream_metadata_changed",
+            "content": {"sdp_stream_metadata": msc_metadata_json()}}))
+        .unwrap();
+        let want = DcMessage::SdpStreamMetadataChanged {
+            sdp_stream_metadata: msc_metadata(),
+        };
+        assert_eq!(m, want);
+        let m = parse(json!({"type": "m.call.sdp_stream_metadata_changed",
+            "content": {"org.matrix.msc3077.sdp_stream_metadata": msc_metadata_json()}}))
+        .unwrap();
+        assert_eq!(m, want);
+        assert_eq!(
+            parse(json!({"type": "m.call.sdp_stream_metadata_changed", "content": {}}))
+                .unwrap_err(),
+            ParseError::MissingField("sdp_stream_metadata")
+        );
+    }
+
+    #[test]
+    fn metadata_defaults_other_purposes_and_bad_values() {
+        let meta = |m: Value| {
+            parse(json!({"type": "m.call.sdp_stream_metadata_changed",
+                "content": {"sdp_stream_metadata": m}}))
+        };
+        let m = meta(json!({"s": {"purpose": "m.screenshare", "extra": true}})).unwrap();
+        assert_eq!(
+            m,
+            DcMessage::SdpStreamMetadataChanged {
+                sdp_stream_metadata: BTreeMap::from([(
+                    "s".to_owned(),
+                    StreamMetadata::new(FeedPurpose::Screenshare)
+                )])
+            }
+        );
+        assert_eq!(
+            m.to_value()["content"]["sdp_stream_metadata"]["s"],
+            json!({"purpose": "m.screenshare", "audio_muted": false, "video_muted": false, "tracks": {}})
+        );
+        let m = meta(json!({"s": {"purpose": "org.example.whiteboard"}})).unwrap();
+        let DcMessage::SdpStreamMetadataChanged {
+            sdp_stream_metadata,
+        } = m
+        else {
+            panic!()
+        };
+        assert_eq!(
+            sdp_stream_metadata["s"].purpose,
+            FeedPurpose::Other("org.example.whiteboard".into())
+        );
+        assert_eq!(
+            meta(json!({"s": {}})).unwrap_err(),
+            ParseError::MissingField("purpose")
+        );
+        assert_eq!(
+            meta(json!({"s": {"purpose": "m.usermedia", "audio_muted": "yes"}})).unwrap_err(),
+            ParseError::WrongType {
+                field: "audio_muted",
+                expected: "boolean"
+            }
+        );
+        assert_eq!(
+            meta(json!({"s": {"purpose": "m.usermedia", "tracks": []}})).unwrap_err(),
+            ParseError::NotAnObject { what: "tracks" }
+        );
+        assert!(matches!(
+            meta(json!({"s": {"purpose": "m.usermedia", "tracks": {"t": {"width": 0}}}}))
+                .unwrap_err(),
+            ParseError::InvalidValue { field: "width", .. }
+        ));
+        assert!(matches!(
+            meta(json!({"": {"purpose": "m.usermedia"}})).unwrap_err(),
+            ParseError::InvalidValue {
+                field: "stream_id",
+                ..
+            }
+        ));
+        let many: Map<String, Value> = (0..=MAX_TRACKS_PER_STREAM)
+            .map(|i| (format!("t{i}"), json!({})))
+            .collect();
+        assert!(matches!(
+            meta(json!({"s": {"purpose": "m.usermedia", "tracks": many}})).unwrap_err(),
+            ParseError::TooLong {
+                field: "tracks",
+                ..
+            }
+        ));
+        let many: Map<String, Value> = (0..=MAX_STREAMS)
+            .map(|i| (format!("s{i}"), json!({"purpose": "m.usermedia"})))
+            .collect();
+        assert!(matches!(
+            meta(Value::Object(many)).unwrap_err(),
+            ParseError::TooLong {
+                field: "sdp_stream_metadata",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn metadata_to_proto_keeps_tracks() {
+        let p = msc_metadata()["streamId1"].to_proto();
+        assert_eq!(p.purpose, FeedPurpose::Usermedia);
+        assert!(p.video_muted && !p.audio_muted);
+        assert_eq!(
+            p.extra["tracks"],
+            json!({"trackId1": {"width": 1920, "height": 1080}, "trackId2": {}})
+        );
+    }
+
+    #[test]
+    fn msc_ping_pong_examples() {
+        let ping = parse(json!({"type": "m.call.ping", "content": {}})).unwrap();
+        assert_eq!(ping, DcMessage::Ping);
+        assert_eq!(
+            ping.encode().unwrap(),
+            r#"{"type":"m.call.ping","content":{}}"#
+        );
+        let pong = parse(json!({"type": "m.call.pong", "content": {}})).unwrap();
+        assert_eq!(pong, DcMessage::Pong);
+        assert_eq!(
+            pong.to_value(),
+            json!({"type": "m.call.pong", "content": {}})
+        );
+        // Lenient: no content, or content with fields.
+        assert_eq!(
+            DcMessage::parse(br#"{"type":"m.call.ping"}"#).unwrap(),
+            DcMessage::Ping
+        );
+        assert_eq!(
+            parse(json!({"type": "m.call.pong", "content": {"ts": 5}})).unwrap(),
+            DcMessage::Pong
+        );
+    }
+
+    #[test]
+    fn unknown_types_come_back_as_unknown() {
+        let m = parse(json!({"type": "m.call.connect_to_focus", "content": {"x": 1}})).unwrap();
+        assert_eq!(
+            m,
+            DcMessage::Unknown {
+                msg_type: "m.call.connect_to_focus".into()
+            }
+        );
+        assert_eq!(m.message_type(), "m.call.connect_to_focus");
+        assert!(matches!(
+            parse(json!({"type": "x".repeat(MAX_TYPE_LEN + 1)})).unwrap_err(),
+            ParseError::TooLong { field: "type", .. }
+        ));
+    }
+
+    #[test]
+    fn bad_envelopes_are_typed_errors() {
+        assert!(matches!(
+            DcMessage::parse(b"not json").unwrap_err(),
+            ParseError::Serde(_)
+        ));
+        assert!(matches!(
+            DcMessage::parse(b"").unwrap_err(),
+            ParseError::Serde(_)
+        ));
+        assert_eq!(
+            DcMessage::parse(b"[1,2]").unwrap_err(),
+            ParseError::NotAnObject { what: "message" }
+        );
+        assert_eq!(
+            DcMessage::parse(b"{}").unwrap_err(),
+            ParseError::MissingField("type")
+        );
+        assert_eq!(
+            parse(json!({"type": 7})).unwrap_err(),
+            ParseError::WrongType {
+                field: "type",
+                expected: "string"
+            }
+        );
+        assert_eq!(
+            parse(json!({"type": "m.call.ping", "content": []})).unwrap_err(),
+            ParseError::NotAnObject { what: "content" }
+        );
+        let deep = "[".repeat(10_000);
+        assert!(matches!(
+            DcMessage::parse(deep.as_bytes()).unwrap_err(),
+            ParseError::Serde(_)
+        ));
+    }
+
+    #[test]
+    fn oversize_is_refused_both_ways() {
+        let sdp = "a".repeat(MAX_MESSAGE_LEN);
+        let m = DcMessage::Negotiate(Negotiate {
+            sdp_type: SdpType::Offer,
+            sdp,
+            sdp_stream_metadata: SdpStreamMetadata::new(),
+        });
+        let e = m.encode().unwrap_err();
+        assert!(matches!(
+            e,
+            ParseError::TooLong {
+                field: "message",
+                max: MAX_MESSAGE_LEN,
+                ..
+            }
+        ));
+        assert_eq!(error_label(&e), "too_large");
+        let text = m.to_value().to_string();
+        assert!(matches!(
+            DcMessage::parse(text.as_bytes()).unwrap_err(),
+            ParseError::TooLong {
+                field: "message",
+                ..
+            }
+        ));
+        // Just under the limit is read.
+        let pad = MAX_MESSAGE_LEN - r#"{"type":"m.call.ping","content":{"p":""}}"#.len();
+        let text = format!(
+            r#"{{"type":"m.call.ping","content":{{"p":"{}"}}}}"#,
+            "a".repeat(pad)
+        );
+        assert_eq!(text.len(), MAX_MESSAGE_LEN);
+        assert_eq!(DcMessage::parse(text.as_bytes()).unwrap(), DcMessage::Ping);
+    }
+}
