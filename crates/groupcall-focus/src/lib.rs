@@ -23,7 +23,7 @@
 
 pub mod auth;
 pub mod config;
-pub mod dc;
+pub use groupcall_proto::dc;
 pub mod forward;
 pub mod heartbeat;
 pub mod metrics;

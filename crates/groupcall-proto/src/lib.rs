@@ -33,6 +33,7 @@
 //! reordering), and the orchestrator [`GroupCall`].
 
 pub mod call;
+pub mod dc;
 pub mod error;
 pub mod events;
 pub mod ids;

@@ -25,9 +25,9 @@
 
 use std::collections::BTreeMap;
 
-pub use groupcall_proto::error::ParseError;
-use groupcall_proto::events::{FeedPurpose, MAX_ID_LEN};
-use groupcall_proto::signalling::SessionDescription;
+pub use crate::error::ParseError;
+use crate::events::{FeedPurpose, MAX_ID_LEN};
+use crate::signalling::SessionDescription;
 use serde_json::{Map, Value, json};
 
 /// `m.call.track_subscription`.
@@ -137,6 +137,11 @@ pub struct StreamMetadata {
     pub video_muted: bool,
     /// Track id to its resolution (absent reads as none).
     pub tracks: BTreeMap<String, TrackMetadata>,
+    /// Whose stream it is, in metadata a focus sends (which participant
+    /// publishes it): `user_id`, as matrix-js-sdk names it for foci.
+    pub user_id: Option<String>,
+    /// The publishing device (`device_id`), with `user_id`.
+    pub device_id: Option<String>,
 }
 
 impl StreamMetadata {
@@ -147,16 +152,18 @@ impl StreamMetadata {
             audio_muted: false,
             video_muted: false,
             tracks: BTreeMap::new(),
+            user_id: None,
+            device_id: None,
         }
     }
 
     /// The groupcall-proto (to-device, MSC3077) form of this entry: the
     /// tracks go into its `extra` under `tracks`, in this module's canonical
     /// form.
-    pub fn to_proto(&self) -> groupcall_proto::signalling::StreamMetadata {
+    pub fn to_proto(&self) -> crate::signalling::StreamMetadata {
         let mut extra = Map::new();
         extra.insert("tracks".into(), tracks_value(&self.tracks));
-        groupcall_proto::signalling::StreamMetadata {
+        crate::signalling::StreamMetadata {
             purpose: self.purpose.clone(),
             audio_muted: self.audio_muted,
             video_muted: self.video_muted,
@@ -390,18 +397,32 @@ fn metadata_value(m: &SdpStreamMetadata) -> Value {
     Value::Object(
         m.iter()
             .map(|(id, s)| {
-                (
-                    id.clone(),
-                    json!({
-                        "purpose": s.purpose.as_str(),
-                        "audio_muted": s.audio_muted,
-                        "video_muted": s.video_muted,
-                        "tracks": tracks_value(&s.tracks),
-                    }),
-                )
+                let mut v = json!({
+                    "purpose": s.purpose.as_str(),
+                    "audio_muted": s.audio_muted,
+                    "video_muted": s.video_muted,
+                    "tracks": tracks_value(&s.tracks),
+                });
+                if let (Some(u), Some(d), Some(o)) = (&s.user_id, &s.device_id, v.as_object_mut()) {
+                    o.insert("user_id".into(), json!(u));
+                    o.insert("device_id".into(), json!(d));
+                }
+                (id.clone(), v)
             })
             .collect(),
     )
+}
+
+/// An optional string id: absent or null reads as `None`; otherwise as
+/// [`id`].
+fn optional_id(
+    obj: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, ParseError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => id(obj, field).map(Some),
+    }
 }
 
 /// A non-empty string id of at most [`MAX_ID_LEN`] bytes.
@@ -667,6 +688,8 @@ fn read_metadata(v: &Value) -> Result<SdpStreamMetadata, ParseError> {
                 audio_muted: flag(s, "audio_muted")?,
                 video_muted: flag(s, "video_muted")?,
                 tracks,
+                user_id: optional_id(s, "user_id")?,
+                device_id: optional_id(s, "device_id")?,
             },
         );
     }
@@ -1235,5 +1258,29 @@ mod tests {
         );
         assert_eq!(text.len(), MAX_MESSAGE_LEN);
         assert_eq!(DcMessage::parse(text.as_bytes()).unwrap(), DcMessage::Ping);
+    }
+
+    #[test]
+    fn a_focus_names_the_publisher_of_each_stream() {
+        let text = r#"{"type": "m.call.sdp_stream_metadata_changed", "content": {"sdp_stream_metadata": {
+            "s1": {"purpose": "m.usermedia", "user_id": "@b:x", "device_id": "BDEV"},
+            "s2": {"purpose": "m.usermedia", "user_id": 7}}}}"#;
+        assert!(DcMessage::parse(text.as_bytes()).is_err());
+        let text = text.replace(r#""user_id": 7"#, r#""user_id": null"#);
+        let DcMessage::SdpStreamMetadataChanged {
+            sdp_stream_metadata,
+        } = DcMessage::parse(text.as_bytes()).unwrap()
+        else {
+            unreachable!("metadata");
+        };
+        let s1 = &sdp_stream_metadata["s1"];
+        assert_eq!(s1.user_id.as_deref(), Some("@b:x"));
+        assert_eq!(s1.device_id.as_deref(), Some("BDEV"));
+        assert_eq!(sdp_stream_metadata["s2"].user_id, None);
+        let m = DcMessage::SdpStreamMetadataChanged {
+            sdp_stream_metadata,
+        };
+        let back = DcMessage::parse(m.encode().unwrap().as_bytes()).unwrap();
+        assert_eq!(back, m);
     }
 }
