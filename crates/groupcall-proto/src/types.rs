@@ -73,6 +73,9 @@ pub struct Config {
     /// `m.foci.active` (and `m.foci.preferred`); members that publish to a
     /// focus too are then not called in the mesh (default none: full mesh).
     pub focus: Option<crate::events::FocusRef>,
+    /// A focus that has not pinged us on its data channel for this long is
+    /// hung up on (MSC3898: it pings at most every 30 s; default 60 s).
+    pub focus_ping_timeout_ms: u64,
 }
 
 impl Config {
@@ -83,6 +86,7 @@ impl Config {
             device_id: device_id.into(),
             seed: 0,
             focus: None,
+            focus_ping_timeout_ms: 60_000,
             event_names: EventNames::Unstable,
             member_expiry_ms: 60 * 60 * 1000,
             member_refresh_ms: 45 * 60 * 1000,
@@ -271,6 +275,23 @@ pub enum MediaEvent {
         /// What went wrong.
         message: String,
     },
+    /// The data channel of a focus peer opened (MSC3898 signalling).
+    ChannelOpen {
+        /// Peer.
+        peer: PeerHandle,
+    },
+    /// A text message arrived on a focus peer's data channel.
+    ChannelMessage {
+        /// Peer.
+        peer: PeerHandle,
+        /// The message (JSON, see [`crate::dc`]).
+        text: String,
+    },
+    /// A focus peer's data channel closed.
+    ChannelClosed {
+        /// Peer.
+        peer: PeerHandle,
+    },
 }
 
 /// Everything that can come in, for drivers and fuzzers that prefer one entry point.
@@ -367,6 +388,13 @@ pub enum MediaRequest {
     ClosePeer {
         /// Peer.
         peer: PeerHandle,
+    },
+    /// Send a text message on a focus peer's data channel (MSC3898).
+    SendChannel {
+        /// Peer.
+        peer: PeerHandle,
+        /// The message (JSON, see [`crate::dc`]).
+        text: String,
     },
 }
 

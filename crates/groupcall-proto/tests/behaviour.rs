@@ -1839,3 +1839,238 @@ fn signalling_from_a_focus_that_is_not_ours_is_held_like_a_non_member() {
     );
     assert_eq!(deliver!(call, NOW, m), Ok(Accepted::HeldForMembership));
 }
+
+/// Joined with a focus, the focus peer connected; b publishes to the same
+/// focus. Returns the call, the focus peer and its call id.
+fn connected_to_focus() -> (GroupCall, PeerHandle, String) {
+    let mut c = Config::new("@a:x", "ADEV");
+    c.focus = Some(focus());
+    let mut call = GroupCall::new(c);
+    call.handle_state(NOW, &join_ev("@a:x", "join")).unwrap();
+    call.handle_state(NOW, &join_ev("@b:x", "join")).unwrap();
+    call.handle_state(
+        NOW,
+        &json!({"type": "org.matrix.msc3401.call", "state_key": CONF, "sender": "@b:x", "origin_server_ts": NOW,
+            "content": {"m.intent": "m.prompt", "m.type": "m.video"}}),
+    )
+    .unwrap();
+    call.handle_command(
+        NOW,
+        Command::Join {
+            create: None,
+            audio: true,
+            video: true,
+        },
+    )
+    .unwrap();
+    call.handle_membership_published(NOW);
+    call.handle_state(
+        NOW,
+        &member_with_foci(
+            "@b:x",
+            "BDEV",
+            "m.foci.active",
+            json!([{"user_id": "@sfu:x", "device_id": "SFUDEV"}]),
+        ),
+    )
+    .unwrap();
+    let (_, peer, _) = calls_placed(&drain(&mut call))[0].clone();
+    call.handle_media(
+        NOW,
+        MediaEvent::OfferCreated {
+            peer,
+            sdp: "offer".into(),
+            gathering_complete: true,
+        },
+    );
+    let invite = sent(&drain(&mut call))[0].1.clone();
+    let call_id = invite["call_id"].as_str().unwrap().to_owned();
+    let answer = from_focus(
+        "m.call.answer",
+        &call_id,
+        0,
+        json!({"answer": {"type": "answer", "sdp": "answer"}, "sdp_stream_metadata": {"x": {"purpose": "m.usermedia"}}}),
+        &call,
+    );
+    assert_eq!(deliver!(call, NOW, answer), Ok(Accepted::Processed));
+    call.handle_media(
+        NOW,
+        MediaEvent::State {
+            peer,
+            state: MediaState::Connected,
+        },
+    );
+    let outs = drain(&mut call);
+    // The focus's answer metadata is not reported as the focus's feeds.
+    assert!(
+        !outs
+            .iter()
+            .any(|o| matches!(o, Output::Event(CallEvent::FeedAdded { .. })))
+    );
+    (call, peer, call_id)
+}
+
+/// The data-channel messages among outputs, parsed.
+fn channel_sent(outs: &[Output]) -> Vec<Value> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Media(MediaRequest::SendChannel { text, .. }) => {
+                Some(serde_json::from_str(text).unwrap())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn channel(call: &mut GroupCall, now: u64, peer: PeerHandle, msg: Value) -> Vec<Output> {
+    call.handle_media(
+        now,
+        MediaEvent::ChannelMessage {
+            peer,
+            text: msg.to_string(),
+        },
+    );
+    drain(call)
+}
+
+#[test]
+fn through_the_focus_channel_we_subscribe_to_everyone_else_answer_pings_and_renegotiate() {
+    let (mut call, peer, _) = connected_to_focus();
+    call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });
+    assert!(
+        channel_sent(&drain(&mut call)).is_empty(),
+        "nothing to subscribe to yet"
+    );
+
+    // The focus says b publishes s-b (audio + video); our own stream is in
+    // its list too and is not subscribed to.
+    let meta = json!({"type": "m.call.sdp_stream_metadata_changed", "content": {"sdp_stream_metadata": {
+        "s-b": {"purpose": "m.usermedia", "user_id": "@b:x", "device_id": "BDEV",
+            "tracks": {"a-b": {}, "v-b": {"width": 640, "height": 360}}},
+        "s-a": {"purpose": "m.usermedia", "user_id": "@a:x", "device_id": "ADEV", "tracks": {"a-a": {}}}}}});
+    let outs = channel(&mut call, NOW + 20, peer, meta);
+    let added: Vec<_> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Event(CallEvent::FeedAdded {
+                device, stream_id, ..
+            }) => Some((device.clone(), stream_id.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        added,
+        vec![(DeviceKey::new("@b:x", "BDEV"), "s-b".to_owned())]
+    );
+    let sub = channel_sent(&outs);
+    assert_eq!(
+        sub,
+        vec![json!({"type": "m.call.track_subscription", "content": {
+            "subscribe": [
+                {"stream_id": "s-b", "track_id": "a-b"},
+                {"stream_id": "s-b", "track_id": "v-b", "width": 640, "height": 360}],
+            "unsubscribe": []}})]
+    );
+
+    // Pings are answered at once.
+    let outs = channel(
+        &mut call,
+        NOW + 30,
+        peer,
+        json!({"type": "m.call.ping", "content": {}}),
+    );
+    assert_eq!(
+        channel_sent(&outs),
+        vec![json!({"type": "m.call.pong", "content": {}})]
+    );
+
+    // The focus renegotiates over the channel; our answer goes back there,
+    // not as a to-device message.
+    let outs = channel(
+        &mut call,
+        NOW + 40,
+        peer,
+        json!({"type": "m.call.negotiate", "content": {"description": {"type": "offer", "sdp": "focus-offer"}}}),
+    );
+    assert!(outs.iter().any(|o| matches!(o,
+        Output::Media(MediaRequest::AcceptOffer { sdp, .. }) if sdp == "focus-offer")));
+    call.handle_media(
+        NOW + 41,
+        MediaEvent::AnswerCreated {
+            peer,
+            sdp: "our-answer".into(),
+            gathering_complete: true,
+        },
+    );
+    let outs = drain(&mut call);
+    assert!(sent(&outs).iter().all(|(t, _)| !t.ends_with("negotiate")));
+    let answer = channel_sent(&outs);
+    assert_eq!(answer.len(), 1);
+    assert_eq!(answer[0]["type"], "m.call.negotiate");
+    assert_eq!(
+        answer[0]["content"]["description"],
+        json!({"type": "answer", "sdp": "our-answer"})
+    );
+
+    // b stops publishing: its feed goes, and so does our subscription.
+    let outs = channel(
+        &mut call,
+        NOW + 50,
+        peer,
+        json!({"type": "m.call.sdp_stream_metadata_changed", "content": {"sdp_stream_metadata": {}}}),
+    );
+    assert!(outs.iter().any(|o| matches!(o,
+        Output::Event(CallEvent::FeedRemoved { device, stream_id }) if device.user_id == "@b:x" && stream_id == "s-b")));
+    let unsub = channel_sent(&outs);
+    assert_eq!(
+        unsub[0]["content"]["unsubscribe"].as_array().unwrap().len(),
+        2
+    );
+
+    // Garbage on the channel is ignored; the link stays.
+    let outs = channel(&mut call, NOW + 60, peer, json!({"type": 5}));
+    assert!(outs.is_empty(), "{outs:?}");
+    assert_eq!(call.peers().len(), 1);
+}
+
+#[test]
+fn a_focus_that_stops_pinging_is_hung_up_on_and_the_mesh_takes_over() {
+    let (mut call, peer, _) = connected_to_focus();
+    call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });
+    drain(&mut call);
+    channel(
+        &mut call,
+        NOW + 20_000,
+        peer,
+        json!({"type": "m.call.ping", "content": {}}),
+    );
+    // The deadline follows the last ping.
+    assert_eq!(call.poll_timeout().map(|t| t <= NOW + 80_000), Some(true));
+    call.handle_timeout(NOW + 79_999);
+    assert_eq!(call.peers().len(), 1);
+    call.handle_timeout(NOW + 80_000);
+    let outs = drain(&mut call);
+    let hangup = sent(&outs)
+        .into_iter()
+        .find(|(t, _)| t.ends_with("hangup"))
+        .expect("a hangup to the focus");
+    assert_eq!(hangup.1["reason"], "focus_ping_timeout");
+    assert!(
+        placed_to(&outs, "@b:x"),
+        "b is called in the mesh: {outs:?}"
+    );
+}
+
+#[test]
+fn a_focus_whose_channel_closes_is_hung_up_on() {
+    let (mut call, peer, _) = connected_to_focus();
+    call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });
+    drain(&mut call);
+    call.handle_media(NOW + 20, MediaEvent::ChannelClosed { peer });
+    let outs = drain(&mut call);
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Media(MediaRequest::ClosePeer { .. })))
+    );
+    assert!(placed_to(&outs, "@b:x"));
+}

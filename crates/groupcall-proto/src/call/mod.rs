@@ -29,6 +29,7 @@ const MAX_PENDING_REMOTE_CANDIDATES: usize = 512;
 const ENDED_CALL_MEMORY_MS: u64 = 10 * 60 * 1000;
 
 mod admission;
+mod focus;
 mod orchestrate;
 mod peer;
 
@@ -136,6 +137,8 @@ pub struct GroupCall {
     /// has not connected since: members that use a focus are called in the
     /// mesh meanwhile.
     focus_down_since: Option<u64>,
+    /// The data-channel side of our link with the focus.
+    focus_link: focus::FocusLink,
 }
 
 impl GroupCall {
@@ -161,6 +164,7 @@ impl GroupCall {
             out: VecDeque::new(),
             to_device: Vec::new(),
             focus_down_since: None,
+            focus_link: focus::FocusLink::default(),
         }
     }
 
@@ -258,6 +262,10 @@ impl GroupCall {
     // Sending
 
     fn send(&mut self, device: &DeviceKey, body: Body) {
+        // Renegotiation with our focus goes over its data channel.
+        let Some(body) = self.via_focus_channel(device, body) else {
+            return;
+        };
         let Some(peer) = self.peers.get_mut(device) else {
             return;
         };
@@ -386,8 +394,13 @@ impl GroupCall {
                 at(x);
             }
         }
+        if let Some(x) = self.focus_ping_deadline() {
+            at(x);
+        }
         for (k, r) in &self.retry {
-            if !self.peers.contains_key(k) && self.room.participants().contains_key(k) {
+            if !self.peers.contains_key(k)
+                && (self.room.participants().contains_key(k) || self.is_focus(k))
+            {
                 at(r.not_before);
             }
         }
@@ -412,6 +425,7 @@ impl GroupCall {
         if self.joined.as_ref().is_some_and(|j| now >= j.refresh_at) {
             self.publish_membership(now);
         }
+        self.check_focus_pings(now);
         // Peers whose device stayed gone.
         let gone: Vec<DeviceKey> = self
             .peers

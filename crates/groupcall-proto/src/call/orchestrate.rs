@@ -669,9 +669,12 @@ impl GroupCall {
         let Some(peer) = self.peers.remove(device) else {
             return;
         };
-        if self.is_focus(device) && self.focus_down_since.is_none() {
-            warn!(%device, reason = why, "our focus is gone; falling back to the mesh");
-            self.focus_down_since = Some(self.now);
+        if self.is_focus(device) {
+            self.focus_closed();
+            if self.focus_down_since.is_none() {
+                warn!(%device, reason = why, "our focus is gone; falling back to the mesh");
+                self.focus_down_since = Some(self.now);
+            }
         }
         // A call that failed or was hung up is not placed again at once: the
         // device may be leaving (its hangup or member event is on the way),

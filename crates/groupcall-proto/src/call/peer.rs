@@ -244,7 +244,9 @@ impl GroupCall {
                         extra: Default::default(),
                     }),
                 );
-                if let Some(meta) = a.sdp_stream_metadata {
+                // A focus's streams are its publishers' (its data channel
+                // says whose), not the focus's own feeds.
+                if let Some(meta) = a.sdp_stream_metadata.filter(|_| !focus) {
                     self.update_remote_feeds(key, meta, true);
                 }
                 self.after_stable(now, key);
@@ -543,7 +545,10 @@ impl GroupCall {
             | MediaEvent::AnswerCreated { peer, .. }
             | MediaEvent::LocalCandidates { peer, .. }
             | MediaEvent::State { peer, .. }
-            | MediaEvent::Error { peer, .. } => *peer,
+            | MediaEvent::Error { peer, .. }
+            | MediaEvent::ChannelOpen { peer }
+            | MediaEvent::ChannelMessage { peer, .. }
+            | MediaEvent::ChannelClosed { peer } => *peer,
         };
         let Some(key) = self.device_of(handle) else {
             debug!(?handle, "media event for a closed peer");
@@ -654,6 +659,9 @@ impl GroupCall {
                 self.close_peer(&key, true, reason::UNKNOWN_ERROR, true);
                 self.mesh(now);
             }
+            MediaEvent::ChannelOpen { .. } => self.focus_channel_open(now, &key),
+            MediaEvent::ChannelMessage { text, .. } => self.focus_channel_message(now, &key, &text),
+            MediaEvent::ChannelClosed { .. } => self.focus_channel_closed(now, &key),
         }
     }
 

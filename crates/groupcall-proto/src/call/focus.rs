@@ -1,0 +1,309 @@
+//! The client's side of MSC3898 over the focus peer's data channel: the
+//! focus's metadata (who publishes what), our subscriptions, renegotiation
+//! over the channel (the focus is the polite side), and ping/pong.
+//!
+//! The focus peer itself is an ordinary [`Peer`](super::peer::Peer) placed by
+//! the mesh plan (see `orchestrate.rs`); this file adds what the channel
+//! carries once it is open.
+
+use std::collections::BTreeSet;
+
+use tracing::{debug, info, warn};
+
+use crate::dc::{self, DcMessage, TrackRef, TrackRequest, TrackSubscription};
+use crate::ids::DeviceKey;
+use crate::signalling::{Body, Negotiate};
+use crate::types::*;
+
+use super::GroupCall;
+
+/// Why we hang up on a focus whose pings stopped.
+pub const FOCUS_PING_TIMEOUT: &str = "focus_ping_timeout";
+/// Why we hang up on a focus whose data channel closed.
+pub const FOCUS_CHANNEL_CLOSED: &str = "focus_channel_closed";
+
+/// The state of our link with the focus, beside its peer.
+#[derive(Debug, Clone, Default)]
+pub(super) struct FocusLink {
+    pub(super) channel_open: bool,
+    /// The streams of other participants the focus offers, as its last
+    /// metadata said, by stream id.
+    pub(super) available: dc::SdpStreamMetadata,
+    pub(super) subscribed: BTreeSet<TrackRef>,
+    /// When the focus last pinged us (or the channel opened).
+    pub(super) last_ping: u64,
+}
+
+impl GroupCall {
+    /// Our focus's peer, if it has one and the channel is open: its key.
+    fn open_focus(&self) -> Option<DeviceKey> {
+        let key = self.focus_key()?;
+        (self.peers.contains_key(&key) && self.focus_link.channel_open).then_some(key)
+    }
+
+    /// The focus peer's data channel opened.
+    pub(super) fn focus_channel_open(&mut self, now: u64, key: &DeviceKey) {
+        if !self.is_focus(key) {
+            debug!(device = %key, "data channel on a mesh peer; ignored");
+            return;
+        }
+        info!(device = %key, "focus data channel open");
+        self.focus_link.channel_open = true;
+        self.focus_link.last_ping = now;
+        self.resubscribe();
+    }
+
+    /// The focus peer's data channel closed: the focus is gone.
+    pub(super) fn focus_channel_closed(&mut self, now: u64, key: &DeviceKey) {
+        if !self.is_focus(key) || !self.focus_link.channel_open {
+            return;
+        }
+        warn!(device = %key, "focus data channel closed");
+        self.close_peer(key, true, FOCUS_CHANNEL_CLOSED, true);
+        self.mesh(now);
+    }
+
+    /// A message on the focus peer's data channel.
+    pub(super) fn focus_channel_message(&mut self, now: u64, key: &DeviceKey, text: &str) {
+        if !self.is_focus(key) {
+            debug!(device = %key, "data channel message from a mesh peer; ignored");
+            return;
+        }
+        let msg = match DcMessage::parse(text.as_bytes()) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(device = %key, "focus data channel message ignored: {e}");
+                return;
+            }
+        };
+        match msg {
+            DcMessage::Ping => {
+                self.focus_link.last_ping = now;
+                self.send_channel(key, &DcMessage::Pong);
+            }
+            DcMessage::Pong => {}
+            DcMessage::SdpStreamMetadataChanged {
+                sdp_stream_metadata,
+            } => self.focus_metadata(sdp_stream_metadata),
+            DcMessage::Negotiate(n) => {
+                let meta = n.sdp_stream_metadata.clone();
+                let neg = Negotiate {
+                    description: n.description(),
+                    lifetime: None,
+                    sdp_stream_metadata: None,
+                    extra: Default::default(),
+                };
+                if let Err(e) = self.on_negotiate(now, key, neg) {
+                    debug!(device = %key, "focus negotiate ignored: {e}");
+                }
+                if !meta.is_empty() {
+                    self.focus_metadata(meta);
+                }
+            }
+            DcMessage::TrackSubscription(_) => {
+                debug!(device = %key, "track subscription from the focus; ignored");
+            }
+            other => debug!(device = %key, "focus message {} ignored", other.message_type()),
+        }
+    }
+
+    /// The focus's metadata: the streams of the call it forwards, each with
+    /// its publisher. Feeds of other participants are reported as theirs;
+    /// then we subscribe to every track we do not have.
+    fn focus_metadata(&mut self, meta: dc::SdpStreamMetadata) {
+        let me = self.me.clone();
+        let theirs: dc::SdpStreamMetadata = meta
+            .into_iter()
+            .filter(|(_, s)| match (&s.user_id, &s.device_id) {
+                (Some(u), Some(d)) => !(*u == me.user_id && *d == me.device_id),
+                _ => false,
+            })
+            .collect();
+        let old = std::mem::replace(&mut self.focus_link.available, theirs.clone());
+        let owner = |s: &dc::StreamMetadata| {
+            DeviceKey::new(
+                s.user_id.clone().unwrap_or_default(),
+                s.device_id.clone().unwrap_or_default(),
+            )
+        };
+        for (id, s) in &theirs {
+            let e = match old.get(id) {
+                None => Some(CallEvent::FeedAdded {
+                    device: owner(s),
+                    stream_id: id.clone(),
+                    purpose: s.purpose.clone(),
+                    audio_muted: s.audio_muted,
+                    video_muted: s.video_muted,
+                }),
+                Some(o)
+                    if o.audio_muted != s.audio_muted
+                        || o.video_muted != s.video_muted
+                        || o.purpose != s.purpose =>
+                {
+                    Some(CallEvent::FeedChanged {
+                        device: owner(s),
+                        stream_id: id.clone(),
+                        purpose: s.purpose.clone(),
+                        audio_muted: s.audio_muted,
+                        video_muted: s.video_muted,
+                    })
+                }
+                Some(_) => None,
+            };
+            if let Some(e) = e {
+                self.event(e);
+            }
+        }
+        for (id, s) in &old {
+            if !theirs.contains_key(id) {
+                self.event(CallEvent::FeedRemoved {
+                    device: owner(s),
+                    stream_id: id.clone(),
+                });
+            }
+        }
+        self.resubscribe();
+    }
+
+    /// Sends the subscription changes that bring what we receive in line
+    /// with what the focus offers (everything of everyone else).
+    fn resubscribe(&mut self) {
+        let Some(key) = self.open_focus() else { return };
+        let wanted: BTreeSet<TrackRef> = self
+            .focus_link
+            .available
+            .iter()
+            .flat_map(|(stream_id, s)| {
+                s.tracks.keys().map(|track_id| TrackRef {
+                    stream_id: stream_id.clone(),
+                    track_id: track_id.clone(),
+                })
+            })
+            .collect();
+        let subscribe: Vec<TrackRequest> = wanted
+            .difference(&self.focus_link.subscribed)
+            .map(|t| {
+                let size = self
+                    .focus_link
+                    .available
+                    .get(&t.stream_id)
+                    .and_then(|s| s.tracks.get(&t.track_id))
+                    .copied()
+                    .unwrap_or_default();
+                TrackRequest {
+                    stream_id: t.stream_id.clone(),
+                    track_id: t.track_id.clone(),
+                    width: size.width,
+                    height: size.height,
+                }
+            })
+            .collect();
+        let unsubscribe: Vec<TrackRef> = self
+            .focus_link
+            .subscribed
+            .difference(&wanted)
+            .cloned()
+            .collect();
+        if subscribe.is_empty() && unsubscribe.is_empty() {
+            return;
+        }
+        debug!(
+            subscribe = subscribe.len(),
+            unsubscribe = unsubscribe.len(),
+            "focus subscriptions"
+        );
+        self.focus_link.subscribed = wanted;
+        self.send_channel(
+            &key,
+            &DcMessage::TrackSubscription(TrackSubscription {
+                subscribe,
+                unsubscribe,
+            }),
+        );
+    }
+
+    /// Sends `body` to our focus over the data channel if it is a
+    /// renegotiation and the channel is open. Returns `body` back otherwise
+    /// (it goes as a to-device message).
+    pub(super) fn via_focus_channel(&mut self, device: &DeviceKey, body: Body) -> Option<Body> {
+        let Body::Negotiate(n) = body else {
+            return Some(body);
+        };
+        if self.open_focus().as_ref() != Some(device) {
+            return Some(Body::Negotiate(n));
+        }
+        let sdp_type = if n.description.is_offer() {
+            dc::SdpType::Offer
+        } else {
+            dc::SdpType::Answer
+        };
+        let meta = n
+            .sdp_stream_metadata
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, m)| {
+                let mut s = dc::StreamMetadata::new(m.purpose);
+                s.audio_muted = m.audio_muted;
+                s.video_muted = m.video_muted;
+                (id, s)
+            })
+            .collect();
+        self.send_channel(
+            device,
+            &DcMessage::Negotiate(dc::Negotiate {
+                sdp_type,
+                sdp: n.description.sdp,
+                sdp_stream_metadata: meta,
+            }),
+        );
+        None
+    }
+
+    fn send_channel(&mut self, device: &DeviceKey, msg: &DcMessage) {
+        let Some(peer) = self.peers.get(device).map(|p| p.handle) else {
+            return;
+        };
+        match msg.encode() {
+            Ok(text) => self
+                .out
+                .push_back(Output::Media(MediaRequest::SendChannel { peer, text })),
+            Err(e) => warn!(%device, "data channel message not sent: {e}"),
+        }
+    }
+
+    /// When the focus's pings are overdue.
+    pub(super) fn focus_ping_deadline(&self) -> Option<u64> {
+        self.open_focus()?;
+        Some(
+            self.focus_link
+                .last_ping
+                .saturating_add(self.cfg.focus_ping_timeout_ms),
+        )
+    }
+
+    /// Hangs up on a focus whose pings stopped (it may be unable to send:
+    /// we time out all the same); the mesh takes over.
+    pub(super) fn check_focus_pings(&mut self, now: u64) {
+        if let (Some(key), Some(at)) = (self.open_focus(), self.focus_ping_deadline())
+            && now >= at
+        {
+            warn!(device = %key, "no ping from the focus for {} ms; hanging up", self.cfg.focus_ping_timeout_ms);
+            self.close_peer(&key, true, FOCUS_PING_TIMEOUT, true);
+            self.mesh(now);
+        }
+    }
+
+    /// The focus peer closed: its streams are gone.
+    pub(super) fn focus_closed(&mut self) {
+        let link = std::mem::take(&mut self.focus_link);
+        for (id, s) in link.available {
+            self.event(CallEvent::FeedRemoved {
+                device: DeviceKey::new(
+                    s.user_id.unwrap_or_default(),
+                    s.device_id.unwrap_or_default(),
+                ),
+                stream_id: id,
+            });
+        }
+    }
+}
