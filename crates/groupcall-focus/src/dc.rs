@@ -45,9 +45,9 @@ pub const PONG: &str = "m.call.pong";
 const METADATA_UNSTABLE: &str = "org.matrix.msc3077.sdp_stream_metadata";
 
 /// Largest message accepted or written, bytes: 256 KiB, the
-/// `a=max-message-size` Chromium and Firefox advertise for their data
-/// channels (nothing bigger can come from a browser). It bounds the SDP too;
-/// a focus's offer to a subscriber of a large call needs the room.
+/// `a=max-message-size` Chromium advertises for its data channels (so
+/// nothing bigger can come from or go to Chromium). It bounds the SDP too; a
+/// focus's offer to a subscriber of a large call needs the room.
 pub const MAX_MESSAGE_LEN: usize = 256 * 1024;
 /// Most entries of one `m.call.track_subscription`, `subscribe` and
 /// `unsubscribe` together (both spellings of each counted).

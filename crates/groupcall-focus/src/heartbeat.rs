@@ -374,6 +374,30 @@ mod tests {
     }
 
     #[test]
+    fn the_focus_answers_a_ping_but_only_pongs_keep_a_client_alive() {
+        let mut f = Heartbeat::new(Role::Focus, CFG, T0).unwrap();
+        assert!(f.handle_received(T0 + 50, &DcMessage::Ping));
+        assert_eq!(drain(&mut f), vec![HeartbeatOutput::SendPong]);
+        // The ping did not move the deadline (start + timeout).
+        f.handle_timeout(T0 + 100);
+        assert_eq!(drain(&mut f), vec![HeartbeatOutput::SendPing]);
+        // Time is brought up to date before a message is handled: the ping
+        // due at +200 comes out before the answer to this ping.
+        f.handle_received(T0 + 240, &DcMessage::Ping);
+        f.handle_timeout(T0 + 250);
+        assert_eq!(
+            drain(&mut f),
+            vec![
+                HeartbeatOutput::SendPing,
+                HeartbeatOutput::SendPong,
+                HeartbeatOutput::Dead {
+                    reason: DeadReason::NoPong { silent_ms: 250 }
+                }
+            ]
+        );
+    }
+
+    #[test]
     fn a_late_wakeup_sends_one_ping_not_a_burst() {
         let cfg = HeartbeatConfig {
             interval_ms: 100,
