@@ -1202,6 +1202,22 @@ mod tests {
     }
 
     #[test]
+    fn errors_have_stable_labels() {
+        let label = |v: &[u8]| error_label(&DcMessage::parse(v).unwrap_err());
+        assert_eq!(label(b"{"), "not_json");
+        assert_eq!(label(b"1"), "not_an_object");
+        assert_eq!(label(b"{}"), "missing_field");
+        assert_eq!(label(br#"{"type":1}"#), "wrong_type");
+        assert_eq!(
+            label(br#"{"type":"m.call.negotiate","content":{"description":{"type":"rollback","sdp":"v=0"}}}"#),
+            "invalid_value"
+        );
+        let long = format!(r#"{{"type":"{}"}}"#, "x".repeat(MAX_TYPE_LEN + 1));
+        assert_eq!(label(long.as_bytes()), "too_long");
+        assert_eq!(label(&vec![b' '; MAX_MESSAGE_LEN + 1]), "too_large");
+    }
+
+    #[test]
     fn oversize_is_refused_both_ways() {
         let sdp = "a".repeat(MAX_MESSAGE_LEN);
         let m = DcMessage::Negotiate(Negotiate {
