@@ -32,6 +32,7 @@ use groupcall_proto::events::{
     CALL_MEMBER, CALL_MEMBER_UNSTABLE, MemberContent, ROOM_MEMBER, StateEvent,
 };
 use groupcall_proto::room::{LeftReason, RoomCallState, RoomChange};
+use groupcall_proto::signalling::CommonFields;
 use groupcall_proto::{DeviceKey, ParseError};
 use serde_json::Value;
 use thiserror::Error;
@@ -148,6 +149,26 @@ pub struct InviteCheck<'a> {
     pub device_id: Option<&'a str>,
     /// The content's `sender_session_id`, if any.
     pub sender_session_id: Option<&'a str>,
+}
+
+impl<'a> InviteCheck<'a> {
+    /// The check for a parsed `m.call.invite` (its group fields) from
+    /// `sender`, received encrypted or not, from the Olm device if known.
+    pub fn from_common(
+        sender: &'a str,
+        olm_device: Option<&'a str>,
+        encrypted: bool,
+        common: &'a CommonFields,
+    ) -> Self {
+        Self {
+            sender,
+            olm_device,
+            encrypted,
+            conf_id: &common.conf_id,
+            device_id: common.device_id.as_deref(),
+            sender_session_id: common.sender_session_id.as_deref(),
+        }
+    }
 }
 
 /// What the authoriser tells the driver.
@@ -698,6 +719,19 @@ mod tests {
             a.counts().refusals().find(|(l, _)| *l == "stale_session"),
             Some(("stale_session", 1))
         );
+    }
+
+    #[test]
+    fn a_parsed_invite_is_checked_by_its_group_fields() {
+        let mut a = room(AuthConfig::default());
+        let content = json!({"version": "1", "call_id": "call1", "party_id": "A",
+            "conf_id": CALL, "device_id": "A", "sender_session_id": "SA",
+            "dest_session_id": "FOCUS", "seq": 0, "lifetime": 60000,
+            "offer": {"type": "offer", "sdp": "v=0"}});
+        let msg = groupcall_proto::signalling::Message::parse("m.call.invite", &content).unwrap();
+        let inv = InviteCheck::from_common("@a:x", Some("A"), true, &msg.common);
+        assert_eq!(inv, olm("@a:x", "A", "SA"));
+        assert!(a.check_invite(&inv, NOW).is_ok());
     }
 
     #[test]

@@ -45,9 +45,9 @@ pub const PONG: &str = "m.call.pong";
 const METADATA_UNSTABLE: &str = "org.matrix.msc3077.sdp_stream_metadata";
 
 /// Largest message accepted or written, bytes: 256 KiB, the
-/// `a=max-message-size` Chromium and Firefox advertise for their data
-/// channels (nothing bigger can come from a browser). It bounds the SDP too;
-/// a focus's offer to a subscriber of a large call needs the room.
+/// `a=max-message-size` Chromium advertises for its data channels (so
+/// nothing bigger can come from or go to Chromium). It bounds the SDP too; a
+/// focus's offer to a subscriber of a large call needs the room.
 pub const MAX_MESSAGE_LEN: usize = 256 * 1024;
 /// Most entries of one `m.call.track_subscription`, `subscribe` and
 /// `unsubscribe` together (both spellings of each counted).
@@ -1222,6 +1222,22 @@ mod tests {
             DcMessage::parse(deep.as_bytes()).unwrap_err(),
             ParseError::Serde(_)
         ));
+    }
+
+    #[test]
+    fn errors_have_stable_labels() {
+        let label = |v: &[u8]| error_label(&DcMessage::parse(v).unwrap_err());
+        assert_eq!(label(b"{"), "not_json");
+        assert_eq!(label(b"1"), "not_an_object");
+        assert_eq!(label(b"{}"), "missing_field");
+        assert_eq!(label(br#"{"type":1}"#), "wrong_type");
+        assert_eq!(
+            label(br#"{"type":"m.call.negotiate","content":{"description":{"type":"rollback","sdp":"v=0"}}}"#),
+            "invalid_value"
+        );
+        let long = format!(r#"{{"type":"{}"}}"#, "x".repeat(MAX_TYPE_LEN + 1));
+        assert_eq!(label(long.as_bytes()), "too_long");
+        assert_eq!(label(&vec![b' '; MAX_MESSAGE_LEN + 1]), "too_large");
     }
 
     #[test]
