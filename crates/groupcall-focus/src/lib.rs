@@ -24,6 +24,7 @@
 pub mod auth;
 pub mod config;
 pub use groupcall_proto::dc;
+pub mod focus;
 pub mod forward;
 pub mod heartbeat;
 pub mod metrics;

@@ -1,0 +1,1216 @@
+//! The focus's orchestration, sans-IO: which clients are in which call,
+//! what each publishes and subscribes to, and the conversations that keep
+//! it so (to-device signalling, the data channel, authorisation, pings).
+//!
+//! [`Focus`] ties the other core modules together: [`crate::signal`] (the
+//! to-device calls), [`crate::auth`] (one [`Authoriser`] per room),
+//! [`crate::heartbeat`] (one per data channel) and the MSC3898 messages of
+//! [`crate::dc`]. It does not move media: it tells the driver what to do
+//! with each client's peer connection ([`MediaOp`]) and what the forwarder
+//! should forward to whom ([`ForwardChange`]); the driver reports back what
+//! the media layer did ([`MediaIn`]).
+//!
+//! Time is POSIX milliseconds (`u64`): member entries expire on the wall
+//! clock, and the pings run on the same clock (a wall clock step makes at
+//! most one early or late ping).
+//!
+//! Rules (docs/focus.md):
+//! - an invite is answered only when the authoriser admits it; while the
+//!   refusal may be the homeserver's lag (the caller's member event not
+//!   synced yet) the invite is held for [`FocusConfig::hold_ms`] and checked
+//!   again on every state change, then turned down (`m.call.reject` with
+//!   the refusal's label);
+//! - a call full ([`FocusConfig::max_participants_per_call`]) turns the
+//!   invite down with `focus_full`: the client falls back to the mesh;
+//! - a track is forwarded only to a subscriber of the same call, while both
+//!   are admitted; when a client is revoked, hangs up, stops answering pings
+//!   or its channel closes, everything it published or subscribed to stops
+//!   at once ([`ForwardChange::RemoveClient`]) and the others' offers are
+//!   renegotiated without its tracks;
+//! - the focus is the polite side: a client's offer that crosses ours wins
+//!   (the media layer rolls ours back), and ours is made again afterwards.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use groupcall_proto::dc::{self, DcMessage, TrackRef};
+use groupcall_proto::events::FeedPurpose;
+use groupcall_proto::signalling::{Candidate, MessageType, SdpStreamMetadata};
+use groupcall_proto::{DeviceKey, IncomingToDevice, OutgoingMessage, ParseError};
+use serde_json::Value;
+use tracing::{debug, info, warn};
+
+use crate::auth::{AuthConfig, AuthOutput, Authoriser, InviteCheck, Refusal};
+use crate::heartbeat::{Heartbeat, HeartbeatConfig, HeartbeatOutput, Role};
+use crate::signal::{FocusSignalling, Signal, SignalError};
+
+/// Reason a full call's invite is turned down with.
+pub const FOCUS_FULL: &str = "focus_full";
+/// Reason for turning invites down and hanging up while draining.
+pub const FOCUS_SHUTDOWN: &str = "focus_shutdown";
+/// Reason for hanging up on a client that stopped answering pings.
+pub const PING_TIMEOUT: &str = "ping_timeout";
+
+/// The orchestration's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FocusConfig {
+    /// The focus's device id.
+    pub device_id: String,
+    /// The focus's session id (new at each start).
+    pub session_id: String,
+    /// Answer plaintext invites (off: Olm only).
+    pub allow_plaintext: bool,
+    /// Clients per call; more are turned down with `focus_full`.
+    pub max_participants_per_call: usize,
+    /// Tracks one client may publish; more are not forwarded.
+    pub max_tracks_per_participant: usize,
+    /// Ping interval and timeout of each data channel.
+    pub heartbeat: HeartbeatConfig,
+    /// How long an invite refused for a reason the homeserver's lag can
+    /// explain is held and checked again (default 10 s).
+    pub hold_ms: u64,
+}
+
+impl FocusConfig {
+    /// Defaults for the focus device `device_id` in session `session_id`.
+    pub fn new(device_id: impl Into<String>, session_id: impl Into<String>) -> Self {
+        Self {
+            device_id: device_id.into(),
+            session_id: session_id.into(),
+            allow_plaintext: false,
+            max_participants_per_call: 100,
+            max_tracks_per_participant: 8,
+            heartbeat: HeartbeatConfig::default(),
+            hold_ms: 10_000,
+        }
+    }
+}
+
+/// A client connection of the focus: names its peer connection too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClientId(pub u64);
+
+/// Audio or video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum TrackKind {
+    /// Audio.
+    Audio,
+    /// Video.
+    Video,
+}
+
+/// A track a client sends to the focus, as its SDP names it (msid).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PublishedTrack {
+    /// The msid stream id.
+    pub stream_id: String,
+    /// The msid track id.
+    pub track_id: String,
+    /// Audio or video.
+    pub kind: TrackKind,
+}
+
+/// A track the focus sends to a client: one of another client's tracks,
+/// under the publisher's stream and track ids.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SendTrack {
+    /// Whose track it is.
+    pub publisher: ClientId,
+    /// The track.
+    pub track: PublishedTrack,
+}
+
+/// What the driver should do with a client's peer connection.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum MediaOp {
+    /// Accept the client's offer (a new peer connection in forwarding mode
+    /// with the data channel, or a renegotiation); report
+    /// [`MediaIn::Answer`].
+    Accept {
+        /// The offer.
+        sdp: String,
+    },
+    /// Add the client's trickled candidates.
+    AddRemoteCandidates {
+        /// The candidates.
+        candidates: Vec<Candidate>,
+    },
+    /// Make the client's send tracks exactly these and create an offer;
+    /// report [`MediaIn::Offer`].
+    Offer {
+        /// The tracks the client receives.
+        tracks: Vec<SendTrack>,
+    },
+    /// Apply the client's answer to our offer.
+    ApplyAnswer {
+        /// The answer.
+        sdp: String,
+    },
+    /// Send a message on the data channel.
+    SendChannel {
+        /// JSON text.
+        text: String,
+    },
+    /// Close the peer connection.
+    Close,
+}
+
+/// What the media layer did with a client's peer connection.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum MediaIn {
+    /// The answer to [`MediaOp::Accept`].
+    Answer {
+        /// SDP.
+        sdp: String,
+    },
+    /// The offer asked for by [`MediaOp::Offer`].
+    Offer {
+        /// SDP.
+        sdp: String,
+    },
+    /// Candidates found after the description.
+    LocalCandidates {
+        /// Candidates.
+        candidates: Vec<Candidate>,
+    },
+    /// The tracks the client sends, as negotiated (complete list).
+    RemoteTracks {
+        /// The tracks.
+        tracks: Vec<PublishedTrack>,
+    },
+    /// Media connected.
+    Connected,
+    /// The connection failed or closed.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// The data channel opened.
+    ChannelOpen,
+    /// A data-channel message arrived.
+    ChannelMessage {
+        /// Its text.
+        text: String,
+    },
+    /// A data-channel message could not be sent.
+    ChannelSendFailed,
+    /// The data channel closed.
+    ChannelClosed,
+}
+
+/// A change of what the forwarder forwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ForwardChange {
+    /// A client joined a call (the forwarder's call scoping).
+    AddClient {
+        /// The client.
+        client: ClientId,
+        /// Its call: room id and `conf_id`.
+        call: (String, String),
+    },
+    /// Forward `publisher`'s `track` to `subscriber` (`width`/`height`
+    /// wished for video).
+    Subscribe {
+        /// Who receives.
+        subscriber: ClientId,
+        /// Whose track.
+        publisher: ClientId,
+        /// The track.
+        track: PublishedTrack,
+        /// Width wished for.
+        width: Option<u32>,
+        /// Height wished for.
+        height: Option<u32>,
+    },
+    /// Stop forwarding it.
+    Unsubscribe {
+        /// Who received.
+        subscriber: ClientId,
+        /// Whose track.
+        publisher: ClientId,
+        /// The track.
+        track: PublishedTrack,
+    },
+    /// The client is gone: nothing from it or to it any more.
+    RemoveClient {
+        /// The client.
+        client: ClientId,
+    },
+}
+
+/// What the orchestration asks of the driver.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum FocusOutput {
+    /// Send a to-device message (Olm-encrypted).
+    ToDevice {
+        /// Its type.
+        event_type: MessageType,
+        /// Recipient and content.
+        message: OutgoingMessage,
+    },
+    /// Act on a client's peer connection (a new one for a new client).
+    Media {
+        /// The client.
+        client: ClientId,
+        /// What to do.
+        op: MediaOp,
+    },
+    /// Change forwarding.
+    Forward(ForwardChange),
+    /// A client was admitted to a call.
+    ClientJoined {
+        /// The client.
+        client: ClientId,
+        /// Its device.
+        device: DeviceKey,
+        /// The room.
+        room_id: String,
+    },
+    /// A client left (for logs and metrics).
+    ClientLeft {
+        /// The client.
+        client: ClientId,
+        /// Its device.
+        device: DeviceKey,
+        /// Why.
+        reason: String,
+    },
+    /// An invite was turned down (for logs and metrics).
+    Refused {
+        /// The device.
+        device: DeviceKey,
+        /// A stable label (a [`Refusal`] label, `focus_full`,
+        /// `focus_shutdown`).
+        reason: String,
+    },
+}
+
+#[derive(Debug)]
+struct Client {
+    device: DeviceKey,
+    room_id: String,
+    conf_id: String,
+    /// Purposes and mute states of its streams, as it last said.
+    metadata: SdpStreamMetadata,
+    published: Vec<PublishedTrack>,
+    /// What it subscribed to: (publisher, track) -> resolution wished.
+    wanted: BTreeMap<(ClientId, PublishedTrack), (Option<u32>, Option<u32>)>,
+    /// The send tracks of the last offer we made (or are making).
+    offered: Vec<SendTrack>,
+    offer_in_flight: bool,
+    renegotiate: bool,
+    /// Accepting its offer (first or renegotiation): our answer is pending.
+    answering: bool,
+    /// Our answer to its invite went out (later answers go on the channel).
+    invite_answered: bool,
+    channel_open: bool,
+    heartbeat: Option<Heartbeat>,
+    /// The metadata we last sent it (to send only changes).
+    last_metadata: Option<String>,
+}
+
+/// An invite held while the caller's member event may be on its way.
+#[derive(Debug)]
+struct HeldInvite {
+    until: u64,
+    sender: String,
+    olm_device: Option<String>,
+    encrypted: bool,
+    device_id: Option<String>,
+    device: DeviceKey,
+    conf_id: String,
+    session_id: String,
+    sdp: String,
+    metadata: SdpStreamMetadata,
+    candidates: Vec<Candidate>,
+}
+
+/// The focus's orchestration (see the module docs).
+#[derive(Debug)]
+pub struct Focus {
+    cfg: FocusConfig,
+    rooms: BTreeMap<String, Authoriser>,
+    signalling: FocusSignalling,
+    clients: BTreeMap<ClientId, Client>,
+    by_device: BTreeMap<DeviceKey, ClientId>,
+    held: Vec<HeldInvite>,
+    next_id: u64,
+    draining: bool,
+    out: VecDeque<FocusOutput>,
+}
+
+/// Refusals the homeserver's lag can explain: the caller's member event or
+/// the call may not have reached the focus's sync yet.
+fn may_be_lag(r: Refusal) -> bool {
+    matches!(
+        r,
+        Refusal::NoCall
+            | Refusal::WrongConfId
+            | Refusal::NotInRoom
+            | Refusal::NotMember
+            | Refusal::UnknownDevice
+            | Refusal::StaleSession
+    )
+}
+
+impl Focus {
+    /// An orchestration serving no room yet.
+    pub fn new(cfg: FocusConfig) -> Self {
+        let signalling = FocusSignalling::new(
+            cfg.device_id.clone(),
+            cfg.session_id.clone(),
+            cfg.allow_plaintext,
+        );
+        Self {
+            cfg,
+            rooms: BTreeMap::new(),
+            signalling,
+            clients: BTreeMap::new(),
+            by_device: BTreeMap::new(),
+            held: Vec::new(),
+            next_id: 1,
+            draining: false,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The next thing to do.
+    pub fn poll_output(&mut self) -> Option<FocusOutput> {
+        self.out.pop_front()
+    }
+
+    /// Clients connected now.
+    pub fn client_count(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// The device of a client.
+    pub fn device_of(&self, client: ClientId) -> Option<&DeviceKey> {
+        self.clients.get(&client).map(|c| &c.device)
+    }
+
+    /// The calls served, as (room id, conf id) -> clients.
+    pub fn calls(&self) -> BTreeMap<(String, String), Vec<ClientId>> {
+        let mut m: BTreeMap<(String, String), Vec<ClientId>> = BTreeMap::new();
+        for (id, c) in &self.clients {
+            m.entry((c.room_id.clone(), c.conf_id.clone()))
+                .or_default()
+                .push(*id);
+        }
+        m
+    }
+
+    /// The tracks a client publishes.
+    pub fn published(&self, client: ClientId) -> &[PublishedTrack] {
+        self.clients
+            .get(&client)
+            .map(|c| c.published.as_slice())
+            .unwrap_or_default()
+    }
+
+    /// The authorisers, by room (their counts feed the metrics).
+    pub fn rooms(&self) -> &BTreeMap<String, Authoriser> {
+        &self.rooms
+    }
+
+    // ------------------------------------------------------------------
+    // Room state
+
+    /// A state event of a joined room (client-server JSON).
+    pub fn handle_state(
+        &mut self,
+        now: u64,
+        room_id: &str,
+        event: &Value,
+    ) -> Result<(), ParseError> {
+        let allow_plaintext = self.cfg.allow_plaintext;
+        let auth = self
+            .rooms
+            .entry(room_id.to_owned())
+            .or_insert_with(|| Authoriser::new(AuthConfig { allow_plaintext }));
+        auth.handle_state_json(event, now)?;
+        self.absorb_auth(now);
+        self.recheck_held(now);
+        Ok(())
+    }
+
+    /// The focus left a room: its clients are hung up on.
+    pub fn room_left(&mut self, now: u64, room_id: &str) {
+        let gone: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.room_id == room_id)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.remove_client(now, id, "room_left", true);
+        }
+        self.rooms.remove(room_id);
+    }
+
+    fn absorb_auth(&mut self, now: u64) {
+        let mut revoked = Vec::new();
+        for auth in self.rooms.values_mut() {
+            while let Some(o) = auth.poll_output() {
+                match o {
+                    AuthOutput::Revoked { device, reason, .. } => revoked.push((device, reason)),
+                }
+            }
+        }
+        for (device, reason) in revoked {
+            if let Some(id) = self.by_device.get(&device).copied() {
+                self.remove_client(now, id, reason.label(), true);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // To-device signalling
+
+    /// An incoming `m.call.*` to-device message.
+    pub fn handle_to_device(&mut self, now: u64, m: &IncomingToDevice) {
+        let signal = match self.signalling.receive(m) {
+            Ok(s) => s,
+            Err(e) => {
+                info!(sender = %m.sender, event_type = %m.event_type, "signalling ignored: {e}");
+                if matches!(e, SignalError::Plaintext)
+                    && MessageType::from_event_type(&m.event_type) == Some(MessageType::Invite)
+                {
+                    let device = m
+                        .content
+                        .get("device_id")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    self.out.push_back(FocusOutput::Refused {
+                        device: DeviceKey::new(m.sender.clone(), device),
+                        reason: Refusal::Plaintext.label().to_owned(),
+                    });
+                }
+                return;
+            }
+        };
+        match signal {
+            Signal::Invite {
+                device,
+                conf_id,
+                session_id,
+                encrypted,
+                sdp,
+                metadata,
+                early_candidates,
+                replaced,
+                ..
+            } => {
+                if replaced.is_some()
+                    && let Some(id) = self.by_device.get(&device).copied()
+                {
+                    self.remove_client(now, id, "replaced", false);
+                }
+                self.held.retain(|h| h.device != device);
+                let invite = HeldInvite {
+                    until: now.saturating_add(self.cfg.hold_ms),
+                    sender: m.sender.clone(),
+                    olm_device: m.sender_device.clone(),
+                    encrypted,
+                    device_id: m
+                        .content
+                        .get("device_id")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                    device,
+                    conf_id,
+                    session_id,
+                    sdp,
+                    metadata,
+                    candidates: early_candidates,
+                };
+                self.consider(now, invite, false);
+            }
+            Signal::Candidates { device, candidates } => {
+                if let Some(id) = self.by_device.get(&device).copied() {
+                    self.media(id, MediaOp::AddRemoteCandidates { candidates });
+                } else if let Some(h) = self.held.iter_mut().find(|h| h.device == device) {
+                    h.candidates.extend(candidates);
+                }
+            }
+            Signal::Ended { device, reason } => {
+                self.held.retain(|h| h.device != device);
+                if let Some(id) = self.by_device.get(&device).copied() {
+                    self.remove_client(now, id, &reason, false);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Decides on an invite: answer, hold, or turn down (`last`: the hold
+    /// is over).
+    fn consider(&mut self, now: u64, inv: HeldInvite, last: bool) {
+        if self.draining {
+            return self.refuse(inv.device, FOCUS_SHUTDOWN);
+        }
+        let check = InviteCheck {
+            sender: &inv.sender,
+            olm_device: inv.olm_device.as_deref(),
+            encrypted: inv.encrypted,
+            conf_id: &inv.conf_id,
+            device_id: inv.device_id.as_deref(),
+            sender_session_id: Some(&inv.session_id),
+        };
+        // The room whose current call is this one; else any room (for the
+        // refusal's reason).
+        let room = self
+            .rooms
+            .iter()
+            .find(|(_, a)| a.room().current_call_id() == Some(inv.conf_id.as_str()))
+            .or_else(|| self.rooms.iter().next())
+            .map(|(r, _)| r.clone());
+        let Some(room) = room else {
+            return self.hold_or_refuse(inv, Refusal::NoCall, last);
+        };
+        let Some(auth) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let admitted = match auth.check_invite(&check, now) {
+            Ok(a) => a,
+            Err(r) => return self.hold_or_refuse(inv, r, last),
+        };
+        let in_call = self
+            .clients
+            .values()
+            .filter(|c| c.room_id == room && c.conf_id == inv.conf_id)
+            .count();
+        if in_call >= self.cfg.max_participants_per_call {
+            if let Some(auth) = self.rooms.get_mut(&room) {
+                auth.release(&admitted.device);
+            }
+            warn!(device = %admitted.device, in_call, "call full; invite turned down");
+            return self.refuse(admitted.device, FOCUS_FULL);
+        }
+        let id = ClientId(self.next_id);
+        self.next_id += 1;
+        info!(device = %admitted.device, client = id.0, %room, conf_id = %inv.conf_id, "client admitted");
+        self.clients.insert(
+            id,
+            Client {
+                device: admitted.device.clone(),
+                room_id: room.clone(),
+                conf_id: inv.conf_id.clone(),
+                metadata: inv.metadata,
+                published: Vec::new(),
+                wanted: BTreeMap::new(),
+                offered: Vec::new(),
+                offer_in_flight: false,
+                renegotiate: false,
+                answering: true,
+                invite_answered: false,
+                channel_open: false,
+                heartbeat: None,
+                last_metadata: None,
+            },
+        );
+        self.by_device.insert(admitted.device.clone(), id);
+        self.out.push_back(FocusOutput::ClientJoined {
+            client: id,
+            device: admitted.device,
+            room_id: room.clone(),
+        });
+        self.out
+            .push_back(FocusOutput::Forward(ForwardChange::AddClient {
+                client: id,
+                call: (room, inv.conf_id),
+            }));
+        self.media(id, MediaOp::Accept { sdp: inv.sdp });
+        if !inv.candidates.is_empty() {
+            self.media(
+                id,
+                MediaOp::AddRemoteCandidates {
+                    candidates: inv.candidates,
+                },
+            );
+        }
+    }
+
+    fn hold_or_refuse(&mut self, inv: HeldInvite, r: Refusal, last: bool) {
+        if may_be_lag(r) && !last {
+            debug!(device = %inv.device, reason = r.label(), "invite held: the caller's state may be on its way");
+            self.held.push(inv);
+        } else {
+            self.refuse(inv.device, r.label());
+        }
+    }
+
+    fn refuse(&mut self, device: DeviceKey, reason: &str) {
+        info!(%device, reason, "invite turned down");
+        if let Some((event_type, message)) = self.signalling.reject(&device, reason) {
+            self.out.push_back(FocusOutput::ToDevice {
+                event_type,
+                message,
+            });
+        }
+        self.out.push_back(FocusOutput::Refused {
+            device,
+            reason: reason.to_owned(),
+        });
+    }
+
+    fn recheck_held(&mut self, now: u64) {
+        let held = std::mem::take(&mut self.held);
+        for h in held {
+            let last = now >= h.until;
+            self.consider(now, h, last);
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Media and the data channel
+
+    /// What the media layer did for `client`.
+    pub fn handle_media(&mut self, now: u64, client: ClientId, ev: MediaIn) {
+        if !self.clients.contains_key(&client) {
+            debug!(client = client.0, "media event for a client that is gone");
+            return;
+        }
+        match ev {
+            MediaIn::Answer { sdp } => self.answered(client, sdp),
+            MediaIn::Offer { sdp } => self.offer_made(client, sdp),
+            MediaIn::LocalCandidates { candidates } => {
+                if let Some(device) = self.clients.get(&client).map(|c| c.device.clone())
+                    && let Some((event_type, message)) =
+                        self.signalling.candidates(&device, candidates)
+                {
+                    self.out.push_back(FocusOutput::ToDevice {
+                        event_type,
+                        message,
+                    });
+                }
+            }
+            MediaIn::RemoteTracks { tracks } => self.set_published(now, client, tracks),
+            MediaIn::Connected => debug!(client = client.0, "media connected"),
+            MediaIn::Failed { reason } => self.remove_client(now, client, &reason, true),
+            MediaIn::ChannelOpen => {
+                let hb = Heartbeat::new(Role::Focus, self.cfg.heartbeat, now);
+                if let Some(c) = self.clients.get_mut(&client) {
+                    c.channel_open = true;
+                    c.heartbeat = hb.ok();
+                }
+                self.send_metadata(client);
+                self.pump_heartbeat(now, client);
+            }
+            MediaIn::ChannelMessage { text } => self.channel_message(now, client, &text),
+            MediaIn::ChannelSendFailed => {
+                if let Some(hb) = self
+                    .clients
+                    .get_mut(&client)
+                    .and_then(|c| c.heartbeat.as_mut())
+                {
+                    hb.handle_send_failed(now);
+                }
+            }
+            MediaIn::ChannelClosed => self.remove_client(now, client, "channel_closed", true),
+        }
+    }
+
+    fn answered(&mut self, client: ClientId, sdp: String) {
+        let Some(c) = self.clients.get_mut(&client) else {
+            return;
+        };
+        let first = !c.invite_answered;
+        c.invite_answered = true;
+        c.answering = false;
+        if first {
+            let device = c.device.clone();
+            if let Some((event_type, message)) =
+                self.signalling
+                    .answer(&device, sdp, SdpStreamMetadata::new())
+            {
+                self.out.push_back(FocusOutput::ToDevice {
+                    event_type,
+                    message,
+                });
+            }
+        } else {
+            let text = DcMessage::Negotiate(dc::Negotiate {
+                sdp_type: dc::SdpType::Answer,
+                sdp,
+                sdp_stream_metadata: self.send_metadata_of(client),
+            });
+            self.channel(client, &text);
+        }
+        self.maybe_offer(client);
+    }
+
+    fn offer_made(&mut self, client: ClientId, sdp: String) {
+        let meta = self.send_metadata_of(client);
+        self.channel(
+            client,
+            &DcMessage::Negotiate(dc::Negotiate {
+                sdp_type: dc::SdpType::Offer,
+                sdp,
+                sdp_stream_metadata: meta,
+            }),
+        );
+    }
+
+    fn channel_message(&mut self, now: u64, client: ClientId, text: &str) {
+        let msg = match DcMessage::parse(text.as_bytes()) {
+            Ok(m) => m,
+            Err(e) => {
+                info!(client = client.0, "data channel message ignored: {e}");
+                return;
+            }
+        };
+        if let Some(hb) = self
+            .clients
+            .get_mut(&client)
+            .and_then(|c| c.heartbeat.as_mut())
+            && hb.handle_received(now, &msg)
+        {
+            self.pump_heartbeat(now, client);
+            return;
+        }
+        match msg {
+            DcMessage::TrackSubscription(ts) => self.subscription(client, ts),
+            DcMessage::Negotiate(n) => match n.sdp_type {
+                dc::SdpType::Offer => {
+                    let Some(c) = self.clients.get_mut(&client) else {
+                        return;
+                    };
+                    if c.offer_in_flight {
+                        // We are polite: the media layer rolls our offer back
+                        // on Accept; ours is made again afterwards.
+                        debug!(client = client.0, "offers crossed; ours yields");
+                        c.offer_in_flight = false;
+                        c.renegotiate = true;
+                    }
+                    c.answering = true;
+                    let meta = n.sdp_stream_metadata.clone();
+                    self.media(client, MediaOp::Accept { sdp: n.sdp });
+                    if !meta.is_empty() {
+                        self.client_metadata(client, meta);
+                    }
+                }
+                _ => {
+                    let Some(c) = self.clients.get_mut(&client) else {
+                        return;
+                    };
+                    if !c.offer_in_flight {
+                        debug!(client = client.0, "answer without an offer; ignored");
+                        return;
+                    }
+                    c.offer_in_flight = false;
+                    self.media(client, MediaOp::ApplyAnswer { sdp: n.sdp });
+                    self.maybe_offer(client);
+                }
+            },
+            DcMessage::SdpStreamMetadataChanged {
+                sdp_stream_metadata,
+            } => self.client_metadata(client, sdp_stream_metadata),
+            other => debug!(
+                client = client.0,
+                "data channel message {} ignored",
+                other.message_type()
+            ),
+        }
+    }
+
+    /// A client's own metadata (mute states, purposes).
+    fn client_metadata(&mut self, client: ClientId, meta: dc::SdpStreamMetadata) {
+        let Some(c) = self.clients.get_mut(&client) else {
+            return;
+        };
+        for (id, s) in meta {
+            c.metadata.insert(id, s.to_proto());
+        }
+        self.broadcast_metadata(client);
+    }
+
+    fn subscription(&mut self, client: ClientId, ts: dc::TrackSubscription) {
+        let Some(sub) = self.clients.get(&client) else {
+            return;
+        };
+        let (room, conf, sub_device) =
+            (sub.room_id.clone(), sub.conf_id.clone(), sub.device.clone());
+        let mut changes = Vec::new();
+        for r in ts.unsubscribe {
+            if let Some((publisher, track)) = self.find_track(&room, &conf, &r) {
+                changes.push((false, publisher, track, None, None));
+            }
+        }
+        for r in ts.subscribe {
+            let tref = TrackRef {
+                stream_id: r.stream_id.clone(),
+                track_id: r.track_id.clone(),
+            };
+            let Some((publisher, track)) = self.find_track(&room, &conf, &tref) else {
+                info!(client = client.0, stream = %r.stream_id, track = %r.track_id, "subscription to an unknown track refused");
+                continue;
+            };
+            if publisher == client {
+                continue;
+            }
+            let allowed = self.clients.get(&publisher).is_some_and(|p| {
+                self.rooms
+                    .get(&room)
+                    .is_some_and(|a| a.may_forward(&p.device, &sub_device))
+            });
+            if !allowed {
+                info!(client = client.0, "subscription refused: not authorised");
+                continue;
+            }
+            changes.push((true, publisher, track, r.width, r.height));
+        }
+        let Some(c) = self.clients.get_mut(&client) else {
+            return;
+        };
+        let mut outs = Vec::new();
+        for (on, publisher, track, width, height) in changes {
+            let key = (publisher, track.clone());
+            if on {
+                let fresh = c.wanted.insert(key, (width, height)) != Some((width, height));
+                if fresh {
+                    outs.push(ForwardChange::Subscribe {
+                        subscriber: client,
+                        publisher,
+                        track,
+                        width,
+                        height,
+                    });
+                }
+            } else if c.wanted.remove(&key).is_some() {
+                outs.push(ForwardChange::Unsubscribe {
+                    subscriber: client,
+                    publisher,
+                    track,
+                });
+            }
+        }
+        self.out.extend(outs.into_iter().map(FocusOutput::Forward));
+        self.maybe_offer(client);
+    }
+
+    fn find_track(
+        &self,
+        room: &str,
+        conf: &str,
+        r: &TrackRef,
+    ) -> Option<(ClientId, PublishedTrack)> {
+        self.clients.iter().find_map(|(id, c)| {
+            if c.room_id != room || c.conf_id != conf {
+                return None;
+            }
+            c.published
+                .iter()
+                .find(|t| t.stream_id == r.stream_id && t.track_id == r.track_id)
+                .map(|t| (*id, t.clone()))
+        })
+    }
+
+    fn set_published(&mut self, _now: u64, client: ClientId, mut tracks: Vec<PublishedTrack>) {
+        let max = self.cfg.max_tracks_per_participant;
+        let Some(c) = self.clients.get_mut(&client) else {
+            return;
+        };
+        if tracks.len() > max {
+            warn!(
+                client = client.0,
+                tracks = tracks.len(),
+                max,
+                "more tracks than allowed; the rest are not forwarded"
+            );
+            tracks.truncate(max);
+        }
+        let gone: Vec<PublishedTrack> = c
+            .published
+            .iter()
+            .filter(|t| !tracks.contains(t))
+            .cloned()
+            .collect();
+        c.published = tracks;
+        // Subscriptions to tracks it stopped sending end.
+        let mut affected = Vec::new();
+        for (id, s) in self.clients.iter_mut() {
+            let before = s.wanted.len();
+            s.wanted
+                .retain(|(p, t), _| !(*p == client && gone.contains(t)));
+            if s.wanted.len() != before {
+                affected.push(*id);
+            }
+        }
+        for t in gone {
+            for id in &affected {
+                self.out
+                    .push_back(FocusOutput::Forward(ForwardChange::Unsubscribe {
+                        subscriber: *id,
+                        publisher: client,
+                        track: t.clone(),
+                    }));
+            }
+        }
+        for id in affected {
+            self.maybe_offer(id);
+        }
+        self.broadcast_metadata(client);
+    }
+
+    /// Offers the client its current send tracks if they changed and no
+    /// exchange is under way.
+    fn maybe_offer(&mut self, client: ClientId) {
+        let Some(c) = self.clients.get_mut(&client) else {
+            return;
+        };
+        let tracks: Vec<SendTrack> = c
+            .wanted
+            .keys()
+            .map(|(p, t)| SendTrack {
+                publisher: *p,
+                track: t.clone(),
+            })
+            .collect();
+        if tracks == c.offered && !c.renegotiate {
+            return;
+        }
+        if c.offer_in_flight || c.answering || !c.channel_open {
+            c.renegotiate = true;
+            return;
+        }
+        c.renegotiate = false;
+        c.offer_in_flight = true;
+        c.offered = tracks.clone();
+        self.media(client, MediaOp::Offer { tracks });
+    }
+
+    /// The metadata of the tracks `client` receives (with their publishers).
+    fn send_metadata_of(&self, client: ClientId) -> dc::SdpStreamMetadata {
+        let Some(c) = self.clients.get(&client) else {
+            return dc::SdpStreamMetadata::new();
+        };
+        let mut meta = dc::SdpStreamMetadata::new();
+        for st in &c.offered {
+            if let Some(p) = self.clients.get(&st.publisher) {
+                let e = meta
+                    .entry(st.track.stream_id.clone())
+                    .or_insert_with(|| stream_entry(p, &st.track.stream_id));
+                e.tracks
+                    .insert(st.track.track_id.clone(), dc::TrackMetadata::default());
+            }
+        }
+        meta
+    }
+
+    /// Everything published in `client`'s call, with publishers.
+    fn call_metadata(&self, room: &str, conf: &str) -> dc::SdpStreamMetadata {
+        let mut meta = dc::SdpStreamMetadata::new();
+        for p in self
+            .clients
+            .values()
+            .filter(|c| c.room_id == room && c.conf_id == conf)
+        {
+            for t in &p.published {
+                let e = meta
+                    .entry(t.stream_id.clone())
+                    .or_insert_with(|| stream_entry(p, &t.stream_id));
+                e.tracks
+                    .insert(t.track_id.clone(), dc::TrackMetadata::default());
+            }
+        }
+        meta
+    }
+
+    /// Sends the call's metadata to everyone in `about`'s call.
+    fn broadcast_metadata(&mut self, about: ClientId) {
+        let Some(c) = self.clients.get(&about) else {
+            return;
+        };
+        let (room, conf) = (c.room_id.clone(), c.conf_id.clone());
+        let ids: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.room_id == room && c.conf_id == conf)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.send_metadata(id);
+        }
+    }
+
+    fn send_metadata(&mut self, client: ClientId) {
+        let Some(c) = self.clients.get(&client) else {
+            return;
+        };
+        if !c.channel_open {
+            return;
+        }
+        let meta = self.call_metadata(&c.room_id, &c.conf_id);
+        let msg = DcMessage::SdpStreamMetadataChanged {
+            sdp_stream_metadata: meta,
+        };
+        let Ok(text) = msg.encode() else {
+            warn!(client = client.0, "call metadata too large to send");
+            return;
+        };
+        let Some(c) = self.clients.get_mut(&client) else {
+            return;
+        };
+        if c.last_metadata.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        c.last_metadata = Some(text.clone());
+        self.media(client, MediaOp::SendChannel { text });
+    }
+
+    fn channel(&mut self, client: ClientId, msg: &DcMessage) {
+        match msg.encode() {
+            Ok(text) => self.media(client, MediaOp::SendChannel { text }),
+            Err(e) => warn!(client = client.0, "data channel message not sent: {e}"),
+        }
+    }
+
+    fn media(&mut self, client: ClientId, op: MediaOp) {
+        self.out.push_back(FocusOutput::Media { client, op });
+    }
+
+    fn pump_heartbeat(&mut self, now: u64, client: ClientId) {
+        let mut outs = Vec::new();
+        if let Some(hb) = self
+            .clients
+            .get_mut(&client)
+            .and_then(|c| c.heartbeat.as_mut())
+        {
+            hb.handle_timeout(now);
+            while let Some(o) = hb.poll_output() {
+                outs.push(o);
+            }
+        }
+        for o in outs {
+            match o {
+                HeartbeatOutput::SendPing => self.channel(client, &DcMessage::Ping),
+                HeartbeatOutput::SendPong => self.channel(client, &DcMessage::Pong),
+                HeartbeatOutput::Dead { reason } => {
+                    warn!(client = client.0, "client unresponsive: {reason}");
+                    self.remove_client(now, client, PING_TIMEOUT, true);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Removes a client: forwarding stops at once, its subscribers are
+    /// renegotiated without its tracks, its call is hung up (`hangup`).
+    fn remove_client(&mut self, _now: u64, client: ClientId, reason: &str, hangup: bool) {
+        let Some(c) = self.clients.remove(&client) else {
+            return;
+        };
+        info!(client = client.0, device = %c.device, reason, "client leaves");
+        self.by_device.remove(&c.device);
+        if let Some(auth) = self.rooms.get_mut(&c.room_id) {
+            auth.release(&c.device);
+        }
+        self.out
+            .push_back(FocusOutput::Forward(ForwardChange::RemoveClient { client }));
+        if hangup {
+            if let Some((event_type, message)) = self.signalling.hangup(&c.device, reason) {
+                self.out.push_back(FocusOutput::ToDevice {
+                    event_type,
+                    message,
+                });
+            }
+        } else {
+            self.signalling.forget(&c.device);
+        }
+        self.media(client, MediaOp::Close);
+        self.out.push_back(FocusOutput::ClientLeft {
+            client,
+            device: c.device.clone(),
+            reason: reason.to_owned(),
+        });
+        let affected: Vec<ClientId> = self
+            .clients
+            .iter_mut()
+            .filter_map(|(id, s)| {
+                let before = s.wanted.len();
+                s.wanted.retain(|(p, _), _| *p != client);
+                (s.wanted.len() != before).then_some(*id)
+            })
+            .collect();
+        for id in affected {
+            self.maybe_offer(id);
+        }
+        let peer = self
+            .clients
+            .iter()
+            .find(|(_, o)| o.room_id == c.room_id && o.conf_id == c.conf_id)
+            .map(|(id, _)| *id);
+        if let Some(peer) = peer {
+            self.broadcast_metadata(peer);
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Time and draining
+
+    /// When [`Focus::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let auth = self.rooms.values().filter_map(Authoriser::poll_timeout);
+        let hb = self
+            .clients
+            .values()
+            .filter_map(|c| c.heartbeat.as_ref().and_then(Heartbeat::poll_timeout));
+        let held = self.held.iter().map(|h| h.until);
+        auth.chain(hb).chain(held).min()
+    }
+
+    /// Runs what is due at `now`: expiries, pings, held invites.
+    pub fn handle_timeout(&mut self, now: u64) {
+        for auth in self.rooms.values_mut() {
+            auth.handle_timeout(now);
+        }
+        self.absorb_auth(now);
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.pump_heartbeat(now, id);
+        }
+        if self.held.iter().any(|h| now >= h.until) {
+            self.recheck_held(now);
+        }
+    }
+
+    /// Stops accepting calls (invites are turned down with
+    /// `focus_shutdown`); the calls already served go on until
+    /// [`Focus::hang_up_all`].
+    pub fn start_draining(&mut self) {
+        self.draining = true;
+        let held = std::mem::take(&mut self.held);
+        for h in held {
+            self.refuse(h.device, FOCUS_SHUTDOWN);
+        }
+    }
+
+    /// Hangs up on every client (`focus_shutdown`): they fall back to the
+    /// mesh.
+    pub fn hang_up_all(&mut self, now: u64) {
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.remove_client(now, id, FOCUS_SHUTDOWN, true);
+        }
+    }
+}
+
+/// A stream's metadata entry as the focus sends it: the publisher's
+/// purpose and mute states, and who it is.
+fn stream_entry(p: &Client, stream_id: &str) -> dc::StreamMetadata {
+    let own = p.metadata.get(stream_id);
+    let mut s = dc::StreamMetadata::new(
+        own.map(|m| m.purpose.clone())
+            .unwrap_or(FeedPurpose::Usermedia),
+    );
+    s.audio_muted = own.is_some_and(|m| m.audio_muted);
+    s.video_muted = own.is_some_and(|m| m.video_muted);
+    s.user_id = Some(p.device.user_id.clone());
+    s.device_id = Some(p.device.device_id.clone());
+    s
+}
