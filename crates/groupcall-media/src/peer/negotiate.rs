@@ -61,10 +61,11 @@ impl PeerState {
         self.start_sources();
     }
 
-    /// Forgets the pending local offer (replaced or rolled back).
-    pub(super) fn rollback_pending(&mut self) {
+    /// Forgets the pending local offer (replaced, or rolled back: then
+    /// `report` emits [`PeerEvent::OfferRolledBack`]).
+    pub(super) fn rollback_pending(&mut self, report: bool) {
         if self.pending_offer.take().is_some() {
-            debug!("pending local offer dropped");
+            debug!(report, "pending local offer dropped");
             for t in &mut self.tracks {
                 if t.mid_pending {
                     t.mid = None;
@@ -72,13 +73,23 @@ impl PeerState {
                     t.awaiting = false;
                 }
             }
+            if std::mem::take(&mut self.channel_pending) {
+                // The channel goes into the next offer again.
+                self.channel_offered = false;
+            }
+            if report {
+                self.emit(PeerEvent::OfferRolledBack);
+            }
         }
     }
 
     /// A binding became effective: start video with a key frame.
     pub(super) fn confirm_bindings(&mut self) {
+        let mut ready = Vec::new();
         for t in &mut self.tracks {
-            if t.mid.is_some() && t.awaiting {
+            if let Some(mid) = t.mid
+                && t.awaiting
+            {
                 t.awaiting = false;
                 t.mid_pending = false;
                 if t.kind == TrackKind::Video {
@@ -87,7 +98,16 @@ impl PeerState {
                         s.request_keyframe();
                     }
                 }
+                ready.push(PeerEvent::LocalTrackReady {
+                    stream_id: t.stream_id.clone(),
+                    track_id: t.track_id.clone(),
+                    kind: t.kind,
+                    mid,
+                });
             }
+        }
+        for ev in ready {
+            self.emit(ev);
         }
     }
 
@@ -134,7 +154,7 @@ impl PeerState {
         ice_restart: bool,
     ) -> Result<String, MediaError> {
         let wanted = wanted_tracks(feeds)?;
-        self.rollback_pending();
+        self.rollback_pending(false);
         let before: HashSet<Mid> = self.tracks.iter().filter_map(|t| t.mid).collect();
         self.sync_tracks(&wanted);
         let still: HashSet<Mid> = self.tracks.iter().filter_map(|t| t.mid).collect();
@@ -211,7 +231,12 @@ impl PeerState {
             }
         }
 
+        let with_channel = self.wants_channel_in_offer();
         let mut api = self.rtc.sdp_api();
+        if with_channel {
+            let id = api.add_channel_with_config(super::channel::channel_config());
+            debug!(?id, "data channel in the offer");
+        }
         for (mid, d) in &dir_changes {
             api.set_direction(*mid, *d);
         }
@@ -248,6 +273,10 @@ impl PeerState {
             return Err(MediaError::NothingToNegotiate);
         };
         self.pending_offer = Some(pending);
+        if with_channel {
+            self.channel_offered = true;
+            self.channel_pending = true;
+        }
         if ice_restart && self.state == ConnState::Failed {
             self.negotiated_at = Some(self.now);
         }
@@ -267,7 +296,15 @@ impl PeerState {
             SdpOffer::from_sdp_string(text).map_err(|e| MediaError::RemoteSdp(e.to_string()))?;
         let remote_sections = sdp::parse_sections(text);
         trace!(sdp = %text, "remote offer");
-        self.rollback_pending();
+        self.rollback_pending(true);
+        if remote_sections
+            .iter()
+            .any(|s| s.media == "application" && !s.disabled)
+        {
+            // The remote negotiates SCTP (and opens the channel, if it has
+            // not already).
+            self.channel_offered = true;
+        }
         let answer = self.rtc.sdp_api().accept_offer(offer);
         self.drain().map_err(rtc_err)?;
         let answer = answer.map_err(|e| MediaError::RemoteSdp(e.to_string()))?;
@@ -367,6 +404,7 @@ impl PeerState {
             }
             return Err(MediaError::RemoteSdp(e.to_string()));
         }
+        self.channel_pending = false;
         let mut renegotiate = false;
         for t in &mut self.tracks {
             if let Some(mid) = t.mid
@@ -540,6 +578,9 @@ impl PeerState {
             }),
             relays: Vec::new(),
             gathering_time: self.gathering_time,
+            rtp_write_dropped: self.rtp_write_dropped,
+            nacks_received: self.egress_nacks.values().sum(),
+            channel_messages_dropped: self.channel_dropped,
         }
     }
 
