@@ -686,3 +686,154 @@ fn b_c_a_focus_forwards_a_publisher_to_a_subscriber() {
 fn net_addr(i: usize) -> SocketAddr {
     addr(i)
 }
+
+fn remote_track(e: &Ev, set: usize, stream: &str, kind: TrackKind) -> bool {
+    e.0 == set
+        && matches!(&e.2, PeerEvent::RemoteTrack { stream_id, kind: k, .. }
+            if stream_id == stream && *k == kind)
+}
+
+/// (d) Glare: the client and the focus renegotiate at once. The client
+/// (impolite) ignores the focus's offer; the focus (polite) accepts the
+/// client's offer, which rolls its own offer back (reported), then offers
+/// again. Both sides end up with what each wanted to add. An explicit
+/// rollback works too.
+#[test]
+fn d_glare_is_resolved_by_the_polite_focus_rolling_back() {
+    let mut net = Net::new(2);
+    let (c, f) = (0, 1);
+    let client = net.add_peer(c, 1, channel_peer());
+    let focus = net.add_peer(f, 1, focus_peer());
+    net.negotiate(
+        (c, client),
+        vec![LocalFeed::usermedia("c")],
+        (f, focus),
+        vec![],
+    );
+    net.run_until(Duration::from_secs(5), "connected", |seen| {
+        seen.iter()
+            .filter(|e| matches!(e.2, PeerEvent::Connected))
+            .count()
+            == 2
+    });
+
+    // An explicit rollback.
+    let _ = net.sdp(
+        f,
+        focus,
+        Request::CreateOffer {
+            feeds: vec![LocalFeed::usermedia("x")],
+            ice_restart: false,
+        },
+    );
+    assert!(matches!(
+        net.call(f, focus, Request::Rollback),
+        Ok(Reply::Done)
+    ));
+    assert!(matches!(
+        net.call(f, focus, Request::Rollback),
+        Err(MediaError::NoPendingOffer)
+    ));
+    let seen = net.step();
+    assert_eq!(
+        seen.iter()
+            .filter(|e| matches!(e.2, PeerEvent::OfferRolledBack))
+            .count(),
+        1
+    );
+
+    // Both offer at once: the client adds a screenshare, the focus a
+    // forwarded feed.
+    let client_feeds = vec![LocalFeed::usermedia("c"), LocalFeed::screenshare("cs")];
+    let focus_feeds = vec![LocalFeed::usermedia("x")];
+    let client_offer = net.sdp(
+        c,
+        client,
+        Request::CreateOffer {
+            feeds: client_feeds,
+            ice_restart: false,
+        },
+    );
+    let focus_offer = net.sdp(
+        f,
+        focus,
+        Request::CreateOffer {
+            feeds: focus_feeds.clone(),
+            ice_restart: false,
+        },
+    );
+    assert!(focus_offer.contains("msid:x x-video"), "{focus_offer}");
+    // The client ignores the focus's offer (impolite); the focus answers
+    // the client's, rolling its own back.
+    let answer = net.sdp(
+        f,
+        focus,
+        Request::AcceptOffer {
+            sdp: client_offer,
+            feeds: focus_feeds.clone(),
+        },
+    );
+    assert!(matches!(
+        net.call(c, client, Request::ApplyAnswer { sdp: answer }),
+        Ok(Reply::Done)
+    ));
+    let mut seen = net.step();
+    assert!(
+        seen.iter()
+            .any(|e| e.0 == f && matches!(e.2, PeerEvent::OfferRolledBack)),
+        "{:?}",
+        seen.iter().map(|e| name(&e.2)).collect::<Vec<_>>()
+    );
+    // An answer to the rolled-back offer would find nothing pending.
+    assert!(matches!(
+        net.call(f, focus, Request::ApplyAnswer { sdp: focus_offer }),
+        Err(MediaError::NoPendingOffer)
+    ));
+    // The focus offers again for what found no m-line in the client's
+    // offer: its video went on the client's new screenshare line (offered
+    // sendrecv), its audio could not (the client's audio line is sendonly
+    // towards the focus since the first answer).
+    let renegotiate = seen
+        .iter()
+        .any(|e| e.0 == f && matches!(e.2, PeerEvent::NegotiationNeeded));
+    let bound_in_answer: Vec<String> = seen
+        .iter()
+        .filter_map(|e| match &e.2 {
+            PeerEvent::LocalTrackReady { track_id, .. } if e.0 == f => Some(track_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(renegotiate);
+    assert_eq!(bound_in_answer, vec!["x-video".to_string()]);
+    net.negotiate(
+        (f, focus),
+        focus_feeds,
+        (c, client),
+        vec![LocalFeed::usermedia("c"), LocalFeed::screenshare("cs")],
+    );
+    let both_ways = |seen: &[Ev]| {
+        seen.iter()
+            .any(|e| remote_track(e, f, "cs", TrackKind::Video))
+            && [TrackKind::Audio, TrackKind::Video]
+                .into_iter()
+                .all(|kind| seen.iter().any(|e| remote_track(e, c, "x", kind)))
+    };
+    let until = net.now + Duration::from_secs(2);
+    while !both_ways(&seen) {
+        assert!(
+            net.now < until,
+            "the focus sees the client's screenshare, the client both focus tracks: {:?}",
+            seen.iter().map(|e| (e.0, name(&e.2))).collect::<Vec<_>>()
+        );
+        seen.extend(net.step());
+    }
+    let stats = net.stats(f, focus);
+    assert!(
+        stats
+            .local
+            .iter()
+            .filter(|t| t.stream_id == "x")
+            .all(|t| t.mid.is_some()),
+        "{stats:?}"
+    );
+}

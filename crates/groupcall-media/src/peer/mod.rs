@@ -751,6 +751,9 @@ struct PeerState {
     remote: HashMap<Mid, RemoteTrack>,
     ended_remote: Vec<RemoteTrackStats>,
     pending_offer: Option<SdpPendingOffer>,
+    /// Directions the pending offer changed (str0m changes them in the
+    /// session at once), as they were: restored by a rollback.
+    pending_dirs: Vec<(Mid, Direction)>,
     sinks: Vec<(SinkFilter, Box<dyn FrameSink>)>,
     state: ConnState,
     ever_connected: bool,

@@ -276,6 +276,7 @@ impl PeerSet {
             remote: HashMap::new(),
             ended_remote: Vec::new(),
             pending_offer: None,
+            pending_dirs: Vec::new(),
             sinks: Vec::new(),
             state: ConnState::New,
             ever_connected: false,
