@@ -207,6 +207,16 @@ pub struct PeerStats {
     pub relays: Vec<RelayStats>,
     /// How long gathering took, once it finished.
     pub gathering_time: Option<std::time::Duration>,
+    /// Forwarding peers: RTP packets asked to be written but dropped
+    /// (unknown or not yet negotiated m-line, not connected).
+    pub rtp_write_dropped: u64,
+    /// Forwarding peers: NACKs the remote sent for our local tracks (str0m
+    /// answers them from its send buffer for packets written `nackable`),
+    /// as of str0m's last egress report (once a second).
+    pub nacks_received: u64,
+    /// Data channel messages dropped on receipt (binary, not UTF-8, or on
+    /// another channel than the first one opened).
+    pub channel_messages_dropped: u64,
 }
 
 /// The candidate pair in use (as seen from what we send).

@@ -333,7 +333,7 @@ async fn pushed_frames_are_pulled_on_the_other_side() {
     until(
         &mut a_ev,
         "key frame request",
-        |e| matches!(e, PeerEvent::KeyframeRequested { track_id } if track_id == "push-v"),
+        |e| matches!(e, PeerEvent::KeyframeRequested { track_id, .. } if track_id == "push-v"),
     )
     .await;
     b.close().await.unwrap();

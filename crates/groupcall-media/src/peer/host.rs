@@ -425,7 +425,7 @@ impl HostTask {
                     let Some(ch) = self.peers.get_mut(&peer) else {
                         continue;
                     };
-                    if let PeerEvent::Frame(_) = &event {
+                    if let PeerEvent::Frame(_) | PeerEvent::Rtp(_) = &event {
                         if ch.queued.load(Ordering::Relaxed) >= ch.max_queued {
                             ch.dropped += 1;
                             continue;
@@ -701,6 +701,41 @@ impl MediaPeer {
             Reply::Stats(s) => Ok(*s),
             other => Err(MediaError::Rtc(format!("unexpected reply {other:?}"))),
         }
+    }
+
+    /// Sends a text message on the data channel (see
+    /// [`PeerConfig::data_channel`]). Fails with
+    /// [`MediaError::ChannelNotOpen`] before [`PeerEvent::ChannelOpen`], and
+    /// with [`MediaError::ChannelFull`] when the channel's send buffer
+    /// cannot take it (nothing is queued).
+    pub async fn send_channel(&self, text: &str) -> Result<(), MediaError> {
+        self.call_done(Request::SendChannel {
+            text: text.to_string(),
+        })
+        .await
+    }
+
+    /// Writes one RTP packet on a local track of a forwarding peer (see
+    /// [`PeerConfig::forward`] and [`Request::WriteRtp`]).
+    pub fn write_rtp(&self, packet: RtpOut) -> Result<(), MediaError> {
+        self.send(Request::WriteRtp(packet))
+    }
+
+    /// Asks the remote for a key frame on one of its m-lines (PLI, or FIR).
+    pub fn request_keyframe_on(
+        &self,
+        mid: Mid,
+        rid: Option<Rid>,
+        fir: bool,
+    ) -> Result<(), MediaError> {
+        self.send(Request::RequestKeyframeOn { mid, rid, fir })
+    }
+
+    /// Rolls back the pending local offer (glare, polite side); emits
+    /// [`PeerEvent::OfferRolledBack`]. Accepting the remote's offer with
+    /// [`MediaPeer::accept_offer`] rolls it back as well.
+    pub async fn rollback(&self) -> Result<(), MediaError> {
+        self.call_done(Request::Rollback).await
     }
 
     /// Closes the connection (DTLS close_notify) and finishes the sinks.

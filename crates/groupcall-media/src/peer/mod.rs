@@ -31,10 +31,12 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
 use str0m::format::{Codec, CodecConfig, CodecSpec, FormatParams, PayloadParams};
 use str0m::media::{
-    Direction, Frequency, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Mid, Pt,
+    Direction, Frequency, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Pt,
 };
+pub use str0m::media::{Mid, Rid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::io::ReadBuf;
@@ -87,6 +89,20 @@ pub enum MediaError {
     /// The peer has been closed.
     #[error("peer closed")]
     Closed,
+    /// No data channel is open on this peer.
+    #[error("no data channel is open")]
+    ChannelNotOpen,
+    /// The data channel's send buffer cannot take the message now (the
+    /// remote does not read fast enough): the message was not sent.
+    #[error("data channel send buffer full ({len} bytes refused)")]
+    ChannelFull {
+        /// The size of the refused message.
+        len: usize,
+    },
+    /// The request needs a forwarding peer ([`PeerConfig::forward`]), or
+    /// one that is not (frames on a forwarding peer).
+    #[error("not possible in this peer's mode: {0}")]
+    WrongMode(&'static str),
 }
 
 /// Configuration of a [`MediaPeer`].
@@ -135,7 +151,21 @@ pub struct PeerConfig {
     /// retransmitted to a peer that has the same setting. The lossy-network
     /// test turns it off to measure what NACK/RTX recovers.
     pub retransmission: bool,
+    /// Forwarding mode (for a focus / SFU): str0m's RTP mode. Media is not
+    /// depacketized: every received RTP packet is reported as
+    /// [`PeerEvent::Rtp`], and local tracks carry RTP packets written with
+    /// [`Request::WriteRtp`] (no frames, no sources, no sinks). Default
+    /// `false`.
+    pub forward: bool,
+    /// Open a data channel labelled [`DATA_CHANNEL_LABEL`] in this peer's
+    /// first offer (MSC3898: the client opens it in the initial offer).
+    /// Channels the remote opens are accepted whatever this setting.
+    /// Default `false`.
+    pub data_channel: bool,
 }
+
+/// The label of the data channel a peer opens ([`PeerConfig::data_channel`]).
+pub const DATA_CHANNEL_LABEL: &str = "m.call";
 
 impl Default for PeerConfig {
     fn default() -> Self {
@@ -153,6 +183,8 @@ impl Default for PeerConfig {
             deliver_frames: false,
             max_queued_frames: 512,
             retransmission: true,
+            forward: false,
+            data_channel: false,
         }
     }
 }
@@ -213,11 +245,52 @@ pub enum PeerEvent {
     /// A received frame (only with [`PeerConfig::deliver_frames`]).
     Frame(Frame),
     /// The remote asked for a key frame on a local track that has no source
-    /// able to produce one: push a key frame with `send_frame`.
+    /// able to produce one: push a key frame with `send_frame` (or, on a
+    /// forwarding peer, ask the publisher for one).
     KeyframeRequested {
         /// The local track.
         track_id: String,
+        /// The m-line it is sent on.
+        mid: Mid,
+        /// The simulcast layer asked for, if any.
+        rid: Option<Rid>,
+        /// A FIR (full intra request) rather than a PLI.
+        fir: bool,
     },
+    /// A local track's m-line is negotiated: from now on it carries what is
+    /// sent on it (on a forwarding peer: [`Request::WriteRtp`] to `mid`).
+    LocalTrackReady {
+        /// msid stream id.
+        stream_id: String,
+        /// msid track id.
+        track_id: String,
+        /// Audio or video.
+        kind: TrackKind,
+        /// The m-line.
+        mid: Mid,
+    },
+    /// One received RTP packet (forwarding peers only, see
+    /// [`PeerConfig::forward`]).
+    Rtp(RtpIn),
+    /// The data channel is open (opened by us or by the remote); text can
+    /// go both ways ([`Request::SendChannel`]).
+    ChannelOpen {
+        /// Its label.
+        label: String,
+    },
+    /// A text message arrived on the data channel. Binary or non-UTF-8
+    /// messages are dropped (logged).
+    ChannelMessage {
+        /// The message.
+        text: String,
+    },
+    /// The data channel closed.
+    ChannelClosed,
+    /// Our pending offer was rolled back (by [`Request::Rollback`], or by
+    /// accepting the remote's offer instead: glare, where we are the polite
+    /// side). Local tracks it was to add are unbound; offer again once the
+    /// remote's offer is answered.
+    OfferRolledBack,
     /// Some local tracks could not be placed in the last answer: make a new
     /// offer (`create_offer`) to send them.
     NegotiationNeeded,
@@ -262,7 +335,7 @@ impl PeerEvents {
     }
 
     fn account(&self, ev: &Option<PeerEvent>) {
-        if let Some(PeerEvent::Frame(_)) = ev {
+        if let Some(PeerEvent::Frame(_) | PeerEvent::Rtp(_)) = ev {
             self.queued.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -339,6 +412,101 @@ pub enum Request {
     Stats,
     /// Close the connection. Answered with [`Reply::Done`].
     Close,
+    /// Send a text message on the data channel. Answered with
+    /// [`Reply::Done`], or an error when no channel is open
+    /// ([`MediaError::ChannelNotOpen`]) or its send buffer cannot take the
+    /// message ([`MediaError::ChannelFull`]: nothing is queued).
+    SendChannel {
+        /// The message (MSC3898 messages are JSON text).
+        text: String,
+    },
+    /// Write one RTP packet on a local track of a forwarding peer. No
+    /// answer: packets that cannot be written (unknown or unready m-line,
+    /// not connected, not a forwarding peer) are dropped and counted
+    /// ([`PeerStats::rtp_write_dropped`]).
+    WriteRtp(RtpOut),
+    /// Ask for a key frame on a remote m-line (and simulcast layer), by
+    /// PLI or FIR. Works in both modes. No answer.
+    RequestKeyframeOn {
+        /// The remote m-line.
+        mid: Mid,
+        /// The simulcast layer, if any.
+        rid: Option<Rid>,
+        /// FIR instead of PLI.
+        fir: bool,
+    },
+    /// Roll back our pending offer (the polite side of glare, before
+    /// accepting the remote's). Answered with [`Reply::Done`], or
+    /// [`MediaError::NoPendingOffer`]. Emits [`PeerEvent::OfferRolledBack`].
+    Rollback,
+}
+
+/// One RTP packet received by a forwarding peer ([`PeerEvent::Rtp`]). The
+/// payload is str0m's decrypted buffer, moved out (not copied).
+#[derive(Debug, Clone)]
+pub struct RtpIn {
+    /// The m-line it came on.
+    pub mid: Mid,
+    /// The simulcast layer, if any.
+    pub rid: Option<Rid>,
+    /// Audio or video (the m-line's kind).
+    pub kind: TrackKind,
+    /// The sender's SSRC (RTX is already unwrapped: the main SSRC).
+    pub ssrc: u32,
+    /// Extended sequence number (the 16-bit one is its low bits).
+    pub seq: u64,
+    /// Payload type.
+    pub pt: u8,
+    /// RTP timestamp.
+    pub timestamp: u32,
+    /// Marker bit (video: last packet of a frame).
+    pub marker: bool,
+    /// RFC 6464 audio level (-dBov, 0 loudest, -127 silence), if sent.
+    pub audio_level: Option<i8>,
+    /// RFC 6464 voice activity flag, if sent.
+    pub voice_activity: Option<bool>,
+    /// VP8: the first packet of a key frame.
+    pub keyframe_start: bool,
+    /// The payload (without the RTP header).
+    pub payload: Arc<[u8]>,
+    /// When the datagram was received.
+    pub received_at: Instant,
+}
+
+/// One RTP packet to write on a forwarding peer's local track
+/// ([`Request::WriteRtp`]).
+#[derive(Debug, Clone)]
+pub struct RtpOut {
+    /// The local track's m-line ([`PeerEvent::LocalTrackReady`]).
+    pub mid: Mid,
+    /// Payload type; `None`: the one negotiated on this m-line for its
+    /// kind's codec (Opus or VP8), which is what a forwarder usually wants
+    /// (the publisher's and the subscriber's numbers may differ).
+    pub pt: Option<u8>,
+    /// Extended sequence number. The first packet of a stream must have a
+    /// sequence number below 65536 (the receiver starts with rollover
+    /// counter 0): rebase the publisher's numbers per subscriber.
+    pub seq: u64,
+    /// RTP timestamp.
+    pub timestamp: u32,
+    /// Marker bit.
+    pub marker: bool,
+    /// RFC 6464 audio level to send, if any.
+    pub audio_level: Option<i8>,
+    /// RFC 6464 voice activity to send, if any.
+    pub voice_activity: Option<bool>,
+    /// Keep the packet in str0m's send buffer so that a NACK from the
+    /// receiver is answered by an RTX retransmission (video).
+    pub nackable: bool,
+    /// VP8: rewrite the payload descriptor's PictureID to this value (when
+    /// the descriptor has one; the payload is patched while serialising,
+    /// not copied here).
+    pub vp8_picture_id: Option<u16>,
+    /// The payload (without the RTP header); shared, not copied.
+    pub payload: Arc<[u8]>,
+    /// The wallclock time matching `timestamp` (e.g. when the publisher's
+    /// packet arrived).
+    pub wallclock: Instant,
 }
 
 impl std::fmt::Debug for Request {
@@ -357,6 +525,10 @@ impl std::fmt::Debug for Request {
             Request::FinishSinks => "FinishSinks",
             Request::Stats => "Stats",
             Request::Close => "Close",
+            Request::SendChannel { .. } => "SendChannel",
+            Request::WriteRtp(_) => "WriteRtp",
+            Request::RequestKeyframeOn { .. } => "RequestKeyframeOn",
+            Request::Rollback => "Rollback",
         };
         f.write_str(name)
     }
@@ -579,6 +751,9 @@ struct PeerState {
     remote: HashMap<Mid, RemoteTrack>,
     ended_remote: Vec<RemoteTrackStats>,
     pending_offer: Option<SdpPendingOffer>,
+    /// Directions the pending offer changed (str0m changes them in the
+    /// session at once), as they were: restored by a rollback.
+    pending_dirs: Vec<(Mid, Direction)>,
     sinks: Vec<(SinkFilter, Box<dyn FrameSink>)>,
     state: ConnState,
     ever_connected: bool,
@@ -609,11 +784,27 @@ struct PeerState {
     ufrag: String,
     config: PeerConfig,
     finished: bool,
+    /// The data channel (the first one opened, by either side).
+    channel: Option<ChannelId>,
+    /// A data channel was put in an offer (pending or accepted), or the
+    /// remote offered SCTP.
+    channel_offered: bool,
+    /// The pending offer carries the data channel.
+    channel_pending: bool,
+    /// Forwarding mode: RTP packets written but dropped.
+    rtp_write_dropped: u64,
+    /// Data channel messages dropped (binary, not UTF-8, other channels).
+    channel_dropped: u64,
+    /// Forwarding mode: NACKs received per sent stream, as of str0m's
+    /// last egress stats (its counts are totals).
+    egress_nacks: HashMap<(Mid, Option<Rid>), u64>,
 }
 
+mod channel;
 mod gather;
 pub mod host;
 mod negotiate;
+mod rtp;
 pub mod set;
 mod state;
 

@@ -61,24 +61,52 @@ impl PeerState {
         self.start_sources();
     }
 
-    /// Forgets the pending local offer (replaced or rolled back).
-    pub(super) fn rollback_pending(&mut self) {
+    /// Forgets the pending local offer (replaced, or rolled back: then
+    /// `report` emits [`PeerEvent::OfferRolledBack`]).
+    pub(super) fn rollback_pending(&mut self, report: bool) {
         if self.pending_offer.take().is_some() {
-            debug!("pending local offer dropped");
-            for t in &mut self.tracks {
-                if t.mid_pending {
-                    t.mid = None;
-                    t.mid_pending = false;
-                    t.awaiting = false;
-                }
+            debug!(report, "pending local offer dropped");
+            self.undo_pending_bindings();
+            if std::mem::take(&mut self.channel_pending) {
+                // The channel goes into the next offer again.
+                self.channel_offered = false;
             }
+            if report {
+                self.emit(PeerEvent::OfferRolledBack);
+            }
+        }
+    }
+
+    /// Unbinds the tracks the pending offer bound and restores the
+    /// directions it changed.
+    fn undo_pending_bindings(&mut self) {
+        for t in &mut self.tracks {
+            if t.mid_pending {
+                if let Some(mid) = t.mid.take() {
+                    // The remote never took this binding up.
+                    self.ever_bound.remove(&mid);
+                }
+                t.mid_pending = false;
+                t.awaiting = false;
+            }
+        }
+        let dirs = std::mem::take(&mut self.pending_dirs);
+        if !dirs.is_empty() {
+            let mut api = self.rtc.sdp_api();
+            for (mid, d) in dirs {
+                api.set_direction(mid, d);
+            }
+            // Dropped without apply(): the session is as negotiated.
         }
     }
 
     /// A binding became effective: start video with a key frame.
     pub(super) fn confirm_bindings(&mut self) {
+        let mut ready = Vec::new();
         for t in &mut self.tracks {
-            if t.mid.is_some() && t.awaiting {
+            if let Some(mid) = t.mid
+                && t.awaiting
+            {
                 t.awaiting = false;
                 t.mid_pending = false;
                 if t.kind == TrackKind::Video {
@@ -87,7 +115,16 @@ impl PeerState {
                         s.request_keyframe();
                     }
                 }
+                ready.push(PeerEvent::LocalTrackReady {
+                    stream_id: t.stream_id.clone(),
+                    track_id: t.track_id.clone(),
+                    kind: t.kind,
+                    mid,
+                });
             }
+        }
+        for ev in ready {
+            self.emit(ev);
         }
     }
 
@@ -134,14 +171,23 @@ impl PeerState {
         ice_restart: bool,
     ) -> Result<String, MediaError> {
         let wanted = wanted_tracks(feeds)?;
-        self.rollback_pending();
-        let before: HashSet<Mid> = self.tracks.iter().filter_map(|t| t.mid).collect();
+        self.rollback_pending(false);
         self.sync_tracks(&wanted);
         let still: HashSet<Mid> = self.tracks.iter().filter_map(|t| t.mid).collect();
 
-        // Lines we stop sending on.
+        let lines: Vec<(Mid, TrackKind)> = self
+            .local_sections
+            .iter()
+            .filter(|s| !s.disabled)
+            .filter_map(|s| Some((Mid::from(s.mid.as_deref()?), section_kind(s)?)))
+            .collect();
+        // Lines we stop sending on: they send, but no track is bound to
+        // them any more.
         let mut dir_changes: Vec<(Mid, Direction)> = Vec::new();
-        for mid in before.difference(&still) {
+        for (mid, _) in &lines {
+            if still.contains(mid) {
+                continue;
+            }
             if let Some(m) = self.rtc.media(*mid) {
                 if m.disabled() {
                     continue;
@@ -158,12 +204,6 @@ impl PeerState {
         }
 
         // Bind new tracks to unused receive-only lines, or add lines.
-        let lines: Vec<(Mid, TrackKind)> = self
-            .local_sections
-            .iter()
-            .filter(|s| !s.disabled)
-            .filter_map(|s| Some((Mid::from(s.mid.as_deref()?), section_kind(s)?)))
-            .collect();
         let mut taken = still.clone();
         let mut adds: Vec<usize> = Vec::new();
         for (i, t) in self.tracks.iter_mut().enumerate() {
@@ -191,7 +231,8 @@ impl PeerState {
                     taken.insert(*mid);
                     self.ever_bound.insert(*mid);
                     t.mid = Some(*mid);
-                    t.mid_pending = false;
+                    // Bound by this offer: undone if it is rolled back.
+                    t.mid_pending = true;
                     t.awaiting = true;
                     debug!(track = %t.track_id, %mid, "reusing m-line");
                 }
@@ -211,7 +252,18 @@ impl PeerState {
             }
         }
 
+        let with_channel = self.wants_channel_in_offer();
+        // str0m changes a direction in the session at once (not when the
+        // answer comes): remember the old ones for a rollback.
+        let old_dirs: Vec<(Mid, Direction)> = dir_changes
+            .iter()
+            .filter_map(|(mid, _)| Some((*mid, self.rtc.media(*mid)?.direction())))
+            .collect();
         let mut api = self.rtc.sdp_api();
+        if with_channel {
+            let id = api.add_channel_with_config(super::channel::channel_config());
+            debug!(?id, "data channel in the offer");
+        }
         for (mid, d) in &dir_changes {
             api.set_direction(*mid, *d);
         }
@@ -248,6 +300,11 @@ impl PeerState {
             return Err(MediaError::NothingToNegotiate);
         };
         self.pending_offer = Some(pending);
+        self.pending_dirs = old_dirs;
+        if with_channel {
+            self.channel_offered = true;
+            self.channel_pending = true;
+        }
         if ice_restart && self.state == ConnState::Failed {
             self.negotiated_at = Some(self.now);
         }
@@ -267,7 +324,15 @@ impl PeerState {
             SdpOffer::from_sdp_string(text).map_err(|e| MediaError::RemoteSdp(e.to_string()))?;
         let remote_sections = sdp::parse_sections(text);
         trace!(sdp = %text, "remote offer");
-        self.rollback_pending();
+        self.rollback_pending(true);
+        if remote_sections
+            .iter()
+            .any(|s| s.media == "application" && !s.disabled)
+        {
+            // The remote negotiates SCTP (and opens the channel, if it has
+            // not already).
+            self.channel_offered = true;
+        }
         let answer = self.rtc.sdp_api().accept_offer(offer);
         self.drain().map_err(rtc_err)?;
         let answer = answer.map_err(|e| MediaError::RemoteSdp(e.to_string()))?;
@@ -358,15 +423,11 @@ impl PeerState {
         let r = self.rtc.sdp_api().accept_answer(pending, answer);
         self.drain().map_err(rtc_err)?;
         if let Err(e) = r {
-            for t in &mut self.tracks {
-                if t.mid_pending {
-                    t.mid = None;
-                    t.mid_pending = false;
-                    t.awaiting = false;
-                }
-            }
+            self.undo_pending_bindings();
             return Err(MediaError::RemoteSdp(e.to_string()));
         }
+        self.channel_pending = false;
+        self.pending_dirs.clear();
         let mut renegotiate = false;
         for t in &mut self.tracks {
             if let Some(mid) = t.mid
@@ -540,6 +601,9 @@ impl PeerState {
             }),
             relays: Vec::new(),
             gathering_time: self.gathering_time,
+            rtp_write_dropped: self.rtp_write_dropped,
+            nacks_received: self.egress_nacks.values().sum(),
+            channel_messages_dropped: self.channel_dropped,
         }
     }
 

@@ -225,6 +225,13 @@ impl PeerSet {
         }
         self.gather.add_servers(&config, now);
         let mut builder = Rtc::builder().clear_codecs().enable_opus(true, false);
+        if config.forward {
+            // RTP mode; egress stats once a second count the NACKs str0m
+            // answers from its send buffer.
+            builder = builder
+                .set_rtp_mode(true)
+                .set_stats_interval(Some(Duration::from_secs(1)));
+        }
         if config.retransmission {
             builder = builder.enable_vp8(true);
         } else {
@@ -269,6 +276,7 @@ impl PeerSet {
             remote: HashMap::new(),
             ended_remote: Vec::new(),
             pending_offer: None,
+            pending_dirs: Vec::new(),
             sinks: Vec::new(),
             state: ConnState::New,
             ever_connected: false,
@@ -289,6 +297,12 @@ impl PeerSet {
             ufrag,
             config,
             finished: false,
+            channel: None,
+            channel_offered: false,
+            channel_pending: false,
+            rtp_write_dropped: 0,
+            channel_dropped: 0,
+            egress_nacks: HashMap::new(),
         };
         self.peers.insert(id, peer);
         self.dirty.insert(id);

@@ -129,8 +129,20 @@ impl PeerState {
                 let handled = t.source.as_mut().is_some_and(|s| s.request_keyframe());
                 if !handled {
                     let track_id = t.track_id.clone();
-                    self.emit(PeerEvent::KeyframeRequested { track_id });
+                    self.emit(PeerEvent::KeyframeRequested {
+                        track_id,
+                        mid: k.mid,
+                        rid: k.rid,
+                        fir: k.kind == KeyframeRequestKind::Fir,
+                    });
                 }
+            }
+            Event::RtpPacket(p) => self.on_rtp_packet(p),
+            Event::ChannelOpen(id, label) => self.on_channel_open(id, label),
+            Event::ChannelData(d) => self.on_channel_data(d.id, d.binary, d.data),
+            Event::ChannelClose(id) => self.on_channel_close(id),
+            Event::MediaEgressStats(s) => {
+                self.egress_nacks.insert((s.mid, s.rid), s.nacks);
             }
             Event::Closed => {
                 info!("remote closed the connection");
@@ -143,16 +155,7 @@ impl PeerState {
     }
 
     pub(super) fn send_pli(&mut self, mid: Mid) {
-        let now = self.now;
-        if let Some(r) = self.remote.get_mut(&mid) {
-            r.last_pli = Some(now);
-        }
-        if let Some(mut w) = self.rtc.writer(mid) {
-            match w.request_keyframe(None, KeyframeRequestKind::Pli) {
-                Ok(()) => debug!(%mid, "requested key frame (PLI)"),
-                Err(e) => trace!(%mid, error = %e, "PLI not possible yet"),
-            }
-        }
+        self.request_keyframe_on(mid, None, false);
     }
 
     pub(super) fn on_media_data(&mut self, d: MediaData) {
@@ -320,6 +323,10 @@ impl PeerState {
         wallclock: Instant,
     ) -> Result<(), str0m::RtcError> {
         let connected = matches!(self.state, ConnState::Connected | ConnState::Disconnected);
+        if self.config.forward {
+            // str0m's frame writer does not exist in RTP mode.
+            return Ok(());
+        }
         let Some(t) = self.tracks.get_mut(idx) else {
             return Ok(());
         };
@@ -419,6 +426,10 @@ impl PeerState {
                 self.write_frame(i, data, ticks, false, self.now)?;
             }
             Request::SetSource { track_id, source } => {
+                if self.config.forward {
+                    warn!(track = %track_id, "sources do not run on a forwarding peer");
+                    return Ok(None);
+                }
                 match self.tracks.iter_mut().find(|t| t.track_id == track_id) {
                     Some(t) => {
                         if source.kind() != t.kind {
@@ -444,8 +455,15 @@ impl PeerState {
                 t.muted = muted;
                 if unmuting_video {
                     t.want_keyframe = true;
-                    if !t.source.as_mut().is_some_and(|s| s.request_keyframe()) {
-                        self.emit(PeerEvent::KeyframeRequested { track_id });
+                    if !t.source.as_mut().is_some_and(|s| s.request_keyframe())
+                        && let Some(mid) = t.mid
+                    {
+                        self.emit(PeerEvent::KeyframeRequested {
+                            track_id,
+                            mid,
+                            rid: None,
+                            fir: false,
+                        });
                     }
                 }
             }
@@ -470,6 +488,24 @@ impl PeerState {
             }
             Request::Close => {
                 self.do_close();
+                return Ok(Some(Ok(Reply::Done)));
+            }
+            Request::SendChannel { text } => {
+                let r = self.send_channel(&text);
+                self.drain()?;
+                return Ok(Some(r.map(|()| Reply::Done)));
+            }
+            Request::WriteRtp(out) => self.write_rtp(out)?,
+            Request::RequestKeyframeOn { mid, rid, fir } => {
+                self.request_keyframe_on(mid, rid, fir);
+                self.drain()?;
+            }
+            Request::Rollback => {
+                if self.pending_offer.is_none() {
+                    return Ok(Some(Err(MediaError::NoPendingOffer)));
+                }
+                self.rollback_pending(true);
+                self.drain()?;
                 return Ok(Some(Ok(Reply::Done)));
             }
         }
