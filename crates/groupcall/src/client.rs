@@ -625,6 +625,7 @@ pub async fn join_call(
         workers: JoinSet::new(),
         muted: (false, false),
         recordings: Vec::new(),
+        stream_owners: BTreeMap::new(),
         turn,
         liveness,
     };
@@ -819,6 +820,9 @@ struct Peer {
     sourced: Vec<String>,
     /// stream id -> (kind) of remote tracks seen.
     remote_tracks: BTreeMap<(String, &'static str), String>,
+    /// The peer is our focus (MSC3898): its remote streams are other
+    /// participants', and it has the data channel.
+    focus: bool,
 }
 
 /// Everything the driver task listens to.
@@ -850,6 +854,9 @@ struct Driver {
     /// starts with it.
     muted: (bool, bool),
     recordings: Vec<PathBuf>,
+    /// Who publishes each stream the focus forwards to us (from the core's
+    /// `FeedAdded`): their media is reported as theirs.
+    stream_owners: BTreeMap<String, DeviceKey>,
     /// The homeserver's TURN servers, kept fresh.
     turn: crate::matrix::TurnWatch,
     /// The MSC4140 delayed leave, when used.
@@ -1014,15 +1021,38 @@ impl Driver {
                 }
                 None
             }
+            PeerEvent::ChannelOpen { .. } => {
+                self.call
+                    .handle_media(clock_now(), MediaEvent::ChannelOpen { peer: handle });
+                None
+            }
+            PeerEvent::ChannelMessage { text } => {
+                self.call.handle_media(
+                    clock_now(),
+                    MediaEvent::ChannelMessage { peer: handle, text },
+                );
+                None
+            }
+            PeerEvent::ChannelClosed => {
+                self.call
+                    .handle_media(clock_now(), MediaEvent::ChannelClosed { peer: handle });
+                None
+            }
             PeerEvent::RemoteTrack {
                 stream_id,
                 track_id,
                 kind,
                 ..
             } => {
+                let owner = self.stream_owners.get(&stream_id).cloned();
                 if let Some(peer) = self.peers.get_mut(&handle)
                     && let Some(media) = peer.media.clone()
                 {
+                    // Through a focus, the stream is its publisher's.
+                    let device = match (peer.focus, owner) {
+                        (true, Some(owner)) => owner,
+                        _ => peer.device.clone(),
+                    };
                     if kind == TrackKind::Video {
                         let _ = media.request_keyframe(&track_id);
                     }
@@ -1033,7 +1063,7 @@ impl Driver {
                     if first && let Some(dir) = &self.opts.record_dir {
                         let name = sanitize(&format!(
                             "{}_{}_{}",
-                            peer.device.user_id, peer.device.device_id, stream_id
+                            device.user_id, device.device_id, stream_id
                         ));
                         let path = match kind {
                             TrackKind::Audio => dir.join(format!("{name}.ogg")),
@@ -1054,7 +1084,7 @@ impl Driver {
                         }
                     }
                     let _ = self.events.send(ClientEvent::RemoteTrack {
-                        device: peer.device.clone(),
+                        device,
                         stream_id,
                         track_id,
                         kind,
@@ -1145,9 +1175,26 @@ impl Driver {
                 peer.stats_pending = false;
                 if let Some(stats) = stats {
                     let device = peer.device.clone();
-                    self.report_stats(device, stats);
+                    let focus = peer.focus;
+                    self.report_stats(device, focus, stats);
                 }
             }
+        }
+    }
+
+    /// Keeps who publishes each remote stream, for the media the focus
+    /// forwards.
+    fn note_stream_owner(&mut self, e: &CallEvent) {
+        match e {
+            CallEvent::FeedAdded {
+                device, stream_id, ..
+            } => {
+                self.stream_owners.insert(stream_id.clone(), device.clone());
+            }
+            CallEvent::FeedRemoved { stream_id, .. } => {
+                self.stream_owners.remove(stream_id);
+            }
+            _ => {}
         }
     }
 
@@ -1161,10 +1208,14 @@ impl Driver {
         }
     }
 
-    fn report_stats(&self, device: DeviceKey, stats: PeerStats) {
+    fn report_stats(&self, device: DeviceKey, focus: bool, stats: PeerStats) {
         for t in stats.remote {
+            // Through a focus, each stream is its publisher's.
+            let owner = focus
+                .then(|| self.stream_owners.get(&t.stream_id))
+                .flatten();
             let _ = self.events.send(ClientEvent::Media {
-                device: device.clone(),
+                device: owner.unwrap_or(&device).clone(),
                 stream_id: t.stream_id,
                 kind: t.kind,
                 frames: t.received.frames,
@@ -1218,6 +1269,7 @@ impl Driver {
                 Output::Media(req) => self.media_request(req),
                 Output::Event(e) => {
                     info!(event = ?e, "call");
+                    self.note_stream_owner(&e);
                     let _ = self.events.send(ClientEvent::Call(e));
                 }
                 Output::Signalling(r) => {
@@ -1248,7 +1300,7 @@ impl Driver {
 
     /// The peer of `handle`, with a worker started for it if it is new (the
     /// worker makes the media peer before carrying out anything else).
-    fn peer_or_start(&mut self, handle: PeerHandle, remote: &DeviceKey) -> &mut Peer {
+    fn peer_or_start(&mut self, handle: PeerHandle, remote: &DeviceKey, focus: bool) -> &mut Peer {
         let host = (!self.peers.contains_key(&handle)).then(|| self.media_host());
         match self.peers.entry(handle) {
             Entry::Occupied(e) => e.into_mut(),
@@ -1263,6 +1315,7 @@ impl Driver {
                     failed_timeout: self.opts.liveness.media_failed_timeout,
                     retransmission: self.opts.retransmission,
                     stun_timeout: self.opts.stun_timeout,
+                    data_channel: focus,
                     ..PeerConfig::default()
                 };
                 let (ops_tx, ops_rx) = mpsc::unbounded_channel();
@@ -1283,6 +1336,7 @@ impl Driver {
                     device: remote.clone(),
                     sourced: Vec::new(),
                     remote_tracks: BTreeMap::new(),
+                    focus,
                 })
             }
         }
@@ -1296,10 +1350,11 @@ impl Driver {
         handle: PeerHandle,
         remote: &DeviceKey,
         feeds: &[groupcall_media::LocalFeed],
+        focus: bool,
     ) -> &mut Peer {
         let new = !self.peers.contains_key(&handle);
         let muted = self.muted;
-        let p = self.peer_or_start(handle, remote);
+        let p = self.peer_or_start(handle, remote, focus);
         if new && muted != (false, false) {
             let _ = p.ops.send(PeerOp::SetMuted {
                 tracks: usermedia_tracks(feeds, muted),
@@ -1380,10 +1435,11 @@ impl Driver {
                 remote,
                 feeds,
                 ice_restart,
+                focus,
                 ..
             } => {
                 let feeds = media_feeds(feeds);
-                let p = self.start_muted(peer, &remote, &feeds);
+                let p = self.start_muted(peer, &remote, &feeds, focus);
                 let _ = p.ops.send(PeerOp::CreateOffer { feeds, ice_restart });
                 return;
             }
@@ -1394,7 +1450,7 @@ impl Driver {
                 feeds,
             } => {
                 let feeds = media_feeds(feeds);
-                let p = self.start_muted(peer, &remote, &feeds);
+                let p = self.start_muted(peer, &remote, &feeds, false);
                 let _ = p.ops.send(PeerOp::AcceptOffer { sdp, feeds });
                 return;
             }
@@ -1419,6 +1475,7 @@ impl Driver {
                 }
                 return;
             }
+            MediaRequest::SendChannel { peer, text } => (peer, PeerOp::SendChannel { text }),
             MediaRequest::ClosePeer { peer } => {
                 // Dropping it tells the worker to finish the sinks and close.
                 self.peers.remove(&peer);
@@ -1501,6 +1558,9 @@ enum PeerOp {
     SetMuted { tracks: Vec<(String, bool)> },
     /// Answered with [`FromPeer::Stats`].
     Stats,
+    /// Not answered (a message that cannot be sent is logged; the focus's
+    /// pings time out on their own).
+    SendChannel { text: String },
 }
 
 /// What a peer's worker reports to the driver, in order.
@@ -1644,6 +1704,12 @@ async fn run_op(media: &MediaPeer, op: PeerOp) -> Option<FromPeer> {
             None
         }
         PeerOp::Stats => Some(FromPeer::Stats(media.stats().await.ok())),
+        PeerOp::SendChannel { text } => {
+            if let Err(e) = media.send_channel(&text).await {
+                warn!("data channel message not sent: {e}");
+            }
+            None
+        }
     }
 }
 
