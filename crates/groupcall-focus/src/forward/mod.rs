@@ -1,1 +1,1331 @@
-//! (being written)
+//! The sans-IO RTP forwarding core of the focus.
+//!
+//! A [`Forwarder`] knows calls, their participants, the tracks they publish
+//! and who subscribes to what. The driver feeds it each received RTP packet
+//! ([`Forwarder::handle_rtp`], with an [`RtpIn`] that borrows the packet)
+//! and it hands one [`Egress`] per subscriber to a sink closure: the
+//! rewritten header ([`RtpOut`]), the received payload, borrowed, and for
+//! VP8 a [`Vp8Patch`] of the same length that the driver applies to its
+//! copy of the payload ([`Egress::write_payload`] does both). Nothing on
+//! that path allocates: lookups are in maps filled when tracks are
+//! published, the NACK cache's slots are allocated when a track is
+//! published.
+//!
+//! Time comes in as an [`Instant`] argument. Rarer outputs (keyframe
+//! requests toward publishers, active speaker changes) are queued and
+//! polled ([`Forwarder::poll_output`]); [`Forwarder::handle_timeout`] is
+//! to be called at [`Forwarder::poll_timeout`].
+//!
+//! Rules:
+//! - call scoping: a subscription names a track by its [`TrackKey`], looked
+//!   up only among the tracks of the subscriber's own call;
+//! - a removed participant's packets are dropped (`unknown_source`) and it
+//!   receives nothing from the moment [`Forwarder::remove_participant`]
+//!   returns;
+//! - a video subscription gets nothing until a key frame starts, and a
+//!   keyframe request goes to the publisher when it starts (rate limited:
+//!   at most one per layer per [`ForwarderConfig::keyframe_interval`],
+//!   later ones coalesced; a key frame arriving resets the wait);
+//! - a subscriber whose reported backlog ([`Forwarder::set_backlog`])
+//!   exceeds [`ForwarderConfig::video_backlog_limit`] loses its own video
+//!   (resumed at the next key frame), above
+//!   [`ForwarderConfig::audio_backlog_limit`] its audio too; others are
+//!   unaffected.
+
+mod cache;
+mod rewrite;
+pub mod rtp;
+mod slab;
+mod speaker;
+pub mod vp8;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+pub use cache::PacketCache;
+use rewrite::Rewriter;
+pub use rtp::{AudioLevel, RtpIn, RtpOut, RtpParseError};
+use slab::{Key, Slab};
+use speaker::{LevelMeter, SpeakerState};
+pub use vp8::{PictureId, Vp8Descriptor, Vp8Error, Vp8Patch};
+
+/// A participant, as the driver names it (e.g. one per device session).
+/// Each is in exactly one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ParticipantId(pub u64);
+
+/// A call, as the driver names it (e.g. one per room and call id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallId(pub u64);
+
+/// A published track, as the forwarder names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrackId(Key);
+
+impl From<TrackId> for Key {
+    fn from(t: TrackId) -> Key {
+        t.0
+    }
+}
+
+/// A track's name in MSC3898 (`stream_id`, `track_id`), unique within a
+/// call.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrackKey {
+    /// The stream (MediaStream) id.
+    pub stream_id: String,
+    /// The track id.
+    pub track_id: String,
+}
+
+impl TrackKey {
+    /// A key from its two parts.
+    pub fn new(stream_id: impl Into<String>, track_id: impl Into<String>) -> Self {
+        Self {
+            stream_id: stream_id.into(),
+            track_id: track_id.into(),
+        }
+    }
+}
+
+/// Audio or video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum MediaKind {
+    /// Audio.
+    Audio,
+    /// Video.
+    Video,
+}
+
+/// The codecs the forwarder understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Codec {
+    /// Opus (48 kHz RTP clock).
+    Opus,
+    /// VP8 (90 kHz RTP clock; the payload descriptor is rewritten).
+    Vp8,
+}
+
+impl Codec {
+    /// The RTP clock rate.
+    pub fn clock_rate(self) -> u32 {
+        match self {
+            Codec::Opus => 48_000,
+            Codec::Vp8 => 90_000,
+        }
+    }
+
+    /// The kind of media.
+    pub fn kind(self) -> MediaKind {
+        match self {
+            Codec::Opus => MediaKind::Audio,
+            Codec::Vp8 => MediaKind::Video,
+        }
+    }
+}
+
+/// One encoding of a published track: the only one, or a simulcast layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerSpec {
+    /// The RID of a simulcast layer (None without simulcast).
+    pub rid: Option<String>,
+    /// The publisher's SSRC for it, if known yet ([`Forwarder::set_layer_ssrc`]
+    /// sets or changes it).
+    pub ssrc: Option<u32>,
+}
+
+/// What a publisher announces about one track.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackSpec {
+    /// Its MSC3898 name.
+    pub key: TrackKey,
+    /// Its codec (which implies its kind).
+    pub codec: Codec,
+    /// Its encodings, 1 to [`MAX_LAYERS`]. Until issue 12 (simulcast),
+    /// every subscriber receives layer 0.
+    pub layers: Vec<LayerSpec>,
+}
+
+/// The most encodings a track may have.
+pub const MAX_LAYERS: usize = 4;
+
+/// Keyframe request kinds (RTCP PLI, RFC 4585, or FIR, RFC 5104).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyframeKind {
+    /// Picture Loss Indication.
+    Pli,
+    /// Full Intra Request.
+    Fir,
+}
+
+/// Tunables of a [`Forwarder`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwarderConfig {
+    /// At most one keyframe request per publisher layer per this interval
+    /// (500 ms).
+    pub keyframe_interval: Duration,
+    /// Slots of the NACK cache of each video layer (512; a power of two is
+    /// used, at most 32768).
+    pub video_cache_packets: usize,
+    /// Slots of the NACK cache of each audio track (0: audio is not
+    /// cached).
+    pub audio_cache_packets: usize,
+    /// Largest payload a cache slot holds (1500 bytes).
+    pub cache_mtu: usize,
+    /// Reported backlog above which a subscriber's video is dropped
+    /// (256 KiB).
+    pub video_backlog_limit: usize,
+    /// Reported backlog above which its audio is dropped too (1 MiB).
+    pub audio_backlog_limit: usize,
+    /// How often [`Forwarder::handle_timeout`] wants to run (50 ms).
+    pub tick: Duration,
+    /// How long a participant must stay the loudest to become the active
+    /// speaker (1 s).
+    pub speaker_hold: Duration,
+    /// Levels quieter than this (in -dBov, 0..=127) never name a speaker
+    /// (70).
+    pub speaker_max_level: u8,
+    /// A track whose last level is older than this counts as silent
+    /// (500 ms).
+    pub level_stale: Duration,
+    /// Seed of the outgoing SSRCs.
+    pub ssrc_seed: u64,
+}
+
+impl Default for ForwarderConfig {
+    fn default() -> Self {
+        Self {
+            keyframe_interval: Duration::from_millis(500),
+            video_cache_packets: 512,
+            audio_cache_packets: 0,
+            cache_mtu: 1500,
+            video_backlog_limit: 256 * 1024,
+            audio_backlog_limit: 1024 * 1024,
+            tick: Duration::from_millis(50),
+            speaker_hold: Duration::from_secs(1),
+            speaker_max_level: 70,
+            level_stale: Duration::from_millis(500),
+            ssrc_seed: 0x5eed_f0c5,
+        }
+    }
+}
+
+/// Why a forwarder call was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ForwardError {
+    /// The call exists already.
+    #[error("call {0:?} exists already")]
+    CallExists(CallId),
+    /// No such call.
+    #[error("no call {0:?}")]
+    UnknownCall(CallId),
+    /// The participant is in a call already.
+    #[error("participant {0:?} is in a call already")]
+    ParticipantExists(ParticipantId),
+    /// No such participant.
+    #[error("no participant {0:?}")]
+    UnknownParticipant(ParticipantId),
+    /// No track of that name in the participant's call (tracks of other
+    /// calls are never found).
+    #[error("no track {0:?} in the participant's call")]
+    UnknownTrack(TrackKey),
+    /// No such track (unpublished).
+    #[error("no such track")]
+    NoSuchTrack,
+    /// A track of that name is published in the call already.
+    #[error("track {0:?} is published already")]
+    TrackExists(TrackKey),
+    /// Zero or more than [`MAX_LAYERS`] layers, or no such layer.
+    #[error("bad layers")]
+    BadLayers,
+    /// The publisher uses this SSRC for another track or layer.
+    #[error("SSRC {0} is in use by another track of the publisher")]
+    SsrcInUse(u32),
+    /// The subscriber has no outgoing stream with this SSRC.
+    #[error("no outgoing stream with SSRC {0}")]
+    UnknownSsrc(u32),
+}
+
+/// Packets dropped, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drops {
+    /// Malformed payload (VP8 descriptor) or datagram.
+    pub malformed: u64,
+    /// From a participant or SSRC the forwarder does not know (removed
+    /// participants, unpublished tracks).
+    pub unknown_source: u64,
+    /// Not sent to a video subscription waiting for a key frame (counted
+    /// per subscription).
+    pub awaiting_keyframe: u64,
+    /// Video not sent to a congested subscriber.
+    pub congestion_video: u64,
+    /// Audio not sent to a very congested subscriber.
+    pub congestion_audio: u64,
+}
+
+/// Counters of a call (or of the whole forwarder).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// RTP packets received from publishers.
+    pub packets_in: u64,
+    /// Their payload bytes.
+    pub bytes_in: u64,
+    /// RTP packets handed to the sink (retransmissions included).
+    pub packets_out: u64,
+    /// Their payload bytes.
+    pub bytes_out: u64,
+    /// Drops by reason.
+    pub drops: Drops,
+    /// Key frames received (first packets).
+    pub keyframes_in: u64,
+    /// Sequence numbers NACKed by subscribers.
+    pub nacks_received: u64,
+    /// NACKed packets re-sent from the cache.
+    pub nacks_served: u64,
+    /// NACKed packets not in the cache (or of an earlier epoch).
+    pub nacks_missed: u64,
+    /// PLI/FIR received from subscribers.
+    pub keyframe_requests_received: u64,
+    /// Keyframe requests sent to publishers (PLIs sent).
+    pub keyframe_requests_sent: u64,
+    /// Keyframe requests folded into one already sent or pending.
+    pub keyframe_requests_coalesced: u64,
+}
+
+impl Counters {
+    /// Adds `o` to `self`.
+    pub fn add(&mut self, o: &Counters) {
+        self.packets_in += o.packets_in;
+        self.bytes_in += o.bytes_in;
+        self.packets_out += o.packets_out;
+        self.bytes_out += o.bytes_out;
+        self.drops.malformed += o.drops.malformed;
+        self.drops.unknown_source += o.drops.unknown_source;
+        self.drops.awaiting_keyframe += o.drops.awaiting_keyframe;
+        self.drops.congestion_video += o.drops.congestion_video;
+        self.drops.congestion_audio += o.drops.congestion_audio;
+        self.keyframes_in += o.keyframes_in;
+        self.nacks_received += o.nacks_received;
+        self.nacks_served += o.nacks_served;
+        self.nacks_missed += o.nacks_missed;
+        self.keyframe_requests_received += o.keyframe_requests_received;
+        self.keyframe_requests_sent += o.keyframe_requests_sent;
+        self.keyframe_requests_coalesced += o.keyframe_requests_coalesced;
+    }
+}
+
+/// One outgoing copy of a packet, for one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Egress<'a> {
+    /// Who gets it.
+    pub subscriber: ParticipantId,
+    /// Which track it belongs to.
+    pub track: TrackId,
+    /// Audio or video.
+    pub kind: MediaKind,
+    /// The rewritten header.
+    pub header: RtpOut,
+    /// The payload as received (borrowed from the input or the cache).
+    pub payload: &'a [u8],
+    /// For VP8: the descriptor values to write into the copied payload.
+    pub vp8: Option<Vp8Patch>,
+    /// A retransmission answering a NACK.
+    pub retransmission: bool,
+}
+
+impl Egress<'_> {
+    /// Copies the payload into `dst` and applies the VP8 patch; returns
+    /// the length, or `None` if `dst` is too short.
+    pub fn write_payload(&self, dst: &mut [u8]) -> Option<usize> {
+        let n = self.payload.len();
+        let d = dst.get_mut(..n)?;
+        d.copy_from_slice(self.payload);
+        if let Some(p) = self.vp8
+            && !p.apply(d)
+        {
+            return None;
+        }
+        Some(n)
+    }
+}
+
+/// What the forwarder asks of the driver, apart from packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Output {
+    /// Send a keyframe request to the publisher of a track layer.
+    KeyframeRequest {
+        /// The publisher.
+        publisher: ParticipantId,
+        /// The track.
+        track: TrackId,
+        /// The layer index ([`Forwarder::layer_rid`] names its RID).
+        layer: u8,
+        /// The publisher's SSRC of that layer, if known.
+        ssrc: Option<u32>,
+        /// FIR if any coalesced request was a FIR, else PLI.
+        kind: KeyframeKind,
+    },
+    /// The active speaker of a call changed (None: the speaker left and
+    /// nobody speaks). To be sent to the call's clients.
+    ActiveSpeakerChanged {
+        /// The call.
+        call: CallId,
+        /// The new speaker.
+        participant: Option<ParticipantId>,
+    },
+}
+
+/// Keyframe request rate limiting of one publisher layer.
+#[derive(Debug, Clone, Copy, Default)]
+struct KeyframeRequests {
+    last_sent: Option<Instant>,
+    pending: bool,
+    pending_fir: bool,
+}
+
+impl KeyframeRequests {
+    /// Whether to send a request now; if not, it is pending (and counted
+    /// as coalesced).
+    fn request(&mut self, now: Instant, interval: Duration, fir: bool) -> bool {
+        match self.last_sent {
+            Some(t) if now < t + interval => {
+                self.pending = true;
+                self.pending_fir |= fir;
+                false
+            }
+            _ => {
+                self.last_sent = Some(now);
+                self.pending = false;
+                self.pending_fir = false;
+                true
+            }
+        }
+    }
+
+    /// A pending request now due: returns its FIR flag.
+    fn due(&mut self, now: Instant, interval: Duration) -> Option<bool> {
+        let t = self.last_sent?;
+        if !self.pending || now < t + interval {
+            return None;
+        }
+        let fir = self.pending_fir;
+        self.last_sent = Some(now);
+        self.pending = false;
+        self.pending_fir = false;
+        Some(fir)
+    }
+
+    fn keyframe_arrived(&mut self) {
+        *self = Self::default();
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    rid: Option<String>,
+    ssrc: Option<u32>,
+    cache: PacketCache,
+    kf: KeyframeRequests,
+}
+
+#[derive(Debug)]
+struct Track {
+    call: CallId,
+    publisher: ParticipantId,
+    key: TrackKey,
+    codec: Codec,
+    layers: Vec<Layer>,
+    /// Active subscriptions.
+    outs: Vec<Key>,
+    level: LevelMeter,
+}
+
+#[derive(Debug)]
+struct Participant {
+    call: CallId,
+    tracks: Vec<TrackId>,
+    /// Its outgoing streams, active or paused (kept for continuity).
+    outs: Vec<Key>,
+}
+
+#[derive(Debug, Default)]
+struct Call {
+    participants: Vec<ParticipantId>,
+    tracks: HashMap<TrackKey, TrackId>,
+    counters: Counters,
+    speaker: SpeakerState,
+}
+
+/// How much of a subscriber's media is dropped for congestion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+enum Congestion {
+    #[default]
+    None,
+    Video,
+    All,
+}
+
+#[derive(Debug)]
+struct OutStream {
+    subscriber: ParticipantId,
+    track: TrackId,
+    kind: MediaKind,
+    ssrc: u32,
+    active: bool,
+    layer: u8,
+    waiting_keyframe: bool,
+    resync: bool,
+    congestion: Congestion,
+    rw: Rewriter,
+}
+
+/// The forwarding core (see the module documentation).
+#[derive(Debug)]
+pub struct Forwarder {
+    config: ForwarderConfig,
+    calls: HashMap<CallId, Call>,
+    participants: HashMap<ParticipantId, Participant>,
+    tracks: Slab<Track>,
+    outs: Slab<OutStream>,
+    /// (publisher, SSRC) -> (track, layer).
+    routes: HashMap<(ParticipantId, u32), (TrackId, u8)>,
+    outputs: VecDeque<Output>,
+    /// Counters of packets of no call, and of removed calls.
+    unattributed: Counters,
+    retired: Counters,
+    ssrc_counter: u64,
+    next_tick: Option<Instant>,
+}
+
+/// SplitMix64: the outgoing SSRC generator.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Forwarder {
+    /// A forwarder with no calls.
+    pub fn new(config: ForwarderConfig) -> Self {
+        Self {
+            config,
+            calls: HashMap::new(),
+            participants: HashMap::new(),
+            tracks: Slab::default(),
+            outs: Slab::default(),
+            routes: HashMap::new(),
+            outputs: VecDeque::with_capacity(64),
+            unattributed: Counters::default(),
+            retired: Counters::default(),
+            ssrc_counter: 0,
+            next_tick: None,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ForwarderConfig {
+        &self.config
+    }
+
+    /// Adds a call.
+    pub fn add_call(&mut self, call: CallId) -> Result<(), ForwardError> {
+        if self.calls.contains_key(&call) {
+            return Err(ForwardError::CallExists(call));
+        }
+        self.calls.insert(call, Call::default());
+        Ok(())
+    }
+
+    /// Removes a call with all its participants (its counters go to the
+    /// totals of [`Forwarder::counters`]).
+    pub fn remove_call(&mut self, call: CallId) -> Result<(), ForwardError> {
+        let ps = self
+            .calls
+            .get(&call)
+            .ok_or(ForwardError::UnknownCall(call))?
+            .participants
+            .clone();
+        for p in ps {
+            self.remove_participant(p)?;
+        }
+        if let Some(c) = self.calls.remove(&call) {
+            self.retired.add(&c.counters);
+        }
+        Ok(())
+    }
+
+    /// Adds a participant to a call.
+    pub fn add_participant(&mut self, call: CallId, p: ParticipantId) -> Result<(), ForwardError> {
+        if self.participants.contains_key(&p) {
+            return Err(ForwardError::ParticipantExists(p));
+        }
+        let c = self
+            .calls
+            .get_mut(&call)
+            .ok_or(ForwardError::UnknownCall(call))?;
+        c.participants.push(p);
+        self.participants.insert(
+            p,
+            Participant {
+                call,
+                tracks: Vec::new(),
+                outs: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// The call of a participant.
+    pub fn call_of(&self, p: ParticipantId) -> Option<CallId> {
+        self.participants.get(&p).map(|x| x.call)
+    }
+
+    /// Removes a participant: its tracks are unpublished (their
+    /// subscriptions end), its subscriptions end, and any later packet from
+    /// it is dropped.
+    pub fn remove_participant(&mut self, p: ParticipantId) -> Result<(), ForwardError> {
+        let part = self
+            .participants
+            .remove(&p)
+            .ok_or(ForwardError::UnknownParticipant(p))?;
+        for t in part.tracks {
+            self.drop_track(t);
+        }
+        for o in part.outs {
+            if let Some(out) = self.outs.remove(o)
+                && let Some(t) = self.tracks.get_mut(out.track)
+            {
+                t.outs.retain(|&k| k != o);
+            }
+        }
+        if let Some(c) = self.calls.get_mut(&part.call) {
+            c.participants.retain(|&x| x != p);
+            if c.speaker.forget(p) {
+                self.outputs.push_back(Output::ActiveSpeakerChanged {
+                    call: part.call,
+                    participant: None,
+                });
+            }
+        }
+        tracing::debug!(participant = p.0, "forwarder: participant removed");
+        Ok(())
+    }
+
+    /// Publishes a track of `publisher` in its call.
+    pub fn publish_track(
+        &mut self,
+        publisher: ParticipantId,
+        spec: TrackSpec,
+    ) -> Result<TrackId, ForwardError> {
+        let part = self
+            .participants
+            .get(&publisher)
+            .ok_or(ForwardError::UnknownParticipant(publisher))?;
+        let call_id = part.call;
+        let call = self
+            .calls
+            .get(&call_id)
+            .ok_or(ForwardError::UnknownCall(call_id))?;
+        if spec.layers.is_empty() || spec.layers.len() > MAX_LAYERS {
+            return Err(ForwardError::BadLayers);
+        }
+        if call.tracks.contains_key(&spec.key) {
+            return Err(ForwardError::TrackExists(spec.key));
+        }
+        for (i, l) in spec.layers.iter().enumerate() {
+            if let Some(s) = l.ssrc
+                && (self.routes.contains_key(&(publisher, s))
+                    || spec.layers[..i].iter().any(|o| o.ssrc == Some(s)))
+            {
+                return Err(ForwardError::SsrcInUse(s));
+            }
+        }
+        let packets = match spec.codec.kind() {
+            MediaKind::Audio => self.config.audio_cache_packets,
+            MediaKind::Video => self.config.video_cache_packets,
+        };
+        let layers = spec
+            .layers
+            .iter()
+            .map(|l| Layer {
+                rid: l.rid.clone(),
+                ssrc: l.ssrc,
+                cache: PacketCache::new(packets, self.config.cache_mtu),
+                kf: KeyframeRequests::default(),
+            })
+            .collect();
+        let id = TrackId(self.tracks.insert(Track {
+            call: call_id,
+            publisher,
+            key: spec.key.clone(),
+            codec: spec.codec,
+            layers,
+            outs: Vec::new(),
+            level: LevelMeter::default(),
+        }));
+        for (i, l) in spec.layers.iter().enumerate() {
+            if let Some(s) = l.ssrc {
+                self.routes.insert((publisher, s), (id, i as u8));
+            }
+        }
+        if let Some(c) = self.calls.get_mut(&call_id) {
+            c.tracks.insert(spec.key, id);
+        }
+        if let Some(p) = self.participants.get_mut(&publisher) {
+            p.tracks.push(id);
+        }
+        Ok(id)
+    }
+
+    /// Sets (or changes, when the publisher restarts with a new SSRC) the
+    /// SSRC of a layer. Subscribers continue seamlessly: their next packet
+    /// from the new SSRC starts a new epoch (for video at a key frame).
+    pub fn set_layer_ssrc(
+        &mut self,
+        track: TrackId,
+        layer: u8,
+        ssrc: u32,
+    ) -> Result<(), ForwardError> {
+        let t = self.tracks.get(track).ok_or(ForwardError::NoSuchTrack)?;
+        let publisher = t.publisher;
+        let old = t
+            .layers
+            .get(usize::from(layer))
+            .ok_or(ForwardError::BadLayers)?
+            .ssrc;
+        if old == Some(ssrc) {
+            return Ok(());
+        }
+        if self.routes.contains_key(&(publisher, ssrc)) {
+            return Err(ForwardError::SsrcInUse(ssrc));
+        }
+        if let Some(o) = old {
+            self.routes.remove(&(publisher, o));
+        }
+        self.routes.insert((publisher, ssrc), (track, layer));
+        if let Some(l) = self
+            .tracks
+            .get_mut(track)
+            .and_then(|t| t.layers.get_mut(usize::from(layer)))
+        {
+            l.ssrc = Some(ssrc);
+        }
+        Ok(())
+    }
+
+    /// The RID of a track's layer.
+    pub fn layer_rid(&self, track: TrackId, layer: u8) -> Option<&str> {
+        self.tracks
+            .get(track)?
+            .layers
+            .get(usize::from(layer))?
+            .rid
+            .as_deref()
+    }
+
+    /// A track of a call, by name.
+    pub fn track_by_key(&self, call: CallId, key: &TrackKey) -> Option<TrackId> {
+        self.calls.get(&call)?.tracks.get(key).copied()
+    }
+
+    /// Unpublishes a track: its subscriptions end.
+    pub fn unpublish_track(&mut self, track: TrackId) -> Result<(), ForwardError> {
+        let publisher = self
+            .tracks
+            .get(track)
+            .ok_or(ForwardError::NoSuchTrack)?
+            .publisher;
+        if let Some(p) = self.participants.get_mut(&publisher) {
+            p.tracks.retain(|&t| t != track);
+        }
+        self.drop_track(track);
+        Ok(())
+    }
+
+    fn drop_track(&mut self, track: TrackId) {
+        let Some(t) = self.tracks.remove(track.0) else {
+            return;
+        };
+        for l in &t.layers {
+            if let Some(s) = l.ssrc {
+                self.routes.remove(&(t.publisher, s));
+            }
+        }
+        if let Some(c) = self.calls.get_mut(&t.call) {
+            c.tracks.remove(&t.key);
+        }
+        // Every out stream of the track, active or paused.
+        let mut gone = Vec::new();
+        for (k, o) in self.outs.iter_mut() {
+            if o.track == track {
+                gone.push((k, o.subscriber));
+            }
+        }
+        for (k, sub) in gone {
+            self.outs.remove(k);
+            if let Some(p) = self.participants.get_mut(&sub) {
+                p.outs.retain(|&x| x != k);
+            }
+        }
+    }
+
+    /// The track named `key` in the call of `subscriber`: the one place
+    /// where a subscription finds its track, so that tracks of other calls
+    /// are never found (call scoping).
+    fn track_in_call_of(
+        &self,
+        subscriber: ParticipantId,
+        key: &TrackKey,
+    ) -> Result<TrackId, ForwardError> {
+        let part = self
+            .participants
+            .get(&subscriber)
+            .ok_or(ForwardError::UnknownParticipant(subscriber))?;
+        self.calls
+            .get(&part.call)
+            .and_then(|c| c.tracks.get(key))
+            .copied()
+            .ok_or_else(|| ForwardError::UnknownTrack(key.clone()))
+    }
+
+    /// Subscribes a participant to a track of its own call; returns the
+    /// SSRC of its copy (the same one again after an unsubscribe). A second
+    /// subscription to the same track is ignored (MSC3898). For video, a
+    /// keyframe request goes to the publisher at once (rate limited) and
+    /// nothing is sent before a key frame.
+    pub fn subscribe(
+        &mut self,
+        now: Instant,
+        subscriber: ParticipantId,
+        key: &TrackKey,
+    ) -> Result<u32, ForwardError> {
+        let track = self.track_in_call_of(subscriber, key)?;
+        let part = self
+            .participants
+            .get(&subscriber)
+            .ok_or(ForwardError::UnknownParticipant(subscriber))?;
+        let existing = part
+            .outs
+            .iter()
+            .copied()
+            .find(|&o| self.outs.get(o).is_some_and(|x| x.track == track));
+        let kind = self
+            .tracks
+            .get(track)
+            .ok_or(ForwardError::NoSuchTrack)?
+            .codec
+            .kind();
+        let video = kind == MediaKind::Video;
+        let (okey, ssrc) = match existing {
+            Some(o) => {
+                let Some(out) = self.outs.get_mut(o) else {
+                    return Err(ForwardError::NoSuchTrack);
+                };
+                if out.active {
+                    return Ok(out.ssrc);
+                }
+                out.active = true;
+                out.resync = true;
+                out.waiting_keyframe = video;
+                (o, out.ssrc)
+            }
+            None => {
+                let ssrc = self.new_ssrc(subscriber);
+                let congestion = self
+                    .participants
+                    .get(&subscriber)
+                    .and_then(|p| p.outs.first())
+                    .and_then(|&o| self.outs.get(o))
+                    .map_or(Congestion::None, |o| o.congestion);
+                let o = self.outs.insert(OutStream {
+                    subscriber,
+                    track,
+                    kind,
+                    ssrc,
+                    active: true,
+                    layer: 0,
+                    waiting_keyframe: video,
+                    resync: true,
+                    congestion,
+                    rw: Rewriter::new(),
+                });
+                if let Some(p) = self.participants.get_mut(&subscriber) {
+                    p.outs.push(o);
+                }
+                (o, ssrc)
+            }
+        };
+        if let Some(t) = self.tracks.get_mut(track) {
+            t.outs.push(okey);
+        }
+        if video {
+            self.request_keyframe(now, track, 0, false);
+        }
+        Ok(ssrc)
+    }
+
+    /// Ends a subscription (its rewriting state is kept so that a later
+    /// subscription continues the same stream).
+    pub fn unsubscribe(
+        &mut self,
+        subscriber: ParticipantId,
+        key: &TrackKey,
+    ) -> Result<(), ForwardError> {
+        let track = self.track_in_call_of(subscriber, key)?;
+        let part = self
+            .participants
+            .get(&subscriber)
+            .ok_or(ForwardError::UnknownParticipant(subscriber))?;
+        for &o in &part.outs {
+            if let Some(out) = self.outs.get_mut(o)
+                && out.track == track
+            {
+                out.active = false;
+                if let Some(t) = self.tracks.get_mut(track) {
+                    t.outs.retain(|&k| k != o);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn new_ssrc(&mut self, subscriber: ParticipantId) -> u32 {
+        loop {
+            self.ssrc_counter += 1;
+            let s = mix(self.config.ssrc_seed ^ mix(self.ssrc_counter)) as u32;
+            let taken = self.participants.get(&subscriber).is_some_and(|p| {
+                p.outs
+                    .iter()
+                    .any(|&o| self.outs.get(o).is_some_and(|x| x.ssrc == s))
+            });
+            if s != 0 && !taken {
+                return s;
+            }
+        }
+    }
+
+    /// Sets the number of bytes queued toward a subscriber (the driver
+    /// reports it, e.g. after each send batch). Above the video limit its
+    /// video is dropped, above the audio limit its audio too.
+    pub fn set_backlog(&mut self, subscriber: ParticipantId, bytes: usize) {
+        let c = if bytes > self.config.audio_backlog_limit {
+            Congestion::All
+        } else if bytes > self.config.video_backlog_limit {
+            Congestion::Video
+        } else {
+            Congestion::None
+        };
+        let Some(p) = self.participants.get(&subscriber) else {
+            return;
+        };
+        for &o in &p.outs {
+            if let Some(out) = self.outs.get_mut(o) {
+                out.congestion = c;
+            }
+        }
+    }
+
+    fn request_keyframe(&mut self, now: Instant, track: TrackId, layer: u8, fir: bool) {
+        let interval = self.config.keyframe_interval;
+        let Some(t) = self.tracks.get_mut(track) else {
+            return;
+        };
+        let Some(l) = t.layers.get_mut(usize::from(layer)) else {
+            return;
+        };
+        let send = l.kf.request(now, interval, fir);
+        let ssrc = l.ssrc;
+        let (publisher, call) = (t.publisher, t.call);
+        let c = self.calls.get_mut(&call).map(|c| &mut c.counters);
+        if send {
+            if let Some(c) = c {
+                c.keyframe_requests_sent += 1;
+            }
+            self.outputs.push_back(Output::KeyframeRequest {
+                publisher,
+                track,
+                layer,
+                ssrc,
+                kind: if fir {
+                    KeyframeKind::Fir
+                } else {
+                    KeyframeKind::Pli
+                },
+            });
+        } else if let Some(c) = c {
+            c.keyframe_requests_coalesced += 1;
+        }
+    }
+
+    /// A keyframe request (PLI or FIR) from a subscriber for its stream
+    /// `media_ssrc`: passed on to the publisher, rate limited.
+    pub fn handle_keyframe_request(
+        &mut self,
+        now: Instant,
+        subscriber: ParticipantId,
+        media_ssrc: u32,
+        kind: KeyframeKind,
+    ) -> Result<(), ForwardError> {
+        let o = self.find_out(subscriber, media_ssrc)?;
+        let Some(out) = self.outs.get(o) else {
+            return Err(ForwardError::UnknownSsrc(media_ssrc));
+        };
+        let (track, layer) = (out.track, out.layer);
+        if let Some(c) = self
+            .tracks
+            .get(track)
+            .and_then(|t| self.calls.get_mut(&t.call))
+        {
+            c.counters.keyframe_requests_received += 1;
+        }
+        self.request_keyframe(now, track, layer, kind == KeyframeKind::Fir);
+        Ok(())
+    }
+
+    fn find_out(&self, subscriber: ParticipantId, ssrc: u32) -> Result<Key, ForwardError> {
+        let p = self
+            .participants
+            .get(&subscriber)
+            .ok_or(ForwardError::UnknownParticipant(subscriber))?;
+        p.outs
+            .iter()
+            .copied()
+            .find(|&o| self.outs.get(o).is_some_and(|x| x.ssrc == ssrc && x.active))
+            .ok_or(ForwardError::UnknownSsrc(ssrc))
+    }
+
+    /// Handles one RTP packet from `publisher`: caches it, then hands each
+    /// subscriber's rewritten copy to `sink`. Unknown sources and malformed
+    /// payloads are dropped and counted.
+    pub fn handle_rtp(
+        &mut self,
+        now: Instant,
+        publisher: ParticipantId,
+        pkt: &RtpIn<'_>,
+        sink: &mut impl FnMut(Egress<'_>),
+    ) {
+        let len = pkt.payload.len() as u64;
+        let Some(&(tid, layer)) = self.routes.get(&(publisher, pkt.ssrc)) else {
+            self.unattributed.packets_in += 1;
+            self.unattributed.bytes_in += len;
+            self.unattributed.drops.unknown_source += 1;
+            return;
+        };
+        let Self {
+            tracks,
+            outs,
+            calls,
+            unattributed,
+            ..
+        } = self;
+        let Some(track) = tracks.get_mut(tid.0) else {
+            unattributed.drops.unknown_source += 1;
+            return;
+        };
+        let Some(call) = calls.get_mut(&track.call) else {
+            unattributed.drops.unknown_source += 1;
+            return;
+        };
+        let c = &mut call.counters;
+        c.packets_in += 1;
+        c.bytes_in += len;
+        let vp8 = match track.codec {
+            Codec::Vp8 => match Vp8Descriptor::parse(pkt.payload) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    c.drops.malformed += 1;
+                    tracing::trace!(error = %e, "forwarder: VP8 packet dropped");
+                    return;
+                }
+            },
+            Codec::Opus => None,
+        };
+        let keyframe = vp8.is_some_and(|d| d.keyframe);
+        let Some(lay) = track.layers.get_mut(usize::from(layer)) else {
+            return;
+        };
+        if keyframe {
+            c.keyframes_in += 1;
+            lay.kf.keyframe_arrived();
+        }
+        if let Some(l) = pkt.audio_level {
+            track.level.update(now, l);
+        }
+        lay.cache.insert(cache::Cached {
+            ssrc: pkt.ssrc,
+            seq: pkt.seq,
+            timestamp: pkt.timestamp,
+            marker: pkt.marker,
+            payload_type: pkt.payload_type,
+            payload: pkt.payload,
+        });
+        let kind = track.codec.kind();
+        let clock = track.codec.clock_rate();
+        for &o in &track.outs {
+            let Some(out) = outs.get_mut(o) else { continue };
+            if out.layer != layer {
+                continue;
+            }
+            let congested = match kind {
+                MediaKind::Video => out.congestion != Congestion::None,
+                MediaKind::Audio => out.congestion == Congestion::All,
+            };
+            if congested {
+                // Dropped whole: the stream resumes with a new epoch (for
+                // video at a key frame), so the subscriber sees no gap to
+                // NACK.
+                if kind == MediaKind::Video {
+                    out.waiting_keyframe = true;
+                    c.drops.congestion_video += 1;
+                } else {
+                    c.drops.congestion_audio += 1;
+                }
+                out.resync = true;
+                continue;
+            }
+            if kind == MediaKind::Video && out.rw.src_ssrc != pkt.ssrc && !out.resync {
+                // The publisher restarted with a new SSRC: a new epoch,
+                // from a key frame.
+                out.resync = true;
+                out.waiting_keyframe = true;
+            }
+            if out.waiting_keyframe {
+                if !keyframe {
+                    c.drops.awaiting_keyframe += 1;
+                    continue;
+                }
+                out.waiting_keyframe = false;
+            }
+            if out.resync || out.rw.src_ssrc != pkt.ssrc {
+                out.rw.switch(now, pkt, vp8.as_ref(), clock);
+                out.resync = false;
+            }
+            let (header, patch) = out.rw.map(out.ssrc, pkt, vp8.as_ref());
+            out.rw.advance(now, &header, vp8.as_ref());
+            c.packets_out += 1;
+            c.bytes_out += len;
+            sink(Egress {
+                subscriber: out.subscriber,
+                track: tid,
+                kind,
+                header,
+                payload: pkt.payload,
+                vp8: patch,
+                retransmission: false,
+            });
+        }
+    }
+
+    /// A NACK from a subscriber for sequence numbers of its stream
+    /// `media_ssrc`: each one still cached (and of the current epoch) is
+    /// re-sent to `sink`, rewritten as the first time.
+    pub fn handle_nack(
+        &mut self,
+        subscriber: ParticipantId,
+        media_ssrc: u32,
+        seqs: &[u16],
+        sink: &mut impl FnMut(Egress<'_>),
+    ) -> Result<(), ForwardError> {
+        let o = self.find_out(subscriber, media_ssrc)?;
+        let Self {
+            tracks,
+            outs,
+            calls,
+            ..
+        } = self;
+        let out = outs.get(o).ok_or(ForwardError::UnknownSsrc(media_ssrc))?;
+        let track = tracks.get(out.track).ok_or(ForwardError::NoSuchTrack)?;
+        let call = calls
+            .get_mut(&track.call)
+            .ok_or(ForwardError::UnknownCall(track.call))?;
+        let c = &mut call.counters;
+        let layer = track
+            .layers
+            .get(usize::from(out.layer))
+            .ok_or(ForwardError::BadLayers)?;
+        let congested = match out.kind {
+            MediaKind::Video => out.congestion != Congestion::None,
+            MediaKind::Audio => out.congestion == Congestion::All,
+        };
+        for &seq in seqs {
+            c.nacks_received += 1;
+            let cached = out
+                .rw
+                .source_seq(seq)
+                .and_then(|s| layer.cache.get(out.rw.src_ssrc, s));
+            let Some(p) = cached.filter(|_| !congested && !out.waiting_keyframe) else {
+                c.nacks_missed += 1;
+                continue;
+            };
+            let pkt = RtpIn {
+                ssrc: p.ssrc,
+                seq: p.seq,
+                timestamp: p.timestamp,
+                marker: p.marker,
+                payload_type: p.payload_type,
+                audio_level: None,
+                payload: p.payload,
+            };
+            let vp8 = match track.codec {
+                Codec::Vp8 => match Vp8Descriptor::parse(p.payload) {
+                    Ok(d) => Some(d),
+                    Err(_) => {
+                        c.nacks_missed += 1;
+                        continue;
+                    }
+                },
+                Codec::Opus => None,
+            };
+            let (header, patch) = out.rw.map(out.ssrc, &pkt, vp8.as_ref());
+            c.nacks_served += 1;
+            c.packets_out += 1;
+            c.bytes_out += p.payload.len() as u64;
+            sink(Egress {
+                subscriber,
+                track: out.track,
+                kind: out.kind,
+                header,
+                payload: p.payload,
+                vp8: patch,
+                retransmission: true,
+            });
+        }
+        Ok(())
+    }
+
+    /// When [`Forwarder::handle_timeout`] wants to run next (None while
+    /// there is no call).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.calls.is_empty() {
+            return None;
+        }
+        self.next_tick
+    }
+
+    /// Periodic work: due keyframe requests (coalesced ones, and repeats
+    /// for subscriptions still waiting for a key frame) and the active
+    /// speaker of each call.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let interval = self.config.keyframe_interval;
+        let mut repeats: Vec<(TrackId, u8)> = Vec::new();
+        for (k, t) in self.tracks.iter_mut() {
+            let tid = TrackId(k);
+            for (i, l) in t.layers.iter_mut().enumerate() {
+                if let Some(fir) = l.kf.due(now, interval) {
+                    if let Some(c) = self.calls.get_mut(&t.call) {
+                        c.counters.keyframe_requests_sent += 1;
+                    }
+                    self.outputs.push_back(Output::KeyframeRequest {
+                        publisher: t.publisher,
+                        track: tid,
+                        layer: i as u8,
+                        ssrc: l.ssrc,
+                        kind: if fir {
+                            KeyframeKind::Fir
+                        } else {
+                            KeyframeKind::Pli
+                        },
+                    });
+                }
+            }
+            for &o in &t.outs {
+                if let Some(out) = self.outs.get(o)
+                    && out.waiting_keyframe
+                    && out.congestion == Congestion::None
+                    && !repeats.contains(&(tid, out.layer))
+                    && t.layers
+                        .get(usize::from(out.layer))
+                        .is_some_and(|l| l.kf.last_sent.is_none_or(|s| now >= s + interval))
+                {
+                    repeats.push((tid, out.layer));
+                }
+            }
+        }
+        for (t, l) in repeats {
+            self.request_keyframe(now, t, l, false);
+        }
+        self.tick_speakers(now);
+        self.next_tick = Some(now + self.config.tick);
+    }
+
+    fn tick_speakers(&mut self, now: Instant) {
+        let min_loud = 127 - self.config.speaker_max_level.min(127);
+        for (&cid, call) in self.calls.iter_mut() {
+            let mut best: Option<(u8, ParticipantId)> = None;
+            for &t in call.tracks.values() {
+                let Some(t) = self.tracks.get(t.0) else {
+                    continue;
+                };
+                if t.codec.kind() != MediaKind::Audio {
+                    continue;
+                }
+                let l = t.level.loudness(now, self.config.level_stale);
+                if l >= min_loud && l > 0 && best.is_none_or(|(b, _)| l > b) {
+                    best = Some((l, t.publisher));
+                }
+            }
+            if let Some(p) = call
+                .speaker
+                .tick(now, best.map(|(_, p)| p), self.config.speaker_hold)
+            {
+                self.outputs.push_back(Output::ActiveSpeakerChanged {
+                    call: cid,
+                    participant: Some(p),
+                });
+            }
+        }
+    }
+
+    /// The next queued output.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// The active speaker of a call.
+    pub fn active_speaker(&self, call: CallId) -> Option<ParticipantId> {
+        self.calls.get(&call)?.speaker.current
+    }
+
+    /// The counters of a live call.
+    pub fn call_counters(&self, call: CallId) -> Option<&Counters> {
+        self.calls.get(&call).map(|c| &c.counters)
+    }
+
+    /// Every live call with its counters (for the Prometheus rendering).
+    pub fn calls(&self) -> impl Iterator<Item = (CallId, &Counters)> {
+        self.calls.iter().map(|(&id, c)| (id, &c.counters))
+    }
+
+    /// Totals since the start: every call, removed ones included, and the
+    /// packets of no call.
+    pub fn counters(&self) -> Counters {
+        let mut t = self.unattributed;
+        t.add(&self.retired);
+        for c in self.calls.values() {
+            t.add(&c.counters);
+        }
+        t
+    }
+
+    /// Numbers of (calls, participants, tracks, active subscriptions).
+    pub fn sizes(&self) -> (usize, usize, usize, usize) {
+        let subs = self.tracks.values().map(|t| t.outs.len()).sum();
+        (
+            self.calls.len(),
+            self.participants.len(),
+            self.tracks.values().count(),
+            subs,
+        )
+    }
+}

@@ -1,0 +1,679 @@
+//! Forwarder behaviour tests.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const A: ParticipantId = ParticipantId(1);
+const B: ParticipantId = ParticipantId(2);
+const C: ParticipantId = ParticipantId(3);
+const CALL: CallId = CallId(10);
+const V_SSRC: u32 = 1000;
+const A_SSRC: u32 = 2000;
+const KEY_HDR: [u8; 10] = [0x10, 0x02, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0xe0, 0x01];
+
+fn vkey() -> TrackKey {
+    TrackKey::new("sA", "v")
+}
+fn akey() -> TrackKey {
+    TrackKey::new("sA", "a")
+}
+
+/// A VP8 payload: long PictureID, TL0PICIDX, TID/KEYIDX; a key frame
+/// header or an inter frame byte.
+fn vp8(pid: u16, tl0: u8, keyidx: u8, keyframe: bool, start: bool) -> Vec<u8> {
+    let d = Vp8Descriptor {
+        non_reference: false,
+        start_of_partition: start,
+        partition_index: 0,
+        picture_id: Some(PictureId {
+            value: pid,
+            long: true,
+        }),
+        tl0picidx: Some(tl0),
+        tid: Some((0, false)),
+        keyidx: Some(keyidx),
+        len: 0,
+        keyframe: false,
+    };
+    let mut b = vec![0u8; 16];
+    let n = d.write(&mut b).unwrap();
+    b.truncate(n);
+    if keyframe && start {
+        b.extend_from_slice(&KEY_HDR);
+    } else {
+        b.extend_from_slice(&[0x01, 0xaa, 0xbb]);
+    }
+    b
+}
+
+/// An egress, owned, with its payload patched and parsed back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sent {
+    to: ParticipantId,
+    kind: MediaKind,
+    hdr: RtpOut,
+    payload: Vec<u8>,
+    pid: Option<u16>,
+    tl0: Option<u8>,
+    keyidx: Option<u8>,
+    retransmission: bool,
+}
+
+fn own(e: Egress<'_>) -> Sent {
+    let mut payload = vec![0u8; e.payload.len()];
+    assert_eq!(e.write_payload(&mut payload), Some(e.payload.len()));
+    let d = (e.kind == MediaKind::Video).then(|| Vp8Descriptor::parse(&payload).unwrap());
+    Sent {
+        to: e.subscriber,
+        kind: e.kind,
+        hdr: e.header,
+        pid: d.and_then(|d| d.picture_id.map(|p| p.value)),
+        tl0: d.and_then(|d| d.tl0picidx),
+        keyidx: d.and_then(|d| d.keyidx),
+        payload,
+        retransmission: e.retransmission,
+    }
+}
+
+struct H {
+    f: Forwarder,
+    t0: Instant,
+    sent: Vec<Sent>,
+}
+
+impl H {
+    fn new() -> Self {
+        let mut f = Forwarder::new(ForwarderConfig::default());
+        f.add_call(CALL).unwrap();
+        for p in [A, B, C] {
+            f.add_participant(CALL, p).unwrap();
+        }
+        Self::publish_av(&mut f, A, "sA", V_SSRC, A_SSRC);
+        Self {
+            f,
+            t0: Instant::now(),
+            sent: Vec::new(),
+        }
+    }
+
+    fn publish_av(f: &mut Forwarder, p: ParticipantId, stream: &str, v: u32, a: u32) {
+        f.publish_track(
+            p,
+            TrackSpec {
+                key: TrackKey::new(stream, "v"),
+                codec: Codec::Vp8,
+                layers: vec![LayerSpec {
+                    rid: None,
+                    ssrc: Some(v),
+                }],
+            },
+        )
+        .unwrap();
+        f.publish_track(
+            p,
+            TrackSpec {
+                key: TrackKey::new(stream, "a"),
+                codec: Codec::Opus,
+                layers: vec![LayerSpec {
+                    rid: None,
+                    ssrc: Some(a),
+                }],
+            },
+        )
+        .unwrap();
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rtp(&mut self, ms: u64, from: ParticipantId, ssrc: u32, seq: u16, ts: u32, payload: &[u8]) {
+        self.rtp_level(ms, from, ssrc, seq, ts, payload, None);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rtp_level(
+        &mut self,
+        ms: u64,
+        from: ParticipantId,
+        ssrc: u32,
+        seq: u16,
+        ts: u32,
+        payload: &[u8],
+        level: Option<u8>,
+    ) {
+        let pkt = RtpIn {
+            ssrc,
+            seq,
+            timestamp: ts,
+            marker: false,
+            payload_type: 96,
+            audio_level: level.map(|level| AudioLevel { voice: true, level }),
+            payload,
+        };
+        let now = self.at(ms);
+        let sent = &mut self.sent;
+        self.f
+            .handle_rtp(now, from, &pkt, &mut |e| sent.push(own(e)));
+    }
+
+    /// A video frame from A: `frame` numbers PID, TL0PICIDX, KEYIDX and
+    /// the timestamp; two packets (seq, seq + 1).
+    fn frame(&mut self, ms: u64, ssrc: u32, seq: u16, frame: u16, keyframe: bool) {
+        let ts = u32::from(frame) * 3000;
+        let (tl0, k) = (frame as u8, (frame % 32) as u8);
+        let p1 = vp8(frame, tl0, k, keyframe, true);
+        let p2 = vp8(frame, tl0, k, keyframe, false);
+        self.rtp(ms, A, ssrc, seq, ts, &p1);
+        self.rtp(ms, A, ssrc, seq.wrapping_add(1), ts, &p2);
+    }
+
+    fn take(&mut self, to: ParticipantId, kind: MediaKind) -> Vec<Sent> {
+        let (mine, rest) = self
+            .sent
+            .drain(..)
+            .partition(|s| s.to == to && s.kind == kind);
+        self.sent = rest;
+        mine
+    }
+
+    fn outputs(&mut self) -> Vec<Output> {
+        std::iter::from_fn(|| self.f.poll_output()).collect()
+    }
+
+    fn counters(&self) -> Counters {
+        *self.f.call_counters(CALL).unwrap()
+    }
+}
+
+/// Asserts that `next` continues `prev` without a gap: sequence number,
+/// PictureID, TL0PICIDX and KEYIDX + 1, timestamp later, same SSRC.
+fn assert_continues(prev: &Sent, next: &Sent) {
+    assert_eq!(next.hdr.ssrc, prev.hdr.ssrc, "same SSRC");
+    assert_eq!(next.hdr.seq, prev.hdr.seq.wrapping_add(1), "seq continues");
+    let dts = next.hdr.timestamp.wrapping_sub(prev.hdr.timestamp);
+    assert!(dts > 0 && dts < 1 << 31, "timestamp moves forward ({dts})");
+    if prev.kind == MediaKind::Video {
+        assert_eq!(next.pid, prev.pid.map(|p| (p + 1) & 0x7fff), "PictureID");
+        assert_eq!(next.tl0, prev.tl0.map(|t| t.wrapping_add(1)), "TL0PICIDX");
+        assert_eq!(next.keyidx, prev.keyidx.map(|k| (k + 1) & 0x1f), "KEYIDX");
+    }
+}
+
+#[test]
+fn continuity_across_unsubscribe_and_resubscribe() {
+    let mut h = H::new();
+    let ssrc = h.f.subscribe(h.at(0), B, &vkey()).unwrap();
+    h.frame(0, V_SSRC, 100, 10, true);
+    for i in 1..5u16 {
+        h.frame(u64::from(i) * 33, V_SSRC, 100 + 2 * i, 10 + i, false);
+    }
+    let before = h.take(B, MediaKind::Video);
+    assert_eq!(before.len(), 10);
+    assert!(before.iter().all(|s| s.hdr.ssrc == ssrc));
+    // Consecutive in between too.
+    for w in before.windows(2) {
+        assert_eq!(w[1].hdr.seq, w[0].hdr.seq.wrapping_add(1));
+    }
+    h.f.unsubscribe(B, &vkey()).unwrap();
+    for i in 5..40u16 {
+        h.frame(u64::from(i) * 33, V_SSRC, 100 + 2 * i, 10 + i, i % 10 == 0);
+    }
+    assert!(
+        h.take(B, MediaKind::Video).is_empty(),
+        "nothing while unsubscribed"
+    );
+    assert_eq!(
+        h.f.subscribe(h.at(1400), B, &vkey()).unwrap(),
+        ssrc,
+        "same SSRC"
+    );
+    // An inter frame first: held back; then a key frame.
+    h.frame(1400, V_SSRC, 300, 200, false);
+    assert!(h.take(B, MediaKind::Video).is_empty());
+    h.frame(1433, V_SSRC, 302, 201, true);
+    let after = h.take(B, MediaKind::Video);
+    assert_eq!(after.len(), 2);
+    assert_continues(before.last().unwrap(), &after[0]);
+    // 1433 - 132 ms elapsed, at 90 kHz.
+    let dts = after[0].hdr.timestamp.wrapping_sub(before[9].hdr.timestamp);
+    assert_eq!(dts, (1433 - 132) * 90);
+    assert_eq!(after[1].hdr.seq, after[0].hdr.seq.wrapping_add(1));
+    assert_eq!(after[1].pid, after[0].pid, "same frame, same PictureID");
+}
+
+#[test]
+fn continuity_across_publisher_ssrc_change() {
+    let mut h = H::new();
+    h.f.subscribe(h.at(0), B, &vkey()).unwrap();
+    h.f.subscribe(h.at(0), B, &akey()).unwrap();
+    h.frame(0, V_SSRC, 65534, 0x7ffe, true); // wraps seq and PictureID next
+    h.frame(33, V_SSRC, 0, 0x7fff, false);
+    h.rtp(0, A, A_SSRC, 7, 960, b"opus");
+    let before = h.take(B, MediaKind::Video);
+    let abefore = h.take(B, MediaKind::Audio);
+    assert_eq!(before.len(), 4);
+    assert_eq!(before[3].pid, Some(0x7fff));
+    // The publisher restarts: new SSRCs, new numbering.
+    let track = h.f.track_by_key(CALL, &vkey()).unwrap();
+    let atrack = h.f.track_by_key(CALL, &akey()).unwrap();
+    h.f.set_layer_ssrc(track, 0, 5000).unwrap();
+    h.f.set_layer_ssrc(atrack, 0, 6000).unwrap();
+    h.rtp(100, A, V_SSRC, 2, 6000, &vp8(1, 1, 1, false, true));
+    assert!(
+        h.take(B, MediaKind::Video).is_empty(),
+        "old SSRC unknown now"
+    );
+    h.frame(200, 5000, 9000, 3, false); // not a key frame: held back
+    assert!(h.take(B, MediaKind::Video).is_empty());
+    h.frame(233, 5000, 9002, 4, true);
+    let after = h.take(B, MediaKind::Video);
+    assert_eq!(after.len(), 2);
+    assert_continues(&before[3], &after[0]);
+    assert_eq!(after[0].pid, Some(0), "PictureID wraps in 15 bits");
+    // Audio needs no key frame: continues at once.
+    h.rtp(240, A, 6000, 40_000, 1_000_000, b"opus2");
+    let aafter = h.take(B, MediaKind::Audio);
+    assert_eq!(aafter.len(), 1);
+    assert_continues(&abefore[0], &aafter[0]);
+    assert_eq!(
+        aafter[0]
+            .hdr
+            .timestamp
+            .wrapping_sub(abefore[0].hdr.timestamp),
+        240 * 48
+    );
+    assert_eq!(aafter[0].payload, b"opus2");
+    assert_eq!(h.counters().drops.unknown_source, 0);
+    assert_eq!(h.f.counters().drops.unknown_source, 1);
+}
+
+#[test]
+fn no_forwarding_across_calls() {
+    let mut h = H::new();
+    let (d, e) = (ParticipantId(4), ParticipantId(5));
+    let call2 = CallId(20);
+    h.f.add_call(call2).unwrap();
+    h.f.add_participant(call2, d).unwrap();
+    h.f.add_participant(call2, e).unwrap();
+    assert_eq!(
+        h.f.add_participant(call2, B),
+        Err(ForwardError::ParticipantExists(B))
+    );
+    // Same track names in call 2, and a name only call 2 has.
+    H::publish_av(&mut h.f, d, "sA", 7000, 7001);
+    H::publish_av(&mut h.f, d, "sD", 7002, 7003);
+    assert!(matches!(
+        h.f.subscribe(h.at(0), B, &TrackKey::new("sD", "v")),
+        Err(ForwardError::UnknownTrack(_))
+    ));
+    h.f.subscribe(h.at(0), B, &vkey()).unwrap();
+    h.f.subscribe(h.at(0), B, &akey()).unwrap();
+    h.f.subscribe(h.at(0), e, &vkey()).unwrap();
+    h.f.subscribe(h.at(0), e, &akey()).unwrap();
+    h.frame(0, V_SSRC, 1, 1, true);
+    h.rtp(0, A, A_SSRC, 1, 0, b"a-audio");
+    h.rtp(0, d, 7001, 1, 0, b"d-audio");
+    h.rtp(0, d, 7003, 1, 0, b"d2-audio");
+    // d sending with A's SSRC reaches nothing of A's.
+    h.rtp(0, d, A_SSRC, 2, 0, b"spoof");
+    let to_e: Vec<_> = h.sent.iter().filter(|s| s.to == e).collect();
+    assert_eq!(to_e.len(), 1);
+    assert_eq!(to_e[0].payload, b"d-audio");
+    let to_b: Vec<_> = h.sent.iter().filter(|s| s.to == B).collect();
+    assert_eq!(to_b.len(), 3);
+    assert!(
+        to_b.iter()
+            .all(|s| s.payload != b"d-audio" && s.payload != b"spoof")
+    );
+    assert_eq!(h.sent.len(), 4);
+    let c2 = *h.f.call_counters(call2).unwrap();
+    assert_eq!((c2.packets_in, c2.packets_out), (2, 1));
+    assert_eq!(h.counters().packets_in, 3);
+}
+
+#[test]
+fn removed_participant_stops_sending_and_receiving() {
+    let mut h = H::new();
+    h.f.subscribe(h.at(0), B, &akey()).unwrap();
+    h.f.subscribe(h.at(0), C, &akey()).unwrap();
+    h.rtp(0, A, A_SSRC, 1, 0, b"x");
+    assert_eq!(h.sent.len(), 2);
+    h.sent.clear();
+    h.f.remove_participant(B).unwrap();
+    h.rtp(20, A, A_SSRC, 2, 960, b"y");
+    assert_eq!(h.take(C, MediaKind::Audio).len(), 1);
+    assert!(h.sent.is_empty(), "B receives nothing");
+    assert!(matches!(
+        h.f.subscribe(h.at(20), B, &akey()),
+        Err(ForwardError::UnknownParticipant(_))
+    ));
+    // The publisher goes: its packets are dropped, its tracks gone.
+    h.f.remove_participant(A).unwrap();
+    h.rtp(40, A, A_SSRC, 3, 1920, b"z");
+    assert!(h.sent.is_empty());
+    assert_eq!(h.f.track_by_key(CALL, &akey()), None);
+    assert_eq!(h.f.counters().drops.unknown_source, 1);
+    assert_eq!(h.f.sizes(), (1, 1, 0, 0));
+    assert_eq!(
+        h.f.handle_keyframe_request(h.at(50), C, 1, KeyframeKind::Pli),
+        Err(ForwardError::UnknownSsrc(1))
+    );
+}
+
+#[test]
+fn new_video_subscriber_waits_for_a_keyframe_and_requests_one() {
+    let mut h = H::new();
+    h.f.subscribe(h.at(0), B, &vkey()).unwrap();
+    let track = h.f.track_by_key(CALL, &vkey()).unwrap();
+    assert_eq!(
+        h.outputs(),
+        vec![Output::KeyframeRequest {
+            publisher: A,
+            track,
+            layer: 0,
+            ssrc: Some(V_SSRC),
+            kind: KeyframeKind::Pli,
+        }]
+    );
+    h.frame(10, V_SSRC, 1, 1, false);
+    assert!(h.sent.is_empty());
+    assert_eq!(h.counters().drops.awaiting_keyframe, 2);
+    // Still no key frame after the interval: the request is repeated.
+    h.f.handle_timeout(h.at(400));
+    assert!(h.outputs().is_empty());
+    h.f.handle_timeout(h.at(500));
+    assert_eq!(h.outputs().len(), 1);
+    h.frame(520, V_SSRC, 3, 2, true);
+    let got = h.take(B, MediaKind::Video);
+    assert_eq!(got.len(), 2, "the key frame and its continuation");
+    h.f.handle_timeout(h.at(1100));
+    assert!(h.outputs().is_empty(), "no more requests once served");
+    let c = h.counters();
+    assert_eq!((c.keyframe_requests_sent, c.keyframes_in), (2, 1));
+}
+
+#[test]
+fn keyframe_requests_from_many_subscribers_are_coalesced() {
+    let mut h = H::new();
+    let subs: Vec<ParticipantId> = (100..110).map(ParticipantId).collect();
+    let mut ssrcs = Vec::new();
+    for &s in &subs {
+        h.f.add_participant(CALL, s).unwrap();
+        ssrcs.push(h.f.subscribe(h.at(0), s, &vkey()).unwrap());
+    }
+    assert_eq!(h.outputs().len(), 1, "ten subscriptions, one request");
+    h.frame(50, V_SSRC, 1, 1, true);
+    assert_eq!(h.sent.len(), 20);
+    // Every subscriber asks, several times, within 400 ms.
+    for round in 0..4u64 {
+        for (i, (&s, &ssrc)) in subs.iter().zip(&ssrcs).enumerate() {
+            let kind = if i == 3 {
+                KeyframeKind::Fir
+            } else {
+                KeyframeKind::Pli
+            };
+            h.f.handle_keyframe_request(h.at(100 + round * 100), s, ssrc, kind)
+                .unwrap();
+        }
+    }
+    let out = h.outputs();
+    assert_eq!(out.len(), 1, "one request at once");
+    assert!(matches!(
+        out[0],
+        Output::KeyframeRequest {
+            kind: KeyframeKind::Pli,
+            ..
+        }
+    ));
+    h.f.handle_timeout(h.at(590));
+    assert!(h.outputs().is_empty(), "not before the interval");
+    h.f.handle_timeout(h.at(600));
+    let out = h.outputs();
+    assert_eq!(out.len(), 1, "the coalesced rest, once");
+    assert!(matches!(
+        out[0],
+        Output::KeyframeRequest {
+            kind: KeyframeKind::Fir,
+            ..
+        }
+    ));
+    h.f.handle_timeout(h.at(1200));
+    assert!(h.outputs().is_empty());
+    // A key frame resets the wait: the next request goes at once.
+    h.f.handle_keyframe_request(h.at(1300), subs[0], ssrcs[0], KeyframeKind::Pli)
+        .unwrap();
+    h.frame(1310, V_SSRC, 3, 2, true);
+    h.f.handle_keyframe_request(h.at(1320), subs[1], ssrcs[1], KeyframeKind::Pli)
+        .unwrap();
+    assert_eq!(h.outputs().len(), 2);
+    let c = h.counters();
+    assert_eq!(c.keyframe_requests_received, 42);
+    // At subscription, at 100, at 600 (the coalesced rest), at 1300 (the
+    // interval since 600 has passed) and at 1320 (20 ms later: only
+    // because the key frame at 1310 reset the wait).
+    assert_eq!(c.keyframe_requests_sent, 5);
+    assert_eq!(c.keyframe_requests_coalesced, 9 + 39);
+}
+
+#[test]
+fn nack_is_served_from_the_cache_with_the_rewritten_numbers() {
+    let mut h = H::new();
+    let ssrc = h.f.subscribe(h.at(0), B, &vkey()).unwrap();
+    h.frame(0, V_SSRC, 100, 1, true);
+    h.f.unsubscribe(B, &vkey()).unwrap();
+    h.f.subscribe(h.at(100), B, &vkey()).unwrap();
+    // A new epoch with a non-zero offset: publisher seq 5000 -> out 102.
+    h.frame(100, V_SSRC, 5000, 50, true);
+    h.frame(133, V_SSRC, 5002, 51, false);
+    let first = h.take(B, MediaKind::Video);
+    assert_eq!(first.len(), 6);
+    let lost = &first[4]; // publisher seq 5002
+    assert_eq!(lost.hdr.seq, first[0].hdr.seq.wrapping_add(4));
+    let mut resent = Vec::new();
+    h.f.handle_nack(
+        B,
+        ssrc,
+        &[
+            lost.hdr.seq,
+            first[0].hdr.seq,
+            lost.hdr.seq.wrapping_add(10),
+        ],
+        &mut |e| resent.push(own(e)),
+    )
+    .unwrap();
+    assert_eq!(resent.len(), 1, "the older epoch and the future are missed");
+    let r = &resent[0];
+    assert!(r.retransmission);
+    assert_eq!(
+        Sent {
+            retransmission: false,
+            ..r.clone()
+        },
+        *lost,
+        "rewritten exactly as the first time"
+    );
+    let c = h.counters();
+    assert_eq!(
+        (c.nacks_received, c.nacks_served, c.nacks_missed),
+        (3, 1, 2)
+    );
+    // Evicted after more than the cache's 512 packets.
+    for i in 0..300u16 {
+        h.frame(200, V_SSRC, 5004 + 2 * i, 52 + i, false);
+    }
+    let mut resent = Vec::new();
+    h.f.handle_nack(B, ssrc, &[lost.hdr.seq], &mut |e| resent.push(own(e)))
+        .unwrap();
+    assert!(resent.is_empty());
+    assert_eq!(h.counters().nacks_missed, 3);
+    assert_eq!(
+        h.f.handle_nack(C, ssrc, &[1], &mut |_| {}),
+        Err(ForwardError::UnknownSsrc(ssrc))
+    );
+}
+
+#[test]
+fn slow_subscriber_drops_its_own_video_first_and_others_are_unaffected() {
+    let mut h = H::new();
+    for s in [B, C] {
+        h.f.subscribe(h.at(0), s, &vkey()).unwrap();
+        h.f.subscribe(h.at(0), s, &akey()).unwrap();
+    }
+    h.frame(0, V_SSRC, 1, 1, true);
+    h.rtp(0, A, A_SSRC, 1, 0, b"a1");
+    let b_video = h.take(B, MediaKind::Video);
+    h.sent.clear();
+    // B's queue grows past the video limit.
+    h.f.set_backlog(B, 300 * 1024);
+    h.frame(33, V_SSRC, 3, 2, false);
+    h.rtp(33, A, A_SSRC, 2, 960, b"a2");
+    assert!(h.take(B, MediaKind::Video).is_empty(), "B's video dropped");
+    let b_audio = h.take(B, MediaKind::Audio);
+    assert_eq!(b_audio.len(), 1, "B's audio kept");
+    assert_eq!(h.take(C, MediaKind::Video).len(), 2, "C unaffected");
+    assert_eq!(h.take(C, MediaKind::Audio).len(), 1);
+    // Past the audio limit: B gets nothing; C still everything.
+    h.f.set_backlog(B, 2 * 1024 * 1024);
+    h.frame(66, V_SSRC, 5, 3, false);
+    h.rtp(66, A, A_SSRC, 3, 1920, b"a3");
+    assert!(h.take(B, MediaKind::Video).is_empty());
+    assert!(h.take(B, MediaKind::Audio).is_empty());
+    assert_eq!(h.take(C, MediaKind::Video).len(), 2);
+    assert_eq!(h.take(C, MediaKind::Audio).len(), 1);
+    let c = h.counters();
+    assert_eq!((c.drops.congestion_video, c.drops.congestion_audio), (4, 1));
+    // Drained: audio resumes at once, video at the next key frame (asked
+    // for), both without a gap in B's numbering.
+    h.f.set_backlog(B, 0);
+    h.outputs();
+    h.f.handle_timeout(h.at(700));
+    assert_eq!(h.outputs().len(), 1, "a keyframe request for B");
+    h.frame(700, V_SSRC, 7, 4, false);
+    h.rtp(700, A, A_SSRC, 4, 2880, b"a4");
+    assert!(h.take(B, MediaKind::Video).is_empty());
+    let a = h.take(B, MediaKind::Audio);
+    assert_eq!(a.len(), 1);
+    assert_continues(&b_audio[0], &a[0]);
+    h.frame(733, V_SSRC, 9, 5, true);
+    let v = h.take(B, MediaKind::Video);
+    assert_eq!(v.len(), 2);
+    assert_continues(&b_video[1], &v[0]);
+}
+
+#[test]
+fn malformed_vp8_is_dropped_and_counted() {
+    let mut h = H::new();
+    h.f.subscribe(h.at(0), B, &vkey()).unwrap();
+    h.frame(0, V_SSRC, 1, 1, true);
+    h.sent.clear();
+    for bad in [
+        &[][..],
+        &[0x90],
+        &[0x90, 0x80],
+        &[0x10, 0x00, 0x00],
+        &[0x80, 0x00],
+    ] {
+        h.rtp(10, A, V_SSRC, 3, 3000, bad);
+    }
+    assert!(h.sent.is_empty());
+    assert_eq!(h.counters().drops.malformed, 5);
+}
+
+#[test]
+fn active_speaker_needs_to_be_loudest_for_the_hold_time() {
+    let mut h = H::new();
+    H::publish_av(&mut h.f, B, "sB", 3000, 3001);
+    H::publish_av(&mut h.f, C, "sC", 4000, 4001);
+    let mut seq = 0u16;
+    // 20 ms audio packets; levels per participant for [from, to) ms.
+    let mut talk = |h: &mut H, from: u64, to: u64, levels: [u8; 3]| {
+        let mut out = Vec::new();
+        let mut t = from;
+        while t < to {
+            seq = seq.wrapping_add(1);
+            for (p, (ssrc, l)) in [
+                (A, (A_SSRC, levels[0])),
+                (B, (3001, levels[1])),
+                (C, (4001, levels[2])),
+            ] {
+                h.rtp_level(t, p, ssrc, seq, 0, b"o", Some(l));
+            }
+            if t.is_multiple_of(100) {
+                h.f.handle_timeout(h.at(t));
+                out.extend(h.outputs());
+            }
+            t += 20;
+        }
+        out
+    };
+    let change = |p: Option<ParticipantId>| Output::ActiveSpeakerChanged {
+        call: CALL,
+        participant: p,
+    };
+    // Silence (level 127) names nobody.
+    assert!(talk(&mut h, 0, 500, [127, 127, 127]).is_empty());
+    // A speaks: the first voice takes over at once.
+    assert_eq!(
+        talk(&mut h, 500, 1000, [20, 127, 127]),
+        vec![change(Some(A))]
+    );
+    // C is louder for 600 ms only: no change.
+    assert!(talk(&mut h, 1000, 1600, [40, 127, 10]).is_empty());
+    assert_eq!(h.f.active_speaker(CALL), Some(A));
+    // B is louder for long enough: it takes over about 1 s after it
+    // started (plus the smoothing).
+    let out = talk(&mut h, 1600, 3000, [40, 10, 127]);
+    assert_eq!(out, vec![change(Some(B))]);
+    assert_eq!(h.f.active_speaker(CALL), Some(B));
+    // Quiet everyone: the last speaker stays.
+    assert!(talk(&mut h, 3000, 4000, [127, 127, 127]).is_empty());
+    h.f.remove_participant(B).unwrap();
+    assert_eq!(h.outputs(), vec![change(None)]);
+}
+
+#[test]
+fn call_and_participant_errors() {
+    let mut f = Forwarder::new(ForwarderConfig::default());
+    assert_eq!(
+        f.add_participant(CALL, A),
+        Err(ForwardError::UnknownCall(CALL))
+    );
+    f.add_call(CALL).unwrap();
+    assert_eq!(f.add_call(CALL), Err(ForwardError::CallExists(CALL)));
+    f.add_participant(CALL, A).unwrap();
+    let spec = |ssrcs: &[u32]| TrackSpec {
+        key: TrackKey::new("s", "v"),
+        codec: Codec::Vp8,
+        layers: ssrcs
+            .iter()
+            .map(|&s| LayerSpec {
+                rid: Some(format!("r{s}")),
+                ssrc: Some(s),
+            })
+            .collect(),
+    };
+    assert_eq!(f.publish_track(A, spec(&[])), Err(ForwardError::BadLayers));
+    assert_eq!(
+        f.publish_track(A, spec(&[1, 1])),
+        Err(ForwardError::SsrcInUse(1))
+    );
+    let t = f.publish_track(A, spec(&[1, 2, 3])).unwrap();
+    assert_eq!(f.layer_rid(t, 2), Some("r3"));
+    assert!(matches!(
+        f.publish_track(A, spec(&[4])),
+        Err(ForwardError::TrackExists(_))
+    ));
+    assert_eq!(f.set_layer_ssrc(t, 0, 2), Err(ForwardError::SsrcInUse(2)));
+    assert_eq!(f.set_layer_ssrc(t, 9, 9), Err(ForwardError::BadLayers));
+    f.unpublish_track(t).unwrap();
+    assert_eq!(f.unpublish_track(t), Err(ForwardError::NoSuchTrack));
+    assert!(f.poll_timeout().is_none());
+    f.handle_timeout(Instant::now());
+    assert!(f.poll_timeout().is_some());
+    f.remove_call(CALL).unwrap();
+    assert_eq!(f.sizes(), (0, 0, 0, 0));
+    assert_eq!(f.call_of(A), None);
+}

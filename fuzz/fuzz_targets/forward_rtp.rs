@@ -1,0 +1,203 @@
+//! Drives one forwarder with arbitrary bytes: RTP datagrams (parsed, then
+//! forwarded as VP8 video or Opus audio), bare VP8 payload descriptors
+//! (parse, write back, patch), NACKs, keyframe requests, subscription
+//! changes, SSRC changes, backlogs and time. It must never panic, and every
+//! packet it hands out must be writable and, for VP8, still parse.
+#![no_main]
+
+use std::time::{Duration, Instant};
+
+use arbitrary::Arbitrary;
+use groupcall_focus::forward::*;
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    /// A datagram from a participant; `as_ssrc` overrides its SSRC with
+    /// one of the published ones (so that most reach the forwarding path).
+    Datagram {
+        from: u8,
+        as_ssrc: u8,
+        bytes: Vec<u8>,
+    },
+    /// A bare VP8 payload.
+    Vp8 {
+        payload: Vec<u8>,
+        pid: u16,
+        tl0: u8,
+        keyidx: u8,
+    },
+    Nack {
+        who: u8,
+        track: u8,
+        seqs: Vec<u16>,
+    },
+    Pli {
+        who: u8,
+        track: u8,
+        fir: bool,
+    },
+    Subscribe {
+        who: u8,
+        track: u8,
+        on: bool,
+    },
+    NewSsrc {
+        track: u8,
+        ssrc: u32,
+    },
+    Backlog {
+        who: u8,
+        bytes: u32,
+    },
+    Advance(u16),
+    Timeout,
+    Remove {
+        who: u8,
+    },
+}
+
+const CALL: CallId = CallId(1);
+const PEOPLE: [ParticipantId; 3] = [ParticipantId(1), ParticipantId(2), ParticipantId(3)];
+const SSRCS: [u32; 2] = [1000, 2000];
+
+fn key(i: u8) -> TrackKey {
+    TrackKey::new("s", if i % 2 == 0 { "v" } else { "a" })
+}
+
+fn check(e: &Egress<'_>, buf: &mut [u8]) {
+    assert!(
+        PEOPLE[1..].contains(&e.subscriber),
+        "only subscribers receive"
+    );
+    let n = e.write_payload(buf).expect("egress writable");
+    if e.kind == MediaKind::Video {
+        Vp8Descriptor::parse(&buf[..n]).expect("rewritten VP8 parses");
+    }
+    let mut hdr = [0u8; 32];
+    e.header
+        .write_header(&mut hdr, Some(1))
+        .expect("header writable");
+}
+
+fuzz_target!(|ops: Vec<Op>| {
+    let mut f = Forwarder::new(ForwarderConfig {
+        video_cache_packets: 64,
+        audio_cache_packets: 16,
+        ..ForwarderConfig::default()
+    });
+    let t0 = Instant::now();
+    let mut now = t0;
+    let _ = f.add_call(CALL);
+    for p in PEOPLE {
+        let _ = f.add_participant(CALL, p);
+    }
+    let mut tracks = Vec::new();
+    for (codec, i) in [(Codec::Vp8, 0u8), (Codec::Opus, 1)] {
+        if let Ok(t) = f.publish_track(
+            PEOPLE[0],
+            TrackSpec {
+                key: key(i),
+                codec,
+                layers: vec![LayerSpec {
+                    rid: None,
+                    ssrc: Some(SSRCS[usize::from(i)]),
+                }],
+            },
+        ) {
+            tracks.push(t);
+        }
+    }
+    let mut out_ssrcs = [[0u32; 2]; 3];
+    let mut buf = vec![0u8; 70_000];
+    for op in ops.into_iter().take(512) {
+        match op {
+            Op::Datagram {
+                from,
+                as_ssrc,
+                bytes,
+            } => {
+                let Ok(mut pkt) = RtpIn::parse(&bytes, Some(1)) else {
+                    continue;
+                };
+                if as_ssrc < 200 {
+                    pkt.ssrc = SSRCS[usize::from(as_ssrc % 2)];
+                }
+                let who = PEOPLE[usize::from(from % 4).min(2)];
+                f.handle_rtp(now, who, &pkt, &mut |e| check(&e, &mut buf));
+            }
+            Op::Vp8 {
+                payload,
+                pid,
+                tl0,
+                keyidx,
+            } => {
+                if let Ok(d) = Vp8Descriptor::parse(&payload) {
+                    let mut w = [0u8; 9];
+                    let n = d.write(&mut w).expect("descriptor fits");
+                    // As long as parsed, except an X byte with no field
+                    // set, which is not written back.
+                    let fields = d.picture_id.is_some()
+                        || d.tl0picidx.is_some()
+                        || d.tid.is_some()
+                        || d.keyidx.is_some();
+                    assert_eq!(n, if fields { d.len } else { 1 });
+                    w[n] = 0x01; // an inter frame byte
+                    let back = Vp8Descriptor::parse(&w[..=n]).expect("written parses");
+                    assert_eq!(
+                        (back.picture_id, back.tl0picidx, back.tid, back.keyidx),
+                        (d.picture_id, d.tl0picidx, d.tid, d.keyidx),
+                        "parse(write(d)) == d"
+                    );
+                    let mut p = payload.clone();
+                    assert!(Vp8Patch::new(&d, pid, tl0, keyidx).apply(&mut p));
+                    let q = Vp8Descriptor::parse(&p).expect("patched parses");
+                    assert_eq!((q.len, q.keyframe, q.tid), (d.len, d.keyframe, d.tid));
+                }
+            }
+            Op::Nack { who, track, seqs } => {
+                let w = usize::from(who % 3);
+                let ssrc = out_ssrcs[w][usize::from(track % 2)];
+                let _ = f.handle_nack(PEOPLE[w], ssrc, &seqs, &mut |e| check(&e, &mut buf));
+            }
+            Op::Pli { who, track, fir } => {
+                let w = usize::from(who % 3);
+                let ssrc = out_ssrcs[w][usize::from(track % 2)];
+                let kind = if fir {
+                    KeyframeKind::Fir
+                } else {
+                    KeyframeKind::Pli
+                };
+                let _ = f.handle_keyframe_request(now, PEOPLE[w], ssrc, kind);
+            }
+            Op::Subscribe { who, track, on } => {
+                // The publisher itself never subscribes here (so that
+                // every egress goes to PEOPLE[1..]).
+                let w = 1 + usize::from(who % 2);
+                if on {
+                    if let Ok(s) = f.subscribe(now, PEOPLE[w], &key(track)) {
+                        out_ssrcs[w][usize::from(track % 2)] = s;
+                    }
+                } else {
+                    let _ = f.unsubscribe(PEOPLE[w], &key(track));
+                }
+            }
+            Op::NewSsrc { track, ssrc } => {
+                if let Some(&t) = tracks.get(usize::from(track % 2)) {
+                    let _ = f.set_layer_ssrc(t, 0, ssrc);
+                }
+            }
+            Op::Backlog { who, bytes } => {
+                f.set_backlog(PEOPLE[usize::from(who % 3)], bytes as usize)
+            }
+            Op::Advance(ms) => now += Duration::from_millis(u64::from(ms)),
+            Op::Timeout => f.handle_timeout(now),
+            Op::Remove { who } => {
+                let _ = f.remove_participant(PEOPLE[usize::from(who % 3)]);
+            }
+        }
+        while f.poll_output().is_some() {}
+    }
+    let c = f.counters();
+    assert!(c.nacks_served + c.nacks_missed == c.nacks_received);
+});
