@@ -24,6 +24,8 @@
 pub mod auth;
 pub mod config;
 pub use groupcall_proto::dc;
+#[cfg(feature = "driver")]
+pub mod engine;
 pub mod focus;
 pub mod forward;
 pub mod heartbeat;

@@ -1,0 +1,903 @@
+//! The focus's media engine: one tokio task that owns the media socket,
+//! the sans-IO peer set (groupcall-media's `PeerSet`, one str0m `Rtc` per
+//! client, all on one socket), the [`Forwarder`] and the orchestration
+//! ([`Focus`]). Matrix is not here: the service feeds room state and
+//! to-device signalling in ([`EngineInput`]) and sends what comes out
+//! ([`EngineOutput`]).
+//!
+//! Received RTP goes from the peer set to the forwarder and back to the
+//! subscribers' peers inside the task, without channels per packet. A
+//! client is one [`ClientId`]: the same number names its peer (`PeerId`)
+//! and its forwarder participant (`ParticipantId`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use groupcall::media::{
+    Answer, LocalFeed, Mid, PeerConfig, PeerEvent, PeerId, PeerSet, Reply, Request, RequestId,
+    SetInput, SetOutput, TrackKind as MediaTrackKind,
+};
+use groupcall_proto::IncomingToDevice;
+use groupcall_proto::signalling::Candidate;
+use serde_json::Value;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::focus::{
+    ClientId, Focus, FocusConfig, FocusOutput, ForwardChange, MediaIn, MediaOp, PublishedTrack,
+    SendTrack, TrackKind,
+};
+use crate::forward::{
+    CallId, Codec, Counters, Egress, ForwardError, Forwarder, ForwarderConfig, KeyframeKind,
+    LayerSpec, ParticipantId, RtpIn, TrackId, TrackKey, TrackSpec,
+};
+
+/// The engine's settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The orchestration's settings.
+    pub focus: FocusConfig,
+    /// The forwarder's settings.
+    pub forwarder: ForwarderConfig,
+    /// Where the media socket binds (port 0: any).
+    pub bind: SocketAddr,
+}
+
+/// What the service feeds the engine.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum EngineInput {
+    /// A state event of a joined room.
+    State {
+        /// The room.
+        room_id: String,
+        /// The event (client-server JSON).
+        event: Value,
+    },
+    /// The focus left a room.
+    RoomLeft {
+        /// The room.
+        room_id: String,
+    },
+    /// An `m.call.*` to-device message.
+    ToDevice(IncomingToDevice),
+    /// Stop accepting calls.
+    StartDraining,
+    /// Hang up on everyone.
+    HangUpAll,
+    /// Report the figures.
+    Figures(oneshot::Sender<EngineFigures>),
+}
+
+/// What the engine asks the service to send.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum EngineOutput {
+    /// A to-device message (Olm-encrypted by the service).
+    ToDevice {
+        /// Recipient user.
+        user_id: String,
+        /// Recipient device.
+        device_id: String,
+        /// Event type.
+        event_type: String,
+        /// Content.
+        content: Value,
+    },
+}
+
+/// One call's figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallFigures {
+    /// The room.
+    pub room_id: String,
+    /// The `conf_id`.
+    pub conf_id: String,
+    /// Clients connected.
+    pub participants: usize,
+    /// Tracks published.
+    pub tracks: usize,
+    /// Subscriptions being forwarded.
+    pub subscriptions: usize,
+    /// The forwarder's counters.
+    pub counters: Counters,
+}
+
+/// The engine's figures (metrics, the demo's report, tests).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineFigures {
+    /// Per call.
+    pub calls: Vec<CallFigures>,
+    /// Invites turned down, by reason label.
+    pub refusals: BTreeMap<String, u64>,
+    /// Clients that left, by reason.
+    pub departures: BTreeMap<String, u64>,
+    /// Tracks each client publishes (audio, video), by device.
+    pub uploads: BTreeMap<String, (usize, usize)>,
+    /// Egress packets that had no negotiated m-line yet at the subscriber.
+    pub egress_unready: u64,
+    /// Datagrams the socket could not send at once (dropped).
+    pub send_dropped: u64,
+    /// The media socket's address.
+    pub local_addr: Option<SocketAddr>,
+}
+
+/// A running engine.
+#[derive(Debug)]
+pub struct Engine {
+    tx: mpsc::UnboundedSender<EngineInput>,
+    local_addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Engine {
+    /// Binds the media socket and starts the task; what it wants sent goes
+    /// to `out`.
+    pub async fn spawn(
+        cfg: EngineConfig,
+        out: mpsc::UnboundedSender<EngineOutput>,
+    ) -> std::io::Result<Engine> {
+        let socket = UdpSocket::bind(cfg.bind).await?;
+        let local_addr = socket.local_addr()?;
+        info!(%local_addr, "focus media socket bound");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = State::new(cfg, local_addr, out);
+        let task = tokio::spawn(run(socket, state, rx));
+        Ok(Engine {
+            tx,
+            local_addr,
+            task,
+        })
+    }
+
+    /// Feeds an input (ignored once the task is gone).
+    pub fn send(&self, input: EngineInput) {
+        let _ = self.tx.send(input);
+    }
+
+    /// The media socket's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The current figures (`None` if the task is gone).
+    pub async fn figures(&self) -> Option<EngineFigures> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(EngineInput::Figures(tx)).ok()?;
+        rx.await.ok()
+    }
+
+    /// Stops the task (peers are dropped without goodbyes).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a request to the peer set was for.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    Accept,
+    Offer,
+    Channel,
+}
+
+#[derive(Debug, Default)]
+struct ClientMedia {
+    call: Option<CallId>,
+    /// The client's uploads by m-line.
+    uploads: HashMap<Mid, (TrackId, PublishedTrack)>,
+    /// The m-line of each forwarded track on this client's peer, and the
+    /// forwarder's SSRC of that copy.
+    downs: HashMap<TrackId, (Mid, u32)>,
+    /// The extended sequence number last written per m-line.
+    ext_seq: HashMap<Mid, u64>,
+    /// The send tracks of the offer being made or last made.
+    send_tracks: Vec<SendTrack>,
+}
+
+struct State {
+    focus: Focus,
+    fwd: Forwarder,
+    set: PeerSet,
+    local_addr: SocketAddr,
+    out: mpsc::UnboundedSender<EngineOutput>,
+    clients: HashMap<ClientId, ClientMedia>,
+    calls: HashMap<(String, String), CallId>,
+    next_call: u64,
+    pending: HashMap<RequestId, (ClientId, Pending)>,
+    next_request: u64,
+    figures: EngineFigures,
+    /// Datagrams to send, filled by the peer set, drained by the loop.
+    transmits: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn peer(c: ClientId) -> PeerId {
+    PeerId(c.0)
+}
+
+fn part(c: ClientId) -> ParticipantId {
+    ParticipantId(c.0)
+}
+
+/// The next extended sequence number for a 16-bit one, given the last.
+fn extend_seq(last: Option<u64>, seq: u16) -> u64 {
+    let Some(last) = last else {
+        return u64::from(seq);
+    };
+    let base = last & !0xffff;
+    let cand = base | u64::from(seq);
+    let diff = cand as i64 - last as i64;
+    if diff < -(1 << 15) {
+        cand + (1 << 16)
+    } else if diff > (1 << 15) && cand >= 1 << 16 {
+        cand - (1 << 16)
+    } else {
+        cand
+    }
+}
+
+impl State {
+    fn new(
+        cfg: EngineConfig,
+        local_addr: SocketAddr,
+        out: mpsc::UnboundedSender<EngineOutput>,
+    ) -> Self {
+        Self {
+            focus: Focus::new(cfg.focus),
+            fwd: Forwarder::new(cfg.forwarder),
+            set: PeerSet::new(Instant::now(), vec![local_addr]),
+            local_addr,
+            out,
+            clients: HashMap::new(),
+            calls: HashMap::new(),
+            next_call: 1,
+            pending: HashMap::new(),
+            next_request: 1,
+            figures: EngineFigures {
+                local_addr: Some(local_addr),
+                ..Default::default()
+            },
+            transmits: Vec::new(),
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let wall = unix_ms();
+        let focus = self
+            .focus
+            .poll_timeout()
+            .map(|t| now + Duration::from_millis(t.saturating_sub(wall)));
+        [self.set.poll_timeout(), self.fwd.poll_timeout(), focus]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn on_input(&mut self, input: EngineInput) {
+        let now = unix_ms();
+        match input {
+            EngineInput::State { room_id, event } => {
+                if let Err(e) = self.focus.handle_state(now, &room_id, &event) {
+                    debug!(%room_id, "state event ignored: {e}");
+                }
+            }
+            EngineInput::RoomLeft { room_id } => self.focus.room_left(now, &room_id),
+            EngineInput::ToDevice(m) => self.focus.handle_to_device(now, &m),
+            EngineInput::StartDraining => self.focus.start_draining(),
+            EngineInput::HangUpAll => self.focus.hang_up_all(now),
+            EngineInput::Figures(tx) => {
+                let _ = tx.send(self.figures());
+            }
+        }
+    }
+
+    fn on_timeout(&mut self) {
+        let now = Instant::now();
+        self.set.handle_input(now, SetInput::Timeout);
+        self.fwd.handle_timeout(now);
+        self.focus.handle_timeout(unix_ms());
+    }
+
+    fn figures(&self) -> EngineFigures {
+        let mut f = self.figures.clone();
+        f.calls = self
+            .focus
+            .calls()
+            .into_iter()
+            .map(|((room_id, conf_id), ids)| {
+                let call = self.calls.get(&(room_id.clone(), conf_id.clone())).copied();
+                let tracks = ids.iter().map(|c| self.focus.published(*c).len()).sum();
+                let subscriptions = ids
+                    .iter()
+                    .filter_map(|c| self.clients.get(c))
+                    .map(|m| m.downs.len())
+                    .sum();
+                CallFigures {
+                    room_id,
+                    conf_id,
+                    participants: ids.len(),
+                    tracks,
+                    subscriptions,
+                    counters: call
+                        .and_then(|c| self.fwd.call_counters(c).copied())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        f.uploads = self
+            .clients
+            .keys()
+            .filter_map(|c| {
+                let device = self.focus.device_of(*c)?;
+                let p = self.focus.published(*c);
+                let audio = p.iter().filter(|t| t.kind == TrackKind::Audio).count();
+                Some((device.to_string(), (audio, p.len() - audio)))
+            })
+            .collect();
+        f
+    }
+
+    /// Carries out everything the parts ask for until all are quiet.
+    fn pump(&mut self) {
+        loop {
+            let mut busy = false;
+            while let Some(o) = self.focus.poll_output() {
+                busy = true;
+                self.on_focus(o);
+            }
+            while let Some(o) = self.set.poll_output() {
+                busy = true;
+                self.on_set(o);
+            }
+            while let Some(o) = self.fwd.poll_output() {
+                busy = true;
+                self.on_forwarder(o);
+            }
+            if !busy {
+                break;
+            }
+        }
+    }
+
+    fn request(&mut self, client: ClientId, pending: Option<Pending>, req: Request) {
+        let id = pending.map(|p| {
+            let id = RequestId(self.next_request);
+            self.next_request += 1;
+            self.pending.insert(id, (client, p));
+            id
+        });
+        self.set.request(Instant::now(), peer(client), id, req);
+    }
+
+    fn on_focus(&mut self, o: FocusOutput) {
+        match o {
+            FocusOutput::ToDevice {
+                event_type,
+                message,
+            } => {
+                let _ = self.out.send(EngineOutput::ToDevice {
+                    user_id: message.user_id,
+                    device_id: message.device_id,
+                    event_type: event_type.as_str().to_owned(),
+                    content: message.content,
+                });
+            }
+            FocusOutput::Media { client, op } => self.on_media_op(client, op),
+            FocusOutput::Forward(change) => self.on_forward_change(change),
+            FocusOutput::ClientJoined {
+                client,
+                device,
+                room_id,
+            } => {
+                info!(client = client.0, %device, %room_id, "client joined");
+                self.clients.entry(client).or_default();
+                let cfg = PeerConfig {
+                    forward: true,
+                    receive_audio: false,
+                    receive_video: false,
+                    bind_addrs: vec![self.local_addr.ip()],
+                    ..PeerConfig::default()
+                };
+                self.set.add_peer(Instant::now(), peer(client), cfg);
+            }
+            FocusOutput::ClientLeft {
+                client,
+                device,
+                reason,
+            } => {
+                info!(client = client.0, %device, %reason, "client left");
+                *self.figures.departures.entry(reason).or_default() += 1;
+                self.clients.remove(&client);
+            }
+            FocusOutput::Refused { device, reason } => {
+                info!(%device, %reason, "invite turned down");
+                *self.figures.refusals.entry(reason).or_default() += 1;
+            }
+        }
+    }
+
+    fn on_media_op(&mut self, client: ClientId, op: MediaOp) {
+        match op {
+            MediaOp::Accept { sdp } => {
+                let feeds = self
+                    .clients
+                    .get(&client)
+                    .map(|m| feeds_of(&m.send_tracks))
+                    .unwrap_or_default();
+                self.request(
+                    client,
+                    Some(Pending::Accept),
+                    Request::AcceptOffer { sdp, feeds },
+                );
+            }
+            MediaOp::AddRemoteCandidates { candidates } => {
+                for c in candidates.into_iter().filter(|c| !c.is_end()) {
+                    self.request(
+                        client,
+                        None,
+                        Request::AddRemoteCandidate {
+                            candidate: c.candidate,
+                        },
+                    );
+                }
+            }
+            MediaOp::Offer { tracks } => {
+                let feeds = feeds_of(&tracks);
+                if let Some(m) = self.clients.get_mut(&client) {
+                    m.send_tracks = tracks;
+                }
+                self.request(
+                    client,
+                    Some(Pending::Offer),
+                    Request::CreateOffer {
+                        feeds,
+                        ice_restart: false,
+                    },
+                );
+            }
+            MediaOp::ApplyAnswer { sdp } => {
+                self.request(client, None, Request::ApplyAnswer { sdp })
+            }
+            MediaOp::SendChannel { text } => self.request(
+                client,
+                Some(Pending::Channel),
+                Request::SendChannel { text },
+            ),
+            MediaOp::Close => self.request(client, None, Request::Close),
+        }
+    }
+
+    fn on_forward_change(&mut self, change: ForwardChange) {
+        let now = Instant::now();
+        let r: Result<(), ForwardError> = match change {
+            ForwardChange::AddClient { client, call } => {
+                let id = match self.calls.get(&call) {
+                    Some(id) => *id,
+                    None => {
+                        let id = CallId(self.next_call);
+                        self.next_call += 1;
+                        self.calls.insert(call, id);
+                        if let Err(e) = self.fwd.add_call(id) {
+                            warn!("forwarder: {e}");
+                        }
+                        id
+                    }
+                };
+                self.clients.entry(client).or_default().call = Some(id);
+                self.fwd.add_participant(id, part(client))
+            }
+            ForwardChange::Subscribe {
+                subscriber, track, ..
+            } => self
+                .fwd
+                .subscribe(
+                    now,
+                    part(subscriber),
+                    &TrackKey::new(track.stream_id, track.track_id),
+                )
+                .map(|_| ()),
+            ForwardChange::Unsubscribe {
+                subscriber, track, ..
+            } => self.fwd.unsubscribe(
+                part(subscriber),
+                &TrackKey::new(track.stream_id, track.track_id),
+            ),
+            ForwardChange::RemoveClient { client } => {
+                self.clients.remove(&client);
+                self.fwd.remove_participant(part(client))
+            }
+        };
+        if let Err(e) = r {
+            debug!("forwarder: {e}");
+        }
+    }
+
+    fn on_set(&mut self, o: SetOutput) {
+        match o {
+            SetOutput::Transmit(t) => self.transmits.push((t.destination, t.contents)),
+            SetOutput::Answer {
+                peer: p,
+                request,
+                answer,
+            } => self.on_answer(ClientId(p.0), request, answer),
+            SetOutput::Event { peer: p, event } => self.on_peer_event(ClientId(p.0), event),
+            SetOutput::PeerEnded { peer: p } => self.focus.handle_media(
+                unix_ms(),
+                ClientId(p.0),
+                MediaIn::Failed {
+                    reason: "media_ended".into(),
+                },
+            ),
+            SetOutput::Resolve { host, .. } => {
+                debug!(%host, "no STUN/TURN servers are configured: not resolved");
+            }
+        }
+    }
+
+    fn on_answer(&mut self, client: ClientId, request: RequestId, answer: Answer) {
+        let Some((_, what)) = self.pending.remove(&request) else {
+            return;
+        };
+        let now = unix_ms();
+        let ev = match (what, answer) {
+            (Pending::Accept, Ok(Reply::Sdp(sdp))) => MediaIn::Answer { sdp },
+            (Pending::Offer, Ok(Reply::Sdp(sdp))) => MediaIn::Offer { sdp },
+            (Pending::Channel, Err(e)) => {
+                debug!(client = client.0, "data channel message not sent: {e}");
+                MediaIn::ChannelSendFailed
+            }
+            (Pending::Channel, Ok(_)) => return,
+            (_, Err(e)) => MediaIn::Failed {
+                reason: format!("media: {e}"),
+            },
+            (_, Ok(other)) => {
+                debug!(client = client.0, "unexpected reply {other:?}");
+                return;
+            }
+        };
+        self.focus.handle_media(now, client, ev);
+    }
+
+    fn on_peer_event(&mut self, client: ClientId, ev: PeerEvent) {
+        let now = unix_ms();
+        match ev {
+            PeerEvent::Rtp(p) => self.on_rtp(client, p),
+            PeerEvent::Connected => self.focus.handle_media(now, client, MediaIn::Connected),
+            PeerEvent::Failed | PeerEvent::Closed => self.focus.handle_media(
+                now,
+                client,
+                MediaIn::Failed {
+                    reason: "ice_failed".into(),
+                },
+            ),
+            PeerEvent::RemoteTrack {
+                stream_id,
+                track_id,
+                kind,
+                mid,
+            } => {
+                let kind_f = match kind {
+                    MediaTrackKind::Audio => TrackKind::Audio,
+                    _ => TrackKind::Video,
+                };
+                let codec = match kind_f {
+                    TrackKind::Audio => Codec::Opus,
+                    _ => Codec::Vp8,
+                };
+                let spec = TrackSpec {
+                    key: TrackKey::new(stream_id.clone(), track_id.clone()),
+                    codec,
+                    layers: vec![LayerSpec {
+                        rid: None,
+                        ssrc: None,
+                    }],
+                };
+                match self.fwd.publish_track(part(client), spec) {
+                    Ok(tid) => {
+                        let t = PublishedTrack {
+                            stream_id,
+                            track_id,
+                            kind: kind_f,
+                        };
+                        let mid = Mid::from(mid.as_str());
+                        let m = self.clients.entry(client).or_default();
+                        m.uploads.insert(mid, (tid, t));
+                        let tracks = m.uploads.values().map(|(_, t)| t.clone()).collect();
+                        self.focus
+                            .handle_media(now, client, MediaIn::RemoteTracks { tracks });
+                    }
+                    Err(e) => warn!(client = client.0, "track not published: {e}"),
+                }
+            }
+            PeerEvent::RemoteTrackRemoved { mid, .. } => {
+                let mid = Mid::from(mid.as_str());
+                if let Some(m) = self.clients.get_mut(&client)
+                    && let Some((tid, _)) = m.uploads.remove(&mid)
+                {
+                    let _ = self.fwd.unpublish_track(tid);
+                    let tracks = m.uploads.values().map(|(_, t)| t.clone()).collect();
+                    self.focus
+                        .handle_media(now, client, MediaIn::RemoteTracks { tracks });
+                }
+            }
+            PeerEvent::LocalTrackReady {
+                stream_id,
+                track_id,
+                mid,
+                ..
+            } => {
+                let Some(m) = self.clients.get_mut(&client) else {
+                    return;
+                };
+                let Some(call) = m.call else { return };
+                let key = TrackKey::new(stream_id, track_id);
+                let Some(tid) = self.fwd.track_by_key(call, &key) else {
+                    debug!(client = client.0, "send track for an unknown track");
+                    return;
+                };
+                // The forwarder's SSRC of this copy (stable across
+                // resubscriptions).
+                let ssrc = self
+                    .fwd
+                    .subscribe(Instant::now(), part(client), &key)
+                    .unwrap_or(0);
+                m.downs.insert(tid, (mid, ssrc));
+            }
+            PeerEvent::KeyframeRequested { mid, fir, .. } => {
+                let Some(ssrc) = self
+                    .clients
+                    .get(&client)
+                    .and_then(|m| m.downs.values().find(|(x, _)| *x == mid).map(|(_, s)| *s))
+                else {
+                    return;
+                };
+                let kind = if fir {
+                    KeyframeKind::Fir
+                } else {
+                    KeyframeKind::Pli
+                };
+                if let Err(e) =
+                    self.fwd
+                        .handle_keyframe_request(Instant::now(), part(client), ssrc, kind)
+                {
+                    debug!(client = client.0, "keyframe request: {e}");
+                }
+            }
+            PeerEvent::ChannelOpen { .. } => {
+                self.focus.handle_media(now, client, MediaIn::ChannelOpen)
+            }
+            PeerEvent::ChannelMessage { text } => {
+                self.focus
+                    .handle_media(now, client, MediaIn::ChannelMessage { text })
+            }
+            PeerEvent::ChannelClosed => {
+                self.focus.handle_media(now, client, MediaIn::ChannelClosed)
+            }
+            PeerEvent::LocalCandidates {
+                candidates,
+                complete,
+            } => {
+                let mut candidates: Vec<Candidate> = candidates
+                    .into_iter()
+                    .map(|c| Candidate {
+                        candidate: c.candidate,
+                        sdp_mid: c.sdp_mid,
+                        sdp_m_line_index: c.sdp_m_line_index.map(u32::from),
+                        extra: Default::default(),
+                    })
+                    .collect();
+                if complete {
+                    candidates.push(Candidate::end_of_candidates());
+                }
+                self.focus
+                    .handle_media(now, client, MediaIn::LocalCandidates { candidates });
+            }
+            other => debug!(client = client.0, "peer event: {other:?}"),
+        }
+    }
+
+    /// One received RTP packet: to the forwarder, and its copies to the
+    /// subscribers' peers.
+    fn on_rtp(&mut self, client: ClientId, p: groupcall::media::RtpIn) {
+        let now = Instant::now();
+        let Some(m) = self.clients.get(&client) else {
+            return;
+        };
+        let Some((tid, _)) = m.uploads.get(&p.mid) else {
+            return;
+        };
+        let tid = *tid;
+        // The publisher's SSRC is learnt from its packets (and follows a
+        // restart with a new one).
+        if let Err(e) = self.fwd.set_layer_ssrc(tid, 0, p.ssrc) {
+            debug!("forwarder: {e}");
+        }
+        let input = RtpIn {
+            ssrc: p.ssrc,
+            seq: p.seq as u16,
+            timestamp: p.timestamp,
+            marker: p.marker,
+            payload_type: p.pt,
+            audio_level: p.audio_level.map(|l| crate::forward::AudioLevel {
+                voice: p.voice_activity.unwrap_or(false),
+                level: l.unsigned_abs().min(127),
+            }),
+            payload: &p.payload,
+        };
+        let Self {
+            fwd,
+            set,
+            clients,
+            figures,
+            ..
+        } = self;
+        fwd.handle_rtp(now, part(client), &input, &mut |e: Egress<'_>| {
+            let sub = ClientId(e.subscriber.0);
+            let Some(sm) = clients.get_mut(&sub) else {
+                return;
+            };
+            let Some(&(mid, _)) = sm.downs.get(&e.track) else {
+                figures.egress_unready += 1;
+                return;
+            };
+            let payload: Arc<[u8]> = if e.vp8.is_none() && std::ptr::eq(e.payload, &p.payload[..]) {
+                Arc::clone(&p.payload)
+            } else {
+                let mut buf = vec![0u8; e.payload.len()];
+                match e.write_payload(&mut buf) {
+                    Some(n) => Arc::from(&buf[..n]),
+                    None => return,
+                }
+            };
+            let ext = extend_seq(sm.ext_seq.get(&mid).copied(), e.header.seq);
+            sm.ext_seq.insert(mid, ext);
+            let video = e.kind == crate::forward::MediaKind::Video;
+            set.request(
+                now,
+                peer(sub),
+                None,
+                Request::WriteRtp(groupcall::media::RtpOut {
+                    mid,
+                    pt: None,
+                    seq: ext,
+                    timestamp: e.header.timestamp,
+                    marker: e.header.marker,
+                    audio_level: e.header.audio_level.map(|l| -(l.level as i8)),
+                    voice_activity: e.header.audio_level.map(|l| l.voice),
+                    nackable: video,
+                    vp8_picture_id: None,
+                    payload,
+                    wallclock: p.received_at,
+                }),
+            );
+        });
+    }
+
+    fn on_forwarder(&mut self, o: crate::forward::Output) {
+        match o {
+            crate::forward::Output::KeyframeRequest {
+                publisher,
+                track,
+                kind,
+                ..
+            } => {
+                let client = ClientId(publisher.0);
+                let Some(mid) = self.clients.get(&client).and_then(|m| {
+                    m.uploads
+                        .iter()
+                        .find(|(_, (t, _))| *t == track)
+                        .map(|(mid, _)| *mid)
+                }) else {
+                    return;
+                };
+                self.request(
+                    client,
+                    None,
+                    Request::RequestKeyframeOn {
+                        mid,
+                        rid: None,
+                        fir: kind == KeyframeKind::Fir,
+                    },
+                );
+            }
+            crate::forward::Output::ActiveSpeakerChanged { call, participant } => {
+                info!(?call, speaker = ?participant.map(|p| p.0), "active speaker");
+            }
+        }
+    }
+}
+
+/// The feeds (msid streams) that carry `tracks`: one per stream, with its
+/// audio and video track.
+fn feeds_of(tracks: &[SendTrack]) -> Vec<LocalFeed> {
+    let mut feeds: Vec<LocalFeed> = Vec::new();
+    for t in tracks {
+        let i = match feeds.iter().position(|f| f.stream_id == t.track.stream_id) {
+            Some(i) => i,
+            None => {
+                feeds.push(LocalFeed {
+                    stream_id: t.track.stream_id.clone(),
+                    purpose: groupcall::media::FeedPurpose::Usermedia,
+                    audio_track_id: None,
+                    video_track_id: None,
+                });
+                feeds.len() - 1
+            }
+        };
+        if let Some(f) = feeds.get_mut(i) {
+            match t.track.kind {
+                TrackKind::Audio => f.audio_track_id = Some(t.track.track_id.clone()),
+                _ => f.video_track_id = Some(t.track.track_id.clone()),
+            }
+        }
+    }
+    feeds
+}
+
+async fn run(socket: UdpSocket, mut state: State, mut rx: mpsc::UnboundedReceiver<EngineInput>) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let deadline = state.deadline();
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok((n, from)) => {
+                    let data = buf.get(..n).unwrap_or_default();
+                    state.set.handle_input(
+                        Instant::now(),
+                        SetInput::Datagram { local: state.local_addr, from, data },
+                    );
+                }
+                Err(e) => debug!("media socket: {e}"),
+            },
+            input = rx.recv() => match input {
+                Some(i) => state.on_input(i),
+                None => break,
+            },
+            () = sleep => state.on_timeout(),
+        }
+        state.pump();
+        for (to, data) in state.transmits.drain(..) {
+            if socket.try_send_to(&data, to).is_err() {
+                state.figures.send_dropped += 1;
+            }
+        }
+    }
+    info!("focus media engine stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::extend_seq;
+
+    #[test]
+    fn sequence_numbers_extend_across_wraps_both_ways() {
+        assert_eq!(extend_seq(None, 7), 7);
+        assert_eq!(extend_seq(Some(65_535), 0), 65_536);
+        assert_eq!(extend_seq(Some(65_536), 65_535), 65_535);
+        assert_eq!(extend_seq(Some(131_071), 2), 131_074);
+        assert_eq!(extend_seq(Some(10), 9), 9);
+    }
+}
