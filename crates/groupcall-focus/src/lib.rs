@@ -15,7 +15,7 @@
 //!     rewriting per subscriber, NACK cache, keyframe requests, active
 //!     speaker);
 //!   - [`metrics`]: the focus's counters and their Prometheus text form;
-//!   - [`config`]: `focus.toml`.
+//!   - [`config`], `focus.toml`.
 //! - the driver (cargo feature `driver`, on by default): the focus as a
 //!   Matrix device with its media host.
 
@@ -24,6 +24,8 @@
 pub mod auth;
 pub mod config;
 pub mod dc;
+#[cfg(feature = "driver")]
+pub mod driver;
 pub mod forward;
 pub mod heartbeat;
 pub mod metrics;
