@@ -15,15 +15,21 @@
 //!     rewriting per subscriber, NACK cache, keyframe requests, active
 //!     speaker);
 //!   - [`metrics`]: the focus's counters and their Prometheus text form;
-//!   - [`config`]: the operator's `focus.toml`, parsed and checked.
-//! - the driver (cargo feature `driver`, on by default): the focus as a
-//!   Matrix device with its media host.
+//!   - [`config`]: the operator's `focus.toml`, parsed and checked;
+//!   - [`signal`]: the focus's side of the to-device calls;
+//!   - [`focus`]: the orchestration of all of the above.
+//! - the drivers (cargo feature `driver`, on by default): [`engine`], the
+//!   media task (socket, peer set, forwarder, orchestration), and
+//!   [`driver`], the focus as a Matrix device (login, sync, rooms, HTTP
+//!   endpoints, drain).
 
 #![warn(missing_docs)]
 
 pub mod auth;
 pub mod config;
 pub use groupcall_proto::dc;
+#[cfg(feature = "driver")]
+pub mod driver;
 #[cfg(feature = "driver")]
 pub mod engine;
 pub mod focus;

@@ -1,1 +1,537 @@
-//! (being written)
+//! The focus's counters and gauges, and their Prometheus text exposition
+//! (format 0.0.4).
+//!
+//! [`Metrics`] holds plain numbers; the driver fills it from what the other
+//! modules count (the forwarder's per-call figures, the authoriser's
+//! refusals) and renders it for `GET /metrics`. Nothing here reads a clock
+//! or touches a socket.
+//!
+//! The families (all prefixed `groupcall_focus_`):
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `draining` | gauge (0 or 1) | |
+//! | `rooms` | gauge | |
+//! | `calls` | gauge | |
+//! | `participants`, `tracks` | gauge | |
+//! | `packets_in_total`, `bytes_in_total`, `packets_out_total`, `bytes_out_total` | counter | |
+//! | `nacks_served_total`, `plis_sent_total` | counter | |
+//! | `drops_total` | counter | `reason` |
+//! | `refusals_total` | counter | `reason` |
+//! | `call_participants`, `call_tracks` | gauge | `call` |
+//! | `call_packets_in_total`, `call_bytes_in_total`, `call_packets_out_total`, `call_bytes_out_total`, `call_nacks_served_total`, `call_plis_sent_total` | counter | `call` |
+//!
+//! The unlabelled counters cover every call since the start, ended ones
+//! included ([`Metrics::remove_call`] folds an ended call's figures into
+//! them), so they never go down; the `call_*` series exist while the call
+//! does.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Prefix of every metric name.
+const PREFIX: &str = "groupcall_focus_";
+
+/// The figures of one call, as the forwarder counts them. Counters
+/// (`packets_*`, `bytes_*`, `nacks_served`, `plis_sent`) are cumulative
+/// since the call started at the focus; `participants` and `tracks` are
+/// the current numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallFigures {
+    /// Participants connected to the focus in this call.
+    pub participants: u64,
+    /// Tracks published (uploaded) to the focus in this call.
+    pub tracks: u64,
+    /// RTP/RTCP packets received from participants.
+    pub packets_in: u64,
+    /// Bytes received from participants.
+    pub bytes_in: u64,
+    /// Packets sent to participants.
+    pub packets_out: u64,
+    /// Bytes sent to participants.
+    pub bytes_out: u64,
+    /// Retransmissions sent in answer to NACKs (from the packet cache).
+    pub nacks_served: u64,
+    /// Keyframe requests (PLI/FIR) sent to publishers.
+    pub plis_sent: u64,
+}
+
+impl CallFigures {
+    /// `self + other`, counter by counter (gauges too).
+    fn plus(self, o: CallFigures) -> CallFigures {
+        CallFigures {
+            participants: self.participants + o.participants,
+            tracks: self.tracks + o.tracks,
+            packets_in: self.packets_in + o.packets_in,
+            bytes_in: self.bytes_in + o.bytes_in,
+            packets_out: self.packets_out + o.packets_out,
+            bytes_out: self.bytes_out + o.bytes_out,
+            nacks_served: self.nacks_served + o.nacks_served,
+            plis_sent: self.plis_sent + o.plis_sent,
+        }
+    }
+}
+
+/// The focus's counters and gauges (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    draining: bool,
+    rooms: u64,
+    /// Live calls by label.
+    calls: BTreeMap<String, CallFigures>,
+    /// The counters of calls that ended.
+    ended: CallFigures,
+    drops: BTreeMap<String, u64>,
+    refusals: BTreeMap<String, u64>,
+}
+
+impl Metrics {
+    /// No calls, every counter 0.
+    pub fn new() -> Metrics {
+        Metrics::default()
+    }
+
+    /// Sets the figures of the call labelled `call` (e.g.
+    /// `!room:server/call-id`), adding it if it is new.
+    pub fn set_call(&mut self, call: &str, figures: CallFigures) {
+        match self.calls.get_mut(call) {
+            Some(f) => *f = figures,
+            None => {
+                self.calls.insert(call.to_owned(), figures);
+            }
+        }
+    }
+
+    /// The call ended: its series go, its counters stay in the totals.
+    pub fn remove_call(&mut self, call: &str) {
+        if let Some(f) = self.calls.remove(call) {
+            self.ended = self.ended.plus(CallFigures {
+                participants: 0,
+                tracks: 0,
+                ..f
+            });
+        }
+    }
+
+    /// Counts one refusal (an invite declined, a call refused, a
+    /// subscription denied...) with its reason, e.g. `invite_not_allowed`.
+    pub fn add_refusal(&mut self, reason: &str) {
+        add(&mut self.refusals, reason, 1);
+    }
+
+    /// Counts `n` dropped packets with their reason, e.g. `queue_full`.
+    pub fn add_drops(&mut self, reason: &str, n: u64) {
+        add(&mut self.drops, reason, n);
+    }
+
+    /// Sets the number of joined rooms.
+    pub fn set_rooms(&mut self, rooms: u64) {
+        self.rooms = rooms;
+    }
+
+    /// Sets whether the focus is draining (stopping).
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// Refusals counted with `reason`.
+    pub fn refusals(&self, reason: &str) -> u64 {
+        self.refusals.get(reason).copied().unwrap_or(0)
+    }
+
+    /// Drops counted with `reason`.
+    pub fn drops(&self, reason: &str) -> u64 {
+        self.drops.get(reason).copied().unwrap_or(0)
+    }
+
+    /// Live calls.
+    pub fn calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// The sum of every call's figures, ended calls' counters included
+    /// (`participants` and `tracks`: live calls only).
+    pub fn totals(&self) -> CallFigures {
+        self.calls.values().fold(self.ended, |sum, f| sum.plus(*f))
+    }
+
+    /// The Prometheus text exposition (format 0.0.4; serve it with
+    /// [`CONTENT_TYPE`]). Families in a fixed order, series sorted by
+    /// label.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048 + 512 * self.calls.len());
+        self.render_into(&mut out);
+        out
+    }
+
+    /// [`Metrics::render`] into `out` (appended).
+    pub fn render_into(&self, out: &mut String) {
+        let t = self.totals();
+        let mut w = Writer { out };
+        w.single(
+            "draining",
+            Kind::Gauge,
+            "1 while the focus is draining (stopping), else 0.",
+            u64::from(self.draining),
+        );
+        w.single(
+            "rooms",
+            Kind::Gauge,
+            "Rooms the focus has joined.",
+            self.rooms,
+        );
+        w.single(
+            "calls",
+            Kind::Gauge,
+            "Calls with participants at the focus.",
+            self.calls.len() as u64,
+        );
+        w.single(
+            "participants",
+            Kind::Gauge,
+            "Participants connected to the focus, over all calls.",
+            t.participants,
+        );
+        w.single(
+            "tracks",
+            Kind::Gauge,
+            "Tracks published to the focus, over all calls.",
+            t.tracks,
+        );
+        for (name, help, get) in COUNTERS {
+            w.single(
+                &format!("{name}_total"),
+                Kind::Counter,
+                &format!("{help}, over all calls since the start."),
+                get(&t),
+            );
+        }
+        w.labelled(
+            "drops_total",
+            Kind::Counter,
+            "Packets dropped, by reason.",
+            "reason",
+            self.drops.iter().map(|(k, v)| (k.as_str(), *v)),
+        );
+        w.labelled(
+            "refusals_total",
+            Kind::Counter,
+            "Requests refused (invites, calls, subscriptions), by reason.",
+            "reason",
+            self.refusals.iter().map(|(k, v)| (k.as_str(), *v)),
+        );
+        let calls = || self.calls.iter().map(|(k, f)| (k.as_str(), f));
+        w.labelled(
+            "call_participants",
+            Kind::Gauge,
+            "Participants connected to the focus, per call.",
+            "call",
+            calls().map(|(k, f)| (k, f.participants)),
+        );
+        w.labelled(
+            "call_tracks",
+            Kind::Gauge,
+            "Tracks published to the focus, per call.",
+            "call",
+            calls().map(|(k, f)| (k, f.tracks)),
+        );
+        for (name, help, get) in COUNTERS {
+            w.labelled(
+                &format!("call_{name}_total"),
+                Kind::Counter,
+                &format!("{help}, per call."),
+                "call",
+                calls().map(|(k, f)| (k, get(f))),
+            );
+        }
+    }
+}
+
+/// The per-call counters: name (without `_total`), help, value.
+type CounterField = (&'static str, &'static str, fn(&CallFigures) -> u64);
+const COUNTERS: [CounterField; 6] = [
+    ("packets_in", "Packets received from participants", |f| {
+        f.packets_in
+    }),
+    ("bytes_in", "Bytes received from participants", |f| {
+        f.bytes_in
+    }),
+    ("packets_out", "Packets sent to participants", |f| {
+        f.packets_out
+    }),
+    ("bytes_out", "Bytes sent to participants", |f| f.bytes_out),
+    (
+        "nacks_served",
+        "Retransmissions sent in answer to NACKs",
+        |f| f.nacks_served,
+    ),
+    (
+        "plis_sent",
+        "Keyframe requests (PLI/FIR) sent to publishers",
+        |f| f.plis_sent,
+    ),
+];
+
+fn add(map: &mut BTreeMap<String, u64>, key: &str, n: u64) {
+    match map.get_mut(key) {
+        Some(v) => *v = v.saturating_add(n),
+        None => {
+            map.insert(key.to_owned(), n);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+struct Writer<'a> {
+    out: &'a mut String,
+}
+
+impl Writer<'_> {
+    fn header(&mut self, name: &str, kind: Kind, help: &str) {
+        let kind = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        };
+        let _ = writeln!(self.out, "# HELP {PREFIX}{name} {}", escape_help(help));
+        let _ = writeln!(self.out, "# TYPE {PREFIX}{name} {kind}");
+    }
+
+    fn single(&mut self, name: &str, kind: Kind, help: &str, value: u64) {
+        self.header(name, kind, help);
+        let _ = writeln!(self.out, "{PREFIX}{name} {value}");
+    }
+
+    fn labelled<'v>(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        help: &str,
+        label: &str,
+        series: impl Iterator<Item = (&'v str, u64)>,
+    ) {
+        self.header(name, kind, help);
+        for (value_label, value) in series {
+            let _ = writeln!(
+                self.out,
+                "{PREFIX}{name}{{{label}=\"{}\"}} {value}",
+                escape_label(value_label)
+            );
+        }
+    }
+}
+
+/// A label value: `\`, `"` and line feeds escaped.
+fn escape_label(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A `# HELP` text: `\` and line feeds escaped.
+fn escape_help(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_rendering() {
+        let text = Metrics::new().render();
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            [
+                "groupcall_focus_draining 0",
+                "groupcall_focus_rooms 0",
+                "groupcall_focus_calls 0",
+                "groupcall_focus_participants 0",
+                "groupcall_focus_tracks 0",
+                "groupcall_focus_packets_in_total 0",
+                "groupcall_focus_bytes_in_total 0",
+                "groupcall_focus_packets_out_total 0",
+                "groupcall_focus_bytes_out_total 0",
+                "groupcall_focus_nacks_served_total 0",
+                "groupcall_focus_plis_sent_total 0",
+            ]
+        );
+        // Every family has its HELP and TYPE, in that order.
+        assert_eq!(text.matches("# HELP ").count(), 21);
+        assert_eq!(text.matches("# TYPE ").count(), 21);
+    }
+
+    #[test]
+    fn golden_rendering() {
+        let mut m = Metrics::new();
+        m.set_rooms(2);
+        m.set_draining(true);
+        m.set_call(
+            "!a:x/c1",
+            CallFigures {
+                participants: 3,
+                tracks: 6,
+                packets_in: 100,
+                bytes_in: 10_000,
+                packets_out: 200,
+                bytes_out: 20_000,
+                nacks_served: 4,
+                plis_sent: 1,
+            },
+        );
+        m.set_call(
+            "!b:x/c\"2\\\n",
+            CallFigures {
+                participants: 1,
+                tracks: 2,
+                packets_in: 5,
+                ..CallFigures::default()
+            },
+        );
+        // An ended call: its counters stay in the totals.
+        m.set_call(
+            "!old:x/c0",
+            CallFigures {
+                participants: 2,
+                tracks: 2,
+                packets_in: 1000,
+                bytes_out: 7,
+                ..CallFigures::default()
+            },
+        );
+        m.remove_call("!old:x/c0");
+        m.add_refusal("invite_not_allowed");
+        m.add_refusal("invite_not_allowed");
+        m.add_refusal("plaintext");
+        m.add_drops("queue_full", 3);
+        let expected = r#"# HELP groupcall_focus_draining 1 while the focus is draining (stopping), else 0.
+# TYPE groupcall_focus_draining gauge
+groupcall_focus_draining 1
+# HELP groupcall_focus_rooms Rooms the focus has joined.
+# TYPE groupcall_focus_rooms gauge
+groupcall_focus_rooms 2
+# HELP groupcall_focus_calls Calls with participants at the focus.
+# TYPE groupcall_focus_calls gauge
+groupcall_focus_calls 2
+# HELP groupcall_focus_participants Participants connected to the focus, over all calls.
+# TYPE groupcall_focus_participants gauge
+groupcall_focus_participants 4
+# HELP groupcall_focus_tracks Tracks published to the focus, over all calls.
+# TYPE groupcall_focus_tracks gauge
+groupcall_focus_tracks 8
+# HELP groupcall_focus_packets_in_total Packets received from participants, over all calls since the start.
+# TYPE groupcall_focus_packets_in_total counter
+groupcall_focus_packets_in_total 1105
+# HELP groupcall_focus_bytes_in_total Bytes received from participants, over all calls since the start.
+# TYPE groupcall_focus_bytes_in_total counter
+groupcall_focus_bytes_in_total 10000
+# HELP groupcall_focus_packets_out_total Packets sent to participants, over all calls since the start.
+# TYPE groupcall_focus_packets_out_total counter
+groupcall_focus_packets_out_total 200
+# HELP groupcall_focus_bytes_out_total Bytes sent to participants, over all calls since the start.
+# TYPE groupcall_focus_bytes_out_total counter
+groupcall_focus_bytes_out_total 20007
+# HELP groupcall_focus_nacks_served_total Retransmissions sent in answer to NACKs, over all calls since the start.
+# TYPE groupcall_focus_nacks_served_total counter
+groupcall_focus_nacks_served_total 4
+# HELP groupcall_focus_plis_sent_total Keyframe requests (PLI/FIR) sent to publishers, over all calls since the start.
+# TYPE groupcall_focus_plis_sent_total counter
+groupcall_focus_plis_sent_total 1
+# HELP groupcall_focus_drops_total Packets dropped, by reason.
+# TYPE groupcall_focus_drops_total counter
+groupcall_focus_drops_total{reason="queue_full"} 3
+# HELP groupcall_focus_refusals_total Requests refused (invites, calls, subscriptions), by reason.
+# TYPE groupcall_focus_refusals_total counter
+groupcall_focus_refusals_total{reason="invite_not_allowed"} 2
+groupcall_focus_refusals_total{reason="plaintext"} 1
+# HELP groupcall_focus_call_participants Participants connected to the focus, per call.
+# TYPE groupcall_focus_call_participants gauge
+groupcall_focus_call_participants{call="!a:x/c1"} 3
+groupcall_focus_call_participants{call="!b:x/c\"2\\\n"} 1
+# HELP groupcall_focus_call_tracks Tracks published to the focus, per call.
+# TYPE groupcall_focus_call_tracks gauge
+groupcall_focus_call_tracks{call="!a:x/c1"} 6
+groupcall_focus_call_tracks{call="!b:x/c\"2\\\n"} 2
+# HELP groupcall_focus_call_packets_in_total Packets received from participants, per call.
+# TYPE groupcall_focus_call_packets_in_total counter
+groupcall_focus_call_packets_in_total{call="!a:x/c1"} 100
+groupcall_focus_call_packets_in_total{call="!b:x/c\"2\\\n"} 5
+# HELP groupcall_focus_call_bytes_in_total Bytes received from participants, per call.
+# TYPE groupcall_focus_call_bytes_in_total counter
+groupcall_focus_call_bytes_in_total{call="!a:x/c1"} 10000
+groupcall_focus_call_bytes_in_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_packets_out_total Packets sent to participants, per call.
+# TYPE groupcall_focus_call_packets_out_total counter
+groupcall_focus_call_packets_out_total{call="!a:x/c1"} 200
+groupcall_focus_call_packets_out_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_bytes_out_total Bytes sent to participants, per call.
+# TYPE groupcall_focus_call_bytes_out_total counter
+groupcall_focus_call_bytes_out_total{call="!a:x/c1"} 20000
+groupcall_focus_call_bytes_out_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_nacks_served_total Retransmissions sent in answer to NACKs, per call.
+# TYPE groupcall_focus_call_nacks_served_total counter
+groupcall_focus_call_nacks_served_total{call="!a:x/c1"} 4
+groupcall_focus_call_nacks_served_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_plis_sent_total Keyframe requests (PLI/FIR) sent to publishers, per call.
+# TYPE groupcall_focus_call_plis_sent_total counter
+groupcall_focus_call_plis_sent_total{call="!a:x/c1"} 1
+groupcall_focus_call_plis_sent_total{call="!b:x/c\"2\\\n"} 0
+"#;
+        let got = m.render();
+        for (i, (g, e)) in got.lines().zip(expected.lines()).enumerate() {
+            assert_eq!(g, e, "line {}", i + 1);
+        }
+        assert_eq!(got, expected);
+        assert_eq!(m.refusals("invite_not_allowed"), 2);
+        assert_eq!(m.refusals("nothing"), 0);
+        assert_eq!(m.drops("queue_full"), 3);
+        assert_eq!(m.calls(), 2);
+    }
+
+    #[test]
+    fn totals_never_go_down_when_calls_end() {
+        let mut m = Metrics::new();
+        let f = CallFigures {
+            participants: 2,
+            packets_out: 10,
+            ..CallFigures::default()
+        };
+        m.set_call("c", f);
+        m.set_call(
+            "c",
+            CallFigures {
+                packets_out: 15,
+                ..f
+            },
+        );
+        assert_eq!(m.totals().packets_out, 15);
+        m.remove_call("c");
+        m.remove_call("c");
+        assert_eq!(m.totals().packets_out, 15);
+        assert_eq!(m.totals().participants, 0);
+        assert_eq!(m.calls(), 0);
+    }
+
+    #[test]
+    fn escaping() {
+        assert_eq!(escape_label(r#"a\b"c"#), r#"a\\b\"c"#);
+        assert_eq!(escape_label("l1\nl2"), "l1\\nl2");
+        assert_eq!(escape_help("a\\b\nc\"d"), "a\\\\b\\nc\"d");
+    }
+}

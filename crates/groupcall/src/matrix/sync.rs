@@ -44,6 +44,18 @@ pub enum MatrixInput {
         /// Whether the event arrived Olm-encrypted.
         encrypted: bool,
     },
+    /// We were invited to a room (reported with every sync that lists the
+    /// room under `invite`: once when the invite arrives, and again in a
+    /// full initial sync while it is pending). Accept with
+    /// [`MatrixSession::join_room`], decline with
+    /// [`MatrixSession::leave_room`].
+    Invited {
+        /// The room.
+        room_id: String,
+        /// Who invited us: the sender of our `m.room.member` invite event
+        /// in the invite's stripped state, if it is there.
+        inviter: Option<String>,
+    },
     /// A sync succeeded after the loop started (`first == true`) or after
     /// an outage (`first == false`); everything before it in the channel
     /// is caught up with the homeserver.
@@ -174,7 +186,7 @@ impl MatrixSession {
                     if outage {
                         info!(user_id = %self.user_id, "sync recovered");
                     }
-                    if deliver(&tx, response).await.is_err() {
+                    if deliver(&tx, response, self.user_id.as_str()).await.is_err() {
                         break;
                     }
                     if (first || outage) && tx.send(MatrixInput::Synced { first }).await.is_err() {
@@ -222,10 +234,28 @@ impl MatrixSession {
 }
 
 /// Sends the inputs of one sync response; `Err` when the receiver is gone.
-async fn deliver(tx: &mpsc::Sender<MatrixInput>, response: SyncResponse) -> Result<(), ()> {
+async fn deliver(
+    tx: &mpsc::Sender<MatrixInput>,
+    response: SyncResponse,
+    own_user_id: &str,
+) -> Result<(), ()> {
     let SyncResponse {
         rooms, to_device, ..
     } = response;
+    for (room_id, invited) in &rooms.invited {
+        let events: Vec<Value> = invited
+            .invite_state
+            .events
+            .iter()
+            .filter_map(|raw| raw.deserialize_as::<Value>().ok())
+            .collect();
+        tx.send(MatrixInput::Invited {
+            room_id: room_id.to_string(),
+            inviter: inviter(&events, own_user_id),
+        })
+        .await
+        .map_err(|_| ())?;
+    }
     let joined = rooms
         .joined
         .into_iter()
@@ -285,6 +315,20 @@ fn room_state_events(room_id: &str, state: State, timeline: Timeline) -> Vec<Val
         }
     }
     out
+}
+
+/// The sender of the `m.room.member` event that invites `own_user_id`,
+/// among a room's stripped invite state.
+fn inviter(invite_state: &[Value], own_user_id: &str) -> Option<String> {
+    invite_state
+        .iter()
+        .find(|v| {
+            v.get("type").and_then(Value::as_str) == Some("m.room.member")
+                && v.get("state_key").and_then(Value::as_str) == Some(own_user_id)
+                && v.pointer("/content/membership").and_then(Value::as_str) == Some("invite")
+        })
+        .and_then(|v| v.get("sender").and_then(Value::as_str))
+        .map(str::to_owned)
 }
 
 fn to_device_input(ev: ProcessedToDeviceEvent) -> Option<MatrixInput> {
@@ -423,6 +467,20 @@ mod tests {
                 encrypted: false,
             }
         );
+    }
+
+    #[test]
+    fn inviter_is_the_sender_of_our_invite() {
+        let events = [
+            json!({"type": "m.room.create", "state_key": "", "sender": "@c:x", "content": {}}),
+            json!({"type": "m.room.member", "state_key": "@c:x", "sender": "@c:x",
+                   "content": {"membership": "join"}}),
+            json!({"type": "m.room.member", "state_key": "@bot:x", "sender": "@a:x",
+                   "content": {"membership": "invite"}}),
+        ];
+        assert_eq!(inviter(&events, "@bot:x").as_deref(), Some("@a:x"));
+        assert_eq!(inviter(&events, "@other:x"), None);
+        assert_eq!(inviter(&events[..2], "@bot:x"), None);
     }
 
     #[test]
