@@ -49,6 +49,16 @@ pub enum Cmd {
     /// (summary.json, timeline.svg, index.html, recordings). Everything it
     /// started is stopped at the end, on errors and on SIGINT/SIGTERM.
     Demo(DemoArgs),
+    /// Run a focus (an SFU, MSC3898) as a Matrix device of a bot account.
+    ///
+    /// Reads focus.toml (see docs/focus.example.toml and docs/focus.md),
+    /// logs in (reusing the device stored in its data_dir), joins the rooms
+    /// it is invited to by users or servers on its allow-list (declining the
+    /// others), and serves GET /health and GET /metrics on http_listen.
+    /// SIGTERM or SIGINT drains: it stops accepting, and exits 0 after
+    /// drain.grace_period (a second signal stops it at once, exit 1). Media
+    /// forwarding is not built yet.
+    Focus(FocusArgs),
     /// Benchmarks against the reference implementation (matrix-js-sdk).
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -346,6 +356,14 @@ impl From<Intent> for CallIntent {
             Intent::Room => CallIntent::Room,
         }
     }
+}
+
+/// Arguments of `groupcall focus`.
+#[derive(Args)]
+pub struct FocusArgs {
+    /// The configuration file (focus.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
 }
 
 /// Arguments of `groupcall synapse`.

@@ -7,6 +7,8 @@
 //!   room, for trying things out and for tests.
 //! - `groupcall demo`: the whole system on a fresh machine: a local Synapse,
 //!   N participants, live progress, a summary table and a report.
+//! - `groupcall focus`: a focus (SFU, MSC3898) as a Matrix bot device,
+//!   configured by focus.toml.
 //! - `groupcall bench setup`: call setup time, signalling and CPU against
 //!   the reference implementation (matrix-js-sdk).
 
@@ -17,6 +19,7 @@ mod args;
 mod bench;
 mod commands;
 mod demo;
+mod focus;
 mod join;
 mod local;
 mod output;
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
             Cmd::Join(args) => join::run(args).await,
             Cmd::Synapse(args) => synapse::run(args).await,
             Cmd::Demo(args) => demo::run(args).await,
+            Cmd::Focus(args) => focus::run(args).await,
             Cmd::Bench(BenchCmd::Setup(args)) => bench::run_setup(args).await,
         }
     });
@@ -145,7 +149,7 @@ fn init_logging(quiet: bool) {
     } else {
         format!(
             "warn,groupcall=info,groupcall_proto=info,groupcall_media=info,\
-             groupcall_synapse=info,{QUIET_SDK}"
+             groupcall_synapse=info,groupcall_focus=info,{QUIET_SDK}"
         )
     };
     let filter = match std::env::var("RUST_LOG") {

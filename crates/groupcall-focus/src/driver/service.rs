@@ -195,7 +195,7 @@ impl FocusService {
             http_addr,
             control: control_tx,
             status: status_rx,
-            task,
+            task: Some(task),
         })
     }
 }
@@ -209,7 +209,8 @@ pub struct FocusHandle {
     http_addr: Option<SocketAddr>,
     control: mpsc::UnboundedSender<Control>,
     status: watch::Receiver<Status>,
-    task: JoinHandle<Result<(), DriverError>>,
+    /// `None` once [`FocusHandle::wait`] saw it end.
+    task: Option<JoinHandle<Result<(), DriverError>>>,
 }
 
 impl FocusHandle {
@@ -246,9 +247,15 @@ impl FocusHandle {
     }
 
     /// Waits until the service stops: `Ok` after a drain, the error if it
-    /// failed.
-    pub async fn wait(self) -> Result<(), DriverError> {
-        match self.task.await {
+    /// failed (reported once; later calls return `Ok`). Cancel-safe: it may
+    /// be raced against other futures (e.g. signals) and called again.
+    pub async fn wait(&mut self) -> Result<(), DriverError> {
+        let Some(task) = self.task.as_mut() else {
+            return Ok(());
+        };
+        let result = task.await;
+        self.task = None;
+        match result {
             Ok(r) => r,
             Err(e) => Err(DriverError::Task(e.to_string())),
         }
@@ -399,6 +406,9 @@ impl<C: FocusCore> Service<C> {
 
     fn on_state(&mut self, room_id: String, event: &Value) {
         let now = now_ms();
+        let event_type = event.get("type").and_then(Value::as_str).unwrap_or("");
+        let state_key = event.get("state_key").and_then(Value::as_str).unwrap_or("");
+        debug!(room_id, event_type, state_key, "state event");
         // Not `or_default()`: `RoomCallState::default()` does not require
         // room membership `join`; `new()` does.
         #[allow(clippy::unwrap_or_default)]
@@ -406,35 +416,35 @@ impl<C: FocusCore> Service<C> {
             .rooms
             .entry(room_id.clone())
             .or_insert_with(RoomCallState::new);
-        match room.apply_json(event, now) {
+        let outs = match room.apply_json(event, now) {
             Ok(changes) if !changes.is_empty() => {
-                let outs = self.core.room_changed(now, &room_id, room, &changes);
-                self.send(outs);
+                debug!(room_id, ?changes, "call state changed");
+                self.core.room_changed(now, &room_id, room, &changes)
             }
-            Ok(_) => {}
-            Err(e) => debug!(room_id, error = %e, "ignoring a state event"),
-        }
-        let own_membership = event.get("type").and_then(Value::as_str) == Some("m.room.member")
-            && event.get("state_key").and_then(Value::as_str) == Some(self.own_user.as_str());
-        if !own_membership {
-            return;
-        }
-        let membership = event
-            .pointer("/content/membership")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        if membership == "join" {
-            if self.joined.insert(room_id.clone()) {
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                debug!(room_id, error = %e, "ignoring a state event");
+                Vec::new()
+            }
+        };
+        // Our own membership, as this room's state now has it (whatever
+        // order the sync listed the events in: an earlier invite event of
+        // ours must not drop what came before our join).
+        let own = room.membership(&self.own_user).map(str::to_owned);
+        self.send(outs);
+        match own.as_deref() {
+            Some("join") if self.joined.insert(room_id.clone()) => {
                 info!(room_id, "focus: in room");
             }
-        } else {
-            self.rooms.remove(&room_id);
-            if self.joined.remove(&room_id) {
-                let by = event.get("sender").and_then(Value::as_str).unwrap_or("");
-                info!(room_id, membership, by, "focus: no longer in room");
-                let outs = self.core.room_left(now, &room_id);
-                self.send(outs);
+            Some(membership @ ("leave" | "ban")) => {
+                self.rooms.remove(&room_id);
+                if self.joined.remove(&room_id) {
+                    info!(room_id, membership, "focus: no longer in room");
+                    let outs = self.core.room_left(now, &room_id);
+                    self.send(outs);
+                }
             }
+            _ => {}
         }
     }
 
