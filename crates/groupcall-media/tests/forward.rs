@@ -837,3 +837,125 @@ fn d_glare_is_resolved_by_the_polite_focus_rolling_back() {
         "{stats:?}"
     );
 }
+
+/// The data channel through the tokio host and its handles, over real UDP
+/// on 127.0.0.1: the client side (`MediaPeer::send_channel`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_channel_works_through_media_peer_handles() {
+    use groupcall_media::MediaPeer;
+    use groupcall_testkit::media::peer_event_until;
+    let wait = Duration::from_secs(10);
+    let (client, mut client_ev) = MediaPeer::new(channel_peer()).await.unwrap();
+    let (focus, mut focus_ev) = MediaPeer::new(focus_peer()).await.unwrap();
+    assert!(matches!(
+        client.send_channel("early").await,
+        Err(MediaError::ChannelNotOpen)
+    ));
+    let offer = client
+        .create_offer(&[LocalFeed::usermedia("c")])
+        .await
+        .unwrap();
+    let answer = focus.accept_offer(&offer, &[]).await.unwrap();
+    client.apply_answer(&answer).await.unwrap();
+    let is_open = |e: &PeerEvent| matches!(e, PeerEvent::ChannelOpen { .. });
+    peer_event_until(&mut client_ev, wait, "client channel open", is_open).await;
+    peer_event_until(&mut focus_ev, wait, "focus channel open", is_open).await;
+    client.send_channel("{\"a\":1}").await.unwrap();
+    let ev = peer_event_until(&mut focus_ev, wait, "message at the focus", |e| {
+        matches!(e, PeerEvent::ChannelMessage { .. })
+    })
+    .await;
+    assert!(matches!(ev, PeerEvent::ChannelMessage { text } if text == "{\"a\":1}"));
+    focus.send_channel("{\"b\":2}").await.unwrap();
+    let ev = peer_event_until(&mut client_ev, wait, "message at the client", |e| {
+        matches!(e, PeerEvent::ChannelMessage { .. })
+    })
+    .await;
+    assert!(matches!(ev, PeerEvent::ChannelMessage { text } if text == "{\"b\":2}"));
+    client.close().await.unwrap();
+    peer_event_until(&mut focus_ev, wait, "focus sees the close", |e| {
+        matches!(e, PeerEvent::ChannelClosed | PeerEvent::Closed)
+    })
+    .await;
+}
+
+/// Per-packet fields between two forwarding peers: what one writes (with
+/// an audio level, a rewritten VP8 PictureID) the other reads back.
+#[test]
+fn rtp_fields_survive_a_forwarding_hop() {
+    let mut net = Net::new(2);
+    let (a, b) = (0, 1);
+    let tx = net.add_peer(a, 1, focus_peer());
+    let rx = net.add_peer(b, 1, focus_peer());
+    net.negotiate((a, tx), vec![LocalFeed::usermedia("s")], (b, rx), vec![]);
+    let mut ready: HashMap<TrackKind, Mid> = HashMap::new();
+    let mut connected = 0;
+    while ready.len() < 2 || connected < 2 {
+        assert!(net.elapsed() < Duration::from_secs(5));
+        for (set, _, ev) in net.step() {
+            match ev {
+                PeerEvent::LocalTrackReady { kind, mid, .. } if set == a => {
+                    ready.insert(kind, mid);
+                }
+                PeerEvent::Connected => connected += 1,
+                _ => {}
+            }
+        }
+    }
+    // VP8 descriptor with a 15-bit PictureID (0x1234), then a key frame tag.
+    let vp8: Arc<[u8]> = Arc::from(&[0x90, 0x80, 0x92, 0x34, 0x00, 0x01, 0x02][..]);
+    let opus: Arc<[u8]> = Arc::from(&[0xfc, 0x01, 0x02, 0x03][..]);
+    for i in 0..5u64 {
+        for (kind, payload) in [(TrackKind::Audio, &opus), (TrackKind::Video, &vp8)] {
+            net.send(
+                a,
+                tx,
+                Request::WriteRtp(RtpOut {
+                    mid: ready[&kind],
+                    pt: None,
+                    seq: 100 + i,
+                    timestamp: 9000 + i as u32 * 960,
+                    marker: i == 4,
+                    audio_level: (kind == TrackKind::Audio).then_some(-33),
+                    voice_activity: (kind == TrackKind::Audio).then_some(true),
+                    nackable: false,
+                    vp8_picture_id: (kind == TrackKind::Video).then_some(0x0555),
+                    payload: Arc::clone(payload),
+                    wallclock: net.now,
+                }),
+            );
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        assert!(net.elapsed() < Duration::from_secs(6), "{}", got.len());
+        for (set, _, ev) in net.step() {
+            if let (1, PeerEvent::Rtp(p)) = (set, ev) {
+                got.push(p);
+            }
+        }
+    }
+    for p in &got {
+        let i = p.seq - 100;
+        assert!(i < 5, "{p:?}");
+        assert_eq!(p.timestamp, 9000 + i as u32 * 960);
+        assert_eq!(p.marker, i == 4);
+        match p.kind {
+            TrackKind::Audio => {
+                assert_eq!((p.audio_level, p.voice_activity), (Some(-33), Some(true)));
+                assert_eq!(&p.payload[..], &opus[..]);
+                assert!(!p.keyframe_start);
+            }
+            TrackKind::Video => {
+                // PictureID rewritten to 0x0555 (15 bits, M bit kept).
+                assert_eq!(&p.payload[..], &[0x90, 0x80, 0x85, 0x55, 0x00, 0x01, 0x02]);
+                assert!(p.keyframe_start);
+            }
+        }
+    }
+    let stats = net.stats(b, rx);
+    assert!(
+        stats.remote.iter().all(|r| r.received.frames == 5),
+        "{stats:?}"
+    );
+}
