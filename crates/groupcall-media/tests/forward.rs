@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use groupcall_media::{
-    Answer, FrameSource, IvfRecorder, IvfSource, LocalFeed, MediaError, Mid, OggOpusRecorder,
-    OggOpusSource, PeerConfig, PeerEvent, PeerId, PeerSet, PeerStats, Reply, Request, RequestId,
-    RtpOut, SetInput, SetOutput, SinkFilter, TrackKind, Transmit,
+    Answer, FrameSource, IvfRecorder, IvfSource, LocalFeed, MAX_CHANNEL_MESSAGE, MediaError, Mid,
+    OggOpusRecorder, OggOpusSource, PeerConfig, PeerEvent, PeerId, PeerSet, PeerStats, Reply,
+    Request, RequestId, RtpOut, SetInput, SetOutput, SinkFilter, TrackKind, Transmit,
 };
 
 /// A peer's event, with the set (index) and peer it came from.
@@ -324,8 +324,15 @@ fn a_data_channel_opens_and_carries_text_both_ways() {
         vec![pong]
     );
 
-    // Bounded: without time passing, big messages fill str0m's SCTP send
-    // buffer and the next one is refused, not queued.
+    // Bounded: a message larger than the send buffer is refused outright;
+    // without time passing, big messages fill the buffer and the next one
+    // is refused, not queued.
+    let huge = "x".repeat(MAX_CHANNEL_MESSAGE + 1);
+    let r = net.call(c, client, Request::SendChannel { text: huge });
+    assert!(
+        matches!(r, Err(MediaError::ChannelMessageTooLarge { max, .. }) if max == MAX_CHANNEL_MESSAGE),
+        "{r:?}"
+    );
     let big = "x".repeat(60_000);
     let results: Vec<Answer> = (0..4)
         .map(|_| net.call(c, client, Request::SendChannel { text: big.clone() }))

@@ -159,6 +159,7 @@ fn is_ordered(r: &Request) -> bool {
             | Request::LocalCandidates
             | Request::ApplyAnswer { .. }
             | Request::AddRemoteCandidate { .. }
+            | Request::Rollback
     )
 }
 
