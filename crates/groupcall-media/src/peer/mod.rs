@@ -22,7 +22,7 @@
 //! holding up other peers), so they usually carry every candidate; later
 //! ones are reported as [`PeerEvent::LocalCandidates`] for trickling.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::poll_fn;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
