@@ -983,3 +983,101 @@ fn rtp_fields_survive_a_forwarding_hop() {
         "{stats:?}"
     );
 }
+
+/// Item 3: the focus adds and removes send tracks after connection by
+/// renegotiation; the client reports them coming and going with their
+/// msid; writes to a removed track are dropped and counted.
+#[test]
+fn send_tracks_come_and_go_by_renegotiation() {
+    let mut net = Net::new(2);
+    let (s, f) = (0, 1);
+    let client = net.add_peer(
+        s,
+        1,
+        PeerConfig {
+            data_channel: true,
+            receive_audio: false,
+            receive_video: false,
+            ..PeerConfig::default()
+        },
+    );
+    let focus = net.add_peer(f, 1, focus_peer());
+    net.negotiate((s, client), vec![], (f, focus), vec![]);
+    let mut seen = net.run_until(Duration::from_secs(5), "connected", |seen| {
+        seen.iter()
+            .filter(|e| matches!(e.2, PeerEvent::Connected))
+            .count()
+            == 2
+    });
+    let step_and_take = |net: &mut Net, feeds: Vec<LocalFeed>| -> Vec<Ev> {
+        net.negotiate((f, focus), feeds, (s, client), vec![]);
+        let mut evs = net.step();
+        evs.extend(net.step());
+        evs
+    };
+    let tracks = |evs: &[Ev], removed: bool| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = evs
+            .iter()
+            .filter(|e| e.0 == s)
+            .filter_map(|e| match (&e.2, removed) {
+                (PeerEvent::RemoteTrack { track_id, mid, .. }, false)
+                | (PeerEvent::RemoteTrackRemoved { track_id, mid, .. }, true) => {
+                    Some((track_id.clone(), mid.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // Subscribe to p1 (audio and video).
+    let evs = step_and_take(&mut net, vec![LocalFeed::usermedia("p1")]);
+    let added = tracks(&evs, false);
+    assert_eq!(
+        added.iter().map(|t| t.0.as_str()).collect::<Vec<_>>(),
+        ["p1-audio", "p1-video"]
+    );
+    let ready: Vec<Mid> = evs
+        .iter()
+        .filter_map(|e| match &e.2 {
+            PeerEvent::LocalTrackReady { mid, .. } if e.0 == f => Some(*mid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ready.len(), 2);
+    seen.extend(evs);
+    // Unsubscribe p1, subscribe p2 (a screenshare).
+    let evs = step_and_take(&mut net, vec![LocalFeed::screenshare("p2")]);
+    assert_eq!(tracks(&evs, true), added);
+    let p2 = tracks(&evs, false);
+    assert_eq!(p2.len(), 1);
+    assert_eq!(p2[0].0, "p2-video");
+    // A removed track's m-line is not reused for another track.
+    assert!(added.iter().all(|(_, mid)| *mid != p2[0].1));
+    // Writing to p1's old m-line: dropped, counted.
+    for mid in &ready {
+        net.send(
+            f,
+            focus,
+            Request::WriteRtp(RtpOut {
+                mid: *mid,
+                pt: None,
+                seq: 1,
+                timestamp: 0,
+                marker: true,
+                audio_level: None,
+                voice_activity: None,
+                nackable: false,
+                vp8_picture_id: None,
+                payload: Arc::from(&[0x10u8, 0, 0][..]),
+                wallclock: net.now,
+            }),
+        );
+    }
+    assert_eq!(net.stats(f, focus).rtp_write_dropped, 2);
+    // Unsubscribe everything.
+    let evs = step_and_take(&mut net, vec![]);
+    assert_eq!(tracks(&evs, true), p2);
+    let stats = net.stats(s, client);
+    assert!(stats.remote.iter().all(|r| !r.active), "{stats:?}");
+}
