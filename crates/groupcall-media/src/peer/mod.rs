@@ -163,8 +163,9 @@ pub struct PeerConfig {
     /// Forwarding mode (for a focus / SFU): str0m's RTP mode. Media is not
     /// depacketized: every received RTP packet is reported as
     /// [`PeerEvent::Rtp`], and local tracks carry RTP packets written with
-    /// [`Request::WriteRtp`] (no frames, no sources, no sinks). Default
-    /// `false`.
+    /// [`Request::WriteRtp`] (no frames, no sources, no sinks). A focus
+    /// usually also turns `receive_audio` and `receive_video` off (its
+    /// offers then carry only the tracks it sends). Default `false`.
     pub forward: bool,
     /// Open a data channel labelled [`DATA_CHANNEL_LABEL`] in this peer's
     /// first offer (MSC3898: the client opens it in the initial offer).
