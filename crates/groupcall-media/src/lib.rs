@@ -54,8 +54,8 @@ mod types;
 pub use ice::{IceServer, IceTransport, IceUrl, IceUrlError, IceUrlScheme};
 pub use peer::set::{PeerId, PeerSet, RequestId, SetInput, SetOutput, Transmit};
 pub use peer::{
-    Answer, DATA_CHANNEL_LABEL, MediaError, MediaHost, MediaPeer, Mid, PeerConfig, PeerEvent,
-    PeerEvents, Reply, Request, Rid, RtpIn, RtpOut, live_socket_count,
+    Answer, DATA_CHANNEL_LABEL, MAX_CHANNEL_MESSAGE, MediaError, MediaHost, MediaPeer, Mid,
+    PeerConfig, PeerEvent, PeerEvents, Reply, Request, Rid, RtpIn, RtpOut, live_socket_count,
 };
 pub use sink::{CounterSink, FrameSink, IvfRecorder, OggOpusRecorder, SinkError, SinkFilter};
 pub use source::{FrameSource, IvfSource, OggOpusSource, SourceError, SourceFrame};

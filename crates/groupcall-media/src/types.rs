@@ -165,7 +165,8 @@ pub struct RemoteTrackStats {
     pub mid: String,
     /// Whether the remote currently sends this track.
     pub active: bool,
-    /// Received frames.
+    /// Received frames (on a forwarding peer: RTP packets, `keyframes`
+    /// counting the first packets of VP8 key frames).
     pub received: Counters,
 }
 
@@ -184,7 +185,9 @@ pub struct LocalTrackStats {
     pub muted: bool,
     /// Whether a source is attached.
     pub has_source: bool,
-    /// Frames handed to the WebRTC stack.
+    /// Frames handed to the WebRTC stack (on a forwarding peer: RTP
+    /// packets written, `keyframes` counting first packets of VP8 key
+    /// frames).
     pub sent: Counters,
 }
 

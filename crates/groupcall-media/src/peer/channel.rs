@@ -65,6 +65,12 @@ impl PeerState {
     /// bounded SCTP buffer). The caller drains.
     pub(super) fn send_channel(&mut self, text: &str) -> Result<(), MediaError> {
         let id = self.channel.ok_or(MediaError::ChannelNotOpen)?;
+        if text.len() > MAX_CHANNEL_MESSAGE {
+            return Err(MediaError::ChannelMessageTooLarge {
+                len: text.len(),
+                max: MAX_CHANNEL_MESSAGE,
+            });
+        }
         let mut ch = self.rtc.channel(id).ok_or(MediaError::ChannelNotOpen)?;
         let accepted = ch
             .write(false, text.as_bytes())

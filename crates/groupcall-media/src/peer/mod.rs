@@ -22,7 +22,7 @@
 //! holding up other peers), so they usually carry every candidate; later
 //! ones are reported as [`PeerEvent::LocalCandidates`] for trickling.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::poll_fn;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -99,6 +99,15 @@ pub enum MediaError {
         /// The size of the refused message.
         len: usize,
     },
+    /// The message is larger than the data channel's send buffer
+    /// ([`MAX_CHANNEL_MESSAGE`]): it can never be sent.
+    #[error("data channel message too large ({len} bytes, at most {max})")]
+    ChannelMessageTooLarge {
+        /// The size of the refused message.
+        len: usize,
+        /// The largest message that can be sent.
+        max: usize,
+    },
     /// The request needs a forwarding peer ([`PeerConfig::forward`]), or
     /// one that is not (frames on a forwarding peer).
     #[error("not possible in this peer's mode: {0}")]
@@ -154,8 +163,9 @@ pub struct PeerConfig {
     /// Forwarding mode (for a focus / SFU): str0m's RTP mode. Media is not
     /// depacketized: every received RTP packet is reported as
     /// [`PeerEvent::Rtp`], and local tracks carry RTP packets written with
-    /// [`Request::WriteRtp`] (no frames, no sources, no sinks). Default
-    /// `false`.
+    /// [`Request::WriteRtp`] (no frames, no sources, no sinks). A focus
+    /// usually also turns `receive_audio` and `receive_video` off (its
+    /// offers then carry only the tracks it sends). Default `false`.
     pub forward: bool,
     /// Open a data channel labelled [`DATA_CHANNEL_LABEL`] in this peer's
     /// first offer (MSC3898: the client opens it in the initial offer).
@@ -166,6 +176,11 @@ pub struct PeerConfig {
 
 /// The label of the data channel a peer opens ([`PeerConfig::data_channel`]).
 pub const DATA_CHANNEL_LABEL: &str = "m.call";
+
+/// The largest data channel message [`Request::SendChannel`] takes: str0m's
+/// SCTP send buffer (128 KiB), which is below the 256 KiB
+/// `max-message-size` browsers and str0m advertise.
+pub const MAX_CHANNEL_MESSAGE: usize = 128 * 1024;
 
 impl Default for PeerConfig {
     fn default() -> Self {
@@ -414,8 +429,9 @@ pub enum Request {
     Close,
     /// Send a text message on the data channel. Answered with
     /// [`Reply::Done`], or an error when no channel is open
-    /// ([`MediaError::ChannelNotOpen`]) or its send buffer cannot take the
-    /// message ([`MediaError::ChannelFull`]: nothing is queued).
+    /// ([`MediaError::ChannelNotOpen`]), its send buffer cannot take the
+    /// message now ([`MediaError::ChannelFull`]: nothing is queued) or ever
+    /// ([`MediaError::ChannelMessageTooLarge`]).
     SendChannel {
         /// The message (MSC3898 messages are JSON text).
         text: String,

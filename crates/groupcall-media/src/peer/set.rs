@@ -129,7 +129,9 @@ pub struct PeerSet {
     by_ufrag: HashMap<String, PeerId>,
     /// Peers touched since their outputs were last taken: only these are
     /// looked at after an input (not every peer per datagram).
-    dirty: BTreeSet<PeerId>,
+    dirty: Vec<PeerId>,
+    /// The other half of `dirty` (capacity kept: no allocation per input).
+    dirty_spare: Vec<PeerId>,
     close_when_empty: bool,
     closed: bool,
 }
@@ -159,6 +161,7 @@ fn is_ordered(r: &Request) -> bool {
             | Request::LocalCandidates
             | Request::ApplyAnswer { .. }
             | Request::AddRemoteCandidate { .. }
+            | Request::Rollback
     )
 }
 
@@ -175,7 +178,8 @@ impl PeerSet {
             out: VecDeque::new(),
             learnt: HashMap::new(),
             by_ufrag: HashMap::new(),
-            dirty: BTreeSet::new(),
+            dirty: Vec::new(),
+            dirty_spare: Vec::new(),
             close_when_empty: false,
             closed: false,
         }
@@ -305,7 +309,7 @@ impl PeerSet {
             egress_nacks: HashMap::new(),
         };
         self.peers.insert(id, peer);
-        self.dirty.insert(id);
+        self.dirty.push(id);
         if let Some(p) = self.peers.get_mut(&id)
             && let Err(e) = p.drain()
         {
@@ -334,7 +338,7 @@ impl PeerSet {
             return;
         };
         p.now = now;
-        self.dirty.insert(peer);
+        self.dirty.push(peer);
         let defer = is_ordered(&req)
             && (!p.deferred.is_empty()
                 || (is_sdp_request(&req) && !gather_done && now < p.gather_deadline));
@@ -432,11 +436,11 @@ impl PeerSet {
                 continue;
             }
             if !p.deferred.is_empty() {
-                self.dirty.insert(*id);
+                self.dirty.push(*id);
                 run_deferred(p, *id, false, &mut self.out);
             }
             if p.next_deadline() <= now {
-                self.dirty.insert(*id);
+                self.dirty.push(*id);
                 if let Err(e) = p.handle_timer() {
                     warn!(peer = id.0, error = %e, "webrtc error, failing the peer");
                     fail_peer(p);
@@ -479,7 +483,7 @@ impl PeerSet {
         };
         let input = Input::Receive(self.now, recv);
         if let Some(p) = self.peers.get_mut(&id) {
-            self.dirty.insert(id);
+            self.dirty.push(id);
             p.now = self.now;
             let known = p.rtc.accepts(&input);
             if let Err(e) = p.receive(from, input, known) {
@@ -574,7 +578,7 @@ impl PeerSet {
                     if p.finished || (p.config.relay_only && !f.relayed) {
                         continue;
                     }
-                    self.dirty.insert(*id);
+                    self.dirty.push(*id);
                     p.now = now;
                     if let Err(e) = p.add_gathered(f.candidate.clone()) {
                         warn!(peer = id.0, error = %e, "webrtc error, failing the peer");
@@ -586,7 +590,7 @@ impl PeerSet {
             self.found.extend(found);
             if ended {
                 for (id, p) in &mut self.peers {
-                    self.dirty.insert(*id);
+                    self.dirty.push(*id);
                     p.now = now;
                     p.gathering_finished();
                     run_deferred(p, *id, true, &mut self.out);
@@ -595,7 +599,11 @@ impl PeerSet {
             }
             // Peers' outputs.
             let mut ended_peers = Vec::new();
-            for id in std::mem::take(&mut self.dirty) {
+            let mut dirty = std::mem::take(&mut self.dirty_spare);
+            std::mem::swap(&mut dirty, &mut self.dirty);
+            dirty.sort_unstable();
+            dirty.dedup();
+            for id in dirty.drain(..) {
                 let Some(p) = self.peers.get_mut(&id) else {
                     continue;
                 };
@@ -618,6 +626,7 @@ impl PeerSet {
                     ended_peers.push(id);
                 }
             }
+            self.dirty_spare = dirty;
             for id in ended_peers {
                 self.peers.remove(&id);
                 self.learnt.retain(|_, p| *p != id);
@@ -678,8 +687,16 @@ fn run_request(
         }
         return;
     }
+    // Only offers and answers can change the local ICE credentials (and
+    // reading them allocates: not for every packet written).
+    let sdp = matches!(
+        req,
+        Request::CreateOffer { .. } | Request::AcceptOffer { .. } | Request::ApplyAnswer { .. }
+    );
     let r = p.handle_request(req);
-    p.ufrag = p.rtc.direct_api().local_ice_credentials().ufrag;
+    if sdp {
+        p.ufrag = p.rtc.direct_api().local_ice_credentials().ufrag;
+    }
     match r {
         Ok(Some(answer)) => {
             if let Some(request) = id {

@@ -72,7 +72,8 @@ impl PeerState {
                     self.out.push_back(Transmit {
                         source: t.source,
                         destination: t.destination,
-                        contents: t.contents.to_vec(),
+                        // str0m's buffer, moved (not copied).
+                        contents: t.contents.into(),
                     });
                 }
                 Output::Event(e) => self.on_rtc_event(e),
