@@ -23,7 +23,7 @@ use groupcall_proto::IncomingToDevice;
 use groupcall_proto::signalling::Candidate;
 use serde_json::Value;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::focus::{
@@ -131,26 +131,36 @@ pub struct Engine {
     tx: mpsc::UnboundedSender<EngineInput>,
     local_addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    figures: watch::Receiver<EngineFigures>,
 }
 
 impl Engine {
-    /// Binds the media socket and starts the task; what it wants sent goes
-    /// to `out`.
-    pub async fn spawn(
+    /// Binds the media socket and starts the task (within a tokio
+    /// runtime); what it wants sent goes to `out`.
+    pub fn spawn(
         cfg: EngineConfig,
         out: mpsc::UnboundedSender<EngineOutput>,
     ) -> std::io::Result<Engine> {
-        let socket = UdpSocket::bind(cfg.bind).await?;
+        let std_socket = std::net::UdpSocket::bind(cfg.bind)?;
+        std_socket.set_nonblocking(true)?;
+        let socket = UdpSocket::from_std(std_socket)?;
         let local_addr = socket.local_addr()?;
         info!(%local_addr, "focus media socket bound");
         let (tx, rx) = mpsc::unbounded_channel();
+        let (figures_tx, figures_rx) = watch::channel(EngineFigures::default());
         let state = State::new(cfg, local_addr, out);
-        let task = tokio::spawn(run(socket, state, rx));
+        let task = tokio::spawn(run(socket, state, rx, figures_tx));
         Ok(Engine {
             tx,
             local_addr,
             task,
+            figures: figures_rx,
         })
+    }
+
+    /// The figures as of the last second (no waiting).
+    pub fn latest_figures(&self) -> EngineFigures {
+        self.figures.borrow().clone()
     }
 
     /// Feeds an input (ignored once the task is gone).
@@ -564,6 +574,9 @@ impl State {
                 MediaIn::ChannelSendFailed
             }
             (Pending::Channel, Ok(_)) => return,
+            (Pending::Offer, Err(e)) => MediaIn::OfferFailed {
+                reason: e.to_string(),
+            },
             (_, Err(e)) => MediaIn::Failed {
                 reason: format!("media: {e}"),
             },
@@ -851,9 +864,19 @@ fn feeds_of(tracks: &[SendTrack]) -> Vec<LocalFeed> {
     feeds
 }
 
-async fn run(socket: UdpSocket, mut state: State, mut rx: mpsc::UnboundedReceiver<EngineInput>) {
+async fn run(
+    socket: UdpSocket,
+    mut state: State,
+    mut rx: mpsc::UnboundedReceiver<EngineInput>,
+    figures: watch::Sender<EngineFigures>,
+) {
     let mut buf = vec![0u8; 2048];
+    let mut figures_at = Instant::now();
     loop {
+        if figures_at.elapsed() >= Duration::from_millis(500) {
+            figures_at = Instant::now();
+            figures.send_replace(state.figures());
+        }
         let deadline = state.deadline();
         let sleep = async {
             match deadline {
@@ -900,4 +923,168 @@ mod tests {
         assert_eq!(extend_seq(Some(131_071), 2), 131_074);
         assert_eq!(extend_seq(Some(10), 9), 9);
     }
+}
+
+/// The engine behind the service: the [`crate::driver::FocusCore`] of a
+/// real focus. Its [`Engine`] starts once the device is known.
+#[derive(Debug)]
+pub struct EngineCore {
+    cfg: EngineConfig,
+    engine: Option<Engine>,
+    outputs: Option<mpsc::UnboundedReceiver<crate::driver::CoreOutput>>,
+}
+
+impl EngineCore {
+    /// A core that will run an engine with these settings (its
+    /// `focus.device_id` is filled in at start).
+    pub fn new(cfg: EngineConfig) -> Self {
+        Self {
+            cfg,
+            engine: None,
+            outputs: None,
+        }
+    }
+
+    /// The settings of a focus.toml: media bind address, limits, plaintext
+    /// and heartbeat.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let mut focus = FocusConfig::new("", "");
+        focus.allow_plaintext = config.allow_plaintext;
+        focus.max_participants_per_call = config.limits.max_participants_per_call as usize;
+        focus.max_tracks_per_participant = config.limits.max_tracks_per_participant as usize;
+        focus.heartbeat = crate::heartbeat::HeartbeatConfig {
+            interval_ms: config.heartbeat.ping_interval.as_millis() as u64,
+            timeout_ms: config.heartbeat.ping_timeout.as_millis() as u64,
+        };
+        let bind = config
+            .media
+            .bind
+            .first()
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        Self::new(EngineConfig {
+            focus,
+            forwarder: ForwarderConfig::default(),
+            bind,
+        })
+    }
+
+    fn send(&self, input: EngineInput) {
+        if let Some(e) = &self.engine {
+            e.send(input);
+        }
+    }
+}
+
+impl crate::driver::FocusCore for EngineCore {
+    fn started(&mut self, _user_id: &str, device_id: &str) -> Result<(), String> {
+        self.cfg.focus.device_id = device_id.to_owned();
+        let session: u64 = rand_session();
+        self.cfg.focus.session_id = format!("{device_id}-{session:x}");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let engine = Engine::spawn(self.cfg.clone(), tx)
+            .map_err(|e| format!("binding {}: {e}", self.cfg.bind))?;
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(EngineOutput::ToDevice {
+                user_id,
+                device_id,
+                event_type,
+                content,
+            }) = rx.recv().await
+            {
+                let out = crate::driver::CoreOutput::ToDevice {
+                    user_id,
+                    device_id,
+                    event_type,
+                    content,
+                    encrypted: true,
+                };
+                if out_tx.send(out).is_err() {
+                    break;
+                }
+            }
+        });
+        self.engine = Some(engine);
+        self.outputs = Some(out_rx);
+        Ok(())
+    }
+
+    fn take_outputs(&mut self) -> Option<mpsc::UnboundedReceiver<crate::driver::CoreOutput>> {
+        self.outputs.take()
+    }
+
+    fn state_event(&mut self, _now_ms: u64, room_id: &str, event: &Value) {
+        self.send(EngineInput::State {
+            room_id: room_id.to_owned(),
+            event: event.clone(),
+        });
+    }
+
+    fn room_left(&mut self, _now_ms: u64, room_id: &str) -> Vec<crate::driver::CoreOutput> {
+        self.send(EngineInput::RoomLeft {
+            room_id: room_id.to_owned(),
+        });
+        Vec::new()
+    }
+
+    fn to_device(
+        &mut self,
+        _now_ms: u64,
+        event: crate::driver::CallToDevice,
+        _rooms: &BTreeMap<String, groupcall_proto::room::RoomCallState>,
+    ) -> Vec<crate::driver::CoreOutput> {
+        self.send(EngineInput::ToDevice(IncomingToDevice {
+            sender: event.sender,
+            sender_device: event.sender_device,
+            event_type: event.event_type,
+            content: event.content,
+            encrypted: event.encrypted,
+        }));
+        Vec::new()
+    }
+
+    fn draining(&mut self, _now_ms: u64) -> Vec<crate::driver::CoreOutput> {
+        self.send(EngineInput::StartDraining);
+        Vec::new()
+    }
+
+    fn stopping(&mut self, _now_ms: u64) -> Vec<crate::driver::CoreOutput> {
+        self.send(EngineInput::HangUpAll);
+        Vec::new()
+    }
+
+    fn fill_metrics(&mut self, metrics: &mut crate::metrics::Metrics) {
+        let Some(e) = &self.engine else { return };
+        let f = e.latest_figures();
+        for c in &f.calls {
+            let k = &c.counters;
+            metrics.set_call(
+                &format!("{}/{}", c.room_id, c.conf_id),
+                crate::metrics::CallFigures {
+                    participants: c.participants as u64,
+                    tracks: c.tracks as u64,
+                    packets_in: k.packets_in,
+                    bytes_in: k.bytes_in,
+                    packets_out: k.packets_out,
+                    bytes_out: k.bytes_out,
+                    nacks_served: k.nacks_served,
+                    plis_sent: k.keyframe_requests_sent,
+                },
+            );
+        }
+    }
+}
+
+/// A session id for this start of the focus: different at each start.
+fn rand_session() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
 }

@@ -170,6 +170,11 @@ pub enum MediaIn {
         /// SDP.
         sdp: String,
     },
+    /// [`MediaOp::Offer`] failed: the client keeps what it has.
+    OfferFailed {
+        /// Why.
+        reason: String,
+    },
     /// Candidates found after the description.
     LocalCandidates {
         /// Candidates.
@@ -301,8 +306,9 @@ struct Client {
     wanted: BTreeMap<(ClientId, PublishedTrack), (Option<u32>, Option<u32>)>,
     /// The send tracks of the last offer we made (or are making).
     offered: Vec<SendTrack>,
+    /// The send tracks of the last offer the client answered.
+    negotiated: Vec<SendTrack>,
     offer_in_flight: bool,
-    renegotiate: bool,
     /// Accepting its offer (first or renegotiation): our answer is pending.
     answering: bool,
     /// Our answer to its invite went out (later answers go on the channel).
@@ -604,8 +610,8 @@ impl Focus {
                 published: Vec::new(),
                 wanted: BTreeMap::new(),
                 offered: Vec::new(),
+                negotiated: Vec::new(),
                 offer_in_flight: false,
-                renegotiate: false,
                 answering: true,
                 invite_answered: false,
                 channel_open: false,
@@ -678,6 +684,13 @@ impl Focus {
         match ev {
             MediaIn::Answer { sdp } => self.answered(client, sdp),
             MediaIn::Offer { sdp } => self.offer_made(client, sdp),
+            MediaIn::OfferFailed { reason } => {
+                warn!(client = client.0, %reason, "offer failed; the client keeps its tracks");
+                if let Some(c) = self.clients.get_mut(&client) {
+                    c.offer_in_flight = false;
+                    c.offered = c.negotiated.clone();
+                }
+            }
             MediaIn::LocalCandidates { candidates } => {
                 if let Some(device) = self.clients.get(&client).map(|c| c.device.clone())
                     && let Some((event_type, message)) =
@@ -785,7 +798,7 @@ impl Focus {
                         // on Accept; ours is made again afterwards.
                         debug!(client = client.0, "offers crossed; ours yields");
                         c.offer_in_flight = false;
-                        c.renegotiate = true;
+                        c.offered = c.negotiated.clone();
                     }
                     c.answering = true;
                     let meta = n.sdp_stream_metadata.clone();
@@ -803,6 +816,7 @@ impl Focus {
                         return;
                     }
                     c.offer_in_flight = false;
+                    c.negotiated = c.offered.clone();
                     self.media(client, MediaOp::ApplyAnswer { sdp: n.sdp });
                     self.maybe_offer(client);
                 }
@@ -971,14 +985,13 @@ impl Focus {
                 track: t.clone(),
             })
             .collect();
-        if tracks == c.offered && !c.renegotiate {
-            return;
-        }
         if c.offer_in_flight || c.answering || !c.channel_open {
-            c.renegotiate = true;
+            // Looked at again when the exchange is over.
             return;
         }
-        c.renegotiate = false;
+        if tracks == c.negotiated {
+            return;
+        }
         c.offer_in_flight = true;
         c.offered = tracks.clone();
         self.media(client, MediaOp::Offer { tracks });

@@ -53,6 +53,33 @@ pub enum CoreOutput {
 /// The driver calls it from one task, in the order the homeserver reported
 /// things: room state before the to-device events of the same sync.
 pub trait FocusCore: Send + 'static {
+    /// The focus is logged in as `user_id` / `device_id`: start what needs
+    /// to know who it is (the media engine). An error stops the service.
+    fn started(&mut self, user_id: &str, device_id: &str) -> Result<(), String> {
+        let _ = (user_id, device_id);
+        Ok(())
+    }
+
+    /// Outputs the core produces on its own (answers made once the media
+    /// layer is done): the driver sends them as they come. Taken once,
+    /// after [`FocusCore::started`].
+    fn take_outputs(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<CoreOutput>> {
+        None
+    }
+
+    /// Every state event of a joined room, as received (before
+    /// [`FocusCore::room_changed`] for the changes it made).
+    fn state_event(&mut self, now_ms: u64, room_id: &str, event: &Value) {
+        let _ = (now_ms, room_id, event);
+    }
+
+    /// The grace period is over: hang up on everyone. The driver sends
+    /// what this returns (and the outputs queued before) before it stops.
+    fn stopping(&mut self, now_ms: u64) -> Vec<CoreOutput> {
+        let _ = now_ms;
+        Vec::new()
+    }
+
     /// A joined room's call state changed (an event applied, or an entry
     /// expired); `state` is the room's state after the change.
     fn room_changed(

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::core::{CallToDevice, CoreOutput, FocusCore, LogCore};
+use super::core::{CallToDevice, CoreOutput, FocusCore};
 use super::http::{self, Answer, Route};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{CONTENT_TYPE, Metrics};
@@ -50,6 +50,9 @@ pub enum DriverError {
     /// The service's task ended abnormally.
     #[error("the focus's task failed: {0}")]
     Task(String),
+    /// The media engine could not start (e.g. its socket cannot be bound).
+    #[error("media: {0}")]
+    Media(String),
 }
 
 /// Where the service is in its life.
@@ -102,13 +105,14 @@ enum Control {
 pub struct FocusService;
 
 impl FocusService {
-    /// Starts the focus with the default core ([`LogCore`]): reads the
+    /// Starts the focus with its media engine ([`crate::engine::EngineCore`]): reads the
     /// password, binds `http_listen`, logs in (reusing the device stored in
     /// `data_dir` when there is one), and starts syncing. Returns once the
     /// device is logged in; the first sync follows in the background
     /// ([`Status::sync_ok`]).
     pub async fn start(config: Config) -> Result<FocusHandle, DriverError> {
-        Self::start_with_core(config, LogCore).await
+        let core = crate::engine::EngineCore::from_config(&config);
+        Self::start_with_core(config, core).await
     }
 
     /// [`FocusService::start`] with another [`FocusCore`].
@@ -154,10 +158,10 @@ impl FocusService {
             grace_period_ms = config.drain.grace_period.as_millis() as u64,
             "focus: started"
         );
-        warn!(
-            bind = ?config.media.bind,
-            "focus: media forwarding is not built yet: [media] and [turn] are not used"
-        );
+        let mut core = core;
+        core.started(&user_id, &device_id)
+            .map_err(DriverError::Media)?;
+        let core_rx = core.take_outputs();
 
         let (sync, sync_rx) = session.start_sync(SyncOptions::default());
         let (http_tx, http_rx) = mpsc::channel(64);
@@ -188,7 +192,7 @@ impl FocusService {
             status_tx,
             done_tx,
         };
-        let task = tokio::spawn(service.run(sync_rx, http_rx, control_rx, done_rx, sync));
+        let task = tokio::spawn(service.run(sync_rx, http_rx, control_rx, done_rx, core_rx, sync));
         Ok(FocusHandle {
             user_id,
             device_id,
@@ -303,8 +307,10 @@ impl<C: FocusCore> Service<C> {
         mut http_rx: mpsc::Receiver<http::Request>,
         mut control_rx: mpsc::UnboundedReceiver<Control>,
         mut done_rx: mpsc::UnboundedReceiver<Done>,
+        core_rx: Option<mpsc::UnboundedReceiver<CoreOutput>>,
         sync: groupcall::matrix::SyncHandle,
     ) -> Result<(), DriverError> {
+        let mut core_rx = core_rx;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline: Option<Instant> = None;
@@ -339,9 +345,22 @@ impl<C: FocusCore> Service<C> {
                     }
                 },
                 Some(done) = done_rx.recv() => self.on_done(done),
+                Some(out) = async {
+                    match core_rx.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.send(vec![out]),
                 _ = tick.tick() => self.on_tick(),
                 () = sleep_until(deadline) => {
-                    info!("focus: grace period over: stopping");
+                    info!("focus: grace period over: hanging up and stopping");
+                    let mut outs = self.core.stopping(now_ms());
+                    if let Some(rx) = core_rx.as_mut() {
+                        while let Ok(o) = rx.try_recv() {
+                            outs.push(o);
+                        }
+                    }
+                    send_and_wait(self.session.clone(), self.keyless(), outs).await;
                     break Ok(());
                 }
             }
@@ -406,6 +425,7 @@ impl<C: FocusCore> Service<C> {
 
     fn on_state(&mut self, room_id: String, event: &Value) {
         let now = now_ms();
+        self.core.state_event(now, &room_id, event);
         let event_type = event.get("type").and_then(Value::as_str).unwrap_or("");
         let state_key = event.get("state_key").and_then(Value::as_str).unwrap_or("");
         debug!(room_id, event_type, state_key, "state event");
@@ -582,6 +602,16 @@ impl<C: FocusCore> Service<C> {
         }
     }
 
+    /// Devices without keys get plaintext only where the configuration
+    /// allows plaintext signalling.
+    fn keyless(&self) -> KeylessDevices {
+        if self.config.allow_plaintext {
+            KeylessDevices::Plaintext
+        } else {
+            KeylessDevices::Refuse
+        }
+    }
+
     /// Sends the core's to-device messages in the background.
     fn send(&self, outs: Vec<CoreOutput>) {
         for out in outs {
@@ -594,13 +624,14 @@ impl<C: FocusCore> Service<C> {
                     encrypted,
                 } => {
                     let session = self.session.clone();
+                    let keyless = self.keyless();
                     tokio::spawn(async move {
                         let report = session
                             .send_signalling(
                                 &event_type,
                                 vec![(user_id.clone(), device_id.clone(), content)],
                                 encrypted,
-                                KeylessDevices::Refuse,
+                                keyless,
                             )
                             .await;
                         if let Some(e) = report.error {
@@ -610,6 +641,38 @@ impl<C: FocusCore> Service<C> {
                 }
             }
         }
+    }
+}
+
+/// Sends the core's last messages and waits for them (at most 5 s).
+async fn send_and_wait(session: MatrixSession, keyless: KeylessDevices, outs: Vec<CoreOutput>) {
+    let mut sends = tokio::task::JoinSet::new();
+    for out in outs {
+        let CoreOutput::ToDevice {
+            user_id,
+            device_id,
+            event_type,
+            content,
+            encrypted,
+        } = out;
+        let session = session.clone();
+        sends.spawn(async move {
+            session
+                .send_signalling(
+                    &event_type,
+                    vec![(user_id, device_id, content)],
+                    encrypted,
+                    keyless,
+                )
+                .await
+        });
+    }
+    let all = async { while sends.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), all)
+        .await
+        .is_err()
+    {
+        warn!("focus: the last messages took longer than 5 s");
     }
 }
 
