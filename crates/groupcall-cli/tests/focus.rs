@@ -127,36 +127,7 @@ grace_period = "1500ms"
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .args(["focus", "--config"])
-        .arg(&config)
-        .env("FOCUS_TEST_PASSWORD", "focus-pw")
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let log = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text).await;
-        text
-    });
-
-    // Up: /health says running and synced.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some((200, body)) = get(&addr, "/health").await
-            && body.contains("\"state\":\"running\"")
-            && body.contains("\"sync_ok\":true")
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the focus never became healthy");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
+    let (mut child, log) = start_healthy(&config, &addr).await;
     let pid = Pid::from_raw(child.id().unwrap() as i32);
     let sent = Instant::now();
     kill(pid, Signal::SIGTERM).unwrap();
@@ -197,4 +168,68 @@ grace_period = "1500ms"
         assert!(log.contains(step), "`{step}` not logged:\n{log}");
     }
     assert!(error_lines(&log).is_empty(), "{log}");
+
+    // Again (the stored device), and a second signal during the drain
+    // stops it at once with exit code 1.
+    let (mut child, log) = start_healthy(&config, &addr).await;
+    let pid = Pid::from_raw(child.id().unwrap() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    let sent = Instant::now();
+    while !get(&addr, "/health")
+        .await
+        .is_some_and(|(_, body)| body.contains("draining"))
+    {
+        assert!(sent.elapsed() < Duration::from_secs(1), "never draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill(pid, Signal::SIGINT).unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("exits at once")
+        .unwrap();
+    let took = sent.elapsed();
+    let log = log.await.unwrap();
+    assert_eq!(exit.code(), Some(1), "{log}");
+    assert!(took < Duration::from_millis(1400), "took {took:?}\n{log}");
+    assert!(log.contains("reused_device=true"), "{log}");
+    assert_eq!(
+        error_lines(&log),
+        ["error: stopped by a second SIGINT during the drain"],
+        "{log}"
+    );
+}
+
+/// Starts `groupcall focus` and waits until /health says running and
+/// synced; returns the child and its stderr (complete once it exits).
+async fn start_healthy(
+    config: &std::path::Path,
+    addr: &str,
+) -> (tokio::process::Child, tokio::task::JoinHandle<String>) {
+    let mut child = Command::new(BIN)
+        .args(["focus", "--config"])
+        .arg(config)
+        .env("FOCUS_TEST_PASSWORD", "focus-pw")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let log = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((200, body)) = get(addr, "/health").await
+            && body.contains("\"state\":\"running\"")
+            && body.contains("\"sync_ok\":true")
+        {
+            return (child, log);
+        }
+        assert!(Instant::now() < deadline, "the focus never became healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

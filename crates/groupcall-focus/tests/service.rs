@@ -224,10 +224,19 @@ async fn synced(handle: &FocusHandle) {
 async fn joins_when_an_allowed_user_invites_and_declines_others() {
     let env = env().await;
     let alice = env.alice.user_id().to_owned();
+    // An invite that waits for the focus to start.
+    let early = env.room_inviting_focus(&env.alice).await;
     let mut focus = FocusService::start(env.config(&[&alice], "1s"))
         .await
         .unwrap();
     assert_eq!(focus.user_id(), env.focus_user);
+    env.focus_membership(
+        &env.alice,
+        &early,
+        "join",
+        "the focus joins a room it was invited to before it started",
+    )
+    .await;
     synced(&focus).await;
 
     // Invited by alice (allowed): the homeserver has the focus joined.
@@ -237,7 +246,7 @@ async fn joins_when_an_allowed_user_invites_and_declines_others() {
     eventually(
         Duration::from_secs(5),
         "/health counts the room",
-        || async { health(&focus).await["rooms"] == 1 },
+        || async { health(&focus).await["rooms"] == 2 },
     )
     .await;
 
@@ -260,9 +269,9 @@ async fn joins_when_an_allowed_user_invites_and_declines_others() {
         Some(1),
         "{text}"
     );
-    assert_eq!(sample(&text, "groupcall_focus_rooms"), Some(1), "{text}");
+    assert_eq!(sample(&text, "groupcall_focus_rooms"), Some(2), "{text}");
     let h = health(&focus).await;
-    assert_eq!(h["rooms"], 1, "{h}");
+    assert_eq!(h["rooms"], 2, "{h}");
     assert_eq!(h["state"], "running", "{h}");
 
     focus.shutdown();
@@ -394,6 +403,7 @@ async fn get_fails(addr: SocketAddr) -> bool {
 #[derive(Debug)]
 enum Seen {
     Room(String, Vec<RoomChange>),
+    Left(String),
     ToDevice(CallToDevice),
 }
 
@@ -420,6 +430,11 @@ impl FocusCore for RecordingCore {
         _rooms: &BTreeMap<String, RoomCallState>,
     ) -> Vec<CoreOutput> {
         let _ = self.0.send(Seen::ToDevice(event));
+        Vec::new()
+    }
+
+    fn room_left(&mut self, _now_ms: u64, room_id: &str) -> Vec<CoreOutput> {
+        let _ = self.0.send(Seen::Left(room_id.to_owned()));
         Vec::new()
     }
 }
@@ -549,6 +564,21 @@ async fn call_state_and_call_to_device_events_reach_the_core() {
     assert_eq!(ev.sender, alice);
     assert_eq!(ev.sender_device.as_deref(), Some(alice_device.as_str()));
     assert!(ev.encrypted);
+
+    // Kicked: the core is told, /health no longer counts the room.
+    env.alice
+        .client()
+        .get_room(room.as_str().try_into().unwrap())
+        .unwrap()
+        .kick_user(env.focus_user.as_str().try_into().unwrap(), Some("test"))
+        .await
+        .unwrap();
+    let seen = next_seen(&mut rx, Duration::from_secs(10), |s| {
+        matches!(s, Seen::Left(_))
+    })
+    .await;
+    assert!(matches!(&seen, Seen::Left(r) if *r == room), "{seen:?}");
+    assert_eq!(health(&focus).await["rooms"], 0);
 
     focus.shutdown();
     focus.wait().await.unwrap();

@@ -3,17 +3,20 @@
 //! loop through a channel (so the answer reflects its current state).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{debug, warn};
 
 /// Longest request head we read.
 const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed unanswered.
+const MAX_CONNECTIONS: usize = 32;
 
 /// What was asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +41,7 @@ pub(super) struct Request {
 
 /// Accepts connections until the receiver of `requests` is gone.
 pub(super) async fn serve(listener: TcpListener, requests: mpsc::Sender<Request>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -50,11 +54,16 @@ pub(super) async fn serve(listener: TcpListener, requests: mpsc::Sender<Request>
             },
             () = requests.closed() => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "http: too many connections; closing this one");
+            continue;
+        };
         let requests = requests.clone();
         tokio::spawn(async move {
             if let Err(e) = connection(stream, &requests).await {
                 debug!(%peer, error = %e, "http: connection ended with an error");
             }
+            drop(slot);
         });
     }
 }

@@ -10,7 +10,7 @@
 //!   the end. `groupcall focus` calls `shutdown` on SIGTERM or SIGINT.
 //! - [`FocusCore`] is the seam to the focus's logic (authorisation and
 //!   forwarding, written on top): it sees every joined room's
-//!   [`RoomCallState`](groupcall_proto::RoomCallState) after each change
+//!   [`RoomCallState`](groupcall_proto::room::RoomCallState) after each change
 //!   and every `m.call.*` to-device event, and may answer with to-device
 //!   messages. [`LogCore`], the default, logs what arrives and answers
 //!   nothing.
