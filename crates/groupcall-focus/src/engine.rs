@@ -515,14 +515,16 @@ impl State {
             }
             ForwardChange::Subscribe {
                 subscriber, track, ..
-            } => self
-                .fwd
-                .subscribe(
-                    now,
-                    part(subscriber),
-                    &TrackKey::new(track.stream_id, track.track_id),
-                )
-                .map(|_| ()),
+            } => {
+                debug!(subscriber = subscriber.0, stream = %track.stream_id, track = %track.track_id, "subscribe");
+                self.fwd
+                    .subscribe(
+                        now,
+                        part(subscriber),
+                        &TrackKey::new(track.stream_id, track.track_id),
+                    )
+                    .map(|_| ())
+            }
             ForwardChange::Unsubscribe {
                 subscriber, track, ..
             } => self.fwd.unsubscribe(
@@ -622,6 +624,7 @@ impl State {
                         ssrc: None,
                     }],
                 };
+                info!(client = client.0, %stream_id, %track_id, ?kind, %mid, "client publishes a track");
                 match self.fwd.publish_track(part(client), spec) {
                     Ok(tid) => {
                         let t = PublishedTrack {
@@ -671,6 +674,7 @@ impl State {
                     .fwd
                     .subscribe(Instant::now(), part(client), &key)
                     .unwrap_or(0);
+                debug!(client = client.0, %mid, ssrc, "send track ready");
                 m.downs.insert(tid, (mid, ssrc));
             }
             PeerEvent::KeyframeRequested { mid, fir, .. } => {

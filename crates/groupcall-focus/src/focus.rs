@@ -817,6 +817,11 @@ impl Focus {
                     }
                     c.offer_in_flight = false;
                     c.negotiated = c.offered.clone();
+                    debug!(
+                        client = client.0,
+                        tracks = c.negotiated.len(),
+                        "the client answered our offer"
+                    );
                     self.media(client, MediaOp::ApplyAnswer { sdp: n.sdp });
                     self.maybe_offer(client);
                 }
@@ -992,6 +997,11 @@ impl Focus {
         if tracks == c.negotiated {
             return;
         }
+        debug!(
+            client = client.0,
+            tracks = tracks.len(),
+            "offering the client its send tracks"
+        );
         c.offer_in_flight = true;
         c.offered = tracks.clone();
         self.media(client, MediaOp::Offer { tracks });

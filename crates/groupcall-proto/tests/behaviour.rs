@@ -2074,3 +2074,29 @@ fn a_focus_whose_channel_closes_is_hung_up_on() {
     );
     assert!(placed_to(&outs, "@b:x"));
 }
+
+#[test]
+fn a_focus_offer_naming_some_tracks_does_not_unsubscribe_the_others() {
+    let (mut call, peer, _) = connected_to_focus();
+    call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });
+    drain(&mut call);
+    let meta = json!({"type": "m.call.sdp_stream_metadata_changed", "content": {"sdp_stream_metadata": {
+        "s-b": {"purpose": "m.usermedia", "user_id": "@b:x", "device_id": "BDEV",
+            "tracks": {"a-b": {}, "v-b": {}}}}}});
+    channel(&mut call, NOW + 20, peer, meta);
+    // The focus's offer carries the metadata of the tracks it sends so far:
+    // b's audio only. Nothing is unsubscribed.
+    let offer = json!({"type": "m.call.negotiate", "content": {"description": {"type": "offer", "sdp": "o"},
+        "sdp_stream_metadata": {"s-b": {"purpose": "m.usermedia", "user_id": "@b:x", "device_id": "BDEV",
+            "tracks": {"a-b": {}}}}}});
+    let outs = channel(&mut call, NOW + 30, peer, offer);
+    assert!(
+        channel_sent(&outs).is_empty(),
+        "no subscription change: {outs:?}"
+    );
+    assert!(
+        !outs
+            .iter()
+            .any(|o| matches!(o, Output::Event(CallEvent::FeedRemoved { .. })))
+    );
+}

@@ -84,7 +84,7 @@ impl GroupCall {
             DcMessage::Pong => {}
             DcMessage::SdpStreamMetadataChanged {
                 sdp_stream_metadata,
-            } => self.focus_metadata(sdp_stream_metadata),
+            } => self.focus_metadata(sdp_stream_metadata, true),
             DcMessage::Negotiate(n) => {
                 let meta = n.sdp_stream_metadata.clone();
                 let neg = Negotiate {
@@ -96,8 +96,10 @@ impl GroupCall {
                 if let Err(e) = self.on_negotiate(now, key, neg) {
                     debug!(device = %key, "focus negotiate ignored: {e}");
                 }
+                // The streams of this negotiation only: added to what the
+                // focus offers, nothing removed.
                 if !meta.is_empty() {
-                    self.focus_metadata(meta);
+                    self.focus_metadata(meta, false);
                 }
             }
             DcMessage::TrackSubscription(_) => {
@@ -108,17 +110,34 @@ impl GroupCall {
     }
 
     /// The focus's metadata: the streams of the call it forwards, each with
-    /// its publisher. Feeds of other participants are reported as theirs;
+    /// its publisher (`full`: all of them, as in
+    /// `m.call.sdp_stream_metadata_changed`; else some, as in a
+    /// negotiation). Feeds of other participants are reported as theirs;
     /// then we subscribe to every track we do not have.
-    fn focus_metadata(&mut self, meta: dc::SdpStreamMetadata) {
+    fn focus_metadata(&mut self, meta: dc::SdpStreamMetadata, full: bool) {
         let me = self.me.clone();
-        let theirs: dc::SdpStreamMetadata = meta
+        let mut theirs: dc::SdpStreamMetadata = meta
             .into_iter()
             .filter(|(_, s)| match (&s.user_id, &s.device_id) {
                 (Some(u), Some(d)) => !(*u == me.user_id && *d == me.device_id),
                 _ => false,
             })
             .collect();
+        if !full {
+            // Some streams, some of their tracks: what is known stays.
+            for (id, known) in &self.focus_link.available {
+                match theirs.get_mut(id) {
+                    Some(s) => {
+                        for (t, m) in &known.tracks {
+                            s.tracks.entry(t.clone()).or_insert(*m);
+                        }
+                    }
+                    None => {
+                        theirs.insert(id.clone(), known.clone());
+                    }
+                }
+            }
+        }
         let old = std::mem::replace(&mut self.focus_link.available, theirs.clone());
         let owner = |s: &dc::StreamMetadata| {
             DeviceKey::new(
@@ -208,8 +227,8 @@ impl GroupCall {
             return;
         }
         debug!(
-            subscribe = subscribe.len(),
-            unsubscribe = unsubscribe.len(),
+            subscribe = ?subscribe.iter().map(|t| &t.track_id).collect::<Vec<_>>(),
+            unsubscribe = ?unsubscribe.iter().map(|t| &t.track_id).collect::<Vec<_>>(),
             "focus subscriptions"
         );
         self.focus_link.subscribed = wanted;
