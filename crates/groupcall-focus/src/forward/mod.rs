@@ -270,6 +270,9 @@ pub struct Drops {
     pub congestion_video: u64,
     /// Audio not sent to a very congested subscriber.
     pub congestion_audio: u64,
+    /// Arrived late, from before the packet that started the
+    /// subscription's current epoch (counted per subscription).
+    pub before_epoch: u64,
 }
 
 /// Counters of a call (or of the whole forwarder).
@@ -313,6 +316,7 @@ impl Counters {
         self.drops.awaiting_keyframe += o.drops.awaiting_keyframe;
         self.drops.congestion_video += o.drops.congestion_video;
         self.drops.congestion_audio += o.drops.congestion_audio;
+        self.drops.before_epoch += o.drops.before_epoch;
         self.keyframes_in += o.keyframes_in;
         self.nacks_received += o.nacks_received;
         self.nacks_served += o.nacks_served;
@@ -486,8 +490,14 @@ struct OutStream {
     waiting_keyframe: bool,
     resync: bool,
     congestion: Congestion,
+    /// Consecutive packets dropped as `before_epoch`.
+    stale_run: u8,
     rw: Rewriter,
 }
+
+/// After this many consecutive `before_epoch` drops a subscription starts
+/// a new epoch.
+const STALE_RUN_RESYNC: u8 = 64;
 
 /// The forwarding core (see the module documentation).
 #[derive(Debug)]
@@ -858,6 +868,7 @@ impl Forwarder {
                     waiting_keyframe: video,
                     resync: true,
                     congestion,
+                    stale_run: 0,
                     rw: Rewriter::new(),
                 });
                 if let Some(p) = self.participants.get_mut(&subscriber) {
@@ -1112,6 +1123,21 @@ impl Forwarder {
                 out.resync = false;
             }
             let (header, patch) = out.rw.map(out.ssrc, pkt, vp8.as_ref());
+            if !out.rw.in_epoch(header.seq) {
+                // Reordered from before the epoch's first packet: its
+                // number would repeat one already sent. A long run of
+                // them means the publisher's numbering jumped: a new
+                // epoch then.
+                c.drops.before_epoch += 1;
+                out.stale_run = out.stale_run.saturating_add(1);
+                if out.stale_run >= STALE_RUN_RESYNC {
+                    out.stale_run = 0;
+                    out.resync = true;
+                    out.waiting_keyframe = kind == MediaKind::Video;
+                }
+                continue;
+            }
+            out.stale_run = 0;
             out.rw.advance(now, &header, vp8.as_ref());
             c.packets_out += 1;
             c.bytes_out += len;

@@ -242,6 +242,26 @@ fn continuity_across_unsubscribe_and_resubscribe() {
     assert_eq!(dts, (1433 - 132) * 90);
     assert_eq!(after[1].hdr.seq, after[0].hdr.seq.wrapping_add(1));
     assert_eq!(after[1].pid, after[0].pid, "same frame, same PictureID");
+    // A packet from before the epoch's key frame, arriving late, would
+    // repeat a number already sent: dropped.
+    h.rtp(
+        1440,
+        A,
+        V_SSRC,
+        301,
+        200 * 3000,
+        &vp8(200, 200, 8, false, false),
+    );
+    assert!(h.take(B, MediaKind::Video).is_empty());
+    assert_eq!(h.counters().drops.before_epoch, 1);
+    // A packet reordered within the epoch keeps its place.
+    h.frame(1500, V_SSRC, 306, 203, false);
+    h.frame(1466, V_SSRC, 304, 202, false);
+    let late = h.take(B, MediaKind::Video);
+    assert_eq!(late.len(), 4);
+    assert_eq!(late[2].hdr.seq, after[1].hdr.seq.wrapping_add(1));
+    assert_eq!(late[0].hdr.seq, after[1].hdr.seq.wrapping_add(3));
+    assert_eq!(late[2].pid, after[1].pid.map(|p| p + 1));
 }
 
 #[test]
@@ -676,4 +696,93 @@ fn call_and_participant_errors() {
     f.remove_call(CALL).unwrap();
     assert_eq!(f.sizes(), (0, 0, 0, 0));
     assert_eq!(f.call_of(A), None);
+}
+
+#[test]
+fn long_streams_keep_forwarding_and_answering_nacks_across_wraps() {
+    let mut h = H::new();
+    let ssrc = h.f.subscribe(h.at(0), B, &vkey()).unwrap();
+    h.frame(0, V_SSRC, 0, 0, true);
+    let inter = vp8(1, 1, 1, false, true);
+    let mut n = 0;
+    let mut last = None;
+    for i in 2..100_000u32 {
+        let pkt = RtpIn {
+            ssrc: V_SSRC,
+            seq: i as u16,
+            timestamp: i * 90,
+            marker: false,
+            payload_type: 96,
+            audio_level: None,
+            payload: &inter,
+        };
+        h.f.handle_rtp(h.at(u64::from(i)), A, &pkt, &mut |e| {
+            n += 1;
+            last = Some(e.header.seq);
+        });
+    }
+    assert_eq!(n, 100_000 - 2, "every packet forwarded");
+    let last = last.unwrap();
+    let mut resent = Vec::new();
+    h.f.handle_nack(B, ssrc, &[last, last.wrapping_sub(511)], &mut |e| {
+        resent.push(e.header.seq)
+    })
+    .unwrap();
+    assert_eq!(resent, vec![last, last.wrapping_sub(511)]);
+    // A publisher whose numbering jumps back beyond the epoch's window
+    // (last publisher seq 34463, now 3000) is followed after a run of
+    // drops (at its next key frame).
+    h.sent.clear();
+    for i in 0..64u16 {
+        h.rtp(200_000, A, V_SSRC, 3_000 + i, 0, &inter);
+    }
+    assert!(h.sent.is_empty());
+    assert_eq!(h.counters().drops.before_epoch, 64);
+    h.frame(200_100, V_SSRC, 3_064, 5, true);
+    let got = h.take(B, MediaKind::Video);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].hdr.seq, last.wrapping_add(1));
+}
+
+/// Not a pass/fail test: prints the egress rate of one core with 1 VP8
+/// publisher and 20 subscribers (run with `--release -- --ignored
+/// --nocapture`).
+#[test]
+#[ignore]
+fn forwarding_throughput() {
+    let mut h = H::new();
+    for i in 0..20 {
+        let p = ParticipantId(100 + i);
+        h.f.add_participant(CALL, p).unwrap();
+        h.f.subscribe(h.at(0), p, &vkey()).unwrap();
+    }
+    let key = vp8(1, 1, 1, true, true);
+    let inter = vp8(2, 2, 2, false, true);
+    let mut n = 0u64;
+    let mut bytes = 0u64;
+    let start = Instant::now();
+    let now = h.at(0);
+    for i in 0..200_000u32 {
+        let payload: &[u8] = if i == 0 { &key } else { &inter };
+        let pkt = RtpIn {
+            ssrc: V_SSRC,
+            seq: i as u16,
+            timestamp: i * 3000,
+            marker: false,
+            payload_type: 96,
+            audio_level: None,
+            payload,
+        };
+        h.f.handle_rtp(now, A, &pkt, &mut |e| {
+            n += 1;
+            bytes +=
+                e.header.seq as u64 + e.vp8.map_or(0, |p| p.picture_id.map_or(0, |x| x.2 as u64));
+        });
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(n, 200_000 * 20);
+    println!(
+        "{n} egress packets in {secs:.3} s: {:.0} per s (checksum {bytes})",
+        n as f64 / secs
+    );
 }
