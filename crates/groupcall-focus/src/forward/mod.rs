@@ -486,7 +486,10 @@ struct OutStream {
     kind: MediaKind,
     ssrc: u32,
     active: bool,
+    /// The layer forwarded now.
     layer: u8,
+    /// The layer wanted: forwarded from its next key frame on.
+    target_layer: u8,
     waiting_keyframe: bool,
     resync: bool,
     congestion: Congestion,
@@ -809,6 +812,14 @@ impl Forwarder {
             .ok_or_else(|| ForwardError::UnknownTrack(key.clone()))
     }
 
+    /// The outgoing stream (active or paused) of a participant for a track.
+    fn out_of(&self, p: &Participant, track: TrackId) -> Option<Key> {
+        p.outs
+            .iter()
+            .copied()
+            .find(|&o| self.outs.get(o).is_some_and(|x| x.track == track))
+    }
+
     /// Subscribes a participant to a track of its own call; returns the
     /// SSRC of its copy (the same one again after an unsubscribe). A second
     /// subscription to the same track is ignored (MSC3898). For video, a
@@ -825,11 +836,7 @@ impl Forwarder {
             .participants
             .get(&subscriber)
             .ok_or(ForwardError::UnknownParticipant(subscriber))?;
-        let existing = part
-            .outs
-            .iter()
-            .copied()
-            .find(|&o| self.outs.get(o).is_some_and(|x| x.track == track));
+        let existing = self.out_of(part, track);
         let kind = self
             .tracks
             .get(track)
@@ -837,7 +844,7 @@ impl Forwarder {
             .codec
             .kind();
         let video = kind == MediaKind::Video;
-        let (okey, ssrc) = match existing {
+        let (okey, ssrc, layer) = match existing {
             Some(o) => {
                 let Some(out) = self.outs.get_mut(o) else {
                     return Err(ForwardError::NoSuchTrack);
@@ -848,7 +855,7 @@ impl Forwarder {
                 out.active = true;
                 out.resync = true;
                 out.waiting_keyframe = video;
-                (o, out.ssrc)
+                (o, out.ssrc, out.layer)
             }
             None => {
                 let ssrc = self.new_ssrc(subscriber);
@@ -865,6 +872,7 @@ impl Forwarder {
                     ssrc,
                     active: true,
                     layer: 0,
+                    target_layer: 0,
                     waiting_keyframe: video,
                     resync: true,
                     congestion,
@@ -874,16 +882,58 @@ impl Forwarder {
                 if let Some(p) = self.participants.get_mut(&subscriber) {
                     p.outs.push(o);
                 }
-                (o, ssrc)
+                (o, ssrc, 0)
             }
         };
         if let Some(t) = self.tracks.get_mut(track) {
             t.outs.push(okey);
         }
         if video {
-            self.request_keyframe(now, track, 0, false);
+            self.request_keyframe(now, track, layer, false);
         }
         Ok(ssrc)
+    }
+
+    /// Chooses the layer (simulcast encoding, by index) a subscriber
+    /// receives of a track. A subscription still waiting for its first key
+    /// frame moves at once; otherwise the current layer is forwarded until
+    /// a key frame of the new one arrives (asked for at once, rate
+    /// limited), and the switch keeps the subscriber's numbering
+    /// continuous.
+    pub fn select_layer(
+        &mut self,
+        now: Instant,
+        subscriber: ParticipantId,
+        key: &TrackKey,
+        layer: u8,
+    ) -> Result<(), ForwardError> {
+        let track = self.track_in_call_of(subscriber, key)?;
+        let layers = self
+            .tracks
+            .get(track)
+            .ok_or(ForwardError::NoSuchTrack)?
+            .layers
+            .len();
+        if usize::from(layer) >= layers {
+            return Err(ForwardError::BadLayers);
+        }
+        let o = self
+            .participants
+            .get(&subscriber)
+            .and_then(|p| self.out_of(p, track))
+            .ok_or_else(|| ForwardError::UnknownTrack(key.clone()))?;
+        let Some(out) = self.outs.get_mut(o) else {
+            return Err(ForwardError::NoSuchTrack);
+        };
+        out.target_layer = layer;
+        if out.waiting_keyframe {
+            out.layer = layer;
+        }
+        let ask = out.active && out.kind == MediaKind::Video;
+        if ask {
+            self.request_keyframe(now, track, layer, false);
+        }
+        Ok(())
     }
 
     /// Ends a subscription (its rewriting state is kept so that a later
@@ -1086,7 +1136,12 @@ impl Forwarder {
         for &o in &track.outs {
             let Some(out) = outs.get_mut(o) else { continue };
             if out.layer != layer {
-                continue;
+                // A layer switch happens at a key frame of the target.
+                if out.target_layer != layer || !keyframe {
+                    continue;
+                }
+                out.layer = layer;
+                out.resync = true;
             }
             let congested = match kind {
                 MediaKind::Video => out.congestion != Congestion::None,
@@ -1266,15 +1321,26 @@ impl Forwarder {
                 }
             }
             for &o in &t.outs {
-                if let Some(out) = self.outs.get(o)
-                    && out.waiting_keyframe
+                let Some(out) = self.outs.get(o) else {
+                    continue;
+                };
+                // A subscription waiting for a key frame of its layer, or
+                // of the layer it switches to.
+                let wants = if out.waiting_keyframe {
+                    Some(out.layer)
+                } else if out.target_layer != out.layer {
+                    Some(out.target_layer)
+                } else {
+                    None
+                };
+                if let Some(l) = wants
                     && out.congestion == Congestion::None
-                    && !repeats.contains(&(tid, out.layer))
+                    && !repeats.contains(&(tid, l))
                     && t.layers
-                        .get(usize::from(out.layer))
+                        .get(usize::from(l))
                         .is_some_and(|l| l.kf.last_sent.is_none_or(|s| now >= s + interval))
                 {
-                    repeats.push((tid, out.layer));
+                    repeats.push((tid, l));
                 }
             }
         }

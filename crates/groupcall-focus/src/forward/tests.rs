@@ -744,6 +744,66 @@ fn long_streams_keep_forwarding_and_answering_nacks_across_wraps() {
     assert_eq!(got[0].hdr.seq, last.wrapping_add(1));
 }
 
+#[test]
+fn simulcast_layer_switch_waits_for_a_keyframe_and_stays_continuous() {
+    let mut h = H::new();
+    let key = TrackKey::new("sA", "sim");
+    let track =
+        h.f.publish_track(
+            A,
+            TrackSpec {
+                key: key.clone(),
+                codec: Codec::Vp8,
+                layers: ["q", "h"]
+                    .iter()
+                    .zip([1100u32, 1101])
+                    .map(|(r, s)| LayerSpec {
+                        rid: Some((*r).into()),
+                        ssrc: Some(s),
+                    })
+                    .collect(),
+            },
+        )
+        .unwrap();
+    h.f.subscribe(h.at(0), B, &key).unwrap();
+    h.outputs();
+    // Layer 0 flows; layer 1 goes nowhere.
+    h.frame(0, 1100, 10, 10, true);
+    h.frame(0, 1101, 500, 300, true);
+    let low = h.take(B, MediaKind::Video);
+    assert_eq!(low.len(), 2);
+    assert!(h.sent.is_empty());
+    // Switch to layer 1: asked for at once; layer 0 continues until layer
+    // 1's key frame.
+    h.f.select_layer(h.at(40), B, &key, 1).unwrap();
+    assert_eq!(
+        h.outputs(),
+        vec![Output::KeyframeRequest {
+            publisher: A,
+            track,
+            layer: 1,
+            ssrc: Some(1101),
+            kind: KeyframeKind::Pli,
+        }]
+    );
+    assert_eq!(h.f.layer_rid(track, 1), Some("h"));
+    h.frame(33, 1101, 502, 301, false);
+    h.frame(33, 1100, 12, 11, false);
+    let low2 = h.take(B, MediaKind::Video);
+    assert_eq!(low2.len(), 2);
+    assert_eq!(low2[0].payload, vp8(11, 11, 11, false, true));
+    h.frame(66, 1101, 504, 302, true);
+    h.frame(66, 1100, 14, 12, false);
+    let high = h.take(B, MediaKind::Video);
+    assert_eq!(high.len(), 2, "layer 1 only from its key frame");
+    assert_continues(&low2[1], &high[0]);
+    assert!(h.sent.is_empty());
+    assert_eq!(
+        h.f.select_layer(h.at(70), B, &key, 2),
+        Err(ForwardError::BadLayers)
+    );
+}
+
 /// Not a pass/fail test: prints the egress rate of one core with 1 VP8
 /// publisher and 20 subscribers (run with `--release -- --ignored
 /// --nocapture`).
