@@ -42,8 +42,13 @@ enum Op {
         track: u8,
         on: bool,
     },
+    Layer {
+        who: u8,
+        layer: u8,
+    },
     NewSsrc {
         track: u8,
+        layer: u8,
         ssrc: u32,
     },
     Backlog {
@@ -59,10 +64,11 @@ enum Op {
 
 const CALL: CallId = CallId(1);
 const PEOPLE: [ParticipantId; 3] = [ParticipantId(1), ParticipantId(2), ParticipantId(3)];
-const SSRCS: [u32; 2] = [1000, 2000];
+/// Video, audio, and the two layers of a simulcast video track.
+const SSRCS: [u32; 4] = [1000, 2000, 3000, 3001];
 
 fn key(i: u8) -> TrackKey {
-    TrackKey::new("s", if i % 2 == 0 { "v" } else { "a" })
+    TrackKey::new("s", ["v", "a", "sim"][usize::from(i % 3)])
 }
 
 fn check(e: &Egress<'_>, buf: &mut [u8]) {
@@ -93,22 +99,27 @@ fuzz_target!(|ops: Vec<Op>| {
         let _ = f.add_participant(CALL, p);
     }
     let mut tracks = Vec::new();
-    for (codec, i) in [(Codec::Vp8, 0u8), (Codec::Opus, 1)] {
+    let layer = |i: usize| LayerSpec {
+        rid: None,
+        ssrc: Some(SSRCS[i]),
+    };
+    for (codec, i, layers) in [
+        (Codec::Vp8, 0u8, vec![layer(0)]),
+        (Codec::Opus, 1, vec![layer(1)]),
+        (Codec::Vp8, 2, vec![layer(2), layer(3)]),
+    ] {
         if let Ok(t) = f.publish_track(
             PEOPLE[0],
             TrackSpec {
                 key: key(i),
                 codec,
-                layers: vec![LayerSpec {
-                    rid: None,
-                    ssrc: Some(SSRCS[usize::from(i)]),
-                }],
+                layers,
             },
         ) {
             tracks.push(t);
         }
     }
-    let mut out_ssrcs = [[0u32; 2]; 3];
+    let mut out_ssrcs = [[0u32; 3]; 3];
     let mut buf = vec![0u8; 70_000];
     for op in ops.into_iter().take(512) {
         match op {
@@ -121,7 +132,7 @@ fuzz_target!(|ops: Vec<Op>| {
                     continue;
                 };
                 if as_ssrc < 200 {
-                    pkt.ssrc = SSRCS[usize::from(as_ssrc % 2)];
+                    pkt.ssrc = SSRCS[usize::from(as_ssrc % 4)];
                 }
                 let who = PEOPLE[usize::from(from % 4).min(2)];
                 f.handle_rtp(now, who, &pkt, &mut |e| check(&e, &mut buf));
@@ -157,12 +168,12 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Nack { who, track, seqs } => {
                 let w = usize::from(who % 3);
-                let ssrc = out_ssrcs[w][usize::from(track % 2)];
+                let ssrc = out_ssrcs[w][usize::from(track % 3)];
                 let _ = f.handle_nack(PEOPLE[w], ssrc, &seqs, &mut |e| check(&e, &mut buf));
             }
             Op::Pli { who, track, fir } => {
                 let w = usize::from(who % 3);
-                let ssrc = out_ssrcs[w][usize::from(track % 2)];
+                let ssrc = out_ssrcs[w][usize::from(track % 3)];
                 let kind = if fir {
                     KeyframeKind::Fir
                 } else {
@@ -176,15 +187,18 @@ fuzz_target!(|ops: Vec<Op>| {
                 let w = 1 + usize::from(who % 2);
                 if on {
                     if let Ok(s) = f.subscribe(now, PEOPLE[w], &key(track)) {
-                        out_ssrcs[w][usize::from(track % 2)] = s;
+                        out_ssrcs[w][usize::from(track % 3)] = s;
                     }
                 } else {
                     let _ = f.unsubscribe(PEOPLE[w], &key(track));
                 }
             }
-            Op::NewSsrc { track, ssrc } => {
-                if let Some(&t) = tracks.get(usize::from(track % 2)) {
-                    let _ = f.set_layer_ssrc(t, 0, ssrc);
+            Op::Layer { who, layer } => {
+                let _ = f.select_layer(now, PEOPLE[1 + usize::from(who % 2)], &key(2), layer % 3);
+            }
+            Op::NewSsrc { track, layer, ssrc } => {
+                if let Some(&t) = tracks.get(usize::from(track % 3)) {
+                    let _ = f.set_layer_ssrc(t, layer % 3, ssrc);
                 }
             }
             Op::Backlog { who, bytes } => {
