@@ -389,6 +389,12 @@ pub enum Output {
     },
 }
 
+/// Whether `interval` has passed from `since` to `now` (never, if the sum
+/// does not fit in an `Instant`).
+fn elapsed(since: Instant, now: Instant, interval: Duration) -> bool {
+    since.checked_add(interval).is_some_and(|t| now >= t)
+}
+
 /// Keyframe request rate limiting of one publisher layer.
 #[derive(Debug, Clone, Copy, Default)]
 struct KeyframeRequests {
@@ -402,7 +408,7 @@ impl KeyframeRequests {
     /// as coalesced).
     fn request(&mut self, now: Instant, interval: Duration, fir: bool) -> bool {
         match self.last_sent {
-            Some(t) if now < t + interval => {
+            Some(t) if !elapsed(t, now, interval) => {
                 self.pending = true;
                 self.pending_fir |= fir;
                 false
@@ -419,7 +425,7 @@ impl KeyframeRequests {
     /// A pending request now due: returns its FIR flag.
     fn due(&mut self, now: Instant, interval: Duration) -> Option<bool> {
         let t = self.last_sent?;
-        if !self.pending || now < t + interval {
+        if !self.pending || !elapsed(t, now, interval) {
             return None;
         }
         let fir = self.pending_fir;
@@ -457,6 +463,8 @@ struct Track {
 #[derive(Debug)]
 struct Participant {
     call: CallId,
+    /// From the last reported backlog (copied into each of its streams).
+    congestion: Congestion,
     tracks: Vec<TrackId>,
     /// Its outgoing streams, active or paused (kept for continuity).
     outs: Vec<Key>,
@@ -592,6 +600,7 @@ impl Forwarder {
             p,
             Participant {
                 call,
+                congestion: Congestion::None,
                 tracks: Vec::new(),
                 outs: Vec::new(),
             },
@@ -737,6 +746,16 @@ impl Forwarder {
         Ok(())
     }
 
+    /// The name of a track.
+    pub fn track_key(&self, track: TrackId) -> Option<&TrackKey> {
+        self.tracks.get(track).map(|t| &t.key)
+    }
+
+    /// The publisher of a track.
+    pub fn track_publisher(&self, track: TrackId) -> Option<ParticipantId> {
+        self.tracks.get(track).map(|t| t.publisher)
+    }
+
     /// The RID of a track's layer.
     pub fn layer_rid(&self, track: TrackId, layer: u8) -> Option<&str> {
         self.tracks
@@ -862,9 +881,7 @@ impl Forwarder {
                 let congestion = self
                     .participants
                     .get(&subscriber)
-                    .and_then(|p| p.outs.first())
-                    .and_then(|&o| self.outs.get(o))
-                    .map_or(Congestion::None, |o| o.congestion);
+                    .map_or(Congestion::None, |p| p.congestion);
                 let o = self.outs.insert(OutStream {
                     subscriber,
                     track,
@@ -987,9 +1004,10 @@ impl Forwarder {
         } else {
             Congestion::None
         };
-        let Some(p) = self.participants.get(&subscriber) else {
+        let Some(p) = self.participants.get_mut(&subscriber) else {
             return;
         };
+        p.congestion = c;
         for &o in &p.outs {
             if let Some(out) = self.outs.get_mut(o) {
                 out.congestion = c;
@@ -1043,6 +1061,9 @@ impl Forwarder {
             return Err(ForwardError::UnknownSsrc(media_ssrc));
         };
         let (track, layer) = (out.track, out.layer);
+        if out.kind != MediaKind::Video {
+            return Ok(()); // audio has no key frames
+        }
         if let Some(c) = self
             .tracks
             .get(track)
@@ -1338,7 +1359,7 @@ impl Forwarder {
                     && !repeats.contains(&(tid, l))
                     && t.layers
                         .get(usize::from(l))
-                        .is_some_and(|l| l.kf.last_sent.is_none_or(|s| now >= s + interval))
+                        .is_some_and(|l| l.kf.last_sent.is_none_or(|s| elapsed(s, now, interval)))
                 {
                     repeats.push((tid, l));
                 }
@@ -1348,7 +1369,7 @@ impl Forwarder {
             self.request_keyframe(now, t, l, false);
         }
         self.tick_speakers(now);
-        self.next_tick = Some(now + self.config.tick);
+        self.next_tick = now.checked_add(self.config.tick);
     }
 
     fn tick_speakers(&mut self, now: Instant) {

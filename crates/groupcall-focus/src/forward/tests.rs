@@ -655,6 +655,47 @@ fn active_speaker_needs_to_be_loudest_for_the_hold_time() {
 }
 
 #[test]
+fn backlog_before_subscribing_audio_plis_and_huge_intervals() {
+    let mut f = Forwarder::new(ForwarderConfig {
+        keyframe_interval: Duration::MAX,
+        tick: Duration::MAX,
+        ..ForwarderConfig::default()
+    });
+    f.add_call(CALL).unwrap();
+    f.add_participant(CALL, A).unwrap();
+    f.add_participant(CALL, B).unwrap();
+    H::publish_av(&mut f, A, "sA", V_SSRC, A_SSRC);
+    let now = Instant::now();
+    // B is congested before it subscribes: its new stream is too.
+    f.set_backlog(B, 2 * 1024 * 1024);
+    let assrc = f.subscribe(now, B, &akey()).unwrap();
+    let pkt = RtpIn {
+        ssrc: A_SSRC,
+        seq: 1,
+        timestamp: 0,
+        marker: false,
+        payload_type: 111,
+        audio_level: None,
+        payload: b"o",
+    };
+    let mut n = 0;
+    f.handle_rtp(now, A, &pkt, &mut |_| n += 1);
+    assert_eq!(n, 0);
+    assert_eq!(f.call_counters(CALL).unwrap().drops.congestion_audio, 1);
+    // A PLI for an audio stream asks nothing of the publisher.
+    f.handle_keyframe_request(now, B, assrc, KeyframeKind::Pli)
+        .unwrap();
+    assert_eq!(f.poll_output(), None);
+    // Intervals too long for an Instant: requests wait, nothing panics.
+    f.subscribe(now, B, &vkey()).unwrap();
+    f.subscribe(now, A, &vkey()).unwrap();
+    assert_eq!(std::iter::from_fn(|| f.poll_output()).count(), 1);
+    f.handle_timeout(now + Duration::from_secs(1));
+    assert_eq!(f.poll_output(), None);
+    assert_eq!(f.poll_timeout(), None);
+}
+
+#[test]
 fn call_and_participant_errors() {
     let mut f = Forwarder::new(ForwarderConfig::default());
     assert_eq!(
@@ -682,6 +723,8 @@ fn call_and_participant_errors() {
     );
     let t = f.publish_track(A, spec(&[1, 2, 3])).unwrap();
     assert_eq!(f.layer_rid(t, 2), Some("r3"));
+    assert_eq!(f.track_key(t), Some(&TrackKey::new("s", "v")));
+    assert_eq!(f.track_publisher(t), Some(A));
     assert!(matches!(
         f.publish_track(A, spec(&[4])),
         Err(ForwardError::TrackExists(_))
