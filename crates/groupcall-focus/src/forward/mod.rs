@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-pub use cache::PacketCache;
+pub use cache::{Cached, PacketCache};
 use rewrite::Rewriter;
 pub use rtp::{AudioLevel, RtpIn, RtpOut, RtpParseError};
 use slab::{Key, Slab};
