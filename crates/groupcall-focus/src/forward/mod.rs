@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-pub use cache::PacketCache;
+pub use cache::{Cached, PacketCache};
 use rewrite::Rewriter;
 pub use rtp::{AudioLevel, RtpIn, RtpOut, RtpParseError};
 use slab::{Key, Slab};
@@ -270,6 +270,9 @@ pub struct Drops {
     pub congestion_video: u64,
     /// Audio not sent to a very congested subscriber.
     pub congestion_audio: u64,
+    /// Arrived late, from before the packet that started the
+    /// subscription's current epoch (counted per subscription).
+    pub before_epoch: u64,
 }
 
 /// Counters of a call (or of the whole forwarder).
@@ -313,6 +316,7 @@ impl Counters {
         self.drops.awaiting_keyframe += o.drops.awaiting_keyframe;
         self.drops.congestion_video += o.drops.congestion_video;
         self.drops.congestion_audio += o.drops.congestion_audio;
+        self.drops.before_epoch += o.drops.before_epoch;
         self.keyframes_in += o.keyframes_in;
         self.nacks_received += o.nacks_received;
         self.nacks_served += o.nacks_served;
@@ -385,6 +389,12 @@ pub enum Output {
     },
 }
 
+/// Whether `interval` has passed from `since` to `now` (never, if the sum
+/// does not fit in an `Instant`).
+fn elapsed(since: Instant, now: Instant, interval: Duration) -> bool {
+    since.checked_add(interval).is_some_and(|t| now >= t)
+}
+
 /// Keyframe request rate limiting of one publisher layer.
 #[derive(Debug, Clone, Copy, Default)]
 struct KeyframeRequests {
@@ -398,7 +408,7 @@ impl KeyframeRequests {
     /// as coalesced).
     fn request(&mut self, now: Instant, interval: Duration, fir: bool) -> bool {
         match self.last_sent {
-            Some(t) if now < t + interval => {
+            Some(t) if !elapsed(t, now, interval) => {
                 self.pending = true;
                 self.pending_fir |= fir;
                 false
@@ -415,7 +425,7 @@ impl KeyframeRequests {
     /// A pending request now due: returns its FIR flag.
     fn due(&mut self, now: Instant, interval: Duration) -> Option<bool> {
         let t = self.last_sent?;
-        if !self.pending || now < t + interval {
+        if !self.pending || !elapsed(t, now, interval) {
             return None;
         }
         let fir = self.pending_fir;
@@ -453,6 +463,8 @@ struct Track {
 #[derive(Debug)]
 struct Participant {
     call: CallId,
+    /// From the last reported backlog (copied into each of its streams).
+    congestion: Congestion,
     tracks: Vec<TrackId>,
     /// Its outgoing streams, active or paused (kept for continuity).
     outs: Vec<Key>,
@@ -482,12 +494,21 @@ struct OutStream {
     kind: MediaKind,
     ssrc: u32,
     active: bool,
+    /// The layer forwarded now.
     layer: u8,
+    /// The layer wanted: forwarded from its next key frame on.
+    target_layer: u8,
     waiting_keyframe: bool,
     resync: bool,
     congestion: Congestion,
+    /// Consecutive packets dropped as `before_epoch`.
+    stale_run: u8,
     rw: Rewriter,
 }
+
+/// After this many consecutive `before_epoch` drops a subscription starts
+/// a new epoch.
+const STALE_RUN_RESYNC: u8 = 64;
 
 /// The forwarding core (see the module documentation).
 #[derive(Debug)]
@@ -579,6 +600,7 @@ impl Forwarder {
             p,
             Participant {
                 call,
+                congestion: Congestion::None,
                 tracks: Vec::new(),
                 outs: Vec::new(),
             },
@@ -724,6 +746,16 @@ impl Forwarder {
         Ok(())
     }
 
+    /// The name of a track.
+    pub fn track_key(&self, track: TrackId) -> Option<&TrackKey> {
+        self.tracks.get(track).map(|t| &t.key)
+    }
+
+    /// The publisher of a track.
+    pub fn track_publisher(&self, track: TrackId) -> Option<ParticipantId> {
+        self.tracks.get(track).map(|t| t.publisher)
+    }
+
     /// The RID of a track's layer.
     pub fn layer_rid(&self, track: TrackId, layer: u8) -> Option<&str> {
         self.tracks
@@ -799,6 +831,14 @@ impl Forwarder {
             .ok_or_else(|| ForwardError::UnknownTrack(key.clone()))
     }
 
+    /// The outgoing stream (active or paused) of a participant for a track.
+    fn out_of(&self, p: &Participant, track: TrackId) -> Option<Key> {
+        p.outs
+            .iter()
+            .copied()
+            .find(|&o| self.outs.get(o).is_some_and(|x| x.track == track))
+    }
+
     /// Subscribes a participant to a track of its own call; returns the
     /// SSRC of its copy (the same one again after an unsubscribe). A second
     /// subscription to the same track is ignored (MSC3898). For video, a
@@ -815,11 +855,7 @@ impl Forwarder {
             .participants
             .get(&subscriber)
             .ok_or(ForwardError::UnknownParticipant(subscriber))?;
-        let existing = part
-            .outs
-            .iter()
-            .copied()
-            .find(|&o| self.outs.get(o).is_some_and(|x| x.track == track));
+        let existing = self.out_of(part, track);
         let kind = self
             .tracks
             .get(track)
@@ -827,7 +863,7 @@ impl Forwarder {
             .codec
             .kind();
         let video = kind == MediaKind::Video;
-        let (okey, ssrc) = match existing {
+        let (okey, ssrc, layer) = match existing {
             Some(o) => {
                 let Some(out) = self.outs.get_mut(o) else {
                     return Err(ForwardError::NoSuchTrack);
@@ -838,16 +874,14 @@ impl Forwarder {
                 out.active = true;
                 out.resync = true;
                 out.waiting_keyframe = video;
-                (o, out.ssrc)
+                (o, out.ssrc, out.layer)
             }
             None => {
                 let ssrc = self.new_ssrc(subscriber);
                 let congestion = self
                     .participants
                     .get(&subscriber)
-                    .and_then(|p| p.outs.first())
-                    .and_then(|&o| self.outs.get(o))
-                    .map_or(Congestion::None, |o| o.congestion);
+                    .map_or(Congestion::None, |p| p.congestion);
                 let o = self.outs.insert(OutStream {
                     subscriber,
                     track,
@@ -855,24 +889,68 @@ impl Forwarder {
                     ssrc,
                     active: true,
                     layer: 0,
+                    target_layer: 0,
                     waiting_keyframe: video,
                     resync: true,
                     congestion,
+                    stale_run: 0,
                     rw: Rewriter::new(),
                 });
                 if let Some(p) = self.participants.get_mut(&subscriber) {
                     p.outs.push(o);
                 }
-                (o, ssrc)
+                (o, ssrc, 0)
             }
         };
         if let Some(t) = self.tracks.get_mut(track) {
             t.outs.push(okey);
         }
         if video {
-            self.request_keyframe(now, track, 0, false);
+            self.request_keyframe(now, track, layer, false);
         }
         Ok(ssrc)
+    }
+
+    /// Chooses the layer (simulcast encoding, by index) a subscriber
+    /// receives of a track. A subscription still waiting for its first key
+    /// frame moves at once; otherwise the current layer is forwarded until
+    /// a key frame of the new one arrives (asked for at once, rate
+    /// limited), and the switch keeps the subscriber's numbering
+    /// continuous.
+    pub fn select_layer(
+        &mut self,
+        now: Instant,
+        subscriber: ParticipantId,
+        key: &TrackKey,
+        layer: u8,
+    ) -> Result<(), ForwardError> {
+        let track = self.track_in_call_of(subscriber, key)?;
+        let layers = self
+            .tracks
+            .get(track)
+            .ok_or(ForwardError::NoSuchTrack)?
+            .layers
+            .len();
+        if usize::from(layer) >= layers {
+            return Err(ForwardError::BadLayers);
+        }
+        let o = self
+            .participants
+            .get(&subscriber)
+            .and_then(|p| self.out_of(p, track))
+            .ok_or_else(|| ForwardError::UnknownTrack(key.clone()))?;
+        let Some(out) = self.outs.get_mut(o) else {
+            return Err(ForwardError::NoSuchTrack);
+        };
+        out.target_layer = layer;
+        if out.waiting_keyframe {
+            out.layer = layer;
+        }
+        let ask = out.active && out.kind == MediaKind::Video;
+        if ask {
+            self.request_keyframe(now, track, layer, false);
+        }
+        Ok(())
     }
 
     /// Ends a subscription (its rewriting state is kept so that a later
@@ -926,9 +1004,10 @@ impl Forwarder {
         } else {
             Congestion::None
         };
-        let Some(p) = self.participants.get(&subscriber) else {
+        let Some(p) = self.participants.get_mut(&subscriber) else {
             return;
         };
+        p.congestion = c;
         for &o in &p.outs {
             if let Some(out) = self.outs.get_mut(o) {
                 out.congestion = c;
@@ -982,6 +1061,9 @@ impl Forwarder {
             return Err(ForwardError::UnknownSsrc(media_ssrc));
         };
         let (track, layer) = (out.track, out.layer);
+        if out.kind != MediaKind::Video {
+            return Ok(()); // audio has no key frames
+        }
         if let Some(c) = self
             .tracks
             .get(track)
@@ -1075,7 +1157,12 @@ impl Forwarder {
         for &o in &track.outs {
             let Some(out) = outs.get_mut(o) else { continue };
             if out.layer != layer {
-                continue;
+                // A layer switch happens at a key frame of the target.
+                if out.target_layer != layer || !keyframe {
+                    continue;
+                }
+                out.layer = layer;
+                out.resync = true;
             }
             let congested = match kind {
                 MediaKind::Video => out.congestion != Congestion::None,
@@ -1112,6 +1199,21 @@ impl Forwarder {
                 out.resync = false;
             }
             let (header, patch) = out.rw.map(out.ssrc, pkt, vp8.as_ref());
+            if !out.rw.in_epoch(header.seq) {
+                // Reordered from before the epoch's first packet: its
+                // number would repeat one already sent. A long run of
+                // them means the publisher's numbering jumped: a new
+                // epoch then.
+                c.drops.before_epoch += 1;
+                out.stale_run = out.stale_run.saturating_add(1);
+                if out.stale_run >= STALE_RUN_RESYNC {
+                    out.stale_run = 0;
+                    out.resync = true;
+                    out.waiting_keyframe = kind == MediaKind::Video;
+                }
+                continue;
+            }
+            out.stale_run = 0;
             out.rw.advance(now, &header, vp8.as_ref());
             c.packets_out += 1;
             c.bytes_out += len;
@@ -1240,15 +1342,26 @@ impl Forwarder {
                 }
             }
             for &o in &t.outs {
-                if let Some(out) = self.outs.get(o)
-                    && out.waiting_keyframe
+                let Some(out) = self.outs.get(o) else {
+                    continue;
+                };
+                // A subscription waiting for a key frame of its layer, or
+                // of the layer it switches to.
+                let wants = if out.waiting_keyframe {
+                    Some(out.layer)
+                } else if out.target_layer != out.layer {
+                    Some(out.target_layer)
+                } else {
+                    None
+                };
+                if let Some(l) = wants
                     && out.congestion == Congestion::None
-                    && !repeats.contains(&(tid, out.layer))
+                    && !repeats.contains(&(tid, l))
                     && t.layers
-                        .get(usize::from(out.layer))
-                        .is_some_and(|l| l.kf.last_sent.is_none_or(|s| now >= s + interval))
+                        .get(usize::from(l))
+                        .is_some_and(|l| l.kf.last_sent.is_none_or(|s| elapsed(s, now, interval)))
                 {
-                    repeats.push((tid, out.layer));
+                    repeats.push((tid, l));
                 }
             }
         }
@@ -1256,7 +1369,7 @@ impl Forwarder {
             self.request_keyframe(now, t, l, false);
         }
         self.tick_speakers(now);
-        self.next_tick = Some(now + self.config.tick);
+        self.next_tick = now.checked_add(self.config.tick);
     }
 
     fn tick_speakers(&mut self, now: Instant) {

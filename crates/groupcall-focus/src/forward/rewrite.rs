@@ -12,6 +12,10 @@ use super::vp8::{Vp8Descriptor, Vp8Patch};
 
 const PID_MASK: u16 = 0x7fff;
 
+/// How far back from the last packet sent the current epoch reaches, at
+/// most (packets older than that are neither forwarded nor re-sent).
+const EPOCH_WINDOW: u16 = 0x7000;
+
 /// Offsets of the current epoch and the last values written.
 #[derive(Debug, Clone, Copy)]
 pub struct Rewriter {
@@ -23,7 +27,8 @@ pub struct Rewriter {
     pid_off: u16,
     tl0_off: u8,
     key_off: u8,
-    /// The first outgoing sequence number of the current epoch.
+    /// The first outgoing sequence number of the current epoch (or, in a
+    /// long epoch, the last one minus [`EPOCH_WINDOW`]).
     epoch_first: u16,
     last_seq: u16,
     last_ts: u32,
@@ -129,6 +134,11 @@ impl Rewriter {
             return;
         }
         self.last_seq = hdr.seq;
+        // The epoch's start slides along so that every number in it stays
+        // within half the 16-bit space of the last one (unambiguous).
+        if self.last_seq.wrapping_sub(self.epoch_first) > EPOCH_WINDOW {
+            self.epoch_first = self.last_seq.wrapping_sub(EPOCH_WINDOW);
+        }
         self.last_ts = hdr.timestamp;
         self.last_at = Some(now);
         if let Some(d) = vp8 {
@@ -145,6 +155,16 @@ impl Rewriter {
         }
     }
 
+    /// Whether outgoing `seq` belongs to the current epoch (is not before
+    /// its first packet, nor more than [`EPOCH_WINDOW`] before the last).
+    pub fn in_epoch(&self, seq: u16) -> bool {
+        if (seq.wrapping_sub(self.last_seq) as i16) > 0 {
+            return true; // newer than all sent
+        }
+        let sent = self.last_seq.wrapping_sub(self.epoch_first).wrapping_add(1);
+        seq.wrapping_sub(self.epoch_first) < sent
+    }
+
     /// The publisher sequence number of outgoing `seq`, if `seq` was
     /// written in the current epoch.
     pub fn source_seq(&self, seq: u16) -> Option<u16> {
@@ -153,7 +173,7 @@ impl Rewriter {
         }
         let sent = self.last_seq.wrapping_sub(self.epoch_first);
         let age = seq.wrapping_sub(self.epoch_first);
-        if age > sent || sent > 0x8000 {
+        if age > sent || sent > EPOCH_WINDOW {
             return None;
         }
         Some(seq.wrapping_sub(self.seq_off))
