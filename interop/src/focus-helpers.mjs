@@ -30,7 +30,11 @@ export function memberContent(existing, confId, ourDevice, device, now) {
   return obj;
 }
 
-/** mid -> { kind, direction, stream_id, track_id } from an SDP. */
+/**
+ * mid -> { kind, direction, stream_id, track_id } of each m-section of an
+ * SDP (`direction` as the SDP's author says, `inactive` for a rejected
+ * section; ids from `a=msid`, null without).
+ */
 export function sdpSections(sdp) {
   const out = new Map();
   for (const section of String(sdp ?? "").split(/\r?\nm=/).slice(1)) {
@@ -38,7 +42,9 @@ export function sdpSections(sdp) {
     const mid = /\na=mid:(\S+)/.exec(section)?.[1];
     if (!mid) continue;
     const msid = /\na=msid:(\S+) (\S+)/.exec(section);
-    const direction = /\na=(sendrecv|sendonly|recvonly|inactive)\b/.exec(section)?.[1] ?? "sendrecv";
+    // A section with port 0 is rejected: nothing flows.
+    const rejected = /^\w+ 0 /.test(section);
+    const direction = rejected ? "inactive" : /\na=(sendrecv|sendonly|recvonly|inactive)\b/.exec(section)?.[1] ?? "sendrecv";
     out.set(mid, { kind, direction, stream_id: msid?.[1] ?? null, track_id: msid?.[2] ?? null });
   }
   return out;

@@ -157,6 +157,9 @@ async function start(opts) {
 
   const ownerOf = (streamId) => publishers.get(streamId) ?? null;
   const isMine = (s) => s.user_id === me.user_id && s.device_id === me.device_id;
+  // Streams the focus names no publisher for are not subscribed to (as in
+  // groupcall's client).
+  const isOthers = (s) => typeof s.user_id === "string" && typeof s.device_id === "string" && !isMine(s);
 
   const learn = (meta) => {
     for (const [id, s] of Object.entries(meta ?? {})) {
@@ -167,7 +170,7 @@ async function start(opts) {
   const resubscribe = () => {
     const wanted = new Map();
     for (const [streamId, s] of available) {
-      if (isMine(s)) continue;
+      if (!isOthers(s)) continue;
       for (const [trackId, size] of Object.entries(s.tracks ?? {})) {
         wanted.set(`${streamId}\n${trackId}`, { stream_id: streamId, track_id: trackId, ...(size?.width ? { width: size.width } : {}), ...(size?.height ? { height: size.height } : {}) });
       }
@@ -398,7 +401,8 @@ async function start(opts) {
       if (s.type !== "inbound-rtp") continue;
       const mid = s.mid ?? midOfTrack.get(s.trackIdentifier);
       const sec = sections.get(mid);
-      if (!sec?.stream_id) continue;
+      // Only what the focus sends now (not a track it stopped forwarding).
+      if (!sec?.stream_id || !(sec.direction === "sendonly" || sec.direction === "sendrecv")) continue;
       const owner = ownerOf(sec.stream_id);
       const frames = s.kind === "video" ? s.framesDecoded ?? 0 : Math.floor((s.totalSamplesReceived ?? 0) / 480);
       const entry = counters.get(mid) ?? { last: 0 };

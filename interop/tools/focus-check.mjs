@@ -25,7 +25,7 @@
 // Prints one JSON line per step; the last is {"check":"focus","ok":...}.
 
 import { spawn } from "node:child_process";
-import { createWriteStream, mkdtempSync, rmSync } from "node:fs";
+import { createWriteStream, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
@@ -118,8 +118,9 @@ async function startStubFocus(url, creds, confId) {
     const c = message.content;
     state.received.push({ type: message.type, encrypted: encryptionInfo != null, sender: message.sender, sender_device: encryptionInfo?.senderDevice ?? null, content: c });
     if (message.type === "m.call.hangup") state.hangups.push(c);
-    if (message.type !== "m.call.invite" || state.call) return;
+    if (message.type !== "m.call.invite") return;
     state.invites.push({ content: c, encrypted: encryptionInfo != null, sender_device: encryptionInfo?.senderDevice ?? null });
+    if (state.call) return; // only the first call is answered
     const pc = new wrtc.RTCPeerConnection({ iceServers: [] });
     const call = { callId: c.call_id, user: message.sender, device: encryptionInfo?.senderDevice ?? c.device_id, clientSession: c.sender_session_id, pc, dc: null };
     state.call = call;
@@ -196,7 +197,7 @@ async function main() {
 
     const t0 = Date.now();
     client = new Proc("focus-client", [join(ROOT, "focus-client.mjs"), "--homeserver", hs.url, "--user", "alice", "--password", "alicepw",
-      "--room", room, "--focus", `${bot.user_id}/${bot.device_id}`, "--media-interval", "500", "--candidate-ip", "127.0.0.1", "--log-signalling"]);
+      "--room", room, "--focus", `${bot.user_id}/${bot.device_id}`, "--media-interval", "500", "--candidate-ip", "127.0.0.1", "--ping-timeout", "1500", "--log-signalling"]);
     const ready = await client.waitFor("ready", (e) => e.event === "ready", 60000);
     const joined = await client.waitFor("joined", (e) => e.event === "joined", 30000);
     expect("joined the room's call", joined.call_id === confId, { call_id: joined.call_id });
@@ -229,6 +230,11 @@ async function main() {
       sections.filter((s) => s.stream_id).every((s) => s.stream_id === own[0] && c.sdp_stream_metadata[own[0]].tracks?.[s.track_id]) &&
       c.sdp_stream_metadata[own[0]].purpose === "m.usermedia");
 
+    // The room state the focus would authorise the invite from (kept with
+    // --keep-logs for checking against groupcall's focus core).
+    const roomState = await api(hs.url, "GET", `/_matrix/client/v3/rooms/${encodeURIComponent(room)}/state`, { token: alice.access_token });
+    writeFileSync(join(logDir, "room-state.json"), JSON.stringify({ room_id: room, focus_device: bot.device_id, client_user: ready.user_id, client_device: ready.device_id, state: roomState }, null, 1));
+
     // select_answer and later messages go to the focus's session.
     await client.waitFor("answered", (e) => e.event === "call_state" && e.state === "answered", 20000);
     for (let i = 0; i < 100 && !stub.state.received.some((m) => m.type === "m.call.select_answer"); i++) await sleep(100);
@@ -237,6 +243,7 @@ async function main() {
       sel.content.selected_party_id === bot.device_id, sel?.content);
 
     await client.waitFor("channel open", (e) => e.event === "channel_open", 20000);
+    for (let i = 0; i < 50 && !stub.state.label; i++) await sleep(100); // the stub's side may open a little later
     expect("data channel label m.call", stub.state.label === "m.call", stub.state.label);
     await client.waitFor("subscription", (e) => e.event === "subscription", 10000);
     await sleep(300);
@@ -260,16 +267,44 @@ async function main() {
     expect("client answered pings with pongs", stub.state.pongs >= 2, { pongs: stub.state.pongs });
     out({ step: "media", ms_since_client_start: Date.now() - t0, at_client: { video: video.frames, audio_audible: audio.audible }, at_stub: atStub });
 
+    // Mute: the focus hears of it on the channel.
+    const before = stub.state.channel.length;
+    client.send("mute video");
+    for (let i = 0; i < 50 && !stub.state.channel.slice(before).some((m) => m.type === "m.call.sdp_stream_metadata_changed"); i++) await sleep(100);
+    const muted = stub.state.channel.slice(before).find((m) => m.type === "m.call.sdp_stream_metadata_changed");
+    expect("mute video: sdp_stream_metadata_changed on the channel with video_muted", muted?.content?.sdp_stream_metadata?.[own[0]]?.video_muted === true &&
+      muted.content.sdp_stream_metadata[own[0]].audio_muted === false, muted?.content);
+
+    // The stub stops pinging: the client hangs up within its ping timeout
+    // (--ping-timeout 1500) and calls again 5 s later (a new call).
+    const firstCall = c.call_id;
+    const stopped = Date.now();
+    clearInterval(stub.state.call.pinger);
+    const ended = await client.waitFor("ping timeout", (e) => e.event === "call_state" && e.state === "ended", 10000).catch((e) => ({ error: e.message }));
+    const timedOutMs = Date.now() - stopped;
+    expect("no pings for 1.5 s: the client hangs up (focus_ping_timeout) within 3 s", ended.reason === "focus_ping_timeout" && timedOutMs < 3000, { ...ended, ms: timedOutMs });
+    for (let i = 0; i < 100 && stub.state.invites.length < 2; i++) await sleep(100);
+    const again = stub.state.invites[1]?.content;
+    expect("then it calls again: a new call_id, seq 0, Olm", again && again.call_id !== firstCall && again.seq === 0 && stub.state.invites[1].encrypted, again && { call_id: again.call_id, seq: again.seq });
+
     // Leave: a hangup reaches the stub, the member entry goes.
     client.send("leave");
     await client.waitFor("left", (e) => e.event === "left", 15000);
-    for (let i = 0; i < 50 && stub.state.hangups.length === 0; i++) await sleep(100);
-    expect("hangup reached the focus's session", stub.state.hangups[0]?.dest_session_id === stub.session && stub.state.hangups[0]?.reason === "user_hangup", stub.state.hangups[0]);
+    for (let i = 0; i < 50 && stub.state.hangups.length < 2; i++) await sleep(100);
+    const [h1, h2] = stub.state.hangups;
+    expect("hangups reached the focus's session: focus_ping_timeout for the first call, user_hangup for the second",
+      h1?.dest_session_id === stub.session && h1.reason === "focus_ping_timeout" && h1.call_id === firstCall &&
+      h2?.reason === "user_hangup" && h2.call_id === again?.call_id && h2.dest_session_id === bot.device_id, stub.state.hangups);
     const after = await api(hs.url, "GET", `/_matrix/client/v3/rooms/${encodeURIComponent(room)}/state/org.matrix.msc3401.call.member/${encodeURIComponent(ready.user_id)}`, { token: alice.access_token });
     expect("member entry removed on leave", JSON.stringify(after) === JSON.stringify({ "m.calls": [] }), after);
-    const seqs = stub.state.received.filter((m) => m.sender === ready.user_id).map((m) => m.content.seq);
-    expect("client's to-device seq contiguous from 0, all Olm", seqs.every((s, i) => s === i) && stub.state.received.every((m) => m.encrypted), seqs);
+    const seqs = {};
+    for (const m of stub.state.received.filter((m) => m.sender === ready.user_id)) (seqs[m.content.call_id] ??= []).push(m.content.seq);
+    expect("client's to-device seq contiguous from 0 per call, all Olm", Object.values(seqs).every((l) => l.every((s, i) => s === i)) &&
+      stub.state.received.every((m) => m.encrypted), seqs);
 
+    // What the client sent, for checking against groupcall's own parsers.
+    writeFileSync(join(logDir, "client-to-device.json"), JSON.stringify(stub.state.received.filter((m) => m.sender === ready.user_id).map((m) => ({ type: m.type, content: m.content })), null, 1));
+    writeFileSync(join(logDir, "client-channel.json"), JSON.stringify(stub.state.channel, null, 1));
     client.send("quit");
     const exit = await client.exited;
     expect("client exited 0", exit.code === 0, exit);
