@@ -325,13 +325,19 @@ async function start(opts) {
     if (call !== c) return;
     c.invited = true;
     emit({ event: "call_state", call_id: c.callId, state: "invite_sent", attempt: attempts });
-    await sendToFocus(c, "m.call.invite", {
-      lifetime: INVITE_LIFETIME_MS,
-      invitee: focus.user_id,
-      offer: { type: "offer", sdp: pc.localDescription.sdp },
-      capabilities: { "m.call.transferee": false, "m.call.dtmf": false },
-      sdp_stream_metadata: ownMetadata(),
-    });
+    try {
+      await sendToFocus(c, "m.call.invite", {
+        lifetime: INVITE_LIFETIME_MS,
+        invitee: focus.user_id,
+        offer: { type: "offer", sdp: pc.localDescription.sdp },
+        capabilities: { "m.call.transferee": false, "m.call.dtmf": false },
+        sdp_stream_metadata: ownMetadata(),
+      });
+    } catch {
+      // Reported as call_error "send"; try again later like a refusal.
+      if (call === c) endCall("invite_failed", { hangup: false });
+      return;
+    }
     c.answerTimer = setTimeout(() => { if (call === c && !c.answered) endCall("invite_timeout"); }, INVITE_LIFETIME_MS);
   };
 
