@@ -24,14 +24,13 @@
 // Synapse comes from $SYNAPSE_PYTHON or a venv made by tools/synapse.mjs.
 // Prints one JSON line per step; the last is {"check":"focus","ok":...}.
 
-import { spawn } from "node:child_process";
 import { createWriteStream, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
-import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { Console } from "node:console";
 import { startSynapse, register, createCallRoom, api } from "./synapse.mjs";
+import { Proc, expectations, sleep } from "./proc.mjs";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 const keepLogs = process.argv.includes("--keep-logs");
@@ -46,51 +45,7 @@ const { default: wrtc } = await import("@roamhq/wrtc");
 const { CallEncryptor, startAndSync } = await import("../src/peer-core.mjs");
 const { sdpSections } = await import("../src/focus-helpers.mjs");
 
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
-const failures = [];
-const expect = (what, ok, detail = undefined) => {
-  out({ expect: what, ok: !!ok, ...(detail === undefined ? {} : { detail }) });
-  if (!ok) failures.push(what);
-};
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-class Proc {
-  constructor(name, args) {
-    this.name = name;
-    this.events = [];
-    this.waiters = new Set();
-    this.proc = spawn(process.execPath, args, { cwd: ROOT, stdio: ["pipe", "pipe", "pipe"] });
-    this.proc.stderr.pipe(createWriteStream(join(logDir, `${name}.stderr.log`)));
-    const log = createWriteStream(join(logDir, `${name}.jsonl`));
-    createInterface({ input: this.proc.stdout }).on("line", (line) => {
-      log.write(line + "\n");
-      let ev;
-      try { ev = JSON.parse(line); } catch { ev = { event: "garbage", line }; }
-      this.events.push(ev);
-      if (ev.event === "error") process.stderr.write(`[${name}] error: ${ev.message}\n`);
-      this.poke();
-    });
-    this.exited = new Promise((resolve) => this.proc.on("exit", (code, signal) => resolve({ code, signal })));
-  }
-  poke() {
-    for (const w of this.waiters) {
-      const ev = this.events.find(w.pred);
-      if (!ev) continue;
-      this.waiters.delete(w);
-      clearTimeout(w.timer);
-      w.resolve(ev);
-    }
-  }
-  waitFor(what, pred, timeout = 30000) {
-    return new Promise((resolve, reject) => {
-      const w = { pred, resolve };
-      w.timer = setTimeout(() => { this.waiters.delete(w); reject(new Error(`${this.name}: timed out waiting for ${what}`)); }, timeout);
-      this.waiters.add(w);
-      this.poke();
-    });
-  }
-  send(line) { this.proc.stdin.write(line + "\n"); }
-}
+const { out, expect, failures } = expectations();
 
 /** The stub focus: a Matrix device that answers one client's calls. */
 async function startStubFocus(url, creds, confId) {
@@ -196,7 +151,7 @@ async function main() {
     out({ step: "stub focus up", user_id: bot.user_id, device_id: bot.device_id });
 
     const t0 = Date.now();
-    client = new Proc("focus-client", [join(ROOT, "focus-client.mjs"), "--homeserver", hs.url, "--user", "alice", "--password", "alicepw",
+    client = new Proc("focus-client", logDir, [join(ROOT, "focus-client.mjs"), "--homeserver", hs.url, "--user", "alice", "--password", "alicepw",
       "--room", room, "--focus", `${bot.user_id}/${bot.device_id}`, "--media-interval", "500", "--candidate-ip", "127.0.0.1", "--ping-timeout", "1500", "--log-signalling"]);
     const ready = await client.waitFor("ready", (e) => e.event === "ready", 60000);
     const joined = await client.waitFor("joined", (e) => e.event === "joined", 30000);
