@@ -1,17 +1,21 @@
 #!/usr/bin/env node
 // The MSC3898 focus client against groupcall's REAL focus: a throwaway
 // Synapse, `groupcall focus --config focus.toml` (the binary named by
-// --groupcall), and N focus clients in headless Chromium in one call, all
-// through the focus. Checks:
-//   - every client is answered (Olm) and its data channel opens;
-//   - every client decodes every other client's video (>= 30 frames) and
-//     hears its audio (>= 1 s audible), attributed to the right publisher by
-//     the focus's metadata;
+// --groupcall), N focus clients in headless Chromium and K groupcall
+// participants (`groupcall join --focus`) in one call, all through the
+// focus. Checks:
+//   - every Chromium client is answered (Olm) and its data channel opens;
+//   - every Chromium client decodes every other participant's video (>= 30
+//     frames) and hears its audio (>= 1 s audible), attributed to the right
+//     publisher by the focus's metadata;
+//   - every groupcall participant receives every other participant's video
+//     (>= 30 frames) and audio (>= 100 frames) (its `media` lines);
 //   - the first client leaves: every other client sees its stream go from
 //     the focus's metadata, unsubscribes, and is renegotiated without its
 //     tracks; the others' media goes on.
 //
-//   node tools/focus-live.mjs --groupcall PATH/TO/groupcall [--clients N] [--keep-logs]
+//   node tools/focus-live.mjs --groupcall PATH/TO/groupcall [--clients N]
+//        [--with-groupcall K] [--keep-logs]
 // Synapse comes from $SYNAPSE_PYTHON or a venv made by tools/synapse.mjs.
 // Prints one JSON line per step; the last is {"check":"focus-live","ok":...}.
 
@@ -28,9 +32,10 @@ const args = process.argv.slice(2);
 const arg = (name, dflt) => (args.includes(name) ? args[args.indexOf(name) + 1] : dflt);
 const groupcall = arg("--groupcall", null);
 const count = Number(arg("--clients", "2"));
+const natives = Number(arg("--with-groupcall", "0"));
 const keepLogs = args.includes("--keep-logs");
-if (!groupcall || !(count >= 2)) {
-  process.stderr.write("usage: node tools/focus-live.mjs --groupcall PATH/TO/groupcall [--clients N>=2] [--keep-logs]\n");
+if (!groupcall || !(count >= 1) || !(natives >= 0) || count + natives < 2 || count + natives > 8) {
+  process.stderr.write("usage: node tools/focus-live.mjs --groupcall PATH/TO/groupcall [--clients N>=1] [--with-groupcall K] [--keep-logs] (2 <= N+K <= 8)\n");
   process.exit(2);
 }
 const logDir = mkdtempSync(join(tmpdir(), "groupcall-focus-live-"));
@@ -41,10 +46,11 @@ async function main() {
   const hs = await startSynapse({ log: createWriteStream(join(logDir, "synapse.log")) });
   let focus = null;
   const clients = [];
+  const gc = [];
   try {
     const bot = await register(hs.url, "focusbot", "botpw");
     const users = [];
-    for (const name of NAMES.slice(0, count)) users.push({ name, ...(await register(hs.url, name, `${name}pw`)) });
+    for (const name of NAMES.slice(0, count + natives)) users.push({ name, ...(await register(hs.url, name, `${name}pw`)) });
     const room = await createCallRoom(hs.url, users[0].access_token, "focus live");
     const confId = `${Date.now()}FocusLiveCall`;
     await api(hs.url, "PUT", `/_matrix/client/v3/rooms/${encodeURIComponent(room)}/state/org.matrix.msc3401.call/${confId}`, {
@@ -76,12 +82,18 @@ async function main() {
     if (!focusDevice) return;
 
     const t0 = Date.now();
-    for (const u of users) {
+    for (const u of users.slice(0, count)) {
       clients.push(new Proc(u.name, logDir, [join(ROOT, "focus-client.mjs"), "--homeserver", hs.url, "--user", u.name, "--password", `${u.name}pw`,
         "--room", room, "--focus", `${bot.user_id}/${focusDevice}`, "--candidate-ip", "127.0.0.1", "--media-interval", "500", "--log-signalling"]));
     }
+    for (const u of users.slice(count)) {
+      gc.push(new Proc(u.name, logDir, ["join", "--json", "--homeserver", hs.url, "--user", u.name, "--password", `${u.name}pw`, "--room", room,
+        "--focus", `${bot.user_id}/${focusDevice}`, "--data-dir", join(logDir, `${u.name}-data`)], { command: groupcall }));
+    }
     const ready = await Promise.all(clients.map((c) => c.waitFor("ready", (e) => e.event === "ready", 60000)));
+    // Each user has one device here: a publisher is told by its user id.
     const who = new Map(ready.map((r, i) => [i, { user_id: r.user_id, device_id: r.device_id }]));
+    const everyone = [...clients.map((c, i) => ({ name: c.name, user_id: who.get(i).user_id })), ...users.slice(count).map((u) => ({ name: u.name, user_id: u.user_id }))];
     for (const c of clients) {
       const answered = await c.waitFor("answered", (e) => e.event === "call_state" && e.state === "answered", 30000).catch((e) => ({ error: e.message }));
       expect(`${c.name}: answered by the focus over Olm`, answered.encrypted === true && !!answered.focus_session_id, answered);
@@ -90,16 +102,26 @@ async function main() {
     }
     // Media from every other client, attributed to it.
     const firstMedia = {};
-    for (const [i, c] of clients.entries()) {
-      for (const [j] of clients.entries()) {
-        if (i === j) continue;
-        const from = who.get(j);
-        const of = (kind, enough) => (e) => e.event === "media" && e.kind === kind && e.user_id === from.user_id && e.device_id === from.device_id && enough(e);
+    for (const c of clients) {
+      for (const from of everyone) {
+        if (from.name === c.name) continue;
+        const of = (kind, enough) => (e) => e.event === "media" && e.kind === kind && e.user_id === from.user_id && enough(e);
         const video = await c.waitFor("video", of("video", (e) => e.frames >= 30), 40000).catch((e) => ({ error: e.message }));
         const audio = await c.waitFor("audio", of("audio", (e) => e.audible >= 100), 40000).catch((e) => ({ error: e.message }));
-        expect(`${c.name} decodes ${clients[j].name}'s video (>= 30 frames) and hears its audio (>= 1 s audible)`, !video.error && !audio.error,
+        expect(`${c.name} decodes ${from.name}'s video (>= 30 frames) and hears its audio (>= 1 s audible)`, !video.error && !audio.error,
           { video: video.frames ?? video.error, audio_audible: audio.audible ?? audio.error, fps: video.fps });
-        firstMedia[`${clients[j].name}->${c.name}`] = Date.now() - t0;
+        firstMedia[`${from.name}->${c.name}`] = Date.now() - t0;
+      }
+    }
+    for (const g of gc) {
+      for (const from of everyone) {
+        if (from.name === g.name) continue;
+        const of = (kind, enough) => (e) => e.event === "media" && e.kind === kind && e.user_id === from.user_id && enough(e);
+        const video = await g.waitFor("video", of("video", (e) => e.frames >= 30), 40000).catch((e) => ({ error: e.message }));
+        const audio = await g.waitFor("audio", of("audio", (e) => e.frames >= 100), 40000).catch((e) => ({ error: e.message }));
+        expect(`${g.name} (groupcall) receives ${from.name}'s video (>= 30 frames) and audio (>= 100 frames)`, !video.error && !audio.error,
+          { video: video.frames ?? video.error, audio: audio.frames ?? audio.error });
+        firstMedia[`${from.name}->${g.name}`] = Date.now() - t0;
       }
     }
     out({ step: "media through the focus", ms_since_clients_started: firstMedia });
@@ -108,11 +130,12 @@ async function main() {
     const leaver = clients[0];
     const gone = who.get(0);
     const marks = clients.map((c) => c.events.length);
+    const gcMarks = gc.map((g) => g.events.length);
     leaver.send("leave");
     await leaver.waitFor("left", (e) => e.event === "left", 15000);
     const left = Date.now();
     for (const [i, c] of clients.entries()) {
-      if (i === 0) continue;
+      if (i === 0 || count < 2) continue;
       const since = (pred) => (e) => c.events.indexOf(e) >= marks[i] && pred(e);
       const meta = await c.waitFor("metadata without the leaver", since((e) => e.event === "focus_metadata" && !e.streams.some((s) => s.user_id === gone.user_id && s.device_id === gone.device_id)), 10000).catch((e) => ({ error: e.message }));
       const unsub = await c.waitFor("unsubscribe", since((e) => e.event === "subscription" && e.unsubscribe.length > 0), 10000).catch((e) => ({ error: e.message }));
@@ -120,7 +143,11 @@ async function main() {
       expect(`${c.name}: the leaver's stream leaves the metadata, is unsubscribed and renegotiated away`, !meta.error && !unsub.error && !reneg.error,
         { ms_after_left_line: Date.now() - left, unsubscribe: unsub.unsubscribe?.length ?? unsub.error, reneg: reneg.error ?? "ok" });
     }
-    if (clients.length > 2) {
+    for (const [k, g] of gc.entries()) {
+      const removed = await g.waitFor("feed removed", (e) => g.events.indexOf(e) >= gcMarks[k] && e.event === "feed_removed" && e.user_id === gone.user_id, 10000).catch((e) => ({ error: e.message }));
+      expect(`${g.name} (groupcall): the leaver's feed is removed`, !removed.error, removed.error ?? { ms_after_left_line: Date.now() - left });
+    }
+    if (count > 2) {
       // The others still receive each other.
       const [a, b] = [clients[1], clients[2]];
       const ofB = (e) => e.event === "media" && e.kind === "video" && e.user_id === who.get(2).user_id;
@@ -131,10 +158,11 @@ async function main() {
     const metrics = await fetch(`http://127.0.0.1:${httpPort}/metrics`).then((r) => r.text()).catch((e) => String(e));
     writeFileSync(join(logDir, "metrics.txt"), metrics);
     for (const c of clients) c.send("quit");
-    const exits = await Promise.all(clients.map((c) => c.exited));
+    for (const g of gc) g.send("leave");
+    const exits = await Promise.all([...clients, ...gc].map((c) => c.exited));
     expect("every client exited 0", exits.every((e) => e.code === 0), exits);
   } finally {
-    for (const c of clients) if (c.proc.exitCode === null) c.proc.kill("SIGTERM");
+    for (const c of [...clients, ...gc]) if (c.proc.exitCode === null) c.proc.kill("SIGTERM");
     if (focus && focus.exitCode === null) {
       focus.kill("SIGTERM");
       await new Promise((r) => focus.once("exit", r));
