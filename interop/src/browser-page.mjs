@@ -1,16 +1,12 @@
 // The peer inside headless Chromium: same logic as the Node peer, with the
 // browser's own WebRTC and Chromium's fake capture devices
 // (--use-fake-device-for-media-stream). Bundled by src/build-browser.mjs and
-// driven by browser.mjs through three bindings:
-//   window.__peerOpts            options (from browser.mjs's command line)
-//   window.__peerEmit(json)      one JSON line out
-//   window.__peerExit(code)      the peer has finished
-// and one entry point, window.__peerCommand(line), for stdin commands.
+// driven by browser.mjs (src/chromium.mjs) through the bindings of
+// src/page-glue.mjs.
 
 import * as sdk from "matrix-js-sdk";
 import { startPeer, errorMessage } from "./peer-core.mjs";
-
-const emit = (obj) => window.__peerEmit(JSON.stringify(obj));
+import { emit, installPageGlue } from "./page-glue.mjs";
 
 // A screen to share: headless Chromium has none (and getDisplayMedia wants a
 // user gesture), so share a canvas with a moving pattern instead.
@@ -70,20 +66,7 @@ function countFrames(track, feed) {
   };
 }
 
-let peer = null;
-let started;
-const peerStarted = new Promise((resolve) => { started = resolve; });
-let chain = Promise.resolve();
-window.__peerCommand = (line) => {
-  chain = chain.then(async () => (await peerStarted).command(line));
-  return chain;
-};
-// Like peer.mjs: during startup, wait (boundedly) for the peer to be up so a
-// peer that has just entered still leaves cleanly.
-window.__peerShutdown = async (code, reason) => {
-  const up = peer ?? (await Promise.race([peerStarted, new Promise((r) => setTimeout(r, 10000, null))]));
-  window.__peerExit(up ? await up.shutdown(code, reason) : code);
-};
+const started = installPageGlue();
 
 async function main() {
   const platform = {
@@ -92,6 +75,7 @@ async function main() {
       for (const t of canvasTimers) clearInterval(t);
     },
   };
+  let peer;
   try {
     peer = await startPeer({ sdk, opts: window.__peerOpts, platform, emit });
   } catch (e) {
@@ -102,13 +86,4 @@ async function main() {
   started(peer);
 }
 
-// Every failure ends the peer with an error, as in Node.
-window.addEventListener("unhandledrejection", (ev) => {
-  emit({ event: "error", message: errorMessage(ev.reason) });
-  window.__peerShutdown(1, "unhandled rejection");
-});
-window.addEventListener("error", (ev) => {
-  emit({ event: "error", message: errorMessage(ev.error ?? ev.message) });
-  window.__peerShutdown(1, "uncaught exception");
-});
 main();

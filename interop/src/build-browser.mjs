@@ -1,7 +1,8 @@
-// Bundle the browser peer (src/browser-page.mjs + matrix-js-sdk) with esbuild
-// into `outdir`, next to an index.html. The crypto WebAssembly is not bundled:
-// the SDK fetches it from ./pkg/matrix_sdk_crypto_wasm_bg.wasm relative to the
-// bundle, so serve `wasmPath()` there.
+// Bundle a page script (default: the browser peer, src/browser-page.mjs) and
+// matrix-js-sdk with esbuild into `outdir`, next to an index.html. The
+// crypto WebAssembly is not bundled: the SDK fetches it from
+// ./pkg/matrix_sdk_crypto_wasm_bg.wasm relative to the bundle, so serve
+// `wasmPath()` there.
 
 import { build } from "esbuild";
 import { writeFileSync } from "node:fs";
@@ -15,9 +16,9 @@ export function wasmPath() {
   return join(dirname(entry), "pkg", "matrix_sdk_crypto_wasm_bg.wasm");
 }
 
-export async function buildBrowserBundle(outdir) {
+export async function buildBrowserBundle(outdir, entry = join(here, "browser-page.mjs")) {
   await build({
-    entryPoints: [join(here, "browser-page.mjs")],
+    entryPoints: [entry],
     outfile: join(outdir, "peer.js"),
     bundle: true,
     format: "esm",

@@ -10,16 +10,19 @@ const AUDIO_FRAME_MS = 10; // RTCAudioSource takes exactly 10 ms per onData
 const TONE_HZ = 440;
 const VIDEO_FPS = 15;
 
+/** matrix-js-sdk 43 declares Node >= 22; Node 20 lacks Promise.withResolvers. */
+export function polyfillWithResolvers() {
+  if (Promise.withResolvers) return;
+  Promise.withResolvers = function withResolvers() {
+    let resolve, reject;
+    const promise = new this((res, rej) => { resolve = res; reject = rej; });
+    return { promise, resolve, reject };
+  };
+}
+
 /** Make the globals the SDK reads exist. Must run before the SDK is imported. */
 export function installShims() {
-  // matrix-js-sdk 43 declares Node >= 22; Node 20 lacks Promise.withResolvers.
-  if (!Promise.withResolvers) {
-    Promise.withResolvers = function withResolvers() {
-      let resolve, reject;
-      const promise = new this((res, rej) => { resolve = res; reject = rej; });
-      return { promise, resolve, reject };
-    };
-  }
+  polyfillWithResolvers();
 
   // supportsMatrixCall() wants `window` and `document`; call.js uses
   // window.RTCPeerConnection and the bare RTCRtpReceiver/RTCRtpSender globals

@@ -42,38 +42,65 @@ export function parseOptions(argv) {
     intent: "prompt",
     candidateIps: [],
   };
-  for (const flag of Object.values(FLAGS)) opts[flag] = false;
-
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i];
-    if (arg === "--help" || arg === "-h") throw new UsageError(USAGE);
-    if (arg === "--video" || arg === "--voice") {
-      opts.callType = arg.slice(2);
-    } else if (arg === "--candidate-ip") {
-      // Offer only UDP candidates on these addresses (repeatable).
-      const value = argv[++i];
-      if (value === undefined) throw new UsageError(`${arg} needs a value\n${USAGE}`);
-      opts.candidateIps.push(value);
-    } else if (FLAGS[arg]) {
-      opts[FLAGS[arg]] = true;
-    } else if (VALUES[arg]) {
-      const value = argv[++i];
-      if (value === undefined) throw new UsageError(`${arg} needs a value\n${USAGE}`);
-      opts[VALUES[arg]] = value;
-    } else {
-      throw new UsageError(`unknown argument ${arg}\n${USAGE}`);
-    }
-  }
+  readArgs(argv, { flags: FLAGS, values: VALUES, usage: USAGE, opts, other: (arg) => {
+    if (arg !== "--video" && arg !== "--voice") return false;
+    opts.callType = arg.slice(2);
+    return true;
+  } });
 
   if (!["ring", "prompt", "room"].includes(opts.intent)) {
     throw new UsageError(`--intent must be ring, prompt or room\n${USAGE}`);
   }
-  for (const required of ["homeserver", "user", "password", "room"]) {
-    if (!opts[required]) throw new UsageError(`--${required} is required\n${USAGE}`);
-  }
+  requireOptions(opts, ["homeserver", "user", "password", "room"], USAGE);
   if (opts.encrypted && opts.noCrypto) {
     throw new UsageError(`--encrypted needs crypto: it cannot go with --no-crypto\n${USAGE}`);
   }
+  checkCommonOptions(opts);
+  return opts;
+}
+
+/**
+ * Reads `argv` into `opts`: `flags` (argument -> key set to true), `values`
+ * (argument -> key set to the next argument), `--candidate-ip` (repeatable,
+ * into `opts.candidateIps`), and whatever `other(arg)` takes (returns true).
+ * Every key of `flags` starts false.
+ */
+export function readArgs(argv, { flags, values, usage, opts, other = () => false }) {
+  for (const flag of Object.values(flags)) opts[flag] = false;
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === "--help" || arg === "-h") throw new UsageError(usage);
+    if (other(arg)) continue;
+    if (arg === "--candidate-ip") {
+      // Offer only UDP candidates on these addresses (repeatable).
+      const value = argv[++i];
+      if (value === undefined) throw new UsageError(`${arg} needs a value\n${usage}`);
+      opts.candidateIps.push(value);
+    } else if (flags[arg]) {
+      opts[flags[arg]] = true;
+    } else if (values[arg]) {
+      const value = argv[++i];
+      if (value === undefined) throw new UsageError(`${arg} needs a value\n${usage}`);
+      opts[values[arg]] = value;
+    } else {
+      throw new UsageError(`unknown argument ${arg}\n${usage}`);
+    }
+  }
+}
+
+/** Throws a UsageError naming the first of `keys` missing in `opts`. */
+export function requireOptions(opts, keys, usage) {
+  for (const required of keys) {
+    if (!opts[required]) throw new UsageError(`--${required} is required\n${usage}`);
+  }
+}
+
+/**
+ * Checks and converts the options both tools share: `duration` (positive),
+ * `mediaInterval` (at least 10 ms), `candidateIps`, `logLevel`; trims the
+ * homeserver URL.
+ */
+export function checkCommonOptions(opts) {
   if (opts.duration !== null) {
     opts.duration = Number(opts.duration);
     if (!(opts.duration > 0)) throw new UsageError(`--duration must be a positive number`);
@@ -89,5 +116,4 @@ export function parseOptions(argv) {
     throw new UsageError(`bad --log-level ${opts.logLevel}`);
   }
   opts.homeserver = opts.homeserver.replace(/\/+$/, "");
-  return opts;
 }

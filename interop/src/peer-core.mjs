@@ -33,21 +33,10 @@ export function errorMessage(e) {
 export async function startPeer({ sdk, opts, platform, emit }) {
   const { ClientEvent, GroupCallEvent, CallEvent, CallFeedEvent, GroupCallIntent, GroupCallType } = sdk;
   const roomId = opts.room;
-  const pending = new Set(); // in-flight requests that must finish before we exit
-  const track = (promise) => {
-    pending.add(promise);
-    const done = () => pending.delete(promise);
-    promise.then(done, done);
-    return promise;
-  };
+  const { track, flush } = requestTracker(LEAVE_FLUSH_MS); // requests to finish before we exit
 
   // ---- log in ------------------------------------------------------------
-  const creds = await logIn(sdk, opts);
-  const client = sdk.createClient({
-    baseUrl: opts.homeserver,
-    userId: creds.user_id,
-    deviceId: creds.device_id,
-    accessToken: creds.access_token,
+  const client = await loggedInClient(sdk, opts, {
     // v43 throws "Unimplemented" when it tries to encrypt m.call.* itself;
     // with --encrypted we encrypt in the sendToDevice wrapper below instead.
     useE2eForGroupCall: false,
@@ -259,17 +248,8 @@ export async function startPeer({ sdk, opts, platform, emit }) {
   if (opts.screenshare) await groupCall.setScreensharingEnabled(true, { throwOnFail: true });
 
   // ---- control ------------------------------------------------------------
-  const flush = async () => {
-    let timer;
-    const timeout = new Promise((resolve) => { timer = setTimeout(resolve, LEAVE_FLUSH_MS); });
-    while (pending.size > 0) {
-      const done = await Promise.race([Promise.allSettled([...pending]).then(() => true), timeout.then(() => false)]);
-      if (!done) break;
-    }
-    clearTimeout(timer);
-  };
   // leave() hangs up every call and removes our device from the member state
-  // (requests that are tracked in `pending`); terminate() also ends the call
+  // (requests that are tracked by `track`); terminate() also ends the call
   // for everyone with "m.terminated" in the call's state event.
   const leave = async ({ terminate = false } = {}) => {
     if (groupCall.state !== "entered") return false;
@@ -294,44 +274,108 @@ export async function startPeer({ sdk, opts, platform, emit }) {
     "enter": enter,
   };
 
+  const shutdown = shutdownOnce({
+    emit,
+    before: () => clearInterval(mediaTimer),
+    leave,
+    after: () => {
+      client.stopClient();
+      for (const entry of feeds.values()) for (const c of entry.counters.values()) c.stop();
+      platform.cleanup();
+    },
+  });
+
+  const command = (line) => runCommand(commands, line, emit);
+
+  return { command, shutdown, client, groupCall };
+}
+
+/**
+ * Keeps the requests that must finish before the peer exits: `track(p)`
+ * adds a promise and returns it; `flush()` waits until none is left, at most
+ * `limitMs`.
+ */
+export function requestTracker(limitMs) {
+  const pending = new Set();
+  const track = (promise) => {
+    pending.add(promise);
+    const done = () => pending.delete(promise);
+    promise.then(done, done);
+    return promise;
+  };
+  const flush = async () => {
+    let timer;
+    const timeout = new Promise((resolve) => { timer = setTimeout(resolve, limitMs); });
+    while (pending.size > 0) {
+      const done = await Promise.race([Promise.allSettled([...pending]).then(() => true), timeout.then(() => false)]);
+      if (!done) break;
+    }
+    clearTimeout(timer);
+  };
+  return { track, flush };
+}
+
+/**
+ * The peer's `shutdown(code, reason)`: runs once (later calls get the same
+ * promise): `before()`, `await leave()` (a failure is reported and makes the
+ * exit code 1 if it was 0), `after()`, then the `exit` line; resolves with
+ * the exit code.
+ */
+export function shutdownOnce({ emit, before, leave, after }) {
   let shuttingDown = null;
-  const shutdown = (code, reason) => {
+  return (code, reason) => {
     shuttingDown ??= (async () => {
-      clearInterval(mediaTimer);
+      before();
       try {
         await leave();
       } catch (e) {
         emit({ event: "error", message: `leaving failed: ${errorMessage(e)}` });
         code = code || 1;
       }
-      client.stopClient();
-      for (const entry of feeds.values()) for (const c of entry.counters.values()) c.stop();
-      platform.cleanup();
+      after();
       emit({ event: "exit", code, reason });
       return code;
     })();
     return shuttingDown;
   };
-
-  const command = async (line) => {
-    const cmd = line.trim().replace(/\s+/g, " ").toLowerCase();
-    if (cmd === "") return;
-    const run = commands[cmd];
-    if (!run) {
-      emit({ event: "command", command: cmd, ok: false, message: "unknown command" });
-      return;
-    }
-    try {
-      const result = await run();
-      emit({ event: "command", command: cmd, ok: result !== false });
-    } catch (e) {
-      emit({ event: "command", command: cmd, ok: false, message: errorMessage(e) });
-    }
-  };
-
-  return { command, shutdown, client, groupCall };
 }
 
+/**
+ * Runs one stdin command line from `commands` (name -> async function; a
+ * result of `false` means "not done") and reports it as a `command` line.
+ */
+export async function runCommand(commands, line, emit) {
+  const cmd = line.trim().replace(/\s+/g, " ").toLowerCase();
+  if (cmd === "") return;
+  const run = commands[cmd];
+  if (!run) {
+    emit({ event: "command", command: cmd, ok: false, message: "unknown command" });
+    return;
+  }
+  try {
+    const result = await run();
+    emit({ event: "command", command: cmd, ok: result !== false });
+  } catch (e) {
+    emit({ event: "command", command: cmd, ok: false, message: errorMessage(e) });
+  }
+}
+
+/**
+ * A client of a new device of `opts.user` (logged in with `logIn`), created
+ * with `extra` client options; not started.
+ */
+export async function loggedInClient(sdk, opts, extra = {}) {
+  const creds = await logIn(sdk, opts);
+  return sdk.createClient({
+    baseUrl: opts.homeserver,
+    userId: creds.user_id,
+    deviceId: creds.device_id,
+    accessToken: creds.access_token,
+    ...extra,
+  });
+}
+
+/** Password login (after registering with `opts.register`); the login response. */
 async function logIn(sdk, opts) {
   const anon = sdk.createClient({ baseUrl: opts.homeserver });
   const localpart = opts.user.replace(/^@/, "").split(":")[0];
@@ -359,7 +403,8 @@ async function logIn(sdk, opts) {
   });
 }
 
-function startAndSync(client, sdk) {
+/** Starts the client and resolves after the first sync. */
+export function startAndSync(client, sdk) {
   return new Promise((resolve, reject) => {
     const onSync = (state, _prev, data) => {
       if (state === sdk.SyncState.Prepared || state === sdk.SyncState.Syncing) {
@@ -381,7 +426,7 @@ function startAndSync(client, sdk) {
  * sendToDevice with this. Recipients share no encrypted room with us, so the
  * OlmMachine does not track them on its own: track and query them first.
  */
-class CallEncryptor {
+export class CallEncryptor {
   constructor(client) {
     this.client = client;
     this.crypto = client.getCrypto();

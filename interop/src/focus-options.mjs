@@ -1,0 +1,66 @@
+// Command-line options of the MSC3898 focus client (focus-client.mjs).
+// Plain data out, so it can be handed to the page.
+
+import { UsageError, checkCommonOptions, readArgs, requireOptions } from "./options.mjs";
+
+export const USAGE = `usage: node focus-client.mjs --homeserver URL --user NAME --password PW --room ROOM_ID
+         --focus @USER:SERVER/DEVICE
+         [--register] [--create-call] [--plaintext] [--ice-server URI]
+         [--candidate-ip IP[,IP...]] [--duration SECS] [--media-interval MS]
+         [--ping-timeout MS] [--retries N] [--log-signalling]
+         [--log-level debug|info|warn|error|silent]`;
+
+const FLAGS = {
+  "--register": "register",
+  "--create-call": "createCall",
+  "--plaintext": "plaintext",
+  "--log-signalling": "logSignalling",
+};
+
+const VALUES = {
+  "--homeserver": "homeserver",
+  "--user": "user",
+  "--password": "password",
+  "--room": "room",
+  "--focus": "focus",
+  "--duration": "duration",
+  "--log-level": "logLevel",
+  "--ice-server": "iceServer",
+  "--media-interval": "mediaInterval",
+  "--ping-timeout": "pingTimeout",
+  "--retries": "retries",
+};
+
+export { UsageError };
+
+/** Splits `@user:server/DEVICE` at its last `/`. */
+export function parseFocus(value) {
+  const slash = value.lastIndexOf("/");
+  const user = slash > 0 ? value.slice(0, slash) : "";
+  const device = slash > 0 ? value.slice(slash + 1) : "";
+  if (!/^@[^:\s]+:\S+$/.test(user) || !/^\S+$/.test(device)) {
+    throw new UsageError(`--focus must be @USER:SERVER/DEVICE (the focus has no member entry: its device must be named), got ${value}`);
+  }
+  return { user_id: user, device_id: device };
+}
+
+/** Parses the command line (throws UsageError with the usage text). */
+export function parseOptions(argv) {
+  const opts = {
+    duration: null,
+    logLevel: "info",
+    mediaInterval: 1000,
+    pingTimeout: 45000,
+    retries: 3,
+    candidateIps: [],
+  };
+  readArgs(argv, { flags: FLAGS, values: VALUES, usage: USAGE, opts });
+  requireOptions(opts, ["homeserver", "user", "password", "room", "focus"], USAGE);
+  opts.focus = parseFocus(opts.focus);
+  for (const [key, min] of [["pingTimeout", 100], ["retries", 0]]) {
+    opts[key] = Number(opts[key]);
+    if (!Number.isInteger(opts[key]) || opts[key] < min) throw new UsageError(`--${key.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase())} must be an integer >= ${min}`);
+  }
+  checkCommonOptions(opts);
+  return opts;
+}
