@@ -1,21 +1,25 @@
 //! groupcall participants in one call through a real focus (this crate's
 //! service, in-process), on a real Synapse: every participant receives
-//! audio and video from every other through the focus, and none calls
-//! another directly.
+//! audio and video from every other through the focus, none calls another
+//! directly, each uploads one audio and one video track whatever the size
+//! of the call, and a screenshare reaches everyone.
 //!
 //! Run with `cargo test -p groupcall-focus --test through_focus -- --nocapture`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![recursion_limit = "256"]
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use groupcall::client::JoinOptions;
+use groupcall::client::{ClientEvent, JoinOptions};
 use groupcall::matrix::{CreateRoomOptions, MatrixSession};
 use groupcall::media::TrackKind;
+use groupcall::proto::events::FeedPurpose;
 use groupcall::proto::{CallEvent, Command, CreateOptions, DeviceKey, FocusRef};
 use groupcall_focus::config::Config;
-use groupcall_focus::driver::FocusService;
+use groupcall_focus::driver::{FocusHandle, FocusService};
 use groupcall_testkit::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 /// Writes a focus.toml allowing `allow` and loads it.
@@ -44,132 +48,309 @@ grace_period = "1s"
     Config::load(path).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_participants_see_and_hear_each_other_through_the_focus() {
-    const N: usize = 3;
-    let mut h = Harness::new().await;
-    let focus_user = h.register("focus").await;
-    let names: Vec<String> = (0..N).map(|i| format!("p{i}")).collect();
-    for n in &names {
-        h.register(n).await;
-    }
-    let mut sessions: Vec<MatrixSession> = Vec::new();
-    for n in &names {
-        sessions.push(h.login(n).await);
-    }
-    let devices: Vec<DeviceKey> = sessions
-        .iter()
-        .map(|s| DeviceKey::new(s.user_id(), s.device_id()))
-        .collect();
+/// A call of `n` groupcall participants through an in-process focus.
+struct FocusCall {
+    h: Harness,
+    focus: FocusHandle,
+    focus_dev: DeviceKey,
+    names: Vec<String>,
+    devices: Vec<DeviceKey>,
+    parts: Vec<Participant>,
+    t0: Instant,
+}
 
-    // The focus runs; the first participant's room invites it.
-    let mut focus = FocusService::start(focus_config(&h, &focus_user, &devices[0].user_id))
-        .await
-        .expect("the focus starts");
-    let focus_ref = FocusRef {
-        user_id: focus.user_id().to_owned(),
-        device_id: focus.device_id().to_owned(),
-    };
-    let room = sessions[0]
-        .create_call_room(CreateRoomOptions {
-            name: Some("through the focus".into()),
-            invite: vec![focus_user.clone()],
-            encrypted: false,
-            public: true,
+impl FocusCall {
+    async fn start(n: usize) -> FocusCall {
+        let mut h = Harness::new().await;
+        let focus_user = h.register("focus").await;
+        let names: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+        for name in &names {
+            h.register(name).await;
+        }
+        let mut sessions: Vec<MatrixSession> = Vec::new();
+        for name in &names {
+            sessions.push(h.login(name).await);
+        }
+        let devices: Vec<DeviceKey> = sessions
+            .iter()
+            .map(|s| DeviceKey::new(s.user_id(), s.device_id()))
+            .collect();
+
+        // The focus runs; the first participant's room invites it.
+        let focus = FocusService::start(focus_config(&h, &focus_user, &devices[0].user_id))
+            .await
+            .expect("the focus starts");
+        let focus_ref = FocusRef {
+            user_id: focus.user_id().to_owned(),
+            device_id: focus.device_id().to_owned(),
+        };
+        let room = sessions[0]
+            .create_call_room(CreateRoomOptions {
+                name: Some("through the focus".into()),
+                invite: vec![focus_user.clone()],
+                encrypted: false,
+                public: true,
+            })
+            .await
+            .unwrap();
+        let mut status = focus.watch_status();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while status.borrow().rooms < 1 {
+                status.changed().await.unwrap();
+            }
         })
         .await
-        .unwrap();
-    let mut status = focus.watch_status();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while status.borrow().rooms < 1 {
-            status.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("the focus joins the room");
+        .expect("the focus joins the room");
 
-    let t0 = Instant::now();
-    let mut parts = Vec::new();
-    for (i, s) in sessions.into_iter().enumerate() {
-        let mut o = JoinOptions::new(room.clone());
-        o.create = (i == 0).then(CreateOptions::default);
-        o.focus = Some(focus_ref.clone());
-        let (_, p) = h.join_rust(&names[i], s, o).await;
-        parts.push(p);
-        if i == 0 {
-            h.log
-                .wait_for("the creator to join", 30, |s| {
-                    s.iter().any(|e| {
-                        e.who == 0
-                            && matches!(e.call(), Some(CallEvent::Joined { created: true, .. }))
+        let t0 = Instant::now();
+        let mut parts = Vec::new();
+        for (i, s) in sessions.into_iter().enumerate() {
+            let mut o = JoinOptions::new(room.clone());
+            o.create = (i == 0).then(CreateOptions::default);
+            o.focus = Some(focus_ref.clone());
+            let (_, p) = h.join_rust(&names[i], s, o).await;
+            parts.push(p);
+            if i == 0 {
+                h.log
+                    .wait_for("the creator to join", 30, |s| {
+                        s.iter().any(|e| {
+                            e.who == 0
+                                && matches!(e.call(), Some(CallEvent::Joined { created: true, .. }))
+                        })
                     })
-                })
-                .await;
+                    .await;
+            }
+        }
+        let focus_dev = DeviceKey::new(focus_ref.user_id, focus_ref.device_id);
+        FocusCall {
+            h,
+            focus,
+            focus_dev,
+            names,
+            devices,
+            parts,
+            t0,
         }
     }
 
-    // Every participant hears and sees every other, through the focus.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        h.log.pump();
-        let seen = &h.log.seen;
-        let mut missing = Vec::new();
-        for at in 0..N {
-            for from in 0..N {
-                if at == from {
-                    continue;
-                }
-                let a = rust_frames(seen, t0, at, &devices[from], TrackKind::Audio, None);
-                let v = rust_frames(seen, t0, at, &devices[from], TrackKind::Video, None);
-                if a < 50 || v < 20 {
-                    missing.push(format!(
-                        "{}<-{} (audio {a}, video {v})",
-                        names[at], names[from]
-                    ));
+    /// Waits (at most `secs`) until `ok(at, from)` holds for every ordered
+    /// pair; panics naming the pairs still missing.
+    async fn wait_pairs(
+        &mut self,
+        what: &str,
+        secs: u64,
+        mut ok: impl FnMut(&[Entry], usize, usize) -> Result<(), String>,
+    ) {
+        let n = self.names.len();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            self.h.log.pump();
+            let seen = &self.h.log.seen;
+            let mut missing = Vec::new();
+            for at in 0..n {
+                for from in (0..n).filter(|f| *f != at) {
+                    if let Err(e) = ok(seen, at, from) {
+                        missing.push(format!("{}<-{} ({e})", self.names[at], self.names[from]));
+                    }
                 }
             }
+            if missing.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{what}: missing {}\nrecent events:\n{}",
+                    missing.join(", "),
+                    self.h.log.dump(80)
+                );
+            }
+            self.h.log.run_for(Duration::from_millis(250)).await;
         }
+    }
+
+    /// Audio and video from everyone to everyone, through the focus.
+    async fn wait_media(&mut self, secs: u64) {
+        let (t0, devices) = (self.t0, self.devices.clone());
+        self.wait_pairs("media through the focus", secs, |seen, at, from| {
+            let a = rust_frames(seen, t0, at, &devices[from], TrackKind::Audio, None);
+            let v = rust_frames(seen, t0, at, &devices[from], TrackKind::Video, None);
+            if a < 50 || v < 20 {
+                return Err(format!("audio {a}, video {v}"));
+            }
+            Ok(())
+        })
+        .await;
+    }
+
+    /// No participant called another directly; each reached the focus and
+    /// sent media to it alone.
+    fn assert_only_the_focus(&mut self) {
+        self.h.log.pump();
+        let seen = &self.h.log.seen;
+        let n = self.names.len();
+        for at in 0..n {
+            for (from, dev) in self.devices.iter().enumerate() {
+                assert!(
+                    from == at || !rust_connected(seen, self.t0, at, dev),
+                    "{} connected to {} directly",
+                    self.names[at],
+                    self.names[from]
+                );
+            }
+            assert!(
+                rust_connected(seen, self.t0, at, &self.focus_dev),
+                "{} connected to the focus",
+                self.names[at]
+            );
+            let sent_to: Vec<&DeviceKey> = seen
+                .iter()
+                .filter_map(|e| match &e.ev {
+                    Ev::Rust(ClientEvent::MediaSent { device, frames, .. })
+                        if e.who == at && *frames > 0 =>
+                    {
+                        Some(device)
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert!(
+                !sent_to.is_empty() && sent_to.iter().all(|d| **d == self.focus_dev),
+                "{} sends media to the focus only: {sent_to:?}",
+                self.names[at]
+            );
+        }
+    }
+
+    async fn finish(self) {
+        for p in &self.parts {
+            p.commander.send(Command::Leave);
+        }
+        for p in self.parts {
+            p.done.await.unwrap();
+        }
+        let mut focus = self.focus;
+        focus.shutdown();
+        focus.wait().await.unwrap();
+        self.h.shutdown().await;
+    }
+}
+
+/// A plain HTTP/1.1 GET of the focus's endpoint: the body.
+async fn get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    raw.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// The value of an unlabelled metric in the focus's `/metrics`.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_participants_see_and_hear_each_other_through_the_focus() {
+    let mut c = FocusCall::start(3).await;
+    c.wait_media(90).await;
+    eprintln!(
+        "FIGURE through_focus: 3 participants, audio and video both ways on every pair {:.1} s after the first join",
+        c.t0.elapsed().as_secs_f64()
+    );
+    c.assert_only_the_focus();
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_participants_upload_once_each_and_a_screenshare_reaches_everyone() {
+    const N: usize = 8;
+    let mut c = FocusCall::start(N).await;
+    c.wait_media(120).await;
+    eprintln!(
+        "FIGURE through_focus: {N} participants, audio and video both ways on all {} directions {:.1} s after the first join",
+        N * (N - 1),
+        c.t0.elapsed().as_secs_f64()
+    );
+    c.assert_only_the_focus();
+
+    // Counted at the focus: N participants, one audio and one video track
+    // each, forwarding.
+    let addr = c.focus.http_addr().expect("the focus's HTTP endpoint");
+    let m = get(addr, "/metrics").await;
+    assert_eq!(metric(&m, "groupcall_focus_participants"), N as u64, "{m}");
+    assert_eq!(metric(&m, "groupcall_focus_tracks"), 2 * N as u64, "{m}");
+    assert!(metric(&m, "groupcall_focus_packets_out_total") > 0, "{m}");
+
+    // p0 shares its screen: through the focus to everyone.
+    let t_share = Instant::now();
+    c.parts[0].commander.send(Command::Screenshare(true));
+    let p0 = c.devices[0].clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let share_stream = loop {
+        c.h.log.pump();
+        let found = c.h.log.seen.iter().find_map(|e| match e.call() {
+            Some(CallEvent::FeedAdded {
+                device,
+                stream_id,
+                purpose: FeedPurpose::Screenshare,
+                ..
+            }) if *device == p0 => Some(stream_id.clone()),
+            _ => None,
+        });
+        if let Some(s) = found {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nobody heard of p0's screenshare"
+        );
+        c.h.log.run_for(Duration::from_millis(250)).await;
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        c.h.log.pump();
+        let seen = &c.h.log.seen;
+        let missing: Vec<usize> = (1..N)
+            .filter(|at| {
+                rust_frames(
+                    seen,
+                    t_share,
+                    *at,
+                    &p0,
+                    TrackKind::Video,
+                    Some(&share_stream),
+                ) < 10
+            })
+            .collect();
         if missing.is_empty() {
             break;
         }
-        if Instant::now() >= deadline {
-            panic!(
-                "media through the focus missing: {}\nrecent events:\n{}",
-                missing.join(", "),
-                h.log.dump(80)
-            );
-        }
-        h.log.run_for(Duration::from_millis(250)).await;
+        assert!(
+            Instant::now() < deadline,
+            "p0's screenshare did not reach {missing:?}\n{}",
+            c.h.log.dump(60)
+        );
+        c.h.log.run_for(Duration::from_millis(250)).await;
     }
     eprintln!(
-        "FIGURE through_focus: {N} participants, audio and video both ways on every pair {:.1} s after the first join",
-        t0.elapsed().as_secs_f64()
+        "FIGURE through_focus: p0's screenshare decoded by the other {} participants {:.1} s after it started",
+        N - 1,
+        t_share.elapsed().as_secs_f64()
     );
-    // No participant called another directly: each has one peer, the focus.
-    let focus_dev = DeviceKey::new(focus_ref.user_id.clone(), focus_ref.device_id.clone());
-    for at in 0..N {
-        for (from, dev) in devices.iter().enumerate() {
-            assert!(
-                from == at || !rust_connected(&h.log.seen, t0, at, dev),
-                "{} connected to {} directly",
-                names[at],
-                names[from]
-            );
-        }
-        assert!(
-            rust_connected(&h.log.seen, t0, at, &focus_dev),
-            "{} connected to the focus",
-            names[at]
-        );
-    }
-
-    for p in &parts {
-        p.commander.send(Command::Leave);
-    }
-    for p in parts {
-        p.done.await.unwrap();
-    }
-    focus.shutdown();
-    focus.wait().await.unwrap();
-    h.shutdown().await;
+    let m = get(addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "groupcall_focus_tracks"),
+        2 * N as u64 + 1,
+        "{m}"
+    );
+    c.finish().await;
 }
