@@ -15,7 +15,7 @@ use groupcall::client::{ClientEvent, JoinOptions};
 use groupcall::matrix::{CreateRoomOptions, MatrixSession};
 use groupcall::media::TrackKind;
 use groupcall::proto::events::FeedPurpose;
-use groupcall::proto::{CallEvent, Command, CreateOptions, DeviceKey, FocusRef};
+use groupcall::proto::{CallEvent, Command, CreateOptions, DeviceKey, FocusRef, PeerStatus};
 use groupcall_focus::config::Config;
 use groupcall_focus::driver::{FocusHandle, FocusService};
 use groupcall_testkit::*;
@@ -52,6 +52,7 @@ grace_period = "1s"
 struct FocusCall {
     h: Harness,
     focus: FocusHandle,
+    focus_config: Config,
     focus_dev: DeviceKey,
     names: Vec<String>,
     devices: Vec<DeviceKey>,
@@ -77,7 +78,8 @@ impl FocusCall {
             .collect();
 
         // The focus runs; the first participant's room invites it.
-        let focus = FocusService::start(focus_config(&h, &focus_user, &devices[0].user_id))
+        let config = focus_config(&h, &focus_user, &devices[0].user_id);
+        let focus = FocusService::start(config.clone())
             .await
             .expect("the focus starts");
         let focus_ref = FocusRef {
@@ -125,6 +127,7 @@ impl FocusCall {
         FocusCall {
             h,
             focus,
+            focus_config: config,
             focus_dev,
             names,
             devices,
@@ -351,6 +354,126 @@ async fn eight_participants_upload_once_each_and_a_screenshare_reaches_everyone(
         metric(&m, "groupcall_focus_tracks"),
         2 * N as u64 + 1,
         "{m}"
+    );
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_focus_leaves_its_clients_in_the_mesh_and_they_return_when_it_is_back() {
+    const N: usize = 3;
+    let mut c = FocusCall::start(N).await;
+    c.wait_media(90).await;
+    c.assert_only_the_focus();
+
+    // The focus dies (no goodbyes, its socket closed): each client's call
+    // with it fails, as expected here.
+    c.h.allow_anomaly("focus_unreachable");
+    let t_kill = Instant::now();
+    c.focus.abort();
+    let devices = c.devices.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.h.log.pump();
+        let seen = &c.h.log.seen;
+        let mut missing = Vec::new();
+        for at in 0..N {
+            for from in (0..N).filter(|f| *f != at) {
+                let direct = rust_connected(seen, t_kill, at, &devices[from]);
+                let v = rust_frames(seen, t_kill, at, &devices[from], TrackKind::Video, None);
+                let a = rust_frames(seen, t_kill, at, &devices[from], TrackKind::Audio, None);
+                if !direct || v < 10 || a < 20 {
+                    missing.push(format!(
+                        "{at}<-{from} (direct {direct}, audio {a}, video {v})"
+                    ));
+                }
+            }
+        }
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no mesh after the focus died: {}\n{}",
+            missing.join(", "),
+            c.h.log.dump(80)
+        );
+        c.h.log.run_for(Duration::from_millis(250)).await;
+    }
+    let fallback = t_kill.elapsed();
+    eprintln!(
+        "FIGURE through_focus: focus killed; media on every pair in the mesh {:.1} s later",
+        fallback.as_secs_f64()
+    );
+
+    // It comes back (same device, new session): the clients return to it.
+    let t_back = Instant::now();
+    c.focus = FocusService::start(c.focus_config.clone())
+        .await
+        .expect("the focus starts again");
+    let focus_dev = c.focus_dev.clone();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        c.h.log.pump();
+        let back: Vec<bool> = (0..N)
+            .map(|at| rust_connected(&c.h.log.seen, t_back, at, &focus_dev))
+            .collect();
+        if back.iter().all(|b| *b) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not back at the focus: {back:?}\n{}",
+            c.h.log.dump(80)
+        );
+        c.h.log.run_for(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "FIGURE through_focus: focus restarted; every client connected to it again {:.1} s later",
+        t_back.elapsed().as_secs_f64()
+    );
+    // And media flows through it again.
+    let t_media = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        c.h.log.pump();
+        let seen = &c.h.log.seen;
+        let ok = (0..N).all(|at| {
+            (0..N).filter(|f| *f != at).all(|from| {
+                rust_frames(seen, t_media, at, &devices[from], TrackKind::Video, None) >= 10
+            })
+        });
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no media after the focus came back\n{}",
+            c.h.log.dump(80)
+        );
+        c.h.log.run_for(Duration::from_millis(250)).await;
+    }
+    // The mesh calls ended: every client closed its calls with the others.
+    c.h.log.pump();
+    for at in 0..N {
+        let closed = c
+            .h
+            .log
+            .seen
+            .iter()
+            .filter(|e| {
+                e.who == at
+                    && matches!(e.call(), Some(CallEvent::PeerState { status: PeerStatus::Closed(r), .. }) if r == "focus_back")
+            })
+            .count();
+        assert!(
+            closed >= 1,
+            "{} ended no mesh call for the focus",
+            c.names[at]
+        );
+    }
+    assert!(
+        fallback < Duration::from_secs(10),
+        "the mesh took over {fallback:?} after the focus died"
     );
     c.finish().await;
 }

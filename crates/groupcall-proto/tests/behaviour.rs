@@ -2100,3 +2100,95 @@ fn a_focus_offer_naming_some_tracks_does_not_unsubscribe_the_others() {
             .any(|o| matches!(o, Output::Event(CallEvent::FeedRemoved { .. })))
     );
 }
+
+#[test]
+fn an_unreachable_focus_is_left_at_once_and_when_it_is_back_the_mesh_calls_end() {
+    let (mut call, peer, _) = connected_to_focus();
+    call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });
+    drain(&mut call);
+    // No packets from the focus: given up at once (no ICE restart), b is
+    // called in the mesh.
+    call.handle_media(
+        NOW + 5_000,
+        MediaEvent::State {
+            peer,
+            state: MediaState::Disconnected,
+        },
+    );
+    let outs = drain(&mut call);
+    let hangup = sent(&outs)
+        .into_iter()
+        .find(|(t, _)| t.ends_with("hangup"))
+        .expect("a hangup to the focus");
+    assert_eq!(hangup.1["reason"], "focus_unreachable");
+    let b = calls_placed(&outs)
+        .into_iter()
+        .find(|(d, _, _)| d.user_id == "@b:x")
+        .expect("b is called in the mesh");
+    assert!(!outs.iter().any(|o| matches!(
+        o,
+        Output::Media(MediaRequest::CreateOffer {
+            ice_restart: true,
+            ..
+        })
+    )));
+
+    // The focus is called again after the retry interval and connects: the
+    // mesh call with b (which uses the same focus) ends.
+    let mut again = None;
+    let mut t = NOW + 5_000;
+    while again.is_none() && t < NOW + 40_000 {
+        t = call.poll_timeout().unwrap().max(t + 1);
+        call.handle_timeout(t);
+        again = calls_placed(&drain(&mut call))
+            .into_iter()
+            .find(|(d, _, f)| d.user_id == "@sfu:x" && *f);
+    }
+    let (_, focus_peer, _) = again.expect("the focus is called again");
+    assert!(call.peers().iter().any(|(d, _, _)| d.user_id == "@b:x"));
+    call.handle_media(
+        t,
+        MediaEvent::OfferCreated {
+            peer: focus_peer,
+            sdp: "offer".into(),
+            gathering_complete: true,
+        },
+    );
+    let outs = drain(&mut call);
+    let invite = sent(&outs)
+        .into_iter()
+        .find(|(t, c)| t.ends_with("invite") && c["dest_session_id"] == "SFUDEV")
+        .expect("the invite to the focus");
+    let call_id = invite.1["call_id"].as_str().unwrap().to_owned();
+    let answer = from_focus(
+        "m.call.answer",
+        &call_id,
+        0,
+        json!({"answer": {"type": "answer", "sdp": "answer"}}),
+        &call,
+    );
+    assert_eq!(
+        deliver!(call, NOW + 65_010, answer),
+        Ok(Accepted::Processed)
+    );
+    drain(&mut call);
+    call.handle_media(
+        NOW + 65_020,
+        MediaEvent::State {
+            peer: focus_peer,
+            state: MediaState::Connected,
+        },
+    );
+    let outs = drain(&mut call);
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Media(MediaRequest::ClosePeer { peer }) if *peer == b.1)),
+        "the mesh call with b ends: {outs:?}"
+    );
+    let hangups: Vec<_> = sent(&outs)
+        .into_iter()
+        .filter(|(t, _)| t.ends_with("hangup"))
+        .collect();
+    assert_eq!(hangups.len(), 1);
+    assert_eq!(hangups[0].1["reason"], "focus_back");
+}

@@ -250,6 +250,15 @@ impl FocusHandle {
         let _ = self.control.send(Control::Drain);
     }
 
+    /// Stops the focus at once, as a crash would: no goodbyes to clients,
+    /// the media socket closed (for tests of what clients do when their
+    /// focus dies).
+    pub fn abort(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
     /// Waits until the service stops: `Ok` after a drain, the error if it
     /// failed (reported once; later calls return `Ok`). Cancel-safe: it may
     /// be raced against other futures (e.g. signals) and called again.

@@ -21,6 +21,10 @@ use super::GroupCall;
 pub const FOCUS_PING_TIMEOUT: &str = "focus_ping_timeout";
 /// Why we hang up on a focus whose data channel closed.
 pub const FOCUS_CHANNEL_CLOSED: &str = "focus_channel_closed";
+/// Why we hang up on a focus whose media stopped (no packets).
+pub const FOCUS_UNREACHABLE: &str = "focus_unreachable";
+/// Why we hang up mesh calls with members we meet at the focus again.
+pub const FOCUS_BACK: &str = "focus_back";
 
 /// The state of our link with the focus, beside its peer.
 #[derive(Debug, Clone, Default)]
@@ -309,6 +313,29 @@ impl GroupCall {
             warn!(device = %key, "no ping from the focus for {} ms; hanging up", self.cfg.focus_ping_timeout_ms);
             self.close_peer(&key, true, FOCUS_PING_TIMEOUT, true);
             self.mesh(now);
+        }
+    }
+
+    /// Our focus is connected again after being gone: the mesh calls with
+    /// members that publish to it end; we meet them at the focus.
+    pub(super) fn leave_mesh_for_focus(&mut self) {
+        let Some(focus) = self.cfg.focus.clone() else {
+            return;
+        };
+        let meet_there: Vec<DeviceKey> = self
+            .peers
+            .keys()
+            .filter(|k| {
+                self.room
+                    .participants()
+                    .get(*k)
+                    .is_some_and(|p| p.foci_active.contains(&focus))
+            })
+            .cloned()
+            .collect();
+        for k in meet_there {
+            info!(device = %k, "back at the focus: ending the mesh call");
+            self.close_peer(&k, true, FOCUS_BACK, false);
         }
     }
 

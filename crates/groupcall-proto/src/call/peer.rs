@@ -11,6 +11,7 @@ use crate::signalling::{
 };
 use crate::types::*;
 
+use super::focus::FOCUS_UNREACHABLE;
 use super::{GroupCall, MAX_PENDING_REMOTE_CANDIDATES};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -688,6 +689,20 @@ impl GroupCall {
     }
 
     pub(super) fn on_media_state(&mut self, now: u64, key: &DeviceKey, state: MediaState) {
+        // A focus that stops answering is given up at once: restarting ICE
+        // with it is no use when the mesh is there to fall back to.
+        if self.is_focus(key)
+            && matches!(state, MediaState::Disconnected | MediaState::Failed)
+            && self
+                .peers
+                .get(key)
+                .is_some_and(|p| p.phase == Phase::Connected)
+        {
+            warn!(device = %key, ?state, "our focus is unreachable");
+            self.close_peer(key, true, FOCUS_UNREACHABLE, true);
+            self.mesh(now);
+            return;
+        }
         let Some(peer) = self.peers.get_mut(key) else {
             return;
         };
@@ -706,6 +721,7 @@ impl GroupCall {
                     }
                     if self.is_focus(key) && self.focus_down_since.take().is_some() {
                         info!(device = %key, "our focus is back");
+                        self.leave_mesh_for_focus();
                     }
                     self.event(CallEvent::PeerState {
                         device: key.clone(),
