@@ -936,6 +936,8 @@ pub struct EngineCore {
     cfg: EngineConfig,
     engine: Option<Engine>,
     outputs: Option<mpsc::UnboundedReceiver<crate::driver::CoreOutput>>,
+    /// Refusals already counted into the metrics, by reason.
+    refusals_reported: BTreeMap<String, u64>,
 }
 
 impl EngineCore {
@@ -946,6 +948,7 @@ impl EngineCore {
             cfg,
             engine: None,
             outputs: None,
+            refusals_reported: BTreeMap::new(),
         }
     }
 
@@ -1061,6 +1064,13 @@ impl crate::driver::FocusCore for EngineCore {
     fn fill_metrics(&mut self, metrics: &mut crate::metrics::Metrics) {
         let Some(e) = &self.engine else { return };
         let f = e.latest_figures();
+        for (reason, n) in &f.refusals {
+            let done = self.refusals_reported.entry(reason.clone()).or_default();
+            while *done < *n {
+                metrics.add_refusal(reason);
+                *done += 1;
+            }
+        }
         for c in &f.calls {
             let k = &c.counters;
             metrics.set_call(

@@ -12,13 +12,16 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use groupcall::client::{ClientEvent, JoinOptions};
-use groupcall::matrix::{CreateRoomOptions, MatrixSession};
+use groupcall::matrix::{
+    CreateRoomOptions, KeylessDevices, MatrixInput, MatrixSession, SyncOptions,
+};
 use groupcall::media::TrackKind;
 use groupcall::proto::events::FeedPurpose;
 use groupcall::proto::{CallEvent, Command, CreateOptions, DeviceKey, FocusRef, PeerStatus};
 use groupcall_focus::config::Config;
 use groupcall_focus::driver::{FocusHandle, FocusService};
 use groupcall_testkit::*;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -51,6 +54,7 @@ grace_period = "1s"
 /// A call of `n` groupcall participants through an in-process focus.
 struct FocusCall {
     h: Harness,
+    room: String,
     focus: FocusHandle,
     focus_config: Config,
     focus_dev: DeviceKey,
@@ -126,6 +130,7 @@ impl FocusCall {
         let focus_dev = DeviceKey::new(focus_ref.user_id, focus_ref.device_id);
         FocusCall {
             h,
+            room,
             focus,
             focus_config: config,
             focus_dev,
@@ -252,6 +257,13 @@ async fn get(addr: SocketAddr, path: &str) -> String {
     raw.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
+}
+
+/// The value of a metric (a name with its labels), 0 when not there yet.
+fn metric_or_0(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The value of an unlabelled metric in the focus's `/metrics`.
@@ -475,5 +487,123 @@ async fn a_killed_focus_leaves_its_clients_in_the_mesh_and_they_return_when_it_i
         fallback < Duration::from_secs(10),
         "the mesh took over {fallback:?} after the focus died"
     );
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strangers_and_plaintext_are_refused_and_a_member_who_leaves_the_room_is_cut_off() {
+    let mut c = FocusCall::start(2).await;
+    c.wait_media(90).await;
+    let addr = c.focus.http_addr().expect("the focus's HTTP endpoint");
+    let conf =
+        c.h.log
+            .seen
+            .iter()
+            .find_map(|e| match e.call() {
+                Some(CallEvent::Joined { call_id, .. }) => Some(call_id.clone()),
+                _ => None,
+            })
+            .expect("the call id");
+
+    // A stranger joins the room but not the call, and calls the focus.
+    c.h.register("stranger").await;
+    let x = c.h.login("stranger").await;
+    x.join_room(&c.room).await.unwrap();
+    let (sync, mut rx) = x.start_sync(SyncOptions::default());
+    let invite = |session: &str| {
+        json!({"version": "1", "call_id": format!("x-{session}"), "party_id": x.device_id(),
+            "conf_id": conf, "device_id": x.device_id(), "sender_session_id": session,
+            "dest_session_id": c.focus_dev.device_id, "seq": 0, "lifetime": 60000,
+            "offer": {"type": "offer", "sdp": "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"}})
+    };
+    let to_focus = |content: Value| {
+        vec![(
+            c.focus_dev.user_id.clone(),
+            c.focus_dev.device_id.clone(),
+            content,
+        )]
+    };
+    let report = x
+        .send_signalling(
+            "m.call.invite",
+            to_focus(invite("s1")),
+            true,
+            KeylessDevices::Refuse,
+        )
+        .await;
+    assert!(report.error.is_none(), "{:?}", report.error);
+    // Turned down (after the hold for the homeserver's lag) with the reason.
+    let reject = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match rx.recv().await {
+                Some(MatrixInput::ToDevice {
+                    event_type,
+                    content,
+                    sender,
+                    ..
+                }) if sender == c.focus_dev.user_id => break (event_type, content),
+                Some(_) => {}
+                None => panic!("the stranger's sync ended"),
+            }
+        }
+    })
+    .await
+    .expect("the focus answers the stranger");
+    assert_eq!(reject.0, "m.call.reject");
+    assert_eq!(reject.1["reason"], "not_member");
+    assert_eq!(reject.1["call_id"], "x-s1");
+    // In plaintext: refused without an answer.
+    x.send_signalling(
+        "m.call.invite",
+        to_focus(invite("s2")),
+        false,
+        KeylessDevices::Plaintext,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = get(addr, "/metrics").await;
+        let refused = |r: &str| {
+            metric_or_0(
+                &m,
+                &format!("groupcall_focus_refusals_total{{reason=\"{r}\"}}"),
+            )
+        };
+        if refused("not_member") == 1 && refused("plaintext") == 1 {
+            assert_eq!(metric(&m, "groupcall_focus_participants"), 2, "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "refusals not counted:\n{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sync.stop();
+
+    // The call went on: media both ways.
+    let t = Instant::now();
+    c.t0 = t;
+    c.wait_media(30).await;
+
+    // p1 leaves the room (from another of its devices): the focus stops
+    // serving it at once.
+    let p1_other = c.h.login("p1").await;
+    let t_leave = Instant::now();
+    p1_other.leave_room(&c.room).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = get(addr, "/metrics").await;
+        if metric(&m, "groupcall_focus_participants") == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "p1 still served:\n{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cut = t_leave.elapsed();
+    eprintln!(
+        "FIGURE through_focus: a member who left the room was cut off by the focus {} ms after its leave was sent",
+        cut.as_millis()
+    );
+    assert!(cut < Duration::from_secs(2), "cut off after {cut:?}");
+    // p1's own client can no longer update its member entry: expected.
+    c.h.allow_anomaly("not in room");
     c.finish().await;
 }
