@@ -25,31 +25,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-/// Writes a focus.toml allowing `allow` and loads it.
-fn focus_config(h: &Harness, focus_user: &str, allow: &str) -> Config {
-    let dir = h.tmp.path().join("focus-conf");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("password"), format!("{PASSWORD}\n")).unwrap();
-    let text = format!(
-        r#"homeserver = "{hs}"
-user = "{focus_user}"
-password_file = "password"
-data_dir = "data"
-allow = ["{allow}"]
-http_listen = "127.0.0.1:0"
-
-[media]
-bind = ["127.0.0.1:0"]
-
-[drain]
-grace_period = "1s"
-"#,
-        hs = h.hs,
-    );
-    let path = dir.join("focus.toml");
-    std::fs::write(&path, text).unwrap();
-    Config::load(path).unwrap()
-}
+mod common;
+use common::focus_config;
 
 /// A call of `n` groupcall participants through an in-process focus.
 struct FocusCall {

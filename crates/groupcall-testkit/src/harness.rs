@@ -350,10 +350,12 @@ impl Harness {
                 Ev::Js(v) => match v["event"].as_str() {
                     Some("call_error" | "error" | "garbage") => Some(v.to_string()),
                     Some("command") if v["ok"] != true => Some(v.to_string()),
+                    // The reference names it `hangup_reason`, the focus
+                    // client (`focus-client.mjs`) `reason`.
                     Some("call_state")
                         if v["state"] == "ended"
                             && !matches!(
-                                v["hangup_reason"].as_str(),
+                                v["hangup_reason"].as_str().or(v["reason"].as_str()),
                                 Some("user_hangup") | Some("new_session")
                             ) =>
                     {
