@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::args::{DemoArgs, RecordWhich};
+use crate::demo_focus::{DemoFocus, Figures as FocusFigures};
 use crate::join::Signals;
 use crate::local::{self, Local};
 use crate::peers::{self, GroupcallPeer, Obs, RefOptions, RefPeer, Reporter, What};
@@ -31,6 +32,11 @@ const NAMES: [&str; 8] = [
     "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
 ];
 
+/// The focus's account on the local Synapse (with --focus).
+const FOCUS_USER: &str = "focus";
+/// Its password (a throwaway server's).
+const FOCUS_PASSWORD: &str = "focus-demo-pw";
+
 /// How long leaving may take per participant.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,6 +47,7 @@ struct Env {
     local: Option<Local>,
     gc: Vec<GroupcallPeer>,
     refs: Vec<RefPeer>,
+    focus: Option<DemoFocus>,
     tmp: Option<tempfile::TempDir>,
 }
 
@@ -51,6 +58,9 @@ impl Env {
         leave_all(&mut self.gc, &mut self.refs).await;
         self.gc.clear();
         self.refs.clear();
+        if let Some(f) = self.focus.take() {
+            f.stop().await;
+        }
         if let Some(mut l) = self.local.take() {
             l.stop().await;
         }
@@ -177,6 +187,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     let remote = args.homeserver.is_some();
     let n_gc = match (remote, args.participants) {
         (_, Some(n)) => usize::from(n),
+        (false, None) if args.focus => 6,
         (false, None) => 4,
         (true, None) => args.users.len().saturating_sub(k),
     };
@@ -259,6 +270,9 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                     reference: i >= n_gc,
                 });
             }
+            if args.focus {
+                l.register(FOCUS_USER, FOCUS_PASSWORD).await?;
+            }
             let url = l.url();
             env.local = Some(l);
             url
@@ -309,14 +323,48 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         }
     };
 
+    // The focus, allowing the room's creator to invite it.
+    if args.focus {
+        let f = DemoFocus::start(
+            &data.join("focus"),
+            &hs_url,
+            FOCUS_USER,
+            FOCUS_PASSWORD,
+            first.user_id(),
+            args.plaintext,
+        )
+        .await?;
+        out.say(&format!(
+            "focus {} (device {}) started in this process; metrics and health on http://{}",
+            f.user_id(),
+            f.focus_ref().device_id,
+            f.http_addr().map_or("?".to_owned(), |a| a.to_string())
+        ));
+        out.json(&json!({
+            "event": "focus",
+            "user_id": f.user_id(),
+            "device_id": f.focus_ref().device_id,
+            "http": f.http_addr().map(|a| a.to_string()),
+        }));
+        env.focus = Some(f);
+    }
+    let focus_ref = env.focus.as_ref().map(DemoFocus::focus_ref);
+
     let room = match &args.room {
         Some(r) => r.clone(),
         None => {
-            let invite = parts.iter().skip(1).map(user_id).collect();
+            let mut invite: Vec<String> = parts.iter().skip(1).map(user_id).collect();
+            if let Some(f) = &focus_ref {
+                invite.push(f.user_id.clone());
+            }
             local::create_room(first, "groupcall demo", invite).await?
         }
     };
     out.say(&format!("call room {room}"));
+    if let Some(f) = &env.focus {
+        f.wait_rooms(1, args.connect_timeout).await?;
+        out.say("the focus joined the call room");
+    }
 
     std::fs::create_dir_all(&report_dir)
         .with_context(|| format!("creating the report directory {}", report_dir.display()))?;
@@ -328,6 +376,9 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     let mut tracker = Tracker::new(names.clone(), origin);
     for (i, p) in parts.iter().enumerate() {
         tracker.set_identity(i, &user_id(p));
+    }
+    if let Some(f) = &focus_ref {
+        tracker.set_focus(&f.user_id, 0..n_gc);
     }
     let stats_interval = Duration::from_millis(200);
     for (i, p) in parts.iter().enumerate().skip(n_gc) {
@@ -360,6 +411,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         o.stats_interval = stats_interval;
         o.encrypt = !args.plaintext;
         o.create = (i == 0).then(CreateOptions::default);
+        o.focus = focus_ref.clone();
         let record = match args.record {
             RecordWhich::All => true,
             RecordWhich::First => i == 0,
@@ -447,12 +499,14 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     // the design (issue 10); shown, not enforced.
     let sockets = udp_sockets();
     if let Some(s) = &sockets {
-        let expected = n_gc * s.addresses.len().max(1);
+        let focus_sockets = usize::from(env.focus.is_some());
+        let expected = n_gc * s.addresses.len().max(1) + focus_sockets;
         out.say(&format!(
-            "sockets: {} UDP sockets in this process for {n_gc} groupcall participants on {} local address(es) ({}); one per participant and address would be {expected}",
+            "sockets: {} UDP sockets in this process for {n_gc} groupcall participants on {} local address(es) ({}){}; one per participant and address would be {expected}",
             s.count,
             s.addresses.len(),
-            s.addresses.join(", ")
+            s.addresses.join(", "),
+            if focus_sockets > 0 { " and the focus" } else { "" }
         ));
         out.json(&json!({"event": "sockets", "udp": s.count, "addresses": s.addresses, "participants": n_gc, "one_per_participant_and_address": s.count == expected}));
     }
@@ -468,6 +522,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         Instant::now(),
         tracker.totals(),
         tracker.frames_by_direction(),
+        env.focus.as_ref().map(|f| FocusFigures::of(&f.figures())),
     );
     loop {
         tokio::select! {
@@ -488,13 +543,22 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                         grew((*a, *b)) && grew((*b, *a))
                     })
                     .count();
+                let focus_now = env.focus.as_ref().map(|f| FocusFigures::of(&f.figures()));
+                let focus_text = match (focus_now, last.3) {
+                    (Some(f), before) => format!(
+                        "; focus: {} forwarded streams, {:.0} packets/s forwarded",
+                        f.forwarded_streams,
+                        f.packets_forwarded.saturating_sub(before.map_or(0, |b| b.packets_forwarded)) as f64 / dt
+                    ),
+                    (None, _) => String::new(),
+                };
                 out.say(&format!(
-                    "media: {flowing}/{} pairs flowing both ways, {:.0} frames/s, {:.2} Mbit/s received by groupcall",
+                    "media: {flowing}/{} pairs flowing both ways, {:.0} frames/s, {:.2} Mbit/s received by groupcall{focus_text}",
                     tracker.pairs().len(),
                     (totals.0.saturating_sub(last.1.0)) as f64 / dt,
                     (totals.1.saturating_sub(last.1.1)) as f64 * 8.0 / dt / 1e6,
                 ));
-                last = (now, totals, by_dir);
+                last = (now, totals, by_dir, focus_now);
             }
             () = async {
                 match stop_media {
@@ -517,6 +581,11 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     }
     // Whether media still flowed is judged now, before anyone leaves.
     tracker.judge_recent_at(Instant::now());
+    // The focus's figures too, while everyone is still in the call.
+    let focus_figures = env.focus.as_ref().map(|f| FocusFigures::of(&f.figures()));
+    if let Some(f) = &focus_figures {
+        out.say(&f.line());
+    }
 
     // Signalling of the whole call so far (setup; nothing more is sent
     // while media flows), before the hangups of leaving.
@@ -584,6 +653,10 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         "signalling": signalling,
         "udp_sockets": sockets.as_ref().map(|s| json!({"count": s.count, "addresses": s.addresses})),
         "pairs": pairs.iter().map(|p| report::pair_json(&names, p)).collect::<Vec<_>>(),
+        "focus": match (&focus_figures, &focus_ref) {
+            (Some(f), Some(r)) => f.json(&r.user_id),
+            _ => Value::Null,
+        },
         "recordings": recordings,
         "report_dir": report_abs.display().to_string(),
     });
@@ -600,6 +673,12 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         },
         args.duration.as_secs_f64()
     )];
+    if let Some(f) = &focus_figures {
+        intro.push(format!(
+            "The groupcall participants met through a focus (an MSC3898 SFU) running in the demo; at the end of the media time its {}.",
+            f.line()
+        ));
+    }
     if let Some(s) = &summary["signalling"].as_object() {
         intro.push(format!(
             "Setup signalling: {} to-device messages in {} requests ({} bytes), {} member state events.",
@@ -618,8 +697,11 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     report::write(&report_dir.join("index.html"), &html)?;
 
     let table = report::table(&names, &pairs);
+    let focus_tail = focus_figures
+        .as_ref()
+        .map_or(String::new(), |f| format!("{}\n", f.line()));
     let tail = format!(
-        "\n{table}\n{up}/{} pairs with audio and video both ways, {recent}/{} with media both ways in the last {} s; report: {}\n",
+        "\n{table}\n{focus_tail}{up}/{} pairs with audio and video both ways, {recent}/{} with media both ways in the last {} s; report: {}\n",
         pairs.len(),
         pairs.len(),
         crate::tracker::RECENT.as_secs(),
@@ -749,9 +831,14 @@ fn observe(tracker: &mut Tracker, o: &Obs, out: &Out) -> anyhow::Result<Vec<Prog
             Progress::Connected(a, b) => {
                 let ms = summaries.get(&(*a, *b)).and_then(|s| s.connected_ms);
                 out.say(&format!(
-                    "{} ↔ {} connected ({} ms after both joined)",
+                    "{} ↔ {} connected{} ({} ms after both joined)",
                     name(*a),
                     name(*b),
+                    if tracker.through_focus(*a, *b) {
+                        " through the focus"
+                    } else {
+                        ""
+                    },
                     ms.map_or("?".to_owned(), |m| format!("{m:.0}"))
                 ));
                 out.json(

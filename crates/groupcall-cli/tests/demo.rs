@@ -496,3 +496,62 @@ async fn sigterm_stops_everything() {
     assert_eq!(errors, ["error: interrupted by SIGTERM"], "{stderr}");
     assert!(!synapse_alive(pid), "Synapse (pid {pid}) still runs");
 }
+
+/// `groupcall demo --focus`: four groupcall participants meet through a
+/// focus the demo starts in its own process; every pair has media both
+/// ways, each participant uploads one camera video (and one audio) track
+/// to the focus, which forwards each to the three others.
+#[tokio::test(flavor = "multi_thread")]
+async fn four_participants_through_a_local_focus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("report");
+    let run = demo(
+        &[
+            "--focus",
+            "--participants",
+            "4",
+            "--duration",
+            "3",
+            "--json",
+            "--record",
+            "none",
+            "--report-dir",
+            report.to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(300),
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+    let lines = run.lines();
+    let focus_started = lines.iter().find(|v| v["event"] == "focus").unwrap();
+    let focus_user = focus_started["user_id"].as_str().unwrap();
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["event"], "summary", "{summary}");
+    assert_eq!(summary["pairs_total"], 6, "{summary}");
+    assert_eq!(
+        summary["pairs_media_both_ways"], summary["pairs_total"],
+        "{summary}"
+    );
+    assert_eq!(summary["pairs_connected"], 6, "{summary}");
+    assert_eq!(summary["ok"], true, "{summary}");
+    let focus = &summary["focus"];
+    eprintln!("FIGURE demo --focus --participants 4: focus {focus}");
+    assert_eq!(focus["user_id"], focus_user, "{focus}");
+    assert_eq!(focus["uploads_per_participant"], 1, "{focus}");
+    assert_eq!(focus["audio_uploads_per_participant"], 1, "{focus}");
+    assert_eq!(focus["participants"], 4, "{focus}");
+    // Each of the 4 receives audio and video of the 3 others.
+    assert_eq!(focus["forwarded_streams"], 4 * 3 * 2, "{focus}");
+    assert!(
+        focus["packets_forwarded"].as_u64().unwrap() > 1000,
+        "{focus}"
+    );
+    // Through the focus, not a mesh: the pairs' connection is the focus.
+    assert!(
+        run.stderr.contains("connected through the focus"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+}
