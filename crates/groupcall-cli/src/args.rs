@@ -124,6 +124,14 @@ pub struct DemoArgs {
     #[arg(long, conflicts_with = "homeserver")]
     pub focus: bool,
 
+    /// With --focus: add C headless Chromium participants that speak
+    /// MSC3898 to the focus (`node interop/focus-client.mjs`; the browser's
+    /// own WebRTC). Default 1 with --focus. They use the focus only: pairs
+    /// of one with a reference peer are not expected to meet and are left
+    /// out.
+    #[arg(long, value_name = "C", requires = "focus", value_parser = clap::value_parser!(u16).range(0..=4))]
+    pub with_chromium_focus_client: Option<u16>,
+
     /// Where the report goes (default ./groupcall-report-<UTC timestamp>).
     #[arg(long, value_name = "DIR")]
     pub report_dir: Option<PathBuf>,

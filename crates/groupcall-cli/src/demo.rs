@@ -143,6 +143,8 @@ struct Part {
     login: String,
     password: String,
     reference: bool,
+    /// The Chromium MSC3898 focus client (`interop/focus-client.mjs`).
+    focus_client: bool,
 }
 
 /// `./groupcall-report-YYYYMMDD-HHMMSS` (UTC).
@@ -184,6 +186,11 @@ fn localpart(user: &str) -> String {
 
 async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     let k = usize::from(args.with_reference);
+    // Chromium focus clients (with --focus, which is local only).
+    let c = usize::from(
+        args.with_chromium_focus_client
+            .unwrap_or(u16::from(args.focus)),
+    );
     let remote = args.homeserver.is_some();
     let n_gc = match (remote, args.participants) {
         (_, Some(n)) => usize::from(n),
@@ -196,7 +203,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
             "the demo needs at least one groupcall participant (--participants, or more --user accounts)"
         );
     }
-    if n_gc + k < 2 {
+    if n_gc + k + c < 2 {
         bail!(
             "a call needs two participants at least: raise --participants or add --with-reference"
         );
@@ -209,7 +216,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         );
     }
     let report_dir = args.report_dir.clone().unwrap_or_else(default_report_dir);
-    let interop = if k > 0 {
+    let interop = if k + c > 0 {
         let dir = peers::interop_dir(args.interop_dir.as_deref())?;
         peers::ensure_interop(&dir).await?;
         Some(dir)
@@ -233,6 +240,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                     login: u.name.clone(),
                     password: u.password.clone(),
                     reference: i >= n_gc,
+                    focus_client: false,
                 });
             }
             out.say(&format!("using {url}"));
@@ -253,13 +261,15 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                 "proxy": l.url(),
                 "pid": l.synapse.pid(),
             }));
-            for i in 0..n_gc + k {
+            for i in 0..n_gc + k + c {
                 let name = if i < n_gc {
                     NAMES
                         .get(i)
                         .map_or_else(|| format!("user{}", i + 1), |s| (*s).to_owned())
-                } else {
+                } else if i < n_gc + k {
                     format!("ref{}", i - n_gc + 1)
+                } else {
+                    format!("chrome{}", i - n_gc - k + 1)
                 };
                 let password = format!("{name}-demo-pw");
                 l.register(&name, &password).await?;
@@ -267,7 +277,8 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                     name: name.clone(),
                     login: name,
                     password,
-                    reference: i >= n_gc,
+                    reference: i >= n_gc && i < n_gc + k,
+                    focus_client: i >= n_gc + k,
                 });
             }
             if args.focus {
@@ -280,10 +291,26 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     };
     let names: Vec<String> = parts.iter().map(|p| p.name.clone()).collect();
     out.say(&format!(
-        "participants: {} (groupcall){}",
+        "participants: {} (groupcall{}){}{}",
         names[..n_gc].join(", "),
+        if args.focus {
+            ", through the focus"
+        } else {
+            ""
+        },
         if k > 0 {
-            format!(", {} (reference, matrix-js-sdk)", names[n_gc..].join(", "))
+            format!(
+                ", {} (reference, matrix-js-sdk)",
+                names[n_gc..n_gc + k].join(", ")
+            )
+        } else {
+            String::new()
+        },
+        if c > 0 {
+            format!(
+                ", {} (Chromium, MSC3898 focus client)",
+                names[n_gc + k..].join(", ")
+            )
         } else {
             String::new()
         }
@@ -378,32 +405,48 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         tracker.set_identity(i, &user_id(p));
     }
     if let Some(f) = &focus_ref {
-        tracker.set_focus(&f.user_id, 0..n_gc);
+        tracker.set_focus(&f.user_id, (0..n_gc).chain(n_gc + k..n_gc + k + c));
+        for r in n_gc..n_gc + k {
+            for b in n_gc + k..n_gc + k + c {
+                tracker.set_unreachable(r, b);
+            }
+        }
     }
     let stats_interval = Duration::from_millis(200);
     for (i, p) in parts.iter().enumerate().skip(n_gc) {
         let dir = interop.as_deref().unwrap_or(Path::new("interop"));
         let log = report_dir.join(format!("{}.stderr.log", p.name));
-        let r = RefPeer::spawn(
-            &RefOptions {
-                dir,
-                homeserver: &hs_url,
-                user: &p.login,
-                password: &p.password,
-                room: &room,
-                create_call: false,
-                encrypted: false,
-                media_interval: stats_interval,
-                log: &log,
-            },
-            Reporter::new(i, tx.clone()),
-        )?;
+        let mut o = RefOptions {
+            dir,
+            homeserver: &hs_url,
+            user: &p.login,
+            password: &p.password,
+            room: &room,
+            create_call: false,
+            encrypted: false,
+            media_interval: stats_interval,
+            log: &log,
+        };
+        let report = Reporter::new(i, tx.clone());
+        let (r, what) = match (&focus_ref, p.focus_client) {
+            (Some(f), true) => {
+                // Olm unless --plaintext (the focus refuses plaintext then).
+                o.encrypted = !args.plaintext;
+                let r = RefPeer::spawn_focus_client(&o, &f.user_id, &f.device_id, report)?;
+                (r, "Chromium focus client")
+            }
+            _ => (RefPeer::spawn(&o, report)?, "reference peer"),
+        };
         out.say(&format!(
-            "{}: reference peer started (node, pid {})",
+            "{}: {what} started (node, pid {})",
             p.name,
             r.pid()
         ));
-        out.json(&json!({"event": "reference", "name": p.name, "pid": r.pid()}));
+        out.json(&json!({
+            "event": if p.focus_client { "chromium_focus_client" } else { "reference" },
+            "name": p.name,
+            "pid": r.pid(),
+        }));
         env.refs.push(r);
     }
     let opts_for = |i: usize| {
@@ -430,14 +473,14 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     // Reference peers take seconds of CPU to start (SDK, crypto WebAssembly):
     // let them get ready first, so that their start-up does not slow down
     // the groupcall joins on a small machine.
-    if k > 0 {
-        out.say("waiting for the reference peers to be logged in and synced");
-        let mut ready = vec![false; k];
+    if k + c > 0 {
+        out.say("waiting for the Node participants (reference peers, Chromium focus clients) to be logged in and synced");
+        let mut ready = vec![false; k + c];
         while ready.iter().any(|r| !r) {
             let o = tokio::select! {
                 o = rx.recv() => o.ok_or_else(|| anyhow!("every participant stopped"))?,
                 () = tokio::time::sleep_until((origin + args.connect_timeout).into()) => {
-                    bail!("the reference peers were not ready within {} s (--connect-timeout); see {}/ref*.stderr.log", args.connect_timeout.as_secs_f64(), report_dir.display());
+                    bail!("the Node participants were not ready within {} s (--connect-timeout); see {}/*.stderr.log", args.connect_timeout.as_secs_f64(), report_dir.display());
                 }
             };
             if let What::Identity(_) = &o.what
@@ -636,6 +679,8 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         "event": "summary",
         "ok": up == pairs.len() && recent == pairs.len(),
         "pairs_total": pairs.len(),
+        // Reference peer ↔ Chromium focus client: not expected to meet.
+        "pairs_left_out": k * c,
         "pairs_connected": pairs.iter().filter(|p| p.connected_ms.is_some()).count(),
         "pairs_media_both_ways": up,
         "pairs_media_recent": recent,
@@ -644,7 +689,13 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         "participants": parts.iter().enumerate().map(|(i, p)| json!({
             "name": p.name,
             "user_id": user_id(p),
-            "implementation": if p.reference { "matrix-js-sdk" } else { "groupcall" },
+            "implementation": if p.reference {
+                "matrix-js-sdk"
+            } else if p.focus_client {
+                "chromium-msc3898"
+            } else {
+                "groupcall"
+            },
             "joined_ms": joins_ms[i],
         })).collect::<Vec<_>>(),
         "homeserver": if remote { hs_url.clone() } else { "local Synapse".to_owned() },

@@ -98,6 +98,9 @@ pub struct Tracker {
     via_focus: Vec<bool>,
     /// Participant -> when it first saw its peer with the focus connected.
     focus_connected: HashMap<usize, Instant>,
+    /// Pairs (a < b) that are not expected to meet (a device without a
+    /// focus and one that uses only the focus): not counted.
+    unreachable: std::collections::HashSet<(usize, usize)>,
 }
 
 /// One pair's figures; times in ms since the later of the two joins
@@ -170,7 +173,15 @@ impl Tracker {
             focus_user: None,
             via_focus: vec![false; n],
             focus_connected: HashMap::new(),
+            unreachable: std::collections::HashSet::new(),
         }
+    }
+
+    /// Pair (a, b) cannot meet (e.g. a reference peer, which has no focus
+    /// mode, and the focus-only Chromium client): it is left out of
+    /// [`Tracker::pairs`].
+    pub fn set_unreachable(&mut self, a: usize, b: usize) {
+        self.unreachable.insert((a.min(b), a.max(b)));
     }
 
     /// Participants `members` meet through the focus `user_id`: a pair of
@@ -222,11 +233,12 @@ impl Tracker {
         self.names.len()
     }
 
-    /// Every unordered pair.
+    /// Every unordered pair (but those set unreachable).
     pub fn pairs(&self) -> Vec<(usize, usize)> {
         let n = self.n();
         (0..n)
             .flat_map(|a| (a + 1..n).map(move |b| (a, b)))
+            .filter(|p| !self.unreachable.contains(p))
             .collect()
     }
 
@@ -336,7 +348,8 @@ impl Tracker {
                     }
                     if !had_both && d.both_kinds().is_some() {
                         let other = self.dirs.get(&(from, at)).and_then(Direction::both_kinds);
-                        if other.is_some() {
+                        let counted = !self.unreachable.contains(&(at.min(from), at.max(from)));
+                        if other.is_some() && counted {
                             self.pairs_up += 1;
                             out.push(Progress::PairUp(at.min(from), at.max(from)));
                             if self.pairs_up == self.pairs().len() && self.mesh_up.is_none() {
@@ -513,6 +526,8 @@ mod tests {
             vec![Progress::Connected(0, 1)]
         );
         assert!(t.apply(&obs(at(40), 1, connected("@focus:x"))).is_empty());
+        t.set_unreachable(2, 1);
+        assert_eq!(t.pairs(), vec![(0, 1), (0, 2)]);
         assert!(t.apply(&obs(at(50), 0, connected("@r:x"))).is_empty());
         assert_eq!(
             t.apply(&obs(at(60), 2, connected("@a:x"))),
