@@ -99,9 +99,9 @@ pub enum RecordWhich {
 /// Arguments of `groupcall demo`.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Number of groupcall participants (in this process). Default: 4, or
-    /// with --homeserver the number of --user accounts left after the
-    /// reference peers.
+    /// Number of groupcall participants (in this process). Default: 4 (6
+    /// with --focus), or with --homeserver the number of --user accounts
+    /// left after the reference peers.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
     pub participants: Option<u16>,
 
@@ -114,6 +114,23 @@ pub struct DemoArgs {
     /// `scripts/setup-node`, which `scripts/demo` runs).
     #[arg(long, value_name = "K", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=8))]
     pub with_reference: u16,
+
+    /// Also start a focus (an MSC3898 SFU, `groupcall focus`) in this
+    /// process, on its own bot account, invited into the call room: every
+    /// groupcall participant publishes to it and receives the others
+    /// through it. Reference peers (--with-reference) have no focus mode:
+    /// they stay in the mesh with everyone. The report adds the focus's
+    /// figures.
+    #[arg(long, conflicts_with = "homeserver")]
+    pub focus: bool,
+
+    /// With --focus: add C headless Chromium participants that speak
+    /// MSC3898 to the focus (`node interop/focus-client.mjs`; the browser's
+    /// own WebRTC). Default 1 with --focus. They use the focus only: pairs
+    /// of one with a reference peer are not expected to meet and are left
+    /// out.
+    #[arg(long, value_name = "C", requires = "focus", value_parser = clap::value_parser!(u16).range(0..=4))]
+    pub with_chromium_focus_client: Option<u16>,
 
     /// Where the report goes (default ./groupcall-report-<UTC timestamp>).
     #[arg(long, value_name = "DIR")]

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::args::{DemoArgs, RecordWhich};
+use crate::demo_focus::{DemoFocus, Figures as FocusFigures};
 use crate::join::Signals;
 use crate::local::{self, Local};
 use crate::peers::{self, GroupcallPeer, Obs, RefOptions, RefPeer, Reporter, What};
@@ -31,6 +32,11 @@ const NAMES: [&str; 8] = [
     "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
 ];
 
+/// The focus's account on the local Synapse (with --focus).
+const FOCUS_USER: &str = "focus";
+/// Its password (a throwaway server's).
+const FOCUS_PASSWORD: &str = "focus-demo-pw";
+
 /// How long leaving may take per participant.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,6 +47,7 @@ struct Env {
     local: Option<Local>,
     gc: Vec<GroupcallPeer>,
     refs: Vec<RefPeer>,
+    focus: Option<DemoFocus>,
     tmp: Option<tempfile::TempDir>,
 }
 
@@ -51,6 +58,9 @@ impl Env {
         leave_all(&mut self.gc, &mut self.refs).await;
         self.gc.clear();
         self.refs.clear();
+        if let Some(f) = self.focus.take() {
+            f.stop().await;
+        }
         if let Some(mut l) = self.local.take() {
             l.stop().await;
         }
@@ -133,6 +143,8 @@ struct Part {
     login: String,
     password: String,
     reference: bool,
+    /// The Chromium MSC3898 focus client (`interop/focus-client.mjs`).
+    focus_client: bool,
 }
 
 /// `./groupcall-report-YYYYMMDD-HHMMSS` (UTC).
@@ -174,9 +186,15 @@ fn localpart(user: &str) -> String {
 
 async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     let k = usize::from(args.with_reference);
+    // Chromium focus clients (with --focus, which is local only).
+    let c = usize::from(
+        args.with_chromium_focus_client
+            .unwrap_or(u16::from(args.focus)),
+    );
     let remote = args.homeserver.is_some();
     let n_gc = match (remote, args.participants) {
         (_, Some(n)) => usize::from(n),
+        (false, None) if args.focus => 6,
         (false, None) => 4,
         (true, None) => args.users.len().saturating_sub(k),
     };
@@ -185,7 +203,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
             "the demo needs at least one groupcall participant (--participants, or more --user accounts)"
         );
     }
-    if n_gc + k < 2 {
+    if n_gc + k + c < 2 {
         bail!(
             "a call needs two participants at least: raise --participants or add --with-reference"
         );
@@ -198,7 +216,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         );
     }
     let report_dir = args.report_dir.clone().unwrap_or_else(default_report_dir);
-    let interop = if k > 0 {
+    let interop = if k + c > 0 {
         let dir = peers::interop_dir(args.interop_dir.as_deref())?;
         peers::ensure_interop(&dir).await?;
         Some(dir)
@@ -222,6 +240,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                     login: u.name.clone(),
                     password: u.password.clone(),
                     reference: i >= n_gc,
+                    focus_client: false,
                 });
             }
             out.say(&format!("using {url}"));
@@ -242,13 +261,15 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                 "proxy": l.url(),
                 "pid": l.synapse.pid(),
             }));
-            for i in 0..n_gc + k {
+            for i in 0..n_gc + k + c {
                 let name = if i < n_gc {
                     NAMES
                         .get(i)
                         .map_or_else(|| format!("user{}", i + 1), |s| (*s).to_owned())
-                } else {
+                } else if i < n_gc + k {
                     format!("ref{}", i - n_gc + 1)
+                } else {
+                    format!("chrome{}", i - n_gc - k + 1)
                 };
                 let password = format!("{name}-demo-pw");
                 l.register(&name, &password).await?;
@@ -256,8 +277,12 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                     name: name.clone(),
                     login: name,
                     password,
-                    reference: i >= n_gc,
+                    reference: i >= n_gc && i < n_gc + k,
+                    focus_client: i >= n_gc + k,
                 });
+            }
+            if args.focus {
+                l.register(FOCUS_USER, FOCUS_PASSWORD).await?;
             }
             let url = l.url();
             env.local = Some(l);
@@ -266,10 +291,26 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     };
     let names: Vec<String> = parts.iter().map(|p| p.name.clone()).collect();
     out.say(&format!(
-        "participants: {} (groupcall){}",
+        "participants: {} (groupcall{}){}{}",
         names[..n_gc].join(", "),
+        if args.focus {
+            ", through the focus"
+        } else {
+            ""
+        },
         if k > 0 {
-            format!(", {} (reference, matrix-js-sdk)", names[n_gc..].join(", "))
+            format!(
+                ", {} (reference, matrix-js-sdk)",
+                names[n_gc..n_gc + k].join(", ")
+            )
+        } else {
+            String::new()
+        },
+        if c > 0 {
+            format!(
+                ", {} (Chromium, MSC3898 focus client)",
+                names[n_gc + k..].join(", ")
+            )
         } else {
             String::new()
         }
@@ -309,14 +350,48 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         }
     };
 
+    // The focus, allowing the room's creator to invite it.
+    if args.focus {
+        let f = DemoFocus::start(
+            &data.join("focus"),
+            &hs_url,
+            FOCUS_USER,
+            FOCUS_PASSWORD,
+            first.user_id(),
+            args.plaintext,
+        )
+        .await?;
+        out.say(&format!(
+            "focus {} (device {}) started in this process; metrics and health on http://{}",
+            f.user_id(),
+            f.focus_ref().device_id,
+            f.http_addr().map_or("?".to_owned(), |a| a.to_string())
+        ));
+        out.json(&json!({
+            "event": "focus",
+            "user_id": f.user_id(),
+            "device_id": f.focus_ref().device_id,
+            "http": f.http_addr().map(|a| a.to_string()),
+        }));
+        env.focus = Some(f);
+    }
+    let focus_ref = env.focus.as_ref().map(DemoFocus::focus_ref);
+
     let room = match &args.room {
         Some(r) => r.clone(),
         None => {
-            let invite = parts.iter().skip(1).map(user_id).collect();
+            let mut invite: Vec<String> = parts.iter().skip(1).map(user_id).collect();
+            if let Some(f) = &focus_ref {
+                invite.push(f.user_id.clone());
+            }
             local::create_room(first, "groupcall demo", invite).await?
         }
     };
     out.say(&format!("call room {room}"));
+    if let Some(f) = &env.focus {
+        f.wait_rooms(1, args.connect_timeout).await?;
+        out.say("the focus joined the call room");
+    }
 
     std::fs::create_dir_all(&report_dir)
         .with_context(|| format!("creating the report directory {}", report_dir.display()))?;
@@ -329,30 +404,49 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     for (i, p) in parts.iter().enumerate() {
         tracker.set_identity(i, &user_id(p));
     }
+    if let Some(f) = &focus_ref {
+        tracker.set_focus(&f.user_id, (0..n_gc).chain(n_gc + k..n_gc + k + c));
+        for r in n_gc..n_gc + k {
+            for b in n_gc + k..n_gc + k + c {
+                tracker.set_unreachable(r, b);
+            }
+        }
+    }
     let stats_interval = Duration::from_millis(200);
     for (i, p) in parts.iter().enumerate().skip(n_gc) {
         let dir = interop.as_deref().unwrap_or(Path::new("interop"));
         let log = report_dir.join(format!("{}.stderr.log", p.name));
-        let r = RefPeer::spawn(
-            &RefOptions {
-                dir,
-                homeserver: &hs_url,
-                user: &p.login,
-                password: &p.password,
-                room: &room,
-                create_call: false,
-                encrypted: false,
-                media_interval: stats_interval,
-                log: &log,
-            },
-            Reporter::new(i, tx.clone()),
-        )?;
+        let mut o = RefOptions {
+            dir,
+            homeserver: &hs_url,
+            user: &p.login,
+            password: &p.password,
+            room: &room,
+            create_call: false,
+            encrypted: false,
+            media_interval: stats_interval,
+            log: &log,
+        };
+        let report = Reporter::new(i, tx.clone());
+        let (r, what) = match (&focus_ref, p.focus_client) {
+            (Some(f), true) => {
+                // Olm unless --plaintext (the focus refuses plaintext then).
+                o.encrypted = !args.plaintext;
+                let r = RefPeer::spawn_focus_client(&o, &f.user_id, &f.device_id, report)?;
+                (r, "Chromium focus client")
+            }
+            _ => (RefPeer::spawn(&o, report)?, "reference peer"),
+        };
         out.say(&format!(
-            "{}: reference peer started (node, pid {})",
+            "{}: {what} started (node, pid {})",
             p.name,
             r.pid()
         ));
-        out.json(&json!({"event": "reference", "name": p.name, "pid": r.pid()}));
+        out.json(&json!({
+            "event": if p.focus_client { "chromium_focus_client" } else { "reference" },
+            "name": p.name,
+            "pid": r.pid(),
+        }));
         env.refs.push(r);
     }
     let opts_for = |i: usize| {
@@ -360,6 +454,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         o.stats_interval = stats_interval;
         o.encrypt = !args.plaintext;
         o.create = (i == 0).then(CreateOptions::default);
+        o.focus = focus_ref.clone();
         let record = match args.record {
             RecordWhich::All => true,
             RecordWhich::First => i == 0,
@@ -378,14 +473,14 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     // Reference peers take seconds of CPU to start (SDK, crypto WebAssembly):
     // let them get ready first, so that their start-up does not slow down
     // the groupcall joins on a small machine.
-    if k > 0 {
-        out.say("waiting for the reference peers to be logged in and synced");
-        let mut ready = vec![false; k];
+    if k + c > 0 {
+        out.say("waiting for the Node participants (reference peers, Chromium focus clients) to be logged in and synced");
+        let mut ready = vec![false; k + c];
         while ready.iter().any(|r| !r) {
             let o = tokio::select! {
                 o = rx.recv() => o.ok_or_else(|| anyhow!("every participant stopped"))?,
                 () = tokio::time::sleep_until((origin + args.connect_timeout).into()) => {
-                    bail!("the reference peers were not ready within {} s (--connect-timeout); see {}/ref*.stderr.log", args.connect_timeout.as_secs_f64(), report_dir.display());
+                    bail!("the Node participants were not ready within {} s (--connect-timeout); see {}/*.stderr.log", args.connect_timeout.as_secs_f64(), report_dir.display());
                 }
             };
             if let What::Identity(_) = &o.what
@@ -447,12 +542,14 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     // the design (issue 10); shown, not enforced.
     let sockets = udp_sockets();
     if let Some(s) = &sockets {
-        let expected = n_gc * s.addresses.len().max(1);
+        let focus_sockets = usize::from(env.focus.is_some());
+        let expected = n_gc * s.addresses.len().max(1) + focus_sockets;
         out.say(&format!(
-            "sockets: {} UDP sockets in this process for {n_gc} groupcall participants on {} local address(es) ({}); one per participant and address would be {expected}",
+            "sockets: {} UDP sockets in this process for {n_gc} groupcall participants on {} local address(es) ({}){}; one per participant and address would be {expected}",
             s.count,
             s.addresses.len(),
-            s.addresses.join(", ")
+            s.addresses.join(", "),
+            if focus_sockets > 0 { " and the focus" } else { "" }
         ));
         out.json(&json!({"event": "sockets", "udp": s.count, "addresses": s.addresses, "participants": n_gc, "one_per_participant_and_address": s.count == expected}));
     }
@@ -468,6 +565,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         Instant::now(),
         tracker.totals(),
         tracker.frames_by_direction(),
+        env.focus.as_ref().map(|f| FocusFigures::of(&f.figures())),
     );
     loop {
         tokio::select! {
@@ -488,13 +586,22 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                         grew((*a, *b)) && grew((*b, *a))
                     })
                     .count();
+                let focus_now = env.focus.as_ref().map(|f| FocusFigures::of(&f.figures()));
+                let focus_text = match (focus_now, last.3) {
+                    (Some(f), before) => format!(
+                        "; focus: {} forwarded streams, {:.0} packets/s forwarded",
+                        f.forwarded_streams,
+                        f.packets_forwarded.saturating_sub(before.map_or(0, |b| b.packets_forwarded)) as f64 / dt
+                    ),
+                    (None, _) => String::new(),
+                };
                 out.say(&format!(
-                    "media: {flowing}/{} pairs flowing both ways, {:.0} frames/s, {:.2} Mbit/s received by groupcall",
+                    "media: {flowing}/{} pairs flowing both ways, {:.0} frames/s, {:.2} Mbit/s received by groupcall{focus_text}",
                     tracker.pairs().len(),
                     (totals.0.saturating_sub(last.1.0)) as f64 / dt,
                     (totals.1.saturating_sub(last.1.1)) as f64 * 8.0 / dt / 1e6,
                 ));
-                last = (now, totals, by_dir);
+                last = (now, totals, by_dir, focus_now);
             }
             () = async {
                 match stop_media {
@@ -517,6 +624,11 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     }
     // Whether media still flowed is judged now, before anyone leaves.
     tracker.judge_recent_at(Instant::now());
+    // The focus's figures too, while everyone is still in the call.
+    let focus_figures = env.focus.as_ref().map(|f| FocusFigures::of(&f.figures()));
+    if let Some(f) = &focus_figures {
+        out.say(&f.line());
+    }
 
     // Signalling of the whole call so far (setup; nothing more is sent
     // while media flows), before the hangups of leaving.
@@ -567,6 +679,8 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         "event": "summary",
         "ok": up == pairs.len() && recent == pairs.len(),
         "pairs_total": pairs.len(),
+        // Reference peer ↔ Chromium focus client: not expected to meet.
+        "pairs_left_out": k * c,
         "pairs_connected": pairs.iter().filter(|p| p.connected_ms.is_some()).count(),
         "pairs_media_both_ways": up,
         "pairs_media_recent": recent,
@@ -575,7 +689,13 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         "participants": parts.iter().enumerate().map(|(i, p)| json!({
             "name": p.name,
             "user_id": user_id(p),
-            "implementation": if p.reference { "matrix-js-sdk" } else { "groupcall" },
+            "implementation": if p.reference {
+                "matrix-js-sdk"
+            } else if p.focus_client {
+                "chromium-msc3898"
+            } else {
+                "groupcall"
+            },
             "joined_ms": joins_ms[i],
         })).collect::<Vec<_>>(),
         "homeserver": if remote { hs_url.clone() } else { "local Synapse".to_owned() },
@@ -584,6 +704,10 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         "signalling": signalling,
         "udp_sockets": sockets.as_ref().map(|s| json!({"count": s.count, "addresses": s.addresses})),
         "pairs": pairs.iter().map(|p| report::pair_json(&names, p)).collect::<Vec<_>>(),
+        "focus": match (&focus_figures, &focus_ref) {
+            (Some(f), Some(r)) => f.json(&r.user_id),
+            _ => Value::Null,
+        },
         "recordings": recordings,
         "report_dir": report_abs.display().to_string(),
     });
@@ -600,6 +724,12 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         },
         args.duration.as_secs_f64()
     )];
+    if let Some(f) = &focus_figures {
+        intro.push(format!(
+            "The groupcall participants met through a focus (an MSC3898 SFU) running in the demo; at the end of the media time its {}.",
+            f.line()
+        ));
+    }
     if let Some(s) = &summary["signalling"].as_object() {
         intro.push(format!(
             "Setup signalling: {} to-device messages in {} requests ({} bytes), {} member state events.",
@@ -618,8 +748,11 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     report::write(&report_dir.join("index.html"), &html)?;
 
     let table = report::table(&names, &pairs);
+    let focus_tail = focus_figures
+        .as_ref()
+        .map_or(String::new(), |f| format!("{}\n", f.line()));
     let tail = format!(
-        "\n{table}\n{up}/{} pairs with audio and video both ways, {recent}/{} with media both ways in the last {} s; report: {}\n",
+        "\n{table}\n{focus_tail}{up}/{} pairs with audio and video both ways, {recent}/{} with media both ways in the last {} s; report: {}\n",
         pairs.len(),
         pairs.len(),
         crate::tracker::RECENT.as_secs(),
@@ -749,9 +882,14 @@ fn observe(tracker: &mut Tracker, o: &Obs, out: &Out) -> anyhow::Result<Vec<Prog
             Progress::Connected(a, b) => {
                 let ms = summaries.get(&(*a, *b)).and_then(|s| s.connected_ms);
                 out.say(&format!(
-                    "{} ↔ {} connected ({} ms after both joined)",
+                    "{} ↔ {} connected{} ({} ms after both joined)",
                     name(*a),
                     name(*b),
+                    if tracker.through_focus(*a, *b) {
+                        " through the focus"
+                    } else {
+                        ""
+                    },
                     ms.map_or("?".to_owned(), |m| format!("{m:.0}"))
                 ));
                 out.json(

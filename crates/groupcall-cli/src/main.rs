@@ -19,6 +19,7 @@ mod args;
 mod bench;
 mod commands;
 mod demo;
+mod demo_focus;
 mod focus;
 mod join;
 mod local;

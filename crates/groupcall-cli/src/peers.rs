@@ -387,10 +387,57 @@ impl RefPeer {
         extra: &[&str],
         report: Reporter,
     ) -> anyhow::Result<RefPeer> {
+        let mut args: Vec<String> = Vec::new();
+        if o.create_call {
+            args.push("--create-call".into());
+        }
+        if o.encrypted {
+            args.push("--encrypted".into());
+        }
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        Self::spawn_script(o, "peer.mjs", &args, None, report)
+    }
+
+    /// Starts the MSC3898 focus client in headless Chromium (`node
+    /// interop/focus-client.mjs`), calling the focus `focus_user`'s device
+    /// `focus_device` with candidates on 127.0.0.1 only; its signalling is
+    /// Olm-encrypted unless `o.encrypted` is false. Its peer connection
+    /// with the focus is reported as a peer of `focus_user`.
+    pub fn spawn_focus_client(
+        o: &RefOptions<'_>,
+        focus_user: &str,
+        focus_device: &str,
+        report: Reporter,
+    ) -> anyhow::Result<RefPeer> {
+        let mut args: Vec<String> = vec![
+            "--focus".into(),
+            format!("{focus_user}/{focus_device}"),
+            "--candidate-ip".into(),
+            "127.0.0.1".into(),
+        ];
+        if o.create_call {
+            args.push("--create-call".into());
+        }
+        if !o.encrypted {
+            args.push("--plaintext".into());
+        }
+        Self::spawn_script(o, "focus-client.mjs", &args, Some(focus_user), report)
+    }
+
+    /// Starts `node <dir>/<script>` with the options every interop script
+    /// takes, then `args`; `focus_user` names the remote of `call_state`
+    /// lines without a `user_id` (the focus client's call with its focus).
+    fn spawn_script(
+        o: &RefOptions<'_>,
+        script: &str,
+        args: &[String],
+        focus_user: Option<&str>,
+        report: Reporter,
+    ) -> anyhow::Result<RefPeer> {
         let log = std::fs::File::create(o.log)
             .with_context(|| format!("creating {}", o.log.display()))?;
         let mut cmd = std::process::Command::new("node");
-        cmd.arg(o.dir.join("peer.mjs"))
+        cmd.arg(o.dir.join(script))
             .args(["--homeserver", o.homeserver, "--user", o.user])
             .args(["--password", o.password, "--room", o.room])
             .args(["--log-level", "warn"])
@@ -403,17 +450,12 @@ impl RefPeer {
             .stdout(Stdio::piped())
             .stderr(log)
             .process_group(0);
-        if o.create_call {
-            cmd.arg("--create-call");
-        }
-        if o.encrypted {
-            cmd.arg("--encrypted");
-        }
-        cmd.args(extra);
+        cmd.args(args);
         let mut child = tokio::process::Command::from(cmd)
             .kill_on_drop(true)
             .spawn()
-            .context("starting node interop/peer.mjs")?;
+            .with_context(|| format!("starting node interop/{script}"))?;
+        let focus_user = focus_user.map(str::to_owned);
         let pid = child.id().unwrap_or(0);
         let stdin = child.stdin.take();
         let stdout = child
@@ -424,7 +466,7 @@ impl RefPeer {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => ref_line(&report, &v),
+                    Ok(v) => ref_line(&report, &v, focus_user.as_deref()),
                     Err(_) => debug!("reference peer: {line}"),
                 }
             }
@@ -484,8 +526,9 @@ impl Drop for RefPeer {
     }
 }
 
-/// One JSON line of a reference peer.
-fn ref_line(report: &Reporter, v: &Value) {
+/// One JSON line of a reference peer (or of the focus client, whose
+/// `call_state` lines are about its call with `focus_user`).
+fn ref_line(report: &Reporter, v: &Value, focus_user: Option<&str>) {
     let s = |k: &str| {
         v.get(k)
             .and_then(Value::as_str)
@@ -496,7 +539,10 @@ fn ref_line(report: &Reporter, v: &Value) {
         "ready" => report.send(What::Identity(s("user_id"))),
         "joined" => report.send(What::Joined),
         "call_state" => report.send(What::Peer {
-            remote: s("user_id"),
+            remote: match (v.get("user_id").and_then(Value::as_str), focus_user) {
+                (None, Some(f)) => f.to_owned(),
+                _ => s("user_id"),
+            },
             state: s("state"),
             reason: v
                 .get("hangup_reason")
@@ -586,14 +632,17 @@ mod tests {
         ref_line(
             &r,
             &serde_json::json!({"event":"media","user_id":"@a:x","stream_id":"s","kind":"video","frames":7}),
+            None,
         );
         ref_line(
             &r,
             &serde_json::json!({"event":"call_state","user_id":"@a:x","state":"connected"}),
+            None,
         );
         ref_line(
             &r,
             &serde_json::json!({"event":"media","user_id":"@a:x","stream_id":"s","kind":"audio","frames":90,"audible":0}),
+            None,
         );
         let o = rx.try_recv().unwrap();
         assert_eq!(o.idx, 3);
@@ -622,6 +671,7 @@ mod tests {
         ref_line(
             &r,
             &serde_json::json!({"event":"first_frame","user_id":"@a:x","stream_id":"s","kind":"audio","track_id":"t"}),
+            None,
         );
         assert!(matches!(
             rx.try_recv().unwrap().what,
@@ -634,7 +684,26 @@ mod tests {
         ref_line(
             &r,
             &serde_json::json!({"event":"first_frame","user_id":"@a:x","kind":"data"}),
+            None,
         );
         assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn focus_client_call_state_is_about_the_focus() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = Reporter::new(1, tx);
+        let line = serde_json::json!({"event":"call_state","call_id":"c","state":"connected"});
+        ref_line(&r, &line, Some("@focus:x"));
+        assert!(matches!(
+            rx.try_recv().unwrap().what,
+            What::Peer { remote, state, .. } if remote == "@focus:x" && state == "connected"
+        ));
+        // A reference peer's lines name their remote themselves.
+        ref_line(&r, &line, None);
+        assert!(matches!(
+            rx.try_recv().unwrap().what,
+            What::Peer { remote, .. } if remote.is_empty()
+        ));
     }
 }

@@ -92,6 +92,15 @@ pub struct Tracker {
     recent_at: Option<Instant>,
     /// Recordings made.
     pub recordings: Vec<std::path::PathBuf>,
+    /// The focus's user id, when participants use one.
+    focus_user: Option<String>,
+    /// Which participants go through the focus.
+    via_focus: Vec<bool>,
+    /// Participant -> when it first saw its peer with the focus connected.
+    focus_connected: HashMap<usize, Instant>,
+    /// Pairs (a < b) that are not expected to meet (a device without a
+    /// focus and one that uses only the focus): not counted.
+    unreachable: std::collections::HashSet<(usize, usize)>,
 }
 
 /// One pair's figures; times in ms since the later of the two joins
@@ -161,6 +170,61 @@ impl Tracker {
             latest: None,
             recent_at: None,
             recordings: Vec::new(),
+            focus_user: None,
+            via_focus: vec![false; n],
+            focus_connected: HashMap::new(),
+            unreachable: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Pair (a, b) cannot meet (e.g. a reference peer, which has no focus
+    /// mode, and the focus-only Chromium client): it is left out of
+    /// [`Tracker::pairs`].
+    pub fn set_unreachable(&mut self, a: usize, b: usize) {
+        self.unreachable.insert((a.min(b), a.max(b)));
+    }
+
+    /// Participants `members` meet through the focus `user_id`: a pair of
+    /// them is connected once both are connected to the focus.
+    pub fn set_focus(&mut self, user_id: &str, members: impl IntoIterator<Item = usize>) {
+        self.focus_user = Some(user_id.to_owned());
+        for i in members {
+            if let Some(v) = self.via_focus.get_mut(i) {
+                *v = true;
+            }
+        }
+    }
+
+    /// Whether pair (a, b) meets through the focus.
+    pub fn through_focus(&self, a: usize, b: usize) -> bool {
+        let via = |i: usize| self.via_focus.get(i).copied().unwrap_or(false);
+        self.focus_user.is_some() && via(a) && via(b)
+    }
+
+    /// Participant `at` is connected to the focus: every pair of it with
+    /// another participant connected to the focus is connected.
+    fn focus_up(&mut self, at: usize, when: Instant, out: &mut Vec<Progress>) {
+        if self.focus_connected.contains_key(&at) {
+            return;
+        }
+        self.focus_connected.insert(at, when);
+        let mut others: Vec<usize> = self
+            .focus_connected
+            .keys()
+            .copied()
+            .filter(|r| *r != at && self.through_focus(at, *r))
+            .collect();
+        others.sort_unstable();
+        for r in others {
+            if !self.connected.contains_key(&(at, r)) {
+                self.connected.insert((at, r), when);
+                self.connected.insert((r, at), when);
+                self.states
+                    .insert((at, r), "connected (through the focus)".into());
+                self.states
+                    .insert((r, at), "connected (through the focus)".into());
+                out.push(Progress::Connected(at.min(r), at.max(r)));
+            }
         }
     }
 
@@ -169,11 +233,12 @@ impl Tracker {
         self.names.len()
     }
 
-    /// Every unordered pair.
+    /// Every unordered pair (but those set unreachable).
     pub fn pairs(&self) -> Vec<(usize, usize)> {
         let n = self.n();
         (0..n)
             .flat_map(|a| (a + 1..n).map(move |b| (a, b)))
+            .filter(|p| !self.unreachable.contains(p))
             .collect()
     }
 
@@ -223,6 +288,12 @@ impl Tracker {
                 state,
                 reason,
             } => {
+                if self.focus_user.as_deref() == Some(remote.as_str()) {
+                    if state == "connected" && self.via_focus.get(at).copied().unwrap_or(false) {
+                        self.focus_up(at, o.at, &mut out);
+                    }
+                    return out;
+                }
                 let Some(&r) = self.user_idx.get(remote) else {
                     return out;
                 };
@@ -277,7 +348,8 @@ impl Tracker {
                     }
                     if !had_both && d.both_kinds().is_some() {
                         let other = self.dirs.get(&(from, at)).and_then(Direction::both_kinds);
-                        if other.is_some() {
+                        let counted = !self.unreachable.contains(&(at.min(from), at.max(from)));
+                        if other.is_some() && counted {
                             self.pairs_up += 1;
                             out.push(Progress::PairUp(at.min(from), at.max(from)));
                             if self.pairs_up == self.pairs().len() && self.mesh_up.is_none() {
@@ -428,6 +500,39 @@ mod tests {
             frames: n,
             bytes: Some(n * 100),
         }
+    }
+
+    #[test]
+    fn pairs_through_the_focus_connect_when_both_reach_it() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut t = Tracker::new(vec!["a".into(), "b".into(), "r".into()], t0);
+        for (i, u) in ["@a:x", "@b:x", "@r:x"].into_iter().enumerate() {
+            t.apply(&obs(t0, i, What::Identity(u.into())));
+        }
+        t.set_focus("@focus:x", [0, 1]);
+        assert!(t.through_focus(0, 1));
+        assert!(!t.through_focus(0, 2));
+        let connected = |r: &str| What::Peer {
+            remote: r.into(),
+            state: "connected".into(),
+            reason: None,
+        };
+        assert!(t.apply(&obs(at(10), 0, connected("@focus:x"))).is_empty());
+        // The reference is not through the focus: its own peers count.
+        assert!(t.apply(&obs(at(20), 2, connected("@focus:x"))).is_empty());
+        assert_eq!(
+            t.apply(&obs(at(30), 1, connected("@focus:x"))),
+            vec![Progress::Connected(0, 1)]
+        );
+        assert!(t.apply(&obs(at(40), 1, connected("@focus:x"))).is_empty());
+        t.set_unreachable(2, 1);
+        assert_eq!(t.pairs(), vec![(0, 1), (0, 2)]);
+        assert!(t.apply(&obs(at(50), 0, connected("@r:x"))).is_empty());
+        assert_eq!(
+            t.apply(&obs(at(60), 2, connected("@a:x"))),
+            vec![Progress::Connected(0, 2)]
+        );
     }
 
     #[test]

@@ -496,3 +496,118 @@ async fn sigterm_stops_everything() {
     assert_eq!(errors, ["error: interrupted by SIGTERM"], "{stderr}");
     assert!(!synapse_alive(pid), "Synapse (pid {pid}) still runs");
 }
+
+/// Runs `groupcall demo --focus --duration 3 --json --record none` with
+/// `extra`; it must succeed. Returns the run and its summary line.
+async fn focus_demo(extra: &[&str]) -> (Run, Value) {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("report");
+    let mut args = vec!["--focus", "--duration", "3", "--json", "--record", "none"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--report-dir", report.to_str().unwrap()]);
+    let run = demo(&args, &[], Duration::from_secs(300)).await;
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    let summary = run.lines().pop().unwrap();
+    assert_eq!(summary["event"], "summary", "{summary}");
+    assert_eq!(summary["ok"], true, "{summary}");
+    (run, summary)
+}
+
+/// `groupcall demo --focus` without the Chromium client: four groupcall
+/// participants meet through a focus the demo starts in its own process;
+/// every pair has media both ways, each participant uploads one camera
+/// video (and one audio) track to the focus, which forwards each to the
+/// three others.
+#[tokio::test(flavor = "multi_thread")]
+async fn four_participants_through_a_local_focus() {
+    let (run, summary) =
+        focus_demo(&["--participants", "4", "--with-chromium-focus-client", "0"]).await;
+    let lines = run.lines();
+    let focus_started = lines.iter().find(|v| v["event"] == "focus").unwrap();
+    let focus_user = focus_started["user_id"].as_str().unwrap();
+    assert_eq!(summary["pairs_total"], 6, "{summary}");
+    assert_eq!(
+        summary["pairs_media_both_ways"], summary["pairs_total"],
+        "{summary}"
+    );
+    assert_eq!(summary["pairs_connected"], 6, "{summary}");
+    let focus = &summary["focus"];
+    eprintln!("FIGURE demo --focus --participants 4: focus {focus}");
+    assert_eq!(focus["user_id"], focus_user, "{focus}");
+    assert_eq!(focus["uploads_per_participant"], 1, "{focus}");
+    assert_eq!(focus["audio_uploads_per_participant"], 1, "{focus}");
+    assert_eq!(focus["participants"], 4, "{focus}");
+    // Each of the 4 receives audio and video of the 3 others.
+    assert_eq!(focus["forwarded_streams"], 4 * 3 * 2, "{focus}");
+    assert!(
+        focus["packets_forwarded"].as_u64().unwrap() > 1000,
+        "{focus}"
+    );
+    // Through the focus, not a mesh: the pairs' connection is the focus.
+    assert!(
+        run.stderr.contains("connected through the focus"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// `groupcall demo --focus` with its default Chromium MSC3898 client and a
+/// reference peer: the groupcall participants and the Chromium client meet
+/// through the focus, the reference peer meets the groupcall participants in
+/// the mesh, and the pair of the reference peer and the Chromium client
+/// (which cannot meet: one has no focus mode, the other only the focus) is
+/// left out.
+#[tokio::test(flavor = "multi_thread")]
+async fn groupcall_chromium_and_a_reference_peer_around_a_local_focus() {
+    let (_run, summary) = focus_demo(&["--participants", "2", "--with-reference", "1"]).await;
+    let implementations: Vec<&str> = summary["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["implementation"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        implementations,
+        [
+            "groupcall",
+            "groupcall",
+            "matrix-js-sdk",
+            "chromium-msc3898"
+        ]
+    );
+    assert_eq!(summary["pairs_total"], 5, "{summary}");
+    assert_eq!(summary["pairs_left_out"], 1, "{summary}");
+    assert_eq!(summary["pairs_media_both_ways"], 5, "{summary}");
+    let pairs = summary["pairs"].as_array().unwrap();
+    let pair = |a: &str, b: &str| {
+        pairs
+            .iter()
+            .find(|p| p["a"] == a && p["b"] == b)
+            .unwrap_or_else(|| panic!("no pair {a} ↔ {b}: {summary}"))
+    };
+    for (a, b) in [("alice", "bob"), ("alice", "chrome1"), ("bob", "chrome1")] {
+        assert_eq!(
+            pair(a, b)["state_a"],
+            "connected (through the focus)",
+            "{summary}"
+        );
+    }
+    assert!(
+        pairs
+            .iter()
+            .all(|p| p["b"] != "chrome1" || p["a"] != "ref1")
+    );
+    let focus = &summary["focus"];
+    eprintln!("FIGURE demo --focus --participants 2 --with-reference 1: focus {focus}");
+    // alice, bob and chrome1 each upload one audio and one video track and
+    // receive the two others' (the reference peer is not on the focus).
+    assert_eq!(focus["participants"], 3, "{focus}");
+    assert_eq!(focus["uploads_per_participant"], 1, "{focus}");
+    assert_eq!(focus["audio_uploads_per_participant"], 1, "{focus}");
+    assert_eq!(focus["forwarded_streams"], 3 * 2 * 2, "{focus}");
+    assert!(
+        focus["packets_forwarded"].as_u64().unwrap() > 500,
+        "{focus}"
+    );
+}

@@ -141,13 +141,23 @@ impl Engine {
         cfg: EngineConfig,
         out: mpsc::UnboundedSender<EngineOutput>,
     ) -> std::io::Result<Engine> {
+        Self::spawn_with_figures(cfg, out, watch::Sender::new(EngineFigures::default()))
+    }
+
+    /// [`Engine::spawn`] publishing its figures (every 500 ms) into
+    /// `figures`, a channel the caller made (and may watch).
+    pub fn spawn_with_figures(
+        cfg: EngineConfig,
+        out: mpsc::UnboundedSender<EngineOutput>,
+        figures_tx: watch::Sender<EngineFigures>,
+    ) -> std::io::Result<Engine> {
         let std_socket = std::net::UdpSocket::bind(cfg.bind)?;
         std_socket.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(std_socket)?;
         let local_addr = socket.local_addr()?;
         info!(%local_addr, "focus media socket bound");
         let (tx, rx) = mpsc::unbounded_channel();
-        let (figures_tx, figures_rx) = watch::channel(EngineFigures::default());
+        let figures_rx = figures_tx.subscribe();
         let state = State::new(cfg, local_addr, out);
         let task = tokio::spawn(run(socket, state, rx, figures_tx));
         Ok(Engine {
@@ -938,6 +948,7 @@ pub struct EngineCore {
     outputs: Option<mpsc::UnboundedReceiver<crate::driver::CoreOutput>>,
     /// Refusals already counted into the metrics, by reason.
     refusals_reported: BTreeMap<String, u64>,
+    figures: watch::Sender<EngineFigures>,
 }
 
 impl EngineCore {
@@ -949,7 +960,15 @@ impl EngineCore {
             engine: None,
             outputs: None,
             refusals_reported: BTreeMap::new(),
+            figures: watch::Sender::new(EngineFigures::default()),
         }
+    }
+
+    /// The engine's figures as it publishes them (every 500 ms once the
+    /// service has started it; the defaults until then). Take it before
+    /// handing the core to [`crate::driver::FocusService::start_with_core`].
+    pub fn figures_watch(&self) -> watch::Receiver<EngineFigures> {
+        self.figures.subscribe()
     }
 
     /// The settings of a focus.toml: media bind address, limits, plaintext
@@ -989,7 +1008,7 @@ impl crate::driver::FocusCore for EngineCore {
         let session: u64 = rand_session();
         self.cfg.focus.session_id = format!("{device_id}-{session:x}");
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let engine = Engine::spawn(self.cfg.clone(), tx)
+        let engine = Engine::spawn_with_figures(self.cfg.clone(), tx, self.figures.clone())
             .map_err(|e| format!("binding {}: {e}", self.cfg.bind))?;
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
