@@ -669,9 +669,11 @@ impl GroupCall {
         let Some(peer) = self.peers.remove(device) else {
             return;
         };
+        // Our own hangup (leaving the call) does not make the focus "gone".
+        let ours = send_hangup && why == reason::USER_HANGUP;
         if self.is_focus(device) {
             self.focus_closed();
-            if self.focus_down_since.is_none() {
+            if self.focus_down_since.is_none() && !ours {
                 warn!(%device, reason = why, "our focus is gone; falling back to the mesh");
                 self.focus_down_since = Some(self.now);
             }
