@@ -43,6 +43,11 @@ struct FocusCall {
 
 impl FocusCall {
     async fn start(n: usize) -> FocusCall {
+        Self::start_with(n, false).await
+    }
+
+    /// `record`: every participant records what it receives.
+    async fn start_with(n: usize, record: bool) -> FocusCall {
         let mut h = Harness::new().await;
         let focus_user = h.register("focus").await;
         let names: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
@@ -91,6 +96,9 @@ impl FocusCall {
             let mut o = JoinOptions::new(room.clone());
             o.create = (i == 0).then(CreateOptions::default);
             o.focus = Some(focus_ref.clone());
+            if record {
+                o.record_dir = Some(h.tmp.path().join(format!("rec-{}", names[i])));
+            }
             let (_, p) = h.join_rust(&names[i], s, o).await;
             parts.push(p);
             if i == 0 {
@@ -207,12 +215,19 @@ impl FocusCall {
     }
 
     async fn finish(self) {
+        self.finish_with(|_, _| {}).await;
+    }
+
+    /// Ends the call; `check(h, names)` runs after everyone left (the
+    /// recordings are complete then).
+    async fn finish_with(mut self, check: impl FnOnce(&mut Harness, &[String])) {
         for p in &self.parts {
             p.commander.send(Command::Leave);
         }
-        for p in self.parts {
+        for p in std::mem::take(&mut self.parts) {
             p.done.await.unwrap();
         }
+        check(&mut self.h, &self.names);
         let mut focus = self.focus;
         focus.shutdown();
         focus.wait().await.unwrap();
@@ -252,14 +267,46 @@ fn metric(text: &str, name: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_participants_see_and_hear_each_other_through_the_focus() {
-    let mut c = FocusCall::start(3).await;
+    let mut c = FocusCall::start_with(3, true).await;
     c.wait_media(90).await;
     eprintln!(
         "FIGURE through_focus: 3 participants, audio and video both ways on every pair {:.1} s after the first join",
         c.t0.elapsed().as_secs_f64()
     );
     c.assert_only_the_focus();
-    c.finish().await;
+    // What each participant recorded of the others (through the focus)
+    // decodes with ffmpeg without an error.
+    c.finish_with(|h, names| {
+        h.log.pump();
+        let mut decoded = 0;
+        for (at, name) in names.iter().enumerate() {
+            let rec: Vec<std::path::PathBuf> = h
+                .log
+                .seen
+                .iter()
+                .filter_map(|e| match &e.ev {
+                    Ev::Rust(ClientEvent::Recorded { path }) if e.who == at => Some(path.clone()),
+                    _ => None,
+                })
+                .collect();
+            for other in names.iter().filter(|o| *o != name) {
+                let tag = format!("_{other}_");
+                for ext in ["ogg", "ivf"] {
+                    let file = rec
+                        .iter()
+                        .find(|p| {
+                            p.extension().is_some_and(|e| e == ext)
+                                && p.file_name().is_some_and(|f| f.to_string_lossy().contains(&tag))
+                        })
+                        .unwrap_or_else(|| panic!("{name} has no {ext} recording of {other}: {rec:?}"));
+                    assert_decodes(file, if ext == "ogg" { 51 } else { 11 });
+                    decoded += 1;
+                }
+            }
+        }
+        eprintln!("FIGURE through_focus: {decoded} recordings made through the focus decode with ffmpeg without an error");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
