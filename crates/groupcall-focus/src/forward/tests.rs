@@ -847,12 +847,10 @@ fn simulcast_layer_switch_waits_for_a_keyframe_and_stays_continuous() {
     );
 }
 
-/// Not a pass/fail test: prints the egress rate of one core with 1 VP8
-/// publisher and 20 subscribers (run with `--release -- --ignored
-/// --nocapture`).
+/// One publisher, 20 subscribers, 20,000 packets: every subscriber gets
+/// every packet (the throughput itself is for the focus bench, issue 13).
 #[test]
-#[ignore]
-fn forwarding_throughput() {
+fn every_subscriber_gets_every_packet_of_a_long_stream() {
     let mut h = H::new();
     for i in 0..20 {
         let p = ParticipantId(100 + i);
@@ -863,9 +861,8 @@ fn forwarding_throughput() {
     let inter = vp8(2, 2, 2, false, true);
     let mut n = 0u64;
     let mut bytes = 0u64;
-    let start = Instant::now();
     let now = h.at(0);
-    for i in 0..200_000u32 {
+    for i in 0..20_000u32 {
         let payload: &[u8] = if i == 0 { &key } else { &inter };
         let pkt = RtpIn {
             ssrc: V_SSRC,
@@ -882,10 +879,6 @@ fn forwarding_throughput() {
                 e.header.seq as u64 + e.vp8.map_or(0, |p| p.picture_id.map_or(0, |x| x.2 as u64));
         });
     }
-    let secs = start.elapsed().as_secs_f64();
-    assert_eq!(n, 200_000 * 20);
-    println!(
-        "{n} egress packets in {secs:.3} s: {:.0} per s (checksum {bytes})",
-        n as f64 / secs
-    );
+    assert_eq!(n, 20_000 * 20);
+    assert!(bytes > 0);
 }
