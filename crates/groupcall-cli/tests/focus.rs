@@ -162,7 +162,7 @@ grace_period = "1500ms"
         "focus: started",
         "focus: synced with the homeserver",
         "draining",
-        "focus: grace period over: stopping",
+        "focus: grace period over",
         "focus: stopped",
     ] {
         assert!(log.contains(step), "`{step}` not logged:\n{log}");
