@@ -123,6 +123,11 @@ pub struct EngineFigures {
     pub send_dropped: u64,
     /// The media socket's address.
     pub local_addr: Option<SocketAddr>,
+    /// Subscriptions in force (subscriber, track), all calls.
+    pub subscriptions: usize,
+    /// When the forwarder last started or stopped forwarding a track to a
+    /// subscriber.
+    pub last_subscription_change: Option<Instant>,
 }
 
 /// A running engine.
@@ -361,6 +366,7 @@ impl State {
                 }
             })
             .collect();
+        f.subscriptions = self.focus.subscription_count();
         f.uploads = self
             .clients
             .keys()
@@ -506,6 +512,10 @@ impl State {
 
     fn on_forward_change(&mut self, change: ForwardChange) {
         let now = Instant::now();
+        let subscription = matches!(
+            change,
+            ForwardChange::Subscribe { .. } | ForwardChange::Unsubscribe { .. }
+        );
         let r: Result<(), ForwardError> = match change {
             ForwardChange::AddClient { client, call } => {
                 let id = match self.calls.get(&call) {
@@ -546,8 +556,10 @@ impl State {
                 self.fwd.remove_participant(part(client))
             }
         };
-        if let Err(e) = r {
-            debug!("forwarder: {e}");
+        match r {
+            Ok(()) if subscription => self.figures.last_subscription_change = Some(now),
+            Ok(()) => {}
+            Err(e) => debug!("forwarder: {e}"),
         }
     }
 

@@ -418,6 +418,11 @@ impl Focus {
             .unwrap_or_default()
     }
 
+    /// Subscriptions in force: (subscriber, publisher's track) pairs.
+    pub fn subscription_count(&self) -> usize {
+        self.clients.values().map(|c| c.wanted.len()).sum()
+    }
+
     /// The authorisers, by room (their counts feed the metrics).
     pub fn rooms(&self) -> &BTreeMap<String, Authoriser> {
         &self.rooms

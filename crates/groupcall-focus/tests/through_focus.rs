@@ -20,6 +20,7 @@ use groupcall::proto::events::FeedPurpose;
 use groupcall::proto::{CallEvent, Command, CreateOptions, DeviceKey, FocusRef, PeerStatus};
 use groupcall_focus::config::Config;
 use groupcall_focus::driver::{FocusHandle, FocusService};
+use groupcall_focus::engine::{EngineCore, EngineFigures};
 use groupcall_testkit::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,6 +32,8 @@ use common::focus_config;
 /// A call of `n` groupcall participants through an in-process focus.
 struct FocusCall {
     h: Harness,
+    /// The focus engine's figures (every 500 ms).
+    figures: tokio::sync::watch::Receiver<EngineFigures>,
     room: String,
     focus: FocusHandle,
     focus_config: Config,
@@ -65,7 +68,9 @@ impl FocusCall {
 
         // The focus runs; the first participant's room invites it.
         let config = focus_config(&h, &focus_user, &devices[0].user_id);
-        let focus = FocusService::start(config.clone())
+        let core = EngineCore::from_config(&config);
+        let figures = core.figures_watch();
+        let focus = FocusService::start_with_core(config.clone(), core)
             .await
             .expect("the focus starts");
         let focus_ref = FocusRef {
@@ -115,6 +120,7 @@ impl FocusCall {
         let focus_dev = DeviceKey::new(focus_ref.user_id, focus_ref.device_id);
         FocusCall {
             h,
+            figures,
             room,
             focus,
             focus_config: config,
@@ -629,5 +635,73 @@ async fn strangers_and_plaintext_are_refused_and_a_member_who_leaves_the_room_is
     assert!(cut < Duration::from_secs(2), "cut off after {cut:?}");
     // p1's own client can no longer update its member entry: expected.
     c.h.allow_anomaly("not in room");
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscription_change_reaches_the_forwarder_within_a_second() {
+    const N: usize = 3;
+    let mut c = FocusCall::start(N).await;
+    c.wait_media(90).await;
+    // Everyone receives everyone else's audio and video: 3 x 2 x 2.
+    let wait_subs = |mut figures: tokio::sync::watch::Receiver<EngineFigures>, want: usize| async move {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let f = figures.borrow_and_update().clone();
+                if f.subscriptions == want {
+                    return f;
+                }
+                figures.changed().await.unwrap();
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{want} subscriptions at the focus"))
+    };
+    wait_subs(c.figures.clone(), 12).await;
+
+    // p0 wants p1 only: p2's two tracks stop at the focus.
+    let t = std::time::Instant::now();
+    c.parts[0]
+        .commander
+        .send(Command::FocusSubscriptions(Some(vec![
+            c.devices[1].clone(),
+        ])));
+    let f = wait_subs(c.figures.clone(), 10).await;
+    let off = f
+        .last_subscription_change
+        .expect("a change")
+        .duration_since(t);
+    // p2 again: back to 12.
+    let t = std::time::Instant::now();
+    c.parts[0].commander.send(Command::FocusSubscriptions(None));
+    let f = wait_subs(c.figures.clone(), 12).await;
+    let on = f
+        .last_subscription_change
+        .expect("a change")
+        .duration_since(t);
+    eprintln!(
+        "FIGURE through_focus: a subscription change applied at the focus {} ms (unsubscribe) and {} ms (subscribe) after the client asked",
+        off.as_millis(),
+        on.as_millis()
+    );
+    assert!(
+        off < Duration::from_secs(1) && on < Duration::from_secs(1),
+        "{off:?} / {on:?}"
+    );
+    // And p2's video reaches p0 again.
+    let since = Instant::now();
+    let p2 = c.devices[2].clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        c.h.log.pump();
+        if rust_frames(&c.h.log.seen, since, 0, &p2, TrackKind::Video, None) >= 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "p2's video did not come back to p0"
+        );
+        c.h.log.run_for(Duration::from_millis(250)).await;
+    }
     c.finish().await;
 }

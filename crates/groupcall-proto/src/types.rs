@@ -171,6 +171,9 @@ pub enum Command {
     SetVideoMuted(bool),
     /// Start or stop sharing the screen.
     Screenshare(bool),
+    /// Through our focus, receive the media of these devices only (`None`,
+    /// the default: everyone's). Devices met in the mesh are not affected.
+    FocusSubscriptions(Option<Vec<crate::ids::DeviceKey>>),
 }
 
 /// The time of an input, on the two clocks the core reads.

@@ -2192,3 +2192,41 @@ fn an_unreachable_focus_is_left_at_once_and_when_it_is_back_the_mesh_calls_end()
     assert_eq!(hangups.len(), 1);
     assert_eq!(hangups[0].1["reason"], "focus_back");
 }
+
+#[test]
+fn we_choose_whose_media_comes_through_the_focus() {
+    let (mut call, peer, _) = connected_to_focus();
+    call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });
+    drain(&mut call);
+    let meta = json!({"type": "m.call.sdp_stream_metadata_changed", "content": {"sdp_stream_metadata": {
+        "s-b": {"purpose": "m.usermedia", "user_id": "@b:x", "device_id": "BDEV", "tracks": {"a-b": {}, "v-b": {}}},
+        "s-c": {"purpose": "m.usermedia", "user_id": "@c:x", "device_id": "CDEV", "tracks": {"a-c": {}, "v-c": {}}}}}});
+    let outs = channel(&mut call, NOW + 20, peer, meta);
+    assert_eq!(
+        channel_sent(&outs)[0]["content"]["subscribe"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    // Only b: c's tracks are unsubscribed.
+    call.handle_command(
+        NOW + 30,
+        Command::FocusSubscriptions(Some(vec![DeviceKey::new("@b:x", "BDEV")])),
+    )
+    .unwrap();
+    let sub = channel_sent(&drain(&mut call));
+    assert_eq!(
+        sub,
+        vec![
+            json!({"type": "m.call.track_subscription", "content": {"subscribe": [], "unsubscribe": [
+            {"stream_id": "s-c", "track_id": "a-c"}, {"stream_id": "s-c", "track_id": "v-c"}]}})
+        ]
+    );
+    // Everyone again.
+    call.handle_command(NOW + 40, Command::FocusSubscriptions(None))
+        .unwrap();
+    let sub = channel_sent(&drain(&mut call));
+    assert_eq!(sub[0]["content"]["subscribe"].as_array().unwrap().len(), 2);
+    assert_eq!(sub[0]["content"]["unsubscribe"], json!([]));
+}

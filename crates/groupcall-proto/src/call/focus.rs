@@ -36,6 +36,8 @@ pub(super) struct FocusLink {
     pub(super) subscribed: BTreeSet<TrackRef>,
     /// When the focus last pinged us (or the channel opened).
     pub(super) last_ping: u64,
+    /// Publishers whose media we want through the focus (`None`: all).
+    pub(super) only: Option<BTreeSet<DeviceKey>>,
 }
 
 impl GroupCall {
@@ -188,14 +190,30 @@ impl GroupCall {
         self.resubscribe();
     }
 
+    /// Chooses whose media we receive through the focus (`None`: all).
+    pub(super) fn set_focus_subscriptions(&mut self, only: Option<Vec<DeviceKey>>) {
+        self.focus_link.only = only.map(|v| v.into_iter().collect());
+        self.resubscribe();
+    }
+
     /// Sends the subscription changes that bring what we receive in line
-    /// with what the focus offers (everything of everyone else).
+    /// with what the focus offers (everything of everyone else, or of the
+    /// publishers chosen with [`Command::FocusSubscriptions`]).
     fn resubscribe(&mut self) {
         let Some(key) = self.open_focus() else { return };
+        let only = self.focus_link.only.clone();
         let wanted: BTreeSet<TrackRef> = self
             .focus_link
             .available
             .iter()
+            .filter(|(_, s)| {
+                only.as_ref().is_none_or(|only| {
+                    only.iter().any(|d| {
+                        s.user_id.as_deref() == Some(d.user_id.as_str())
+                            && s.device_id.as_deref() == Some(d.device_id.as_str())
+                    })
+                })
+            })
             .flat_map(|(stream_id, s)| {
                 s.tracks.keys().map(|track_id| TrackRef {
                     stream_id: stream_id.clone(),
@@ -339,9 +357,12 @@ impl GroupCall {
         }
     }
 
-    /// The focus peer closed: its streams are gone.
+    /// The focus peer closed: its streams are gone (the choice of
+    /// publishers stays).
     pub(super) fn focus_closed(&mut self) {
+        let only = self.focus_link.only.take();
         let link = std::mem::take(&mut self.focus_link);
+        self.focus_link.only = only;
         for (id, s) in link.available {
             self.event(CallEvent::FeedRemoved {
                 device: DeviceKey::new(

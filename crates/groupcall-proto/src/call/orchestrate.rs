@@ -246,6 +246,10 @@ impl GroupCall {
             Command::SetAudioMuted(m) => self.set_muted(Some(m), None),
             Command::SetVideoMuted(m) => self.set_muted(None, Some(m)),
             Command::Screenshare(on) => self.screenshare(now, on),
+            Command::FocusSubscriptions(only) => {
+                self.set_focus_subscriptions(only);
+                Ok(())
+            }
         }
     }
 
