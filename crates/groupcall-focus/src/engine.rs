@@ -796,13 +796,21 @@ impl State {
                 figures.egress_unready += 1;
                 return;
             };
-            let payload: Arc<[u8]> = if e.vp8.is_none() && std::ptr::eq(e.payload, &p.payload[..]) {
-                Arc::clone(&p.payload)
-            } else {
-                let mut buf = vec![0u8; e.payload.len()];
-                match e.write_payload(&mut buf) {
-                    Some(n) => Arc::from(&buf[..n]),
-                    None => return,
+            // The received buffer itself when nothing changes; else one copy,
+            // patched in place.
+            let payload: Arc<[u8]> = match e.vp8 {
+                None if std::ptr::eq(e.payload, &p.payload[..]) => Arc::clone(&p.payload),
+                patch => {
+                    let mut copy: Arc<[u8]> = Arc::from(e.payload);
+                    let patched = match (patch, Arc::get_mut(&mut copy)) {
+                        (Some(patch), Some(bytes)) => patch.apply(bytes),
+                        (None, _) => true,
+                        (Some(_), None) => false,
+                    };
+                    if !patched {
+                        return;
+                    }
+                    copy
                 }
             };
             let ext = extend_seq(sm.ext_seq.get(&mid).copied(), e.header.seq);

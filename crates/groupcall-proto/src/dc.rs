@@ -157,6 +157,15 @@ impl StreamMetadata {
         }
     }
 
+    /// This module's form of a to-device (MSC3077) entry: purpose and mute
+    /// states; tracks and publisher unknown.
+    pub fn from_proto(m: &crate::signalling::StreamMetadata) -> Self {
+        let mut s = Self::new(m.purpose.clone());
+        s.audio_muted = m.audio_muted;
+        s.video_muted = m.video_muted;
+        s
+    }
+
     /// The groupcall-proto (to-device, MSC3077) form of this entry: the
     /// tracks go into its `extra` under `tracks`, in this module's canonical
     /// form.

@@ -281,13 +281,8 @@ impl GroupCall {
         let meta = n
             .sdp_stream_metadata
             .unwrap_or_default()
-            .into_iter()
-            .map(|(id, m)| {
-                let mut s = dc::StreamMetadata::new(m.purpose);
-                s.audio_muted = m.audio_muted;
-                s.video_muted = m.video_muted;
-                (id, s)
-            })
+            .iter()
+            .map(|(id, m)| (id.clone(), dc::StreamMetadata::from_proto(m)))
             .collect();
         self.send_channel(
             device,

@@ -133,10 +133,10 @@ pub struct GroupCall {
     wall_offset: i64,
     out: VecDeque<Output>,
     to_device: Vec<(MessageType, OutgoingMessage)>,
-    /// Our focus's call ended (failed, hung up, unanswered) at this time and
-    /// has not connected since: members that use a focus are called in the
-    /// mesh meanwhile.
-    focus_down_since: Option<u64>,
+    /// Our focus's call ended (failed, hung up, unanswered) and has not
+    /// connected since: members that use a focus are called in the mesh
+    /// meanwhile.
+    focus_down: bool,
     /// The data-channel side of our link with the focus.
     focus_link: focus::FocusLink,
 }
@@ -163,7 +163,7 @@ impl GroupCall {
             wall_offset: 0,
             out: VecDeque::new(),
             to_device: Vec::new(),
-            focus_down_since: None,
+            focus_down: false,
             focus_link: focus::FocusLink::default(),
         }
     }

@@ -526,7 +526,7 @@ impl GroupCall {
     /// Whether members that publish to a focus meet us there rather than
     /// in the mesh: we have a focus and it is not known to be down.
     pub(super) fn focus_usable(&self) -> bool {
-        self.cfg.focus.is_some() && self.focus_down_since.is_none()
+        self.cfg.focus.is_some() && !self.focus_down
     }
 
     /// Places a call to `device` (in `session`) unless the retry policy
@@ -677,9 +677,9 @@ impl GroupCall {
         let ours = send_hangup && why == reason::USER_HANGUP;
         if self.is_focus(device) {
             self.focus_closed();
-            if self.focus_down_since.is_none() && !ours {
+            if !self.focus_down && !ours {
                 warn!(%device, reason = why, "our focus is gone; falling back to the mesh");
-                self.focus_down_since = Some(self.now);
+                self.focus_down = true;
             }
         }
         // A call that failed or was hung up is not placed again at once: the

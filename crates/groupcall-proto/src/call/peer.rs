@@ -719,7 +719,7 @@ impl GroupCall {
                         r.calls_placed = 0;
                         r.reported = false;
                     }
-                    if self.is_focus(key) && self.focus_down_since.take().is_some() {
+                    if self.is_focus(key) && std::mem::take(&mut self.focus_down) {
                         info!(device = %key, "our focus is back");
                         self.leave_mesh_for_focus();
                     }
