@@ -120,7 +120,8 @@ pub struct RoomCallState {
     /// Member event contents by (user, event type as sent): a user may have
     /// one under the stable and one under the unstable name, and a stale one
     /// under one name must not hide a live one under the other.
-    members: BTreeMap<(String, String), Value>,
+    /// Each with the `origin_server_ts` of the event it came from.
+    members: BTreeMap<(String, String), (Value, u64)>,
     memberships: BTreeMap<String, String>,
     pinned: Option<String>,
     current: Option<String>,
@@ -174,10 +175,12 @@ impl RoomCallState {
     /// name of the member event), if any. Our own content is edited from the
     /// event under the name we write, never from the other.
     pub fn member_content(&self, user_id: &str, event_type: &str) -> Option<&Value> {
-        self.members.get(&(
-            user_id.to_owned(),
-            canonical_member_type(event_type).to_owned(),
-        ))
+        self.members
+            .get(&(
+                user_id.to_owned(),
+                canonical_member_type(event_type).to_owned(),
+            ))
+            .map(|(content, _)| content)
     }
 
     /// A user's room membership, if known.
@@ -265,13 +268,25 @@ impl RoomCallState {
                     what: "member content",
                 });
             }
-            self.members.insert(
-                (
-                    ev.state_key.clone(),
-                    canonical_member_type(&ev.event_type).to_owned(),
-                ),
-                ev.content.clone(),
+            let key = (
+                ev.state_key.clone(),
+                canonical_member_type(&ev.event_type).to_owned(),
             );
+            // A member event is its sender's own, sent one after the other:
+            // one older than the entry we hold is older state, not a change.
+            // An incremental sync's `state` section (the state at the start
+            // of its timeline) carries such events after a fork in the room
+            // DAG, which concurrent state events on one homeserver make too.
+            // (An event without a time cannot be ordered: it applies.)
+            if let Some((_, ts)) = self.members.get(&key)
+                && ev.origin_server_ts != 0
+                && ev.origin_server_ts < *ts
+            {
+                debug!(user = %ev.state_key, ts = ev.origin_server_ts, held = *ts, "stale member event ignored");
+                return Ok(Vec::new());
+            }
+            self.members
+                .insert(key, (ev.content.clone(), ev.origin_server_ts));
         } else if ev.event_type == ROOM_MEMBER {
             let m = ev
                 .content
@@ -342,7 +357,7 @@ impl RoomCallState {
                 }
             }
             if call_live {
-                for ((user, _), content) in &self.members {
+                for ((user, _), (content, _)) in &self.members {
                     if self.require_room_membership
                         && self.memberships.get(user).map(String::as_str) != Some("join")
                     {
@@ -377,6 +392,11 @@ impl RoomCallState {
         }
 
         for (key, old) in &self.participants {
+            if let Some(new) = next.get(key)
+                && new.foci_active != old.foci_active
+            {
+                debug!(device = %key, foci = ?new.foci_active, "member's active foci changed");
+            }
             match next.get(key) {
                 None => {
                     let reason = if !call_live {
@@ -478,6 +498,32 @@ mod tests {
     }
 
     #[test]
+    fn an_older_member_event_does_not_undo_a_newer_one() {
+        // An incremental sync's `state` section after a fork: a member
+        // event older than the one we applied comes after it.
+        let mut r = RoomCallState::new();
+        r.apply_json(&call("c1", 10, false), 0).unwrap();
+        r.apply_json(&join("@b:x"), 0).unwrap();
+        let mut newer = member("@b:x", "c1", "D", "S2", 5000);
+        newer["origin_server_ts"] = json!(20);
+        r.apply_json(&newer, 0).unwrap();
+        let older = member("@b:x", "c1", "D", "S1", 5000);
+        assert!(r.apply_json(&older, 0).unwrap().is_empty());
+        assert_eq!(
+            r.participants()[&DeviceKey::new("@b:x", "D")].session_id,
+            "S2"
+        );
+        // One of the same time or later applies.
+        let mut later = member("@b:x", "c1", "D", "S3", 5000);
+        later["origin_server_ts"] = json!(20);
+        assert!(!r.apply_json(&later, 0).unwrap().is_empty());
+        assert_eq!(
+            r.participants()[&DeviceKey::new("@b:x", "D")].session_id,
+            "S3"
+        );
+    }
+
+    #[test]
     fn a_stale_invite_does_not_undo_a_join() {
         // An incremental sync's `state` section after a federation fork:
         // the invite that preceded the join arrives after it.
@@ -565,7 +611,7 @@ mod tests {
             .unwrap();
         assert!(matches!(&ch[..], [RoomChange::SessionChanged { .. }]));
         let bad = json!({"type": "org.matrix.msc3401.call.member", "state_key": "@b:x", "sender": "@b:x",
-            "content": {"m.calls": [{"m.call_id": "c1", "m.devices": [
+            "origin_server_ts": 2, "content": {"m.calls": [{"m.call_id": "c1", "m.devices": [
                 {"device_id": 5, "session_id": "S", "expires_ts": 1000, "feeds": []},
                 {"device_id": "E", "session_id": "S", "expires_ts": "soon", "feeds": []},
                 {"device_id": "F", "session_id": "S", "expires_ts": 1000, "feeds": []}]}]}});

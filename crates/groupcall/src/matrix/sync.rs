@@ -282,8 +282,10 @@ async fn deliver(
     Ok(())
 }
 
-/// The room's state events in order: the `state` section (minus events the
-/// timeline repeats) then the timeline's state events.
+/// The room's state events in the order to apply them, each once: the
+/// `state` section (the state at the start of the timeline) then the
+/// timeline's state events; or with MSC4222 the timeline's state events
+/// then `state_after` (the state at its end).
 fn room_state_events(room_id: &str, state: State, timeline: Timeline) -> Vec<Value> {
     let timeline_state: Vec<Value> = timeline
         .events
@@ -295,10 +297,12 @@ fn room_state_events(room_id: &str, state: State, timeline: Timeline) -> Vec<Val
         .iter()
         .filter_map(|v| v.get("event_id").and_then(Value::as_str))
         .collect();
-    let section = match state {
-        State::Before(events) | State::After(events) => events,
+    let (after, section) = match state {
+        State::Before(events) => (false, events),
+        State::After(events) => (true, events),
     };
-    let mut out: Vec<Value> = section
+    // Events the timeline carries are applied in its order, once.
+    let section: Vec<Value> = section
         .iter()
         .filter_map(|raw| raw.deserialize_as::<Value>().ok())
         .filter(|v| {
@@ -307,14 +311,31 @@ fn room_state_events(room_id: &str, state: State, timeline: Timeline) -> Vec<Val
                 .is_none_or(|id| !in_timeline.contains(id))
         })
         .collect();
+    if after {
+        // MSC4222 `state_after`: the room's state at the end of the
+        // timeline. The timeline's state events (the changes as they
+        // happened) first, then the state after them, which wins.
+        let mut out = timeline_state.clone();
+        out.extend(section);
+        return with_room_id(out, room_id);
+    }
+    // `state`: the state at the start of the timeline, then the timeline.
+    // After a fork in the room DAG it may hold state older than what an
+    // earlier sync gave: the core orders member events by their time.
+    let mut out = section;
     out.extend(timeline_state.iter().cloned());
-    for v in &mut out {
+    with_room_id(out, room_id)
+}
+
+/// Names the room in each event (sync leaves it out).
+fn with_room_id(mut events: Vec<Value>, room_id: &str) -> Vec<Value> {
+    for v in &mut events {
         if let Some(obj) = v.as_object_mut() {
             obj.entry("room_id")
                 .or_insert_with(|| Value::String(room_id.to_owned()));
         }
     }
-    out
+    events
 }
 
 /// The sender of the `m.room.member` event that invites `own_user_id`,
@@ -421,7 +442,28 @@ mod tests {
     }
 
     #[test]
-    fn state_section_first_then_timeline_without_duplicates() {
+    fn state_before_the_timeline_then_the_timeline() {
+        let s1 = state("$1", "m.room.member", "@a:x");
+        let s2 = state("$2", CALL_MEMBER, "@a:x");
+        let s4 = state("$4", CALL_MEMBER, "@b:x");
+        let section = vec![
+            Raw::new(&s1).unwrap().cast_unchecked(),
+            Raw::new(&s4).unwrap().cast_unchecked(),
+        ];
+        let out = room_state_events(
+            "!r:x",
+            State::Before(section),
+            timeline(&[s2.clone(), s4.clone()]),
+        );
+        let ids: Vec<&str> = out
+            .iter()
+            .map(|v| v["event_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["$1", "$2", "$4"]);
+    }
+
+    #[test]
+    fn timeline_then_the_state_after_it_without_duplicates() {
         let s1 = state("$1", "m.room.member", "@a:x");
         let s2 = state("$2", CALL_MEMBER, "@a:x");
         let message = json!({
@@ -443,7 +485,7 @@ mod tests {
             .iter()
             .map(|v| v["event_id"].as_str().unwrap())
             .collect();
-        assert_eq!(ids, ["$1", "$2", "$4"]);
+        assert_eq!(ids, ["$2", "$4", "$1"]);
         assert!(out.iter().all(|v| v["room_id"] == "!r:x"));
     }
 
