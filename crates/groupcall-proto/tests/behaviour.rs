@@ -1827,6 +1827,131 @@ fn the_focus_is_called_once_and_when_it_goes_the_mesh_takes_over() {
     );
 }
 
+/// Our member entry as last published among `outs`, if it was.
+fn own_entry(outs: &[Output]) -> Option<Value> {
+    outs.iter().rev().find_map(|o| match o {
+        Output::PublishState { content, .. } => Some(content["m.calls"][0]["m.devices"][0].clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_client_the_focus_turns_down_names_no_active_focus_until_it_is_back() {
+    let (mut call, peer, call_id) = connected_to_focus();
+    // The focus is full: its reject makes us fall back to the mesh, and our
+    // entry now names no active focus (still the preferred one), so that
+    // members still at the focus meet us in the mesh.
+    let reject = from_focus(
+        "m.call.hangup",
+        &call_id,
+        1,
+        json!({"reason": "focus_full"}),
+        &call,
+    );
+    assert_eq!(deliver!(call, NOW + 30, reject), Ok(Accepted::Processed));
+    let outs = drain(&mut call);
+    let dev = own_entry(&outs).expect("our entry is republished");
+    let f = json!([{"user_id": "@sfu:x", "device_id": "SFUDEV"}]);
+    for key in ["m.foci.active", "org.matrix.msc3898.foci.active"] {
+        assert!(dev.get(key).is_none(), "{key} in {dev}");
+    }
+    for key in ["m.foci.preferred", "org.matrix.msc3898.foci.preferred"] {
+        assert_eq!(dev[key], f, "{key}");
+    }
+    assert!(
+        placed_to(&outs, "@b:x"),
+        "b is called in the mesh: {outs:?}"
+    );
+
+    // The focus is called again later and answers: our entry names it
+    // again, and the mesh call with b (at the focus) ends.
+    call.handle_timeout(NOW + 30 + 10_000);
+    let outs = drain(&mut call);
+    let (_, again, _) = calls_placed(&outs)
+        .into_iter()
+        .find(|(_, _, f)| *f)
+        .expect("the focus is called again");
+    assert_ne!(again, peer);
+    call.handle_media(
+        NOW + 10_100,
+        MediaEvent::OfferCreated {
+            peer: again,
+            sdp: "offer".into(),
+            gathering_complete: true,
+        },
+    );
+    let invite = sent(&drain(&mut call))
+        .into_iter()
+        .find(|(t, _)| t.ends_with("call.invite"))
+        .expect("an invite to the focus")
+        .1;
+    let answer = from_focus(
+        "m.call.answer",
+        invite["call_id"].as_str().unwrap(),
+        0,
+        json!({"answer": {"type": "answer", "sdp": "answer"}}),
+        &call,
+    );
+    assert_eq!(
+        deliver!(call, NOW + 10_200, answer),
+        Ok(Accepted::Processed)
+    );
+    assert!(
+        call.peers().iter().any(|(d, _, _)| d.user_id == "@b:x"),
+        "in the mesh with b: {:?}",
+        call.peers()
+    );
+    call.handle_media(
+        NOW + 10_300,
+        MediaEvent::State {
+            peer: again,
+            state: MediaState::Connected,
+        },
+    );
+    let outs = drain(&mut call);
+    let dev = own_entry(&outs).expect("our entry is republished");
+    assert_eq!(dev["m.foci.active"], f);
+    assert_eq!(
+        call.peers(),
+        vec![(DeviceKey::new("@sfu:x", "SFUDEV"), again, true)],
+        "the mesh call with b ends: {outs:?}"
+    );
+}
+
+#[test]
+fn members_still_at_the_focus_call_one_that_fell_back_and_leave_it_when_it_returns() {
+    let (mut call, _, _) = connected_to_focus();
+    let f = json!([{"user_id": "@sfu:x", "device_id": "SFUDEV"}]);
+    // b fell back to the mesh: its entry names no active focus. We (a,
+    // still at the focus) call it.
+    let mut b = member_with_foci("@b:x", "BDEV", "m.foci.preferred", f.clone());
+    b["origin_server_ts"] = json!(NOW + 100);
+    call.handle_state(NOW + 100, &b).unwrap();
+    let outs = drain(&mut call);
+    let b_peer = calls_placed(&outs)
+        .into_iter()
+        .find(|(d, _, _)| d.user_id == "@b:x")
+        .expect("b is called in the mesh")
+        .1;
+    // b is back at the focus: we end the mesh call and meet it there.
+    let mut b = member_with_foci("@b:x", "BDEV", "m.foci.active", f);
+    b["origin_server_ts"] = json!(NOW + 200);
+    call.handle_state(NOW + 200, &b).unwrap();
+    let outs = drain(&mut call);
+    assert!(
+        outs.iter().any(
+            |o| matches!(o, Output::Media(MediaRequest::ClosePeer { peer: p }) if *p == b_peer)
+        ),
+        "the mesh call with b ends: {outs:?}"
+    );
+    let hangup = sent(&outs)
+        .into_iter()
+        .find(|(t, _)| t.ends_with("call.hangup"))
+        .expect("a hangup to b")
+        .1;
+    assert_eq!(hangup["reason"], "focus_back");
+}
+
 #[test]
 fn signalling_from_a_focus_that_is_not_ours_is_held_like_a_non_member() {
     let mut call = joined(|_| {});

@@ -329,8 +329,18 @@ impl GroupCall {
         }
     }
 
-    /// Our focus is connected again after being gone: the mesh calls with
-    /// members that publish to it end; we meet them at the focus.
+    /// Whether our focus's peer is connected (and not given up).
+    pub(super) fn focus_connected(&self) -> bool {
+        !self.focus_down
+            && self
+                .focus_key()
+                .and_then(|k| self.peers.get(&k))
+                .is_some_and(|p| p.phase == super::peer::Phase::Connected)
+    }
+
+    /// We are connected to our focus (again): the mesh calls with members
+    /// that publish to it end; we meet them at the focus. Runs when the
+    /// focus comes back and with every mesh plan, as members return to it.
     pub(super) fn leave_mesh_for_focus(&mut self) {
         let Some(focus) = self.cfg.focus.clone() else {
             return;
@@ -359,6 +369,14 @@ impl GroupCall {
         let link = std::mem::take(&mut self.focus_link);
         self.focus_link.only = only;
         for (id, s) in link.available {
+            // Streams a mesh call also carries are not gone.
+            if self
+                .peers
+                .values()
+                .any(|p| p.remote_feeds.contains_key(&id))
+            {
+                continue;
+            }
             self.event(CallEvent::FeedRemoved {
                 device: DeviceKey::new(
                     s.user_id.unwrap_or_default(),

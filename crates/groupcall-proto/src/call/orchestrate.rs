@@ -440,9 +440,22 @@ impl GroupCall {
             device_id: self.me.device_id.clone(),
             session_id: j.session_id.clone(),
             feeds,
-            foci_active: self.cfg.focus.iter().cloned().collect(),
+            // While our focus is down we are in the mesh: `m.foci.active`
+            // names no focus, so that members still at the focus call us
+            // (or answer us) directly; it names it again once we are back.
+            foci_active: self
+                .cfg
+                .focus
+                .iter()
+                .filter(|_| !self.focus_down)
+                .cloned()
+                .collect(),
             foci_preferred: self.cfg.focus.iter().cloned().collect(),
         };
+        debug!(
+            foci_active = dev.foci_active.len(),
+            "publishing our member entry"
+        );
         j.refresh_at = now.saturating_add(self.cfg.member_refresh_ms);
         let content = joined_content(
             self.room
@@ -495,6 +508,10 @@ impl GroupCall {
                 continue;
             }
             self.call_when_due(now, device, session);
+        }
+        // Members we meet at the focus again are no longer called directly.
+        if self.focus_connected() {
+            self.leave_mesh_for_focus();
         }
         // Our focus: called once. It has no member entry: the invite names
         // its device id as the session, and its answer its real session.
@@ -680,6 +697,11 @@ impl GroupCall {
             if !self.focus_down && !ours {
                 warn!(%device, reason = why, "our focus is gone; falling back to the mesh");
                 self.focus_down = true;
+                // Tell the members: those still at the focus meet us in the
+                // mesh now.
+                if self.joined.as_ref().is_some_and(|j| j.membership_published) {
+                    self.publish_membership(self.now);
+                }
             }
         }
         // A call that failed or was hung up is not placed again at once: the
@@ -704,7 +726,13 @@ impl GroupCall {
         }
         self.out
             .push_back(Output::Media(MediaRequest::ClosePeer { peer: peer.handle }));
+        let through_focus = !self.is_focus(device);
         for stream_id in peer.remote_feeds.keys() {
+            // A mesh call ending with a member we also meet at the focus:
+            // its streams still come through the focus.
+            if through_focus && self.focus_link.available.contains_key(stream_id) {
+                continue;
+            }
             self.event(CallEvent::FeedRemoved {
                 device: device.clone(),
                 stream_id: stream_id.clone(),

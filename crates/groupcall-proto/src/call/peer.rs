@@ -722,6 +722,8 @@ impl GroupCall {
                     if self.is_focus(key) && std::mem::take(&mut self.focus_down) {
                         info!(device = %key, "our focus is back");
                         self.leave_mesh_for_focus();
+                        // `m.foci.active` names it again.
+                        self.publish_membership(now);
                     }
                     self.event(CallEvent::PeerState {
                         device: key.clone(),
