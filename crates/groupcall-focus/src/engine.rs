@@ -66,7 +66,7 @@ pub enum EngineInput {
     ToDevice(IncomingToDevice),
     /// Stop accepting calls.
     StartDraining,
-    /// Hang up on everyone.
+    /// Hang up on everyone; [`EngineOutput::Flushed`] follows the hangups.
     HangUpAll,
     /// Report the figures.
     Figures(oneshot::Sender<EngineFigures>),
@@ -87,6 +87,9 @@ pub enum EngineOutput {
         /// Content.
         content: Value,
     },
+    /// Everything the engine was asked before this (the hangups of
+    /// [`EngineInput::HangUpAll`]) is out.
+    Flushed,
 }
 
 /// One call's figures.
@@ -326,7 +329,11 @@ impl State {
             EngineInput::RoomLeft { room_id } => self.focus.room_left(now, &room_id),
             EngineInput::ToDevice(m) => self.focus.handle_to_device(now, &m),
             EngineInput::StartDraining => self.focus.start_draining(),
-            EngineInput::HangUpAll => self.focus.hang_up_all(now),
+            EngineInput::HangUpAll => {
+                self.focus.hang_up_all(now);
+                self.pump();
+                let _ = self.out.send(EngineOutput::Flushed);
+            }
             EngineInput::Figures(tx) => {
                 let _ = tx.send(self.figures());
             }
@@ -1032,19 +1039,21 @@ impl crate::driver::FocusCore for EngineCore {
             .map_err(|e| format!("binding {}: {e}", self.cfg.bind))?;
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            while let Some(EngineOutput::ToDevice {
-                user_id,
-                device_id,
-                event_type,
-                content,
-            }) = rx.recv().await
-            {
-                let out = crate::driver::CoreOutput::ToDevice {
-                    user_id,
-                    device_id,
-                    event_type,
-                    content,
-                    encrypted: true,
+            while let Some(out) = rx.recv().await {
+                let out = match out {
+                    EngineOutput::ToDevice {
+                        user_id,
+                        device_id,
+                        event_type,
+                        content,
+                    } => crate::driver::CoreOutput::ToDevice {
+                        user_id,
+                        device_id,
+                        event_type,
+                        content,
+                        encrypted: true,
+                    },
+                    EngineOutput::Flushed => crate::driver::CoreOutput::Flushed,
                 };
                 if out_tx.send(out).is_err() {
                     break;

@@ -43,6 +43,10 @@ pub enum CoreOutput {
         /// otherwise plaintext.
         encrypted: bool,
     },
+    /// On the output channel ([`FocusCore::take_outputs`]): everything
+    /// [`FocusCore::stopping`] asked for is before this. The service waits
+    /// for it (bounded) before its last sends.
+    Flushed,
 }
 
 /// The focus's logic as the driver sees it: inputs in, outputs returned.

@@ -365,8 +365,19 @@ impl<C: FocusCore> Service<C> {
                     info!("focus: grace period over: hanging up and stopping");
                     let mut outs = self.core.stopping(now_ms());
                     if let Some(rx) = core_rx.as_mut() {
-                        while let Ok(o) = rx.try_recv() {
-                            outs.push(o);
+                        // The hangups the core makes on its own task: up to
+                        // its `Flushed` mark (bounded: a core that never
+                        // sends one is not waited for long).
+                        let collect = async {
+                            while let Some(o) = rx.recv().await {
+                                if o == CoreOutput::Flushed {
+                                    break;
+                                }
+                                outs.push(o);
+                            }
+                        };
+                        if tokio::time::timeout(Duration::from_secs(2), collect).await.is_err() {
+                            warn!("focus: the core's last messages did not come within 2 s");
                         }
                     }
                     send_and_wait(self.session.clone(), self.keyless(), outs).await;
@@ -648,6 +659,7 @@ impl<C: FocusCore> Service<C> {
                         }
                     });
                 }
+                CoreOutput::Flushed => {}
             }
         }
     }
@@ -663,7 +675,10 @@ async fn send_and_wait(session: MatrixSession, keyless: KeylessDevices, outs: Ve
             event_type,
             content,
             encrypted,
-        } = out;
+        } = out
+        else {
+            continue;
+        };
         let session = session.clone();
         sends.spawn(async move {
             session
