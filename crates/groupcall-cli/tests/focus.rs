@@ -1,16 +1,35 @@
 //! `groupcall focus`: a bad configuration is one clear error line (exit 1);
 //! against a real Synapse, the binary serves /health and drains on SIGTERM,
-//! exiting 0 after the grace period.
+//! exiting 0 after the grace period. With groupcall clients in a call
+//! through the process:
+//! - SIGKILL mid-call: the clients fall back to the mesh (media on every
+//!   pair within 10 s); the process restarted (same data dir, same device):
+//!   they return to it and their mesh calls end.
+//! - SIGTERM mid-call: the focus drains (the call goes on through it for the
+//!   grace period), then hangs up on every client (`focus_shutdown`); they
+//!   go on in the mesh and the process exits 0.
+//!
+//! Run with `cargo test -p groupcall-cli --test focus -- --nocapture`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![recursion_limit = "256"]
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use groupcall::client::JoinOptions;
+use groupcall::matrix::{CreateRoomOptions, MatrixSession};
+use groupcall::media::TrackKind;
+use groupcall::proto::{
+    CallEvent, Command as CallCommand, CreateOptions, DeviceKey, FocusRef, PeerStatus,
+};
 use groupcall_testkit::synapse::{Synapse, SynapseOptions};
+use groupcall_testkit::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_groupcall");
 
@@ -205,31 +224,404 @@ async fn start_healthy(
     config: &std::path::Path,
     addr: &str,
 ) -> (tokio::process::Child, tokio::task::JoinHandle<String>) {
-    let mut child = Command::new(BIN)
-        .args(["focus", "--config"])
-        .arg(config)
-        .env("FOCUS_TEST_PASSWORD", "focus-pw")
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
+    let p = FocusProcess::start(config, addr, "focus-pw", 0).await;
+    (p.child, p.log)
+}
+
+/// The focus process and where it answers.
+struct FocusProcess {
+    child: Child,
+    log: tokio::task::JoinHandle<String>,
+    /// Its /health once it was running and synced.
+    health: Value,
+}
+
+impl FocusProcess {
+    /// Starts `groupcall focus --config PATH` and waits until /health says
+    /// running and synced (with `rooms` rooms joined).
+    async fn start(
+        config: &std::path::Path,
+        addr: &str,
+        password: &str,
+        rooms: u64,
+    ) -> FocusProcess {
+        let mut child = Command::new(BIN)
+            .args(["focus", "--config"])
+            .arg(config)
+            .env("FOCUS_TEST_PASSWORD", password)
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let log = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text).await;
+            text
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((200, body)) = get(addr, "/health").await {
+                let health: Value = serde_json::from_str(&body).unwrap();
+                if health["state"] == "running"
+                    && health["sync_ok"] == true
+                    && health["rooms"].as_u64() >= Some(rooms)
+                {
+                    return FocusProcess { child, log, health };
+                }
+            }
+            assert!(Instant::now() < deadline, "the focus never became healthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id().unwrap() as i32)
+    }
+}
+
+/// Three groupcall clients in a call through the focus process.
+struct Call {
+    h: Harness,
+    config: std::path::PathBuf,
+    addr: String,
+    focus: FocusProcess,
+    focus_dev: DeviceKey,
+    devices: Vec<DeviceKey>,
+    parts: Vec<Participant>,
+    t0: Instant,
+}
+
+const N: usize = 3;
+
+impl Call {
+    async fn start() -> Call {
+        let mut h = Harness::new().await;
+        let focus_user = h.register("focus").await;
+        let mut sessions = Vec::new();
+        for i in 0..N {
+            h.register(&format!("p{i}")).await;
+            sessions.push(h.login(&format!("p{i}")).await);
+        }
+        let devices: Vec<DeviceKey> = sessions
+            .iter()
+            .map(|s: &MatrixSession| DeviceKey::new(s.user_id(), s.device_id()))
+            .collect();
+
+        let dir = h.tmp.path().join("focus");
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("focus.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"homeserver = "{hs}"
+user = "{focus_user}"
+password_env = "FOCUS_TEST_PASSWORD"
+data_dir = "data"
+allow = ["{p0}"]
+http_listen = "{addr}"
+[media]
+bind = ["127.0.0.1:0"]
+[drain]
+grace_period = "3s"
+"#,
+                hs = h.hs,
+                p0 = devices[0].user_id,
+            ),
+        )
         .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let log = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text).await;
-        text
-    });
+        let focus = FocusProcess::start(&config, &addr, PASSWORD, 0).await;
+        let focus_ref = FocusRef {
+            user_id: focus.health["user_id"].as_str().unwrap().to_owned(),
+            device_id: focus.health["device_id"].as_str().unwrap().to_owned(),
+        };
+        let room = sessions[0]
+            .create_call_room(CreateRoomOptions {
+                name: Some("through the focus process".into()),
+                invite: vec![focus_user],
+                encrypted: false,
+                public: true,
+            })
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !get(&addr, "/health")
+            .await
+            .is_some_and(|(_, b)| b.contains("\"rooms\":1"))
+        {
+            assert!(Instant::now() < deadline, "the focus never joined the room");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        let t0 = Instant::now();
+        let mut parts = Vec::new();
+        for (i, s) in sessions.into_iter().enumerate() {
+            let mut o = JoinOptions::new(room.clone());
+            o.create = (i == 0).then(CreateOptions::default);
+            o.focus = Some(focus_ref.clone());
+            let (_, p) = h.join_rust(&format!("p{i}"), s, o).await;
+            parts.push(p);
+            if i == 0 {
+                h.log
+                    .wait_for("the creator to join", 30, |s| {
+                        s.iter().any(|e| {
+                            e.who == 0
+                                && matches!(e.call(), Some(CallEvent::Joined { created: true, .. }))
+                        })
+                    })
+                    .await;
+            }
+        }
+        Call {
+            h,
+            config,
+            addr,
+            focus,
+            focus_dev: DeviceKey::new(focus_ref.user_id, focus_ref.device_id),
+            devices,
+            parts,
+            t0,
+        }
+    }
+
+    /// Waits (at most `secs`) until every ordered pair has media since
+    /// `since` (and, with `direct`, over a direct call, not the focus).
+    async fn wait_media(&mut self, what: &str, since: Instant, secs: u64, direct: bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            self.h.log.pump();
+            let seen = &self.h.log.seen;
+            let mut missing = Vec::new();
+            for at in 0..N {
+                for from in (0..N).filter(|f| *f != at) {
+                    let dev = &self.devices[from];
+                    let a = rust_frames(seen, since, at, dev, TrackKind::Audio, None);
+                    let v = rust_frames(seen, since, at, dev, TrackKind::Video, None);
+                    let d = !direct || rust_connected(seen, since, at, dev);
+                    if a < 20 || v < 10 || !d {
+                        missing.push(format!("p{at}<-p{from} (audio {a}, video {v}, direct {d})"));
+                    }
+                }
+            }
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: missing {}\n{}",
+                missing.join(", "),
+                self.h.log.dump(80)
+            );
+            self.h.log.run_for(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Every client connected to the focus since `since`.
+    async fn wait_at_focus(&mut self, since: Instant, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            self.h.log.pump();
+            let at: Vec<bool> = (0..N)
+                .map(|i| rust_connected(&self.h.log.seen, since, i, &self.focus_dev))
+                .collect();
+            if at.iter().all(|b| *b) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not at the focus: {at:?}\n{}",
+                self.h.log.dump(80)
+            );
+            self.h.log.run_for(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Hangups each client got from the focus since `since`, with reasons.
+    fn closed_by_focus(&mut self, since: Instant) -> Vec<Vec<String>> {
+        self.h.log.pump();
+        (0..N)
+            .map(|at| {
+                self.h
+                    .log
+                    .seen
+                    .iter()
+                    .filter(|e| e.who == at && e.t >= since)
+                    .filter_map(|e| match e.call() {
+                        Some(CallEvent::PeerState {
+                            device,
+                            status: PeerStatus::Closed(r) | PeerStatus::Failed(r),
+                            ..
+                        }) if *device == self.focus_dev => Some(r.clone()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    async fn finish(mut self) {
+        for p in &self.parts {
+            p.commander.send(CallCommand::Leave);
+        }
+        for p in std::mem::take(&mut self.parts) {
+            p.done.await.unwrap();
+        }
+        let _ = self.focus.child.start_kill();
+        let _ = self.focus.child.wait().await;
+        self.h.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigkilled_focus_process_leaves_the_call_in_the_mesh_until_it_is_back() {
+    let mut c = Call::start().await;
+    let t0 = c.t0;
+    c.wait_media("media through the focus", t0, 90, false).await;
+    c.wait_at_focus(t0, 5).await;
+
+    // SIGKILL: no drain, no goodbyes. The clients notice the silence.
+    c.h.allow_anomaly("focus_unreachable");
+    c.h.allow_anomaly("focus_ping_timeout");
+    let t_kill = Instant::now();
+    kill(c.focus.pid(), Signal::SIGKILL).unwrap();
+    let status = c.focus.child.wait().await.unwrap();
+    assert_eq!(status.code(), None, "killed by a signal");
+    c.wait_media("the mesh after SIGKILL", t_kill, 30, true)
+        .await;
+    let fallback = t_kill.elapsed();
+    eprintln!(
+        "FIGURE cli focus: focus process SIGKILLed; media on every pair in the mesh {:.1} s later",
+        fallback.as_secs_f64()
+    );
+    assert!(
+        fallback < Duration::from_secs(10),
+        "the mesh took {fallback:?}"
+    );
+
+    // Restarted: the same device (its data dir); the clients return.
+    let t_back = Instant::now();
+    c.focus = FocusProcess::start(&c.config, &c.addr, PASSWORD, 1).await;
+    assert_eq!(
+        c.focus.health["device_id"].as_str(),
+        Some(c.focus_dev.device_id.as_str()),
+        "the restarted focus reuses its device"
+    );
+    c.wait_at_focus(t_back, 90).await;
+    eprintln!(
+        "FIGURE cli focus: focus process restarted; every client connected to it again {:.1} s later",
+        t_back.elapsed().as_secs_f64()
+    );
+    // Media through it, and the mesh calls ended for it.
+    let t_media = Instant::now();
+    c.wait_media("media through the restarted focus", t_media, 60, false)
+        .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some((200, body)) = get(addr, "/health").await
-            && body.contains("\"state\":\"running\"")
-            && body.contains("\"sync_ok\":true")
-        {
-            return (child, log);
+        c.h.log.pump();
+        let mesh_left: Vec<usize> = (0..N)
+            .filter(|at| {
+                !c.h.log.seen.iter().any(|e| {
+                    e.who == *at
+                        && e.t >= t_back
+                        && matches!(e.call(), Some(CallEvent::PeerState { status: PeerStatus::Closed(r), device, .. })
+                            if (r == "focus_back") && *device != c.focus_dev)
+                })
+            })
+            .collect();
+        if mesh_left.is_empty() {
+            break;
         }
-        assert!(Instant::now() < deadline, "the focus never became healthy");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            Instant::now() < deadline,
+            "clients {mesh_left:?} kept their mesh calls\n{}",
+            c.h.log.dump(80)
+        );
+        c.h.log.run_for(Duration::from_millis(250)).await;
     }
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigtermed_focus_process_drains_and_its_clients_go_on_in_the_mesh() {
+    let mut c = Call::start().await;
+    let t0 = c.t0;
+    c.wait_media("media through the focus", t0, 90, false).await;
+
+    // SIGTERM: the focus drains; during the grace period (3 s) the call
+    // goes on through it.
+    c.h.allow_anomaly("focus_shutdown");
+    c.h.allow_anomaly("focus_unreachable");
+    let t_term = Instant::now();
+    kill(c.focus.pid(), Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !get(&c.addr, "/health")
+        .await
+        .is_some_and(|(_, b)| b.contains("draining"))
+    {
+        assert!(Instant::now() < deadline, "never draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t_draining = Instant::now();
+    c.h.log.run_for(Duration::from_millis(1500)).await;
+    c.h.log.pump();
+    for at in 0..N {
+        for from in (0..N).filter(|f| *f != at) {
+            let v = rust_frames(
+                &c.h.log.seen,
+                t_draining,
+                at,
+                &c.devices[from],
+                TrackKind::Video,
+                None,
+            );
+            assert!(v >= 5, "p{at}<-p{from}: {v} video frames while draining");
+        }
+    }
+    assert!(
+        c.closed_by_focus(t_term).iter().all(Vec::is_empty),
+        "hung up before the grace period ended: {:?}",
+        c.closed_by_focus(t_term)
+    );
+
+    // Then it hangs up on everyone, who go on in the mesh, and exits 0.
+    let exit = tokio::time::timeout(Duration::from_secs(15), c.focus.child.wait())
+        .await
+        .expect("the focus exits")
+        .unwrap();
+    let took = t_term.elapsed();
+    let log = (&mut c.focus.log).await.unwrap();
+    assert_eq!(exit.code(), Some(0), "{log}");
+    assert!(
+        took >= Duration::from_millis(2900),
+        "exited {took:?} after SIGTERM (grace 3 s)\n{log}"
+    );
+    let t_exit = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let told = c.closed_by_focus(t_term);
+        if told.iter().all(|r| r.iter().any(|r| r == "focus_shutdown")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every client was told: {told:?}\n{}",
+            c.h.log.dump(60)
+        );
+        c.h.log.run_for(Duration::from_millis(100)).await;
+    }
+    c.wait_media("the mesh after the drain", t_exit, 30, true)
+        .await;
+    eprintln!(
+        "FIGURE cli focus: SIGTERM; the call went on through the focus for its grace period, then media on every pair in the mesh {:.1} s after the focus exited",
+        t_exit.elapsed().as_secs_f64()
+    );
+    c.finish().await;
 }
