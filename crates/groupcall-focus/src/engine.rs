@@ -70,6 +70,12 @@ pub enum EngineInput {
     HangUpAll,
     /// Report the figures.
     Figures(oneshot::Sender<EngineFigures>),
+    /// Test only (cargo feature `test-hooks`): the engine stops for this
+    /// long (no packets read or sent, as a frozen process), then takes the
+    /// inputs sent meanwhile before it reads its socket again. Lets a test
+    /// make the focus's offer cross a client's (glare).
+    #[cfg(feature = "test-hooks")]
+    Stall(Duration),
 }
 
 /// What the engine asks the service to send.
@@ -131,6 +137,8 @@ pub struct EngineFigures {
     /// When the forwarder last started or stopped forwarding a track to a
     /// subscriber.
     pub last_subscription_change: Option<Instant>,
+    /// Our offers that yielded to a client's crossing one (glare).
+    pub offers_yielded: u64,
 }
 
 /// A running engine.
@@ -159,12 +167,26 @@ impl Engine {
         out: mpsc::UnboundedSender<EngineOutput>,
         figures_tx: watch::Sender<EngineFigures>,
     ) -> std::io::Result<Engine> {
+        Self::spawn_on(cfg, out, figures_tx, mpsc::unbounded_channel())
+    }
+
+    /// [`Engine::spawn_with_figures`] taking its inputs from `inputs`, a
+    /// channel the caller made (and may keep sending into).
+    fn spawn_on(
+        cfg: EngineConfig,
+        out: mpsc::UnboundedSender<EngineOutput>,
+        figures_tx: watch::Sender<EngineFigures>,
+        inputs: (
+            mpsc::UnboundedSender<EngineInput>,
+            mpsc::UnboundedReceiver<EngineInput>,
+        ),
+    ) -> std::io::Result<Engine> {
         let std_socket = std::net::UdpSocket::bind(cfg.bind)?;
         std_socket.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(std_socket)?;
         let local_addr = socket.local_addr()?;
         info!(%local_addr, "focus media socket bound");
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = inputs;
         let figures_rx = figures_tx.subscribe();
         let state = State::new(cfg, local_addr, out);
         let task = tokio::spawn(run(socket, state, rx, figures_tx));
@@ -337,6 +359,8 @@ impl State {
             EngineInput::Figures(tx) => {
                 let _ = tx.send(self.figures());
             }
+            #[cfg(feature = "test-hooks")]
+            EngineInput::Stall(_) => {}
         }
     }
 
@@ -374,6 +398,7 @@ impl State {
             })
             .collect();
         f.subscriptions = self.focus.subscription_count();
+        f.offers_yielded = self.focus.offers_yielded();
         f.uploads = self
             .clients
             .keys()
@@ -468,12 +493,11 @@ impl State {
 
     fn on_media_op(&mut self, client: ClientId, op: MediaOp) {
         match op {
-            MediaOp::Accept { sdp } => {
-                let feeds = self
-                    .clients
-                    .get(&client)
-                    .map(|m| feeds_of(&m.send_tracks))
-                    .unwrap_or_default();
+            MediaOp::Accept { sdp, tracks } => {
+                let feeds = feeds_of(&tracks);
+                if let Some(m) = self.clients.get_mut(&client) {
+                    m.send_tracks = tracks;
+                }
                 self.request(
                     client,
                     Some(Pending::Accept),
@@ -937,6 +961,13 @@ async fn run(
                 Err(e) => debug!("media socket: {e}"),
             },
             input = rx.recv() => match input {
+                #[cfg(feature = "test-hooks")]
+                Some(EngineInput::Stall(d)) => {
+                    tokio::time::sleep(d).await;
+                    while let Ok(i) = rx.try_recv() {
+                        state.on_input(i);
+                    }
+                }
                 Some(i) => state.on_input(i),
                 None => break,
             },
@@ -976,19 +1007,33 @@ pub struct EngineCore {
     /// Refusals already counted into the metrics, by reason.
     refusals_reported: BTreeMap<String, u64>,
     figures: watch::Sender<EngineFigures>,
+    /// The engine's inputs: made here so that they can be handed out
+    /// before it starts; the receiver goes to the engine.
+    inputs: mpsc::UnboundedSender<EngineInput>,
+    inputs_rx: Option<mpsc::UnboundedReceiver<EngineInput>>,
 }
 
 impl EngineCore {
     /// A core that will run an engine with these settings (its
     /// `focus.device_id` is filled in at start).
     pub fn new(cfg: EngineConfig) -> Self {
+        let (inputs, inputs_rx) = mpsc::unbounded_channel();
         Self {
             cfg,
             engine: None,
             outputs: None,
             refusals_reported: BTreeMap::new(),
             figures: watch::Sender::new(EngineFigures::default()),
+            inputs,
+            inputs_rx: Some(inputs_rx),
         }
+    }
+
+    /// A sender of inputs to the engine (they wait until the service has
+    /// started it). Take it before
+    /// handing the core to [`crate::driver::FocusService::start_with_core`].
+    pub fn input_sender(&self) -> mpsc::UnboundedSender<EngineInput> {
+        self.inputs.clone()
     }
 
     /// The engine's figures as it publishes them (every 500 ms once the
@@ -1023,8 +1068,8 @@ impl EngineCore {
     }
 
     fn send(&self, input: EngineInput) {
-        if let Some(e) = &self.engine {
-            e.send(input);
+        if self.engine.is_some() {
+            let _ = self.inputs.send(input);
         }
     }
 }
@@ -1035,8 +1080,17 @@ impl crate::driver::FocusCore for EngineCore {
         let session: u64 = rand_session();
         self.cfg.focus.session_id = format!("{device_id}-{session:x}");
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let engine = Engine::spawn_with_figures(self.cfg.clone(), tx, self.figures.clone())
-            .map_err(|e| format!("binding {}: {e}", self.cfg.bind))?;
+        let inputs_rx = self
+            .inputs_rx
+            .take()
+            .ok_or_else(|| "the engine was started already".to_owned())?;
+        let engine = Engine::spawn_on(
+            self.cfg.clone(),
+            tx,
+            self.figures.clone(),
+            (self.inputs.clone(), inputs_rx),
+        )
+        .map_err(|e| format!("binding {}: {e}", self.cfg.bind))?;
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(out) = rx.recv().await {

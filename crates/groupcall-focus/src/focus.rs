@@ -130,6 +130,9 @@ pub enum MediaOp {
     Accept {
         /// The offer.
         sdp: String,
+        /// The tracks the answer sends (an answer adds none: those the
+        /// client last agreed to; a yielded offer of ours does not count).
+        tracks: Vec<SendTrack>,
     },
     /// Add the client's trickled candidates.
     AddRemoteCandidates {
@@ -347,6 +350,8 @@ pub struct Focus {
     next_id: u64,
     draining: bool,
     out: VecDeque<FocusOutput>,
+    /// Our offers that yielded to a client's crossing one (glare).
+    offers_yielded: u64,
 }
 
 /// Refusals the homeserver's lag can explain: the caller's member event or
@@ -381,6 +386,7 @@ impl Focus {
             next_id: 1,
             draining: false,
             out: VecDeque::new(),
+            offers_yielded: 0,
         }
     }
 
@@ -416,6 +422,12 @@ impl Focus {
             .get(&client)
             .map(|c| c.published.as_slice())
             .unwrap_or_default()
+    }
+
+    /// Our offers that yielded to a client's offer crossing them (glare:
+    /// we are the polite side); each is made again afterwards.
+    pub fn offers_yielded(&self) -> u64 {
+        self.offers_yielded
     }
 
     /// Subscriptions in force: (subscriber, publisher's track) pairs.
@@ -635,7 +647,13 @@ impl Focus {
                 client: id,
                 call: (room, inv.conf_id),
             }));
-        self.media(id, MediaOp::Accept { sdp: inv.sdp });
+        self.media(
+            id,
+            MediaOp::Accept {
+                sdp: inv.sdp,
+                tracks: Vec::new(),
+            },
+        );
         if !inv.candidates.is_empty() {
             self.media(
                 id,
@@ -801,13 +819,18 @@ impl Focus {
                     if c.offer_in_flight {
                         // We are polite: the media layer rolls our offer back
                         // on Accept; ours is made again afterwards.
-                        debug!(client = client.0, "offers crossed; ours yields");
+                        info!(
+                            client = client.0,
+                            "offers crossed; ours yields and is made again after"
+                        );
                         c.offer_in_flight = false;
                         c.offered = c.negotiated.clone();
+                        self.offers_yielded += 1;
                     }
                     c.answering = true;
+                    let tracks = c.negotiated.clone();
                     let meta = n.sdp_stream_metadata.clone();
-                    self.media(client, MediaOp::Accept { sdp: n.sdp });
+                    self.media(client, MediaOp::Accept { sdp: n.sdp, tracks });
                     if !meta.is_empty() {
                         self.client_metadata(client, meta);
                     }

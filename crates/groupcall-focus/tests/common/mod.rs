@@ -11,11 +11,17 @@ use groupcall::media::TrackKind;
 use groupcall::proto::{CallEvent, CreateOptions, DeviceKey, FocusRef};
 use groupcall_focus::config::Config;
 use groupcall_focus::driver::{FocusHandle, FocusService};
+use groupcall_focus::engine::{EngineCore, EngineFigures, EngineInput};
 use groupcall_testkit::*;
 use tokio::time::Instant;
 
 /// Writes a focus.toml allowing `allow` and loads it.
 pub fn focus_config(h: &Harness, focus_user: &str, allow: &str) -> Config {
+    focus_config_with(h, focus_user, allow, "")
+}
+
+/// [`focus_config`] with `extra` (TOML sections) appended.
+pub fn focus_config_with(h: &Harness, focus_user: &str, allow: &str, extra: &str) -> Config {
     let dir = h.tmp.path().join("focus-conf");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("password"), format!("{PASSWORD}\n")).unwrap();
@@ -32,7 +38,7 @@ bind = ["127.0.0.1:0"]
 
 [drain]
 grace_period = "1s"
-"#,
+{extra}"#,
         hs = h.hs,
     );
     let path = dir.join("focus.toml");
@@ -49,6 +55,10 @@ pub struct RunningFocus {
     pub device: DeviceKey,
     /// The call room: created by `creator`, the focus invited and joined.
     pub room: String,
+    /// The engine's figures (every 500 ms).
+    pub figures: tokio::sync::watch::Receiver<EngineFigures>,
+    /// Inputs straight to the engine.
+    pub inputs: tokio::sync::mpsc::UnboundedSender<EngineInput>,
 }
 
 impl RunningFocus {
@@ -56,8 +66,17 @@ impl RunningFocus {
     /// invites from `creator`), has `creator` create a public call room
     /// inviting it, and waits until the focus has joined it.
     pub async fn start(h: &Harness, creator: &MatrixSession) -> RunningFocus {
+        Self::start_with(h, creator, "").await
+    }
+
+    /// [`RunningFocus::start`] with `extra` in its focus.toml.
+    pub async fn start_with(h: &Harness, creator: &MatrixSession, extra: &str) -> RunningFocus {
         let focus_user = h.register("focus").await;
-        let handle = FocusService::start(focus_config(h, &focus_user, creator.user_id()))
+        let config = focus_config_with(h, &focus_user, creator.user_id(), extra);
+        let core = EngineCore::from_config(&config);
+        let figures = core.figures_watch();
+        let inputs = core.input_sender();
+        let handle = FocusService::start_with_core(config, core)
             .await
             .expect("the focus starts");
         let focus_ref = FocusRef {
@@ -87,6 +106,8 @@ impl RunningFocus {
             focus_ref,
             device,
             room,
+            figures,
+            inputs,
         }
     }
 
@@ -272,4 +293,21 @@ pub fn pair_figures(seen: &[Entry], since: Instant, members: &[Member]) -> Strin
         }
     }
     out.join(", ")
+}
+
+/// A plain HTTP/1.1 GET of one of the focus's endpoints: the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    raw.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
 }

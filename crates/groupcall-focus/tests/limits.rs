@@ -1,0 +1,115 @@
+//! The focus's limits against a real Synapse: a call that is full at the
+//! focus turns the next client down (`focus_full`); that client names no
+//! active focus and meets the others in the mesh, who stay at the focus
+//! with each other; every pair has media both ways. When a place frees up,
+//! its retries (on a backoff) bring it to the focus, and its mesh calls end.
+//!
+//! Run with `cargo test -p groupcall-focus --test limits -- --nocapture`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![recursion_limit = "256"]
+
+use std::time::Duration;
+
+use groupcall::proto::{CallEvent, Command, PeerStatus};
+use groupcall_testkit::*;
+use tokio::time::Instant;
+
+mod common;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_focus_turns_the_next_client_to_the_mesh_until_a_place_frees_up() {
+    let mut h = Harness::new().await;
+    for name in ["p0", "p1", "p2"] {
+        h.register(name).await;
+    }
+    let s0 = h.login("p0").await;
+    let focus =
+        RunningFocus::start_with(&h, &s0, "[limits]\nmax_participants_per_call = 2\n").await;
+    let s1 = h.login("p1").await;
+    let s2 = h.login("p2").await;
+    let t0 = Instant::now();
+    h.allow_anomaly("focus_full");
+    let (members, mut parts) = join_through_focus(
+        &mut h,
+        &focus,
+        vec![("p0", s0), ("p1", s1), ("p2", s2)],
+        |_| None,
+    )
+    .await;
+    wait_media(&mut h, t0, &members, 50, 20, 90).await;
+    eprintln!(
+        "FIGURE limits: a focus for 2 and 3 clients: media on every pair {:.1} s after the first join",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // p0 and p1 through the focus; p2 turned down, in the mesh with both.
+    h.log.pump();
+    let seen = &h.log.seen;
+    let [p0, p1, p2] = [&members[0], &members[1], &members[2]];
+    assert!(!rust_connected(seen, t0, p0.idx, &p1.dev), "p0-p1 direct");
+    for (a, b) in [(p0, p2), (p1, p2)] {
+        assert!(
+            rust_connected(seen, t0, a.idx, &b.dev),
+            "{}-{} in the mesh",
+            a.name,
+            b.name
+        );
+    }
+    let turned_down = seen.iter().any(|e| {
+        e.who == p2.idx
+            && matches!(e.call(), Some(CallEvent::PeerState { device, status: PeerStatus::Closed(r) | PeerStatus::Failed(r), .. })
+                if *device == focus.device && r == "focus_full")
+    });
+    assert!(turned_down, "p2 was turned down with focus_full");
+    let addr = focus.handle.http_addr().expect("the focus's HTTP endpoint");
+    let m = http_get(addr, "/metrics").await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("groupcall_focus_refusals_total{reason=\"focus_full\"}")),
+        "{m}"
+    );
+
+    // p1 leaves: p2's next call to the focus is answered; its mesh call
+    // with p0 ends and they meet at the focus.
+    let t_free = Instant::now();
+    let p1_part = parts.remove(1);
+    p1_part.commander.send(Command::Leave);
+    p1_part.done.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        h.log.pump();
+        let seen = &h.log.seen;
+        let at_focus = rust_connected(seen, t_free, p2.idx, &focus.device);
+        let mesh_ended = seen.iter().any(|e| {
+            e.who == p2.idx
+                && e.t >= t_free
+                && matches!(e.call(), Some(CallEvent::PeerState { device, status: PeerStatus::Closed(r), .. })
+                    if *device == p0.dev && r == "focus_back")
+        });
+        if at_focus && mesh_ended {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "p2 not back at the focus (connected {at_focus}, mesh ended {mesh_ended})\n{}",
+            h.log.dump(60)
+        );
+        h.log.run_for(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "FIGURE limits: a place freed up; the turned-down client was at the focus {:.1} s later (retries on a backoff)",
+        t_free.elapsed().as_secs_f64()
+    );
+    let pair = [p0.clone(), p2.clone()];
+    let t_media = Instant::now();
+    wait_media(&mut h, t_media, &pair, 50, 20, 30).await;
+    h.log.pump();
+    assert!(
+        !rust_connected(&h.log.seen, t_media, p0.idx, &p2.dev),
+        "p0-p2 direct again"
+    );
+    leave_all(parts).await;
+    focus.stop().await;
+    h.shutdown().await;
+}
