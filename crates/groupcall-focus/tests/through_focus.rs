@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![recursion_limit = "256"]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use groupcall::client::{ClientEvent, JoinOptions};
@@ -23,11 +22,10 @@ use groupcall_focus::driver::{FocusHandle, FocusService};
 use groupcall_focus::engine::{EngineCore, EngineFigures};
 use groupcall_testkit::*;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 mod common;
-use common::focus_config;
+use common::{focus_config, http_get};
 
 /// A call of `n` groupcall participants through an in-process focus.
 struct FocusCall {
@@ -241,22 +239,6 @@ impl FocusCall {
     }
 }
 
-/// A plain HTTP/1.1 GET of the focus's endpoint: the body.
-async fn get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    raw.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
-}
-
 /// The value of a metric (a name with its labels), 0 when not there yet.
 fn metric_or_0(text: &str, name: &str) -> u64 {
     text.lines()
@@ -330,7 +312,7 @@ async fn eight_participants_upload_once_each_and_a_screenshare_reaches_everyone(
     // Counted at the focus: N participants, one audio and one video track
     // each, forwarding.
     let addr = c.focus.http_addr().expect("the focus's HTTP endpoint");
-    let m = get(addr, "/metrics").await;
+    let m = http_get(addr, "/metrics").await;
     assert_eq!(metric(&m, "groupcall_focus_participants"), N as u64, "{m}");
     assert_eq!(metric(&m, "groupcall_focus_tracks"), 2 * N as u64, "{m}");
     assert!(metric(&m, "groupcall_focus_packets_out_total") > 0, "{m}");
@@ -391,7 +373,7 @@ async fn eight_participants_upload_once_each_and_a_screenshare_reaches_everyone(
         N - 1,
         t_share.elapsed().as_secs_f64()
     );
-    let m = get(addr, "/metrics").await;
+    let m = http_get(addr, "/metrics").await;
     assert_eq!(
         metric(&m, "groupcall_focus_tracks"),
         2 * N as u64 + 1,
@@ -592,7 +574,7 @@ async fn strangers_and_plaintext_are_refused_and_a_member_who_leaves_the_room_is
     .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let m = get(addr, "/metrics").await;
+        let m = http_get(addr, "/metrics").await;
         let refused = |r: &str| {
             metric_or_0(
                 &m,
@@ -620,7 +602,7 @@ async fn strangers_and_plaintext_are_refused_and_a_member_who_leaves_the_room_is
     p1_other.leave_room(&c.room).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let m = get(addr, "/metrics").await;
+        let m = http_get(addr, "/metrics").await;
         if metric(&m, "groupcall_focus_participants") == 1 {
             break;
         }
