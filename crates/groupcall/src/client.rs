@@ -193,6 +193,18 @@ pub enum ClientEvent {
         /// Bytes received so far.
         bytes: u64,
     },
+    /// A peer asked for a key frame of one of our video tracks that has no
+    /// source able to make one ([`VideoSource::Push`]): push a key frame
+    /// next. Through a focus, `device` is the focus, asking on behalf of its
+    /// subscribers (it coalesces their requests).
+    KeyframeRequested {
+        /// The peer that asked (a mesh peer or the focus).
+        device: DeviceKey,
+        /// Our track.
+        track_id: String,
+        /// A FIR (full intra request) rather than a PLI.
+        fir: bool,
+    },
     /// Media counters of what we send to one peer (totals).
     MediaSent {
         /// Remote device.
@@ -1088,6 +1100,16 @@ impl Driver {
                         stream_id,
                         track_id,
                         kind,
+                    });
+                }
+                None
+            }
+            PeerEvent::KeyframeRequested { track_id, fir, .. } => {
+                if let Some(peer) = self.peers.get(&handle) {
+                    let _ = self.events.send(ClientEvent::KeyframeRequested {
+                        device: peer.device.clone(),
+                        track_id,
+                        fir,
                     });
                 }
                 None

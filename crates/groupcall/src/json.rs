@@ -167,6 +167,12 @@ enum Shape<'a> {
         frames: u64,
         bytes: u64,
     },
+    KeyframeRequested {
+        #[serde(flatten)]
+        device: Device<'a>,
+        track_id: &'a str,
+        fir: bool,
+    },
     Signalling {
         sender: &'a str,
         #[serde(rename = "type")]
@@ -251,6 +257,15 @@ impl<'a> Shape<'a> {
                 kind: kind.as_str(),
                 frames: *frames,
                 bytes: *bytes,
+            },
+            ClientEvent::KeyframeRequested {
+                device,
+                track_id,
+                fir,
+            } => Shape::KeyframeRequested {
+                device: device.into(),
+                track_id,
+                fir: *fir,
             },
             ClientEvent::Signalling {
                 sender,
@@ -633,6 +648,15 @@ mod tests {
             }
             .to_json(),
             json!({"event":"frame","user_id":"@bob:localhost","device_id":"BOBDEV","stream_id":"st","track_id":"tr","kind":"video","bytes":3,"rtp_time":90000,"keyframe":true})
+        );
+        assert_eq!(
+            ClientEvent::KeyframeRequested {
+                device: DeviceKey::new("@f:x", "F"),
+                track_id: "t".into(),
+                fir: false,
+            }
+            .to_json(),
+            json!({"event":"keyframe_requested","user_id":"@f:x","device_id":"F","track_id":"t","fir":false})
         );
         assert_eq!(
             ClientEvent::Recorded {
