@@ -352,6 +352,11 @@ pub struct JoinArgs {
     /// members that use a focus too are met there, the others in the mesh.
     #[arg(long, value_name = "@USER:SERVER/DEVICE")]
     pub focus: Option<groupcall::proto::FocusRef>,
+
+    /// Choose the focus the other members are active on (MSC3898), and
+    /// follow them when they move; --focus is then only the preferred one.
+    #[arg(long)]
+    pub follow_foci: bool,
 }
 
 /// `m.intent` of a new call.

@@ -68,6 +68,7 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     opts.require_encrypted = args.require_encrypted;
     opts.wait_for_call = args.wait;
     opts.focus = args.focus.clone();
+    opts.follow_foci = args.follow_foci;
 
     let handle = tokio::select! {
         r = join_call(session, opts) => r.map_err(|e| explain(e, &args))?,

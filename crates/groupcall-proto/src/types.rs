@@ -70,9 +70,17 @@ pub struct Config {
     /// Refill of that burst per second (default 50).
     pub rate_per_sec: u32,
     /// The focus (MSC3898 SFU) we publish to, if any: published as our
-    /// `m.foci.active` (and `m.foci.preferred`); members that publish to a
-    /// focus too are then not called in the mesh (default none: full mesh).
+    /// `m.foci.active` (and `m.foci.preferred`); members that publish to the
+    /// same focus are then not called in the mesh (default none: full mesh).
+    /// With [`Config::follow_foci`] it is our preferred focus.
     pub focus: Option<crate::events::FocusRef>,
+    /// Choose the focus from the members' `m.foci.active` (MSC3898 "Choosing
+    /// a focus"): our preferred focus ([`Config::focus`]) when another member
+    /// is active on it, else the focus most other members are active on,
+    /// else our preferred one, else none; looked at again whenever member
+    /// entries change, so we follow the members when they move (default
+    /// false: [`Config::focus`] only).
+    pub follow_foci: bool,
     /// A focus that has not pinged us on its data channel for this long is
     /// hung up on (MSC3898: it pings at most every 30 s; default 60 s).
     pub focus_ping_timeout_ms: u64,
@@ -87,6 +95,7 @@ impl Config {
             seed: 0,
             focus: None,
             focus_ping_timeout_ms: 60_000,
+            follow_foci: false,
             event_names: EventNames::Unstable,
             member_expiry_ms: 60 * 60 * 1000,
             member_refresh_ms: 45 * 60 * 1000,
@@ -174,6 +183,10 @@ pub enum Command {
     /// Through our focus, receive the media of these devices only (`None`,
     /// the default: everyone's). Devices met in the mesh are not affected.
     FocusSubscriptions(Option<Vec<crate::ids::DeviceKey>>),
+    /// Publish to this focus from now on (`None`: none, the full mesh): our
+    /// choice, so [`Config::follow_foci`] turns off. The call with the
+    /// previous focus ends (`focus_switch`).
+    SetFocus(Option<crate::events::FocusRef>),
 }
 
 /// The time of an input, on the two clocks the core reads.

@@ -1953,6 +1953,72 @@ fn members_still_at_the_focus_call_one_that_fell_back_and_leave_it_when_it_retur
 }
 
 #[test]
+fn following_the_members_foci_we_join_theirs_and_move_when_they_do() {
+    let mut call = joined(|c| c.follow_foci = true);
+    let f1 = json!([{"user_id": "@sfu:x", "device_id": "SFUDEV"}]);
+    let f2 = json!([{"user_id": "@sfu2:x", "device_id": "SFU2DEV"}]);
+    // b is active on F1: we follow it there (no mesh call to b).
+    call.handle_state(
+        NOW,
+        &member_with_foci("@b:x", "BDEV", "m.foci.active", f1.clone()),
+    )
+    .unwrap();
+    let outs = drain(&mut call);
+    let placed = calls_placed(&outs);
+    assert_eq!(placed.len(), 1, "{placed:?}");
+    assert_eq!(placed[0].0, DeviceKey::new("@sfu:x", "SFUDEV"));
+    assert!(placed[0].2, "a focus peer");
+    let f1_peer = placed[0].1;
+    assert_eq!(own_entry(&outs).expect("republished")["m.foci.active"], f1);
+    // c and d are active on F2: most members are there now; we move. The
+    // call with F1 ends (focus_switch, not a fallback), F2 is called, and b
+    // (still on F1: foci do not cascade yet) is met in the mesh.
+    for (user, dev) in [("@c:x", "CDEV"), ("@d:x", "DDEV")] {
+        call.handle_state(NOW + 10, &join_ev(user, "join")).unwrap();
+        call.handle_state(
+            NOW + 10,
+            &member_with_foci(user, dev, "m.foci.active", f2.clone()),
+        )
+        .unwrap();
+    }
+    let outs = drain(&mut call);
+    assert!(
+        outs.iter().any(
+            |o| matches!(o, Output::Media(MediaRequest::ClosePeer { peer }) if *peer == f1_peer)
+        ),
+        "the call with F1 ends: {outs:?}"
+    );
+    let hangup = sent(&outs)
+        .into_iter()
+        .find(|(t, _)| t.ends_with("call.hangup"))
+        .expect("a hangup to F1")
+        .1;
+    assert_eq!(hangup["reason"], "focus_switch");
+    let placed = calls_placed(&outs);
+    assert!(
+        placed
+            .iter()
+            .any(|(d, _, f)| *d == DeviceKey::new("@sfu2:x", "SFU2DEV") && *f),
+        "F2 is called: {placed:?}"
+    );
+    assert!(placed_to(&outs, "@b:x"), "b is met in the mesh: {placed:?}");
+    // (c came first, when F1 and F2 were even: we stayed and met c in the
+    // mesh until we are connected at F2.) d is met at F2.
+    assert!(!placed_to(&outs, "@d:x"));
+    assert_eq!(own_entry(&outs).expect("republished")["m.foci.active"], f2);
+    // Without follow_foci, the configured focus only.
+    let mut fixed = joined(|c| c.focus = Some(focus()));
+    fixed
+        .handle_state(NOW, &member_with_foci("@b:x", "BDEV", "m.foci.active", f2))
+        .unwrap();
+    let placed = calls_placed(&drain(&mut fixed));
+    assert!(
+        placed.iter().all(|(d, _, _)| d.user_id != "@sfu2:x"),
+        "{placed:?}"
+    );
+}
+
+#[test]
 fn signalling_from_a_focus_that_is_not_ours_is_held_like_a_non_member() {
     let mut call = joined(|_| {});
     let m = from_focus(

@@ -134,6 +134,10 @@ pub struct JoinOptions {
     /// (`m.foci.active`), called once; members that use a focus too are
     /// then met there rather than in the mesh. Default none: full mesh.
     pub focus: Option<groupcall_proto::FocusRef>,
+    /// Choose the focus from the members' `m.foci.active` and follow them
+    /// when they move (`focus` is then the preferred one); see
+    /// `groupcall_proto::Config::follow_foci`. Default false.
+    pub follow_foci: bool,
 }
 
 impl JoinOptions {
@@ -160,6 +164,7 @@ impl JoinOptions {
             retransmission: true,
             stun_timeout: Duration::from_millis(1500),
             focus: None,
+            follow_foci: false,
         }
     }
 }
@@ -507,6 +512,9 @@ pub async fn join_call(
     cfg.require_encrypted = opts.require_encrypted;
     if opts.focus.is_some() {
         cfg.focus = opts.focus.clone();
+    }
+    if opts.follow_foci {
+        cfg.follow_foci = true;
     }
     if cfg.session_id.is_none() {
         cfg.session_id = Some(session.call_session_id().to_owned());

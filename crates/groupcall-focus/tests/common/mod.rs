@@ -22,7 +22,13 @@ pub fn focus_config(h: &Harness, focus_user: &str, allow: &str) -> Config {
 
 /// [`focus_config`] with `extra` (TOML sections) appended.
 pub fn focus_config_with(h: &Harness, focus_user: &str, allow: &str, extra: &str) -> Config {
-    let dir = h.tmp.path().join("focus-conf");
+    // One directory (and data dir) per focus account.
+    let local = focus_user
+        .trim_start_matches('@')
+        .split(':')
+        .next()
+        .unwrap_or("focus");
+    let dir = h.tmp.path().join(format!("{local}-conf"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("password"), format!("{PASSWORD}\n")).unwrap();
     let text = format!(

@@ -25,6 +25,8 @@ pub const FOCUS_CHANNEL_CLOSED: &str = "focus_channel_closed";
 pub const FOCUS_UNREACHABLE: &str = "focus_unreachable";
 /// Why we hang up mesh calls with members we meet at the focus again.
 pub const FOCUS_BACK: &str = "focus_back";
+/// Why we hang up on a focus we leave for another.
+pub const FOCUS_SWITCH: &str = "focus_switch";
 
 /// The state of our link with the focus, beside its peer.
 #[derive(Debug, Clone, Default)]
@@ -329,6 +331,70 @@ impl GroupCall {
         }
     }
 
+    /// The focus to publish to now: [`Config::focus`], or with
+    /// [`Config::follow_foci`] the members' choice (MSC3898 "Choosing a
+    /// focus", without its latency probing): our preferred focus when
+    /// another member is active on it, else the focus most other members are
+    /// active on (the current one on a tie, else the smallest), else our
+    /// preferred one.
+    ///
+    /// [`Config::focus`]: crate::Config::focus
+    /// [`Config::follow_foci`]: crate::Config::follow_foci
+    pub(super) fn choose_focus(&self) -> Option<crate::events::FocusRef> {
+        if !self.cfg.follow_foci {
+            return self.cfg.focus.clone();
+        }
+        let mut used: std::collections::BTreeMap<&crate::events::FocusRef, usize> =
+            std::collections::BTreeMap::new();
+        for (k, p) in self.room.participants() {
+            if *k != self.me {
+                for f in &p.foci_active {
+                    *used.entry(f).or_default() += 1;
+                }
+            }
+        }
+        if let Some(pref) = &self.cfg.focus
+            && used.contains_key(pref)
+        {
+            return Some(pref.clone());
+        }
+        let most = used.values().copied().max().unwrap_or(0);
+        if most > 0 {
+            if let Some(cur) = &self.active_focus
+                && used.get(cur) == Some(&most)
+            {
+                return Some(cur.clone());
+            }
+            return used
+                .iter()
+                .find(|(_, n)| **n == most)
+                .map(|(f, _)| (*f).clone());
+        }
+        self.cfg.focus.clone()
+    }
+
+    /// Moves to the focus [`GroupCall::choose_focus`] names, if it changed:
+    /// the call with the previous focus ends (`focus_switch`), our entry
+    /// names the new one, and the mesh plan calls it.
+    pub(super) fn follow_focus(&mut self, now: u64) {
+        let want = self.choose_focus();
+        if want == self.active_focus {
+            return;
+        }
+        info!(from = ?self.active_focus, to = ?want, "switching focus");
+        let old = self.focus_key();
+        if let Some(old) = old.filter(|k| self.peers.contains_key(k)) {
+            // Ours, not the focus going: not a fallback.
+            self.close_peer(&old, true, FOCUS_SWITCH, false);
+        }
+        self.focus_closed();
+        self.active_focus = want;
+        self.focus_down = false;
+        if self.joined.as_ref().is_some_and(|j| j.membership_published) {
+            self.publish_membership(now);
+        }
+    }
+
     /// Whether our focus's peer is connected (and not given up).
     pub(super) fn focus_connected(&self) -> bool {
         !self.focus_down
@@ -342,7 +408,7 @@ impl GroupCall {
     /// that publish to it end; we meet them at the focus. Runs when the
     /// focus comes back and with every mesh plan, as members return to it.
     pub(super) fn leave_mesh_for_focus(&mut self) {
-        let Some(focus) = self.cfg.focus.clone() else {
+        let Some(focus) = self.active_focus.clone() else {
             return;
         };
         let meet_there: Vec<DeviceKey> = self

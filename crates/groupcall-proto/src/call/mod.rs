@@ -139,6 +139,9 @@ pub struct GroupCall {
     focus_down: bool,
     /// The data-channel side of our link with the focus.
     focus_link: focus::FocusLink,
+    /// The focus we publish to now (`Config::focus`, or the members' with
+    /// `Config::follow_foci`).
+    active_focus: Option<crate::events::FocusRef>,
 }
 
 impl GroupCall {
@@ -146,7 +149,9 @@ impl GroupCall {
     pub fn new(cfg: Config) -> Self {
         let mut room = RoomCallState::new();
         room.set_require_room_membership(cfg.require_room_membership);
+        let active_focus = cfg.focus.clone();
         Self {
+            active_focus,
             me: DeviceKey::new(cfg.user_id.clone(), cfg.device_id.clone()),
             ids: IdGen::new(cfg.seed),
             room,

@@ -250,6 +250,12 @@ impl GroupCall {
                 self.set_focus_subscriptions(only);
                 Ok(())
             }
+            Command::SetFocus(focus) => {
+                self.cfg.focus = focus;
+                self.cfg.follow_foci = false;
+                self.mesh(now);
+                Ok(())
+            }
         }
     }
 
@@ -444,8 +450,7 @@ impl GroupCall {
             // names no focus, so that members still at the focus call us
             // (or answer us) directly; it names it again once we are back.
             foci_active: self
-                .cfg
-                .focus
+                .active_focus
                 .iter()
                 .filter(|_| !self.focus_down)
                 .cloned()
@@ -485,6 +490,7 @@ impl GroupCall {
     // The mesh
 
     pub(super) fn mesh(&mut self, now: u64) {
+        self.follow_focus(now);
         let Some(j) = &self.joined else { return };
         if !j.membership_published {
             return;
@@ -494,9 +500,10 @@ impl GroupCall {
             .participants()
             .iter()
             .filter(|(k, _)| **k != self.me && should_call(&self.me, k))
-            // Two devices that both publish to a focus meet there, not in
-            // the mesh (MSC3898); devices without one keep the mesh.
-            .filter(|(_, p)| !self.focus_usable() || p.foci_active.is_empty())
+            // Two devices that both publish to the same focus meet there,
+            // not in the mesh (MSC3898); devices without one, or at another
+            // focus (foci do not cascade yet), keep the mesh.
+            .filter(|(_, p)| !self.meets_at_focus(p))
             .map(|(k, p)| (k.clone(), p.session_id.clone()))
             .collect();
         for (device, session) in wanted {
@@ -525,8 +532,7 @@ impl GroupCall {
 
     /// The device key of our focus, if we publish to one.
     pub(super) fn focus_key(&self) -> Option<DeviceKey> {
-        self.cfg
-            .focus
+        self.active_focus
             .as_ref()
             .map(|f| DeviceKey::new(f.user_id.clone(), f.device_id.clone()))
             .filter(|k| *k != self.me)
@@ -534,16 +540,24 @@ impl GroupCall {
 
     /// Whether `device` is our focus.
     pub(super) fn is_focus(&self, device: &DeviceKey) -> bool {
-        self.cfg
-            .focus
+        self.active_focus
             .as_ref()
             .is_some_and(|f| f.user_id == device.user_id && f.device_id == device.device_id)
     }
 
-    /// Whether members that publish to a focus meet us there rather than
+    /// Whether members that publish to our focus meet us there rather than
     /// in the mesh: we have a focus and it is not known to be down.
     pub(super) fn focus_usable(&self) -> bool {
-        self.cfg.focus.is_some() && !self.focus_down
+        self.active_focus.is_some() && !self.focus_down
+    }
+
+    /// Whether `p` publishes to our focus (and we can meet it there).
+    fn meets_at_focus(&self, p: &crate::room::Participant) -> bool {
+        self.focus_usable()
+            && self
+                .active_focus
+                .as_ref()
+                .is_some_and(|f| p.foci_active.contains(f))
     }
 
     /// Places a call to `device` (in `session`) unless the retry policy
@@ -690,8 +704,9 @@ impl GroupCall {
         let Some(peer) = self.peers.remove(device) else {
             return;
         };
-        // Our own hangup (leaving the call) does not make the focus "gone".
-        let ours = send_hangup && why == reason::USER_HANGUP;
+        // Our own hangup (leaving the call, or leaving the focus for
+        // another) does not make the focus "gone".
+        let ours = send_hangup && (why == reason::USER_HANGUP || why == super::focus::FOCUS_SWITCH);
         if self.is_focus(device) {
             self.focus_closed();
             if !self.focus_down && !ours {
