@@ -42,7 +42,7 @@ impl DemoFocus {
         std::fs::write(&path, config_text(homeserver, user, allow, allow_plaintext))
             .with_context(|| format!("writing {}", path.display()))?;
         let config = Config::load(&path)?;
-        let core = EngineCore::from_config(&config);
+        let core = EngineCore::from_config(&config)?;
         let figures = core.figures_watch();
         let handle = FocusService::start_with_core(config, core)
             .await

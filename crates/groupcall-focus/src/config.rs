@@ -127,6 +127,10 @@ pub struct TurnConfig {
     pub username: String,
     /// `password_env` or `password_file`.
     pub password: SecretSource,
+    /// `relay_only`: offer clients only the relayed candidates (a focus
+    /// whose own addresses clients cannot reach). Default false: the bound
+    /// (or advertised) addresses and the relayed ones.
+    pub relay_only: bool,
 }
 
 /// `[limits]`: what one call and one participant may use.
@@ -248,7 +252,13 @@ const TOP_KEYS: &[&str] = &[
     "drain",
 ];
 const MEDIA_KEYS: &[&str] = &["bind", "advertise"];
-const TURN_KEYS: &[&str] = &["uris", "username", "password_env", "password_file"];
+const TURN_KEYS: &[&str] = &[
+    "uris",
+    "username",
+    "password_env",
+    "password_file",
+    "relay_only",
+];
 const LIMIT_KEYS: &[&str] = &[
     "max_participants_per_call",
     "max_tracks_per_participant",
@@ -524,10 +534,12 @@ impl Parser<'_> {
         }
         let username = self.required_str(s, "turn.", "username")?;
         let password = self.secret(s, "turn.")?;
+        let relay_only = self.opt_bool(s, "turn.", "relay_only")?.unwrap_or(false);
         Ok(TurnConfig {
             uris,
             username,
             password,
+            relay_only,
         })
     }
 

@@ -44,6 +44,11 @@ pub struct EngineConfig {
     pub forwarder: ForwarderConfig,
     /// Where the media socket binds (port 0: any).
     pub bind: SocketAddr,
+    /// TURN (or STUN) servers the focus gathers candidates from (one
+    /// allocation per server, shared by every client's peer).
+    pub ice_servers: Vec<groupcall::media::IceServer>,
+    /// Offer clients only relayed candidates.
+    pub relay_only: bool,
 }
 
 /// What the service feeds the engine.
@@ -66,7 +71,9 @@ pub enum EngineInput {
     ToDevice(IncomingToDevice),
     /// Stop accepting calls.
     StartDraining,
-    /// Hang up on everyone; [`EngineOutput::Flushed`] follows the hangups.
+    /// Hang up on everyone and close every peer (releasing the TURN
+    /// allocation): the end of a drain. [`EngineOutput::Flushed`] follows
+    /// the hangups.
     HangUpAll,
     /// Report the figures.
     Figures(oneshot::Sender<EngineFigures>),
@@ -259,6 +266,8 @@ struct State {
     fwd: Forwarder,
     set: PeerSet,
     local_addr: SocketAddr,
+    ice_servers: Vec<groupcall::media::IceServer>,
+    relay_only: bool,
     out: mpsc::UnboundedSender<EngineOutput>,
     clients: HashMap<ClientId, ClientMedia>,
     calls: HashMap<(String, String), CallId>,
@@ -313,6 +322,8 @@ impl State {
             fwd: Forwarder::new(cfg.forwarder),
             set: PeerSet::new(Instant::now(), vec![local_addr]),
             local_addr,
+            ice_servers: cfg.ice_servers,
+            relay_only: cfg.relay_only,
             out,
             clients: HashMap::new(),
             calls: HashMap::new(),
@@ -353,6 +364,11 @@ impl State {
             EngineInput::StartDraining => self.focus.start_draining(),
             EngineInput::HangUpAll => {
                 self.focus.hang_up_all(now);
+                self.pump();
+                // The end: every peer closes and the TURN allocation is
+                // released (its Refresh with lifetime 0 goes out with this
+                // round's datagrams).
+                self.set.close(Instant::now());
                 self.pump();
                 let _ = self.out.send(EngineOutput::Flushed);
             }
@@ -471,6 +487,8 @@ impl State {
                     receive_audio: false,
                     receive_video: false,
                     bind_addrs: vec![self.local_addr.ip()],
+                    ice_servers: self.ice_servers.clone(),
+                    relay_only: self.relay_only,
                     ..PeerConfig::default()
                 };
                 self.set.add_peer(Instant::now(), peer(client), cfg);
@@ -1043,9 +1061,10 @@ impl EngineCore {
         self.figures.subscribe()
     }
 
-    /// The settings of a focus.toml: media bind address, limits, plaintext
-    /// and heartbeat.
-    pub fn from_config(config: &crate::config::Config) -> Self {
+    /// The settings of a focus.toml: media bind address, TURN, limits,
+    /// plaintext and heartbeat. Fails when the TURN password cannot be
+    /// read.
+    pub fn from_config(config: &crate::config::Config) -> Result<Self, crate::config::ConfigError> {
         let mut focus = FocusConfig::new("", "");
         focus.allow_plaintext = config.allow_plaintext;
         focus.max_participants_per_call = config.limits.max_participants_per_call as usize;
@@ -1060,11 +1079,27 @@ impl EngineCore {
             .first()
             .copied()
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        Self::new(EngineConfig {
+        let (ice_servers, relay_only) = match &config.turn {
+            Some(t) => {
+                let password = config.turn_password()?.unwrap_or_default();
+                (
+                    vec![groupcall::media::IceServer::turn(
+                        t.uris.clone(),
+                        t.username.clone(),
+                        password,
+                    )],
+                    t.relay_only,
+                )
+            }
+            None => (Vec::new(), false),
+        };
+        Ok(Self::new(EngineConfig {
             focus,
             forwarder: ForwarderConfig::default(),
             bind,
-        })
+            ice_servers,
+            relay_only,
+        }))
     }
 
     fn send(&self, input: EngineInput) {

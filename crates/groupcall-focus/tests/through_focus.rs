@@ -66,7 +66,7 @@ impl FocusCall {
 
         // The focus runs; the first participant's room invites it.
         let config = focus_config(&h, &focus_user, &devices[0].user_id);
-        let core = EngineCore::from_config(&config);
+        let core = EngineCore::from_config(&config).expect("the focus's settings");
         let figures = core.figures_watch();
         let focus = FocusService::start_with_core(config.clone(), core)
             .await

@@ -111,7 +111,7 @@ impl FocusService {
     /// device is logged in; the first sync follows in the background
     /// ([`Status::sync_ok`]).
     pub async fn start(config: Config) -> Result<FocusHandle, DriverError> {
-        let core = crate::engine::EngineCore::from_config(&config);
+        let core = crate::engine::EngineCore::from_config(&config)?;
         Self::start_with_core(config, core).await
     }
 

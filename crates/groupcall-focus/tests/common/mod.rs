@@ -79,7 +79,7 @@ impl RunningFocus {
     pub async fn start_with(h: &Harness, creator: &MatrixSession, extra: &str) -> RunningFocus {
         let focus_user = h.register("focus").await;
         let config = focus_config_with(h, &focus_user, creator.user_id(), extra);
-        let core = EngineCore::from_config(&config);
+        let core = EngineCore::from_config(&config).expect("the focus's settings");
         let figures = core.figures_watch();
         let inputs = core.input_sender();
         let handle = FocusService::start_with_core(config, core)

@@ -1,0 +1,76 @@
+//! A focus that reaches its clients only through TURN (`[turn]` with
+//! `relay_only = true` in focus.toml), with a real coturn and a real
+//! Synapse: the focus allocates one relay (shared by its clients' peers),
+//! offers only relayed candidates, and the call's media flows through it.
+//!
+//! Run with `cargo test -p groupcall-focus --test turn -- --nocapture`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![recursion_limit = "256"]
+
+use std::time::Duration;
+
+use groupcall_testkit::*;
+use tokio::time::Instant;
+
+mod common;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_only_focus_serves_its_clients_through_turn() {
+    let turn = coturn().await;
+    let mut h = Harness::new().await;
+    for name in ["p0", "p1"] {
+        h.register(name).await;
+    }
+    let s0 = h.login("p0").await;
+    let (username, password) = turn.credentials("focus", Duration::from_secs(3600));
+    // The focus's configuration directory (common::focus_config_with).
+    let dir = h.tmp.path().join("focus-conf");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("turn-password"), format!("{password}\n")).unwrap();
+    let extra = format!(
+        "[turn]\nuris = [\"{}\"]\nusername = \"{username}\"\npassword_file = \"turn-password\"\nrelay_only = true\n",
+        turn.turn_url()
+    );
+    let focus = RunningFocus::start_with(&h, &s0, &extra).await;
+    let s1 = h.login("p1").await;
+    let t0 = Instant::now();
+    let (members, parts) =
+        join_through_focus(&mut h, &focus, vec![("p0", s0), ("p1", s1)], |_| None).await;
+    wait_media(&mut h, t0, &members, 50, 20, 90).await;
+    h.log.pump();
+    assert_only_through(&h.log.seen, t0, &members, &focus.device);
+    eprintln!(
+        "FIGURE turn: a relay-only focus; media both ways through it and coturn {:.1} s after the first join",
+        t0.elapsed().as_secs_f64()
+    );
+    leave_all(parts).await;
+    focus.stop().await;
+    // One allocation for the focus, whatever the number of clients, and
+    // media through it both ways.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let usage = loop {
+        let u: Vec<_> = turn
+            .usage()
+            .into_iter()
+            .filter(|u| u.username == username)
+            .collect();
+        if !u.is_empty() {
+            break u;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no usage for the focus's allocation:\n{}",
+            turn.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(turn.allocations(&username), 1, "{}", turn.log_tail(40));
+    let sent: u64 = usage.iter().map(|u| u.sent_packets).sum();
+    let received: u64 = usage.iter().map(|u| u.received_packets).sum();
+    eprintln!(
+        "FIGURE turn: the focus's one allocation relayed {received} packets in and {sent} out"
+    );
+    assert!(sent > 500 && received > 500, "{usage:?}");
+    h.shutdown().await;
+}
