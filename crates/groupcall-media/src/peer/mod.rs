@@ -817,6 +817,8 @@ struct PeerState {
 }
 
 mod channel;
+#[cfg(feature = "faults")]
+pub mod faults;
 mod gather;
 pub mod host;
 mod negotiate;
