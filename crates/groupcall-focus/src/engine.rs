@@ -104,6 +104,15 @@ pub struct CallFigures {
     pub subscriptions: usize,
     /// The forwarder's counters.
     pub counters: Counters,
+    /// RTCP NACK messages received from the call's subscribers (each may
+    /// name several packets), as str0m counts them (reports once a
+    /// second). The forwarder's `counters.nacks_*` stay 0 with this
+    /// driver: str0m answers NACKs from its own per-subscriber send
+    /// buffer, before they reach the forwarder's cache.
+    pub nacks_received: u64,
+    /// Packets str0m re-sent (RTX) in answer to those NACKs (a lower
+    /// bound, see `groupcall_media::PeerStats::rtp_resent`).
+    pub nack_resends: u64,
 }
 
 /// The engine's figures (metrics, the demo's report, tests).
@@ -128,7 +137,30 @@ pub struct EngineFigures {
     /// When the forwarder last started or stopped forwarding a track to a
     /// subscriber.
     pub last_subscription_change: Option<Instant>,
+    /// NACK messages received from subscribers, all calls since the start
+    /// (see [`CallFigures::nacks_received`]).
+    pub nacks_received: u64,
+    /// Packets re-sent in answer to NACKs, all calls since the start (see
+    /// [`CallFigures::nack_resends`]).
+    pub nack_resends: u64,
+    /// For the latest new video subscriptions (at most
+    /// [`KEYFRAME_WAITS_KEPT`], oldest first): the time from the
+    /// subscription starting at the forwarder to the first key frame
+    /// handed to the subscriber's peer.
+    pub keyframe_waits: Vec<Duration>,
+    /// The longest of all such waits since the start.
+    pub keyframe_wait_max: Option<Duration>,
+    /// New video subscriptions still waiting for their first key frame.
+    pub keyframe_waits_pending: usize,
 }
+
+/// How many of the latest first-keyframe waits
+/// [`EngineFigures::keyframe_waits`] keeps.
+pub const KEYFRAME_WAITS_KEPT: usize = 64;
+
+/// How often the engine asks each client's peer for its counters (NACKs,
+/// resends).
+const PEER_STATS_EVERY: Duration = Duration::from_secs(1);
 
 /// A running engine.
 #[derive(Debug)]
@@ -213,6 +245,7 @@ enum Pending {
     Accept,
     Offer,
     Channel,
+    Stats,
 }
 
 #[derive(Debug, Default)]
@@ -227,6 +260,9 @@ struct ClientMedia {
     ext_seq: HashMap<Mid, u64>,
     /// The send tracks of the offer being made or last made.
     send_tracks: Vec<SendTrack>,
+    /// The peer's NACK messages received and packets resent, as of its
+    /// last stats.
+    nacks: (u64, u64),
 }
 
 struct State {
@@ -243,6 +279,13 @@ struct State {
     figures: EngineFigures,
     /// Datagrams to send, filled by the peer set, drained by the loop.
     transmits: Vec<(SocketAddr, Vec<u8>)>,
+    /// NACKs and resends of clients that left: in all, and by call (so
+    /// that a call's counts never go down).
+    nacks_retired: (u64, u64),
+    nacks_retired_by_call: HashMap<CallId, (u64, u64)>,
+    /// New video subscriptions waiting for their first key frame: since
+    /// when.
+    keyframe_pending: HashMap<(ClientId, TrackId), Instant>,
 }
 
 fn unix_ms() -> u64 {
@@ -299,7 +342,33 @@ impl State {
                 ..Default::default()
             },
             transmits: Vec::new(),
+            nacks_retired: (0, 0),
+            nacks_retired_by_call: HashMap::new(),
+            keyframe_pending: HashMap::new(),
         }
+    }
+
+    /// Asks every client's peer for its counters.
+    fn request_peer_stats(&mut self) {
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        for c in ids {
+            self.request(c, Some(Pending::Stats), Request::Stats);
+        }
+    }
+
+    /// A client's media state goes: its NACK counts stay in the totals,
+    /// its first-keyframe waits end.
+    fn retire_client(&mut self, client: ClientId) {
+        if let Some(m) = self.clients.remove(&client) {
+            self.nacks_retired.0 += m.nacks.0;
+            self.nacks_retired.1 += m.nacks.1;
+            if let Some(call) = m.call {
+                let r = self.nacks_retired_by_call.entry(call).or_default();
+                r.0 += m.nacks.0;
+                r.1 += m.nacks.1;
+            }
+        }
+        self.keyframe_pending.retain(|(c, _), _| *c != client);
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -354,6 +423,14 @@ impl State {
                     .filter_map(|c| self.clients.get(c))
                     .map(|m| m.downs.len())
                     .sum();
+                let retired = call
+                    .and_then(|c| self.nacks_retired_by_call.get(&c))
+                    .copied()
+                    .unwrap_or_default();
+                let (nacks_received, nack_resends) = ids
+                    .iter()
+                    .filter_map(|c| self.clients.get(c))
+                    .fold(retired, |(a, b), m| (a + m.nacks.0, b + m.nacks.1));
                 CallFigures {
                     room_id,
                     conf_id,
@@ -363,10 +440,19 @@ impl State {
                     counters: call
                         .and_then(|c| self.fwd.call_counters(c).copied())
                         .unwrap_or_default(),
+                    nacks_received,
+                    nack_resends,
                 }
             })
             .collect();
         f.subscriptions = self.focus.subscription_count();
+        let live = self
+            .clients
+            .values()
+            .fold((0, 0), |(a, b), m| (a + m.nacks.0, b + m.nacks.1));
+        f.nacks_received = self.nacks_retired.0 + live.0;
+        f.nack_resends = self.nacks_retired.1 + live.1;
+        f.keyframe_waits_pending = self.keyframe_pending.len();
         f.uploads = self
             .clients
             .keys()
@@ -450,7 +536,7 @@ impl State {
             } => {
                 info!(client = client.0, %device, %reason, "client left");
                 *self.figures.departures.entry(reason).or_default() += 1;
-                self.clients.remove(&client);
+                self.retire_client(client);
             }
             FocusOutput::Refused { device, reason } => {
                 info!(%device, %reason, "invite turned down");
@@ -537,22 +623,40 @@ impl State {
                 subscriber, track, ..
             } => {
                 debug!(subscriber = subscriber.0, stream = %track.stream_id, track = %track.track_id, "subscribe");
-                self.fwd
-                    .subscribe(
-                        now,
-                        part(subscriber),
-                        &TrackKey::new(track.stream_id, track.track_id),
-                    )
-                    .map(|_| ())
+                let key = TrackKey::new(track.stream_id, track.track_id);
+                let was = self.fwd.is_subscribed(part(subscriber), &key);
+                let r = self.fwd.subscribe(now, part(subscriber), &key).map(|_| ());
+                // A new video subscription: timed until its first key frame.
+                let tid = self
+                    .clients
+                    .get(&subscriber)
+                    .and_then(|m| m.call)
+                    .and_then(|c| self.fwd.track_by_key(c, &key));
+                if let Some(tid) = tid
+                    && r.is_ok()
+                    && !was
+                    && self.fwd.track_kind(tid) == Some(crate::forward::MediaKind::Video)
+                {
+                    self.keyframe_pending.insert((subscriber, tid), now);
+                }
+                r
             }
             ForwardChange::Unsubscribe {
                 subscriber, track, ..
-            } => self.fwd.unsubscribe(
-                part(subscriber),
-                &TrackKey::new(track.stream_id, track.track_id),
-            ),
+            } => {
+                let key = TrackKey::new(track.stream_id, track.track_id);
+                if let Some(tid) = self
+                    .clients
+                    .get(&subscriber)
+                    .and_then(|m| m.call)
+                    .and_then(|c| self.fwd.track_by_key(c, &key))
+                {
+                    self.keyframe_pending.remove(&(subscriber, tid));
+                }
+                self.fwd.unsubscribe(part(subscriber), &key)
+            }
             ForwardChange::RemoveClient { client } => {
-                self.clients.remove(&client);
+                self.retire_client(client);
                 self.fwd.remove_participant(part(client))
             }
         };
@@ -591,6 +695,13 @@ impl State {
         };
         let now = unix_ms();
         let ev = match (what, answer) {
+            (Pending::Stats, Ok(Reply::Stats(s))) => {
+                if let Some(m) = self.clients.get_mut(&client) {
+                    m.nacks = (s.nacks_received, s.rtp_resent);
+                }
+                return;
+            }
+            (Pending::Stats, _) => return,
             (Pending::Accept, Ok(Reply::Sdp(sdp))) => MediaIn::Answer { sdp },
             (Pending::Offer, Ok(Reply::Sdp(sdp))) => MediaIn::Offer { sdp },
             (Pending::Channel, Err(e)) => {
@@ -780,11 +891,13 @@ impl State {
             }),
             payload: &p.payload,
         };
+        let keyframe_start = p.keyframe_start;
         let Self {
             fwd,
             set,
             clients,
             figures,
+            keyframe_pending,
             ..
         } = self;
         fwd.handle_rtp(now, part(client), &input, &mut |e: Egress<'_>| {
@@ -816,6 +929,19 @@ impl State {
             let ext = extend_seq(sm.ext_seq.get(&mid).copied(), e.header.seq);
             sm.ext_seq.insert(mid, ext);
             let video = e.kind == crate::forward::MediaKind::Video;
+            if video
+                && keyframe_start
+                && !keyframe_pending.is_empty()
+                && let Some(t0) = keyframe_pending.remove(&(sub, e.track))
+            {
+                let wait = now.saturating_duration_since(t0);
+                debug!(subscriber = sub.0, ?wait, "first key frame forwarded");
+                if figures.keyframe_waits.len() >= KEYFRAME_WAITS_KEPT {
+                    figures.keyframe_waits.remove(0);
+                }
+                figures.keyframe_waits.push(wait);
+                figures.keyframe_wait_max = figures.keyframe_wait_max.max(Some(wait));
+            }
             set.request(
                 now,
                 peer(sub),
@@ -906,7 +1032,12 @@ async fn run(
 ) {
     let mut buf = vec![0u8; 2048];
     let mut figures_at = Instant::now();
+    let mut stats_at = Instant::now();
     loop {
+        if stats_at.elapsed() >= PEER_STATS_EVERY {
+            stats_at = Instant::now();
+            state.request_peer_stats();
+        }
         if figures_at.elapsed() >= Duration::from_millis(500) {
             figures_at = Instant::now();
             figures.send_replace(state.figures());
@@ -1121,8 +1252,14 @@ impl crate::driver::FocusCore for EngineCore {
                     bytes_in: k.bytes_in,
                     packets_out: k.packets_out,
                     bytes_out: k.bytes_out,
-                    nacks_served: k.nacks_served,
+                    // str0m answers NACKs (from its per-subscriber send
+                    // buffer) before they reach the forwarder's cache:
+                    // both counts, whichever served them.
+                    nacks_served: k.nacks_served + c.nack_resends,
                     plis_sent: k.keyframe_requests_sent,
+                    nacks_received: c.nacks_received,
+                    keyframe_requests_received: k.keyframe_requests_received,
+                    keyframe_requests_coalesced: k.keyframe_requests_coalesced,
                 },
             );
         }

@@ -832,6 +832,24 @@ impl Forwarder {
     }
 
     /// The outgoing stream (active or paused) of a participant for a track.
+    /// Whether `subscriber` has an active subscription to the track named
+    /// `key` in its call.
+    pub fn is_subscribed(&self, subscriber: ParticipantId, key: &TrackKey) -> bool {
+        let Ok(track) = self.track_in_call_of(subscriber, key) else {
+            return false;
+        };
+        self.participants
+            .get(&subscriber)
+            .and_then(|p| self.out_of(p, track))
+            .and_then(|o| self.outs.get(o))
+            .is_some_and(|o| o.active)
+    }
+
+    /// The kind of a published track.
+    pub fn track_kind(&self, track: TrackId) -> Option<MediaKind> {
+        self.tracks.get(track).map(|t| t.codec.kind())
+    }
+
     fn out_of(&self, p: &Participant, track: TrackId) -> Option<Key> {
         p.outs
             .iter()

@@ -813,7 +813,9 @@ struct PeerState {
     channel_dropped: u64,
     /// Forwarding mode: NACKs received per sent stream, as of str0m's
     /// last egress stats (its counts are totals).
-    egress_nacks: HashMap<(Mid, Option<Rid>), u64>,
+    /// And the packets resent (str0m's packets sent on the m-line less the
+    /// packets written on it, as of that report): (NACKs, resent).
+    egress_nacks: HashMap<(Mid, Option<Rid>), (u64, u64)>,
 }
 
 mod channel;

@@ -602,7 +602,8 @@ impl PeerState {
             relays: Vec::new(),
             gathering_time: self.gathering_time,
             rtp_write_dropped: self.rtp_write_dropped,
-            nacks_received: self.egress_nacks.values().sum(),
+            nacks_received: self.egress_nacks.values().map(|v| v.0).sum(),
+            rtp_resent: self.egress_nacks.values().map(|v| v.1).sum(),
             channel_messages_dropped: self.channel_dropped,
         }
     }
