@@ -31,8 +31,8 @@ use crate::focus::{
     SendTrack, TrackKind,
 };
 use crate::forward::{
-    CallId, Codec, Counters, Egress, ForwardError, Forwarder, ForwarderConfig, KeyframeKind,
-    LayerSpec, ParticipantId, RtpIn, TrackId, TrackKey, TrackSpec,
+    CallId, Codec, Congestion, Counters, Egress, ForwardError, Forwarder, ForwarderConfig,
+    KeyframeKind, LayerSpec, LossGuard, ParticipantId, RtpIn, TrackId, TrackKey, TrackSpec,
 };
 
 /// The engine's settings.
@@ -152,6 +152,12 @@ pub struct EngineFigures {
     pub keyframe_wait_max: Option<Duration>,
     /// New video subscriptions still waiting for their first key frame.
     pub keyframe_waits_pending: usize,
+    /// Times a subscriber's video was stopped because its receiver
+    /// reported heavy loss (a link too slow for it; see
+    /// [`crate::forward::loss`]); its audio goes on.
+    pub congestion_episodes: u64,
+    /// Subscribers whose video is stopped so now.
+    pub congested_subscribers: usize,
 }
 
 /// How many of the latest first-keyframe waits
@@ -263,6 +269,8 @@ struct ClientMedia {
     /// The peer's NACK messages received and packets resent, as of its
     /// last stats.
     nacks: (u64, u64),
+    /// Drops its video while its receiver reports heavy loss.
+    loss_guard: LossGuard,
 }
 
 struct State {
@@ -453,6 +461,11 @@ impl State {
         f.nacks_received = self.nacks_retired.0 + live.0;
         f.nack_resends = self.nacks_retired.1 + live.1;
         f.keyframe_waits_pending = self.keyframe_pending.len();
+        f.congested_subscribers = self
+            .clients
+            .values()
+            .filter(|m| m.loss_guard.dropping())
+            .count();
         f.uploads = self
             .clients
             .keys()
@@ -698,6 +711,14 @@ impl State {
             (Pending::Stats, Ok(Reply::Stats(s))) => {
                 if let Some(m) = self.clients.get_mut(&client) {
                     m.nacks = (s.nacks_received, s.rtp_resent);
+                    let loss = s.egress_loss_permille;
+                    if let Some(c) = m.loss_guard.report(Instant::now(), loss) {
+                        info!(client = client.0, ?loss, congestion = ?c, "subscriber congestion (receiver-reported loss)");
+                        if c == Congestion::Video {
+                            self.figures.congestion_episodes += 1;
+                        }
+                        self.fwd.set_congestion(part(client), c);
+                    }
                 }
                 return;
             }

@@ -7,7 +7,8 @@
 //!   coalesced;
 //! - a new video subscription's first key frame reaches the subscriber's
 //!   peer within 1 s (timed at the focus);
-//! - a throttled subscriber does not slow the others down;
+//! - a throttled subscriber does not slow the others down, and the focus
+//!   stops its video so that its audio comes through;
 //! - a black-holed client is dropped by the focus, and gives the focus up,
 //!   on the ping timeouts, and returns when its network does.
 //!
@@ -33,30 +34,18 @@ use groupcall_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-/// Writes a focus.toml allowing `allow` (with `extra` appended: more
-/// sections) and loads it.
+mod common;
+
+/// The tests' focus.toml (see `common::focus_config`) with `extra`
+/// appended (more sections), loaded.
 fn focus_config(h: &Harness, focus_user: &str, allow: &str, extra: &str) -> Config {
-    let dir = h.tmp.path().join("focus-conf");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("password"), format!("{PASSWORD}\n")).unwrap();
-    let text = format!(
-        r#"homeserver = "{hs}"
-user = "{focus_user}"
-password_file = "password"
-data_dir = "data"
-allow = ["{allow}"]
-http_listen = "127.0.0.1:0"
-
-[media]
-bind = ["127.0.0.1:0"]
-
-[drain]
-grace_period = "1s"
-{extra}
-"#,
-        hs = h.hs,
-    );
-    let path = dir.join("focus.toml");
+    let config = common::focus_config(h, focus_user, allow);
+    if extra.is_empty() {
+        return config;
+    }
+    let path = h.tmp.path().join("focus-conf").join("focus.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(extra);
     std::fs::write(&path, text).unwrap();
     Config::load(path).unwrap()
 }
@@ -493,11 +482,16 @@ async fn a_new_subscriber_gets_its_first_keyframe_within_a_second() {
     c.finish().await;
 }
 
-/// One subscriber's incoming rate capped at 100 kbit/s (what exceeds it
-/// dropped): the others' video keeps its frame rate.
+/// One subscriber's incoming rate capped at 250 kbit/s (what exceeds it
+/// dropped, as a congested link would; the three others' audio needs about
+/// 160 kbit/s with its headers, their video about 850): the others' video
+/// and audio keep their rates; the focus, told of the loss by the slow one's receiver
+/// reports, stops its video, and its audio comes through again; when the
+/// cap goes, its video comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_throttled_subscriber_does_not_slow_the_others() {
     const N: usize = 4;
+    const CAP_KBPS: u32 = 250;
     let mut c = FocusCall::start(Setup {
         n: N,
         ..Setup::default()
@@ -506,7 +500,7 @@ async fn a_throttled_subscriber_does_not_slow_the_others() {
     let t0 = c.t0;
     c.wait_media(t0, 90).await;
     let window = Duration::from_secs(8);
-    // Video frames per second at each receiver from p0, and audio.
+    // (video, audio) frames per second at p1, p2, p3 from p0.
     let rates = |c: &mut FocusCall, since: Instant| -> Vec<(f64, f64)> {
         let s = since.elapsed().as_secs_f64();
         (1..N)
@@ -521,28 +515,84 @@ async fn a_throttled_subscriber_does_not_slow_the_others() {
     let t_before = Instant::now();
     c.h.log.run_for(window).await;
     let before = rates(&mut c, t_before);
+    let k0 = c
+        .figures()
+        .calls
+        .first()
+        .map(|f| f.counters)
+        .unwrap_or_default();
 
-    // p3's link: 100 kbit/s in.
-    c.faults[3].set_rate_in_kbps(Some(100));
+    // p3's link: 250 kbit/s in.
+    c.faults[3].set_rate_in_kbps(Some(CAP_KBPS));
     let t_slow = Instant::now();
     c.h.log.run_for(window).await;
     let during = rates(&mut c, t_slow);
     let over = c.faults[3].counts().in_over_rate;
     eprintln!(
-        "FIGURE media_path: p3 capped at 100 kbit/s in ({over} datagrams over the cap dropped): (video, audio) frames/s from p0 at p1, p2, p3 before {before:?}, during {during:?}"
+        "FIGURE media_path: p3 capped at {CAP_KBPS} kbit/s in ({over} datagrams over the cap dropped): (video, audio) frames/s from p0 at p1, p2, p3 before {before:?}, in the first {} s of the cap {during:?}",
+        window.as_secs()
     );
     assert!(over > 0, "the cap dropped something");
     for i in 0..2 {
         assert!(
-            during[i].0 >= before[i].0 * 0.9,
-            "p{} video from p0: {:.1}/s before, {:.1}/s during",
+            during[i].0 >= before[i].0 * 0.9 && during[i].1 >= before[i].1 * 0.9,
+            "p{} from p0: {:?} before, {:?} during",
             i + 1,
-            before[i].0,
-            during[i].0
+            before[i],
+            during[i]
         );
-        assert!(during[i].1 >= before[i].1 * 0.9, "p{} audio", i + 1);
     }
+    // The focus noticed and stopped p3's video.
+    let f = c.figures();
+    let k = f.calls.first().map(|f| f.counters).unwrap_or_default();
+    let dropped = k.drops.congestion_video - k0.drops.congestion_video;
+    eprintln!(
+        "FIGURE media_path: the focus stopped p3's video {} time(s) ({} video packets not sent to it), {} subscriber(s) stopped now",
+        f.congestion_episodes, dropped, f.congested_subscribers
+    );
+    assert!(f.congestion_episodes >= 1, "the focus stopped p3's video");
+    assert!(dropped > 0);
+    // Its audio comes through again while its video is stopped (the
+    // focus tries video again after 4 s, then 8 s...: measured over the
+    // next stretch, those tries included).
+    let t_calm = Instant::now();
+    c.h.log.run_for(window).await;
+    let calm = rates(&mut c, t_calm);
+    eprintln!(
+        "FIGURE media_path: (video, audio) frames/s from p0 at p1, p2, p3 in the next {} s {calm:?}",
+        window.as_secs()
+    );
+    for i in 0..2 {
+        assert!(
+            calm[i].0 >= before[i].0 * 0.9 && calm[i].1 >= before[i].1 * 0.9,
+            "p{}: {:?} before, {:?} later",
+            i + 1,
+            before[i],
+            calm[i]
+        );
+    }
+    assert!(
+        calm[2].1 >= before[2].1 * 0.8,
+        "p3's audio: {:?} before, {:?} later",
+        before[2],
+        calm[2]
+    );
+
+    // The cap goes: p3's video comes back.
     c.faults[3].set_rate_in_kbps(None);
+    let t_free = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if c.frames(t_free, 3, 0, TrackKind::Video) >= 30 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "p3's video did not come back");
+        c.h.log.run_for(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "FIGURE media_path: cap lifted: p3 received 30 video frames from p0 {:.1} s later",
+        t_free.elapsed().as_secs_f64()
+    );
     c.finish().await;
 }
 

@@ -33,6 +33,7 @@
 //!   unaffected.
 
 mod cache;
+pub mod loss;
 mod rewrite;
 pub mod rtp;
 mod slab;
@@ -48,6 +49,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 pub use cache::{Cached, PacketCache};
+pub use loss::{LossGuard, LossGuardConfig};
 use rewrite::Rewriter;
 pub use rtp::{AudioLevel, RtpIn, RtpOut, RtpParseError};
 use slab::{Key, Slab};
@@ -478,12 +480,18 @@ struct Call {
     speaker: SpeakerState,
 }
 
-/// How much of a subscriber's media is dropped for congestion.
+/// How much of a subscriber's media is dropped for congestion
+/// ([`Forwarder::set_congestion`], or from the backlog,
+/// [`Forwarder::set_backlog`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-enum Congestion {
+#[non_exhaustive]
+pub enum Congestion {
+    /// Nothing dropped.
     #[default]
     None,
+    /// Its video is dropped (resumed at a key frame).
     Video,
+    /// Its audio too.
     All,
 }
 
@@ -1022,6 +1030,16 @@ impl Forwarder {
         } else {
             Congestion::None
         };
+        self.set_congestion(subscriber, c);
+    }
+
+    /// Sets how much of a subscriber's media is dropped, for a driver
+    /// that judges congestion otherwise than by a backlog (e.g. from the
+    /// loss its receiver reports). The last of this and
+    /// [`Forwarder::set_backlog`] holds. Others are not affected; dropped
+    /// streams resume as a new epoch (video at a key frame, asked for once
+    /// the congestion ends).
+    pub fn set_congestion(&mut self, subscriber: ParticipantId, c: Congestion) {
         let Some(p) = self.participants.get_mut(&subscriber) else {
             return;
         };

@@ -153,7 +153,8 @@ impl PeerState {
                     .map(|t| t.sent.frames)
                     .sum();
                 let resent = s.packets.saturating_sub(written);
-                self.egress_nacks.insert((s.mid, s.rid), (s.nacks, resent));
+                self.egress_nacks
+                    .insert((s.mid, s.rid), (s.nacks, resent, s.loss));
             }
             Event::Closed => {
                 info!("remote closed the connection");
