@@ -61,6 +61,9 @@ struct Setup {
     client_ping_timeout_ms: Option<u64>,
     /// Participants that record what they receive.
     record: Vec<usize>,
+    /// Participants with video retransmission (NACK/RTX) off
+    /// (`JoinOptions::retransmission`).
+    no_retransmission: Vec<usize>,
     /// Participants that join only when [`FocusCall::join_late`] is
     /// called (the last ones).
     late: usize,
@@ -165,6 +168,7 @@ impl FocusCall {
         o.create = (i == 0).then(CreateOptions::default);
         o.focus = Some(self.focus_ref.clone());
         o.media_faults = Some(self.faults[i].clone());
+        o.retransmission = !self.setup.no_retransmission.contains(&i);
         if let Some(ms) = self.setup.client_ping_timeout_ms {
             let mut core = CoreConfig::new("", "");
             core.focus_ping_timeout_ms = ms;
@@ -282,15 +286,19 @@ fn metric(text: &str, name: &str) -> u64 {
 
 /// Three subscribers lose 15 % of what reaches them: they NACK, the focus
 /// re-sends (counted at the focus), and their video keeps coming nearly as
-/// often as a clean subscriber's; what the lossy subscriber recorded
+/// often as a clean subscriber's, where a fourth with the same loss and
+/// retransmission off gets fewer frames; what a lossy subscriber recorded
 /// decodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lossy_subscribers_are_repaired_by_resends() {
-    const N: usize = 4;
+    const N: usize = 5;
     const LOSS: f64 = 0.15;
+    // p4: the control, lossy too, with retransmission off.
+    const CONTROL: usize = 4;
     let mut c = FocusCall::start(Setup {
         n: N,
         record: vec![1],
+        no_retransmission: vec![CONTROL],
         ..Setup::default()
     })
     .await;
@@ -299,7 +307,7 @@ async fn lossy_subscribers_are_repaired_by_resends() {
     let before = c.figures();
     let k0 = before.calls.first().map(|f| f.counters).unwrap_or_default();
 
-    // p1, p2 and p3 lose 15 % of their incoming datagrams; p0 does not.
+    // p1..p4 lose 15 % of their incoming datagrams; p0 does not.
     for i in 1..N {
         c.faults[i].set_loss_in(LOSS);
     }
@@ -313,9 +321,10 @@ async fn lossy_subscribers_are_repaired_by_resends() {
     // Video p0 -> p1 (lossy) vs p1 -> p0 (clean) and p2 -> p0: frames
     // received over the same window.
     let clean = c.frames(t_loss, 0, 1, TrackKind::Video);
-    let lossy: Vec<u64> = (1..N)
+    let lossy: Vec<u64> = (1..CONTROL)
         .map(|at| c.frames(t_loss, at, 0, TrackKind::Video))
         .collect();
+    let control = c.frames(t_loss, CONTROL, 0, TrackKind::Video);
     let lost: Vec<u64> = (1..N).map(|i| c.faults[i].counts().in_lost).collect();
     let k = after.calls.first().map(|f| f.counters).unwrap_or_default();
     let nacks = after.nacks_received - before.nacks_received;
@@ -324,7 +333,7 @@ async fn lossy_subscribers_are_repaired_by_resends() {
     let kf_out = k.keyframe_requests_sent - k0.keyframe_requests_sent;
     let kf_folded = k.keyframe_requests_coalesced - k0.keyframe_requests_coalesced;
     eprintln!(
-        "FIGURE media_path: {:.0} % incoming loss on 3 of {N} subscribers for {secs:.1} s: datagrams lost {lost:?}; at the focus {nacks} NACK messages received, {resends} packets re-sent; video frames from p0 at the lossy p1..p3 {lossy:?} vs p1's at the clean p0 {clean}",
+        "FIGURE media_path: {:.0} % incoming loss on 4 of {N} subscribers for {secs:.1} s: datagrams lost {lost:?}; at the focus {nacks} NACK messages received, {resends} packets re-sent; video frames from p0 at the lossy p1..p3 {lossy:?}, at the lossy p4 without retransmission {control}, p1's at the clean p0 {clean}",
         LOSS * 100.0
     );
     eprintln!(
@@ -342,6 +351,11 @@ async fn lossy_subscribers_are_repaired_by_resends() {
             i + 1
         );
     }
+    // Without the resends, the same loss costs frames.
+    assert!(
+        lossy.iter().all(|v| control < *v),
+        "p4 (no retransmission) {control} vs {lossy:?}"
+    );
     // The metrics say the same.
     let addr = c.focus.http_addr().expect("the focus's HTTP endpoint");
     let m = get(addr, "/metrics").await;
@@ -673,7 +687,13 @@ async fn a_black_holed_client_times_out_on_both_sides_and_comes_back() {
         f.departures
     );
     assert_eq!(client_gone.1, "focus_ping_timeout");
-    assert!(client_after <= TIMEOUT + MARGIN, "{client_after:?}");
+    // The timeout runs from the last ping heard (pings every second).
+    let earliest = TIMEOUT - Duration::from_millis(1100);
+    assert!(
+        client_after >= earliest && client_after <= TIMEOUT + MARGIN,
+        "{client_after:?}"
+    );
+    assert!(focus_after >= earliest, "{focus_after:?}");
     assert!(
         focus_after <= TIMEOUT + MARGIN + Duration::from_millis(500),
         "{focus_after:?}"
