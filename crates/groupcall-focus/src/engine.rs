@@ -294,6 +294,12 @@ struct State {
     /// New video subscriptions waiting for their first key frame: since
     /// when.
     keyframe_pending: HashMap<(ClientId, TrackId), Instant>,
+    /// Video egress that found no negotiated m-line at its subscriber, from
+    /// the packet being forwarded (reused: no allocation per packet).
+    unready_video: Vec<(ClientId, TrackId)>,
+    /// Video subscriptions whose key frame came before their m-line: a new
+    /// one is asked for when the m-line is ready.
+    keyframe_lost_unready: std::collections::HashSet<(ClientId, TrackId)>,
 }
 
 fn unix_ms() -> u64 {
@@ -353,6 +359,8 @@ impl State {
             nacks_retired: (0, 0),
             nacks_retired_by_call: HashMap::new(),
             keyframe_pending: HashMap::new(),
+            unready_video: Vec::new(),
+            keyframe_lost_unready: std::collections::HashSet::new(),
         }
     }
 
@@ -377,6 +385,7 @@ impl State {
             }
         }
         self.keyframe_pending.retain(|(c, _), _| *c != client);
+        self.keyframe_lost_unready.retain(|(c, _)| *c != client);
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -830,6 +839,14 @@ impl State {
                     .unwrap_or(0);
                 debug!(client = client.0, %mid, ssrc, "send track ready");
                 m.downs.insert(tid, (mid, ssrc));
+                // Its first key frame came too early: ask for another.
+                if self.keyframe_lost_unready.remove(&(client, tid))
+                    && let Err(e) = self
+                        .fwd
+                        .await_keyframe(Instant::now(), part(client), tid, true)
+                {
+                    debug!(client = client.0, "keyframe request: {e}");
+                }
             }
             PeerEvent::KeyframeRequested { mid, fir, .. } => {
                 let Some(ssrc) = self
@@ -919,6 +936,7 @@ impl State {
             clients,
             figures,
             keyframe_pending,
+            unready_video,
             ..
         } = self;
         fwd.handle_rtp(now, part(client), &input, &mut |e: Egress<'_>| {
@@ -928,6 +946,11 @@ impl State {
             };
             let Some(&(mid, _)) = sm.downs.get(&e.track) else {
                 figures.egress_unready += 1;
+                if e.kind == crate::forward::MediaKind::Video
+                    && !unready_video.contains(&(sub, e.track))
+                {
+                    unready_video.push((sub, e.track));
+                }
                 return;
             };
             // The received buffer itself when nothing changes; else one copy,
@@ -982,6 +1005,24 @@ impl State {
                 }),
             );
         });
+        if !self.unready_video.is_empty() {
+            self.after_unready_video(now);
+        }
+    }
+
+    /// Video the forwarder sent before the subscriber's m-line was
+    /// negotiated was lost: the subscription waits for a key frame again,
+    /// asked for once the m-line is ready.
+    fn after_unready_video(&mut self, now: Instant) {
+        while let Some((sub, tid)) = self.unready_video.pop() {
+            if self.fwd.await_keyframe(now, part(sub), tid, false).is_ok() {
+                debug!(
+                    subscriber = sub.0,
+                    "video before its m-line: waiting for a key frame again"
+                );
+                self.keyframe_lost_unready.insert((sub, tid));
+            }
+        }
     }
 
     fn on_forwarder(&mut self, o: crate::forward::Output) {

@@ -937,6 +937,39 @@ impl Forwarder {
         Ok(ssrc)
     }
 
+    /// Makes a subscriber's video subscription to `track` wait for a key
+    /// frame again (a new epoch, nothing forwarded before it), e.g. when
+    /// the driver could not deliver the one the forwarder sent (the
+    /// subscriber's m-line was not negotiated yet); with `request`, asks
+    /// the publisher for one (rate limited, like every request). Audio
+    /// subscriptions are left alone.
+    pub fn await_keyframe(
+        &mut self,
+        now: Instant,
+        subscriber: ParticipantId,
+        track: TrackId,
+        request: bool,
+    ) -> Result<(), ForwardError> {
+        let p = self
+            .participants
+            .get(&subscriber)
+            .ok_or(ForwardError::UnknownParticipant(subscriber))?;
+        let o = self.out_of(p, track).ok_or(ForwardError::NoSuchTrack)?;
+        let Some(out) = self.outs.get_mut(o) else {
+            return Err(ForwardError::NoSuchTrack);
+        };
+        if out.kind != MediaKind::Video || !out.active {
+            return Ok(());
+        }
+        out.waiting_keyframe = true;
+        out.resync = true;
+        let layer = out.layer;
+        if request {
+            self.request_keyframe(now, track, layer, false);
+        }
+        Ok(())
+    }
+
     /// Chooses the layer (simulcast encoding, by index) a subscriber
     /// receives of a track. A subscription still waiting for its first key
     /// frame moves at once; otherwise the current layer is forwarded until
