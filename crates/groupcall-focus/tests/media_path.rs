@@ -30,6 +30,7 @@ use groupcall::proto::{
 use groupcall_focus::config::Config;
 use groupcall_focus::driver::{FocusHandle, FocusService};
 use groupcall_focus::engine::{EngineCore, EngineFigures};
+use groupcall_focus::forward::Counters;
 use groupcall_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -241,6 +242,11 @@ impl FocusCall {
         self.figures.borrow().clone()
     }
 
+    /// The forwarder's counters of the (only) call, as last published.
+    fn counters(&self) -> Counters {
+        call_counters(&self.figures())
+    }
+
     async fn finish(self) {
         self.finish_with(|_| {}).await;
     }
@@ -259,6 +265,21 @@ impl FocusCall {
         self.focus.wait().await.unwrap();
         self.h.shutdown().await;
     }
+}
+
+/// The forwarder's counters of the first call in `f`.
+fn call_counters(f: &EngineFigures) -> Counters {
+    f.calls.first().map(|f| f.counters).unwrap_or_default()
+}
+
+/// Keyframe requests between two readings of the counters: (received from
+/// subscribers, sent to publishers, folded).
+fn keyframe_requests(k0: &Counters, k: &Counters) -> (u64, u64, u64) {
+    (
+        k.keyframe_requests_received - k0.keyframe_requests_received,
+        k.keyframe_requests_sent - k0.keyframe_requests_sent,
+        k.keyframe_requests_coalesced - k0.keyframe_requests_coalesced,
+    )
 }
 
 /// A plain HTTP/1.1 GET of the focus's endpoint: the body.
@@ -305,7 +326,7 @@ async fn lossy_subscribers_are_repaired_by_resends() {
     let t0 = c.t0;
     c.wait_media(t0, 90).await;
     let before = c.figures();
-    let k0 = before.calls.first().map(|f| f.counters).unwrap_or_default();
+    let k0 = call_counters(&before);
 
     // p1..p4 lose 15 % of their incoming datagrams; p0 does not.
     for i in 1..N {
@@ -326,12 +347,10 @@ async fn lossy_subscribers_are_repaired_by_resends() {
         .collect();
     let control = c.frames(t_loss, CONTROL, 0, TrackKind::Video);
     let lost: Vec<u64> = (1..N).map(|i| c.faults[i].counts().in_lost).collect();
-    let k = after.calls.first().map(|f| f.counters).unwrap_or_default();
+    let k = call_counters(&after);
     let nacks = after.nacks_received - before.nacks_received;
     let resends = after.nack_resends - before.nack_resends;
-    let kf_in = k.keyframe_requests_received - k0.keyframe_requests_received;
-    let kf_out = k.keyframe_requests_sent - k0.keyframe_requests_sent;
-    let kf_folded = k.keyframe_requests_coalesced - k0.keyframe_requests_coalesced;
+    let (kf_in, kf_out, kf_folded) = keyframe_requests(&k0, &k);
     eprintln!(
         "FIGURE media_path: {:.0} % incoming loss on 4 of {N} subscribers for {secs:.1} s: datagrams lost {lost:?}; at the focus {nacks} NACK messages received, {resends} packets re-sent; video frames from p0 at the lossy p1..p3 {lossy:?}, at the lossy p4 without retransmission {control}, p1's at the clean p0 {clean}",
         LOSS * 100.0
@@ -440,7 +459,7 @@ async fn a_new_subscriber_gets_its_first_keyframe_within_a_second() {
 
     // Everyone drops and takes back everyone else's media.
     let done_before = f.keyframe_waits.len();
-    let k0 = f.calls.first().map(|f| f.counters).unwrap_or_default();
+    let k0 = call_counters(&f);
     for p in &c.parts {
         p.commander
             .send(Command::FocusSubscriptions(Some(Vec::new())));
@@ -475,15 +494,7 @@ async fn a_new_subscriber_gets_its_first_keyframe_within_a_second() {
         "longest first-keyframe wait {max:?}"
     );
     c.wait_media(Instant::now(), 30).await;
-    let k = c
-        .figures()
-        .calls
-        .first()
-        .map(|f| f.counters)
-        .unwrap_or_default();
-    let kf_in = k.keyframe_requests_received - k0.keyframe_requests_received;
-    let kf_out = k.keyframe_requests_sent - k0.keyframe_requests_sent;
-    let kf_folded = k.keyframe_requests_coalesced - k0.keyframe_requests_coalesced;
+    let (kf_in, kf_out, kf_folded) = keyframe_requests(&k0, &c.counters());
     // The resubscriptions' own keyframe requests (one per new video
     // subscription) were folded per track too.
     eprintln!(
@@ -508,26 +519,13 @@ async fn plis_from_many_subscribers_reach_the_publisher_coalesced() {
     .await;
     let t0 = c.t0;
     c.wait_media(t0, 90).await;
-    let k0 = c
-        .figures()
-        .calls
-        .first()
-        .map(|f| f.counters)
-        .unwrap_or_default();
+    let k0 = c.counters();
     c.faults[0].set_loss_out(0.05);
     let t = Instant::now();
     c.h.log.run_for(Duration::from_secs(10)).await;
     c.faults[0].set_loss_out(0.0);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let k = c
-        .figures()
-        .calls
-        .first()
-        .map(|f| f.counters)
-        .unwrap_or_default();
-    let kf_in = k.keyframe_requests_received - k0.keyframe_requests_received;
-    let kf_out = k.keyframe_requests_sent - k0.keyframe_requests_sent;
-    let kf_folded = k.keyframe_requests_coalesced - k0.keyframe_requests_coalesced;
+    let (kf_in, kf_out, kf_folded) = keyframe_requests(&k0, &c.counters());
     let lost = c.faults[0].counts().out_lost;
     let video: Vec<u64> = (1..N)
         .map(|at| c.frames(t, at, 0, TrackKind::Video))
@@ -579,12 +577,7 @@ async fn a_throttled_subscriber_does_not_slow_the_others() {
     let t_before = Instant::now();
     c.h.log.run_for(window).await;
     let before = rates(&mut c, t_before);
-    let k0 = c
-        .figures()
-        .calls
-        .first()
-        .map(|f| f.counters)
-        .unwrap_or_default();
+    let k0 = c.counters();
 
     // p3's link: 250 kbit/s in.
     c.faults[3].set_rate_in_kbps(Some(CAP_KBPS));
@@ -608,7 +601,7 @@ async fn a_throttled_subscriber_does_not_slow_the_others() {
     }
     // The focus noticed and stopped p3's video.
     let f = c.figures();
-    let k = f.calls.first().map(|f| f.counters).unwrap_or_default();
+    let k = call_counters(&f);
     let dropped = k.drops.congestion_video - k0.drops.congestion_video;
     eprintln!(
         "FIGURE media_path: the focus stopped p3's video {} time(s) ({} video packets not sent to it), {} subscriber(s) stopped now",
