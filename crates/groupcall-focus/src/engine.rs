@@ -158,6 +158,29 @@ pub struct EngineFigures {
     pub congestion_episodes: u64,
     /// Subscribers whose video is stopped so now.
     pub congested_subscribers: usize,
+    /// The forwarder's totals since the start (every call, ended ones
+    /// included).
+    pub totals: Counters,
+}
+
+impl EngineFigures {
+    /// Packets dropped since the start, by the reason `/metrics` names
+    /// (`drops_total{reason}`): the forwarder's reasons, `unready` (no
+    /// negotiated m-line at the subscriber yet) and `socket_busy` (the
+    /// socket could not take a datagram at once).
+    pub fn drops(&self) -> [(&'static str, u64); 8] {
+        let d = &self.totals.drops;
+        [
+            ("malformed", d.malformed),
+            ("unknown_source", d.unknown_source),
+            ("awaiting_keyframe", d.awaiting_keyframe),
+            ("congestion_video", d.congestion_video),
+            ("congestion_audio", d.congestion_audio),
+            ("before_epoch", d.before_epoch),
+            ("unready", self.egress_unready),
+            ("socket_busy", self.send_dropped),
+        ]
+    }
 }
 
 /// How many of the latest first-keyframe waits
@@ -475,6 +498,7 @@ impl State {
             .values()
             .filter(|m| m.loss_guard.dropping())
             .count();
+        f.totals = self.fwd.counters();
         f.uploads = self
             .clients
             .keys()
@@ -1161,6 +1185,8 @@ pub struct EngineCore {
     outputs: Option<mpsc::UnboundedReceiver<crate::driver::CoreOutput>>,
     /// Refusals already counted into the metrics, by reason.
     refusals_reported: BTreeMap<String, u64>,
+    /// Drops already counted into the metrics, by reason.
+    drops_reported: BTreeMap<&'static str, u64>,
     figures: watch::Sender<EngineFigures>,
 }
 
@@ -1173,6 +1199,7 @@ impl EngineCore {
             engine: None,
             outputs: None,
             refusals_reported: BTreeMap::new(),
+            drops_reported: BTreeMap::new(),
             figures: watch::Sender::new(EngineFigures::default()),
         }
     }
@@ -1301,6 +1328,13 @@ impl crate::driver::FocusCore for EngineCore {
             while *done < *n {
                 metrics.add_refusal(reason);
                 *done += 1;
+            }
+        }
+        for (reason, n) in f.drops() {
+            let done = self.drops_reported.entry(reason).or_default();
+            if n > *done {
+                metrics.add_drops(reason, n - *done);
+                *done = n;
             }
         }
         for c in &f.calls {

@@ -335,7 +335,7 @@ async fn lossy_subscribers_are_repaired_by_resends() {
     let t_loss = Instant::now();
     c.h.log.run_for(Duration::from_secs(12)).await;
     // Let the last stats reach the figures.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.h.log.run_for(Duration::from_millis(1500)).await;
     let after = c.figures();
     let secs = t_loss.elapsed().as_secs_f64();
 
@@ -370,9 +370,11 @@ async fn lossy_subscribers_are_repaired_by_resends() {
             i + 1
         );
     }
-    // Without the resends, the same loss costs frames.
+    // Without the resends, the same loss costs frames (at least 8 % fewer
+    // than the lossy subscribers' mean; 16-20 % in three runs).
+    let mean = lossy.iter().sum::<u64>() as f64 / lossy.len() as f64;
     assert!(
-        lossy.iter().all(|v| control < *v),
+        (control as f64) < mean * 0.92,
         "p4 (no retransmission) {control} vs {lossy:?}"
     );
     // The metrics say the same.
@@ -524,7 +526,7 @@ async fn plis_from_many_subscribers_reach_the_publisher_coalesced() {
     let t = Instant::now();
     c.h.log.run_for(Duration::from_secs(10)).await;
     c.faults[0].set_loss_out(0.0);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    c.h.log.run_for(Duration::from_millis(600)).await;
     let (kf_in, kf_out, kf_folded) = keyframe_requests(&k0, &c.counters());
     let lost = c.faults[0].counts().out_lost;
     let video: Vec<u64> = (1..N)
@@ -609,6 +611,17 @@ async fn a_throttled_subscriber_does_not_slow_the_others() {
     );
     assert!(f.congestion_episodes >= 1, "the focus stopped p3's video");
     assert!(dropped > 0);
+    // Counted in /metrics (published every 500 ms: wait for it).
+    let addr = c.focus.http_addr().expect("the focus's HTTP endpoint");
+    c.h.log.run_for(Duration::from_millis(1200)).await;
+    let m = get(addr, "/metrics").await;
+    assert!(
+        metric(
+            &m,
+            "groupcall_focus_drops_total{reason=\"congestion_video\"}"
+        ) > 0,
+        "{m}"
+    );
     // Its audio comes through again while its video is stopped (the
     // focus tries video again after 4 s, then 8 s...: measured over the
     // next stretch, those tries included).
