@@ -31,8 +31,8 @@ use crate::focus::{
     SendTrack, TrackKind,
 };
 use crate::forward::{
-    CallId, Codec, Counters, Egress, ForwardError, Forwarder, ForwarderConfig, KeyframeKind,
-    LayerSpec, ParticipantId, RtpIn, TrackId, TrackKey, TrackSpec,
+    CallId, Codec, Congestion, Counters, Egress, ForwardError, Forwarder, ForwarderConfig,
+    KeyframeKind, LayerSpec, LossGuard, ParticipantId, RtpIn, TrackId, TrackKey, TrackSpec,
 };
 
 /// The engine's settings.
@@ -120,6 +120,15 @@ pub struct CallFigures {
     pub subscriptions: usize,
     /// The forwarder's counters.
     pub counters: Counters,
+    /// RTCP NACK messages received from the call's subscribers (each may
+    /// name several packets), as str0m counts them (reports once a
+    /// second). The forwarder's `counters.nacks_*` stay 0 with this
+    /// driver: str0m answers NACKs from its own per-subscriber send
+    /// buffer, before they reach the forwarder's cache.
+    pub nacks_received: u64,
+    /// Packets str0m re-sent (RTX) in answer to those NACKs (a lower
+    /// bound, see `groupcall_media::PeerStats::rtp_resent`).
+    pub nack_resends: u64,
 }
 
 /// The engine's figures (metrics, the demo's report, tests).
@@ -146,7 +155,59 @@ pub struct EngineFigures {
     pub last_subscription_change: Option<Instant>,
     /// Our offers that yielded to a client's crossing one (glare).
     pub offers_yielded: u64,
+    /// NACK messages received from subscribers, all calls since the start
+    /// (see [`CallFigures::nacks_received`]).
+    pub nacks_received: u64,
+    /// Packets re-sent in answer to NACKs, all calls since the start (see
+    /// [`CallFigures::nack_resends`]).
+    pub nack_resends: u64,
+    /// For the latest new video subscriptions (at most
+    /// [`KEYFRAME_WAITS_KEPT`], oldest first): the time from the
+    /// subscription starting at the forwarder to the first key frame
+    /// handed to the subscriber's peer.
+    pub keyframe_waits: Vec<Duration>,
+    /// The longest of all such waits since the start.
+    pub keyframe_wait_max: Option<Duration>,
+    /// New video subscriptions still waiting for their first key frame.
+    pub keyframe_waits_pending: usize,
+    /// Times a subscriber's video was stopped because its receiver
+    /// reported heavy loss (a link too slow for it; see
+    /// [`crate::forward::loss`]); its audio goes on.
+    pub congestion_episodes: u64,
+    /// Subscribers whose video is stopped so now.
+    pub congested_subscribers: usize,
+    /// The forwarder's totals since the start (every call, ended ones
+    /// included).
+    pub totals: Counters,
 }
+
+impl EngineFigures {
+    /// Packets dropped since the start, by the reason `/metrics` names
+    /// (`drops_total{reason}`): the forwarder's reasons, `unready` (no
+    /// negotiated m-line at the subscriber yet) and `socket_busy` (the
+    /// socket could not take a datagram at once).
+    pub fn drops(&self) -> [(&'static str, u64); 8] {
+        let d = &self.totals.drops;
+        [
+            ("malformed", d.malformed),
+            ("unknown_source", d.unknown_source),
+            ("awaiting_keyframe", d.awaiting_keyframe),
+            ("congestion_video", d.congestion_video),
+            ("congestion_audio", d.congestion_audio),
+            ("before_epoch", d.before_epoch),
+            ("unready", self.egress_unready),
+            ("socket_busy", self.send_dropped),
+        ]
+    }
+}
+
+/// How many of the latest first-keyframe waits
+/// [`EngineFigures::keyframe_waits`] keeps.
+pub const KEYFRAME_WAITS_KEPT: usize = 64;
+
+/// How often the engine asks each client's peer for its counters (NACKs,
+/// resends).
+const PEER_STATS_EVERY: Duration = Duration::from_secs(1);
 
 /// A running engine.
 #[derive(Debug)]
@@ -245,6 +306,7 @@ enum Pending {
     Accept,
     Offer,
     Channel,
+    Stats,
 }
 
 #[derive(Debug, Default)]
@@ -259,6 +321,11 @@ struct ClientMedia {
     ext_seq: HashMap<Mid, u64>,
     /// The send tracks of the offer being made or last made.
     send_tracks: Vec<SendTrack>,
+    /// The peer's NACK messages received and packets resent, as of its
+    /// last stats.
+    nacks: (u64, u64),
+    /// Drops its video while its receiver reports heavy loss.
+    loss_guard: LossGuard,
 }
 
 struct State {
@@ -277,6 +344,19 @@ struct State {
     figures: EngineFigures,
     /// Datagrams to send, filled by the peer set, drained by the loop.
     transmits: Vec<(SocketAddr, Vec<u8>)>,
+    /// NACKs and resends of clients that left: in all, and by call (so
+    /// that a call's counts never go down).
+    nacks_retired: (u64, u64),
+    nacks_retired_by_call: HashMap<CallId, (u64, u64)>,
+    /// New video subscriptions waiting for their first key frame: since
+    /// when.
+    keyframe_pending: HashMap<(ClientId, TrackId), Instant>,
+    /// Video egress that found no negotiated m-line at its subscriber, from
+    /// the packet being forwarded (reused: no allocation per packet).
+    unready_video: Vec<(ClientId, TrackId)>,
+    /// Video subscriptions whose key frame came before their m-line: a new
+    /// one is asked for when the m-line is ready.
+    keyframe_lost_unready: std::collections::HashSet<(ClientId, TrackId)>,
 }
 
 fn unix_ms() -> u64 {
@@ -335,7 +415,36 @@ impl State {
                 ..Default::default()
             },
             transmits: Vec::new(),
+            nacks_retired: (0, 0),
+            nacks_retired_by_call: HashMap::new(),
+            keyframe_pending: HashMap::new(),
+            unready_video: Vec::new(),
+            keyframe_lost_unready: std::collections::HashSet::new(),
         }
+    }
+
+    /// Asks every client's peer for its counters.
+    fn request_peer_stats(&mut self) {
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        for c in ids {
+            self.request(c, Some(Pending::Stats), Request::Stats);
+        }
+    }
+
+    /// A client's media state goes: its NACK counts stay in the totals,
+    /// its first-keyframe waits end.
+    fn retire_client(&mut self, client: ClientId) {
+        if let Some(m) = self.clients.remove(&client) {
+            self.nacks_retired.0 += m.nacks.0;
+            self.nacks_retired.1 += m.nacks.1;
+            if let Some(call) = m.call {
+                let r = self.nacks_retired_by_call.entry(call).or_default();
+                r.0 += m.nacks.0;
+                r.1 += m.nacks.1;
+            }
+        }
+        self.keyframe_pending.retain(|(c, _), _| *c != client);
+        self.keyframe_lost_unready.retain(|(c, _)| *c != client);
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -401,6 +510,14 @@ impl State {
                     .filter_map(|c| self.clients.get(c))
                     .map(|m| m.downs.len())
                     .sum();
+                let retired = call
+                    .and_then(|c| self.nacks_retired_by_call.get(&c))
+                    .copied()
+                    .unwrap_or_default();
+                let (nacks_received, nack_resends) = ids
+                    .iter()
+                    .filter_map(|c| self.clients.get(c))
+                    .fold(retired, |(a, b), m| (a + m.nacks.0, b + m.nacks.1));
                 CallFigures {
                     room_id,
                     conf_id,
@@ -410,11 +527,26 @@ impl State {
                     counters: call
                         .and_then(|c| self.fwd.call_counters(c).copied())
                         .unwrap_or_default(),
+                    nacks_received,
+                    nack_resends,
                 }
             })
             .collect();
         f.subscriptions = self.focus.subscription_count();
         f.offers_yielded = self.focus.offers_yielded();
+        let live = self
+            .clients
+            .values()
+            .fold((0, 0), |(a, b), m| (a + m.nacks.0, b + m.nacks.1));
+        f.nacks_received = self.nacks_retired.0 + live.0;
+        f.nack_resends = self.nacks_retired.1 + live.1;
+        f.keyframe_waits_pending = self.keyframe_pending.len();
+        f.congested_subscribers = self
+            .clients
+            .values()
+            .filter(|m| m.loss_guard.dropping())
+            .count();
+        f.totals = self.fwd.counters();
         f.uploads = self
             .clients
             .keys()
@@ -500,7 +632,7 @@ impl State {
             } => {
                 info!(client = client.0, %device, %reason, "client left");
                 *self.figures.departures.entry(reason).or_default() += 1;
-                self.clients.remove(&client);
+                self.retire_client(client);
             }
             FocusOutput::Refused { device, reason } => {
                 info!(%device, %reason, "invite turned down");
@@ -586,22 +718,40 @@ impl State {
                 subscriber, track, ..
             } => {
                 debug!(subscriber = subscriber.0, stream = %track.stream_id, track = %track.track_id, "subscribe");
-                self.fwd
-                    .subscribe(
-                        now,
-                        part(subscriber),
-                        &TrackKey::new(track.stream_id, track.track_id),
-                    )
-                    .map(|_| ())
+                let key = TrackKey::new(track.stream_id, track.track_id);
+                let was = self.fwd.is_subscribed(part(subscriber), &key);
+                let r = self.fwd.subscribe(now, part(subscriber), &key).map(|_| ());
+                // A new video subscription: timed until its first key frame.
+                let tid = self
+                    .clients
+                    .get(&subscriber)
+                    .and_then(|m| m.call)
+                    .and_then(|c| self.fwd.track_by_key(c, &key));
+                if let Some(tid) = tid
+                    && r.is_ok()
+                    && !was
+                    && self.fwd.track_kind(tid) == Some(crate::forward::MediaKind::Video)
+                {
+                    self.keyframe_pending.insert((subscriber, tid), now);
+                }
+                r
             }
             ForwardChange::Unsubscribe {
                 subscriber, track, ..
-            } => self.fwd.unsubscribe(
-                part(subscriber),
-                &TrackKey::new(track.stream_id, track.track_id),
-            ),
+            } => {
+                let key = TrackKey::new(track.stream_id, track.track_id);
+                if let Some(tid) = self
+                    .clients
+                    .get(&subscriber)
+                    .and_then(|m| m.call)
+                    .and_then(|c| self.fwd.track_by_key(c, &key))
+                {
+                    self.keyframe_pending.remove(&(subscriber, tid));
+                }
+                self.fwd.unsubscribe(part(subscriber), &key)
+            }
             ForwardChange::RemoveClient { client } => {
-                self.clients.remove(&client);
+                self.retire_client(client);
                 self.fwd.remove_participant(part(client))
             }
         };
@@ -640,6 +790,21 @@ impl State {
         };
         let now = unix_ms();
         let ev = match (what, answer) {
+            (Pending::Stats, Ok(Reply::Stats(s))) => {
+                if let Some(m) = self.clients.get_mut(&client) {
+                    m.nacks = (s.nacks_received, s.rtp_resent);
+                    let loss = s.egress_loss_permille;
+                    if let Some(c) = m.loss_guard.report(Instant::now(), loss) {
+                        info!(client = client.0, ?loss, congestion = ?c, "subscriber congestion (receiver-reported loss)");
+                        if c == Congestion::Video {
+                            self.figures.congestion_episodes += 1;
+                        }
+                        self.fwd.set_congestion(part(client), c);
+                    }
+                }
+                return;
+            }
+            (Pending::Stats, _) => return,
             (Pending::Accept, Ok(Reply::Sdp(sdp))) => MediaIn::Answer { sdp },
             (Pending::Offer, Ok(Reply::Sdp(sdp))) => MediaIn::Offer { sdp },
             (Pending::Channel, Err(e)) => {
@@ -747,6 +912,14 @@ impl State {
                     .unwrap_or(0);
                 debug!(client = client.0, %mid, ssrc, "send track ready");
                 m.downs.insert(tid, (mid, ssrc));
+                // Its first key frame came too early: ask for another.
+                if self.keyframe_lost_unready.remove(&(client, tid))
+                    && let Err(e) = self
+                        .fwd
+                        .await_keyframe(Instant::now(), part(client), tid, true)
+                {
+                    debug!(client = client.0, "keyframe request: {e}");
+                }
             }
             PeerEvent::KeyframeRequested { mid, fir, .. } => {
                 let Some(ssrc) = self
@@ -829,11 +1002,14 @@ impl State {
             }),
             payload: &p.payload,
         };
+        let keyframe_start = p.keyframe_start;
         let Self {
             fwd,
             set,
             clients,
             figures,
+            keyframe_pending,
+            unready_video,
             ..
         } = self;
         fwd.handle_rtp(now, part(client), &input, &mut |e: Egress<'_>| {
@@ -843,6 +1019,11 @@ impl State {
             };
             let Some(&(mid, _)) = sm.downs.get(&e.track) else {
                 figures.egress_unready += 1;
+                if e.kind == crate::forward::MediaKind::Video
+                    && !unready_video.contains(&(sub, e.track))
+                {
+                    unready_video.push((sub, e.track));
+                }
                 return;
             };
             // The received buffer itself when nothing changes; else one copy,
@@ -865,6 +1046,19 @@ impl State {
             let ext = extend_seq(sm.ext_seq.get(&mid).copied(), e.header.seq);
             sm.ext_seq.insert(mid, ext);
             let video = e.kind == crate::forward::MediaKind::Video;
+            if video
+                && keyframe_start
+                && !keyframe_pending.is_empty()
+                && let Some(t0) = keyframe_pending.remove(&(sub, e.track))
+            {
+                let wait = now.saturating_duration_since(t0);
+                debug!(subscriber = sub.0, ?wait, "first key frame forwarded");
+                if figures.keyframe_waits.len() >= KEYFRAME_WAITS_KEPT {
+                    figures.keyframe_waits.remove(0);
+                }
+                figures.keyframe_waits.push(wait);
+                figures.keyframe_wait_max = figures.keyframe_wait_max.max(Some(wait));
+            }
             set.request(
                 now,
                 peer(sub),
@@ -884,6 +1078,24 @@ impl State {
                 }),
             );
         });
+        if !self.unready_video.is_empty() {
+            self.after_unready_video(now);
+        }
+    }
+
+    /// Video the forwarder sent before the subscriber's m-line was
+    /// negotiated was lost: the subscription waits for a key frame again,
+    /// asked for once the m-line is ready.
+    fn after_unready_video(&mut self, now: Instant) {
+        while let Some((sub, tid)) = self.unready_video.pop() {
+            if self.fwd.await_keyframe(now, part(sub), tid, false).is_ok() {
+                debug!(
+                    subscriber = sub.0,
+                    "video before its m-line: waiting for a key frame again"
+                );
+                self.keyframe_lost_unready.insert((sub, tid));
+            }
+        }
     }
 
     fn on_forwarder(&mut self, o: crate::forward::Output) {
@@ -955,7 +1167,12 @@ async fn run(
 ) {
     let mut buf = vec![0u8; 2048];
     let mut figures_at = Instant::now();
+    let mut stats_at = Instant::now();
     loop {
+        if stats_at.elapsed() >= PEER_STATS_EVERY {
+            stats_at = Instant::now();
+            state.request_peer_stats();
+        }
         if figures_at.elapsed() >= Duration::from_millis(500) {
             figures_at = Instant::now();
             figures.send_replace(state.figures());
@@ -1024,6 +1241,8 @@ pub struct EngineCore {
     outputs: Option<mpsc::UnboundedReceiver<crate::driver::CoreOutput>>,
     /// Refusals already counted into the metrics, by reason.
     refusals_reported: BTreeMap<String, u64>,
+    /// Drops already counted into the metrics, by reason.
+    drops_reported: BTreeMap<&'static str, u64>,
     figures: watch::Sender<EngineFigures>,
     /// The engine's inputs: made here so that they can be handed out
     /// before it starts; the receiver goes to the engine.
@@ -1041,6 +1260,7 @@ impl EngineCore {
             engine: None,
             outputs: None,
             refusals_reported: BTreeMap::new(),
+            drops_reported: BTreeMap::new(),
             figures: watch::Sender::new(EngineFigures::default()),
             inputs,
             inputs_rx: Some(inputs_rx),
@@ -1208,6 +1428,13 @@ impl crate::driver::FocusCore for EngineCore {
                 *done += 1;
             }
         }
+        for (reason, n) in f.drops() {
+            let done = self.drops_reported.entry(reason).or_default();
+            if n > *done {
+                metrics.add_drops(reason, n - *done);
+                *done = n;
+            }
+        }
         for c in &f.calls {
             let k = &c.counters;
             metrics.set_call(
@@ -1219,8 +1446,14 @@ impl crate::driver::FocusCore for EngineCore {
                     bytes_in: k.bytes_in,
                     packets_out: k.packets_out,
                     bytes_out: k.bytes_out,
-                    nacks_served: k.nacks_served,
+                    // str0m answers NACKs (from its per-subscriber send
+                    // buffer) before they reach the forwarder's cache:
+                    // both counts, whichever served them.
+                    nacks_served: k.nacks_served + c.nack_resends,
                     plis_sent: k.keyframe_requests_sent,
+                    nacks_received: c.nacks_received,
+                    keyframe_requests_received: k.keyframe_requests_received,
+                    keyframe_requests_coalesced: k.keyframe_requests_coalesced,
                 },
             );
         }

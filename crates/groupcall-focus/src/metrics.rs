@@ -15,11 +15,11 @@
 //! | `calls` | gauge | |
 //! | `participants`, `tracks` | gauge | |
 //! | `packets_in_total`, `bytes_in_total`, `packets_out_total`, `bytes_out_total` | counter | |
-//! | `nacks_served_total`, `plis_sent_total` | counter | |
+//! | `nacks_served_total`, `plis_sent_total`, `nacks_received_total`, `keyframe_requests_received_total`, `keyframe_requests_coalesced_total` | counter | |
 //! | `drops_total` | counter | `reason` |
 //! | `refusals_total` | counter | `reason` |
 //! | `call_participants`, `call_tracks` | gauge | `call` |
-//! | `call_packets_in_total`, `call_bytes_in_total`, `call_packets_out_total`, `call_bytes_out_total`, `call_nacks_served_total`, `call_plis_sent_total` | counter | `call` |
+//! | `call_packets_in_total`, `call_bytes_in_total`, `call_packets_out_total`, `call_bytes_out_total`, `call_nacks_served_total`, `call_plis_sent_total`, `call_nacks_received_total`, `call_keyframe_requests_received_total`, `call_keyframe_requests_coalesced_total` | counter | `call` |
 //!
 //! The unlabelled counters cover every call since the start, ended ones
 //! included ([`Metrics::remove_call`] folds an ended call's figures into
@@ -36,7 +36,8 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const PREFIX: &str = "groupcall_focus_";
 
 /// The figures of one call, as the forwarder counts them. Counters
-/// (`packets_*`, `bytes_*`, `nacks_served`, `plis_sent`) are cumulative
+/// (`packets_*`, `bytes_*`, `nacks_*`, `plis_sent`, `keyframe_requests_*`)
+/// are cumulative
 /// since the call started at the focus; `participants` and `tracks` are
 /// the current numbers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,6 +58,14 @@ pub struct CallFigures {
     pub nacks_served: u64,
     /// Keyframe requests (PLI/FIR) sent to publishers.
     pub plis_sent: u64,
+    /// NACK messages received from subscribers (one message may name
+    /// several packets).
+    pub nacks_received: u64,
+    /// Keyframe requests (PLI/FIR) received from subscribers.
+    pub keyframe_requests_received: u64,
+    /// Keyframe requests (from subscribers, or for new subscriptions)
+    /// folded into one already sent or pending toward the publisher.
+    pub keyframe_requests_coalesced: u64,
 }
 
 impl CallFigures {
@@ -71,6 +80,11 @@ impl CallFigures {
             bytes_out: self.bytes_out + o.bytes_out,
             nacks_served: self.nacks_served + o.nacks_served,
             plis_sent: self.plis_sent + o.plis_sent,
+            nacks_received: self.nacks_received + o.nacks_received,
+            keyframe_requests_received: self.keyframe_requests_received
+                + o.keyframe_requests_received,
+            keyframe_requests_coalesced: self.keyframe_requests_coalesced
+                + o.keyframe_requests_coalesced,
         }
     }
 }
@@ -252,7 +266,7 @@ impl Metrics {
 
 /// The per-call counters: name (without `_total`), help, value.
 type CounterField = (&'static str, &'static str, fn(&CallFigures) -> u64);
-const COUNTERS: [CounterField; 6] = [
+const COUNTERS: [CounterField; 9] = [
     ("packets_in", "Packets received from participants", |f| {
         f.packets_in
     }),
@@ -272,6 +286,21 @@ const COUNTERS: [CounterField; 6] = [
         "plis_sent",
         "Keyframe requests (PLI/FIR) sent to publishers",
         |f| f.plis_sent,
+    ),
+    (
+        "nacks_received",
+        "NACK messages received from subscribers",
+        |f| f.nacks_received,
+    ),
+    (
+        "keyframe_requests_received",
+        "Keyframe requests (PLI/FIR) received from subscribers",
+        |f| f.keyframe_requests_received,
+    ),
+    (
+        "keyframe_requests_coalesced",
+        "Keyframe requests folded into one already sent or pending toward the publisher",
+        |f| f.keyframe_requests_coalesced,
     ),
 ];
 
@@ -370,11 +399,14 @@ mod tests {
                 "groupcall_focus_bytes_out_total 0",
                 "groupcall_focus_nacks_served_total 0",
                 "groupcall_focus_plis_sent_total 0",
+                "groupcall_focus_nacks_received_total 0",
+                "groupcall_focus_keyframe_requests_received_total 0",
+                "groupcall_focus_keyframe_requests_coalesced_total 0",
             ]
         );
         // Every family has its HELP and TYPE, in that order.
-        assert_eq!(text.matches("# HELP ").count(), 21);
-        assert_eq!(text.matches("# TYPE ").count(), 21);
+        assert_eq!(text.matches("# HELP ").count(), 27);
+        assert_eq!(text.matches("# TYPE ").count(), 27);
     }
 
     #[test]
@@ -393,6 +425,9 @@ mod tests {
                 bytes_out: 20_000,
                 nacks_served: 4,
                 plis_sent: 1,
+                nacks_received: 7,
+                keyframe_requests_received: 9,
+                keyframe_requests_coalesced: 5,
             },
         );
         m.set_call(
@@ -453,6 +488,15 @@ groupcall_focus_nacks_served_total 4
 # HELP groupcall_focus_plis_sent_total Keyframe requests (PLI/FIR) sent to publishers, over all calls since the start.
 # TYPE groupcall_focus_plis_sent_total counter
 groupcall_focus_plis_sent_total 1
+# HELP groupcall_focus_nacks_received_total NACK messages received from subscribers, over all calls since the start.
+# TYPE groupcall_focus_nacks_received_total counter
+groupcall_focus_nacks_received_total 7
+# HELP groupcall_focus_keyframe_requests_received_total Keyframe requests (PLI/FIR) received from subscribers, over all calls since the start.
+# TYPE groupcall_focus_keyframe_requests_received_total counter
+groupcall_focus_keyframe_requests_received_total 9
+# HELP groupcall_focus_keyframe_requests_coalesced_total Keyframe requests folded into one already sent or pending toward the publisher, over all calls since the start.
+# TYPE groupcall_focus_keyframe_requests_coalesced_total counter
+groupcall_focus_keyframe_requests_coalesced_total 5
 # HELP groupcall_focus_drops_total Packets dropped, by reason.
 # TYPE groupcall_focus_drops_total counter
 groupcall_focus_drops_total{reason="queue_full"} 3
@@ -492,6 +536,18 @@ groupcall_focus_call_nacks_served_total{call="!b:x/c\"2\\\n"} 0
 # TYPE groupcall_focus_call_plis_sent_total counter
 groupcall_focus_call_plis_sent_total{call="!a:x/c1"} 1
 groupcall_focus_call_plis_sent_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_nacks_received_total NACK messages received from subscribers, per call.
+# TYPE groupcall_focus_call_nacks_received_total counter
+groupcall_focus_call_nacks_received_total{call="!a:x/c1"} 7
+groupcall_focus_call_nacks_received_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_keyframe_requests_received_total Keyframe requests (PLI/FIR) received from subscribers, per call.
+# TYPE groupcall_focus_call_keyframe_requests_received_total counter
+groupcall_focus_call_keyframe_requests_received_total{call="!a:x/c1"} 9
+groupcall_focus_call_keyframe_requests_received_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_keyframe_requests_coalesced_total Keyframe requests folded into one already sent or pending toward the publisher, per call.
+# TYPE groupcall_focus_call_keyframe_requests_coalesced_total counter
+groupcall_focus_call_keyframe_requests_coalesced_total{call="!a:x/c1"} 5
+groupcall_focus_call_keyframe_requests_coalesced_total{call="!b:x/c\"2\\\n"} 0
 "#;
         let got = m.render();
         for (i, (g, e)) in got.lines().zip(expected.lines()).enumerate() {

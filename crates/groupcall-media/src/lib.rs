@@ -52,6 +52,9 @@ mod turn;
 mod types;
 
 pub use ice::{IceServer, IceTransport, IceUrl, IceUrlError, IceUrlScheme};
+/// Test only (cargo feature `faults`): the media fault layer.
+#[cfg(feature = "faults")]
+pub use peer::faults::{MediaFaultCounts, MediaFaultOptions, MediaFaults};
 pub use peer::set::{PeerId, PeerSet, RequestId, SetInput, SetOutput, Transmit};
 pub use peer::{
     Answer, DATA_CHANNEL_LABEL, MAX_CHANNEL_MESSAGE, MediaError, MediaHost, MediaPeer, Mid,

@@ -217,6 +217,16 @@ pub struct PeerStats {
     /// answers them from its send buffer for packets written `nackable`),
     /// as of str0m's last egress report (once a second).
     pub nacks_received: u64,
+    /// Forwarding peers: RTP packets str0m re-sent from its send buffer in
+    /// answer to those NACKs (its count of packets sent on our local
+    /// m-lines less the packets written on them, as of the same report:
+    /// a lower bound while packets are queued).
+    pub rtp_resent: u64,
+    /// Forwarding peers: the highest fraction of packets lost, in per
+    /// mille, that the remote's receiver reports gave for one of our local
+    /// streams since str0m's report before (None: no receiver report in
+    /// that second).
+    pub egress_loss_permille: Option<u16>,
     /// Data channel messages dropped on receipt (binary, not UTF-8, or on
     /// another channel than the first one opened).
     pub channel_messages_dropped: u64,

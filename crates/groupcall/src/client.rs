@@ -115,6 +115,12 @@ pub struct JoinOptions {
     /// to-device messages.
     #[cfg(feature = "faults")]
     pub faults: Option<FaultOptions>,
+    /// Test only (cargo feature `faults`): the fault layer of our media
+    /// UDP (loss, an incoming rate cap, a black hole), see
+    /// [`groupcall_media::MediaFaults`]; keep a clone to change it during
+    /// the call.
+    #[cfg(feature = "faults")]
+    pub media_faults: Option<groupcall_media::MediaFaults>,
     /// When the room has no call (and `create` is `None`), wait for one to
     /// start and join it, instead of failing with
     /// [`CommandError::NoCallToJoin`]. The call's start is the first event
@@ -160,6 +166,8 @@ impl JoinOptions {
             liveness: LivenessOptions::default(),
             #[cfg(feature = "faults")]
             faults: None,
+            #[cfg(feature = "faults")]
+            media_faults: None,
             wait_for_call: false,
             retransmission: true,
             stun_timeout: Duration::from_millis(1500),
@@ -1321,8 +1329,16 @@ impl Driver {
         if let Some(h) = &self.media_host {
             return Ok(h.clone());
         }
-        let h = groupcall_media::MediaHost::spawn(&self.opts.bind_addrs)
-            .map_err(|e| format!("media sockets: {e}"))?;
+        #[cfg(feature = "faults")]
+        let h = match &self.opts.media_faults {
+            Some(f) => {
+                groupcall_media::MediaHost::spawn_with_faults(&self.opts.bind_addrs, f.clone())
+            }
+            None => groupcall_media::MediaHost::spawn(&self.opts.bind_addrs),
+        };
+        #[cfg(not(feature = "faults"))]
+        let h = groupcall_media::MediaHost::spawn(&self.opts.bind_addrs);
+        let h = h.map_err(|e| format!("media sockets: {e}"))?;
         info!(sockets = h.socket_count(), addrs = ?h.local_addrs(), "media host");
         self.media_host = Some(h.clone());
         Ok(h)

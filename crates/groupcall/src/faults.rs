@@ -4,6 +4,10 @@
 //! `faults` (the test kit, `groupcall-testkit`, turns it on; the product
 //! does not), active only when [`crate::JoinOptions::faults`] is set: for
 //! tests of the protocol's robustness against a misbehaving transport.
+//!
+//! The media path has a fault layer of its own (loss, an incoming rate cap,
+//! a black hole on the participant's media UDP, changeable during the
+//! call): [`MediaFaults`], set with [`crate::JoinOptions::media_faults`].
 
 use std::time::Duration;
 
@@ -12,6 +16,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use crate::matrix::{MatrixInput, MatrixSession};
+
+pub use groupcall_media::{MediaFaultCounts, MediaFaultOptions, MediaFaults};
 
 /// What to do to signalling messages; each message gets at most one fault.
 #[derive(Debug, Clone, PartialEq)]

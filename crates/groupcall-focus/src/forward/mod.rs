@@ -33,6 +33,7 @@
 //!   unaffected.
 
 mod cache;
+pub mod loss;
 mod rewrite;
 pub mod rtp;
 mod slab;
@@ -48,6 +49,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 pub use cache::{Cached, PacketCache};
+pub use loss::{LossGuard, LossGuardConfig};
 use rewrite::Rewriter;
 pub use rtp::{AudioLevel, RtpIn, RtpOut, RtpParseError};
 use slab::{Key, Slab};
@@ -478,12 +480,18 @@ struct Call {
     speaker: SpeakerState,
 }
 
-/// How much of a subscriber's media is dropped for congestion.
+/// How much of a subscriber's media is dropped for congestion
+/// ([`Forwarder::set_congestion`], or from the backlog,
+/// [`Forwarder::set_backlog`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-enum Congestion {
+#[non_exhaustive]
+pub enum Congestion {
+    /// Nothing dropped.
     #[default]
     None,
+    /// Its video is dropped (resumed at a key frame).
     Video,
+    /// Its audio too.
     All,
 }
 
@@ -832,6 +840,24 @@ impl Forwarder {
     }
 
     /// The outgoing stream (active or paused) of a participant for a track.
+    /// Whether `subscriber` has an active subscription to the track named
+    /// `key` in its call.
+    pub fn is_subscribed(&self, subscriber: ParticipantId, key: &TrackKey) -> bool {
+        let Ok(track) = self.track_in_call_of(subscriber, key) else {
+            return false;
+        };
+        self.participants
+            .get(&subscriber)
+            .and_then(|p| self.out_of(p, track))
+            .and_then(|o| self.outs.get(o))
+            .is_some_and(|o| o.active)
+    }
+
+    /// The kind of a published track.
+    pub fn track_kind(&self, track: TrackId) -> Option<MediaKind> {
+        self.tracks.get(track).map(|t| t.codec.kind())
+    }
+
     fn out_of(&self, p: &Participant, track: TrackId) -> Option<Key> {
         p.outs
             .iter()
@@ -909,6 +935,39 @@ impl Forwarder {
             self.request_keyframe(now, track, layer, false);
         }
         Ok(ssrc)
+    }
+
+    /// Makes a subscriber's video subscription to `track` wait for a key
+    /// frame again (a new epoch, nothing forwarded before it), e.g. when
+    /// the driver could not deliver the one the forwarder sent (the
+    /// subscriber's m-line was not negotiated yet); with `request`, asks
+    /// the publisher for one (rate limited, like every request). Audio
+    /// subscriptions are left alone.
+    pub fn await_keyframe(
+        &mut self,
+        now: Instant,
+        subscriber: ParticipantId,
+        track: TrackId,
+        request: bool,
+    ) -> Result<(), ForwardError> {
+        let p = self
+            .participants
+            .get(&subscriber)
+            .ok_or(ForwardError::UnknownParticipant(subscriber))?;
+        let o = self.out_of(p, track).ok_or(ForwardError::NoSuchTrack)?;
+        let Some(out) = self.outs.get_mut(o) else {
+            return Err(ForwardError::NoSuchTrack);
+        };
+        if out.kind != MediaKind::Video || !out.active {
+            return Ok(());
+        }
+        out.waiting_keyframe = true;
+        out.resync = true;
+        let layer = out.layer;
+        if request {
+            self.request_keyframe(now, track, layer, false);
+        }
+        Ok(())
     }
 
     /// Chooses the layer (simulcast encoding, by index) a subscriber
@@ -1004,6 +1063,16 @@ impl Forwarder {
         } else {
             Congestion::None
         };
+        self.set_congestion(subscriber, c);
+    }
+
+    /// Sets how much of a subscriber's media is dropped, for a driver
+    /// that judges congestion otherwise than by a backlog (e.g. from the
+    /// loss its receiver reports). The last of this and
+    /// [`Forwarder::set_backlog`] holds. Others are not affected; dropped
+    /// streams resume as a new epoch (video at a key frame, asked for once
+    /// the congestion ends).
+    pub fn set_congestion(&mut self, subscriber: ParticipantId, c: Congestion) {
         let Some(p) = self.participants.get_mut(&subscriber) else {
             return;
         };

@@ -416,6 +416,36 @@ fn new_video_subscriber_waits_for_a_keyframe_and_requests_one() {
 }
 
 #[test]
+fn a_keyframe_the_driver_could_not_deliver_is_asked_for_again() {
+    let mut h = H::new();
+    h.f.subscribe(h.at(0), B, &vkey()).unwrap();
+    let track = h.f.track_by_key(CALL, &vkey()).unwrap();
+    assert_eq!(h.outputs().len(), 1);
+    // The key frame goes out, but the driver has nowhere to put it yet.
+    h.frame(30, V_SSRC, 1, 1, true);
+    let lost = h.take(B, MediaKind::Video);
+    assert_eq!(lost.len(), 2);
+    h.f.await_keyframe(h.at(31), B, track, false).unwrap();
+    assert!(h.outputs().is_empty(), "no request without asking");
+    h.frame(40, V_SSRC, 3, 2, false);
+    assert!(h.sent.is_empty(), "nothing before the next key frame");
+    // The subscriber's m-line is ready: a request at once (the key frame
+    // that arrived reset the rate limit).
+    h.f.await_keyframe(h.at(50), B, track, true).unwrap();
+    assert_eq!(h.outputs().len(), 1);
+    h.frame(90, V_SSRC, 5, 3, true);
+    let got = h.take(B, MediaKind::Video);
+    assert_eq!(got.len(), 2, "the new key frame and its continuation");
+    assert_continues(&lost[1], &got[0]);
+    // Audio and unknown subscriptions are left alone / refused.
+    let audio = h.f.track_by_key(CALL, &akey()).unwrap();
+    assert!(h.f.await_keyframe(h.at(100), B, audio, true).is_err());
+    h.f.subscribe(h.at(100), C, &akey()).unwrap();
+    h.f.await_keyframe(h.at(100), C, audio, true).unwrap();
+    assert!(h.outputs().is_empty());
+}
+
+#[test]
 fn keyframe_requests_from_many_subscribers_are_coalesced() {
     let mut h = H::new();
     let subs: Vec<ParticipantId> = (100..110).map(ParticipantId).collect();

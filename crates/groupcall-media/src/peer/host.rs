@@ -100,10 +100,25 @@ impl MediaHost {
     /// [`crate::bind`]) and starts the task. Must be called within a tokio
     /// runtime.
     pub fn spawn(bind_addrs: &[IpAddr]) -> Result<MediaHost, MediaError> {
-        Self::spawn_inner(bind_addrs, false)
+        Self::spawn_inner(bind_addrs, false, None)
     }
 
-    fn spawn_inner(bind_addrs: &[IpAddr], close_when_empty: bool) -> Result<MediaHost, MediaError> {
+    /// Test only (cargo feature `faults`): [`MediaHost::spawn`] with a fault
+    /// layer between its sockets and its peers (loss, an incoming rate cap,
+    /// a black hole), changed at run time through `faults` (keep a clone).
+    #[cfg(feature = "faults")]
+    pub fn spawn_with_faults(
+        bind_addrs: &[IpAddr],
+        faults: super::faults::MediaFaults,
+    ) -> Result<MediaHost, MediaError> {
+        Self::spawn_inner(bind_addrs, false, Some(faults))
+    }
+
+    fn spawn_inner(
+        bind_addrs: &[IpAddr],
+        close_when_empty: bool,
+        faults: Option<Faults>,
+    ) -> Result<MediaHost, MediaError> {
         let addrs = expand_bind_addrs(bind_addrs);
         if addrs.is_empty() {
             return Err(MediaError::NoLocalAddress);
@@ -153,6 +168,7 @@ impl MediaHost {
             next_request: 1,
             ungathered: Vec::new(),
             shared: shared.clone(),
+            faults,
         };
         tokio::spawn(task.run());
         Ok(MediaHost {
@@ -246,6 +262,36 @@ struct HostTask {
     /// Peers whose handles wait for `gathering_complete`.
     ungathered: Vec<Arc<AtomicBool>>,
     shared: Arc<Shared>,
+    /// Test only: the fault layer (always `None` without the feature).
+    #[cfg_attr(not(feature = "faults"), allow(dead_code))]
+    faults: Option<Faults>,
+}
+
+/// The fault layer's handle, or nothing without the `faults` feature.
+#[cfg(feature = "faults")]
+type Faults = super::faults::MediaFaults;
+#[cfg(not(feature = "faults"))]
+type Faults = std::convert::Infallible;
+
+impl HostTask {
+    /// Whether the fault layer lets an incoming datagram through (always,
+    /// without the `faults` feature).
+    fn pass_in(&self, _now: Instant, _len: usize) -> bool {
+        #[cfg(feature = "faults")]
+        if let Some(f) = &self.faults {
+            return f.pass_in(_now, _len);
+        }
+        true
+    }
+
+    /// Whether the fault layer lets an outgoing datagram go.
+    fn pass_out(&self) -> bool {
+        #[cfg(feature = "faults")]
+        if let Some(f) = &self.faults {
+            return f.pass_out();
+        }
+        true
+    }
 }
 
 enum Wake {
@@ -301,7 +347,9 @@ impl HostTask {
                     self.set.close(now);
                 }
                 Wake::Packet(i, Ok((n, from))) => {
-                    if let (Some(&local), Some(data)) = (self.addrs.get(i), buf.get(..n)) {
+                    if self.pass_in(now, n)
+                        && let (Some(&local), Some(data)) = (self.addrs.get(i), buf.get(..n))
+                    {
                         self.set
                             .handle_input(now, SetInput::Datagram { local, from, data });
                     }
@@ -313,6 +361,9 @@ impl HostTask {
                         let Ok((n, from)) = s.try_recv_from(&mut buf) else {
                             break;
                         };
+                        if !self.pass_in(Instant::now(), n) {
+                            continue;
+                        }
                         if let (Some(&local), Some(data)) = (self.addrs.get(i), buf.get(..n)) {
                             self.set.handle_input(
                                 Instant::now(),
@@ -417,6 +468,9 @@ impl HostTask {
                         trace!(source = %t.source, "transmit from an unknown address");
                         continue;
                     };
+                    if !self.pass_out() {
+                        continue;
+                    }
                     if let Err(e) = s.send_to(&t.contents, t.destination).await {
                         trace!(dest = %t.destination, error = %e, "UDP send failed");
                     }
@@ -517,7 +571,7 @@ impl MediaPeer {
     /// Must be called within a tokio runtime. Peers of one participant
     /// should share a host instead ([`MediaHost::new_peer`]).
     pub async fn new(config: PeerConfig) -> Result<(MediaPeer, PeerEvents), MediaError> {
-        let host = MediaHost::spawn_inner(&config.bind_addrs, true)?;
+        let host = MediaHost::spawn_inner(&config.bind_addrs, true, None)?;
         host.new_peer(config)
     }
 

@@ -813,10 +813,19 @@ struct PeerState {
     channel_dropped: u64,
     /// Forwarding mode: NACKs received per sent stream, as of str0m's
     /// last egress stats (its counts are totals).
-    egress_nacks: HashMap<(Mid, Option<Rid>), u64>,
+    /// And the packets resent (str0m's packets sent on the m-line less the
+    /// packets written on it, as of that report), and the loss the
+    /// receiver reported since the report before: (NACKs, resent, loss).
+    egress_nacks: HashMap<(Mid, Option<Rid>), EgressReport>,
 }
 
+/// What str0m's last egress report of one sent stream said: NACKs
+/// received, packets resent, receiver-reported loss.
+type EgressReport = (u64, u64, Option<f32>);
+
 mod channel;
+#[cfg(feature = "faults")]
+pub mod faults;
 mod gather;
 pub mod host;
 mod negotiate;

@@ -602,7 +602,14 @@ impl PeerState {
             relays: Vec::new(),
             gathering_time: self.gathering_time,
             rtp_write_dropped: self.rtp_write_dropped,
-            nacks_received: self.egress_nacks.values().sum(),
+            nacks_received: self.egress_nacks.values().map(|v| v.0).sum(),
+            rtp_resent: self.egress_nacks.values().map(|v| v.1).sum(),
+            egress_loss_permille: self
+                .egress_nacks
+                .values()
+                .filter_map(|v| v.2)
+                .map(|l| (l.clamp(0.0, 1.0) * 1000.0).round() as u16)
+                .max(),
             channel_messages_dropped: self.channel_dropped,
         }
     }

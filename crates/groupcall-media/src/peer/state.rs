@@ -143,7 +143,18 @@ impl PeerState {
             Event::ChannelData(d) => self.on_channel_data(d.id, d.binary, d.data),
             Event::ChannelClose(id) => self.on_channel_close(id),
             Event::MediaEgressStats(s) => {
-                self.egress_nacks.insert((s.mid, s.rid), s.nacks);
+                // str0m's count of packets sent includes its RTX resends;
+                // what we wrote on the m-line is the rest (packets still
+                // queued make this a lower bound).
+                let written: u64 = self
+                    .tracks
+                    .iter()
+                    .filter(|t| t.mid == Some(s.mid))
+                    .map(|t| t.sent.frames)
+                    .sum();
+                let resent = s.packets.saturating_sub(written);
+                self.egress_nacks
+                    .insert((s.mid, s.rid), (s.nacks, resent, s.loss));
             }
             Event::Closed => {
                 info!("remote closed the connection");
