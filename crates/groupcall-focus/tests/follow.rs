@@ -111,7 +111,11 @@ async fn a_following_client_joins_the_members_focus_and_moves_with_them() {
         t0.elapsed().as_secs_f64()
     );
 
-    // p0 and p1 move to B: p2 follows.
+    // p0 and p1 move to B: p2 follows. Until it does, p0 and p1 (at B) and
+    // p2 (at A) are at different foci and call each other in the mesh; those
+    // calls end when p2 arrives at B, and an answer of p2's to a call
+    // already hung up is ignored: expected here.
+    h.allow_anomaly("ignored m.call.answer");
     let t_move = Instant::now();
     parts[0].commander.send(Command::SetFocus(Some(b.clone())));
     parts[1].commander.send(Command::SetFocus(Some(b.clone())));
