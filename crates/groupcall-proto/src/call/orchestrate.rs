@@ -250,6 +250,10 @@ impl GroupCall {
                 self.set_focus_subscriptions(only);
                 Ok(())
             }
+            Command::FocusRecentSpeakers(n) => {
+                self.set_focus_recent_speakers(n);
+                Ok(())
+            }
         }
     }
 
