@@ -4,9 +4,12 @@
 //! participant, and every client of the call hears of it over the data
 //! channel (`m.call.active_speaker`, `CallEvent::ActiveSpeaker`). A client
 //! in recent-speakers mode (N = 1) then receives the camera video of the
-//! current speaker only, and everyone's audio.
+//! current speaker only, and everyone's audio. Chromium (libwebrtc) sends
+//! the levels natively: the focus names it too, and it is told.
 //!
-//! Run with `cargo test -p groupcall-focus --test speaker -- --nocapture`.
+//! Run with `cargo test -p groupcall-focus --test speaker -- --nocapture`
+//! (the Chromium test needs `interop/node_modules` and Chromium, as
+//! `tests/chromium.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![recursion_limit = "256"]
 
@@ -280,6 +283,60 @@ async fn with_one_recent_speaker_only_the_speakers_video_comes_and_everyones_aud
         audio.iter().all(|a| *a >= 50),
         "everyone's audio: {audio:?}"
     );
+    leave_all(parts).await;
+    focus.stop().await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chromium_client_takes_over_as_speaker_from_its_own_levels_and_is_told() {
+    require_chromium();
+    let mut h = Harness::new().await;
+    for n in ["amy", "bob", "chr"] {
+        h.register(n).await;
+    }
+    let amy = h.login("amy").await;
+    let bob = h.login("bob").await;
+    let focus = RunningFocus::start(&h, &amy).await;
+    let room = focus.room.clone();
+    let focus_arg = format!("{}/{}", focus.device.user_id, focus.device.device_id);
+    let t0 = h.log.mark();
+    // amy sends the tone, bob no audio: amy is the speaker.
+    let clients = vec![("amy", amy), ("bob", bob)];
+    let no_audio = |i: usize, o: &mut groupcall::client::JoinOptions| {
+        if i == 1 {
+            o.audio = AudioSource::None;
+        }
+    };
+    let (gc, parts) = join_through_focus_with(&mut h, &focus, clients, |_| None, no_audio).await;
+    let amy_dev = gc[0].dev.clone();
+    wait_speaker(&mut h, &gc, t0, &amy_dev, 90).await;
+    // The Chromium client joins (its fake microphone beeps: loud in
+    // bursts, quiet between them) and is told at once that amy speaks.
+    let args = ["--focus", &focus_arg, "--candidate-ip", "127.0.0.1"];
+    let chr = h.spawn_js("chr", "focus-client.mjs", &room, &args);
+    let chr_dev = h.js_device(chr).await;
+    h.log
+        .wait_for("the Chromium client to be told amy speaks", 60, |s| {
+            js_saw(s, t0, chr, "active_speaker", |v| about(v, &amy_dev))
+        })
+        .await;
+    // amy is muted: the beeping Chromium client takes over.
+    let t_change = h.log.mark();
+    parts[0].commander.send(Command::SetAudioMuted(true));
+    let told = wait_speaker(&mut h, &gc, t_change, &chr_dev, 30).await;
+    let t_chr = h
+        .log
+        .wait_for("the Chromium client to be told it speaks", 30, |s| {
+            js_saw(s, t_change, chr, "active_speaker", |v| about(v, &chr_dev))
+        })
+        .await;
+    let last = told.iter().copied().chain([t_chr]).max().unwrap_or(t0);
+    eprintln!(
+        "FIGURE speaker: the Chromium client (libwebrtc's own audio levels, a beeping fake microphone) named the active speaker at both groupcall clients and at itself {} ms after the tone before it was muted",
+        ms(t_change, last)
+    );
+    h.quit_js(chr).await;
     leave_all(parts).await;
     focus.stop().await;
     h.shutdown().await;
