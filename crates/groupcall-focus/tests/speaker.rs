@@ -76,11 +76,12 @@ async fn wait_speaker(
     }
 }
 
-/// Registers and logs in `names`, starts the focus (invited by the first)
-/// and joins them all through it; `options(i, o)` adjusts the options of
-/// the `i`th.
+/// Registers `names` and `others`, starts the focus (invited by the first
+/// of `names`) and joins `names` through it; `options(i, o)` adjusts the
+/// options of the `i`th.
 async fn call(
     names: &[&str],
+    others: &[&str],
     options: impl Fn(usize, &mut groupcall::client::JoinOptions),
 ) -> (
     Harness,
@@ -90,7 +91,7 @@ async fn call(
     Instant,
 ) {
     let mut h = Harness::new().await;
-    for n in names {
+    for n in names.iter().chain(others) {
         h.register(n).await;
     }
     let mut clients = Vec::new();
@@ -106,7 +107,7 @@ async fn call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_participant_is_told_who_speaks() {
-    let (mut h, focus, members, parts, t0) = call(&["p0", "p1", "p2"], |_, _| {}).await;
+    let (mut h, focus, members, parts, t0) = call(&["p0", "p1", "p2"], &[], |_, _| {}).await;
     let dev = |i: usize| members[i].dev.clone();
     // p0 and p2 are muted: p1's tone makes p1 the speaker.
     parts[0].commander.send(Command::SetAudioMuted(true));
@@ -208,7 +209,7 @@ async fn with_one_recent_speaker_only_the_speakers_video_comes_and_everyones_aud
         env!("CARGO_MANIFEST_DIR"),
         "/../groupcall-media/media/tone.ogg"
     ));
-    let (mut h, focus, members, parts, t0) = call(&["p0", "p1", "p2", "p3"], |i, o| match i {
+    let (mut h, focus, members, parts, t0) = call(&["p0", "p1", "p2", "p3"], &[], |i, o| match i {
         0 => {
             let mut core = Config::new("", "");
             core.focus_recent_speakers = Some(1);
@@ -291,24 +292,15 @@ async fn with_one_recent_speaker_only_the_speakers_video_comes_and_everyones_aud
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_chromium_client_takes_over_as_speaker_from_its_own_levels_and_is_told() {
     require_chromium();
-    let mut h = Harness::new().await;
-    for n in ["amy", "bob", "chr"] {
-        h.register(n).await;
-    }
-    let amy = h.login("amy").await;
-    let bob = h.login("bob").await;
-    let focus = RunningFocus::start(&h, &amy).await;
-    let room = focus.room.clone();
-    let focus_arg = format!("{}/{}", focus.device.user_id, focus.device.device_id);
-    let t0 = h.log.mark();
     // amy sends the tone, bob no audio: amy is the speaker.
-    let clients = vec![("amy", amy), ("bob", bob)];
     let no_audio = |i: usize, o: &mut groupcall::client::JoinOptions| {
         if i == 1 {
             o.audio = AudioSource::None;
         }
     };
-    let (gc, parts) = join_through_focus_with(&mut h, &focus, clients, |_| None, no_audio).await;
+    let (mut h, focus, gc, parts, t0) = call(&["amy", "bob"], &["chr"], no_audio).await;
+    let room = focus.room.clone();
+    let focus_arg = format!("{}/{}", focus.device.user_id, focus.device.device_id);
     let amy_dev = gc[0].dev.clone();
     wait_speaker(&mut h, &gc, t0, &amy_dev, 90).await;
     // The Chromium client joins (its fake microphone beeps: loud in
