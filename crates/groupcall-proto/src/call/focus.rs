@@ -232,12 +232,7 @@ impl GroupCall {
     /// the mode is off).
     fn video_speakers(&self) -> Option<BTreeSet<DeviceKey>> {
         let n = self.cfg.focus_recent_speakers?;
-        let offered = |d: &DeviceKey| {
-            self.focus_link.available.values().any(|s| {
-                s.user_id.as_deref() == Some(d.user_id.as_str())
-                    && s.device_id.as_deref() == Some(d.device_id.as_str())
-            })
-        };
+        let offered = |d: &DeviceKey| self.focus_link.available.values().any(|s| owned_by(s, d));
         Some(
             self.focus_link
                 .recent_speakers
@@ -264,17 +259,13 @@ impl GroupCall {
         let Some(key) = self.open_focus() else { return };
         let only = self.focus_link.only.clone();
         let speakers = self.video_speakers();
-        let is = |s: &dc::StreamMetadata, d: &DeviceKey| {
-            s.user_id.as_deref() == Some(d.user_id.as_str())
-                && s.device_id.as_deref() == Some(d.device_id.as_str())
-        };
         let wanted: BTreeSet<TrackRef> = self
             .focus_link
             .available
             .iter()
             .filter(|(_, s)| {
                 only.as_ref()
-                    .is_none_or(|only| only.iter().any(|d| is(s, d)))
+                    .is_none_or(|only| only.iter().any(|d| owned_by(s, d)))
             })
             .flat_map(|(stream_id, s)| {
                 // In recent-speakers mode a camera stream of someone else
@@ -282,7 +273,7 @@ impl GroupCall {
                 let audio_only = s.purpose == crate::events::FeedPurpose::Usermedia
                     && speakers
                         .as_ref()
-                        .is_some_and(|sp| !sp.iter().any(|d| is(s, d)));
+                        .is_some_and(|sp| !sp.iter().any(|d| owned_by(s, d)));
                 s.tracks
                     .iter()
                     .filter(move |(_, t)| !(audio_only && t.kind == Some(dc::MediaKind::Video)))
@@ -446,4 +437,10 @@ impl GroupCall {
             });
         }
     }
+}
+
+/// Whether the focus's metadata names `d` as the publisher of stream `s`.
+fn owned_by(s: &dc::StreamMetadata, d: &DeviceKey) -> bool {
+    s.user_id.as_deref() == Some(d.user_id.as_str())
+        && s.device_id.as_deref() == Some(d.device_id.as_str())
 }
