@@ -245,6 +245,11 @@ async function start(opts) {
         }).catch((e) => emit({ event: "call_error", code: "negotiate", message: errorMessage(e) }));
         break;
       }
+      case "m.call.active_speaker":
+        // groupcall's own message (docs/protocol.md, "The active speaker"):
+        // whom the focus names as speaking; empty content for nobody.
+        emit({ event: "active_speaker", user_id: content.user_id ?? null, device_id: content.device_id ?? null, stream_id: content.stream_id ?? null });
+        break;
       default:
         if (opts.logSignalling) emit({ event: "channel_ignored", type: type ?? null });
     }

@@ -357,6 +357,12 @@ pub struct JoinArgs {
     /// follow them when they move; --focus is then only the preferred one.
     #[arg(long)]
     pub follow_foci: bool,
+
+    /// With --focus: receive the camera video of only the N most recent
+    /// active speakers the focus names (everyone's audio and screenshares
+    /// still come). Also on stdin: `speakers N`, `speakers all`.
+    #[arg(long, value_name = "N", requires = "focus")]
+    pub recent_speakers: Option<usize>,
 }
 
 /// `m.intent` of a new call.
@@ -612,6 +618,10 @@ mod tests {
                 .audio_source()
                 .is_err()
         );
+        let a = join(&["--focus", "@sfu:localhost/SFU", "--recent-speakers", "2"]).unwrap();
+        assert_eq!(a.recent_speakers, Some(2));
+        assert!(join(&["--recent-speakers", "2"]).is_err(), "needs --focus");
+        assert!(join(&["--focus", "@sfu:localhost/SFU", "--recent-speakers", "-1"]).is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub enum Line {
 }
 
 /// The commands, for help texts.
-pub const HELP: &str = "mute audio | unmute audio | mute video | unmute video | screenshare on | screenshare off | leave";
+pub const HELP: &str = "mute audio | unmute audio | mute video | unmute video | screenshare on | screenshare off | speakers N | speakers all | leave";
 
 /// Parses one line; an unknown line is an error message.
 pub fn parse(line: &str) -> Result<Line, String> {
@@ -32,6 +32,11 @@ pub fn parse(line: &str) -> Result<Line, String> {
         ["unmute", "video"] => Line::Call(Command::SetVideoMuted(false)),
         ["screenshare", "on"] => Line::Call(Command::Screenshare(true)),
         ["screenshare", "off"] => Line::Call(Command::Screenshare(false)),
+        // Through a focus: the camera video of the N most recent speakers.
+        ["speakers", "all"] => Line::Call(Command::FocusRecentSpeakers(None)),
+        ["speakers", n] if n.parse::<usize>().is_ok() => {
+            Line::Call(Command::FocusRecentSpeakers(n.parse().ok()))
+        }
         ["leave"] => Line::Leave,
         _ => {
             return Err(format!(
@@ -93,6 +98,16 @@ mod tests {
             Ok(Line::Call(Command::Screenshare(false)))
         );
         assert_eq!(parse("leave"), Ok(Line::Leave));
+        assert_eq!(
+            parse("speakers 2"),
+            Ok(Line::Call(Command::FocusRecentSpeakers(Some(2))))
+        );
+        assert_eq!(
+            parse("Speakers ALL"),
+            Ok(Line::Call(Command::FocusRecentSpeakers(None)))
+        );
+        assert!(parse("speakers -1").is_err());
+        assert!(parse("speakers many").is_err());
         assert!(
             parse("dance")
                 .unwrap_err()

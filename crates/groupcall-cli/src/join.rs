@@ -69,6 +69,11 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     opts.wait_for_call = args.wait;
     opts.focus = args.focus.clone();
     opts.follow_foci = args.follow_foci;
+    if args.recent_speakers.is_some() {
+        let mut core = groupcall::proto::Config::new("", "");
+        core.focus_recent_speakers = args.recent_speakers;
+        opts.core = Some(core);
+    }
 
     let handle = tokio::select! {
         r = join_call(session, opts) => r.map_err(|e| explain(e, &args))?,

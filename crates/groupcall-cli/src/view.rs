@@ -74,6 +74,8 @@ pub struct View {
     screenshare: bool,
     participants: BTreeMap<DeviceKey, Participant>,
     recent: VecDeque<String>,
+    /// The active speaker our focus named last.
+    speaker: Option<DeviceKey>,
 }
 
 const RECENT: usize = 8;
@@ -91,6 +93,7 @@ impl View {
             screenshare: false,
             participants: BTreeMap::new(),
             recent: VecDeque::new(),
+            speaker: None,
         }
     }
 
@@ -242,6 +245,12 @@ impl View {
                 "call {call_id} started ({})",
                 intent.as_ref().map_or("m.prompt", |i| i.as_str())
             )),
+            CallEvent::ActiveSpeaker { device, .. } => {
+                self.speaker = device.clone();
+                // Shown in the table (a star), not as a line: it may change
+                // every second.
+                None
+            }
             other => Some(format!("{other:?}")),
         }
     }
@@ -271,7 +280,7 @@ impl View {
         let _ = writeln!(
             s,
             "{:<44} {:<13} {:>10} {:>10}  feeds",
-            "participant", "peer", "in kbit/s", "out kbit/s"
+            "participant (* speaks)", "peer", "in kbit/s", "out kbit/s"
         );
         if self.participants.is_empty() {
             let _ = writeln!(s, "(nobody else in the call)");
@@ -295,7 +304,16 @@ impl View {
             let _ = writeln!(
                 s,
                 "{:<44} {:<13} {:>10.1} {:>10.1}  {}",
-                format!("{} {}", device.user_id, device.device_id),
+                format!(
+                    "{}{} {}",
+                    if self.speaker.as_ref() == Some(device) {
+                        "* "
+                    } else {
+                        ""
+                    },
+                    device.user_id,
+                    device.device_id
+                ),
                 p.state,
                 rx / 1000.0,
                 tx / 1000.0,
@@ -399,6 +417,26 @@ mod tests {
         assert!(text.contains("100.0"), "{text}");
         assert!(text.contains("200.0"), "{text}");
         assert!(text.contains("usermedia(audio muted, video on)"), "{text}");
+        // The active speaker our focus names is starred.
+        assert!(
+            v.event(
+                &ClientEvent::Call(CallEvent::ActiveSpeaker {
+                    device: Some(bob.clone()),
+                    stream_id: Some("st".into())
+                }),
+                t1
+            )
+            .is_none()
+        );
+        assert!(v.render(t1, false).contains("* @bob:localhost BOBDEV"));
+        v.event(
+            &ClientEvent::Call(CallEvent::ActiveSpeaker {
+                device: None,
+                stream_id: None,
+            }),
+            t1,
+        );
+        assert!(!v.render(t1, false).contains("* @bob"));
         v.event(
             &ClientEvent::Call(CallEvent::ParticipantLeft {
                 device: bob,

@@ -1126,7 +1126,18 @@ impl State {
                 );
             }
             crate::forward::Output::ActiveSpeakerChanged { call, participant } => {
-                info!(?call, speaker = ?participant.map(|p| p.0), "active speaker");
+                // To the orchestration, which tells the call's clients.
+                if let Some((room, conf)) = self
+                    .calls
+                    .iter()
+                    .find_map(|(k, id)| (*id == call).then_some(k))
+                {
+                    self.focus.handle_active_speaker(
+                        room,
+                        conf,
+                        participant.map(|p| ClientId(p.0)),
+                    );
+                }
             }
         }
     }

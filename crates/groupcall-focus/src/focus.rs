@@ -28,7 +28,10 @@
 //!   at once ([`ForwardChange::RemoveClient`]) and the others' offers are
 //!   renegotiated without its tracks;
 //! - the focus is the polite side: a client's offer that crosses ours wins
-//!   (the media layer rolls ours back), and ours is made again afterwards.
+//!   (the media layer rolls ours back), and ours is made again afterwards;
+//! - the active speaker the forwarder names ([`Focus::handle_active_speaker`])
+//!   goes to every client of the call as `m.call.active_speaker`, and to a
+//!   client whose channel opens later.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -352,6 +355,8 @@ pub struct Focus {
     out: VecDeque<FocusOutput>,
     /// Our offers that yielded to a client's crossing one (glare).
     offers_yielded: u64,
+    /// The active speaker of each call, as last announced.
+    speakers: BTreeMap<(String, String), Option<ClientId>>,
 }
 
 /// Refusals the homeserver's lag can explain: the caller's member event or
@@ -387,6 +392,7 @@ impl Focus {
             draining: false,
             out: VecDeque::new(),
             offers_yielded: 0,
+            speakers: BTreeMap::new(),
         }
     }
 
@@ -735,6 +741,7 @@ impl Focus {
                     c.heartbeat = hb.ok();
                 }
                 self.send_metadata(client);
+                self.send_speaker(client);
                 self.pump_heartbeat(now, client);
             }
             MediaIn::ChannelMessage { text } => self.channel_message(now, client, &text),
@@ -1047,7 +1054,7 @@ impl Focus {
                     .entry(st.track.stream_id.clone())
                     .or_insert_with(|| stream_entry(p, &st.track.stream_id));
                 e.tracks
-                    .insert(st.track.track_id.clone(), dc::TrackMetadata::default());
+                    .insert(st.track.track_id.clone(), track_entry(&st.track));
             }
         }
         meta
@@ -1065,8 +1072,7 @@ impl Focus {
                 let e = meta
                     .entry(t.stream_id.clone())
                     .or_insert_with(|| stream_entry(p, &t.stream_id));
-                e.tracks
-                    .insert(t.track_id.clone(), dc::TrackMetadata::default());
+                e.tracks.insert(t.track_id.clone(), track_entry(t));
             }
         }
         meta
@@ -1198,7 +1204,92 @@ impl Focus {
             .map(|(id, _)| *id);
         if let Some(peer) = peer {
             self.broadcast_metadata(peer);
+        } else {
+            // The call is over here: so is its speaker.
+            self.speakers.remove(&(c.room_id, c.conf_id));
         }
+    }
+
+    // ------------------------------------------------------------------
+    // Active speaker
+
+    /// The forwarder named a new active speaker of the call `conf_id` in
+    /// `room_id` (`None`: nobody, e.g. the speaker left). Every client of
+    /// that call whose data channel is open is sent `m.call.active_speaker`
+    /// (the speaker too); a client whose channel opens later is sent the
+    /// current one. A speaker that is not a client of that call is ignored
+    /// (logged); the same speaker again sends nothing.
+    pub fn handle_active_speaker(
+        &mut self,
+        room_id: &str,
+        conf_id: &str,
+        speaker: Option<ClientId>,
+    ) {
+        let in_call = |c: &Client| c.room_id == room_id && c.conf_id == conf_id;
+        if !self.clients.values().any(in_call) {
+            debug!(%room_id, %conf_id, "active speaker of a call with no client; ignored");
+            return;
+        }
+        if let Some(s) = speaker
+            && !self.clients.get(&s).is_some_and(in_call)
+        {
+            debug!(%room_id, %conf_id, client = s.0, "active speaker not in that call; ignored");
+            return;
+        }
+        let key = (room_id.to_owned(), conf_id.to_owned());
+        if self.speakers.get(&key) == Some(&speaker) {
+            return;
+        }
+        self.speakers.insert(key, speaker);
+        info!(
+            %room_id,
+            %conf_id,
+            speaker = ?speaker.and_then(|s| self.device_of(s)).map(ToString::to_string),
+            "active speaker"
+        );
+        let ids: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| in_call(c))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.send_speaker(id);
+        }
+    }
+
+    /// The active speaker of a call, as last announced.
+    pub fn active_speaker(&self, room_id: &str, conf_id: &str) -> Option<ClientId> {
+        self.speakers
+            .get(&(room_id.to_owned(), conf_id.to_owned()))
+            .copied()
+            .flatten()
+    }
+
+    /// Sends `client` its call's active speaker, if one was announced.
+    fn send_speaker(&mut self, client: ClientId) {
+        let Some(c) = self.clients.get(&client) else {
+            return;
+        };
+        if !c.channel_open {
+            return;
+        }
+        let Some(speaker) = self
+            .speakers
+            .get(&(c.room_id.clone(), c.conf_id.clone()))
+            .copied()
+        else {
+            return;
+        };
+        let msg = DcMessage::ActiveSpeaker(speaker.and_then(|s| {
+            let p = self.clients.get(&s)?;
+            Some(dc::ActiveSpeaker {
+                user_id: p.device.user_id.clone(),
+                device_id: p.device.device_id.clone(),
+                stream_id: voice_stream(p),
+            })
+        }));
+        self.channel(client, &msg);
     }
 
     // ------------------------------------------------------------------
@@ -1248,6 +1339,31 @@ impl Focus {
         for id in ids {
             self.remove_client(now, id, FOCUS_SHUTDOWN, true);
         }
+    }
+}
+
+/// The stream that carries a client's voice: its first audio track of a
+/// usermedia stream, else its first audio track.
+fn voice_stream(p: &Client) -> Option<String> {
+    let audio = || p.published.iter().filter(|t| t.kind == TrackKind::Audio);
+    audio()
+        .find(|t| {
+            p.metadata
+                .get(&t.stream_id)
+                .is_none_or(|m| m.purpose == FeedPurpose::Usermedia)
+        })
+        .or_else(|| audio().next())
+        .map(|t| t.stream_id.clone())
+}
+
+/// A track's metadata entry as the focus sends it: its kind.
+fn track_entry(t: &PublishedTrack) -> dc::TrackMetadata {
+    dc::TrackMetadata {
+        kind: Some(match t.kind {
+            TrackKind::Audio => dc::MediaKind::Audio,
+            TrackKind::Video => dc::MediaKind::Video,
+        }),
+        ..dc::TrackMetadata::default()
     }
 }
 

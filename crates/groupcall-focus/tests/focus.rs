@@ -206,7 +206,10 @@ fn members_are_admitted_see_each_other_and_subscriptions_are_negotiated_over_the
     let meta = &to_b.last().unwrap()["content"]["sdp_stream_metadata"];
     assert_eq!(meta["s-A"]["user_id"], "@a:x");
     assert_eq!(meta["s-A"]["device_id"], "A");
-    assert_eq!(meta["s-A"]["tracks"], json!({"a-A": {}, "v-A": {}}));
+    assert_eq!(
+        meta["s-A"]["tracks"],
+        json!({"a-A": {"kind": "audio"}, "v-A": {"kind": "video"}})
+    );
     assert_eq!(meta["s-B"]["user_id"], "@b:x");
     assert!(!channel(&outs, a).is_empty(), "a hears of b's tracks");
 
@@ -536,4 +539,59 @@ fn draining_turns_new_invites_down_and_hangs_up_at_the_end() {
         (MessageType::Hangup, Some("focus_shutdown"))
     );
     assert_eq!(f.client_count(), 0);
+}
+
+/// The forwarder's active speaker goes to every client of the call as
+/// `m.call.active_speaker` (once per change), to a client whose channel
+/// opens later, and "nobody" when the speaker leaves; speakers of another
+/// call or unknown clients are ignored.
+#[test]
+fn the_active_speaker_is_sent_to_the_calls_clients() {
+    let mut f = focus(|_| {});
+    let a = connect(&mut f, "@a:x", "A");
+    let b = connect(&mut f, "@b:x", "B");
+    drain(&mut f);
+    let speaker_msgs = |outs: &[FocusOutput], to: ClientId| -> Vec<Value> {
+        channel(outs, to)
+            .into_iter()
+            .filter(|m| m["type"] == "m.call.active_speaker")
+            .collect()
+    };
+    f.handle_active_speaker(ROOM, CONF, Some(b));
+    let outs = drain(&mut f);
+    let want = json!({"type": "m.call.active_speaker",
+        "content": {"user_id": "@b:x", "device_id": "B", "stream_id": "s-B"}});
+    assert_eq!(speaker_msgs(&outs, a), vec![want.clone()]);
+    assert_eq!(speaker_msgs(&outs, b), vec![want.clone()]);
+    assert_eq!(f.active_speaker(ROOM, CONF), Some(b));
+    // The same speaker again, another call, a stranger: nothing.
+    f.handle_active_speaker(ROOM, CONF, Some(b));
+    f.handle_active_speaker(ROOM, "OTHER", Some(a));
+    f.handle_active_speaker(ROOM, CONF, Some(ClientId(999)));
+    assert!(drain(&mut f).is_empty());
+    assert_eq!(f.active_speaker(ROOM, CONF), Some(b));
+
+    // A client that arrives later is told who speaks when its channel opens.
+    f.handle_state(NOW, ROOM, &joined("@c:x")).unwrap();
+    f.handle_state(NOW, ROOM, &member("@c:x", "C", "C-S"))
+        .unwrap();
+    drain(&mut f);
+    let c = connect(&mut f, "@c:x", "C");
+    let outs = drain(&mut f);
+    assert_eq!(speaker_msgs(&outs, c), vec![want]);
+
+    // The speaker leaves; the forwarder says nobody speaks: the others hear
+    // of it.
+    f.handle_media(NOW, b, MediaIn::ChannelClosed);
+    drain(&mut f);
+    f.handle_active_speaker(ROOM, CONF, None);
+    let outs = drain(&mut f);
+    let nobody = json!({"type": "m.call.active_speaker", "content": {}});
+    assert_eq!(speaker_msgs(&outs, a), vec![nobody.clone()]);
+    assert_eq!(speaker_msgs(&outs, c), vec![nobody]);
+    assert!(speaker_msgs(&outs, b).is_empty());
+    assert_eq!(f.active_speaker(ROOM, CONF), None);
+    f.handle_active_speaker(ROOM, CONF, Some(a));
+    let outs = drain(&mut f);
+    assert_eq!(speaker_msgs(&outs, c)[0]["content"]["user_id"], "@a:x");
 }

@@ -61,7 +61,10 @@ pub use peer::{
     PeerConfig, PeerEvent, PeerEvents, Reply, Request, Rid, RtpIn, RtpOut, live_socket_count,
 };
 pub use sink::{CounterSink, FrameSink, IvfRecorder, OggOpusRecorder, SinkError, SinkFilter};
-pub use source::{FrameSource, IvfSource, OggOpusSource, SourceError, SourceFrame};
+pub use source::{
+    FrameSource, IvfSource, OggOpusSource, SILENCE_LEVEL, SourceError, SourceFrame, TONE_LEVEL,
+    opus_is_silence,
+};
 pub use turn::TurnError;
 pub use types::{
     Counters, FeedPurpose, Frame, IceCandidate, LocalFeed, LocalTrackStats, PeerStats, RelayStats,

@@ -17,6 +17,23 @@ use crate::types::TrackKind;
 /// 2 s of a 440 Hz sine, mono Opus, 20 ms packets, in Ogg.
 pub const BUILTIN_TONE_OGG: &[u8] = include_bytes!("../media/tone.ogg");
 
+/// The level of [`BUILTIN_TONE_OGG`], -dBov (RFC 6464: 0 the loudest, 127
+/// silence): the RMS of every 20 ms of its decoded audio is -21.1 to -21.2
+/// dBFS (`ffmpeg -i media/tone.ogg -af
+/// asetnsamples=n=960,astats=metadata=1:reset=1,ametadata=print:key=lavfi.astats.Overall.RMS_level
+/// -f null -`), a 440 Hz sine of amplitude 1/8.
+pub const TONE_LEVEL: u8 = 21;
+
+/// The RFC 6464 level of silence, -dBov.
+pub const SILENCE_LEVEL: u8 = 127;
+
+/// Whether an Opus packet carries nothing audible: at most 3 bytes, the
+/// size of a DTX frame or of a CELT silence frame (as
+/// [`OggOpusSource::silence`] sends). Real audio takes more.
+pub fn opus_is_silence(packet: &[u8]) -> bool {
+    packet.len() <= 3
+}
+
 /// 2 s of ffmpeg's `testsrc` pattern, VP8 320x240 at 30 fps, a key frame
 /// every 15 frames, in IVF.
 pub const BUILTIN_PATTERN_IVF: &[u8] = include_bytes!("../media/pattern.ivf");
@@ -55,6 +72,10 @@ pub struct SourceFrame {
     pub duration: u32,
     /// Whether this is a VP8 key frame.
     pub keyframe: bool,
+    /// Audio: the frame's level, -dBov (RFC 6464, 0 the loudest, 127
+    /// silence), sent in the `ssrc-audio-level` header extension; `None`
+    /// when unknown (then only a silent packet is marked, as silence).
+    pub audio_level: Option<u8>,
 }
 
 /// Something that produces encoded frames for one track.
@@ -78,11 +99,18 @@ fn read_file(path: &Path) -> Result<Vec<u8>, SourceError> {
 }
 
 /// Opus packets from an Ogg Opus file, looping by default.
+///
+/// Opus is not decoded here, so the level of a packet
+/// ([`SourceFrame::audio_level`]) is what the source was told
+/// ([`OggOpusSource::set_audio_level`]; the built-in tone knows its own,
+/// [`TONE_LEVEL`]), except that a silent packet ([`opus_is_silence`]) is
+/// always at [`SILENCE_LEVEL`].
 #[derive(Debug, Clone)]
 pub struct OggOpusSource {
     packets: Arc<[(Arc<[u8]>, u32)]>,
     pos: usize,
     looping: bool,
+    level: Option<u8>,
 }
 
 impl OggOpusSource {
@@ -102,6 +130,7 @@ impl OggOpusSource {
             packets: packets.into(),
             pos: 0,
             looping: true,
+            level: None,
         })
     }
 
@@ -114,7 +143,10 @@ impl OggOpusSource {
     /// parse, this falls back to Opus silence frames.
     pub fn tone() -> Self {
         match Self::from_bytes(BUILTIN_TONE_OGG) {
-            Ok(s) => s,
+            Ok(mut s) => {
+                s.level = Some(TONE_LEVEL);
+                s
+            }
             Err(e) => {
                 tracing::error!(error = %e, "built-in tone unreadable, sending silence");
                 Self::silence()
@@ -129,7 +161,15 @@ impl OggOpusSource {
             packets: vec![(frame, 960)].into(),
             pos: 0,
             looping: true,
+            level: Some(SILENCE_LEVEL),
         }
+    }
+
+    /// The level of this source's audible packets, -dBov (0..=127; more
+    /// reads as 127), when the application knows it (`None`, the default
+    /// for files: unknown, no level is sent but for silent packets).
+    pub fn set_audio_level(&mut self, level: Option<u8>) {
+        self.level = level.map(|l| l.min(SILENCE_LEVEL));
     }
 
     /// Whether to start over at the end (default true).
@@ -162,10 +202,16 @@ impl FrameSource for OggOpusSource {
         }
         let (data, samples) = self.packets.get(self.pos)?.clone();
         self.pos += 1;
+        let audio_level = if opus_is_silence(&data) {
+            Some(SILENCE_LEVEL)
+        } else {
+            self.level
+        };
         Some(SourceFrame {
             data,
             duration: samples,
             keyframe: false,
+            audio_level,
         })
     }
 }
@@ -219,6 +265,7 @@ impl IvfSource {
                 data: Arc::from(f.data),
                 duration,
                 keyframe,
+                audio_level: None,
             });
         }
         // Start at the first key frame; drop leading delta frames.
@@ -317,6 +364,31 @@ mod tests {
             .map(|_| s.next_frame().unwrap().duration as u64)
             .sum();
         assert_eq!(total, 250 * 960);
+    }
+
+    #[test]
+    fn audio_levels_of_the_tone_silence_and_files() {
+        let mut tone = OggOpusSource::tone();
+        let levels: Vec<Option<u8>> = (0..tone.len())
+            .map(|_| tone.next_frame().unwrap().audio_level)
+            .collect();
+        assert!(levels.iter().all(|l| *l == Some(TONE_LEVEL)), "{levels:?}");
+        let mut silence = OggOpusSource::silence();
+        assert_eq!(
+            silence.next_frame().unwrap().audio_level,
+            Some(SILENCE_LEVEL)
+        );
+        // A file's level is unknown until the application says.
+        let mut file = OggOpusSource::from_bytes(BUILTIN_TONE_OGG).unwrap();
+        assert_eq!(file.next_frame().unwrap().audio_level, None);
+        file.set_audio_level(Some(200));
+        assert_eq!(file.next_frame().unwrap().audio_level, Some(SILENCE_LEVEL));
+        file.set_audio_level(Some(40));
+        assert_eq!(file.next_frame().unwrap().audio_level, Some(40));
+        assert!(opus_is_silence(&[0xf8, 0xff, 0xfe]));
+        assert!(!opus_is_silence(&[0xfc, 1, 2, 3]));
+        let mut video = IvfSource::test_pattern().unwrap();
+        assert_eq!(video.next_frame().unwrap().audio_level, None);
     }
 
     #[test]

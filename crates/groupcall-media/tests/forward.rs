@@ -510,6 +510,13 @@ fn b_c_a_focus_forwards_a_publisher_to_a_subscriber() {
                 (F, PeerEvent::Rtp(p)) if peer == up => {
                     *sfu.rtp_in.entry(p.kind).or_default() += 1;
                     assert_eq!(sfu.pub_mids.get(&p.kind), Some(&p.mid));
+                    if p.kind == TrackKind::Audio {
+                        // The publisher's tone carries its level (RFC 6464).
+                        assert_eq!(
+                            (p.audio_level, p.voice_activity),
+                            (Some(-(groupcall_media::TONE_LEVEL as i8)), Some(true))
+                        );
+                    }
                     let Some(&mid) = sfu.out_mids.get(&p.kind) else {
                         continue;
                     };

@@ -151,6 +151,11 @@ async fn two_peers_exchange_media_and_renegotiate() {
     assert!(offer.contains("a=msid:streamA streamA-video"), "{offer}");
     assert!(offer.contains("a=group:BUNDLE"));
     assert!(offer.contains("opus/48000/2") && offer.contains("VP8/90000"));
+    // The audio level (RFC 6464) is negotiated as libwebrtc does.
+    assert!(
+        offer.contains("a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level\r\n"),
+        "{offer}"
+    );
 
     let answer = b
         .accept_offer(&offer, std::slice::from_ref(&b_user))
@@ -159,6 +164,10 @@ async fn two_peers_exchange_media_and_renegotiate() {
     assert!(answer.contains("typ host"), "{answer}");
     assert!(answer.contains("a=msid:streamB streamB-audio"), "{answer}");
     assert!(answer.contains("a=msid:streamB streamB-video"), "{answer}");
+    assert!(
+        answer.contains("a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level\r\n"),
+        "{answer}"
+    );
     assert!(
         !answer.contains("a=msid:streamA"),
         "answer echoes the offerer's msid:\n{answer}"

@@ -18,6 +18,11 @@
 //! `sdp_stream_metadata` always present on `m.call.negotiate`, every stream
 //! with `purpose`, `audio_muted`, `video_muted` and `tracks`.
 //!
+//! Beside the MSC's messages, a focus sends `m.call.active_speaker`
+//! ([`DcMessage::ActiveSpeaker`]) and names the `kind` of each track in its
+//! metadata ([`TrackMetadata::kind`]): groupcall's additions, described in
+//! `docs/protocol.md`.
+//!
 //! The stream purpose and the session description reuse groupcall-proto's
 //! MSC3077/MSC2746 types ([`FeedPurpose`], [`SessionDescription`]). The
 //! metadata itself is this module's [`StreamMetadata`]: the proto one has no
@@ -40,6 +45,9 @@ pub const SDP_STREAM_METADATA_CHANGED: &str = "m.call.sdp_stream_metadata_change
 pub const PING: &str = "m.call.ping";
 /// `m.call.pong`.
 pub const PONG: &str = "m.call.pong";
+/// `m.call.active_speaker` (focus to client): not in MSC3898, groupcall's
+/// own (see `docs/protocol.md`); a client that does not know it ignores it.
+pub const ACTIVE_SPEAKER: &str = "m.call.active_speaker";
 
 /// The unstable name of `sdp_stream_metadata` (MSC3077), read as well.
 const METADATA_UNSTABLE: &str = "org.matrix.msc3077.sdp_stream_metadata";
@@ -116,6 +124,26 @@ pub struct TrackSubscription {
     pub unsubscribe: Vec<TrackRef>,
 }
 
+/// Audio or video: the `kind` of a track in metadata a focus sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum MediaKind {
+    /// `audio`.
+    Audio,
+    /// `video`.
+    Video,
+}
+
+impl MediaKind {
+    /// The wire string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaKind::Audio => "audio",
+            MediaKind::Video => "video",
+        }
+    }
+}
+
 /// One track's entry in [`StreamMetadata::tracks`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TrackMetadata {
@@ -123,6 +151,11 @@ pub struct TrackMetadata {
     pub width: Option<u32>,
     /// Height, pixels, when known.
     pub height: Option<u32>,
+    /// Audio or video (`kind`, groupcall's addition to MSC3898: a focus
+    /// names the kind of each track it forwards, so that a client can
+    /// choose video without audio). Absent, or a kind this module does not
+    /// know, reads as `None`.
+    pub kind: Option<MediaKind>,
 }
 
 /// One stream's entry in `sdp_stream_metadata` (MSC3077, MSC3291, and the
@@ -226,6 +259,19 @@ impl Negotiate {
     }
 }
 
+/// The participant a focus names as the active speaker of the call
+/// ([`DcMessage::ActiveSpeaker`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveSpeaker {
+    /// The speaker's user id.
+    pub user_id: String,
+    /// The speaker's device id.
+    pub device_id: String,
+    /// The stream (SDP msid stream id) that carries its voice, when the
+    /// focus knows it.
+    pub stream_id: Option<String>,
+}
+
 /// One data-channel message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -244,6 +290,9 @@ pub enum DcMessage {
     Ping,
     /// `m.call.pong` (client to focus).
     Pong,
+    /// `m.call.active_speaker` (focus to client): the call's active speaker
+    /// changed (`None`: nobody speaks any more, e.g. the speaker left).
+    ActiveSpeaker(Option<ActiveSpeaker>),
     /// A type this module does not know (`m.call.connect_to_focus` among
     /// them, until its content is decided): log and ignore.
     Unknown {
@@ -261,6 +310,7 @@ impl DcMessage {
             DcMessage::SdpStreamMetadataChanged { .. } => SDP_STREAM_METADATA_CHANGED,
             DcMessage::Ping => PING,
             DcMessage::Pong => PONG,
+            DcMessage::ActiveSpeaker(_) => ACTIVE_SPEAKER,
             DcMessage::Unknown { msg_type } => msg_type,
         }
     }
@@ -313,6 +363,7 @@ impl DcMessage {
             },
             PING => DcMessage::Ping,
             PONG => DcMessage::Pong,
+            ACTIVE_SPEAKER => DcMessage::ActiveSpeaker(read_active_speaker(content)?),
             other if other.len() > MAX_TYPE_LEN => {
                 return Err(ParseError::TooLong {
                     field: "type",
@@ -350,7 +401,19 @@ impl DcMessage {
             DcMessage::SdpStreamMetadataChanged {
                 sdp_stream_metadata,
             } => json!({"sdp_stream_metadata": metadata_value(sdp_stream_metadata)}),
-            DcMessage::Ping | DcMessage::Pong | DcMessage::Unknown { .. } => json!({}),
+            DcMessage::ActiveSpeaker(Some(a)) => {
+                let mut o = Map::new();
+                o.insert("user_id".into(), a.user_id.clone().into());
+                o.insert("device_id".into(), a.device_id.clone().into());
+                if let Some(s) = &a.stream_id {
+                    o.insert("stream_id".into(), s.clone().into());
+                }
+                Value::Object(o)
+            }
+            DcMessage::ActiveSpeaker(None)
+            | DcMessage::Ping
+            | DcMessage::Pong
+            | DcMessage::Unknown { .. } => json!({}),
         };
         json!({"type": self.message_type(), "content": content})
     }
@@ -396,6 +459,9 @@ fn tracks_value(tracks: &BTreeMap<String, TrackMetadata>) -> Value {
             .map(|(id, t)| {
                 let mut o = Map::new();
                 put_dimensions(&mut o, t.width, t.height);
+                if let Some(k) = t.kind {
+                    o.insert("kind".into(), k.as_str().into());
+                }
                 (id.clone(), Value::Object(o))
             })
             .collect(),
@@ -561,6 +627,25 @@ fn read_subscription(content: &Map<String, Value>) -> Result<TrackSubscription, 
     Ok(sub)
 }
 
+/// `m.call.active_speaker`: `user_id` and `device_id` together name the
+/// speaker; both absent (or null) say nobody speaks; one without the other
+/// is an error. `stream_id` is optional.
+fn read_active_speaker(content: &Map<String, Value>) -> Result<Option<ActiveSpeaker>, ParseError> {
+    let user_id = optional_id(content, "user_id")?;
+    let device_id = optional_id(content, "device_id")?;
+    let stream_id = optional_id(content, "stream_id")?;
+    match (user_id, device_id) {
+        (Some(user_id), Some(device_id)) => Ok(Some(ActiveSpeaker {
+            user_id,
+            device_id,
+            stream_id,
+        })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ParseError::MissingField("device_id")),
+        (None, Some(_)) => Err(ParseError::MissingField("user_id")),
+    }
+}
+
 fn metadata_field(content: &Map<String, Value>) -> Option<&Value> {
     match content.get("sdp_stream_metadata") {
         None | Some(Value::Null) => content.get(METADATA_UNSTABLE).filter(|v| !v.is_null()),
@@ -636,6 +721,21 @@ fn flag(obj: &Map<String, Value>, field: &'static str) -> Result<bool, ParseErro
     }
 }
 
+/// A track's `kind`: `audio` or `video`; absent, null or another string
+/// (a kind added later) reads as `None`.
+fn media_kind(obj: &Map<String, Value>) -> Result<Option<MediaKind>, ParseError> {
+    match obj.get("kind") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s == "audio" => Ok(Some(MediaKind::Audio)),
+        Some(Value::String(s)) if s == "video" => Ok(Some(MediaKind::Video)),
+        Some(Value::String(_)) => Ok(None),
+        Some(_) => Err(ParseError::WrongType {
+            field: "kind",
+            expected: "string",
+        }),
+    }
+}
+
 fn read_metadata(v: &Value) -> Result<SdpStreamMetadata, ParseError> {
     let obj = v.as_object().ok_or(ParseError::NotAnObject {
         what: "sdp_stream_metadata",
@@ -684,6 +784,7 @@ fn read_metadata(v: &Value) -> Result<SdpStreamMetadata, ParseError> {
                         TrackMetadata {
                             width: dimension(tm, "width")?,
                             height: dimension(tm, "height")?,
+                            kind: media_kind(tm)?,
                         },
                     );
                 }
@@ -969,6 +1070,7 @@ mod tests {
             TrackMetadata {
                 width: Some(1920),
                 height: Some(1080),
+                kind: None,
             },
         );
         s.tracks.insert("trackId2".into(), TrackMetadata::default());
@@ -1307,5 +1409,120 @@ mod tests {
         };
         let back = DcMessage::parse(m.encode().unwrap().as_bytes()).unwrap();
         assert_eq!(back, m);
+    }
+
+    #[test]
+    fn active_speaker_round_trips_and_is_validated() {
+        let m = parse(json!({"type": "m.call.active_speaker", "content": {
+            "user_id": "@b:x", "device_id": "BDEV", "stream_id": "s1", "extra": 1}}))
+        .unwrap();
+        let want = DcMessage::ActiveSpeaker(Some(ActiveSpeaker {
+            user_id: "@b:x".into(),
+            device_id: "BDEV".into(),
+            stream_id: Some("s1".into()),
+        }));
+        assert_eq!(m, want);
+        assert_eq!(m.message_type(), ACTIVE_SPEAKER);
+        assert_eq!(
+            m.to_value(),
+            json!({"type": "m.call.active_speaker", "content": {
+                "user_id": "@b:x", "device_id": "BDEV", "stream_id": "s1"}})
+        );
+        assert_eq!(DcMessage::parse(m.encode().unwrap().as_bytes()).unwrap(), m);
+        // No stream: still a speaker; nobody: an empty content (or nulls).
+        let m = parse(json!({"type": "m.call.active_speaker", "content": {
+            "user_id": "@b:x", "device_id": "BDEV"}}))
+        .unwrap();
+        assert!(matches!(&m, DcMessage::ActiveSpeaker(Some(a)) if a.stream_id.is_none()));
+        assert_eq!(DcMessage::parse(m.encode().unwrap().as_bytes()).unwrap(), m);
+        let nobody = DcMessage::ActiveSpeaker(None);
+        assert_eq!(
+            parse(json!({"type": "m.call.active_speaker", "content": {}})).unwrap(),
+            nobody
+        );
+        assert_eq!(
+            parse(json!({"type": "m.call.active_speaker",
+                "content": {"user_id": null, "device_id": null}}))
+            .unwrap(),
+            nobody
+        );
+        assert_eq!(
+            nobody.encode().unwrap(),
+            r#"{"type":"m.call.active_speaker","content":{}}"#
+        );
+        // Half a speaker, wrong types, bad ids: typed errors.
+        assert_eq!(
+            parse(json!({"type": "m.call.active_speaker", "content": {"user_id": "@b:x"}}))
+                .unwrap_err(),
+            ParseError::MissingField("device_id")
+        );
+        assert_eq!(
+            parse(json!({"type": "m.call.active_speaker", "content": {"device_id": "B"}}))
+                .unwrap_err(),
+            ParseError::MissingField("user_id")
+        );
+        assert_eq!(
+            parse(json!({"type": "m.call.active_speaker",
+                "content": {"user_id": 5, "device_id": "B"}}))
+            .unwrap_err(),
+            ParseError::WrongType {
+                field: "user_id",
+                expected: "string"
+            }
+        );
+        assert!(matches!(
+            parse(json!({"type": "m.call.active_speaker",
+                "content": {"user_id": "@b:x", "device_id": "B", "stream_id": ""}}))
+            .unwrap_err(),
+            ParseError::InvalidValue {
+                field: "stream_id",
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse(json!({"type": "m.call.active_speaker",
+                "content": {"user_id": "u".repeat(MAX_ID_LEN + 1), "device_id": "B"}}))
+            .unwrap_err(),
+            ParseError::TooLong {
+                field: "user_id",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn track_kinds_are_read_and_written() {
+        let m = parse(json!({"type": "m.call.sdp_stream_metadata_changed",
+            "content": {"sdp_stream_metadata": {"s": {"purpose": "m.usermedia", "tracks": {
+                "a": {"kind": "audio"}, "v": {"kind": "video", "width": 320},
+                "x": {"kind": "data"}, "n": {"kind": null}}}}}}))
+        .unwrap();
+        let DcMessage::SdpStreamMetadataChanged {
+            sdp_stream_metadata,
+        } = &m
+        else {
+            panic!("not metadata: {m:?}")
+        };
+        let t = &sdp_stream_metadata["s"].tracks;
+        assert_eq!(t["a"].kind, Some(MediaKind::Audio));
+        assert_eq!(t["v"].kind, Some(MediaKind::Video));
+        assert_eq!(t["v"].width, Some(320));
+        assert_eq!(t["x"].kind, None);
+        assert_eq!(t["n"].kind, None);
+        assert_eq!(
+            m.to_value()["content"]["sdp_stream_metadata"]["s"]["tracks"],
+            json!({"a": {"kind": "audio"}, "v": {"kind": "video", "width": 320}, "x": {}, "n": {}})
+        );
+        assert_eq!(DcMessage::parse(m.encode().unwrap().as_bytes()).unwrap(), m);
+        assert_eq!(
+            parse(json!({"type": "m.call.sdp_stream_metadata_changed",
+                "content": {"sdp_stream_metadata": {"s": {"purpose": "m.usermedia",
+                    "tracks": {"a": {"kind": 1}}}}}}))
+            .unwrap_err(),
+            ParseError::WrongType {
+                field: "kind",
+                expected: "string"
+            }
+        );
     }
 }

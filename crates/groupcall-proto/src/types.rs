@@ -84,6 +84,11 @@ pub struct Config {
     /// A focus that has not pinged us on its data channel for this long is
     /// hung up on (MSC3898: it pings at most every 30 s; default 60 s).
     pub focus_ping_timeout_ms: u64,
+    /// Through our focus, receive the camera video of only the N most recent
+    /// active speakers the focus names ([`CallEvent::ActiveSpeaker`]);
+    /// everyone's audio and screenshares still come (default `None`: all
+    /// video). Changed during the call with [`Command::FocusRecentSpeakers`].
+    pub focus_recent_speakers: Option<usize>,
 }
 
 impl Config {
@@ -96,6 +101,7 @@ impl Config {
             focus: None,
             focus_ping_timeout_ms: 60_000,
             follow_foci: false,
+            focus_recent_speakers: None,
             event_names: EventNames::Unstable,
             member_expiry_ms: 60 * 60 * 1000,
             member_refresh_ms: 45 * 60 * 1000,
@@ -187,6 +193,10 @@ pub enum Command {
     /// choice, so [`Config::follow_foci`] turns off. The call with the
     /// previous focus ends (`focus_switch`).
     SetFocus(Option<crate::events::FocusRef>),
+    /// Through our focus, receive the camera video of only the N most
+    /// recent active speakers (`None`: everyone's video); audio and
+    /// screenshares are not affected. See [`Config::focus_recent_speakers`].
+    FocusRecentSpeakers(Option<usize>),
 }
 
 /// The time of an input, on the two clocks the core reads.
@@ -527,6 +537,16 @@ pub enum CallEvent {
         device: DeviceKey,
         /// Calls placed so far.
         calls: u32,
+    },
+    /// Our focus named the call's active speaker (`m.call.active_speaker`,
+    /// sent when it changes): `device` (`None`: nobody speaks now, e.g. the
+    /// speaker left, or our focus is gone) and the stream of its voice when
+    /// the focus said. We may be the speaker.
+    ActiveSpeaker {
+        /// The speaker.
+        device: Option<DeviceKey>,
+        /// The stream (SDP msid) that carries its voice, if known.
+        stream_id: Option<String>,
     },
     /// A call became live in the room while we are not in one: ring, prompt
     /// or stay silent according to its `intent` (`m.ring` rings, `m.prompt`

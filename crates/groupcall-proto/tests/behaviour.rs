@@ -2421,3 +2421,135 @@ fn we_choose_whose_media_comes_through_the_focus() {
     assert_eq!(sub[0]["content"]["subscribe"].as_array().unwrap().len(), 2);
     assert_eq!(sub[0]["content"]["unsubscribe"], json!([]));
 }
+
+/// The subscription changes among outputs: (subscribed, unsubscribed)
+/// track ids, sorted.
+fn subscription_change(outs: &[Output]) -> (Vec<String>, Vec<String>) {
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                let mut ids: Vec<String> = a
+                    .iter()
+                    .map(|t| t["track_id"].as_str().unwrap().to_owned())
+                    .collect();
+                ids.sort();
+                ids
+            })
+            .unwrap_or_default()
+    };
+    let subs: Vec<Value> = channel_sent(outs)
+        .into_iter()
+        .filter(|m| m["type"] == "m.call.track_subscription")
+        .collect();
+    assert!(subs.len() <= 1, "{subs:?}");
+    subs.first()
+        .map(|m| {
+            (
+                ids(&m["content"]["subscribe"]),
+                ids(&m["content"]["unsubscribe"]),
+            )
+        })
+        .unwrap_or_default()
+}
+
+fn speaker_events(outs: &[Output]) -> Vec<(Option<DeviceKey>, Option<String>)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Event(CallEvent::ActiveSpeaker { device, stream_id }) => {
+                Some((device.clone(), stream_id.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// `m.call.active_speaker` from the focus becomes `CallEvent::ActiveSpeaker`;
+/// in recent-speakers mode (N) the camera video we receive follows the N
+/// most recent speakers, while everyone's audio and screenshares stay.
+#[test]
+fn the_focus_names_the_active_speaker_and_recent_speakers_mode_follows_it() {
+    let (mut call, peer, _) = connected_to_focus();
+    call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });
+    drain(&mut call);
+    call.handle_command(NOW + 11, Command::FocusRecentSpeakers(Some(1)))
+        .unwrap();
+    assert_eq!(subscription_change(&drain(&mut call)), (vec![], vec![]));
+    let meta = json!({"type": "m.call.sdp_stream_metadata_changed", "content": {"sdp_stream_metadata": {
+        "s-b": {"purpose": "m.usermedia", "user_id": "@b:x", "device_id": "BDEV",
+            "tracks": {"a-b": {"kind": "audio"}, "v-b": {"kind": "video"}, "x-b": {}}},
+        "s-c": {"purpose": "m.usermedia", "user_id": "@c:x", "device_id": "CDEV",
+            "tracks": {"a-c": {"kind": "audio"}, "v-c": {"kind": "video"}}},
+        "sc-c": {"purpose": "m.screenshare", "user_id": "@c:x", "device_id": "CDEV",
+            "tracks": {"v-sc": {"kind": "video"}}}}}});
+    // Nobody has spoken: audio, the screenshare, and the track of unknown
+    // kind; no camera video.
+    let outs = channel(&mut call, NOW + 20, peer, meta);
+    assert_eq!(
+        subscription_change(&outs),
+        (
+            vec!["a-b".into(), "a-c".into(), "v-sc".into(), "x-b".into()],
+            vec![]
+        )
+    );
+    let b = DeviceKey::new("@b:x", "BDEV");
+    let c = DeviceKey::new("@c:x", "CDEV");
+    let speaker = |who: &DeviceKey, stream: &str| {
+        json!({"type": "m.call.active_speaker", "content": {
+            "user_id": who.user_id, "device_id": who.device_id, "stream_id": stream}})
+    };
+    // b speaks: b's camera comes.
+    let outs = channel(&mut call, NOW + 30, peer, speaker(&b, "s-b"));
+    assert_eq!(
+        speaker_events(&outs),
+        vec![(Some(b.clone()), Some("s-b".into()))]
+    );
+    assert_eq!(subscription_change(&outs), (vec!["v-b".into()], vec![]));
+    // c speaks: c's camera comes, b's goes (N = 1).
+    let outs = channel(&mut call, NOW + 40, peer, speaker(&c, "s-c"));
+    assert_eq!(
+        speaker_events(&outs),
+        vec![(Some(c.clone()), Some("s-c".into()))]
+    );
+    assert_eq!(
+        subscription_change(&outs),
+        (vec!["v-c".into()], vec!["v-b".into()])
+    );
+    // Nobody speaks: reported; what we receive stays.
+    let outs = channel(
+        &mut call,
+        NOW + 50,
+        peer,
+        json!({"type": "m.call.active_speaker", "content": {}}),
+    );
+    assert_eq!(speaker_events(&outs), vec![(None, None)]);
+    assert_eq!(subscription_change(&outs), (vec![], vec![]));
+    // N = 2: the two most recent speakers (c, then b).
+    call.handle_command(NOW + 60, Command::FocusRecentSpeakers(Some(2)))
+        .unwrap();
+    assert_eq!(
+        subscription_change(&drain(&mut call)),
+        (vec!["v-b".into()], vec![])
+    );
+    // N = 0: no camera video at all; the screenshare stays.
+    call.handle_command(NOW + 70, Command::FocusRecentSpeakers(Some(0)))
+        .unwrap();
+    assert_eq!(
+        subscription_change(&drain(&mut call)),
+        (vec![], vec!["v-b".into(), "v-c".into()])
+    );
+    // Off: everyone's video again.
+    call.handle_command(NOW + 80, Command::FocusRecentSpeakers(None))
+        .unwrap();
+    assert_eq!(
+        subscription_change(&drain(&mut call)),
+        (vec!["v-b".into(), "v-c".into()], vec![])
+    );
+    // A speaker message that is not valid is ignored.
+    let outs = channel(
+        &mut call,
+        NOW + 90,
+        peer,
+        json!({"type": "m.call.active_speaker", "content": {"user_id": "@b:x"}}),
+    );
+    assert!(outs.is_empty(), "{outs:?}");
+}

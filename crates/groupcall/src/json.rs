@@ -18,6 +18,7 @@
 //! | `feed_removed` | `user_id`, `device_id`, `stream_id` |
 //! | `unanswered` | `user_id`, `device_id`, `calls` |
 //! | `call_started` | `call_id`, `intent`, `type`, `name` (each may be null) |
+//! | `active_speaker` | `user_id`, `device_id`, `stream_id` (each may be null: all null when nobody speaks) |
 //! | `remote_track` | `user_id`, `device_id`, `stream_id`, `track_id`, `kind` (`audio`, `video`) |
 //! | `media` | `user_id`, `device_id`, `stream_id`, `kind`, `frames`, `bytes` (totals received) |
 //! | `media_sent` | `user_id`, `device_id`, `kind`, `frames`, `bytes` (totals sent) |
@@ -137,6 +138,11 @@ enum Shape<'a> {
         #[serde(flatten)]
         device: Device<'a>,
         calls: u32,
+    },
+    ActiveSpeaker {
+        user_id: Option<&'a str>,
+        device_id: Option<&'a str>,
+        stream_id: Option<&'a str>,
     },
     CallStarted {
         call_id: &'a str,
@@ -394,6 +400,11 @@ impl<'a> Shape<'a> {
                 call_type: call_type.as_ref().map(|t| t.as_str()),
                 name: name.as_deref(),
             },
+            CallEvent::ActiveSpeaker { device, stream_id } => Shape::ActiveSpeaker {
+                user_id: device.as_ref().map(|d| d.user_id.as_str()),
+                device_id: device.as_ref().map(|d| d.device_id.as_str()),
+                stream_id: stream_id.as_deref(),
+            },
             // A core event this version does not map yet: printed, not lost.
             other => Shape::Unknown {
                 debug: format!("{other:?}"),
@@ -496,6 +507,24 @@ mod tests {
                 name: None
             }),
             json!({"event":"call_started","call_id":"c","intent":null,"type":null,"name":null})
+        );
+    }
+
+    #[test]
+    fn active_speaker_shapes() {
+        assert_eq!(
+            call(CallEvent::ActiveSpeaker {
+                device: Some(dev()),
+                stream_id: Some("st".into())
+            }),
+            json!({"event":"active_speaker","user_id":"@bob:localhost","device_id":"BOBDEV","stream_id":"st"})
+        );
+        assert_eq!(
+            call(CallEvent::ActiveSpeaker {
+                device: None,
+                stream_id: None
+            }),
+            json!({"event":"active_speaker","user_id":null,"device_id":null,"stream_id":null})
         );
     }
 

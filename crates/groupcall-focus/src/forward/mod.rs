@@ -1445,6 +1445,8 @@ impl Forwarder {
         let min_loud = 127 - self.config.speaker_max_level.min(127);
         for (&cid, call) in self.calls.iter_mut() {
             let mut best: Option<(u8, ParticipantId)> = None;
+            // On a tie the current speaker stays the loudest.
+            let current = call.speaker.current;
             for &t in call.tracks.values() {
                 let Some(t) = self.tracks.get(t.0) else {
                     continue;
@@ -1453,7 +1455,9 @@ impl Forwarder {
                     continue;
                 }
                 let l = t.level.loudness(now, self.config.level_stale);
-                if l >= min_loud && l > 0 && best.is_none_or(|(b, _)| l > b) {
+                let louder =
+                    |(b, _): (u8, ParticipantId)| l > b || (l == b && current == Some(t.publisher));
+                if l >= min_loud && l > 0 && best.is_none_or(louder) {
                     best = Some((l, t.publisher));
                 }
             }

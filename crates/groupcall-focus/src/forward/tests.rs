@@ -912,3 +912,44 @@ fn every_subscriber_gets_every_packet_of_a_long_stream() {
     assert_eq!(n, 20_000 * 20);
     assert!(bytes > 0);
 }
+
+/// Two participants exactly as loud (two copies of one test tone): the
+/// current speaker keeps its place whichever of them the forwarder looks
+/// at first; the other takes over once the speaker is quiet.
+#[test]
+fn on_a_tie_the_current_speaker_stays() {
+    for (first, second) in [(A, B), (B, A)] {
+        let mut h = H::new();
+        H::publish_av(&mut h.f, B, "sB", 3000, 3001);
+        let ssrc = |p: ParticipantId| if p == A { A_SSRC } else { 3001 };
+        let mut seq = 0u16;
+        let mut out = Vec::new();
+        let mut talk = |h: &mut H, from: u64, to: u64, loud: &[ParticipantId]| {
+            let mut t = from;
+            while t < to {
+                seq = seq.wrapping_add(1);
+                for p in loud {
+                    h.rtp_level(t, *p, ssrc(*p), seq, 0, b"o", Some(21));
+                }
+                if t.is_multiple_of(100) {
+                    h.f.handle_timeout(h.at(t));
+                    out.extend(h.outputs());
+                }
+                t += 20;
+            }
+        };
+        talk(&mut h, 0, 500, &[first]);
+        talk(&mut h, 500, 4000, &[first, second]);
+        assert_eq!(h.f.active_speaker(CALL), Some(first), "{first:?} stays");
+        talk(&mut h, 4000, 6000, &[second]);
+        assert_eq!(h.f.active_speaker(CALL), Some(second));
+        let changes: Vec<Option<ParticipantId>> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::ActiveSpeakerChanged { participant, .. } => Some(*participant),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(changes, vec![Some(first), Some(second)]);
+    }
+}

@@ -143,7 +143,19 @@ pub async fn join_through_focus(
     h: &mut Harness,
     focus: &RunningFocus,
     clients: Vec<(&str, MatrixSession)>,
+    after_creator: impl FnMut(&mut Harness) -> Option<Member>,
+) -> (Vec<Member>, Vec<Participant>) {
+    join_through_focus_with(h, focus, clients, after_creator, |_, _| {}).await
+}
+
+/// [`join_through_focus`], with `options(i, o)` changing the join options
+/// of the `i`th client.
+pub async fn join_through_focus_with(
+    h: &mut Harness,
+    focus: &RunningFocus,
+    clients: Vec<(&str, MatrixSession)>,
     mut after_creator: impl FnMut(&mut Harness) -> Option<Member>,
+    options: impl Fn(usize, &mut JoinOptions),
 ) -> (Vec<Member>, Vec<Participant>) {
     let mut members = Vec::new();
     let mut parts = Vec::new();
@@ -152,6 +164,7 @@ pub async fn join_through_focus(
         let mut o = JoinOptions::new(focus.room.clone());
         o.create = (i == 0).then(CreateOptions::default);
         o.focus = Some(focus.focus_ref.clone());
+        options(i, &mut o);
         let (idx, p) = h.join_rust(name, s, o).await;
         parts.push(p);
         members.push(Member {

@@ -296,7 +296,14 @@ impl PeerState {
                 };
                 t.next_due =
                     Some(due + ticks_to_duration(frame.duration as u64, t.kind.clock_rate()));
-                self.write_frame(i, frame.data, frame.duration as u64, frame.keyframe, due)?;
+                self.write_frame(
+                    i,
+                    frame.data,
+                    frame.duration as u64,
+                    frame.keyframe,
+                    due,
+                    frame.audio_level,
+                )?;
             }
         }
         self.rtc.handle_input(Input::Timeout(now))?;
@@ -326,6 +333,10 @@ impl PeerState {
     }
 
     /// Writes one frame of local track `idx` (a mutation) and drains.
+    /// An audio frame carries its level (`level`, -dBov; a silent Opus
+    /// packet is at 127 whatever `level` says) in the RFC 6464
+    /// `ssrc-audio-level` header extension, with the voice flag set when it
+    /// is not silence; a frame of unknown level carries none.
     pub(super) fn write_frame(
         &mut self,
         idx: usize,
@@ -333,6 +344,7 @@ impl PeerState {
         ticks: u64,
         keyframe_hint: bool,
         wallclock: Instant,
+        level: Option<u8>,
     ) -> Result<(), str0m::RtcError> {
         let connected = matches!(self.state, ConnState::Connected | ConnState::Disconnected);
         if self.config.forward {
@@ -359,9 +371,20 @@ impl PeerState {
             t.want_keyframe = false;
         }
         let kind = t.kind;
-        let Some(writer) = self.rtc.writer(mid) else {
+        let Some(mut writer) = self.rtc.writer(mid) else {
             return Ok(());
         };
+        if kind == TrackKind::Audio {
+            let level = if crate::source::opus_is_silence(&data) {
+                Some(crate::source::SILENCE_LEVEL)
+            } else {
+                level.map(|l| l.min(crate::source::SILENCE_LEVEL))
+            };
+            if let Some(l) = level {
+                // -dBov as str0m wants it: 0 the loudest, -127 silence.
+                writer = writer.audio_level(-(l as i8), l < crate::source::SILENCE_LEVEL);
+            }
+        }
         let codec = match kind {
             TrackKind::Audio => Codec::Opus,
             TrackKind::Video => Codec::Vp8,
@@ -435,7 +458,7 @@ impl PeerState {
                     .get(i)
                     .map(|t| duration_to_ticks(duration, t.kind.clock_rate()))
                     .unwrap_or(0);
-                self.write_frame(i, data, ticks, false, self.now)?;
+                self.write_frame(i, data, ticks, false, self.now, None)?;
             }
             Request::SetSource { track_id, source } => {
                 if self.config.forward {

@@ -6,7 +6,7 @@
 //! the mesh plan (see `orchestrate.rs`); this file adds what the channel
 //! carries once it is open.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 
 use tracing::{debug, info, warn};
 
@@ -27,6 +27,10 @@ pub const FOCUS_UNREACHABLE: &str = "focus_unreachable";
 pub const FOCUS_BACK: &str = "focus_back";
 /// Why we hang up on a focus we leave for another.
 pub const FOCUS_SWITCH: &str = "focus_switch";
+/// Most past speakers remembered for
+/// [`Config::focus_recent_speakers`](crate::Config::focus_recent_speakers)
+/// (a larger N counts as this many).
+pub const MAX_RECENT_SPEAKERS: usize = 64;
 
 /// The state of our link with the focus, beside its peer.
 #[derive(Debug, Clone, Default)]
@@ -40,6 +44,11 @@ pub(super) struct FocusLink {
     pub(super) last_ping: u64,
     /// Publishers whose media we want through the focus (`None`: all).
     pub(super) only: Option<BTreeSet<DeviceKey>>,
+    /// The active speakers the focus named, most recent first, each once
+    /// (at most [`MAX_RECENT_SPEAKERS`]).
+    pub(super) recent_speakers: VecDeque<DeviceKey>,
+    /// The speaker the focus named last (`None`: nobody, or not said yet).
+    pub(super) speaker: Option<DeviceKey>,
 }
 
 impl GroupCall {
@@ -113,6 +122,7 @@ impl GroupCall {
             DcMessage::TrackSubscription(_) => {
                 debug!(device = %key, "track subscription from the focus; ignored");
             }
+            DcMessage::ActiveSpeaker(speaker) => self.focus_speaker(speaker),
             other => debug!(device = %key, "focus message {} ignored", other.message_type()),
         }
     }
@@ -192,6 +202,50 @@ impl GroupCall {
         self.resubscribe();
     }
 
+    /// The focus named the call's active speaker: the application is told,
+    /// and with [`Config::focus_recent_speakers`](crate::Config::focus_recent_speakers)
+    /// the video we receive follows.
+    fn focus_speaker(&mut self, speaker: Option<dc::ActiveSpeaker>) {
+        let (device, stream_id) = match speaker {
+            Some(s) => (Some(DeviceKey::new(s.user_id, s.device_id)), s.stream_id),
+            None => (None, None),
+        };
+        debug!(speaker = ?device.as_ref().map(ToString::to_string), "active speaker");
+        self.focus_link.speaker = device.clone();
+        if let Some(d) = &device {
+            let recent = &mut self.focus_link.recent_speakers;
+            recent.retain(|r| r != d);
+            recent.push_front(d.clone());
+            recent.truncate(MAX_RECENT_SPEAKERS);
+        }
+        self.event(CallEvent::ActiveSpeaker { device, stream_id });
+        self.resubscribe();
+    }
+
+    /// Chooses how many recent speakers' video we receive through the focus
+    /// (`None`: everyone's).
+    pub(super) fn set_focus_recent_speakers(&mut self, n: Option<usize>) {
+        self.cfg.focus_recent_speakers = n;
+        self.resubscribe();
+    }
+
+    /// The publishers whose camera video we want in recent-speakers mode:
+    /// the N most recent speakers among those the focus offers now (`None`:
+    /// the mode is off).
+    fn video_speakers(&self) -> Option<BTreeSet<DeviceKey>> {
+        let n = self.cfg.focus_recent_speakers?;
+        let offered = |d: &DeviceKey| self.focus_link.available.values().any(|s| owned_by(s, d));
+        Some(
+            self.focus_link
+                .recent_speakers
+                .iter()
+                .filter(|d| offered(d))
+                .take(n.min(MAX_RECENT_SPEAKERS))
+                .cloned()
+                .collect(),
+        )
+    }
+
     /// Chooses whose media we receive through the focus (`None`: all).
     pub(super) fn set_focus_subscriptions(&mut self, only: Option<Vec<DeviceKey>>) {
         self.focus_link.only = only.map(|v| v.into_iter().collect());
@@ -200,27 +254,35 @@ impl GroupCall {
 
     /// Sends the subscription changes that bring what we receive in line
     /// with what the focus offers (everything of everyone else, or of the
-    /// publishers chosen with [`Command::FocusSubscriptions`]).
+    /// publishers chosen with [`Command::FocusSubscriptions`]; in
+    /// recent-speakers mode, camera video of the recent speakers only: a
+    /// track whose kind the focus did not name is kept).
     fn resubscribe(&mut self) {
         let Some(key) = self.open_focus() else { return };
         let only = self.focus_link.only.clone();
+        let speakers = self.video_speakers();
         let wanted: BTreeSet<TrackRef> = self
             .focus_link
             .available
             .iter()
             .filter(|(_, s)| {
-                only.as_ref().is_none_or(|only| {
-                    only.iter().any(|d| {
-                        s.user_id.as_deref() == Some(d.user_id.as_str())
-                            && s.device_id.as_deref() == Some(d.device_id.as_str())
-                    })
-                })
+                only.as_ref()
+                    .is_none_or(|only| only.iter().any(|d| owned_by(s, d)))
             })
             .flat_map(|(stream_id, s)| {
-                s.tracks.keys().map(|track_id| TrackRef {
-                    stream_id: stream_id.clone(),
-                    track_id: track_id.clone(),
-                })
+                // In recent-speakers mode a camera stream of someone else
+                // keeps its audio only.
+                let audio_only = s.purpose == crate::events::FeedPurpose::Usermedia
+                    && speakers
+                        .as_ref()
+                        .is_some_and(|sp| !sp.iter().any(|d| owned_by(s, d)));
+                s.tracks
+                    .iter()
+                    .filter(move |(_, t)| !(audio_only && t.kind == Some(dc::MediaKind::Video)))
+                    .map(|(track_id, _)| TrackRef {
+                        stream_id: stream_id.clone(),
+                        track_id: track_id.clone(),
+                    })
             })
             .collect();
         let subscribe: Vec<TrackRequest> = wanted
@@ -434,6 +496,13 @@ impl GroupCall {
         let only = self.focus_link.only.take();
         let link = std::mem::take(&mut self.focus_link);
         self.focus_link.only = only;
+        if link.speaker.is_some() {
+            // Nobody is named the speaker any more.
+            self.event(CallEvent::ActiveSpeaker {
+                device: None,
+                stream_id: None,
+            });
+        }
         for (id, s) in link.available {
             // Streams a mesh call also carries are not gone.
             if self
@@ -452,4 +521,10 @@ impl GroupCall {
             });
         }
     }
+}
+
+/// Whether the focus's metadata names `d` as the publisher of stream `s`.
+fn owned_by(s: &dc::StreamMetadata, d: &DeviceKey) -> bool {
+    s.user_id.as_deref() == Some(d.user_id.as_str())
+        && s.device_id.as_deref() == Some(d.device_id.as_str())
 }

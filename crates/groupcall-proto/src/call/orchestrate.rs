@@ -256,6 +256,10 @@ impl GroupCall {
                 self.mesh(now);
                 Ok(())
             }
+            Command::FocusRecentSpeakers(n) => {
+                self.set_focus_recent_speakers(n);
+                Ok(())
+            }
         }
     }
 
