@@ -390,6 +390,12 @@ impl Authoriser {
         }
     }
 
+    /// Counts `a` as admitted again (its new call replaced the one whose
+    /// end released it).
+    pub fn readmit(&mut self, a: &Admitted) {
+        self.admitted.insert(a.device.clone(), a.session_id.clone());
+    }
+
     /// Forgets an admitted device whose session with the focus ended by
     /// itself (hangup, dead data channel): no revocation is reported for it
     /// afterwards. It must be admitted again to come back.

@@ -531,14 +531,10 @@ impl Focus {
                 sdp,
                 metadata,
                 early_candidates,
-                replaced,
                 ..
             } => {
-                if replaced.is_some()
-                    && let Some(id) = self.by_device.get(&device).copied()
-                {
-                    self.remove_client(now, id, "replaced", false);
-                }
+                // The device's current call, if any, goes on until this
+                // one is admitted (`consider`).
                 self.held.retain(|h| h.device != device);
                 let invite = HeldInvite {
                     until: now.saturating_add(self.cfg.hold_ms),
@@ -559,16 +555,27 @@ impl Focus {
                 };
                 self.consider(now, invite, false);
             }
-            Signal::Candidates { device, candidates } => {
-                if let Some(id) = self.by_device.get(&device).copied() {
+            Signal::Candidates {
+                device,
+                pending,
+                candidates,
+            } => {
+                if pending {
+                    if let Some(h) = self.held.iter_mut().find(|h| h.device == device) {
+                        h.candidates.extend(candidates);
+                    }
+                } else if let Some(id) = self.by_device.get(&device).copied() {
                     self.media(id, MediaOp::AddRemoteCandidates { candidates });
-                } else if let Some(h) = self.held.iter_mut().find(|h| h.device == device) {
-                    h.candidates.extend(candidates);
                 }
             }
-            Signal::Ended { device, reason } => {
-                self.held.retain(|h| h.device != device);
-                if let Some(id) = self.by_device.get(&device).copied() {
+            Signal::Ended {
+                device,
+                pending,
+                reason,
+            } => {
+                if pending {
+                    self.held.retain(|h| h.device != device);
+                } else if let Some(id) = self.by_device.get(&device).copied() {
                     self.remove_client(now, id, &reason, false);
                 }
             }
@@ -611,7 +618,7 @@ impl Focus {
         let in_call = self
             .clients
             .values()
-            .filter(|c| c.room_id == room && c.conf_id == inv.conf_id)
+            .filter(|c| c.room_id == room && c.conf_id == inv.conf_id && c.device != inv.device)
             .count();
         if in_call >= self.cfg.max_participants_per_call {
             if let Some(auth) = self.rooms.get_mut(&room) {
@@ -620,6 +627,16 @@ impl Focus {
             warn!(device = %admitted.device, in_call, "call full; invite turned down");
             return self.refuse(admitted.device, FOCUS_FULL);
         }
+        // A new call of a device that has one replaces it, now that it is
+        // admitted (a refused one never ends the current call).
+        if let Some(old) = self.by_device.get(&admitted.device).copied() {
+            info!(device = %admitted.device, "a new call replaces the device's current one");
+            self.remove_client(now, old, "replaced", false);
+            if let Some(auth) = self.rooms.get_mut(&room) {
+                auth.readmit(&admitted);
+            }
+        }
+        let _ = self.signalling.admit(&admitted.device);
         let id = ClientId(self.next_id);
         self.next_id += 1;
         info!(device = %admitted.device, client = id.0, %room, conf_id = %inv.conf_id, "client admitted");

@@ -68,9 +68,11 @@ pub enum SignalError {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Signal {
-    /// A client calls the focus. Answer with [`FocusSignalling::answer`]
-    /// or turn it down with [`FocusSignalling::reject`]. A previous call of
-    /// that device is replaced (report it ended).
+    /// A client calls the focus. The invite is pending until
+    /// [`FocusSignalling::admit`] (then answer with
+    /// [`FocusSignalling::answer`]) or [`FocusSignalling::reject`]; the
+    /// device's current call, if any, goes on until the new one is
+    /// admitted (a refused invite never ends a healthy call).
     Invite {
         /// The calling device (from Olm when encrypted).
         device: DeviceKey,
@@ -88,20 +90,25 @@ pub enum Signal {
         metadata: SdpStreamMetadata,
         /// Candidates that arrived before the invite.
         early_candidates: Vec<Candidate>,
-        /// The device's previous call, now replaced.
+        /// The device's current call, which this one replaces if admitted.
         replaced: Option<String>,
     },
     /// Trickled candidates of a call.
     Candidates {
         /// The device.
         device: DeviceKey,
+        /// Whether they belong to its pending invite (else its current
+        /// call).
+        pending: bool,
         /// The candidates.
         candidates: Vec<Candidate>,
     },
-    /// The client ended its call (hangup or reject).
+    /// The client ended a call (hangup or reject).
     Ended {
         /// The device.
         device: DeviceKey,
+        /// Whether that was its pending invite (else its current call).
+        pending: bool,
         /// Its reason.
         reason: String,
     },
@@ -128,6 +135,8 @@ pub struct FocusSignalling {
     session_id: String,
     allow_plaintext: bool,
     calls: BTreeMap<DeviceKey, ClientCall>,
+    /// Invites being decided on (at most one per device).
+    pending: BTreeMap<DeviceKey, ClientCall>,
     early: BTreeMap<(DeviceKey, String), Vec<Candidate>>,
 }
 
@@ -145,6 +154,7 @@ impl FocusSignalling {
             session_id: session_id.into(),
             allow_plaintext,
             calls: BTreeMap::new(),
+            pending: BTreeMap::new(),
             early: BTreeMap::new(),
         }
     }
@@ -188,6 +198,7 @@ impl FocusSignalling {
             (None, None) => self
                 .calls
                 .iter()
+                .chain(self.pending.iter())
                 .find(|(k, c)| k.user_id == m.sender && c.call_id == msg.common.call_id)
                 .map(|(k, _)| k.device_id.clone())
                 .ok_or(SignalError::UnknownDevice)?,
@@ -201,14 +212,14 @@ impl FocusSignalling {
                     .sender_session_id
                     .clone()
                     .ok_or(SignalError::NoSession)?;
-                if let Some(c) = self.calls.get(&device)
-                    && c.call_id == call_id
-                    && c.invite_seq == msg.common.seq
-                {
+                let seen = |c: Option<&ClientCall>| {
+                    c.is_some_and(|c| c.call_id == call_id && c.invite_seq == msg.common.seq)
+                };
+                if seen(self.calls.get(&device)) || seen(self.pending.get(&device)) {
                     return Ok(Signal::Nothing);
                 }
-                let replaced = self.calls.remove(&device).map(|c| c.call_id);
-                self.calls.insert(
+                let replaced = self.calls.get(&device).map(|c| c.call_id.clone());
+                self.pending.insert(
                     device.clone(),
                     ClientCall {
                         call_id: call_id.clone(),
@@ -236,10 +247,9 @@ impl FocusSignalling {
                 })
             }
             body => {
-                let current = self
-                    .calls
-                    .get(&device)
-                    .is_some_and(|c| c.call_id == call_id);
+                let is = |c: Option<&ClientCall>| c.is_some_and(|c| c.call_id == call_id);
+                let pending = is(self.pending.get(&device));
+                let current = pending || is(self.calls.get(&device));
                 match body {
                     Body::Candidates(c) if !current => {
                         let key = (device, call_id);
@@ -256,12 +266,18 @@ impl FocusSignalling {
                     _ if !current => Err(SignalError::UnknownCall(call_id)),
                     Body::Candidates(c) => Ok(Signal::Candidates {
                         device,
+                        pending,
                         candidates: c.candidates,
                     }),
                     Body::Hangup(h) | Body::Reject(h) => {
-                        self.calls.remove(&device);
+                        if pending {
+                            self.pending.remove(&device);
+                        } else {
+                            self.calls.remove(&device);
+                        }
                         Ok(Signal::Ended {
                             device,
+                            pending,
                             reason: h.reason.unwrap_or_else(|| "user_hangup".to_owned()),
                         })
                     }
@@ -321,25 +337,36 @@ impl FocusSignalling {
         m
     }
 
-    /// Turns down `device`'s invite (`m.call.reject` with `reason`): the
-    /// client falls back to the mesh.
+    /// Admits `device`'s pending invite: it becomes the device's current
+    /// call. Returns the call it replaces, if any (end that one).
+    pub fn admit(&mut self, device: &DeviceKey) -> Option<String> {
+        let call = self.pending.remove(device)?;
+        self.calls
+            .insert(device.clone(), call)
+            .map(|old| old.call_id)
+    }
+
+    /// Turns down `device`'s pending invite (`m.call.reject` with
+    /// `reason`): the client falls back to the mesh. Its current call, if
+    /// any, is not touched.
     pub fn reject(
         &mut self,
         device: &DeviceKey,
         reason: &str,
     ) -> Option<(MessageType, OutgoingMessage)> {
-        let m = self.message(
+        let mut call = self.pending.remove(device)?;
+        Some(self.make(
+            &mut call,
             device,
             Body::Reject(Hangup {
                 reason: Some(reason.to_owned()),
                 extra: Default::default(),
             }),
-        );
-        self.calls.remove(device);
-        m
+        ))
     }
 
-    /// Forgets `device`'s call without a message (e.g. it left the call).
+    /// Forgets `device`'s current call without a message (e.g. it left
+    /// the call). A pending invite is decided on its own.
     pub fn forget(&mut self, device: &DeviceKey) {
         self.calls.remove(device);
         self.early.retain(|(d, _), _| d != device);
@@ -350,7 +377,19 @@ impl FocusSignalling {
         device: &DeviceKey,
         body: Body,
     ) -> Option<(MessageType, OutgoingMessage)> {
-        let call = self.calls.get_mut(device)?;
+        let mut call = self.calls.remove(device)?;
+        let m = self.make(&mut call, device, body);
+        self.calls.insert(device.clone(), call);
+        Some(m)
+    }
+
+    /// A message of `call` (its next `seq`) to `device`.
+    fn make(
+        &self,
+        call: &mut ClientCall,
+        device: &DeviceKey,
+        body: Body,
+    ) -> (MessageType, OutgoingMessage) {
         let msg = Message {
             common: CommonFields {
                 version: Version::V1,
@@ -366,14 +405,14 @@ impl FocusSignalling {
         };
         call.send_seq += 1;
         let content: Value = msg.to_content();
-        Some((
+        (
             msg.message_type(),
             OutgoingMessage {
                 user_id: device.user_id.clone(),
                 device_id: device.device_id.clone(),
                 content,
             },
-        ))
+        )
     }
 }
 
@@ -453,6 +492,9 @@ mod tests {
         assert!(metadata.contains_key("s1"));
         assert_eq!(early_candidates.len(), 1);
         assert_eq!(replaced, None);
+        // Pending until admitted: nothing to answer yet.
+        assert!(s.answer(&a(), "x".into(), Default::default()).is_none());
+        assert_eq!(s.admit(&a()), None);
         let (ty, m) = s
             .answer(&a(), "answer-sdp".into(), Default::default())
             .unwrap();
@@ -472,12 +514,46 @@ mod tests {
         assert_eq!(m.content["seq"], 1);
         // A repeated invite (the caller sent it again) is not a new call.
         assert_eq!(s.receive(&invite("c1", 0)), Ok(Signal::Nothing));
-        // A new invite replaces the call.
+        // A new invite would replace the call, once admitted: until then
+        // the current call goes on (its candidates are its own).
         let Signal::Invite { replaced, .. } = s.receive(&invite("c2", 0)).unwrap() else {
             panic!("an invite");
         };
         assert_eq!(replaced.as_deref(), Some("c1"));
+        assert_eq!(s.call_of(&a()), Some("c1"));
+        let cands = |call: &str| {
+            incoming(
+                "m.call.candidates",
+                call,
+                2,
+                json!({"candidates": [{"candidate": "candidate:1 1 udp 1 127.0.0.1 5000 typ host", "sdpMid": "0"}]}),
+                true,
+            )
+        };
+        assert!(matches!(
+            s.receive(&cands("c1")),
+            Ok(Signal::Candidates { pending: false, .. })
+        ));
+        assert!(matches!(
+            s.receive(&cands("c2")),
+            Ok(Signal::Candidates { pending: true, .. })
+        ));
+        assert_eq!(s.admit(&a()).as_deref(), Some("c1"));
         assert_eq!(s.call_of(&a()), Some("c2"));
+    }
+
+    #[test]
+    fn a_refused_invite_leaves_the_current_call_alone() {
+        let mut s = FocusSignalling::new("FOCUS", "FSESS", false);
+        s.receive(&invite("c1", 0)).unwrap();
+        s.admit(&a());
+        s.receive(&invite("c2", 0)).unwrap();
+        let (_, m) = s.reject(&a(), "stale_session").unwrap();
+        assert_eq!(m.content["call_id"], "c2");
+        assert_eq!(s.call_of(&a()), Some("c1"));
+        // The current call still answers, with its own seq.
+        let (_, m) = s.answer(&a(), "sdp".into(), Default::default()).unwrap();
+        assert_eq!(m.content["call_id"], "c1");
     }
 
     #[test]
@@ -537,6 +613,7 @@ mod tests {
         assert_eq!(m.content["reason"], "focus_full");
         assert_eq!(s.call_of(&a()), None);
         s.receive(&invite("c2", 0)).unwrap();
+        s.admit(&a());
         let hangup = incoming(
             "m.call.hangup",
             "c2",
@@ -548,6 +625,7 @@ mod tests {
             s.receive(&hangup),
             Ok(Signal::Ended {
                 device: a(),
+                pending: false,
                 reason: "user_hangup".into()
             })
         );

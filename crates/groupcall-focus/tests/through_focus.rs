@@ -590,6 +590,57 @@ async fn strangers_and_plaintext_are_refused_and_a_member_who_leaves_the_room_is
     }
     sync.stop();
 
+    // A member of the call (at the focus) whose invite names a session that
+    // is not its current one: a stale session, turned down (after the hold
+    // for the homeserver's lag); its real call with the focus goes on.
+    c.h.register("late").await;
+    let late = c.h.login("late").await;
+    let late_dev = DeviceKey::new(late.user_id(), late.device_id());
+    let mut o = JoinOptions::new(c.room.clone());
+    o.focus = Some(FocusRef {
+        user_id: c.focus_dev.user_id.clone(),
+        device_id: c.focus_dev.device_id.clone(),
+    });
+    let (late_idx, late_part) = c.h.join_rust("late", late.clone(), o).await;
+    let t_late = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !rust_connected(&c.h.log.seen, t_late, late_idx, &c.focus_dev) {
+        assert!(Instant::now() < deadline, "late never reached the focus");
+        c.h.log.run_for(Duration::from_millis(250)).await;
+    }
+    let stale = json!({"version": "1", "call_id": "late-stale", "party_id": late_dev.device_id,
+        "conf_id": conf, "device_id": late_dev.device_id, "sender_session_id": "not-its-session",
+        "dest_session_id": c.focus_dev.device_id, "seq": 0, "lifetime": 60000,
+        "offer": {"type": "offer", "sdp": "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"}});
+    // The focus's reject is addressed to that session: late's client
+    // ignores it, as it should.
+    c.h.allow_anomaly("for another session (dest_session_id not-its-session)");
+    let report = late
+        .send_signalling(
+            "m.call.invite",
+            to_focus(stale),
+            true,
+            KeylessDevices::Refuse,
+        )
+        .await;
+    assert!(report.error.is_none(), "{:?}", report.error);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = http_get(addr, "/metrics").await;
+        let stale = metric_or_0(
+            &m,
+            "groupcall_focus_refusals_total{reason=\"stale_session\"}",
+        );
+        if stale == 1 {
+            assert_eq!(metric(&m, "groupcall_focus_participants"), 3, "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "stale session not refused:\n{m}");
+        c.h.log.run_for(Duration::from_millis(200)).await;
+    }
+    late_part.commander.send(Command::Leave);
+    late_part.done.await.unwrap();
+
     // The call went on: media both ways.
     let t = Instant::now();
     c.t0 = t;
