@@ -513,6 +513,20 @@ impl Parser<'_> {
                 Ok(ip)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // A wildcard socket cannot tell clients where to reach it (and does
+        // not learn which address a packet came to): the address to offer
+        // must be named.
+        if let Some(b) = bind.iter().find(|b| b.ip().is_unspecified())
+            && advertise.is_empty()
+        {
+            return Err(self.err(
+                "media.advertise",
+                format!(
+                    "missing: `{b}` binds every address; name the one clients reach \
+                     (advertise = [\"IP\"]) or bind that address"
+                ),
+            ));
+        }
         Ok(MediaConfig { bind, advertise })
     }
 
@@ -795,7 +809,7 @@ data_dir = "data"
 allow = ["@alice:example.org", "example.net"]
 
 [media]
-bind = ["0.0.0.0:50000"]
+bind = ["192.0.2.10:50000"]
 "#;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -829,7 +843,7 @@ bind = ["0.0.0.0:50000"]
         assert_eq!(c.data_dir, PathBuf::from("/etc/focus/data"));
         assert!(!c.allow_plaintext);
         assert_eq!(c.http_listen, None);
-        assert_eq!(c.media.bind, ["0.0.0.0:50000".parse().unwrap()]);
+        assert_eq!(c.media.bind, ["192.0.2.10:50000".parse().unwrap()]);
         assert!(c.media.advertise.is_empty());
         assert_eq!(c.turn, None);
         assert_eq!(c.limits, Limits::default());
@@ -1042,7 +1056,7 @@ grace_period = "0s"
         let (top, _) = MINIMAL.split_once("[media]").unwrap();
         error(top, "media");
         error(
-            &MINIMAL.replace("bind = [\"0.0.0.0:50000\"]", ""),
+            &MINIMAL.replace("bind = [\"192.0.2.10:50000\"]", ""),
             "media.bind",
         );
     }
@@ -1157,8 +1171,26 @@ grace_period = "0s"
         }
         let (head, _) = MINIMAL.split_once("[media]").unwrap();
         error(&format!("{head}media = 1\n"), "media");
-        let msg = error(&MINIMAL.replace("0.0.0.0:50000", "0.0.0.0"), "media.bind");
+        let msg = error(
+            &MINIMAL.replace("192.0.2.10:50000", "0.0.0.0"),
+            "media.bind",
+        );
         assert!(msg.contains("IP:port"), "{msg}");
+        // A wildcard bind needs the address to offer.
+        let msg = error(
+            &MINIMAL.replace("192.0.2.10:50000", "0.0.0.0:50000"),
+            "media.advertise",
+        );
+        assert!(msg.contains("0.0.0.0:50000"), "{msg}");
+        let c = parse(&format!(
+            "{}advertise = [\"203.0.113.7\"]\n",
+            MINIMAL.replace("192.0.2.10:50000", "0.0.0.0:50000")
+        ))
+        .unwrap();
+        assert_eq!(
+            c.media.advertise,
+            ["203.0.113.7".parse::<IpAddr>().unwrap()]
+        );
         let msg = error(&MINIMAL.replace("\"example.net\"", "\"*\""), "allow");
         assert!(msg.contains("`*`"), "{msg}");
         error(&MINIMAL.replace("\"example.net\"", "\"@bob\""), "allow");

@@ -49,6 +49,10 @@ pub struct EngineConfig {
     pub ice_servers: Vec<groupcall::media::IceServer>,
     /// Offer clients only relayed candidates.
     pub relay_only: bool,
+    /// The address offered to clients instead of the bound one (with the
+    /// bound port): `[media] advertise`, e.g. the public IP of a NAT, or
+    /// the address of a socket bound to every address.
+    pub advertise: Option<std::net::IpAddr>,
 }
 
 /// What the service feeds the engine.
@@ -146,7 +150,8 @@ pub struct EngineFigures {
     pub egress_unready: u64,
     /// Datagrams the socket could not send at once (dropped).
     pub send_dropped: u64,
-    /// The media socket's address.
+    /// The media address offered to clients: the socket's, or the
+    /// advertised IP with the socket's port.
     pub local_addr: Option<SocketAddr>,
     /// Subscriptions in force (subscriber, track), all calls.
     pub subscriptions: usize,
@@ -256,7 +261,14 @@ impl Engine {
         info!(%local_addr, "focus media socket bound");
         let (tx, rx) = inputs;
         let figures_rx = figures_tx.subscribe();
-        let state = State::new(cfg, local_addr, out);
+        let ice_addr = match cfg.advertise {
+            Some(ip) => SocketAddr::new(ip, local_addr.port()),
+            None => local_addr,
+        };
+        if ice_addr != local_addr {
+            info!(%local_addr, %ice_addr, "focus media: offering the advertised address");
+        }
+        let state = State::new(cfg, ice_addr, out);
         let task = tokio::spawn(run(socket, state, rx, figures_tx));
         Ok(Engine {
             tx,
@@ -1330,6 +1342,7 @@ impl EngineCore {
             bind,
             ice_servers,
             relay_only,
+            advertise: config.media.advertise.first().copied(),
         }))
     }
 

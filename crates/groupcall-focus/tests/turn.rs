@@ -1,7 +1,10 @@
-//! A focus that reaches its clients only through TURN (`[turn]` with
-//! `relay_only = true` in focus.toml), with a real coturn and a real
-//! Synapse: the focus allocates one relay (shared by its clients' peers),
-//! offers only relayed candidates, and the call's media flows through it.
+//! How clients reach the focus, with a real Synapse:
+//! - only through TURN (`[turn]` with `relay_only = true` in focus.toml),
+//!   with a real coturn: the focus allocates one relay (shared by its
+//!   clients' peers), offers only relayed candidates, and the call's media
+//!   flows through it;
+//! - a focus bound to every address (`0.0.0.0`) offers the address named
+//!   in `[media] advertise` (as behind a NAT that maps the same port).
 //!
 //! Run with `cargo test -p groupcall-focus --test turn -- --nocapture`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -72,5 +75,40 @@ async fn a_relay_only_focus_serves_its_clients_through_turn() {
         "FIGURE turn: the focus's one allocation relayed {received} packets in and {sent} out"
     );
     assert!(sent > 500 && received > 500, "{usage:?}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_focus_bound_to_every_address_offers_the_advertised_one() {
+    let mut h = Harness::new().await;
+    for name in ["p0", "p1"] {
+        h.register(name).await;
+    }
+    let s0 = h.login("p0").await;
+    let focus = RunningFocus::start_with(
+        &h,
+        &s0,
+        "[media]\nbind = [\"0.0.0.0:0\"]\nadvertise = [\"127.0.0.1\"]\n",
+    )
+    .await;
+    let s1 = h.login("p1").await;
+    let t0 = Instant::now();
+    let (members, parts) =
+        join_through_focus(&mut h, &focus, vec![("p0", s0), ("p1", s1)], |_| None).await;
+    wait_media(&mut h, t0, &members, 50, 20, 90).await;
+    h.log.pump();
+    assert_only_through(&h.log.seen, t0, &members, &focus.device);
+    // What the focus offered: the advertised address, the bound port.
+    let f = focus.figures.borrow().clone();
+    let offered = f.local_addr.expect("the address offered");
+    assert_eq!(offered.ip().to_string(), "127.0.0.1", "{f:?}");
+    assert_ne!(offered.port(), 0);
+    eprintln!(
+        "FIGURE turn: a focus bound to 0.0.0.0 offering the advertised 127.0.0.1:{}: media both ways {:.1} s after the first join",
+        offered.port(),
+        t0.elapsed().as_secs_f64()
+    );
+    leave_all(parts).await;
+    focus.stop().await;
     h.shutdown().await;
 }

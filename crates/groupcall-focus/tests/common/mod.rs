@@ -20,7 +20,8 @@ pub fn focus_config(h: &Harness, focus_user: &str, allow: &str) -> Config {
     focus_config_with(h, focus_user, allow, "")
 }
 
-/// [`focus_config`] with `extra` (TOML sections) appended.
+/// [`focus_config`] with `extra` (TOML sections) appended; a `[media]`
+/// section there replaces the default one (loopback, any port).
 pub fn focus_config_with(h: &Harness, focus_user: &str, allow: &str, extra: &str) -> Config {
     // One directory (and data dir) per focus account.
     let local = focus_user
@@ -39,13 +40,17 @@ data_dir = "data"
 allow = ["{allow}"]
 http_listen = "127.0.0.1:0"
 
-[media]
-bind = ["127.0.0.1:0"]
-
+{media}
 [drain]
 grace_period = "1s"
 {extra}"#,
         hs = h.hs,
+        // `extra` may bring its own [media].
+        media = if extra.contains("[media]") {
+            ""
+        } else {
+            "[media]\nbind = [\"127.0.0.1:0\"]\n"
+        },
     );
     let path = dir.join("focus.toml");
     std::fs::write(&path, text).unwrap();
