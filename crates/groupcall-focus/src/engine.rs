@@ -55,6 +55,9 @@ pub struct EngineConfig {
     pub advertise: Option<std::net::IpAddr>,
 }
 
+/// The media socket's buffer size asked for (each way).
+const SOCKET_BUFFER: usize = 4 << 20;
+
 /// What the service feeds the engine.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -256,6 +259,24 @@ impl Engine {
     ) -> std::io::Result<Engine> {
         let std_socket = std::net::UdpSocket::bind(cfg.bind)?;
         std_socket.set_nonblocking(true)?;
+        // Every client's media comes to this one socket: a burst (key
+        // frames of many publishers, or the task briefly off the CPU) must
+        // not overflow the kernel's default buffer (about 200 KB). The
+        // kernel caps the size at net.core.rmem_max / wmem_max.
+        let sock = socket2::SockRef::from(&std_socket);
+        for (what, r) in [
+            ("receive", sock.set_recv_buffer_size(SOCKET_BUFFER)),
+            ("send", sock.set_send_buffer_size(SOCKET_BUFFER)),
+        ] {
+            if let Err(e) = r {
+                warn!(error = %e, "media socket: {what} buffer size not set");
+            }
+        }
+        info!(
+            recv = sock.recv_buffer_size().unwrap_or(0),
+            send = sock.send_buffer_size().unwrap_or(0),
+            "focus media socket buffers"
+        );
         let socket = UdpSocket::from_std(std_socket)?;
         let local_addr = socket.local_addr()?;
         info!(%local_addr, "focus media socket bound");

@@ -14,6 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use super::set::{PeerId, PeerSet, RequestId, SetInput, SetOutput};
 use super::*;
 
+/// The receive buffer asked for on each media socket.
+const SOCKET_BUFFER: usize = 4 << 20;
+
 /// UDP sockets held by the media hosts of this process.
 static LIVE_SOCKETS: AtomicUsize = AtomicUsize::new(0);
 
@@ -127,6 +130,13 @@ impl MediaHost {
         for ip in addrs {
             let bound = std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).and_then(|s| {
                 s.set_nonblocking(true)?;
+                // Every peer's media arrives on this socket (through a
+                // focus, everyone's): room for bursts beyond the kernel's
+                // default of about 200 KB (capped at net.core.rmem_max).
+                let sock = socket2::SockRef::from(&s);
+                if let Err(e) = sock.set_recv_buffer_size(SOCKET_BUFFER) {
+                    debug!(error = %e, "media socket: receive buffer size not set");
+                }
                 UdpSocket::from_std(s)
             });
             match bound {
