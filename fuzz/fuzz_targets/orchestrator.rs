@@ -25,6 +25,19 @@ enum Op {
     Signal { kind: u8, user: u8, device: u8, session: u8, dest_ours: bool, call_id: u8, seq: u8, encrypted: bool, spoof: bool, sdp: u8 },
     Raw { kind: u8, json: String },
     Media { handle: u8, kind: u8, sdp: u8 },
+    // The focus (MSC3898): choosing one, members' foci, the channel.
+    SetFocus(u8),
+    FocusSubscriptions(u8),
+    RecentSpeakers(u8),
+    MemberFoci { user: u8, device: u8, focus: u8, stable: bool },
+    Channel { handle: u8, kind: u8, text: String },
+}
+
+const FOCI: [(&str, &str); 2] = [("@sfu:x", "SFUDEV"), ("@sfu2:x", "SFU2DEV")];
+
+fn focus_ref(i: u8) -> FocusRef {
+    let (u, d) = FOCI[i as usize % FOCI.len()];
+    FocusRef { user_id: u.into(), device_id: d.into() }
 }
 
 const USERS: [&str; 4] = ["@a:x", "@b:x", "@me:x", "@z:x"];
@@ -33,8 +46,11 @@ fn user(i: u8) -> &'static str {
     USERS[i as usize % USERS.len()]
 }
 
-fuzz_target!(|ops: Vec<Op>| {
-    let mut call = GroupCall::new(Config::new("@me:x", "MEDEV"));
+fuzz_target!(|input: (bool, Vec<Op>)| {
+    let (follow, ops) = input;
+    let mut cfg = Config::new("@me:x", "MEDEV");
+    cfg.follow_foci = follow;
+    let mut call = GroupCall::new(cfg);
     let mut now: u64 = 1_700_000_000_000;
     for op in ops.into_iter().take(256) {
         match op {
@@ -134,6 +150,39 @@ fuzz_target!(|ops: Vec<Op>| {
                     4 => MediaEvent::State { peer, state: MediaState::Failed },
                     5 => MediaEvent::State { peer, state: MediaState::Disconnected },
                     _ => MediaEvent::Error { peer, message: "boom".into() },
+                };
+                call.handle_media(now, ev);
+            }
+            Op::SetFocus(f) => {
+                let f = (f % 3 != 2).then(|| focus_ref(f));
+                let _ = call.handle_command(now, Command::SetFocus(f));
+            }
+            Op::FocusSubscriptions(n) => {
+                let only = (n % 3 != 0).then(|| {
+                    (0..n % 4).map(|i| DeviceKey::new(user(i), format!("D{}", i % 3))).collect()
+                });
+                let _ = call.handle_command(now, Command::FocusSubscriptions(only));
+            }
+            Op::RecentSpeakers(n) => {
+                let n = (n % 5 != 0).then_some(usize::from(n % 5));
+                let _ = call.handle_command(now, Command::FocusRecentSpeakers(n));
+            }
+            Op::MemberFoci { user: u, device, focus, stable } => {
+                let (fu, fd) = FOCI[focus as usize % FOCI.len()];
+                let key = if stable { "m.foci.active" } else { "org.matrix.msc3898.foci.active" };
+                let mut dev = json!({"device_id": format!("D{}", device % 3), "session_id": "S0",
+                    "expires_ts": now + 3_600_000, "feeds": [{"purpose": "m.usermedia"}]});
+                dev[key] = if focus % 5 == 4 { json!("junk") } else { json!([{"user_id": fu, "device_id": fd}]) };
+                let ev = json!({"type": "org.matrix.msc3401.call.member", "state_key": user(u), "sender": user(u),
+                    "origin_server_ts": now, "content": {"m.calls": [{"m.call_id": call.joined_call_id().unwrap_or("C0"), "m.devices": [dev]}]}});
+                let _ = call.handle_state(now, &ev);
+            }
+            Op::Channel { handle, kind, text } => {
+                let peer = PeerHandle(u64::from(handle % 8));
+                let ev = match kind % 3 {
+                    0 => MediaEvent::ChannelOpen { peer },
+                    1 => MediaEvent::ChannelMessage { peer, text },
+                    _ => MediaEvent::ChannelClosed { peer },
                 };
                 call.handle_media(now, ev);
             }
