@@ -53,6 +53,9 @@ pub struct EngineConfig {
     /// bound port): `[media] advertise`, e.g. the public IP of a NAT, or
     /// the address of a socket bound to every address.
     pub advertise: Option<std::net::IpAddr>,
+    /// The upload limit of one participant, bits per second: told to every
+    /// publisher once a second (RTCP REMB on its video, advisory).
+    pub max_upload_bps: Option<u64>,
 }
 
 /// The media socket's buffer size asked for (each way).
@@ -368,6 +371,9 @@ struct State {
     local_addr: SocketAddr,
     ice_servers: Vec<groupcall::media::IceServer>,
     relay_only: bool,
+    max_upload_bps: Option<u64>,
+    /// When the publishers are next told the upload limit.
+    next_limit: Instant,
     out: mpsc::UnboundedSender<EngineOutput>,
     clients: HashMap<ClientId, ClientMedia>,
     calls: HashMap<(String, String), CallId>,
@@ -437,6 +443,8 @@ impl State {
             local_addr,
             ice_servers: cfg.ice_servers,
             relay_only: cfg.relay_only,
+            max_upload_bps: cfg.max_upload_bps,
+            next_limit: Instant::now(),
             out,
             clients: HashMap::new(),
             calls: HashMap::new(),
@@ -487,10 +495,16 @@ impl State {
             .focus
             .poll_timeout()
             .map(|t| now + Duration::from_millis(t.saturating_sub(wall)));
-        [self.set.poll_timeout(), self.fwd.poll_timeout(), focus]
-            .into_iter()
-            .flatten()
-            .min()
+        let limit = self.max_upload_bps.map(|_| self.next_limit);
+        [
+            self.set.poll_timeout(),
+            self.fwd.poll_timeout(),
+            focus,
+            limit,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn on_input(&mut self, input: EngineInput) {
@@ -524,6 +538,17 @@ impl State {
 
     fn on_timeout(&mut self) {
         let now = Instant::now();
+        if let Some(bps) = self.max_upload_bps
+            && now >= self.next_limit
+        {
+            // REMB is a standing limit a sender re-reads: say it again
+            // every second (and to clients that joined since).
+            self.next_limit = now + Duration::from_secs(1);
+            let clients: Vec<ClientId> = self.clients.keys().copied().collect();
+            for c in clients {
+                self.request(c, None, Request::LimitIncomingBitrate { bps });
+            }
+        }
         self.set.handle_input(now, SetInput::Timeout);
         self.fwd.handle_timeout(now);
         self.focus.handle_timeout(unix_ms());
@@ -1364,6 +1389,7 @@ impl EngineCore {
             ice_servers,
             relay_only,
             advertise: config.media.advertise.first().copied(),
+            max_upload_bps: Some(u64::from(config.limits.max_kbps_per_participant) * 1000),
         }))
     }
 

@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use groupcall::client::ClientEvent;
 use groupcall::proto::{CallEvent, Command, PeerStatus};
 use groupcall_testkit::*;
 use tokio::time::Instant;
@@ -109,6 +110,63 @@ async fn a_full_focus_turns_the_next_client_to_the_mesh_until_a_place_frees_up()
         !rust_connected(&h.log.seen, t_media, p0.idx, &p2.dev),
         "p0-p2 direct again"
     );
+    leave_all(parts).await;
+    focus.stop().await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_upload_limit_reaches_every_publisher_as_a_target_bitrate() {
+    let mut h = Harness::new().await;
+    for name in ["p0", "p1"] {
+        h.register(name).await;
+    }
+    let s0 = h.login("p0").await;
+    let focus =
+        RunningFocus::start_with(&h, &s0, "[limits]\nmax_kbps_per_participant = 300\n").await;
+    let s1 = h.login("p1").await;
+    let t0 = Instant::now();
+    let (members, parts) =
+        join_through_focus(&mut h, &focus, vec![("p0", s0), ("p1", s1)], |_| None).await;
+    wait_media(&mut h, t0, &members, 50, 20, 90).await;
+    // The focus tells each publisher its limit (REMB on its one camera
+    // track: all of it; repeated every second, reported once).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        h.log.pump();
+        let told: Vec<Vec<u64>> = members
+            .iter()
+            .map(|m| {
+                h.log
+                    .seen
+                    .iter()
+                    .filter_map(|e| match &e.ev {
+                        Ev::Rust(ClientEvent::TargetBitrate { device, bps })
+                            if e.who == m.idx && *device == focus.device =>
+                        {
+                            Some(*bps)
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .collect();
+        if told.iter().all(|t| !t.is_empty()) {
+            for t in &told {
+                assert!(t.iter().all(|b| *b == 300_000), "{told:?}");
+            }
+            eprintln!(
+                "FIGURE limits: the focus's upload limit (300 kbit/s) had reached both publishers as a target bitrate by {:.1} s after the first join",
+                t0.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the limit did not reach the publishers: {told:?}"
+        );
+        h.log.run_for(Duration::from_millis(250)).await;
+    }
     leave_all(parts).await;
     focus.stop().await;
     h.shutdown().await;

@@ -218,6 +218,17 @@ pub enum ClientEvent {
         /// A FIR (full intra request) rather than a PLI.
         fir: bool,
     },
+    /// A peer (or the focus, for its subscribers or its upload limit)
+    /// asked us to keep what we send it under this bitrate (RTCP REMB on
+    /// one of our video tracks), reported when it changes: a target for
+    /// applications that encode their own media ([`VideoSource::Push`]).
+    /// The built-in sources do not adapt.
+    TargetBitrate {
+        /// The peer that asked.
+        device: DeviceKey,
+        /// The limit, bits per second.
+        bps: u64,
+    },
     /// Media counters of what we send to one peer (totals).
     MediaSent {
         /// Remote device.
@@ -851,6 +862,8 @@ struct Peer {
     /// The peer is our focus (MSC3898): its remote streams are other
     /// participants', and it has the data channel.
     focus: bool,
+    /// The last bitrate limit it gave us (reported when it changes).
+    bitrate_limit: Option<u64>,
 }
 
 /// Everything the driver task listens to.
@@ -1120,6 +1133,18 @@ impl Driver {
                 }
                 None
             }
+            PeerEvent::BitrateLimit { bps, .. } => {
+                // Senders repeat REMB (about once a second): report changes.
+                if let Some(peer) = self.peers.get_mut(&handle)
+                    && peer.bitrate_limit.replace(bps) != Some(bps)
+                {
+                    let _ = self.events.send(ClientEvent::TargetBitrate {
+                        device: peer.device.clone(),
+                        bps,
+                    });
+                }
+                None
+            }
             PeerEvent::KeyframeRequested { track_id, fir, .. } => {
                 if let Some(peer) = self.peers.get(&handle) {
                     let _ = self.events.send(ClientEvent::KeyframeRequested {
@@ -1379,6 +1404,7 @@ impl Driver {
                     _close: close_tx,
                     media: None,
                     stats_pending: false,
+                    bitrate_limit: None,
                     device: remote.clone(),
                     sourced: Vec::new(),
                     remote_tracks: BTreeMap::new(),

@@ -179,6 +179,11 @@ enum Shape<'a> {
         track_id: &'a str,
         fir: bool,
     },
+    TargetBitrate {
+        #[serde(flatten)]
+        device: Device<'a>,
+        bps: u64,
+    },
     Signalling {
         sender: &'a str,
         #[serde(rename = "type")]
@@ -272,6 +277,10 @@ impl<'a> Shape<'a> {
                 device: device.into(),
                 track_id,
                 fir: *fir,
+            },
+            ClientEvent::TargetBitrate { device, bps } => Shape::TargetBitrate {
+                device: device.into(),
+                bps: *bps,
             },
             ClientEvent::Signalling {
                 sender,
@@ -686,6 +695,14 @@ mod tests {
             }
             .to_json(),
             json!({"event":"keyframe_requested","user_id":"@f:x","device_id":"F","track_id":"t","fir":false})
+        );
+        assert_eq!(
+            ClientEvent::TargetBitrate {
+                device: DeviceKey::new("@f:x", "F"),
+                bps: 300_000,
+            }
+            .to_json(),
+            json!({"event":"target_bitrate","user_id":"@f:x","device_id":"F","bps":300_000})
         );
         assert_eq!(
             ClientEvent::Recorded {

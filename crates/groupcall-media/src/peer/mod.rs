@@ -259,6 +259,15 @@ pub enum PeerEvent {
     },
     /// A received frame (only with [`PeerConfig::deliver_frames`]).
     Frame(Frame),
+    /// The remote asked us to keep under this bitrate on an m-line (RTCP
+    /// REMB: a receiver's or a focus's limit); for applications that
+    /// encode their own media.
+    BitrateLimit {
+        /// The m-line.
+        mid: Mid,
+        /// The limit, bits per second.
+        bps: u64,
+    },
     /// The remote asked for a key frame on a local track that has no source
     /// able to produce one: push a key frame with `send_frame` (or, on a
     /// forwarding peer, ask the publisher for one).
@@ -455,6 +464,13 @@ pub enum Request {
     /// accepting the remote's). Answered with [`Reply::Done`], or
     /// [`MediaError::NoPendingOffer`]. Emits [`PeerEvent::OfferRolledBack`].
     Rollback,
+    /// Ask the remote to keep what it sends us under `bps` bits per second
+    /// in all (RTCP REMB on its video streams, the total shared among
+    /// them). Advisory: a sender may ignore it. No answer.
+    LimitIncomingBitrate {
+        /// The limit, bits per second.
+        bps: u64,
+    },
 }
 
 /// One RTP packet received by a forwarding peer ([`PeerEvent::Rtp`]). The
@@ -545,6 +561,7 @@ impl std::fmt::Debug for Request {
             Request::WriteRtp(_) => "WriteRtp",
             Request::RequestKeyframeOn { .. } => "RequestKeyframeOn",
             Request::Rollback => "Rollback",
+            Request::LimitIncomingBitrate { .. } => "LimitIncomingBitrate",
         };
         f.write_str(name)
     }

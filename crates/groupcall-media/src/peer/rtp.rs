@@ -169,6 +169,27 @@ impl PeerState {
         self.drain()
     }
 
+    /// Asks the remote to keep its video to us under `bps` in all (REMB on
+    /// each remote video m-line, the total shared among them).
+    pub(super) fn limit_incoming_bitrate(&mut self, bps: u64) {
+        let mids: Vec<Mid> = self
+            .remote
+            .values()
+            .filter(|r| r.kind == TrackKind::Video)
+            .map(|r| r.mid)
+            .collect();
+        if mids.is_empty() {
+            return;
+        }
+        let each = bps / mids.len() as u64;
+        for mid in mids {
+            match self.rtc.direct_api().stream_rx_by_mid(mid, None) {
+                Some(rx) => rx.request_remb(str0m::bwe::Bitrate::bps(each)),
+                None => trace!(%mid, "bitrate limit: no receive stream yet"),
+            }
+        }
+    }
+
     /// Asks the remote for a key frame on `mid` (both modes).
     pub(super) fn request_keyframe_on(&mut self, mid: Mid, rid: Option<Rid>, fir: bool) {
         let kind = if fir {

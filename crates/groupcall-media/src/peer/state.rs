@@ -142,6 +142,11 @@ impl PeerState {
             Event::ChannelOpen(id, label) => self.on_channel_open(id, label),
             Event::ChannelData(d) => self.on_channel_data(d.id, d.binary, d.data),
             Event::ChannelClose(id) => self.on_channel_close(id),
+            Event::EgressBitrateEstimate(str0m::bwe::BweKind::Remb { estimate, mid }) => {
+                let bps = estimate.as_u64();
+                debug!(%mid, bps, "the remote limits our bitrate (REMB)");
+                self.emit(PeerEvent::BitrateLimit { mid, bps });
+            }
             Event::MediaEgressStats(s) => {
                 // str0m's count of packets sent includes its RTX resends;
                 // what we wrote on the m-line is the rest (packets still
@@ -533,6 +538,10 @@ impl PeerState {
             Request::WriteRtp(out) => self.write_rtp(out)?,
             Request::RequestKeyframeOn { mid, rid, fir } => {
                 self.request_keyframe_on(mid, rid, fir);
+                self.drain()?;
+            }
+            Request::LimitIncomingBitrate { bps } => {
+                self.limit_incoming_bitrate(bps);
                 self.drain()?;
             }
             Request::Rollback => {
