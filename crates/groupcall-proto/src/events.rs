@@ -330,6 +330,8 @@ pub struct MemberDevice {
     /// The foci it publishes to (MSC3898 `m.foci.active`); empty when it
     /// takes part full mesh.
     pub foci_active: Vec<FocusRef>,
+    /// The foci it would rather use (MSC3898 `m.foci.preferred`).
+    pub foci_preferred: Vec<FocusRef>,
 }
 
 /// A focus (an SFU, MSC3898), named by the Matrix device it runs as.
@@ -555,12 +557,14 @@ fn parse_member_device(dev: &Value, top_expiry: Option<u64>) -> Result<MemberDev
         }
     };
     let foci_active = read_foci(obj, FOCI_ACTIVE, FOCI_ACTIVE_UNSTABLE);
+    let foci_preferred = read_foci(obj, FOCI_PREFERRED, FOCI_PREFERRED_UNSTABLE);
     Ok(MemberDevice {
         device_id,
         session_id,
         expires_ts,
         feeds,
         foci_active,
+        foci_preferred,
     })
 }
 

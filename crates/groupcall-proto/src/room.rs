@@ -34,6 +34,8 @@ pub struct Participant {
     pub feeds: Vec<FeedPurpose>,
     /// The foci it publishes to (`m.foci.active`); empty: full mesh.
     pub foci_active: Vec<FocusRef>,
+    /// The foci it would rather use (`m.foci.preferred`).
+    pub foci_preferred: Vec<FocusRef>,
 }
 
 /// Why a device is no longer a participant.
@@ -384,6 +386,7 @@ impl RoomCallState {
                                 expires_ts: d.expires_ts,
                                 feeds: d.feeds,
                                 foci_active: d.foci_active,
+                                foci_preferred: d.foci_preferred,
                             },
                         );
                     }

@@ -2019,6 +2019,56 @@ fn following_the_members_foci_we_join_theirs_and_move_when_they_do() {
 }
 
 #[test]
+fn a_focus_we_prefer_and_another_member_prefers_wins_over_the_busier_one() {
+    // MSC3898's example: b is at F1 (New York) but would rather use F2
+    // (London); we prefer F2 too: we call F2, not F1.
+    let f2 = FocusRef {
+        user_id: "@sfu2:x".into(),
+        device_id: "SFU2DEV".into(),
+    };
+    let mut call = joined(|c| {
+        c.follow_foci = true;
+        c.focus = Some(f2.clone());
+    });
+    let mut b = member_with_foci(
+        "@b:x",
+        "BDEV",
+        "m.foci.active",
+        json!([{"user_id": "@sfu:x", "device_id": "SFUDEV"}]),
+    );
+    b["content"]["m.calls"][0]["m.devices"][0]["m.foci.preferred"] =
+        json!([{"user_id": "@sfu2:x", "device_id": "SFU2DEV"}]);
+    call.handle_state(NOW, &b).unwrap();
+    let outs = drain(&mut call);
+    assert!(!placed_to(&outs, "@sfu:x"), "F1 is not called: {outs:?}");
+    let foci: Vec<DeviceKey> = call
+        .peers()
+        .into_iter()
+        .map(|(d, _, _)| d)
+        .filter(|d| d.user_id.starts_with("@sfu"))
+        .collect();
+    assert_eq!(foci, vec![DeviceKey::new("@sfu2:x", "SFU2DEV")]);
+    // b is at another focus: met in the mesh meanwhile.
+    assert!(placed_to(&outs, "@b:x"));
+    // Without b's preference, the busier F1 would win.
+    let mut call = joined(|c| {
+        c.follow_foci = true;
+        c.focus = Some(f2.clone());
+    });
+    call.handle_state(
+        NOW,
+        &member_with_foci(
+            "@b:x",
+            "BDEV",
+            "m.foci.active",
+            json!([{"user_id": "@sfu:x", "device_id": "SFUDEV"}]),
+        ),
+    )
+    .unwrap();
+    assert!(placed_to(&drain(&mut call), "@sfu:x"));
+}
+
+#[test]
 fn signalling_from_a_focus_that_is_not_ours_is_held_like_a_non_member() {
     let mut call = joined(|_| {});
     let m = from_focus(

@@ -396,9 +396,9 @@ impl GroupCall {
     /// The focus to publish to now: [`Config::focus`], or with
     /// [`Config::follow_foci`] the members' choice (MSC3898 "Choosing a
     /// focus", without its latency probing): our preferred focus when
-    /// another member is active on it, else the focus most other members are
-    /// active on (the current one on a tie, else the smallest), else our
-    /// preferred one.
+    /// another member is active on it or prefers it too, else the focus most
+    /// other members are active on (the current one on a tie, else the
+    /// smallest), else our preferred one.
     ///
     /// [`Config::focus`]: crate::Config::focus
     /// [`Config::follow_foci`]: crate::Config::follow_foci
@@ -408,15 +408,22 @@ impl GroupCall {
         }
         let mut used: std::collections::BTreeMap<&crate::events::FocusRef, usize> =
             std::collections::BTreeMap::new();
+        let mut preferred_by_others = false;
         for (k, p) in self.room.participants() {
             if *k != self.me {
                 for f in &p.foci_active {
                     *used.entry(f).or_default() += 1;
                 }
+                preferred_by_others |= self
+                    .cfg
+                    .focus
+                    .as_ref()
+                    .is_some_and(|f| p.foci_preferred.contains(f));
             }
         }
+        // MSC3898: a focus another member uses or prefers, among ours.
         if let Some(pref) = &self.cfg.focus
-            && used.contains_key(pref)
+            && (used.contains_key(pref) || preferred_by_others)
         {
             return Some(pref.clone());
         }
