@@ -92,7 +92,13 @@ pub enum EngineInput {
     /// inputs sent meanwhile before it reads its socket again. Lets a test
     /// make the focus's offer cross a client's (glare).
     #[cfg(feature = "test-hooks")]
-    Stall(Duration),
+    Stall {
+        /// How long.
+        duration: Duration,
+        /// Told when the stall begins (nothing from the socket is read
+        /// after that until it ends).
+        started: oneshot::Sender<()>,
+    },
 }
 
 /// What the engine asks the service to send.
@@ -532,7 +538,7 @@ impl State {
                 let _ = tx.send(self.figures());
             }
             #[cfg(feature = "test-hooks")]
-            EngineInput::Stall(_) => {}
+            EngineInput::Stall { .. } => {}
         }
     }
 
@@ -1266,8 +1272,9 @@ async fn run(
             },
             input = rx.recv() => match input {
                 #[cfg(feature = "test-hooks")]
-                Some(EngineInput::Stall(d)) => {
-                    tokio::time::sleep(d).await;
+                Some(EngineInput::Stall { duration, started }) => {
+                    let _ = started.send(());
+                    tokio::time::sleep(duration).await;
                     while let Ok(i) = rx.try_recv() {
                         state.on_input(i);
                     }

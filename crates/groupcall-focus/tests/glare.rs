@@ -43,10 +43,17 @@ async fn offers_that_cross_are_resolved_and_the_call_goes_on() {
     // offer it fewer tracks) and starts a screenshare (p0 offers).
     let p0 = members[0].clone();
     let t_glare = Instant::now();
+    // (Only once the stall has begun: a message the focus read before it
+    // would be answered at once, with no crossing.)
+    let (started, stalled) = tokio::sync::oneshot::channel();
     focus
         .inputs
-        .send(EngineInput::Stall(Duration::from_millis(1500)))
+        .send(EngineInput::Stall {
+            duration: Duration::from_millis(2000),
+            started,
+        })
         .unwrap();
+    stalled.await.expect("the stall begins");
     parts[0]
         .commander
         .send(Command::FocusSubscriptions(Some(Vec::new())));
@@ -102,7 +109,7 @@ async fn offers_that_cross_are_resolved_and_the_call_goes_on() {
     let t_after = Instant::now();
     wait_media(&mut h, t_after, &members, 50, 20, 30).await;
     eprintln!(
-        "FIGURE glare: offers crossed (focus stalled 1.5 s); the focus yielded once, the screenshare {share} reached p1 and media flowed both ways {:.1} s after the glare began",
+        "FIGURE glare: offers crossed (focus stalled 2 s); the focus yielded once, the screenshare {share} reached p1 and media flowed both ways {:.1} s after the glare began",
         t_glare.elapsed().as_secs_f64()
     );
     assert_eq!(focus.figures.borrow().offers_yielded, 1, "one glare only");
