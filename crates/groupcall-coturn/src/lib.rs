@@ -393,9 +393,18 @@ fn config(dir: &Path, port: u16, relay: (u16, u16), secret: &str, realm: &str) -
 
 fn count_allocations(log: &str, username: &str) -> usize {
     let user = format!("user <{username}>:");
+    // One allocation per session; a line can be in both of coturn's
+    // outputs (its stdout and its log file), so sessions are counted.
     log.lines()
         .filter(|l| l.contains(&user) && l.contains("ALLOCATE processed, success"))
-        .count()
+        .map(|l| {
+            l.split("session ")
+                .nth(1)
+                .and_then(|r| r.split(':').next())
+                .unwrap_or(l)
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
 }
 
 /// base64(HMAC-SHA1(secret, username)): the TURN REST API password.
@@ -529,6 +538,10 @@ mod tests {
                    1: : session 000000000000000003: realm <test> user <17:bob>: incoming packet ALLOCATE processed, error 401: Unauthorized\n";
         assert_eq!(count_allocations(log, "17:bob"), 1);
         assert_eq!(count_allocations(log, "17:bobby"), 1);
+        // The same line twice (coturn's stdout and its log file), or an
+        // Allocate answered twice in one session: one allocation.
+        let twice = format!("{log}{log}");
+        assert_eq!(count_allocations(&twice, "17:bob"), 1);
         assert_eq!(count_allocations(log, "17:alice"), 0);
     }
 
