@@ -355,7 +355,9 @@ impl FocusSignalling {
         reason: &str,
     ) -> Option<(MessageType, OutgoingMessage)> {
         let mut call = self.pending.remove(device)?;
-        Some(self.make(
+        Some(make(
+            &self.device_id,
+            &self.session_id,
             &mut call,
             device,
             Body::Reject(Hangup {
@@ -377,43 +379,43 @@ impl FocusSignalling {
         device: &DeviceKey,
         body: Body,
     ) -> Option<(MessageType, OutgoingMessage)> {
-        let mut call = self.calls.remove(device)?;
-        let m = self.make(&mut call, device, body);
-        self.calls.insert(device.clone(), call);
-        Some(m)
+        let call = self.calls.get_mut(device)?;
+        Some(make(&self.device_id, &self.session_id, call, device, body))
     }
+}
 
-    /// A message of `call` (its next `seq`) to `device`.
-    fn make(
-        &self,
-        call: &mut ClientCall,
-        device: &DeviceKey,
-        body: Body,
-    ) -> (MessageType, OutgoingMessage) {
-        let msg = Message {
-            common: CommonFields {
-                version: Version::V1,
-                call_id: call.call_id.clone(),
-                party_id: self.device_id.clone(),
-                conf_id: call.conf_id.clone(),
-                device_id: Some(self.device_id.clone()),
-                sender_session_id: Some(self.session_id.clone()),
-                dest_session_id: call.remote_session.clone(),
-                seq: call.send_seq,
-            },
-            body,
-        };
-        call.send_seq += 1;
-        let content: Value = msg.to_content();
-        (
-            msg.message_type(),
-            OutgoingMessage {
-                user_id: device.user_id.clone(),
-                device_id: device.device_id.clone(),
-                content,
-            },
-        )
-    }
+/// A message of `call` (its next `seq`) from the focus (`focus_device`,
+/// `focus_session`) to `device`.
+fn make(
+    focus_device: &str,
+    focus_session: &str,
+    call: &mut ClientCall,
+    device: &DeviceKey,
+    body: Body,
+) -> (MessageType, OutgoingMessage) {
+    let msg = Message {
+        common: CommonFields {
+            version: Version::V1,
+            call_id: call.call_id.clone(),
+            party_id: focus_device.to_owned(),
+            conf_id: call.conf_id.clone(),
+            device_id: Some(focus_device.to_owned()),
+            sender_session_id: Some(focus_session.to_owned()),
+            dest_session_id: call.remote_session.clone(),
+            seq: call.send_seq,
+        },
+        body,
+    };
+    call.send_seq += 1;
+    let content: Value = msg.to_content();
+    (
+        msg.message_type(),
+        OutgoingMessage {
+            user_id: device.user_id.clone(),
+            device_id: device.device_id.clone(),
+            content,
+        },
+    )
 }
 
 #[cfg(test)]

@@ -453,10 +453,10 @@ impl GroupCall {
         info!(from = ?self.active_focus, to = ?want, "switching focus");
         let old = self.focus_key();
         if let Some(old) = old.filter(|k| self.peers.contains_key(k)) {
-            // Ours, not the focus going: not a fallback.
+            // Ours, not the focus going: not a fallback. (Closing the
+            // focus's peer clears the link with it.)
             self.close_peer(&old, true, FOCUS_SWITCH, false);
         }
-        self.focus_closed();
         self.active_focus = want;
         self.focus_down = false;
         if self.joined.as_ref().is_some_and(|j| j.membership_published) {

@@ -311,19 +311,18 @@ fn room_state_events(room_id: &str, state: State, timeline: Timeline) -> Vec<Val
                 .is_none_or(|id| !in_timeline.contains(id))
         })
         .collect();
-    if after {
-        // MSC4222 `state_after`: the room's state at the end of the
-        // timeline. The timeline's state events (the changes as they
-        // happened) first, then the state after them, which wins.
-        let mut out = timeline_state.clone();
-        out.extend(section);
-        return with_room_id(out, room_id);
-    }
-    // `state`: the state at the start of the timeline, then the timeline.
-    // After a fork in the room DAG it may hold state older than what an
-    // earlier sync gave: the core orders member events by their time.
-    let mut out = section;
-    out.extend(timeline_state.iter().cloned());
+    // MSC4222 `state_after`: the room's state at the end of the timeline;
+    // the timeline's state events (the changes as they happened) first,
+    // then the state after them, which wins. `state`: the state at the
+    // start of the timeline, then the timeline (after a fork in the room
+    // DAG it may hold state older than what an earlier sync gave: the core
+    // orders member events by their time).
+    let (mut out, then) = if after {
+        (timeline_state, section)
+    } else {
+        (section, timeline_state)
+    };
+    out.extend(then);
     with_room_id(out, room_id)
 }
 
