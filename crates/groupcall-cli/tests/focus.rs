@@ -120,32 +120,13 @@ async fn the_binary_drains_on_sigterm_and_exits_0() {
         .expect("synapse");
     let user = synapse.register_user("focus", "focus-pw").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let config = dir.path().join("focus.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"homeserver = "{hs}"
-user = "{user}"
-password_env = "FOCUS_TEST_PASSWORD"
-data_dir = "data"
-allow = ["localhost"]
-http_listen = "{addr}"
-[media]
-bind = ["127.0.0.1:0"]
-[drain]
-grace_period = "1500ms"
-"#,
-            hs = synapse.base_url(),
-            user = user.user_id,
-        ),
-    )
-    .unwrap();
+    let (config, addr) = write_focus_toml(
+        dir.path(),
+        &synapse.base_url(),
+        &user.user_id,
+        "localhost",
+        "1500ms",
+    );
     let (mut child, log) = start_healthy(&config, &addr).await;
     let pid = Pid::from_raw(child.id().unwrap() as i32);
     let sent = Instant::now();
@@ -216,6 +197,44 @@ grace_period = "1500ms"
         ["error: stopped by a second SIGINT during the drain"],
         "{log}"
     );
+}
+
+/// Writes `dir`/focus.toml: the homeserver `hs`, the bot account `user`
+/// (its password in `FOCUS_TEST_PASSWORD`), invites accepted from `allow`,
+/// media on loopback, HTTP on a free loopback port, a drain of `grace`.
+/// Returns its path and the HTTP address.
+fn write_focus_toml(
+    dir: &std::path::Path,
+    hs: &str,
+    user: &str,
+    allow: &str,
+    grace: &str,
+) -> (std::path::PathBuf, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = dir.join("focus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"homeserver = "{hs}"
+user = "{user}"
+password_env = "FOCUS_TEST_PASSWORD"
+data_dir = "data"
+allow = ["{allow}"]
+http_listen = "{addr}"
+[media]
+bind = ["127.0.0.1:0"]
+[drain]
+grace_period = "{grace}"
+"#
+        ),
+    )
+    .unwrap();
+    (config, addr)
 }
 
 /// Starts `groupcall focus` and waits until /health says running and
@@ -312,32 +331,7 @@ impl Call {
 
         let dir = h.tmp.path().join("focus");
         std::fs::create_dir_all(&dir).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.join("focus.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"homeserver = "{hs}"
-user = "{focus_user}"
-password_env = "FOCUS_TEST_PASSWORD"
-data_dir = "data"
-allow = ["{p0}"]
-http_listen = "{addr}"
-[media]
-bind = ["127.0.0.1:0"]
-[drain]
-grace_period = "3s"
-"#,
-                hs = h.hs,
-                p0 = devices[0].user_id,
-            ),
-        )
-        .unwrap();
+        let (config, addr) = write_focus_toml(&dir, &h.hs, &focus_user, &devices[0].user_id, "3s");
         let focus = FocusProcess::start(&config, &addr, PASSWORD, 0).await;
         let focus_ref = FocusRef {
             user_id: focus.health["user_id"].as_str().unwrap().to_owned(),

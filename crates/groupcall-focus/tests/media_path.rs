@@ -17,39 +17,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![recursion_limit = "256"]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use groupcall::client::JoinOptions;
 use groupcall::faults::{MediaFaultOptions, MediaFaults};
-use groupcall::matrix::{CreateRoomOptions, MatrixSession};
+use groupcall::matrix::MatrixSession;
 use groupcall::media::TrackKind;
 use groupcall::proto::{
     CallEvent, Command, Config as CoreConfig, CreateOptions, DeviceKey, FocusRef, PeerStatus,
 };
-use groupcall_focus::config::Config;
-use groupcall_focus::driver::{FocusHandle, FocusService};
-use groupcall_focus::engine::{EngineCore, EngineFigures};
+use groupcall_focus::driver::FocusHandle;
+use groupcall_focus::engine::EngineFigures;
 use groupcall_focus::forward::Counters;
 use groupcall_testkit::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 mod common;
-
-/// The tests' focus.toml (see `common::focus_config`) with `extra`
-/// appended (more sections), loaded.
-fn focus_config(h: &Harness, focus_user: &str, allow: &str, extra: &str) -> Config {
-    let config = common::focus_config(h, focus_user, allow);
-    if extra.is_empty() {
-        return config;
-    }
-    let path = h.tmp.path().join("focus-conf").join("focus.toml");
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str(extra);
-    std::fs::write(&path, text).unwrap();
-    Config::load(path).unwrap()
-}
+use common::{RunningFocus, http_get};
 
 /// How to set a call up.
 #[derive(Default)]
@@ -93,7 +77,6 @@ struct FocusCall {
 impl FocusCall {
     async fn start(setup: Setup) -> FocusCall {
         let h = Harness::new().await;
-        let focus_user = h.register("focus").await;
         let n = setup.n;
         let names: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
         for name in &names {
@@ -107,37 +90,17 @@ impl FocusCall {
             .iter()
             .map(|s| DeviceKey::new(s.user_id(), s.device_id()))
             .collect();
-        let config = focus_config(&h, &focus_user, &devices[0].user_id, setup.focus_toml);
-        let core = EngineCore::from_config(&config).expect("the focus's settings");
-        let figures = core.figures_watch();
-        let focus = FocusService::start_with_core(config, core)
-            .await
-            .expect("the focus starts");
-        let focus_ref = FocusRef {
-            user_id: focus.user_id().to_owned(),
-            device_id: focus.device_id().to_owned(),
-        };
-        let room = sessions[0]
-            .create_call_room(CreateRoomOptions {
-                name: Some("media path".into()),
-                invite: vec![focus_user.clone()],
-                encrypted: false,
-                public: true,
-            })
-            .await
-            .unwrap();
-        let mut status = focus.watch_status();
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while status.borrow().rooms < 1 {
-                status.changed().await.unwrap();
-            }
-        })
-        .await
-        .expect("the focus joins the room");
+        let RunningFocus {
+            handle: focus,
+            focus_ref,
+            device: focus_dev,
+            room,
+            figures,
+            ..
+        } = RunningFocus::start_with(&h, &sessions[0], setup.focus_toml).await;
         let faults: Vec<MediaFaults> = (0..n)
             .map(|i| MediaFaults::new(MediaFaultOptions::new(0x5eed + i as u64)))
             .collect();
-        let focus_dev = DeviceKey::new(focus_ref.user_id.clone(), focus_ref.device_id.clone());
         let mut c = FocusCall {
             h,
             figures,
@@ -282,22 +245,6 @@ fn keyframe_requests(k0: &Counters, k: &Counters) -> (u64, u64, u64) {
     )
 }
 
-/// A plain HTTP/1.1 GET of the focus's endpoint: the body.
-async fn get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    raw.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
-}
-
 /// The value of an unlabelled metric in the focus's `/metrics`.
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
@@ -379,7 +326,7 @@ async fn lossy_subscribers_are_repaired_by_resends() {
     );
     // The metrics say the same.
     let addr = c.focus.http_addr().expect("the focus's HTTP endpoint");
-    let m = get(addr, "/metrics").await;
+    let m = http_get(addr, "/metrics").await;
     assert!(
         metric(&m, "groupcall_focus_nacks_received_total") >= after.nacks_received,
         "{m}"
@@ -614,7 +561,7 @@ async fn a_throttled_subscriber_does_not_slow_the_others() {
     // Counted in /metrics (published every 500 ms: wait for it).
     let addr = c.focus.http_addr().expect("the focus's HTTP endpoint");
     c.h.log.run_for(Duration::from_millis(1200)).await;
-    let m = get(addr, "/metrics").await;
+    let m = http_get(addr, "/metrics").await;
     assert!(
         metric(
             &m,

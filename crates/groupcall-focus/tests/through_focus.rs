@@ -11,21 +11,19 @@
 use std::time::Duration;
 
 use groupcall::client::{ClientEvent, JoinOptions};
-use groupcall::matrix::{
-    CreateRoomOptions, KeylessDevices, MatrixInput, MatrixSession, SyncOptions,
-};
+use groupcall::matrix::{KeylessDevices, MatrixInput, MatrixSession, SyncOptions};
 use groupcall::media::TrackKind;
 use groupcall::proto::events::FeedPurpose;
 use groupcall::proto::{CallEvent, Command, CreateOptions, DeviceKey, FocusRef, PeerStatus};
 use groupcall_focus::config::Config;
 use groupcall_focus::driver::{FocusHandle, FocusService};
-use groupcall_focus::engine::{EngineCore, EngineFigures};
+use groupcall_focus::engine::EngineFigures;
 use groupcall_testkit::*;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 mod common;
-use common::{focus_config, http_get};
+use common::{RunningFocus, http_get};
 
 /// A call of `n` groupcall participants through an in-process focus.
 struct FocusCall {
@@ -50,7 +48,6 @@ impl FocusCall {
     /// `record`: every participant records what it receives.
     async fn start_with(n: usize, record: bool) -> FocusCall {
         let mut h = Harness::new().await;
-        let focus_user = h.register("focus").await;
         let names: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
         for name in &names {
             h.register(name).await;
@@ -65,33 +62,15 @@ impl FocusCall {
             .collect();
 
         // The focus runs; the first participant's room invites it.
-        let config = focus_config(&h, &focus_user, &devices[0].user_id);
-        let core = EngineCore::from_config(&config).expect("the focus's settings");
-        let figures = core.figures_watch();
-        let focus = FocusService::start_with_core(config.clone(), core)
-            .await
-            .expect("the focus starts");
-        let focus_ref = FocusRef {
-            user_id: focus.user_id().to_owned(),
-            device_id: focus.device_id().to_owned(),
-        };
-        let room = sessions[0]
-            .create_call_room(CreateRoomOptions {
-                name: Some("through the focus".into()),
-                invite: vec![focus_user.clone()],
-                encrypted: false,
-                public: true,
-            })
-            .await
-            .unwrap();
-        let mut status = focus.watch_status();
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while status.borrow().rooms < 1 {
-                status.changed().await.unwrap();
-            }
-        })
-        .await
-        .expect("the focus joins the room");
+        let RunningFocus {
+            handle: focus,
+            focus_ref,
+            device: focus_dev,
+            room,
+            figures,
+            config,
+            ..
+        } = RunningFocus::start(&h, &sessions[0]).await;
 
         let t0 = Instant::now();
         let mut parts = Vec::new();
@@ -115,7 +94,6 @@ impl FocusCall {
                     .await;
             }
         }
-        let focus_dev = DeviceKey::new(focus_ref.user_id, focus_ref.device_id);
         FocusCall {
             h,
             figures,

@@ -70,6 +70,8 @@ pub struct RunningFocus {
     pub figures: tokio::sync::watch::Receiver<EngineFigures>,
     /// Inputs straight to the engine.
     pub inputs: tokio::sync::mpsc::UnboundedSender<EngineInput>,
+    /// Its configuration (to start it again).
+    pub config: Config,
 }
 
 impl RunningFocus {
@@ -87,7 +89,7 @@ impl RunningFocus {
         let core = EngineCore::from_config(&config).expect("the focus's settings");
         let figures = core.figures_watch();
         let inputs = core.input_sender();
-        let handle = FocusService::start_with_core(config, core)
+        let handle = FocusService::start_with_core(config.clone(), core)
             .await
             .expect("the focus starts");
         let focus_ref = FocusRef {
@@ -119,6 +121,7 @@ impl RunningFocus {
             room,
             figures,
             inputs,
+            config,
         }
     }
 
