@@ -671,4 +671,8 @@ pub enum Accepted {
     Reordered,
     /// Held until the sender's member event arrives.
     HeldForMembership,
+    /// For a call that ended a moment ago (by either side): sent before the
+    /// sender learnt of the end (crossing hangups, an answer or
+    /// `select_answer` overtaken by the hangup). Nothing is left to do.
+    AfterEnd,
 }

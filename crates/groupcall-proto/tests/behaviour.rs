@@ -883,18 +883,33 @@ fn screenshare_renegotiates_and_updates_membership() {
     assert_eq!(s[0].1["sdp_stream_metadata"].as_object().unwrap().len(), 2);
 }
 
-#[test]
-fn caller_restarts_ice_after_failure_then_hangs_up() {
-    let mut call = joined(|_| {});
-    let (peer, _) = connected_with_b(&mut call, NOW + 3_600_000);
+/// The media of our call with b fails at `at`; the ICE restart offer is
+/// created 1 ms later. Returns the outputs of each step.
+fn ice_fails_at(call: &mut GroupCall, peer: PeerHandle, at: u64) -> (Vec<Output>, Vec<Output>) {
     call.handle_media(
-        NOW + 1000,
+        at,
         MediaEvent::State {
             peer,
             state: MediaState::Failed,
         },
     );
-    let outs = drain(&mut call);
+    let failed = drain(call);
+    call.handle_media(
+        at + 1,
+        MediaEvent::OfferCreated {
+            peer,
+            sdp: "restart".into(),
+            gathering_complete: true,
+        },
+    );
+    (failed, drain(call))
+}
+
+#[test]
+fn caller_restarts_ice_after_failure_then_hangs_up() {
+    let mut call = joined(|_| {});
+    let (peer, _) = connected_with_b(&mut call, NOW + 3_600_000);
+    let (outs, restart) = ice_fails_at(&mut call, peer, NOW + 1000);
     assert!(outs.iter().any(|o| matches!(
         o,
         Output::Media(MediaRequest::CreateOffer {
@@ -909,15 +924,7 @@ fn caller_restarts_ice_after_failure_then_hangs_up() {
             ..
         })
     )));
-    call.handle_media(
-        NOW + 1001,
-        MediaEvent::OfferCreated {
-            peer,
-            sdp: "restart".into(),
-            gathering_complete: true,
-        },
-    );
-    assert_eq!(sent(&drain(&mut call))[0].0, "m.call.negotiate");
+    assert_eq!(sent(&restart)[0].0, "m.call.negotiate");
     // No recovery within the connect timeout: hang up with ice_timeout.
     call.handle_timeout(NOW + 1000 + 15_000);
     let outs = drain(&mut call);
@@ -925,6 +932,46 @@ fn caller_restarts_ice_after_failure_then_hangs_up() {
         sent(&outs)
             .iter()
             .any(|(ty, c)| ty == "m.call.hangup" && c["reason"] == "ice_timeout")
+    );
+}
+
+#[test]
+fn a_hangup_crossing_ours_is_taken_as_after_the_end_and_one_for_an_unknown_call_is_refused() {
+    let mut call = joined(|_| {});
+    let (peer, call_id) = connected_with_b(&mut call, NOW + 3_600_000);
+    // We give up on the call (no recovery after an ICE failure) while b
+    // hangs up at the same moment: b's hangup arrives after ours went out.
+    ice_fails_at(&mut call, peer, NOW + 1000);
+    call.handle_timeout(NOW + 16_000);
+    assert!(
+        sent(&drain(&mut call))
+            .iter()
+            .any(|(ty, _)| ty == "m.call.hangup")
+    );
+    let theirs = with_dest(
+        from_b(
+            "m.call.hangup",
+            &call_id,
+            1,
+            json!({"reason": "user_hangup"}),
+        ),
+        &call,
+    );
+    assert_eq!(deliver!(call, NOW + 16_100, theirs), Ok(Accepted::AfterEnd));
+    drain(&mut call);
+    // A hangup for a call this device never had is still refused.
+    let stray = with_dest(
+        from_b(
+            "m.call.hangup",
+            "never-seen",
+            0,
+            json!({"reason": "user_hangup"}),
+        ),
+        &call,
+    );
+    assert_eq!(
+        deliver!(call, NOW + 16_200, stray),
+        Err(Ignored::UnknownCall("never-seen".into()))
     );
 }
 

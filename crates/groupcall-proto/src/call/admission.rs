@@ -125,6 +125,19 @@ impl GroupCall {
         key: DeviceKey,
         msg: Message,
     ) -> Result<Accepted, Ignored> {
+        // Both sides can end a call at the same moment (both saw the same
+        // room state change): what the other sent before it learnt of the
+        // end arrives after it. No order is left to restore (the call's
+        // buffer went with it) and nothing to do.
+        if self.ended_calls.contains_key(&msg.common.call_id)
+            && self
+                .peers
+                .get(&key)
+                .is_none_or(|p| p.call_id != msg.common.call_id)
+        {
+            debug!(device = %key, call_id = %msg.common.call_id, kind = ?msg.body.message_type(), "message for a call that has ended");
+            return Ok(Accepted::AfterEnd);
+        }
         let bkey = (key.clone(), msg.common.call_id.clone());
         if !self.reorder.contains_key(&bkey) {
             let n = self.reorder.keys().filter(|(d, _)| *d == key).count();
