@@ -38,6 +38,16 @@ pub fn opus_is_silence(packet: &[u8]) -> bool {
 /// every 15 frames, in IVF.
 pub const BUILTIN_PATTERN_IVF: &[u8] = include_bytes!("../media/pattern.ivf");
 
+/// The simulcast layers of the built-in pattern (issue 12): 2 s of ffmpeg's
+/// `testsrc` at 30 fps, VP8, a key frame every 15 frames on the same frames
+/// in every layer, lowest first. Each entry: (RID, width, height, IVF).
+/// Bitrates about 130, 350 and 900 kbit/s.
+pub const BUILTIN_PATTERN_LAYERS: [(&str, u16, u16, &[u8]); 3] = [
+    ("q", 320, 180, include_bytes!("../media/layer-180.ivf")),
+    ("h", 640, 360, include_bytes!("../media/layer-360.ivf")),
+    ("f", 1280, 720, include_bytes!("../media/layer-720.ivf")),
+];
+
 /// Errors opening a source.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
