@@ -15,7 +15,7 @@ pub enum Line {
 }
 
 /// The commands, for help texts.
-pub const HELP: &str = "mute audio | unmute audio | mute video | unmute video | screenshare on | screenshare off | speakers N | speakers all | leave";
+pub const HELP: &str = "mute audio | unmute audio | mute video | unmute video | screenshare on | screenshare off | speakers N | speakers all | video WxH | video auto | leave";
 
 /// Parses one line; an unknown line is an error message.
 pub fn parse(line: &str) -> Result<Line, String> {
@@ -37,6 +37,16 @@ pub fn parse(line: &str) -> Result<Line, String> {
         ["speakers", n] if n.parse::<usize>().is_ok() => {
             Line::Call(Command::FocusRecentSpeakers(n.parse().ok()))
         }
+        // Through a focus: everyone's camera video at about this size (a
+        // focus with simulcast picks the layer), or the advertised size.
+        ["video", "auto"] => Line::Call(Command::FocusVideoSize {
+            device: None,
+            size: None,
+        }),
+        ["video", size] if video_size(size).is_some() => Line::Call(Command::FocusVideoSize {
+            device: None,
+            size: video_size(size),
+        }),
         ["leave"] => Line::Leave,
         _ => {
             return Err(format!(
@@ -45,6 +55,13 @@ pub fn parse(line: &str) -> Result<Line, String> {
             ));
         }
     })
+}
+
+/// `WxH`, each side a positive number of pixels.
+fn video_size(s: &str) -> Option<(u32, u32)> {
+    let (w, h) = s.split_once('x')?;
+    let (w, h) = (w.parse::<u32>().ok()?, h.parse::<u32>().ok()?);
+    (w > 0 && h > 0).then_some((w, h))
 }
 
 /// Reads stdin lines on a plain thread (a blocked read must never hold up
@@ -106,6 +123,23 @@ mod tests {
             parse("Speakers ALL"),
             Ok(Line::Call(Command::FocusRecentSpeakers(None)))
         );
+        assert_eq!(
+            parse("video 320x180"),
+            Ok(Line::Call(Command::FocusVideoSize {
+                device: None,
+                size: Some((320, 180))
+            }))
+        );
+        assert_eq!(
+            parse("video auto"),
+            Ok(Line::Call(Command::FocusVideoSize {
+                device: None,
+                size: None
+            }))
+        );
+        for bad in ["video 0x180", "video 320", "video x", "video -1x2"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
         assert!(parse("speakers -1").is_err());
         assert!(parse("speakers many").is_err());
         assert!(

@@ -197,6 +197,18 @@ pub enum Command {
     /// recent active speakers (`None`: everyone's video); audio and
     /// screenshares are not affected. See [`Config::focus_recent_speakers`].
     FocusRecentSpeakers(Option<usize>),
+    /// Through our focus, receive the camera video of `device` (`None`:
+    /// of every publisher without a size of its own) at about `size`
+    /// (width, height in pixels, each in `1..=16384`; `None`: back to the
+    /// size the focus advertises). Sent as the width and height of
+    /// `m.call.track_subscription`; a focus with simulcast picks the layer
+    /// that covers it.
+    FocusVideoSize {
+        /// The publisher, or `None` for everyone else.
+        device: Option<crate::ids::DeviceKey>,
+        /// Width and height wished for.
+        size: Option<(u32, u32)>,
+    },
 }
 
 /// The time of an input, on the two clocks the core reads.

@@ -2519,6 +2519,95 @@ fn we_choose_whose_media_comes_through_the_focus() {
     assert_eq!(sub[0]["content"]["unsubscribe"], json!([]));
 }
 
+#[test]
+fn we_ask_the_focus_for_a_video_size_per_publisher() {
+    let (mut call, peer, _) = connected_to_focus();
+    call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });
+    drain(&mut call);
+    let meta = json!({"type": "m.call.sdp_stream_metadata_changed", "content": {"sdp_stream_metadata": {
+        "s-b": {"purpose": "m.usermedia", "user_id": "@b:x", "device_id": "BDEV",
+            "tracks": {"a-b": {"kind": "audio"}, "v-b": {"kind": "video", "width": 1280, "height": 720}}},
+        "s-c": {"purpose": "m.usermedia", "user_id": "@c:x", "device_id": "CDEV",
+            "tracks": {"a-c": {"kind": "audio"}, "v-c": {"kind": "video", "width": 1280, "height": 720}}},
+        "x-c": {"purpose": "m.screenshare", "user_id": "@c:x", "device_id": "CDEV",
+            "tracks": {"sv-c": {"kind": "video", "width": 1920, "height": 1080}}}}}});
+    let outs = channel(&mut call, NOW + 20, peer, meta);
+    // At first, the size the focus advertises.
+    let first = &channel_sent(&outs)[0]["content"]["subscribe"];
+    assert!(
+        first.as_array().unwrap().contains(
+            &json!({"stream_id": "s-b", "track_id": "v-b", "width": 1280, "height": 720})
+        )
+    );
+    // b's camera small: only that track is asked for again, at that size.
+    call.handle_command(
+        NOW + 30,
+        Command::FocusVideoSize {
+            device: Some(DeviceKey::new("@b:x", "BDEV")),
+            size: Some((320, 180)),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        channel_sent(&drain(&mut call)),
+        vec![json!({"type": "m.call.track_subscription", "content": {
+            "subscribe": [{"stream_id": "s-b", "track_id": "v-b", "width": 320, "height": 180}],
+            "unsubscribe": []}})]
+    );
+    // Everyone else's camera at 640x360: c's camera only (not its
+    // screenshare, not b who has a size of its own).
+    call.handle_command(
+        NOW + 40,
+        Command::FocusVideoSize {
+            device: None,
+            size: Some((640, 360)),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        channel_sent(&drain(&mut call)),
+        vec![json!({"type": "m.call.track_subscription", "content": {
+            "subscribe": [{"stream_id": "s-c", "track_id": "v-c", "width": 640, "height": 360}],
+            "unsubscribe": []}})]
+    );
+    // The same again: nothing to send.
+    call.handle_command(
+        NOW + 50,
+        Command::FocusVideoSize {
+            device: None,
+            size: Some((640, 360)),
+        },
+    )
+    .unwrap();
+    assert!(channel_sent(&drain(&mut call)).is_empty());
+    // b back to the advertised size.
+    call.handle_command(
+        NOW + 60,
+        Command::FocusVideoSize {
+            device: Some(DeviceKey::new("@b:x", "BDEV")),
+            size: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        channel_sent(&drain(&mut call))[0]["content"]["subscribe"],
+        json!([{"stream_id": "s-b", "track_id": "v-b", "width": 640, "height": 360}])
+    );
+    // Nonsense sizes are refused.
+    for bad in [(0, 180), (320, 100_000)] {
+        assert!(matches!(
+            call.handle_command(
+                NOW + 70,
+                Command::FocusVideoSize {
+                    device: None,
+                    size: Some(bad),
+                },
+            ),
+            Err(CommandError::InvalidArgument(_))
+        ));
+    }
+}
+
 /// The subscription changes among outputs: (subscribed, unsubscribed)
 /// track ids, sorted.
 fn subscription_change(outs: &[Output]) -> (Vec<String>, Vec<String>) {

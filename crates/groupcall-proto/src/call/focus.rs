@@ -6,7 +6,7 @@
 //! the mesh plan (see `orchestrate.rs`); this file adds what the channel
 //! carries once it is open.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use tracing::{debug, info, warn};
 
@@ -39,7 +39,11 @@ pub(super) struct FocusLink {
     /// The streams of other participants the focus offers, as its last
     /// metadata said, by stream id.
     pub(super) available: dc::SdpStreamMetadata,
-    pub(super) subscribed: BTreeSet<TrackRef>,
+    /// What we asked the focus for, with the size asked (video).
+    pub(super) subscribed: BTreeMap<TrackRef, (Option<u32>, Option<u32>)>,
+    /// Camera video sizes asked for per publisher
+    /// ([`Command::FocusVideoSize`]), and for everyone else (`None` key).
+    pub(super) video_sizes: BTreeMap<Option<DeviceKey>, (u32, u32)>,
     /// When the focus last pinged us (or the channel opened).
     pub(super) last_ping: u64,
     /// Publishers whose media we want through the focus (`None`: all).
@@ -246,6 +250,25 @@ impl GroupCall {
         )
     }
 
+    /// Asks the focus for camera video of `device` (`None`: of everyone
+    /// without a size of their own) at `size` (`None`: back to the size the
+    /// focus advertises). The focus picks the simulcast layer closest to it.
+    pub(super) fn set_focus_video_size(
+        &mut self,
+        device: Option<DeviceKey>,
+        size: Option<(u32, u32)>,
+    ) {
+        match size {
+            Some(size) => {
+                self.focus_link.video_sizes.insert(device, size);
+            }
+            None => {
+                self.focus_link.video_sizes.remove(&device);
+            }
+        }
+        self.resubscribe();
+    }
+
     /// Chooses whose media we receive through the focus (`None`: all).
     pub(super) fn set_focus_subscriptions(&mut self, only: Option<Vec<DeviceKey>>) {
         self.focus_link.only = only.map(|v| v.into_iter().collect());
@@ -261,7 +284,8 @@ impl GroupCall {
         let Some(key) = self.open_focus() else { return };
         let only = self.focus_link.only.clone();
         let speakers = self.video_speakers();
-        let wanted: BTreeSet<TrackRef> = self
+        let sizes = &self.focus_link.video_sizes;
+        let wanted: BTreeMap<TrackRef, (Option<u32>, Option<u32>)> = self
             .focus_link
             .available
             .iter()
@@ -270,43 +294,60 @@ impl GroupCall {
                     .is_none_or(|only| only.iter().any(|d| owned_by(s, d)))
             })
             .flat_map(|(stream_id, s)| {
+                let camera = s.purpose == crate::events::FeedPurpose::Usermedia;
                 // In recent-speakers mode a camera stream of someone else
                 // keeps its audio only.
-                let audio_only = s.purpose == crate::events::FeedPurpose::Usermedia
+                let audio_only = camera
                     && speakers
                         .as_ref()
                         .is_some_and(|sp| !sp.iter().any(|d| owned_by(s, d)));
+                // The camera size asked for this publisher, or for everyone.
+                let asked = camera
+                    .then(|| {
+                        sizes
+                            .iter()
+                            .find(|(d, _)| d.as_ref().is_some_and(|d| owned_by(s, d)))
+                            .or_else(|| sizes.get_key_value(&None))
+                            .map(|(_, size)| *size)
+                    })
+                    .flatten();
                 s.tracks
                     .iter()
                     .filter(move |(_, t)| !(audio_only && t.kind == Some(dc::MediaKind::Video)))
-                    .map(|(track_id, _)| TrackRef {
-                        stream_id: stream_id.clone(),
-                        track_id: track_id.clone(),
+                    .map(move |(track_id, t)| {
+                        let video = t.kind == Some(dc::MediaKind::Video)
+                            || (t.kind.is_none() && t.width.is_some());
+                        let size = match asked {
+                            Some((w, h)) if video => (Some(w), Some(h)),
+                            _ => (t.width, t.height),
+                        };
+                        (
+                            TrackRef {
+                                stream_id: stream_id.clone(),
+                                track_id: track_id.clone(),
+                            },
+                            size,
+                        )
                     })
             })
             .collect();
+        // New tracks, and tracks asked for at another size (MSC3898: a
+        // subscribe to a track already received changes its size).
         let subscribe: Vec<TrackRequest> = wanted
-            .difference(&self.focus_link.subscribed)
-            .map(|t| {
-                let size = self
-                    .focus_link
-                    .available
-                    .get(&t.stream_id)
-                    .and_then(|s| s.tracks.get(&t.track_id))
-                    .copied()
-                    .unwrap_or_default();
-                TrackRequest {
-                    stream_id: t.stream_id.clone(),
-                    track_id: t.track_id.clone(),
-                    width: size.width,
-                    height: size.height,
-                }
+            .iter()
+            .filter(|(t, size)| self.focus_link.subscribed.get(*t) != Some(*size))
+            .map(|(t, (width, height))| TrackRequest {
+                stream_id: t.stream_id.clone(),
+                track_id: t.track_id.clone(),
+                width: *width,
+                height: *height,
             })
             .collect();
         let unsubscribe: Vec<TrackRef> = self
             .focus_link
             .subscribed
-            .difference(&wanted)
+            .keys()
+            .filter(|t| !wanted.contains_key(*t))
             .cloned()
             .collect();
         if subscribe.is_empty() && unsubscribe.is_empty() {
@@ -498,11 +539,13 @@ impl GroupCall {
     }
 
     /// The focus peer closed: its streams are gone (the choice of
-    /// publishers stays).
+    /// publishers and of video sizes stays).
     pub(super) fn focus_closed(&mut self) {
         let only = self.focus_link.only.take();
+        let sizes = std::mem::take(&mut self.focus_link.video_sizes);
         let link = std::mem::take(&mut self.focus_link);
         self.focus_link.only = only;
+        self.focus_link.video_sizes = sizes;
         if link.speaker.is_some() {
             // Nobody is named the speaker any more.
             self.event(CallEvent::ActiveSpeaker {

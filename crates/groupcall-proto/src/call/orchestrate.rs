@@ -260,6 +260,18 @@ impl GroupCall {
                 self.set_focus_recent_speakers(n);
                 Ok(())
             }
+            Command::FocusVideoSize { device, size } => {
+                let valid = 1..=crate::dc::MAX_DIMENSION;
+                if let Some((w, h)) = size
+                    && !(valid.contains(&w) && valid.contains(&h))
+                {
+                    return Err(CommandError::InvalidArgument(format!(
+                        "video size {w}x{h}: each side must be in {valid:?}"
+                    )));
+                }
+                self.set_focus_video_size(device, size);
+                Ok(())
+            }
         }
     }
 
