@@ -34,6 +34,9 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+/// Namespaces whose links can be rate-limited ([`Impairment::rates`]).
+pub const MAX_RATED: usize = 8;
+
 /// Link impairment applied in the router (each direction, each packet).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Impairment {
@@ -45,14 +48,96 @@ pub struct Impairment {
     pub jitter: Duration,
     /// Drop everything from and to this namespace index.
     pub cut: Option<usize>,
+    /// Per namespace index: the rate of its link (what it sends, what it
+    /// receives), a token bucket with a queue; see [`LinkRate`].
+    pub rates: [LinkRate; MAX_RATED],
+}
+
+/// The rate of one namespace's link, each direction on its own: a token
+/// bucket of `burst` bytes filled at the rate, in front of a queue. A
+/// packet that finds enough tokens goes at once; otherwise it waits in the
+/// queue until the bucket has filled enough for it, and is dropped when that
+/// wait would exceed `max_queue` (a bottleneck link's tail drop). The wait
+/// adds to [`Impairment::delay`]. A packet between two rate-limited
+/// namespaces waits for both buckets, each reckoned at its arrival.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkRate {
+    /// What the namespace receives, bits/s (`None`: unlimited).
+    pub down_bps: Option<u64>,
+    /// What the namespace sends, bits/s (`None`: unlimited).
+    pub up_bps: Option<u64>,
+    /// Bucket depth, bytes (0: 15000, ten full-size packets).
+    pub burst: u32,
+    /// Longest wait in the queue (zero: 200 ms).
+    pub max_queue: Duration,
+}
+
+impl LinkRate {
+    /// Unlimited both ways.
+    pub const UNLIMITED: LinkRate = LinkRate {
+        down_bps: None,
+        up_bps: None,
+        burst: 0,
+        max_queue: Duration::ZERO,
+    };
+
+    fn burst_bytes(&self) -> f64 {
+        f64::from(if self.burst == 0 { 15_000 } else { self.burst })
+    }
+
+    fn queue(&self) -> Duration {
+        if self.max_queue.is_zero() {
+            Duration::from_millis(200)
+        } else {
+            self.max_queue
+        }
+    }
+}
+
+/// One direction's token bucket (state kept by the router).
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    /// Bytes available; negative: bytes queued beyond the bucket.
+    tokens: f64,
+    /// When `tokens` was last brought up to date (`None`: never used).
+    at: Option<Instant>,
+}
+
+impl Bucket {
+    /// A packet of `len` bytes arriving at `now` on a link of `bps` with
+    /// `rate`'s bucket and queue: how long it waits, or `None` (dropped).
+    fn admit(&mut self, now: Instant, len: usize, bps: u64, rate: &LinkRate) -> Option<Duration> {
+        let byte_rate = bps.max(1) as f64 / 8.0;
+        let depth = rate.burst_bytes();
+        let elapsed = self.at.map_or(f64::INFINITY, |t| {
+            now.saturating_duration_since(t).as_secs_f64()
+        });
+        self.tokens = (self.tokens + elapsed * byte_rate).min(depth);
+        self.at = Some(now);
+        let after = self.tokens - len as f64;
+        let wait = if after >= 0.0 {
+            0.0
+        } else {
+            -after / byte_rate
+        };
+        if wait > rate.queue().as_secs_f64() {
+            return None;
+        }
+        self.tokens = after;
+        Some(Duration::from_secs_f64(wait))
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Counts {
     pub forwarded: u64,
     pub dropped: u64,
+    /// Of `dropped`: by a rate limit's full queue.
+    pub dropped_rate: u64,
     /// Of `forwarded`: IPv6 packets.
     pub forwarded_v6: u64,
+    /// Bytes forwarded to each rate-limitable namespace (IP packets).
+    pub bytes_to: [u64; MAX_RATED],
 }
 
 pub struct Net {
@@ -339,6 +424,7 @@ async fn route(
         (rng >> 11) as f64 / (1u64 << 53) as f64
     };
     let mut heap: BinaryHeap<Queued> = BinaryHeap::new();
+    let mut buckets = [[Bucket::default(); 2]; MAX_RATED];
     let mut seq = 0u64;
     let mut buf = vec![0u8; 2048];
     loop {
@@ -361,10 +447,37 @@ async fn route(
                     counts.lock().unwrap().dropped += 1;
                     continue;
                 }
+                let now = Instant::now();
+                // The sender's uplink, then the receiver's downlink.
+                let mut wait = Duration::ZERO;
+                let mut admitted = true;
+                for (ns, dir) in [(src, 1), (dst, 0)] {
+                    let Some(ns) = ns.filter(|n| *n < MAX_RATED) else { continue };
+                    let rate = i.rates[ns];
+                    let bps = if dir == 0 { rate.down_bps } else { rate.up_bps };
+                    let Some(bps) = bps else {
+                        buckets[ns][dir] = Bucket::default();
+                        continue;
+                    };
+                    match buckets[ns][dir].admit(now + wait, n, bps, &rate) {
+                        Some(w) => wait += w,
+                        None => {
+                            admitted = false;
+                            break;
+                        }
+                    }
+                }
+                if !admitted {
+                    let mut c = counts.lock().unwrap();
+                    c.dropped += 1;
+                    c.dropped_rate += 1;
+                    continue;
+                }
                 let jitter = i.jitter.as_secs_f64() * (2.0 * unit() - 1.0);
                 let d = (i.delay.as_secs_f64() + jitter).max(0.0);
                 seq += 1;
-                heap.push(Queued(Instant::now() + Duration::from_secs_f64(d), seq, pkt.to_vec()));
+                let at = now + wait + Duration::from_secs_f64(d);
+                heap.push(Queued(at, seq, pkt.to_vec()));
             }
             _ = async {
                 match next {
@@ -378,12 +491,80 @@ async fn route(
                         let _ = dev.send(&q.2).await;
                         let mut c = counts.lock().unwrap();
                         c.forwarded += 1;
-                        if q.2.first().is_some_and(|b| b >> 4 == 6) {
-                            c.forwarded_v6 += 1;
+                        let dst = match q.2.first().map(|b| b >> 4) {
+                            Some(6) => {
+                                c.forwarded_v6 += 1;
+                                q.2.get(24..40).and_then(|a| ns_of6(id, a))
+                            }
+                            _ => q.2.get(16..20).and_then(|a| ns_of(id, [a[0], a[1], a[2], a[3]])),
+                        };
+                        if let Some(d) = dst.filter(|d| *d < MAX_RATED) {
+                            c.bytes_to[d] += q.2.len() as u64;
                         }
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_lets_a_burst_through_then_queues_at_the_rate_then_drops() {
+        let rate = LinkRate {
+            down_bps: Some(800_000), // 100 000 bytes/s
+            up_bps: None,
+            burst: 3000,
+            max_queue: Duration::from_millis(50),
+        };
+        let t0 = Instant::now();
+        let mut b = Bucket::default();
+        // A full bucket: two 1500-byte packets go at once.
+        assert_eq!(b.admit(t0, 1500, 800_000, &rate), Some(Duration::ZERO));
+        assert_eq!(b.admit(t0, 1500, 800_000, &rate), Some(Duration::ZERO));
+        // The next ones queue 15 ms each (1500 bytes at 100 000 bytes/s).
+        let w = b.admit(t0, 1500, 800_000, &rate).unwrap();
+        assert!((w.as_secs_f64() - 0.015).abs() < 1e-6, "{w:?}");
+        let w = b.admit(t0, 1500, 800_000, &rate).unwrap();
+        assert!((w.as_secs_f64() - 0.030).abs() < 1e-6, "{w:?}");
+        let w = b.admit(t0, 1500, 800_000, &rate).unwrap();
+        assert!((w.as_secs_f64() - 0.045).abs() < 1e-6, "{w:?}");
+        // 60 ms would exceed the 50 ms queue: dropped, and costs nothing.
+        assert_eq!(b.admit(t0, 1500, 800_000, &rate), None);
+        // 45 ms later the queue has drained: the bucket is empty, not full.
+        let w = b
+            .admit(t0 + Duration::from_millis(45), 1500, 800_000, &rate)
+            .unwrap();
+        assert!((w.as_secs_f64() - 0.015).abs() < 1e-6, "{w:?}");
+        // Long idle: full again, but no deeper than the burst.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(b.admit(later, 3000, 800_000, &rate), Some(Duration::ZERO));
+        assert!(b.admit(later, 100, 800_000, &rate).unwrap() > Duration::ZERO);
+    }
+
+    #[test]
+    fn sustained_throughput_is_the_rate() {
+        let rate = LinkRate {
+            down_bps: Some(300_000),
+            ..LinkRate::UNLIMITED
+        };
+        let t0 = Instant::now();
+        let mut b = Bucket::default();
+        // Offer 1 Mbit/s of 1250-byte packets for 10 s (100 per second).
+        let mut sent = 0usize;
+        for k in 0..1000u64 {
+            let now = t0 + Duration::from_millis(k * 10);
+            if b.admit(now, 1250, 300_000, &rate).is_some() {
+                sent += 1250;
+            }
+        }
+        // The rate, plus what the full bucket (15 000 bytes) and the queue
+        // (200 ms at the rate, 7 500 bytes) let through once.
+        let bps = sent as f64 * 8.0 / 10.0;
+        let most = 300_000.0 + (15_000.0 + 7_500.0) * 8.0 / 10.0;
+        assert!((295_000.0..=most).contains(&bps), "{bps} (at most {most})");
     }
 }
