@@ -131,3 +131,109 @@ pub fn assert_decodes(path: &Path, min: u64) -> u64 {
     );
     d.frames
 }
+
+/// One decoded video frame as ffprobe reports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FrameSize {
+    /// Presentation time, seconds from the recording's first frame.
+    pub t: f64,
+    /// Decoded width, pixels.
+    pub width: u32,
+    /// Decoded height, pixels.
+    pub height: u32,
+}
+
+/// The size of every decoded video frame of a recording, read by ffprobe
+/// (`-show_frames`), not by our own code: a simulcast subscriber's
+/// recording changes size where the focus switched layers. Panics when
+/// ffprobe cannot run or fails.
+pub fn decoded_frame_sizes(path: &Path) -> Vec<FrameSize> {
+    let out = StdCommand::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "frame=width,height,pts_time,best_effort_timestamp_time",
+            "-of",
+            "json",
+        ])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ffprobe ({e}): scripts/setup-system installs it"));
+    assert!(
+        out.status.success(),
+        "ffprobe failed on {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ffprobe's JSON for {}: {e}", path.display()));
+    let time = |f: &serde_json::Value, k: &str| f[k].as_str().and_then(|s| s.parse::<f64>().ok());
+    v["frames"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| {
+                    Some(FrameSize {
+                        t: time(f, "pts_time").or_else(|| time(f, "best_effort_timestamp_time"))?,
+                        width: u32::try_from(f["width"].as_u64()?).ok()?,
+                        height: u32::try_from(f["height"].as_u64()?).ok()?,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames of the built-in 180p layer, then of the 720p layer from a key
+    /// frame on, in one IVF file: ffprobe sees the size change.
+    #[test]
+    fn frame_sizes_follow_a_layer_switch_in_a_recording() {
+        use groupcall::media::ivf::{IvfHeader, IvfReader, IvfWriter};
+        use groupcall::media::source::BUILTIN_PATTERN_LAYERS;
+        let low = IvfReader::new(BUILTIN_PATTERN_LAYERS[0].3).unwrap();
+        let high = IvfReader::new(BUILTIN_PATTERN_LAYERS[2].3).unwrap();
+        let (low, high) = (low.frames().unwrap(), high.frames().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("switch.ivf");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut w = IvfWriter::new(
+            std::io::BufWriter::new(file),
+            IvfHeader {
+                fourcc: *b"VP80",
+                width: 320,
+                height: 180,
+                timebase_den: 90_000,
+                timebase_num: 1,
+                frame_count: 0,
+            },
+        )
+        .unwrap();
+        // Frame 15 is a key frame in every layer.
+        for (i, f) in low[..15].iter().chain(&high[15..45]).enumerate() {
+            w.write_frame(f.data, i as u64 * 3000).unwrap();
+        }
+        w.finish().unwrap();
+        let sizes = decoded_frame_sizes(&path);
+        assert_eq!(sizes.len(), 45);
+        assert!(
+            sizes[..15]
+                .iter()
+                .all(|f| (f.width, f.height) == (320, 180))
+        );
+        assert!(
+            sizes[15..]
+                .iter()
+                .all(|f| (f.width, f.height) == (1280, 720))
+        );
+        assert!((sizes[30].t - 1.0).abs() < 1e-6, "{:?}", sizes[30]);
+        assert_decodes(&path, 45);
+    }
+}
