@@ -83,6 +83,48 @@ pub enum BenchCmd {
     /// the command fail. Prints a table; with --json also one JSON object
     /// for the floor and one per N on stdout.
     Setup(BenchSetupArgs),
+    /// Forwarding capacity of an SFU (work in progress, issue 13): Janus
+    /// VideoRoom (apt `janus`) pinned to core 0, a load generator of real
+    /// DTLS-SRTP peers on core 1; publishers' packet rate ramped until loss
+    /// passes 0.1 %; prints capacity (egress packets/s), packets per
+    /// CPU-second and latency at half of it.
+    Focus(BenchFocusArgs),
+    /// The load generator process of `bench focus` (JSON lines on stdin).
+    #[command(hide = true)]
+    Loadgen,
+}
+
+/// Arguments of `groupcall bench focus`.
+#[derive(Args, Debug)]
+pub struct BenchFocusArgs {
+    /// Publishers (each sends VP8 video at the ramped rate and Opus audio
+    /// at 50 packets/s).
+    #[arg(long, value_name = "P", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub publishers: u16,
+
+    /// Subscribers (each receives every publisher).
+    #[arg(long, value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=500))]
+    pub subscribers: u16,
+
+    /// Measured window per ramp step.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
+    pub window: Duration,
+
+    /// First video packet rate per publisher.
+    #[arg(long, value_name = "PPS", default_value_t = 100)]
+    pub start_pps: u64,
+
+    /// Each step multiplies the rate by this.
+    #[arg(long, value_name = "F", default_value_t = 1.5)]
+    pub ramp_factor: f64,
+
+    /// Highest video packet rate per publisher tried.
+    #[arg(long, value_name = "PPS", default_value_t = 20_000)]
+    pub max_pps: u64,
+
+    /// Also print one JSON object per scenario on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which recordings the demo keeps.

@@ -47,6 +47,9 @@ use crate::peers::{self, GroupcallPeer, Obs, RefOptions, RefPeer, Reporter, What
 use crate::tracker::{Progress, Tracker};
 
 mod floor;
+pub mod focus_bench;
+pub mod janus;
+pub mod loadgen;
 
 /// How often a run in progress says how far it got.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);

@@ -64,6 +64,8 @@ fn main() -> ExitCode {
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Focus(args) => focus::run(args).await,
             Cmd::Bench(BenchCmd::Setup(args)) => bench::run_setup(args).await,
+            Cmd::Bench(BenchCmd::Focus(args)) => bench::focus_bench::run(args).await,
+            Cmd::Bench(BenchCmd::Loadgen) => bench::loadgen::run().await,
         }
     });
     // Do not wait for tasks that are still blocked (stdin reader, HTTP).

@@ -1,0 +1,91 @@
+//! `groupcall bench focus` against Janus at a low rate: the load generator
+//! (a separate process of real DTLS-SRTP peers) publishes through Janus
+//! VideoRoom to subscribers; every packet sent reaches every subscriber
+//! (no loss below capacity), the egress rate is publishers x subscribers x
+//! the packet rate, latency is measured, and nothing is left running.
+//!
+//! Needs Debian's `janus` (`scripts/setup-system` installs it).
+//!
+//! Run: `cargo test -p groupcall-cli --test bench_focus -- --nocapture`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_groupcall");
+
+/// Processes whose command line contains `needle`.
+fn running(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn janus_forwards_every_packet_at_a_low_rate_and_is_stopped() {
+    assert!(
+        std::path::Path::new("/usr/bin/janus").exists(),
+        "this test needs Debian's janus (scripts/setup-system installs it)"
+    );
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "focus",
+            "--publishers",
+            "2",
+            "--subscribers",
+            "3",
+            "--window",
+            "3",
+            "--start-pps",
+            "100",
+            "--max-pps",
+            "100",
+            "--json",
+        ])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}{stdout}");
+    assert!(out.status.success(), "bench focus failed:\n{stderr}");
+    let json: Value = stdout
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or_else(|| panic!("no JSON line in:\n{stdout}"));
+    assert_eq!(json["scenario"], "2x3");
+    let steps = json["janus_steps"].as_array().unwrap();
+    // The ramp's one step and the measurement at half of it.
+    assert_eq!(steps.len(), 1, "{json}");
+    let s = &steps[0];
+    // 2 publishers x 3 subscribers x (100 video + 50 audio) packets/s.
+    let expected = 2.0 * 3.0 * 150.0;
+    let egress = s["egress_pps"].as_f64().unwrap();
+    assert!(
+        (egress - expected).abs() / expected < 0.1,
+        "egress {egress} packets/s, expected about {expected}"
+    );
+    assert_eq!(s["loss"].as_f64(), Some(0.0), "{s}");
+    let p50 = s["p50_us"].as_u64().unwrap();
+    assert!(p50 > 0 && p50 < 50_000, "p50 {p50} µs");
+    println!(
+        "FIGURE bench_focus: Janus 2x3 at 150 packets/s per publisher: egress {egress:.0} packets/s, loss 0, latency p50 {p50} µs p99 {} µs",
+        s["p99_us"]
+    );
+    // Janus and the load generator are gone.
+    let left: Vec<String> = running("groupcall-janus-")
+        .into_iter()
+        .chain(running("bench loadgen"))
+        .collect();
+    assert!(left.is_empty(), "still running: {left:?}");
+}
