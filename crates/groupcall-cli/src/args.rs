@@ -122,9 +122,27 @@ pub struct BenchFocusArgs {
     #[arg(long, value_name = "PPS", default_value_t = 20_000)]
     pub max_pps: u64,
 
+    /// Which systems to run, in this order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "groupcall,janus"
+    )]
+    pub systems: Vec<FocusSystem>,
+
     /// Also print one JSON object per scenario on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A system `groupcall bench focus` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FocusSystem {
+    /// groupcall's focus (`groupcall focus`), set up through Matrix.
+    Groupcall,
+    /// Janus VideoRoom (Debian's `janus`).
+    Janus,
 }
 
 /// Which recordings the demo keeps.

@@ -1,8 +1,11 @@
-//! `groupcall bench focus` against Janus at a low rate: the load generator
-//! (a separate process of real DTLS-SRTP peers) publishes through Janus
-//! VideoRoom to subscribers; every packet sent reaches every subscriber
-//! (no loss below capacity), the egress rate is publishers x subscribers x
-//! the packet rate, latency is measured, and nothing is left running.
+//! `groupcall bench focus` at a low rate, both systems in one run: the load
+//! generator (a separate process of real DTLS-SRTP peers) publishes through
+//! groupcall's focus (a `groupcall focus` process on a local Synapse, the
+//! load peers Matrix devices calling it) and through Janus VideoRoom to
+//! subscribers; every packet sent reaches every subscriber (no loss below
+//! capacity), the egress rate is publishers x subscribers x the packet
+//! rate, latency is measured, the ratio is printed, and nothing is left
+//! running.
 //!
 //! Needs Debian's `janus` (`scripts/setup-system` installs it).
 //!
@@ -31,7 +34,7 @@ fn running(needle: &str) -> Vec<String> {
 }
 
 #[test]
-fn janus_forwards_every_packet_at_a_low_rate_and_is_stopped() {
+fn both_systems_forward_every_packet_at_a_low_rate_and_are_stopped() {
     assert!(
         std::path::Path::new("/usr/bin/janus").exists(),
         "this test needs Debian's janus (scripts/setup-system installs it)"
@@ -64,28 +67,32 @@ fn janus_forwards_every_packet_at_a_low_rate_and_is_stopped() {
         .find_map(|l| serde_json::from_str::<Value>(l).ok())
         .unwrap_or_else(|| panic!("no JSON line in:\n{stdout}"));
     assert_eq!(json["scenario"], "2x3");
-    let steps = json["janus_steps"].as_array().unwrap();
-    // The ramp's one step and the measurement at half of it.
-    assert_eq!(steps.len(), 1, "{json}");
-    let s = &steps[0];
-    // 2 publishers x 3 subscribers x (100 video + 50 audio) packets/s.
-    let expected = 2.0 * 3.0 * 150.0;
-    let egress = s["egress_pps"].as_f64().unwrap();
-    assert!(
-        (egress - expected).abs() / expected < 0.1,
-        "egress {egress} packets/s, expected about {expected}"
-    );
-    assert_eq!(s["loss"].as_f64(), Some(0.0), "{s}");
-    let p50 = s["p50_us"].as_u64().unwrap();
-    assert!(p50 > 0 && p50 < 50_000, "p50 {p50} µs");
-    println!(
-        "FIGURE bench_focus: Janus 2x3 at 150 packets/s per publisher: egress {egress:.0} packets/s, loss 0, latency p50 {p50} µs p99 {} µs",
-        s["p99_us"]
-    );
-    // Janus and the load generator are gone.
+    for system in ["groupcall", "janus"] {
+        let steps = json[format!("{system}_steps")].as_array().unwrap();
+        // The ramp's one step.
+        assert_eq!(steps.len(), 1, "{json}");
+        let s = &steps[0];
+        // 2 publishers x 3 subscribers x (100 video + 50 audio) packets/s.
+        let expected = 2.0 * 3.0 * 150.0;
+        let egress = s["egress_pps"].as_f64().unwrap();
+        assert!(
+            (egress - expected).abs() / expected < 0.1,
+            "{system}: egress {egress} packets/s, expected about {expected}"
+        );
+        assert_eq!(s["loss"].as_f64(), Some(0.0), "{system}: {s}");
+        let p50 = s["p50_us"].as_u64().unwrap();
+        assert!(p50 > 0 && p50 < 50_000, "{system}: p50 {p50} µs");
+        println!(
+            "FIGURE bench_focus: {system} 2x3 at 150 packets/s per publisher: egress {egress:.0} packets/s, loss 0, latency p50 {p50} µs p99 {} µs",
+            s["p99_us"]
+        );
+    }
+    assert!(json["ratio"].as_f64().is_some_and(|r| r > 0.0), "{json}");
+    // Janus, the focus and the load generator are gone.
     let left: Vec<String> = running("groupcall-janus-")
         .into_iter()
         .chain(running("bench loadgen"))
+        .chain(running("groupcall-bench-focus-"))
         .collect();
     assert!(left.is_empty(), "still running: {left:?}");
 }

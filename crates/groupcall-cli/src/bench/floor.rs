@@ -100,21 +100,21 @@ impl Floor {
 }
 
 /// One user's credentials.
-struct User {
-    user_id: String,
-    device_id: String,
-    token: String,
+pub(super) struct User {
+    pub(super) user_id: String,
+    pub(super) device_id: String,
+    pub(super) token: String,
 }
 
 /// A raw client-server API client of one user, through the proxy.
-struct Api<'a> {
-    http: &'a reqwest::Client,
-    base: &'a str,
-    user: &'a User,
+pub(super) struct Api<'a> {
+    pub(super) http: &'a reqwest::Client,
+    pub(super) base: &'a str,
+    pub(super) user: &'a User,
 }
 
 impl Api<'_> {
-    async fn call(
+    pub(super) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -147,7 +147,7 @@ impl Api<'_> {
     }
 
     /// One `/sync`; returns the body.
-    async fn sync(
+    pub(super) async fn sync(
         &self,
         filter: &str,
         since: Option<&str>,
@@ -163,7 +163,7 @@ impl Api<'_> {
     }
 }
 
-fn next_batch(v: &Value) -> anyhow::Result<String> {
+pub(super) fn next_batch(v: &Value) -> anyhow::Result<String> {
     let s = v
         .get("next_batch")
         .and_then(Value::as_str)

@@ -1,8 +1,10 @@
 //! The load generator of `groupcall bench focus`: a separate process
 //! (`groupcall bench loadgen`, started by the bench, pinned to its own core)
 //! holding every publisher and subscriber of a scenario as real WebRTC peers
-//! (ICE, DTLS-SRTP; groupcall-media's peer set in forwarding mode: all peers
-//! on one UDP socket).
+//! (ICE, DTLS-SRTP; groupcall-media's peer set in forwarding mode). Janus's
+//! peers share one UDP socket (Janus gives each PeerConnection a port of
+//! its own); clients of a focus that serves everyone from one socket get a
+//! socket each, as their 5-tuples would otherwise be the same.
 //!
 //! Publishers send real VP8 (the built-in pattern, packetized here with a
 //! VP8 payload descriptor and a 15-bit PictureID) at a fixed packet rate,
@@ -18,6 +20,12 @@
 //! - `{"op":"publisher","id":ID}` → `{"offer":SDP}`
 //! - `{"op":"answer","id":ID,"sdp":SDP}` → `{"ok":true}`
 //! - `{"op":"subscriber","id":ID,"offer":SDP}` → `{"answer":SDP}`
+//! - `{"op":"client","id":ID,"publish":BOOL}` → `{"offer":SDP}`: a client
+//!   of an MSC3898 focus: its offer opens the data channel (and carries a
+//!   usermedia stream `ID` when publishing); it answers `m.call.ping`,
+//!   takes the focus's `m.call.negotiate` offers, and when not publishing
+//!   subscribes to every track the focus's metadata lists
+//!   (`m.call.track_subscription`). Its answer goes through `answer`.
 //! - `{"op":"connected","timeout_s":S}` → `{"connected":N,"peers":M}` once
 //!   every peer is connected and every publisher's tracks are ready
 //! - `{"op":"rate","video_pps":N}` → `{"ok":true}`: each publisher's video
@@ -209,6 +217,23 @@ struct Publisher {
     apackets: Packets,
 }
 
+impl Publisher {
+    /// A publisher on `peer`, its tracks not negotiated yet.
+    fn new(peer: Arc<MediaPeer>) -> anyhow::Result<Publisher> {
+        Ok(Publisher {
+            peer,
+            audio: None,
+            video: None,
+            vseq: 1,
+            vts: 0,
+            aseq: 1,
+            ats: 0,
+            vpackets: Packets::video()?,
+            apackets: Packets::audio()?,
+        })
+    }
+}
+
 /// Runs the load generator on stdin/stdout until `quit` or the end of stdin.
 pub async fn run() -> anyhow::Result<()> {
     let epoch = Instant::now();
@@ -219,6 +244,8 @@ pub async fn run() -> anyhow::Result<()> {
     let counters = Arc::new(Mutex::new(Counters::default()));
     let publishers: Arc<Mutex<HashMap<String, Publisher>>> = Arc::default();
     let mut subscribers: HashMap<String, MediaPeer> = HashMap::new();
+    let mut clients: HashMap<String, Arc<MediaPeer>> = HashMap::new();
+    let mut hosts: Vec<MediaHost> = Vec::new();
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let video_pps = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
@@ -275,6 +302,8 @@ pub async fn run() -> anyhow::Result<()> {
                     &counters,
                     &publishers,
                     &mut subscribers,
+                    &mut clients,
+                    &mut hosts,
                     &sent,
                     &video_pps,
                     epoch,
@@ -298,6 +327,9 @@ pub async fn run() -> anyhow::Result<()> {
     }
     sender.abort();
     host.close().await;
+    for h in &hosts {
+        h.close().await;
+    }
     Ok(())
 }
 
@@ -338,11 +370,12 @@ fn id_of(cmd: &Value) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow!("missing \"id\""))
 }
 
-fn forwarding_config(receive: bool) -> PeerConfig {
+fn forwarding_config(receive: bool, data_channel: bool) -> PeerConfig {
     PeerConfig {
         forward: true,
         receive_audio: receive,
         receive_video: receive,
+        data_channel,
         gather_wait: Duration::from_millis(50),
         ..PeerConfig::default()
     }
@@ -355,6 +388,8 @@ async fn command(
     counters: &Arc<Mutex<Counters>>,
     publishers: &Arc<Mutex<HashMap<String, Publisher>>>,
     subscribers: &mut HashMap<String, MediaPeer>,
+    clients: &mut HashMap<String, Arc<MediaPeer>>,
+    hosts: &mut Vec<MediaHost>,
     sent: &Arc<std::sync::atomic::AtomicU64>,
     video_pps: &Arc<std::sync::atomic::AtomicU64>,
     epoch: Instant,
@@ -362,25 +397,14 @@ async fn command(
     match cmd["op"].as_str().unwrap_or_default() {
         "publisher" => {
             let id = id_of(cmd)?;
-            let (peer, events) = host.new_peer(forwarding_config(false))?;
+            let (peer, events) = host.new_peer(forwarding_config(false, false))?;
             let offer = peer
                 .create_offer(&[LocalFeed::usermedia(id.clone())])
                 .await?;
-            let p = Publisher {
-                peer: Arc::new(peer),
-                audio: None,
-                video: None,
-                vseq: 1,
-                vts: 0,
-                aseq: 1,
-                ats: 0,
-                vpackets: Packets::video()?,
-                apackets: Packets::audio()?,
-            };
             publishers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(id.clone(), p);
+                .insert(id.clone(), Publisher::new(Arc::new(peer))?);
             tokio::spawn(publisher_events(
                 id,
                 events,
@@ -397,16 +421,52 @@ async fn command(
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&id)
                 .map(|p| p.peer.clone())
-                .ok_or_else(|| anyhow!("no publisher {id}"))?;
+                .or_else(|| clients.get(&id).cloned())
+                .ok_or_else(|| anyhow!("no publisher or client {id}"))?;
             peer.apply_answer(sdp).await?;
             Ok(json!({"ok": true}))
+        }
+        "client" => {
+            let id = id_of(cmd)?;
+            let publish = cmd["publish"].as_bool().unwrap_or(false);
+            // A socket of its own: a focus serves all its clients from one
+            // socket, so peers sharing ours would have the same 5-tuple and
+            // could not be told apart.
+            let own = MediaHost::spawn(&[std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)])
+                .context("binding a client's socket")?;
+            let (peer, events) = own.new_peer(forwarding_config(false, true))?;
+            hosts.push(own);
+            let feeds: Vec<LocalFeed> = if publish {
+                vec![LocalFeed::usermedia(id.clone())]
+            } else {
+                Vec::new()
+            };
+            let offer = peer.create_offer(&feeds).await?;
+            let peer = Arc::new(peer);
+            if publish {
+                publishers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone(), Publisher::new(peer.clone())?);
+            }
+            clients.insert(id.clone(), peer.clone());
+            tokio::spawn(client_events(
+                id,
+                peer,
+                feeds,
+                events,
+                publishers.clone(),
+                counters.clone(),
+                epoch,
+            ));
+            Ok(json!({"offer": offer}))
         }
         "subscriber" => {
             let id = id_of(cmd)?;
             let offer = cmd["offer"]
                 .as_str()
                 .ok_or_else(|| anyhow!("missing offer"))?;
-            let (peer, events) = host.new_peer(forwarding_config(true))?;
+            let (peer, events) = host.new_peer(forwarding_config(true, false))?;
             let answer = peer.accept_offer(offer, &[]).await?;
             tokio::spawn(subscriber_events(
                 id.clone(),
@@ -419,8 +479,11 @@ async fn command(
         }
         "connected" => {
             let secs = cmd["timeout_s"].as_f64().unwrap_or(30.0);
-            let peers =
-                publishers.lock().unwrap_or_else(|e| e.into_inner()).len() + subscribers.len();
+            let peers = {
+                let pubs = publishers.lock().unwrap_or_else(|e| e.into_inner());
+                let pure_clients = clients.keys().filter(|k| !pubs.contains_key(*k)).count();
+                pubs.len() + subscribers.len() + pure_clients
+            };
             let tracks = 2 * publishers.lock().unwrap_or_else(|e| e.into_inner()).len();
             let deadline = Instant::now() + Duration::from_secs_f64(secs);
             loop {
@@ -501,6 +564,9 @@ async fn command(
             for p in subscribers.values() {
                 let _ = p.close().await;
             }
+            for p in clients.values() {
+                let _ = p.close().await;
+            }
             Ok(json!({"ok": true, "quit": true}))
         }
         other => bail!("unknown op {other:?}"),
@@ -519,22 +585,117 @@ async fn publisher_events(
                 counters.lock().unwrap_or_else(|e| e.into_inner()).connected += 1;
             }
             PeerEvent::LocalTrackReady { kind, mid, .. } => {
-                if let Some(p) = publishers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_mut(&id)
-                {
-                    match kind {
-                        TrackKind::Audio => p.audio = Some(mid),
-                        TrackKind::Video => p.video = Some(mid),
-                    }
-                }
-                counters
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .tracks_ready += 1;
+                track_ready(&id, kind, mid, &publishers, &counters);
             }
             _ => {}
+        }
+    }
+}
+
+/// A publisher's track is negotiated: packets go to `mid` from now on.
+fn track_ready(
+    id: &str,
+    kind: TrackKind,
+    mid: Mid,
+    publishers: &Mutex<HashMap<String, Publisher>>,
+    counters: &Mutex<Counters>,
+) {
+    if let Some(p) = publishers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_mut(id)
+    {
+        match kind {
+            TrackKind::Audio => p.audio = Some(mid),
+            TrackKind::Video => p.video = Some(mid),
+        }
+    }
+    counters
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .tracks_ready += 1;
+}
+
+/// A focus client's events: media counted as a subscriber's, the MSC3898
+/// data channel answered.
+async fn client_events(
+    id: String,
+    peer: Arc<MediaPeer>,
+    feeds: Vec<LocalFeed>,
+    mut events: PeerEvents,
+    publishers: Arc<Mutex<HashMap<String, Publisher>>>,
+    counters: Arc<Mutex<Counters>>,
+    epoch: Instant,
+) {
+    use groupcall_proto::dc::{DcMessage, Negotiate, SdpType, TrackRequest, TrackSubscription};
+    let publishing = !feeds.is_empty();
+    while let Some(ev) = events.recv().await {
+        let reply = match ev {
+            PeerEvent::Connected => {
+                counters.lock().unwrap_or_else(|e| e.into_inner()).connected += 1;
+                None
+            }
+            PeerEvent::LocalTrackReady { kind, mid, .. } => {
+                track_ready(&id, kind, mid, &publishers, &counters);
+                None
+            }
+            PeerEvent::Rtp(p) => {
+                count(&id, &p, &counters, epoch);
+                None
+            }
+            PeerEvent::ChannelMessage { text } => match DcMessage::parse(text.as_bytes()) {
+                Ok(DcMessage::Ping) => Some(DcMessage::Pong),
+                Ok(DcMessage::SdpStreamMetadataChanged {
+                    sdp_stream_metadata,
+                }) if !publishing => {
+                    let subscribe = sdp_stream_metadata
+                        .iter()
+                        .flat_map(|(stream_id, s)| {
+                            s.tracks.keys().map(move |track_id| TrackRequest {
+                                stream_id: stream_id.clone(),
+                                track_id: track_id.clone(),
+                                width: None,
+                                height: None,
+                            })
+                        })
+                        .collect();
+                    Some(DcMessage::TrackSubscription(TrackSubscription {
+                        subscribe,
+                        unsubscribe: Vec::new(),
+                    }))
+                }
+                Ok(DcMessage::Negotiate(n)) if n.sdp_type == SdpType::Offer => {
+                    match peer.accept_offer(&n.sdp, &feeds).await {
+                        Ok(sdp) => Some(DcMessage::Negotiate(Negotiate {
+                            sdp_type: SdpType::Answer,
+                            sdp,
+                            sdp_stream_metadata: Default::default(),
+                        })),
+                        Err(e) => {
+                            tracing::warn!(client = %id, "focus offer refused: {e}");
+                            None
+                        }
+                    }
+                }
+                Ok(DcMessage::Negotiate(n)) => {
+                    if let Err(e) = peer.apply_answer(&n.sdp).await {
+                        tracing::warn!(client = %id, "focus answer refused: {e}");
+                    }
+                    None
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(client = %id, "data channel message: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        if let Some(m) = reply
+            && let Ok(text) = m.encode()
+            && let Err(e) = peer.send_channel(&text).await
+        {
+            tracing::warn!(client = %id, "data channel send: {e}");
         }
     }
 }
