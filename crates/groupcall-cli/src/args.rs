@@ -97,14 +97,11 @@ pub enum BenchCmd {
 /// Arguments of `groupcall bench focus`.
 #[derive(Args, Debug)]
 pub struct BenchFocusArgs {
-    /// Publishers (each sends VP8 video at the ramped rate and Opus audio
-    /// at 50 packets/s).
-    #[arg(long, value_name = "P", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub publishers: u16,
-
-    /// Subscribers (each receives every publisher).
-    #[arg(long, value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=500))]
-    pub subscribers: u16,
+    /// Scenarios, comma separated, each PUBLISHERSxSUBSCRIBERS (every
+    /// subscriber receives every publisher's audio and video), e.g.
+    /// `1x10,1x50,1x200,10x10`.
+    #[arg(long, value_name = "PxS,...", value_delimiter = ',', default_value = "1x10", value_parser = parse_scenario)]
+    pub scenarios: Vec<Scenario>,
 
     /// Measured window per ramp step.
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
@@ -134,6 +131,40 @@ pub struct BenchFocusArgs {
     /// Also print one JSON object per scenario on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// One scenario of `groupcall bench focus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scenario {
+    /// Publishers (VP8 at the ramped rate and Opus at 50 packets/s each).
+    pub publishers: u16,
+    /// Subscribers (each receives every publisher).
+    pub subscribers: u16,
+}
+
+impl std::fmt::Display for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.publishers, self.subscribers)
+    }
+}
+
+fn parse_scenario(s: &str) -> Result<Scenario, String> {
+    let (p, sub) = s
+        .split_once('x')
+        .ok_or_else(|| format!("`{s}` is not PUBLISHERSxSUBSCRIBERS"))?;
+    let publishers: u16 = p.parse().map_err(|_| format!("`{p}` is not a number"))?;
+    let subscribers: u16 = sub
+        .parse()
+        .map_err(|_| format!("`{sub}` is not a number"))?;
+    if !(1..=64).contains(&publishers) || !(1..=500).contains(&subscribers) {
+        return Err(format!(
+            "`{s}`: 1 to 64 publishers and 1 to 500 subscribers"
+        ));
+    }
+    Ok(Scenario {
+        publishers,
+        subscribers,
+    })
 }
 
 /// A system `groupcall bench focus` measures.

@@ -43,10 +43,8 @@ fn both_systems_forward_every_packet_at_a_low_rate_and_are_stopped() {
         .args([
             "bench",
             "focus",
-            "--publishers",
-            "2",
-            "--subscribers",
-            "3",
+            "--scenarios",
+            "2x3",
             "--window",
             "3",
             "--start-pps",

@@ -24,7 +24,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use super::janus::Janus;
 use super::loadgen::ask;
-use crate::args::{BenchFocusArgs, FocusSystem};
+use crate::args::{BenchFocusArgs, FocusSystem, Scenario};
 
 /// The core the system under test runs on; the load generator gets the
 /// other one.
@@ -197,7 +197,7 @@ async fn ramp(
 }
 
 /// Janus VideoRoom with `publishers` x `subscribers`.
-async fn run_janus(args: &BenchFocusArgs) -> anyhow::Result<Outcome> {
+async fn run_janus(args: &BenchFocusArgs, sc: Scenario) -> anyhow::Result<Outcome> {
     let mut janus = Janus::start(SUT_CORE).await?;
     let pid = janus.pid().context("janus pid")?;
     let mut lg = Loadgen::start().await?;
@@ -206,10 +206,10 @@ async fn run_janus(args: &BenchFocusArgs) -> anyhow::Result<Outcome> {
         let admin = janus.attach(session).await?;
         let room = 1234;
         janus
-            .create_room(session, admin, room, usize::from(args.publishers) + 1)
+            .create_room(session, admin, room, usize::from(sc.publishers) + 1)
             .await?;
         let mut feeds = Vec::new();
-        for i in 0..args.publishers {
+        for i in 0..sc.publishers {
             let id = format!("pub{i}");
             let offer = lg.ask(json!({"op": "publisher", "id": id})).await?;
             let handle = janus.attach(session).await?;
@@ -234,7 +234,7 @@ async fn run_janus(args: &BenchFocusArgs) -> anyhow::Result<Outcome> {
         }
         // Janus offers a feed to subscribers once its PeerConnection is up.
         lg.ask(json!({"op": "connected", "timeout_s": 30})).await?;
-        for j in 0..args.subscribers {
+        for j in 0..sc.subscribers {
             let handle = janus.attach(session).await?;
             let offer = janus.subscribe(session, handle, room, &feeds).await?;
             let a = lg
@@ -245,7 +245,7 @@ async fn run_janus(args: &BenchFocusArgs) -> anyhow::Result<Outcome> {
                 .await?;
         }
         lg.ask(json!({"op": "connected", "timeout_s": 30})).await?;
-        ramp(&mut lg, pid, args, "janus").await
+        ramp(&mut lg, pid, args, &format!("janus {sc}")).await
     }
     .await;
     lg.stop().await;
@@ -259,20 +259,34 @@ pub async fn run(args: BenchFocusArgs) -> anyhow::Result<()> {
     if args.start_pps == 0 || args.ramp_factor <= 1.0 {
         bail!("--start-pps must be positive and --ramp-factor above 1");
     }
-    let scenario = format!("{}x{}", args.publishers, args.subscribers);
     eprintln!(
-        "bench focus: scenario {scenario} (publishers x subscribers), windows of {:.0} s, system on core {SUT_CORE}, load generator on core {LOADGEN_CORE}",
+        "bench focus: scenarios {} (publishers x subscribers), windows of {:.0} s, system on core {SUT_CORE}, load generator on core {LOADGEN_CORE}",
+        args.scenarios
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
         args.window.as_secs_f64()
     );
+    for sc in &args.scenarios {
+        scenario(&args, *sc).await?;
+    }
+    Ok(())
+}
+
+/// One scenario, every system: the table, and the JSON object.
+async fn scenario(args: &BenchFocusArgs, sc: Scenario) -> anyhow::Result<()> {
+    let scenario = sc.to_string();
     let mut results: Vec<(&str, Outcome)> = Vec::new();
     for system in &args.systems {
         let (name, outcome) = match system {
-            FocusSystem::Groupcall => ("groupcall", run_groupcall(&args).await?),
-            FocusSystem::Janus => ("janus", run_janus(&args).await?),
+            FocusSystem::Groupcall => ("groupcall", run_groupcall(args, sc).await?),
+            FocusSystem::Janus => ("janus", run_janus(args, sc).await?),
         };
         results.push((name, outcome));
     }
     let per_core = |o: &Outcome| o.capacity.as_ref().map(|c| c.egress_pps / c.cpu.max(0.01));
+    println!("scenario {scenario}");
     println!(
         "{:<10} {:>14} {:>16} {:>12} {:>12} {:>10}",
         "system", "capacity pps", "pps per core-s", "p50 ms @50%", "p99 ms @50%", "loss @50%"
@@ -359,12 +373,12 @@ fn random_id(n: usize) -> String {
 /// focus.toml allows), members of the call naming the focus, calling it
 /// with `m.call.invite` as a groupcall client does; subscribers subscribe
 /// over the data channel to every track the focus offers.
-async fn run_groupcall(args: &BenchFocusArgs) -> anyhow::Result<Outcome> {
+async fn run_groupcall(args: &BenchFocusArgs, sc: Scenario) -> anyhow::Result<Outcome> {
     let mut local = crate::local::Local::start(None).await?;
     let dir = tempfile::Builder::new()
         .prefix("groupcall-bench-focus-")
         .tempdir()?;
-    let r = groupcall_inner(args, &local, dir.path()).await;
+    let r = groupcall_inner(args, sc, &local, dir.path()).await;
     local.stop().await;
     r
 }
@@ -379,6 +393,7 @@ fn api<'a>(http: &'a reqwest::Client, base: &'a str, u: &'a LoadUser) -> super::
 
 async fn groupcall_inner(
     args: &BenchFocusArgs,
+    sc: Scenario,
     local: &crate::local::Local,
     dir: &std::path::Path,
 ) -> anyhow::Result<Outcome> {
@@ -389,7 +404,7 @@ async fn groupcall_inner(
     let http = reqwest::Client::builder().no_proxy().build()?;
     let base = local.url();
     let focus_user = local.register("benchfocus", pw).await?;
-    let n = usize::from(args.publishers) + usize::from(args.subscribers);
+    let n = usize::from(sc.publishers) + usize::from(sc.subscribers);
     let mut users = Vec::new();
     for i in 0..n {
         let u = local
@@ -514,7 +529,7 @@ grace_period = "1s"
                     .call(Method::POST, &format!("/join/{room}"), Some(&json!({})), t)
                     .await?;
             }
-            let publisher = i < usize::from(args.publishers);
+            let publisher = i < usize::from(sc.publishers);
             let own = groupcall_proto::membership::OwnDevice {
                 device_id: u.user.device_id.clone(),
                 session_id: u.session_id.clone(),
@@ -551,7 +566,7 @@ grace_period = "1s"
         let mut lg = Loadgen::start().await?;
         let calls = async {
             for (i, u) in users.iter_mut().enumerate() {
-                let publisher = i < usize::from(args.publishers);
+                let publisher = i < usize::from(sc.publishers);
                 let id = format!("lg{i}");
                 let offer = lg
                     .ask(json!({"op": "client", "id": id, "publish": publisher}))
@@ -592,7 +607,7 @@ grace_period = "1s"
             lg.ask(json!({"op": "rate", "video_pps": args.start_pps}))
                 .await?;
             tokio::time::sleep(Duration::from_secs(3)).await;
-            let r = ramp(&mut lg, pid, args, "groupcall").await;
+            let r = ramp(&mut lg, pid, args, &format!("groupcall {sc}")).await;
             // The focus's own counts of what it forwarded and dropped.
             if let Ok(resp) = http.get(format!("http://{addr}/metrics")).send().await
                 && let Ok(text) = resp.text().await
