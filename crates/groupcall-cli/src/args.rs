@@ -133,38 +133,107 @@ pub struct BenchFocusArgs {
     pub json: bool,
 }
 
-/// One scenario of `groupcall bench focus`.
+/// One scenario of `groupcall bench focus`: `PxS` (P publishers of audio
+/// and video, S subscribers receiving all of them) or `NaVv` (N
+/// participants all to all: each publishes audio, the first V video too,
+/// and each receives everyone else).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Scenario {
-    /// Publishers (VP8 at the ramped rate and Opus at 50 packets/s each).
+    /// Publishers (Opus at 50 packets/s each).
     pub publishers: u16,
-    /// Subscribers (each receives every publisher).
+    /// Of them, those that publish VP8 at the ramped rate too.
+    pub video_publishers: u16,
+    /// Subscribers (each receives every publisher; all to all: everyone
+    /// else).
     pub subscribers: u16,
+    /// Every participant publishes and subscribes.
+    pub all_to_all: bool,
+}
+
+impl Scenario {
+    /// Matrix devices / peer connections of a focus client each.
+    pub fn participants(&self) -> usize {
+        if self.all_to_all {
+            usize::from(self.publishers)
+        } else {
+            usize::from(self.publishers) + usize::from(self.subscribers)
+        }
+    }
 }
 
 impl std::fmt::Display for Scenario {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}", self.publishers, self.subscribers)
+        if self.all_to_all {
+            write!(f, "{}a{}v", self.publishers, self.video_publishers)
+        } else {
+            write!(f, "{}x{}", self.publishers, self.subscribers)
+        }
     }
 }
 
 fn parse_scenario(s: &str) -> Result<Scenario, String> {
-    let (p, sub) = s
-        .split_once('x')
-        .ok_or_else(|| format!("`{s}` is not PUBLISHERSxSUBSCRIBERS"))?;
-    let publishers: u16 = p.parse().map_err(|_| format!("`{p}` is not a number"))?;
-    let subscribers: u16 = sub
-        .parse()
-        .map_err(|_| format!("`{sub}` is not a number"))?;
-    if !(1..=64).contains(&publishers) || !(1..=500).contains(&subscribers) {
-        return Err(format!(
-            "`{s}`: 1 to 64 publishers and 1 to 500 subscribers"
-        ));
+    let num = |t: &str| {
+        t.parse::<u16>()
+            .map_err(|_| format!("`{t}` is not a number"))
+    };
+    let sc = if let Some((n, v)) = s.strip_suffix('v').and_then(|r| r.split_once('a')) {
+        let (n, v) = (num(n)?, num(v)?);
+        if !(2..=100).contains(&n) || v > n {
+            return Err(format!(
+                "`{s}`: 2 to 100 participants, at most all of them with video"
+            ));
+        }
+        Scenario {
+            publishers: n,
+            video_publishers: v,
+            subscribers: n,
+            all_to_all: true,
+        }
+    } else {
+        let (p, sub) = s
+            .split_once('x')
+            .ok_or_else(|| format!("`{s}` is not PUBLISHERSxSUBSCRIBERS nor NaVv"))?;
+        let (publishers, subscribers) = (num(p)?, num(sub)?);
+        if !(1..=64).contains(&publishers) || !(1..=500).contains(&subscribers) {
+            return Err(format!(
+                "`{s}`: 1 to 64 publishers and 1 to 500 subscribers"
+            ));
+        }
+        Scenario {
+            publishers,
+            video_publishers: publishers,
+            subscribers,
+            all_to_all: false,
+        }
+    };
+    Ok(sc)
+}
+
+#[cfg(test)]
+mod scenario_tests {
+    use super::*;
+
+    #[test]
+    fn scenarios_parse_and_print_back() {
+        for (text, p, v, s, all) in [("1x10", 1, 1, 10, false), ("50a10v", 50, 10, 50, true)] {
+            let sc = parse_scenario(text).unwrap();
+            assert_eq!(
+                (
+                    sc.publishers,
+                    sc.video_publishers,
+                    sc.subscribers,
+                    sc.all_to_all
+                ),
+                (p, v, s, all)
+            );
+            assert_eq!(sc.to_string(), text);
+        }
+        assert_eq!(parse_scenario("50a10v").unwrap().participants(), 50);
+        assert_eq!(parse_scenario("2x3").unwrap().participants(), 5);
+        for bad in ["", "1x", "x5", "0x5", "1x501", "1a2v", "5a6v", "axbv", "10"] {
+            assert!(parse_scenario(bad).is_err(), "{bad}");
+        }
     }
-    Ok(Scenario {
-        publishers,
-        subscribers,
-    })
 }
 
 /// A system `groupcall bench focus` measures.

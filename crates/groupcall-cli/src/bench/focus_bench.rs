@@ -211,7 +211,10 @@ async fn run_janus(args: &BenchFocusArgs, sc: Scenario) -> anyhow::Result<Outcom
         let mut feeds = Vec::new();
         for i in 0..sc.publishers {
             let id = format!("pub{i}");
-            let offer = lg.ask(json!({"op": "publisher", "id": id})).await?;
+            let video = i < sc.video_publishers;
+            let offer = lg
+                .ask(json!({"op": "publisher", "id": id, "video": video}))
+                .await?;
             let handle = janus.attach(session).await?;
             let p = janus
                 .publish(
@@ -236,7 +239,14 @@ async fn run_janus(args: &BenchFocusArgs, sc: Scenario) -> anyhow::Result<Outcom
         lg.ask(json!({"op": "connected", "timeout_s": 30})).await?;
         for j in 0..sc.subscribers {
             let handle = janus.attach(session).await?;
-            let offer = janus.subscribe(session, handle, room, &feeds).await?;
+            // All to all: participant j receives everyone but itself.
+            let wanted: Vec<u64> = feeds
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !sc.all_to_all || *i != usize::from(j))
+                .map(|(_, f)| *f)
+                .collect();
+            let offer = janus.subscribe(session, handle, room, &wanted).await?;
             let a = lg
                 .ask(json!({"op": "subscriber", "id": format!("sub{j}"), "offer": offer}))
                 .await?;
@@ -404,7 +414,7 @@ async fn groupcall_inner(
     let http = reqwest::Client::builder().no_proxy().build()?;
     let base = local.url();
     let focus_user = local.register("benchfocus", pw).await?;
-    let n = usize::from(sc.publishers) + usize::from(sc.subscribers);
+    let n = sc.participants();
     let mut users = Vec::new();
     for i in 0..n {
         let u = local
@@ -529,7 +539,7 @@ grace_period = "1s"
                     .call(Method::POST, &format!("/join/{room}"), Some(&json!({})), t)
                     .await?;
             }
-            let publisher = i < usize::from(sc.publishers);
+            let publisher = i < usize::from(sc.publishers) || sc.all_to_all;
             let own = groupcall_proto::membership::OwnDevice {
                 device_id: u.user.device_id.clone(),
                 session_id: u.session_id.clone(),
@@ -569,7 +579,9 @@ grace_period = "1s"
                 let publisher = i < usize::from(sc.publishers);
                 let id = format!("lg{i}");
                 let offer = lg
-                    .ask(json!({"op": "client", "id": id, "publish": publisher}))
+                    .ask(json!({"op": "client", "id": id, "publish": publisher,
+                        "video": i < usize::from(sc.video_publishers),
+                        "subscribe": !publisher || sc.all_to_all}))
                     .await?;
                 let call_id = format!("{now}{}", random_id(16));
                 let metadata = if publisher {

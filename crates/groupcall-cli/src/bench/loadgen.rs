@@ -17,14 +17,16 @@
 //!
 //! Control: JSON lines on stdin, one JSON line answered on stdout per
 //! command:
-//! - `{"op":"publisher","id":ID}` → `{"offer":SDP}`
+//! - `{"op":"publisher","id":ID,"video":BOOL}` → `{"offer":SDP}` (audio
+//!   only when `video` is false)
 //! - `{"op":"answer","id":ID,"sdp":SDP}` → `{"ok":true}`
 //! - `{"op":"subscriber","id":ID,"offer":SDP}` → `{"answer":SDP}`
-//! - `{"op":"client","id":ID,"publish":BOOL}` → `{"offer":SDP}`: a client
-//!   of an MSC3898 focus: its offer opens the data channel (and carries a
-//!   usermedia stream `ID` when publishing); it answers `m.call.ping`,
-//!   takes the focus's `m.call.negotiate` offers, and when not publishing
-//!   subscribes to every track the focus's metadata lists
+//! - `{"op":"client","id":ID,"publish":BOOL,"video":BOOL,"subscribe":BOOL}`
+//!   → `{"offer":SDP}`: a client of an MSC3898 focus: its offer opens the
+//!   data channel (and carries a usermedia stream `ID` when publishing,
+//!   audio only without `video`); it answers `m.call.ping`, takes the
+//!   focus's `m.call.negotiate` offers, and when subscribing (default: when
+//!   not publishing) subscribes to every track the focus's metadata lists
 //!   (`m.call.track_subscription`). Its answer goes through `answer`.
 //! - `{"op":"connected","timeout_s":S}` → `{"connected":N,"peers":M}` once
 //!   every peer is connected and every publisher's tracks are ready
@@ -207,6 +209,8 @@ impl Window {
 
 struct Publisher {
     peer: Arc<MediaPeer>,
+    /// Tracks it offered (audio, and video unless audio-only).
+    tracks: usize,
     audio: Option<Mid>,
     video: Option<Mid>,
     vseq: u64,
@@ -217,11 +221,21 @@ struct Publisher {
     apackets: Packets,
 }
 
+/// The usermedia stream `id`, with a video track when `video`.
+fn feed(id: &str, video: bool) -> LocalFeed {
+    let mut f = LocalFeed::usermedia(id.to_owned());
+    if !video {
+        f.video_track_id = None;
+    }
+    f
+}
+
 impl Publisher {
     /// A publisher on `peer`, its tracks not negotiated yet.
-    fn new(peer: Arc<MediaPeer>) -> anyhow::Result<Publisher> {
+    fn new(peer: Arc<MediaPeer>, video: bool) -> anyhow::Result<Publisher> {
         Ok(Publisher {
             peer,
+            tracks: 1 + usize::from(video),
             audio: None,
             video: None,
             vseq: 1,
@@ -397,14 +411,13 @@ async fn command(
     match cmd["op"].as_str().unwrap_or_default() {
         "publisher" => {
             let id = id_of(cmd)?;
+            let video = cmd["video"].as_bool().unwrap_or(true);
             let (peer, events) = host.new_peer(forwarding_config(false, false))?;
-            let offer = peer
-                .create_offer(&[LocalFeed::usermedia(id.clone())])
-                .await?;
+            let offer = peer.create_offer(&[feed(&id, video)]).await?;
             publishers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(id.clone(), Publisher::new(Arc::new(peer))?);
+                .insert(id.clone(), Publisher::new(Arc::new(peer), video)?);
             tokio::spawn(publisher_events(
                 id,
                 events,
@@ -429,6 +442,8 @@ async fn command(
         "client" => {
             let id = id_of(cmd)?;
             let publish = cmd["publish"].as_bool().unwrap_or(false);
+            let video = cmd["video"].as_bool().unwrap_or(true);
+            let subscribe = cmd["subscribe"].as_bool().unwrap_or(!publish);
             // A socket of its own: a focus serves all its clients from one
             // socket, so peers sharing ours would have the same 5-tuple and
             // could not be told apart.
@@ -437,7 +452,7 @@ async fn command(
             let (peer, events) = own.new_peer(forwarding_config(false, true))?;
             hosts.push(own);
             let feeds: Vec<LocalFeed> = if publish {
-                vec![LocalFeed::usermedia(id.clone())]
+                vec![feed(&id, video)]
             } else {
                 Vec::new()
             };
@@ -447,17 +462,16 @@ async fn command(
                 publishers
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.clone(), Publisher::new(peer.clone())?);
+                    .insert(id.clone(), Publisher::new(peer.clone(), video)?);
             }
             clients.insert(id.clone(), peer.clone());
             tokio::spawn(client_events(
                 id,
                 peer,
                 feeds,
+                subscribe,
                 events,
-                publishers.clone(),
-                counters.clone(),
-                epoch,
+                (publishers.clone(), counters.clone(), epoch),
             ));
             Ok(json!({"offer": offer}))
         }
@@ -484,7 +498,12 @@ async fn command(
                 let pure_clients = clients.keys().filter(|k| !pubs.contains_key(*k)).count();
                 pubs.len() + subscribers.len() + pure_clients
             };
-            let tracks = 2 * publishers.lock().unwrap_or_else(|e| e.into_inner()).len();
+            let tracks: usize = publishers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(|p| p.tracks)
+                .sum();
             let deadline = Instant::now() + Duration::from_secs_f64(secs);
             loop {
                 let (c, t) = {
@@ -616,19 +635,25 @@ fn track_ready(
         .tracks_ready += 1;
 }
 
+/// What the peers' event tasks share: the publishers, the counters, the
+/// epoch of the stamps.
+type Shared = (
+    Arc<Mutex<HashMap<String, Publisher>>>,
+    Arc<Mutex<Counters>>,
+    Instant,
+);
+
 /// A focus client's events: media counted as a subscriber's, the MSC3898
 /// data channel answered.
 async fn client_events(
     id: String,
     peer: Arc<MediaPeer>,
     feeds: Vec<LocalFeed>,
+    subscribing: bool,
     mut events: PeerEvents,
-    publishers: Arc<Mutex<HashMap<String, Publisher>>>,
-    counters: Arc<Mutex<Counters>>,
-    epoch: Instant,
+    (publishers, counters, epoch): Shared,
 ) {
     use groupcall_proto::dc::{DcMessage, Negotiate, SdpType, TrackRequest, TrackSubscription};
-    let publishing = !feeds.is_empty();
     while let Some(ev) = events.recv().await {
         let reply = match ev {
             PeerEvent::Connected => {
@@ -647,7 +672,7 @@ async fn client_events(
                 Ok(DcMessage::Ping) => Some(DcMessage::Pong),
                 Ok(DcMessage::SdpStreamMetadataChanged {
                     sdp_stream_metadata,
-                }) if !publishing => {
+                }) if subscribing => {
                     let subscribe = sdp_stream_metadata
                         .iter()
                         .flat_map(|(stream_id, s)| {
