@@ -752,6 +752,18 @@ impl MediaPeer {
         })
     }
 
+    /// [`MediaPeer::set_source`] for a boxed source.
+    pub fn set_source_boxed(
+        &self,
+        track_id: &str,
+        source: Box<dyn FrameSource>,
+    ) -> Result<(), MediaError> {
+        self.send(Request::SetSource {
+            track_id: track_id.to_string(),
+            source,
+        })
+    }
+
     /// Mutes or unmutes a local track: nothing is sent while muted, without
     /// renegotiation.
     pub fn set_muted(&self, track_id: &str, muted: bool) -> Result<(), MediaError> {
