@@ -152,7 +152,7 @@ pub struct JoinOptions {
     /// config; see [`groupcall_media::simulcast`]), reported as
     /// [`ClientEvent::SimulcastLayers`]. A focus whose answer does not
     /// accept simulcast gets one layer. Mesh peers always get one layer.
-    /// `None`: one layer to the focus too.
+    /// `None` (the default for now): one layer to the focus too.
     pub simulcast: Option<groupcall_media::SimulcastConfig>,
 }
 
@@ -188,8 +188,12 @@ impl JoinOptions {
     }
 }
 
-/// Whether [`JoinOptions::new`] turns simulcast to the focus on.
-const SIMULCAST_DEFAULT: bool = true;
+/// Whether [`JoinOptions::new`] turns simulcast to the focus on. Off
+/// until the focus forwards simulcast layers: a focus that accepts
+/// simulcast in its answer (str0m does, by default) but forwards one layer
+/// per track mixes the three layers' packets into one stream, and no video
+/// decodes (through_focus fails with video 0 frames).
+const SIMULCAST_DEFAULT: bool = false;
 
 /// What the client reports.
 #[derive(Debug, Clone, PartialEq)]
