@@ -177,6 +177,26 @@ impl LayerGovernor {
         None
     }
 
+    /// What the bandwidth estimation should aim for, bits per second:
+    /// `(minimum, desired)`. Desired: every layer with the resume margin
+    /// (str0m probes towards it). Minimum: with paused layers, the next
+    /// layer with the margin (str0m pads up to it, within its estimate, so
+    /// that the estimate can grow back); else 0. `None` until every layer's
+    /// rate is known.
+    pub fn bwe_targets(&self) -> Option<(u64, u64)> {
+        if self.rates.contains(&0) {
+            return None;
+        }
+        let f = self.config.resume_factor;
+        let desired = (self.need(self.rates.len()) as f64 * f) as u64;
+        let minimum = if self.sending < self.rates.len() {
+            (self.need(self.sending + 1) as f64 * f) as u64
+        } else {
+            0
+        };
+        Some((minimum, desired))
+    }
+
     /// When [`LayerGovernor::handle_timeout`] may change something next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let drop = self.below_since.map(|t| t + self.config.drop_after);
@@ -309,14 +329,21 @@ mod tests {
         assert_eq!(g.estimate(), Some(100_000));
         // Even below the lowest layer, that one is kept.
         assert_eq!(g.handle_timeout(ms(t, 1000)), Some(1));
+        // Targets for the estimator: all layers with the margin; with
+        // paused layers, the next one (with the margin) as the minimum.
+        assert_eq!(g.bwe_targets(), Some((600_000, 1_725_000)));
         assert_eq!(g.handle_timeout(ms(t, 5000)), None);
         // The REMB lifts: back up (one layer per 3 s).
         g.handle_estimate(ms(t, 6000), EstimateKind::Remb, 10_000_000);
         assert_eq!(g.handle_timeout(ms(t, 9000)), Some(2));
+        assert_eq!(g.bwe_targets(), Some((1_725_000, 1_725_000)));
         // Without any estimate nothing happens.
         let (mut g2, t2) = gov();
         assert_eq!(g2.handle_timeout(ms(t2, 10_000)), None);
         assert_eq!(g2.sending(), 3);
+        assert_eq!(g2.bwe_targets(), Some((0, 1_725_000)));
+        let g3 = LayerGovernor::new(SimulcastConfig::default(), 3);
+        assert_eq!(g3.bwe_targets(), None);
     }
 
     #[test]

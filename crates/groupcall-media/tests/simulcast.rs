@@ -108,8 +108,17 @@ async fn connect(
     munge: impl Fn(&str) -> String,
     sinks: Vec<AddSink>,
 ) -> (MediaPeer, PeerEvents, MediaPeer, String, String) {
-    let (a, a_ev) = MediaPeer::new(sim_config()).await.unwrap();
     let (b, _b_ev) = MediaPeer::new(PeerConfig::default()).await.unwrap();
+    connect_to(b, munge, sinks).await
+}
+
+/// [`connect`] with a receiver made by the caller.
+async fn connect_to(
+    b: MediaPeer,
+    munge: impl Fn(&str) -> String,
+    sinks: Vec<AddSink>,
+) -> (MediaPeer, PeerEvents, MediaPeer, String, String) {
+    let (a, a_ev) = MediaPeer::new(sim_config()).await.unwrap();
     a.set_source("a-audio", OggOpusSource::tone()).unwrap();
     a.set_source("a-video", SimulcastSource::test_pattern().unwrap())
         .unwrap();
@@ -393,6 +402,92 @@ async fn a_capped_uplink_stops_the_top_layers_and_they_resume() {
     eprintln!(
         "FIGURE simulcast: REMB 400 kbit/s -> sending {sending:?} after {drop_after:?}; 5 Mbit/s -> back {back:?}"
     );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// The uplink through a real bottleneck: the receiver's host drops what
+/// exceeds 400 kbit/s (the media fault layer's token bucket); str0m's
+/// transport-wide congestion control estimate falls and the governor
+/// pauses the top layers; lifted, the estimate (probing towards every
+/// layer) grows back and the layers resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twcc_under_a_rate_cap_pauses_the_top_layers_and_they_resume() {
+    use groupcall_media::{MediaFaultOptions, MediaFaults, MediaHost};
+    groupcall_testkit::init_tracing("warn");
+    let faults = MediaFaults::new(MediaFaultOptions::new(7));
+    let host =
+        MediaHost::spawn_with_faults(&[std::net::Ipv4Addr::LOCALHOST.into()], faults.clone())
+            .unwrap();
+    let (b, _b_ev) = host.new_peer(PeerConfig::default()).unwrap();
+    let log = Log::default();
+    let l2 = log.clone();
+    let sinks: Vec<AddSink> = vec![Box::new(move |b: &MediaPeer| {
+        b.add_sink(SinkFilter::kind(TrackKind::Video), l2).unwrap()
+    })];
+    let (a, mut a_ev, b, _, _) = connect_to(b, |s| s.to_string(), sinks).await;
+    let layers = |e: &PeerEvent| match e {
+        PeerEvent::SimulcastLayers {
+            sending,
+            estimate_bps,
+            ..
+        } => Some((sending.clone(), *estimate_bps)),
+        _ => None,
+    };
+    let first = until(&mut a_ev, "layers", |e| layers(e).is_some()).await;
+    assert_eq!(layers(&first).unwrap().0, ["q", "h", "f"]);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert!(log.frames(Some("f")) > 60);
+
+    let capped = Instant::now();
+    faults.set_rate_in_kbps(Some(400));
+    let ev = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let ev = until(&mut a_ev, "a layer drop", |e| layers(e).is_some()).await;
+            if !layers(&ev).unwrap().0.contains(&"f".to_string()) {
+                return ev;
+            }
+        }
+    })
+    .await
+    .expect("f paused within 10 s of the cap");
+    let drop_after = capped.elapsed();
+    let (sending, est) = layers(&ev).unwrap();
+    eprintln!(
+        "FIGURE simulcast: 400 kbit/s cap -> sending {sending:?} after {drop_after:?}, TWCC estimate {est:?}"
+    );
+    assert!(est.is_some_and(|e| e < 1_000_000), "{est:?}");
+    // Frames of "f" still completing by retransmission may trickle in for
+    // a moment (2 did 0.5-2 s after the pause in one run); then none.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let f0 = log.frames(Some("f"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(log.frames(Some("f")), f0, "f still arrives");
+
+    let lifted = Instant::now();
+    faults.set_rate_in_kbps(None);
+    let mut back = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(40), async {
+        loop {
+            let ev = groupcall_testkit::media::peer_event_until(
+                &mut a_ev,
+                Duration::from_secs(40),
+                "a layer resumes",
+                |e| layers(e).is_some(),
+            )
+            .await;
+            let (now, est) = layers(&ev).unwrap();
+            back.push((now.clone(), est, lifted.elapsed()));
+            if now == ["q", "h", "f"] {
+                return;
+            }
+        }
+    })
+    .await;
+    eprintln!("FIGURE simulcast: cap lifted -> {back:?}");
+    assert!(r.is_ok(), "f did not resume within 40 s: {back:?}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(log.frames(Some("f")) > f0 + 15, "f did not resume");
     a.close().await.unwrap();
     b.close().await.unwrap();
 }

@@ -179,6 +179,7 @@ impl PeerState {
         let sending = t.governor.as_ref().map_or(items.len(), |g| g.sending());
         let accepted: Vec<Rid> = self.tx_rids(mid).map(<[Rid]>::to_vec).unwrap_or_default();
         let now = self.now;
+        let mut retarget = false;
         for (j, (rid, data, hint)) in items.iter().enumerate() {
             if j >= sending || data.is_empty() || !accepted.contains(rid) {
                 continue;
@@ -218,13 +219,38 @@ impl PeerState {
                             .and_then(|l| l.meter.add(now, data.len()));
                         if let (Some(bps), Some(g)) = (rate, t.governor.as_mut()) {
                             g.set_layer_rate(j, bps);
+                            retarget = true;
                         }
                     }
                 }
                 Err(e) => trace!(%mid, ?rid, error = %e, "write refused"),
             }
         }
+        if retarget {
+            self.set_bwe_targets(idx);
+        }
         self.drain()
+    }
+
+    /// Tells str0m's bandwidth estimation what track `idx`'s layers need
+    /// (see [`LayerGovernor::bwe_targets`]).
+    fn set_bwe_targets(&mut self, idx: usize) {
+        if !self.config.simulcast.as_ref().is_some_and(|s| s.twcc) {
+            return;
+        }
+        let Some((minimum, desired)) = self
+            .tracks
+            .get(idx)
+            .and_then(|t| t.governor.as_ref())
+            .and_then(|g| g.bwe_targets())
+        else {
+            return;
+        };
+        trace!(minimum, desired, "bandwidth estimation targets");
+        self.rtc.bwe().set_bitrate(
+            str0m::bwe::Bitrate::bps(minimum),
+            str0m::bwe::Bitrate::bps(desired),
+        );
     }
 
     /// An uplink estimate: for the track sent on `mid` (REMB), or for all
@@ -280,6 +306,7 @@ impl PeerState {
             l.want_keyframe = true;
             l.meter.reset();
         }
+
         for (j, l) in t.layers.iter().enumerate().take(sending) {
             if l.want_keyframe {
                 ask.push((j, l.rid));
@@ -300,6 +327,7 @@ impl PeerState {
                 });
             }
         }
+        self.set_bwe_targets(idx);
         self.report_layers(idx);
     }
 
