@@ -491,3 +491,91 @@ async fn twcc_under_a_rate_cap_pauses_the_top_layers_and_they_resume() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// Pushed layers: the application hands one frame per layer; each goes out
+/// under its RID; a PLI for one layer reaches the application as a key
+/// frame request naming that RID; a single pushed frame on the simulcast
+/// line goes out under the lowest RID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_layers_go_out_under_their_rids_and_a_pli_names_the_layer() {
+    use groupcall_media::source::BUILTIN_PATTERN_LAYERS;
+    use groupcall_media::{FrameSource, IvfSource};
+    groupcall_testkit::init_tracing("warn");
+    let log = Log::default();
+    let l2 = log.clone();
+    let (b, _b_ev) = MediaPeer::new(PeerConfig::default()).await.unwrap();
+    b.add_sink(SinkFilter::kind(TrackKind::Video), l2).unwrap();
+    let (a, mut a_ev) = MediaPeer::new(sim_config()).await.unwrap();
+    let offer = a.create_offer(&[LocalFeed::usermedia("a")]).await.unwrap();
+    let answer = b
+        .accept_offer(&offer, &[LocalFeed::usermedia("b")])
+        .await
+        .unwrap();
+    a.apply_answer(&answer).await.unwrap();
+    let mut sources: Vec<(String, IvfSource)> = BUILTIN_PATTERN_LAYERS
+        .iter()
+        .map(|(rid, _, _, ivf)| (rid.to_string(), IvfSource::from_bytes(ivf).unwrap()))
+        .collect();
+    let frame = Duration::from_millis(33);
+    let mut push = |n: usize| {
+        for _ in 0..n {
+            let layers = sources
+                .iter_mut()
+                .map(|(rid, s)| (rid.clone(), s.next_frame().unwrap().data))
+                .collect();
+            a.send_layer_frames("a-video", layers, frame).unwrap();
+        }
+    };
+    // Until connected, nothing goes out; push in real time after.
+    let deadline = Instant::now() + WAIT;
+    while ["q", "h", "f"].iter().any(|r| log.frames(Some(r)) < 30) {
+        assert!(
+            Instant::now() < deadline,
+            "layers: {:?}",
+            ["q", "h", "f"].map(|r| log.frames(Some(r)))
+        );
+        push(1);
+        tokio::time::sleep(frame).await;
+    }
+    let mid = {
+        let stats = b.stats().await.unwrap();
+        let r = stats
+            .remote
+            .iter()
+            .find(|r| r.kind == TrackKind::Video)
+            .unwrap();
+        Mid::from(r.mid.as_str())
+    };
+    b.request_keyframe_on(mid, Some(Rid::from("h")), false)
+        .unwrap();
+    let ev = until(&mut a_ev, "the key frame request", |e| {
+        matches!(e, PeerEvent::KeyframeRequested { .. })
+    })
+    .await;
+    let PeerEvent::KeyframeRequested { track_id, rid, .. } = ev else {
+        unreachable!()
+    };
+    assert_eq!(track_id, "a-video");
+    assert_eq!(rid, Some(Rid::from("h")));
+
+    // One frame without layers: under the lowest RID.
+    let q0 = log.frames(Some("q"));
+    let (h0, f0) = (log.frames(Some("h")), log.frames(Some("f")));
+    let mut single = IvfSource::from_bytes(BUILTIN_PATTERN_LAYERS[0].3).unwrap();
+    for _ in 0..10 {
+        a.send_frame("a-video", single.next_frame().unwrap().data, frame)
+            .unwrap();
+        tokio::time::sleep(frame).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        log.frames(Some("q")) >= q0 + 8,
+        "{} -> {}",
+        q0,
+        log.frames(Some("q"))
+    );
+    assert_eq!((log.frames(Some("h")), log.frames(Some("f"))), (h0, f0));
+    assert_eq!(log.frames(None), 0);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
