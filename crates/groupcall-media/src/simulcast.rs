@@ -47,6 +47,10 @@ pub struct SimulcastConfig {
     /// The starting estimate of the bandwidth estimation, bits per second
     /// (default 2 Mbit/s: all three built-in layers fit).
     pub initial_estimate_bps: u64,
+    /// The bandwidth estimation probes towards this factor times the
+    /// cumulative bitrate of all layers (default 2): an estimate that only
+    /// just covers what is sent dips below it on every burst.
+    pub probe_factor: f64,
 }
 
 impl Default for SimulcastConfig {
@@ -58,6 +62,7 @@ impl Default for SimulcastConfig {
             resume_after: Duration::from_secs(3),
             twcc: true,
             initial_estimate_bps: 2_000_000,
+            probe_factor: 2.0,
         }
     }
 }
@@ -178,8 +183,8 @@ impl LayerGovernor {
     }
 
     /// What the bandwidth estimation should aim for, bits per second:
-    /// `(minimum, desired)`. Desired: every layer with the resume margin
-    /// (str0m probes towards it). Minimum: with paused layers, the next
+    /// `(minimum, desired)`. Desired: every layer times
+    /// [`SimulcastConfig::probe_factor`] (str0m probes towards it). Minimum: with paused layers, the next
     /// layer with the margin (str0m pads up to it, within its estimate, so
     /// that the estimate can grow back); else 0. `None` until every layer's
     /// rate is known.
@@ -188,7 +193,7 @@ impl LayerGovernor {
             return None;
         }
         let f = self.config.resume_factor;
-        let desired = (self.need(self.rates.len()) as f64 * f) as u64;
+        let desired = (self.need(self.rates.len()) as f64 * self.config.probe_factor) as u64;
         let minimum = if self.sending < self.rates.len() {
             (self.need(self.sending + 1) as f64 * f) as u64
         } else {
@@ -331,17 +336,17 @@ mod tests {
         assert_eq!(g.handle_timeout(ms(t, 1000)), Some(1));
         // Targets for the estimator: all layers with the margin; with
         // paused layers, the next one (with the margin) as the minimum.
-        assert_eq!(g.bwe_targets(), Some((600_000, 1_725_000)));
+        assert_eq!(g.bwe_targets(), Some((600_000, 2_760_000)));
         assert_eq!(g.handle_timeout(ms(t, 5000)), None);
         // The REMB lifts: back up (one layer per 3 s).
         g.handle_estimate(ms(t, 6000), EstimateKind::Remb, 10_000_000);
         assert_eq!(g.handle_timeout(ms(t, 9000)), Some(2));
-        assert_eq!(g.bwe_targets(), Some((1_725_000, 1_725_000)));
+        assert_eq!(g.bwe_targets(), Some((1_725_000, 2_760_000)));
         // Without any estimate nothing happens.
         let (mut g2, t2) = gov();
         assert_eq!(g2.handle_timeout(ms(t2, 10_000)), None);
         assert_eq!(g2.sending(), 3);
-        assert_eq!(g2.bwe_targets(), Some((0, 1_725_000)));
+        assert_eq!(g2.bwe_targets(), Some((0, 2_760_000)));
         let g3 = LayerGovernor::new(SimulcastConfig::default(), 3);
         assert_eq!(g3.bwe_targets(), None);
     }
