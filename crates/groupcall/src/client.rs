@@ -147,7 +147,8 @@ pub struct JoinOptions {
     /// Simulcast to the focus (issue 12): our camera video goes to a focus
     /// in layers (the built-in pattern as 320x180 "q", 640x360 "h" and
     /// 1280x720 "f"; pushed frames as the layers the application pushes
-    /// with [`FramePusher::push_layers`]), and the top layers pause while
+    /// with [`FramePusher::push_layers`]; a video file goes as one layer,
+    /// under the lowest RID), and the top layers pause while
     /// the uplink estimate is too low for them (the thresholds are in the
     /// config; see [`groupcall_media::simulcast`]), reported as
     /// [`ClientEvent::SimulcastLayers`]. A focus whose answer does not
