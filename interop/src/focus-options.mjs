@@ -5,7 +5,7 @@ import { UsageError, checkCommonOptions, readArgs, requireOptions } from "./opti
 
 export const USAGE = `usage: node focus-client.mjs --homeserver URL --user NAME --password PW --room ROOM_ID
          --focus @USER:SERVER/DEVICE
-         [--register] [--create-call] [--plaintext] [--ice-server URI]
+         [--register] [--create-call] [--plaintext] [--simulcast] [--ice-server URI]
          [--candidate-ip IP[,IP...]] [--duration SECS] [--media-interval MS]
          [--ping-timeout MS] [--retries N] [--log-signalling]
          [--log-level debug|info|warn|error|silent]`;
@@ -14,6 +14,7 @@ const FLAGS = {
   "--register": "register",
   "--create-call": "createCall",
   "--plaintext": "plaintext",
+  "--simulcast": "simulcast",
   "--log-signalling": "logSignalling",
 };
 

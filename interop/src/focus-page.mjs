@@ -34,6 +34,13 @@ import { emit, installPageGlue } from "./page-glue.mjs";
 /** The label of the data channel we open (groupcall-media's DATA_CHANNEL_LABEL). */
 export const DATA_CHANNEL_LABEL = "m.call";
 const CALL_TYPE = "org.matrix.msc3401.call";
+/** With --simulcast: the camera's three layers, lowest first (the RIDs
+ * groupcall's own client sends: q, h, f). */
+const SIMULCAST_ENCODINGS = [
+  { rid: "q", scaleResolutionDownBy: 4 },
+  { rid: "h", scaleResolutionDownBy: 2 },
+  { rid: "f", scaleResolutionDownBy: 1 },
+];
 const MEMBER_TYPE = "org.matrix.msc3401.call.member";
 const INVITE_LIFETIME_MS = 60000;
 const MEMBER_EXPIRY_MS = 3600 * 1000;
@@ -292,7 +299,16 @@ async function start(opts) {
     };
     c.dc.onclose = () => { if (call === c) { emit({ event: "channel_closed", call_id: c.callId }); endCall("focus_channel_closed"); } };
     c.dc.onmessage = (ev) => { if (call === c) onChannelMessage(typeof ev.data === "string" ? ev.data : new TextDecoder().decode(ev.data)); };
-    for (const t of local.getTracks()) pc.addTrack(t, local);
+    for (const t of local.getTracks()) {
+      if (t.kind === "video" && opts.simulcast) {
+        // Browser simulcast (issue 12), lowest first; the top layer is the
+        // 640x360 15 fps camera, what 2 cores can encode: 160x90, 320x180,
+        // 640x360.
+        pc.addTransceiver(t, { direction: "sendrecv", streams: [local], sendEncodings: SIMULCAST_ENCODINGS });
+      } else {
+        pc.addTrack(t, local);
+      }
+    }
     pc.onconnectionstatechange = () => {
       if (call !== c) return;
       emit({ event: "call_state", call_id: c.callId, state: pc.connectionState });
@@ -407,6 +423,14 @@ async function start(opts) {
         o.packets += s.packetsSent ?? 0;
         o.bytes += s.bytesSent ?? 0;
         o.frames_encoded += s.framesEncoded ?? 0;
+        if (s.rid) {
+          // Simulcast: each layer's own counters and size.
+          (o.layers ??= {})[s.rid] = {
+            packets: s.packetsSent ?? 0, bytes: s.bytesSent ?? 0, frames_encoded: s.framesEncoded ?? 0,
+            width: s.frameWidth ?? null, height: s.frameHeight ?? null, active: s.active ?? null,
+            limitation: s.qualityLimitationReason ?? null,
+          };
+        }
         continue;
       }
       if (s.type !== "inbound-rtp") continue;

@@ -45,6 +45,7 @@ pub mod ivf;
 pub mod ogg;
 mod peer;
 mod sdp;
+pub mod simulcast;
 pub mod sink;
 pub mod source;
 pub mod stun;
@@ -60,10 +61,11 @@ pub use peer::{
     Answer, DATA_CHANNEL_LABEL, MAX_CHANNEL_MESSAGE, MediaError, MediaHost, MediaPeer, Mid,
     PeerConfig, PeerEvent, PeerEvents, Reply, Request, Rid, RtpIn, RtpOut, live_socket_count,
 };
+pub use simulcast::{EstimateKind, LayerGovernor, SimulcastConfig};
 pub use sink::{CounterSink, FrameSink, IvfRecorder, OggOpusRecorder, SinkError, SinkFilter};
 pub use source::{
-    FrameSource, IvfSource, OggOpusSource, SILENCE_LEVEL, SourceError, SourceFrame, TONE_LEVEL,
-    opus_is_silence,
+    FrameSource, IvfSource, OggOpusSource, SILENCE_LEVEL, SimulcastSource, SourceError,
+    SourceFrame, TONE_LEVEL, opus_is_silence,
 };
 pub use turn::TurnError;
 pub use types::{

@@ -46,6 +46,8 @@ pub struct SinkFilter {
     pub track_id: Option<String>,
     /// Only this kind.
     pub kind: Option<TrackKind>,
+    /// Only this simulcast layer (RID).
+    pub rid: Option<String>,
 }
 
 impl SinkFilter {
@@ -76,6 +78,19 @@ impl SinkFilter {
                 .as_deref()
                 .is_none_or(|t| t == &*frame.track_id)
             && self.kind.is_none_or(|k| k == frame.kind)
+            && self
+                .rid
+                .as_deref()
+                .is_none_or(|r| frame.rid.is_some_and(|fr| *fr == *r))
+    }
+
+    /// Matches the video frames of one simulcast layer.
+    pub fn layer(rid: impl Into<String>) -> Self {
+        Self {
+            kind: Some(TrackKind::Video),
+            rid: Some(rid.into()),
+            ..Default::default()
+        }
     }
 }
 
@@ -308,6 +323,7 @@ mod tests {
             keyframe,
             contiguous: true,
             received_at: Instant::now(),
+            rid: None,
         }
     }
 

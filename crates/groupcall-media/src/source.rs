@@ -68,6 +68,9 @@ pub enum SourceError {
     /// The file holds no usable frames.
     #[error("no frames in source")]
     Empty,
+    /// A simulcast layer was refused (see [`SimulcastSource::new`]).
+    #[error("simulcast layer: {0}")]
+    BadLayer(String),
     /// The IVF file is not VP8.
     #[error("unsupported codec {0:?} (only VP8 is supported)")]
     UnsupportedCodec(String),
@@ -98,6 +101,36 @@ pub trait FrameSource: Send + 'static {
     /// could arrange that.
     fn request_keyframe(&mut self) -> bool {
         false
+    }
+    /// Simulcast: the RIDs of the layers this source makes, lowest first
+    /// (empty, the default: one layer). A peer whose remote accepted these
+    /// RIDs calls [`FrameSource::next_layers`]; otherwise it calls
+    /// [`FrameSource::next_frame`], which then gives the layer meant for a
+    /// remote without simulcast.
+    fn rids(&self) -> &[String] {
+        &[]
+    }
+    /// Simulcast: the next frame of every layer (in the order of
+    /// [`FrameSource::rids`]), for one instant: all have the same duration
+    /// and are sent with the same RTP timestamp. `out` is cleared first;
+    /// returns false when the source is exhausted. The default gives the
+    /// one layer of [`FrameSource::next_frame`].
+    fn next_layers(&mut self, out: &mut Vec<SourceFrame>) -> bool {
+        out.clear();
+        match self.next_frame() {
+            Some(f) => {
+                out.push(f);
+                true
+            }
+            None => false,
+        }
+    }
+    /// Simulcast: asks for the next frame of layer `layer` (an index into
+    /// [`FrameSource::rids`]) to be a key frame, the other layers unchanged.
+    /// The default asks the whole source.
+    fn request_layer_keyframe(&mut self, layer: usize) -> bool {
+        let _ = layer;
+        self.request_keyframe()
     }
 }
 
@@ -361,6 +394,139 @@ impl FrameSource for IvfSource {
     }
 }
 
+/// A simulcast source: one source per layer, paced together (issue 12).
+///
+/// Layers are given lowest first, each with its RID. Through
+/// [`FrameSource::next_layers`] every layer gives its next frame for the
+/// same instant (the first layer's duration is the step). Through
+/// [`FrameSource::next_frame`] (a remote that did not accept simulcast) it
+/// gives the frames of one layer, the *fallback* layer (by default the
+/// middle one), while the other layers stay in step.
+pub struct SimulcastSource {
+    rids: Vec<String>,
+    layers: Vec<Box<dyn FrameSource>>,
+    fallback: usize,
+    scratch: Vec<SourceFrame>,
+}
+
+impl std::fmt::Debug for SimulcastSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimulcastSource")
+            .field("rids", &self.rids)
+            .field("fallback", &self.fallback)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimulcastSource {
+    /// Layers, lowest first: (RID, source). Errors when there is no layer,
+    /// a RID is empty, not alphanumeric or longer than 8 characters
+    /// (RFC 8851 allows more; str0m keeps 8), used twice, or a layer
+    /// is not video.
+    pub fn new(layers: Vec<(String, Box<dyn FrameSource>)>) -> Result<Self, SourceError> {
+        if layers.is_empty() {
+            return Err(SourceError::Empty);
+        }
+        let mut rids: Vec<String> = Vec::with_capacity(layers.len());
+        let mut sources = Vec::with_capacity(layers.len());
+        for (rid, src) in layers {
+            if !valid_rid(&rid) || rids.contains(&rid) {
+                return Err(SourceError::BadLayer(format!(
+                    "invalid or repeated RID {rid:?}"
+                )));
+            }
+            if src.kind() != TrackKind::Video {
+                return Err(SourceError::BadLayer(format!("layer {rid:?} is not video")));
+            }
+            rids.push(rid);
+            sources.push(src);
+        }
+        let fallback = rids.len() / 2;
+        Ok(Self {
+            rids,
+            layers: sources,
+            fallback,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The built-in pattern in its three layers
+    /// ([`BUILTIN_PATTERN_LAYERS`]: "q" 320x180, "h" 640x360, "f"
+    /// 1280x720); "h" for a remote without simulcast.
+    pub fn test_pattern() -> Result<Self, SourceError> {
+        let mut layers: Vec<(String, Box<dyn FrameSource>)> = Vec::new();
+        for (rid, _, _, ivf) in BUILTIN_PATTERN_LAYERS {
+            layers.push((rid.to_string(), Box::new(IvfSource::from_bytes(ivf)?)));
+        }
+        Self::new(layers)
+    }
+
+    /// The layer sent to a remote without simulcast (an index into the
+    /// RIDs); out of range is ignored.
+    pub fn set_fallback(&mut self, layer: usize) {
+        if layer < self.layers.len() {
+            self.fallback = layer;
+        }
+    }
+}
+
+/// Whether `rid` is a RID we send: 1 to 8 ASCII letters or digits.
+pub fn valid_rid(rid: &str) -> bool {
+    !rid.is_empty() && rid.len() <= 8 && rid.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+impl FrameSource for SimulcastSource {
+    fn kind(&self) -> TrackKind {
+        TrackKind::Video
+    }
+
+    fn next_frame(&mut self) -> Option<SourceFrame> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let ok = self.next_layers(&mut scratch);
+        let f = if ok {
+            scratch.get(self.fallback).cloned()
+        } else {
+            None
+        };
+        self.scratch = scratch;
+        f
+    }
+
+    fn request_keyframe(&mut self) -> bool {
+        let mut all = true;
+        for l in &mut self.layers {
+            all &= l.request_keyframe();
+        }
+        all
+    }
+
+    fn rids(&self) -> &[String] {
+        &self.rids
+    }
+
+    fn next_layers(&mut self, out: &mut Vec<SourceFrame>) -> bool {
+        out.clear();
+        let mut step = None;
+        for l in &mut self.layers {
+            let Some(mut f) = l.next_frame() else {
+                out.clear();
+                return false;
+            };
+            // Paced together: the first layer's duration for all.
+            let d = *step.get_or_insert(f.duration);
+            f.duration = d;
+            out.push(f);
+        }
+        true
+    }
+
+    fn request_layer_keyframe(&mut self, layer: usize) -> bool {
+        self.layers
+            .get_mut(layer)
+            .is_some_and(|l| l.request_keyframe())
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -415,6 +581,45 @@ mod tests {
         s2.set_looping(false);
         let n = std::iter::from_fn(|| s2.next_frame()).count();
         assert!(n < 60);
+    }
+
+    #[test]
+    fn simulcast_pattern_layers_step_together() {
+        let mut s = SimulcastSource::test_pattern().unwrap();
+        assert_eq!(s.rids(), ["q", "h", "f"]);
+        let mut out = Vec::new();
+        assert!(s.next_layers(&mut out));
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|f| f.keyframe && f.duration == 3000));
+        // Sizes grow with the layer.
+        assert!(out[0].data.len() < out[1].data.len() && out[1].data.len() < out[2].data.len());
+        assert!(s.next_layers(&mut out));
+        assert!(out.iter().all(|f| !f.keyframe));
+        // A key frame on the top layer only.
+        assert!(s.request_layer_keyframe(2));
+        assert!(s.next_layers(&mut out));
+        assert_eq!(
+            out.iter().map(|f| f.keyframe).collect::<Vec<_>>(),
+            [false, false, true]
+        );
+        // One layer for a remote without simulcast: the middle one, in step.
+        let mut h2 = IvfSource::from_bytes(BUILTIN_PATTERN_LAYERS[1].3).unwrap();
+        let mut s2 = SimulcastSource::test_pattern().unwrap();
+        for _ in 0..20 {
+            assert_eq!(s2.next_frame().unwrap().data, h2.next_frame().unwrap().data);
+        }
+        assert!(!s.request_layer_keyframe(7));
+    }
+
+    #[test]
+    fn simulcast_source_refuses_bad_layers() {
+        let pat = || -> Box<dyn FrameSource> { Box::new(IvfSource::test_pattern().unwrap()) };
+        assert!(SimulcastSource::new(Vec::new()).is_err());
+        assert!(SimulcastSource::new(vec![("a".into(), pat()), ("a".into(), pat())]).is_err());
+        assert!(SimulcastSource::new(vec![("".into(), pat())]).is_err());
+        assert!(SimulcastSource::new(vec![("a b".into(), pat())]).is_err());
+        assert!(SimulcastSource::new(vec![("a".into(), Box::new(OggOpusSource::tone()))]).is_err());
+        assert!(valid_rid("q") && valid_rid("r0") && !valid_rid("x;y"));
     }
 
     #[test]

@@ -117,6 +117,9 @@ pub struct Frame {
     pub contiguous: bool,
     /// When the first packet of the frame arrived.
     pub received_at: Instant,
+    /// The simulcast layer (RID) it came on, when the sender sends
+    /// simulcast.
+    pub rid: Option<crate::Rid>,
 }
 
 /// An ICE candidate for trickling, in the shape Matrix `m.call.candidates`

@@ -144,6 +144,17 @@ pub struct JoinOptions {
     /// when they move (`focus` is then the preferred one); see
     /// `groupcall_proto::Config::follow_foci`. Default false.
     pub follow_foci: bool,
+    /// Simulcast to the focus (issue 12): our camera video goes to a focus
+    /// in layers (the built-in pattern as 320x180 "q", 640x360 "h" and
+    /// 1280x720 "f"; pushed frames as the layers the application pushes
+    /// with [`FramePusher::push_layers`]; a video file goes as one layer,
+    /// under the lowest RID), and the top layers pause while
+    /// the uplink estimate is too low for them (the thresholds are in the
+    /// config; see [`groupcall_media::simulcast`]), reported as
+    /// [`ClientEvent::SimulcastLayers`]. A focus whose answer does not
+    /// accept simulcast gets one layer. Mesh peers always get one layer.
+    /// `None` (the default for now): one layer to the focus too.
+    pub simulcast: Option<groupcall_media::SimulcastConfig>,
 }
 
 impl JoinOptions {
@@ -173,9 +184,17 @@ impl JoinOptions {
             stun_timeout: Duration::from_millis(1500),
             focus: None,
             follow_foci: false,
+            simulcast: SIMULCAST_DEFAULT.then(groupcall_media::SimulcastConfig::default),
         }
     }
 }
+
+/// Whether [`JoinOptions::new`] turns simulcast to the focus on. Off
+/// until the focus forwards simulcast layers: a focus that accepts
+/// simulcast in its answer (str0m does, by default) but forwards one layer
+/// per track mixes the three layers' packets into one stream, and no video
+/// decodes (through_focus fails with video 0 frames).
+const SIMULCAST_DEFAULT: bool = false;
 
 /// What the client reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -215,8 +234,26 @@ pub enum ClientEvent {
         device: DeviceKey,
         /// Our track.
         track_id: String,
+        /// The simulcast layer (RID) asked for, when we send simulcast:
+        /// push a key frame of that layer ([`FramePusher::push_layers`]).
+        rid: Option<String>,
         /// A FIR (full intra request) rather than a PLI.
         fir: bool,
+    },
+    /// The simulcast layers we send to a peer (the focus) changed: the
+    /// uplink estimate paused the top layers or let them resume (see
+    /// [`JoinOptions::simulcast`]); also reported once when they start.
+    SimulcastLayers {
+        /// The peer (the focus).
+        device: DeviceKey,
+        /// Our track.
+        track_id: String,
+        /// The RIDs sent, lowest first.
+        sending: Vec<String>,
+        /// The RIDs paused, lowest first.
+        paused: Vec<String>,
+        /// The uplink estimate that decided it, bits per second.
+        estimate_bps: Option<u64>,
     },
     /// A peer (or the focus, for its subscribers or its upload limit)
     /// asked us to keep what we send it under this bitrate (RTCP REMB on
@@ -322,9 +359,31 @@ pub struct ReceivedFrame {
 #[derive(Debug, Clone)]
 pub struct FramePusher(mpsc::UnboundedSender<PushedFrame>);
 
-type PushedFrame = (TrackKind, std::sync::Arc<[u8]>, Duration);
+/// What the application pushed.
+#[derive(Debug)]
+enum PushedFrame {
+    /// One frame of the camera/microphone track of a kind.
+    One(TrackKind, std::sync::Arc<[u8]>, Duration),
+    /// One instant of the camera video in simulcast layers.
+    Layers(Vec<(String, std::sync::Arc<[u8]>)>, Duration),
+}
 
 impl FramePusher {
+    /// Sends one instant of our camera video as simulcast layers: one VP8
+    /// frame per layer, `(RID, frame)` lowest first (e.g. "q", "h", "f";
+    /// RIDs of 1 to 8 letters or digits). The focus gets every layer under
+    /// its RID when it accepted simulcast ([`JoinOptions::simulcast`]);
+    /// other peers get the middle layer given. A key frame request for a
+    /// layer names its RID ([`ClientEvent::KeyframeRequested`]). `false`
+    /// when the call has ended.
+    pub fn push_layers(
+        &self,
+        layers: Vec<(String, std::sync::Arc<[u8]>)>,
+        duration: Duration,
+    ) -> bool {
+        self.0.send(PushedFrame::Layers(layers, duration)).is_ok()
+    }
+
     /// Sends one encoded frame (an Opus packet or a VP8 frame) of our
     /// camera/microphone feed to every peer; `duration` is its play time.
     /// `false` when the call has ended.
@@ -334,7 +393,9 @@ impl FramePusher {
         data: impl Into<std::sync::Arc<[u8]>>,
         duration: Duration,
     ) -> bool {
-        self.0.send((kind, data.into(), duration)).is_ok()
+        self.0
+            .send(PushedFrame::One(kind, data.into(), duration))
+            .is_ok()
     }
 }
 
@@ -948,7 +1009,7 @@ impl Driver {
                 Some(()) = ack_rx.recv() => self.call.handle_membership_published(clock_now()),
                 _ = timer => self.call.handle_timeout(clock_now()),
                 _ = stats.tick() => self.request_stats(),
-                Some((kind, data, duration)) = push_rx.recv() => self.push_frame(kind, data, duration),
+                Some(pushed) = push_rx.recv() => self.push_frame(pushed),
             }
             self.drain();
             // Forget the workers that have closed their peer.
@@ -1145,12 +1206,33 @@ impl Driver {
                 }
                 None
             }
-            PeerEvent::KeyframeRequested { track_id, fir, .. } => {
+            PeerEvent::KeyframeRequested {
+                track_id, rid, fir, ..
+            } => {
                 if let Some(peer) = self.peers.get(&handle) {
                     let _ = self.events.send(ClientEvent::KeyframeRequested {
                         device: peer.device.clone(),
                         track_id,
+                        rid: rid.map(|r| r.to_string()),
                         fir,
+                    });
+                }
+                None
+            }
+            PeerEvent::SimulcastLayers {
+                track_id,
+                sending,
+                paused,
+                estimate_bps,
+                ..
+            } => {
+                if let Some(peer) = self.peers.get(&handle) {
+                    let _ = self.events.send(ClientEvent::SimulcastLayers {
+                        device: peer.device.clone(),
+                        track_id,
+                        sending,
+                        paused,
+                        estimate_bps,
                     });
                 }
                 None
@@ -1387,6 +1469,11 @@ impl Driver {
                     retransmission: self.opts.retransmission,
                     stun_timeout: self.opts.stun_timeout,
                     data_channel: focus,
+                    simulcast: if focus {
+                        self.opts.simulcast.clone()
+                    } else {
+                        None
+                    },
                     ..PeerConfig::default()
                 };
                 let (ops_tx, ops_rx) = mpsc::unbounded_channel();
@@ -1436,8 +1523,12 @@ impl Driver {
     }
 
     /// Sends a pushed frame on the camera/microphone track of its kind to
-    /// every peer.
-    fn push_frame(&mut self, kind: TrackKind, data: std::sync::Arc<[u8]>, duration: Duration) {
+    /// every peer (layers: each peer takes what it negotiated).
+    fn push_frame(&mut self, pushed: PushedFrame) {
+        let kind = match &pushed {
+            PushedFrame::One(kind, ..) => *kind,
+            PushedFrame::Layers(..) => TrackKind::Video,
+        };
         let feeds = self.call.local_feeds();
         let Some(track) = feeds
             .iter()
@@ -1450,7 +1541,15 @@ impl Driver {
             return;
         };
         for media in self.peers.values().filter_map(|p| p.media.as_ref()) {
-            if let Err(e) = media.send_frame(&track, data.clone(), duration) {
+            let r = match &pushed {
+                PushedFrame::One(_, data, duration) => {
+                    media.send_frame(&track, data.clone(), *duration)
+                }
+                PushedFrame::Layers(layers, duration) => {
+                    media.send_layer_frames(&track, layers.clone(), *duration)
+                }
+            };
+            if let Err(e) = r {
                 debug!("pushed frame not sent: {e}");
             }
         }
@@ -1482,15 +1581,25 @@ impl Driver {
             if let Some(t) = &f.video_track_id
                 && !peer.sourced.contains(t)
             {
-                let src = match (&self.opts.video, f.purpose) {
-                    (VideoSource::File(p), groupcall_media::FeedPurpose::Usermedia) => {
-                        IvfSource::open(p).ok()
-                    }
-                    (VideoSource::Push, groupcall_media::FeedPurpose::Usermedia) => None,
-                    _ => IvfSource::test_pattern().ok(),
-                };
+                let usermedia = f.purpose == groupcall_media::FeedPurpose::Usermedia;
+                // The camera pattern to the focus: its simulcast layers.
+                let layered = usermedia
+                    && peer.focus
+                    && self.opts.simulcast.is_some()
+                    && self.opts.video == VideoSource::Pattern;
+                let src: Option<Box<dyn groupcall_media::FrameSource>> =
+                    match (&self.opts.video, usermedia) {
+                        _ if layered => groupcall_media::SimulcastSource::test_pattern()
+                            .ok()
+                            .map(|s| Box::new(s) as _),
+                        (VideoSource::File(p), true) => {
+                            IvfSource::open(p).ok().map(|s| Box::new(s) as _)
+                        }
+                        (VideoSource::Push, true) => None,
+                        _ => IvfSource::test_pattern().ok().map(|s| Box::new(s) as _),
+                    };
                 if let Some(src) = src
-                    && media.set_source(t, src).is_ok()
+                    && media.set_source_boxed(t, src).is_ok()
                 {
                     peer.sourced.push(t.clone());
                 }

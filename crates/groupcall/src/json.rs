@@ -177,7 +177,17 @@ enum Shape<'a> {
         #[serde(flatten)]
         device: Device<'a>,
         track_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rid: Option<&'a str>,
         fir: bool,
+    },
+    SimulcastLayers {
+        #[serde(flatten)]
+        device: Device<'a>,
+        track_id: &'a str,
+        sending: &'a [String],
+        paused: &'a [String],
+        estimate_bps: Option<u64>,
     },
     TargetBitrate {
         #[serde(flatten)]
@@ -272,11 +282,26 @@ impl<'a> Shape<'a> {
             ClientEvent::KeyframeRequested {
                 device,
                 track_id,
+                rid,
                 fir,
             } => Shape::KeyframeRequested {
                 device: device.into(),
                 track_id,
+                rid: rid.as_deref(),
                 fir: *fir,
+            },
+            ClientEvent::SimulcastLayers {
+                device,
+                track_id,
+                sending,
+                paused,
+                estimate_bps,
+            } => Shape::SimulcastLayers {
+                device: device.into(),
+                track_id,
+                sending,
+                paused,
+                estimate_bps: *estimate_bps,
             },
             ClientEvent::TargetBitrate { device, bps } => Shape::TargetBitrate {
                 device: device.into(),
@@ -691,10 +716,32 @@ mod tests {
             ClientEvent::KeyframeRequested {
                 device: DeviceKey::new("@f:x", "F"),
                 track_id: "t".into(),
+                rid: None,
                 fir: false,
             }
             .to_json(),
             json!({"event":"keyframe_requested","user_id":"@f:x","device_id":"F","track_id":"t","fir":false})
+        );
+        assert_eq!(
+            ClientEvent::KeyframeRequested {
+                device: DeviceKey::new("@f:x", "F"),
+                track_id: "t".into(),
+                rid: Some("f".into()),
+                fir: false,
+            }
+            .to_json(),
+            json!({"event":"keyframe_requested","user_id":"@f:x","device_id":"F","track_id":"t","rid":"f","fir":false})
+        );
+        assert_eq!(
+            ClientEvent::SimulcastLayers {
+                device: DeviceKey::new("@f:x", "F"),
+                track_id: "t".into(),
+                sending: vec!["q".into()],
+                paused: vec!["h".into(), "f".into()],
+                estimate_bps: Some(400_000),
+            }
+            .to_json(),
+            json!({"event":"simulcast_layers","user_id":"@f:x","device_id":"F","track_id":"t","sending":["q"],"paused":["h","f"],"estimate_bps":400_000})
         );
         assert_eq!(
             ClientEvent::TargetBitrate {

@@ -716,6 +716,32 @@ impl MediaPeer {
         })
     }
 
+    /// Asks the remote to keep what it sends us under `bps` bits per second
+    /// in all (RTCP REMB; see [`Request::LimitIncomingBitrate`]).
+    pub fn limit_incoming_bitrate(&self, bps: u64) -> Result<(), MediaError> {
+        self.send(Request::LimitIncomingBitrate { bps })
+    }
+
+    /// Sends one instant of a simulcast video track: one encoded VP8 frame
+    /// per layer, `(RID, frame)` lowest first, all with the same RTP
+    /// timestamp. Where the remote accepted simulcast each layer goes out
+    /// under its RID (layers it did not accept, and layers paused for lack
+    /// of uplink, are dropped; a layer starts or resumes at its key frame,
+    /// asked for with [`PeerEvent::KeyframeRequested`] naming the RID);
+    /// otherwise the middle layer given is sent as one layer.
+    pub fn send_layer_frames(
+        &self,
+        track_id: &str,
+        layers: Vec<(String, Arc<[u8]>)>,
+        duration: Duration,
+    ) -> Result<(), MediaError> {
+        self.send(Request::SendLayerFrames {
+            track_id: track_id.to_string(),
+            layers,
+            duration,
+        })
+    }
+
     /// Attaches a source that the peer paces in real time for `track_id`
     /// (replacing any previous one). It may be set before the track is
     /// negotiated; it starts once connected.
@@ -723,6 +749,18 @@ impl MediaPeer {
         self.send(Request::SetSource {
             track_id: track_id.to_string(),
             source: Box::new(source),
+        })
+    }
+
+    /// [`MediaPeer::set_source`] for a boxed source.
+    pub fn set_source_boxed(
+        &self,
+        track_id: &str,
+        source: Box<dyn FrameSource>,
+    ) -> Result<(), MediaError> {
+        self.send(Request::SetSource {
+            track_id: track_id.to_string(),
+            source,
         })
     }
 

@@ -46,8 +46,9 @@ use tracing::{debug, info, trace, warn};
 
 use crate::ice::IceServer;
 use crate::sdp::{self, LinePlan, Section};
+use crate::simulcast::{LayerGovernor, RateMeter, SimulcastConfig};
 use crate::sink::{FrameSink, SinkError, SinkFilter};
-use crate::source::FrameSource;
+use crate::source::{FrameSource, SourceFrame};
 use crate::stun;
 use crate::types::{
     Counters, FeedPurpose, Frame, IceCandidate, LocalFeed, LocalTrackStats, PeerStats,
@@ -172,6 +173,12 @@ pub struct PeerConfig {
     /// Channels the remote opens are accepted whatever this setting.
     /// Default `false`.
     pub data_channel: bool,
+    /// Send the camera video as simulcast (issue 12; for a peer whose
+    /// remote is a focus): its m-line is offered with these layers, and
+    /// their sending follows the uplink estimate (see
+    /// [`crate::simulcast`]). Screenshare and audio stay one layer.
+    /// Default `None`: one layer.
+    pub simulcast: Option<SimulcastConfig>,
 }
 
 /// The label of the data channel a peer opens ([`PeerConfig::data_channel`]).
@@ -200,6 +207,7 @@ impl Default for PeerConfig {
             retransmission: true,
             forward: false,
             data_channel: false,
+            simulcast: None,
         }
     }
 }
@@ -315,6 +323,21 @@ pub enum PeerEvent {
     /// side). Local tracks it was to add are unbound; offer again once the
     /// remote's offer is answered.
     OfferRolledBack,
+    /// The simulcast layers sent on a local track changed (the uplink
+    /// estimate dropped or resumed layers; see [`crate::simulcast`]), or
+    /// are known for the first time.
+    SimulcastLayers {
+        /// The local track.
+        track_id: String,
+        /// Its m-line.
+        mid: Mid,
+        /// The RIDs sent now, lowest first.
+        sending: Vec<String>,
+        /// The RIDs paused for lack of bandwidth, lowest first.
+        paused: Vec<String>,
+        /// The uplink estimate that decided it, bits per second.
+        estimate_bps: Option<u64>,
+    },
     /// Some local tracks could not be placed in the last answer: make a new
     /// offer (`create_offer`) to send them.
     NegotiationNeeded,
@@ -402,6 +425,18 @@ pub enum Request {
         /// The encoded frame.
         data: Arc<[u8]>,
         /// Its duration.
+        duration: Duration,
+    },
+    /// Send one instant of a simulcast track: one encoded frame per layer,
+    /// all with the same RTP timestamp. Layers are named by RID; a remote
+    /// that did not accept simulcast gets the middle layer given. No
+    /// answer.
+    SendLayerFrames {
+        /// The local track.
+        track_id: String,
+        /// (RID, encoded frame), lowest layer first.
+        layers: Vec<(String, Arc<[u8]>)>,
+        /// Their duration.
         duration: Duration,
     },
     /// Attach a paced source. No answer.
@@ -550,6 +585,7 @@ impl std::fmt::Debug for Request {
             Request::AddRemoteCandidate { .. } => "AddRemoteCandidate",
             Request::LocalCandidates => "LocalCandidates",
             Request::SendFrame { .. } => "SendFrame",
+            Request::SendLayerFrames { .. } => "SendLayerFrames",
             Request::SetSource { .. } => "SetSource",
             Request::SetMuted { .. } => "SetMuted",
             Request::RequestKeyframe { .. } => "RequestKeyframe",
@@ -647,6 +683,22 @@ struct LocalTrack {
     /// Drop video delta frames until a key frame.
     want_keyframe: bool,
     sent: Counters,
+    /// The RIDs offered for simulcast on its m-line (empty: one layer).
+    offered_rids: Vec<Rid>,
+    /// The simulcast layers being sent (empty: one layer).
+    layers: Vec<SendLayer>,
+    /// Which layers fit the uplink (with `layers`).
+    governor: Option<LayerGovernor>,
+    /// The frames of one instant of a simulcast source (reused).
+    scratch: Vec<SourceFrame>,
+}
+
+/// One simulcast layer of a local track.
+struct SendLayer {
+    rid: Rid,
+    /// Drop this layer's delta frames until its key frame.
+    want_keyframe: bool,
+    meter: RateMeter,
 }
 
 impl LocalTrack {
@@ -665,6 +717,10 @@ impl LocalTrack {
             rtp: fastrand::u32(..) as u64,
             want_keyframe: kind == TrackKind::Video,
             sent: Counters::default(),
+            offered_rids: Vec::new(),
+            layers: Vec::new(),
+            governor: None,
+            scratch: Vec::new(),
         }
     }
 }
@@ -845,6 +901,7 @@ mod channel;
 pub mod faults;
 mod gather;
 pub mod host;
+mod layers;
 mod negotiate;
 mod rtp;
 pub mod set;

@@ -259,6 +259,13 @@ impl PeerState {
             .iter()
             .filter_map(|(mid, _)| Some((*mid, self.rtc.media(*mid)?.direction())))
             .collect();
+        let sim_offers: HashMap<usize, str0m::media::Simulcast> = adds
+            .iter()
+            .filter_map(|&i| {
+                let t = self.tracks.get(i)?;
+                Some((i, self.simulcast_offer(t.kind, t.purpose)?))
+            })
+            .collect();
         let mut api = self.rtc.sdp_api();
         if with_channel {
             let id = api.add_channel_with_config(super::channel::channel_config());
@@ -270,12 +277,13 @@ impl PeerState {
         let mut new_mids = Vec::new();
         for &i in &adds {
             if let Some(t) = self.tracks.get(i) {
+                let simulcast = sim_offers.get(&i).cloned();
                 let mid = api.add_media(
                     to_media_kind(t.kind),
                     Direction::SendRecv,
                     Some(t.stream_id.clone()),
                     Some(t.track_id.clone()),
-                    None,
+                    simulcast,
                 );
                 new_mids.push((i, mid));
             }
@@ -289,6 +297,10 @@ impl PeerState {
         let applied = api.apply();
         for (i, mid) in new_mids {
             if let Some(t) = self.tracks.get_mut(i) {
+                t.offered_rids = sim_offers
+                    .get(&i)
+                    .map(|s| s.send.iter().map(|l| l.rid).collect())
+                    .unwrap_or_default();
                 t.mid = Some(mid);
                 t.mid_pending = true;
                 t.awaiting = true;
@@ -393,6 +405,7 @@ impl PeerState {
         }
         self.drain().map_err(rtc_err)?;
         self.confirm_bindings();
+        self.simulcast_fallback();
         let out = self.finalize_local_sdp(&answer.to_sdp_string(), Some(&desired));
         self.update_remote_tracks(&remote_sections);
         self.drain().map_err(rtc_err)?;
@@ -441,6 +454,7 @@ impl PeerState {
             }
         }
         self.confirm_bindings();
+        self.simulcast_fallback();
         self.update_remote_tracks(&remote_sections);
         self.drain().map_err(rtc_err)?;
         self.note_negotiated();

@@ -183,7 +183,18 @@ impl PeerState {
         }
         let each = bps / mids.len() as u64;
         for mid in mids {
-            match self.rtc.direct_api().stream_rx_by_mid(mid, None) {
+            // A simulcast sender's streams have RIDs: the REMB goes on the
+            // first one (it limits the sender as a whole).
+            let mut rids: Vec<Option<Rid>> = vec![None];
+            if let Some(str0m::media::Rids::Specific(v)) = self.rtc.media(mid).map(|m| m.rids_rx())
+            {
+                rids.extend(v.iter().copied().map(Some));
+            }
+            let mut api = self.rtc.direct_api();
+            let rid = rids
+                .into_iter()
+                .find(|rid| api.stream_rx_by_mid(mid, *rid).is_some());
+            match rid.and_then(|rid| api.stream_rx_by_mid(mid, rid)) {
                 Some(rx) => rx.request_remb(str0m::bwe::Bitrate::bps(each)),
                 None => trace!(%mid, "bitrate limit: no receive stream yet"),
             }

@@ -241,6 +241,11 @@ impl PeerSet {
         } else {
             without_retransmission(builder.codec_config());
         }
+        if let Some(s) = config.simulcast.as_ref().filter(|s| s.twcc) {
+            // Send-side bandwidth estimation (TWCC) for the simulcast
+            // governor.
+            builder = builder.enable_bwe(Some(str0m::bwe::Bitrate::bps(s.initial_estimate_bps)));
+        }
         let mut rtc = builder.build(now);
         let mut candidates = Vec::new();
         if !config.relay_only {

@@ -126,8 +126,18 @@ impl PeerState {
                 let Some(t) = self.tracks.iter_mut().find(|t| t.mid == Some(k.mid)) else {
                     return;
                 };
-                debug!(track = %t.track_id, kind = ?k.kind, "key frame requested");
-                let handled = t.source.as_mut().is_some_and(|s| s.request_keyframe());
+                debug!(track = %t.track_id, kind = ?k.kind, rid = ?k.rid, "key frame requested");
+                let layer = k
+                    .rid
+                    .and_then(|rid| t.layers.iter().position(|l| l.rid == rid));
+                let handled = match layer {
+                    // One layer jumps to its next key frame.
+                    Some(j) => t
+                        .source
+                        .as_mut()
+                        .is_some_and(|s| !s.rids().is_empty() && s.request_layer_keyframe(j)),
+                    None => t.source.as_mut().is_some_and(|s| s.request_keyframe()),
+                };
                 if !handled {
                     let track_id = t.track_id.clone();
                     self.emit(PeerEvent::KeyframeRequested {
@@ -146,6 +156,17 @@ impl PeerState {
                 let bps = estimate.as_u64();
                 debug!(%mid, bps, "the remote limits our bitrate (REMB)");
                 self.emit(PeerEvent::BitrateLimit { mid, bps });
+                self.on_estimate(Some(mid), crate::simulcast::EstimateKind::Remb, bps);
+            }
+            Event::EgressBitrateEstimate(str0m::bwe::BweKind::Twcc {
+                estimate,
+                can_probe,
+            }) => {
+                let bps = estimate.as_u64();
+                trace!(bps, can_probe, "uplink estimate (TWCC)");
+                if can_probe {
+                    self.on_estimate(None, crate::simulcast::EstimateKind::Twcc, bps);
+                }
             }
             Event::MediaEgressStats(s) => {
                 // str0m's count of packets sent includes its RTX resends;
@@ -207,6 +228,7 @@ impl PeerState {
             keyframe,
             contiguous: d.contiguous,
             received_at: d.network_time,
+            rid: d.rid,
         };
         if pli {
             let mid = d.mid;
@@ -293,6 +315,15 @@ impl PeerState {
                 } else {
                     due
                 };
+                if self.layered_source(i) {
+                    if !self.next_layers(i, due)? {
+                        break;
+                    }
+                    continue;
+                }
+                let Some(t) = self.tracks.get_mut(i) else {
+                    break;
+                };
                 let Some(frame) = t.source.as_mut().and_then(|s| s.next_frame()) else {
                     debug!(track = %t.track_id, "source ended");
                     t.source = None;
@@ -311,6 +342,7 @@ impl PeerState {
                 )?;
             }
         }
+        self.governors_timeout();
         self.rtc.handle_input(Input::Timeout(now))?;
         self.drain()?;
         self.check_liveness(now);
@@ -376,9 +408,14 @@ impl PeerState {
             t.want_keyframe = false;
         }
         let kind = t.kind;
+        // One layer on a line negotiated for simulcast: under its first RID.
+        let rid = self.tx_rids(mid).and_then(|r| r.first().copied());
         let Some(mut writer) = self.rtc.writer(mid) else {
             return Ok(());
         };
+        if let Some(rid) = rid {
+            writer = writer.rid(rid);
+        }
         if kind == TrackKind::Audio {
             let level = if crate::source::opus_is_silence(&data) {
                 Some(crate::source::SILENCE_LEVEL)
@@ -465,6 +502,11 @@ impl PeerState {
                     .unwrap_or(0);
                 self.write_frame(i, data, ticks, false, self.now, None)?;
             }
+            Request::SendLayerFrames {
+                track_id,
+                layers,
+                duration,
+            } => self.send_layer_frames(&track_id, layers, duration)?,
             Request::SetSource { track_id, source } => {
                 if self.config.forward {
                     warn!(track = %track_id, "sources do not run on a forwarding peer");
