@@ -574,6 +574,9 @@ struct OutStream {
     pinned: bool,
     /// The highest VP8 temporal layer forwarded (None: all).
     max_temporal: Option<u8>,
+    /// `max_temporal` follows the requested size (until
+    /// [`Forwarder::set_max_temporal`]).
+    temporal_auto: bool,
     /// When the switch to `target_layer` was asked for.
     switch_since: Option<Instant>,
     /// A higher layer the downlink estimate allows, and since when.
@@ -1022,6 +1025,7 @@ impl Forwarder {
                     want: (None, None),
                     pinned: false,
                     max_temporal: None,
+                    temporal_auto: true,
                     switch_since: None,
                     up: None,
                     unkeyed: false,
@@ -1171,6 +1175,10 @@ impl Forwarder {
     /// The highest VP8 temporal layer (TID) a subscription gets (None:
     /// all). Packets of higher ones are dropped and taken out of its
     /// numbering (sequence numbers and PictureIDs stay consecutive).
+    /// Without this call the choice is automatic: a subscription whose
+    /// requested size is at most half the width and half the height of
+    /// the smallest layer (a thumbnail) gets temporal layer 0 only (for
+    /// L1T2, half the frame rate), any other all of them.
     pub fn set_max_temporal(
         &mut self,
         subscriber: ParticipantId,
@@ -1180,6 +1188,7 @@ impl Forwarder {
         let (o, _) = self.active_out(subscriber, key)?;
         if let Some(out) = self.outs.get_mut(o) {
             out.max_temporal = max;
+            out.temporal_auto = false;
         }
         Ok(())
     }
@@ -1316,7 +1325,7 @@ impl Forwarder {
     /// [`ForwarderConfig::switch_timeout`].
     fn choose_layers(&mut self, now: Instant, only: Option<Key>) {
         let cfg = &self.config;
-        let mut moves: Vec<(Key, TrackId, layers::Choice)> = Vec::new();
+        let mut moves: Vec<(Key, TrackId, layers::Choice, bool)> = Vec::new();
         let mut give_up: Vec<(Key, TrackId, u8)> = Vec::new();
         for (k, t) in self.tracks.iter() {
             if t.layers.len() < 2 || t.codec.kind() != MediaKind::Video {
@@ -1380,7 +1389,10 @@ impl Forwarder {
                     cfg.up_margin_percent,
                     up_held,
                 ) {
-                    moves.push((o, TrackId(k), ch));
+                    let l = stats[usize::from(ch.now)];
+                    let thumb = matches!(out.want, (Some(w), Some(h))
+                        if w.saturating_mul(2) <= u32::from(l.width) && h.saturating_mul(2) <= u32::from(l.height));
+                    moves.push((o, TrackId(k), ch, thumb));
                 }
             }
         }
@@ -1405,10 +1417,13 @@ impl Forwarder {
                 out.up = None;
             }
         }
-        for (o, track, ch) in moves {
+        for (o, track, ch, thumb) in moves {
             let Some(out) = self.outs.get_mut(o) else {
                 continue;
             };
+            if out.temporal_auto {
+                out.max_temporal = thumb.then_some(0);
+            }
             out.up = match (ch.up_candidate, out.up) {
                 (Some(l), Some((l0, since))) if l == l0 => Some((l0, since)),
                 (Some(l), _) => Some((l, now)),

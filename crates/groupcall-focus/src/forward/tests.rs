@@ -1336,6 +1336,21 @@ fn temporal_layers_above_the_maximum_are_dropped_with_continuous_numbering() {
     let mut all = b;
     all.extend(b2);
     assert_consecutive(&all);
+    // Automatic: C asks 160x90 (half the low layer's size) and gets TID
+    // 0 only; 161x90 all again.
+    h.take(C, MediaKind::Video);
+    h.f.set_wanted_size(h.at(26 * 33), C, &simkey(), Some(160), Some(90))
+        .unwrap();
+    for n in 26..30 {
+        h.sim_frame(n, &[0], false, (n % 2 == 0) as u8);
+    }
+    assert_eq!(h.take(C, MediaKind::Video).len(), 4, "frames 27 and 29");
+    h.f.set_wanted_size(h.at(30 * 33), C, &simkey(), Some(161), Some(90))
+        .unwrap();
+    for n in 30..34 {
+        h.sim_frame(n, &[0], false, (n % 2 == 0) as u8);
+    }
+    assert_eq!(h.take(C, MediaKind::Video).len(), 8);
 }
 
 #[test]
