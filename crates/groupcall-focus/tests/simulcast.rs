@@ -72,6 +72,11 @@ struct Peer {
     inbox: Vec<Value>,
     video: Option<Mid>,
     got: Vec<Frame>,
+    /// An emulated downlink: a token bucket (bits per second, bits in the
+    /// bucket, last refill) that media datagrams must pass once connected.
+    cap: Option<(u64, f64, Instant)>,
+    /// Datagrams the cap dropped.
+    capped: u64,
 }
 
 impl Peer {
@@ -96,6 +101,8 @@ impl Peer {
             inbox: Vec::new(),
             video: None,
             got: Vec::new(),
+            cap: None,
+            capped: 0,
         }
     }
 
@@ -154,6 +161,10 @@ impl Peer {
         let mut buf = vec![0u8; 2000];
         let now = Instant::now();
         while let Ok((n, source)) = self.sock.recv_from(&mut buf) {
+            if !self.admit(now, n) {
+                self.capped += 1;
+                continue;
+            }
             let Ok(contents) = buf[..n].try_into() else {
                 continue;
             };
@@ -176,6 +187,34 @@ impl Peer {
                 Err(e) => panic!("{}: {e}", self.device),
             }
         }
+    }
+
+    /// Whether the emulated downlink lets a datagram of `n` bytes through
+    /// (media only: small datagrams, such as RTCP and the channel's, and
+    /// everything before the connection are never dropped). Burst: 20 kB.
+    fn admit(&mut self, now: Instant, n: usize) -> bool {
+        let connected = self.rtc.is_connected();
+        let Some((bps, bits, last)) = self.cap.as_mut() else {
+            return true;
+        };
+        let burst = 20_000.0 * 8.0;
+        *bits =
+            (*bits + now.saturating_duration_since(*last).as_secs_f64() * *bps as f64).min(burst);
+        *last = now;
+        if !connected || n < 300 {
+            return true;
+        }
+        let need = (n * 8) as f64;
+        if *bits < need {
+            return false;
+        }
+        *bits -= need;
+        true
+    }
+
+    /// Caps (or lifts, with `None`) its emulated downlink.
+    fn set_cap(&mut self, bps: Option<u64>) {
+        self.cap = bps.map(|b| (b, 0.0, Instant::now()));
     }
 
     fn on_event(&mut self, e: Event) {
@@ -665,4 +704,72 @@ async fn without_the_key_frame_wait_inter_frames_of_the_new_layer_are_forwarded(
         f.totals.inter_before_keyframe,
         errors.lines().count()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_subscriber_steps_down_and_back_up_when_lifted() {
+    let mut w = World::start(ForwarderConfig::default(), 1).await;
+    w.connected().await;
+    w.subs[0].subscribe(1280, 720);
+    w.until("the high layer", 15, |w| {
+        w.subs[0].got.len() >= 30 && w.subs[0].size_now() == Some((1280, 720))
+    })
+    .await;
+    w.run_for(Duration::from_secs(2)).await;
+    let layer_at_focus = |f: &EngineFigures| f.subscription_layers.first().map(|l| l.height);
+    assert_eq!(layer_at_focus(&w.figures().await), Some(720));
+    // A 300 kbit/s downlink: its receiver reports loss; the focus steps it
+    // down a layer, then another, to the low layer (about 130 kbit/s).
+    let capped = Instant::now();
+    w.subs[0].set_cap(Some(300_000));
+    let mut first_down = None;
+    let mut low_at = None;
+    let deadline = capped + Duration::from_secs(20);
+    while low_at.is_none() && Instant::now() < deadline {
+        w.run_for(Duration::from_millis(100)).await;
+        let f = w.figures().await;
+        if first_down.is_none() && f.layer_steps_down > 0 {
+            first_down = Some(capped.elapsed());
+        }
+        if layer_at_focus(&f) == Some(180) && w.subs[0].size_now() == Some((320, 180)) {
+            low_at = Some(capped.elapsed());
+        }
+    }
+    let first_down = first_down.expect("a step down");
+    let low_at = low_at.expect("the low layer under the cap");
+    // It stays there while capped.
+    w.run_for(Duration::from_secs(4)).await;
+    let f = w.figures().await;
+    assert_eq!(layer_at_focus(&f), Some(180), "{:?}", f.subscription_layers);
+    assert_eq!(f.congested_subscribers, 0, "video not stopped");
+    let n0 = w.subs[0].got.len();
+    w.run_for(Duration::from_secs(2)).await;
+    let fps_capped = (w.subs[0].got.len() - n0) as f64 / 2.0;
+    // Lifted to 5 Mbit/s: back up, a step after 4 s of clean reports each.
+    let lifted = Instant::now();
+    w.subs[0].set_cap(Some(5_000_000));
+    let mut high_at = None;
+    let deadline = lifted + Duration::from_secs(30);
+    while high_at.is_none() && Instant::now() < deadline {
+        w.run_for(Duration::from_millis(100)).await;
+        let f = w.figures().await;
+        if layer_at_focus(&f) == Some(720) && w.subs[0].size_now() == Some((1280, 720)) {
+            high_at = Some(lifted.elapsed());
+        }
+    }
+    let high_at = high_at.expect("the high layer again once lifted");
+    let f = w.figures().await;
+    eprintln!(
+        "FIGURE simulcast: 1280x720 subscriber capped at 300 kbit/s (emulated in the test peer, token bucket, 20 kB burst): \
+         first step down {first_down:?} after the cap, low layer (320x180) {low_at:?} after, {fps_capped} frames/s received there, \
+         video never stopped; lifted to 5 Mbit/s: high layer again {high_at:?} after; steps down {}, up {}; datagrams dropped by the cap {}",
+        f.layer_steps_down, f.layer_steps_up, w.subs[0].capped
+    );
+    assert!(fps_capped >= 25.0, "{fps_capped} frames/s on the low layer");
+    // Bounds with room for a loaded machine (the figures above are what a
+    // run measured): receiver reports come about once a second, one at
+    // 25 % loss or more steps down, each step up needs 4 s of clean ones.
+    assert!(first_down < Duration::from_secs(4), "{first_down:?}");
+    assert!(low_at < Duration::from_secs(10), "{low_at:?}");
+    assert!(high_at < Duration::from_secs(15), "{high_at:?}");
 }

@@ -197,6 +197,9 @@ pub struct LayerGuardConfig {
     /// Reports in a row at or above it that step down (2: about 2 s with
     /// reports once a second).
     pub reports: u8,
+    /// Loss (per mille) at which one report is enough (250: 25 %, a link
+    /// far too slow for the layer).
+    pub severe_permille: u16,
     /// Loss below which the link counts as clean (20: 2 %).
     pub clean_permille: u16,
     /// How long the link must stay clean before one step back up (4 s),
@@ -214,6 +217,7 @@ impl Default for LayerGuardConfig {
         Self {
             down_permille: 100,
             reports: 2,
+            severe_permille: 250,
             clean_permille: 20,
             first_hold: Duration::from_secs(4),
             max_hold: Duration::from_secs(32),
@@ -285,7 +289,8 @@ impl LayerGuard {
         if loss >= self.cfg.down_permille {
             self.clean_since = None;
             self.high_run = self.high_run.saturating_add(1);
-            if self.high_run >= self.cfg.reports && can_go_down {
+            let enough = self.high_run >= self.cfg.reports || loss >= self.cfg.severe_permille;
+            if enough && can_go_down {
                 self.high_run = 0;
                 self.steps = self.steps.saturating_add(1);
                 let again = self
@@ -481,5 +486,7 @@ mod tests {
         assert_eq!(g.report(at(21), Some(5), true), Some(LayerStep::Up));
         // Moderate loss (between clean and down) holds the step.
         assert_eq!(g.report(at(22), Some(50), true), None);
+        // Severe loss: one report is enough.
+        assert_eq!(g.report(at(23), Some(250), true), Some(LayerStep::Down));
     }
 }
