@@ -1410,3 +1410,36 @@ fn downlink_estimate_caps_layers_and_rises_only_after_holding() {
         "{waited} ms"
     );
 }
+
+#[test]
+fn layers_learnt_from_rids_are_bounded_and_checked() {
+    let mut h = H::new();
+    let t = h.publish_sim();
+    assert_eq!(h.f.layer_count(t), Some(3));
+    assert_eq!(h.f.layer_for_rid(t, "x"), Ok(3));
+    assert_eq!(h.f.layer_for_rid(t, "y"), Err(ForwardError::BadLayers));
+    assert_eq!(h.f.layer_count(t), Some(MAX_LAYERS));
+    // An audio track has one layer only.
+    let audio = h.f.track_by_key(CALL, &akey()).unwrap();
+    assert_eq!(h.f.layer_for_rid(audio, "q"), Err(ForwardError::BadLayers));
+    // A size or temporal limit needs an active subscription to the track.
+    assert_eq!(
+        h.f.set_wanted_size(h.at(0), B, &simkey(), Some(1), Some(1)),
+        Err(ForwardError::UnknownTrack(simkey()))
+    );
+    assert_eq!(
+        h.f.set_max_temporal(B, &TrackKey::new("no", "pe"), Some(0)),
+        Err(ForwardError::UnknownTrack(TrackKey::new("no", "pe")))
+    );
+    // A layer with no key frame yet is never chosen; nothing moves.
+    h.f.subscribe(h.at(0), B, &simkey()).unwrap();
+    h.f.set_wanted_size(h.at(0), B, &simkey(), Some(320), Some(180))
+        .unwrap();
+    h.f.handle_timeout(h.at(50));
+    let l =
+        h.f.subscription_layers()
+            .find(|l| l.subscriber == B)
+            .unwrap();
+    assert_eq!((l.layer, l.target, l.width), (0, 0, 0));
+    assert!(!h.f.can_step_down(h.at(50), B));
+}
