@@ -920,7 +920,7 @@ impl State {
                             self.fwd
                                 .set_layer_steps(part(client), m.layer_guard.steps());
                         }
-                        if can_go_down {
+                        if can_go_down || m.layer_guard.settling(t) {
                             return;
                         }
                     }

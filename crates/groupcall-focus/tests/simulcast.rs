@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use groupcall::media::ivf::{IvfHeader, IvfReader, IvfWriter, vp8_frame_info};
-use groupcall::media::source::BUILTIN_PATTERN_LAYERS;
+use groupcall::media::source::{BUILTIN_PATTERN_LAYERS, FrameSource, OggOpusSource};
 use groupcall_focus::engine::{Engine, EngineConfig, EngineFigures, EngineInput, EngineOutput};
 use groupcall_focus::focus::FocusConfig;
 use groupcall_focus::forward::ForwarderConfig;
@@ -38,6 +38,7 @@ const ROOM: &str = "!sim:x";
 const CONF: &str = "CONF";
 const STREAM: &str = "s-P";
 const TRACK: &str = "v-P";
+const AUDIO: &str = "a-P";
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -71,7 +72,14 @@ struct Peer {
     channel: Option<ChannelId>,
     inbox: Vec<Value>,
     video: Option<Mid>,
+    /// The publisher's audio m-line.
+    audio: Option<Mid>,
+    /// The kind of each m-line it receives on.
+    kinds: std::collections::HashMap<Mid, MediaKind>,
+    /// Video frames received.
     got: Vec<Frame>,
+    /// Audio frames received.
+    audio_got: u64,
     /// An emulated downlink: a token bucket (bits per second, bits in the
     /// bucket, last refill) that media datagrams must pass once connected.
     cap: Option<(u64, f64, Instant)>,
@@ -88,6 +96,7 @@ impl Peer {
         let addr = sock.local_addr().unwrap();
         let mut rtc = Rtc::builder()
             .clear_codecs()
+            .enable_opus(true, false)
             .enable_vp8(true)
             .build(Instant::now());
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
@@ -102,7 +111,10 @@ impl Peer {
             channel: None,
             inbox: Vec::new(),
             video: None,
+            audio: None,
+            kinds: std::collections::HashMap::new(),
             got: Vec::new(),
+            audio_got: 0,
             cap: None,
             capped: 0,
             keyframe_requests: Vec::new(),
@@ -126,6 +138,14 @@ impl Peer {
                 Some(sim),
             );
             self.video = Some(mid);
+            let audio = api.add_media(
+                MediaKind::Audio,
+                Direction::SendOnly,
+                Some(STREAM.into()),
+                Some(AUDIO.into()),
+                None,
+            );
+            self.audio = Some(audio);
         }
         api.add_channel("focus".into());
         let (offer, pending) = api.apply().unwrap();
@@ -193,8 +213,7 @@ impl Peer {
     }
 
     /// Whether the emulated downlink lets a datagram of `n` bytes through
-    /// (media only: small datagrams, such as RTCP and the channel's, and
-    /// everything before the connection are never dropped). Burst: 20 kB.
+    /// (every datagram once connected). Burst: 20 kB.
     fn admit(&mut self, now: Instant, n: usize) -> bool {
         let connected = self.rtc.is_connected();
         let Some((bps, bits, last)) = self.cap.as_mut() else {
@@ -204,7 +223,7 @@ impl Peer {
         *bits =
             (*bits + now.saturating_duration_since(*last).as_secs_f64() * *bps as f64).min(burst);
         *last = now;
-        if !connected || n < 300 {
+        if !connected {
             return true;
         }
         let need = (n * 8) as f64;
@@ -229,6 +248,12 @@ impl Peer {
                 }
             }
             Event::KeyframeRequest(r) => self.keyframe_requests.push(r.rid),
+            Event::MediaAdded(m) => {
+                self.kinds.insert(m.mid, m.kind);
+            }
+            Event::MediaData(d) if self.kinds.get(&d.mid) == Some(&MediaKind::Audio) => {
+                self.audio_got += 1;
+            }
             Event::MediaData(d) => self.got.push(Frame {
                 at: Instant::now(),
                 rtp: d.time.numer(),
@@ -292,6 +317,12 @@ impl Peer {
         self.inbox
             .iter()
             .any(|m| !m["content"]["sdp_stream_metadata"][STREAM]["tracks"][TRACK].is_null())
+    }
+
+    fn subscribe_audio(&mut self) {
+        let m = json!({"type": "m.call.track_subscription", "content": {"subscribe": [
+            {"stream_id": STREAM, "track_id": AUDIO}]}});
+        self.send_channel(&m);
     }
 
     fn subscribe(&mut self, width: u32, height: u32) {
@@ -389,6 +420,8 @@ struct World {
     skip: [u64; 3],
     /// Keyframe requests answered, per layer.
     answered: [u64; 3],
+    tone: OggOpusSource,
+    audio_no: u64,
 }
 
 impl World {
@@ -463,6 +496,8 @@ impl World {
             honour_keyframe_requests: false,
             skip: [0; 3],
             answered: [0; 3],
+            tone: OggOpusSource::tone(),
+            audio_no: 0,
         };
         let inv = w.publisher.invite(true);
         w.engine.send(EngineInput::ToDevice(inv));
@@ -526,6 +561,27 @@ impl World {
             }
         }
         let start = *self.start.get_or_insert(now);
+        // Audio: a 20 ms Opus frame of the built-in tone, 50 a second.
+        while let Some(mid) = self.publisher.audio
+            && start + Duration::from_millis(self.audio_no * 20) <= now
+        {
+            let Some(frame) = self.tone.next_frame() else {
+                break;
+            };
+            let Some(w) = self.publisher.rtc.writer(mid) else {
+                break;
+            };
+            let Some(pt) = w
+                .payload_params()
+                .find(|p| p.spec().codec == Codec::Opus)
+                .map(|p| p.pt())
+            else {
+                break;
+            };
+            let t = MediaTime::new(self.audio_no * 960, Frequency::FORTY_EIGHT_KHZ);
+            w.write(pt, now, t, frame.data).unwrap();
+            self.audio_no += 1;
+        }
         while start + Duration::from_micros(self.frame_no * 33_333) <= now {
             for (l, (rid, ..)) in BUILTIN_PATTERN_LAYERS.iter().enumerate() {
                 let frames = &self.layers[l];
@@ -692,7 +748,7 @@ async fn each_subscriber_gets_its_layer_and_switches_cleanly() {
          at the focus (switch asked to first packet forwarded, all {} switches) max {:?}, mean {} ms; \
          longest gap at a switch {} RTP ticks ({:.1} ms at 90 kHz, frame interval 3000); \
          the publisher answers PLIs on a layer's RID with its next frame as a key frame (answered per layer low/mid/high {:?}) \
-         and sends one every 500 ms anyway",
+         and sends one every 500 ms anyway; key frames not switched at because a frame of the current layer was half sent: {}",
         max_latency,
         latencies.iter().sum::<Duration>() / latencies.len() as u32,
         f.totals.layer_switches,
@@ -700,7 +756,8 @@ async fn each_subscriber_gets_its_layer_and_switches_cleanly() {
         engine_mean,
         gap,
         gap as f64 / 90.0,
-        w.answered
+        w.answered,
+        f.totals.layer_switches_deferred
     );
 }
 
@@ -744,6 +801,7 @@ async fn a_capped_subscriber_steps_down_and_back_up_when_lifted() {
     let mut w = World::start(ForwarderConfig::default(), 1).await;
     w.connected().await;
     w.subs[0].subscribe(1280, 720);
+    w.subs[0].subscribe_audio();
     w.until("the high layer", 15, |w| {
         w.subs[0].got.len() >= 30 && w.subs[0].size_now() == Some((1280, 720))
     })
@@ -775,9 +833,11 @@ async fn a_capped_subscriber_steps_down_and_back_up_when_lifted() {
     let f = w.figures().await;
     assert_eq!(layer_at_focus(&f), Some(180), "{:?}", f.subscription_layers);
     assert_eq!(f.congested_subscribers, 0, "video not stopped");
-    let n0 = w.subs[0].got.len();
-    w.run_for(Duration::from_secs(2)).await;
-    let fps_capped = (w.subs[0].got.len() - n0) as f64 / 2.0;
+    let (n0, a0, s0) = (w.subs[0].got.len(), w.subs[0].audio_got, w.audio_no);
+    w.run_for(Duration::from_secs(4)).await;
+    let fps_capped = (w.subs[0].got.len() - n0) as f64 / 4.0;
+    let audio_sent = w.audio_no - s0;
+    let audio_share = (w.subs[0].audio_got - a0) as f64 / audio_sent as f64;
     // Lifted to 5 Mbit/s: back up, a step after 4 s of clean reports each.
     let lifted = Instant::now();
     w.subs[0].set_cap(Some(5_000_000));
@@ -795,9 +855,13 @@ async fn a_capped_subscriber_steps_down_and_back_up_when_lifted() {
     eprintln!(
         "FIGURE simulcast: 1280x720 subscriber capped at 300 kbit/s (emulated in the test peer, token bucket, 20 kB burst): \
          first step down {first_down:?} after the cap, low layer (320x180) {low_at:?} after, {fps_capped} frames/s received there, \
-         video never stopped; lifted to 5 Mbit/s: high layer again {high_at:?} after; steps down {}, up {}; datagrams dropped by the cap {}",
-        f.layer_steps_down, f.layer_steps_up, w.subs[0].capped
+         video never stopped, audio frames delivered there {:.1} % of {audio_sent}; lifted to 5 Mbit/s: high layer again {high_at:?} after; steps down {}, up {}; datagrams dropped by the cap {}",
+        audio_share * 100.0,
+        f.layer_steps_down,
+        f.layer_steps_up,
+        w.subs[0].capped
     );
+    assert!(audio_share >= 0.95, "{audio_share}");
     assert!(fps_capped >= 25.0, "{fps_capped} frames/s on the low layer");
     // Bounds with room for a loaded machine (the figures above are what a
     // run measured): receiver reports come about once a second, one at

@@ -210,6 +210,10 @@ pub struct LayerGuardConfig {
     pub max_hold: Duration,
     /// See `first_hold` (10 s).
     pub calm: Duration,
+    /// After a step down, reports are not judged for this long (2 s): the
+    /// ones just after still count the loss of the layer left (and the
+    /// switch waits for a key frame of the new one).
+    pub settle: Duration,
 }
 
 impl Default for LayerGuardConfig {
@@ -222,6 +226,7 @@ impl Default for LayerGuardConfig {
             first_hold: Duration::from_secs(4),
             max_hold: Duration::from_secs(32),
             calm: Duration::from_secs(10),
+            settle: Duration::from_secs(2),
         }
     }
 }
@@ -248,6 +253,7 @@ pub struct LayerGuard {
     clean_since: Option<Instant>,
     hold: Duration,
     last_up: Option<Instant>,
+    last_down: Option<Instant>,
 }
 
 impl Default for LayerGuard {
@@ -267,12 +273,22 @@ impl LayerGuard {
             clean_since: None,
             hold,
             last_up: None,
+            last_down: None,
         }
     }
 
     /// Layers below the wanted ones, now.
     pub fn steps(&self) -> u8 {
         self.steps
+    }
+
+    /// Whether a step down was taken less than
+    /// [`LayerGuardConfig::settle`] ago (its effect is not in the reports
+    /// yet: a driver should not stop the subscriber's video for them
+    /// either).
+    pub fn settling(&self, now: Instant) -> bool {
+        self.last_down
+            .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.settle)
     }
 
     /// One summary of the subscriber's receiver reports (highest loss in
@@ -285,6 +301,9 @@ impl LayerGuard {
         loss_permille: Option<u16>,
         can_go_down: bool,
     ) -> Option<LayerStep> {
+        if self.settling(now) {
+            return None;
+        }
         let loss = loss_permille.unwrap_or(0);
         if loss >= self.cfg.down_permille {
             self.clean_since = None;
@@ -293,6 +312,7 @@ impl LayerGuard {
             if enough && can_go_down {
                 self.high_run = 0;
                 self.steps = self.steps.saturating_add(1);
+                self.last_down = Some(now);
                 let again = self
                     .last_up
                     .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.calm);
@@ -315,10 +335,12 @@ impl LayerGuard {
             self.last_up = Some(now);
             return Some(LayerStep::Up);
         }
-        if self
-            .last_up
-            .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.calm)
-        {
+        // A step up that held (no step down since, for `calm`): the hold
+        // starts over.
+        if self.last_up.is_some_and(|u| {
+            now.saturating_duration_since(u) >= self.cfg.calm
+                && self.last_down.is_none_or(|d| d < u)
+        }) {
             self.hold = self.cfg.first_hold;
         }
         None
@@ -465,8 +487,11 @@ mod tests {
         assert_eq!(g.report(at(0), Some(150), true), None);
         assert_eq!(g.report(at(1), Some(150), true), Some(LayerStep::Down));
         assert_eq!(g.steps(), 1);
+        // Settling: the next report is not judged (it would count too).
+        assert!(g.settling(at(2)));
         assert_eq!(g.report(at(2), Some(150), true), None);
-        assert_eq!(g.report(at(3), Some(150), true), Some(LayerStep::Down));
+        assert_eq!(g.report(at(3), Some(150), true), None);
+        assert_eq!(g.report(at(4), Some(150), true), Some(LayerStep::Down));
         assert_eq!(g.steps(), 2);
         // Lowest already: no step (the video-stopping guard takes over).
         assert_eq!(g.report(at(4), Some(500), false), None);
@@ -480,13 +505,25 @@ mod tests {
         // Loss right after the step up: down, and the next hold is 8 s.
         assert_eq!(g.report(at(11), Some(200), true), None);
         assert_eq!(g.report(at(12), Some(200), true), Some(LayerStep::Down));
-        for s in 13..21 {
+        // (Settling until 14: the clean time counts from there.)
+        for s in 13..22 {
             assert_eq!(g.report(at(s), Some(5), true), None, "at {s}");
         }
-        assert_eq!(g.report(at(21), Some(5), true), Some(LayerStep::Up));
+        assert_eq!(g.report(at(22), Some(5), true), Some(LayerStep::Up));
         // Moderate loss (between clean and down) holds the step.
-        assert_eq!(g.report(at(22), Some(50), true), None);
+        assert_eq!(g.report(at(23), Some(50), true), None);
         // Severe loss: one report is enough.
-        assert_eq!(g.report(at(23), Some(250), true), Some(LayerStep::Down));
+        assert_eq!(g.report(at(24), Some(250), true), Some(LayerStep::Down));
+        // Two steps down soon after steps up: a 16 s hold.
+        for s in 25..42 {
+            assert_eq!(g.report(at(s), Some(0), true), None, "at {s}");
+        }
+        assert_eq!(g.report(at(42), Some(0), true), Some(LayerStep::Up));
+        // That step up holds for 10 s: the hold starts over at 4 s.
+        for s in 43..53 {
+            assert_eq!(g.report(at(s), Some(0), true), None, "at {s}");
+        }
+        assert_eq!(g.report(at(53), Some(0), true), Some(LayerStep::Up));
+        assert_eq!(g.steps(), 0);
     }
 }

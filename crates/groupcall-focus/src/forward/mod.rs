@@ -340,6 +340,10 @@ pub struct Counters {
     pub layer_switches: u64,
     /// Switches given up: the target sent no key frame in time.
     pub layer_switch_fallbacks: u64,
+    /// Key frames of a switch's target not switched at because a frame of
+    /// the current layer was still being forwarded (the switch waits for
+    /// the next one).
+    pub layer_switches_deferred: u64,
     /// Frames of a new layer forwarded before its first key frame (0
     /// unless [`ForwarderConfig::switch_on_keyframe`] is off).
     pub inter_before_keyframe: u64,
@@ -374,6 +378,7 @@ impl Counters {
         self.keyframe_requests_coalesced += o.keyframe_requests_coalesced;
         self.layer_switches += o.layer_switches;
         self.layer_switch_fallbacks += o.layer_switch_fallbacks;
+        self.layer_switches_deferred += o.layer_switches_deferred;
         self.inter_before_keyframe += o.inter_before_keyframe;
         self.switch_latency_total_ms += o.switch_latency_total_ms;
         self.switch_latency_max_ms = self.switch_latency_max_ms.max(o.switch_latency_max_ms);
@@ -585,7 +590,13 @@ struct OutStream {
     unkeyed: bool,
     /// The PictureID of the last frame dropped for its temporal layer.
     skipped_pid: Option<u16>,
+    /// The last video packet forwarded did not end its frame (no marker).
+    mid_frame: bool,
 }
+
+/// A layer silent this long is not waited on to end its frame before a
+/// switch.
+const MID_FRAME_QUIET: Duration = Duration::from_millis(100);
 
 /// After this many consecutive `before_epoch` drops a subscription starts
 /// a new epoch.
@@ -1030,6 +1041,7 @@ impl Forwarder {
                     up: None,
                     unkeyed: false,
                     skipped_pid: None,
+                    mid_frame: false,
                 });
                 if let Some(p) = self.participants.get_mut(&subscriber) {
                     p.outs.push(o);
@@ -1603,9 +1615,11 @@ impl Forwarder {
             unattributed,
             config,
             switch_latencies,
+            outputs,
             ..
         } = self;
         let switch_on_keyframe = config.switch_on_keyframe;
+        let keyframe_interval = config.keyframe_interval;
         let Some(track) = tracks.get_mut(tid.0) else {
             unattributed.drops.unknown_source += 1;
             return;
@@ -1661,6 +1675,32 @@ impl Forwarder {
                 // (or, with the wait turned off, at any frame start).
                 let at = keyframe || (!switch_on_keyframe && starts_frame);
                 if out.target_layer != layer || !at {
+                    continue;
+                }
+                // Not in the middle of a frame of the current layer (the
+                // publisher's layers interleave): its rest would never be
+                // sent and the subscriber would get a truncated frame. The
+                // switch waits for the next key frame, asked for now (rate
+                // limited), unless the current layer went quiet.
+                let current_live = track
+                    .layers
+                    .get(usize::from(out.layer))
+                    .and_then(|l| l.stats.last_packet)
+                    .is_some_and(|t| now.saturating_duration_since(t) < MID_FRAME_QUIET);
+                if out.mid_frame && current_live {
+                    c.layer_switches_deferred += 1;
+                    if let Some(l) = track.layers.get_mut(usize::from(layer))
+                        && l.kf.request(now, keyframe_interval, false)
+                    {
+                        c.keyframe_requests_sent += 1;
+                        outputs.push_back(Output::KeyframeRequest {
+                            publisher: track.publisher,
+                            track: tid,
+                            layer,
+                            ssrc: l.ssrc,
+                            kind: KeyframeKind::Pli,
+                        });
+                    }
                     continue;
                 }
                 out.layer = layer;
@@ -1748,6 +1788,9 @@ impl Forwarder {
             }
             out.stale_run = 0;
             out.rw.advance(now, &header, vp8.as_ref());
+            if kind == MediaKind::Video {
+                out.mid_frame = !pkt.marker;
+            }
             c.packets_out += 1;
             c.bytes_out += len;
             sink(Egress {

@@ -57,6 +57,8 @@ struct H {
     f: Forwarder,
     t0: Instant,
     sent: Vec<Sent>,
+    /// The marker bit of the packets sent next.
+    marker: bool,
 }
 
 impl H {
@@ -71,6 +73,7 @@ impl H {
             f,
             t0: Instant::now(),
             sent: Vec::new(),
+            marker: false,
         }
     }
 
@@ -110,6 +113,13 @@ impl H {
         self.rtp_level(ms, from, ssrc, seq, ts, payload, None);
     }
 
+    /// The last packet of a frame (marker set).
+    fn rtp_end(&mut self, ms: u64, ssrc: u32, seq: u16, ts: u32, payload: &[u8]) {
+        self.marker = true;
+        self.rtp(ms, A, ssrc, seq, ts, payload);
+        self.marker = false;
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn rtp_level(
         &mut self,
@@ -125,7 +135,7 @@ impl H {
             ssrc,
             seq,
             timestamp: ts,
-            marker: false,
+            marker: self.marker,
             payload_type: 96,
             audio_level: level.map(|level| AudioLevel { voice: true, level }),
             payload,
@@ -144,7 +154,7 @@ impl H {
         let p1 = vp8(frame, tl0, k, keyframe, true);
         let p2 = vp8(frame, tl0, k, keyframe, false);
         self.rtp(ms, A, ssrc, seq, ts, &p1);
-        self.rtp(ms, A, ssrc, seq.wrapping_add(1), ts, &p2);
+        self.rtp_end(ms, ssrc, seq.wrapping_add(1), ts, &p2);
     }
 
     fn take(&mut self, to: ParticipantId, kind: MediaKind) -> Vec<Sent> {
@@ -1026,7 +1036,7 @@ impl H {
             let p1 = vp8_sized(n, n as u8, tid, key, true, SIZES[l]);
             let p2 = vp8_sized(n, n as u8, tid, key, false, SIZES[l]);
             self.rtp(ms, A, ssrc, seq, ts, &p1);
-            self.rtp(ms, A, ssrc, seq + 1, ts, &p2);
+            self.rtp_end(ms, ssrc, seq + 1, ts, &p2);
         }
     }
 
@@ -1372,7 +1382,7 @@ fn downlink_estimate_caps_layers_and_rises_only_after_holding() {
             p2.resize(p2.len() + pad, 0);
             let ts = u32::from(n) * 3000;
             h.rtp(ms, A, ssrc, seq, ts, &p1);
-            h.rtp(ms, A, ssrc, seq + 1, ts, &p2);
+            h.rtp_end(ms, ssrc, seq + 1, ts, &p2);
         }
         h.f.handle_timeout(h.at(ms));
     };
@@ -1442,4 +1452,58 @@ fn layers_learnt_from_rids_are_bounded_and_checked() {
             .unwrap();
     assert_eq!((l.layer, l.target, l.width), (0, 0, 0));
     assert!(!h.f.can_step_down(h.at(50), B));
+}
+
+#[test]
+fn a_switch_never_cuts_a_frame_of_the_current_layer() {
+    let mut h = H::new();
+    let t = h.publish_sim();
+    h.sim_subscribe_low(B);
+    h.sim_frame(2, &[0, 1, 2], false, 0);
+    h.take(B, MediaKind::Video);
+    h.outputs();
+    h.f.set_wanted_size(h.at(90), B, &simkey(), None, None)
+        .unwrap();
+    h.outputs();
+    // The layers interleave: the high layer's key frame starts while the
+    // low layer's frame 3 is half sent.
+    let low = |n: u16, start: bool| vp8_sized(n, n as u8, 0, false, start, SIZES[0]);
+    let high = |n: u16, start: bool| vp8_sized(n, n as u8, 0, true, start, SIZES[2]);
+    h.rtp(99, A, 3000, 6, 9000, &low(3, true));
+    h.rtp(99, A, 3002, 2006, 9002, &high(3, true));
+    h.rtp_end(99, 3002, 2007, 9002, &high(3, false));
+    h.rtp_end(99, 3000, 7, 9000, &low(3, false));
+    let b = h.take(B, MediaKind::Video);
+    assert_eq!(b.len(), 2, "the low frame whole, no high packet");
+    assert!(b[1].hdr.marker);
+    let c = h.counters();
+    assert_eq!(c.layer_switches_deferred, 1);
+    // A key frame of the high layer is asked for again (the first request
+    // went at set_wanted_size: rate limited, it is pending).
+    h.f.handle_timeout(h.at(600));
+    assert!(h.outputs().iter().any(|o| matches!(o,
+        Output::KeyframeRequest { track, layer: 0, .. } if *track == t)));
+    // The next high key frame, at a frame boundary: switched.
+    h.sim_frame(4, &[0], false, 0);
+    h.sim_frame(4, &[2], true, 0);
+    let b2 = h.take(B, MediaKind::Video);
+    assert_eq!(H::sizes_of(&b2), vec![1280]);
+    let mut all = b;
+    all.extend(b2);
+    assert_consecutive(&all);
+    assert_eq!(h.counters().layer_switches, c.layer_switches + 1);
+    // A current layer gone quiet is not waited on: a switch at once even
+    // though its last frame never ended.
+    h.f.set_wanted_size(h.at(700), B, &simkey(), Some(320), Some(180))
+        .unwrap();
+    h.rtp(700, A, 3002, 2010, 15002, &high(5, true));
+    h.rtp(
+        900,
+        A,
+        3000,
+        10,
+        15000,
+        &vp8_sized(5, 5, 0, true, true, SIZES[0]),
+    );
+    assert_eq!(H::sizes_of(&h.take(B, MediaKind::Video)), vec![1280, 320]);
 }
