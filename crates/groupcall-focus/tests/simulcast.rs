@@ -80,6 +80,9 @@ struct Peer {
     got: Vec<Frame>,
     /// Audio frames received.
     audio_got: u64,
+    /// Indices in `got` of the frames str0m marked as not contiguous with
+    /// the one before (a frame lost in between).
+    gaps: Vec<usize>,
     /// An emulated downlink: a token bucket (bits per second, bits in the
     /// bucket, last refill) that media datagrams must pass once connected.
     cap: Option<(u64, f64, Instant)>,
@@ -115,6 +118,7 @@ impl Peer {
             kinds: std::collections::HashMap::new(),
             got: Vec::new(),
             audio_got: 0,
+            gaps: Vec::new(),
             cap: None,
             capped: 0,
             keyframe_requests: Vec::new(),
@@ -254,11 +258,16 @@ impl Peer {
             Event::MediaData(d) if self.kinds.get(&d.mid) == Some(&MediaKind::Audio) => {
                 self.audio_got += 1;
             }
-            Event::MediaData(d) => self.got.push(Frame {
-                at: Instant::now(),
-                rtp: d.time.numer(),
-                data: d.data,
-            }),
+            Event::MediaData(d) => {
+                if !d.contiguous {
+                    self.gaps.push(self.got.len());
+                }
+                self.got.push(Frame {
+                    at: Instant::now(),
+                    rtp: d.time.numer(),
+                    data: d.data,
+                });
+            }
             _ => {}
         }
     }
@@ -362,6 +371,25 @@ impl Peer {
         }
         ivf.finish().unwrap();
     }
+}
+
+/// Frames (index, length, keyframe) shorter than the first partition their
+/// VP8 frame tag announces: truncated ones.
+fn truncated(frames: &[Frame]) -> Vec<(usize, usize, bool)> {
+    frames
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| {
+            let d = &f.data;
+            let tag = u32::from(*d.first()?)
+                | (u32::from(*d.get(1)?) << 8)
+                | (u32::from(*d.get(2)?) << 16);
+            let key = tag & 1 == 0;
+            let first = ((tag >> 5) & 0x7ffff) as usize;
+            let header = if key { 10 } else { 3 };
+            (first + header > d.len()).then_some((i, d.len(), key))
+        })
+        .collect()
 }
 
 /// Decoded frame sizes of an IVF file, as ffprobe reads them.
@@ -716,7 +744,9 @@ async fn each_subscriber_gets_its_layer_and_switches_cleanly() {
     assert_eq!(
         decode_errors(&path),
         "",
-        "no decoding error across 20 switches"
+        "no decoding error across 20 switches; truncated frames {:?}; frames after a gap {:?}",
+        truncated(&w.subs[0].got[from..]),
+        w.subs[0].gaps
     );
     let sizes = decoded_sizes(&path);
     let changes = sizes.windows(2).filter(|p| p[0] != p[1]).count();
