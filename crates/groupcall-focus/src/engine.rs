@@ -32,7 +32,8 @@ use crate::focus::{
 };
 use crate::forward::{
     CallId, Codec, Congestion, Counters, Egress, ForwardError, Forwarder, ForwarderConfig,
-    KeyframeKind, LayerSpec, LossGuard, ParticipantId, RtpIn, TrackId, TrackKey, TrackSpec,
+    KeyframeKind, LayerGuard, LayerSpec, LayerStep, LossGuard, ParticipantId, RtpIn,
+    SubscriptionLayer, TrackId, TrackKey, TrackSpec,
 };
 
 /// The engine's settings.
@@ -194,8 +195,23 @@ pub struct EngineFigures {
     /// Subscribers whose video is stopped so now.
     pub congested_subscribers: usize,
     /// The forwarder's totals since the start (every call, ended ones
-    /// included).
+    /// included). Simulcast: `layer_switches`, `layer_switch_fallbacks`,
+    /// `inter_before_keyframe`, `switch_latency_*_ms`, `drops.temporal`.
     pub totals: Counters,
+    /// Every video subscription's simulcast layer now (the subscriber is
+    /// the client's number, see [`crate::focus::ClientId`]).
+    pub subscription_layers: Vec<SubscriptionLayer>,
+    /// The latest simulcast switch latencies (the switch asked for to the
+    /// first packet of the new layer forwarded), oldest first.
+    pub switch_latencies: Vec<Duration>,
+    /// Times a subscriber's simulcast subscriptions went down a layer
+    /// because its receiver reported loss ([`LayerGuard`]).
+    pub layer_steps_down: u64,
+    /// ... and back up.
+    pub layer_steps_up: u64,
+    /// The `<stream id>/<track id>` of each track in
+    /// `subscription_layers`.
+    pub track_names: HashMap<TrackId, String>,
 }
 
 impl EngineFigures {
@@ -203,7 +219,7 @@ impl EngineFigures {
     /// (`drops_total{reason}`): the forwarder's reasons, `unready` (no
     /// negotiated m-line at the subscriber yet) and `socket_busy` (the
     /// socket could not take a datagram at once).
-    pub fn drops(&self) -> [(&'static str, u64); 8] {
+    pub fn drops(&self) -> [(&'static str, u64); 9] {
         let d = &self.totals.drops;
         [
             ("malformed", d.malformed),
@@ -212,6 +228,7 @@ impl EngineFigures {
             ("congestion_video", d.congestion_video),
             ("congestion_audio", d.congestion_audio),
             ("before_epoch", d.before_epoch),
+            ("temporal", d.temporal),
             ("unready", self.egress_unready),
             ("socket_busy", self.send_dropped),
         ]
@@ -368,6 +385,8 @@ struct ClientMedia {
     nacks: (u64, u64),
     /// Drops its video while its receiver reports heavy loss.
     loss_guard: LossGuard,
+    /// Before that, steps its simulcast subscriptions down a layer.
+    layer_guard: LayerGuard,
 }
 
 struct State {
@@ -611,6 +630,16 @@ impl State {
             .filter(|m| m.loss_guard.dropping())
             .count();
         f.totals = self.fwd.counters();
+        f.subscription_layers = self.fwd.subscription_layers().collect();
+        f.track_names = f
+            .subscription_layers
+            .iter()
+            .filter_map(|l| {
+                let k = self.fwd.track_key(l.track)?;
+                Some((l.track, format!("{}/{}", k.stream_id, k.track_id)))
+            })
+            .collect();
+        f.switch_latencies = self.fwd.switch_latencies().collect();
         f.uploads = self
             .clients
             .keys()
@@ -779,12 +808,25 @@ impl State {
                 self.fwd.add_participant(id, part(client))
             }
             ForwardChange::Subscribe {
-                subscriber, track, ..
+                subscriber,
+                track,
+                width,
+                height,
+                ..
             } => {
-                debug!(subscriber = subscriber.0, stream = %track.stream_id, track = %track.track_id, "subscribe");
+                debug!(subscriber = subscriber.0, stream = %track.stream_id, track = %track.track_id, ?width, ?height, "subscribe");
                 let key = TrackKey::new(track.stream_id, track.track_id);
                 let was = self.fwd.is_subscribed(part(subscriber), &key);
                 let r = self.fwd.subscribe(now, part(subscriber), &key).map(|_| ());
+                // The layer follows the requested size (a change of size
+                // comes as a new Subscribe).
+                if r.is_ok()
+                    && let Err(e) =
+                        self.fwd
+                            .set_wanted_size(now, part(subscriber), &key, width, height)
+                {
+                    debug!(subscriber = subscriber.0, "wanted size: {e}");
+                }
                 // A new video subscription: timed until its first key frame.
                 let tid = self
                     .clients
@@ -858,7 +900,31 @@ impl State {
                 if let Some(m) = self.clients.get_mut(&client) {
                     m.nacks = (s.nacks_received, s.rtp_resent);
                     let loss = s.egress_loss_permille;
-                    if let Some(c) = m.loss_guard.report(Instant::now(), loss) {
+                    let t = Instant::now();
+                    // A simulcast subscriber goes down a layer first; its
+                    // video stops only when nothing can go lower.
+                    let can_go_down = self.fwd.can_step_down(t, part(client));
+                    if !m.loss_guard.dropping() && (can_go_down || m.layer_guard.steps() > 0) {
+                        if let Some(step) = m.layer_guard.report(t, loss, can_go_down) {
+                            info!(
+                                client = client.0,
+                                ?loss,
+                                ?step,
+                                steps = m.layer_guard.steps(),
+                                "subscriber layers (receiver-reported loss)"
+                            );
+                            match step {
+                                LayerStep::Down => self.figures.layer_steps_down += 1,
+                                _ => self.figures.layer_steps_up += 1,
+                            }
+                            self.fwd
+                                .set_layer_steps(part(client), m.layer_guard.steps());
+                        }
+                        if can_go_down || m.layer_guard.settling(t) {
+                            return;
+                        }
+                    }
+                    if let Some(c) = m.loss_guard.report(t, loss) {
                         info!(client = client.0, ?loss, congestion = ?c, "subscriber congestion (receiver-reported loss)");
                         if c == Congestion::Video {
                             self.figures.congestion_episodes += 1;
@@ -1049,9 +1115,19 @@ impl State {
             return;
         };
         let tid = *tid;
-        // The publisher's SSRC is learnt from its packets (and follows a
-        // restart with a new one).
-        if let Err(e) = self.fwd.set_layer_ssrc(tid, 0, p.ssrc) {
+        // The publisher's SSRC of each layer (simulcast: each RID) is
+        // learnt from its packets (and follows a restart with a new one).
+        let layer = match p.rid {
+            Some(rid) => match self.fwd.layer_for_rid(tid, &rid) {
+                Ok(l) => l,
+                Err(e) => {
+                    debug!(client = client.0, %rid, "forwarder: layer not added: {e}");
+                    return;
+                }
+            },
+            None => 0,
+        };
+        if let Err(e) = self.fwd.set_layer_ssrc(tid, layer, p.ssrc) {
             debug!("forwarder: {e}");
         }
         let input = RtpIn {
@@ -1167,9 +1243,14 @@ impl State {
             crate::forward::Output::KeyframeRequest {
                 publisher,
                 track,
+                layer,
                 kind,
                 ..
             } => {
+                let rid = self
+                    .fwd
+                    .layer_rid(track, layer)
+                    .map(groupcall::media::Rid::from);
                 let client = ClientId(publisher.0);
                 let Some(mid) = self.clients.get(&client).and_then(|m| {
                     m.uploads
@@ -1184,7 +1265,7 @@ impl State {
                     None,
                     Request::RequestKeyframeOn {
                         mid,
-                        rid: None,
+                        rid,
                         fir: kind == KeyframeKind::Fir,
                     },
                 );
@@ -1532,9 +1613,17 @@ impl crate::driver::FocusCore for EngineCore {
                     nacks_received: c.nacks_received,
                     keyframe_requests_received: k.keyframe_requests_received,
                     keyframe_requests_coalesced: k.keyframe_requests_coalesced,
+                    layer_switches: k.layer_switches,
+                    layer_switch_fallbacks: k.layer_switch_fallbacks,
+                    inter_before_keyframe: k.inter_before_keyframe,
+                    layer_switch_latency_ms: k.switch_latency_total_ms,
                 },
             );
         }
+        metrics.set_subscription_layers(f.subscription_layers.iter().filter_map(|l| {
+            let key = f.track_names.get(&l.track)?;
+            Some((format!("{}/{key}", l.subscriber.0), u64::from(l.height)))
+        }));
     }
 }
 

@@ -18,8 +18,14 @@
 //! | `nacks_served_total`, `plis_sent_total`, `nacks_received_total`, `keyframe_requests_received_total`, `keyframe_requests_coalesced_total` | counter | |
 //! | `drops_total` | counter | `reason` |
 //! | `refusals_total` | counter | `reason` |
+//! | `layer_switches_total`, `layer_switch_fallbacks_total`, `inter_before_keyframe_total`, `layer_switch_latency_ms_total` | counter | |
+//! | `subscription_layer_height` | gauge | `subscription` |
 //! | `call_participants`, `call_tracks` | gauge | `call` |
-//! | `call_packets_in_total`, `call_bytes_in_total`, `call_packets_out_total`, `call_bytes_out_total`, `call_nacks_served_total`, `call_plis_sent_total`, `call_nacks_received_total`, `call_keyframe_requests_received_total`, `call_keyframe_requests_coalesced_total` | counter | `call` |
+//! | `call_packets_in_total`, `call_bytes_in_total`, `call_packets_out_total`, `call_bytes_out_total`, `call_nacks_served_total`, `call_plis_sent_total`, `call_nacks_received_total`, `call_keyframe_requests_received_total`, `call_keyframe_requests_coalesced_total`, `call_layer_switches_total`, `call_layer_switch_fallbacks_total`, `call_inter_before_keyframe_total`, `call_layer_switch_latency_ms_total` | counter | `call` |
+//!
+//! `subscription_layer_height` is the height (from its last key frame) of
+//! the simulcast layer each video subscription receives now, labelled
+//! `<subscriber client number>/<stream id>/<track id>`.
 //!
 //! The unlabelled counters cover every call since the start, ended ones
 //! included ([`Metrics::remove_call`] folds an ended call's figures into
@@ -66,6 +72,14 @@ pub struct CallFigures {
     /// Keyframe requests (from subscribers, or for new subscriptions)
     /// folded into one already sent or pending toward the publisher.
     pub keyframe_requests_coalesced: u64,
+    /// Simulcast layer switches done.
+    pub layer_switches: u64,
+    /// Layer switches given up (no key frame of the target in time).
+    pub layer_switch_fallbacks: u64,
+    /// Frames of a new layer forwarded before its key frame.
+    pub inter_before_keyframe: u64,
+    /// Sum of the layer switch latencies, milliseconds.
+    pub layer_switch_latency_ms: u64,
 }
 
 impl CallFigures {
@@ -85,6 +99,10 @@ impl CallFigures {
                 + o.keyframe_requests_received,
             keyframe_requests_coalesced: self.keyframe_requests_coalesced
                 + o.keyframe_requests_coalesced,
+            layer_switches: self.layer_switches + o.layer_switches,
+            layer_switch_fallbacks: self.layer_switch_fallbacks + o.layer_switch_fallbacks,
+            inter_before_keyframe: self.inter_before_keyframe + o.inter_before_keyframe,
+            layer_switch_latency_ms: self.layer_switch_latency_ms + o.layer_switch_latency_ms,
         }
     }
 }
@@ -100,6 +118,8 @@ pub struct Metrics {
     ended: CallFigures,
     drops: BTreeMap<String, u64>,
     refusals: BTreeMap<String, u64>,
+    /// The height of each video subscription's layer now.
+    layers: BTreeMap<String, u64>,
 }
 
 impl Metrics {
@@ -139,6 +159,13 @@ impl Metrics {
     /// Counts `n` dropped packets with their reason, e.g. `queue_full`.
     pub fn add_drops(&mut self, reason: &str, n: u64) {
         add(&mut self.drops, reason, n);
+    }
+
+    /// Sets every video subscription's layer height (label: see the
+    /// module docs), replacing the previous ones.
+    pub fn set_subscription_layers(&mut self, layers: impl Iterator<Item = (String, u64)>) {
+        self.layers.clear();
+        self.layers.extend(layers);
     }
 
     /// Sets the number of joined rooms.
@@ -237,6 +264,13 @@ impl Metrics {
             "reason",
             self.refusals.iter().map(|(k, v)| (k.as_str(), *v)),
         );
+        w.labelled(
+            "subscription_layer_height",
+            Kind::Gauge,
+            "Height of the simulcast layer each video subscription receives now.",
+            "subscription",
+            self.layers.iter().map(|(k, v)| (k.as_str(), *v)),
+        );
         let calls = || self.calls.iter().map(|(k, f)| (k.as_str(), f));
         w.labelled(
             "call_participants",
@@ -266,7 +300,7 @@ impl Metrics {
 
 /// The per-call counters: name (without `_total`), help, value.
 type CounterField = (&'static str, &'static str, fn(&CallFigures) -> u64);
-const COUNTERS: [CounterField; 9] = [
+const COUNTERS: [CounterField; 13] = [
     ("packets_in", "Packets received from participants", |f| {
         f.packets_in
     }),
@@ -301,6 +335,24 @@ const COUNTERS: [CounterField; 9] = [
         "keyframe_requests_coalesced",
         "Keyframe requests folded into one already sent or pending toward the publisher",
         |f| f.keyframe_requests_coalesced,
+    ),
+    ("layer_switches", "Simulcast layer switches", |f| {
+        f.layer_switches
+    }),
+    (
+        "layer_switch_fallbacks",
+        "Simulcast layer switches given up (no key frame of the new layer in time)",
+        |f| f.layer_switch_fallbacks,
+    ),
+    (
+        "inter_before_keyframe",
+        "Frames of a new simulcast layer forwarded before its key frame",
+        |f| f.inter_before_keyframe,
+    ),
+    (
+        "layer_switch_latency_ms",
+        "Sum of the simulcast switch latencies (switch asked for to first packet of the new layer), milliseconds",
+        |f| f.layer_switch_latency_ms,
     ),
 ];
 
@@ -402,11 +454,15 @@ mod tests {
                 "groupcall_focus_nacks_received_total 0",
                 "groupcall_focus_keyframe_requests_received_total 0",
                 "groupcall_focus_keyframe_requests_coalesced_total 0",
+                "groupcall_focus_layer_switches_total 0",
+                "groupcall_focus_layer_switch_fallbacks_total 0",
+                "groupcall_focus_inter_before_keyframe_total 0",
+                "groupcall_focus_layer_switch_latency_ms_total 0",
             ]
         );
         // Every family has its HELP and TYPE, in that order.
-        assert_eq!(text.matches("# HELP ").count(), 27);
-        assert_eq!(text.matches("# TYPE ").count(), 27);
+        assert_eq!(text.matches("# HELP ").count(), 36);
+        assert_eq!(text.matches("# TYPE ").count(), 36);
     }
 
     #[test]
@@ -428,8 +484,13 @@ mod tests {
                 nacks_received: 7,
                 keyframe_requests_received: 9,
                 keyframe_requests_coalesced: 5,
+                layer_switches: 2,
+                layer_switch_fallbacks: 1,
+                inter_before_keyframe: 0,
+                layer_switch_latency_ms: 150,
             },
         );
+        m.set_subscription_layers([("3/s/v".to_string(), 720)].into_iter());
         m.set_call(
             "!b:x/c\"2\\\n",
             CallFigures {
@@ -497,6 +558,18 @@ groupcall_focus_keyframe_requests_received_total 9
 # HELP groupcall_focus_keyframe_requests_coalesced_total Keyframe requests folded into one already sent or pending toward the publisher, over all calls since the start.
 # TYPE groupcall_focus_keyframe_requests_coalesced_total counter
 groupcall_focus_keyframe_requests_coalesced_total 5
+# HELP groupcall_focus_layer_switches_total Simulcast layer switches, over all calls since the start.
+# TYPE groupcall_focus_layer_switches_total counter
+groupcall_focus_layer_switches_total 2
+# HELP groupcall_focus_layer_switch_fallbacks_total Simulcast layer switches given up (no key frame of the new layer in time), over all calls since the start.
+# TYPE groupcall_focus_layer_switch_fallbacks_total counter
+groupcall_focus_layer_switch_fallbacks_total 1
+# HELP groupcall_focus_inter_before_keyframe_total Frames of a new simulcast layer forwarded before its key frame, over all calls since the start.
+# TYPE groupcall_focus_inter_before_keyframe_total counter
+groupcall_focus_inter_before_keyframe_total 0
+# HELP groupcall_focus_layer_switch_latency_ms_total Sum of the simulcast switch latencies (switch asked for to first packet of the new layer), milliseconds, over all calls since the start.
+# TYPE groupcall_focus_layer_switch_latency_ms_total counter
+groupcall_focus_layer_switch_latency_ms_total 150
 # HELP groupcall_focus_drops_total Packets dropped, by reason.
 # TYPE groupcall_focus_drops_total counter
 groupcall_focus_drops_total{reason="queue_full"} 3
@@ -504,6 +577,9 @@ groupcall_focus_drops_total{reason="queue_full"} 3
 # TYPE groupcall_focus_refusals_total counter
 groupcall_focus_refusals_total{reason="invite_not_allowed"} 2
 groupcall_focus_refusals_total{reason="plaintext"} 1
+# HELP groupcall_focus_subscription_layer_height Height of the simulcast layer each video subscription receives now.
+# TYPE groupcall_focus_subscription_layer_height gauge
+groupcall_focus_subscription_layer_height{subscription="3/s/v"} 720
 # HELP groupcall_focus_call_participants Participants connected to the focus, per call.
 # TYPE groupcall_focus_call_participants gauge
 groupcall_focus_call_participants{call="!a:x/c1"} 3
@@ -548,6 +624,22 @@ groupcall_focus_call_keyframe_requests_received_total{call="!b:x/c\"2\\\n"} 0
 # TYPE groupcall_focus_call_keyframe_requests_coalesced_total counter
 groupcall_focus_call_keyframe_requests_coalesced_total{call="!a:x/c1"} 5
 groupcall_focus_call_keyframe_requests_coalesced_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_layer_switches_total Simulcast layer switches, per call.
+# TYPE groupcall_focus_call_layer_switches_total counter
+groupcall_focus_call_layer_switches_total{call="!a:x/c1"} 2
+groupcall_focus_call_layer_switches_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_layer_switch_fallbacks_total Simulcast layer switches given up (no key frame of the new layer in time), per call.
+# TYPE groupcall_focus_call_layer_switch_fallbacks_total counter
+groupcall_focus_call_layer_switch_fallbacks_total{call="!a:x/c1"} 1
+groupcall_focus_call_layer_switch_fallbacks_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_inter_before_keyframe_total Frames of a new simulcast layer forwarded before its key frame, per call.
+# TYPE groupcall_focus_call_inter_before_keyframe_total counter
+groupcall_focus_call_inter_before_keyframe_total{call="!a:x/c1"} 0
+groupcall_focus_call_inter_before_keyframe_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_layer_switch_latency_ms_total Sum of the simulcast switch latencies (switch asked for to first packet of the new layer), milliseconds, per call.
+# TYPE groupcall_focus_call_layer_switch_latency_ms_total counter
+groupcall_focus_call_layer_switch_latency_ms_total{call="!a:x/c1"} 150
+groupcall_focus_call_layer_switch_latency_ms_total{call="!b:x/c\"2\\\n"} 0
 "#;
         let got = m.render();
         for (i, (g, e)) in got.lines().zip(expected.lines()).enumerate() {

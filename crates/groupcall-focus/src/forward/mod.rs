@@ -33,6 +33,7 @@
 //!   unaffected.
 
 mod cache;
+pub mod layers;
 pub mod loss;
 mod rewrite;
 pub mod rtp;
@@ -49,6 +50,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 pub use cache::{Cached, PacketCache};
+pub use layers::{LayerGuard, LayerGuardConfig, LayerStep};
+use layers::{LayerStats, Wish};
 pub use loss::{LossGuard, LossGuardConfig};
 use rewrite::Rewriter;
 pub use rtp::{AudioLevel, RtpIn, RtpOut, RtpParseError};
@@ -200,6 +203,25 @@ pub struct ForwarderConfig {
     pub level_stale: Duration,
     /// Seed of the outgoing SSRCs.
     pub ssrc_seed: u64,
+    /// A simulcast layer switch waits for a key frame of the new layer
+    /// (true). False forwards the new layer's inter frames at once (what
+    /// waterfall#100 did; for tests: the subscriber's decoder sees
+    /// frames referring to pictures it never had).
+    pub switch_on_keyframe: bool,
+    /// A switch whose target sends no key frame within this long is given
+    /// up (2 s): the subscription stays on its layer and the target is
+    /// skipped until it sends a key frame.
+    pub switch_timeout: Duration,
+    /// How long a skipped layer stays skipped at most (10 s).
+    pub no_keyframe_skip: Duration,
+    /// A layer with no packet for this long (paused, muted) is not chosen
+    /// (1 s).
+    pub layer_stale: Duration,
+    /// A downlink estimate must allow a higher layer this long before the
+    /// subscription moves up (3 s).
+    pub up_hold: Duration,
+    /// ... at this percentage of the higher layer's bitrate (125).
+    pub up_margin_percent: u64,
 }
 
 impl Default for ForwarderConfig {
@@ -216,6 +238,12 @@ impl Default for ForwarderConfig {
             speaker_max_level: 70,
             level_stale: Duration::from_millis(500),
             ssrc_seed: 0x5eed_f0c5,
+            switch_on_keyframe: true,
+            switch_timeout: Duration::from_secs(2),
+            no_keyframe_skip: Duration::from_secs(10),
+            layer_stale: Duration::from_secs(1),
+            up_hold: Duration::from_secs(3),
+            up_margin_percent: 125,
         }
     }
 }
@@ -275,6 +303,9 @@ pub struct Drops {
     /// Arrived late, from before the packet that started the
     /// subscription's current epoch (counted per subscription).
     pub before_epoch: u64,
+    /// VP8 packets of a temporal layer above the subscription's maximum
+    /// (counted per subscription).
+    pub temporal: u64,
 }
 
 /// Counters of a call (or of the whole forwarder).
@@ -304,6 +335,24 @@ pub struct Counters {
     pub keyframe_requests_sent: u64,
     /// Keyframe requests folded into one already sent or pending.
     pub keyframe_requests_coalesced: u64,
+    /// Simulcast layer switches done (the first packet of the new layer
+    /// forwarded).
+    pub layer_switches: u64,
+    /// Switches given up: the target sent no key frame in time.
+    pub layer_switch_fallbacks: u64,
+    /// Key frames of a switch's target not switched at because a frame of
+    /// the current layer was still being forwarded (the switch waits for
+    /// the next one).
+    pub layer_switches_deferred: u64,
+    /// Frames of a new layer forwarded before its first key frame (0
+    /// unless [`ForwarderConfig::switch_on_keyframe`] is off).
+    pub inter_before_keyframe: u64,
+    /// Sum of the switch latencies (the switch asked for to the first
+    /// packet of the new layer forwarded), milliseconds.
+    pub switch_latency_total_ms: u64,
+    /// The longest of them, milliseconds (a maximum, not a sum, in
+    /// [`Counters::add`]).
+    pub switch_latency_max_ms: u64,
 }
 
 impl Counters {
@@ -319,6 +368,7 @@ impl Counters {
         self.drops.congestion_video += o.drops.congestion_video;
         self.drops.congestion_audio += o.drops.congestion_audio;
         self.drops.before_epoch += o.drops.before_epoch;
+        self.drops.temporal += o.drops.temporal;
         self.keyframes_in += o.keyframes_in;
         self.nacks_received += o.nacks_received;
         self.nacks_served += o.nacks_served;
@@ -326,6 +376,12 @@ impl Counters {
         self.keyframe_requests_received += o.keyframe_requests_received;
         self.keyframe_requests_sent += o.keyframe_requests_sent;
         self.keyframe_requests_coalesced += o.keyframe_requests_coalesced;
+        self.layer_switches += o.layer_switches;
+        self.layer_switch_fallbacks += o.layer_switch_fallbacks;
+        self.layer_switches_deferred += o.layer_switches_deferred;
+        self.inter_before_keyframe += o.inter_before_keyframe;
+        self.switch_latency_total_ms += o.switch_latency_total_ms;
+        self.switch_latency_max_ms = self.switch_latency_max_ms.max(o.switch_latency_max_ms);
     }
 }
 
@@ -448,6 +504,7 @@ struct Layer {
     ssrc: Option<u32>,
     cache: PacketCache,
     kf: KeyframeRequests,
+    stats: LayerStats,
 }
 
 #[derive(Debug)]
@@ -467,6 +524,10 @@ struct Participant {
     call: CallId,
     /// From the last reported backlog (copied into each of its streams).
     congestion: Congestion,
+    /// Its downlink estimate, bits per second.
+    downlink_bps: Option<u64>,
+    /// Layers below the wanted ones ([`LayerGuard`]).
+    steps_down: u8,
     tracks: Vec<TrackId>,
     /// Its outgoing streams, active or paused (kept for continuity).
     outs: Vec<Key>,
@@ -512,7 +573,30 @@ struct OutStream {
     /// Consecutive packets dropped as `before_epoch`.
     stale_run: u8,
     rw: Rewriter,
+    /// The requested size (MSC3898 width/height).
+    want: (Option<u32>, Option<u32>),
+    /// Set by [`Forwarder::select_layer`]: no automatic choice.
+    pinned: bool,
+    /// The highest VP8 temporal layer forwarded (None: all).
+    max_temporal: Option<u8>,
+    /// `max_temporal` follows the requested size (until
+    /// [`Forwarder::set_max_temporal`]).
+    temporal_auto: bool,
+    /// When the switch to `target_layer` was asked for.
+    switch_since: Option<Instant>,
+    /// A higher layer the downlink estimate allows, and since when.
+    up: Option<(u8, Instant)>,
+    /// Switched without a key frame: frames are counted until one comes.
+    unkeyed: bool,
+    /// The PictureID of the last frame dropped for its temporal layer.
+    skipped_pid: Option<u16>,
+    /// The last video packet forwarded did not end its frame (no marker).
+    mid_frame: bool,
 }
+
+/// A layer silent this long is not waited on to end its frame before a
+/// switch.
+const MID_FRAME_QUIET: Duration = Duration::from_millis(100);
 
 /// After this many consecutive `before_epoch` drops a subscription starts
 /// a new epoch.
@@ -534,6 +618,30 @@ pub struct Forwarder {
     retired: Counters,
     ssrc_counter: u64,
     next_tick: Option<Instant>,
+    /// The latest switch latencies (at most [`SWITCH_LATENCIES_KEPT`]).
+    switch_latencies: VecDeque<Duration>,
+}
+
+/// How many switch latencies [`Forwarder::switch_latencies`] keeps.
+pub const SWITCH_LATENCIES_KEPT: usize = 256;
+
+/// One subscription's layers, as [`Forwarder::subscription_layers`]
+/// reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionLayer {
+    /// The subscriber.
+    pub subscriber: ParticipantId,
+    /// The track.
+    pub track: TrackId,
+    /// The layer forwarded now (index; [`Forwarder::layer_rid`] names it).
+    pub layer: u8,
+    /// The layer it switches to (= `layer` when none).
+    pub target: u8,
+    /// The size of the current layer from its last key frame (0 x 0 if
+    /// none yet).
+    pub width: u16,
+    /// See `width`.
+    pub height: u16,
 }
 
 /// SplitMix64: the outgoing SSRC generator.
@@ -559,6 +667,7 @@ impl Forwarder {
             retired: Counters::default(),
             ssrc_counter: 0,
             next_tick: None,
+            switch_latencies: VecDeque::with_capacity(SWITCH_LATENCIES_KEPT),
         }
     }
 
@@ -609,6 +718,8 @@ impl Forwarder {
             Participant {
                 call,
                 congestion: Congestion::None,
+                downlink_bps: None,
+                steps_down: 0,
                 tracks: Vec::new(),
                 outs: Vec::new(),
             },
@@ -693,6 +804,7 @@ impl Forwarder {
                 ssrc: l.ssrc,
                 cache: PacketCache::new(packets, self.config.cache_mtu),
                 kf: KeyframeRequests::default(),
+                stats: LayerStats::default(),
             })
             .collect();
         let id = TrackId(self.tracks.insert(Track {
@@ -921,6 +1033,15 @@ impl Forwarder {
                     congestion,
                     stale_run: 0,
                     rw: Rewriter::new(),
+                    want: (None, None),
+                    pinned: false,
+                    max_temporal: None,
+                    temporal_auto: true,
+                    switch_since: None,
+                    up: None,
+                    unkeyed: false,
+                    skipped_pid: None,
+                    mid_frame: false,
                 });
                 if let Some(p) = self.participants.get_mut(&subscriber) {
                     p.outs.push(o);
@@ -998,18 +1119,332 @@ impl Forwarder {
             .get(&subscriber)
             .and_then(|p| self.out_of(p, track))
             .ok_or_else(|| ForwardError::UnknownTrack(key.clone()))?;
+        if let Some(out) = self.outs.get_mut(o) {
+            out.pinned = true;
+        }
+        self.retarget(now, o, track, layer);
+        Ok(())
+    }
+
+    /// Points a subscription at `layer`: at once while it waits for a key
+    /// frame anyway, else from the layer's next key frame (asked for now,
+    /// rate limited; the switch is timed from now).
+    fn retarget(&mut self, now: Instant, o: Key, track: TrackId, layer: u8) {
         let Some(out) = self.outs.get_mut(o) else {
-            return Err(ForwardError::NoSuchTrack);
+            return;
         };
         out.target_layer = layer;
+        out.up = None;
         if out.waiting_keyframe {
             out.layer = layer;
         }
+        out.switch_since = (out.layer != layer).then_some(now);
         let ask = out.active && out.kind == MediaKind::Video;
         if ask {
             self.request_keyframe(now, track, layer, false);
         }
+    }
+
+    /// The active subscription of `subscriber` to the track named `key`.
+    fn active_out(
+        &self,
+        subscriber: ParticipantId,
+        key: &TrackKey,
+    ) -> Result<(Key, TrackId), ForwardError> {
+        let track = self.track_in_call_of(subscriber, key)?;
+        let o = self
+            .participants
+            .get(&subscriber)
+            .and_then(|p| self.out_of(p, track))
+            .filter(|&o| self.outs.get(o).is_some_and(|x| x.active))
+            .ok_or_else(|| ForwardError::UnknownTrack(key.clone()))?;
+        Ok((o, track))
+    }
+
+    /// The size a subscriber asks of a track (MSC3898
+    /// `m.call.track_subscription` width/height): its layer is chosen
+    /// automatically from then on (module [`layers`]: the smallest layer
+    /// covering the size, capped by the downlink), undoing a
+    /// [`Forwarder::select_layer`]. For a track of one layer nothing
+    /// changes.
+    pub fn set_wanted_size(
+        &mut self,
+        now: Instant,
+        subscriber: ParticipantId,
+        key: &TrackKey,
+        width: Option<u32>,
+        height: Option<u32>,
+    ) -> Result<(), ForwardError> {
+        let (o, _) = self.active_out(subscriber, key)?;
+        if let Some(out) = self.outs.get_mut(o) {
+            out.want = (width, height);
+            out.pinned = false;
+        }
+        self.choose_layers(now, Some(o));
         Ok(())
+    }
+
+    /// The highest VP8 temporal layer (TID) a subscription gets (None:
+    /// all). Packets of higher ones are dropped and taken out of its
+    /// numbering (sequence numbers and PictureIDs stay consecutive).
+    /// Without this call the choice is automatic: a subscription whose
+    /// requested size is at most half the width and half the height of
+    /// the smallest layer (a thumbnail) gets temporal layer 0 only (for
+    /// L1T2, half the frame rate), any other all of them.
+    pub fn set_max_temporal(
+        &mut self,
+        subscriber: ParticipantId,
+        key: &TrackKey,
+        max: Option<u8>,
+    ) -> Result<(), ForwardError> {
+        let (o, _) = self.active_out(subscriber, key)?;
+        if let Some(out) = self.outs.get_mut(o) {
+            out.max_temporal = max;
+            out.temporal_auto = false;
+        }
+        Ok(())
+    }
+
+    /// A subscriber's downlink estimate, bits per second (e.g. from
+    /// transport-wide congestion control feedback or REMB), or None. It
+    /// caps the layers of its simulcast subscriptions (shared equally
+    /// among them) at the next [`Forwarder::handle_timeout`].
+    pub fn set_downlink_estimate(&mut self, subscriber: ParticipantId, bps: Option<u64>) {
+        if let Some(p) = self.participants.get_mut(&subscriber) {
+            p.downlink_bps = bps;
+        }
+    }
+
+    /// How many layers below the wanted ones a subscriber's simulcast
+    /// subscriptions go (a [`LayerGuard`]'s steps), from the next
+    /// [`Forwarder::handle_timeout`].
+    pub fn set_layer_steps(&mut self, subscriber: ParticipantId, steps: u8) {
+        if let Some(p) = self.participants.get_mut(&subscriber) {
+            p.steps_down = steps;
+        }
+    }
+
+    /// Whether some automatic simulcast subscription of `subscriber`
+    /// targets a layer above the lowest usable one of its track (so that a
+    /// step down would lower something).
+    pub fn can_step_down(&self, now: Instant, subscriber: ParticipantId) -> bool {
+        let Some(p) = self.participants.get(&subscriber) else {
+            return false;
+        };
+        let stale = self.config.layer_stale;
+        p.outs.iter().any(|&o| {
+            let Some(out) = self.outs.get(o) else {
+                return false;
+            };
+            let Some(t) = self.tracks.get(out.track) else {
+                return false;
+            };
+            if !out.active || out.pinned || t.layers.len() < 2 {
+                return false;
+            }
+            let area = |l: &Layer| u32::from(l.stats.width) * u32::from(l.stats.height);
+            let lowest = t
+                .layers
+                .iter()
+                .filter(|l| l.stats.usable(now, stale))
+                .map(area)
+                .min();
+            let target = t.layers.get(usize::from(out.target_layer)).map(area);
+            matches!((lowest, target), (Some(lo), Some(ta)) if ta > lo)
+        })
+    }
+
+    /// The layer of `track` whose RID is `rid`, added if the track has
+    /// none yet (a publisher's simulcast layers are learnt from its
+    /// packets): a layer without RID or SSRC yet takes it, else a new one
+    /// (at most [`MAX_LAYERS`]).
+    pub fn layer_for_rid(&mut self, track: TrackId, rid: &str) -> Result<u8, ForwardError> {
+        let packets = self.config.video_cache_packets;
+        let mtu = self.config.cache_mtu;
+        let t = self
+            .tracks
+            .get_mut(track)
+            .ok_or(ForwardError::NoSuchTrack)?;
+        if let Some(i) = t.layers.iter().position(|l| l.rid.as_deref() == Some(rid)) {
+            return Ok(i as u8);
+        }
+        if let Some(i) = t
+            .layers
+            .iter()
+            .position(|l| l.rid.is_none() && l.ssrc.is_none())
+        {
+            if let Some(l) = t.layers.get_mut(i) {
+                l.rid = Some(rid.to_owned());
+            }
+            return Ok(i as u8);
+        }
+        if t.layers.len() >= MAX_LAYERS || t.codec.kind() != MediaKind::Video {
+            return Err(ForwardError::BadLayers);
+        }
+        t.layers.push(Layer {
+            rid: Some(rid.to_owned()),
+            ssrc: None,
+            cache: PacketCache::new(packets, mtu),
+            kf: KeyframeRequests::default(),
+            stats: LayerStats::default(),
+        });
+        Ok((t.layers.len() - 1) as u8)
+    }
+
+    /// The number of layers of a track.
+    pub fn layer_count(&self, track: TrackId) -> Option<usize> {
+        self.tracks.get(track).map(|t| t.layers.len())
+    }
+
+    /// A layer's size from its last key frame and its measured bitrate
+    /// (payload bits per second over the last second).
+    pub fn layer_info(&self, track: TrackId, layer: u8) -> Option<(u16, u16, u64)> {
+        let l = self.tracks.get(track)?.layers.get(usize::from(layer))?;
+        Some((l.stats.width, l.stats.height, l.stats.bps))
+    }
+
+    /// Every active video subscription with its layers.
+    pub fn subscription_layers(&self) -> impl Iterator<Item = SubscriptionLayer> + '_ {
+        self.outs
+            .values()
+            .filter(|o| o.active && o.kind == MediaKind::Video)
+            .map(|o| {
+                let (width, height) = self
+                    .tracks
+                    .get(o.track)
+                    .and_then(|t| t.layers.get(usize::from(o.layer)))
+                    .map_or((0, 0), |l| (l.stats.width, l.stats.height));
+                SubscriptionLayer {
+                    subscriber: o.subscriber,
+                    track: o.track,
+                    layer: o.layer,
+                    target: o.target_layer,
+                    width,
+                    height,
+                }
+            })
+    }
+
+    /// The latest layer switch latencies (from the switch asked for to the
+    /// first packet of the new layer forwarded), oldest first.
+    pub fn switch_latencies(&self) -> impl Iterator<Item = Duration> + '_ {
+        self.switch_latencies.iter().copied()
+    }
+
+    /// Automatic layer choice (module [`layers`]) for every automatic
+    /// simulcast subscription, or only `only`; then gives up switches
+    /// whose target sent no key frame within
+    /// [`ForwarderConfig::switch_timeout`].
+    fn choose_layers(&mut self, now: Instant, only: Option<Key>) {
+        let cfg = &self.config;
+        let mut moves: Vec<(Key, TrackId, layers::Choice, bool)> = Vec::new();
+        let mut give_up: Vec<(Key, TrackId, u8)> = Vec::new();
+        for (k, t) in self.tracks.iter() {
+            if t.layers.len() < 2 || t.codec.kind() != MediaKind::Video {
+                continue;
+            }
+            let mut stats = [LayerStats::default(); MAX_LAYERS];
+            for (s, l) in stats.iter_mut().zip(&t.layers) {
+                *s = l.stats;
+            }
+            let stats = &stats[..t.layers.len().min(MAX_LAYERS)];
+            for &o in &t.outs {
+                if only.is_some_and(|x| x != o) {
+                    continue;
+                }
+                let Some(out) = self.outs.get(o) else {
+                    continue;
+                };
+                if let Some(t0) = out.switch_since
+                    && out.target_layer != out.layer
+                    && elapsed(t0, now, cfg.switch_timeout)
+                {
+                    give_up.push((o, TrackId(k), out.target_layer));
+                    continue;
+                }
+                if out.pinned || !out.active {
+                    continue;
+                }
+                let p = self.participants.get(&out.subscriber);
+                let budget = p.and_then(|p| {
+                    let bps = p.downlink_bps?;
+                    let n = p
+                        .outs
+                        .iter()
+                        .filter(|&&x| {
+                            self.outs.get(x).is_some_and(|x| {
+                                x.active
+                                    && !x.pinned
+                                    && x.kind == MediaKind::Video
+                                    && self.tracks.get(x.track).is_some_and(|t| t.layers.len() > 1)
+                            })
+                        })
+                        .count()
+                        .max(1);
+                    Some(bps / n as u64)
+                });
+                let wish = Wish {
+                    width: out.want.0,
+                    height: out.want.1,
+                    steps_down: p.map_or(0, |p| p.steps_down),
+                    budget_bps: budget,
+                };
+                let up_held = out
+                    .up
+                    .is_some_and(|(_, since)| elapsed(since, now, cfg.up_hold));
+                if let Some(ch) = layers::choose(
+                    stats,
+                    now,
+                    cfg.layer_stale,
+                    wish,
+                    out.target_layer,
+                    cfg.up_margin_percent,
+                    up_held,
+                ) {
+                    let l = stats[usize::from(ch.now)];
+                    let thumb = matches!(out.want, (Some(w), Some(h))
+                        if w.saturating_mul(2) <= u32::from(l.width) && h.saturating_mul(2) <= u32::from(l.height));
+                    moves.push((o, TrackId(k), ch, thumb));
+                }
+            }
+        }
+        let skip = self.config.no_keyframe_skip;
+        for (o, track, target) in give_up {
+            if let Some(t) = self.tracks.get_mut(track) {
+                if let Some(l) = t.layers.get_mut(usize::from(target)) {
+                    l.stats.no_keyframe_until = now.checked_add(skip);
+                }
+                if let Some(c) = self.calls.get_mut(&t.call) {
+                    c.counters.layer_switch_fallbacks += 1;
+                }
+            }
+            if let Some(out) = self.outs.get_mut(o) {
+                tracing::debug!(
+                    subscriber = out.subscriber.0,
+                    target,
+                    "forwarder: no key frame of the new layer in time; switch given up"
+                );
+                out.target_layer = out.layer;
+                out.switch_since = None;
+                out.up = None;
+            }
+        }
+        for (o, track, ch, thumb) in moves {
+            let Some(out) = self.outs.get_mut(o) else {
+                continue;
+            };
+            if out.temporal_auto {
+                out.max_temporal = thumb.then_some(0);
+            }
+            out.up = match (ch.up_candidate, out.up) {
+                (Some(l), Some((l0, since))) if l == l0 => Some((l0, since)),
+                (Some(l), _) => Some((l, now)),
+                (None, _) => None,
+            };
+            if ch.now != out.target_layer {
+                self.retarget(now, o, track, ch.now);
+            }
+        }
     }
 
     /// Ends a subscription (its rewriting state is kept so that a later
@@ -1178,8 +1613,13 @@ impl Forwarder {
             outs,
             calls,
             unattributed,
+            config,
+            switch_latencies,
+            outputs,
             ..
         } = self;
+        let switch_on_keyframe = config.switch_on_keyframe;
+        let keyframe_interval = config.keyframe_interval;
         let Some(track) = tracks.get_mut(tid.0) else {
             unattributed.drops.unknown_source += 1;
             return;
@@ -1210,6 +1650,11 @@ impl Forwarder {
             c.keyframes_in += 1;
             lay.kf.keyframe_arrived();
         }
+        let size = vp8
+            .as_ref()
+            .and_then(|d| layers::keyframe_size(pkt.payload, d));
+        lay.stats.packet(now, pkt.payload.len(), size);
+        let starts_frame = vp8.is_some_and(|d| d.starts_frame());
         if let Some(l) = pkt.audio_level {
             track.level.update(now, l);
         }
@@ -1226,12 +1671,52 @@ impl Forwarder {
         for &o in &track.outs {
             let Some(out) = outs.get_mut(o) else { continue };
             if out.layer != layer {
-                // A layer switch happens at a key frame of the target.
-                if out.target_layer != layer || !keyframe {
+                // A layer switch happens at a key frame of the target
+                // (or, with the wait turned off, at any frame start).
+                let at = keyframe || (!switch_on_keyframe && starts_frame);
+                if out.target_layer != layer || !at {
+                    continue;
+                }
+                // Not in the middle of a frame of the current layer (the
+                // publisher's layers interleave): its rest would never be
+                // sent and the subscriber would get a truncated frame. The
+                // switch waits for the next key frame, asked for now (rate
+                // limited), unless the current layer went quiet.
+                let current_live = track
+                    .layers
+                    .get(usize::from(out.layer))
+                    .and_then(|l| l.stats.last_packet)
+                    .is_some_and(|t| now.saturating_duration_since(t) < MID_FRAME_QUIET);
+                if out.mid_frame && current_live {
+                    c.layer_switches_deferred += 1;
+                    if let Some(l) = track.layers.get_mut(usize::from(layer))
+                        && l.kf.request(now, keyframe_interval, false)
+                    {
+                        c.keyframe_requests_sent += 1;
+                        outputs.push_back(Output::KeyframeRequest {
+                            publisher: track.publisher,
+                            track: tid,
+                            layer,
+                            ssrc: l.ssrc,
+                            kind: KeyframeKind::Pli,
+                        });
+                    }
                     continue;
                 }
                 out.layer = layer;
                 out.resync = true;
+                out.unkeyed = !keyframe;
+                c.layer_switches += 1;
+                if let Some(t0) = out.switch_since.take() {
+                    let d = now.saturating_duration_since(t0);
+                    let ms = d.as_millis() as u64;
+                    c.switch_latency_total_ms += ms;
+                    c.switch_latency_max_ms = c.switch_latency_max_ms.max(ms);
+                    if switch_latencies.len() >= SWITCH_LATENCIES_KEPT {
+                        switch_latencies.pop_front();
+                    }
+                    switch_latencies.push_back(d);
+                }
             }
             let congested = match kind {
                 MediaKind::Video => out.congestion != Congestion::None,
@@ -1263,6 +1748,25 @@ impl Forwarder {
                 }
                 out.waiting_keyframe = false;
             }
+            if let (Some(max), Some((t, _))) = (out.max_temporal, vp8.and_then(|d| d.tid))
+                && t > max
+                && !keyframe
+            {
+                // A temporal layer the subscriber does not want: taken out
+                // of its numbering.
+                c.drops.temporal += 1;
+                if !out.resync {
+                    out.rw.skip(pkt, vp8.as_ref(), &mut out.skipped_pid);
+                }
+                continue;
+            }
+            if out.unkeyed {
+                if keyframe {
+                    out.unkeyed = false;
+                } else if starts_frame {
+                    c.inter_before_keyframe += 1;
+                }
+            }
             if out.resync || out.rw.src_ssrc != pkt.ssrc {
                 out.rw.switch(now, pkt, vp8.as_ref(), clock);
                 out.resync = false;
@@ -1284,6 +1788,9 @@ impl Forwarder {
             }
             out.stale_run = 0;
             out.rw.advance(now, &header, vp8.as_ref());
+            if kind == MediaKind::Video {
+                out.mid_frame = !pkt.marker;
+            }
             c.packets_out += 1;
             c.bytes_out += len;
             sink(Egress {
@@ -1437,6 +1944,7 @@ impl Forwarder {
         for (t, l) in repeats {
             self.request_keyframe(now, t, l, false);
         }
+        self.choose_layers(now, None);
         self.tick_speakers(now);
         self.next_tick = now.checked_add(self.config.tick);
     }

@@ -1,7 +1,7 @@
 //! The per-subscriber-and-track rewriting state: offsets added to the
 //! publisher's sequence numbers, timestamps and VP8 PictureID /
 //! TL0PICIDX / KEYIDX, recomputed at each switch (first packet, resume
-//! after a pause or a congestion drop, new publisher SSRC, later a new
+//! after a pause or a congestion drop, new publisher SSRC, a new
 //! simulcast layer) so that the subscriber's stream continues where it
 //! stopped.
 
@@ -36,6 +36,9 @@ pub struct Rewriter {
     last_tl0: u8,
     last_key: u8,
     last_at: Option<Instant>,
+    /// The publisher sequence number of the last packet skipped in this
+    /// epoch: packets before it were sent with another offset.
+    last_skip: Option<u16>,
 }
 
 impl Rewriter {
@@ -56,6 +59,7 @@ impl Rewriter {
             last_tl0: 0,
             last_key: 0,
             last_at: None,
+            last_skip: None,
         }
     }
 
@@ -90,6 +94,7 @@ impl Rewriter {
             }
         }
         self.started = true;
+        self.last_skip = None;
         self.src_ssrc = pkt.ssrc;
         self.epoch_first = pkt.seq.wrapping_add(self.seq_off);
         self.last_seq = self.epoch_first.wrapping_sub(1);
@@ -155,6 +160,36 @@ impl Rewriter {
         }
     }
 
+    /// A packet not forwarded inside the epoch (a VP8 temporal layer above
+    /// the subscription's maximum): if it is newer than the last one
+    /// written, the following ones move down by one sequence number, and
+    /// its frame's PictureID is taken out of the numbering the same way
+    /// (once per frame: `skipped_pid` remembers the last one), so that the
+    /// subscriber sees no gap to NACK and consecutive PictureIDs.
+    pub fn skip(
+        &mut self,
+        pkt: &RtpIn<'_>,
+        vp8: Option<&Vp8Descriptor>,
+        skipped_pid: &mut Option<u16>,
+    ) {
+        let seq = pkt.seq.wrapping_add(self.seq_off);
+        if (seq.wrapping_sub(self.last_seq) as i16) > 0 {
+            self.seq_off = self.seq_off.wrapping_sub(1);
+            self.last_skip = Some(pkt.seq);
+        }
+        if let Some(p) = vp8.and_then(|d| d.picture_id)
+            && *skipped_pid != Some(p.value)
+        {
+            *skipped_pid = Some(p.value);
+            let m = p.modulus();
+            let mapped = p.value.wrapping_add(self.pid_off) & PID_MASK;
+            let ahead = mapped.wrapping_sub(self.last_pid) % m;
+            if ahead != 0 && ahead < m / 2 {
+                self.pid_off = self.pid_off.wrapping_sub(1) & PID_MASK;
+            }
+        }
+    }
+
     /// Whether outgoing `seq` belongs to the current epoch (is not before
     /// its first packet, nor more than [`EPOCH_WINDOW`] before the last).
     pub fn in_epoch(&self, seq: u16) -> bool {
@@ -166,7 +201,8 @@ impl Rewriter {
     }
 
     /// The publisher sequence number of outgoing `seq`, if `seq` was
-    /// written in the current epoch.
+    /// written in the current epoch (and after its last skipped packet:
+    /// earlier ones had another offset).
     pub fn source_seq(&self, seq: u16) -> Option<u16> {
         if !self.started {
             return None;
@@ -176,7 +212,14 @@ impl Rewriter {
         if age > sent || sent > EPOCH_WINDOW {
             return None;
         }
-        Some(seq.wrapping_sub(self.seq_off))
+        let src = seq.wrapping_sub(self.seq_off);
+        if self
+            .last_skip
+            .is_some_and(|k| (src.wrapping_sub(k) as i16) <= 0)
+        {
+            return None;
+        }
+        Some(src)
     }
 }
 

@@ -88,6 +88,22 @@ impl<T> Slab<T> {
         self.entries.iter().filter_map(|e| e.val.as_ref())
     }
 
+    /// Every live key and value.
+    pub fn iter(&self) -> impl Iterator<Item = (Key, &T)> {
+        self.entries.iter().enumerate().filter_map(|(i, e)| {
+            let generation = e.generation;
+            e.val.as_ref().map(|v| {
+                (
+                    Key {
+                        idx: i as u32,
+                        generation,
+                    },
+                    v,
+                )
+            })
+        })
+    }
+
     /// Every live key and value, mutably.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (Key, &mut T)> {
         self.entries.iter_mut().enumerate().filter_map(|(i, e)| {

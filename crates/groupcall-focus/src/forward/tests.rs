@@ -10,7 +10,6 @@ const C: ParticipantId = ParticipantId(3);
 const CALL: CallId = CallId(10);
 const V_SSRC: u32 = 1000;
 const A_SSRC: u32 = 2000;
-const KEY_HDR: [u8; 10] = [0x10, 0x02, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0xe0, 0x01];
 
 fn vkey() -> TrackKey {
     TrackKey::new("sA", "v")
@@ -20,31 +19,9 @@ fn akey() -> TrackKey {
 }
 
 /// A VP8 payload: long PictureID, TL0PICIDX, TID/KEYIDX; a key frame
-/// header or an inter frame byte.
+/// header (640x480) or an inter frame byte.
 fn vp8(pid: u16, tl0: u8, keyidx: u8, keyframe: bool, start: bool) -> Vec<u8> {
-    let d = Vp8Descriptor {
-        non_reference: false,
-        start_of_partition: start,
-        partition_index: 0,
-        picture_id: Some(PictureId {
-            value: pid,
-            long: true,
-        }),
-        tl0picidx: Some(tl0),
-        tid: Some((0, false)),
-        keyidx: Some(keyidx),
-        len: 0,
-        keyframe: false,
-    };
-    let mut b = vec![0u8; 16];
-    let n = d.write(&mut b).unwrap();
-    b.truncate(n);
-    if keyframe && start {
-        b.extend_from_slice(&KEY_HDR);
-    } else {
-        b.extend_from_slice(&[0x01, 0xaa, 0xbb]);
-    }
-    b
+    vp8_with(pid, tl0, 0, keyidx, keyframe, start, (640, 480))
 }
 
 /// An egress, owned, with its payload patched and parsed back.
@@ -80,6 +57,8 @@ struct H {
     f: Forwarder,
     t0: Instant,
     sent: Vec<Sent>,
+    /// The marker bit of the packets sent next.
+    marker: bool,
 }
 
 impl H {
@@ -94,6 +73,7 @@ impl H {
             f,
             t0: Instant::now(),
             sent: Vec::new(),
+            marker: false,
         }
     }
 
@@ -133,6 +113,13 @@ impl H {
         self.rtp_level(ms, from, ssrc, seq, ts, payload, None);
     }
 
+    /// The last packet of a frame (marker set).
+    fn rtp_end(&mut self, ms: u64, ssrc: u32, seq: u16, ts: u32, payload: &[u8]) {
+        self.marker = true;
+        self.rtp(ms, A, ssrc, seq, ts, payload);
+        self.marker = false;
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn rtp_level(
         &mut self,
@@ -148,7 +135,7 @@ impl H {
             ssrc,
             seq,
             timestamp: ts,
-            marker: false,
+            marker: self.marker,
             payload_type: 96,
             audio_level: level.map(|level| AudioLevel { voice: true, level }),
             payload,
@@ -167,7 +154,7 @@ impl H {
         let p1 = vp8(frame, tl0, k, keyframe, true);
         let p2 = vp8(frame, tl0, k, keyframe, false);
         self.rtp(ms, A, ssrc, seq, ts, &p1);
-        self.rtp(ms, A, ssrc, seq.wrapping_add(1), ts, &p2);
+        self.rtp_end(ms, ssrc, seq.wrapping_add(1), ts, &p2);
     }
 
     fn take(&mut self, to: ParticipantId, kind: MediaKind) -> Vec<Sent> {
@@ -952,4 +939,571 @@ fn on_a_tie_the_current_speaker_stays() {
             .collect();
         assert_eq!(changes, vec![Some(first), Some(second)]);
     }
+}
+
+// ---- Simulcast (issue 12) ----
+
+/// A VP8 payload with a TID and, for a key frame's first packet, a key
+/// frame header of `w` x `h`.
+fn vp8_sized(pid: u16, tl0: u8, tid: u8, keyframe: bool, start: bool, size: (u16, u16)) -> Vec<u8> {
+    vp8_with(pid, tl0, tid, 0, keyframe, start, size)
+}
+
+/// A VP8 payload: long PictureID, TL0PICIDX, TID and KEYIDX; a key frame
+/// header of `w` x `h` or an inter frame byte.
+fn vp8_with(
+    pid: u16,
+    tl0: u8,
+    tid: u8,
+    keyidx: u8,
+    keyframe: bool,
+    start: bool,
+    (w, h): (u16, u16),
+) -> Vec<u8> {
+    let d = Vp8Descriptor {
+        non_reference: false,
+        start_of_partition: start,
+        partition_index: 0,
+        picture_id: Some(PictureId {
+            value: pid,
+            long: true,
+        }),
+        tl0picidx: Some(tl0),
+        tid: Some((tid, false)),
+        keyidx: Some(keyidx),
+        len: 0,
+        keyframe: false,
+    };
+    let mut b = vec![0u8; 16];
+    let n = d.write(&mut b).unwrap();
+    b.truncate(n);
+    if keyframe && start {
+        b.extend_from_slice(&[0x10, 0x02, 0x00, 0x9d, 0x01, 0x2a]);
+        b.extend_from_slice(&w.to_le_bytes());
+        b.extend_from_slice(&h.to_le_bytes());
+    } else {
+        b.extend_from_slice(&[0x01, 0xaa, 0xbb]);
+    }
+    b
+}
+
+const SIZES: [(u16, u16); 3] = [(320, 180), (640, 360), (1280, 720)];
+/// SSRCs of the three layers: listed high first, so that layer indices
+/// (arrival order) differ from the size order.
+const SIM_SSRC: [u32; 3] = [3002, 3000, 3001];
+const SIM_RID: [&str; 3] = ["f", "q", "h"];
+
+fn simkey() -> TrackKey {
+    TrackKey::new("sA", "sim")
+}
+
+impl H {
+    /// Publishes A's 3-layer track (layers learnt from RIDs as a driver
+    /// does: layer 0 "f", 1 "q", 2 "h").
+    fn publish_sim(&mut self) -> TrackId {
+        let t = self
+            .f
+            .publish_track(
+                A,
+                TrackSpec {
+                    key: simkey(),
+                    codec: Codec::Vp8,
+                    layers: vec![LayerSpec {
+                        rid: None,
+                        ssrc: None,
+                    }],
+                },
+            )
+            .unwrap();
+        for (i, (rid, ssrc)) in SIM_RID.iter().zip(SIM_SSRC).enumerate() {
+            let l = self.f.layer_for_rid(t, rid).unwrap();
+            assert_eq!(usize::from(l), i);
+            assert_eq!(self.f.layer_for_rid(t, rid).unwrap(), l, "found again");
+            self.f.set_layer_ssrc(t, l, ssrc).unwrap();
+        }
+        t
+    }
+
+    /// Frame `n` (at 30 fps, ts 3000 apart) of each listed layer (index
+    /// into SIZES: 0 low, 1 mid, 2 high), two packets each; layer seqs
+    /// are 1000 apart; `key` for a key frame; `tid` its temporal layer.
+    fn sim_frame(&mut self, n: u16, layers: &[usize], key: bool, tid: u8) {
+        let ms = u64::from(n) * 33;
+        for &l in layers {
+            let ssrc = [3000, 3001, 3002][l];
+            let seq = (l as u16) * 1000 + n * 2;
+            let ts = u32::from(n) * 3000 + l as u32;
+            let p1 = vp8_sized(n, n as u8, tid, key, true, SIZES[l]);
+            let p2 = vp8_sized(n, n as u8, tid, key, false, SIZES[l]);
+            self.rtp(ms, A, ssrc, seq, ts, &p1);
+            self.rtp_end(ms, ssrc, seq + 1, ts, &p2);
+        }
+    }
+
+    /// `s` subscribes, asks 320x180 and gets the low layer's key frame
+    /// (frames 0 and 1, all key frames; what it got is discarded).
+    fn sim_subscribe_low(&mut self, s: ParticipantId) {
+        self.f.subscribe(self.at(0), s, &simkey()).unwrap();
+        self.sim_frame(0, &[0, 1, 2], true, 0);
+        self.f
+            .set_wanted_size(self.at(1), s, &simkey(), Some(320), Some(180))
+            .unwrap();
+        self.sim_frame(1, &[0, 1, 2], true, 0);
+        self.take(s, MediaKind::Video);
+    }
+
+    /// The size index of the layers a subscriber's packets came from
+    /// (told by their payload: the descriptor is patched, not the rest).
+    fn sizes_of(sent: &[Sent]) -> Vec<u16> {
+        sent.iter()
+            .filter_map(|s| {
+                let d = Vp8Descriptor::parse(&s.payload).unwrap();
+                layers::keyframe_size(&s.payload, &d).map(|(w, _)| w)
+            })
+            .collect()
+    }
+}
+
+/// The subscriber's packets are consecutive (seq, and PictureID per frame).
+fn assert_consecutive(sent: &[Sent]) {
+    for w in sent.windows(2) {
+        assert_eq!(w[1].hdr.seq, w[0].hdr.seq.wrapping_add(1), "seq continues");
+        let dp = w[1].pid.unwrap().wrapping_sub(w[0].pid.unwrap()) & 0x7fff;
+        assert!(
+            dp <= 1,
+            "PictureID continues ({:?} -> {:?})",
+            w[0].pid,
+            w[1].pid
+        );
+        let dts = w[1].hdr.timestamp.wrapping_sub(w[0].hdr.timestamp);
+        assert!(dts < 1 << 31, "timestamp does not go back");
+    }
+}
+
+#[test]
+fn simulcast_layer_by_requested_size_and_switches_at_key_frames() {
+    let mut h = H::new();
+    let t = h.publish_sim();
+    h.f.subscribe(h.at(0), B, &simkey()).unwrap();
+    h.f.subscribe(h.at(0), C, &simkey()).unwrap();
+    // Sizes are learnt from the first key frames.
+    h.sim_frame(0, &[0, 1, 2], true, 0);
+    h.f.set_wanted_size(h.at(10), B, &simkey(), Some(320), Some(180))
+        .unwrap();
+    h.f.set_wanted_size(h.at(10), C, &simkey(), Some(1280), Some(720))
+        .unwrap();
+    h.sent.clear();
+    h.outputs();
+    assert_eq!(h.f.layer_info(t, 1), Some((320, 180, 0)));
+    for n in 1..15 {
+        h.sim_frame(n, &[0, 1, 2], n == 1, 0);
+    }
+    let b = h.take(B, MediaKind::Video);
+    let c = h.take(C, MediaKind::Video);
+    assert_eq!(H::sizes_of(&b), vec![320], "B: the low layer's key frame");
+    assert_eq!(H::sizes_of(&c), vec![1280], "C: the high layer's");
+    assert_eq!(b.len(), 28);
+    assert_eq!(c.len(), 28);
+    assert_consecutive(&b);
+    let layers: Vec<_> = h.f.subscription_layers().collect();
+    assert!(
+        layers
+            .iter()
+            .any(|l| l.subscriber == B && l.layer == 1 && l.width == 320)
+    );
+    assert!(
+        layers
+            .iter()
+            .any(|l| l.subscriber == C && l.layer == 0 && l.height == 720)
+    );
+    // B asks 640x360: the mid layer, from its next key frame; the low one
+    // goes on until then; a PLI toward the mid layer at once.
+    h.f.set_wanted_size(h.at(15 * 33), B, &simkey(), Some(640), Some(360))
+        .unwrap();
+    assert_eq!(
+        h.outputs(),
+        vec![Output::KeyframeRequest {
+            publisher: A,
+            track: t,
+            layer: 2,
+            ssrc: Some(3001),
+            kind: KeyframeKind::Pli,
+        }]
+    );
+    for n in 15..20 {
+        // Only the mid layer's key frame (the low one's would be forwarded
+        // too, before the switch).
+        h.sim_frame(n, &[0], false, 0);
+        h.sim_frame(n, &[1, 2], n == 18, 0);
+    }
+    let b2 = h.take(B, MediaKind::Video);
+    assert_eq!(H::sizes_of(&b2), vec![640]);
+    // Frames 15..18 of the low layer (its frame 18 came before the mid
+    // layer's key frame 18), then 18 and 19 of the mid one.
+    assert_eq!(b2.len(), 12);
+    let mut all = b.clone();
+    all.extend(b2.iter().cloned());
+    assert_consecutive(&all);
+    let c2 = h.counters();
+    assert_eq!(c2.layer_switches, 2, "B's first from 1280 to 320, this one");
+    assert_eq!(c2.inter_before_keyframe, 0);
+    assert_eq!(c2.switch_latency_max_ms, 3 * 33);
+    assert_eq!(
+        h.f.switch_latencies().last(),
+        Some(Duration::from_millis(99))
+    );
+    // No size: the largest.
+    h.f.set_wanted_size(h.at(20 * 33), B, &simkey(), None, None)
+        .unwrap();
+    h.sim_frame(20, &[0, 1, 2], true, 0);
+    assert_eq!(H::sizes_of(&h.take(B, MediaKind::Video)), vec![640, 1280]);
+}
+
+#[test]
+fn paused_layer_is_skipped_and_steps_down_lower_the_layer() {
+    let mut h = H::new();
+    h.publish_sim();
+    h.f.subscribe(h.at(0), C, &simkey()).unwrap();
+    h.sim_frame(0, &[0, 1, 2], true, 0);
+    h.f.set_wanted_size(h.at(1), C, &simkey(), Some(1280), Some(720))
+        .unwrap();
+    for n in 1..10 {
+        h.sim_frame(n, &[0, 1, 2], false, 0);
+    }
+    assert_eq!(H::sizes_of(&h.take(C, MediaKind::Video)), vec![1280]);
+    // The high layer stops (its publisher paused it): after ~1 s it is
+    // skipped; C moves to the mid layer at its next key frame.
+    for n in 10..50 {
+        h.sim_frame(n, &[0, 1], n == 45, 0);
+        h.f.handle_timeout(h.at(u64::from(n) * 33));
+    }
+    let c = h.take(C, MediaKind::Video);
+    assert_eq!(H::sizes_of(&c), vec![640]);
+    assert_eq!(c.len(), 10, "frames 45..49 of the mid layer");
+    // The high layer comes back: C returns to it at its key frame.
+    for n in 50..60 {
+        h.sim_frame(n, &[0, 1, 2], n == 50 || n == 55, 0);
+        h.f.handle_timeout(h.at(u64::from(n) * 33));
+    }
+    assert_eq!(
+        H::sizes_of(&h.take(C, MediaKind::Video)),
+        vec![640, 640, 1280],
+        "mid key frames 50 and 55, then the high one of 55"
+    );
+    // One loss step down: the mid layer; another: the low one; a third
+    // changes nothing.
+    assert!(h.f.can_step_down(h.at(60 * 33), C));
+    h.f.set_layer_steps(C, 1);
+    for n in 60..62 {
+        h.f.handle_timeout(h.at(u64::from(n) * 33));
+        h.sim_frame(n, &[0, 1, 2], n == 61, 0);
+    }
+    assert_eq!(H::sizes_of(&h.take(C, MediaKind::Video)), vec![640]);
+    h.f.set_layer_steps(C, 3);
+    for n in 62..64 {
+        h.f.handle_timeout(h.at(u64::from(n) * 33));
+        h.sim_frame(n, &[0, 1, 2], n == 63, 0);
+    }
+    assert_eq!(H::sizes_of(&h.take(C, MediaKind::Video)), vec![320]);
+    assert!(!h.f.can_step_down(h.at(64 * 33), C));
+    assert_eq!(h.counters().layer_switches, 4, "mid, high, mid, low");
+}
+
+#[test]
+fn switch_falls_back_when_the_target_sends_no_key_frame() {
+    let mut h = H::new();
+    let t = h.publish_sim();
+    h.sim_subscribe_low(B);
+    let before = h.counters();
+    // B wants the high layer, which never sends a key frame again.
+    h.f.set_wanted_size(h.at(2 * 33), B, &simkey(), Some(1280), Some(720))
+        .unwrap();
+    let mut got = Vec::new();
+    for n in 2..70 {
+        h.sim_frame(n, &[0, 1, 2], false, 0);
+        h.f.handle_timeout(h.at(u64::from(n) * 33));
+        got.extend(h.take(B, MediaKind::Video));
+    }
+    // The low layer went on throughout (continuous), nothing else came.
+    assert_eq!(got.len(), 68 * 2);
+    assert!(got.iter().all(|s| s.payload.len() == got[0].payload.len()));
+    assert_consecutive(&got);
+    let c = h.counters();
+    assert_eq!(c.layer_switch_fallbacks, 1, "given up once after 2 s");
+    assert_eq!(c.layer_switches, before.layer_switches);
+    // Still on the low layer; the target is now the mid layer (the
+    // largest usable one, the high one being skipped), which would be
+    // given up in turn if it sent no key frame either.
+    let l =
+        h.f.subscription_layers()
+            .find(|l| l.subscriber == B)
+            .unwrap();
+    assert_eq!((l.layer, l.target), (1, 2));
+    // Keyframe requests toward the high layer: one at once, repeats every
+    // 500 ms while waiting, none after the fallback.
+    let reqs = h
+        .outputs()
+        .into_iter()
+        .filter(|o| matches!(o, Output::KeyframeRequest { layer: 0, track, .. } if *track == t))
+        .count();
+    assert!((4..=5).contains(&reqs), "{reqs} requests");
+    // The skipped layer is usable again after its next key frame.
+    h.sim_frame(70, &[0, 1, 2], true, 0);
+    h.f.handle_timeout(h.at(70 * 33));
+    h.sim_frame(71, &[0, 1, 2], true, 0);
+    assert_eq!(
+        H::sizes_of(&h.take(B, MediaKind::Video)).last(),
+        Some(&1280)
+    );
+}
+
+#[test]
+fn without_the_key_frame_wait_inter_frames_of_the_new_layer_go_first() {
+    for wait in [true, false] {
+        let mut h = H::new();
+        h.f = Forwarder::new(ForwarderConfig {
+            switch_on_keyframe: wait,
+            ..ForwarderConfig::default()
+        });
+        h.f.add_call(CALL).unwrap();
+        for p in [A, B] {
+            h.f.add_participant(CALL, p).unwrap();
+        }
+        h.publish_sim();
+        h.sim_subscribe_low(B);
+        let before = h.counters().layer_switches;
+        h.f.set_wanted_size(h.at(40), B, &simkey(), None, None)
+            .unwrap();
+        for n in 2..10 {
+            h.sim_frame(n, &[0], false, 0);
+            h.sim_frame(n, &[1, 2], n == 6, 0);
+        }
+        let b = h.take(B, MediaKind::Video);
+        assert_consecutive(&b);
+        let c = h.counters();
+        assert_eq!(c.layer_switches, before + 1);
+        if wait {
+            assert_eq!(c.inter_before_keyframe, 0);
+            assert_eq!(b.len(), 18);
+        } else {
+            assert_eq!(c.inter_before_keyframe, 4, "frames 2..5 of the high layer");
+            assert_eq!(
+                h.f.switch_latencies().last(),
+                Some(Duration::from_millis(2 * 33 - 40))
+            );
+        }
+    }
+}
+
+#[test]
+fn temporal_layers_above_the_maximum_are_dropped_with_continuous_numbering() {
+    let mut h = H::new();
+    h.publish_sim();
+    h.f.subscribe(h.at(0), B, &simkey()).unwrap();
+    h.f.subscribe(h.at(0), C, &simkey()).unwrap();
+    h.sim_frame(0, &[0, 1, 2], true, 0);
+    for s in [B, C] {
+        h.f.set_wanted_size(h.at(1), s, &simkey(), Some(320), Some(180))
+            .unwrap();
+    }
+    h.f.set_max_temporal(B, &simkey(), Some(0)).unwrap();
+    h.sent.clear();
+    // L1T2: odd frames TID 0, even ones TID 1; the key frame is TID 0.
+    for n in 1..22 {
+        h.sim_frame(n, &[0], n == 1, (n % 2 == 0) as u8);
+    }
+    let b = h.take(B, MediaKind::Video);
+    let c = h.take(C, MediaKind::Video);
+    assert_eq!(c.len(), 42, "all 21 frames");
+    assert_eq!(b.len(), 22, "11 frames: TID 0 only");
+    assert_consecutive(&b);
+    let pids: Vec<u16> = b.iter().step_by(2).map(|s| s.pid.unwrap()).collect();
+    assert!(pids.windows(2).all(|w| w[1] == w[0] + 1), "{pids:?}");
+    assert_eq!(h.counters().drops.temporal, 20);
+    // NACKs: the packets after the last drop are served as sent; those
+    // before it (sent with another offset) are missed, never misnamed.
+    let ssrc = b[0].hdr.ssrc;
+    let mut again = Vec::new();
+    h.f.handle_nack(
+        B,
+        ssrc,
+        &[b[21].hdr.seq, b[20].hdr.seq, b[0].hdr.seq],
+        &mut |e| again.push(own(e)),
+    )
+    .unwrap();
+    assert_eq!(again.len(), 2);
+    assert_eq!(again[0].hdr, b[21].hdr);
+    assert_eq!(again[0].payload, b[21].payload);
+    assert_eq!(again[1].hdr, b[20].hdr);
+    assert_eq!(h.counters().nacks_missed, 1);
+    // All temporal layers again: every frame.
+    h.f.set_max_temporal(B, &simkey(), None).unwrap();
+    for n in 22..26 {
+        h.sim_frame(n, &[0], false, (n % 2 == 0) as u8);
+    }
+    let b2 = h.take(B, MediaKind::Video);
+    assert_eq!(b2.len(), 8);
+    let mut all = b;
+    all.extend(b2);
+    assert_consecutive(&all);
+    // Automatic: C asks 160x90 (half the low layer's size) and gets TID
+    // 0 only; 161x90 all again.
+    h.take(C, MediaKind::Video);
+    h.f.set_wanted_size(h.at(26 * 33), C, &simkey(), Some(160), Some(90))
+        .unwrap();
+    for n in 26..30 {
+        h.sim_frame(n, &[0], false, (n % 2 == 0) as u8);
+    }
+    assert_eq!(h.take(C, MediaKind::Video).len(), 4, "frames 27 and 29");
+    h.f.set_wanted_size(h.at(30 * 33), C, &simkey(), Some(161), Some(90))
+        .unwrap();
+    for n in 30..34 {
+        h.sim_frame(n, &[0], false, (n % 2 == 0) as u8);
+    }
+    assert_eq!(h.take(C, MediaKind::Video).len(), 8);
+}
+
+#[test]
+fn downlink_estimate_caps_layers_and_rises_only_after_holding() {
+    let mut h = H::new();
+    h.publish_sim();
+    h.f.subscribe(h.at(0), C, &simkey()).unwrap();
+    // 2 s of frames: per layer 2 packets of ~30 bytes per frame at 30 fps
+    // (~15 kbit/s each; scaled below by padding the high layers).
+    let step = |h: &mut H, n: u16, key: bool| {
+        let ms = u64::from(n) * 33;
+        for l in 0..3usize {
+            let ssrc = [3000, 3001, 3002][l];
+            let seq = (l as u16) * 1000 + n * 2;
+            let mut p1 = vp8_sized(n, n as u8, 0, key, true, SIZES[l]);
+            let mut p2 = vp8_sized(n, n as u8, 0, key, false, SIZES[l]);
+            let pad = [0usize, 200, 800][l];
+            p1.resize(p1.len() + pad, 0);
+            p2.resize(p2.len() + pad, 0);
+            let ts = u32::from(n) * 3000;
+            h.rtp(ms, A, ssrc, seq, ts, &p1);
+            h.rtp_end(ms, ssrc, seq + 1, ts, &p2);
+        }
+        h.f.handle_timeout(h.at(ms));
+    };
+    for n in 0..60 {
+        step(&mut h, n, n % 15 == 0);
+    }
+    let t = h.f.subscription_layers().next().unwrap().track;
+    let rates: Vec<u64> = (0..3).map(|l| h.f.layer_info(t, l).unwrap().2).collect();
+    // Layer 1 (low) ~ 2 * 30 B, layer 2 (mid) + 400 B, layer 0 (high) + 1600 B per frame.
+    assert!(rates[1] < rates[2] && rates[2] < rates[0], "{rates:?}");
+    assert_eq!(
+        H::sizes_of(&h.take(C, MediaKind::Video)).last(),
+        Some(&1280)
+    );
+    // An estimate between the mid and high rates: down to mid at the next
+    // key frame.
+    h.f.set_downlink_estimate(C, Some((rates[2] + rates[0]) / 2));
+    for n in 60..76 {
+        step(&mut h, n, n % 15 == 0);
+    }
+    assert_eq!(H::sizes_of(&h.take(C, MediaKind::Video)).last(), Some(&640));
+    // Plenty again: up only after 3 s of holding (then the next key frame).
+    h.f.set_downlink_estimate(C, Some(rates[0] * 2));
+    let mut first_high = None;
+    for n in 76..200 {
+        step(&mut h, n, n % 15 == 0);
+        if first_high.is_none() && H::sizes_of(&h.take(C, MediaKind::Video)).contains(&1280) {
+            first_high = Some(n);
+        }
+    }
+    let n = first_high.expect("back to the high layer");
+    let waited = u64::from(n - 76) * 33;
+    assert!(
+        (3000..3000 + 15 * 33 + 100).contains(&waited),
+        "{waited} ms"
+    );
+}
+
+#[test]
+fn layers_learnt_from_rids_are_bounded_and_checked() {
+    let mut h = H::new();
+    let t = h.publish_sim();
+    assert_eq!(h.f.layer_count(t), Some(3));
+    assert_eq!(h.f.layer_for_rid(t, "x"), Ok(3));
+    assert_eq!(h.f.layer_for_rid(t, "y"), Err(ForwardError::BadLayers));
+    assert_eq!(h.f.layer_count(t), Some(MAX_LAYERS));
+    // An audio track has one layer only.
+    let audio = h.f.track_by_key(CALL, &akey()).unwrap();
+    assert_eq!(h.f.layer_for_rid(audio, "q"), Err(ForwardError::BadLayers));
+    // A size or temporal limit needs an active subscription to the track.
+    assert_eq!(
+        h.f.set_wanted_size(h.at(0), B, &simkey(), Some(1), Some(1)),
+        Err(ForwardError::UnknownTrack(simkey()))
+    );
+    assert_eq!(
+        h.f.set_max_temporal(B, &TrackKey::new("no", "pe"), Some(0)),
+        Err(ForwardError::UnknownTrack(TrackKey::new("no", "pe")))
+    );
+    // A layer with no key frame yet is never chosen; nothing moves.
+    h.f.subscribe(h.at(0), B, &simkey()).unwrap();
+    h.f.set_wanted_size(h.at(0), B, &simkey(), Some(320), Some(180))
+        .unwrap();
+    h.f.handle_timeout(h.at(50));
+    let l =
+        h.f.subscription_layers()
+            .find(|l| l.subscriber == B)
+            .unwrap();
+    assert_eq!((l.layer, l.target, l.width), (0, 0, 0));
+    assert!(!h.f.can_step_down(h.at(50), B));
+}
+
+#[test]
+fn a_switch_never_cuts_a_frame_of_the_current_layer() {
+    let mut h = H::new();
+    let t = h.publish_sim();
+    h.sim_subscribe_low(B);
+    h.sim_frame(2, &[0, 1, 2], false, 0);
+    h.take(B, MediaKind::Video);
+    h.outputs();
+    h.f.set_wanted_size(h.at(90), B, &simkey(), None, None)
+        .unwrap();
+    h.outputs();
+    // The layers interleave: the high layer's key frame starts while the
+    // low layer's frame 3 is half sent.
+    let low = |n: u16, start: bool| vp8_sized(n, n as u8, 0, false, start, SIZES[0]);
+    let high = |n: u16, start: bool| vp8_sized(n, n as u8, 0, true, start, SIZES[2]);
+    h.rtp(99, A, 3000, 6, 9000, &low(3, true));
+    h.rtp(99, A, 3002, 2006, 9002, &high(3, true));
+    h.rtp_end(99, 3002, 2007, 9002, &high(3, false));
+    h.rtp_end(99, 3000, 7, 9000, &low(3, false));
+    let b = h.take(B, MediaKind::Video);
+    assert_eq!(b.len(), 2, "the low frame whole, no high packet");
+    assert!(b[1].hdr.marker);
+    let c = h.counters();
+    assert_eq!(c.layer_switches_deferred, 1);
+    // A key frame of the high layer is asked for again (the first request
+    // went at set_wanted_size: rate limited, it is pending).
+    h.f.handle_timeout(h.at(600));
+    assert!(h.outputs().iter().any(|o| matches!(o,
+        Output::KeyframeRequest { track, layer: 0, .. } if *track == t)));
+    // The next high key frame, at a frame boundary: switched.
+    h.sim_frame(4, &[0], false, 0);
+    h.sim_frame(4, &[2], true, 0);
+    let b2 = h.take(B, MediaKind::Video);
+    assert_eq!(H::sizes_of(&b2), vec![1280]);
+    let mut all = b;
+    all.extend(b2);
+    assert_consecutive(&all);
+    assert_eq!(h.counters().layer_switches, c.layer_switches + 1);
+    // A current layer gone quiet is not waited on: a switch at once even
+    // though its last frame never ended.
+    h.f.set_wanted_size(h.at(700), B, &simkey(), Some(320), Some(180))
+        .unwrap();
+    h.rtp(700, A, 3002, 2010, 15002, &high(5, true));
+    h.rtp(
+        900,
+        A,
+        3000,
+        10,
+        15000,
+        &vp8_sized(5, 5, 0, true, true, SIZES[0]),
+    );
+    assert_eq!(H::sizes_of(&h.take(B, MediaKind::Video)), vec![1280, 320]);
 }
