@@ -210,6 +210,11 @@ impl PeerState {
             if t.mid.is_some() {
                 continue;
             }
+            // A line on which the remote sends simulcast is not reused:
+            // the remote (a str0m peer among them) expects a RID on every
+            // packet of that line, ours in the other direction would be
+            // dropped (a focus would lose the first track it forwards to a
+            // simulcast publisher).
             let reuse = lines.iter().find(|(mid, kind)| {
                 *kind == t.kind
                     && !taken.contains(mid)
@@ -217,6 +222,7 @@ impl PeerState {
                     && self.rtc.media(*mid).is_some_and(|m| {
                         !m.disabled()
                             && matches!(m.direction(), Direction::RecvOnly | Direction::Inactive)
+                            && !matches!(m.rids_rx(), str0m::media::Rids::Specific(_))
                     })
             });
             match reuse {
