@@ -153,7 +153,8 @@ pub struct JoinOptions {
     /// config; see [`groupcall_media::simulcast`]), reported as
     /// [`ClientEvent::SimulcastLayers`]. A focus whose answer does not
     /// accept simulcast gets one layer. Mesh peers always get one layer.
-    /// `None` (the default for now): one layer to the focus too.
+    /// Default: on, with [`groupcall_media::SimulcastConfig::default`]; `None`:
+    /// one layer to the focus too.
     pub simulcast: Option<groupcall_media::SimulcastConfig>,
 }
 
@@ -189,12 +190,12 @@ impl JoinOptions {
     }
 }
 
-/// Whether [`JoinOptions::new`] turns simulcast to the focus on. Off
-/// until the focus forwards simulcast layers: a focus that accepts
-/// simulcast in its answer (str0m does, by default) but forwards one layer
-/// per track mixes the three layers' packets into one stream, and no video
-/// decodes (through_focus fails with video 0 frames).
-const SIMULCAST_DEFAULT: bool = false;
+/// Whether [`JoinOptions::new`] turns simulcast to the focus on: yes, the
+/// focus forwards each subscriber the layer it asks for. (A focus that
+/// accepts simulcast in its answer but forwards one layer per track, as
+/// groupcall's did before it had simulcast, mixes the three layers into
+/// one stream: set [`JoinOptions::simulcast`] to `None` for such a focus.)
+const SIMULCAST_DEFAULT: bool = true;
 
 /// What the client reports.
 #[derive(Debug, Clone, PartialEq)]
