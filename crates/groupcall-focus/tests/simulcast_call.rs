@@ -142,3 +142,54 @@ async fn subscribers_asking_different_sizes_get_different_layers_at_once() {
     focus.stop().await;
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_forced_switches_decode_cleanly_with_no_inter_frame_before_the_key_frame() {
+    let (mut h, focus, members, parts) = start("").await;
+    ask(&parts[1], 320, 180);
+    let t0 = Instant::now();
+    wait_media(&mut h, t0, &members, 50, 30, 90).await;
+    // 20 switches, 1 s apart (key frames come every 500 ms, and the focus
+    // asks for one at once).
+    for i in 0..20 {
+        if i % 2 == 0 {
+            ask(&parts[1], 1280, 720);
+        } else {
+            ask(&parts[1], 320, 180);
+        }
+        h.log.run_for(Duration::from_secs(1)).await;
+    }
+    h.log.run_for(Duration::from_secs(1)).await;
+    let figures = focus.figures.borrow().clone();
+    leave_all(parts).await;
+    let file = video_of(&mut h, &members[1], &members[0]);
+    let frames = assert_decodes(&file, 500);
+    let sizes = decoded_frame_sizes(&file);
+    let all = after(&sizes, 0.0);
+    let changes = runs(&all).len() - 1;
+    let t = &figures.totals;
+    let lat: Vec<f64> = figures
+        .switch_latencies
+        .iter()
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
+    let max_lat = lat.iter().copied().fold(0.0, f64::max);
+    // The longest gap between two decoded frames of the recording.
+    let gap = sizes
+        .windows(2)
+        .map(|w| w[1].t - w[0].t)
+        .fold(0.0, f64::max);
+    eprintln!(
+        "FIGURE simulcast_call: 20 forced switches on a real Synapse: {frames} frames decoded by ffmpeg without an error, {changes} size changes in the recording, layer switches at the focus {}, inter frames before the key frame {}, fallbacks {}, switch latency at the focus max {max_lat:.0} ms over {} switches, longest gap between decoded frames {:.0} ms",
+        t.layer_switches,
+        t.inter_before_keyframe,
+        t.layer_switch_fallbacks,
+        lat.len(),
+        gap * 1000.0
+    );
+    assert!(changes >= 20, "size changes {changes}: {:?}", runs(&all));
+    assert_eq!(t.inter_before_keyframe, 0);
+    assert_eq!(t.layer_switch_fallbacks, 0);
+    focus.stop().await;
+    h.shutdown().await;
+}
