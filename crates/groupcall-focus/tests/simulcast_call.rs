@@ -41,6 +41,8 @@ async fn start(extra: &str) -> (Harness, RunningFocus, Vec<Member>, Vec<Particip
         clients,
         |_| None,
         move |i, o: &mut JoinOptions| {
+            // Simulcast to the focus (not yet the client's default).
+            o.simulcast = Some(groupcall::media::SimulcastConfig::default());
             if i > 0 {
                 o.record_dir = Some(rec.join(format!("rec-p{i}")));
             }

@@ -153,8 +153,8 @@ pub struct JoinOptions {
     /// config; see [`groupcall_media::simulcast`]), reported as
     /// [`ClientEvent::SimulcastLayers`]. A focus whose answer does not
     /// accept simulcast gets one layer. Mesh peers always get one layer.
-    /// Default: on, with [`groupcall_media::SimulcastConfig::default`]; `None`:
-    /// one layer to the focus too.
+    /// Default: `None` for now (one layer to the focus too; see
+    /// `SIMULCAST_DEFAULT` in this file for why).
     pub simulcast: Option<groupcall_media::SimulcastConfig>,
 }
 
@@ -190,12 +190,15 @@ impl JoinOptions {
     }
 }
 
-/// Whether [`JoinOptions::new`] turns simulcast to the focus on: yes, the
-/// focus forwards each subscriber the layer it asks for. (A focus that
-/// accepts simulcast in its answer but forwards one layer per track, as
-/// groupcall's did before it had simulcast, mixes the three layers into
-/// one stream: set [`JoinOptions::simulcast`] to `None` for such a focus.)
-const SIMULCAST_DEFAULT: bool = true;
+/// Whether [`JoinOptions::new`] turns simulcast to the focus on: not yet.
+/// The focus forwards layers (`groupcall-focus/tests/simulcast_call.rs`
+/// turns it on), but with it on by default two focus tests fail: a
+/// renegotiation glare (`tests/glare.rs`: the call lost its media) and a
+/// throttled subscriber (`tests/media_path.rs`: the others' video fell
+/// from 30 to 25 frames/s, likely the built-in source skipping ahead to a
+/// key frame at each layer's key frame request). Off until those are
+/// understood and fixed.
+const SIMULCAST_DEFAULT: bool = false;
 
 /// What the client reports.
 #[derive(Debug, Clone, PartialEq)]
