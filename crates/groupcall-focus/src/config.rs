@@ -115,6 +115,10 @@ pub struct MediaConfig {
     /// of the bound ones (a public IP in front of a NAT that maps the same
     /// ports). Empty: the bound addresses.
     pub advertise: Vec<IpAddr>,
+    /// `estimate_bandwidth`: estimate each subscriber's downlink
+    /// (transport-wide congestion control feedback) and pick its simulcast
+    /// layers to fit. Default true.
+    pub estimate_bandwidth: bool,
 }
 
 /// `[turn]`: a TURN server the focus may relay through.
@@ -251,7 +255,7 @@ const TOP_KEYS: &[&str] = &[
     "heartbeat",
     "drain",
 ];
-const MEDIA_KEYS: &[&str] = &["bind", "advertise"];
+const MEDIA_KEYS: &[&str] = &["bind", "advertise", "estimate_bandwidth"];
 const TURN_KEYS: &[&str] = &[
     "uris",
     "username",
@@ -527,7 +531,14 @@ impl Parser<'_> {
                 ),
             ));
         }
-        Ok(MediaConfig { bind, advertise })
+        let estimate_bandwidth = self
+            .opt_bool(s, "media.", "estimate_bandwidth")?
+            .unwrap_or(true);
+        Ok(MediaConfig {
+            bind,
+            advertise,
+            estimate_bandwidth,
+        })
     }
 
     fn turn(&self, s: &Table) -> Result<TurnConfig, ConfigError> {
@@ -868,6 +879,16 @@ bind = ["192.0.2.10:50000"]
     }
 
     #[test]
+    fn bandwidth_estimation_is_on_unless_turned_off() {
+        assert!(parse(MINIMAL).unwrap().media.estimate_bandwidth);
+        let off = MINIMAL.replace("[media]\n", "[media]\nestimate_bandwidth = false\n");
+        assert!(!parse(&off).unwrap().media.estimate_bandwidth);
+        let bad = MINIMAL.replace("[media]\n", "[media]\nestimate_bandwidth = \"yes\"\n");
+        let msg = error(&bad, "media.estimate_bandwidth");
+        assert!(msg.contains("must be true or false"), "{msg}");
+    }
+
+    #[test]
     fn example_file_parses() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/focus.example.toml");
         let c = Config::load(path).unwrap();
@@ -880,6 +901,7 @@ bind = ["192.0.2.10:50000"]
             c.media.advertise,
             ["203.0.113.7".parse::<IpAddr>().unwrap()]
         );
+        assert!(c.media.estimate_bandwidth);
         assert!(c.turn.is_some());
         assert!(c.allow.allows("@alice:example.org"));
         assert!(c.allow.allows("@anyone:example.com"));

@@ -24,7 +24,7 @@ use groupcall_proto::signalling::Candidate;
 use serde_json::Value;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::focus::{
     ClientId, Focus, FocusConfig, FocusOutput, ForwardChange, MediaIn, MediaOp, PublishedTrack,
@@ -57,7 +57,25 @@ pub struct EngineConfig {
     /// The upload limit of one participant, bits per second: told to every
     /// publisher once a second (RTCP REMB on its video, advisory).
     pub max_upload_bps: Option<u64>,
+    /// Estimate each subscriber's downlink from this initial figure, bits
+    /// per second (str0m's TWCC estimation), and let it cap the
+    /// subscriber's simulcast layers; None: no estimation (the layers
+    /// follow the requested sizes and the receiver-reported loss).
+    pub estimate_bandwidth: Option<u64>,
 }
+
+/// The initial downlink estimate of a subscriber ([`EngineConfig::estimate_bandwidth`]
+/// from `[media] estimate_bandwidth`): str0m's initial probes start from
+/// it, and it lets a subscriber start on a high layer.
+pub const INITIAL_DOWNLINK_ESTIMATE: u64 = 1_500_000;
+
+/// How long after a subscriber's layers moved its reported loss is not
+/// taken against it: with a downlink estimate, str0m paces its video to
+/// the estimate, and what was queued before the move (up to the pacer's
+/// 2 s queue limit, drained faster than the link takes it) still goes out
+/// after it; receiver reports come about once a second and cover the
+/// second before.
+const LAYER_SETTLE: Duration = Duration::from_millis(4000);
 
 /// The media socket's buffer size asked for (each way).
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -387,6 +405,9 @@ struct ClientMedia {
     loss_guard: LossGuard,
     /// Before that, steps its simulcast subscriptions down a layer.
     layer_guard: LayerGuard,
+    /// The bandwidth estimation targets last given to its peer
+    /// (minimum, desired).
+    bitrate_targets: (u64, u64),
 }
 
 struct State {
@@ -397,7 +418,9 @@ struct State {
     ice_servers: Vec<groupcall::media::IceServer>,
     relay_only: bool,
     max_upload_bps: Option<u64>,
-    /// When the publishers are next told the upload limit.
+    estimate_bandwidth: Option<u64>,
+    /// When the publishers are next told the upload limit, and the
+    /// subscribers' bandwidth estimation its targets.
     next_limit: Instant,
     out: mpsc::UnboundedSender<EngineOutput>,
     clients: HashMap<ClientId, ClientMedia>,
@@ -469,6 +492,7 @@ impl State {
             ice_servers: cfg.ice_servers,
             relay_only: cfg.relay_only,
             max_upload_bps: cfg.max_upload_bps,
+            estimate_bandwidth: cfg.estimate_bandwidth,
             next_limit: Instant::now(),
             out,
             clients: HashMap::new(),
@@ -520,7 +544,8 @@ impl State {
             .focus
             .poll_timeout()
             .map(|t| now + Duration::from_millis(t.saturating_sub(wall)));
-        let limit = self.max_upload_bps.map(|_| self.next_limit);
+        let limit = (self.max_upload_bps.is_some() || self.estimate_bandwidth.is_some())
+            .then_some(self.next_limit);
         [
             self.set.poll_timeout(),
             self.fwd.poll_timeout(),
@@ -563,20 +588,61 @@ impl State {
 
     fn on_timeout(&mut self) {
         let now = Instant::now();
-        if let Some(bps) = self.max_upload_bps
-            && now >= self.next_limit
-        {
-            // REMB is a standing limit a sender re-reads: say it again
-            // every second (and to clients that joined since).
+        if now >= self.next_limit {
             self.next_limit = now + Duration::from_secs(1);
             let clients: Vec<ClientId> = self.clients.keys().copied().collect();
-            for c in clients {
-                self.request(c, None, Request::LimitIncomingBitrate { bps });
+            if let Some(bps) = self.max_upload_bps {
+                // REMB is a standing limit a sender re-reads: say it again
+                // every second (and to clients that joined since).
+                for &c in &clients {
+                    self.request(c, None, Request::LimitIncomingBitrate { bps });
+                }
+            }
+            if self.estimate_bandwidth.is_some() {
+                for c in clients {
+                    self.update_bitrate_targets(now, c);
+                }
             }
         }
         self.set.handle_input(now, SetInput::Timeout);
         self.fwd.handle_timeout(now);
         self.focus.handle_timeout(unix_ms());
+    }
+
+    /// Tells a subscriber's bandwidth estimation what to probe for: half
+    /// again the rate of what it would get with no downlink limit (the
+    /// forwarder moves up a layer once the estimate covers 125 % of its
+    /// rate; headers come on top of the payload rates). Only changes of
+    /// more than half are sent (str0m probes on a raise).
+    fn update_bitrate_targets(&mut self, now: Instant, client: ClientId) {
+        let Some(rates) = self.fwd.downlink_rates(now, part(client)) else {
+            return;
+        };
+        let wanted = rates.wanted;
+        let desired = wanted.saturating_mul(3) / 2;
+        let Some(m) = self.clients.get_mut(&client) else {
+            return;
+        };
+        // Layer rates vary from second to second (key frames): only a
+        // change by half is passed on, so that probes are not asked for
+        // again and again.
+        let last = m.bitrate_targets.1;
+        if desired == 0 || (desired * 2 < last * 3 && desired * 3 > last * 2) {
+            return;
+        }
+        m.bitrate_targets = (0, desired);
+        debug!(
+            client = client.0,
+            desired, "subscriber bandwidth estimation target"
+        );
+        self.request(
+            client,
+            None,
+            Request::SetBitrateTargets {
+                minimum_bps: 0,
+                desired_bps: desired,
+            },
+        );
     }
 
     fn figures(&self) -> EngineFigures {
@@ -714,6 +780,7 @@ impl State {
                     bind_addrs: vec![self.local_addr.ip()],
                     ice_servers: self.ice_servers.clone(),
                     relay_only: self.relay_only,
+                    estimate_bandwidth: self.estimate_bandwidth,
                     ..PeerConfig::default()
                 };
                 self.set.add_peer(Instant::now(), peer(client), cfg);
@@ -900,6 +967,7 @@ impl State {
                 if let Some(m) = self.clients.get_mut(&client) {
                     m.nacks = (s.nacks_received, s.rtp_resent);
                     let loss = s.egress_loss_permille;
+                    trace!(client = client.0, ?loss, "receiver-reported loss");
                     let t = Instant::now();
                     // A simulcast subscriber goes down a layer first; its
                     // video stops only when nothing can go lower.
@@ -923,6 +991,14 @@ impl State {
                         if can_go_down || m.layer_guard.settling(t) {
                             return;
                         }
+                    }
+                    // Just after a layer move (the estimate's), the loss
+                    // reported still counts the layer left.
+                    let moved = self.fwd.layers_moved_at(part(client));
+                    if !m.loss_guard.dropping()
+                        && moved.is_some_and(|at| t.saturating_duration_since(at) < LAYER_SETTLE)
+                    {
+                        return;
                     }
                     if let Some(c) = m.loss_guard.report(t, loss) {
                         info!(client = client.0, ?loss, congestion = ?c, "subscriber congestion (receiver-reported loss)");
@@ -961,6 +1037,10 @@ impl State {
         match ev {
             PeerEvent::Rtp(p) => self.on_rtp(client, p),
             PeerEvent::Connected => self.focus.handle_media(now, client, MediaIn::Connected),
+            PeerEvent::EgressEstimate { bps } => {
+                trace!(client = client.0, bps, "subscriber downlink estimate");
+                self.fwd.set_downlink_estimate(part(client), Some(bps));
+            }
             PeerEvent::Failed | PeerEvent::Closed => self.focus.handle_media(
                 now,
                 client,
@@ -1478,6 +1558,10 @@ impl EngineCore {
             relay_only,
             advertise: config.media.advertise.first().copied(),
             max_upload_bps: Some(u64::from(config.limits.max_kbps_per_participant) * 1000),
+            estimate_bandwidth: config
+                .media
+                .estimate_bandwidth
+                .then_some(INITIAL_DOWNLINK_ESTIMATE),
         }))
     }
 

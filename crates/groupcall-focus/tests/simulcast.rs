@@ -467,6 +467,7 @@ impl World {
             relay_only: false,
             advertise: None,
             max_upload_bps: None,
+            estimate_bandwidth: Some(groupcall_focus::engine::INITIAL_DOWNLINK_ESTIMATE),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let engine = Engine::spawn(cfg, tx).unwrap();
@@ -828,6 +829,7 @@ async fn without_the_key_frame_wait_inter_frames_of_the_new_layer_are_forwarded(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capped_subscriber_steps_down_and_back_up_when_lifted() {
+    groupcall_testkit::init_tracing("warn");
     let mut w = World::start(ForwarderConfig::default(), 1).await;
     w.connected().await;
     w.subs[0].subscribe(1280, 720);
@@ -839,8 +841,9 @@ async fn a_capped_subscriber_steps_down_and_back_up_when_lifted() {
     w.run_for(Duration::from_secs(2)).await;
     let layer_at_focus = |f: &EngineFigures| f.subscription_layers.first().map(|l| l.height);
     assert_eq!(layer_at_focus(&w.figures().await), Some(720));
-    // A 300 kbit/s downlink: its receiver reports loss; the focus steps it
-    // down a layer, then another, to the low layer (about 130 kbit/s).
+    // A 300 kbit/s downlink: the focus's estimate of it falls (and its
+    // receiver reports loss); the focus moves it down to the low layer
+    // (about 130 kbit/s).
     let capped = Instant::now();
     w.subs[0].set_cap(Some(300_000));
     let mut first_down = None;
@@ -849,7 +852,7 @@ async fn a_capped_subscriber_steps_down_and_back_up_when_lifted() {
     while low_at.is_none() && Instant::now() < deadline {
         w.run_for(Duration::from_millis(100)).await;
         let f = w.figures().await;
-        if first_down.is_none() && f.layer_steps_down > 0 {
+        if first_down.is_none() && layer_at_focus(&f).is_some_and(|h| h < 720) {
             first_down = Some(capped.elapsed());
         }
         if layer_at_focus(&f) == Some(180) && w.subs[0].size_now() == Some((320, 180)) {
@@ -868,7 +871,7 @@ async fn a_capped_subscriber_steps_down_and_back_up_when_lifted() {
     let fps_capped = (w.subs[0].got.len() - n0) as f64 / 4.0;
     let audio_sent = w.audio_no - s0;
     let audio_share = (w.subs[0].audio_got - a0) as f64 / audio_sent as f64;
-    // Lifted to 5 Mbit/s: back up, a step after 4 s of clean reports each.
+    // Lifted to 5 Mbit/s: back up once str0m's probes find the room.
     let lifted = Instant::now();
     w.subs[0].set_cap(Some(5_000_000));
     let mut high_at = None;
@@ -885,7 +888,7 @@ async fn a_capped_subscriber_steps_down_and_back_up_when_lifted() {
     eprintln!(
         "FIGURE simulcast: 1280x720 subscriber capped at 300 kbit/s (emulated in the test peer, token bucket, 20 kB burst): \
          first step down {first_down:?} after the cap, low layer (320x180) {low_at:?} after, {fps_capped} frames/s received there, \
-         video never stopped, audio frames delivered there {:.1} % of {audio_sent}; lifted to 5 Mbit/s: high layer again {high_at:?} after; steps down {}, up {}; datagrams dropped by the cap {}",
+         video never stopped, audio frames delivered there {:.1} % of {audio_sent}; lifted to 5 Mbit/s: high layer again {high_at:?} after; steps by receiver-reported loss down {}, up {} (the rest by the downlink estimate); datagrams dropped by the cap {}",
         audio_share * 100.0,
         f.layer_steps_down,
         f.layer_steps_up,
@@ -893,10 +896,12 @@ async fn a_capped_subscriber_steps_down_and_back_up_when_lifted() {
     );
     assert!(audio_share >= 0.95, "{audio_share}");
     assert!(fps_capped >= 25.0, "{fps_capped} frames/s on the low layer");
-    // Bounds with room for a loaded machine (the figures above are what a
-    // run measured): receiver reports come about once a second, one at
-    // 25 % loss or more steps down, each step up needs 4 s of clean ones.
-    assert!(first_down < Duration::from_secs(4), "{first_down:?}");
+    // The issue's bound for the first step down; the others with room for
+    // a loaded machine (the figures above are what a run measured): the
+    // downlink estimate (TWCC) moves the layers, the receiver-reported loss
+    // steps only if it lags; what str0m's pacer queued before the move
+    // still reaches the subscriber after it.
+    assert!(first_down < Duration::from_secs(2), "{first_down:?}");
     assert!(low_at < Duration::from_secs(10), "{low_at:?}");
     assert!(high_at < Duration::from_secs(15), "{high_at:?}");
 }

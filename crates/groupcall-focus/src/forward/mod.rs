@@ -528,6 +528,12 @@ struct Participant {
     downlink_bps: Option<u64>,
     /// Layers below the wanted ones ([`LayerGuard`]).
     steps_down: u8,
+    /// The last automatic layer move of one of its subscriptions.
+    layers_moved_at: Option<Instant>,
+    /// The estimate fell since the last tick.
+    estimate_fell: bool,
+    /// The estimate caps its layers ([`Forwarder::set_downlink_estimate`]).
+    constrained: bool,
     tracks: Vec<TrackId>,
     /// Its outgoing streams, active or paused (kept for continuity).
     outs: Vec<Key>,
@@ -554,6 +560,22 @@ pub enum Congestion {
     Video,
     /// Its audio too.
     All,
+}
+
+/// A subscriber's downlink as the forwarder sees it
+/// ([`Forwarder::downlink_rates`]): payload bitrates, bits per second
+/// (headers come on top), over the last second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DownlinkRates {
+    /// With no downlink limit: for each active subscription, the layer its
+    /// requested size picks (or the track's one layer).
+    pub wanted: u64,
+    /// What it is sent now.
+    pub current: u64,
+    /// Every simulcast subscription targets the layer its requested size
+    /// picks (none is held lower by the estimate or loss steps).
+    pub at_wanted: bool,
 }
 
 #[derive(Debug)]
@@ -719,6 +741,9 @@ impl Forwarder {
                 call,
                 congestion: Congestion::None,
                 downlink_bps: None,
+                layers_moved_at: None,
+                estimate_fell: false,
+                constrained: false,
                 steps_down: 0,
                 tracks: Vec::new(),
                 outs: Vec::new(),
@@ -1206,13 +1231,128 @@ impl Forwarder {
     }
 
     /// A subscriber's downlink estimate, bits per second (e.g. from
-    /// transport-wide congestion control feedback or REMB), or None. It
-    /// caps the layers of its simulcast subscriptions (shared equally
-    /// among them) at the next [`Forwarder::handle_timeout`].
+    /// transport-wide congestion control feedback or REMB), or None. Once
+    /// it shows congestion (it fell, and below what the subscriber is sent
+    /// now), it caps the layers of its simulcast subscriptions (what is
+    /// not chosen comes off first, the rest is shared equally among them)
+    /// from the next [`Forwarder::handle_timeout`]; the cap is lifted once
+    /// every subscription is back on the layer its requested size picks
+    /// with the estimate at [`ForwarderConfig::up_margin_percent`] of that
+    /// rate. Before any congestion the estimate caps nothing: an
+    /// estimator's starting figure is a guess, and it rises only as far as
+    /// traffic and probes take it.
     pub fn set_downlink_estimate(&mut self, subscriber: ParticipantId, bps: Option<u64>) {
         if let Some(p) = self.participants.get_mut(&subscriber) {
+            if let (Some(new), Some(old)) = (bps, p.downlink_bps)
+                && new < old
+            {
+                p.estimate_fell = true;
+            }
+            if bps.is_none() {
+                p.constrained = false;
+            }
             p.downlink_bps = bps;
         }
+    }
+
+    /// Whether a subscriber's downlink estimate caps its layers now (see
+    /// [`Forwarder::set_downlink_estimate`]).
+    pub fn downlink_constrained(&self, subscriber: ParticipantId) -> bool {
+        self.participants
+            .get(&subscriber)
+            .is_some_and(|p| p.constrained)
+    }
+
+    /// Starts and ends the downlink caps (see
+    /// [`Forwarder::set_downlink_estimate`]).
+    fn update_constraints(&mut self, now: Instant) {
+        let margin = self.config.up_margin_percent;
+        let ids: Vec<ParticipantId> = self
+            .participants
+            .iter()
+            .filter(|(_, p)| p.downlink_bps.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            let Some(rates) = self.downlink_rates(now, id) else {
+                continue;
+            };
+            let Some(p) = self.participants.get_mut(&id) else {
+                continue;
+            };
+            let Some(bps) = p.downlink_bps else {
+                continue;
+            };
+            let fell = std::mem::take(&mut p.estimate_fell);
+            // Congested: the estimate fell below what is sent. Clear: back
+            // on the wanted layers with room for them.
+            let constrained = if p.constrained {
+                !(rates.at_wanted && bps >= rates.wanted * margin / 100)
+            } else {
+                fell && bps < rates.current
+            };
+            if constrained != p.constrained {
+                tracing::debug!(
+                    subscriber = id.0,
+                    bps,
+                    sent = rates.current,
+                    wanted = rates.wanted,
+                    constrained,
+                    "forwarder: the downlink estimate caps the layers (or no longer)"
+                );
+                p.constrained = constrained;
+            }
+        }
+    }
+
+    /// What a subscriber is sent and would be sent with no downlink
+    /// limit (see [`DownlinkRates`]). None for an unknown subscriber.
+    pub fn downlink_rates(&self, now: Instant, subscriber: ParticipantId) -> Option<DownlinkRates> {
+        let p = self.participants.get(&subscriber)?;
+        let (mut wanted, mut current) = (0u64, 0u64);
+        let mut at_wanted = true;
+        for out in p.outs.iter().filter_map(|&o| self.outs.get(o)) {
+            let Some(t) = self.tracks.get(out.track) else {
+                continue;
+            };
+            if !out.active {
+                continue;
+            }
+            let rate = |i: u8| t.layers.get(usize::from(i)).map_or(0, |l| l.stats.bps);
+            current += rate(out.layer);
+            if out.pinned || out.kind != MediaKind::Video || t.layers.len() < 2 {
+                wanted += rate(out.layer);
+                continue;
+            }
+            let mut stats = [LayerStats::default(); MAX_LAYERS];
+            for (s, l) in stats.iter_mut().zip(&t.layers) {
+                *s = l.stats;
+            }
+            let stats = &stats[..t.layers.len().min(MAX_LAYERS)];
+            let wish = Wish {
+                width: out.want.0,
+                height: out.want.1,
+                steps_down: 0,
+                budget_bps: None,
+            };
+            let by_size = layers::choose(
+                stats,
+                now,
+                self.config.layer_stale,
+                wish,
+                out.target_layer,
+                100,
+                true,
+            )
+            .map_or(out.layer, |c| c.now);
+            wanted += rate(by_size);
+            at_wanted &= out.target_layer == by_size;
+        }
+        Some(DownlinkRates {
+            wanted,
+            current,
+            at_wanted,
+        })
     }
 
     /// How many layers below the wanted ones a subscriber's simulcast
@@ -1366,22 +1506,26 @@ impl Forwarder {
                     continue;
                 }
                 let p = self.participants.get(&out.subscriber);
-                let budget = p.and_then(|p| {
+                let budget = p.filter(|p| p.constrained).and_then(|p| {
                     let bps = p.downlink_bps?;
-                    let n = p
-                        .outs
-                        .iter()
-                        .filter(|&&x| {
-                            self.outs.get(x).is_some_and(|x| {
-                                x.active
-                                    && !x.pinned
-                                    && x.kind == MediaKind::Video
-                                    && self.tracks.get(x.track).is_some_and(|t| t.layers.len() > 1)
-                            })
-                        })
-                        .count()
-                        .max(1);
-                    Some(bps / n as u64)
+                    // What is not chosen (audio, one-layer video, pinned
+                    // layers) comes off first; the rest is shared.
+                    let mut fixed = 0u64;
+                    let mut n = 0u64;
+                    for x in p.outs.iter().filter_map(|&x| self.outs.get(x)) {
+                        if !x.active {
+                            continue;
+                        }
+                        let Some(t) = self.tracks.get(x.track) else {
+                            continue;
+                        };
+                        if !x.pinned && x.kind == MediaKind::Video && t.layers.len() > 1 {
+                            n += 1;
+                        } else if let Some(l) = t.layers.get(usize::from(x.layer)) {
+                            fixed += l.stats.bps;
+                        }
+                    }
+                    Some(bps.saturating_sub(fixed) / n.max(1))
                 });
                 let wish = Wish {
                     width: out.want.0,
@@ -1442,9 +1586,33 @@ impl Forwarder {
                 (None, _) => None,
             };
             if ch.now != out.target_layer {
+                let subscriber = out.subscriber;
+                let height = |l: u8| {
+                    self.tracks
+                        .get(track)
+                        .and_then(|t| t.layers.get(usize::from(l)))
+                        .map_or(0, |l| l.stats.height)
+                };
+                tracing::debug!(
+                    subscriber = subscriber.0,
+                    from = height(out.target_layer),
+                    to = height(ch.now),
+                    budget = ?self.participants.get(&subscriber).and_then(|p| p.downlink_bps),
+                    "forwarder: layer choice moved (heights)"
+                );
                 self.retarget(now, o, track, ch.now);
+                if let Some(p) = self.participants.get_mut(&subscriber) {
+                    p.layers_moved_at = Some(now);
+                }
             }
         }
+    }
+
+    /// When the automatic choice last moved one of a subscriber's
+    /// simulcast subscriptions to another layer (the loss its receiver
+    /// reports just after still counts the layer left).
+    pub fn layers_moved_at(&self, subscriber: ParticipantId) -> Option<Instant> {
+        self.participants.get(&subscriber)?.layers_moved_at
     }
 
     /// Ends a subscription (its rewriting state is kept so that a later
@@ -1944,6 +2112,7 @@ impl Forwarder {
         for (t, l) in repeats {
             self.request_keyframe(now, t, l, false);
         }
+        self.update_constraints(now);
         self.choose_layers(now, None);
         self.tick_speakers(now);
         self.next_tick = now.checked_add(self.config.tick);

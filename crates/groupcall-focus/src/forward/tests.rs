@@ -1397,10 +1397,18 @@ fn downlink_estimate_caps_layers_and_rises_only_after_holding() {
         H::sizes_of(&h.take(C, MediaKind::Video)).last(),
         Some(&1280)
     );
-    // An estimate between the mid and high rates: down to mid at the next
-    // key frame.
+    // An estimator's first figure, even a low one, is a guess: nothing is
+    // capped before the estimate falls.
+    h.f.set_downlink_estimate(C, Some(rates[1]));
+    for n in 60..62 {
+        step(&mut h, n, false);
+    }
+    assert!(!h.f.downlink_constrained(C));
+    h.f.set_downlink_estimate(C, Some(rates[0] * 2));
+    // It falls, between the mid and high rates (below what is sent): down
+    // to mid at the next key frame.
     h.f.set_downlink_estimate(C, Some((rates[2] + rates[0]) / 2));
-    for n in 60..76 {
+    for n in 62..76 {
         step(&mut h, n, n % 15 == 0);
     }
     assert_eq!(H::sizes_of(&h.take(C, MediaKind::Video)).last(), Some(&640));
@@ -1414,6 +1422,7 @@ fn downlink_estimate_caps_layers_and_rises_only_after_holding() {
         }
     }
     let n = first_high.expect("back to the high layer");
+    assert!(!h.f.downlink_constrained(C), "the cap is lifted once back");
     let waited = u64::from(n - 76) * 33;
     assert!(
         (3000..3000 + 15 * 33 + 100).contains(&waited),

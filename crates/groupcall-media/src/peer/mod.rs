@@ -179,6 +179,13 @@ pub struct PeerConfig {
     /// [`crate::simulcast`]). Screenshare and audio stay one layer.
     /// Default `None`: one layer.
     pub simulcast: Option<SimulcastConfig>,
+    /// Estimate the bandwidth towards the remote (str0m's send-side
+    /// estimation over transport-wide congestion control feedback),
+    /// starting from this many bits per second, and report it as
+    /// [`PeerEvent::EgressEstimate`]; [`Request::SetBitrateTargets`] says
+    /// what to probe for. For a focus's peers, whose estimate picks each
+    /// subscriber's simulcast layers. Default `None`.
+    pub estimate_bandwidth: Option<u64>,
 }
 
 /// The label of the data channel a peer opens ([`PeerConfig::data_channel`]).
@@ -208,6 +215,7 @@ impl Default for PeerConfig {
             forward: false,
             data_channel: false,
             simulcast: None,
+            estimate_bandwidth: None,
         }
     }
 }
@@ -274,6 +282,13 @@ pub enum PeerEvent {
         /// The m-line.
         mid: Mid,
         /// The limit, bits per second.
+        bps: u64,
+    },
+    /// The estimated bandwidth towards the remote, bits per second (only
+    /// with [`PeerConfig::estimate_bandwidth`]; repeated as it changes,
+    /// about every 100 ms while feedback arrives).
+    EgressEstimate {
+        /// The estimate, bits per second.
         bps: u64,
     },
     /// The remote asked for a key frame on a local track that has no source
@@ -506,6 +521,17 @@ pub enum Request {
         /// The limit, bits per second.
         bps: u64,
     },
+    /// What the bandwidth estimation ([`PeerConfig::estimate_bandwidth`])
+    /// works towards: `minimum_bps` is kept up with padding when media
+    /// sends less (capped by the estimate), `desired_bps` is probed for
+    /// (str0m's `Bwe::set_bitrate`). Ignored without estimation. No
+    /// answer.
+    SetBitrateTargets {
+        /// Total outgoing rate to sustain, bits per second.
+        minimum_bps: u64,
+        /// The rate we would like to send at, bits per second.
+        desired_bps: u64,
+    },
 }
 
 /// One RTP packet received by a forwarding peer ([`PeerEvent::Rtp`]). The
@@ -598,6 +624,7 @@ impl std::fmt::Debug for Request {
             Request::RequestKeyframeOn { .. } => "RequestKeyframeOn",
             Request::Rollback => "Rollback",
             Request::LimitIncomingBitrate { .. } => "LimitIncomingBitrate",
+            Request::SetBitrateTargets { .. } => "SetBitrateTargets",
         };
         f.write_str(name)
     }

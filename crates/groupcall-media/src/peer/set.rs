@@ -241,10 +241,15 @@ impl PeerSet {
         } else {
             without_retransmission(builder.codec_config());
         }
-        if let Some(s) = config.simulcast.as_ref().filter(|s| s.twcc) {
-            // Send-side bandwidth estimation (TWCC) for the simulcast
-            // governor.
-            builder = builder.enable_bwe(Some(str0m::bwe::Bitrate::bps(s.initial_estimate_bps)));
+        let initial_estimate = config.estimate_bandwidth.or(config
+            .simulcast
+            .as_ref()
+            .filter(|s| s.twcc)
+            .map(|s| s.initial_estimate_bps));
+        if let Some(bps) = initial_estimate {
+            // Send-side bandwidth estimation (TWCC): for the simulcast
+            // governor of a sender, or reported (a focus's subscribers).
+            builder = builder.enable_bwe(Some(str0m::bwe::Bitrate::bps(bps)));
         }
         let mut rtc = builder.build(now);
         let mut candidates = Vec::new();

@@ -164,6 +164,9 @@ impl PeerState {
             }) => {
                 let bps = estimate.as_u64();
                 trace!(bps, can_probe, "uplink estimate (TWCC)");
+                if can_probe && self.config.estimate_bandwidth.is_some() {
+                    self.emit(PeerEvent::EgressEstimate { bps });
+                }
                 if can_probe {
                     self.on_estimate(None, crate::simulcast::EstimateKind::Twcc, bps);
                 }
@@ -179,6 +182,7 @@ impl PeerState {
                     .map(|t| t.sent.frames)
                     .sum();
                 let resent = s.packets.saturating_sub(written);
+                trace!(mid = %s.mid, rid = ?s.rid, nacks = s.nacks, resent, loss = ?s.loss, bytes = s.bytes, "egress stats");
                 self.egress_nacks
                     .insert((s.mid, s.rid), (s.nacks, resent, s.loss));
             }
@@ -584,6 +588,19 @@ impl PeerState {
             }
             Request::LimitIncomingBitrate { bps } => {
                 self.limit_incoming_bitrate(bps);
+                self.drain()?;
+            }
+            Request::SetBitrateTargets {
+                minimum_bps,
+                desired_bps,
+            } => {
+                if self.config.estimate_bandwidth.is_some() {
+                    trace!(minimum_bps, desired_bps, "bandwidth estimation targets");
+                    self.rtc.bwe().set_bitrate(
+                        str0m::bwe::Bitrate::bps(minimum_bps),
+                        str0m::bwe::Bitrate::bps(desired_bps),
+                    );
+                }
                 self.drain()?;
             }
             Request::Rollback => {
