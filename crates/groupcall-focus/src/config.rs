@@ -116,8 +116,10 @@ pub struct MediaConfig {
     /// ports). Empty: the bound addresses.
     pub advertise: Vec<IpAddr>,
     /// `estimate_bandwidth`: estimate each subscriber's downlink
-    /// (transport-wide congestion control feedback) and pick its simulcast
-    /// layers to fit. Default true.
+    /// (transport-wide congestion control feedback) and fit its simulcast
+    /// layers to it once it shows congestion. Default false: str0m then
+    /// also paces the subscriber's video to the estimate (see
+    /// docs/focus-forwarding.md).
     pub estimate_bandwidth: bool,
 }
 
@@ -533,7 +535,7 @@ impl Parser<'_> {
         }
         let estimate_bandwidth = self
             .opt_bool(s, "media.", "estimate_bandwidth")?
-            .unwrap_or(true);
+            .unwrap_or(false);
         Ok(MediaConfig {
             bind,
             advertise,
@@ -879,10 +881,10 @@ bind = ["192.0.2.10:50000"]
     }
 
     #[test]
-    fn bandwidth_estimation_is_on_unless_turned_off() {
-        assert!(parse(MINIMAL).unwrap().media.estimate_bandwidth);
-        let off = MINIMAL.replace("[media]\n", "[media]\nestimate_bandwidth = false\n");
-        assert!(!parse(&off).unwrap().media.estimate_bandwidth);
+    fn bandwidth_estimation_is_off_unless_turned_on() {
+        assert!(!parse(MINIMAL).unwrap().media.estimate_bandwidth);
+        let on = MINIMAL.replace("[media]\n", "[media]\nestimate_bandwidth = true\n");
+        assert!(parse(&on).unwrap().media.estimate_bandwidth);
         let bad = MINIMAL.replace("[media]\n", "[media]\nestimate_bandwidth = \"yes\"\n");
         let msg = error(&bad, "media.estimate_bandwidth");
         assert!(msg.contains("must be true or false"), "{msg}");
