@@ -903,7 +903,7 @@ bind = ["192.0.2.10:50000"]
             c.media.advertise,
             ["203.0.113.7".parse::<IpAddr>().unwrap()]
         );
-        assert!(c.media.estimate_bandwidth);
+        assert!(!c.media.estimate_bandwidth);
         assert!(c.turn.is_some());
         assert!(c.allow.allows("@alice:example.org"));
         assert!(c.allow.allows("@anyone:example.com"));
