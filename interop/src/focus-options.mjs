@@ -5,7 +5,8 @@ import { UsageError, checkCommonOptions, readArgs, requireOptions } from "./opti
 
 export const USAGE = `usage: node focus-client.mjs --homeserver URL --user NAME --password PW --room ROOM_ID
          --focus @USER:SERVER/DEVICE
-         [--register] [--create-call] [--plaintext] [--simulcast] [--ice-server URI]
+         [--register] [--create-call] [--plaintext] [--simulcast] [--scalability L1T1|L1T2|L1T3]
+         [--camera WIDTHxHEIGHT@FPS] [--ice-server URI]
          [--candidate-ip IP[,IP...]] [--duration SECS] [--media-interval MS]
          [--ping-timeout MS] [--retries N] [--log-signalling]
          [--log-level debug|info|warn|error|silent]`;
@@ -30,7 +31,12 @@ const VALUES = {
   "--media-interval": "mediaInterval",
   "--ping-timeout": "pingTimeout",
   "--retries": "retries",
+  "--scalability": "scalability",
+  "--camera": "camera",
 };
+
+/** The VP8 temporal scalability modes Chromium encodes (`scalabilityMode`). */
+export const SCALABILITY_MODES = ["L1T1", "L1T2", "L1T3"];
 
 export { UsageError };
 
@@ -43,6 +49,16 @@ export function parseFocus(value) {
     throw new UsageError(`--focus must be @USER:SERVER/DEVICE (the focus has no member entry: its device must be named), got ${value}`);
   }
   return { user_id: user, device_id: device };
+}
+
+/** Parses `WIDTHxHEIGHT@FPS` (the fake camera's getUserMedia constraints). */
+export function parseCamera(value) {
+  const m = /^(\d{2,4})x(\d{2,4})@(\d{1,2})$/.exec(value);
+  const [width, height, frameRate] = m ? m.slice(1).map(Number) : [];
+  if (!m || width < 16 || height < 16 || width > 1920 || height > 1080 || frameRate < 1 || frameRate > 60) {
+    throw new UsageError(`--camera must be WIDTHxHEIGHT@FPS (at most 1920x1080@60), got ${value}`);
+  }
+  return { width, height, frameRate };
 }
 
 /** Parses the command line (throws UsageError with the usage text). */
@@ -62,6 +78,10 @@ export function parseOptions(argv) {
     opts[key] = Number(opts[key]);
     if (!Number.isInteger(opts[key]) || opts[key] < min) throw new UsageError(`--${key.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase())} must be an integer >= ${min}`);
   }
+  if (opts.scalability !== undefined && !SCALABILITY_MODES.includes(opts.scalability)) {
+    throw new UsageError(`--scalability must be one of ${SCALABILITY_MODES.join(", ")}, got ${opts.scalability}`);
+  }
+  opts.camera = parseCamera(opts.camera ?? "640x360@15");
   checkCommonOptions(opts);
   return opts;
 }
