@@ -313,3 +313,86 @@ async fn chromium_simulcast_layers_reach_subscribers_by_requested_size() {
     assert_eq!(figures.totals.inter_before_keyframe, 0);
     c.end().await;
 }
+
+/// Chromium's VP8 temporal layers (`--scalability L1T3` on each simulcast
+/// encoding: TL0 at a quarter of the frame rate) through the focus: a
+/// subscriber asking a thumbnail (half the smallest layer's size) gets
+/// that layer's temporal layer 0 only (the forwarder's automatic choice),
+/// one asking the smallest layer's size gets all of it, one asking the
+/// camera's size the top layer; ffprobe counts clearly fewer frames per
+/// second in the thumbnail's recording, and every recording decodes
+/// without an error (the focus rewrote PictureIDs and sequence numbers
+/// around the dropped frames).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chromium_temporal_layers_give_a_thumbnail_fewer_frames_per_second() {
+    let low = (CAMERA.0 / 4, CAMERA.1 / 4);
+    let thumb = (low.0 / 2, low.1 / 2);
+    let mut c = start(
+        &["p1", "p2", "p3"],
+        &[
+            "--simulcast",
+            "--scalability",
+            "L1T3",
+            "--camera",
+            CAMERA_ARG,
+        ],
+    )
+    .await;
+    let wants = [thumb, low, CAMERA];
+    for (p, w) in c.parts.iter().zip(wants) {
+        ask(p, w.0, w.1);
+    }
+    let t0 = Instant::now();
+    c.wait_video(t0, 10, 60).await;
+    c.h.log.run_for(Duration::from_secs(8)).await;
+    let sent = c.last_sent().expect("chr reports what it sends");
+    let figures = c.focus.figures.borrow().clone();
+    leave_all(std::mem::take(&mut c.parts)).await;
+    let mut rates = Vec::new();
+    let mut lines = Vec::new();
+    for (at, want) in wants.iter().enumerate() {
+        let file = c.video_of(at);
+        let frames = assert_decodes(&file, 20);
+        let sizes = decoded_frame_sizes(&file);
+        let last = tail(&sizes, 6.0);
+        let rate = fps(last);
+        rates.push(rate);
+        let (w, h) = last.last().map_or((0, 0), |f| (f.width, f.height));
+        lines.push(format!(
+            "{} asked {}x{}: {w}x{h} at {rate:.1} fps over the last 6 s, {frames} frames decoded without error",
+            c.members[at].name, want.0, want.1
+        ));
+    }
+    eprintln!(
+        "FIGURE chromium_simulcast: Chromium VP8 temporal layers (L1T3) through the focus: chr sends {}; {}; focus: {} packets of a temporal layer dropped, {} inter frames before the key frame",
+        layers_of(&sent),
+        lines.join("; "),
+        figures.totals.drops.temporal,
+        figures.totals.inter_before_keyframe,
+    );
+    // The thumbnail and the smallest size get the same layer: the
+    // thumbnail at most half the frame rate (L1T3's TL0 is a quarter).
+    for (at, want) in [(0, low), (1, low), (2, CAMERA)] {
+        let file = c.video_of(at);
+        let sizes = decoded_frame_sizes(&file);
+        let last = tail(&sizes, 6.0);
+        assert!(
+            last.len() >= 10 && share(last, want) >= 0.99,
+            "{} asked {:?}, got {}",
+            c.members[at].name,
+            wants[at],
+            runs(last)
+        );
+    }
+    assert!(
+        rates[1] >= 10.0 && rates[2] >= 10.0,
+        "full frame rates: {rates:?}"
+    );
+    assert!(
+        rates[0] >= 2.0 && rates[0] <= 0.5 * rates[1],
+        "the thumbnail gets clearly fewer frames per second: {rates:?}"
+    );
+    assert!(figures.totals.drops.temporal > 0);
+    assert_eq!(figures.totals.inter_before_keyframe, 0);
+    c.end().await;
+}
