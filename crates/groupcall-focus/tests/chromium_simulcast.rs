@@ -243,8 +243,8 @@ fn share(frames: &[FrameSize], want: (u32, u32)) -> f64 {
         / frames.len().max(1) as f64
 }
 
-/// "N x WxH" runs in order.
-fn runs(frames: &[FrameSize]) -> String {
+/// Runs of frames of one size, in order: (size, frames).
+fn size_runs(frames: &[FrameSize]) -> Vec<((u32, u32), usize)> {
     let mut runs: Vec<((u32, u32), usize)> = Vec::new();
     for f in frames {
         match runs.last_mut() {
@@ -252,7 +252,13 @@ fn runs(frames: &[FrameSize]) -> String {
             _ => runs.push(((f.width, f.height), 1)),
         }
     }
-    runs.iter()
+    runs
+}
+
+/// "N x WxH" runs in order.
+fn runs(frames: &[FrameSize]) -> String {
+    size_runs(frames)
+        .iter()
         .map(|((w, h), n)| format!("{n} x {w}x{h}"))
         .collect::<Vec<_>>()
         .join(", ")
@@ -260,12 +266,15 @@ fn runs(frames: &[FrameSize]) -> String {
 
 /// Chromium's three simulcast encodings through the focus: a subscriber
 /// asking the smallest layer's size and one asking the camera's get those
-/// layers at the same time, read from their recordings by ffprobe; both
-/// recordings decode without an error. Chromium sends its top layer only
-/// once its bandwidth estimate (the focus's transport-wide congestion
-/// control feedback) allows it.
+/// layers at the same time, read from their recordings by ffprobe (Chromium
+/// sends its top layer only once its bandwidth estimate, from the focus's
+/// transport-wide congestion control feedback, allows it). Then the first
+/// one is switched 10 times between the two sizes: it follows, the focus
+/// switching only at key frames of the target layer; both recordings
+/// decode without an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chromium_simulcast_layers_reach_subscribers_by_requested_size() {
+    const SWITCHES: usize = 10;
     let low = (CAMERA.0 / 4, CAMERA.1 / 4);
     let mut c = start(&["p1", "p2"], &["--simulcast", "--camera", CAMERA_ARG]).await;
     ask(&c.parts[0], low.0, low.1);
@@ -273,44 +282,72 @@ async fn chromium_simulcast_layers_reach_subscribers_by_requested_size() {
     let t0 = Instant::now();
     c.wait_video(t0, 30, 60).await;
     let t_video = t0.elapsed();
-    c.h.log.run_for(Duration::from_secs(8)).await;
+    c.h.log.run_for(Duration::from_secs(5)).await;
     let sent = c.last_sent().expect("chr reports what it sends");
+    // p1 alternates, 1 s apart, ending on the low layer.
+    for i in 0..SWITCHES {
+        let w = if i % 2 == 0 { CAMERA } else { low };
+        ask(&c.parts[0], w.0, w.1);
+        c.h.log.run_for(Duration::from_secs(1)).await;
+    }
+    c.h.log.run_for(Duration::from_secs(2)).await;
     let figures = c.focus.figures.borrow().clone();
     leave_all(std::mem::take(&mut c.parts)).await;
-    let mut lines = Vec::new();
-    for (at, want) in [(0, low), (1, CAMERA)] {
-        let file = c.video_of(at);
-        let frames = assert_decodes(&file, 60);
-        let sizes = decoded_frame_sizes(&file);
-        let last = tail(&sizes, 4.0);
-        let got = share(last, want);
-        lines.push(format!(
-            "{} asked {}x{}: {frames} frames decoded without error, {:.0} % of the last 4 s ({} frames, {:.1} fps) at that size; all: {}",
-            c.members[at].name,
-            want.0,
-            want.1,
-            100.0 * got,
-            last.len(),
-            fps(last),
-            runs(&sizes)
-        ));
-        assert!(
-            last.len() >= 20 && got >= 0.99,
-            "{} asked {want:?}: {}; chr sends {}",
-            c.members[at].name,
-            runs(last),
-            layers_of(&sent)
-        );
-    }
+
+    // p2 never changed: its last 4 s are the top layer.
+    let file = c.video_of(1);
+    let p2_frames = assert_decodes(&file, 100);
+    let p2 = decoded_frame_sizes(&file);
+    let p2_tail = tail(&p2, 4.0);
+    assert!(
+        p2_tail.len() >= 40 && share(p2_tail, CAMERA) >= 0.99,
+        "p2 asked {CAMERA:?}: {}; chr sends {}",
+        runs(p2_tail),
+        layers_of(&sent)
+    );
+    // p1: the low layer (while p2 had the top one), then every switch.
+    let file = c.video_of(0);
+    let p1_frames = assert_decodes(&file, 100);
+    let p1 = decoded_frame_sizes(&file);
+    let p1_runs = size_runs(&p1);
+    let first = p1_runs.first().copied().unwrap_or_default();
+    assert!(
+        first.0 == low && first.1 >= 45,
+        "p1 asked {low:?} first: {}; chr sends {}",
+        runs(&p1),
+        layers_of(&sent)
+    );
+    assert!(
+        p1_runs.len() > SWITCHES && p1_runs.last().is_some_and(|r| r.0 == low),
+        "p1 switched {SWITCHES} times: {}",
+        runs(&p1)
+    );
+    let gap = p1.windows(2).map(|w| w[1].t - w[0].t).fold(0.0, f64::max);
+    let t = &figures.totals;
+    let lat_max = figures
+        .switch_latencies
+        .iter()
+        .max()
+        .map_or(0, |d| d.as_millis());
     eprintln!(
-        "FIGURE chromium_simulcast: Chromium simulcast through the focus, video at both subscribers {} ms after they asked; chr sends {}; {}; focus: {} layer switches, {} inter frames before the key frame",
+        "FIGURE chromium_simulcast: Chromium simulcast through the focus, video at both subscribers {} ms after they asked; chr sends {}; p1 asked {}x{} then switched {SWITCHES} times: {p1_frames} frames decoded without error, {}; p2 asked {}x{}: {p2_frames} frames decoded without error, {:.0} % of its last 4 s ({} frames, {:.1} fps) at that size; focus: {} layer switches, switch latency max {lat_max} ms, {} inter frames before the key frame, {} fallbacks; longest gap between p1's decoded frames {:.0} ms",
         t_video.as_millis(),
         layers_of(&sent),
-        lines.join("; "),
-        figures.totals.layer_switches,
-        figures.totals.inter_before_keyframe,
+        low.0,
+        low.1,
+        runs(&p1),
+        CAMERA.0,
+        CAMERA.1,
+        100.0 * share(p2_tail, CAMERA),
+        p2_tail.len(),
+        fps(p2_tail),
+        t.layer_switches,
+        t.inter_before_keyframe,
+        t.layer_switch_fallbacks,
+        gap * 1000.0,
     );
-    assert_eq!(figures.totals.inter_before_keyframe, 0);
+    assert_eq!(t.inter_before_keyframe, 0);
+    assert_eq!(t.layer_switch_fallbacks, 0);
     c.end().await;
 }
 
