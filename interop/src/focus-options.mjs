@@ -6,7 +6,7 @@ import { UsageError, checkCommonOptions, readArgs, requireOptions } from "./opti
 export const USAGE = `usage: node focus-client.mjs --homeserver URL --user NAME --password PW --room ROOM_ID
          --focus @USER:SERVER/DEVICE
          [--register] [--create-call] [--plaintext] [--simulcast] [--scalability L1T1|L1T2|L1T3]
-         [--camera WIDTHxHEIGHT@FPS] [--ice-server URI]
+         [--camera WIDTHxHEIGHT@FPS] [--want WIDTHxHEIGHT] [--ice-server URI]
          [--candidate-ip IP[,IP...]] [--duration SECS] [--media-interval MS]
          [--ping-timeout MS] [--retries N] [--log-signalling]
          [--log-level debug|info|warn|error|silent]`;
@@ -33,6 +33,7 @@ const VALUES = {
   "--retries": "retries",
   "--scalability": "scalability",
   "--camera": "camera",
+  "--want": "want",
 };
 
 /** The VP8 temporal scalability modes Chromium encodes (`scalabilityMode`). */
@@ -61,6 +62,14 @@ export function parseCamera(value) {
   return { width, height, frameRate };
 }
 
+/** Parses `WIDTHxHEIGHT` (the size --want asks in our video subscriptions). */
+export function parseSize(value) {
+  const m = /^(\d{1,4})x(\d{1,4})$/.exec(value);
+  const [width, height] = m ? m.slice(1).map(Number) : [];
+  if (!m || width < 1 || height < 1) throw new UsageError(`--want must be WIDTHxHEIGHT, got ${value}`);
+  return { width, height };
+}
+
 /** Parses the command line (throws UsageError with the usage text). */
 export function parseOptions(argv) {
   const opts = {
@@ -82,6 +91,7 @@ export function parseOptions(argv) {
     throw new UsageError(`--scalability must be one of ${SCALABILITY_MODES.join(", ")}, got ${opts.scalability}`);
   }
   opts.camera = parseCamera(opts.camera ?? "640x360@15");
+  if (opts.want !== undefined) opts.want = parseSize(opts.want);
   checkCommonOptions(opts);
   return opts;
 }

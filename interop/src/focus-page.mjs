@@ -184,7 +184,10 @@ async function start(opts) {
     const wanted = new Map();
     for (const [streamId, s] of available) {
       if (!isOthers(s)) continue;
-      for (const [trackId, size] of Object.entries(s.tracks ?? {})) {
+      for (const [trackId, meta] of Object.entries(s.tracks ?? {})) {
+        // The publisher's size, or --want's (the focus's metadata may name
+        // no size nor kind; a size in an audio subscription is ignored).
+        const size = opts.want ?? meta;
         wanted.set(`${streamId}\n${trackId}`, { stream_id: streamId, track_id: trackId, ...(size?.width ? { width: size.width } : {}), ...(size?.height ? { height: size.height } : {}) });
       }
     }
@@ -469,6 +472,11 @@ async function start(opts) {
         event: "media", user_id: owner?.user_id ?? null, device_id: owner?.device_id ?? null, stream_id: sec.stream_id,
         purpose: owner?.purpose ?? null, kind: s.kind, track_id: sec.track_id, mid, frames, fps, packets: s.packetsReceived ?? 0,
         ...(s.kind === "audio" ? { audible: Math.floor(((s.totalSamplesReceived ?? 0) - (s.concealedSamples ?? 0)) / 480) } : {}),
+        ...(s.kind === "video" ? {
+          width: s.frameWidth ?? null, height: s.frameHeight ?? null, frames_received: s.framesReceived ?? null,
+          frames_dropped: s.framesDropped ?? null, freezes: s.freezeCount ?? null, plis: s.pliCount ?? null,
+          nacks: s.nackCount ?? null, packets_lost: s.packetsLost ?? null,
+        } : {}),
       });
     }
     emit({ event: "sent", call_id: c.callId, audio: sent.audio ?? null, video: sent.video ?? null, pings: c.pings, bwe_bps: bwe });

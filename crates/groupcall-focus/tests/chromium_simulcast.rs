@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use groupcall::client::{ClientEvent, JoinOptions, VideoSource};
 use groupcall::media::TrackKind;
-use groupcall::proto::{Command, DeviceKey};
+use groupcall::proto::Command;
 use groupcall_testkit::media::{FrameSize, assert_decodes, decoded_frame_sizes};
 use groupcall_testkit::*;
 use serde_json::Value;
@@ -35,21 +35,23 @@ const CAMERA: (u32, u32) = (1280, 720);
 const CAMERA_ARG: &str = "1280x720@15";
 
 /// A call through the focus: `subscribers` groupcall clients (audio only,
-/// recording what they receive; the first creates the call) and the
-/// Chromium client `chr` publishing with `chr_args`. Members: the
-/// subscribers in order, `chr` last.
+/// recording what they receive; the first creates the call), the Chromium
+/// client `chr` publishing with `chr_args`, and with `chs_args` a second
+/// Chromium client `chs` (a subscriber: its own video goes to nobody's
+/// recording checks). Members: the subscribers in order, then `chr`.
 struct Call {
     h: Harness,
     focus: RunningFocus,
     members: Vec<Member>,
     parts: Vec<Participant>,
     chr: Member,
+    chs: Option<usize>,
 }
 
-async fn start(subscribers: &[&str], chr_args: &[&str]) -> Call {
+async fn start(subscribers: &[&str], chr_args: &[&str], chs_args: Option<&[&str]>) -> Call {
     require_chromium();
     let mut h = Harness::new().await;
-    for n in subscribers.iter().chain(&["chr"]) {
+    for n in subscribers.iter().chain(&["chr", "chs"]) {
         h.register(n).await;
     }
     let mut clients = Vec::new();
@@ -57,6 +59,7 @@ async fn start(subscribers: &[&str], chr_args: &[&str]) -> Call {
         clients.push((*n, h.login(n).await));
     }
     let focus = RunningFocus::start(&h, &clients[0].1).await;
+    let t_start = Instant::now();
     let room = focus.room.clone();
     let focus_arg = format!("{}/{}", focus.device.user_id, focus.device.device_id);
     let rec = h.tmp.path().to_owned();
@@ -68,18 +71,16 @@ async fn start(subscribers: &[&str], chr_args: &[&str]) -> Call {
         "--media-interval",
         "1000",
     ];
-    args.extend_from_slice(chr_args);
+    let mut chs_args_all = args.clone();
+    chs_args_all.extend_from_slice(chs_args.unwrap_or_default());
+    let mut chs = None;
     let (mut members, parts) = join_through_focus_with(
         &mut h,
         &focus,
         clients,
         |h| {
-            Some(Member {
-                idx: h.spawn_js("chr", "focus-client.mjs", &room, &args),
-                rust: false,
-                name: "chr".to_owned(),
-                dev: DeviceKey::new("", ""),
-            })
+            chs = chs_args.map(|_| h.spawn_js("chs", "focus-client.mjs", &room, &chs_args_all));
+            None
         },
         move |i, o: &mut JoinOptions| {
             // Subscribers only: no video of their own for Chromium to
@@ -89,8 +90,25 @@ async fn start(subscribers: &[&str], chr_args: &[&str]) -> Call {
         },
     )
     .await;
-    let mut chr = members.remove(1);
-    chr.dev = h.js_device(chr.idx).await;
+    if let Some(chs) = chs {
+        // Its start (a second browser) takes the CPU for seconds: over
+        // before chr publishes, so that chr's bandwidth estimate ramps up
+        // undisturbed.
+        h.log
+            .wait_for("chs's data channel to open", 60, |s| {
+                js_saw(s, t_start, chs, "channel_open", |_| true)
+            })
+            .await;
+        h.log.run_for(Duration::from_secs(2)).await;
+    }
+    args.extend_from_slice(chr_args);
+    let idx = h.spawn_js("chr", "focus-client.mjs", &room, &args);
+    let chr = Member {
+        idx,
+        rust: false,
+        name: "chr".to_owned(),
+        dev: h.js_device(idx).await,
+    };
     members.push(chr.clone());
     Call {
         h,
@@ -98,6 +116,7 @@ async fn start(subscribers: &[&str], chr_args: &[&str]) -> Call {
         members,
         parts,
         chr,
+        chs,
     }
 }
 
@@ -145,6 +164,49 @@ impl Call {
         }
     }
 
+    /// Chromium client `chr`'s `sent` lines (its outbound-rtp stats), in
+    /// order.
+    fn sent(&self) -> Vec<Value> {
+        self.h
+            .log
+            .seen
+            .iter()
+            .filter(|e| e.who == self.chr.idx)
+            .filter_map(|e| e.js("sent"))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits (up to `secs`) until `chr` sends all three layers at the
+    /// camera's size (its bandwidth estimate allowing the top one);
+    /// returns the estimate, kbit/s, of each `sent` line until then (one a
+    /// second).
+    async fn wait_top_layer(&mut self, secs: u64) -> Vec<u64> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            self.h.log.pump();
+            let sent = self.sent();
+            let top = sent.last().is_some_and(|v| {
+                let f = &v["video"]["layers"]["f"];
+                f["width"] == CAMERA.0 && f["fps"].as_f64().is_some_and(|x| x >= 10.0)
+            });
+            let bwe = sent
+                .iter()
+                .map(|v| v["bwe_bps"].as_f64().map_or(0, |b| (b / 1000.0) as u64))
+                .collect();
+            if top {
+                return bwe;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "chr's top layer not sent after {secs} s: estimates {bwe:?} kbit/s; {}",
+                    sent.last().map_or("nothing sent".to_owned(), layers_of)
+                );
+            }
+            self.h.log.run_for(Duration::from_millis(250)).await;
+        }
+    }
+
     /// The Chromium client's last `sent` line (its outbound-rtp stats).
     fn last_sent(&self) -> Option<Value> {
         self.h
@@ -154,6 +216,19 @@ impl Call {
             .rev()
             .find_map(|e| (e.who == self.chr.idx).then(|| e.js("sent")).flatten())
             .cloned()
+    }
+
+    /// The `media` lines of Chromium client `at` about `chr`'s video.
+    fn chr_video_at(&self, at: usize) -> Vec<Value> {
+        self.h
+            .log
+            .seen
+            .iter()
+            .filter(|e| e.who == at)
+            .filter_map(|e| e.js("media"))
+            .filter(|v| v["kind"] == "video" && about(v, &self.chr.dev))
+            .cloned()
+            .collect()
     }
 
     /// `at`'s video recording of the Chromium client (complete once `at`
@@ -182,6 +257,9 @@ impl Call {
 
     /// Everyone leaves; the focus and Synapse stop.
     async fn end(mut self) {
+        if let Some(chs) = self.chs {
+            self.h.quit_js(chs).await;
+        }
         self.h.quit_js(self.chr.idx).await;
         self.focus.stop().await;
         self.h.shutdown().await;
@@ -276,12 +354,18 @@ fn runs(frames: &[FrameSize]) -> String {
 async fn chromium_simulcast_layers_reach_subscribers_by_requested_size() {
     const SWITCHES: usize = 10;
     let low = (CAMERA.0 / 4, CAMERA.1 / 4);
-    let mut c = start(&["p1", "p2"], &["--simulcast", "--camera", CAMERA_ARG]).await;
+    let mut c = start(
+        &["p1", "p2"],
+        &["--simulcast", "--camera", CAMERA_ARG],
+        None,
+    )
+    .await;
     ask(&c.parts[0], low.0, low.1);
     ask(&c.parts[1], CAMERA.0, CAMERA.1);
     let t0 = Instant::now();
     c.wait_video(t0, 30, 60).await;
     let t_video = t0.elapsed();
+    let ramp = c.wait_top_layer(40).await;
     c.h.log.run_for(Duration::from_secs(5)).await;
     let sent = c.last_sent().expect("chr reports what it sends");
     // p1 alternates, 1 s apart, ending on the low layer.
@@ -330,7 +414,7 @@ async fn chromium_simulcast_layers_reach_subscribers_by_requested_size() {
         .max()
         .map_or(0, |d| d.as_millis());
     eprintln!(
-        "FIGURE chromium_simulcast: Chromium simulcast through the focus, video at both subscribers {} ms after they asked; chr sends {}; p1 asked {}x{} then switched {SWITCHES} times: {p1_frames} frames decoded without error, {}; p2 asked {}x{}: {p2_frames} frames decoded without error, {:.0} % of its last 4 s ({} frames, {:.1} fps) at that size; focus: {} layer switches, switch latency max {lat_max} ms, {} inter frames before the key frame, {} fallbacks; longest gap between p1's decoded frames {:.0} ms",
+        "FIGURE chromium_simulcast: Chromium simulcast through the focus, video at both subscribers {} ms after they asked; chr's bandwidth estimate each second until it sent its top layer {ramp:?} kbit/s; chr sends {}; p1 asked {}x{} then switched {SWITCHES} times: {p1_frames} frames decoded without error, {}; p2 asked {}x{}: {p2_frames} frames decoded without error, {:.0} % of its last 4 s ({} frames, {:.1} fps) at that size; focus: {} layer switches, switch latency max {lat_max} ms, {} inter frames before the key frame, {} fallbacks; longest gap between p1's decoded frames {:.0} ms",
         t_video.as_millis(),
         layers_of(&sent),
         low.0,
@@ -364,6 +448,7 @@ async fn chromium_simulcast_layers_reach_subscribers_by_requested_size() {
 async fn chromium_temporal_layers_give_a_thumbnail_fewer_frames_per_second() {
     let low = (CAMERA.0 / 4, CAMERA.1 / 4);
     let thumb = (low.0 / 2, low.1 / 2);
+    let thumb_arg = format!("{}x{}", thumb.0, thumb.1);
     let mut c = start(
         &["p1", "p2", "p3"],
         &[
@@ -373,6 +458,7 @@ async fn chromium_temporal_layers_give_a_thumbnail_fewer_frames_per_second() {
             "--camera",
             CAMERA_ARG,
         ],
+        Some(&["--want", &thumb_arg, "--camera", "160x90@5"]),
     )
     .await;
     let wants = [thumb, low, CAMERA];
@@ -381,8 +467,32 @@ async fn chromium_temporal_layers_give_a_thumbnail_fewer_frames_per_second() {
     }
     let t0 = Instant::now();
     c.wait_video(t0, 10, 60).await;
-    c.h.log.run_for(Duration::from_secs(8)).await;
+    let ramp = c.wait_top_layer(40).await;
+    c.h.log.run_for(Duration::from_secs(7)).await;
     let sent = c.last_sent().expect("chr reports what it sends");
+    // chs, a Chromium subscriber asking the thumbnail too: libwebrtc's
+    // receiver checks the VP8 PictureID / TL0PICIDX chain that the focus
+    // rewrote around the dropped frames. Its last 5 one-second reports.
+    let chs = c.chr_video_at(c.chs.unwrap());
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let (chs_first, chs_last) = match chs.len() {
+        l if l >= 6 => (&chs[l - 6], &chs[l - 1]),
+        l => panic!("chs reported chr's video {l} times: {chs:?}"),
+    };
+    let chs_fps = (n(chs_last, "frames") - n(chs_first, "frames")) as f64 / 5.0;
+    let chs_line = format!(
+        "chs (Chromium) asked {}x{}: {}x{} at {chs_fps:.1} fps decoded over its last 5 s, {} frames received, {} decoded, {} dropped, {} freezes, {} PLIs, {} NACKs",
+        thumb.0,
+        thumb.1,
+        chs_last["width"],
+        chs_last["height"],
+        n(chs_last, "frames_received"),
+        n(chs_last, "frames"),
+        n(chs_last, "frames_dropped"),
+        n(chs_last, "freezes"),
+        n(chs_last, "plis"),
+        n(chs_last, "nacks"),
+    );
     let figures = c.focus.figures.borrow().clone();
     leave_all(std::mem::take(&mut c.parts)).await;
     let mut rates = Vec::new();
@@ -401,7 +511,7 @@ async fn chromium_temporal_layers_give_a_thumbnail_fewer_frames_per_second() {
         ));
     }
     eprintln!(
-        "FIGURE chromium_simulcast: Chromium VP8 temporal layers (L1T3) through the focus: chr sends {}; {}; focus: {} packets of a temporal layer dropped, {} inter frames before the key frame",
+        "FIGURE chromium_simulcast: Chromium VP8 temporal layers (L1T3) through the focus: chr's bandwidth estimate each second until it sent its top layer {ramp:?} kbit/s; chr sends {}; {}; {chs_line}; focus: {} packets of a temporal layer dropped, {} inter frames before the key frame",
         layers_of(&sent),
         lines.join("; "),
         figures.totals.drops.temporal,
@@ -430,6 +540,16 @@ async fn chromium_temporal_layers_give_a_thumbnail_fewer_frames_per_second() {
         "the thumbnail gets clearly fewer frames per second: {rates:?}"
     );
     assert!(figures.totals.drops.temporal > 0);
+    // Chromium decodes every frame it gets, at the thumbnail's rate.
+    assert!(
+        chs_last["width"] == low.0 && chs_fps >= 2.0 && chs_fps <= 0.5 * rates[1],
+        "{chs_line}"
+    );
+    assert!(
+        n(chs_last, "frames_dropped") == 0
+            && n(chs_last, "frames") + 1 >= n(chs_last, "frames_received"),
+        "{chs_line}"
+    );
     assert_eq!(figures.totals.inter_before_keyframe, 0);
     c.end().await;
 }
