@@ -313,8 +313,9 @@ async function start(opts) {
       const scalability = opts.scalability ? { scalabilityMode: opts.scalability } : {};
       if (t.kind === "video" && opts.simulcast) {
         // Browser simulcast (issue 12), lowest first; the top layer is the
-        // camera (by default 640x360 at 15 fps, what 2 cores can encode:
-        // 160x90, 320x180, 640x360).
+        // camera. Chromium sends three layers only from 960x540 on (from
+        // the default 640x360: 160x90 and 320x180; --camera 1280x720@15
+        // gives 320x180, 640x360, 1280x720, which 2 cores encode).
         pc.addTransceiver(t, { direction: "sendrecv", streams: [local], sendEncodings: SIMULCAST_ENCODINGS.map((e) => ({ ...e, ...scalability })) });
       } else if (t.kind === "video" && opts.scalability) {
         pc.addTransceiver(t, { direction: "sendrecv", streams: [local], sendEncodings: [scalability] });
