@@ -33,6 +33,12 @@ use common::*;
 const CAMERA: (u32, u32) = (1280, 720);
 /// `--camera` for [`CAMERA`] at 15 frames per second.
 const CAMERA_ARG: &str = "1280x720@15";
+/// The camera of the temporal layer test: half as wide and high (a
+/// quarter of the pixels to encode, and of the bandwidth its top layer
+/// needs), so Chromium sends two layers, 160x90 (q) and 320x180 (h).
+const SMALL_CAMERA: (u32, u32) = (640, 360);
+/// `--camera` for [`SMALL_CAMERA`].
+const SMALL_CAMERA_ARG: &str = "640x360@15";
 
 /// A call through the focus: `subscribers` groupcall clients (audio only,
 /// recording what they receive; the first creates the call), the Chromium
@@ -177,18 +183,17 @@ impl Call {
             .collect()
     }
 
-    /// Waits (up to `secs`) until `chr` sends all three layers at the
-    /// camera's size (its bandwidth estimate allowing the top one);
-    /// returns the estimate, kbit/s, of each `sent` line until then (one a
-    /// second).
-    async fn wait_top_layer(&mut self, secs: u64) -> Vec<u64> {
+    /// Waits (up to `secs`) until `chr` sends its layer `rid` at `width`
+    /// (its bandwidth estimate allowing it); returns the estimate, kbit/s,
+    /// of each `sent` line until then (one a second).
+    async fn wait_top_layer(&mut self, rid: &str, width: u32, secs: u64) -> Vec<u64> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             self.h.log.pump();
             let sent = self.sent();
             let top = sent.last().is_some_and(|v| {
-                let f = &v["video"]["layers"]["f"];
-                f["width"] == CAMERA.0 && f["fps"].as_f64().is_some_and(|x| x >= 10.0)
+                let l = &v["video"]["layers"][rid];
+                l["width"] == width && l["fps"].as_f64().is_some_and(|x| x >= 10.0)
             });
             let bwe = sent
                 .iter()
@@ -199,7 +204,7 @@ impl Call {
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "chr's top layer not sent after {secs} s: estimates {bwe:?} kbit/s; {}",
+                    "chr's layer {rid} not sent after {secs} s: estimates {bwe:?} kbit/s; {}",
                     sent.last().map_or("nothing sent".to_owned(), layers_of)
                 );
             }
@@ -365,7 +370,7 @@ async fn chromium_simulcast_layers_reach_subscribers_by_requested_size() {
     let t0 = Instant::now();
     c.wait_video(t0, 30, 60).await;
     let t_video = t0.elapsed();
-    let ramp = c.wait_top_layer(40).await;
+    let ramp = c.wait_top_layer("f", CAMERA.0, 40).await;
     c.h.log.run_for(Duration::from_secs(5)).await;
     let sent = c.last_sent().expect("chr reports what it sends");
     // p1 alternates, 1 s apart, ending on the low layer.
@@ -440,13 +445,17 @@ async fn chromium_simulcast_layers_reach_subscribers_by_requested_size() {
 /// subscriber asking a thumbnail (half the smallest layer's size) gets
 /// that layer's temporal layer 0 only (the forwarder's automatic choice),
 /// one asking the smallest layer's size gets all of it, one asking the
-/// camera's size the top layer; ffprobe counts clearly fewer frames per
-/// second in the thumbnail's recording, and every recording decodes
-/// without an error (the focus rewrote PictureIDs and sequence numbers
-/// around the dropped frames).
+/// camera's size the top layer Chromium sends (320x180: from a 640x360
+/// camera it never sends the third, which the focus skips); ffprobe counts
+/// clearly fewer frames per second in the thumbnail's recording, and every
+/// recording decodes without an error. A Chromium subscriber asking the
+/// thumbnail too decodes every frame it gets (libwebrtc follows the
+/// PictureID / TL0PICIDX chain the focus rewrote around the dropped
+/// frames).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chromium_temporal_layers_give_a_thumbnail_fewer_frames_per_second() {
-    let low = (CAMERA.0 / 4, CAMERA.1 / 4);
+    let low = (SMALL_CAMERA.0 / 4, SMALL_CAMERA.1 / 4);
+    let top = (SMALL_CAMERA.0 / 2, SMALL_CAMERA.1 / 2);
     let thumb = (low.0 / 2, low.1 / 2);
     let thumb_arg = format!("{}x{}", thumb.0, thumb.1);
     let mut c = start(
@@ -456,18 +465,18 @@ async fn chromium_temporal_layers_give_a_thumbnail_fewer_frames_per_second() {
             "--scalability",
             "L1T3",
             "--camera",
-            CAMERA_ARG,
+            SMALL_CAMERA_ARG,
         ],
         Some(&["--want", &thumb_arg, "--camera", "160x90@5"]),
     )
     .await;
-    let wants = [thumb, low, CAMERA];
+    let wants = [thumb, low, SMALL_CAMERA];
     for (p, w) in c.parts.iter().zip(wants) {
         ask(p, w.0, w.1);
     }
     let t0 = Instant::now();
     c.wait_video(t0, 10, 60).await;
-    let ramp = c.wait_top_layer(40).await;
+    let ramp = c.wait_top_layer("h", top.0, 40).await;
     c.h.log.run_for(Duration::from_secs(7)).await;
     let sent = c.last_sent().expect("chr reports what it sends");
     // chs, a Chromium subscriber asking the thumbnail too: libwebrtc's
@@ -511,7 +520,7 @@ async fn chromium_temporal_layers_give_a_thumbnail_fewer_frames_per_second() {
         ));
     }
     eprintln!(
-        "FIGURE chromium_simulcast: Chromium VP8 temporal layers (L1T3) through the focus: chr's bandwidth estimate each second until it sent its top layer {ramp:?} kbit/s; chr sends {}; {}; {chs_line}; focus: {} packets of a temporal layer dropped, {} inter frames before the key frame",
+        "FIGURE chromium_simulcast: Chromium VP8 temporal layers (L1T3) through the focus: chr's bandwidth estimate each second until it sent its layer h {ramp:?} kbit/s; chr sends {}; {}; {chs_line}; focus: {} packets of a temporal layer dropped, {} inter frames before the key frame",
         layers_of(&sent),
         lines.join("; "),
         figures.totals.drops.temporal,
@@ -519,7 +528,7 @@ async fn chromium_temporal_layers_give_a_thumbnail_fewer_frames_per_second() {
     );
     // The thumbnail and the smallest size get the same layer: the
     // thumbnail at most half the frame rate (L1T3's TL0 is a quarter).
-    for (at, want) in [(0, low), (1, low), (2, CAMERA)] {
+    for (at, want) in [(0, low), (1, low), (2, top)] {
         let file = c.video_of(at);
         let sizes = decoded_frame_sizes(&file);
         let last = tail(&sizes, 6.0);
