@@ -413,13 +413,14 @@ async fn chromium_simulcast_layers_reach_subscribers_by_requested_size() {
     );
     let gap = p1.windows(2).map(|w| w[1].t - w[0].t).fold(0.0, f64::max);
     let t = &figures.totals;
-    let lat_max = figures
+    let lats: Vec<u128> = figures
         .switch_latencies
         .iter()
-        .max()
-        .map_or(0, |d| d.as_millis());
+        .map(|d| d.as_millis())
+        .collect();
+    let lat_max = lats.iter().copied().max().unwrap_or(0);
     eprintln!(
-        "FIGURE chromium_simulcast: Chromium simulcast through the focus, video at both subscribers {} ms after they asked; chr's bandwidth estimate each second until it sent its top layer {ramp:?} kbit/s; chr sends {}; p1 asked {}x{} then switched {SWITCHES} times: {p1_frames} frames decoded without error, {}; p2 asked {}x{}: {p2_frames} frames decoded without error, {:.0} % of its last 4 s ({} frames, {:.1} fps) at that size; focus: {} layer switches, switch latency max {lat_max} ms, {} inter frames before the key frame, {} fallbacks; longest gap between p1's decoded frames {:.0} ms",
+        "FIGURE chromium_simulcast: Chromium simulcast through the focus, video at both subscribers {} ms after they asked; chr's bandwidth estimate each second until it sent its top layer {ramp:?} kbit/s; chr sends {}; p1 asked {}x{} then switched {SWITCHES} times: {p1_frames} frames decoded without error, {}; p2 asked {}x{}: {p2_frames} frames decoded without error, {:.0} % of its last 4 s ({} frames, {:.1} fps) at that size; focus: {} layer switches (latencies {lats:?} ms, max {lat_max} ms; {} deferred to a later key frame because the current layer was mid-frame, {} key frame requests), {} inter frames before the key frame, {} fallbacks; longest gap between p1's decoded frames {:.0} ms",
         t_video.as_millis(),
         layers_of(&sent),
         low.0,
@@ -431,6 +432,8 @@ async fn chromium_simulcast_layers_reach_subscribers_by_requested_size() {
         p2_tail.len(),
         fps(p2_tail),
         t.layer_switches,
+        t.layer_switches_deferred,
+        t.keyframe_requests_sent,
         t.inter_before_keyframe,
         t.layer_switch_fallbacks,
         gap * 1000.0,
