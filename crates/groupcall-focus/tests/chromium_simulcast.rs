@@ -565,3 +565,51 @@ async fn chromium_temporal_layers_give_a_thumbnail_fewer_frames_per_second() {
     assert_eq!(figures.totals.inter_before_keyframe, 0);
     c.end().await;
 }
+
+/// One encoding with VP8 temporal layers (`--scalability L1T3`, no
+/// simulcast): a subscriber asking half the size (a thumbnail) should get
+/// temporal layer 0 only, as with simulcast. Ignored until the forwarder
+/// makes its automatic temporal choice for single-layer tracks too
+/// (`Forwarder::choose_layers` skips tracks with fewer than two layers):
+/// measured, both subscribers get 15 frames/s and the focus drops nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the forwarder's automatic temporal choice skips single-layer tracks"]
+async fn chromium_one_encoding_with_temporal_layers_gives_a_thumbnail_fewer_frames_per_second() {
+    let thumb = (SMALL_CAMERA.0 / 2, SMALL_CAMERA.1 / 2);
+    let mut c = start(
+        &["p1", "p2"],
+        &["--scalability", "L1T3", "--camera", SMALL_CAMERA_ARG],
+        None,
+    )
+    .await;
+    ask(&c.parts[0], thumb.0, thumb.1);
+    ask(&c.parts[1], SMALL_CAMERA.0, SMALL_CAMERA.1);
+    let t0 = Instant::now();
+    c.wait_video(t0, 30, 60).await;
+    c.h.log.run_for(Duration::from_secs(7)).await;
+    let sent = c.last_sent().expect("chr reports what it sends");
+    let figures = c.focus.figures.borrow().clone();
+    leave_all(std::mem::take(&mut c.parts)).await;
+    let mut rates = Vec::new();
+    for at in 0..2 {
+        let file = c.video_of(at);
+        assert_decodes(&file, 20);
+        rates.push(fps(tail(&decoded_frame_sizes(&file), 6.0)));
+    }
+    eprintln!(
+        "FIGURE chromium_simulcast: one Chromium encoding with L1T3 through the focus: chr sends {}; p1 asked {}x{}: {:.1} fps, p2 asked {}x{}: {:.1} fps (last 6 s, ffprobe); focus: {} packets of a temporal layer dropped",
+        layers_of(&sent),
+        thumb.0,
+        thumb.1,
+        rates[0],
+        SMALL_CAMERA.0,
+        SMALL_CAMERA.1,
+        rates[1],
+        figures.totals.drops.temporal,
+    );
+    assert!(
+        rates[1] >= 10.0 && rates[0] >= 2.0 && rates[0] <= 0.5 * rates[1],
+        "the thumbnail gets clearly fewer frames per second: {rates:?}"
+    );
+    c.end().await;
+}
