@@ -101,8 +101,8 @@ async function start(opts) {
   }
 
   // ---- local media: Chromium's fake devices -----------------------------------
-  // --camera (default 640x360 at 15 fps: what 2 cores encode as three
-  // simulcast layers).
+  // --camera (default 640x360 at 15 fps), an exact size: its simulcast
+  // layers are a quarter, half and all of it.
   const cam = opts.camera ?? { width: 640, height: 360, frameRate: 15 };
   const local = await navigator.mediaDevices.getUserMedia({
     audio: true,
