@@ -379,15 +379,23 @@ async fn chromium_simulcast_layers_reach_subscribers_by_requested_size() {
     let figures = c.focus.figures.borrow().clone();
     leave_all(std::mem::take(&mut c.parts)).await;
 
-    // p2 never changed: its last 4 s are the top layer.
+    // p2 never changed: the top layer from its first frame of it on (the
+    // whole time p1 had the low one and was switched), and in its last 4 s.
     let file = c.video_of(1);
     let p2_frames = assert_decodes(&file, 100);
     let p2 = decoded_frame_sizes(&file);
     let p2_tail = tail(&p2, 4.0);
+    let p2_top = p2
+        .iter()
+        .position(|f| (f.width, f.height) == CAMERA)
+        .map_or(&[][..], |i| &p2[i..]);
     assert!(
-        p2_tail.len() >= 40 && share(p2_tail, CAMERA) >= 0.99,
+        p2_tail.len() >= 40
+            && share(p2_tail, CAMERA) >= 0.99
+            && p2_top.len() >= 200
+            && share(p2_top, CAMERA) >= 0.99,
         "p2 asked {CAMERA:?}: {}; chr sends {}",
-        runs(p2_tail),
+        runs(&p2),
         layers_of(&sent)
     );
     // p1: the low layer (while p2 had the top one), then every switch.
