@@ -101,14 +101,20 @@ async function start(opts) {
   }
 
   // ---- local media: Chromium's fake devices -----------------------------------
-  const local = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: 640, height: 360, frameRate: 15 } });
+  // --camera (default 640x360 at 15 fps), an exact size: its simulcast
+  // layers are a quarter, half and all of it.
+  const cam = opts.camera ?? { width: 640, height: 360, frameRate: 15 };
+  const local = await navigator.mediaDevices.getUserMedia({
+    audio: true,
+    video: { width: { exact: cam.width }, height: { exact: cam.height }, frameRate: { ideal: cam.frameRate, max: cam.frameRate } },
+  });
   const sinks = document.getElementById("sinks");
   const ownMetadata = () => ({
     [local.id]: {
       purpose: "m.usermedia",
       audio_muted: local.getAudioTracks().every((t) => !t.enabled),
       video_muted: local.getVideoTracks().every((t) => !t.enabled),
-      tracks: Object.fromEntries(local.getTracks().map((t) => [t.id, t.kind === "video" ? { width: 640, height: 360 } : {}])),
+      tracks: Object.fromEntries(local.getTracks().map((t) => [t.id, t.kind === "video" ? { width: cam.width, height: cam.height } : {}])),
     },
   });
 
@@ -178,7 +184,10 @@ async function start(opts) {
     const wanted = new Map();
     for (const [streamId, s] of available) {
       if (!isOthers(s)) continue;
-      for (const [trackId, size] of Object.entries(s.tracks ?? {})) {
+      for (const [trackId, meta] of Object.entries(s.tracks ?? {})) {
+        // The publisher's size, or --want's (the focus's metadata may name
+        // no size nor kind; a size in an audio subscription is ignored).
+        const size = opts.want ?? meta;
         wanted.set(`${streamId}\n${trackId}`, { stream_id: streamId, track_id: trackId, ...(size?.width ? { width: size.width } : {}), ...(size?.height ? { height: size.height } : {}) });
       }
     }
@@ -300,11 +309,16 @@ async function start(opts) {
     c.dc.onclose = () => { if (call === c) { emit({ event: "channel_closed", call_id: c.callId }); endCall("focus_channel_closed"); } };
     c.dc.onmessage = (ev) => { if (call === c) onChannelMessage(typeof ev.data === "string" ? ev.data : new TextDecoder().decode(ev.data)); };
     for (const t of local.getTracks()) {
+      // --scalability: VP8 temporal layers on every encoding.
+      const scalability = opts.scalability ? { scalabilityMode: opts.scalability } : {};
       if (t.kind === "video" && opts.simulcast) {
         // Browser simulcast (issue 12), lowest first; the top layer is the
-        // 640x360 15 fps camera, what 2 cores can encode: 160x90, 320x180,
-        // 640x360.
-        pc.addTransceiver(t, { direction: "sendrecv", streams: [local], sendEncodings: SIMULCAST_ENCODINGS });
+        // camera. Chromium sends three layers only from 960x540 on (from
+        // the default 640x360: 160x90 and 320x180; --camera 1280x720@15
+        // gives 320x180, 640x360, 1280x720, which 2 cores encode).
+        pc.addTransceiver(t, { direction: "sendrecv", streams: [local], sendEncodings: SIMULCAST_ENCODINGS.map((e) => ({ ...e, ...scalability })) });
+      } else if (t.kind === "video" && opts.scalability) {
+        pc.addTransceiver(t, { direction: "sendrecv", streams: [local], sendEncodings: [scalability] });
       } else {
         pc.addTrack(t, local);
       }
@@ -417,18 +431,29 @@ async function start(opts) {
     const sections = sdpSections(c.pc.currentRemoteDescription?.sdp);
     const midOfTrack = new Map(c.pc.getTransceivers().map((t) => [t.receiver.track?.id, t.mid]));
     const sent = {};
+    let bwe = null;
     for (const s of stats.values()) {
+      if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded") {
+        // The sender's bandwidth estimate (TWCC or REMB from the focus).
+        bwe = s.availableOutgoingBitrate ?? null;
+        continue;
+      }
       if (s.type === "outbound-rtp") {
         const o = (sent[s.kind] ??= { packets: 0, bytes: 0, frames_encoded: 0 });
         o.packets += s.packetsSent ?? 0;
         o.bytes += s.bytesSent ?? 0;
         o.frames_encoded += s.framesEncoded ?? 0;
+        if (s.kind === "video") {
+          o.scalability = s.scalabilityMode ?? null;
+          if (!s.rid) Object.assign(o, { width: s.frameWidth ?? null, height: s.frameHeight ?? null, fps: s.framesPerSecond ?? null });
+        }
         if (s.rid) {
           // Simulcast: each layer's own counters and size.
           (o.layers ??= {})[s.rid] = {
             packets: s.packetsSent ?? 0, bytes: s.bytesSent ?? 0, frames_encoded: s.framesEncoded ?? 0,
-            width: s.frameWidth ?? null, height: s.frameHeight ?? null, active: s.active ?? null,
-            limitation: s.qualityLimitationReason ?? null,
+            width: s.frameWidth ?? null, height: s.frameHeight ?? null, fps: s.framesPerSecond ?? null, active: s.active ?? null,
+            limitation: s.qualityLimitationReason ?? null, scalability: s.scalabilityMode ?? null,
+            target_bps: s.targetBitrate ?? null,
           };
         }
         continue;
@@ -448,9 +473,14 @@ async function start(opts) {
         event: "media", user_id: owner?.user_id ?? null, device_id: owner?.device_id ?? null, stream_id: sec.stream_id,
         purpose: owner?.purpose ?? null, kind: s.kind, track_id: sec.track_id, mid, frames, fps, packets: s.packetsReceived ?? 0,
         ...(s.kind === "audio" ? { audible: Math.floor(((s.totalSamplesReceived ?? 0) - (s.concealedSamples ?? 0)) / 480) } : {}),
+        ...(s.kind === "video" ? {
+          width: s.frameWidth ?? null, height: s.frameHeight ?? null, frames_received: s.framesReceived ?? null,
+          frames_dropped: s.framesDropped ?? null, freezes: s.freezeCount ?? null, plis: s.pliCount ?? null,
+          nacks: s.nackCount ?? null, packets_lost: s.packetsLost ?? null,
+        } : {}),
       });
     }
-    emit({ event: "sent", call_id: c.callId, audio: sent.audio ?? null, video: sent.video ?? null, pings: c.pings });
+    emit({ event: "sent", call_id: c.callId, audio: sent.audio ?? null, video: sent.video ?? null, pings: c.pings, bwe_bps: bwe });
   };
 
   // ---- enter / leave ------------------------------------------------------------------
