@@ -572,12 +572,8 @@ async fn chromium_temporal_layers_give_a_thumbnail_fewer_frames_per_second() {
 
 /// One encoding with VP8 temporal layers (`--scalability L1T3`, no
 /// simulcast): a subscriber asking half the size (a thumbnail) should get
-/// temporal layer 0 only, as with simulcast. Ignored until the forwarder
-/// makes its automatic temporal choice for single-layer tracks too
-/// (`Forwarder::choose_layers` skips tracks with fewer than two layers):
-/// measured, both subscribers get 15 frames/s and the focus drops nothing.
+/// temporal layer 0 only, as with simulcast.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "the forwarder's automatic temporal choice skips single-layer tracks"]
 async fn chromium_one_encoding_with_temporal_layers_gives_a_thumbnail_fewer_frames_per_second() {
     let thumb = (SMALL_CAMERA.0 / 2, SMALL_CAMERA.1 / 2);
     let mut c = start(

@@ -612,8 +612,22 @@ struct OutStream {
     unkeyed: bool,
     /// The PictureID of the last frame dropped for its temporal layer.
     skipped_pid: Option<u16>,
+    /// The highest VP8 temporal layer the subscriber can decode now
+    /// (`u8::MAX`: all): reset by a key frame, lowered with
+    /// `max_temporal`, raised only at layer sync frames.
+    tl_synced: u8,
     /// The last video packet forwarded did not end its frame (no marker).
     mid_frame: bool,
+}
+
+/// Whether a subscription asking `want` of a layer of `width` x `height`
+/// is a thumbnail (at most half of both): it gets the lowest temporal
+/// layer only. An unknown size (no key frame yet) is not.
+fn is_thumbnail(want: (Option<u32>, Option<u32>), width: u16, height: u16) -> bool {
+    width > 0
+        && height > 0
+        && matches!(want, (Some(w), Some(h))
+            if w.saturating_mul(2) <= u32::from(width) && h.saturating_mul(2) <= u32::from(height))
 }
 
 /// A layer silent this long is not waited on to end its frame before a
@@ -1066,6 +1080,7 @@ impl Forwarder {
                     up: None,
                     unkeyed: false,
                     skipped_pid: None,
+                    tl_synced: u8::MAX,
                     mid_frame: false,
                 });
                 if let Some(p) = self.participants.get_mut(&subscriber) {
@@ -1479,8 +1494,24 @@ impl Forwarder {
         let cfg = &self.config;
         let mut moves: Vec<(Key, TrackId, layers::Choice, bool)> = Vec::new();
         let mut give_up: Vec<(Key, TrackId, u8)> = Vec::new();
+        // One-layer video: only the automatic temporal choice.
+        let mut thumbs: Vec<(Key, bool)> = Vec::new();
         for (k, t) in self.tracks.iter() {
-            if t.layers.len() < 2 || t.codec.kind() != MediaKind::Video {
+            if t.codec.kind() != MediaKind::Video {
+                continue;
+            }
+            if t.layers.len() < 2 {
+                let Some(l) = t.layers.first() else {
+                    continue;
+                };
+                for &o in &t.outs {
+                    if only.is_some_and(|x| x != o) {
+                        continue;
+                    }
+                    if let Some(out) = self.outs.get(o) {
+                        thumbs.push((o, is_thumbnail(out.want, l.stats.width, l.stats.height)));
+                    }
+                }
                 continue;
             }
             let mut stats = [LayerStats::default(); MAX_LAYERS];
@@ -1546,8 +1577,7 @@ impl Forwarder {
                     up_held,
                 ) {
                     let l = stats[usize::from(ch.now)];
-                    let thumb = matches!(out.want, (Some(w), Some(h))
-                        if w.saturating_mul(2) <= u32::from(l.width) && h.saturating_mul(2) <= u32::from(l.height));
+                    let thumb = is_thumbnail(out.want, l.width, l.height);
                     moves.push((o, TrackId(k), ch, thumb));
                 }
             }
@@ -1571,6 +1601,13 @@ impl Forwarder {
                 out.target_layer = out.layer;
                 out.switch_since = None;
                 out.up = None;
+            }
+        }
+        for (o, thumb) in thumbs {
+            if let Some(out) = self.outs.get_mut(o)
+                && out.temporal_auto
+            {
+                out.max_temporal = thumb.then_some(0);
             }
         }
         for (o, track, ch, thumb) in moves {
@@ -1916,17 +1953,28 @@ impl Forwarder {
                 }
                 out.waiting_keyframe = false;
             }
-            if let (Some(max), Some((t, _))) = (out.max_temporal, vp8.and_then(|d| d.tid))
-                && t > max
-                && !keyframe
-            {
-                // A temporal layer the subscriber does not want: taken out
-                // of its numbering.
-                c.drops.temporal += 1;
-                if !out.resync {
-                    out.rw.skip(pkt, vp8.as_ref(), &mut out.skipped_pid);
+            if keyframe {
+                out.tl_synced = u8::MAX;
+            } else if let Some((t, sync)) = vp8.and_then(|d| d.tid) {
+                if let Some(max) = out.max_temporal {
+                    out.tl_synced = out.tl_synced.min(max);
                 }
-                continue;
+                let wanted = out.max_temporal.is_none_or(|m| t <= m);
+                // A temporal layer above the ones the subscriber's decoder
+                // has is taken up only at a frame with the layer sync bit
+                // (it refers to TL0 only), one layer at a time; before,
+                // its frames refer to frames the subscriber never got.
+                let synced = t <= out.tl_synced
+                    || (sync && starts_frame && t == out.tl_synced.saturating_add(1));
+                if !wanted || !synced {
+                    // Taken out of its numbering.
+                    c.drops.temporal += 1;
+                    if !out.resync {
+                        out.rw.skip(pkt, vp8.as_ref(), &mut out.skipped_pid);
+                    }
+                    continue;
+                }
+                out.tl_synced = out.tl_synced.max(t);
             }
             if out.unkeyed {
                 if keyframe {

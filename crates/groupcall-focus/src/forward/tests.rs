@@ -949,8 +949,12 @@ fn vp8_sized(pid: u16, tl0: u8, tid: u8, keyframe: bool, start: bool, size: (u16
     vp8_with(pid, tl0, tid, 0, keyframe, start, size)
 }
 
-/// A VP8 payload: long PictureID, TL0PICIDX, TID and KEYIDX; a key frame
-/// header of `w` x `h` or an inter frame byte.
+/// With a TID: the layer sync (Y) bit.
+const Y: u8 = 0x80;
+
+/// A VP8 payload: long PictureID, TL0PICIDX, TID (`| Y` for the layer
+/// sync bit) and KEYIDX; a key frame header of `w` x `h` or an inter frame
+/// byte.
 fn vp8_with(
     pid: u16,
     tl0: u8,
@@ -969,7 +973,7 @@ fn vp8_with(
             long: true,
         }),
         tl0picidx: Some(tl0),
-        tid: Some((tid, false)),
+        tid: Some((tid & 0x7f, tid & Y != 0)),
         keyidx: Some(keyidx),
         len: 0,
         keyframe: false,
@@ -1336,13 +1340,19 @@ fn temporal_layers_above_the_maximum_are_dropped_with_continuous_numbering() {
     assert_eq!(again[0].payload, b[21].payload);
     assert_eq!(again[1].hdr, b[20].hdr);
     assert_eq!(h.counters().nacks_missed, 1);
-    // All temporal layers again: every frame.
+    // All temporal layers again: TID 1 from its next layer sync frame on
+    // (frame 22 refers to TID 1 frames B never got; 24 only to TID 0).
     h.f.set_max_temporal(B, &simkey(), None).unwrap();
-    for n in 22..26 {
-        h.sim_frame(n, &[0], false, (n % 2 == 0) as u8);
+    for n in 22..28 {
+        let tid = match n {
+            24 => 1 | Y,
+            _ => (n % 2 == 0) as u8,
+        };
+        h.sim_frame(n, &[0], false, tid);
     }
     let b2 = h.take(B, MediaKind::Video);
-    assert_eq!(b2.len(), 8);
+    assert_eq!(b2.len(), 10, "frames 23 to 27");
+    assert_eq!(h.counters().drops.temporal, 22, "and frame 22");
     let mut all = b;
     all.extend(b2);
     assert_consecutive(&all);
@@ -1351,14 +1361,14 @@ fn temporal_layers_above_the_maximum_are_dropped_with_continuous_numbering() {
     h.take(C, MediaKind::Video);
     h.f.set_wanted_size(h.at(26 * 33), C, &simkey(), Some(160), Some(90))
         .unwrap();
-    for n in 26..30 {
+    for n in 28..32 {
         h.sim_frame(n, &[0], false, (n % 2 == 0) as u8);
     }
-    assert_eq!(h.take(C, MediaKind::Video).len(), 4, "frames 27 and 29");
-    h.f.set_wanted_size(h.at(30 * 33), C, &simkey(), Some(161), Some(90))
+    assert_eq!(h.take(C, MediaKind::Video).len(), 4, "frames 29 and 31");
+    h.f.set_wanted_size(h.at(32 * 33), C, &simkey(), Some(161), Some(90))
         .unwrap();
-    for n in 30..34 {
-        h.sim_frame(n, &[0], false, (n % 2 == 0) as u8);
+    for n in 32..36 {
+        h.sim_frame(n, &[0], false, (n % 2 == 0) as u8 | Y);
     }
     assert_eq!(h.take(C, MediaKind::Video).len(), 8);
 }
