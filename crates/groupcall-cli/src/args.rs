@@ -523,6 +523,14 @@ pub struct JoinArgs {
     /// still come). Also on stdin: `speakers N`, `speakers all`.
     #[arg(long, value_name = "N", requires = "focus")]
     pub recent_speakers: Option<usize>,
+
+    /// With --focus: send the camera to the focus as simulcast, three
+    /// layers of the built-in pattern (320x180, 640x360, 1280x720) whose
+    /// top ones pause while the uplink estimate is low (`true`), or one
+    /// layer (`false`). Default: the library's default. Mesh peers always
+    /// get one layer.
+    #[arg(long, value_name = "BOOL", requires = "focus", action = clap::ArgAction::Set)]
+    pub simulcast: Option<bool>,
 }
 
 /// `m.intent` of a new call.

@@ -69,6 +69,9 @@ pub async fn run(args: JoinArgs) -> anyhow::Result<()> {
     opts.wait_for_call = args.wait;
     opts.focus = args.focus.clone();
     opts.follow_foci = args.follow_foci;
+    if let Some(on) = args.simulcast {
+        opts.simulcast = on.then(groupcall::media::SimulcastConfig::default);
+    }
     if args.recent_speakers.is_some() {
         let mut core = groupcall::proto::Config::new("", "");
         core.focus_recent_speakers = args.recent_speakers;

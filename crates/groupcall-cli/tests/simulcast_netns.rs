@@ -1,0 +1,441 @@
+//! Simulcast under capped links (issue 12), with every part a real process
+//! in its own network namespace, every packet between them through the
+//! test kit's impairment router (`groupcall_testkit::netns`), and Synapse on
+//! the namespaces' gateway:
+//!
+//! ```text
+//!  ns0: groupcall focus      ns1: alice (publishes)     ns2: bob (receives,
+//!       (focus.toml)              groupcall join             asks 1280x720,
+//!                                 --focus                    records)
+//! ```
+//!
+//! - bob's downlink capped at 300 kbit/s: the focus moves him to the low
+//!   layer (320x180 in his decoded recording, read with ffprobe) while at
+//!   least 95 % of alice's audio frames still reach him; lifted to 5 Mbit/s,
+//!   he is back on the high layer (1280x720).
+//! - alice's uplink capped at 400 kbit/s: she stops sending her top layer(s)
+//!   (her `simulcast_layers` events) and resumes when the cap is lifted.
+//!
+//! Needs root, `ip netns` and /dev/net/tun (the session and CI have them).
+//! Timers are the product's own (bandwidth estimates settle in seconds);
+//! the phases are long enough for them, which makes this test about 100 s.
+//! The focus runs its downlink estimation (`[media] estimate_bandwidth`),
+//! alice sends simulcast (`--simulcast true`).
+//!
+//! Run: `cargo test -p groupcall-cli --test simulcast_netns -- --nocapture`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use groupcall_testkit::media::{FrameSize, assert_decodes, decoded_frame_sizes};
+use groupcall_testkit::synapse::{Synapse, SynapseOptions};
+use groupcall_testkit::{Proc, netns};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_groupcall");
+const PW: &str = "secret-pw";
+/// The focus's HTTP port in its namespace (a fresh namespace: it is free).
+const FOCUS_HTTP_PORT: u16 = 18_080;
+
+fn in_ns(ns: &str, args: &[String]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, BIN])
+        .args(args)
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+/// Most frames of `kind` that `p` reported received from `user`.
+fn frames_from(p: &Proc, user: &str, kind: &str) -> u64 {
+    p.seen
+        .iter()
+        .filter(|v| v["event"] == "media" && v["user_id"] == user && v["kind"] == kind)
+        .filter_map(|v| v["frames"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+fn join_args(hs: &str, user: &str, room: &str, dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "join",
+        "--homeserver",
+        hs,
+        "--user",
+        user,
+        "--password",
+        PW,
+        "--room",
+        room,
+        "--json",
+        "--data-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(dir.display().to_string());
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+async fn http_get(url: &str) -> Option<Value> {
+    let http = reqwest::Client::builder().no_proxy().build().ok()?;
+    let r = http
+        .get(url)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    r.json().await.ok()
+}
+
+/// Polls both processes for `d`.
+async fn run_for(procs: &mut [&mut Proc], d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        for p in procs.iter_mut() {
+            p.poll();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for p in procs.iter_mut() {
+        p.poll();
+    }
+}
+
+/// The frames of a recording whose time falls in `[from, to)` seconds.
+fn sizes_between(sizes: &[FrameSize], from: f64, to: f64) -> Vec<(u32, u32)> {
+    sizes
+        .iter()
+        .filter(|f| f.t >= from && f.t < to)
+        .map(|f| (f.width, f.height))
+        .collect()
+}
+
+/// "N WxH, M WxH" in order of appearance.
+fn summary(sizes: &[(u32, u32)]) -> String {
+    let mut runs: Vec<((u32, u32), usize)> = Vec::new();
+    for s in sizes {
+        match runs.last_mut() {
+            Some((last, n)) if last == s => *n += 1,
+            _ => runs.push((*s, 1)),
+        }
+    }
+    if runs.is_empty() {
+        return "no frames".into();
+    }
+    runs.iter()
+        .map(|((w, h), n)| format!("{n} x {w}x{h}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn share(sizes: &[(u32, u32)], want: (u32, u32)) -> f64 {
+    if sizes.is_empty() {
+        return 0.0;
+    }
+    sizes.iter().filter(|s| **s == want).count() as f64 / sizes.len() as f64
+}
+
+/// The one `.ivf` recording in `dir`.
+fn video_recording(dir: &Path) -> PathBuf {
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "ivf"))
+        .collect();
+    assert_eq!(files.len(), 1, "one video recording in {dir:?}: {files:?}");
+    files[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capped_links_move_subscribers_and_publishers_between_layers() {
+    let net = netns::Net::create(3).await.unwrap_or_else(|e| {
+        panic!(
+            "this test needs root, `ip netns` and /dev/net/tun (the session and CI have them): \
+             cannot create network namespaces here: {e}"
+        )
+    });
+    let synapse = Synapse::start(SynapseOptions {
+        bind_address: net.gateway().into(),
+        ..SynapseOptions::default()
+    })
+    .await
+    .expect("Synapse on the namespaces' gateway address");
+    let hs = synapse.base_url();
+    let focus_user = synapse.register_user("focus", PW).await.unwrap();
+    let alice = synapse.register_user("alice", PW).await.unwrap();
+    synapse.register_user("bob", PW).await.unwrap();
+
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let resp = http
+        .post(format!("{hs}/_matrix/client/v3/createRoom"))
+        .bearer_auth(&alice.access_token)
+        .json(&json!({
+            "preset": "public_chat",
+            "name": "simulcast under capped links",
+            "invite": [focus_user.user_id],
+            "power_level_content_override": { "events": {
+                "org.matrix.msc3401.call": 0,
+                "org.matrix.msc3401.call.member": 0,
+            } },
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let room = resp.json::<Value>().await.unwrap()["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The focus, in ns0.
+    let dirs = tempfile::tempdir().unwrap();
+    let focus_dir = dirs.path().join("focus");
+    std::fs::create_dir_all(&focus_dir).unwrap();
+    let focus_addr = format!("{}:{FOCUS_HTTP_PORT}", net.addr(0));
+    let config = focus_dir.join("focus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"homeserver = "{hs}"
+user = "{}"
+password_env = "FOCUS_TEST_PASSWORD"
+data_dir = "{}"
+allow = ["{}"]
+http_listen = "{focus_addr}"
+[media]
+bind = ["{}:0"]
+estimate_bandwidth = true
+"#,
+            focus_user.user_id,
+            focus_dir.join("data").display(),
+            alice.user_id,
+            net.addr(0)
+        ),
+    )
+    .unwrap();
+    let mut cmd = in_ns(
+        &net.ns(0),
+        &[
+            "focus".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+    );
+    cmd.env("FOCUS_TEST_PASSWORD", PW);
+    let mut focus = Proc::spawn_cmd("focus", cmd, Stdio::null());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let health = loop {
+        if let Some(h) = http_get(&format!("http://{focus_addr}/health")).await
+            && h["state"] == "running"
+            && h["rooms"].as_u64() >= Some(1)
+        {
+            break h;
+        }
+        focus.poll();
+        assert!(
+            Instant::now() < deadline,
+            "the focus never joined the room: {}",
+            focus.report()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let focus_ref = format!(
+        "{}/{}",
+        health["user_id"].as_str().unwrap(),
+        health["device_id"].as_str().unwrap()
+    );
+
+    // alice publishes (ns1), bob receives and records (ns2) at 1280x720.
+    let t_start = Instant::now();
+    let mut a = Proc::spawn_cmd(
+        "alice",
+        in_ns(
+            &net.ns(1),
+            &join_args(
+                &hs,
+                "alice",
+                &room,
+                &dirs.path().join("alice"),
+                &[
+                    "--create-call",
+                    "--focus",
+                    &focus_ref,
+                    "--simulcast",
+                    "true",
+                ],
+            ),
+        ),
+        Stdio::null(),
+    );
+    a.wait_for(Duration::from_secs(90), |v| v["event"] == "joined")
+        .await;
+    let rec = dirs.path().join("bob-rec");
+    let rec_arg = rec.display().to_string();
+    let mut b = Proc::spawn_cmd(
+        "bob",
+        in_ns(
+            &net.ns(2),
+            &join_args(
+                &hs,
+                "bob",
+                &room,
+                &dirs.path().join("bob"),
+                &[
+                    "--focus", &focus_ref, "--record", &rec_arg, "--audio", "none",
+                ],
+            ),
+        ),
+        Stdio::piped(),
+    );
+    b.wait_for(Duration::from_secs(90), |v| v["event"] == "joined")
+        .await;
+    let mut bob_in = b.child.stdin.take().unwrap();
+    bob_in.write_all(b"video 1280x720\n").await.unwrap();
+    bob_in.flush().await.unwrap();
+
+    let ua = alice.user_id.as_str();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        a.poll();
+        b.poll();
+        if frames_from(&b, ua, "video") >= 30 && frames_from(&b, ua, "audio") >= 50 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bob never got alice's media through the focus.\n--- alice: {}\n--- bob: {}\n--- focus: {}",
+            a.report(),
+            b.report(),
+            focus.report()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The recording's time 0 is about now (its first frame).
+    let t_rec0 = Instant::now();
+    println!(
+        "FIGURE simulcast_netns: bob receives alice through the focus {:.1} s after alice started",
+        t_start.elapsed().as_secs_f64()
+    );
+    let at = |t: Instant| t.saturating_duration_since(t_rec0).as_secs_f64();
+
+    // Uncapped: the high layer.
+    run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(8)).await;
+    let t_cap = Instant::now();
+    net.set(|i| i.rates[2].down_bps = Some(300_000));
+    run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(8)).await;
+    let (t_settled, audio_settled) = (Instant::now(), frames_from(&b, ua, "audio"));
+    run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(12)).await;
+    let (t_cap_end, audio_cap_end) = (Instant::now(), frames_from(&b, ua, "audio"));
+    let capped_bytes = net.counts.lock().unwrap().bytes_to[2];
+    net.set(|i| i.rates[2].down_bps = Some(5_000_000));
+    run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(20)).await;
+    let t_lifted_end = Instant::now();
+    net.set(|i| i.rates[2].down_bps = None);
+
+    // The publisher's uplink.
+    let t_up_cap = Instant::now();
+    net.set(|i| i.rates[1].up_bps = Some(400_000));
+    run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(15)).await;
+    net.set(|i| i.rates[1].up_bps = None);
+    let t_up_lift = Instant::now();
+    run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(15)).await;
+
+    // Everyone leaves.
+    let _ = bob_in.write_all(b"leave\n").await;
+    drop(bob_in);
+    for p in [&mut a, &mut focus] {
+        if let Some(pid) = p.child.id() {
+            kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+        }
+    }
+    for p in [&mut a, &mut b] {
+        p.wait_for(Duration::from_secs(30), |v| v["event"] == "left")
+            .await;
+    }
+    assert_eq!(focus.finish(Duration::from_secs(30)).await, Some(0));
+
+    // bob's recording of alice's camera, decoded by ffmpeg.
+    let file = video_recording(&rec);
+    assert_decodes(&file, 300);
+    let sizes = decoded_frame_sizes(&file);
+    let high = sizes_between(&sizes, at(t_cap) - 4.0, at(t_cap));
+    let low = sizes_between(&sizes, at(t_settled), at(t_cap_end));
+    let back = sizes_between(&sizes, at(t_lifted_end) - 5.0, at(t_lifted_end));
+    let audio_share =
+        (audio_cap_end - audio_settled) as f64 / (50.0 * (t_cap_end - t_settled).as_secs_f64());
+    // When bob's decoded video first shows the low layer after the cap,
+    // and the high one after the lift (recording time).
+    let first = |from: f64, want: (u32, u32)| {
+        sizes
+            .iter()
+            .find(|f| f.t >= from && (f.width, f.height) == want)
+            .map(|f| f.t - from)
+    };
+    println!(
+        "FIGURE simulcast_netns: bob's first 320x180 frame {:?} s after the 300 kbit/s cap; first 1280x720 frame {:?} s after the lift to 5 Mbit/s \
+         (recording clock aligned on bob's 30th frame: up to 1 s late)",
+        first(at(t_cap), (320, 180)),
+        first(at(t_cap_end), (1280, 720))
+    );
+    println!(
+        "FIGURE simulcast_netns: bob asks 1280x720: before the cap {:.0} % of frames 1280x720; \
+         capped at 300 kbit/s (8-20 s after the cap) {:.0} % 320x180, audio {:.1} % of 50 frames/s; \
+         lifted to 5 Mbit/s (last 5 s of 20 s) {:.0} % 1280x720; {} bytes reached bob's namespace",
+        100.0 * share(&high, (1280, 720)),
+        100.0 * share(&low, (320, 180)),
+        100.0 * audio_share,
+        100.0 * share(&back, (1280, 720)),
+        capped_bytes
+    );
+    assert!(
+        share(&high, (1280, 720)) >= 0.9,
+        "before the cap: {}",
+        summary(&high)
+    );
+    assert!(
+        !low.is_empty() && share(&low, (320, 180)) >= 0.9,
+        "capped at 300 kbit/s: {}",
+        summary(&low)
+    );
+    assert!(audio_share >= 0.95, "audio under the cap: {audio_share}");
+    assert!(
+        share(&back, (1280, 720)) >= 0.9,
+        "lifted: {}",
+        summary(&back)
+    );
+
+    // alice's layers: the top one stopped under the uplink cap and resumed.
+    let layer_events: Vec<&Value> = a
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "simulcast_layers")
+        .collect();
+    println!(
+        "simulcast_netns: alice's layer events (uplink capped {:.1}-{:.1} s): {layer_events:?}",
+        at(t_up_cap),
+        at(t_up_lift)
+    );
+    let stopped_top = layer_events.iter().any(|v| {
+        v["sending"]
+            .as_array()
+            .is_some_and(|l| !l.iter().any(|r| r == "f"))
+    });
+    let resumed = layer_events
+        .last()
+        .is_some_and(|v| v["sending"].as_array().is_some_and(|l| l.len() == 3));
+    assert!(
+        stopped_top && resumed,
+        "alice stops her top layer under a 400 kbit/s uplink and resumes it: {layer_events:?}"
+    );
+
+    drop(synapse);
+    drop(net);
+}
