@@ -15,38 +15,19 @@
 // The reliability tests' namespaces and router, shared rather than copied.
 use groupcall_testkit::{Proc, netns};
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use groupcall_testkit::synapse::{Synapse, SynapseOptions};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::{Value, json};
-use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_groupcall");
-const PW: &str = "secret-pw";
+mod common;
+use common::{PW, create_call_room, frames_from, in_ns, join_args};
 
-/// A `groupcall join --json` process in a namespace (default logging:
-/// `info` for groupcall's crates).
+/// A `groupcall join --json` process in a namespace.
 fn spawn_in(name: &str, ns: &str, args: &[String]) -> Proc {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, BIN])
-        .args(args)
-        // Default logging, whatever the test's environment says.
-        .env_remove("RUST_LOG");
-    Proc::spawn_cmd(name, cmd, Stdio::null())
-}
-
-/// Most frames of `kind` that `p` reported received from `user`.
-fn frames_from(p: &Proc, user: &str, kind: &str) -> u64 {
-    p.seen
-        .iter()
-        .filter(|v| v["event"] == "media" && v["user_id"] == user && v["kind"] == kind)
-        .filter_map(|v| v["frames"].as_u64())
-        .max()
-        .unwrap_or(0)
+    Proc::spawn_cmd(name, in_ns(ns, args), Stdio::null())
 }
 
 fn connected_to(p: &Proc, user: &str) -> bool {
@@ -65,28 +46,6 @@ fn bound_logs(p: &Proc) -> Vec<String> {
         .filter(|l| l.contains("media host bound"))
         .filter_map(|l| l.split_once("addrs=").map(|(_, a)| a.trim().to_owned()))
         .collect()
-}
-
-fn join_args(hs: &str, user: &str, room: &str, dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "join",
-        "--homeserver",
-        hs,
-        "--user",
-        user,
-        "--password",
-        PW,
-        "--room",
-        room,
-        "--json",
-        "--data-dir",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.push(dir.display().to_string());
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
 }
 
 /// IPv4 only, then IPv4 and IPv6 in every namespace (one after the other:
@@ -124,26 +83,7 @@ async fn call_across_namespaces(dual_stack: bool) {
     let alice = synapse.register_user("alice", PW).await.unwrap();
     let bob = synapse.register_user("bob", PW).await.unwrap();
 
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let resp = http
-        .post(format!("{hs}/_matrix/client/v3/createRoom"))
-        .bearer_auth(&alice.access_token)
-        .json(&json!({
-            "preset": "public_chat",
-            "name": "beyond loopback",
-            "power_level_content_override": { "events": {
-                "org.matrix.msc3401.call": 0,
-                "org.matrix.msc3401.call.member": 0,
-            } },
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "{:?}", resp.text().await);
-    let room = resp.json::<Value>().await.unwrap()["room_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let room = create_call_room(&hs, &alice.access_token, "beyond loopback", &[]).await;
 
     let dirs = tempfile::tempdir().unwrap();
     let started = Instant::now();

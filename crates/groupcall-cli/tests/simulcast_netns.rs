@@ -35,54 +35,14 @@ use groupcall_testkit::synapse::{Synapse, SynapseOptions};
 use groupcall_testkit::{Proc, netns};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_groupcall");
-const PW: &str = "secret-pw";
+mod common;
+use common::{PW, create_call_room, frames_from, in_ns, join_args};
+
 /// The focus's HTTP port in its namespace (a fresh namespace: it is free).
 const FOCUS_HTTP_PORT: u16 = 18_080;
-
-fn in_ns(ns: &str, args: &[String]) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, BIN])
-        .args(args)
-        .env_remove("RUST_LOG");
-    cmd
-}
-
-/// Most frames of `kind` that `p` reported received from `user`.
-fn frames_from(p: &Proc, user: &str, kind: &str) -> u64 {
-    p.seen
-        .iter()
-        .filter(|v| v["event"] == "media" && v["user_id"] == user && v["kind"] == kind)
-        .filter_map(|v| v["frames"].as_u64())
-        .max()
-        .unwrap_or(0)
-}
-
-fn join_args(hs: &str, user: &str, room: &str, dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "join",
-        "--homeserver",
-        hs,
-        "--user",
-        user,
-        "--password",
-        PW,
-        "--room",
-        room,
-        "--json",
-        "--data-dir",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.push(dir.display().to_string());
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
 
 async fn http_get(url: &str) -> Option<Value> {
     let http = reqwest::Client::builder().no_proxy().build().ok()?;
@@ -173,27 +133,13 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
     let alice = synapse.register_user("alice", PW).await.unwrap();
     synapse.register_user("bob", PW).await.unwrap();
 
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let resp = http
-        .post(format!("{hs}/_matrix/client/v3/createRoom"))
-        .bearer_auth(&alice.access_token)
-        .json(&json!({
-            "preset": "public_chat",
-            "name": "simulcast under capped links",
-            "invite": [focus_user.user_id],
-            "power_level_content_override": { "events": {
-                "org.matrix.msc3401.call": 0,
-                "org.matrix.msc3401.call.member": 0,
-            } },
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "{:?}", resp.text().await);
-    let room = resp.json::<Value>().await.unwrap()["room_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let room = create_call_room(
+        &hs,
+        &alice.access_token,
+        "simulcast under capped links",
+        &[&focus_user.user_id],
+    )
+    .await;
 
     // The focus, in ns0.
     let dirs = tempfile::tempdir().unwrap();
