@@ -1646,9 +1646,6 @@ impl Forwarder {
         let Some(lay) = track.layers.get_mut(usize::from(layer)) else {
             return;
         };
-        // (A switch deferred at this key frame asks for the next one no
-        // sooner than the interval after the last request: see below.)
-        let last_request = lay.kf.last_sent;
         if keyframe {
             c.keyframes_in += 1;
             lay.kf.keyframe_arrived();
@@ -1692,23 +1689,17 @@ impl Forwarder {
                     .is_some_and(|t| now.saturating_duration_since(t) < MID_FRAME_QUIET);
                 if out.mid_frame && current_live {
                     c.layer_switches_deferred += 1;
-                    if let Some(l) = track.layers.get_mut(usize::from(layer)) {
-                        // The key frame that just came reset the rate
-                        // limit: without the last request's time, the
-                        // publisher was asked at every frame while the
-                        // layers' packets interleaved (a key frame at
-                        // each, a burst of them at a switch up).
-                        l.kf.last_sent = l.kf.last_sent.or(last_request);
-                        if l.kf.request(now, keyframe_interval, false) {
-                            c.keyframe_requests_sent += 1;
-                            outputs.push_back(Output::KeyframeRequest {
-                                publisher: track.publisher,
-                                track: tid,
-                                layer,
-                                ssrc: l.ssrc,
-                                kind: KeyframeKind::Pli,
-                            });
-                        }
+                    if let Some(l) = track.layers.get_mut(usize::from(layer))
+                        && l.kf.request(now, keyframe_interval, false)
+                    {
+                        c.keyframe_requests_sent += 1;
+                        outputs.push_back(Output::KeyframeRequest {
+                            publisher: track.publisher,
+                            track: tid,
+                            layer,
+                            ssrc: l.ssrc,
+                            kind: KeyframeKind::Pli,
+                        });
                     }
                     continue;
                 }
