@@ -201,7 +201,11 @@ impl JoinOptions {
 /// one subscriber was throttled (`tests/media_path.rs`) because the uplink
 /// governor paused the top layer on every back-off of the delay-based
 /// estimate (see `SimulcastConfig::drop_factor`) and each pause froze the
-/// subscribers on that layer until the focus saw it stale. (A focus that
+/// subscribers on that layer until the focus saw it stale. Still racing
+/// there: with simulcast the focus takes a throttled subscriber down its
+/// layers before it stops its video (two steps with 2 s settles, then two
+/// loss reports: 6 to 8 s after the cap), and the test checks the stop
+/// 8 s after the cap. (A focus that
 /// accepts simulcast in its answer but forwards one layer per track mixes
 /// the three layers into one stream: set [`JoinOptions::simulcast`] to
 /// `None` for such a focus.)
