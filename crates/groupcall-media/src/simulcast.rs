@@ -15,8 +15,9 @@
 //! (str0m's transport-wide congestion control estimate and the remote's
 //! REMB, the lower of the two counts), and decides how many layers, from
 //! the lowest, fit: it drops the top layer(s) when the estimate has stayed
-//! below their cumulative bitrate for [`SimulcastConfig::drop_after`], and
-//! resumes the next layer when the estimate has stayed at least
+//! below [`SimulcastConfig::drop_factor`] times their cumulative bitrate for
+//! [`SimulcastConfig::drop_after`] (then keeping the layers that fit the
+//! estimate), and resumes the next layer when the estimate has stayed at least
 //! [`SimulcastConfig::resume_factor`] times the cumulative bitrate with it
 //! for [`SimulcastConfig::resume_after`]. The lowest layer is never
 //! dropped.
@@ -30,9 +31,21 @@ pub struct SimulcastConfig {
     /// source's layers ([`FrameSource::rids`](crate::FrameSource::rids)) are
     /// sent under the RIDs the remote accepted.
     pub rids: Vec<String>,
-    /// Drop the top layer(s) once the estimate has stayed below their
-    /// cumulative bitrate this long (default 1 s).
+    /// Drop the top layer(s) once the estimate has stayed below
+    /// [`SimulcastConfig::drop_factor`] times their cumulative bitrate this
+    /// long (default 1 s).
     pub drop_after: Duration,
+    /// How far below what the sent layers need the estimate must be to
+    /// drop a layer (default 0.8). The delay-based estimate answers a
+    /// single overuse signal (a burst of queueing delay, e.g. from a busy
+    /// CPU) with 0.85 times the bitrate it saw acknowledged: just under what
+    /// is sent, whatever the link could carry. Dropping on that (as at 1.0)
+    /// paused the top layer every few seconds on loopback, and each pause
+    /// froze the subscribers on that layer until the focus moved them. A
+    /// link that cannot carry the layers brings the estimate further down
+    /// (0.85 of what gets through, again at each overuse). Once dropping,
+    /// the layers kept are those that fit the estimate.
+    pub drop_factor: f64,
     /// Resume a layer once the estimate has stayed at least this factor
     /// times the cumulative bitrate with that layer (default 1.25) for
     /// [`SimulcastConfig::resume_after`].
@@ -58,6 +71,7 @@ impl Default for SimulcastConfig {
         Self {
             rids: vec!["q".into(), "h".into(), "f".into()],
             drop_after: Duration::from_secs(1),
+            drop_factor: 0.8,
             resume_factor: 1.25,
             resume_after: Duration::from_secs(3),
             twcc: true,
@@ -147,8 +161,11 @@ impl LayerGovernor {
     pub fn handle_timeout(&mut self, now: Instant) -> Option<usize> {
         let est = self.estimate()?;
         let n = self.rates.len();
-        // Dropping: the sent layers (beyond the lowest) do not fit.
-        if self.sending > 1 && est < self.need(self.sending) {
+        // Dropping: the sent layers (beyond the lowest) do not fit, by more
+        // than one back-off of the estimator.
+        if self.sending > 1
+            && (est as f64) < self.need(self.sending) as f64 * self.config.drop_factor
+        {
             self.above_since = None;
             let since = *self.below_since.get_or_insert(now);
             if now.saturating_duration_since(since) >= self.config.drop_after {
@@ -294,6 +311,30 @@ mod tests {
         assert_eq!(g.handle_timeout(ms(t, 14_000)), None);
         assert_eq!(g.handle_timeout(ms(t, 16_000)), Some(3));
         assert_eq!(g.poll_timeout(), None);
+    }
+
+    /// The delay-based estimator's answer to one overuse signal: 0.85
+    /// times what it saw acknowledged, here exactly what the three layers
+    /// send. That is no narrower link: all three stay, however long it
+    /// lasts. A second back-off (0.85 * 0.85 = 0.72) is one: down to the
+    /// layers that fit, after `drop_after`.
+    #[test]
+    fn one_back_off_of_the_estimator_drops_nothing_a_second_does() {
+        let (mut g, t) = gov();
+        let sent = g.need(3);
+        let once = sent * 85 / 100;
+        assert_eq!(g.handle_estimate(t, EstimateKind::Twcc, once), None);
+        assert_eq!(g.poll_timeout(), None);
+        assert_eq!(g.handle_timeout(ms(t, 10_000)), None);
+        assert_eq!(g.sending(), 3);
+        let twice = once * 85 / 100;
+        assert_eq!(
+            g.handle_estimate(ms(t, 10_000), EstimateKind::Twcc, twice),
+            None
+        );
+        assert_eq!(g.handle_timeout(ms(t, 10_999)), None);
+        // 0.72 * 1.38M = 995k: q and h (480k) fit, f does not.
+        assert_eq!(g.handle_timeout(ms(t, 11_000)), Some(2));
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! loss-driven step-down guard of a subscriber's downlink.
 //!
 //! The rule of [`choose`]: among the *usable* layers (a packet within
-//! [`super::ForwarderConfig::layer_stale`], a size known from a key frame,
-//! not marked as failing to deliver key frames), ordered by size, the
+//! [`super::ForwarderConfig::layer_stale`], and within [`PAUSED_GAP`] of
+//! the newest packet of any layer of the track, a size known from a key
+//! frame, not marked as failing to deliver key frames), ordered by size, the
 //! wanted one is the smallest whose width and height both cover the
 //! subscription's requested size (the largest if none does, or if no size
 //! was requested), lowered by the subscriber's loss steps
@@ -38,6 +39,15 @@ pub fn keyframe_size(payload: &[u8], d: &Vp8Descriptor) -> Option<(u16, u16)> {
 
 /// How long a bitrate window lasts.
 const RATE_WINDOW: Duration = Duration::from_millis(1000);
+
+/// A layer this far behind the newest packet of its track's other layers
+/// is paused by its publisher (e.g. a groupcall client's uplink governor
+/// dropping its top layer): the layers of one source send at every frame
+/// instant, so a layer silent for this long while another goes on is not
+/// just between frames (9 frame intervals at 30 fps, 4 at 15). Skipped at
+/// once rather than after `layer_stale`: until then its subscribers would
+/// get no video at all.
+pub(super) const PAUSED_GAP: Duration = Duration::from_millis(300);
 
 /// What the forwarder knows of one layer of a track.
 #[derive(Debug, Clone, Copy, Default)]
@@ -73,6 +83,13 @@ impl LayerStats {
             self.height = h;
             self.no_keyframe_until = None;
         }
+    }
+
+    /// Whether its publisher paused it: its last packet is [`PAUSED_GAP`]
+    /// or more older than `newest`, the newest of any layer of its track.
+    pub fn paused(&self, newest: Option<Instant>) -> bool {
+        matches!((self.last_packet, newest),
+            (Some(t), Some(n)) if n.saturating_duration_since(t) >= PAUSED_GAP)
     }
 
     /// Whether it can be chosen now.
@@ -126,8 +143,9 @@ pub(super) fn choose(
 ) -> Option<Choice> {
     let mut order = [0u8; super::MAX_LAYERS];
     let mut n = 0;
+    let newest = layers.iter().filter_map(|l| l.last_packet).max();
     for (i, l) in layers.iter().enumerate() {
-        if l.usable(now, stale) && n < order.len() {
+        if l.usable(now, stale) && !l.paused(newest) && n < order.len() {
             order[n] = i as u8;
             n += 1;
         }
@@ -420,6 +438,48 @@ mod tests {
         w.steps_down = 5;
         assert_eq!(choose(&ls, t, STALE, w, 0, 125, false).unwrap().now, 1);
         assert!(choose(&ls, t + STALE, STALE, w, 0, 125, false).is_none());
+    }
+
+    /// A publisher pauses its top layer while the others go on: the layer
+    /// is skipped once it is `PAUSED_GAP` behind them, long before
+    /// `layer_stale`; a gap between frames is no pause. When it comes back
+    /// it is chosen again.
+    #[test]
+    fn a_layer_paused_while_the_others_go_on_is_skipped_at_once() {
+        let t = Instant::now();
+        let ms = |n: u64| t + Duration::from_millis(n);
+        let mut ls = [
+            layer(t, 320, 180, 130_000),
+            layer(t, 640, 360, 350_000),
+            layer(t, 1280, 720, 900_000),
+        ];
+        let c = |ls: &[LayerStats], now: Instant| {
+            choose(ls, now, STALE, wish(None, None), 2, 125, false)
+                .unwrap()
+                .now
+        };
+        // Between frames (33 ms at 30 fps, a layer's packets a little late).
+        ls[0].last_packet = Some(ms(100));
+        ls[1].last_packet = Some(ms(100));
+        assert_eq!(c(&ls, ms(100)), 2);
+        // The top layer stops at 0; the others go on: still chosen just
+        // under the gap, skipped at it (well within layer_stale).
+        ls[0].last_packet = Some(ms(299));
+        ls[1].last_packet = Some(ms(299));
+        assert_eq!(c(&ls, ms(299)), 2);
+        ls[0].last_packet = Some(ms(300));
+        ls[1].last_packet = Some(ms(300));
+        assert!(ls[2].paused(Some(ms(300))));
+        assert_eq!(c(&ls, ms(300)), 1, "the paused layer is skipped");
+        // Back: chosen again.
+        ls[2].last_packet = Some(ms(2000));
+        ls[0].last_packet = Some(ms(2000));
+        ls[1].last_packet = Some(ms(1990));
+        assert_eq!(c(&ls, ms(2000)), 2);
+        // The whole track silent: no layer is behind another; layer_stale
+        // decides.
+        assert_eq!(c(&ls, ms(2900)), 2);
+        assert!(choose(&ls, ms(3000), STALE, wish(None, None), 2, 125, false).is_none());
     }
 
     #[test]

@@ -870,6 +870,9 @@ struct PeerState {
     /// Directions the pending offer changed (str0m changes them in the
     /// session at once), as they were: restored by a rollback.
     pending_dirs: Vec<(Mid, Direction)>,
+    /// Local tracks the pending offer removed, with their m-lines: put
+    /// back by a rollback (their sources wait in `pending_sources`).
+    pending_removed: Vec<LocalTrack>,
     sinks: Vec<(SinkFilter, Box<dyn FrameSink>)>,
     state: ConnState,
     ever_connected: bool,

@@ -19,8 +19,10 @@ fn local_direction(remote: Direction, bound: bool) -> Direction {
 impl PeerState {
     /// Makes the local tracks match `wanted`. New tracks start unbound; the
     /// sources of removed tracks are kept in case the track comes back.
-    pub(super) fn sync_tracks(&mut self, wanted: &[Wanted]) {
+    /// Returns the removed tracks (without their sources).
+    pub(super) fn sync_tracks(&mut self, wanted: &[Wanted]) -> Vec<LocalTrack> {
         let mut kept = Vec::with_capacity(wanted.len());
+        let mut removed = Vec::new();
         for mut t in std::mem::take(&mut self.tracks) {
             let keep = wanted.iter().any(|w| {
                 w.track_id == t.track_id && w.stream_id == t.stream_id && w.kind == t.kind
@@ -32,6 +34,7 @@ impl PeerState {
                 if let Some(src) = t.source.take() {
                     self.pending_sources.insert(t.track_id.clone(), src);
                 }
+                removed.push(t);
             }
         }
         self.tracks = kept;
@@ -59,6 +62,7 @@ impl PeerState {
                 .unwrap_or(usize::MAX)
         });
         self.start_sources();
+        removed
     }
 
     /// Forgets the pending local offer (replaced, or rolled back: then
@@ -77,9 +81,26 @@ impl PeerState {
         }
     }
 
-    /// Unbinds the tracks the pending offer bound and restores the
-    /// directions it changed.
+    /// Unbinds the tracks the pending offer bound, puts back the tracks it
+    /// removed (on their m-lines) and restores the directions it changed.
     fn undo_pending_bindings(&mut self) {
+        // A track the offer removed is still sent on its m-line as far as
+        // the remote knows: without it back, accepting the remote's offer
+        // with that track wanted would make it a new track, which may not
+        // reuse its old m-line (see `ever_bound`) and would wait unbound
+        // for an offer that, with nothing else changed, has nothing to
+        // negotiate (renegotiation glare at a focus).
+        for mut t in std::mem::take(&mut self.pending_removed) {
+            if self.tracks.iter().any(|x| x.track_id == t.track_id) {
+                continue;
+            }
+            if let Some(src) = self.pending_sources.remove(&t.track_id) {
+                t.source = Some(src);
+                t.next_due = None;
+            }
+            debug!(track = %t.track_id, mid = ?t.mid, "local track put back");
+            self.tracks.push(t);
+        }
         for t in &mut self.tracks {
             if t.mid_pending {
                 if let Some(mid) = t.mid.take() {
@@ -172,7 +193,7 @@ impl PeerState {
     ) -> Result<String, MediaError> {
         let wanted = wanted_tracks(feeds)?;
         self.rollback_pending(false);
-        self.sync_tracks(&wanted);
+        let removed = self.sync_tracks(&wanted);
         let still: HashSet<Mid> = self.tracks.iter().filter_map(|t| t.mid).collect();
 
         let lines: Vec<(Mid, TrackKind)> = self
@@ -319,6 +340,7 @@ impl PeerState {
         };
         self.pending_offer = Some(pending);
         self.pending_dirs = old_dirs;
+        self.pending_removed = removed;
         if with_channel {
             self.channel_offered = true;
             self.channel_pending = true;
@@ -354,7 +376,8 @@ impl PeerState {
         let answer = self.rtc.sdp_api().accept_offer(offer);
         self.drain().map_err(rtc_err)?;
         let answer = answer.map_err(|e| MediaError::RemoteSdp(e.to_string()))?;
-        self.sync_tracks(&wanted);
+        // (Removed tracks' sources wait in `pending_sources`.)
+        let _removed = self.sync_tracks(&wanted);
 
         // The remote's m-lines: kind, its direction, rejected.
         let remote_lines: Vec<(Mid, TrackKind, Direction)> = remote_sections
@@ -447,6 +470,7 @@ impl PeerState {
         }
         self.channel_pending = false;
         self.pending_dirs.clear();
+        self.pending_removed.clear();
         let mut renegotiate = false;
         for t in &mut self.tracks {
             if let Some(mid) = t.mid
@@ -661,3 +685,7 @@ impl PeerState {
         self.finished = true;
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests;

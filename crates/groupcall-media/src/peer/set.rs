@@ -291,6 +291,7 @@ impl PeerSet {
             ended_remote: Vec::new(),
             pending_offer: None,
             pending_dirs: Vec::new(),
+            pending_removed: Vec::new(),
             sinks: Vec::new(),
             state: ConnState::New,
             ever_connected: false,
