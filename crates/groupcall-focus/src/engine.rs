@@ -971,9 +971,10 @@ impl State {
                     let t = Instant::now();
                     // A simulcast subscriber goes down a layer first; its
                     // video stops only when nothing can go lower.
-                    let can_go_down = self.fwd.can_step_down(t, part(client));
+                    let room = self.fwd.steps_to_lowest(t, part(client));
+                    let can_go_down = room > 0;
                     if !m.loss_guard.dropping() && (can_go_down || m.layer_guard.steps() > 0) {
-                        if let Some(step) = m.layer_guard.report(t, loss, can_go_down) {
+                        if let Some(step) = m.layer_guard.report(t, loss, room) {
                             info!(
                                 client = client.0,
                                 ?loss,
@@ -992,10 +993,12 @@ impl State {
                             return;
                         }
                     }
-                    // Just after a layer move (the estimate's), the loss
-                    // reported still counts the layer left.
+                    // Just after a layer move by the estimate, the loss
+                    // reported still counts the layer left (the guard's
+                    // own moves are covered by its settling time above).
                     let moved = self.fwd.layers_moved_at(part(client));
                     if !m.loss_guard.dropping()
+                        && self.estimate_bandwidth.is_some()
                         && moved.is_some_and(|at| t.saturating_duration_since(at) < LAYER_SETTLE)
                     {
                         return;

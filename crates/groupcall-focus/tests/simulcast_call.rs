@@ -41,7 +41,8 @@ async fn start(extra: &str) -> (Harness, RunningFocus, Vec<Member>, Vec<Particip
         clients,
         |_| None,
         move |i, o: &mut JoinOptions| {
-            // Simulcast to the focus (not yet the client's default).
+            // Simulcast to the focus (the client's default, set here so
+            // that the test does not depend on it).
             o.simulcast = Some(groupcall::media::SimulcastConfig::default());
             if i > 0 {
                 o.record_dir = Some(rec.join(format!("rec-p{i}")));

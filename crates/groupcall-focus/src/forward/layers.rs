@@ -218,6 +218,11 @@ pub struct LayerGuardConfig {
     /// Loss (per mille) at which one report is enough (250: 25 %, a link
     /// far too slow for the layer).
     pub severe_permille: u16,
+    /// Loss (per mille) at which one step goes straight to the lowest
+    /// layer (500: 50 %, the link carries less than half of what is sent:
+    /// one layer down would not be enough, and every second of it costs
+    /// the subscriber's audio too).
+    pub bottom_permille: u16,
     /// Loss below which the link counts as clean (20: 2 %).
     pub clean_permille: u16,
     /// How long the link must stay clean before one step back up (4 s),
@@ -240,6 +245,7 @@ impl Default for LayerGuardConfig {
             down_permille: 100,
             reports: 2,
             severe_permille: 250,
+            bottom_permille: 500,
             clean_permille: 20,
             first_hold: Duration::from_secs(4),
             max_hold: Duration::from_secs(32),
@@ -253,7 +259,8 @@ impl Default for LayerGuardConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LayerStep {
-    /// One layer lower for every simulcast subscription of the subscriber.
+    /// Lower for every simulcast subscription of the subscriber (one
+    /// layer, or to the lowest under very heavy loss).
     Down,
     /// One layer back up.
     Up,
@@ -310,15 +317,18 @@ impl LayerGuard {
     }
 
     /// One summary of the subscriber's receiver reports (highest loss in
-    /// per mille, `None`: no report); `can_go_down`: some simulcast
-    /// subscription of the subscriber is above its lowest usable layer.
-    /// Returns the step to take, if any (the guard counts it taken).
+    /// per mille, `None`: no report); `room`: how many steps down are left
+    /// before every simulcast subscription of the subscriber is at its
+    /// lowest usable layer (`Forwarder::steps_to_lowest`). Returns the step
+    /// to take, if any (the guard counts it taken: one layer, or all of
+    /// `room` at once under [`LayerGuardConfig::bottom_permille`]).
     pub fn report(
         &mut self,
         now: Instant,
         loss_permille: Option<u16>,
-        can_go_down: bool,
+        room: u8,
     ) -> Option<LayerStep> {
+        let can_go_down = room > 0;
         if self.settling(now) {
             return None;
         }
@@ -329,7 +339,12 @@ impl LayerGuard {
             let enough = self.high_run >= self.cfg.reports || loss >= self.cfg.severe_permille;
             if enough && can_go_down {
                 self.high_run = 0;
-                self.steps = self.steps.saturating_add(1);
+                let by = if loss >= self.cfg.bottom_permille {
+                    room
+                } else {
+                    1
+                };
+                self.steps = self.steps.saturating_add(by);
                 self.last_down = Some(now);
                 let again = self
                     .last_up
@@ -544,46 +559,65 @@ mod tests {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         let mut g = LayerGuard::default();
-        assert_eq!(g.report(at(0), Some(150), true), None);
-        assert_eq!(g.report(at(1), Some(150), true), Some(LayerStep::Down));
+        assert_eq!(g.report(at(0), Some(150), 2), None);
+        assert_eq!(g.report(at(1), Some(150), 2), Some(LayerStep::Down));
         assert_eq!(g.steps(), 1);
         // Settling: the next report is not judged (it would count too).
         assert!(g.settling(at(2)));
-        assert_eq!(g.report(at(2), Some(150), true), None);
-        assert_eq!(g.report(at(3), Some(150), true), None);
-        assert_eq!(g.report(at(4), Some(150), true), Some(LayerStep::Down));
+        assert_eq!(g.report(at(2), Some(150), 2), None);
+        assert_eq!(g.report(at(3), Some(150), 2), None);
+        assert_eq!(g.report(at(4), Some(150), 2), Some(LayerStep::Down));
         assert_eq!(g.steps(), 2);
         // Lowest already: no step (the video-stopping guard takes over).
-        assert_eq!(g.report(at(4), Some(500), false), None);
-        assert_eq!(g.report(at(5), Some(500), false), None);
+        assert_eq!(g.report(at(4), Some(500), 0), None);
+        assert_eq!(g.report(at(5), Some(500), 0), None);
         // Clean for 4 s: one step up, then 4 s more: another.
         for s in 6..10 {
-            assert_eq!(g.report(at(s), Some(0), true), None, "at {s}");
+            assert_eq!(g.report(at(s), Some(0), 2), None, "at {s}");
         }
-        assert_eq!(g.report(at(10), None, true), Some(LayerStep::Up));
+        assert_eq!(g.report(at(10), None, 2), Some(LayerStep::Up));
         assert_eq!(g.steps(), 1);
         // Loss right after the step up: down, and the next hold is 8 s.
-        assert_eq!(g.report(at(11), Some(200), true), None);
-        assert_eq!(g.report(at(12), Some(200), true), Some(LayerStep::Down));
+        assert_eq!(g.report(at(11), Some(200), 2), None);
+        assert_eq!(g.report(at(12), Some(200), 2), Some(LayerStep::Down));
         // (Settling until 14: the clean time counts from there.)
         for s in 13..22 {
-            assert_eq!(g.report(at(s), Some(5), true), None, "at {s}");
+            assert_eq!(g.report(at(s), Some(5), 2), None, "at {s}");
         }
-        assert_eq!(g.report(at(22), Some(5), true), Some(LayerStep::Up));
+        assert_eq!(g.report(at(22), Some(5), 2), Some(LayerStep::Up));
         // Moderate loss (between clean and down) holds the step.
-        assert_eq!(g.report(at(23), Some(50), true), None);
+        assert_eq!(g.report(at(23), Some(50), 2), None);
         // Severe loss: one report is enough.
-        assert_eq!(g.report(at(24), Some(250), true), Some(LayerStep::Down));
+        assert_eq!(g.report(at(24), Some(250), 2), Some(LayerStep::Down));
         // Two steps down soon after steps up: a 16 s hold.
         for s in 25..42 {
-            assert_eq!(g.report(at(s), Some(0), true), None, "at {s}");
+            assert_eq!(g.report(at(s), Some(0), 2), None, "at {s}");
         }
-        assert_eq!(g.report(at(42), Some(0), true), Some(LayerStep::Up));
+        assert_eq!(g.report(at(42), Some(0), 2), Some(LayerStep::Up));
         // That step up holds for 10 s: the hold starts over at 4 s.
         for s in 43..53 {
-            assert_eq!(g.report(at(s), Some(0), true), None, "at {s}");
+            assert_eq!(g.report(at(s), Some(0), 2), None, "at {s}");
         }
-        assert_eq!(g.report(at(53), Some(0), true), Some(LayerStep::Up));
+        assert_eq!(g.report(at(53), Some(0), 2), Some(LayerStep::Up));
         assert_eq!(g.steps(), 0);
+    }
+
+    #[test]
+    fn layer_guard_goes_to_the_lowest_layer_at_once_under_very_heavy_loss() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut g = LayerGuard::default();
+        // 60 % loss with two layers below: both steps in one.
+        assert_eq!(g.report(at(0), Some(600), 2), Some(LayerStep::Down));
+        assert_eq!(g.steps(), 2);
+        // Back up one step at a time.
+        for s in 2..6 {
+            assert_eq!(g.report(at(s), Some(0), 0), None, "at {s}");
+        }
+        assert_eq!(g.report(at(6), Some(0), 1), Some(LayerStep::Up));
+        assert_eq!(g.steps(), 1);
+        // 30 %: severe, one report, but one step only.
+        assert_eq!(g.report(at(7), Some(300), 1), Some(LayerStep::Down));
+        assert_eq!(g.steps(), 2);
     }
 }

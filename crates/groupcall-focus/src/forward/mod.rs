@@ -1383,30 +1383,36 @@ impl Forwarder {
     /// targets a layer above the lowest usable one of its track (so that a
     /// step down would lower something).
     pub fn can_step_down(&self, now: Instant, subscriber: ParticipantId) -> bool {
+        self.steps_to_lowest(now, subscriber) > 0
+    }
+
+    /// How many layer steps down would bring every automatic simulcast
+    /// subscription of `subscriber` to the lowest usable layer of its track
+    /// (the most over its subscriptions; 0: all at their lowest already).
+    pub fn steps_to_lowest(&self, now: Instant, subscriber: ParticipantId) -> u8 {
         let Some(p) = self.participants.get(&subscriber) else {
-            return false;
+            return 0;
         };
         let stale = self.config.layer_stale;
-        p.outs.iter().any(|&o| {
-            let Some(out) = self.outs.get(o) else {
-                return false;
-            };
-            let Some(t) = self.tracks.get(out.track) else {
-                return false;
-            };
-            if !out.active || out.pinned || t.layers.len() < 2 {
-                return false;
-            }
-            let area = |l: &Layer| u32::from(l.stats.width) * u32::from(l.stats.height);
-            let lowest = t
-                .layers
-                .iter()
-                .filter(|l| l.stats.usable(now, stale))
-                .map(area)
-                .min();
-            let target = t.layers.get(usize::from(out.target_layer)).map(area);
-            matches!((lowest, target), (Some(lo), Some(ta)) if ta > lo)
-        })
+        let area = |l: &Layer| u32::from(l.stats.width) * u32::from(l.stats.height);
+        p.outs
+            .iter()
+            .filter_map(|&o| {
+                let out = self.outs.get(o)?;
+                let t = self.tracks.get(out.track)?;
+                if !out.active || out.pinned || t.layers.len() < 2 {
+                    return None;
+                }
+                let target = area(t.layers.get(usize::from(out.target_layer))?);
+                let below = t
+                    .layers
+                    .iter()
+                    .filter(|l| l.stats.usable(now, stale) && area(l) < target)
+                    .count();
+                u8::try_from(below).ok()
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// The layer of `track` whose RID is `rid`, added if the track has
