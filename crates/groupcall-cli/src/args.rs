@@ -83,8 +83,8 @@ pub enum BenchCmd {
     /// the command fail. Prints a table; with --json also one JSON object
     /// for the floor and one per N on stdout.
     Setup(BenchSetupArgs),
-    /// Forwarding capacity of an SFU (work in progress, issue 13): Janus
-    /// VideoRoom (apt `janus`) pinned to core 0, a load generator of real
+    /// Forwarding capacity of groupcall's focus and of Janus VideoRoom
+    /// (apt `janus`) side by side, each pinned to core 0, a load generator of real
     /// DTLS-SRTP peers on core 1; publishers' packet rate ramped until loss
     /// passes 0.1 %; prints capacity (egress packets/s), packets per
     /// CPU-second and latency at half of it.
@@ -151,6 +151,15 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// Subscribers of each published stream.
+    pub fn fanout(&self) -> u64 {
+        if self.all_to_all {
+            u64::from(self.publishers.saturating_sub(1))
+        } else {
+            u64::from(self.subscribers)
+        }
+    }
+
     /// Matrix devices / peer connections of a focus client each.
     pub fn participants(&self) -> usize {
         if self.all_to_all {

@@ -6,13 +6,15 @@
 //! receiving every publisher): the publishers' video packet rate is ramped
 //! up; at each step the load runs for a warm-up second and a measured
 //! window; egress is what the subscribers received per second, loss the
-//! packets missing by sequence number, CPU the system's user+sys time from
+//! packets missing by sequence number or short of what the publishers
+//! sent times the subscribers of each stream, CPU the system's user+sys time from
 //! /proc over the window. Capacity is the highest egress rate whose loss
-//! stayed below 0.1 %; latency percentiles are measured at half of it.
+//! stayed below 0.1 %; latency percentiles are measured at half of it,
+//! after a pause that lets the overloaded step's backlog drain.
 //!
-//! Systems: Janus VideoRoom (Debian's `janus`, configured and started
-//! here). groupcall's focus through its production path is the issue's
-//! other half and not built yet (docs/benchmarks.md says so).
+//! Systems: groupcall's focus (`groupcall focus`, set up through Matrix on
+//! a local Synapse) and Janus VideoRoom (Debian's `janus`, configured and
+//! started here), in the same run; see docs/benchmarks.md.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -121,11 +123,18 @@ struct Outcome {
     half: Option<Step>,
 }
 
+/// How long the load pauses its video after the ramp, before the step at
+/// half of the capacity.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// One step: `fanout` is how many subscribers receive each published
+/// stream.
 async fn measure(
     lg: &mut Loadgen,
     pid: u32,
     video_pps: u64,
     window: Duration,
+    fanout: u64,
 ) -> anyhow::Result<Step> {
     lg.ask(json!({"op": "rate", "video_pps": video_pps}))
         .await?;
@@ -138,7 +147,13 @@ async fn measure(
     let (c1, l1) = (cpu_seconds(pid)?, cpu_seconds(lg_pid)?);
     let secs = w["secs"].as_f64().unwrap_or(window.as_secs_f64()).max(0.1);
     let received = w["received"].as_f64().unwrap_or(0.0);
-    let lost = w["lost"].as_f64().unwrap_or(0.0);
+    let gaps = w["lost"].as_f64().unwrap_or(0.0);
+    // What the subscribers should have received of what the publishers
+    // sent in the window: a system that drops packets and renumbers the
+    // rest (a focus stopping video to a subscriber it thinks congested)
+    // leaves no sequence gap, so the shortfall counts as lost too.
+    let expected = w["sent"].as_f64().unwrap_or(0.0) * fanout as f64;
+    let lost = gaps + (expected - received - gaps).max(0.0);
     Ok(Step {
         video_pps,
         egress_pps: received / secs,
@@ -161,12 +176,13 @@ async fn ramp(
     pid: u32,
     args: &BenchFocusArgs,
     label: &str,
+    fanout: u64,
 ) -> anyhow::Result<Outcome> {
     let mut steps = Vec::new();
     let mut capacity: Option<Step> = None;
     let mut pps = args.start_pps;
     while pps <= args.max_pps {
-        let s = measure(lg, pid, pps, args.window).await?;
+        let s = measure(lg, pid, pps, args.window, fanout).await?;
         eprintln!(
             "{label}: {pps} video packets/s per publisher: egress {:.0} packets/s, loss {:.3} %, CPU {:.0} % (load generator {:.0} %), latency p50 {} µs p99 {} µs",
             s.egress_pps,
@@ -184,8 +200,16 @@ async fn ramp(
         capacity = Some(s);
         pps = ((pps as f64) * args.ramp_factor).ceil() as u64;
     }
+    // The step that overloaded the system left packets queued in socket
+    // buffers (up to seconds of them): without video for a while they
+    // drain, so that the latency at half of the capacity is not the
+    // backlog's.
     let half = match &capacity {
-        Some(c) => Some(measure(lg, pid, (c.video_pps / 2).max(1), args.window).await?),
+        Some(c) => {
+            lg.ask(json!({"op": "rate", "video_pps": 0})).await?;
+            tokio::time::sleep(DRAIN).await;
+            Some(measure(lg, pid, (c.video_pps / 2).max(1), args.window, fanout).await?)
+        }
         None => None,
     };
     lg.ask(json!({"op": "rate", "video_pps": 0})).await?;
@@ -255,7 +279,7 @@ async fn run_janus(args: &BenchFocusArgs, sc: Scenario) -> anyhow::Result<Outcom
                 .await?;
         }
         lg.ask(json!({"op": "connected", "timeout_s": 30})).await?;
-        ramp(&mut lg, pid, args, &format!("janus {sc}")).await
+        ramp(&mut lg, pid, args, &format!("janus {sc}"), sc.fanout()).await
     }
     .await;
     lg.stop().await;
@@ -619,7 +643,7 @@ grace_period = "1s"
             lg.ask(json!({"op": "rate", "video_pps": args.start_pps}))
                 .await?;
             tokio::time::sleep(Duration::from_secs(3)).await;
-            let r = ramp(&mut lg, pid, args, &format!("groupcall {sc}")).await;
+            let r = ramp(&mut lg, pid, args, &format!("groupcall {sc}"), sc.fanout()).await;
             // The focus's own counts of what it forwarded and dropped.
             if let Ok(resp) = http.get(format!("http://{addr}/metrics")).send().await
                 && let Ok(text) = resp.text().await
