@@ -119,6 +119,9 @@ labelled_enum!(
         Banned = ("banned", "was banned from the room"),
         /// The call ended or another call became the room's current one.
         CallEnded = ("call_ended", "the call ended"),
+        /// An admitted focus (a cascade link) that no live participant
+        /// names in `m.foci.active` any more.
+        FocusUnnamed = ("focus_unnamed", "no live member of the call names this focus any more"),
     }
 );
 
@@ -129,8 +132,13 @@ pub struct Admitted {
     pub device: DeviceKey,
     /// Its session.
     pub session_id: String,
-    /// When its member entry expires (POSIX ms), unless republished.
+    /// When its member entry expires (POSIX ms), unless republished
+    /// (`u64::MAX` for a focus: it has no entry).
     pub expires_ts: u64,
+    /// Admitted as another focus of the call (a cascade link), not as a
+    /// participant: it has no member entry, but a live participant names
+    /// it in `m.foci.active`.
+    pub as_focus: bool,
 }
 
 /// An `m.call.invite` to check, as the driver received it.
@@ -231,6 +239,8 @@ pub struct Authoriser {
     state: RoomCallState,
     /// Admitted devices and the session each was admitted with.
     admitted: BTreeMap<DeviceKey, String>,
+    /// Those of them admitted as other foci of the call (cascade links).
+    admitted_foci: BTreeSet<DeviceKey>,
     /// The sender of each user's latest `m.room.member` event: a leave sent
     /// by someone else is a kick.
     membership_senders: BTreeMap<String, String>,
@@ -245,6 +255,7 @@ impl Authoriser {
             config,
             state: RoomCallState::new(),
             admitted: BTreeMap::new(),
+            admitted_foci: BTreeSet::new(),
             membership_senders: BTreeMap::new(),
             outputs: VecDeque::new(),
             counts: AuthCounts::default(),
@@ -289,10 +300,22 @@ impl Authoriser {
     /// earliest expiry of an admitted device.
     pub fn poll_timeout(&self) -> Option<u64> {
         let participants = self.state.participants();
-        self.admitted
+        let devices = self
+            .admitted
             .keys()
-            .filter_map(|k| participants.get(k).map(|p| p.expires_ts))
-            .min()
+            .filter_map(|k| participants.get(k).map(|p| p.expires_ts));
+        // An admitted focus stays while a live participant names it.
+        let naming = participants
+            .values()
+            .filter(|p| {
+                p.foci_active.iter().any(|f| {
+                    self.admitted_foci
+                        .iter()
+                        .any(|k| k.user_id == f.user_id && k.device_id == f.device_id)
+                })
+            })
+            .map(|p| p.expires_ts);
+        devices.chain(naming).min()
     }
 
     /// The next output, if any.
@@ -313,6 +336,12 @@ impl Authoriser {
                 self.counts.admitted += 1;
                 debug!(device = %a.device, session = %a.session_id, "invite admitted");
                 self.admitted.insert(a.device.clone(), a.session_id.clone());
+                if a.as_focus {
+                    info!(device = %a.device, "another focus of the call admitted (cascade link)");
+                    self.admitted_foci.insert(a.device.clone());
+                } else {
+                    self.admitted_foci.remove(&a.device);
+                }
                 Ok(a)
             }
             Err(r) => {
@@ -358,8 +387,16 @@ impl Authoriser {
                 device: key,
                 session_id: p.session_id.clone(),
                 expires_ts: p.expires_ts,
+                as_focus: false,
             }),
             Some(_) => Err(Refusal::StaleSession),
+            // Another focus of the call, named by a live participant.
+            None if self.names_focus(&key) => Ok(Admitted {
+                device: key,
+                session_id: session.to_owned(),
+                expires_ts: u64::MAX,
+                as_focus: true,
+            }),
             None => Err(self.why_not_participant(&key, call)),
         }
     }
@@ -394,6 +431,43 @@ impl Authoriser {
     /// end released it).
     pub fn readmit(&mut self, a: &Admitted) {
         self.admitted.insert(a.device.clone(), a.session_id.clone());
+        if a.as_focus {
+            self.admitted_foci.insert(a.device.clone());
+        }
+    }
+
+    /// Whether a live participant of the current call names `device` in
+    /// `m.foci.active`.
+    pub fn names_focus(&self, device: &DeviceKey) -> bool {
+        self.state.participants().values().any(|p| {
+            p.foci_active
+                .iter()
+                .any(|f| f.user_id == device.user_id && f.device_id == device.device_id)
+        })
+    }
+
+    /// The foci the live participants of the current call publish to
+    /// (`m.foci.active`), each once, except `me`: the other foci of the call
+    /// a focus links with (docs/protocol.md, "Cascading foci").
+    pub fn named_foci(&self, me: &DeviceKey) -> BTreeSet<DeviceKey> {
+        self.state
+            .participants()
+            .values()
+            .flat_map(|p| p.foci_active.iter())
+            .map(|f| DeviceKey::new(f.user_id.clone(), f.device_id.clone()))
+            .filter(|k| k != me)
+            .collect()
+    }
+
+    /// Whether `device` is a live participant of the current call (e.g. the
+    /// publisher another focus names for a stream it forwards).
+    pub fn is_participant(&self, device: &DeviceKey) -> bool {
+        self.state.participants().contains_key(device)
+    }
+
+    /// Whether `device` was admitted as another focus of the call.
+    pub fn is_admitted_focus(&self, device: &DeviceKey) -> bool {
+        self.admitted_foci.contains(device)
     }
 
     /// Forgets an admitted device whose session with the focus ended by
@@ -401,6 +475,7 @@ impl Authoriser {
     /// afterwards. It must be admitted again to come back.
     pub fn release(&mut self, device: &DeviceKey) {
         self.admitted.remove(device);
+        self.admitted_foci.remove(device);
     }
 
     /// Whether `device` is admitted with `session_id`.
@@ -435,15 +510,38 @@ impl Authoriser {
                 RoomChange::SessionChanged { device, .. } => (device, Revocation::SessionChanged),
                 _ => continue,
             };
-            if let Some(session_id) = self.admitted.remove(&device) {
-                self.counts.revoked[reason.index()] += 1;
-                info!(%device, session = %session_id, reason = reason.label(), "authorisation revoked: {reason}");
-                self.outputs.push_back(AuthOutput::Revoked {
-                    device,
-                    session_id,
-                    reason,
-                });
-            }
+            self.revoke(device, reason);
+        }
+        // Foci stay admitted while a live participant names them and their
+        // user is in the room.
+        let unnamed: Vec<(DeviceKey, Revocation)> = self
+            .admitted_foci
+            .iter()
+            .filter_map(|k| {
+                if self.state.membership(&k.user_id) != Some("join") {
+                    Some((k.clone(), self.why_left_room(&k.user_id)))
+                } else if self.state.current_call_id().is_none() {
+                    Some((k.clone(), Revocation::CallEnded))
+                } else {
+                    (!self.names_focus(k)).then(|| (k.clone(), Revocation::FocusUnnamed))
+                }
+            })
+            .collect();
+        for (device, reason) in unnamed {
+            self.revoke(device, reason);
+        }
+    }
+
+    fn revoke(&mut self, device: DeviceKey, reason: Revocation) {
+        if let Some(session_id) = self.admitted.remove(&device) {
+            self.admitted_foci.remove(&device);
+            self.counts.revoked[reason.index()] += 1;
+            info!(%device, session = %session_id, reason = reason.label(), "authorisation revoked: {reason}");
+            self.outputs.push_back(AuthOutput::Revoked {
+                device,
+                session_id,
+                reason,
+            });
         }
     }
 
@@ -627,7 +725,8 @@ mod tests {
             Admitted {
                 device: key("@a:x", "A"),
                 session_id: "SA".into(),
-                expires_ts: EXP
+                expires_ts: EXP,
+                as_focus: false,
             }
         );
         assert!(a.is_admitted(&key("@a:x", "A"), "SA"));
@@ -966,5 +1065,103 @@ mod tests {
             AllowListError::BadServerName("bad server".into())
         );
         assert!(AllowList::new([""; 0], [""]).is_err());
+    }
+
+    fn dev_with_focus(id: &str, sess: &str, exp: u64, focus: (&str, &str)) -> Value {
+        let mut d = dev(id, sess, exp);
+        d["m.foci.active"] = json!([{"user_id": focus.0, "device_id": focus.1}]);
+        d
+    }
+
+    #[test]
+    fn another_focus_is_admitted_while_a_live_member_names_it() {
+        let mut a = room(AuthConfig::default());
+        a.handle_state_json(&membership("@fb:y", "@fb:y", "join"), NOW)
+            .unwrap();
+        // Nobody names @fb:y/FB yet: it is a stranger.
+        assert_eq!(
+            a.check_invite(&olm("@fb:y", "FB", "S1"), NOW),
+            Err(Refusal::NotMember)
+        );
+        // @b:x publishes to it (a member of another homeserver's focus).
+        a.handle_state_json(
+            &member_ev(
+                "@b:x",
+                json!([dev_with_focus("B", "SB", EXP, ("@fb:y", "FB"))]),
+            ),
+            NOW,
+        )
+        .unwrap();
+        assert!(a.names_focus(&key("@fb:y", "FB")));
+        assert_eq!(
+            a.named_foci(&key("@fa:x", "FA")),
+            BTreeSet::from([key("@fb:y", "FB")])
+        );
+        assert!(a.named_foci(&key("@fb:y", "FB")).is_empty());
+        let ok = a.check_invite(&olm("@fb:y", "FB", "S1"), NOW).unwrap();
+        assert!(ok.as_focus);
+        assert_eq!(ok.expires_ts, u64::MAX);
+        assert!(a.is_admitted_focus(&key("@fb:y", "FB")));
+        // Forwarding between an admitted member and the focus is allowed.
+        a.check_invite(&olm("@a:x", "A", "SA"), NOW).unwrap();
+        assert!(a.may_forward(&key("@a:x", "A"), &key("@fb:y", "FB")));
+        assert!(a.is_participant(&key("@b:x", "B")));
+        assert!(!a.is_participant(&key("@fb:y", "FB")));
+        // Plaintext is refused for foci as for clients.
+        let mut plain = olm("@fb:y", "FB", "S1");
+        plain.encrypted = false;
+        plain.olm_device = None;
+        assert_eq!(a.check_invite(&plain, NOW), Err(Refusal::Plaintext));
+        // Its naming member's entry expires: the focus goes with it.
+        assert_eq!(a.poll_timeout(), Some(EXP));
+        a.handle_timeout(EXP + 1);
+        let outs = outputs(&mut a);
+        assert!(outs.contains(&revoked("@fb:y", "FB", "S1", Revocation::FocusUnnamed)));
+        assert!(!a.is_admitted_focus(&key("@fb:y", "FB")));
+        assert_eq!(a.counts().revoked(Revocation::FocusUnnamed), 1);
+    }
+
+    #[test]
+    fn an_admitted_focus_is_revoked_when_unnamed_or_out_of_the_room() {
+        let mut a = room(AuthConfig::default());
+        a.handle_state_json(&membership("@fb:y", "@fb:y", "join"), NOW)
+            .unwrap();
+        a.handle_state_json(
+            &member_ev(
+                "@b:x",
+                json!([dev_with_focus("B", "SB", EXP, ("@fb:y", "FB"))]),
+            ),
+            NOW,
+        )
+        .unwrap();
+        a.check_invite(&olm("@fb:y", "FB", "S1"), NOW).unwrap();
+        // @b:x stops naming it (back to the mesh).
+        a.handle_state_json(&member_ev("@b:x", json!([dev("B", "SB", EXP)])), NOW)
+            .unwrap();
+        assert_eq!(
+            outputs(&mut a),
+            vec![revoked("@fb:y", "FB", "S1", Revocation::FocusUnnamed)]
+        );
+        // Named again and admitted again; then its user is kicked.
+        a.handle_state_json(
+            &member_ev(
+                "@b:x",
+                json!([dev_with_focus("B", "SB", EXP, ("@fb:y", "FB"))]),
+            ),
+            NOW,
+        )
+        .unwrap();
+        a.check_invite(&olm("@fb:y", "FB", "S2"), NOW).unwrap();
+        a.handle_state_json(&membership("@fb:y", "@a:x", "leave"), NOW)
+            .unwrap();
+        assert_eq!(
+            outputs(&mut a),
+            vec![revoked("@fb:y", "FB", "S2", Revocation::Kicked)]
+        );
+        // A focus out of the room is not admitted.
+        assert_eq!(
+            a.check_invite(&olm("@fb:y", "FB", "S3"), NOW),
+            Err(Refusal::NotInRoom)
+        );
     }
 }

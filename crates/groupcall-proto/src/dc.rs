@@ -31,7 +31,7 @@
 use std::collections::BTreeMap;
 
 pub use crate::error::ParseError;
-use crate::events::{FeedPurpose, MAX_ID_LEN};
+use crate::events::{FeedPurpose, FocusRef, MAX_ID_LEN, read_foci};
 use crate::signalling::SessionDescription;
 use serde_json::{Map, Value, json};
 
@@ -48,6 +48,10 @@ pub const PONG: &str = "m.call.pong";
 /// `m.call.active_speaker` (focus to client): not in MSC3898, groupcall's
 /// own (see `docs/protocol.md`); a client that does not know it ignores it.
 pub const ACTIVE_SPEAKER: &str = "m.call.active_speaker";
+/// `m.call.connect_to_focus` (client to its focus): the other foci of the
+/// call the client's focus should link with (cascading; MSC3898 leaves its
+/// content open, groupcall's is in `docs/protocol.md`, "Cascading foci").
+pub const CONNECT_TO_FOCUS: &str = "m.call.connect_to_focus";
 
 /// The unstable name of `sdp_stream_metadata` (MSC3077), read as well.
 const METADATA_UNSTABLE: &str = "org.matrix.msc3077.sdp_stream_metadata";
@@ -293,8 +297,16 @@ pub enum DcMessage {
     /// `m.call.active_speaker` (focus to client): the call's active speaker
     /// changed (`None`: nobody speaks any more, e.g. the speaker left).
     ActiveSpeaker(Option<ActiveSpeaker>),
-    /// A type this module does not know (`m.call.connect_to_focus` among
-    /// them, until its content is decided): log and ignore.
+    /// `m.call.connect_to_focus` (client to its focus): link with these
+    /// other foci of the call (`content.foci`, each `{user_id, device_id}`;
+    /// entries that are not such objects are skipped, at most 8 read). The
+    /// focus links only with foci a live participant of the call names in
+    /// `m.foci.active` (docs/protocol.md, "Cascading foci").
+    ConnectToFocus {
+        /// The foci named.
+        foci: Vec<FocusRef>,
+    },
+    /// A type this module does not know: log and ignore.
     Unknown {
         /// The `type` as read (at most [`MAX_TYPE_LEN`] bytes).
         msg_type: String,
@@ -311,6 +323,7 @@ impl DcMessage {
             DcMessage::Ping => PING,
             DcMessage::Pong => PONG,
             DcMessage::ActiveSpeaker(_) => ACTIVE_SPEAKER,
+            DcMessage::ConnectToFocus { .. } => CONNECT_TO_FOCUS,
             DcMessage::Unknown { msg_type } => msg_type,
         }
     }
@@ -364,6 +377,18 @@ impl DcMessage {
             PING => DcMessage::Ping,
             PONG => DcMessage::Pong,
             ACTIVE_SPEAKER => DcMessage::ActiveSpeaker(read_active_speaker(content)?),
+            CONNECT_TO_FOCUS => match content.get("foci") {
+                None | Some(Value::Null) => return Err(ParseError::MissingField("foci")),
+                Some(Value::Array(_)) => DcMessage::ConnectToFocus {
+                    foci: read_foci(content, "foci", "foci"),
+                },
+                Some(_) => {
+                    return Err(ParseError::WrongType {
+                        field: "foci",
+                        expected: "array",
+                    });
+                }
+            },
             other if other.len() > MAX_TYPE_LEN => {
                 return Err(ParseError::TooLong {
                     field: "type",
@@ -410,6 +435,12 @@ impl DcMessage {
                 }
                 Value::Object(o)
             }
+            DcMessage::ConnectToFocus { foci } => json!({
+                "foci": foci.iter().map(|f| json!({
+                    "user_id": f.user_id,
+                    "device_id": f.device_id,
+                })).collect::<Vec<_>>(),
+            }),
             DcMessage::ActiveSpeaker(None)
             | DcMessage::Ping
             | DcMessage::Pong
@@ -1259,6 +1290,44 @@ mod tests {
     }
 
     #[test]
+    fn connect_to_focus_names_other_foci() {
+        let m = parse(
+            json!({"type": "m.call.connect_to_focus", "content": {"foci": [
+                {"user_id": "@fb:y", "device_id": "FB"},
+                {"user_id": "@fb:y", "device_id": "FB"},
+                {"user_id": "@fc:z"},
+                7,
+                {"user_id": "@fc:z", "device_id": "FC"}
+            ]}}),
+        )
+        .unwrap();
+        let foci = vec![
+            FocusRef {
+                user_id: "@fb:y".into(),
+                device_id: "FB".into(),
+            },
+            FocusRef {
+                user_id: "@fc:z".into(),
+                device_id: "FC".into(),
+            },
+        ];
+        assert_eq!(m, DcMessage::ConnectToFocus { foci: foci.clone() });
+        assert_eq!(
+            m.encode().unwrap(),
+            r#"{"type":"m.call.connect_to_focus","content":{"foci":[{"device_id":"FB","user_id":"@fb:y"},{"device_id":"FC","user_id":"@fc:z"}]}}"#
+        );
+        assert_eq!(parse(m.to_value()).unwrap(), m);
+        assert_eq!(
+            parse(json!({"type": "m.call.connect_to_focus", "content": {}})).unwrap_err(),
+            ParseError::MissingField("foci")
+        );
+        assert!(matches!(
+            parse(json!({"type": "m.call.connect_to_focus", "content": {"foci": {}}})).unwrap_err(),
+            ParseError::WrongType { field: "foci", .. }
+        ));
+    }
+
+    #[test]
     fn msc_ping_pong_examples() {
         let ping = parse(json!({"type": "m.call.ping", "content": {}})).unwrap();
         assert_eq!(ping, DcMessage::Ping);
@@ -1285,14 +1354,14 @@ mod tests {
 
     #[test]
     fn unknown_types_come_back_as_unknown() {
-        let m = parse(json!({"type": "m.call.connect_to_focus", "content": {"x": 1}})).unwrap();
+        let m = parse(json!({"type": "org.example.unknown", "content": {"x": 1}})).unwrap();
         assert_eq!(
             m,
             DcMessage::Unknown {
-                msg_type: "m.call.connect_to_focus".into()
+                msg_type: "org.example.unknown".into()
             }
         );
-        assert_eq!(m.message_type(), "m.call.connect_to_focus");
+        assert_eq!(m.message_type(), "org.example.unknown");
         assert!(matches!(
             parse(json!({"type": "x".repeat(MAX_TYPE_LEN + 1)})).unwrap_err(),
             ParseError::TooLong { field: "type", .. }
