@@ -465,6 +465,18 @@ impl Authoriser {
         self.state.participants().contains_key(device)
     }
 
+    /// Admits another focus the focus itself calls (a cascade link it
+    /// places), when a live participant names it and its user is in the
+    /// room; it is revoked like one that called ([`Revocation::FocusUnnamed`]).
+    pub fn admit_focus(&mut self, device: &DeviceKey) -> bool {
+        if !self.names_focus(device) || self.state.membership(&device.user_id) != Some("join") {
+            return false;
+        }
+        self.admitted.insert(device.clone(), String::new());
+        self.admitted_foci.insert(device.clone());
+        true
+    }
+
     /// Whether `device` was admitted as another focus of the call.
     pub fn is_admitted_focus(&self, device: &DeviceKey) -> bool {
         self.admitted_foci.contains(device)

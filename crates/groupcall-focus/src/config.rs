@@ -55,6 +55,10 @@ pub struct Config {
     /// `allow_plaintext`: accept call signalling that did not come
     /// Olm-encrypted (default false).
     pub allow_plaintext: bool,
+    /// `cascade`: link with the other foci the call's participants name
+    /// (one focus per homeserver; docs/protocol.md, "Cascading foci").
+    /// Default false while cascading is being built (issue 14).
+    pub cascade: bool,
     /// `http_listen`: the address of the HTTP endpoint serving `/metrics`
     /// and `/health` (none: no endpoint).
     pub http_listen: Option<SocketAddr>,
@@ -250,6 +254,7 @@ const TOP_KEYS: &[&str] = &[
     "data_dir",
     "allow",
     "allow_plaintext",
+    "cascade",
     "http_listen",
     "media",
     "turn",
@@ -392,6 +397,7 @@ impl Parser<'_> {
         let data_dir = self.base_dir().join(self.required_str(t, "", "data_dir")?);
         let allow = self.allow(t)?;
         let allow_plaintext = self.opt_bool(t, "", "allow_plaintext")?.unwrap_or(false);
+        let cascade = self.opt_bool(t, "", "cascade")?.unwrap_or(false);
         let http_listen = self
             .opt_str(t, "", "http_listen")?
             .map(|s| {
@@ -438,6 +444,7 @@ impl Parser<'_> {
             data_dir,
             allow,
             allow_plaintext,
+            cascade,
             http_listen,
             media,
             turn,
@@ -934,6 +941,7 @@ grace_period = "0s"
         );
         let c = parse(&text).unwrap();
         assert!(c.allow_plaintext);
+        assert!(!c.cascade);
         assert_eq!(c.http_listen, Some("[::1]:9000".parse().unwrap()));
         assert_eq!(c.media.advertise.len(), 2);
         let turn = c.turn.unwrap();

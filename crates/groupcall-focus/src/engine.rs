@@ -772,18 +772,17 @@ impl State {
                 room_id,
             } => {
                 info!(client = client.0, %device, %room_id, "client joined");
-                self.clients.entry(client).or_default();
-                let cfg = PeerConfig {
-                    forward: true,
-                    receive_audio: false,
-                    receive_video: false,
-                    bind_addrs: vec![self.local_addr.ip()],
-                    ice_servers: self.ice_servers.clone(),
-                    relay_only: self.relay_only,
-                    estimate_bandwidth: self.estimate_bandwidth,
-                    ..PeerConfig::default()
-                };
-                self.set.add_peer(Instant::now(), peer(client), cfg);
+                self.add_forwarding_peer(client, false);
+            }
+            FocusOutput::LinkStarted {
+                client,
+                device,
+                room_id,
+                outgoing,
+            } => {
+                info!(client = client.0, %device, %room_id, outgoing, "cascade link started");
+                // The side that places the link opens the channel.
+                self.add_forwarding_peer(client, outgoing);
             }
             FocusOutput::ClientLeft {
                 client,
@@ -799,6 +798,24 @@ impl State {
                 *self.figures.refusals.entry(reason).or_default() += 1;
             }
         }
+    }
+
+    /// A new peer connection in forwarding mode for a client or a link
+    /// (`data_channel`: ours opens the channel in its first offer).
+    fn add_forwarding_peer(&mut self, client: ClientId, data_channel: bool) {
+        self.clients.entry(client).or_default();
+        let cfg = PeerConfig {
+            forward: true,
+            receive_audio: false,
+            receive_video: false,
+            data_channel,
+            bind_addrs: vec![self.local_addr.ip()],
+            ice_servers: self.ice_servers.clone(),
+            relay_only: self.relay_only,
+            estimate_bandwidth: self.estimate_bandwidth,
+            ..PeerConfig::default()
+        };
+        self.set.add_peer(Instant::now(), peer(client), cfg);
     }
 
     fn on_media_op(&mut self, client: ClientId, op: MediaOp) {
@@ -1527,6 +1544,7 @@ impl EngineCore {
     pub fn from_config(config: &crate::config::Config) -> Result<Self, crate::config::ConfigError> {
         let mut focus = FocusConfig::new("", "");
         focus.allow_plaintext = config.allow_plaintext;
+        focus.cascade = config.cascade;
         focus.max_participants_per_call = config.limits.max_participants_per_call as usize;
         focus.max_tracks_per_participant = config.limits.max_tracks_per_participant as usize;
         focus.heartbeat = crate::heartbeat::HeartbeatConfig {
@@ -1576,8 +1594,9 @@ impl EngineCore {
 }
 
 impl crate::driver::FocusCore for EngineCore {
-    fn started(&mut self, _user_id: &str, device_id: &str) -> Result<(), String> {
+    fn started(&mut self, user_id: &str, device_id: &str) -> Result<(), String> {
         self.cfg.focus.device_id = device_id.to_owned();
+        self.cfg.focus.user_id = user_id.to_owned();
         let session: u64 = rand_session();
         self.cfg.focus.session_id = format!("{device_id}-{session:x}");
         let (tx, mut rx) = mpsc::unbounded_channel();

@@ -29,11 +29,22 @@
 //!   renegotiated without its tracks;
 //! - the focus is the polite side: a client's offer that crosses ours wins
 //!   (the media layer rolls ours back), and ours is made again afterwards;
+//! - cascading (with [`FocusConfig::cascade`]): the focus links with every
+//!   other focus a live participant of a call it serves names in
+//!   `m.foci.active`; of two foci, the one whose (user id, device id) sorts
+//!   first places the call (an ordinary `m.call.invite` over Olm), the other
+//!   admits it like a client's ([`Authoriser`]: a live participant names
+//!   it). A link publishes over its channel only streams of the focus's own
+//!   clients and asks the other focus only for the tracks its own clients
+//!   subscribed to; a stream that came over a link goes to the focus's own
+//!   clients only (each packet forwarded from its origin focus only: no
+//!   loops, each stream over a link at most once). The caller of a link is
+//!   its impolite side (a crossing offer of the other focus is ignored);
 //! - the active speaker the forwarder names ([`Focus::handle_active_speaker`])
 //!   goes to every client of the call as `m.call.active_speaker`, and to a
 //!   client whose channel opens later.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use groupcall_proto::dc::{self, DcMessage, TrackRef};
 use groupcall_proto::events::FeedPurpose;
@@ -52,6 +63,16 @@ pub const FOCUS_FULL: &str = "focus_full";
 pub const FOCUS_SHUTDOWN: &str = "focus_shutdown";
 /// Reason for hanging up on a client that stopped answering pings.
 pub const PING_TIMEOUT: &str = "ping_timeout";
+/// Reason for ending a cascade link the call no longer needs (no own
+/// client left in it, or no participant names the other focus).
+pub const LINK_UNNEEDED: &str = "link_unneeded";
+/// How long our invite to another focus is valid.
+pub const LINK_INVITE_LIFETIME_MS: u64 = 30_000;
+/// First wait before calling another focus again after a link failed; it
+/// doubles up to [`LINK_RETRY_MAX_MS`].
+pub const LINK_RETRY_MS: u64 = 2_000;
+/// Longest wait between calls to another focus.
+pub const LINK_RETRY_MAX_MS: u64 = 30_000;
 
 /// The orchestration's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +92,12 @@ pub struct FocusConfig {
     /// How long an invite refused for a reason the homeserver's lag can
     /// explain is held and checked again (default 10 s).
     pub hold_ms: u64,
+    /// The focus's user id (needed to find itself among the foci the
+    /// participants name; empty: unknown, no cascading).
+    pub user_id: String,
+    /// Link with the other foci of the calls served (cascading; docs/protocol.md,
+    /// "Cascading foci"). Off by default.
+    pub cascade: bool,
 }
 
 impl FocusConfig {
@@ -84,6 +111,8 @@ impl FocusConfig {
             max_tracks_per_participant: 8,
             heartbeat: HeartbeatConfig::default(),
             hold_ms: 10_000,
+            user_id: String::new(),
+            cascade: false,
         }
     }
 }
@@ -290,6 +319,19 @@ pub enum FocusOutput {
         /// Why.
         reason: String,
     },
+    /// A cascade link with another focus started: a new peer connection
+    /// (`outgoing`: ours, which opens the data channel and offers first).
+    /// It leaves like a client ([`FocusOutput::ClientLeft`]).
+    LinkStarted {
+        /// The link's connection.
+        client: ClientId,
+        /// The other focus's device.
+        device: DeviceKey,
+        /// The room.
+        room_id: String,
+        /// We placed the call.
+        outgoing: bool,
+    },
     /// An invite was turned down (for logs and metrics).
     Refused {
         /// The device.
@@ -323,6 +365,59 @@ struct Client {
     heartbeat: Option<Heartbeat>,
     /// The metadata we last sent it (to send only changes).
     last_metadata: Option<String>,
+    /// Set when this is a cascade link with another focus.
+    link: Option<Link>,
+}
+
+/// The state of a cascade link with another focus, beside its connection.
+#[derive(Debug, Default)]
+struct Link {
+    /// We placed the call (the impolite side).
+    outgoing: bool,
+    /// Our invite went out (outgoing links).
+    invite_sent: bool,
+    /// When we placed it (outgoing links): given up when its channel is
+    /// not open [`LINK_INVITE_LIFETIME_MS`] later.
+    placed_at: u64,
+    /// The streams the other focus offers, as its metadata names them
+    /// (publishers: its own clients).
+    origins: dc::SdpStreamMetadata,
+    /// What we asked it for: tracks our clients subscribed to, with the
+    /// largest size any of them asked.
+    requested: BTreeMap<TrackRef, (Option<u32>, Option<u32>)>,
+}
+
+impl Client {
+    /// A connection being set up by answering the device's invite.
+    fn new(device: DeviceKey, room_id: &str, conf_id: &str, metadata: SdpStreamMetadata) -> Self {
+        Self {
+            device,
+            room_id: room_id.to_owned(),
+            conf_id: conf_id.to_owned(),
+            metadata,
+            published: Vec::new(),
+            wanted: BTreeMap::new(),
+            offered: Vec::new(),
+            negotiated: Vec::new(),
+            offer_in_flight: false,
+            answering: true,
+            invite_answered: false,
+            channel_open: false,
+            heartbeat: None,
+            last_metadata: None,
+            link: None,
+        }
+    }
+
+    fn is_link(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// The polite side gives way when offers cross: clients' calls and
+    /// links the other focus placed.
+    fn polite(&self) -> bool {
+        !self.link.as_ref().is_some_and(|l| l.outgoing)
+    }
 }
 
 /// An invite held while the caller's member event may be on its way.
@@ -357,6 +452,10 @@ pub struct Focus {
     offers_yielded: u64,
     /// The active speaker of each call, as last announced.
     speakers: BTreeMap<(String, String), Option<ClientId>>,
+    /// When another focus may be called again, and the wait after that.
+    link_retry: BTreeMap<DeviceKey, (u64, u64)>,
+    /// Links placed so far (call ids).
+    links_placed: u64,
 }
 
 /// Refusals the homeserver's lag can explain: the caller's member event or
@@ -393,6 +492,8 @@ impl Focus {
             out: VecDeque::new(),
             offers_yielded: 0,
             speakers: BTreeMap::new(),
+            link_retry: BTreeMap::new(),
+            links_placed: 0,
         }
     }
 
@@ -401,9 +502,23 @@ impl Focus {
         self.out.pop_front()
     }
 
-    /// Clients connected now.
+    /// Clients connected now (cascade links not counted).
     pub fn client_count(&self) -> usize {
-        self.clients.len()
+        self.clients.values().filter(|c| !c.is_link()).count()
+    }
+
+    /// Cascade links with other foci now: (connection, other focus).
+    pub fn links(&self) -> Vec<(ClientId, DeviceKey)> {
+        self.clients
+            .iter()
+            .filter(|(_, c)| c.is_link())
+            .map(|(id, c)| (*id, c.device.clone()))
+            .collect()
+    }
+
+    /// Whether `client` is a cascade link.
+    pub fn is_link(&self, client: ClientId) -> bool {
+        self.clients.get(&client).is_some_and(Client::is_link)
     }
 
     /// The device of a client.
@@ -464,6 +579,7 @@ impl Focus {
         auth.handle_state_json(event, now)?;
         self.absorb_auth(now);
         self.recheck_held(now);
+        self.plan_links(now);
         Ok(())
     }
 
@@ -502,6 +618,11 @@ impl Focus {
 
     /// An incoming `m.call.*` to-device message.
     pub fn handle_to_device(&mut self, now: u64, m: &IncomingToDevice) {
+        self.on_to_device(now, m);
+        self.plan_links(now);
+    }
+
+    fn on_to_device(&mut self, now: u64, m: &IncomingToDevice) {
         let signal = match self.signalling.receive(m) {
             Ok(s) => s,
             Err(e) => {
@@ -568,6 +689,7 @@ impl Focus {
                     self.media(id, MediaOp::AddRemoteCandidates { candidates });
                 }
             }
+            Signal::Answered { device, sdp } => self.link_answered(device, sdp),
             Signal::Ended {
                 device,
                 pending,
@@ -618,9 +740,20 @@ impl Focus {
         let in_call = self
             .clients
             .values()
-            .filter(|c| c.room_id == room && c.conf_id == inv.conf_id && c.device != inv.device)
+            .filter(|c| {
+                c.room_id == room
+                    && c.conf_id == inv.conf_id
+                    && c.device != inv.device
+                    && !c.is_link()
+            })
             .count();
-        if in_call >= self.cfg.max_participants_per_call {
+        if admitted.as_focus && !self.cfg.cascade {
+            if let Some(auth) = self.rooms.get_mut(&room) {
+                auth.release(&admitted.device);
+            }
+            return self.refuse(admitted.device, "cascade_off");
+        }
+        if !admitted.as_focus && in_call >= self.cfg.max_participants_per_call {
             if let Some(auth) = self.rooms.get_mut(&room) {
                 auth.release(&admitted.device);
             }
@@ -640,31 +773,25 @@ impl Focus {
         let id = ClientId(self.next_id);
         self.next_id += 1;
         info!(device = %admitted.device, client = id.0, %room, conf_id = %inv.conf_id, "client admitted");
-        self.clients.insert(
-            id,
-            Client {
-                device: admitted.device.clone(),
-                room_id: room.clone(),
-                conf_id: inv.conf_id.clone(),
-                metadata: inv.metadata,
-                published: Vec::new(),
-                wanted: BTreeMap::new(),
-                offered: Vec::new(),
-                negotiated: Vec::new(),
-                offer_in_flight: false,
-                answering: true,
-                invite_answered: false,
-                channel_open: false,
-                heartbeat: None,
-                last_metadata: None,
-            },
-        );
+        let mut c = Client::new(admitted.device.clone(), &room, &inv.conf_id, inv.metadata);
+        c.link = admitted.as_focus.then(Link::default);
+        self.clients.insert(id, c);
         self.by_device.insert(admitted.device.clone(), id);
-        self.out.push_back(FocusOutput::ClientJoined {
-            client: id,
-            device: admitted.device,
-            room_id: room.clone(),
-        });
+        if admitted.as_focus {
+            info!(device = %admitted.device, client = id.0, "cascade link from another focus");
+            self.out.push_back(FocusOutput::LinkStarted {
+                client: id,
+                device: admitted.device,
+                room_id: room.clone(),
+                outgoing: false,
+            });
+        } else {
+            self.out.push_back(FocusOutput::ClientJoined {
+                client: id,
+                device: admitted.device,
+                room_id: room.clone(),
+            });
+        }
         self.out
             .push_back(FocusOutput::Forward(ForwardChange::AddClient {
                 client: id,
@@ -685,6 +812,7 @@ impl Focus {
                 },
             );
         }
+        self.plan_links(now);
     }
 
     fn hold_or_refuse(&mut self, inv: HeldInvite, r: Refusal, last: bool) {
@@ -723,6 +851,11 @@ impl Focus {
 
     /// What the media layer did for `client`.
     pub fn handle_media(&mut self, now: u64, client: ClientId, ev: MediaIn) {
+        self.media_event(now, client, ev);
+        self.plan_links(now);
+    }
+
+    fn media_event(&mut self, now: u64, client: ClientId, ev: MediaIn) {
         if !self.clients.contains_key(&client) {
             debug!(client = client.0, "media event for a client that is gone");
             return;
@@ -752,14 +885,27 @@ impl Focus {
             MediaIn::Connected => debug!(client = client.0, "media connected"),
             MediaIn::Failed { reason } => self.remove_client(now, client, &reason, true),
             MediaIn::ChannelOpen => {
-                let hb = Heartbeat::new(Role::Focus, self.cfg.heartbeat, now);
+                // The side that placed a link answers pings like a client.
+                let role = if self.clients.get(&client).is_some_and(|c| !c.polite()) {
+                    Role::Client
+                } else {
+                    Role::Focus
+                };
+                let hb = Heartbeat::new(role, self.cfg.heartbeat, now);
                 if let Some(c) = self.clients.get_mut(&client) {
                     c.channel_open = true;
                     c.heartbeat = hb.ok();
+                    if c.is_link() {
+                        info!(client = client.0, focus = %c.device, "cascade link open");
+                        // A link that worked starts its backoff over.
+                        self.link_retry.remove(&c.device);
+                    }
                 }
                 self.send_metadata(client);
                 self.send_speaker(client);
+                self.sync_link_requests(client);
                 self.pump_heartbeat(now, client);
+                self.maybe_offer(client);
             }
             MediaIn::ChannelMessage { text } => self.channel_message(now, client, &text),
             MediaIn::ChannelSendFailed => {
@@ -805,6 +951,31 @@ impl Focus {
     }
 
     fn offer_made(&mut self, client: ClientId, sdp: String) {
+        let first_of_link = self
+            .clients
+            .get(&client)
+            .and_then(|c| c.link.as_ref())
+            .is_some_and(|l| l.outgoing && !l.invite_sent);
+        if first_of_link {
+            let Some(c) = self.clients.get_mut(&client) else {
+                return;
+            };
+            if let Some(l) = c.link.as_mut() {
+                l.invite_sent = true;
+            }
+            self.links_placed += 1;
+            let call_id = format!("{}-link-{}", self.cfg.session_id, self.links_placed);
+            let (device, conf) = (c.device.clone(), c.conf_id.clone());
+            info!(client = client.0, %device, %call_id, "calling another focus (cascade link)");
+            let (event_type, message) =
+                self.signalling
+                    .invite(&device, &conf, &call_id, sdp, LINK_INVITE_LIFETIME_MS);
+            self.out.push_back(FocusOutput::ToDevice {
+                event_type,
+                message,
+            });
+            return;
+        }
         let meta = self.send_metadata_of(client);
         self.channel(
             client,
@@ -840,6 +1011,14 @@ impl Focus {
                     let Some(c) = self.clients.get_mut(&client) else {
                         return;
                     };
+                    if c.offer_in_flight && !c.polite() {
+                        // Our link: the other focus yields and answers ours.
+                        info!(
+                            client = client.0,
+                            "offers crossed on a link we placed; theirs is ignored"
+                        );
+                        return;
+                    }
                     if c.offer_in_flight {
                         // We are polite: the media layer rolls our offer back
                         // on Accept; ours is made again afterwards.
@@ -854,8 +1033,11 @@ impl Focus {
                     c.answering = true;
                     let tracks = c.negotiated.clone();
                     let meta = n.sdp_stream_metadata.clone();
+                    let link = c.is_link();
                     self.media(client, MediaOp::Accept { sdp: n.sdp, tracks });
-                    if !meta.is_empty() {
+                    if link {
+                        self.link_metadata(client, meta, false);
+                    } else if !meta.is_empty() {
                         self.client_metadata(client, meta);
                     }
                 }
@@ -880,7 +1062,35 @@ impl Focus {
             },
             DcMessage::SdpStreamMetadataChanged {
                 sdp_stream_metadata,
-            } => self.client_metadata(client, sdp_stream_metadata),
+            } => {
+                if self.is_link(client) {
+                    self.link_metadata(client, sdp_stream_metadata, true);
+                } else {
+                    self.client_metadata(client, sdp_stream_metadata);
+                }
+            }
+            DcMessage::ConnectToFocus { foci } => {
+                info!(
+                    client = client.0,
+                    foci = foci.len(),
+                    "asked to connect to other foci"
+                );
+                // Only foci a live participant names are linked with; the
+                // request only makes the focus look now.
+                if let Some(c) = self.clients.get(&client).filter(|c| !c.is_link())
+                    && let Some(auth) = self.rooms.get(&c.room_id)
+                {
+                    for f in foci {
+                        let key = DeviceKey::new(f.user_id, f.device_id);
+                        if auth.names_focus(&key) {
+                            self.link_retry.remove(&key);
+                        } else {
+                            info!(client = client.0, focus = %key, "not linking: no participant names that focus");
+                        }
+                    }
+                }
+                self.plan_links(now);
+            }
             other => debug!(
                 client = client.0,
                 "data channel message {} ignored",
@@ -904,8 +1114,12 @@ impl Focus {
         let Some(sub) = self.clients.get(&client) else {
             return;
         };
-        let (room, conf, sub_device) =
-            (sub.room_id.clone(), sub.conf_id.clone(), sub.device.clone());
+        let (room, conf, sub_device, sub_link) = (
+            sub.room_id.clone(),
+            sub.conf_id.clone(),
+            sub.device.clone(),
+            sub.is_link(),
+        );
         let mut changes = Vec::new();
         for r in ts.unsubscribe {
             if let Some((publisher, track)) = self.find_track(&room, &conf, &r) {
@@ -924,10 +1138,17 @@ impl Focus {
             if publisher == client {
                 continue;
             }
-            let allowed = self.clients.get(&publisher).is_some_and(|p| {
-                self.rooms
-                    .get(&room)
-                    .is_some_and(|a| a.may_forward(&p.device, &sub_device))
+            let Some(p) = self.clients.get(&publisher) else {
+                continue;
+            };
+            if sub_link && p.is_link() {
+                // Origin only: another focus gets our own clients' streams.
+                info!(client = client.0, stream = %r.stream_id, "a stream from another focus is not forwarded to a focus");
+                continue;
+            }
+            let allowed = self.rooms.get(&room).is_some_and(|a| {
+                a.may_forward(&p.device, &sub_device)
+                    && (!p.is_link() || origin_is_participant(p, &track.stream_id, a))
             });
             if !allowed {
                 info!(client = client.0, "subscription refused: not authorised");
@@ -935,15 +1156,29 @@ impl Focus {
             }
             changes.push((true, publisher, track, r.width, r.height));
         }
+        // A track another focus has not sent yet is asked for over the
+        // link; the forwarder hears of the subscription once it arrives.
+        let arrived = |p: ClientId, t: &PublishedTrack| {
+            self.clients
+                .get(&p)
+                .is_some_and(|c| !c.is_link() || c.published.contains(t))
+        };
+        let changes: Vec<_> = changes
+            .into_iter()
+            .map(|(on, p, t, w, h)| {
+                let here = arrived(p, &t);
+                (on, p, t, w, h, here)
+            })
+            .collect();
         let Some(c) = self.clients.get_mut(&client) else {
             return;
         };
         let mut outs = Vec::new();
-        for (on, publisher, track, width, height) in changes {
+        for (on, publisher, track, width, height, here) in changes {
             let key = (publisher, track.clone());
             if on {
                 let fresh = c.wanted.insert(key, (width, height)) != Some((width, height));
-                if fresh {
+                if fresh && here {
                     outs.push(ForwardChange::Subscribe {
                         subscriber: client,
                         publisher,
@@ -952,7 +1187,7 @@ impl Focus {
                         height,
                     });
                 }
-            } else if c.wanted.remove(&key).is_some() {
+            } else if c.wanted.remove(&key).is_some() && here {
                 outs.push(ForwardChange::Unsubscribe {
                     subscriber: client,
                     publisher,
@@ -962,6 +1197,7 @@ impl Focus {
         }
         self.out.extend(outs.into_iter().map(FocusOutput::Forward));
         self.maybe_offer(client);
+        self.sync_links_of(&room, &conf);
     }
 
     fn find_track(
@@ -974,15 +1210,38 @@ impl Focus {
             if c.room_id != room || c.conf_id != conf {
                 return None;
             }
-            c.published
+            let published = c
+                .published
                 .iter()
                 .find(|t| t.stream_id == r.stream_id && t.track_id == r.track_id)
-                .map(|t| (*id, t.clone()))
+                .cloned();
+            // Another focus's stream it has not sent us yet.
+            let offered = || {
+                let s = c.link.as_ref()?.origins.get(&r.stream_id)?;
+                let kind = match s.tracks.get(&r.track_id)?.kind? {
+                    dc::MediaKind::Audio => TrackKind::Audio,
+                    _ => TrackKind::Video,
+                };
+                Some(PublishedTrack {
+                    stream_id: r.stream_id.clone(),
+                    track_id: r.track_id.clone(),
+                    kind,
+                })
+            };
+            published.or_else(offered).map(|t| (*id, t))
         })
     }
 
     fn set_published(&mut self, _now: u64, client: ClientId, mut tracks: Vec<PublishedTrack>) {
-        let max = self.cfg.max_tracks_per_participant;
+        let link = self.is_link(client);
+        let max = if link {
+            // A link carries the tracks of the other focus's clients.
+            self.cfg
+                .max_tracks_per_participant
+                .saturating_mul(self.cfg.max_participants_per_call)
+        } else {
+            self.cfg.max_tracks_per_participant
+        };
         let Some(c) = self.clients.get_mut(&client) else {
             return;
         };
@@ -1001,16 +1260,51 @@ impl Focus {
             .filter(|t| !tracks.contains(t))
             .cloned()
             .collect();
+        let fresh: Vec<PublishedTrack> = tracks
+            .iter()
+            .filter(|t| !c.published.contains(t))
+            .cloned()
+            .collect();
         c.published = tracks;
-        // Subscriptions to tracks it stopped sending end.
+        // Subscriptions to tracks it stopped sending end (a link's
+        // subscriptions stay while the other focus still offers the
+        // stream: it is renegotiated again once asked for).
+        let origins: Vec<String> = c
+            .link
+            .as_ref()
+            .map(|l| l.origins.keys().cloned().collect())
+            .unwrap_or_default();
         let mut affected = Vec::new();
         for (id, s) in self.clients.iter_mut() {
             let before = s.wanted.len();
-            s.wanted
-                .retain(|(p, t), _| !(*p == client && gone.contains(t)));
+            s.wanted.retain(|(p, t), _| {
+                !(*p == client && gone.contains(t) && !origins.contains(&t.stream_id))
+            });
             if s.wanted.len() != before {
                 affected.push(*id);
             }
+        }
+        if link {
+            // Tracks asked for over the link arrived: forward them now.
+            let mut now_forwarded = Vec::new();
+            for (id, s) in &self.clients {
+                for ((p, t), (w, h)) in &s.wanted {
+                    if *p == client && fresh.contains(t) {
+                        now_forwarded.push(ForwardChange::Subscribe {
+                            subscriber: *id,
+                            publisher: client,
+                            track: t.clone(),
+                            width: *w,
+                            height: *h,
+                        });
+                        affected.push(*id);
+                    }
+                }
+            }
+            self.out
+                .extend(now_forwarded.into_iter().map(FocusOutput::Forward));
+            affected.sort();
+            affected.dedup();
         }
         for t in gone {
             for id in &affected {
@@ -1031,17 +1325,25 @@ impl Focus {
     /// Offers the client its current send tracks if they changed and no
     /// exchange is under way.
     fn maybe_offer(&mut self, client: ClientId) {
-        let Some(c) = self.clients.get_mut(&client) else {
+        let Some(c) = self.clients.get(&client) else {
             return;
         };
         let tracks: Vec<SendTrack> = c
             .wanted
             .keys()
+            .filter(|(p, t)| {
+                self.clients
+                    .get(p)
+                    .is_some_and(|p| !p.is_link() || p.published.contains(t))
+            })
             .map(|(p, t)| SendTrack {
                 publisher: *p,
                 track: t.clone(),
             })
             .collect();
+        let Some(c) = self.clients.get_mut(&client) else {
+            return;
+        };
         if c.offer_in_flight || c.answering || !c.channel_open {
             // Looked at again when the exchange is over.
             return;
@@ -1066,10 +1368,10 @@ impl Focus {
         };
         let mut meta = dc::SdpStreamMetadata::new();
         for st in &c.offered {
-            if let Some(p) = self.clients.get(&st.publisher) {
-                let e = meta
-                    .entry(st.track.stream_id.clone())
-                    .or_insert_with(|| stream_entry(p, &st.track.stream_id));
+            if let Some(p) = self.clients.get(&st.publisher)
+                && let Some(entry) = stream_entry(p, &st.track.stream_id)
+            {
+                let e = meta.entry(st.track.stream_id.clone()).or_insert(entry);
                 e.tracks
                     .insert(st.track.track_id.clone(), track_entry(&st.track));
             }
@@ -1077,19 +1379,33 @@ impl Focus {
         meta
     }
 
-    /// Everything published in `client`'s call, with publishers.
-    fn call_metadata(&self, room: &str, conf: &str) -> dc::SdpStreamMetadata {
+    /// Everything published in a call, with publishers: our clients'
+    /// streams, and (unless `for_link`: origin only) those the other foci
+    /// offer whose publishers are live participants.
+    fn call_metadata(&self, room: &str, conf: &str, for_link: bool) -> dc::SdpStreamMetadata {
         let mut meta = dc::SdpStreamMetadata::new();
+        let auth = self.rooms.get(room);
         for p in self
             .clients
             .values()
             .filter(|c| c.room_id == room && c.conf_id == conf)
         {
+            if let Some(l) = &p.link {
+                if for_link {
+                    continue;
+                }
+                for (id, s) in &l.origins {
+                    if auth.is_some_and(|a| origin_is_participant(p, id, a)) {
+                        meta.entry(id.clone()).or_insert_with(|| s.clone());
+                    }
+                }
+                continue;
+            }
             for t in &p.published {
-                let e = meta
-                    .entry(t.stream_id.clone())
-                    .or_insert_with(|| stream_entry(p, &t.stream_id));
-                e.tracks.insert(t.track_id.clone(), track_entry(t));
+                if let Some(entry) = stream_entry(p, &t.stream_id) {
+                    let e = meta.entry(t.stream_id.clone()).or_insert(entry);
+                    e.tracks.insert(t.track_id.clone(), track_entry(t));
+                }
             }
         }
         meta
@@ -1119,7 +1435,7 @@ impl Focus {
         if !c.channel_open {
             return;
         }
-        let meta = self.call_metadata(&c.room_id, &c.conf_id);
+        let meta = self.call_metadata(&c.room_id, &c.conf_id, c.is_link());
         let msg = DcMessage::SdpStreamMetadataChanged {
             sdp_stream_metadata: meta,
         };
@@ -1179,8 +1495,12 @@ impl Focus {
         let Some(c) = self.clients.remove(&client) else {
             return;
         };
-        info!(client = client.0, device = %c.device, reason, "client leaves");
+        info!(client = client.0, device = %c.device, reason, link = c.is_link(), "client leaves");
         self.by_device.remove(&c.device);
+        if c.link.as_ref().is_some_and(|l| l.outgoing) && reason != LINK_UNNEEDED {
+            // Called again after a backoff (set when it was placed).
+            debug!(device = %c.device, "cascade link lost; it is placed again later");
+        }
         if let Some(auth) = self.rooms.get_mut(&c.room_id) {
             auth.release(&c.device);
         }
@@ -1221,10 +1541,257 @@ impl Focus {
             .map(|(id, _)| *id);
         if let Some(peer) = peer {
             self.broadcast_metadata(peer);
+            self.sync_links_of(&c.room_id, &c.conf_id);
         } else {
             // The call is over here: so is its speaker.
             self.speakers.remove(&(c.room_id, c.conf_id));
         }
+    }
+
+    // ------------------------------------------------------------------
+    // Cascade links
+
+    /// Our own device key, when cascading is on and it is known.
+    fn me(&self) -> Option<DeviceKey> {
+        (self.cfg.cascade && !self.cfg.user_id.is_empty())
+            .then(|| DeviceKey::new(self.cfg.user_id.clone(), self.cfg.device_id.clone()))
+    }
+
+    /// Places the links the calls need and ends those they do not: for every
+    /// call with a client of ours, a link with each other focus its live
+    /// participants name, placed by the focus that sorts first.
+    fn plan_links(&mut self, now: u64) {
+        let Some(me) = self.me() else {
+            return;
+        };
+        let calls: BTreeSet<(String, String)> = self
+            .clients
+            .values()
+            .filter(|c| !c.is_link())
+            .map(|c| (c.room_id.clone(), c.conf_id.clone()))
+            .collect();
+        let mut wanted: BTreeSet<(String, String, DeviceKey)> = BTreeSet::new();
+        for (room, conf) in calls {
+            let Some(auth) = self.rooms.get(&room) else {
+                continue;
+            };
+            if auth.room().current_call_id() != Some(conf.as_str()) {
+                continue;
+            }
+            for f in auth.named_foci(&me) {
+                wanted.insert((room.clone(), conf.clone(), f));
+            }
+        }
+        let unneeded: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| {
+                c.link.as_ref().is_some_and(|l| l.outgoing)
+                    && !wanted.contains(&(c.room_id.clone(), c.conf_id.clone(), c.device.clone()))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unneeded {
+            self.remove_client(now, id, LINK_UNNEEDED, true);
+        }
+        if self.draining {
+            return;
+        }
+        for (room, conf, f) in wanted {
+            if me > f {
+                // The other focus places this link.
+                continue;
+            }
+            if let Some(id) = self.by_device.get(&f) {
+                if self.clients.get(id).is_some_and(|c| c.conf_id != conf) {
+                    debug!(focus = %f, "linked with that focus for another call already");
+                }
+                continue;
+            }
+            if self.link_retry.get(&f).is_some_and(|(at, _)| now < *at) {
+                continue;
+            }
+            self.start_link(now, room, conf, f);
+        }
+    }
+
+    /// Calls another focus for a link: a new peer connection of ours (it
+    /// opens the data channel) whose first offer goes as the invite.
+    fn start_link(&mut self, now: u64, room: String, conf: String, focus: DeviceKey) {
+        let Some(auth) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        if !auth.admit_focus(&focus) {
+            return;
+        }
+        let wait = self
+            .link_retry
+            .get(&focus)
+            .map_or(LINK_RETRY_MS, |(_, w)| *w);
+        self.link_retry.insert(
+            focus.clone(),
+            (
+                now.saturating_add(wait),
+                wait.saturating_mul(2).min(LINK_RETRY_MAX_MS),
+            ),
+        );
+        let id = ClientId(self.next_id);
+        self.next_id += 1;
+        info!(focus = %focus, client = id.0, %room, conf_id = %conf, "placing a cascade link");
+        let mut c = Client::new(focus.clone(), &room, &conf, SdpStreamMetadata::new());
+        c.offer_in_flight = true;
+        c.answering = false;
+        c.link = Some(Link {
+            outgoing: true,
+            placed_at: now,
+            ..Link::default()
+        });
+        self.clients.insert(id, c);
+        self.by_device.insert(focus.clone(), id);
+        self.out.push_back(FocusOutput::LinkStarted {
+            client: id,
+            device: focus,
+            room_id: room.clone(),
+            outgoing: true,
+        });
+        self.out
+            .push_back(FocusOutput::Forward(ForwardChange::AddClient {
+                client: id,
+                call: (room, conf),
+            }));
+        self.media(id, MediaOp::Offer { tracks: Vec::new() });
+    }
+
+    /// The other focus answered the link we placed.
+    fn link_answered(&mut self, device: DeviceKey, sdp: String) {
+        let Some(id) = self.by_device.get(&device).copied() else {
+            debug!(%device, "answer for a link that is gone");
+            return;
+        };
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if !c.link.as_ref().is_some_and(|l| l.outgoing) || !c.offer_in_flight {
+            debug!(%device, "unexpected answer; ignored");
+            return;
+        }
+        info!(%device, client = id.0, "the other focus answered our link");
+        c.offer_in_flight = false;
+        c.negotiated = c.offered.clone();
+        c.invite_answered = true;
+        self.media(id, MediaOp::ApplyAnswer { sdp });
+    }
+
+    /// The streams another focus offers over a link (`full`: all of them,
+    /// else changes): our clients see them, named by their publishers.
+    fn link_metadata(&mut self, link: ClientId, meta: dc::SdpStreamMetadata, full: bool) {
+        let Some(c) = self.clients.get_mut(&link) else {
+            return;
+        };
+        let (room, conf) = (c.room_id.clone(), c.conf_id.clone());
+        let Some(l) = c.link.as_mut() else {
+            return;
+        };
+        if full {
+            l.origins.clear();
+        }
+        for (id, s) in meta {
+            if s.user_id.is_some() && s.device_id.is_some() {
+                l.origins.insert(id, s);
+            }
+        }
+        // Our clients' wishes for streams it no longer offers go.
+        let offered: BTreeSet<String> = l.origins.keys().cloned().collect();
+        let published = c.published.clone();
+        for s in self.clients.values_mut() {
+            s.wanted.retain(|(p, t), _| {
+                *p != link || offered.contains(&t.stream_id) || published.contains(t)
+            });
+        }
+        self.broadcast_metadata(link);
+        self.sync_links_of(&room, &conf);
+    }
+
+    /// Asks the links of a call for what our clients subscribed to.
+    fn sync_links_of(&mut self, room: &str, conf: &str) {
+        let links: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.is_link() && c.room_id == room && c.conf_id == conf)
+            .map(|(id, _)| *id)
+            .collect();
+        for l in links {
+            self.sync_link_requests(l);
+        }
+    }
+
+    /// Tells the other focus of `link` which of its tracks our clients want
+    /// (each once, at the largest size asked; any size when one asks for
+    /// none), as the difference from what we asked before.
+    fn sync_link_requests(&mut self, link: ClientId) {
+        let Some(l) = self.clients.get(&link) else {
+            return;
+        };
+        if !l.is_link() || !l.channel_open {
+            return;
+        }
+        let (room, conf) = (l.room_id.clone(), l.conf_id.clone());
+        let merge = |a: Option<u32>, b: Option<u32>| a.zip(b).map(|(a, b)| a.max(b));
+        let mut want: BTreeMap<TrackRef, (Option<u32>, Option<u32>)> = BTreeMap::new();
+        for c in self
+            .clients
+            .values()
+            .filter(|c| !c.is_link() && c.room_id == room && c.conf_id == conf)
+        {
+            for ((p, t), (w, h)) in &c.wanted {
+                if *p != link {
+                    continue;
+                }
+                let r = TrackRef {
+                    stream_id: t.stream_id.clone(),
+                    track_id: t.track_id.clone(),
+                };
+                want.entry(r)
+                    .and_modify(|e| *e = (merge(e.0, *w), merge(e.1, *h)))
+                    .or_insert((*w, *h));
+            }
+        }
+        let Some(l) = self.clients.get_mut(&link).and_then(|c| c.link.as_mut()) else {
+            return;
+        };
+        if want == l.requested {
+            return;
+        }
+        let subscribe: Vec<dc::TrackRequest> = want
+            .iter()
+            .filter(|(r, size)| l.requested.get(*r) != Some(*size))
+            .map(|(r, (w, h))| dc::TrackRequest {
+                stream_id: r.stream_id.clone(),
+                track_id: r.track_id.clone(),
+                width: *w,
+                height: *h,
+            })
+            .collect();
+        let unsubscribe: Vec<TrackRef> = l
+            .requested
+            .keys()
+            .filter(|r| !want.contains_key(*r))
+            .cloned()
+            .collect();
+        debug!(
+            client = link.0,
+            subscribe = subscribe.len(),
+            unsubscribe = unsubscribe.len(),
+            "asking the other focus for our clients' tracks"
+        );
+        l.requested = want;
+        self.channel(
+            link,
+            &DcMessage::TrackSubscription(dc::TrackSubscription {
+                subscribe,
+                unsubscribe,
+            }),
+        );
     }
 
     // ------------------------------------------------------------------
@@ -1288,7 +1855,7 @@ impl Focus {
         let Some(c) = self.clients.get(&client) else {
             return;
         };
-        if !c.channel_open {
+        if !c.channel_open || c.is_link() {
             return;
         }
         let Some(speaker) = self
@@ -1298,6 +1865,11 @@ impl Focus {
         else {
             return;
         };
+        if speaker.is_some_and(|s| self.is_link(s)) {
+            // A link carries several voices: the other focus names its own
+            // speaker to its clients.
+            return;
+        }
         let msg = DcMessage::ActiveSpeaker(speaker.and_then(|s| {
             let p = self.clients.get(&s)?;
             Some(dc::ActiveSpeaker {
@@ -1320,7 +1892,16 @@ impl Focus {
             .values()
             .filter_map(|c| c.heartbeat.as_ref().and_then(Heartbeat::poll_timeout));
         let held = self.held.iter().map(|h| h.until);
-        auth.chain(hb).chain(held).min()
+        // Links that may be placed again, and placed ones not yet open.
+        let retry = self
+            .me()
+            .into_iter()
+            .flat_map(|_| self.link_retry.values().map(|(at, _)| *at));
+        let placed = self.clients.values().filter_map(|c| {
+            let l = c.link.as_ref().filter(|l| l.outgoing && !c.channel_open)?;
+            Some(l.placed_at.saturating_add(LINK_INVITE_LIFETIME_MS))
+        });
+        auth.chain(hb).chain(held).chain(retry).chain(placed).min()
     }
 
     /// Runs what is due at `now`: expiries, pings, held invites.
@@ -1336,6 +1917,21 @@ impl Focus {
         if self.held.iter().any(|h| now >= h.until) {
             self.recheck_held(now);
         }
+        let unanswered: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| {
+                !c.channel_open
+                    && c.link.as_ref().is_some_and(|l| {
+                        l.outgoing && now >= l.placed_at.saturating_add(LINK_INVITE_LIFETIME_MS)
+                    })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unanswered {
+            self.remove_client(now, id, "link_timeout", true);
+        }
+        self.plan_links(now);
     }
 
     /// Stops accepting calls (invites are turned down with
@@ -1384,9 +1980,25 @@ fn track_entry(t: &PublishedTrack) -> dc::TrackMetadata {
     }
 }
 
+/// Whether the publisher another focus names for `stream_id` (a stream
+/// of the link `p`) is a live participant of the call.
+fn origin_is_participant(p: &Client, stream_id: &str, auth: &Authoriser) -> bool {
+    p.link
+        .as_ref()
+        .and_then(|l| l.origins.get(stream_id))
+        .and_then(|s| Some(DeviceKey::new(s.user_id.clone()?, s.device_id.clone()?)))
+        .is_some_and(|d| auth.is_participant(&d))
+}
+
 /// A stream's metadata entry as the focus sends it: the publisher's
-/// purpose and mute states, and who it is.
-fn stream_entry(p: &Client, stream_id: &str) -> dc::StreamMetadata {
+/// purpose and mute states, and who it is (for a stream that came over a
+/// link, as the other focus named it; `None` if it named nobody).
+fn stream_entry(p: &Client, stream_id: &str) -> Option<dc::StreamMetadata> {
+    if let Some(l) = &p.link {
+        let mut s = l.origins.get(stream_id)?.clone();
+        s.tracks.clear();
+        return (s.user_id.is_some() && s.device_id.is_some()).then_some(s);
+    }
     let own = p.metadata.get(stream_id);
     let mut s = dc::StreamMetadata::new(
         own.map(|m| m.purpose.clone())
@@ -1396,5 +2008,5 @@ fn stream_entry(p: &Client, stream_id: &str) -> dc::StreamMetadata {
     s.video_muted = own.is_some_and(|m| m.video_muted);
     s.user_id = Some(p.device.user_id.clone());
     s.device_id = Some(p.device.device_id.clone());
-    s
+    Some(s)
 }

@@ -1,5 +1,7 @@
 //! The focus's side of MSC2746/MSC3401 to-device signalling: clients call
-//! the focus (it is always the callee), one call per client device.
+//! the focus (it is their callee), one call per device; the focus calls
+//! another focus of the call itself for a cascade link
+//! ([`FocusSignalling::invite`], docs/protocol.md "Cascading foci").
 //!
 //! Sans-IO. [`FocusSignalling::receive`] reads an incoming to-device
 //! message into a [`Signal`] for the orchestrator (which decides, with the
@@ -18,7 +20,7 @@
 use std::collections::BTreeMap;
 
 use groupcall_proto::signalling::{
-    Answer, Body, Candidate, Candidates, CommonFields, Hangup, Message, MessageType,
+    Answer, Body, Candidate, Candidates, CommonFields, Hangup, Invite, Message, MessageType,
     SdpStreamMetadata, SessionDescription, Version,
 };
 use groupcall_proto::{DeviceKey, IncomingToDevice, OutgoingMessage};
@@ -103,6 +105,13 @@ pub enum Signal {
         /// The candidates.
         candidates: Vec<Candidate>,
     },
+    /// The answer to a call the focus placed ([`FocusSignalling::invite`]).
+    Answered {
+        /// The device called.
+        device: DeviceKey,
+        /// The answer SDP.
+        sdp: String,
+    },
     /// The client ended a call (hangup or reject).
     Ended {
         /// The device.
@@ -126,6 +135,8 @@ struct ClientCall {
     /// The last invite's `seq`: a repeated invite (same call, same seq) is
     /// a resend of one we already took.
     invite_seq: u64,
+    /// The focus placed this call and waits for its answer.
+    awaiting_answer: bool,
 }
 
 /// The focus's signalling state: one call per client device.
@@ -227,6 +238,7 @@ impl FocusSignalling {
                         remote_session: session_id.clone(),
                         send_seq: 0,
                         invite_seq: msg.common.seq,
+                        awaiting_answer: false,
                     },
                 );
                 let early_candidates = self
@@ -269,6 +281,23 @@ impl FocusSignalling {
                         pending,
                         candidates: c.candidates,
                     }),
+                    Body::Answer(a) if !pending => {
+                        let Some(call) = self.calls.get_mut(&device) else {
+                            return Err(SignalError::UnknownCall(call_id));
+                        };
+                        if !call.awaiting_answer {
+                            // A resent answer, or one to a call we did not place.
+                            return Ok(Signal::Nothing);
+                        }
+                        call.awaiting_answer = false;
+                        if let Some(session) = &msg.common.sender_session_id {
+                            call.remote_session = session.clone();
+                        }
+                        Ok(Signal::Answered {
+                            device,
+                            sdp: a.answer.sdp,
+                        })
+                    }
                     Body::Hangup(h) | Body::Reject(h) => {
                         if pending {
                             self.pending.remove(&device);
@@ -334,6 +363,49 @@ impl FocusSignalling {
             }),
         );
         self.calls.remove(device);
+        m
+    }
+
+    /// Places a call to `device` (another focus of the group call
+    /// `conf_id`, for a cascade link) with our offer: the invite to send.
+    /// It becomes the device's current call (one it had is forgotten); its
+    /// answer comes back as [`Signal::Answered`]. The callee has no member
+    /// entry, so `dest_session_id` is its device id until it answers, as
+    /// clients do when they call a focus.
+    pub fn invite(
+        &mut self,
+        device: &DeviceKey,
+        conf_id: &str,
+        call_id: &str,
+        sdp: String,
+        lifetime_ms: u64,
+    ) -> (MessageType, OutgoingMessage) {
+        self.pending.remove(device);
+        self.early.retain(|(d, _), _| d != device);
+        let mut call = ClientCall {
+            call_id: call_id.to_owned(),
+            conf_id: conf_id.to_owned(),
+            remote_session: device.device_id.clone(),
+            send_seq: 0,
+            invite_seq: 0,
+            awaiting_answer: true,
+        };
+        let m = make(
+            &self.device_id,
+            &self.session_id,
+            &mut call,
+            device,
+            Body::Invite(Invite {
+                lifetime: lifetime_ms,
+                offer: SessionDescription::offer(sdp),
+                invitee: Some(device.user_id.clone()),
+                capabilities: None,
+                sdp_stream_metadata: Some(SdpStreamMetadata::new()),
+                intent: None,
+                extra: Default::default(),
+            }),
+        );
+        self.calls.insert(device.clone(), call);
         m
     }
 

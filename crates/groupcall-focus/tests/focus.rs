@@ -31,14 +31,8 @@ fn joined(user: &str) -> Value {
     state("m.room.member", user, user, json!({"membership": "join"}))
 }
 
-/// A focus serving ROOM, whose call CONF has a and b as members.
-fn focus(cfg: impl FnOnce(&mut FocusConfig)) -> Focus {
-    let mut c = FocusConfig::new("FOCUS", "FSESS");
-    c.heartbeat = HeartbeatConfig {
-        interval_ms: 1000,
-        timeout_ms: 3000,
-    };
-    cfg(&mut c);
+/// A focus serving ROOM, whose current call is CONF.
+fn with_call(c: FocusConfig) -> Focus {
     let mut f = Focus::new(c);
     f.handle_state(
         NOW,
@@ -51,6 +45,18 @@ fn focus(cfg: impl FnOnce(&mut FocusConfig)) -> Focus {
         ),
     )
     .unwrap();
+    f
+}
+
+/// A focus serving ROOM, whose call CONF has a and b as members.
+fn focus(cfg: impl FnOnce(&mut FocusConfig)) -> Focus {
+    let mut c = FocusConfig::new("FOCUS", "FSESS");
+    c.heartbeat = HeartbeatConfig {
+        interval_ms: 1000,
+        timeout_ms: 3000,
+    };
+    cfg(&mut c);
+    let mut f = with_call(c);
     for (u, d) in [("@a:x", "A"), ("@b:x", "B")] {
         f.handle_state(NOW, ROOM, &joined(u)).unwrap();
         f.handle_state(NOW, ROOM, &member(u, d, &format!("{d}-S")))
@@ -594,4 +600,342 @@ fn the_active_speaker_is_sent_to_the_calls_clients() {
     f.handle_active_speaker(ROOM, CONF, Some(a));
     let outs = drain(&mut f);
     assert_eq!(speaker_msgs(&outs, c)[0]["content"]["user_id"], "@a:x");
+}
+
+// ----------------------------------------------------------------------
+// Cascading: two foci, each with its own client, linked by hand-carried
+// messages.
+
+fn member_at(user: &str, device: &str, focus: (&str, &str)) -> Value {
+    state(
+        "org.matrix.msc3401.call.member",
+        user,
+        user,
+        json!({"m.calls": [{"m.call_id": CONF, "m.devices": [
+            {"device_id": device, "session_id": format!("{device}-S"), "expires_ts": NOW + 3_600_000,
+             "feeds": [], "m.foci.active": [{"user_id": focus.0, "device_id": focus.1}]}]}]}),
+    )
+}
+
+/// Focus `user`/`device` (cascading on) in ROOM, whose call CONF has
+/// @a:x/A at @fa:x/FA and @b:y/B at @fb:y/FB.
+fn cascade_focus(user: &str, device: &str) -> Focus {
+    cascade_focus_with(user, device, true)
+}
+
+fn cascade_focus_with(user: &str, device: &str, cascade: bool) -> Focus {
+    let mut c = FocusConfig::new(device, "FSESS");
+    c.user_id = user.into();
+    c.cascade = cascade;
+    let mut f = with_call(c);
+    for u in ["@a:x", "@b:y", "@fa:x", "@fb:y"] {
+        f.handle_state(NOW, ROOM, &joined(u)).unwrap();
+    }
+    f.handle_state(NOW, ROOM, &member_at("@a:x", "A", ("@fa:x", "FA")))
+        .unwrap();
+    f.handle_state(NOW, ROOM, &member_at("@b:y", "B", ("@fb:y", "FB")))
+        .unwrap();
+    f
+}
+
+fn link_of(outs: &[FocusOutput]) -> Option<(ClientId, bool)> {
+    outs.iter().find_map(|o| match o {
+        FocusOutput::LinkStarted {
+            client, outgoing, ..
+        } => Some((*client, *outgoing)),
+        _ => None,
+    })
+}
+
+fn carried(sender: (&str, &str), ty: MessageType, content: Value) -> IncomingToDevice {
+    IncomingToDevice {
+        sender: sender.0.into(),
+        sender_device: Some(sender.1.into()),
+        event_type: ty.as_str().into(),
+        content,
+        encrypted: true,
+    }
+}
+
+/// Carries every channel message `from` sent on `link` to `to`'s `peer`.
+fn carry_channel(outs: &[FocusOutput], link: ClientId, to: &mut Focus, peer: ClientId) -> usize {
+    let msgs = channel(outs, link);
+    for m in &msgs {
+        to.handle_media(
+            NOW,
+            peer,
+            MediaIn::ChannelMessage {
+                text: m.to_string(),
+            },
+        );
+    }
+    msgs.len()
+}
+
+#[test]
+fn two_foci_link_and_carry_each_asked_stream_once_from_its_origin_only() {
+    let mut fa = cascade_focus("@fa:x", "FA");
+    let mut fb = cascade_focus("@fb:y", "FB");
+    // No client yet: no link.
+    assert!(link_of(&drain(&mut fa)).is_none());
+    assert!(link_of(&drain(&mut fb)).is_none());
+
+    // a joins fa; fa sorts first, so it places the link.
+    fa.handle_to_device(NOW, &invite("@a:x", "A", "A-S", "c-A", true));
+    let outs = drain(&mut fa);
+    let a = client_of(&outs).unwrap();
+    let (la, outgoing) = link_of(&outs).expect("fa places a link");
+    assert!(outgoing);
+    assert!(outs.contains(&FocusOutput::Media {
+        client: la,
+        op: MediaOp::Offer { tracks: vec![] }
+    }));
+    fa.handle_media(NOW, a, MediaIn::Answer { sdp: "ans".into() });
+    fa.handle_media(NOW, a, MediaIn::ChannelOpen);
+    fa.handle_media(
+        NOW,
+        a,
+        MediaIn::RemoteTracks {
+            tracks: vec![
+                track("s-A", "a-A", TrackKind::Audio),
+                track("s-A", "v-A", TrackKind::Video),
+            ],
+        },
+    );
+    drain(&mut fa);
+    // The link's first offer goes to fb as an Olm invite.
+    fa.handle_media(
+        NOW,
+        la,
+        MediaIn::Offer {
+            sdp: "link-offer".into(),
+        },
+    );
+    let sent = to_device(&drain(&mut fa));
+    assert_eq!(sent.len(), 1);
+    let (ty, to, inv) = &sent[0];
+    assert_eq!((*ty, to.as_str()), (MessageType::Invite, "FB"));
+    assert_eq!(inv["conf_id"], CONF);
+    assert_eq!(inv["offer"]["sdp"], "link-offer");
+
+    // b joins fb; fb does not place a link (fa does).
+    let b = connect(&mut fb, "@b:y", "B");
+    assert!(link_of(&drain(&mut fb)).is_none());
+    // fb admits fa's invite: a live member (a) names fa.
+    fb.handle_to_device(NOW, &carried(("@fa:x", "FA"), *ty, inv.clone()));
+    let outs = drain(&mut fb);
+    let (lb, outgoing) = link_of(&outs).expect("fb admits the link");
+    assert!(!outgoing);
+    assert!(client_of(&outs).is_none(), "a link is not a client");
+    assert_eq!(fb.client_count(), 1);
+    assert_eq!(fb.links(), vec![(lb, DeviceKey::new("@fa:x", "FA"))]);
+    fb.handle_media(
+        NOW,
+        lb,
+        MediaIn::Answer {
+            sdp: "link-answer".into(),
+        },
+    );
+    let sent = to_device(&drain(&mut fb));
+    let (ty, _, ans) = &sent[0];
+    assert_eq!(*ty, MessageType::Answer);
+    fa.handle_to_device(NOW, &carried(("@fb:y", "FB"), *ty, ans.clone()));
+    assert!(drain(&mut fa).contains(&FocusOutput::Media {
+        client: la,
+        op: MediaOp::ApplyAnswer {
+            sdp: "link-answer".into()
+        }
+    }));
+
+    // The channel opens on both sides; each focus tells the other what its
+    // own clients publish.
+    fa.handle_media(NOW, la, MediaIn::ChannelOpen);
+    fb.handle_media(NOW, lb, MediaIn::ChannelOpen);
+    let outs_a = drain(&mut fa);
+    let outs_b = drain(&mut fb);
+    let meta_a = channel(&outs_a, la);
+    assert!(meta_a[0]["content"]["sdp_stream_metadata"]["s-A"].is_object());
+    assert!(carry_channel(&outs_a, la, &mut fb, lb) > 0);
+    assert!(carry_channel(&outs_b, lb, &mut fa, la) > 0);
+    // b's metadata now names a's stream, published by @a:x/A.
+    let outs_b = drain(&mut fb);
+    let meta_b = channel(&outs_b, b);
+    let s_a = &meta_b.last().unwrap()["content"]["sdp_stream_metadata"]["s-A"];
+    assert_eq!(s_a["user_id"], "@a:x");
+    assert_eq!(s_a["device_id"], "A");
+    assert_eq!(s_a["tracks"]["v-A"]["kind"], "video");
+    drain(&mut fa);
+
+    // b subscribes to a's video: fb asks fa over the link, and forwards
+    // nothing yet (it has not arrived).
+    let sub = json!({"type": "m.call.track_subscription", "content": {
+        "subscribe": [{"stream_id": "s-A", "track_id": "v-A", "width": 640, "height": 360}]}});
+    fb.handle_media(
+        NOW,
+        b,
+        MediaIn::ChannelMessage {
+            text: sub.to_string(),
+        },
+    );
+    let outs_b = drain(&mut fb);
+    assert!(forwards(&outs_b).is_empty());
+    let asked = channel(&outs_b, lb);
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0]["content"]["subscribe"][0]["track_id"], "v-A");
+    carry_channel(&outs_b, lb, &mut fa, la);
+    let outs_a = drain(&mut fa);
+    assert_eq!(
+        forwards(&outs_a),
+        vec![ForwardChange::Subscribe {
+            subscriber: la,
+            publisher: a,
+            track: track("s-A", "v-A", TrackKind::Video),
+            width: Some(640),
+            height: Some(360),
+        }]
+    );
+    // fa offers the track over the link; fb, the polite side, accepts it.
+    assert!(outs_a.iter().any(|o| matches!(o, FocusOutput::Media { client, op: MediaOp::Offer { tracks } } if *client == la && tracks.len() == 1)));
+    fa.handle_media(
+        NOW,
+        la,
+        MediaIn::Offer {
+            sdp: "reoffer".into(),
+        },
+    );
+    let outs_a = drain(&mut fa);
+    carry_channel(&outs_a, la, &mut fb, lb);
+    let outs_b = drain(&mut fb);
+    assert!(outs_b.iter().any(
+        |o| matches!(o, FocusOutput::Media { client, op: MediaOp::Accept { .. } } if *client == lb)
+    ));
+    fb.handle_media(
+        NOW,
+        lb,
+        MediaIn::Answer {
+            sdp: "re-answer".into(),
+        },
+    );
+    fb.handle_media(
+        NOW,
+        lb,
+        MediaIn::RemoteTracks {
+            tracks: vec![track("s-A", "v-A", TrackKind::Video)],
+        },
+    );
+    let outs_b = drain(&mut fb);
+    // Arrived: forwarded to b, and offered to b.
+    assert!(forwards(&outs_b).contains(&ForwardChange::Subscribe {
+        subscriber: b,
+        publisher: lb,
+        track: track("s-A", "v-A", TrackKind::Video),
+        width: Some(640),
+        height: Some(360),
+    }));
+    assert!(outs_b.iter().any(|o| matches!(o, FocusOutput::Media { client, op: MediaOp::Offer { tracks } } if *client == b && tracks.len() == 1)));
+
+    // Origin only: fa asking fb for a's own stream (which fb got from fa)
+    // is refused; fb forwards nothing to the link.
+    let back = json!({"type": "m.call.track_subscription", "content": {
+        "subscribe": [{"stream_id": "s-A", "track_id": "v-A"}]}});
+    fb.handle_media(
+        NOW,
+        lb,
+        MediaIn::ChannelMessage {
+            text: back.to_string(),
+        },
+    );
+    assert!(forwards(&drain(&mut fb)).is_empty());
+    // Nor does fb describe a's stream to fa.
+    assert!(
+        channel(&outs_b, lb)
+            .iter()
+            .all(|m| m["content"]["sdp_stream_metadata"].get("s-A").is_none())
+    );
+
+    // b unsubscribes: fb stops forwarding and tells fa, which stops too.
+    let unsub = json!({"type": "m.call.track_subscription", "content": {
+        "unsubscribe": [{"stream_id": "s-A", "track_id": "v-A"}]}});
+    fb.handle_media(
+        NOW,
+        b,
+        MediaIn::ChannelMessage {
+            text: unsub.to_string(),
+        },
+    );
+    let outs_b = drain(&mut fb);
+    assert!(forwards(&outs_b).contains(&ForwardChange::Unsubscribe {
+        subscriber: b,
+        publisher: lb,
+        track: track("s-A", "v-A", TrackKind::Video),
+    }));
+    assert_eq!(channel(&outs_b, lb).len(), 1);
+    carry_channel(&outs_b, lb, &mut fa, la);
+    assert!(
+        forwards(&drain(&mut fa)).contains(&ForwardChange::Unsubscribe {
+            subscriber: la,
+            publisher: a,
+            track: track("s-A", "v-A", TrackKind::Video),
+        })
+    );
+
+    // a leaves fa: no client of fa is left in the call, so its link ends.
+    fa.handle_to_device(
+        NOW,
+        &carried(
+            ("@a:x", "A"),
+            MessageType::Hangup,
+            json!({"version": "1", "call_id": "c-A", "party_id": "A", "conf_id": CONF,
+                "device_id": "A", "sender_session_id": "A-S", "dest_session_id": "FSESS", "seq": 1}),
+        ),
+    );
+    let outs_a = drain(&mut fa);
+    assert!(outs_a.contains(&FocusOutput::ClientLeft {
+        client: la,
+        device: DeviceKey::new("@fb:y", "FB"),
+        reason: LINK_UNNEEDED.into(),
+    }));
+    assert!(fa.links().is_empty());
+}
+
+#[test]
+fn a_focus_nobody_names_is_refused_and_one_with_cascading_off_refuses_foci() {
+    let link_invite = |from: &str| {
+        json!({"version": "1", "call_id": format!("l-{from}"), "party_id": from, "conf_id": CONF,
+            "device_id": from, "sender_session_id": format!("{from}-S"), "dest_session_id": "FB",
+            "seq": 0, "lifetime": 30000, "offer": {"type": "offer", "sdp": "x"}})
+    };
+    let refused = |outs: &[FocusOutput], who: &str, why: &str| {
+        outs.iter().any(|o| {
+            matches!(o, FocusOutput::Refused { device, reason }
+                if device.device_id == who && reason == why)
+        })
+    };
+    let mut fb = cascade_focus("@fb:y", "FB");
+    // A focus no participant names (and not in the room) is a stranger:
+    // held first (the homeserver may lag), then turned down.
+    fb.handle_to_device(
+        NOW,
+        &carried(("@fc:z", "FC"), MessageType::Invite, link_invite("FC")),
+    );
+    assert!(link_of(&drain(&mut fb)).is_none());
+    fb.handle_timeout(NOW + 20_000);
+    assert!(refused(&drain(&mut fb), "FC", "not_in_room"));
+    // fa, named by a, is admitted.
+    fb.handle_to_device(
+        NOW + 20_000,
+        &carried(("@fa:x", "FA"), MessageType::Invite, link_invite("FA")),
+    );
+    assert!(link_of(&drain(&mut fb)).is_some());
+
+    // With cascading off, fa is turned down (no link, no media).
+    let mut off = cascade_focus_with("@fb:y", "FB", false);
+    drain(&mut off);
+    off.handle_to_device(
+        NOW,
+        &carried(("@fa:x", "FA"), MessageType::Invite, link_invite("FA")),
+    );
+    let outs = drain(&mut off);
+    assert!(link_of(&outs).is_none());
+    assert!(refused(&outs, "FA", "cascade_off"));
 }
