@@ -2322,6 +2322,85 @@ fn through_the_focus_channel_we_subscribe_to_everyone_else_answer_pings_and_rene
 }
 
 #[test]
+fn a_member_at_another_focus_is_met_through_ours_once_it_forwards_that_members_streams() {
+    let (mut call, peer, _) = connected_to_focus();
+    call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });
+    drain(&mut call);
+    // c publishes to another focus (another homeserver's): called in the
+    // mesh, and our focus is asked to connect to that focus (MSC3898).
+    let other = json!([{"user_id": "@sfu2:y", "device_id": "SFU2"}]);
+    call.handle_state(NOW + 20, &join_ev("@c:y", "join"))
+        .unwrap();
+    call.handle_state(
+        NOW + 20,
+        &member_with_foci("@c:y", "CDEV", "m.foci.active", other.clone()),
+    )
+    .unwrap();
+    let outs = drain(&mut call);
+    let (_, mesh_peer, focus_peer) = calls_placed(&outs)
+        .into_iter()
+        .find(|(d, _, _)| d.user_id == "@c:y")
+        .expect("c is called in the mesh");
+    assert!(!focus_peer);
+    assert_eq!(
+        channel_sent(&outs),
+        vec![json!({"type": "m.call.connect_to_focus", "content": {"foci": other}})]
+    );
+    call.handle_media(
+        NOW + 21,
+        MediaEvent::OfferCreated {
+            peer: mesh_peer,
+            sdp: "mesh-offer".into(),
+            gathering_complete: true,
+        },
+    );
+    assert!(
+        sent(&drain(&mut call))
+            .iter()
+            .any(|(t, _)| t == "m.call.invite")
+    );
+    // The same foci again: not asked twice.
+    call.handle_state(
+        NOW + 22,
+        &member_with_foci("@c:y", "CDEV", "m.foci.active", other.clone()),
+    )
+    .unwrap();
+    assert!(channel_sent(&drain(&mut call)).is_empty());
+
+    // Our focus now forwards c's stream (the foci are linked): the mesh
+    // call with c ends, and c's feed comes through the focus.
+    let meta = json!({"type": "m.call.sdp_stream_metadata_changed", "content": {"sdp_stream_metadata": {
+        "s-c": {"purpose": "m.usermedia", "user_id": "@c:y", "device_id": "CDEV",
+            "tracks": {"a-c": {"kind": "audio"}, "v-c": {"kind": "video"}}}}}});
+    let outs = channel(&mut call, NOW + 30, peer, meta);
+    assert!(outs.iter().any(|o| matches!(o,
+        Output::Event(CallEvent::FeedAdded { device, stream_id, .. })
+            if device.user_id == "@c:y" && stream_id == "s-c")));
+    let hangups: Vec<Value> = sent(&outs)
+        .into_iter()
+        .filter(|(t, _)| t == "m.call.hangup")
+        .map(|(_, c)| c)
+        .collect();
+    assert_eq!(hangups.len(), 1, "{outs:?}");
+    assert_eq!(hangups[0]["reason"], "focus_back");
+    assert!(!call.peers().iter().any(|p| p.0.user_id == "@c:y"));
+    // Later mesh plans do not call c while the focus forwards it.
+    call.handle_state(NOW + 40, &join_ev("@d:x", "join"))
+        .unwrap();
+    assert!(!placed_to(&drain(&mut call), "@c:y"));
+
+    // The link goes (c's streams leave the focus's list): c is called in
+    // the mesh again once the retry interval allows.
+    let outs = channel(
+        &mut call,
+        NOW + 60_000,
+        peer,
+        json!({"type": "m.call.sdp_stream_metadata_changed", "content": {"sdp_stream_metadata": {}}}),
+    );
+    assert!(placed_to(&outs, "@c:y"), "{outs:?}");
+}
+
+#[test]
 fn a_focus_that_stops_pinging_is_hung_up_on_and_the_mesh_takes_over() {
     let (mut call, peer, _) = connected_to_focus();
     call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });

@@ -53,6 +53,9 @@ pub(super) struct FocusLink {
     pub(super) recent_speakers: VecDeque<DeviceKey>,
     /// The speaker the focus named last (`None`: nobody, or not said yet).
     pub(super) speaker: Option<DeviceKey>,
+    /// The other foci we last asked the focus to connect to
+    /// (`m.call.connect_to_focus`).
+    pub(super) connect_asked: Vec<crate::events::FocusRef>,
 }
 
 impl GroupCall {
@@ -72,6 +75,51 @@ impl GroupCall {
         self.focus_link.channel_open = true;
         self.focus_link.last_ping = now;
         self.resubscribe();
+        self.ask_focus_to_connect();
+    }
+
+    /// Whether our focus forwards `device`'s streams though it publishes to
+    /// another focus (the two foci are linked): then we meet it there, not
+    /// in the mesh.
+    pub(super) fn reached_through_focus(&self, device: &DeviceKey) -> bool {
+        self.focus_connected()
+            && !self.is_focus(device)
+            && self
+                .focus_link
+                .available
+                .values()
+                .any(|s| owned_by(s, device))
+    }
+
+    /// MSC3898: asks our focus to connect to the call's other foci (those
+    /// the other members publish to), when that set changed.
+    pub(super) fn ask_focus_to_connect(&mut self) {
+        let Some(key) = self.open_focus() else {
+            return;
+        };
+        let mut others: Vec<crate::events::FocusRef> = self
+            .room
+            .participants()
+            .iter()
+            .filter(|(k, _)| **k != self.me)
+            .flat_map(|(_, p)| p.foci_active.iter())
+            .filter(|f| self.active_focus.as_ref() != Some(*f))
+            .cloned()
+            .collect();
+        others.sort();
+        others.dedup();
+        if others == self.focus_link.connect_asked {
+            return;
+        }
+        self.focus_link.connect_asked = others.clone();
+        if others.is_empty() {
+            return;
+        }
+        info!(
+            foci = others.len(),
+            "asking our focus to connect to the call's other foci"
+        );
+        self.send_channel(&key, &DcMessage::ConnectToFocus { foci: others });
     }
 
     /// The focus peer's data channel closed: the focus is gone.
@@ -105,7 +153,12 @@ impl GroupCall {
             DcMessage::Pong => {}
             DcMessage::SdpStreamMetadataChanged {
                 sdp_stream_metadata,
-            } => self.focus_metadata(sdp_stream_metadata, true),
+            } => {
+                self.focus_metadata(sdp_stream_metadata, true);
+                // Members at other foci may come (or stop coming) through
+                // ours: the mesh follows.
+                self.mesh(now);
+            }
             DcMessage::Negotiate(n) => {
                 let meta = n.sdp_stream_metadata.clone();
                 let neg = Negotiate {
@@ -515,8 +568,9 @@ impl GroupCall {
     }
 
     /// We are connected to our focus (again): the mesh calls with members
-    /// that publish to it end; we meet them at the focus. Runs when the
-    /// focus comes back and with every mesh plan, as members return to it.
+    /// that publish to it, or whose streams it forwards from their focus,
+    /// end; we meet them at the focus. Runs when the focus comes back and
+    /// with every mesh plan, as members return to it.
     pub(super) fn leave_mesh_for_focus(&mut self) {
         let Some(focus) = self.active_focus.clone() else {
             return;
@@ -529,6 +583,7 @@ impl GroupCall {
                     .participants()
                     .get(*k)
                     .is_some_and(|p| p.foci_active.contains(&focus))
+                    || self.reached_through_focus(k)
             })
             .cloned()
             .collect();

@@ -517,9 +517,11 @@ impl GroupCall {
             .iter()
             .filter(|(k, _)| **k != self.me && should_call(&self.me, k))
             // Two devices that both publish to the same focus meet there,
-            // not in the mesh (MSC3898); devices without one, or at another
-            // focus (foci do not cascade yet), keep the mesh.
-            .filter(|(_, p)| !self.meets_at_focus(p))
+            // not in the mesh (MSC3898); so do devices at another focus once
+            // ours forwards their streams (the foci cascade); devices
+            // without a focus, or at one ours is not linked with, keep the
+            // mesh.
+            .filter(|(k, p)| !self.meets_at_focus(p) && !self.reached_through_focus(k))
             .map(|(k, p)| (k.clone(), p.session_id.clone()))
             .collect();
         for (device, session) in wanted {
@@ -536,6 +538,7 @@ impl GroupCall {
         if self.focus_connected() {
             self.leave_mesh_for_focus();
         }
+        self.ask_focus_to_connect();
         // Our focus: called once. It has no member entry: the invite names
         // its device id as the session, and its answer its real session.
         if let Some(focus) = self.focus_key()
