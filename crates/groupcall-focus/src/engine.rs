@@ -10,7 +10,7 @@
 //! client is one [`ClientId`]: the same number names its peer (`PeerId`)
 //! and its forwarder participant (`ParticipantId`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -230,6 +230,31 @@ pub struct EngineFigures {
     /// The `<stream id>/<track id>` of each track in
     /// `subscription_layers`.
     pub track_names: HashMap<TrackId, String>,
+    /// The cascade links with other foci now.
+    pub links: Vec<LinkFigures>,
+    /// Packets that arrived over a link on a stream one of our own clients
+    /// publishes: back at their origin focus (a forwarding loop; such
+    /// tracks are not forwarded). Since the start.
+    pub looped_packets: u64,
+}
+
+/// One cascade link with another focus.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkFigures {
+    /// The other focus's device (`@user:server/DEVICE`).
+    pub device: String,
+    /// We placed the link.
+    pub outgoing: bool,
+    /// Tracks we asked it for (its clients' streams our clients
+    /// subscribed to), each once whatever the number of our subscribers.
+    pub streams_in: usize,
+    /// Tracks we forward to it (our clients' streams its clients asked
+    /// for), each once whatever the number of its subscribers.
+    pub streams_out: usize,
+    /// RTP packets received over it.
+    pub packets_in: u64,
+    /// RTP packets forwarded over it.
+    pub packets_out: u64,
 }
 
 impl EngineFigures {
@@ -408,6 +433,10 @@ struct ClientMedia {
     /// The bandwidth estimation targets last given to its peer
     /// (minimum, desired).
     bitrate_targets: (u64, u64),
+    /// RTP packets received from it and forwarded to it.
+    packets: (u64, u64),
+    /// A link's m-lines carrying a stream of our own clients (looped).
+    looped: HashSet<Mid>,
 }
 
 struct State {
@@ -670,7 +699,7 @@ impl State {
                 CallFigures {
                     room_id,
                     conf_id,
-                    participants: ids.len(),
+                    participants: ids.iter().filter(|c| !self.focus.is_link(**c)).count(),
                     tracks,
                     subscriptions,
                     counters: call
@@ -706,9 +735,27 @@ impl State {
             })
             .collect();
         f.switch_latencies = self.fwd.switch_latencies().collect();
+        f.links = self
+            .focus
+            .links()
+            .into_iter()
+            .map(|(c, device, outgoing)| {
+                let m = self.clients.get(&c);
+                let (streams_out, streams_in) = self.focus.link_streams(c);
+                LinkFigures {
+                    device: device.to_string(),
+                    outgoing,
+                    streams_in,
+                    streams_out,
+                    packets_in: m.map_or(0, |m| m.packets.0),
+                    packets_out: m.map_or(0, |m| m.packets.1),
+                }
+            })
+            .collect();
         f.uploads = self
             .clients
             .keys()
+            .filter(|c| !self.focus.is_link(**c))
             .filter_map(|c| {
                 let device = self.focus.device_of(*c)?;
                 let p = self.focus.published(*c);
@@ -1090,6 +1137,15 @@ impl State {
                         ssrc: None,
                     }],
                 };
+                if self.focus.came_back(client, &stream_id) {
+                    warn!(client = client.0, %stream_id, %track_id, "a stream of our own came back over a link; not forwarded");
+                    self.clients
+                        .entry(client)
+                        .or_default()
+                        .looped
+                        .insert(Mid::from(mid.as_str()));
+                    return;
+                }
                 info!(client = client.0, %stream_id, %track_id, ?kind, %mid, "client publishes a track");
                 match self.fwd.publish_track(part(client), spec) {
                     Ok(tid) => {
@@ -1208,13 +1264,17 @@ impl State {
     /// subscribers' peers.
     fn on_rtp(&mut self, client: ClientId, p: groupcall::media::RtpIn) {
         let now = Instant::now();
-        let Some(m) = self.clients.get(&client) else {
+        let Some(m) = self.clients.get_mut(&client) else {
             return;
         };
         let Some((tid, _)) = m.uploads.get(&p.mid) else {
+            if m.looped.contains(&p.mid) {
+                self.figures.looped_packets += 1;
+            }
             return;
         };
         let tid = *tid;
+        m.packets.0 += 1;
         // The publisher's SSRC of each layer (simulcast: each RID) is
         // learnt from its packets (and follows a restart with a new one).
         let layer = match p.rid {
@@ -1285,6 +1345,7 @@ impl State {
             };
             let ext = extend_seq(sm.ext_seq.get(&mid).copied(), e.header.seq);
             sm.ext_seq.insert(mid, ext);
+            sm.packets.1 += 1;
             let video = e.kind == crate::forward::MediaKind::Video;
             if video
                 && keyframe_start
@@ -1686,6 +1747,20 @@ impl crate::driver::FocusCore for EngineCore {
     fn fill_metrics(&mut self, metrics: &mut crate::metrics::Metrics) {
         let Some(e) = &self.engine else { return };
         let f = e.latest_figures();
+        metrics.set_links(
+            f.links.iter().map(|l| {
+                (
+                    l.device.clone(),
+                    [
+                        l.streams_out as u64,
+                        l.streams_in as u64,
+                        l.packets_out,
+                        l.packets_in,
+                    ],
+                )
+            }),
+            f.looped_packets,
+        );
         for (reason, n) in &f.refusals {
             let done = self.refusals_reported.entry(reason.clone()).or_default();
             while *done < *n {

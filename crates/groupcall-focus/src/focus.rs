@@ -507,13 +507,37 @@ impl Focus {
         self.clients.values().filter(|c| !c.is_link()).count()
     }
 
-    /// Cascade links with other foci now: (connection, other focus).
-    pub fn links(&self) -> Vec<(ClientId, DeviceKey)> {
+    /// Cascade links with other foci now: (connection, other focus,
+    /// whether we placed it).
+    pub fn links(&self) -> Vec<(ClientId, DeviceKey, bool)> {
         self.clients
             .iter()
-            .filter(|(_, c)| c.is_link())
-            .map(|(id, c)| (*id, c.device.clone()))
+            .filter_map(|(id, c)| Some((*id, c.device.clone(), c.link.as_ref()?.outgoing)))
             .collect()
+    }
+
+    /// The streams of a link: (forwarded to the other focus, as its
+    /// clients asked; asked of it, as ours did), each counted once.
+    pub fn link_streams(&self, link: ClientId) -> (usize, usize) {
+        self.clients
+            .get(&link)
+            .and_then(|c| Some((c.wanted.len(), c.link.as_ref()?.requested.len())))
+            .unwrap_or_default()
+    }
+
+    /// Whether `stream_id`, arriving over the link `link`, is published
+    /// by one of our own clients of that call: it came back to its origin
+    /// (a forwarding loop; never with origin-only forwarding).
+    pub fn came_back(&self, link: ClientId, stream_id: &str) -> bool {
+        let Some(l) = self.clients.get(&link).filter(|c| c.is_link()) else {
+            return false;
+        };
+        self.clients.values().any(|c| {
+            !c.is_link()
+                && c.room_id == l.room_id
+                && c.conf_id == l.conf_id
+                && c.published.iter().any(|t| t.stream_id == stream_id)
+        })
     }
 
     /// Whether `client` is a cascade link.
@@ -580,6 +604,17 @@ impl Focus {
         self.absorb_auth(now);
         self.recheck_held(now);
         self.plan_links(now);
+        // Streams from other foci are shown only while their publishers
+        // are participants: that may have changed.
+        let linked: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.is_link() && c.room_id == room_id)
+            .map(|(id, _)| *id)
+            .collect();
+        for l in linked {
+            self.broadcast_metadata(l);
+        }
         Ok(())
     }
 

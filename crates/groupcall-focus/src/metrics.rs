@@ -20,12 +20,17 @@
 //! | `refusals_total` | counter | `reason` |
 //! | `layer_switches_total`, `layer_switch_fallbacks_total`, `inter_before_keyframe_total`, `layer_switch_latency_ms_total` | counter | |
 //! | `subscription_layer_height` | gauge | `subscription` |
+//! | `link_streams_out`, `link_streams_in` | gauge | `focus` |
+//! | `link_packets_out_total`, `link_packets_in_total` | counter | `focus` |
+//! | `looped_packets_total` | counter | |
 //! | `call_participants`, `call_tracks` | gauge | `call` |
 //! | `call_packets_in_total`, `call_bytes_in_total`, `call_packets_out_total`, `call_bytes_out_total`, `call_nacks_served_total`, `call_plis_sent_total`, `call_nacks_received_total`, `call_keyframe_requests_received_total`, `call_keyframe_requests_coalesced_total`, `call_layer_switches_total`, `call_layer_switch_fallbacks_total`, `call_inter_before_keyframe_total`, `call_layer_switch_latency_ms_total` | counter | `call` |
 //!
 //! `subscription_layer_height` is the height (from its last key frame) of
 //! the simulcast layer each video subscription receives now, labelled
-//! `<subscriber client number>/<stream id>/<track id>`.
+//! `<subscriber client number>/<stream id>/<track id>`. The `link_*`
+//! series are per cascade link, labelled with the other focus's device
+//! (`@user:server/DEVICE`), and exist while the link does.
 //!
 //! The unlabelled counters cover every call since the start, ended ones
 //! included ([`Metrics::remove_call`] folds an ended call's figures into
@@ -120,6 +125,11 @@ pub struct Metrics {
     refusals: BTreeMap<String, u64>,
     /// The height of each video subscription's layer now.
     layers: BTreeMap<String, u64>,
+    /// Per cascade link (the other focus's device): streams forwarded to
+    /// it, streams asked of it, packets sent over it, packets received.
+    links: BTreeMap<String, [u64; 4]>,
+    /// Packets that came back to their origin over a link.
+    looped_packets: u64,
 }
 
 impl Metrics {
@@ -166,6 +176,15 @@ impl Metrics {
     pub fn set_subscription_layers(&mut self, layers: impl Iterator<Item = (String, u64)>) {
         self.layers.clear();
         self.layers.extend(layers);
+    }
+
+    /// Sets the cascade links now (the other focus's device; streams out,
+    /// streams in, packets out, packets in), replacing the previous ones,
+    /// and the looped packets so far.
+    pub fn set_links(&mut self, links: impl Iterator<Item = (String, [u64; 4])>, looped: u64) {
+        self.links.clear();
+        self.links.extend(links);
+        self.looped_packets = looped;
     }
 
     /// Sets the number of joined rooms.
@@ -270,6 +289,41 @@ impl Metrics {
             "Height of the simulcast layer each video subscription receives now.",
             "subscription",
             self.layers.iter().map(|(k, v)| (k.as_str(), *v)),
+        );
+        let links = || self.links.iter().map(|(k, v)| (k.as_str(), v));
+        for (i, name, kind, help) in [
+            (
+                0,
+                "link_streams_out",
+                Kind::Gauge,
+                "Streams forwarded over each cascade link (its clients asked for them), each once.",
+            ),
+            (
+                1,
+                "link_streams_in",
+                Kind::Gauge,
+                "Streams asked of the other focus over each cascade link (our clients asked for them), each once.",
+            ),
+            (
+                2,
+                "link_packets_out_total",
+                Kind::Counter,
+                "RTP packets forwarded over each cascade link since it started.",
+            ),
+            (
+                3,
+                "link_packets_in_total",
+                Kind::Counter,
+                "RTP packets received over each cascade link since it started.",
+            ),
+        ] {
+            w.labelled(name, kind, help, "focus", links().map(|(k, v)| (k, v[i])));
+        }
+        w.single(
+            "looped_packets_total",
+            Kind::Counter,
+            "Packets that came back to their origin focus over a cascade link (not forwarded); 0 unless foci disagree on the rules.",
+            self.looped_packets,
         );
         let calls = || self.calls.iter().map(|(k, f)| (k.as_str(), f));
         w.labelled(
@@ -458,11 +512,12 @@ mod tests {
                 "groupcall_focus_layer_switch_fallbacks_total 0",
                 "groupcall_focus_inter_before_keyframe_total 0",
                 "groupcall_focus_layer_switch_latency_ms_total 0",
+                "groupcall_focus_looped_packets_total 0",
             ]
         );
         // Every family has its HELP and TYPE, in that order.
-        assert_eq!(text.matches("# HELP ").count(), 36);
-        assert_eq!(text.matches("# TYPE ").count(), 36);
+        assert_eq!(text.matches("# HELP ").count(), 41);
+        assert_eq!(text.matches("# TYPE ").count(), 41);
     }
 
     #[test]
@@ -491,6 +546,7 @@ mod tests {
             },
         );
         m.set_subscription_layers([("3/s/v".to_string(), 720)].into_iter());
+        m.set_links([("@fb:y/FB".to_string(), [4, 2, 900, 450])].into_iter(), 0);
         m.set_call(
             "!b:x/c\"2\\\n",
             CallFigures {
@@ -580,6 +636,21 @@ groupcall_focus_refusals_total{reason="plaintext"} 1
 # HELP groupcall_focus_subscription_layer_height Height of the simulcast layer each video subscription receives now.
 # TYPE groupcall_focus_subscription_layer_height gauge
 groupcall_focus_subscription_layer_height{subscription="3/s/v"} 720
+# HELP groupcall_focus_link_streams_out Streams forwarded over each cascade link (its clients asked for them), each once.
+# TYPE groupcall_focus_link_streams_out gauge
+groupcall_focus_link_streams_out{focus="@fb:y/FB"} 4
+# HELP groupcall_focus_link_streams_in Streams asked of the other focus over each cascade link (our clients asked for them), each once.
+# TYPE groupcall_focus_link_streams_in gauge
+groupcall_focus_link_streams_in{focus="@fb:y/FB"} 2
+# HELP groupcall_focus_link_packets_out_total RTP packets forwarded over each cascade link since it started.
+# TYPE groupcall_focus_link_packets_out_total counter
+groupcall_focus_link_packets_out_total{focus="@fb:y/FB"} 900
+# HELP groupcall_focus_link_packets_in_total RTP packets received over each cascade link since it started.
+# TYPE groupcall_focus_link_packets_in_total counter
+groupcall_focus_link_packets_in_total{focus="@fb:y/FB"} 450
+# HELP groupcall_focus_looped_packets_total Packets that came back to their origin focus over a cascade link (not forwarded); 0 unless foci disagree on the rules.
+# TYPE groupcall_focus_looped_packets_total counter
+groupcall_focus_looped_packets_total 0
 # HELP groupcall_focus_call_participants Participants connected to the focus, per call.
 # TYPE groupcall_focus_call_participants gauge
 groupcall_focus_call_participants{call="!a:x/c1"} 3

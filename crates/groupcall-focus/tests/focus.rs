@@ -672,8 +672,9 @@ fn carry_channel(outs: &[FocusOutput], link: ClientId, to: &mut Focus, peer: Cli
     msgs.len()
 }
 
-#[test]
-fn two_foci_link_and_carry_each_asked_stream_once_from_its_origin_only() {
+/// fa with client a and fb with client b, linked (fa placed the link) and
+/// each told the other's streams: (fa, fb, a, b, fa's link, fb's link).
+fn linked_foci() -> (Focus, Focus, ClientId, ClientId, ClientId, ClientId) {
     let mut fa = cascade_focus("@fa:x", "FA");
     let mut fb = cascade_focus("@fb:y", "FB");
     // No client yet: no link.
@@ -728,7 +729,7 @@ fn two_foci_link_and_carry_each_asked_stream_once_from_its_origin_only() {
     assert!(!outgoing);
     assert!(client_of(&outs).is_none(), "a link is not a client");
     assert_eq!(fb.client_count(), 1);
-    assert_eq!(fb.links(), vec![(lb, DeviceKey::new("@fa:x", "FA"))]);
+    assert_eq!(fb.links(), vec![(lb, DeviceKey::new("@fa:x", "FA"), false)]);
     fb.handle_media(
         NOW,
         lb,
@@ -765,6 +766,12 @@ fn two_foci_link_and_carry_each_asked_stream_once_from_its_origin_only() {
     assert_eq!(s_a["device_id"], "A");
     assert_eq!(s_a["tracks"]["v-A"]["kind"], "video");
     drain(&mut fa);
+    (fa, fb, a, b, la, lb)
+}
+
+#[test]
+fn two_foci_link_and_carry_each_asked_stream_once_from_its_origin_only() {
+    let (mut fa, mut fb, a, b, la, lb) = linked_foci();
 
     // b subscribes to a's video: fb asks fa over the link, and forwards
     // nothing yet (it has not arrived).
@@ -938,4 +945,45 @@ fn a_focus_nobody_names_is_refused_and_one_with_cascading_off_refuses_foci() {
     let outs = drain(&mut off);
     assert!(link_of(&outs).is_none());
     assert!(refused(&outs, "FA", "cascade_off"));
+}
+
+#[test]
+fn a_stream_from_another_focus_is_shown_once_its_publisher_is_a_participant() {
+    let (_fa, mut fb, _a, b, _la, lb) = linked_foci();
+    drain(&mut fb);
+    // fa names a stream of z, whose member event fb has not seen yet.
+    let meta = json!({"type": "m.call.sdp_stream_metadata_changed", "content": {"sdp_stream_metadata": {
+        "s-A": {"purpose": "m.usermedia", "user_id": "@a:x", "device_id": "A",
+            "tracks": {"a-A": {"kind": "audio"}, "v-A": {"kind": "video"}}},
+        "s-Z": {"purpose": "m.usermedia", "user_id": "@z:x", "device_id": "Z",
+            "tracks": {"a-Z": {"kind": "audio"}}}}}});
+    fb.handle_media(
+        NOW,
+        lb,
+        MediaIn::ChannelMessage {
+            text: meta.to_string(),
+        },
+    );
+    let shown = |outs: &[FocusOutput]| {
+        channel(outs, b)
+            .last()
+            .map(|m| m["content"]["sdp_stream_metadata"].get("s-Z").is_some())
+    };
+    // Not shown (and so not subscribable) while z is no participant.
+    assert_ne!(shown(&drain(&mut fb)), Some(true));
+    let sub = json!({"type": "m.call.track_subscription", "content": {
+        "subscribe": [{"stream_id": "s-Z", "track_id": "a-Z"}]}});
+    fb.handle_media(
+        NOW,
+        b,
+        MediaIn::ChannelMessage {
+            text: sub.to_string(),
+        },
+    );
+    assert!(channel(&drain(&mut fb), lb).is_empty(), "not asked of fa");
+    // z's member event arrives: b is told.
+    fb.handle_state(NOW, ROOM, &joined("@z:x")).unwrap();
+    fb.handle_state(NOW, ROOM, &member_at("@z:x", "Z", ("@fa:x", "FA")))
+        .unwrap();
+    assert_eq!(shown(&drain(&mut fb)), Some(true));
 }

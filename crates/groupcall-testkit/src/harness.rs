@@ -853,3 +853,24 @@ pub fn about(v: &Value, dev: &DeviceKey) -> bool {
 pub fn ms(a: Instant, b: Instant) -> u128 {
     b.saturating_duration_since(a).as_millis()
 }
+
+/// Registers and logs in `names` on a test federation, the `i`th on server
+/// `server_of(i)` (password [`PASSWORD`], stores under `dir`).
+pub async fn federation_sessions(
+    fed: &crate::synapse::Federation,
+    names: &[String],
+    server_of: impl Fn(usize) -> usize,
+    dir: &std::path::Path,
+) -> Vec<MatrixSession> {
+    let mut sessions = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let hs = fed.server(server_of(i));
+        hs.register_user(n, PASSWORD).await.unwrap();
+        sessions.push(
+            MatrixSession::login(&hs.base_url(), n, PASSWORD, dir.join(n))
+                .await
+                .unwrap(),
+        );
+    }
+    sessions
+}

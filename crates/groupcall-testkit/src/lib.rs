@@ -38,7 +38,9 @@ pub use groupcall_synapse as synapse;
 
 pub use env::{interop_dir, repo_root, require_chromium, require_node_modules};
 pub use harness::*;
-pub use media::{Decoded, assert_decodes, count_ivf, count_ogg, ffmpeg_decode};
+pub use media::{
+    Decoded, assert_decodes, assert_recordings_of, count_ivf, count_ogg, ffmpeg_decode,
+};
 pub use process::Proc;
 pub use sockets::udp_sockets;
 pub use stun::LateStun;

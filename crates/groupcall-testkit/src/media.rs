@@ -188,6 +188,35 @@ pub fn decoded_frame_sizes(path: &Path) -> Vec<FrameSize> {
         .unwrap_or_default()
 }
 
+/// The recordings (`recorded`: every `Recorded` path participant `at`
+/// reported) of `from`'s video and audio: each must decode with at least
+/// 11 video / 51 audio frames. Returns (video, audio) frames decoded.
+pub fn assert_recordings_of(
+    recorded: &[std::path::PathBuf],
+    at: &str,
+    from: &str,
+    from_device: &str,
+) -> (u64, u64) {
+    let mut total = (0, 0);
+    for (ext, min) in [("ivf", 11), ("ogg", 51)] {
+        let path = recorded
+            .iter()
+            .find(|p| {
+                p.extension().is_some_and(|e| e == ext)
+                    && p.file_name()
+                        .is_some_and(|f| f.to_string_lossy().contains(from_device))
+            })
+            .unwrap_or_else(|| panic!("{at} has no {ext} recording from {from}: {recorded:?}"));
+        let frames = assert_decodes(path, min);
+        if ext == "ivf" {
+            total.0 += frames;
+        } else {
+            total.1 += frames;
+        }
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

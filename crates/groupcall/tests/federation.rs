@@ -12,12 +12,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use groupcall::client::{ClientEvent, JoinOptions, join_call};
-use groupcall::matrix::{CreateRoomOptions, MatrixSession};
+use groupcall::matrix::CreateRoomOptions;
 use groupcall::media::TrackKind;
 use groupcall::proto::{CallEvent, Command, CreateOptions, DeviceKey};
 use groupcall_testkit::synapse::{Federation, FederationOptions};
 use groupcall_testkit::{
-    Entry, Ev, assert_decodes, first_frames_at, ms, rust_connected_at, rust_frames,
+    Entry, Ev, assert_recordings_of, federation_sessions, first_frames_at, ms, rust_connected_at,
+    rust_frames,
 };
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
@@ -103,16 +104,8 @@ async fn mesh_across_two_homeservers_two_participants_each() {
     let names = ["alice", "bob", "carol", "dave"];
     let server_of = |i: usize| i / PER_SERVER;
     let tmp = tempfile::tempdir().unwrap();
-    let mut sessions = Vec::new();
-    for (i, n) in names.iter().enumerate() {
-        let hs = fed.server(server_of(i));
-        hs.register_user(n, "secret-pw").await.unwrap();
-        sessions.push(
-            MatrixSession::login(&hs.base_url(), n, "secret-pw", tmp.path().join(n))
-                .await
-                .unwrap(),
-        );
-    }
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let sessions = federation_sessions(&fed, &names, server_of, tmp.path()).await;
     let devices: Vec<DeviceKey> = sessions
         .iter()
         .map(|s| DeviceKey::new(s.user_id(), s.device_id()))
@@ -337,28 +330,14 @@ async fn mesh_across_two_homeservers_two_participants_each() {
     for at in 0..n {
         let files = recorded.get(&at).cloned().unwrap_or_default();
         for from in (0..n).filter(|&f| f != at) {
-            let dev = devices[from].device_id.as_str();
-            for (ext, min) in [("ivf", 11), ("ogg", 51)] {
-                let path = files
-                    .iter()
-                    .find(|p| {
-                        p.extension().is_some_and(|e| e == ext)
-                            && p.file_name()
-                                .is_some_and(|f| f.to_string_lossy().contains(dev))
-                    })
-                    .unwrap_or_else(|| {
-                        panic!(
-                            "{} has no {ext} recording from {}: {files:?}",
-                            names[at], names[from]
-                        )
-                    });
-                let frames = assert_decodes(path, min);
-                if ext == "ivf" {
-                    total.0 += frames;
-                } else {
-                    total.1 += frames;
-                }
-            }
+            let (v, a) = assert_recordings_of(
+                &files,
+                names[at].as_str(),
+                &names[from],
+                &devices[from].device_id,
+            );
+            total.0 += v;
+            total.1 += a;
         }
     }
     eprintln!(

@@ -23,13 +23,26 @@ pub fn focus_config(h: &Harness, focus_user: &str, allow: &str) -> Config {
 /// [`focus_config`] with `extra` (TOML sections) appended; a `[media]`
 /// section there replaces the default one (loopback, any port).
 pub fn focus_config_with(h: &Harness, focus_user: &str, allow: &str, extra: &str) -> Config {
+    focus_config_at(h.tmp.path(), &h.hs, focus_user, allow, "", extra)
+}
+
+/// A focus.toml for `focus_user` of homeserver `hs` under `tmp`, allowing
+/// `allow`, with `top` (top-level keys) and `extra` (sections).
+pub fn focus_config_at(
+    tmp: &std::path::Path,
+    hs: &str,
+    focus_user: &str,
+    allow: &str,
+    top: &str,
+    extra: &str,
+) -> Config {
     // One directory (and data dir) per focus account.
     let local = focus_user
         .trim_start_matches('@')
         .split(':')
         .next()
         .unwrap_or("focus");
-    let dir = h.tmp.path().join(format!("{local}-conf"));
+    let dir = tmp.join(format!("{local}-conf"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("password"), format!("{PASSWORD}\n")).unwrap();
     let text = format!(
@@ -39,12 +52,12 @@ password_file = "password"
 data_dir = "data"
 allow = ["{allow}"]
 http_listen = "127.0.0.1:0"
+{top}
 
 {media}
 [drain]
 grace_period = "1s"
 {extra}"#,
-        hs = h.hs,
         // `extra` may bring its own [media].
         media = if extra.contains("[media]") {
             ""
@@ -86,6 +99,22 @@ impl RunningFocus {
     pub async fn start_with(h: &Harness, creator: &MatrixSession, extra: &str) -> RunningFocus {
         let focus_user = h.register("focus").await;
         let config = focus_config_with(h, &focus_user, creator.user_id(), extra);
+        let mut f = Self::launch(config).await;
+        f.room = creator
+            .create_call_room(CreateRoomOptions {
+                name: Some("through the focus".into()),
+                invite: vec![focus_user],
+                encrypted: false,
+                public: true,
+            })
+            .await
+            .unwrap();
+        f.joined_rooms(1, 30).await;
+        f
+    }
+
+    /// Starts a focus with `config`, in no room yet (`room` empty).
+    pub async fn launch(config: Config) -> RunningFocus {
         let core = EngineCore::from_config(&config).expect("the focus's settings");
         let figures = core.figures_watch();
         let inputs = core.input_sender();
@@ -97,32 +126,27 @@ impl RunningFocus {
             device_id: handle.device_id().to_owned(),
         };
         let device = DeviceKey::new(focus_ref.user_id.clone(), focus_ref.device_id.clone());
-        let room = creator
-            .create_call_room(CreateRoomOptions {
-                name: Some("through the focus".into()),
-                invite: vec![focus_user],
-                encrypted: false,
-                public: true,
-            })
-            .await
-            .unwrap();
-        let mut status = handle.watch_status();
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while status.borrow().rooms < 1 {
+        RunningFocus {
+            handle,
+            focus_ref,
+            device,
+            room: String::new(),
+            figures,
+            inputs,
+            config,
+        }
+    }
+
+    /// Waits until the focus has joined `n` rooms.
+    pub async fn joined_rooms(&self, n: u64, secs: u64) {
+        let mut status = self.handle.watch_status();
+        tokio::time::timeout(Duration::from_secs(secs), async {
+            while status.borrow().rooms < n {
                 status.changed().await.unwrap();
             }
         })
         .await
         .expect("the focus joins the room");
-        RunningFocus {
-            handle,
-            focus_ref,
-            device,
-            room,
-            figures,
-            inputs,
-            config,
-        }
     }
 
     /// Drains the focus and waits for it to end.

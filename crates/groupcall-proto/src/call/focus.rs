@@ -568,8 +568,8 @@ impl GroupCall {
     }
 
     /// We are connected to our focus (again): the mesh calls with members
-    /// that publish to it, or whose streams it forwards from their focus,
-    /// end; we meet them at the focus. Runs when the focus comes back and
+    /// that publish to it, or (calls we placed) whose streams it forwards
+    /// from their focus, end; we meet them at the focus. Runs when the focus comes back and
     /// with every mesh plan, as members return to it.
     pub(super) fn leave_mesh_for_focus(&mut self) {
         let Some(focus) = self.active_focus.clone() else {
@@ -583,7 +583,9 @@ impl GroupCall {
                     .participants()
                     .get(*k)
                     .is_some_and(|p| p.foci_active.contains(&focus))
-                    || self.reached_through_focus(k)
+                    // A member at another focus: the caller decides (its
+                    // focus may not forward ours yet; then the call stays).
+                    || (self.reached_through_focus(k) && crate::ids::should_call(&self.me, k))
             })
             .cloned()
             .collect();
