@@ -1182,10 +1182,19 @@ impl Driver {
                             "{}_{}_{}",
                             device.user_id, device.device_id, stream_id
                         ));
-                        let path = match kind {
-                            TrackKind::Audio => dir.join(format!("{name}.ogg")),
-                            TrackKind::Video => dir.join(format!("{name}.ivf")),
+                        let ext = match kind {
+                            TrackKind::Audio => "ogg",
+                            TrackKind::Video => "ivf",
                         };
+                        // The same stream can arrive over two peers (a mesh
+                        // call and the focus, while one takes over from the
+                        // other): each gets its own file, none overwritten.
+                        let mut path = dir.join(format!("{name}.{ext}"));
+                        let mut n = 1;
+                        while self.recordings.contains(&path) {
+                            n += 1;
+                            path = dir.join(format!("{name}-{n}.{ext}"));
+                        }
                         let filter = SinkFilter::stream(stream_id.clone(), kind);
                         let added = match kind {
                             TrackKind::Audio => {
