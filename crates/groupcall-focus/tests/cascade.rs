@@ -179,6 +179,31 @@ impl Cascade {
         })
     }
 
+    /// Waits for audio and video on every direction, checks the links,
+    /// and that the media keeps flowing once any mesh call of the first
+    /// seconds is over.
+    async fn established(&mut self) {
+        let t0 = self.t0;
+        let t = self
+            .wait_media("audio and video on every direction", t0, 180)
+            .await;
+        eprintln!(
+            "FIGURE cascade: {} homeservers x (1 focus + {} clients): audio and video on all {} directions {} ms after the first join",
+            self.foci.len(),
+            self.per_server,
+            self.directions().len(),
+            ms(t0, t)
+        );
+        self.assert_links().await;
+        self.log.run_for(Duration::from_secs(3)).await;
+        self.wait_media(
+            "media on every direction after the links formed",
+            Instant::now(),
+            30,
+        )
+        .await;
+    }
+
     /// Every focus links with every other, each link carrying each of its
     /// focus's clients' audio and video once each way (counted at both
     /// ends and on `/metrics`), and nothing comes back to its origin.
@@ -301,25 +326,7 @@ impl Cascade {
 async fn two_homeservers_each_with_a_focus_and_three_clients() {
     let _serial = serial().await;
     let mut c = Cascade::start(2, 3).await;
-    let t0 = c.t0;
-    let t = c
-        .wait_media("audio and video on every direction", t0, 180)
-        .await;
-    eprintln!(
-        "FIGURE cascade: 2 homeservers x (1 focus + 3 clients): audio and video on all {} directions {} ms after the first join",
-        c.directions().len(),
-        ms(t0, t)
-    );
-    c.assert_links().await;
-
-    // Media keeps flowing once any mesh call of the first seconds is over.
-    c.log.run_for(Duration::from_secs(3)).await;
-    c.wait_media(
-        "media on every direction after the links formed",
-        Instant::now(),
-        30,
-    )
-    .await;
+    c.established().await;
 
     // Subscriptions on one side change what crosses the link: server 1's
     // clients take only user1's media through their focus, so focus0
@@ -356,25 +363,9 @@ async fn two_homeservers_each_with_a_focus_and_three_clients() {
 async fn three_homeservers_each_with_a_focus_and_two_clients_without_loops() {
     let _serial = serial().await;
     let mut c = Cascade::start(3, 2).await;
-    let t0 = c.t0;
-    let t = c
-        .wait_media("audio and video on every direction", t0, 180)
-        .await;
-    eprintln!(
-        "FIGURE cascade: 3 homeservers x (1 focus + 2 clients): audio and video on all {} directions {} ms after the first join",
-        c.directions().len(),
-        ms(t0, t)
-    );
     // Three foci, three links (each focus has two), each stream once per
     // link, and no packet back at its origin focus.
-    c.assert_links().await;
-    c.log.run_for(Duration::from_secs(3)).await;
-    c.wait_media(
-        "media on every direction after the links formed",
-        Instant::now(),
-        30,
-    )
-    .await;
+    c.established().await;
     for i in 0..3 {
         assert_eq!(c.foci[i].figures.borrow().looped_packets, 0, "focus{i}");
     }
@@ -385,10 +376,7 @@ async fn three_homeservers_each_with_a_focus_and_two_clients_without_loops() {
 async fn a_homeserver_that_stops_mid_call_and_returns() {
     let _serial = serial().await;
     let mut c = Cascade::start(2, 2).await;
-    let t0 = c.t0;
-    c.wait_media("audio and video on every direction", t0, 180)
-        .await;
-    c.assert_links().await;
+    c.established().await;
 
     // Server 1's Synapse stops: its focus and clients keep running, and
     // the media (foci, link, clients: none of it goes through a
