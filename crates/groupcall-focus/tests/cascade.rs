@@ -433,3 +433,48 @@ async fn a_homeserver_that_stops_mid_call_and_returns() {
     c.assert_links().await;
     c.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_focus_that_dies_leaves_its_clients_in_the_mesh_with_everyone() {
+    let _serial = serial().await;
+    let mut c = Cascade::start(2, 2).await;
+    c.established().await;
+
+    // focus1 dies without a word (aborted in-process: no hangups, its
+    // socket closed). Its clients give it up and fall back to the mesh,
+    // with everyone: their entries no longer name a focus, so server 0's
+    // clients call them (or answer them) directly, and focus0, which no
+    // participant names it any more, drops the link.
+    c.foci[1].handle.abort();
+    let t_kill = Instant::now();
+    let t = c
+        .wait_media("media on every direction after focus1 died", t_kill, 60)
+        .await;
+    eprintln!(
+        "FIGURE cascade: focus1 killed: media on all {} directions again {} ms later",
+        c.directions().len(),
+        ms(t_kill, t)
+    );
+    c.wait_focus(0, "focus0 to drop its link", 30, |x| x.links.is_empty())
+        .await;
+    // Server 1's clients now reach everyone directly; server 0's clients
+    // still meet each other at focus0.
+    let direct =
+        |s: &[Entry], at: usize, from: usize| rust_connected(s, t_kill, at, &c.devices[from]);
+    for at in 2..4 {
+        for from in (0..4).filter(|f| *f != at) {
+            assert!(
+                direct(&c.log.seen, at, from),
+                "user{at} -> user{from}: not in the mesh"
+            );
+        }
+    }
+    assert!(!direct(&c.log.seen, 0, 1), "user0 and user1 stay at focus0");
+    let since = Instant::now();
+    c.wait_media("media on every direction in the mesh", since, 30)
+        .await;
+    // The dead focus is not stopped again at the end.
+    let dead = c.foci.remove(1);
+    drop(dead);
+    c.finish().await;
+}
