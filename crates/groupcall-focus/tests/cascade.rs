@@ -35,12 +35,22 @@ struct Cascade {
     foci: Vec<RunningFocus>,
     log: Log,
     parts: Vec<Participant>,
+    /// A reference matrix-js-sdk peer (mesh only) of server 0, if any: its
+    /// process, log index and device.
+    reference: Option<(RefPeer, usize, DeviceKey)>,
     /// The first join.
     t0: Instant,
 }
 
 impl Cascade {
     async fn start(servers: usize, per_server: usize) -> Cascade {
+        Self::start_with(servers, per_server, false).await
+    }
+
+    /// [`Cascade::start`], with a reference peer of server 0 in the call
+    /// (`reference`), which has no focus mode: everyone meets it in the
+    /// mesh.
+    async fn start_with(servers: usize, per_server: usize, reference: bool) -> Cascade {
         init_tracing("warn,matrix_sdk_crypto=error,groupcall=info,groupcall_focus=info");
         let fed = Federation::start(FederationOptions {
             servers,
@@ -58,6 +68,12 @@ impl Cascade {
             .map(|s| DeviceKey::new(s.user_id(), s.device_id()))
             .collect();
         let creator = sessions[0].user_id().to_owned();
+        let ref_user = if reference {
+            let r = fed.server(0).register_user("reference", PASSWORD).await;
+            Some(r.unwrap().user_id)
+        } else {
+            None
+        };
         let mut foci = Vec::new();
         for s in 0..servers {
             let hs = fed.server(s);
@@ -82,6 +98,7 @@ impl Cascade {
                     .iter()
                     .map(|s| s.user_id().to_owned())
                     .chain(foci.iter().map(|f| f.focus_ref.user_id.clone()))
+                    .chain(ref_user.clone())
                     .collect(),
                 encrypted: false,
                 public: false,
@@ -99,7 +116,10 @@ impl Cascade {
             let mut o = JoinOptions::new(room.clone());
             o.create = (i == 0).then(CreateOptions::default);
             o.focus = Some(foci[i / per_server].focus_ref.clone());
-            o.require_encrypted = true;
+            // The reference sends its signalling in plaintext in an
+            // unencrypted room (matrix-js-sdk encrypts to-device call
+            // signalling only in encrypted rooms); without it, Olm only.
+            o.require_encrypted = !reference;
             o.record_dir = Some(tmp.path().join(format!("rec-{}", names[i])));
             let idx = log.name_next(&names[i]);
             parts.push(spawn_participant(log.sender(), idx, s.clone(), o).await);
@@ -113,6 +133,23 @@ impl Cascade {
                 .await;
             }
         }
+        let reference = match ref_user {
+            Some(_) => {
+                let p = spawn_reference(
+                    &log,
+                    &fed.server(0).base_url(),
+                    "reference",
+                    "peer.mjs",
+                    &room,
+                    &["--media-interval", "200"],
+                    tmp.path(),
+                );
+                let idx = p.idx;
+                let dev = log.js_device(idx).await;
+                Some((p, idx, dev))
+            }
+            None => None,
+        };
         Cascade {
             fed,
             tmp,
@@ -122,6 +159,7 @@ impl Cascade {
             foci,
             log,
             parts,
+            reference,
             t0,
         }
     }
@@ -138,19 +176,58 @@ impl Cascade {
             .collect()
     }
 
-    /// Waits until every client has received audio and video from every
-    /// other (`from`: only from these senders) since `since`.
+    /// Waits until every participant (the reference peer too) has
+    /// received audio and video from every other since `since`.
     async fn wait_media(&mut self, what: &str, since: Instant, secs: u64) -> Instant {
-        let directions = self.directions();
-        let devices = self.devices.clone();
-        self.log
-            .wait_for(what, secs, |s| {
-                directions.iter().all(|&(at, from)| {
-                    rust_frames(s, since, at, &devices[from], TrackKind::Audio, None) > 50
-                        && rust_frames(s, since, at, &devices[from], TrackKind::Video, None) > 10
-                })
-            })
-            .await
+        // (log index, device, a groupcall client)
+        let mut members: Vec<(usize, DeviceKey, bool)> = self
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (i, d.clone(), true))
+            .collect();
+        if let Some((_, idx, dev)) = &self.reference {
+            members.push((*idx, dev.clone(), false));
+        }
+        let names = self.log.names();
+        let missing = |s: &[Entry]| -> Vec<String> {
+            let mut out = Vec::new();
+            for (at, _, rust) in &members {
+                for (f, from, _) in members.iter().filter(|(f, _, _)| f != at) {
+                    let (audio, video) = if *rust {
+                        (
+                            rust_frames(s, since, *at, from, TrackKind::Audio, None),
+                            rust_frames(s, since, *at, from, TrackKind::Video, None),
+                        )
+                    } else {
+                        // Audible 10 ms frames, decoded video frames.
+                        (
+                            js_frames(s, since, *at, from, "audio", "m.usermedia") / 2,
+                            js_frames(s, since, *at, from, "video", "m.usermedia"),
+                        )
+                    };
+                    if audio <= 50 || video <= 10 {
+                        out.push(format!(
+                            "{}<-{} (audio {audio}, video {video})",
+                            names[*at], names[*f]
+                        ));
+                    }
+                }
+            }
+            out
+        };
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            self.log.run_for(Duration::from_millis(200)).await;
+            let m = missing(&self.log.seen);
+            if m.is_empty() {
+                return Instant::now();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {secs} s waiting for {what}: missing {m:?}"
+            );
+        }
     }
 
     /// Waits until `cond` holds on focus `i`'s figures.
@@ -188,10 +265,18 @@ impl Cascade {
             .wait_media("audio and video on every direction", t0, 180)
             .await;
         eprintln!(
-            "FIGURE cascade: {} homeservers x (1 focus + {} clients): audio and video on all {} directions {} ms after the first join",
+            "FIGURE cascade: {} homeservers x (1 focus + {} clients){}: audio and video on all {} directions {} ms after the first join",
             self.foci.len(),
             self.per_server,
-            self.directions().len(),
+            if self.reference.is_some() {
+                " + 1 reference peer (mesh)"
+            } else {
+                ""
+            },
+            {
+                let n = self.names.len() + usize::from(self.reference.is_some());
+                n * (n - 1)
+            },
             ms(t0, t)
         );
         self.assert_links().await;
@@ -314,6 +399,7 @@ impl Cascade {
             "FIGURE cascade: recordings across homeservers decode: {} video and {} audio frames",
             decoded.0, decoded.1
         );
+        drop(self.reference.take());
         for f in self.foci {
             f.stop().await;
         }
@@ -476,5 +562,29 @@ async fn a_focus_that_dies_leaves_its_clients_in_the_mesh_with_everyone() {
     // The dead focus is not stopped again at the end.
     let dead = c.foci.remove(1);
     drop(dead);
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reference_peer_without_a_focus_still_sees_and_hears_everyone() {
+    let _serial = serial().await;
+    let mut c = Cascade::start_with(2, 2, true).await;
+    // Everyone, the reference included, with everyone.
+    c.established().await;
+    // The reference (matrix-js-sdk, no focus mode) meets all four groupcall
+    // clients in the mesh, across the federation too; they meet each other
+    // at their foci.
+    let (_, r, rdev) = c
+        .reference
+        .as_ref()
+        .map(|(_, i, d)| ((), *i, d.clone()))
+        .unwrap();
+    for (i, d) in c.devices.iter().enumerate() {
+        assert!(
+            js_connected_at(&c.log.seen, c.t0, r, d).is_some(),
+            "the reference is not connected to user{i}"
+        );
+        assert!(rust_connected_at(&c.log.seen, c.t0, i, &rdev).is_some());
+    }
     c.finish().await;
 }

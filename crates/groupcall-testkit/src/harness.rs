@@ -240,24 +240,16 @@ impl Harness {
     /// Starts a reference peer (`script` is `peer.mjs` or `browser.mjs`) as
     /// user `name` in `room`, with extra options.
     pub fn spawn_js(&mut self, name: &str, script: &str, room: &str, extra: &[&str]) -> usize {
-        require_node_modules();
-        let idx = self.slot(name);
-        let mut args = vec![
-            "--homeserver".to_owned(),
-            self.hs.clone(),
-            "--user".to_owned(),
-            name.to_owned(),
-            "--password".to_owned(),
-            PASSWORD.to_owned(),
-            "--room".to_owned(),
-            room.to_owned(),
-        ];
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let stderr = self.tmp.path().join(format!("{idx}-{name}.stderr.log"));
-        let dir = interop_dir();
-        let mut cmd = StdCommand::new("node");
-        cmd.arg(dir.join(script)).args(&args).current_dir(&dir);
-        let peer = RefPeer::spawn(idx, name, cmd, &stderr, self.log.sender());
+        let peer = spawn_reference(
+            &self.log,
+            &self.hs,
+            name,
+            script,
+            room,
+            extra,
+            self.tmp.path(),
+        );
+        let idx = peer.idx;
         self.peers.push(peer);
         idx
     }
@@ -306,22 +298,7 @@ impl Harness {
 
     /// Waits for a reference peer's `ready` line and returns its device.
     pub async fn js_device(&mut self, idx: usize) -> DeviceKey {
-        self.log
-            .wait_for("the reference peer to be ready", 60, |s| {
-                s.iter().any(|e| e.who == idx && e.js("ready").is_some())
-            })
-            .await;
-        let v = self
-            .log
-            .seen
-            .iter()
-            .rev()
-            .find_map(|e| (e.who == idx).then(|| e.js("ready")).flatten())
-            .unwrap();
-        DeviceKey::new(
-            v["user_id"].as_str().unwrap(),
-            v["device_id"].as_str().unwrap(),
-        )
+        self.log.js_device(idx).await
     }
 
     /// Things that went wrong without failing the test: warnings, refused
@@ -406,6 +383,41 @@ impl Harness {
             self.log.dump(60)
         );
     }
+}
+
+/// Starts a reference peer (`script` is `peer.mjs` or `browser.mjs`) as
+/// user `name` (password [`PASSWORD`]) of homeserver `hs` in `room`, with
+/// extra options; its JSON lines go into `log` under a new index (its
+/// `idx`), its stderr into `dir`.
+pub fn spawn_reference(
+    log: &Log,
+    hs: &str,
+    name: &str,
+    script: &str,
+    room: &str,
+    extra: &[&str],
+    dir: &Path,
+) -> RefPeer {
+    require_node_modules();
+    let idx = log.name_next(name);
+    let mut args = vec![
+        "--homeserver".to_owned(),
+        hs.to_owned(),
+        "--user".to_owned(),
+        name.to_owned(),
+        "--password".to_owned(),
+        PASSWORD.to_owned(),
+        "--room".to_owned(),
+        room.to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let stderr = dir.join(format!("{idx}-{name}.stderr.log"));
+    let interop = interop_dir();
+    let mut cmd = StdCommand::new("node");
+    cmd.arg(interop.join(script))
+        .args(&args)
+        .current_dir(&interop);
+    RefPeer::spawn(idx, name, cmd, &stderr, log.sender())
 }
 
 /// A reference peer process (and its process group: Chromium for
@@ -555,6 +567,24 @@ impl Log {
                 ev,
             });
         }
+    }
+
+    /// Waits for reference peer `idx`'s `ready` line and returns its device.
+    pub async fn js_device(&mut self, idx: usize) -> DeviceKey {
+        self.wait_for("the reference peer to be ready", 60, |s| {
+            s.iter().any(|e| e.who == idx && e.js("ready").is_some())
+        })
+        .await;
+        let v = self
+            .seen
+            .iter()
+            .rev()
+            .find_map(|e| (e.who == idx).then(|| e.js("ready")).flatten())
+            .unwrap();
+        DeviceKey::new(
+            v["user_id"].as_str().unwrap(),
+            v["device_id"].as_str().unwrap(),
+        )
     }
 
     /// Takes in everything reported so far without waiting.
