@@ -477,6 +477,17 @@ impl Authoriser {
         true
     }
 
+    /// Whether `device` is a live participant of the current call that
+    /// publishes to `focus` (names it in `m.foci.active`): the only
+    /// publishers another focus may name for the streams it forwards.
+    pub fn publishes_to(&self, device: &DeviceKey, focus: &DeviceKey) -> bool {
+        self.state.participants().get(device).is_some_and(|p| {
+            p.foci_active
+                .iter()
+                .any(|f| f.user_id == focus.user_id && f.device_id == focus.device_id)
+        })
+    }
+
     /// Whether `device` was admitted as another focus of the call.
     pub fn is_admitted_focus(&self, device: &DeviceKey) -> bool {
         self.admitted_foci.contains(device)

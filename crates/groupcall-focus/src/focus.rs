@@ -2016,13 +2016,15 @@ fn track_entry(t: &PublishedTrack) -> dc::TrackMetadata {
 }
 
 /// Whether the publisher another focus names for `stream_id` (a stream
-/// of the link `p`) is a live participant of the call.
+/// of the link `p`) is a live participant of the call that publishes to
+/// that focus: a focus cannot pass a stream off as another member's, nor
+/// as that of a member of a third focus.
 fn origin_is_participant(p: &Client, stream_id: &str, auth: &Authoriser) -> bool {
     p.link
         .as_ref()
         .and_then(|l| l.origins.get(stream_id))
         .and_then(|s| Some(DeviceKey::new(s.user_id.clone()?, s.device_id.clone()?)))
-        .is_some_and(|d| auth.is_participant(&d))
+        .is_some_and(|d| auth.publishes_to(&d, &p.device))
 }
 
 /// A stream's metadata entry as the focus sends it: the publisher's

@@ -948,7 +948,7 @@ fn a_focus_nobody_names_is_refused_and_one_with_cascading_off_refuses_foci() {
 }
 
 #[test]
-fn a_stream_from_another_focus_is_shown_once_its_publisher_is_a_participant() {
+fn a_stream_from_another_focus_is_shown_once_its_publisher_is_a_participant_at_that_focus() {
     let (_fa, mut fb, _a, b, _la, lb) = linked_foci();
     drain(&mut fb);
     // fa names a stream of z, whose member event fb has not seen yet.
@@ -981,8 +981,13 @@ fn a_stream_from_another_focus_is_shown_once_its_publisher_is_a_participant() {
         },
     );
     assert!(channel(&drain(&mut fb), lb).is_empty(), "not asked of fa");
-    // z's member event arrives: b is told.
+    // z's member event arrives, but z publishes to another focus: fa
+    // cannot pass a stream off as z's.
     fb.handle_state(NOW, ROOM, &joined("@z:x")).unwrap();
+    fb.handle_state(NOW, ROOM, &member_at("@z:x", "Z", ("@fc:z", "FC")))
+        .unwrap();
+    assert_ne!(shown(&drain(&mut fb)), Some(true));
+    // z publishes to fa: b is told.
     fb.handle_state(NOW, ROOM, &member_at("@z:x", "Z", ("@fa:x", "FA")))
         .unwrap();
     assert_eq!(shown(&drain(&mut fb)), Some(true));
