@@ -46,8 +46,11 @@ pub enum Cmd {
     /// --participants groupcall clients in this process (and --with-reference
     /// matrix-js-sdk peers from interop/), shows every pair connecting and
     /// media flowing, prints a table and writes a report directory
-    /// (summary.json, timeline.svg, index.html, recordings). Everything it
-    /// started is stopped at the end, on errors and on SIGINT/SIGTERM.
+    /// (summary.json, timeline.svg, index.html, recordings). With
+    /// --homeservers N it starts a local federation of N Synapses instead,
+    /// the participants spread over them (and with --focus one linked
+    /// focus per homeserver). Everything it started is stopped at the end,
+    /// on errors and on SIGINT/SIGTERM.
     Demo(DemoArgs),
     /// Run a focus (an SFU, MSC3898) as a Matrix device of a bot account.
     ///
@@ -289,15 +292,16 @@ pub struct DemoArgs {
     /// groupcall participant publishes to it and receives the others
     /// through it. Reference peers (--with-reference) have no focus mode:
     /// they stay in the mesh with everyone. The report adds the focus's
-    /// figures.
+    /// figures. With --homeservers: one focus per homeserver, linked
+    /// (cascading foci).
     #[arg(long, conflicts_with = "homeserver")]
     pub focus: bool,
 
     /// With --focus: add C headless Chromium participants that speak
     /// MSC3898 to the focus (`node interop/focus-client.mjs`; the browser's
-    /// own WebRTC). Default 1 with --focus. They use the focus only: pairs
-    /// of one with a reference peer are not expected to meet and are left
-    /// out.
+    /// own WebRTC). Default 1 with --focus (0 with --homeservers, where
+    /// they use hs0 and its focus). They use the focus only: pairs of one
+    /// with a reference peer are not expected to meet and are left out.
     #[arg(long, value_name = "C", requires = "focus", value_parser = clap::value_parser!(u16).range(0..=4))]
     pub with_chromium_focus_client: Option<u16>,
 
@@ -313,6 +317,27 @@ pub struct DemoArgs {
     /// line); the table then goes to stderr.
     #[arg(long)]
     pub json: bool,
+
+    /// Start a local test federation of N Synapses (2 or 3, on loopback)
+    /// instead of one Synapse. Groupcall participant i uses homeserver
+    /// i % N (hs0, hs1, ...); reference peers and Chromium focus clients
+    /// use hs0. The first participant creates a private call room and
+    /// invites everyone, across the federation. Without --focus everyone
+    /// meets in the mesh; with --focus there is one focus per homeserver
+    /// (cascade = true), each participant publishes to its own
+    /// homeserver's focus and the foci link with each other. The
+    /// report, the terminal and the --json summary show the topology; the
+    /// summary adds `homeservers` and, with --focus, `links` (one entry per
+    /// focus and link, i.e. per direction: `from` the focus that reports
+    /// it, `to` the other focus's device, `streams_carried` forwarded from
+    /// `from` to `to`, `streams_subscribed` asked by `from` of `to`,
+    /// `packets` forwarded from `from` to `to`, `packets_in` the other
+    /// way) and `foci` (each focus's figures; `focus` is then their sum:
+    /// the most uploads per participant, the rest added up, `user_id`
+    /// listing them). No
+    /// signalling counts with a federation (no counting proxy).
+    #[arg(long, value_name = "N", conflicts_with_all = ["homeserver", "synapse_port"], value_parser = clap::value_parser!(u16).range(2..=3))]
+    pub homeservers: Option<u16>,
 
     /// Use this homeserver instead of a local Synapse (needs --user).
     #[arg(long, value_name = "URL", requires = "users")]

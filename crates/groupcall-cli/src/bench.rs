@@ -463,7 +463,7 @@ async fn run_once(env: &mut Env, spec: &RunSpec<'_>) -> anyhow::Result<RunResult
         spec.connect_timeout,
     )
     .await?;
-    let room = local::create_room(&creator, "bench", Vec::new()).await?;
+    let room = local::create_room(&creator, "bench", Vec::new(), true).await?;
     // groupcall's first frames are seen in its statistics: every 20 ms in
     // the setup runs. The reference reports a track's first decoded frame
     // the moment it comes (`first_frame`), so its frame counts stay at the

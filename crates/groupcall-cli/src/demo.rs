@@ -1,6 +1,7 @@
 //! `groupcall demo`: a whole group call on a machine with nothing set up.
 //!
-//! Starts a local Synapse (or uses --homeserver), registers the users,
+//! Starts a local Synapse (or uses --homeserver, or with --homeservers a
+//! local test federation of several Synapses), registers the users,
 //! creates a call room, runs the groupcall participants in this process
 //! (and reference peers in Node), shows every pair connecting and media
 //! flowing, then leaves, prints the table and writes the report. Whatever
@@ -14,7 +15,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, anyhow, bail};
 use groupcall::JoinOptions;
 use groupcall::matrix::MatrixSession;
-use groupcall_proto::CreateOptions;
+use groupcall_focus::engine::EngineFigures;
+use groupcall_proto::{CreateOptions, FocusRef};
+use groupcall_synapse::{Federation, FederationOptions, Synapse};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -32,7 +35,8 @@ const NAMES: [&str; 8] = [
     "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
 ];
 
-/// The focus's account on the local Synapse (with --focus).
+/// The focus's account on the local Synapse, or on each homeserver of the
+/// federation (with --focus).
 const FOCUS_USER: &str = "focus";
 /// Its password (a throwaway server's).
 const FOCUS_PASSWORD: &str = "focus-demo-pw";
@@ -45,24 +49,32 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct Env {
     local: Option<Local>,
+    /// With --homeservers (dropping it kills the Synapses).
+    fed: Option<Federation>,
     gc: Vec<GroupcallPeer>,
     refs: Vec<RefPeer>,
-    focus: Option<DemoFocus>,
+    /// The foci (with --focus): one, or one per homeserver.
+    foci: Vec<DemoFocus>,
     tmp: Option<tempfile::TempDir>,
 }
 
 impl Env {
-    /// Leaves the call with everyone still in it, stops the reference peers
-    /// and Synapse.
+    /// Leaves the call with everyone still in it, stops the reference
+    /// peers, the foci and the Synapses.
     async fn shutdown(&mut self) {
         leave_all(&mut self.gc, &mut self.refs).await;
         self.gc.clear();
         self.refs.clear();
-        if let Some(f) = self.focus.take() {
+        for f in self.foci.drain(..) {
             f.stop().await;
         }
         if let Some(mut l) = self.local.take() {
             l.stop().await;
+        }
+        if let Some(mut fed) = self.fed.take()
+            && let Err(e) = fed.stop().await
+        {
+            tracing::warn!("stopping the test federation: {e}");
         }
         self.tmp = None;
     }
@@ -145,6 +157,74 @@ struct Part {
     reference: bool,
     /// The Chromium MSC3898 focus client (`interop/focus-client.mjs`).
     focus_client: bool,
+    /// Its homeserver (index into the federation; 0 otherwise).
+    hs: usize,
+    /// Its user id, when known from registration.
+    user_id: Option<String>,
+}
+
+/// The name of participant `i`: groupcall participants first (`n_gc`),
+/// then `k` reference peers, then the Chromium focus clients.
+fn part_name(i: usize, n_gc: usize, k: usize) -> String {
+    if i < n_gc {
+        NAMES
+            .get(i)
+            .map_or_else(|| format!("user{}", i + 1), |s| (*s).to_owned())
+    } else if i < n_gc + k {
+        format!("ref{}", i - n_gc + 1)
+    } else {
+        format!("chrome{}", i - n_gc - k + 1)
+    }
+}
+
+/// Registers the participants (`n_gc` groupcall ones, `k` reference peers,
+/// `c` Chromium focus clients; see [`part_name`]) and, with `focus`, the
+/// focus account on every server: groupcall participant i on server
+/// i % the number of servers, the Node participants on the first.
+async fn register_parts(
+    servers: &[&Synapse],
+    n_gc: usize,
+    k: usize,
+    c: usize,
+    focus: bool,
+) -> anyhow::Result<Vec<Part>> {
+    let mut parts = Vec::with_capacity(n_gc + k + c);
+    for i in 0..n_gc + k + c {
+        let name = part_name(i, n_gc, k);
+        let hs = if i < n_gc {
+            i % servers.len().max(1)
+        } else {
+            0
+        };
+        let server = servers
+            .get(hs)
+            .ok_or_else(|| anyhow!("no homeserver to register {name} on"))?;
+        let password = format!("{name}-demo-pw");
+        let user_id = local::register_on(server, &name, &password).await?;
+        parts.push(Part {
+            name: name.clone(),
+            login: name,
+            password,
+            reference: i >= n_gc && i < n_gc + k,
+            focus_client: i >= n_gc + k,
+            hs,
+            user_id: Some(user_id),
+        });
+    }
+    if focus {
+        for server in servers {
+            local::register_on(server, FOCUS_USER, FOCUS_PASSWORD).await?;
+        }
+    }
+    Ok(parts)
+}
+
+/// The figures of every focus together, `None` without a focus.
+fn foci_figures(figures: &[EngineFigures]) -> Option<FocusFigures> {
+    figures
+        .iter()
+        .map(FocusFigures::of)
+        .reduce(FocusFigures::add)
 }
 
 /// `./groupcall-report-YYYYMMDD-HHMMSS` (UTC).
@@ -186,10 +266,14 @@ fn localpart(user: &str) -> String {
 
 async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     let k = usize::from(args.with_reference);
-    // Chromium focus clients (with --focus, which is local only).
+    // Homeservers: a local federation with --homeservers.
+    let n_hs = args.homeservers.map_or(1, usize::from);
+    let federated = n_hs > 1;
+    // Chromium focus clients (with --focus, which is local only; by
+    // default none with a federation).
     let c = usize::from(
         args.with_chromium_focus_client
-            .unwrap_or(u16::from(args.focus)),
+            .unwrap_or(u16::from(args.focus && !federated)),
     );
     let remote = args.homeserver.is_some();
     let n_gc = match (remote, args.participants) {
@@ -232,7 +316,8 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
 
     // The homeserver and the accounts.
     let mut parts: Vec<Part> = Vec::new();
-    let hs_url = match &args.homeserver {
+    // The URL clients of each homeserver use.
+    let hs_urls: Vec<String> = match &args.homeserver {
         Some(url) => {
             for (i, u) in args.users.iter().take(n_gc + k).enumerate() {
                 parts.push(Part {
@@ -241,10 +326,43 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                     password: u.password.clone(),
                     reference: i >= n_gc,
                     focus_client: false,
+                    hs: 0,
+                    user_id: None,
                 });
             }
             out.say(&format!("using {url}"));
-            url.trim_end_matches('/').to_owned()
+            vec![url.trim_end_matches('/').to_owned()]
+        }
+        None if federated => {
+            out.say(&format!(
+                "starting a local test federation of {n_hs} Synapses (the first run installs Synapse into ~/.cache/groupcall, a minute or two)"
+            ));
+            let fed = Federation::start(FederationOptions {
+                servers: n_hs,
+                ..FederationOptions::default()
+            })
+            .await
+            .context("cannot start the local test federation")?;
+            for (s, hs) in fed.servers().iter().enumerate() {
+                out.say(&format!(
+                    "hs{s}: Synapse {} on {} (pid {})",
+                    hs.server_name(),
+                    hs.base_url(),
+                    hs.pid().unwrap_or(0)
+                ));
+                out.json(&json!({
+                    "event": "synapse",
+                    "index": s,
+                    "server_name": hs.server_name(),
+                    "homeserver": hs.base_url(),
+                    "pid": hs.pid(),
+                }));
+            }
+            let servers: Vec<&Synapse> = fed.servers().iter().collect();
+            parts = register_parts(&servers, n_gc, k, c, args.focus).await?;
+            let urls = fed.servers().iter().map(|s| s.base_url()).collect();
+            env.fed = Some(fed);
+            urls
         }
         None => {
             out.say("starting a local Synapse (the first run installs it into ~/.cache/groupcall, a minute or two)");
@@ -261,39 +379,20 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                 "proxy": l.url(),
                 "pid": l.synapse.pid(),
             }));
-            for i in 0..n_gc + k + c {
-                let name = if i < n_gc {
-                    NAMES
-                        .get(i)
-                        .map_or_else(|| format!("user{}", i + 1), |s| (*s).to_owned())
-                } else if i < n_gc + k {
-                    format!("ref{}", i - n_gc + 1)
-                } else {
-                    format!("chrome{}", i - n_gc - k + 1)
-                };
-                let password = format!("{name}-demo-pw");
-                l.register(&name, &password).await?;
-                parts.push(Part {
-                    name: name.clone(),
-                    login: name,
-                    password,
-                    reference: i >= n_gc && i < n_gc + k,
-                    focus_client: i >= n_gc + k,
-                });
-            }
-            if args.focus {
-                l.register(FOCUS_USER, FOCUS_PASSWORD).await?;
-            }
+            parts = register_parts(&[&l.synapse], n_gc, k, c, args.focus).await?;
             let url = l.url();
             env.local = Some(l);
-            url
+            vec![url]
         }
     };
+    let hs_url = hs_urls.first().cloned().unwrap_or_default();
     let names: Vec<String> = parts.iter().map(|p| p.name.clone()).collect();
     out.say(&format!(
         "participants: {} (groupcall{}){}{}",
         names[..n_gc].join(", "),
-        if args.focus {
+        if args.focus && federated {
+            ", through their homeservers' linked foci"
+        } else if args.focus {
             ", through the focus"
         } else {
             ""
@@ -320,7 +419,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     let mut logins = tokio::task::JoinSet::new();
     for (i, p) in parts.iter().enumerate().take(n_gc) {
         let (url, login, pw, dir) = (
-            hs_url.clone(),
+            hs_urls.get(p.hs).cloned().unwrap_or_default(),
             p.login.clone(),
             p.password.clone(),
             data.join(&p.name),
@@ -343,54 +442,98 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         .map(|(_, s)| s.to_owned())
         .unwrap_or_default();
     let user_id = |p: &Part| {
-        if p.login.starts_with('@') {
+        if let Some(u) = &p.user_id {
+            u.clone()
+        } else if p.login.starts_with('@') {
             p.login.clone()
         } else {
             format!("@{}:{server}", p.login)
         }
     };
 
-    // The focus, allowing the room's creator to invite it.
-    if args.focus {
+    // The foci (one per homeserver; linking with each other in a
+    // federation), allowing the room's creator to invite them.
+    let n_foci = if args.focus { n_hs } else { 0 };
+    for (s, url) in hs_urls.iter().enumerate().take(n_foci) {
+        let dir = if federated {
+            data.join(format!("focus{s}"))
+        } else {
+            data.join("focus")
+        };
         let f = DemoFocus::start(
-            &data.join("focus"),
-            &hs_url,
+            &dir,
+            url,
             FOCUS_USER,
             FOCUS_PASSWORD,
             first.user_id(),
             args.plaintext,
+            federated,
         )
         .await?;
         out.say(&format!(
-            "focus {} (device {}) started in this process; metrics and health on http://{}",
+            "{}focus {} (device {}) started in this process; metrics and health on http://{}",
+            if federated {
+                format!("hs{s}: ")
+            } else {
+                String::new()
+            },
             f.user_id(),
             f.focus_ref().device_id,
             f.http_addr().map_or("?".to_owned(), |a| a.to_string())
         ));
         out.json(&json!({
             "event": "focus",
+            "index": s,
             "user_id": f.user_id(),
             "device_id": f.focus_ref().device_id,
             "http": f.http_addr().map(|a| a.to_string()),
         }));
-        env.focus = Some(f);
+        env.foci.push(f);
     }
-    let focus_ref = env.focus.as_ref().map(DemoFocus::focus_ref);
+    let focus_refs: Vec<FocusRef> = env.foci.iter().map(DemoFocus::focus_ref).collect();
 
     let room = match &args.room {
         Some(r) => r.clone(),
         None => {
-            let mut invite: Vec<String> = parts.iter().skip(1).map(user_id).collect();
-            if let Some(f) = &focus_ref {
-                invite.push(f.user_id.clone());
-            }
-            local::create_room(first, "groupcall demo", invite).await?
+            let invite: Vec<String> = parts
+                .iter()
+                .skip(1)
+                .map(user_id)
+                .chain(focus_refs.iter().map(|f| f.user_id.clone()))
+                .collect();
+            // A private room across a federation (invites only).
+            local::create_room(first, "groupcall demo", invite, !federated).await?
         }
     };
     out.say(&format!("call room {room}"));
-    if let Some(f) = &env.focus {
+    for f in &env.foci {
         f.wait_rooms(1, args.connect_timeout).await?;
-        out.say("the focus joined the call room");
+    }
+    match env.foci.len() {
+        0 => {}
+        1 => out.say("the focus joined the call room"),
+        n => out.say(&format!("the {n} foci joined the call room")),
+    }
+    let topo = Topology {
+        federated,
+        homeservers: match &env.fed {
+            Some(fed) => fed
+                .servers()
+                .iter()
+                .map(|s| (s.base_url(), s.server_name().to_owned()))
+                .collect(),
+            None => hs_urls.iter().map(|u| (u.clone(), String::new())).collect(),
+        },
+        foci: env.foci.iter().map(DemoFocus::device_key).collect(),
+        members: parts
+            .iter()
+            .map(|p| (p.hs, p.name.clone(), kind_of(p)))
+            .collect(),
+    };
+    if federated {
+        for line in topo.lines(None) {
+            out.say(&line);
+        }
     }
 
     std::fs::create_dir_all(&report_dir)
@@ -404,8 +547,15 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     for (i, p) in parts.iter().enumerate() {
         tracker.set_identity(i, &user_id(p));
     }
-    if let Some(f) = &focus_ref {
-        tracker.set_focus(&f.user_id, (0..n_gc).chain(n_gc + k..n_gc + k + c));
+    for (s, f) in focus_refs.iter().enumerate() {
+        // The groupcall participants of its homeserver and the Chromium
+        // focus clients (on hs0).
+        let members = (0..n_gc)
+            .filter(|i| parts.get(*i).is_some_and(|p| p.hs == s))
+            .chain((n_gc + k..n_gc + k + c).filter(|_| s == 0));
+        tracker.set_focus(&f.user_id, members);
+    }
+    if !focus_refs.is_empty() {
         for r in n_gc..n_gc + k {
             for b in n_gc + k..n_gc + k + c {
                 tracker.set_unreachable(r, b);
@@ -418,7 +568,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         let log = report_dir.join(format!("{}.stderr.log", p.name));
         let mut o = RefOptions {
             dir,
-            homeserver: &hs_url,
+            homeserver: hs_urls.get(p.hs).map_or(&hs_url, |u| u),
             user: &p.login,
             password: &p.password,
             room: &room,
@@ -428,7 +578,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
             log: &log,
         };
         let report = Reporter::new(i, tx.clone());
-        let (r, what) = match (&focus_ref, p.focus_client) {
+        let (r, what) = match (focus_refs.first(), p.focus_client) {
             (Some(f), true) => {
                 // Olm unless --plaintext (the focus refuses plaintext then).
                 o.encrypted = !args.plaintext;
@@ -454,7 +604,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         o.stats_interval = stats_interval;
         o.encrypt = !args.plaintext;
         o.create = (i == 0).then(CreateOptions::default);
-        o.focus = focus_ref.clone();
+        o.focus = parts.get(i).and_then(|p| focus_refs.get(p.hs)).cloned();
         let record = match args.record {
             RecordWhich::All => true,
             RecordWhich::First => i == 0,
@@ -542,14 +692,18 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     // the design (issue 10); shown, not enforced.
     let sockets = udp_sockets();
     if let Some(s) = &sockets {
-        let focus_sockets = usize::from(env.focus.is_some());
+        let focus_sockets = env.foci.len();
         let expected = n_gc * s.addresses.len().max(1) + focus_sockets;
         out.say(&format!(
             "sockets: {} UDP sockets in this process for {n_gc} groupcall participants on {} local address(es) ({}){}; one per participant and address would be {expected}",
             s.count,
             s.addresses.len(),
             s.addresses.join(", "),
-            if focus_sockets > 0 { " and the focus" } else { "" }
+            match focus_sockets {
+                0 => "",
+                1 => " and the focus",
+                _ => " and the foci",
+            }
         ));
         out.json(&json!({"event": "sockets", "udp": s.count, "addresses": s.addresses, "participants": n_gc, "one_per_participant_and_address": s.count == expected}));
     }
@@ -565,7 +719,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         Instant::now(),
         tracker.totals(),
         tracker.frames_by_direction(),
-        env.focus.as_ref().map(|f| FocusFigures::of(&f.figures())),
+        foci_figures(&env.foci.iter().map(DemoFocus::figures).collect::<Vec<_>>()),
     );
     loop {
         tokio::select! {
@@ -586,7 +740,7 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
                         grew((*a, *b)) && grew((*b, *a))
                     })
                     .count();
-                let focus_now = env.focus.as_ref().map(|f| FocusFigures::of(&f.figures()));
+                let focus_now = foci_figures(&env.foci.iter().map(DemoFocus::figures).collect::<Vec<_>>());
                 let focus_text = match (focus_now, last.3) {
                     (Some(f), before) => format!(
                         "; focus: {} forwarded streams, {:.0} packets/s forwarded",
@@ -624,8 +778,16 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     }
     // Whether media still flowed is judged now, before anyone leaves.
     tracker.judge_recent_at(Instant::now());
-    // The focus's figures too, while everyone is still in the call.
-    let focus_figures = env.focus.as_ref().map(|f| FocusFigures::of(&f.figures()));
+    // The foci's figures too, while everyone is still in the call.
+    let engine_figures: Vec<EngineFigures> = env.foci.iter().map(DemoFocus::figures).collect();
+    let focus_figures = foci_figures(&engine_figures);
+    let links: Vec<Value> = env
+        .foci
+        .iter()
+        .zip(&engine_figures)
+        .flat_map(|(f, e)| crate::demo_focus::links_json(&f.device_key(), e))
+        .collect();
+    let topology = topo.lines(Some(&engine_figures));
     if let Some(f) = &focus_figures {
         out.say(&f.line());
     }
@@ -698,16 +860,32 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
             },
             "joined_ms": joins_ms[i],
         })).collect::<Vec<_>>(),
-        "homeserver": if remote { hs_url.clone() } else { "local Synapse".to_owned() },
+        "homeserver": if remote {
+            hs_url.clone()
+        } else if federated {
+            format!("local test federation of {n_hs} Synapses")
+        } else {
+            "local Synapse".to_owned()
+        },
+        "homeservers": n_hs,
+        "topology": topology,
         "room": room,
         "media_seconds": args.duration.as_secs_f64(),
         "signalling": signalling,
         "udp_sockets": sockets.as_ref().map(|s| json!({"count": s.count, "addresses": s.addresses})),
         "pairs": pairs.iter().map(|p| report::pair_json(&names, p)).collect::<Vec<_>>(),
-        "focus": match (&focus_figures, &focus_ref) {
-            (Some(f), Some(r)) => f.json(&r.user_id),
-            _ => Value::Null,
+        // The foci's figures summed up; `user_id` lists them all.
+        "focus": match &focus_figures {
+            Some(f) => f.json(&focus_refs.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>().join(", ")),
+            None => Value::Null,
         },
+        "foci": if args.focus {
+            Value::Array(focus_refs.iter().zip(&engine_figures).map(|(r, e)| FocusFigures::of(e).json(&r.user_id)).collect())
+        } else {
+            Value::Null
+        },
+        // One entry per focus and link: per direction.
+        "links": if args.focus { Value::Array(links) } else { Value::Null },
         "recordings": recordings,
         "report_dir": report_abs.display().to_string(),
     });
@@ -719,16 +897,29 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         names.join(", "),
         if remote {
             hs_url.clone()
+        } else if federated {
+            format!("on a throwaway local federation of {n_hs} Synapses")
         } else {
             "on a throwaway local Synapse".to_owned()
         },
         args.duration.as_secs_f64()
     )];
     if let Some(f) = &focus_figures {
-        intro.push(format!(
-            "The groupcall participants met through a focus (an MSC3898 SFU) running in the demo; at the end of the media time its {}.",
-            f.line()
-        ));
+        if federated {
+            intro.push(format!(
+                "The groupcall participants met through {n_hs} linked foci (MSC3898 SFUs with cascade = true, one per homeserver) running in the demo; at the end of the media time, all foci together: {}.",
+                f.line()
+            ));
+        } else {
+            intro.push(format!(
+                "The groupcall participants met through a focus (an MSC3898 SFU) running in the demo; at the end of the media time its {}.",
+                f.line()
+            ));
+        }
+    }
+    if federated {
+        intro.push("Topology:".to_owned());
+        intro.extend(topology.iter().cloned());
     }
     if let Some(s) = &summary["signalling"].as_object() {
         intro.push(format!(
@@ -748,9 +939,12 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
     report::write(&report_dir.join("index.html"), &html)?;
 
     let table = report::table(&names, &pairs);
-    let focus_tail = focus_figures
+    let mut focus_tail = focus_figures
         .as_ref()
         .map_or(String::new(), |f| format!("{}\n", f.line()));
+    if federated {
+        focus_tail.push_str(&format!("topology:\n  {}\n", topology.join("\n  ")));
+    }
     let tail = format!(
         "\n{table}\n{focus_tail}{up}/{} pairs with audio and video both ways, {recent}/{} with media both ways in the last {} s; report: {}\n",
         pairs.len(),
@@ -784,6 +978,110 @@ async fn demo(args: &DemoArgs, env: &mut Env, out: &Out) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// What a participant is, for the topology (empty for groupcall).
+fn kind_of(p: &Part) -> &'static str {
+    if p.reference {
+        "reference"
+    } else if p.focus_client {
+        "Chromium"
+    } else {
+        ""
+    }
+}
+
+/// What runs where: the homeservers, their foci and participants, the
+/// links between the foci; a few lines for the terminal and the report.
+struct Topology {
+    federated: bool,
+    /// Per homeserver: the URL its clients use and its server name (empty
+    /// when not started by the demo).
+    homeservers: Vec<(String, String)>,
+    /// Per focus (focus i on homeserver i): its device, `@user:server/DEVICE`.
+    foci: Vec<String>,
+    /// Per participant: its homeserver, name and kind ([`kind_of`]).
+    members: Vec<(usize, String, &'static str)>,
+}
+
+impl Topology {
+    /// `hs0 (server name, URL): focus0 @focus:.../DEVICE; alice carol`, one
+    /// line per homeserver, then the links between the foci: the expected
+    /// ones without figures, each focus's view of each of its links with
+    /// them.
+    fn lines(&self, figures: Option<&[EngineFigures]>) -> Vec<String> {
+        let mut out = Vec::new();
+        for (s, (url, name)) in self.homeservers.iter().enumerate() {
+            let label = if name.is_empty() {
+                url.clone()
+            } else {
+                format!("{name}, {url}")
+            };
+            let focus = self
+                .foci
+                .get(s)
+                .map_or(String::new(), |f| format!(" focus{s} {f};"));
+            let members: Vec<String> = self
+                .members
+                .iter()
+                .filter(|(h, _, _)| *h == s)
+                .map(|(_, n, kind)| {
+                    if kind.is_empty() {
+                        n.clone()
+                    } else {
+                        format!("{n} ({kind})")
+                    }
+                })
+                .collect();
+            let prefix = if self.federated {
+                format!("hs{s} ")
+            } else {
+                String::new()
+            };
+            out.push(format!("{prefix}({label}):{focus} {}", members.join(" ")));
+        }
+        if self.foci.len() < 2 {
+            return out;
+        }
+        let label = |device: &str| {
+            self.foci
+                .iter()
+                .position(|f| f == device)
+                .map_or_else(|| device.to_owned(), |i| format!("focus{i}"))
+        };
+        match figures {
+            None => {
+                for i in 0..self.foci.len() {
+                    for j in i + 1..self.foci.len() {
+                        out.push(format!("focus{i} <-link-> focus{j} (once the call starts)"));
+                    }
+                }
+            }
+            Some(figures) => {
+                for (i, f) in figures.iter().enumerate() {
+                    if f.links.is_empty() {
+                        out.push(format!("focus{i}: no link"));
+                    }
+                    for l in &f.links {
+                        out.push(format!(
+                            "focus{i} -> {} ({}): {} streams carried, {} packets; {} streams asked of it, {} packets back",
+                            label(&l.device),
+                            if l.outgoing {
+                                format!("placed by focus{i}")
+                            } else {
+                                "placed by the other".to_owned()
+                            },
+                            l.streams_out,
+                            l.packets_out,
+                            l.streams_in,
+                            l.packets_in
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 /// The UDP sockets of this process.
@@ -909,6 +1207,16 @@ fn observe(tracker: &mut Tracker, o: &Obs, out: &Out) -> anyhow::Result<Vec<Prog
                     ms.map_or("?".to_owned(), |m| format!("{m:.0}"))
                 ));
                 out.json(&json!({"event": "pair_media", "a": name(*a), "b": name(*b), "ms": ms}));
+            }
+            Progress::PeerDown { at, remote, why } if why.contains("focus_back") => {
+                // Linked foci: the mesh call of two members of different
+                // foci ends once the foci forward their streams.
+                out.say(&format!(
+                    "{} ↔ {}: mesh call ended at {}, they meet through the foci now ({why})",
+                    name(*at),
+                    name(*remote),
+                    name(*at)
+                ));
             }
             Progress::PeerDown { at, remote, why } => {
                 out.say(&format!(

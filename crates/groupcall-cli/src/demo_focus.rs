@@ -25,7 +25,9 @@ impl DemoFocus {
     /// Writes `dir/focus.toml` (the password in `dir/password`, its data
     /// in `dir/data`; media and HTTP on 127.0.0.1, free ports; only
     /// `allow` may invite it; plaintext signalling accepted only with
-    /// `allow_plaintext`) and starts the focus in this process.
+    /// `allow_plaintext`; with `cascade`, it links with the call's other
+    /// foci, docs/protocol.md "Cascading foci") and starts the focus in
+    /// this process.
     pub async fn start(
         dir: &Path,
         homeserver: &str,
@@ -33,14 +35,18 @@ impl DemoFocus {
         password: &str,
         allow: &str,
         allow_plaintext: bool,
+        cascade: bool,
     ) -> anyhow::Result<DemoFocus> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the focus directory {}", dir.display()))?;
         std::fs::write(dir.join("password"), format!("{password}\n"))
             .context("writing the focus's password file")?;
         let path = dir.join("focus.toml");
-        std::fs::write(&path, config_text(homeserver, user, allow, allow_plaintext))
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(
+            &path,
+            config_text(homeserver, user, allow, allow_plaintext, cascade),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
         let config = Config::load(&path)?;
         let core = EngineCore::from_config(&config)?;
         let figures = core.figures_watch();
@@ -61,6 +67,11 @@ impl DemoFocus {
             user_id: self.handle.user_id().to_owned(),
             device_id: self.handle.device_id().to_owned(),
         }
+    }
+
+    /// Its device as the other foci name it: `@user:server/DEVICE`.
+    pub fn device_key(&self) -> String {
+        format!("{}/{}", self.handle.user_id(), self.handle.device_id())
     }
 
     /// The address of its HTTP endpoint (metrics, health).
@@ -106,17 +117,42 @@ impl DemoFocus {
 }
 
 /// The demo's focus.toml.
-fn config_text(homeserver: &str, user: &str, allow: &str, allow_plaintext: bool) -> String {
+fn config_text(
+    homeserver: &str,
+    user: &str,
+    allow: &str,
+    allow_plaintext: bool,
+    cascade: bool,
+) -> String {
     // JSON strings are TOML basic strings for what we put in.
     let q = |s: &str| Value::String(s.to_owned()).to_string();
     format!(
         "homeserver = {hs}\nuser = {user}\npassword_file = \"password\"\ndata_dir = \"data\"\n\
-         allow = [{allow}]\nallow_plaintext = {allow_plaintext}\nhttp_listen = \"127.0.0.1:0\"\n\n\
+         allow = [{allow}]\nallow_plaintext = {allow_plaintext}\ncascade = {cascade}\nhttp_listen = \"127.0.0.1:0\"\n\n\
          [media]\nbind = [\"127.0.0.1:0\"]\n\n[drain]\ngrace_period = \"1s\"\n",
         hs = q(homeserver),
         user = q(user),
         allow = q(allow),
     )
+}
+
+/// The `--json` summary's `links` entries of the focus `from` (its device):
+/// one per link, as it sees it.
+pub fn links_json(from: &str, f: &EngineFigures) -> Vec<Value> {
+    f.links
+        .iter()
+        .map(|l| {
+            json!({
+                "from": from,
+                "to": l.device,
+                "outgoing": l.outgoing,
+                "streams_carried": l.streams_out,
+                "streams_subscribed": l.streams_in,
+                "packets": l.packets_out,
+                "packets_in": l.packets_in,
+            })
+        })
+        .collect()
 }
 
 /// What the focus did, in short: the figures of the report and of the
@@ -153,6 +189,23 @@ impl Figures {
             participants: f.calls.iter().map(|c| c.participants).sum(),
             calls: f.calls.len(),
             refusals: f.refusals.values().sum(),
+        }
+    }
+
+    /// The figures of several foci together: the most uploads per
+    /// participant, the sum of the rest.
+    pub fn add(self, o: Figures) -> Figures {
+        Figures {
+            uploads_per_participant: self.uploads_per_participant.max(o.uploads_per_participant),
+            audio_uploads_per_participant: self
+                .audio_uploads_per_participant
+                .max(o.audio_uploads_per_participant),
+            forwarded_streams: self.forwarded_streams + o.forwarded_streams,
+            packets_forwarded: self.packets_forwarded + o.packets_forwarded,
+            packets_received: self.packets_received + o.packets_received,
+            participants: self.participants + o.participants,
+            calls: self.calls + o.calls,
+            refusals: self.refusals + o.refusals,
         }
     }
 
@@ -197,7 +250,13 @@ mod tests {
         let path = dir.path().join("focus.toml");
         std::fs::write(
             &path,
-            config_text("http://127.0.0.1:8008", "focus", "@alice:localhost", false),
+            config_text(
+                "http://127.0.0.1:8008",
+                "focus",
+                "@alice:localhost",
+                false,
+                true,
+            ),
         )
         .unwrap();
         let c = Config::load(&path).unwrap();
@@ -206,6 +265,7 @@ mod tests {
         assert!(!c.allow.allows("@bob:localhost"));
         assert_eq!(c.matrix_password().unwrap(), "pw");
         assert!(!c.allow_plaintext);
+        assert!(c.cascade);
     }
 
     #[test]

@@ -51,13 +51,7 @@ impl Local {
 
     /// Registers a user (an existing one is fine).
     pub async fn register(&self, name: &str, password: &str) -> anyhow::Result<String> {
-        match self.synapse.register_user(name, password).await {
-            Ok(u) => Ok(u.user_id),
-            Err(SynapseError::Register { body, .. }) if body.contains("M_USER_IN_USE") => {
-                Ok(self.user_id(name))
-            }
-            Err(e) => Err(e).with_context(|| format!("registering {name}")),
-        }
+        register_on(&self.synapse, name, password).await
     }
 
     /// Stops Synapse (bounded).
@@ -68,19 +62,32 @@ impl Local {
     }
 }
 
-/// Creates a public call room (members may send the call events) as an
-/// already logged-in session.
+/// Registers a user on `synapse` (an existing one is fine), returning its
+/// user id.
+pub async fn register_on(synapse: &Synapse, name: &str, password: &str) -> anyhow::Result<String> {
+    match synapse.register_user(name, password).await {
+        Ok(u) => Ok(u.user_id),
+        Err(SynapseError::Register { body, .. }) if body.contains("M_USER_IN_USE") => {
+            Ok(format!("@{name}:{}", synapse.server_name()))
+        }
+        Err(e) => Err(e).with_context(|| format!("registering {name} on {}", synapse.base_url())),
+    }
+}
+
+/// Creates a call room (members may send the call events) as an
+/// already logged-in session: public, or private (invited users only).
 pub async fn create_room(
     session: &MatrixSession,
     name: &str,
     invite: Vec<String>,
+    public: bool,
 ) -> anyhow::Result<String> {
     session
         .create_call_room(CreateRoomOptions {
             name: Some(name.to_owned()),
             invite,
             encrypted: false,
-            public: true,
+            public,
         })
         .await
         .context("creating the call room")

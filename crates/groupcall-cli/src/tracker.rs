@@ -92,9 +92,10 @@ pub struct Tracker {
     recent_at: Option<Instant>,
     /// Recordings made.
     pub recordings: Vec<std::path::PathBuf>,
-    /// The focus's user id, when participants use one.
-    focus_user: Option<String>,
-    /// Which participants go through the focus.
+    /// The foci's user ids, when participants use foci (several with
+    /// cascading foci, each participant connected to one).
+    focus_users: Vec<String>,
+    /// Which participants go through a focus.
     via_focus: Vec<bool>,
     /// Participant -> when it first saw its peer with the focus connected.
     focus_connected: HashMap<usize, Instant>,
@@ -170,7 +171,7 @@ impl Tracker {
             latest: None,
             recent_at: None,
             recordings: Vec::new(),
-            focus_user: None,
+            focus_users: Vec::new(),
             via_focus: vec![false; n],
             focus_connected: HashMap::new(),
             unreachable: std::collections::HashSet::new(),
@@ -185,9 +186,13 @@ impl Tracker {
     }
 
     /// Participants `members` meet through the focus `user_id`: a pair of
-    /// them is connected once both are connected to the focus.
+    /// them is connected once both are connected to the focus. Called once
+    /// per focus with cascading foci: a pair of participants of two linked
+    /// foci is connected once both are connected to their own.
     pub fn set_focus(&mut self, user_id: &str, members: impl IntoIterator<Item = usize>) {
-        self.focus_user = Some(user_id.to_owned());
+        if !self.focus_users.iter().any(|u| u == user_id) {
+            self.focus_users.push(user_id.to_owned());
+        }
         for i in members {
             if let Some(v) = self.via_focus.get_mut(i) {
                 *v = true;
@@ -198,7 +203,7 @@ impl Tracker {
     /// Whether pair (a, b) meets through the focus.
     pub fn through_focus(&self, a: usize, b: usize) -> bool {
         let via = |i: usize| self.via_focus.get(i).copied().unwrap_or(false);
-        self.focus_user.is_some() && via(a) && via(b)
+        !self.focus_users.is_empty() && via(a) && via(b)
     }
 
     /// Participant `at` is connected to the focus: every pair of it with
@@ -288,7 +293,7 @@ impl Tracker {
                 state,
                 reason,
             } => {
-                if self.focus_user.as_deref() == Some(remote.as_str()) {
+                if self.focus_users.iter().any(|u| u == remote) {
                     if state == "connected" && self.via_focus.get(at).copied().unwrap_or(false) {
                         self.focus_up(at, o.at, &mut out);
                     }

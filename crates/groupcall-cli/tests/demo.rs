@@ -611,3 +611,60 @@ async fn groupcall_chromium_and_a_reference_peer_around_a_local_focus() {
         "{focus}"
     );
 }
+
+/// `groupcall demo --homeservers 2 --focus`: a local federation of two
+/// Synapses, participants round-robin over them (alice, carol on hs0; bob,
+/// dave on hs1), one focus per homeserver with cascade = true. Every pair
+/// has media both ways, and the two foci link: `links` has one entry per
+/// focus and link (per direction), each carrying the 2 participants x
+/// (audio + video) of its side once.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_homeservers_with_linked_foci() {
+    let t = Instant::now();
+    let (run, summary) = focus_demo(&[
+        "--homeservers",
+        "2",
+        "--participants",
+        "4",
+        "--with-chromium-focus-client",
+        "0",
+    ])
+    .await;
+    eprintln!(
+        "FIGURE demo --homeservers 2 --focus: took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(summary["pairs_total"], 6, "{summary}");
+    assert_eq!(summary["pairs_media_both_ways"], 6, "{summary}");
+    assert_eq!(summary["homeservers"], 2, "{summary}");
+    let synapses: Vec<Value> = run
+        .lines()
+        .into_iter()
+        .filter(|v| v["event"] == "synapse")
+        .collect();
+    assert_eq!(synapses.len(), 2, "{}", run.stdout);
+    let links = summary["links"].as_array().unwrap();
+    eprintln!("FIGURE demo --homeservers 2 --focus: links {links:?}");
+    eprintln!(
+        "FIGURE demo --homeservers 2 --focus: focus {}",
+        summary["focus"]
+    );
+    assert_eq!(links.len(), 2, "one entry per direction: {links:?}");
+    assert_ne!(links[0]["from"], links[1]["from"], "{links:?}");
+    for l in links {
+        assert_eq!(l["streams_carried"], 4, "{l}");
+        assert_eq!(l["streams_subscribed"], 4, "{l}");
+        assert!(l["packets"].as_u64().unwrap() > 100, "{l}");
+    }
+    assert_eq!(summary["foci"].as_array().unwrap().len(), 2, "{summary}");
+    assert!(
+        run.stderr.contains("focus0 -> focus1") && run.stderr.contains("focus1 -> focus0"),
+        "{}",
+        run.stderr
+    );
+    // Everything stopped: both Synapses are gone.
+    for s in &synapses {
+        let pid = s["pid"].as_u64().unwrap() as u32;
+        assert!(!synapse_alive(pid), "Synapse (pid {pid}) still runs");
+    }
+}
