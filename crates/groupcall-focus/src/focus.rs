@@ -1432,6 +1432,14 @@ impl Focus {
                 for (id, s) in &l.origins {
                     if auth.is_some_and(|a| origin_is_participant(p, id, a)) {
                         meta.entry(id.clone()).or_insert_with(|| s.clone());
+                    } else {
+                        debug!(
+                            stream = %id,
+                            publisher = ?s.user_id,
+                            device = ?s.device_id,
+                            focus = %p.device,
+                            "a stream from another focus not shown: its publisher is no participant at that focus"
+                        );
                     }
                 }
                 continue;
@@ -1733,8 +1741,15 @@ impl Focus {
         for (id, s) in meta {
             if s.user_id.is_some() && s.device_id.is_some() {
                 l.origins.insert(id, s);
+            } else {
+                info!(client = link.0, stream = %id, "a stream from another focus that names no publisher; ignored");
             }
         }
+        debug!(
+            client = link.0,
+            streams = l.origins.len(),
+            "streams the other focus offers"
+        );
         // Our clients' wishes for streams it no longer offers go.
         let offered: BTreeSet<String> = l.origins.keys().cloned().collect();
         let published = c.published.clone();
