@@ -1738,8 +1738,15 @@ impl Focus {
         if full {
             l.origins.clear();
         }
-        for (id, s) in meta {
+        for (id, mut s) in meta {
             if s.user_id.is_some() && s.device_id.is_some() {
+                // A negotiation names only the tracks of that offer: the
+                // stream's other known tracks stay.
+                if !full && let Some(known) = l.origins.get(&id) {
+                    for (t, m) in &known.tracks {
+                        s.tracks.entry(t.clone()).or_insert(*m);
+                    }
+                }
                 l.origins.insert(id, s);
             } else {
                 info!(client = link.0, stream = %id, "a stream from another focus that names no publisher; ignored");

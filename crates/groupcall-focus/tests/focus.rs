@@ -992,3 +992,41 @@ fn a_stream_from_another_focus_is_shown_once_its_publisher_is_a_participant_at_t
         .unwrap();
     assert_eq!(shown(&drain(&mut fb)), Some(true));
 }
+
+#[test]
+fn a_link_negotiation_naming_some_tracks_keeps_the_others() {
+    let (_fa, mut fb, _a, b, _la, lb) = linked_foci();
+    drain(&mut fb);
+    // fa offers a's video only; its negotiation metadata names that track.
+    let offer = json!({"type": "m.call.negotiate", "content": {
+        "description": {"type": "offer", "sdp": "v-only"},
+        "sdp_stream_metadata": {"s-A": {"purpose": "m.usermedia", "user_id": "@a:x", "device_id": "A",
+            "tracks": {"v-A": {"kind": "video"}}}}}});
+    fb.handle_media(
+        NOW,
+        lb,
+        MediaIn::ChannelMessage {
+            text: offer.to_string(),
+        },
+    );
+    let outs = drain(&mut fb);
+    // b is not told that a's audio went: no metadata without it.
+    for m in channel(&outs, b) {
+        if let Some(s) = m["content"]["sdp_stream_metadata"].get("s-A") {
+            assert!(s["tracks"].get("a-A").is_some(), "{m}");
+        }
+    }
+    // And a subscription to a's audio is still asked of fa.
+    let sub = json!({"type": "m.call.track_subscription", "content": {
+        "subscribe": [{"stream_id": "s-A", "track_id": "a-A"}]}});
+    fb.handle_media(
+        NOW,
+        b,
+        MediaIn::ChannelMessage {
+            text: sub.to_string(),
+        },
+    );
+    let asked = channel(&drain(&mut fb), lb);
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0]["content"]["subscribe"][0]["track_id"], "a-A");
+}
