@@ -25,6 +25,27 @@ pub const REFUSAL_INVITE_DRAINING: &str = "invite_draining";
 
 /// How often room state expiry is checked and the core's figures copied.
 const TICK: Duration = Duration::from_secs(1);
+/// Joins tried for an accepted invite before giving up, `n` seconds apart
+/// after the `n`th failure: over federation the inviting server may not
+/// have stored the invite yet when its notice reaches us (Synapse asks the
+/// invitee's server to sign it first), and refuses an immediate join.
+const JOIN_ATTEMPTS: u64 = 5;
+
+/// Joins `room_id`, trying again on failure (see [`JOIN_ATTEMPTS`]).
+async fn join_with_retries(session: &MatrixSession, room_id: &str) -> Result<(), MatrixError> {
+    let mut attempt = 1;
+    loop {
+        match session.join_room(room_id).await {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt < JOIN_ATTEMPTS => {
+                warn!(room_id, attempt, error = %e, "focus: joining failed; trying again");
+                tokio::time::sleep(Duration::from_secs(attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// Why the service could not start, or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -526,7 +547,7 @@ impl<C: FocusCore> Service<C> {
         let done = self.done_tx.clone();
         tokio::spawn(async move {
             let result = if accepted {
-                session.join_room(&room_id).await.map(drop)
+                join_with_retries(&session, &room_id).await
             } else {
                 session.leave_room(&room_id).await
             };
