@@ -1096,6 +1096,18 @@ mod tests {
         d
     }
 
+    /// @b:x's entry names @fb:y/FB in `m.foci.active`.
+    fn b_publishes_to_fb(a: &mut Authoriser) {
+        a.handle_state_json(
+            &member_ev(
+                "@b:x",
+                json!([dev_with_focus("B", "SB", EXP, ("@fb:y", "FB"))]),
+            ),
+            NOW,
+        )
+        .unwrap();
+    }
+
     #[test]
     fn another_focus_is_admitted_while_a_live_member_names_it() {
         let mut a = room(AuthConfig::default());
@@ -1107,14 +1119,7 @@ mod tests {
             Err(Refusal::NotMember)
         );
         // @b:x publishes to it (a member of another homeserver's focus).
-        a.handle_state_json(
-            &member_ev(
-                "@b:x",
-                json!([dev_with_focus("B", "SB", EXP, ("@fb:y", "FB"))]),
-            ),
-            NOW,
-        )
-        .unwrap();
+        b_publishes_to_fb(&mut a);
         assert!(a.names_focus(&key("@fb:y", "FB")));
         assert_eq!(
             a.named_foci(&key("@fa:x", "FA")),
@@ -1149,14 +1154,7 @@ mod tests {
         let mut a = room(AuthConfig::default());
         a.handle_state_json(&membership("@fb:y", "@fb:y", "join"), NOW)
             .unwrap();
-        a.handle_state_json(
-            &member_ev(
-                "@b:x",
-                json!([dev_with_focus("B", "SB", EXP, ("@fb:y", "FB"))]),
-            ),
-            NOW,
-        )
-        .unwrap();
+        b_publishes_to_fb(&mut a);
         a.check_invite(&olm("@fb:y", "FB", "S1"), NOW).unwrap();
         // @b:x stops naming it (back to the mesh).
         a.handle_state_json(&member_ev("@b:x", json!([dev("B", "SB", EXP)])), NOW)
@@ -1166,14 +1164,7 @@ mod tests {
             vec![revoked("@fb:y", "FB", "S1", Revocation::FocusUnnamed)]
         );
         // Named again and admitted again; then its user is kicked.
-        a.handle_state_json(
-            &member_ev(
-                "@b:x",
-                json!([dev_with_focus("B", "SB", EXP, ("@fb:y", "FB"))]),
-            ),
-            NOW,
-        )
-        .unwrap();
+        b_publishes_to_fb(&mut a);
         a.check_invite(&olm("@fb:y", "FB", "S2"), NOW).unwrap();
         a.handle_state_json(&membership("@fb:y", "@a:x", "leave"), NOW)
             .unwrap();

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use groupcall::client::{ClientEvent, JoinOptions};
+use groupcall::client::JoinOptions;
 use groupcall::matrix::CreateRoomOptions;
 use groupcall::media::TrackKind;
 use groupcall::proto::{CallEvent, Command, CreateOptions, DeviceKey};
@@ -377,15 +377,7 @@ impl Cascade {
             if self.server_of(at) == self.server_of(from) {
                 continue;
             }
-            let files: Vec<std::path::PathBuf> = self
-                .log
-                .seen
-                .iter()
-                .filter_map(|e| match &e.ev {
-                    Ev::Rust(ClientEvent::Recorded { path }) if e.who == at => Some(path.clone()),
-                    _ => None,
-                })
-                .collect();
+            let files = self.log.recorded(at);
             let (v, a) = assert_recordings_of(
                 &files,
                 &self.names[at],

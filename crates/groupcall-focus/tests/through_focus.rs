@@ -246,15 +246,7 @@ async fn three_participants_see_and_hear_each_other_through_the_focus() {
         h.log.pump();
         let mut decoded = 0;
         for (at, name) in names.iter().enumerate() {
-            let rec: Vec<std::path::PathBuf> = h
-                .log
-                .seen
-                .iter()
-                .filter_map(|e| match &e.ev {
-                    Ev::Rust(ClientEvent::Recorded { path }) if e.who == at => Some(path.clone()),
-                    _ => None,
-                })
-                .collect();
+            let rec = h.log.recorded(at);
             for other in names.iter().filter(|o| *o != name) {
                 let tag = format!("_{other}_");
                 for ext in ["ogg", "ivf"] {

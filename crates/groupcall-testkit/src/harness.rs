@@ -637,6 +637,19 @@ impl Log {
         Instant::now()
     }
 
+    /// The recordings groupcall participant `at` reported so far.
+    pub fn recorded(&self, at: usize) -> Vec<PathBuf> {
+        self.seen
+            .iter()
+            .filter_map(|e| match &e.ev {
+                Ev::Rust(groupcall::client::ClientEvent::Recorded { path }) if e.who == at => {
+                    Some(path.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The last `n` events other than media counters, one per line.
     pub fn dump(&self, n: usize) -> String {
         let names = self.names.lock().unwrap().clone();
