@@ -256,6 +256,7 @@ fn forward(report: &Reporter, ev: ClientEvent) {
             kind,
             frames,
             bytes,
+            ..
         } => report.send(What::Frames {
             remote: device.user_id,
             stream: stream_id,

@@ -117,6 +117,7 @@ impl View {
                 kind,
                 frames,
                 bytes,
+                ..
             } => {
                 self.participant(device)
                     .received
@@ -395,6 +396,7 @@ mod tests {
                 &ClientEvent::Media {
                     device: bob.clone(),
                     stream_id: "st".into(),
+                    mid: "0".into(),
                     kind: TrackKind::Video,
                     frames: 1,
                     bytes,

@@ -233,6 +233,10 @@ pub enum ClientEvent {
         device: DeviceKey,
         /// Stream id.
         stream_id: String,
+        /// The m-line it arrives on (of the peer connection with `device`,
+        /// or with the focus): a stream renegotiated onto a new m-line
+        /// (a focus forwarding it again) counts from 0 under a new mid.
+        mid: String,
         /// Audio or video.
         kind: TrackKind,
         /// Frames received so far.
@@ -1386,6 +1390,7 @@ impl Driver {
             let _ = self.events.send(ClientEvent::Media {
                 device: owner.unwrap_or(&device).clone(),
                 stream_id: t.stream_id,
+                mid: t.mid,
                 kind: t.kind,
                 frames: t.received.frames,
                 bytes: t.received.bytes,

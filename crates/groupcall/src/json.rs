@@ -162,6 +162,7 @@ enum Shape<'a> {
         #[serde(flatten)]
         device: Device<'a>,
         stream_id: &'a str,
+        mid: &'a str,
         kind: &'static str,
         frames: u64,
         bytes: u64,
@@ -258,12 +259,14 @@ impl<'a> Shape<'a> {
             ClientEvent::Media {
                 device,
                 stream_id,
+                mid,
                 kind,
                 frames,
                 bytes,
             } => Shape::Media {
                 device: device.into(),
                 stream_id,
+                mid,
                 kind: kind.as_str(),
                 frames: *frames,
                 bytes: *bytes,
@@ -640,12 +643,13 @@ mod tests {
             ClientEvent::Media {
                 device: dev(),
                 stream_id: "st".into(),
+                mid: "1".into(),
                 kind: TrackKind::Video,
                 frames: 30,
                 bytes: 1000,
             }
             .to_json(),
-            json!({"event":"media","user_id":"@bob:localhost","device_id":"BOBDEV","stream_id":"st","kind":"video","frames":30,"bytes":1000})
+            json!({"event":"media","user_id":"@bob:localhost","device_id":"BOBDEV","stream_id":"st","mid":"1","kind":"video","frames":30,"bytes":1000})
         );
         assert_eq!(
             ClientEvent::MediaSent {
