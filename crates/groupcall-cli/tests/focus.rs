@@ -31,6 +31,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+mod common;
+use common::{FocusSpec, write_focus_config};
+
 const BIN: &str = env!("CARGO_BIN_EXE_groupcall");
 
 /// Runs `groupcall focus --config PATH` to its end: exit code and stderr.
@@ -216,24 +219,15 @@ fn write_focus_toml(
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let config = dir.join("focus.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"homeserver = "{hs}"
-user = "{user}"
-password_env = "FOCUS_TEST_PASSWORD"
-data_dir = "data"
-allow = ["{allow}"]
-http_listen = "{addr}"
-[media]
-bind = ["127.0.0.1:0"]
-[drain]
-grace_period = "{grace}"
-"#
-        ),
-    )
-    .unwrap();
+    let spec = FocusSpec {
+        hs,
+        user,
+        allow,
+        top: "",
+        media: "",
+        grace,
+    };
+    let config = write_focus_config(dir, spec, &addr, "127.0.0.1");
     (config, addr)
 }
 

@@ -39,21 +39,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
 mod common;
-use common::{PW, create_call_room, frames_from, in_ns, join_args};
-
-/// The focus's HTTP port in its namespace (a fresh namespace: it is free).
-const FOCUS_HTTP_PORT: u16 = 18_080;
-
-async fn http_get(url: &str) -> Option<Value> {
-    let http = reqwest::Client::builder().no_proxy().build().ok()?;
-    let r = http
-        .get(url)
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
-    r.json().await.ok()
-}
+use common::{FocusSpec, NsFocus, PW, create_call_room, frames_from, in_ns, join_args};
 
 /// Polls both processes for `d`.
 async fn run_for(procs: &mut [&mut Proc], d: Duration) {
@@ -143,61 +129,24 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
 
     // The focus, in ns0.
     let dirs = tempfile::tempdir().unwrap();
-    let focus_dir = dirs.path().join("focus");
-    std::fs::create_dir_all(&focus_dir).unwrap();
-    let focus_addr = format!("{}:{FOCUS_HTTP_PORT}", net.addr(0));
-    let config = focus_dir.join("focus.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"homeserver = "{hs}"
-user = "{}"
-password_env = "FOCUS_TEST_PASSWORD"
-data_dir = "{}"
-allow = ["{}"]
-http_listen = "{focus_addr}"
-[media]
-bind = ["{}:0"]
-estimate_bandwidth = true
-"#,
-            focus_user.user_id,
-            focus_dir.join("data").display(),
-            alice.user_id,
-            net.addr(0)
-        ),
+    let NsFocus {
+        proc: mut focus,
+        focus_ref,
+        ..
+    } = NsFocus::start(
+        &net,
+        0,
+        &dirs.path().join("focus"),
+        FocusSpec {
+            hs: &hs,
+            user: &focus_user.user_id,
+            allow: &alice.user_id,
+            top: "",
+            media: "estimate_bandwidth = true",
+            grace: "1s",
+        },
     )
-    .unwrap();
-    let mut cmd = in_ns(
-        &net.ns(0),
-        &[
-            "focus".into(),
-            "--config".into(),
-            config.display().to_string(),
-        ],
-    );
-    cmd.env("FOCUS_TEST_PASSWORD", PW);
-    let mut focus = Proc::spawn_cmd("focus", cmd, Stdio::null());
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let health = loop {
-        if let Some(h) = http_get(&format!("http://{focus_addr}/health")).await
-            && h["state"] == "running"
-            && h["rooms"].as_u64() >= Some(1)
-        {
-            break h;
-        }
-        focus.poll();
-        assert!(
-            Instant::now() < deadline,
-            "the focus never joined the room: {}",
-            focus.report()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let focus_ref = format!(
-        "{}/{}",
-        health["user_id"].as_str().unwrap(),
-        health["device_id"].as_str().unwrap()
-    );
+    .await;
 
     // alice publishes (ns1), bob receives and records (ns2) at 1280x720.
     let t_start = Instant::now();

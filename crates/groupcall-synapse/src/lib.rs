@@ -239,6 +239,11 @@ pub struct SynapseOptions {
     /// The address the client API listens on (default 127.0.0.1). Tests
     /// with network namespaces use the address of a bridge they created.
     pub bind_address: IpAddr,
+    /// Further addresses the client API also listens on, same port (none
+    /// by default): a test federation binds loopback, and processes in
+    /// network namespaces reach it on the namespaces' gateway address
+    /// ([`Synapse::base_url_on`]). Federation stays on `bind_address`.
+    pub extra_client_addresses: Vec<IpAddr>,
     /// The homeserver's `server_name` (default `localhost`).
     pub server_name: String,
     /// Whether pip may install Synapse when it is missing.
@@ -267,6 +272,7 @@ impl Default for SynapseOptions {
             data_dir: None,
             port: None,
             bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            extra_client_addresses: Vec::new(),
             server_name: "localhost".to_owned(),
             install: InstallPolicy::FromEnv,
             python: None,
@@ -318,6 +324,7 @@ pub struct Synapse {
     data: DataDir,
     port: u16,
     bind_address: IpAddr,
+    extra_client_addresses: Vec<IpAddr>,
     server_name: String,
     start_timeout: Duration,
     stop_timeout: Duration,
@@ -392,6 +399,7 @@ impl Synapse {
             data,
             port: 0,
             bind_address: options.bind_address,
+            extra_client_addresses: options.extra_client_addresses.clone(),
             server_name: options.server_name.clone(),
             start_timeout: options.start_timeout,
             stop_timeout: options.stop_timeout,
@@ -435,6 +443,12 @@ impl Synapse {
             "http://{}",
             std::net::SocketAddr::new(self.bind_address, self.port)
         )
+    }
+
+    /// Base URL of the client API on `addr`: the bind address or one of
+    /// [`SynapseOptions::extra_client_addresses`] (not checked).
+    pub fn base_url_on(&self, addr: IpAddr) -> String {
+        format!("http://{}", std::net::SocketAddr::new(addr, self.port))
     }
 
     /// The port Synapse listens on.
@@ -618,6 +632,18 @@ impl Synapse {
         write_json(&dir.join(LOG_CONFIG_FILE), &log_config)?;
 
         let mut config = overrides(self.bind_address, self.port, dir);
+        if let Some(addrs) = config
+            .get_mut("listeners")
+            .and_then(|l| l.get_mut(0))
+            .and_then(|l| l.get_mut("bind_addresses"))
+            .and_then(|a| a.as_array_mut())
+        {
+            addrs.extend(
+                self.extra_client_addresses
+                    .iter()
+                    .map(|a| serde_json::Value::String(a.to_string())),
+            );
+        }
         if let Some(f) = &self.federation {
             federation::apply(&mut config, self.bind_address, f);
         }

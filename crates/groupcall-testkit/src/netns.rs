@@ -48,6 +48,11 @@ pub struct Impairment {
     pub jitter: Duration,
     /// Drop everything from and to this namespace index.
     pub cut: Option<usize>,
+    /// A partition: bit `i` set puts namespace `i` on one side, clear on
+    /// the other; packets between the two sides are dropped, those within
+    /// a side pass (0: no partition). E.g. `0b0101` splits {ns0, ns2} from
+    /// {ns1, ns3}: two sites that lose each other but not themselves.
+    pub partition: u64,
     /// Per namespace index: the rate of its link (what it sends, what it
     /// receives), a token bucket with a queue; see [`LinkRate`].
     pub rates: [LinkRate; MAX_RATED],
@@ -442,7 +447,8 @@ async fn route(
                     _ => continue,
                 };
                 let i = *imp.lock().unwrap();
-                let cut = i.cut.is_some_and(|c| src == Some(c) || dst == Some(c));
+                let cut = i.cut.is_some_and(|c| src == Some(c) || dst == Some(c))
+                    || partitioned(i.partition, src, dst);
                 if cut || unit() < i.loss {
                     counts.lock().unwrap().dropped += 1;
                     continue;
@@ -508,9 +514,31 @@ async fn route(
     }
 }
 
+/// Whether [`Impairment::partition`] puts `src` and `dst` on different
+/// sides.
+fn partitioned(partition: u64, src: Option<usize>, dst: Option<usize>) -> bool {
+    let side = |n: Option<usize>| n.map(|n| n < 64 && partition >> n & 1 == 1);
+    partition != 0
+        && match (side(src), side(dst)) {
+            (Some(a), Some(b)) => a != b,
+            _ => false,
+        }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partition_drops_only_between_its_sides() {
+        let p = 0b0101;
+        assert!(partitioned(p, Some(0), Some(1)));
+        assert!(partitioned(p, Some(3), Some(2)));
+        assert!(!partitioned(p, Some(0), Some(2)));
+        assert!(!partitioned(p, Some(1), Some(3)));
+        assert!(!partitioned(p, None, Some(1)));
+        assert!(!partitioned(0, Some(0), Some(1)));
+    }
 
     #[test]
     fn the_bucket_lets_a_burst_through_then_queues_at_the_rate_then_drops() {
