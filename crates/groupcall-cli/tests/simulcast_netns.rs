@@ -23,6 +23,9 @@
 //! alice sends simulcast (`--simulcast true`).
 //!
 //! Run: `cargo test -p groupcall-cli --test simulcast_netns -- --nocapture`.
+//! To see the focus's decisions, give it a log filter and a file:
+//! `GROUPCALL_TEST_FOCUS_LOG=info,groupcall_focus=debug,groupcall_focus::engine=trace
+//! GROUPCALL_TEST_FOCUS_LOG_FILE=/tmp/focus.log`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -290,6 +293,9 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
         100.0 * share(&back, (1280, 720)),
         capped_bytes
     );
+    if let Ok(path) = std::env::var("GROUPCALL_TEST_FOCUS_LOG_FILE") {
+        std::fs::write(path, focus.stderr.lock().unwrap().as_bytes()).unwrap();
+    }
     assert!(
         share(&high, (1280, 720)) >= 0.9,
         "before the cap: {}",

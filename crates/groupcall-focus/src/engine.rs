@@ -76,6 +76,16 @@ pub const INITIAL_DOWNLINK_ESTIMATE: u64 = 1_500_000;
 /// after it; receiver reports come about once a second and cover the
 /// second before.
 const LAYER_SETTLE: Duration = Duration::from_millis(4000);
+/// While a subscriber's downlink estimate caps its layers, a probe of its
+/// downlink is asked for this often. str0m probes by itself at start, after
+/// a large drop and, while the sending rate stays under 65 % of the
+/// estimate, every 5 s or more; between those its estimate grows only to
+/// 1.5 times the rate acknowledged, and a subscriber held on a low layer
+/// sends little: after a cap is lifted, the estimate sat 10 s below the
+/// next layer (simulcast_netns). An allocation probe (at twice the
+/// estimate) fires whenever the desired rate rises, so the same target is
+/// given again, 1 bit/s higher.
+const PROBE_WHILE_CAPPED: Duration = Duration::from_secs(2);
 
 /// The media socket's buffer size asked for (each way).
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -433,6 +443,9 @@ struct ClientMedia {
     /// The bandwidth estimation targets last given to its peer
     /// (minimum, desired).
     bitrate_targets: (u64, u64),
+    /// When its downlink estimate last got a probe asked for while it
+    /// caps the layers ([`PROBE_WHILE_CAPPED`]).
+    probe_asked: Option<Instant>,
     /// RTP packets received from it and forwarded to it.
     packets: (u64, u64),
     /// A link's m-lines carrying a stream of our own clients (looped).
@@ -642,13 +655,16 @@ impl State {
     /// again the rate of what it would get with no downlink limit (the
     /// forwarder moves up a layer once the estimate covers 125 % of its
     /// rate; headers come on top of the payload rates). Only changes of
-    /// more than half are sent (str0m probes on a raise).
+    /// more than half are sent (str0m probes on a raise), and, while the
+    /// estimate caps the layers, the same target raised by 1 bit/s every
+    /// [`PROBE_WHILE_CAPPED`] (a probe).
     fn update_bitrate_targets(&mut self, now: Instant, client: ClientId) {
         let Some(rates) = self.fwd.downlink_rates(now, part(client)) else {
             return;
         };
         let wanted = rates.wanted;
         let desired = wanted.saturating_mul(3) / 2;
+        let capped = self.fwd.downlink_constrained(part(client));
         let Some(m) = self.clients.get_mut(&client) else {
             return;
         };
@@ -656,9 +672,22 @@ impl State {
         // change by half is passed on, so that probes are not asked for
         // again and again.
         let last = m.bitrate_targets.1;
-        if desired == 0 || (desired * 2 < last * 3 && desired * 3 > last * 2) {
+        if desired == 0 {
             return;
         }
+        let desired = if desired * 2 < last * 3 && desired * 3 > last * 2 {
+            if !capped || m.probe_asked.is_some_and(|t| now < t + PROBE_WHILE_CAPPED) {
+                return;
+            }
+            trace!(
+                client = client.0,
+                "a downlink probe while the estimate caps the layers"
+            );
+            m.probe_asked = Some(now);
+            last + 1
+        } else {
+            desired
+        };
         m.bitrate_targets = (0, desired);
         debug!(
             client = client.0,

@@ -185,6 +185,10 @@ impl NsFocus {
             ],
         );
         cmd.env("FOCUS_TEST_PASSWORD", PW);
+        // A debugging knob: the focus's own log filter.
+        if let Ok(filter) = std::env::var("GROUPCALL_TEST_FOCUS_LOG") {
+            cmd.env("RUST_LOG", filter);
+        }
         let mut proc = Proc::spawn_cmd(&format!("focus{i}"), cmd, Stdio::null());
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {

@@ -13,10 +13,10 @@
 //! ([`LayerGuard`]). A downlink estimate caps it: the highest layer at or
 //! below the wanted one whose measured bitrate fits the estimate shared
 //! among the subscriber's simulcast subscriptions (the lowest if none
-//! fits). Down moves at once; up to a layer only once the estimate has
-//! held at [`super::ForwarderConfig::up_margin_percent`] of that layer's
-//! rate for [`super::ForwarderConfig::up_hold`] (without an estimate,
-//! up moves at once too).
+//! fits). Down moves at once; up one layer at a time, each only once the
+//! estimate has held at [`super::ForwarderConfig::up_margin_percent`] of
+//! that layer's rate for [`super::ForwarderConfig::up_hold`] (without an
+//! estimate, up moves at once, to the wanted layer).
 //!
 //! Time comes in as [`Instant`] arguments.
 
@@ -192,7 +192,11 @@ pub(super) fn choose(
                     up_candidate: None,
                 });
             }
-            let up = highest_fitting(up_margin_percent);
+            // One layer up at a time, each after its own hold: an
+            // estimate that overshoots (a probe through a capped link's
+            // burst allowance) then costs one layer's worth of congestion,
+            // not the top layer's.
+            let up = highest_fitting(up_margin_percent).min(c + 1);
             if up <= c {
                 return Some(Choice {
                     now: current,
