@@ -171,41 +171,41 @@ pub(super) fn choose(
         wish.budget_bps
             .is_none_or(|b| stat(order[pos]).bps * margin / 100 <= b)
     };
-    let highest_fitting = |margin: u64| (0..=wanted).rev().find(|&p| fits(p, margin)).unwrap_or(0);
-    let down = highest_fitting(100);
+    let highest_fitting =
+        |top: usize, margin: u64| (0..=top).rev().find(|&p| fits(p, margin)).unwrap_or(0);
+    let down = highest_fitting(wanted, 100);
     let cur_pos = order.iter().position(|&i| i == current);
     match cur_pos {
-        // The current layer is not usable, or the choice is not above it:
+        // The current layer is not usable, or the choice is below it:
         // move at once.
         None => Some(Choice {
             now: order[down],
             up_candidate: None,
         }),
-        Some(c) if down <= c => Some(Choice {
+        Some(c) if down < c || wish.budget_bps.is_none() => Some(Choice {
             now: order[down],
             up_candidate: None,
         }),
         Some(c) => {
-            if wish.budget_bps.is_none() {
-                return Some(Choice {
-                    now: order[down],
-                    up_candidate: None,
-                });
-            }
             // One layer up at a time, each after its own hold: an
             // estimate that overshoots (a probe through a capped link's
             // burst allowance) then costs one layer's worth of congestion,
-            // not the top layer's.
-            let up = highest_fitting(up_margin_percent).min(c + 1);
+            // not the top layer's. The hold runs against the size-wanted
+            // layer, not the one the loss steps allow: while the loss
+            // guard still holds the subscription below, the estimate's
+            // evidence for the next layer gathers, and the move comes as
+            // soon as both allow it (not one hold after the other).
+            let up = highest_fitting(by_size, up_margin_percent).min(c + 1);
             if up <= c {
                 return Some(Choice {
                     now: current,
                     up_candidate: None,
                 });
             }
+            let go = up_held && up <= wanted;
             Some(Choice {
-                now: if up_held { order[up] } else { current },
-                up_candidate: (!up_held).then_some(order[up]),
+                now: if go { order[up] } else { current },
+                up_candidate: (!go).then_some(order[up]),
             })
         }
     }
@@ -556,6 +556,54 @@ mod tests {
                 up_candidate: None
             }
         );
+    }
+
+    #[test]
+    fn the_estimate_hold_runs_while_loss_steps_hold_the_layer_below() {
+        let t = Instant::now();
+        let ls = [
+            layer(t, 320, 180, 130_000),
+            layer(t, 640, 360, 350_000),
+            layer(t, 1280, 720, 900_000),
+        ];
+        let mut w = wish(None, None);
+        w.budget_bps = Some(5_000_000);
+        w.steps_down = 2;
+        // On the low layer, two loss steps down: the estimate has room for
+        // the next layer, whose hold starts although the steps forbid it.
+        let c = choose(&ls, t, STALE, w, 0, 125, false).unwrap();
+        assert_eq!(
+            c,
+            Choice {
+                now: 0,
+                up_candidate: Some(1)
+            }
+        );
+        // Held, but the steps still forbid it: stays, the candidate kept
+        // (its timer goes on).
+        let c = choose(&ls, t, STALE, w, 0, 125, true).unwrap();
+        assert_eq!(
+            c,
+            Choice {
+                now: 0,
+                up_candidate: Some(1)
+            }
+        );
+        // One step released: the held candidate is taken at once.
+        w.steps_down = 1;
+        let c = choose(&ls, t, STALE, w, 0, 125, true).unwrap();
+        assert_eq!(
+            c,
+            Choice {
+                now: 1,
+                up_candidate: None
+            }
+        );
+        // One layer at a time: from the low layer, the top is never the
+        // candidate, however large the estimate.
+        w.steps_down = 0;
+        let c = choose(&ls, t, STALE, w, 0, 125, false).unwrap();
+        assert_eq!(c.up_candidate, Some(1));
     }
 
     #[test]
