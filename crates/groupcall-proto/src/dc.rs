@@ -19,7 +19,8 @@
 //! with `purpose`, `audio_muted`, `video_muted` and `tracks`.
 //!
 //! Beside the MSC's messages, a focus sends `m.call.active_speaker`
-//! ([`DcMessage::ActiveSpeaker`]) and names the `kind` of each track in its
+//! ([`DcMessage::ActiveSpeaker`]) and `m.call.focus_draining`
+//! ([`DcMessage::FocusDraining`]), and names the `kind` of each track in its
 //! metadata ([`TrackMetadata::kind`]): groupcall's additions, described in
 //! `docs/protocol.md`.
 //!
@@ -48,6 +49,11 @@ pub const PONG: &str = "m.call.pong";
 /// `m.call.active_speaker` (focus to client): not in MSC3898, groupcall's
 /// own (see `docs/protocol.md`); a client that does not know it ignores it.
 pub const ACTIVE_SPEAKER: &str = "m.call.active_speaker";
+/// `m.call.focus_draining` (focus to client): not in MSC3898, groupcall's
+/// own (see `docs/protocol.md`, "Drain"): the focus is stopping and will
+/// hang up after its grace period; a client that does not know it ignores
+/// it (and learns of the drain from the hangup at its end).
+pub const FOCUS_DRAINING: &str = "m.call.focus_draining";
 /// `m.call.connect_to_focus` (client to its focus): the other foci of the
 /// call the client's focus should link with (cascading; MSC3898 leaves its
 /// content open, groupcall's is in `docs/protocol.md`, "Cascading foci").
@@ -306,6 +312,13 @@ pub enum DcMessage {
         /// The foci named.
         foci: Vec<FocusRef>,
     },
+    /// `m.call.focus_draining` (focus to client): the focus is stopping;
+    /// it takes no new calls and hangs up on this one after its grace
+    /// period (`content.hangup_in_ms`, a non-negative integer, if given).
+    FocusDraining {
+        /// Milliseconds until the focus hangs up, as it said.
+        hangup_in_ms: Option<u64>,
+    },
     /// A type this module does not know: log and ignore.
     Unknown {
         /// The `type` as read (at most [`MAX_TYPE_LEN`] bytes).
@@ -324,6 +337,7 @@ impl DcMessage {
             DcMessage::Pong => PONG,
             DcMessage::ActiveSpeaker(_) => ACTIVE_SPEAKER,
             DcMessage::ConnectToFocus { .. } => CONNECT_TO_FOCUS,
+            DcMessage::FocusDraining { .. } => FOCUS_DRAINING,
             DcMessage::Unknown { msg_type } => msg_type,
         }
     }
@@ -389,6 +403,15 @@ impl DcMessage {
                     });
                 }
             },
+            FOCUS_DRAINING => DcMessage::FocusDraining {
+                hangup_in_ms: match content.get("hangup_in_ms") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(v.as_u64().ok_or(ParseError::WrongType {
+                        field: "hangup_in_ms",
+                        expected: "non-negative integer",
+                    })?),
+                },
+            },
             other if other.len() > MAX_TYPE_LEN => {
                 return Err(ParseError::TooLong {
                     field: "type",
@@ -441,7 +464,11 @@ impl DcMessage {
                     "device_id": f.device_id,
                 })).collect::<Vec<_>>(),
             }),
-            DcMessage::ActiveSpeaker(None)
+            DcMessage::FocusDraining {
+                hangup_in_ms: Some(ms),
+            } => json!({ "hangup_in_ms": ms }),
+            DcMessage::FocusDraining { hangup_in_ms: None }
+            | DcMessage::ActiveSpeaker(None)
             | DcMessage::Ping
             | DcMessage::Pong
             | DcMessage::Unknown { .. } => json!({}),
@@ -1478,6 +1505,49 @@ mod tests {
         };
         let back = DcMessage::parse(m.encode().unwrap().as_bytes()).unwrap();
         assert_eq!(back, m);
+    }
+
+    #[test]
+    fn focus_draining_round_trips_and_is_validated() {
+        let m = parse(json!({"type": "m.call.focus_draining", "content": {"hangup_in_ms": 10000}}))
+            .unwrap();
+        assert_eq!(
+            m,
+            DcMessage::FocusDraining {
+                hangup_in_ms: Some(10_000)
+            }
+        );
+        assert_eq!(
+            m.encode().unwrap(),
+            r#"{"type":"m.call.focus_draining","content":{"hangup_in_ms":10000}}"#
+        );
+        // Without a time (absent or null): a drain of unknown length.
+        for content in [json!({}), json!({"hangup_in_ms": null})] {
+            let m = parse(json!({"type": "m.call.focus_draining", "content": content})).unwrap();
+            assert_eq!(m, DcMessage::FocusDraining { hangup_in_ms: None });
+        }
+        assert_eq!(
+            DcMessage::FocusDraining { hangup_in_ms: None }
+                .encode()
+                .unwrap(),
+            r#"{"type":"m.call.focus_draining","content":{}}"#
+        );
+        // Anything but a non-negative integer is refused.
+        for bad in [json!(-1), json!(1.5), json!("10000"), json!([])] {
+            let e =
+                parse(json!({"type": "m.call.focus_draining", "content": {"hangup_in_ms": bad}}))
+                    .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ParseError::WrongType {
+                        field: "hangup_in_ms",
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]

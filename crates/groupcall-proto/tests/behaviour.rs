@@ -2560,6 +2560,126 @@ fn an_unreachable_focus_is_left_at_once_and_when_it_is_back_the_mesh_calls_end()
     assert_eq!(hangups[0].1["reason"], "focus_back");
 }
 
+/// A focus that says it drains (`m.call.focus_draining`, ours): make before
+/// break. We go to the mesh while its media goes on (its peer is kept, our
+/// entry stops naming it, b is called); once the mesh call with b
+/// connects, b's tracks are unsubscribed at the focus and, the mesh
+/// reaching everyone, we hang up on the focus ourselves.
+#[test]
+fn a_draining_focus_is_kept_until_the_mesh_reaches_everyone() {
+    let (mut call, peer, _) = connected_to_focus();
+    call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });
+    drain(&mut call);
+    let meta = json!({"type": "m.call.sdp_stream_metadata_changed", "content": {"sdp_stream_metadata": {
+        "s-b": {"purpose": "m.usermedia", "user_id": "@b:x", "device_id": "BDEV",
+            "tracks": {"a-b": {}, "v-b": {}}}}}});
+    channel(&mut call, NOW + 20, peer, meta);
+
+    let outs = channel(
+        &mut call,
+        NOW + 30,
+        peer,
+        json!({"type": "m.call.focus_draining", "content": {"hangup_in_ms": 10000}}),
+    );
+    let (_, b, _) = calls_placed(&outs)
+        .into_iter()
+        .find(|(d, _, _)| d.user_id == "@b:x")
+        .expect("b is called in the mesh");
+    assert!(
+        sent(&outs).iter().all(|(t, _)| !t.ends_with("hangup")),
+        "the focus is kept: {outs:?}"
+    );
+    assert!(channel_sent(&outs).is_empty(), "b still comes through it");
+    let dev = own_entry(&outs).expect("our entry is republished");
+    assert!(dev.get("m.foci.active").is_none(), "{dev}");
+    assert_eq!(call.peers().len(), 2);
+    // Told again: nothing new.
+    let outs = channel(
+        &mut call,
+        NOW + 40,
+        peer,
+        json!({"type": "m.call.focus_draining", "content": {}}),
+    );
+    assert!(calls_placed(&outs).is_empty() && own_entry(&outs).is_none());
+
+    // The mesh call with b connects.
+    call.handle_media(
+        NOW + 50,
+        MediaEvent::OfferCreated {
+            peer: b,
+            sdp: "offer".into(),
+            gathering_complete: true,
+        },
+    );
+    let invite = sent(&drain(&mut call))
+        .into_iter()
+        .find(|(t, c)| t.ends_with("invite") && c["dest_session_id"] == "BDEV-S")
+        .expect("the invite to b")
+        .1;
+    let answer = with_dest(
+        from_b_session(
+            "m.call.answer",
+            invite["call_id"].as_str().unwrap(),
+            0,
+            json!({"answer": {"type": "answer", "sdp": "answer"},
+                "sdp_stream_metadata": {"s-b": {"purpose": "m.usermedia"}}}),
+            "BDEV-S",
+        ),
+        &call,
+    );
+    assert_eq!(deliver!(call, NOW + 60, answer), Ok(Accepted::Processed));
+    drain(&mut call);
+    call.handle_media(
+        NOW + 70,
+        MediaEvent::State {
+            peer: b,
+            state: MediaState::Connected,
+        },
+    );
+    let outs = drain(&mut call);
+    // b's tracks no longer through the focus, and the focus is left.
+    let unsub = channel_sent(&outs);
+    assert_eq!(unsub.len(), 1, "{outs:?}");
+    assert_eq!(
+        unsub[0]["content"]["unsubscribe"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let hangup = sent(&outs)
+        .into_iter()
+        .find(|(t, _)| t.ends_with("hangup"))
+        .expect("a hangup to the focus");
+    assert_eq!(hangup.1["reason"], "focus_draining");
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Media(MediaRequest::ClosePeer { peer: p }) if *p == peer))
+    );
+    assert_eq!(
+        call.peers(),
+        vec![(DeviceKey::new("@b:x", "BDEV"), b, true)]
+    );
+    // b's feed stays (the mesh carries it).
+    assert!(
+        !outs
+            .iter()
+            .any(|o| matches!(o, Output::Event(CallEvent::FeedRemoved { .. }))),
+        "{outs:?}"
+    );
+    // The focus is called again, but not before the time it said it stops
+    // (it would turn the call down until then).
+    let mut t = NOW + 70;
+    let mut again = None;
+    while again.is_none() && t < NOW + 120_000 {
+        t = call.poll_timeout().unwrap().max(t + 1);
+        call.handle_timeout(t);
+        again = calls_placed(&drain(&mut call))
+            .into_iter()
+            .find(|(_, _, f)| *f)
+            .map(|_| t);
+    }
+    let at = again.expect("the focus is called again later");
+    assert!(at >= NOW + 30 + 10_000, "called again {} ms in", at - NOW);
+}
+
 #[test]
 fn we_choose_whose_media_comes_through_the_focus() {
     let (mut call, peer, _) = connected_to_focus();

@@ -27,6 +27,9 @@ pub const FOCUS_UNREACHABLE: &str = "focus_unreachable";
 pub const FOCUS_BACK: &str = "focus_back";
 /// Why we hang up on a focus we leave for another.
 pub const FOCUS_SWITCH: &str = "focus_switch";
+/// Why we hang up on a draining focus once the mesh reaches everyone
+/// (`m.call.focus_draining`).
+pub const FOCUS_DRAINING: &str = "focus_draining";
 /// Most past speakers remembered for
 /// [`Config::focus_recent_speakers`](crate::Config::focus_recent_speakers)
 /// (a larger N counts as this many).
@@ -56,6 +59,12 @@ pub(super) struct FocusLink {
     /// The other foci we last asked the focus to connect to
     /// (`m.call.connect_to_focus`).
     pub(super) connect_asked: Vec<crate::events::FocusRef>,
+    /// The focus said it is draining (`m.call.focus_draining`): we are in
+    /// the mesh while its media still comes, until the mesh reaches
+    /// everyone (or it hangs up).
+    pub(super) draining: bool,
+    /// When it said it hangs up (our clock), if it said.
+    pub(super) drain_ends: Option<u64>,
 }
 
 impl GroupCall {
@@ -180,7 +189,69 @@ impl GroupCall {
                 debug!(device = %key, "track subscription from the focus; ignored");
             }
             DcMessage::ActiveSpeaker(speaker) => self.focus_speaker(speaker),
+            DcMessage::FocusDraining { hangup_in_ms } => {
+                self.focus_draining(now, key, hangup_in_ms);
+            }
             other => debug!(device = %key, "focus message {} ignored", other.message_type()),
+        }
+    }
+
+    /// Our focus is draining (`m.call.focus_draining`): make before break.
+    /// We go to the mesh as if it were gone (our entry stops naming it, so
+    /// members still at it call us or answer us directly, and we call
+    /// those we should), but keep its peer: its media goes on while the
+    /// mesh calls connect. Each member met in the mesh is unsubscribed at
+    /// the focus; once the mesh reaches every other participant we hang up
+    /// on the focus (`focus_draining`), else the focus hangs up at the end
+    /// of its grace period. We try it again on the usual backoff, not
+    /// before the time it said it stops (a restarted focus takes us back).
+    fn focus_draining(&mut self, now: u64, key: &DeviceKey, hangup_in_ms: Option<u64>) {
+        if self.focus_link.draining {
+            return;
+        }
+        info!(device = %key, ?hangup_in_ms, "our focus is draining; moving to the mesh before it hangs up");
+        self.focus_link.draining = true;
+        self.focus_link.drain_ends = hangup_in_ms.map(|ms| now.saturating_add(ms));
+        if !self.focus_down {
+            self.focus_down = true;
+            if self.joined.as_ref().is_some_and(|j| j.membership_published) {
+                self.publish_membership(now);
+            }
+        }
+        self.mesh(now);
+    }
+
+    /// While our focus drains: stop taking through it what the mesh
+    /// carries now, and hang up on it once the mesh reaches every other
+    /// participant. Runs with every mesh plan and when a peer connects.
+    pub(super) fn follow_focus_drain(&mut self) {
+        if !self.focus_link.draining {
+            return;
+        }
+        let Some(focus) = self.focus_key().filter(|k| self.peers.contains_key(k)) else {
+            return;
+        };
+        self.resubscribe();
+        let reached = |k: &DeviceKey| {
+            self.peers
+                .get(k)
+                .is_some_and(|p| p.phase == super::peer::Phase::Connected)
+        };
+        let all = self
+            .room
+            .participants()
+            .keys()
+            .filter(|k| **k != self.me && !self.is_focus(k))
+            .all(reached);
+        if all {
+            info!(device = %focus, "the mesh reaches everyone: leaving the draining focus");
+            let ends = self.focus_link.drain_ends;
+            self.close_peer(&focus, true, FOCUS_DRAINING, false);
+            // It would turn a call down until it stops: not called again
+            // before then (a restarted focus takes us back after).
+            if let (Some(ends), Some(r)) = (ends, self.retry.get_mut(&focus)) {
+                r.not_before = r.not_before.max(ends);
+            }
         }
     }
 
@@ -336,6 +407,16 @@ impl GroupCall {
     fn resubscribe(&mut self) {
         let Some(key) = self.open_focus() else { return };
         let only = self.focus_link.only.clone();
+        // Draining: members the mesh carries now are not taken through it.
+        let in_mesh: Vec<DeviceKey> = if self.focus_link.draining {
+            self.peers
+                .iter()
+                .filter(|(k, p)| !self.is_focus(k) && p.phase == super::peer::Phase::Connected)
+                .map(|(k, _)| k.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let speakers = self.video_speakers();
         let sizes = &self.focus_link.video_sizes;
         let wanted: BTreeMap<TrackRef, (Option<u32>, Option<u32>)> = self
@@ -345,6 +426,7 @@ impl GroupCall {
             .filter(|(_, s)| {
                 only.as_ref()
                     .is_none_or(|only| only.iter().any(|d| owned_by(s, d)))
+                    && !in_mesh.iter().any(|d| owned_by(s, d))
             })
             .flat_map(|(stream_id, s)| {
                 let camera = s.purpose == crate::events::FeedPurpose::Usermedia;
@@ -497,6 +579,12 @@ impl GroupCall {
     /// [`Config::focus`]: crate::Config::focus
     /// [`Config::follow_foci`]: crate::Config::follow_foci
     pub(super) fn choose_focus(&self) -> Option<crate::events::FocusRef> {
+        // A draining focus is kept until we leave it (its members stop
+        // naming it as they go to the mesh: following them away would
+        // drop its media before the mesh is up).
+        if self.focus_link.draining {
+            return self.active_focus.clone();
+        }
         if !self.cfg.follow_foci {
             return self.cfg.focus.clone();
         }

@@ -538,6 +538,7 @@ impl GroupCall {
         if self.focus_connected() {
             self.leave_mesh_for_focus();
         }
+        self.follow_focus_drain();
         self.ask_focus_to_connect();
         // Our focus: called once. It has no member entry: the invite names
         // its device id as the session, and its answer its real session.

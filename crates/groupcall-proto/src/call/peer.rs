@@ -719,7 +719,10 @@ impl GroupCall {
                         r.calls_placed = 0;
                         r.reported = false;
                     }
-                    if self.is_focus(key) && std::mem::take(&mut self.focus_down) {
+                    if self.is_focus(key)
+                        && !self.focus_link.draining
+                        && std::mem::take(&mut self.focus_down)
+                    {
                         info!(device = %key, "our focus is back");
                         self.leave_mesh_for_focus();
                         // `m.foci.active` names it again.
@@ -731,6 +734,8 @@ impl GroupCall {
                         call_id,
                         status: PeerStatus::Connected,
                     });
+                    // A mesh call while our focus drains: maybe the last.
+                    self.follow_focus_drain();
                 }
             }
             MediaState::Failed => match peer.phase {
