@@ -266,6 +266,12 @@ async function start(opts) {
         // whom the focus names as speaking; empty content for nobody.
         emit({ event: "active_speaker", user_id: content.user_id ?? null, device_id: content.device_id ?? null, stream_id: content.stream_id ?? null });
         break;
+      case "m.call.focus_draining":
+        // groupcall's own message (docs/protocol.md, "Drain"): the focus
+        // stops after its grace period. This client uses the focus only:
+        // it stays until the hangup, then retries as usual.
+        emit({ event: "focus_draining", hangup_in_ms: Number.isInteger(content.hangup_in_ms) ? content.hangup_in_ms : null });
+        break;
       default:
         if (opts.logSignalling) emit({ event: "channel_ignored", type: type ?? null });
     }

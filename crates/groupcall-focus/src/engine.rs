@@ -108,8 +108,12 @@ pub enum EngineInput {
     },
     /// An `m.call.*` to-device message.
     ToDevice(IncomingToDevice),
-    /// Stop accepting calls.
-    StartDraining,
+    /// Stop accepting calls, and tell the clients (`m.call.focus_draining`)
+    /// that the focus hangs up in `hangup_in_ms`.
+    StartDraining {
+        /// Milliseconds until the hangup, if known.
+        hangup_in_ms: Option<u64>,
+    },
     /// Hang up on everyone and close every peer (releasing the TURN
     /// allocation): the end of a drain. [`EngineOutput::Flushed`] follows
     /// the hangups.
@@ -609,7 +613,10 @@ impl State {
             }
             EngineInput::RoomLeft { room_id } => self.focus.room_left(now, &room_id),
             EngineInput::ToDevice(m) => self.focus.handle_to_device(now, &m),
-            EngineInput::StartDraining => self.focus.start_draining(),
+            EngineInput::StartDraining { hangup_in_ms } => {
+                self.focus.start_draining(hangup_in_ms);
+                self.pump();
+            }
             EngineInput::HangUpAll => {
                 self.focus.hang_up_all(now);
                 self.pump();
@@ -1763,8 +1770,10 @@ impl crate::driver::FocusCore for EngineCore {
         Vec::new()
     }
 
-    fn draining(&mut self, _now_ms: u64) -> Vec<crate::driver::CoreOutput> {
-        self.send(EngineInput::StartDraining);
+    fn draining(&mut self, _now_ms: u64, grace: Duration) -> Vec<crate::driver::CoreOutput> {
+        self.send(EngineInput::StartDraining {
+            hangup_in_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)),
+        });
         Vec::new()
     }
 

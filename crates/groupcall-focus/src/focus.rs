@@ -1993,12 +1993,33 @@ impl Focus {
 
     /// Stops accepting calls (invites are turned down with
     /// `focus_shutdown`); the calls already served go on until
-    /// [`Focus::hang_up_all`].
-    pub fn start_draining(&mut self) {
+    /// [`Focus::hang_up_all`]. Every client whose data channel is open is
+    /// told (`m.call.focus_draining`, with `hangup_in_ms` when given), so
+    /// that it can set up its mesh calls while its media still comes
+    /// through here; links with other foci are not told (their clients
+    /// learn it from their own focus's metadata once the link ends).
+    pub fn start_draining(&mut self, hangup_in_ms: Option<u64>) {
+        if self.draining {
+            return;
+        }
         self.draining = true;
         let held = std::mem::take(&mut self.held);
         for h in held {
             self.refuse(h.device, FOCUS_SHUTDOWN);
+        }
+        let told: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.channel_open && c.link.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        info!(
+            clients = told.len(),
+            ?hangup_in_ms,
+            "draining: telling the clients"
+        );
+        for id in told {
+            self.channel(id, &DcMessage::FocusDraining { hangup_in_ms });
         }
     }
 

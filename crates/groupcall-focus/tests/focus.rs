@@ -527,9 +527,18 @@ fn a_clients_offer_that_crosses_ours_wins_and_ours_is_made_again() {
 #[test]
 fn draining_turns_new_invites_down_and_hangs_up_at_the_end() {
     let mut f = focus(|_| {});
-    connect(&mut f, "@a:x", "A");
+    let a = connect(&mut f, "@a:x", "A");
     drain(&mut f);
-    f.start_draining();
+    f.start_draining(Some(10_000));
+    // The client in the call is told at once, with the time left.
+    let outs = drain(&mut f);
+    assert_eq!(
+        channel(&outs, a),
+        vec![json!({"type": "m.call.focus_draining", "content": {"hangup_in_ms": 10000}})]
+    );
+    // Only once.
+    f.start_draining(Some(10_000));
+    assert!(drain(&mut f).is_empty());
     f.handle_to_device(NOW, &invite("@b:x", "B", "B-S", "c-B", true));
     let outs = drain(&mut f);
     assert!(

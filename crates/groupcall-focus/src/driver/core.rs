@@ -1,6 +1,7 @@
 //! The seam between the driver and the focus's logic.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use groupcall_proto::room::{RoomCallState, RoomChange};
 use serde_json::Value;
@@ -117,9 +118,9 @@ pub trait FocusCore: Send + 'static {
     }
 
     /// The focus started draining: tell clients, refuse new calls; the
-    /// driver stops after the grace period.
-    fn draining(&mut self, now_ms: u64) -> Vec<CoreOutput> {
-        let _ = now_ms;
+    /// driver stops after the grace period (`grace`).
+    fn draining(&mut self, now_ms: u64, grace: Duration) -> Vec<CoreOutput> {
+        let _ = (now_ms, grace);
         Vec::new()
     }
 

@@ -368,7 +368,7 @@ impl<C: FocusCore> Service<C> {
                             );
                             self.state = FocusState::Draining;
                             self.metrics.set_draining(true);
-                            let outs = self.core.draining(now_ms());
+                            let outs = self.core.draining(now_ms(), grace);
                             self.send(outs);
                             deadline = Some(Instant::now() + grace);
                         }
