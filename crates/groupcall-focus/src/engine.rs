@@ -613,10 +613,7 @@ impl State {
             }
             EngineInput::RoomLeft { room_id } => self.focus.room_left(now, &room_id),
             EngineInput::ToDevice(m) => self.focus.handle_to_device(now, &m),
-            EngineInput::StartDraining { hangup_in_ms } => {
-                self.focus.start_draining(hangup_in_ms);
-                self.pump();
-            }
+            EngineInput::StartDraining { hangup_in_ms } => self.focus.start_draining(hangup_in_ms),
             EngineInput::HangUpAll => {
                 self.focus.hang_up_all(now);
                 self.pump();

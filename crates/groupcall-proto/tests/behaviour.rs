@@ -2442,8 +2442,9 @@ fn a_focus_whose_channel_closes_is_hung_up_on() {
     assert!(placed_to(&outs, "@b:x"));
 }
 
-#[test]
-fn a_focus_offer_naming_some_tracks_does_not_unsubscribe_the_others() {
+/// Connected to the focus, its channel open, and the focus saying b
+/// publishes `s-b` (audio `a-b`, video `v-b`), which we subscribe to.
+fn at_focus_with_b_publishing() -> (GroupCall, PeerHandle) {
     let (mut call, peer, _) = connected_to_focus();
     call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });
     drain(&mut call);
@@ -2451,6 +2452,12 @@ fn a_focus_offer_naming_some_tracks_does_not_unsubscribe_the_others() {
         "s-b": {"purpose": "m.usermedia", "user_id": "@b:x", "device_id": "BDEV",
             "tracks": {"a-b": {}, "v-b": {}}}}}});
     channel(&mut call, NOW + 20, peer, meta);
+    (call, peer)
+}
+
+#[test]
+fn a_focus_offer_naming_some_tracks_does_not_unsubscribe_the_others() {
+    let (mut call, peer) = at_focus_with_b_publishing();
     // The focus's offer carries the metadata of the tracks it sends so far:
     // b's audio only. Nothing is unsubscribed.
     let offer = json!({"type": "m.call.negotiate", "content": {"description": {"type": "offer", "sdp": "o"},
@@ -2567,13 +2574,7 @@ fn an_unreachable_focus_is_left_at_once_and_when_it_is_back_the_mesh_calls_end()
 /// reaching everyone, we hang up on the focus ourselves.
 #[test]
 fn a_draining_focus_is_kept_until_the_mesh_reaches_everyone() {
-    let (mut call, peer, _) = connected_to_focus();
-    call.handle_media(NOW + 10, MediaEvent::ChannelOpen { peer });
-    drain(&mut call);
-    let meta = json!({"type": "m.call.sdp_stream_metadata_changed", "content": {"sdp_stream_metadata": {
-        "s-b": {"purpose": "m.usermedia", "user_id": "@b:x", "device_id": "BDEV",
-            "tracks": {"a-b": {}, "v-b": {}}}}}});
-    channel(&mut call, NOW + 20, peer, meta);
+    let (mut call, peer) = at_focus_with_b_publishing();
 
     let outs = channel(
         &mut call,

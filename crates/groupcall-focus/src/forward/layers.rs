@@ -398,6 +398,10 @@ mod tests {
         }
     }
 
+    fn ch(now: u8, up_candidate: Option<u8>) -> Choice {
+        Choice { now, up_candidate }
+    }
+
     fn wish(width: Option<u32>, height: Option<u32>) -> Wish {
         Wish {
             width,
@@ -513,13 +517,7 @@ mod tests {
         w.budget_bps = Some(400_000);
         // On the top layer, an estimate of 400 kbit/s: down to 640x360 at once.
         let c = choose(&ls, t, STALE, w, 2, 125, false).unwrap();
-        assert_eq!(
-            c,
-            Choice {
-                now: 1,
-                up_candidate: None
-            }
-        );
+        assert_eq!(c, ch(1, None));
         // 300 kbit/s: only the low layer fits.
         w.budget_bps = Some(300_000);
         assert_eq!(choose(&ls, t, STALE, w, 2, 125, false).unwrap().now, 0);
@@ -530,32 +528,14 @@ mod tests {
         // margin; 350k * 1.25 does: a candidate, taken only once held.
         w.budget_bps = Some(1_000_000);
         let c = choose(&ls, t, STALE, w, 0, 125, false).unwrap();
-        assert_eq!(
-            c,
-            Choice {
-                now: 0,
-                up_candidate: Some(1)
-            }
-        );
+        assert_eq!(c, ch(0, Some(1)));
         let c = choose(&ls, t, STALE, w, 0, 125, true).unwrap();
-        assert_eq!(
-            c,
-            Choice {
-                now: 1,
-                up_candidate: None
-            }
-        );
+        assert_eq!(c, ch(1, None));
         // 430 kbit/s on the middle layer: above its rate, below the margin
         // for more: stays, nothing pending.
         w.budget_bps = Some(430_000);
         let c = choose(&ls, t, STALE, w, 1, 125, false).unwrap();
-        assert_eq!(
-            c,
-            Choice {
-                now: 1,
-                up_candidate: None
-            }
-        );
+        assert_eq!(c, ch(1, None));
     }
 
     #[test]
@@ -572,33 +552,15 @@ mod tests {
         // On the low layer, two loss steps down: the estimate has room for
         // the next layer, whose hold starts although the steps forbid it.
         let c = choose(&ls, t, STALE, w, 0, 125, false).unwrap();
-        assert_eq!(
-            c,
-            Choice {
-                now: 0,
-                up_candidate: Some(1)
-            }
-        );
+        assert_eq!(c, ch(0, Some(1)));
         // Held, but the steps still forbid it: stays, the candidate kept
         // (its timer goes on).
         let c = choose(&ls, t, STALE, w, 0, 125, true).unwrap();
-        assert_eq!(
-            c,
-            Choice {
-                now: 0,
-                up_candidate: Some(1)
-            }
-        );
+        assert_eq!(c, ch(0, Some(1)));
         // One step released: the held candidate is taken at once.
         w.steps_down = 1;
         let c = choose(&ls, t, STALE, w, 0, 125, true).unwrap();
-        assert_eq!(
-            c,
-            Choice {
-                now: 1,
-                up_candidate: None
-            }
-        );
+        assert_eq!(c, ch(1, None));
         // One layer at a time: from the low layer, the top is never the
         // candidate, however large the estimate.
         w.steps_down = 0;

@@ -212,12 +212,7 @@ impl GroupCall {
         info!(device = %key, ?hangup_in_ms, "our focus is draining; moving to the mesh before it hangs up");
         self.focus_link.draining = true;
         self.focus_link.drain_ends = hangup_in_ms.map(|ms| now.saturating_add(ms));
-        if !self.focus_down {
-            self.focus_down = true;
-            if self.joined.as_ref().is_some_and(|j| j.membership_published) {
-                self.publish_membership(now);
-            }
-        }
+        self.mark_focus_down(now);
         self.mesh(now);
     }
 
@@ -232,17 +227,12 @@ impl GroupCall {
             return;
         };
         self.resubscribe();
-        let reached = |k: &DeviceKey| {
-            self.peers
-                .get(k)
-                .is_some_and(|p| p.phase == super::peer::Phase::Connected)
-        };
         let all = self
             .room
             .participants()
             .keys()
             .filter(|k| **k != self.me && !self.is_focus(k))
-            .all(reached);
+            .all(|k| self.met_in_mesh(k));
         if all {
             info!(device = %focus, "the mesh reaches everyone: leaving the draining focus");
             let ends = self.focus_link.drain_ends;
@@ -253,6 +243,15 @@ impl GroupCall {
                 r.not_before = r.not_before.max(ends);
             }
         }
+    }
+
+    /// Whether a connected mesh call (not the focus's) carries `device`.
+    fn met_in_mesh(&self, device: &DeviceKey) -> bool {
+        !self.is_focus(device)
+            && self
+                .peers
+                .get(device)
+                .is_some_and(|p| p.phase == super::peer::Phase::Connected)
     }
 
     /// The focus's metadata: the streams of the call it forwards, each with
@@ -408,12 +407,8 @@ impl GroupCall {
         let Some(key) = self.open_focus() else { return };
         let only = self.focus_link.only.clone();
         // Draining: members the mesh carries now are not taken through it.
-        let in_mesh: Vec<DeviceKey> = if self.focus_link.draining {
-            self.peers
-                .iter()
-                .filter(|(k, p)| !self.is_focus(k) && p.phase == super::peer::Phase::Connected)
-                .map(|(k, _)| k.clone())
-                .collect()
+        let in_mesh: Vec<&DeviceKey> = if self.focus_link.draining {
+            self.peers.keys().filter(|k| self.met_in_mesh(k)).collect()
         } else {
             Vec::new()
         };

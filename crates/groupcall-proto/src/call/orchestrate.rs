@@ -565,6 +565,18 @@ impl GroupCall {
             .is_some_and(|f| f.user_id == device.user_id && f.device_id == device.device_id)
     }
 
+    /// Our focus is down (gone, or draining): we are in the mesh, and the
+    /// members are told (our entry stops naming it in `m.foci.active`, so
+    /// those still at the focus meet us in the mesh).
+    pub(super) fn mark_focus_down(&mut self, now: u64) {
+        if std::mem::replace(&mut self.focus_down, true) {
+            return;
+        }
+        if self.joined.as_ref().is_some_and(|j| j.membership_published) {
+            self.publish_membership(now);
+        }
+    }
+
     /// Whether members that publish to our focus meet us there rather than
     /// in the mesh: we have a focus and it is not known to be down.
     pub(super) fn focus_usable(&self) -> bool {
@@ -731,12 +743,7 @@ impl GroupCall {
             self.focus_closed();
             if !self.focus_down && !ours {
                 warn!(%device, reason = why, "our focus is gone; falling back to the mesh");
-                self.focus_down = true;
-                // Tell the members: those still at the focus meet us in the
-                // mesh now.
-                if self.joined.as_ref().is_some_and(|j| j.membership_published) {
-                    self.publish_membership(self.now);
-                }
+                self.mark_focus_down(self.now);
             }
         }
         // A call that failed or was hung up is not placed again at once: the
