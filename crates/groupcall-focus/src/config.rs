@@ -117,7 +117,9 @@ pub struct MediaConfig {
     pub bind: Vec<SocketAddr>,
     /// `advertise`: IP addresses offered to clients as candidates instead
     /// of the bound ones (a public IP in front of a NAT that maps the same
-    /// ports). Empty: the bound addresses.
+    /// ports). Empty: the bound addresses; one per bound address, in
+    /// order; or several for a single bound address (see
+    /// [`offered_addrs`]).
     pub advertise: Vec<IpAddr>,
     /// `estimate_bandwidth`: estimate each subscriber's downlink
     /// (transport-wide congestion control feedback) and fit its simulcast
@@ -141,6 +143,51 @@ pub struct TurnConfig {
     /// whose own addresses clients cannot reach). Default false: the bound
     /// (or advertised) addresses and the relayed ones.
     pub relay_only: bool,
+}
+
+/// The addresses offered to clients for each bound socket
+/// (`[media] advertise`): with no advertised IP, each socket's own
+/// address; with as many as there are sockets, one for each, in order;
+/// with one socket, every advertised IP with its port. A socket bound to
+/// every address (`0.0.0.0`, `::`) must be given one. Anything else is an
+/// error, in words.
+pub fn offered_addrs(
+    bound: &[SocketAddr],
+    advertise: &[IpAddr],
+) -> Result<Vec<Vec<SocketAddr>>, String> {
+    let offered: Vec<Vec<SocketAddr>> = if advertise.is_empty() {
+        bound.iter().map(|b| vec![*b]).collect()
+    } else if bound.len() == 1 {
+        let port = bound.first().map_or(0, SocketAddr::port);
+        vec![
+            advertise
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, port))
+                .collect(),
+        ]
+    } else if advertise.len() == bound.len() {
+        bound
+            .iter()
+            .zip(advertise)
+            .map(|(b, ip)| vec![SocketAddr::new(*ip, b.port())])
+            .collect()
+    } else {
+        return Err(format!(
+            "{} advertised addresses for {} bound ones: give none, one per bound address, or bind one address",
+            advertise.len(),
+            bound.len()
+        ));
+    };
+    if let Some((b, _)) = bound
+        .iter()
+        .zip(&offered)
+        .find(|(_, o)| o.iter().any(|a| a.ip().is_unspecified()))
+    {
+        return Err(format!(
+            "`{b}` binds every address: name the one clients reach (advertise) or bind that address"
+        ));
+    }
+    Ok(offered)
 }
 
 /// `[limits]`: what one call and one participant may use.
@@ -540,6 +587,7 @@ impl Parser<'_> {
                 ),
             ));
         }
+        offered_addrs(&bind, &advertise).map_err(|e| self.err("media.advertise", e))?;
         let estimate_bandwidth = self
             .opt_bool(s, "media.", "estimate_bandwidth")?
             .unwrap_or(false);
@@ -1253,5 +1301,50 @@ grace_period = "0s"
         assert_eq!(parse_duration("30"), None);
         assert_eq!(parse_duration("1h"), None);
         assert_eq!(parse_duration("-1s"), None);
+    }
+    #[test]
+    fn offered_addresses_pair_with_the_bound_ones() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let two = [a("127.0.0.1:5000"), a("[::1]:5001")];
+        assert_eq!(
+            offered_addrs(&two, &[]).unwrap(),
+            vec![vec![two[0]], vec![two[1]]]
+        );
+        assert_eq!(
+            offered_addrs(&two, &[ip("203.0.113.7"), ip("2001:db8::7")]).unwrap(),
+            vec![vec![a("203.0.113.7:5000")], vec![a("[2001:db8::7]:5001")]]
+        );
+        // One socket (bound to every address) offered at two public IPs.
+        assert_eq!(
+            offered_addrs(&[a("[::]:6000")], &[ip("203.0.113.7"), ip("2001:db8::7")]).unwrap(),
+            vec![vec![a("203.0.113.7:6000"), a("[2001:db8::7]:6000")]]
+        );
+        let e = offered_addrs(&two, &[ip("203.0.113.7")]).unwrap_err();
+        assert!(e.contains("1 advertised addresses for 2 bound ones"), "{e}");
+        let e = offered_addrs(&[a("0.0.0.0:1"), a("127.0.0.1:2")], &[]).unwrap_err();
+        assert!(e.contains("`0.0.0.0:1` binds every address"), "{e}");
+    }
+
+    #[test]
+    fn two_bound_addresses_take_none_or_two_advertised() {
+        let two = MINIMAL.replace(
+            r#"bind = ["192.0.2.10:50000"]"#,
+            r#"bind = ["127.0.0.1:0", "[::1]:0"]"#,
+        );
+        let c = parse(&two).unwrap();
+        assert_eq!(c.media.bind.len(), 2);
+        let c = parse(&format!(
+            "{two}advertise = [\"198.51.100.1\", \"2001:db8::1\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.media.advertise.len(), 2);
+        let e = parse(&format!("{two}advertise = [\"198.51.100.1\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("media.advertise") && e.contains("1 advertised addresses for 2"),
+            "{e}"
+        );
     }
 }

@@ -43,17 +43,21 @@ pub struct EngineConfig {
     pub focus: FocusConfig,
     /// The forwarder's settings.
     pub forwarder: ForwarderConfig,
-    /// Where the media socket binds (port 0: any).
-    pub bind: SocketAddr,
+    /// Where the media sockets bind, one socket per address (port 0: any).
+    /// Empty: one socket on `0.0.0.0:0` (which then needs `advertise`).
+    pub bind: Vec<SocketAddr>,
     /// TURN (or STUN) servers the focus gathers candidates from (one
     /// allocation per server, shared by every client's peer).
     pub ice_servers: Vec<groupcall::media::IceServer>,
     /// Offer clients only relayed candidates.
     pub relay_only: bool,
-    /// The address offered to clients instead of the bound one (with the
-    /// bound port): `[media] advertise`, e.g. the public IP of a NAT, or
-    /// the address of a socket bound to every address.
-    pub advertise: Option<std::net::IpAddr>,
+    /// The addresses offered to clients instead of the bound ones (with
+    /// the bound ports): `[media] advertise`, e.g. the public IP of a NAT,
+    /// or the address of a socket bound to every address. Empty: each
+    /// socket's own address; as many as `bind`: one for each socket, in
+    /// order; with one socket: all of them for it (e.g. its public IPv4
+    /// and IPv6). See [`crate::config::offered_addrs`].
+    pub advertise: Vec<std::net::IpAddr>,
     /// The upload limit of one participant, bits per second: told to every
     /// publisher once a second (RTCP REMB on its video, advisory).
     pub max_upload_bps: Option<u64>,
@@ -178,6 +182,23 @@ pub struct CallFigures {
     /// Packets str0m re-sent (RTX) in answer to those NACKs (a lower
     /// bound, see `groupcall_media::PeerStats::rtp_resent`).
     pub nack_resends: u64,
+    /// The active speaker now (`@user:server/DEVICE`), if one is named.
+    pub active_speaker: Option<String>,
+    /// Times the active speaker was announced to the call (a new speaker,
+    /// or nobody).
+    pub active_speaker_changes: u64,
+}
+
+/// One media socket of the engine ([`EngineFigures::sockets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SocketFigures {
+    /// The bound address.
+    pub bound: SocketAddr,
+    /// The addresses offered to clients for it (host candidates).
+    pub offered: Vec<SocketAddr>,
+    /// Datagrams received on it.
+    pub datagrams_in: u64,
 }
 
 /// The engine's figures (metrics, the demo's report, tests).
@@ -196,8 +217,11 @@ pub struct EngineFigures {
     /// Datagrams the socket could not send at once (dropped).
     pub send_dropped: u64,
     /// The media address offered to clients: the socket's, or the
-    /// advertised IP with the socket's port.
+    /// advertised IP with the socket's port (the first socket's first).
     pub local_addr: Option<SocketAddr>,
+    /// Every media socket: its bound address, the addresses offered for
+    /// it, and the datagrams it received so far.
+    pub sockets: Vec<SocketFigures>,
     /// Subscriptions in force (subscriber, track), all calls.
     pub subscriptions: usize,
     /// When the forwarder last started or stopped forwarding a track to a
@@ -340,40 +364,34 @@ impl Engine {
             mpsc::UnboundedReceiver<EngineInput>,
         ),
     ) -> std::io::Result<Engine> {
-        let std_socket = std::net::UdpSocket::bind(cfg.bind)?;
-        std_socket.set_nonblocking(true)?;
-        // Every client's media comes to this one socket: a burst (key
-        // frames of many publishers, or the task briefly off the CPU) must
-        // not overflow the kernel's default buffer (about 200 KB). The
-        // kernel caps the size at net.core.rmem_max / wmem_max.
-        let sock = socket2::SockRef::from(&std_socket);
-        for (what, r) in [
-            ("receive", sock.set_recv_buffer_size(SOCKET_BUFFER)),
-            ("send", sock.set_send_buffer_size(SOCKET_BUFFER)),
-        ] {
-            if let Err(e) = r {
-                warn!(error = %e, "media socket: {what} buffer size not set");
+        let binds = if cfg.bind.is_empty() {
+            vec![SocketAddr::from(([0, 0, 0, 0], 0))]
+        } else {
+            cfg.bind.clone()
+        };
+        let mut sockets = Vec::with_capacity(binds.len());
+        for bind in &binds {
+            sockets.push(bind_media_socket(*bind)?);
+        }
+        let bound = sockets
+            .iter()
+            .map(UdpSocket::local_addr)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let offered = crate::config::offered_addrs(&bound, &cfg.advertise)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        for (b, o) in bound.iter().zip(&offered) {
+            if o.as_slice() != [*b] {
+                info!(local_addr = %b, offered = ?o, "focus media: offering the advertised address");
             }
         }
-        info!(
-            recv = sock.recv_buffer_size().unwrap_or(0),
-            send = sock.send_buffer_size().unwrap_or(0),
-            "focus media socket buffers"
-        );
-        let socket = UdpSocket::from_std(std_socket)?;
-        let local_addr = socket.local_addr()?;
-        info!(%local_addr, "focus media socket bound");
+        let local_addr = bound
+            .first()
+            .copied()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         let (tx, rx) = inputs;
         let figures_rx = figures_tx.subscribe();
-        let ice_addr = match cfg.advertise {
-            Some(ip) => SocketAddr::new(ip, local_addr.port()),
-            None => local_addr,
-        };
-        if ice_addr != local_addr {
-            info!(%local_addr, %ice_addr, "focus media: offering the advertised address");
-        }
-        let state = State::new(cfg, ice_addr, out);
-        let task = tokio::spawn(run(socket, state, rx, figures_tx));
+        let state = State::new(cfg, &bound, offered, out);
+        let task = tokio::spawn(run(sockets, state, rx, figures_tx));
         Ok(Engine {
             tx,
             local_addr,
@@ -392,7 +410,7 @@ impl Engine {
         let _ = self.tx.send(input);
     }
 
-    /// The media socket's address.
+    /// The first media socket's address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
@@ -460,7 +478,9 @@ struct State {
     focus: Focus,
     fwd: Forwarder,
     set: PeerSet,
-    local_addr: SocketAddr,
+    /// The offered addresses (the peer set's sockets) and the bound socket
+    /// (index into the loop's sockets) each stands for.
+    offered: Vec<(SocketAddr, usize)>,
     ice_servers: Vec<groupcall::media::IceServer>,
     relay_only: bool,
     max_upload_bps: Option<u64>,
@@ -476,7 +496,7 @@ struct State {
     next_request: u64,
     figures: EngineFigures,
     /// Datagrams to send, filled by the peer set, drained by the loop.
-    transmits: Vec<(SocketAddr, Vec<u8>)>,
+    transmits: Vec<(usize, SocketAddr, Vec<u8>)>,
     /// NACKs and resends of clients that left: in all, and by call (so
     /// that a call's counts never go down).
     nacks_retired: (u64, u64),
@@ -527,14 +547,30 @@ fn extend_seq(last: Option<u64>, seq: u16) -> u64 {
 impl State {
     fn new(
         cfg: EngineConfig,
-        local_addr: SocketAddr,
+        bound: &[SocketAddr],
+        offered: Vec<Vec<SocketAddr>>,
         out: mpsc::UnboundedSender<EngineOutput>,
     ) -> Self {
+        let sockets: Vec<SocketFigures> = bound
+            .iter()
+            .zip(&offered)
+            .map(|(b, o)| SocketFigures {
+                bound: *b,
+                offered: o.clone(),
+                datagrams_in: 0,
+            })
+            .collect();
+        let offered: Vec<(SocketAddr, usize)> = offered
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, o)| o.into_iter().map(move |a| (a, i)))
+            .collect();
+        let local_addr = offered.first().map(|(a, _)| *a);
         Self {
             focus: Focus::new(cfg.focus),
             fwd: Forwarder::new(cfg.forwarder),
-            set: PeerSet::new(Instant::now(), vec![local_addr]),
-            local_addr,
+            set: PeerSet::new(Instant::now(), offered.iter().map(|(a, _)| *a).collect()),
+            offered,
             ice_servers: cfg.ice_servers,
             relay_only: cfg.relay_only,
             max_upload_bps: cfg.max_upload_bps,
@@ -547,7 +583,8 @@ impl State {
             pending: HashMap::new(),
             next_request: 1,
             figures: EngineFigures {
-                local_addr: Some(local_addr),
+                local_addr,
+                sockets,
                 ..Default::default()
             },
             transmits: Vec::new(),
@@ -560,6 +597,43 @@ impl State {
     }
 
     /// Asks every client's peer for its counters.
+    /// The loop's socket that sends for the offered address `source`
+    /// (the first socket for an address the set was not made with).
+    fn socket_of(&self, source: SocketAddr) -> usize {
+        self.offered
+            .iter()
+            .find(|(a, _)| *a == source)
+            .map_or(0, |(_, i)| *i)
+    }
+
+    /// The offered address a datagram from `from` reached on socket
+    /// `socket`: the socket's offered address of `from`'s family (an
+    /// IPv4-mapped IPv6 sender counts as IPv4), else its first.
+    fn offered_on(&self, socket: usize, from: SocketAddr) -> Option<SocketAddr> {
+        let v4 = match from.ip() {
+            std::net::IpAddr::V4(_) => true,
+            std::net::IpAddr::V6(a) => a.to_ipv4_mapped().is_some(),
+        };
+        let mut on_socket = self.offered.iter().filter(|(_, i)| *i == socket);
+        let first = on_socket.clone().next().map(|(a, _)| *a);
+        on_socket
+            .find(|(a, _)| a.is_ipv4() == v4)
+            .map(|(a, _)| *a)
+            .or(first)
+    }
+
+    /// A datagram arrived on socket `socket`.
+    fn on_datagram(&mut self, socket: usize, from: SocketAddr, data: &[u8]) {
+        if let Some(f) = self.figures.sockets.get_mut(socket) {
+            f.datagrams_in += 1;
+        }
+        let Some(local) = self.offered_on(socket, from) else {
+            return;
+        };
+        self.set
+            .handle_input(Instant::now(), SetInput::Datagram { local, from, data });
+    }
+
     fn request_peer_stats(&mut self) {
         let ids: Vec<ClientId> = self.clients.keys().copied().collect();
         for c in ids {
@@ -729,6 +803,12 @@ impl State {
                     .iter()
                     .filter_map(|c| self.clients.get(c))
                     .fold(retired, |(a, b), m| (a + m.nacks.0, b + m.nacks.1));
+                let active_speaker = self
+                    .focus
+                    .active_speaker(&room_id, &conf_id)
+                    .and_then(|s| self.focus.device_of(s))
+                    .map(|d| format!("{}/{}", d.user_id, d.device_id));
+                let active_speaker_changes = self.focus.active_speaker_changes(&room_id, &conf_id);
                 CallFigures {
                     room_id,
                     conf_id,
@@ -740,6 +820,8 @@ impl State {
                         .unwrap_or_default(),
                     nacks_received,
                     nack_resends,
+                    active_speaker,
+                    active_speaker_changes,
                 }
             })
             .collect();
@@ -889,7 +971,7 @@ impl State {
             receive_audio: false,
             receive_video: false,
             data_channel,
-            bind_addrs: vec![self.local_addr.ip()],
+            bind_addrs: self.offered.iter().map(|(a, _)| a.ip()).collect(),
             ice_servers: self.ice_servers.clone(),
             relay_only: self.relay_only,
             estimate_bandwidth: self.estimate_bandwidth,
@@ -1034,7 +1116,10 @@ impl State {
 
     fn on_set(&mut self, o: SetOutput) {
         match o {
-            SetOutput::Transmit(t) => self.transmits.push((t.destination, t.contents)),
+            SetOutput::Transmit(t) => {
+                let socket = self.socket_of(t.source);
+                self.transmits.push((socket, t.destination, t.contents));
+            }
             SetOutput::Answer {
                 peer: p,
                 request,
@@ -1509,13 +1594,71 @@ fn feeds_of(tracks: &[SendTrack]) -> Vec<LocalFeed> {
     feeds
 }
 
+/// Binds one media socket (non-blocking, with [`SOCKET_BUFFER`] asked
+/// for each way).
+fn bind_media_socket(bind: SocketAddr) -> std::io::Result<UdpSocket> {
+    let std_socket = std::net::UdpSocket::bind(bind)?;
+    std_socket.set_nonblocking(true)?;
+    // Every client's media comes to these sockets: a burst (key frames of
+    // many publishers, or the task briefly off the CPU) must not overflow
+    // the kernel's default buffer (about 200 KB). The kernel caps the size
+    // at net.core.rmem_max / wmem_max.
+    let sock = socket2::SockRef::from(&std_socket);
+    for (what, r) in [
+        ("receive", sock.set_recv_buffer_size(SOCKET_BUFFER)),
+        ("send", sock.set_send_buffer_size(SOCKET_BUFFER)),
+    ] {
+        if let Err(e) = r {
+            warn!(error = %e, "media socket: {what} buffer size not set");
+        }
+    }
+    info!(
+        local_addr = %std_socket.local_addr()?,
+        recv = sock.recv_buffer_size().unwrap_or(0),
+        send = sock.send_buffer_size().unwrap_or(0),
+        "focus media socket bound"
+    );
+    UdpSocket::from_std(std_socket)
+}
+
+/// The next datagram of any of `sockets` into `buf`: which socket, its
+/// length and sender. The sockets are polled from `*start` on, which moves
+/// on by one each call, so that a busy socket cannot starve the others.
+fn recv_any<'a>(
+    sockets: &'a [UdpSocket],
+    buf: &'a mut [u8],
+    start: &'a mut usize,
+) -> impl std::future::Future<Output = (usize, std::io::Result<(usize, SocketAddr)>)> + 'a {
+    let n = sockets.len().max(1);
+    *start = (*start + 1) % n;
+    let first = *start;
+    std::future::poll_fn(move |cx| {
+        for k in 0..sockets.len() {
+            let i = (first + k) % n;
+            let Some(socket) = sockets.get(i) else {
+                continue;
+            };
+            let mut rb = tokio::io::ReadBuf::new(buf);
+            match socket.poll_recv_from(cx, &mut rb) {
+                std::task::Poll::Ready(Ok(from)) => {
+                    return std::task::Poll::Ready((i, Ok((rb.filled().len(), from))));
+                }
+                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready((i, Err(e))),
+                std::task::Poll::Pending => {}
+            }
+        }
+        std::task::Poll::Pending
+    })
+}
+
 async fn run(
-    socket: UdpSocket,
+    sockets: Vec<UdpSocket>,
     mut state: State,
     mut rx: mpsc::UnboundedReceiver<EngineInput>,
     figures: watch::Sender<EngineFigures>,
 ) {
     let mut buf = vec![0u8; 2048];
+    let mut next_socket = 0;
     let mut figures_at = Instant::now();
     let mut stats_at = Instant::now();
     loop {
@@ -1535,15 +1678,12 @@ async fn run(
             }
         };
         tokio::select! {
-            r = socket.recv_from(&mut buf) => match r {
+            (i, r) = recv_any(&sockets, &mut buf, &mut next_socket) => match r {
                 Ok((n, from)) => {
                     let data = buf.get(..n).unwrap_or_default();
-                    state.set.handle_input(
-                        Instant::now(),
-                        SetInput::Datagram { local: state.local_addr, from, data },
-                    );
+                    state.on_datagram(i, from, data);
                 }
-                Err(e) => debug!("media socket: {e}"),
+                Err(e) => debug!(socket = i, "media socket: {e}"),
             },
             input = rx.recv() => match input {
                 #[cfg(feature = "test-hooks")]
@@ -1560,8 +1700,11 @@ async fn run(
             () = sleep => state.on_timeout(),
         }
         state.pump();
-        for (to, data) in state.transmits.drain(..) {
-            if socket.try_send_to(&data, to).is_err() {
+        for (i, to, data) in state.transmits.drain(..) {
+            let sent = sockets
+                .get(i)
+                .is_some_and(|s| s.try_send_to(&data, to).is_ok());
+            if !sent {
                 state.figures.send_dropped += 1;
             }
         }
@@ -1645,12 +1788,7 @@ impl EngineCore {
             interval_ms: config.heartbeat.ping_interval.as_millis() as u64,
             timeout_ms: config.heartbeat.ping_timeout.as_millis() as u64,
         };
-        let bind = config
-            .media
-            .bind
-            .first()
-            .copied()
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let bind = config.media.bind.clone();
         let (ice_servers, relay_only) = match &config.turn {
             Some(t) => {
                 let password = config.turn_password()?.unwrap_or_default();
@@ -1671,7 +1809,7 @@ impl EngineCore {
             bind,
             ice_servers,
             relay_only,
-            advertise: config.media.advertise.first().copied(),
+            advertise: config.media.advertise.clone(),
             max_upload_bps: Some(u64::from(config.limits.max_kbps_per_participant) * 1000),
             estimate_bandwidth: config
                 .media
@@ -1704,7 +1842,7 @@ impl crate::driver::FocusCore for EngineCore {
             self.figures.clone(),
             (self.inputs.clone(), inputs_rx),
         )
-        .map_err(|e| format!("binding {}: {e}", self.cfg.bind))?;
+        .map_err(|e| format!("binding {:?}: {e}", self.cfg.bind))?;
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(out) = rx.recv().await {
@@ -1810,10 +1948,20 @@ impl crate::driver::FocusCore for EngineCore {
                 *done = n;
             }
         }
+        // A call that ended here: its series go (its counters stay in the
+        // totals).
+        let live: std::collections::BTreeSet<String> = f
+            .calls
+            .iter()
+            .map(|c| format!("{}/{}", c.room_id, c.conf_id))
+            .collect();
+        metrics.retain_calls(|c| live.contains(c));
         for c in &f.calls {
             let k = &c.counters;
+            let label = format!("{}/{}", c.room_id, c.conf_id);
+            metrics.set_active_speaker(&label, c.active_speaker.as_deref());
             metrics.set_call(
-                &format!("{}/{}", c.room_id, c.conf_id),
+                &label,
                 crate::metrics::CallFigures {
                     participants: c.participants as u64,
                     tracks: c.tracks as u64,
@@ -1833,6 +1981,7 @@ impl crate::driver::FocusCore for EngineCore {
                     layer_switch_fallbacks: k.layer_switch_fallbacks,
                     inter_before_keyframe: k.inter_before_keyframe,
                     layer_switch_latency_ms: k.switch_latency_total_ms,
+                    active_speaker_changes: c.active_speaker_changes,
                 },
             );
         }

@@ -450,8 +450,9 @@ pub struct Focus {
     out: VecDeque<FocusOutput>,
     /// Our offers that yielded to a client's crossing one (glare).
     offers_yielded: u64,
-    /// The active speaker of each call, as last announced.
-    speakers: BTreeMap<(String, String), Option<ClientId>>,
+    /// The active speaker of each call, as last announced, and how many
+    /// times it changed.
+    speakers: BTreeMap<(String, String), (Option<ClientId>, u64)>,
     /// When another focus may be called again, and the wait after that.
     link_retry: BTreeMap<DeviceKey, (u64, u64)>,
     /// Links placed so far (call ids).
@@ -1878,10 +1879,11 @@ impl Focus {
             return;
         }
         let key = (room_id.to_owned(), conf_id.to_owned());
-        if self.speakers.get(&key) == Some(&speaker) {
+        let entry = self.speakers.entry(key).or_insert((None, 0));
+        if entry.1 > 0 && entry.0 == speaker {
             return;
         }
-        self.speakers.insert(key, speaker);
+        *entry = (speaker, entry.1 + 1);
         info!(
             %room_id,
             %conf_id,
@@ -1903,8 +1905,15 @@ impl Focus {
     pub fn active_speaker(&self, room_id: &str, conf_id: &str) -> Option<ClientId> {
         self.speakers
             .get(&(room_id.to_owned(), conf_id.to_owned()))
-            .copied()
-            .flatten()
+            .and_then(|(s, _)| *s)
+    }
+
+    /// How many times the active speaker of a call was announced (a new
+    /// speaker, or nobody), since the call started at the focus.
+    pub fn active_speaker_changes(&self, room_id: &str, conf_id: &str) -> u64 {
+        self.speakers
+            .get(&(room_id.to_owned(), conf_id.to_owned()))
+            .map_or(0, |(_, n)| *n)
     }
 
     /// Sends `client` its call's active speaker, if one was announced.
@@ -1918,7 +1927,7 @@ impl Focus {
         let Some(speaker) = self
             .speakers
             .get(&(c.room_id.clone(), c.conf_id.clone()))
-            .copied()
+            .map(|(s, _)| *s)
         else {
             return;
         };

@@ -24,11 +24,16 @@
 //! | `link_packets_out_total`, `link_packets_in_total` | counter | `focus` |
 //! | `looped_packets_total` | counter | |
 //! | `call_participants`, `call_tracks` | gauge | `call` |
-//! | `call_packets_in_total`, `call_bytes_in_total`, `call_packets_out_total`, `call_bytes_out_total`, `call_nacks_served_total`, `call_plis_sent_total`, `call_nacks_received_total`, `call_keyframe_requests_received_total`, `call_keyframe_requests_coalesced_total`, `call_layer_switches_total`, `call_layer_switch_fallbacks_total`, `call_inter_before_keyframe_total`, `call_layer_switch_latency_ms_total` | counter | `call` |
+//! | `call_active_speaker` | gauge (1) | `call`, `speaker` |
+//! | `call_packets_in_total`, `call_bytes_in_total`, `call_packets_out_total`, `call_bytes_out_total`, `call_nacks_served_total`, `call_plis_sent_total`, `call_nacks_received_total`, `call_keyframe_requests_received_total`, `call_keyframe_requests_coalesced_total`, `call_layer_switches_total`, `call_layer_switch_fallbacks_total`, `call_inter_before_keyframe_total`, `call_layer_switch_latency_ms_total`, `call_active_speaker_changes_total` | counter | `call` |
 //!
 //! `subscription_layer_height` is the height (from its last key frame) of
 //! the simulcast layer each video subscription receives now, labelled
-//! `<subscriber client number>/<stream id>/<track id>`. The `link_*`
+//! `<subscriber client number>/<stream id>/<track id>`.
+//! `call_active_speaker` has one series per call with a named active
+//! speaker, value 1, labelled with the speaker's device
+//! (`@user:server/DEVICE`); `active_speaker_changes_total` counts the
+//! announcements (a new speaker, or nobody). The `link_*`
 //! series are per cascade link, labelled with the other focus's device
 //! (`@user:server/DEVICE`), and exist while the link does.
 //!
@@ -85,6 +90,8 @@ pub struct CallFigures {
     pub inter_before_keyframe: u64,
     /// Sum of the layer switch latencies, milliseconds.
     pub layer_switch_latency_ms: u64,
+    /// Times the active speaker was announced (a new speaker, or nobody).
+    pub active_speaker_changes: u64,
 }
 
 impl CallFigures {
@@ -108,6 +115,7 @@ impl CallFigures {
             layer_switch_fallbacks: self.layer_switch_fallbacks + o.layer_switch_fallbacks,
             inter_before_keyframe: self.inter_before_keyframe + o.inter_before_keyframe,
             layer_switch_latency_ms: self.layer_switch_latency_ms + o.layer_switch_latency_ms,
+            active_speaker_changes: self.active_speaker_changes + o.active_speaker_changes,
         }
     }
 }
@@ -119,6 +127,8 @@ pub struct Metrics {
     rooms: u64,
     /// Live calls by label.
     calls: BTreeMap<String, CallFigures>,
+    /// The active speaker of live calls that have one, by call label.
+    speakers: BTreeMap<String, String>,
     /// The counters of calls that ended.
     ended: CallFigures,
     drops: BTreeMap<String, u64>,
@@ -149,8 +159,31 @@ impl Metrics {
         }
     }
 
+    /// Sets the active speaker of the call labelled `call` (the speaker's
+    /// device, `@user:server/DEVICE`; `None`: nobody named).
+    pub fn set_active_speaker(&mut self, call: &str, speaker: Option<&str>) {
+        match speaker {
+            Some(s) => {
+                self.speakers.insert(call.to_owned(), s.to_owned());
+            }
+            None => {
+                self.speakers.remove(call);
+            }
+        }
+    }
+
+    /// Ends every live call whose label `keep` refuses
+    /// ([`Metrics::remove_call`]).
+    pub fn retain_calls(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        let gone: Vec<String> = self.calls.keys().filter(|c| !keep(c)).cloned().collect();
+        for c in gone {
+            self.remove_call(&c);
+        }
+    }
+
     /// The call ended: its series go, its counters stay in the totals.
     pub fn remove_call(&mut self, call: &str) {
+        self.speakers.remove(call);
         if let Some(f) = self.calls.remove(call) {
             self.ended = self.ended.plus(CallFigures {
                 participants: 0,
@@ -340,6 +373,19 @@ impl Metrics {
             "call",
             calls().map(|(k, f)| (k, f.tracks)),
         );
+        w.header(
+            "call_active_speaker",
+            Kind::Gauge,
+            "The active speaker of each call (1; the device in the speaker label).",
+        );
+        for (call, speaker) in &self.speakers {
+            let _ = writeln!(
+                w.out,
+                "{PREFIX}call_active_speaker{{call=\"{}\",speaker=\"{}\"}} 1",
+                escape_label(call),
+                escape_label(speaker)
+            );
+        }
         for (name, help, get) in COUNTERS {
             w.labelled(
                 &format!("call_{name}_total"),
@@ -354,7 +400,7 @@ impl Metrics {
 
 /// The per-call counters: name (without `_total`), help, value.
 type CounterField = (&'static str, &'static str, fn(&CallFigures) -> u64);
-const COUNTERS: [CounterField; 13] = [
+const COUNTERS: [CounterField; 14] = [
     ("packets_in", "Packets received from participants", |f| {
         f.packets_in
     }),
@@ -407,6 +453,11 @@ const COUNTERS: [CounterField; 13] = [
         "layer_switch_latency_ms",
         "Sum of the simulcast switch latencies (switch asked for to first packet of the new layer), milliseconds",
         |f| f.layer_switch_latency_ms,
+    ),
+    (
+        "active_speaker_changes",
+        "Active speaker announcements (a new speaker, or nobody)",
+        |f| f.active_speaker_changes,
     ),
 ];
 
@@ -512,12 +563,13 @@ mod tests {
                 "groupcall_focus_layer_switch_fallbacks_total 0",
                 "groupcall_focus_inter_before_keyframe_total 0",
                 "groupcall_focus_layer_switch_latency_ms_total 0",
+                "groupcall_focus_active_speaker_changes_total 0",
                 "groupcall_focus_looped_packets_total 0",
             ]
         );
         // Every family has its HELP and TYPE, in that order.
-        assert_eq!(text.matches("# HELP ").count(), 41);
-        assert_eq!(text.matches("# TYPE ").count(), 41);
+        assert_eq!(text.matches("# HELP ").count(), 44);
+        assert_eq!(text.matches("# TYPE ").count(), 44);
     }
 
     #[test]
@@ -543,8 +595,10 @@ mod tests {
                 layer_switch_fallbacks: 1,
                 inter_before_keyframe: 0,
                 layer_switch_latency_ms: 150,
+                active_speaker_changes: 3,
             },
         );
+        m.set_active_speaker("!a:x/c1", Some("@s:x/D\"1"));
         m.set_subscription_layers([("3/s/v".to_string(), 720)].into_iter());
         m.set_links([("@fb:y/FB".to_string(), [4, 2, 900, 450])].into_iter(), 0);
         m.set_call(
@@ -567,6 +621,7 @@ mod tests {
                 ..CallFigures::default()
             },
         );
+        m.set_active_speaker("!old:x/c0", Some("@gone:x/G"));
         m.remove_call("!old:x/c0");
         m.add_refusal("invite_not_allowed");
         m.add_refusal("invite_not_allowed");
@@ -626,6 +681,9 @@ groupcall_focus_inter_before_keyframe_total 0
 # HELP groupcall_focus_layer_switch_latency_ms_total Sum of the simulcast switch latencies (switch asked for to first packet of the new layer), milliseconds, over all calls since the start.
 # TYPE groupcall_focus_layer_switch_latency_ms_total counter
 groupcall_focus_layer_switch_latency_ms_total 150
+# HELP groupcall_focus_active_speaker_changes_total Active speaker announcements (a new speaker, or nobody), over all calls since the start.
+# TYPE groupcall_focus_active_speaker_changes_total counter
+groupcall_focus_active_speaker_changes_total 3
 # HELP groupcall_focus_drops_total Packets dropped, by reason.
 # TYPE groupcall_focus_drops_total counter
 groupcall_focus_drops_total{reason="queue_full"} 3
@@ -659,6 +717,9 @@ groupcall_focus_call_participants{call="!b:x/c\"2\\\n"} 1
 # TYPE groupcall_focus_call_tracks gauge
 groupcall_focus_call_tracks{call="!a:x/c1"} 6
 groupcall_focus_call_tracks{call="!b:x/c\"2\\\n"} 2
+# HELP groupcall_focus_call_active_speaker The active speaker of each call (1; the device in the speaker label).
+# TYPE groupcall_focus_call_active_speaker gauge
+groupcall_focus_call_active_speaker{call="!a:x/c1",speaker="@s:x/D\"1"} 1
 # HELP groupcall_focus_call_packets_in_total Packets received from participants, per call.
 # TYPE groupcall_focus_call_packets_in_total counter
 groupcall_focus_call_packets_in_total{call="!a:x/c1"} 100
@@ -711,6 +772,10 @@ groupcall_focus_call_inter_before_keyframe_total{call="!b:x/c\"2\\\n"} 0
 # TYPE groupcall_focus_call_layer_switch_latency_ms_total counter
 groupcall_focus_call_layer_switch_latency_ms_total{call="!a:x/c1"} 150
 groupcall_focus_call_layer_switch_latency_ms_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_active_speaker_changes_total Active speaker announcements (a new speaker, or nobody), per call.
+# TYPE groupcall_focus_call_active_speaker_changes_total counter
+groupcall_focus_call_active_speaker_changes_total{call="!a:x/c1"} 3
+groupcall_focus_call_active_speaker_changes_total{call="!b:x/c\"2\\\n"} 0
 "#;
         let got = m.render();
         for (i, (g, e)) in got.lines().zip(expected.lines()).enumerate() {
@@ -745,6 +810,34 @@ groupcall_focus_call_layer_switch_latency_ms_total{call="!b:x/c\"2\\\n"} 0
         assert_eq!(m.totals().packets_out, 15);
         assert_eq!(m.totals().participants, 0);
         assert_eq!(m.calls(), 0);
+    }
+
+    #[test]
+    fn calls_that_ended_lose_their_series_and_speaker() {
+        let mut m = Metrics::new();
+        let f = CallFigures {
+            participants: 2,
+            packets_out: 10,
+            active_speaker_changes: 1,
+            ..CallFigures::default()
+        };
+        m.set_call("gone", f);
+        m.set_call("live", f);
+        m.set_active_speaker("gone", Some("@a:x/A"));
+        m.set_active_speaker("live", Some("@b:x/B"));
+        m.retain_calls(|c| c == "live");
+        assert_eq!(m.calls(), 1);
+        assert_eq!(m.totals().packets_out, 20);
+        assert_eq!(m.totals().participants, 2);
+        let text = m.render();
+        assert!(!text.contains("\"gone\""), "{text}");
+        assert!(
+            text.contains(
+                "groupcall_focus_call_active_speaker{call=\"live\",speaker=\"@b:x/B\"} 1"
+            )
+        );
+        m.set_active_speaker("live", None);
+        assert!(!m.render().contains("speaker=\""));
     }
 
     #[test]

@@ -464,10 +464,10 @@ impl World {
         let cfg = EngineConfig {
             focus,
             forwarder,
-            bind: "127.0.0.1:0".parse().unwrap(),
+            bind: vec!["127.0.0.1:0".parse().unwrap()],
             ice_servers: Vec::new(),
             relay_only: false,
-            advertise: None,
+            advertise: Vec::new(),
             max_upload_bps: None,
             estimate_bandwidth: estimate,
         };

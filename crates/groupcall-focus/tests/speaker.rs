@@ -23,7 +23,7 @@ use groupcall_testkit::*;
 use tokio::time::Instant;
 
 mod common;
-use common::{Member, RunningFocus, join_through_focus_with, leave_all};
+use common::{Member, RunningFocus, http_get, join_through_focus_with, leave_all};
 
 /// The speakers `at` was told of since `since`, with when.
 fn speakers(seen: &[Entry], since: Instant, at: usize) -> Vec<(Instant, Option<DeviceKey>)> {
@@ -148,6 +148,46 @@ async fn every_participant_is_told_who_speaks() {
             .collect();
         assert_eq!(names, vec![Some(dev(2))], "{}", m.name);
     }
+    // The operator sees it too: `/metrics` names p2 as the call's speaker,
+    // after at least two announcements (p1, then p2).
+    let addr = focus.handle.http_addr().expect("the focus's HTTP endpoint");
+    let want = format!(
+        "groupcall_focus_call_active_speaker{{call=\"{}/",
+        focus.room
+    );
+    let speaker = format!(",speaker=\"{}/{}\"}} 1", dev(2).user_id, dev(2).device_id);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = http_get(addr, "/metrics").await;
+        let named = text
+            .lines()
+            .any(|l| l.starts_with(&want) && l.ends_with(&speaker));
+        if named || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("groupcall_focus_call_active_speaker"))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&want) && l.ends_with(&speaker)),
+        "p2 not named in /metrics: {lines:?}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with(&want)).count(),
+        1,
+        "one speaker series per call: {lines:?}"
+    );
+    let changes = lines
+        .iter()
+        .find(|l| l.starts_with("groupcall_focus_call_active_speaker_changes_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(changes.is_some_and(|n| n >= 2), "{lines:?}");
     leave_all(parts).await;
     focus.stop().await;
     h.shutdown().await;
