@@ -1647,26 +1647,39 @@ async fn sleeping_callee(
     h.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_callee_asleep_for_25_s_gets_media_within_10_s_of_waking() {
-    sleeping_callee("asleep 25 s", std::time::Duration::from_secs(25), 1, 1).await;
+/// The divisor of timers and pause in the suite (`scale`), 1 with
+/// `GROUPCALL_FULL_LENGTH=1` (the full-length figures are in
+/// docs/interop.md).
+fn sleep_scale(suite: u64) -> u64 {
+    if std::env::var_os("GROUPCALL_FULL_LENGTH").is_some() {
+        1
+    } else {
+        suite
+    }
 }
 
+/// 25 s asleep: within the first invite's lifetime. Timers and pause / 5
+/// in the suite (5 s asleep, the invite open 12 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_callee_asleep_for_25_s_gets_media_within_10_s_of_waking() {
+    let scale = sleep_scale(5);
+    sleeping_callee("asleep 25 s", std::time::Duration::from_secs(25), scale, 1).await;
+}
+
+/// 90 s asleep: the first invite expires (60 s) and the next is placed at
+/// once. Timers and pause / 3 in the suite (30 s asleep, invites open
+/// 20 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_callee_asleep_for_90_s_gets_media_within_10_s_of_waking() {
-    sleeping_callee("asleep 90 s", std::time::Duration::from_secs(90), 1, 2).await;
+    let scale = sleep_scale(3);
+    sleeping_callee("asleep 90 s", std::time::Duration::from_secs(90), scale, 2).await;
 }
 
 /// Five minutes asleep: past the MSC's retries, into the backed-off calls.
-/// Timers and pause / 10 in the suite (30 s); `GROUPCALL_FULL_LENGTH=1`
-/// runs the full five minutes with the real timers.
+/// Timers and pause / 10 in the suite (30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_callee_asleep_for_5_min_gets_media_within_10_s_of_waking() {
-    let scale = if std::env::var_os("GROUPCALL_FULL_LENGTH").is_some() {
-        1
-    } else {
-        10
-    };
+    let scale = sleep_scale(10);
     // Calls at 0, 1, 2, 3 and 4 min (scaled: 0, 6, 12, 18, 24 s), the last
     // open 2 min (12 s).
     sleeping_callee(

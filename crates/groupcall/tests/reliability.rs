@@ -37,13 +37,22 @@ fn init_tracing() {
 }
 
 /// The participant example's binary, (re)built once per test run:
-/// `cargo test --test reliability` alone does not build examples.
+/// `cargo test --test reliability` alone does not build examples. A
+/// `cargo test --workspace` does, with the features of the whole
+/// workspace; `cargo build -p groupcall` would build it again with
+/// groupcall's own (and rebuild tokio, hyper, matrix-sdk... for it: over a
+/// minute here, more on a fresh machine). `scripts/test` says so with
+/// `GROUPCALL_EXAMPLES_BUILT=1`, and the binary of that build is used.
 fn participant_exe() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
             let exe = std::env::current_exe().unwrap();
             let dir = exe.parent().and_then(Path::parent).unwrap();
+            let built = dir.join("examples").join("participant");
+            if std::env::var_os("GROUPCALL_EXAMPLES_BUILT").is_some() && built.exists() {
+                return built;
+            }
             let status = std::process::Command::new(env!("CARGO"))
                 .args(["build", "-p", "groupcall", "--example", "participant"])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
