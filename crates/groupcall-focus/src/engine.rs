@@ -300,7 +300,7 @@ impl EngineFigures {
     /// (`drops_total{reason}`): the forwarder's reasons, `unready` (no
     /// negotiated m-line at the subscriber yet) and `socket_busy` (the
     /// socket could not take a datagram at once).
-    pub fn drops(&self) -> [(&'static str, u64); 9] {
+    pub fn drops(&self) -> [(&'static str, u64); 10] {
         let d = &self.totals.drops;
         [
             ("malformed", d.malformed),
@@ -310,6 +310,7 @@ impl EngineFigures {
             ("congestion_audio", d.congestion_audio),
             ("before_epoch", d.before_epoch),
             ("temporal", d.temporal),
+            ("over_limit", d.over_limit),
             ("unready", self.egress_unready),
             ("socket_busy", self.send_dropped),
         ]
@@ -1803,9 +1804,13 @@ impl EngineCore {
             }
             None => (Vec::new(), false),
         };
+        let forwarder = ForwarderConfig {
+            publisher_limit_bps: Some(u64::from(config.limits.max_kbps_per_participant) * 1000),
+            ..ForwarderConfig::default()
+        };
         Ok(Self::new(EngineConfig {
             focus,
-            forwarder: ForwarderConfig::default(),
+            forwarder,
             bind,
             ice_servers,
             relay_only,
@@ -1982,6 +1987,7 @@ impl crate::driver::FocusCore for EngineCore {
                     inter_before_keyframe: k.inter_before_keyframe,
                     layer_switch_latency_ms: k.switch_latency_total_ms,
                     active_speaker_changes: c.active_speaker_changes,
+                    layers_policed: k.layers_policed,
                 },
             );
         }

@@ -18,14 +18,14 @@
 //! | `nacks_served_total`, `plis_sent_total`, `nacks_received_total`, `keyframe_requests_received_total`, `keyframe_requests_coalesced_total` | counter | |
 //! | `drops_total` | counter | `reason` |
 //! | `refusals_total` | counter | `reason` |
-//! | `layer_switches_total`, `layer_switch_fallbacks_total`, `inter_before_keyframe_total`, `layer_switch_latency_ms_total` | counter | |
+//! | `layer_switches_total`, `layer_switch_fallbacks_total`, `inter_before_keyframe_total`, `layer_switch_latency_ms_total`, `active_speaker_changes_total`, `layers_policed_total` | counter | |
 //! | `subscription_layer_height` | gauge | `subscription` |
 //! | `link_streams_out`, `link_streams_in` | gauge | `focus` |
 //! | `link_packets_out_total`, `link_packets_in_total` | counter | `focus` |
 //! | `looped_packets_total` | counter | |
 //! | `call_participants`, `call_tracks` | gauge | `call` |
 //! | `call_active_speaker` | gauge (1) | `call`, `speaker` |
-//! | `call_packets_in_total`, `call_bytes_in_total`, `call_packets_out_total`, `call_bytes_out_total`, `call_nacks_served_total`, `call_plis_sent_total`, `call_nacks_received_total`, `call_keyframe_requests_received_total`, `call_keyframe_requests_coalesced_total`, `call_layer_switches_total`, `call_layer_switch_fallbacks_total`, `call_inter_before_keyframe_total`, `call_layer_switch_latency_ms_total`, `call_active_speaker_changes_total` | counter | `call` |
+//! | `call_packets_in_total`, `call_bytes_in_total`, `call_packets_out_total`, `call_bytes_out_total`, `call_nacks_served_total`, `call_plis_sent_total`, `call_nacks_received_total`, `call_keyframe_requests_received_total`, `call_keyframe_requests_coalesced_total`, `call_layer_switches_total`, `call_layer_switch_fallbacks_total`, `call_inter_before_keyframe_total`, `call_layer_switch_latency_ms_total`, `call_active_speaker_changes_total`, `call_layers_policed_total` | counter | `call` |
 //!
 //! `subscription_layer_height` is the height (from its last key frame) of
 //! the simulcast layer each video subscription receives now, labelled
@@ -92,6 +92,9 @@ pub struct CallFigures {
     pub layer_switch_latency_ms: u64,
     /// Times the active speaker was announced (a new speaker, or nobody).
     pub active_speaker_changes: u64,
+    /// Times a publisher's video layer went over its share of
+    /// `limits.max_kbps_per_participant` and was held back.
+    pub layers_policed: u64,
 }
 
 impl CallFigures {
@@ -116,6 +119,7 @@ impl CallFigures {
             inter_before_keyframe: self.inter_before_keyframe + o.inter_before_keyframe,
             layer_switch_latency_ms: self.layer_switch_latency_ms + o.layer_switch_latency_ms,
             active_speaker_changes: self.active_speaker_changes + o.active_speaker_changes,
+            layers_policed: self.layers_policed + o.layers_policed,
         }
     }
 }
@@ -400,7 +404,7 @@ impl Metrics {
 
 /// The per-call counters: name (without `_total`), help, value.
 type CounterField = (&'static str, &'static str, fn(&CallFigures) -> u64);
-const COUNTERS: [CounterField; 14] = [
+const COUNTERS: [CounterField; 15] = [
     ("packets_in", "Packets received from participants", |f| {
         f.packets_in
     }),
@@ -458,6 +462,11 @@ const COUNTERS: [CounterField; 14] = [
         "active_speaker_changes",
         "Active speaker announcements (a new speaker, or nobody)",
         |f| f.active_speaker_changes,
+    ),
+    (
+        "layers_policed",
+        "Publishers' video layers held back for going over their share of the participant limit",
+        |f| f.layers_policed,
     ),
 ];
 
@@ -564,12 +573,13 @@ mod tests {
                 "groupcall_focus_inter_before_keyframe_total 0",
                 "groupcall_focus_layer_switch_latency_ms_total 0",
                 "groupcall_focus_active_speaker_changes_total 0",
+                "groupcall_focus_layers_policed_total 0",
                 "groupcall_focus_looped_packets_total 0",
             ]
         );
         // Every family has its HELP and TYPE, in that order.
-        assert_eq!(text.matches("# HELP ").count(), 44);
-        assert_eq!(text.matches("# TYPE ").count(), 44);
+        assert_eq!(text.matches("# HELP ").count(), 46);
+        assert_eq!(text.matches("# TYPE ").count(), 46);
     }
 
     #[test]
@@ -596,6 +606,7 @@ mod tests {
                 inter_before_keyframe: 0,
                 layer_switch_latency_ms: 150,
                 active_speaker_changes: 3,
+                layers_policed: 1,
             },
         );
         m.set_active_speaker("!a:x/c1", Some("@s:x/D\"1"));
@@ -684,6 +695,9 @@ groupcall_focus_layer_switch_latency_ms_total 150
 # HELP groupcall_focus_active_speaker_changes_total Active speaker announcements (a new speaker, or nobody), over all calls since the start.
 # TYPE groupcall_focus_active_speaker_changes_total counter
 groupcall_focus_active_speaker_changes_total 3
+# HELP groupcall_focus_layers_policed_total Publishers' video layers held back for going over their share of the participant limit, over all calls since the start.
+# TYPE groupcall_focus_layers_policed_total counter
+groupcall_focus_layers_policed_total 1
 # HELP groupcall_focus_drops_total Packets dropped, by reason.
 # TYPE groupcall_focus_drops_total counter
 groupcall_focus_drops_total{reason="queue_full"} 3
@@ -776,6 +790,10 @@ groupcall_focus_call_layer_switch_latency_ms_total{call="!b:x/c\"2\\\n"} 0
 # TYPE groupcall_focus_call_active_speaker_changes_total counter
 groupcall_focus_call_active_speaker_changes_total{call="!a:x/c1"} 3
 groupcall_focus_call_active_speaker_changes_total{call="!b:x/c\"2\\\n"} 0
+# HELP groupcall_focus_call_layers_policed_total Publishers' video layers held back for going over their share of the participant limit, per call.
+# TYPE groupcall_focus_call_layers_policed_total counter
+groupcall_focus_call_layers_policed_total{call="!a:x/c1"} 1
+groupcall_focus_call_layers_policed_total{call="!b:x/c\"2\\\n"} 0
 "#;
         let got = m.render();
         for (i, (g, e)) in got.lines().zip(expected.lines()).enumerate() {

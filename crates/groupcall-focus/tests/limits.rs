@@ -171,3 +171,91 @@ async fn the_upload_limit_reaches_every_publisher_as_a_target_bitrate() {
     focus.stop().await;
     h.shutdown().await;
 }
+
+/// The value of a `/metrics` sample (the whole series name, labels
+/// included), 0 when absent.
+fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// A publisher that does not slow down for the limit it is told: both
+/// clients send the built-in pattern without simulcast (pre-encoded,
+/// about 270 kbit/s; REMB cannot slow it), the limit is 150 kbit/s. The
+/// focus holds their video back (it is over the share: 150 kbit/s less
+/// the audio) and forwards their audio on; the call goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publisher_over_the_upload_limit_has_its_video_held_back_and_its_audio_goes_on() {
+    let mut h = Harness::new().await;
+    for name in ["p0", "p1"] {
+        h.register(name).await;
+    }
+    let s0 = h.login("p0").await;
+    let focus =
+        RunningFocus::start_with(&h, &s0, "[limits]\nmax_kbps_per_participant = 150\n").await;
+    let s1 = h.login("p1").await;
+    let t0 = Instant::now();
+    let (members, parts) = join_through_focus_with(
+        &mut h,
+        &focus,
+        vec![("p0", s0), ("p1", s1)],
+        |_| None,
+        |_, o| o.simulcast = None,
+    )
+    .await;
+    // Audio both ways first (video may be held back before it arrives).
+    wait_media(&mut h, t0, &members, 50, 0, 90).await;
+    let addr = focus.handle.http_addr().expect("the focus's HTTP endpoint");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let held = loop {
+        let m = http_get(addr, "/metrics").await;
+        if sample(&m, "groupcall_focus_layers_policed_total") >= 2 {
+            break Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both publishers' video not held back:\n{m}"
+        );
+        h.log.run_for(Duration::from_millis(250)).await;
+    };
+    eprintln!(
+        "FIGURE limits: both publishers' video (about 270 kbit/s) held back against a 150 kbit/s limit {:.1} s after the first join",
+        held.duration_since(t0).as_secs_f64()
+    );
+    // 4 s with the video held back: no video frame either way, the audio
+    // all there (20 ms frames: 200 in 4 s).
+    h.log.run_for(Duration::from_millis(500)).await;
+    let since = h.log.mark();
+    h.log.run_for(Duration::from_secs(4)).await;
+    h.log.pump();
+    for (at, from) in [(&members[0], &members[1]), (&members[1], &members[0])] {
+        let (audio, video) = frames(&h.log.seen, since, at, &from.dev);
+        eprintln!(
+            "FIGURE limits: {}<-{} in 4 s held back: {audio} audio frames, {video} video frames",
+            at.name, from.name
+        );
+        assert_eq!(video, 0, "{}<-{}: video held back", at.name, from.name);
+        assert!(
+            audio >= 180,
+            "{}<-{}: audio goes on ({audio})",
+            at.name,
+            from.name
+        );
+    }
+    let m = http_get(addr, "/metrics").await;
+    assert!(
+        sample(&m, "groupcall_focus_drops_total{reason=\"over_limit\"}") > 100,
+        "{m}"
+    );
+    assert_eq!(sample(&m, "groupcall_focus_participants"), 2, "{m}");
+    leave_all(parts).await;
+    focus.stop().await;
+    h.shutdown().await;
+}

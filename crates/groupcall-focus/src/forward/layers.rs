@@ -49,6 +49,10 @@ const RATE_WINDOW: Duration = Duration::from_millis(1000);
 /// get no video at all.
 pub(super) const PAUSED_GAP: Duration = Duration::from_millis(300);
 
+/// Rate windows in a row that hold a layer back, or let it go again
+/// ([`LayerStats::police`]): one key frame's burst does not.
+pub(super) const POLICE_WINDOWS: u8 = 2;
+
 /// What the forwarder knows of one layer of a track.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct LayerStats {
@@ -63,6 +67,16 @@ pub(super) struct LayerStats {
     /// A switch to it waited in vain for a key frame: skipped until then
     /// (cleared by its next key frame).
     pub no_keyframe_until: Option<Instant>,
+    /// Rate windows completed (`bps` measured) so far.
+    windows: u64,
+    /// The last window judged by [`LayerStats::police`].
+    judged: u64,
+    /// Consecutive windows over the share (while not held back), or
+    /// within 80 % of it (while held back).
+    streak: u8,
+    /// Above its publisher's share of the limit: not forwarded, not
+    /// chosen.
+    pub policed: bool,
 }
 
 impl LayerStats {
@@ -77,6 +91,7 @@ impl LayerStats {
             self.bps = self.window_bytes * 8 * 1000 / ms;
             self.window_start = Some(now);
             self.window_bytes = 0;
+            self.windows += 1;
         }
         if let Some((w, h)) = size {
             self.width = w;
@@ -92,9 +107,38 @@ impl LayerStats {
             (Some(t), Some(n)) if n.saturating_duration_since(t) >= PAUSED_GAP)
     }
 
+    /// Judges the last completed rate window against `share` (bits per
+    /// second): held back after [`POLICE_WINDOWS`] windows in a row above
+    /// it, let go after as many at or below 80 % of it. `Some(true)`: held
+    /// back now; `Some(false)`: let go now; None: no change (or no new
+    /// window).
+    pub fn police(&mut self, share: u64) -> Option<bool> {
+        if self.windows == self.judged {
+            return None;
+        }
+        self.judged = self.windows;
+        let against = if self.policed {
+            self.bps <= share.saturating_mul(4) / 5
+        } else {
+            self.bps > share
+        };
+        self.streak = if against {
+            self.streak.saturating_add(1)
+        } else {
+            0
+        };
+        if self.streak < POLICE_WINDOWS {
+            return None;
+        }
+        self.streak = 0;
+        self.policed = !self.policed;
+        Some(self.policed)
+    }
+
     /// Whether it can be chosen now.
     pub fn usable(&self, now: Instant, stale: Duration) -> bool {
-        self.width > 0
+        !self.policed
+            && self.width > 0
             && self
                 .last_packet
                 .is_some_and(|t| now.saturating_duration_since(t) < stale)

@@ -30,7 +30,14 @@
 //!   exceeds [`ForwarderConfig::video_backlog_limit`] loses its own video
 //!   (resumed at the next key frame), above
 //!   [`ForwarderConfig::audio_backlog_limit`] its audio too; others are
-//!   unaffected.
+//!   unaffected;
+//! - with [`ForwarderConfig::publisher_limit_bps`], a publisher's video
+//!   layer whose own bitrate is above its share of the limit (the limit
+//!   less its audio, split over its video tracks) for two rate windows in
+//!   a row is not forwarded (`drops.over_limit`): simulcast subscriptions
+//!   move to a layer within the share, a track with none loses its video
+//!   until it is back under 80 % of the share for two windows (then from
+//!   a key frame). Audio is never held back for it.
 
 mod cache;
 pub mod layers;
@@ -222,6 +229,10 @@ pub struct ForwarderConfig {
     pub up_hold: Duration,
     /// ... at this percentage of the higher layer's bitrate (125).
     pub up_margin_percent: u64,
+    /// The most one publisher's media may take, bits per second of payload
+    /// (`limits.max_kbps_per_participant`); None: not policed. See the
+    /// module documentation.
+    pub publisher_limit_bps: Option<u64>,
 }
 
 impl Default for ForwarderConfig {
@@ -244,6 +255,7 @@ impl Default for ForwarderConfig {
             layer_stale: Duration::from_secs(1),
             up_hold: Duration::from_secs(3),
             up_margin_percent: 125,
+            publisher_limit_bps: None,
         }
     }
 }
@@ -306,6 +318,10 @@ pub struct Drops {
     /// VP8 packets of a temporal layer above the subscription's maximum
     /// (counted per subscription).
     pub temporal: u64,
+    /// Video of a layer above its publisher's share of
+    /// [`ForwarderConfig::publisher_limit_bps`] (counted per
+    /// subscription).
+    pub over_limit: u64,
 }
 
 /// Counters of a call (or of the whole forwarder).
@@ -353,6 +369,9 @@ pub struct Counters {
     /// The longest of them, milliseconds (a maximum, not a sum, in
     /// [`Counters::add`]).
     pub switch_latency_max_ms: u64,
+    /// Times a publisher's layer went over its share of the limit and was
+    /// held back ([`ForwarderConfig::publisher_limit_bps`]).
+    pub layers_policed: u64,
 }
 
 impl Counters {
@@ -369,6 +388,7 @@ impl Counters {
         self.drops.congestion_audio += o.drops.congestion_audio;
         self.drops.before_epoch += o.drops.before_epoch;
         self.drops.temporal += o.drops.temporal;
+        self.drops.over_limit += o.drops.over_limit;
         self.keyframes_in += o.keyframes_in;
         self.nacks_received += o.nacks_received;
         self.nacks_served += o.nacks_served;
@@ -382,6 +402,7 @@ impl Counters {
         self.inter_before_keyframe += o.inter_before_keyframe;
         self.switch_latency_total_ms += o.switch_latency_total_ms;
         self.switch_latency_max_ms = self.switch_latency_max_ms.max(o.switch_latency_max_ms);
+        self.layers_policed += o.layers_policed;
     }
 }
 
@@ -1869,6 +1890,7 @@ impl Forwarder {
         if let Some(l) = pkt.audio_level {
             track.level.update(now, l);
         }
+        let lay_policed = lay.stats.policed;
         lay.cache.insert(cache::Cached {
             ssrc: pkt.ssrc,
             seq: pkt.seq,
@@ -1928,6 +1950,15 @@ impl Forwarder {
                     }
                     switch_latencies.push_back(d);
                 }
+            }
+            if lay_policed {
+                // Held back whole, as for congestion: it resumes with a new
+                // epoch at a key frame once the layer is within the limit
+                // (or the subscription moved to one that is).
+                out.waiting_keyframe = true;
+                out.resync = true;
+                c.drops.over_limit += 1;
+                continue;
             }
             let congested = match kind {
                 MediaKind::Video => out.congestion != Congestion::None,
@@ -2155,9 +2186,11 @@ impl Forwarder {
                 if let Some(l) = wants
                     && out.congestion == Congestion::None
                     && !repeats.contains(&(tid, l))
-                    && t.layers
-                        .get(usize::from(l))
-                        .is_some_and(|l| l.kf.last_sent.is_none_or(|s| elapsed(s, now, interval)))
+                    && t.layers.get(usize::from(l)).is_some_and(|l| {
+                        // A held-back layer is not asked for key frames
+                        // (large ones would only add to its rate).
+                        !l.stats.policed && l.kf.last_sent.is_none_or(|s| elapsed(s, now, interval))
+                    })
                 {
                     repeats.push((tid, l));
                 }
@@ -2167,9 +2200,77 @@ impl Forwarder {
             self.request_keyframe(now, t, l, false);
         }
         self.update_constraints(now);
+        self.police(now);
         self.choose_layers(now, None);
         self.tick_speakers(now);
         self.next_tick = now.checked_add(self.config.tick);
+    }
+
+    /// Holds back the video layers above their publisher's share of
+    /// [`ForwarderConfig::publisher_limit_bps`], and lets them go again
+    /// (see the module documentation). Judged once per rate window.
+    fn police(&mut self, now: Instant) {
+        let Some(limit) = self.config.publisher_limit_bps else {
+            return;
+        };
+        let mut lifted: Vec<(TrackId, u8)> = Vec::new();
+        for p in self.participants.values() {
+            let mut audio = 0u64;
+            let mut videos = 0u64;
+            for t in p.tracks.iter().filter_map(|t| self.tracks.get(t.0)) {
+                match t.codec.kind() {
+                    MediaKind::Audio => audio += t.layers.iter().map(|l| l.stats.bps).sum::<u64>(),
+                    MediaKind::Video => videos += 1,
+                }
+            }
+            if videos == 0 {
+                continue;
+            }
+            let share = limit.saturating_sub(audio) / videos;
+            for &tid in &p.tracks {
+                let Some(t) = self.tracks.get_mut(tid.0) else {
+                    continue;
+                };
+                if t.codec.kind() != MediaKind::Video {
+                    continue;
+                }
+                for (i, l) in t.layers.iter_mut().enumerate() {
+                    let Some(held) = l.stats.police(share) else {
+                        continue;
+                    };
+                    tracing::info!(
+                        publisher = t.publisher.0,
+                        layer = i,
+                        bps = l.stats.bps,
+                        share,
+                        held,
+                        "forwarder: layer {} the publisher's limit",
+                        if held {
+                            "over; held back"
+                        } else {
+                            "within again; let go"
+                        }
+                    );
+                    if !held {
+                        lifted.push((tid, i as u8));
+                    } else if let Some(c) = self.calls.get_mut(&t.call) {
+                        c.counters.layers_policed += 1;
+                    }
+                }
+            }
+        }
+        // Its waiting subscriptions need a key frame to resume.
+        for (t, l) in lifted {
+            let waiting = self.tracks.get(t.0).is_some_and(|tr| {
+                tr.outs
+                    .iter()
+                    .filter_map(|&o| self.outs.get(o))
+                    .any(|o| o.layer == l && o.waiting_keyframe)
+            });
+            if waiting {
+                self.request_keyframe(now, t, l, false);
+            }
+        }
     }
 
     fn tick_speakers(&mut self, now: Instant) {

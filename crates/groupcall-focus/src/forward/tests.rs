@@ -1526,3 +1526,171 @@ fn a_switch_never_cuts_a_frame_of_the_current_layer() {
     );
     assert_eq!(H::sizes_of(&h.take(B, MediaKind::Video)), vec![1280, 320]);
 }
+
+impl H {
+    /// A forwarder as [`H::new`] with `config`.
+    fn with_config(config: ForwarderConfig) -> Self {
+        let mut h = Self::new();
+        let mut f = Forwarder::new(config);
+        f.add_call(CALL).unwrap();
+        for p in [A, B, C] {
+            f.add_participant(CALL, p).unwrap();
+        }
+        Self::publish_av(&mut f, A, "sA", V_SSRC, A_SSRC);
+        h.f = f;
+        h
+    }
+
+    /// One 20 ms step of A's media from `ms`: an audio packet of 20 bytes
+    /// and, every other step, a video frame (two packets, `pad` bytes
+    /// added to each); the forwarder's tick runs. Returns the next frame
+    /// number.
+    fn step_av(&mut self, ms: u64, frame: u16, keyframe: bool, pad: usize) -> u16 {
+        let a_seq = (ms / 20) as u16;
+        self.rtp(ms, A, A_SSRC, a_seq, (ms * 48) as u32, &[0x55; 20]);
+        let mut next = frame;
+        if (ms / 20).is_multiple_of(2) {
+            let ts = u32::from(frame) * 3000;
+            let (tl0, k) = (frame as u8, (frame % 32) as u8);
+            let mut p1 = vp8(frame, tl0, k, keyframe, true);
+            let mut p2 = vp8(frame, tl0, k, keyframe, false);
+            p1.resize(p1.len() + pad, 0x11);
+            p2.resize(p2.len() + pad, 0x22);
+            let seq = frame.wrapping_mul(2);
+            self.rtp(ms, A, V_SSRC, seq, ts, &p1);
+            self.rtp_end(ms, V_SSRC, seq.wrapping_add(1), ts, &p2);
+            next = frame.wrapping_add(1);
+        }
+        self.f.handle_timeout(self.at(ms));
+        next
+    }
+}
+
+/// A publisher's one-layer video above its limit is held back from its
+/// subscribers (audio goes on), and comes back from a key frame once the
+/// publisher is under 80 % of its share again.
+#[test]
+fn a_publisher_over_its_limit_loses_its_video_until_it_is_back_under() {
+    let mut h = H::with_config(ForwarderConfig {
+        publisher_limit_bps: Some(60_000),
+        ..ForwarderConfig::default()
+    });
+    h.f.subscribe(h.at(0), B, &vkey()).unwrap();
+    h.f.subscribe(h.at(0), B, &akey()).unwrap();
+    // 3 s within the limit: audio 8 kbit/s, video about 8 kbit/s.
+    let mut frame = 0;
+    for ms in (0..3000).step_by(20) {
+        frame = h.step_av(ms, frame, ms == 0, 0);
+    }
+    assert!(
+        h.take(B, MediaKind::Video).len() > 140,
+        "video within the limit"
+    );
+    assert!(h.take(B, MediaKind::Audio).len() > 140);
+    assert_eq!(h.counters().layers_policed, 0);
+    h.outputs();
+    // 5 s at about 100 kbit/s of video (share: 60 - 8 = 52): held back
+    // after two rate windows over it.
+    let mut last_video = None;
+    for ms in (3000..8000).step_by(20) {
+        frame = h.step_av(ms, frame, false, 200);
+        if !h.take(B, MediaKind::Video).is_empty() {
+            last_video = Some(ms);
+        }
+    }
+    let last_video = last_video.unwrap();
+    assert!(
+        (4000..=6000).contains(&last_video),
+        "video held back after two windows over: last at {last_video} ms"
+    );
+    let audio = h.take(B, MediaKind::Audio);
+    assert_eq!(audio.len(), 250, "audio never held back");
+    let c = h.counters();
+    assert_eq!(c.layers_policed, 1);
+    assert!(c.drops.over_limit > 50, "{c:?}");
+    // No keyframe requests toward a held-back layer.
+    assert!(
+        !h.outputs()
+            .iter()
+            .any(|o| matches!(o, Output::KeyframeRequest { .. })),
+        "keyframes asked of a held-back layer"
+    );
+    // Back to 8 kbit/s: let go after two windows at or under 80 % of the
+    // share, a key frame is asked for, and the video resumes with it.
+    let mut asked_at = None;
+    for ms in (8000..12000).step_by(20) {
+        let key = asked_at.is_some_and(|t| ms == t + 40);
+        frame = h.step_av(ms, frame, key, 0);
+        if asked_at.is_none()
+            && h.outputs().iter().any(|o| {
+                matches!(
+                    o,
+                    Output::KeyframeRequest {
+                        ssrc: Some(V_SSRC),
+                        ..
+                    }
+                )
+            })
+        {
+            asked_at = Some(ms);
+        }
+    }
+    let asked_at = asked_at.expect("a key frame asked for when let go");
+    assert!(
+        (9000..=11000).contains(&asked_at),
+        "let go at {asked_at} ms"
+    );
+    let back = h.take(B, MediaKind::Video);
+    assert!(!back.is_empty(), "video back");
+    let first = Vp8Descriptor::parse(&back[0].payload).unwrap();
+    assert!(first.keyframe, "resumed at a key frame");
+    assert_eq!(h.counters().layers_policed, 1);
+}
+
+/// A simulcast subscription whose layer goes over the publisher's limit
+/// moves to a layer within it; the held-back layer is not chosen.
+#[test]
+fn a_simulcast_layer_over_the_limit_is_left_for_one_within_it() {
+    let mut h = H::with_config(ForwarderConfig {
+        publisher_limit_bps: Some(150_000),
+        ..ForwarderConfig::default()
+    });
+    h.publish_sim();
+    h.f.subscribe(h.at(0), C, &simkey()).unwrap();
+    // The high layer (SIZES[2]) at about 240 kbit/s, the others small.
+    let mut got_high = 0;
+    for n in 0..200u16 {
+        let ms = u64::from(n) * 33;
+        for l in [0usize, 1, 2] {
+            let ssrc = [3000, 3001, 3002][l];
+            let seq = (l as u16) * 1000 + n * 2;
+            let ts = u32::from(n) * 3000 + l as u32;
+            let key = n % 30 == 0;
+            let mut p1 = vp8_sized(n, n as u8, 0, key, true, SIZES[l]);
+            let mut p2 = vp8_sized(n, n as u8, 0, key, false, SIZES[l]);
+            if l == 2 {
+                p1.resize(p1.len() + 450, 0x11);
+                p2.resize(p2.len() + 450, 0x22);
+            }
+            h.rtp(ms, A, ssrc, seq, ts, &p1);
+            h.rtp_end(ms, ssrc, seq + 1, ts, &p2);
+        }
+        h.f.handle_timeout(h.at(ms));
+        let sent = h.take(C, MediaKind::Video);
+        if n < 30 {
+            got_high += H::sizes_of(&sent).iter().filter(|w| **w == 1280).count();
+        } else if n >= 150 {
+            assert!(
+                !H::sizes_of(&sent).contains(&1280),
+                "the held-back layer still forwarded at frame {n}"
+            );
+        }
+    }
+    assert!(got_high > 0, "the high layer before it was measured");
+    let layers: Vec<_> = h.f.subscription_layers().collect();
+    assert!(
+        layers.iter().any(|l| l.subscriber == C && l.width == 640),
+        "C on the mid layer: {layers:?}"
+    );
+    assert_eq!(h.counters().layers_policed, 1);
+}
