@@ -1227,13 +1227,15 @@ impl State {
                 trace!(client = client.0, bps, "subscriber downlink estimate");
                 self.fwd.set_downlink_estimate(part(client), Some(bps));
             }
-            PeerEvent::Failed | PeerEvent::Closed => self.focus.handle_media(
+            PeerEvent::Failed => self.focus.handle_media(
                 now,
                 client,
                 MediaIn::Failed {
                     reason: "ice_failed".into(),
                 },
             ),
+            // The client closed it (or we did, for a client already gone).
+            PeerEvent::Closed => self.focus.handle_media(now, client, MediaIn::Closed),
             PeerEvent::RemoteTrack {
                 stream_id,
                 track_id,

@@ -222,11 +222,15 @@ pub enum MediaIn {
     },
     /// Media connected.
     Connected,
-    /// The connection failed or closed.
+    /// The connection failed: the client is dropped and told (a hangup).
     Failed {
         /// Why.
         reason: String,
     },
+    /// The client closed the connection (DTLS close): it ended the call,
+    /// and its `m.call.hangup` may still be on its way. It is dropped
+    /// without a hangup of ours (which would cross its own).
+    Closed,
     /// The data channel opened.
     ChannelOpen,
     /// A data-channel message arrived.
@@ -920,6 +924,7 @@ impl Focus {
             MediaIn::RemoteTracks { tracks } => self.set_published(now, client, tracks),
             MediaIn::Connected => debug!(client = client.0, "media connected"),
             MediaIn::Failed { reason } => self.remove_client(now, client, &reason, true),
+            MediaIn::Closed => self.remove_client(now, client, "closed_by_client", false),
             MediaIn::ChannelOpen => {
                 // The side that placed a link answers pings like a client.
                 let role = if self.clients.get(&client).is_some_and(|c| !c.polite()) {

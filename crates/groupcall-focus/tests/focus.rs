@@ -370,6 +370,36 @@ fn a_member_who_leaves_stops_at_once_and_the_others_are_renegotiated() {
     assert_eq!(f.client_count(), 1);
 }
 
+/// A client that closes its connection (DTLS close) ended the call: it is
+/// dropped without a hangup of ours (its own is on its way, and ours would
+/// cross it); a connection that fails gets one.
+#[test]
+fn a_client_that_closes_its_connection_is_dropped_without_a_hangup() {
+    let mut f = focus(|_| {});
+    let a = connect(&mut f, "@a:x", "A");
+    let b = connect(&mut f, "@b:x", "B");
+    drain(&mut f);
+    f.handle_media(NOW + 10, a, MediaIn::Closed);
+    let outs = drain(&mut f);
+    assert!(forwards(&outs).contains(&ForwardChange::RemoveClient { client: a }));
+    assert!(to_device(&outs).is_empty(), "{outs:?}");
+    assert!(outs.iter().any(
+        |o| matches!(o, FocusOutput::ClientLeft { reason, .. } if reason == "closed_by_client")
+    ));
+    f.handle_media(
+        NOW + 20,
+        b,
+        MediaIn::Failed {
+            reason: "ice_failed".into(),
+        },
+    );
+    let hangup = to_device(&drain(&mut f));
+    assert_eq!(hangup.len(), 1);
+    assert_eq!(hangup[0].0, MessageType::Hangup);
+    assert_eq!(hangup[0].2["reason"], "ice_failed");
+    assert_eq!(f.client_count(), 0);
+}
+
 #[test]
 fn strangers_are_held_then_turned_down_and_late_members_admitted() {
     let mut f = focus(|_| {});

@@ -204,7 +204,8 @@ impl GroupCall {
     /// the focus; once the mesh reaches every other participant we hang up
     /// on the focus (`focus_draining`), else the focus hangs up at the end
     /// of its grace period. We try it again on the usual backoff, not
-    /// before the time it said it stops (a restarted focus takes us back).
+    /// before one retry interval after the time it said it stops (a
+    /// restarted focus takes us back).
     fn focus_draining(&mut self, now: u64, key: &DeviceKey, hangup_in_ms: Option<u64>) {
         if self.focus_link.draining {
             return;
@@ -238,9 +239,13 @@ impl GroupCall {
             let ends = self.focus_link.drain_ends;
             self.close_peer(&focus, true, FOCUS_DRAINING, false);
             // It would turn a call down until it stops: not called again
-            // before then (a restarted focus takes us back after).
+            // before then, nor in the retry interval after (at its end it
+            // hangs up and exits: a call placed at that moment races its
+            // exit and is turned down). A restarted focus takes us back
+            // after that.
+            let margin = self.cfg.retry_interval_ms;
             if let (Some(ends), Some(r)) = (ends, self.retry.get_mut(&focus)) {
-                r.not_before = r.not_before.max(ends);
+                r.not_before = r.not_before.max(ends.saturating_add(margin));
             }
         }
     }
