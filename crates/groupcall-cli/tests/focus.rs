@@ -359,6 +359,11 @@ impl Call {
             let mut o = JoinOptions::new(room.clone());
             o.create = (i == 0).then(CreateOptions::default);
             o.focus = Some(focus_ref.clone());
+            // Counters every 100 ms: the drain's checks count frames in
+            // windows of 1.5 s, and a peer closed between two reports
+            // (the focus's, as the mesh takes over) never reports the
+            // frames since its last one.
+            o.stats_interval = Duration::from_millis(100);
             let (_, p) = h.join_rust(&format!("p{i}"), s, o).await;
             parts.push(p);
             if i == 0 {
