@@ -172,20 +172,6 @@ async fn the_upload_limit_reaches_every_publisher_as_a_target_bitrate() {
     h.shutdown().await;
 }
 
-/// The value of a `/metrics` sample (the whole series name, labels
-/// included), 0 when absent.
-fn sample(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 /// A publisher that does not slow down for the limit it is told: both
 /// clients send the built-in pattern without simulcast (pre-encoded,
 /// about 270 kbit/s; REMB cannot slow it), the limit is 150 kbit/s. The
@@ -216,7 +202,7 @@ async fn a_publisher_over_the_upload_limit_has_its_video_held_back_and_its_audio
     let deadline = Instant::now() + Duration::from_secs(20);
     let held = loop {
         let m = http_get(addr, "/metrics").await;
-        if sample(&m, "groupcall_focus_layers_policed_total") >= 2 {
+        if metric_or_0(&m, "groupcall_focus_layers_policed_total") >= 2 {
             break Instant::now();
         }
         assert!(
@@ -251,10 +237,10 @@ async fn a_publisher_over_the_upload_limit_has_its_video_held_back_and_its_audio
     }
     let m = http_get(addr, "/metrics").await;
     assert!(
-        sample(&m, "groupcall_focus_drops_total{reason=\"over_limit\"}") > 100,
+        metric_or_0(&m, "groupcall_focus_drops_total{reason=\"over_limit\"}") > 100,
         "{m}"
     );
-    assert_eq!(sample(&m, "groupcall_focus_participants"), 2, "{m}");
+    assert_eq!(metric_or_0(&m, "groupcall_focus_participants"), 2, "{m}");
     leave_all(parts).await;
     focus.stop().await;
     h.shutdown().await;

@@ -33,7 +33,7 @@ use groupcall_testkit::*;
 use tokio::time::Instant;
 
 mod common;
-use common::{RunningFocus, http_get};
+use common::{RunningFocus, http_get, metric};
 
 /// How to set a call up.
 #[derive(Default)]
@@ -243,13 +243,6 @@ fn keyframe_requests(k0: &Counters, k: &Counters) -> (u64, u64, u64) {
         k.keyframe_requests_sent - k0.keyframe_requests_sent,
         k.keyframe_requests_coalesced - k0.keyframe_requests_coalesced,
     )
-}
-
-/// The value of an unlabelled metric in the focus's `/metrics`.
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} in /metrics:\n{text}"))
 }
 
 /// Three subscribers lose 15 % of what reaches them: they NACK, the focus

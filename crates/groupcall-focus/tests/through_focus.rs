@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 mod common;
-use common::{RunningFocus, http_get};
+use common::{RunningFocus, http_get, metric, metric_or_0};
 
 /// A call of `n` groupcall participants through an in-process focus.
 struct FocusCall {
@@ -215,20 +215,6 @@ impl FocusCall {
         focus.wait().await.unwrap();
         self.h.shutdown().await;
     }
-}
-
-/// The value of a metric (a name with its labels), 0 when not there yet.
-fn metric_or_0(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// The value of an unlabelled metric in the focus's `/metrics`.
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} in /metrics:\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

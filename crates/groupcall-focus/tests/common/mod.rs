@@ -346,6 +346,28 @@ pub fn pair_figures(seen: &[Entry], since: Instant, members: &[Member]) -> Strin
     out.join(", ")
 }
 
+/// The value of a `/metrics` sample (the series' name with its labels, if
+/// any), if there.
+pub fn metric_opt(text: &str, series: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// [`metric_opt`], 0 when not there (yet).
+pub fn metric_or_0(text: &str, series: &str) -> u64 {
+    metric_opt(text, series).unwrap_or(0)
+}
+
+/// [`metric_opt`], failing the test with the whole text when not there.
+pub fn metric(text: &str, series: &str) -> u64 {
+    metric_opt(text, series).unwrap_or_else(|| panic!("{series} in /metrics:\n{text}"))
+}
+
 /// A plain HTTP/1.1 GET of one of the focus's endpoints: the body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
