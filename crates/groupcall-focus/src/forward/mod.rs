@@ -2146,8 +2146,11 @@ impl Forwarder {
 
     /// Periodic work: due keyframe requests (coalesced ones, and repeats
     /// for subscriptions still waiting for a key frame) and the active
-    /// speaker of each call.
+    /// speaker of each call; before them, the publishers' limits
+    /// ([`ForwarderConfig::publisher_limit_bps`]).
     pub fn handle_timeout(&mut self, now: Instant) {
+        // First, so that a layer let go is asked for its key frame below.
+        self.police();
         let interval = self.config.keyframe_interval;
         let mut repeats: Vec<(TrackId, u8)> = Vec::new();
         for (k, t) in self.tracks.iter_mut() {
@@ -2200,7 +2203,6 @@ impl Forwarder {
             self.request_keyframe(now, t, l, false);
         }
         self.update_constraints(now);
-        self.police(now);
         self.choose_layers(now, None);
         self.tick_speakers(now);
         self.next_tick = now.checked_add(self.config.tick);
@@ -2208,12 +2210,13 @@ impl Forwarder {
 
     /// Holds back the video layers above their publisher's share of
     /// [`ForwarderConfig::publisher_limit_bps`], and lets them go again
-    /// (see the module documentation). Judged once per rate window.
-    fn police(&mut self, now: Instant) {
+    /// (see the module documentation). Judged once per rate window; a
+    /// subscription waiting on a layer let go gets its key frame from
+    /// [`Forwarder::handle_timeout`]'s repeats, as any waiting one.
+    fn police(&mut self) {
         let Some(limit) = self.config.publisher_limit_bps else {
             return;
         };
-        let mut lifted: Vec<(TrackId, u8)> = Vec::new();
         for p in self.participants.values() {
             let mut audio = 0u64;
             let mut videos = 0u64;
@@ -2251,24 +2254,10 @@ impl Forwarder {
                             "within again; let go"
                         }
                     );
-                    if !held {
-                        lifted.push((tid, i as u8));
-                    } else if let Some(c) = self.calls.get_mut(&t.call) {
+                    if held && let Some(c) = self.calls.get_mut(&t.call) {
                         c.counters.layers_policed += 1;
                     }
                 }
-            }
-        }
-        // Its waiting subscriptions need a key frame to resume.
-        for (t, l) in lifted {
-            let waiting = self.tracks.get(t.0).is_some_and(|tr| {
-                tr.outs
-                    .iter()
-                    .filter_map(|&o| self.outs.get(o))
-                    .any(|o| o.layer == l && o.waiting_keyframe)
-            });
-            if waiting {
-                self.request_keyframe(now, t, l, false);
             }
         }
     }
