@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use groupcall::media::{
     Answer, LocalFeed, Mid, PeerConfig, PeerEvent, PeerId, PeerSet, Reply, Request, RequestId,
-    SetInput, SetOutput, TrackKind as MediaTrackKind,
+    SetInput, SetOutput, TrackKind as MediaTrackKind, udp,
 };
 use groupcall_proto::IncomingToDevice;
 use groupcall_proto::signalling::Candidate;
@@ -90,9 +90,6 @@ const LAYER_SETTLE: Duration = Duration::from_millis(4000);
 /// estimate) fires whenever the desired rate rises, so the same target is
 /// given again, 1 bit/s higher.
 const PROBE_WHILE_CAPPED: Duration = Duration::from_secs(2);
-
-/// The media socket's buffer size asked for (each way).
-const SOCKET_BUFFER: usize = 4 << 20;
 
 /// What the service feeds the engine.
 #[derive(Debug)]
@@ -372,7 +369,10 @@ impl Engine {
         };
         let mut sockets = Vec::with_capacity(binds.len());
         for bind in &binds {
-            sockets.push(bind_media_socket(*bind)?);
+            let socket = udp::bind(*bind)?;
+            let (recv, send) = udp::buffer_sizes(&socket);
+            info!(local_addr = %socket.local_addr()?, recv, send, "focus media socket bound");
+            sockets.push(socket);
         }
         let bound = sockets
             .iter()
@@ -479,9 +479,6 @@ struct State {
     focus: Focus,
     fwd: Forwarder,
     set: PeerSet,
-    /// The offered addresses (the peer set's sockets) and the bound socket
-    /// (index into the loop's sockets) each stands for.
-    offered: Vec<(SocketAddr, usize)>,
     ice_servers: Vec<groupcall::media::IceServer>,
     relay_only: bool,
     max_upload_bps: Option<u64>,
@@ -552,26 +549,20 @@ impl State {
         offered: Vec<Vec<SocketAddr>>,
         out: mpsc::UnboundedSender<EngineOutput>,
     ) -> Self {
+        let all: Vec<SocketAddr> = offered.iter().flatten().copied().collect();
         let sockets: Vec<SocketFigures> = bound
             .iter()
-            .zip(&offered)
-            .map(|(b, o)| SocketFigures {
+            .zip(offered)
+            .map(|(b, offered)| SocketFigures {
                 bound: *b,
-                offered: o.clone(),
+                offered,
                 datagrams_in: 0,
             })
             .collect();
-        let offered: Vec<(SocketAddr, usize)> = offered
-            .into_iter()
-            .enumerate()
-            .flat_map(|(i, o)| o.into_iter().map(move |a| (a, i)))
-            .collect();
-        let local_addr = offered.first().map(|(a, _)| *a);
         Self {
             focus: Focus::new(cfg.focus),
             fwd: Forwarder::new(cfg.forwarder),
-            set: PeerSet::new(Instant::now(), offered.iter().map(|(a, _)| *a).collect()),
-            offered,
+            set: PeerSet::new(Instant::now(), all.clone()),
             ice_servers: cfg.ice_servers,
             relay_only: cfg.relay_only,
             max_upload_bps: cfg.max_upload_bps,
@@ -584,7 +575,7 @@ impl State {
             pending: HashMap::new(),
             next_request: 1,
             figures: EngineFigures {
-                local_addr,
+                local_addr: all.first().copied(),
                 sockets,
                 ..Default::default()
             },
@@ -597,14 +588,14 @@ impl State {
         }
     }
 
-    /// Asks every client's peer for its counters.
     /// The loop's socket that sends for the offered address `source`
     /// (the first socket for an address the set was not made with).
     fn socket_of(&self, source: SocketAddr) -> usize {
-        self.offered
+        self.figures
+            .sockets
             .iter()
-            .find(|(a, _)| *a == source)
-            .map_or(0, |(_, i)| *i)
+            .position(|s| s.offered.contains(&source))
+            .unwrap_or(0)
     }
 
     /// The offered address a datagram from `from` reached on socket
@@ -615,12 +606,12 @@ impl State {
             std::net::IpAddr::V4(_) => true,
             std::net::IpAddr::V6(a) => a.to_ipv4_mapped().is_some(),
         };
-        let mut on_socket = self.offered.iter().filter(|(_, i)| *i == socket);
-        let first = on_socket.clone().next().map(|(a, _)| *a);
-        on_socket
-            .find(|(a, _)| a.is_ipv4() == v4)
-            .map(|(a, _)| *a)
-            .or(first)
+        let offered = &self.figures.sockets.get(socket)?.offered;
+        offered
+            .iter()
+            .find(|a| a.is_ipv4() == v4)
+            .or(offered.first())
+            .copied()
     }
 
     /// A datagram arrived on socket `socket`.
@@ -635,6 +626,15 @@ impl State {
             .handle_input(Instant::now(), SetInput::Datagram { local, from, data });
     }
 
+    /// Every offered address (the peer set's sockets), in socket order.
+    fn offered_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.figures
+            .sockets
+            .iter()
+            .flat_map(|s| s.offered.iter().copied())
+    }
+
+    /// Asks every client's peer for its counters.
     fn request_peer_stats(&mut self) {
         let ids: Vec<ClientId> = self.clients.keys().copied().collect();
         for c in ids {
@@ -972,7 +972,7 @@ impl State {
             receive_audio: false,
             receive_video: false,
             data_channel,
-            bind_addrs: self.offered.iter().map(|(a, _)| a.ip()).collect(),
+            bind_addrs: self.offered_addrs().map(|a| a.ip()).collect(),
             ice_servers: self.ice_servers.clone(),
             relay_only: self.relay_only,
             estimate_bandwidth: self.estimate_bandwidth,
@@ -1597,63 +1597,6 @@ fn feeds_of(tracks: &[SendTrack]) -> Vec<LocalFeed> {
     feeds
 }
 
-/// Binds one media socket (non-blocking, with [`SOCKET_BUFFER`] asked
-/// for each way).
-fn bind_media_socket(bind: SocketAddr) -> std::io::Result<UdpSocket> {
-    let std_socket = std::net::UdpSocket::bind(bind)?;
-    std_socket.set_nonblocking(true)?;
-    // Every client's media comes to these sockets: a burst (key frames of
-    // many publishers, or the task briefly off the CPU) must not overflow
-    // the kernel's default buffer (about 200 KB). The kernel caps the size
-    // at net.core.rmem_max / wmem_max.
-    let sock = socket2::SockRef::from(&std_socket);
-    for (what, r) in [
-        ("receive", sock.set_recv_buffer_size(SOCKET_BUFFER)),
-        ("send", sock.set_send_buffer_size(SOCKET_BUFFER)),
-    ] {
-        if let Err(e) = r {
-            warn!(error = %e, "media socket: {what} buffer size not set");
-        }
-    }
-    info!(
-        local_addr = %std_socket.local_addr()?,
-        recv = sock.recv_buffer_size().unwrap_or(0),
-        send = sock.send_buffer_size().unwrap_or(0),
-        "focus media socket bound"
-    );
-    UdpSocket::from_std(std_socket)
-}
-
-/// The next datagram of any of `sockets` into `buf`: which socket, its
-/// length and sender. The sockets are polled from `*start` on, which moves
-/// on by one each call, so that a busy socket cannot starve the others.
-fn recv_any<'a>(
-    sockets: &'a [UdpSocket],
-    buf: &'a mut [u8],
-    start: &'a mut usize,
-) -> impl std::future::Future<Output = (usize, std::io::Result<(usize, SocketAddr)>)> + 'a {
-    let n = sockets.len().max(1);
-    *start = (*start + 1) % n;
-    let first = *start;
-    std::future::poll_fn(move |cx| {
-        for k in 0..sockets.len() {
-            let i = (first + k) % n;
-            let Some(socket) = sockets.get(i) else {
-                continue;
-            };
-            let mut rb = tokio::io::ReadBuf::new(buf);
-            match socket.poll_recv_from(cx, &mut rb) {
-                std::task::Poll::Ready(Ok(from)) => {
-                    return std::task::Poll::Ready((i, Ok((rb.filled().len(), from))));
-                }
-                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready((i, Err(e))),
-                std::task::Poll::Pending => {}
-            }
-        }
-        std::task::Poll::Pending
-    })
-}
-
 async fn run(
     sockets: Vec<UdpSocket>,
     mut state: State,
@@ -1681,7 +1624,7 @@ async fn run(
             }
         };
         tokio::select! {
-            (i, r) = recv_any(&sockets, &mut buf, &mut next_socket) => match r {
+            (i, r) = udp::recv_any(&sockets, &mut buf, &mut next_socket) => match r {
                 Ok((n, from)) => {
                     let data = buf.get(..n).unwrap_or_default();
                     state.on_datagram(i, from, data);

@@ -51,6 +51,7 @@ pub mod source;
 pub mod stun;
 mod turn;
 mod types;
+pub mod udp;
 
 pub use ice::{IceServer, IceTransport, IceUrl, IceUrlError, IceUrlScheme};
 /// Test only (cargo feature `faults`): the media fault layer.

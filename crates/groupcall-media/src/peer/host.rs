@@ -14,9 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use super::set::{PeerId, PeerSet, RequestId, SetInput, SetOutput};
 use super::*;
 
-/// The receive buffer asked for on each media socket.
-const SOCKET_BUFFER: usize = 4 << 20;
-
 /// UDP sockets held by the media hosts of this process.
 static LIVE_SOCKETS: AtomicUsize = AtomicUsize::new(0);
 
@@ -128,18 +125,7 @@ impl MediaHost {
         }
         let mut sockets = Vec::new();
         for ip in addrs {
-            let bound = std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).and_then(|s| {
-                s.set_nonblocking(true)?;
-                // Every peer's media arrives on this socket (through a
-                // focus, everyone's): room for bursts beyond the kernel's
-                // default of about 200 KB (capped at net.core.rmem_max).
-                let sock = socket2::SockRef::from(&s);
-                if let Err(e) = sock.set_recv_buffer_size(SOCKET_BUFFER) {
-                    debug!(error = %e, "media socket: receive buffer size not set");
-                }
-                UdpSocket::from_std(s)
-            });
-            match bound {
+            match crate::udp::bind(SocketAddr::new(ip, 0)) {
                 Ok(s) => sockets.push(s),
                 Err(e) => warn!(%ip, error = %e, "cannot bind UDP socket"),
             }
@@ -314,6 +300,7 @@ enum Wake {
 impl HostTask {
     async fn run(mut self) {
         let mut buf = vec![0u8; 2048];
+        let mut next_socket = 0;
         let mut closing: Option<oneshot::Sender<()>> = None;
         loop {
             self.flush().await;
@@ -325,16 +312,7 @@ impl HostTask {
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let wake = {
-                let sockets = &self.sockets;
-                let recv = poll_fn(|cx| {
-                    for (i, s) in sockets.iter().enumerate() {
-                        let mut rb = ReadBuf::new(&mut buf);
-                        if let Poll::Ready(r) = s.poll_recv_from(cx, &mut rb) {
-                            return Poll::Ready((i, r.map(|a| (rb.filled().len(), a))));
-                        }
-                    }
-                    Poll::Pending
-                });
+                let recv = crate::udp::recv_any(&self.sockets, &mut buf, &mut next_socket);
                 // Unbiased: neither a flood of commands nor of datagrams can
                 // starve the other branches.
                 tokio::select! {
