@@ -201,6 +201,18 @@ async fn two_peers_exchange_media_and_renegotiate() {
     })
     .await;
 
+    // Each track's first frame is reported as it comes, and the
+    // counters already hold it.
+    for (w, stream) in [(&mut b_ev, "streamA"), (&mut a_ev, "streamB")] {
+        for kind in [TrackKind::Audio, TrackKind::Video] {
+            w.until("first frame", |e| {
+                matches!(e, PeerEvent::FirstFrame { stream_id, kind: k, .. } if stream_id == stream && *k == kind)
+            })
+            .await;
+        }
+    }
+    assert!(received(&b.stats().await.unwrap(), "streamA", TrackKind::Video) >= 1);
+
     // Media flows both ways.
     wait_frames(&b, "streamA", TrackKind::Audio, 0).await;
     wait_frames(&b, "streamA", TrackKind::Video, 0).await;

@@ -270,6 +270,17 @@ pub enum PeerEvent {
         /// The m-line's mid.
         mid: String,
     },
+    /// The first frame of a remote track arrived (on a forwarding peer: its
+    /// first RTP packet), once per m-line: the moment media is flowing,
+    /// without waiting for the next [`MediaPeer::stats`] poll.
+    FirstFrame {
+        /// msid stream id.
+        stream_id: String,
+        /// Audio or video.
+        kind: TrackKind,
+        /// The m-line's mid.
+        mid: String,
+    },
     /// A received frame (only with [`PeerConfig::deliver_frames`]).
     Frame(Frame),
     /// The remote asked us to keep under this bitrate on an m-line (RTCP

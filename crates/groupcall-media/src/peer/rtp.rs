@@ -68,7 +68,17 @@ impl PeerState {
         };
         let keyframe_start = kind == TrackKind::Video && vp8_keyframe_start(&p.payload);
         match self.remote.get_mut(&mid) {
-            Some(r) => r.received.add(p.payload.len(), keyframe_start),
+            Some(r) => {
+                r.received.add(p.payload.len(), keyframe_start);
+                if r.received.frames == 1 {
+                    let first = PeerEvent::FirstFrame {
+                        stream_id: r.stream_id.to_string(),
+                        kind,
+                        mid: mid.to_string(),
+                    };
+                    self.emit(first);
+                }
+            }
             None => self.frames_unmatched += 1,
         }
         let ext = &p.header.ext_vals;

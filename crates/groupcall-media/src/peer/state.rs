@@ -208,6 +208,11 @@ impl PeerState {
         };
         let keyframe = r.kind == TrackKind::Video && d.is_keyframe();
         r.received.add(d.data.len(), keyframe);
+        let first = (r.received.frames == 1).then(|| PeerEvent::FirstFrame {
+            stream_id: r.stream_id.to_string(),
+            kind: r.kind,
+            mid: d.mid.to_string(),
+        });
         let mut pli = false;
         if r.kind == TrackKind::Video {
             if keyframe {
@@ -234,6 +239,9 @@ impl PeerState {
             received_at: d.network_time,
             rid: d.rid,
         };
+        if let Some(first) = first {
+            self.emit(first);
+        }
         if pli {
             let mid = d.mid;
             self.send_pli(mid);
