@@ -7,10 +7,11 @@
 //!
 //! - P1: from the last participant's join (its first member state event
 //!   reaching the homeserver, seen by the counting proxy) to the moment the
-//!   last pair has audio and video both ways (groupcall: a depacketized RTP
-//!   frame in its statistics, polled every 20 ms; the reference: its
-//!   `first_frame` line, the first decoded video frame / audible audio
-//!   frame). Both offer one ICE candidate, UDP on 127.0.0.1;
+//!   last pair has audio and video both ways (groupcall: a track's first
+//!   depacketized RTP frame, reported at once as a `Media` event; the
+//!   reference: its `first_frame` line, the first decoded video frame /
+//!   audible audio frame). Both keep their usual 1 s statistics and offer
+//!   one ICE candidate, UDP on 127.0.0.1;
 //! - P2: call signalling through the proxy from the run's start until one
 //!   second after P1's end: to-device requests, messages (recipient
 //!   devices) and body bytes, per pair; member state events;
@@ -281,7 +282,6 @@ async fn bench(args: &BenchSetupArgs, env: &mut Env) -> anyhow::Result<()> {
                         system,
                         n,
                         run_id,
-                        fast_stats: !cpu_run,
                         cpu_window: cpu_run.then_some(args.cpu_window),
                         connect_timeout: args.connect_timeout,
                         encrypted: args.encrypted,
@@ -427,7 +427,6 @@ struct RunSpec<'a> {
     system: System,
     n: usize,
     run_id: usize,
-    fast_stats: bool,
     cpu_window: Option<Duration>,
     connect_timeout: Duration,
     encrypted: bool,
@@ -464,18 +463,11 @@ async fn run_once(env: &mut Env, spec: &RunSpec<'_>) -> anyhow::Result<RunResult
     )
     .await?;
     let room = local::create_room(&creator, "bench", Vec::new(), true).await?;
-    // groupcall's first frames are seen in its statistics: every 20 ms in
-    // the setup runs. The reference reports a track's first decoded frame
-    // the moment it comes (`first_frame`), so its frame counts stay at the
-    // usual 1 s in every run: 20 ms reports of every track of every feed
-    // cost it CPU (JSON lines through Node's event loop) that a real
-    // client does not spend.
-    let interval = if spec.fast_stats {
-        Duration::from_millis(20)
-    } else {
-        Duration::from_secs(1)
-    };
-    let ref_interval = Duration::from_secs(1);
+    // Both systems report a track's first frame the moment it comes
+    // (groupcall a `Media` event, the reference its `first_frame` line) and
+    // keep their usual 1 s statistics otherwise.
+    let interval = Duration::from_secs(1);
+    let ref_interval = interval;
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Obs>();
     let start = Instant::now();
@@ -790,7 +782,7 @@ fn render(
     }
     let _ = writeln!(
         t,
-        "\nP1  setup: last join -> every pair has audio and video both ways, ms, median [min–max]\n    (end point: groupcall a depacketized RTP frame, polled every 20 ms; reference a decoded frame, reported at once;\n     both offer one candidate, UDP 127.0.0.1)"
+        "\nP1  setup: last join -> every pair has audio and video both ways, ms, median [min–max]\n    (end point: groupcall a depacketized RTP frame, reference a decoded frame, both reported at once;\n     both offer one candidate, UDP 127.0.0.1)"
     );
     let _ = writeln!(
         t,

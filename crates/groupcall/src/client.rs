@@ -227,7 +227,8 @@ pub enum ClientEvent {
         /// Audio or video.
         kind: TrackKind,
     },
-    /// Media counters of one remote track (totals), every `stats_interval`.
+    /// Media counters of one remote track (totals), every `stats_interval`
+    /// and at once when the track's first frame arrives.
     Media {
         /// Remote device.
         device: DeviceKey,
@@ -923,6 +924,15 @@ async fn outbox(
     }
 }
 
+impl Peer {
+    /// Asks the worker for the counters unless a request is already out.
+    fn request_stats(&mut self) {
+        if !self.stats_pending && self.ops.send(PeerOp::Stats).is_ok() {
+            self.stats_pending = true;
+        }
+    }
+}
+
 struct Peer {
     /// Operations for the peer's worker, carried out in order.
     ops: mpsc::UnboundedSender<PeerOp>,
@@ -934,6 +944,9 @@ struct Peer {
     media: Option<Arc<MediaPeer>>,
     /// A stats request is with the worker.
     stats_pending: bool,
+    /// A track's first frame came while a stats request was with the worker
+    /// (its answer may predate the frame): ask again when it returns.
+    stats_again: bool,
     device: DeviceKey,
     /// Local track ids that already have a source.
     sourced: Vec<String>,
@@ -1142,6 +1155,19 @@ impl Driver {
                 }
                 None
             }
+            PeerEvent::FirstFrame { .. } => {
+                // Report the counters now rather than at the next
+                // `stats_interval`: when media starts flowing is what a
+                // caller waits for.
+                if let Some(peer) = self.peers.get_mut(&handle) {
+                    if peer.stats_pending {
+                        peer.stats_again = true;
+                    } else {
+                        peer.request_stats();
+                    }
+                }
+                None
+            }
             PeerEvent::ChannelOpen { .. } => {
                 self.call
                     .handle_media(clock_now(), MediaEvent::ChannelOpen { peer: handle });
@@ -1346,6 +1372,9 @@ impl Driver {
             FromPeer::Event(ev) => self.on_peer_event(handle, ev),
             FromPeer::Stats(stats) => {
                 peer.stats_pending = false;
+                if std::mem::take(&mut peer.stats_again) {
+                    peer.request_stats();
+                }
                 if let Some(stats) = stats {
                     let device = peer.device.clone();
                     let focus = peer.focus;
@@ -1375,9 +1404,7 @@ impl Driver {
     /// [`Driver::on_worker`]); at most one request per peer at a time.
     fn request_stats(&mut self) {
         for peer in self.peers.values_mut() {
-            if !peer.stats_pending && peer.ops.send(PeerOp::Stats).is_ok() {
-                peer.stats_pending = true;
-            }
+            peer.request_stats();
         }
     }
 
@@ -1520,6 +1547,7 @@ impl Driver {
                     _close: close_tx,
                     media: None,
                     stats_pending: false,
+                    stats_again: false,
                     bitrate_limit: None,
                     device: remote.clone(),
                     sourced: Vec::new(),
