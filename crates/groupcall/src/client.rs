@@ -893,6 +893,12 @@ async fn outbox(
                     content,
                 }) => {
                     let member = events::is_call_member_type(&event_type);
+                    if member
+                        && state_key == session.user_id()
+                        && let Some(h) = &hooks.member_published
+                    {
+                        h.publishing(&event_type, &content).await;
+                    }
                     match session
                         .publish_state(&room_id, &event_type, &state_key, &content)
                         .await

@@ -1,11 +1,16 @@
 //! Crash cleanup: how the others learn that we are gone when we cannot say
 //! so ourselves (killed, power loss, network gone).
 //!
-//! - **MSC4140 delayed events** (when the homeserver advertises them): once
-//!   our member event is on the homeserver we schedule a delayed state event
-//!   with the same content *minus our device* ([`membership::left_content`]),
-//!   restart its timer every [`LivenessOptions::heartbeat`], replace it when
-//!   the member content we publish changes, and cancel it on a clean leave.
+//! - **MSC4140 delayed events** (when the homeserver advertises them):
+//!   before we publish member content that lists our device we schedule a
+//!   delayed state event with that content *minus our device*
+//!   ([`membership::left_content`]), so that we are never in the call without
+//!   one (and the request is not competing with the member event the others
+//!   wait for); we restart its timer every [`LivenessOptions::heartbeat`],
+//!   replace it when the member content we publish changes, and cancel it on
+//!   a clean leave. Our own state events do not cancel it (MSC4140 cancels a
+//!   pending delayed state event only for another user's event on the same
+//!   state).
 //!   If we die, the homeserver writes it [`LivenessOptions::leave_delay`]
 //!   after our last heartbeat and the others drop us.
 //! - **Fallback**: a short `expires_ts` on our device entry
@@ -83,7 +88,19 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long the outbox waits for the delayed leave to be scheduled before
+/// publishing member content anyway (a homeserver that is slow to answer
+/// must not hold the join up for long; the task keeps trying).
+const PRESCHEDULE_WAIT: Duration = Duration::from_secs(2);
+
 enum Msg {
+    /// We are about to publish this member content: schedule its delayed
+    /// leave first if it lists us; `done` when that is settled.
+    Publishing {
+        event_type: String,
+        content: Value,
+        done: oneshot::Sender<()>,
+    },
     /// Our member event with this content was accepted by the homeserver.
     Published { event_type: String, content: Value },
     /// Cancel and end.
@@ -98,6 +115,7 @@ pub(crate) struct PublishedHook(mpsc::UnboundedSender<Msg>);
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Msg::Publishing { event_type, .. } => write!(f, "Publishing({event_type})"),
             Msg::Published { event_type, .. } => write!(f, "Published({event_type})"),
             Msg::Stop(_) => f.write_str("Stop"),
         }
@@ -105,6 +123,27 @@ impl std::fmt::Debug for Msg {
 }
 
 impl PublishedHook {
+    /// We are about to publish our member event (`event_type`, `content`):
+    /// returns once the delayed leave for it is scheduled (or could not be
+    /// within [`PRESCHEDULE_WAIT`]; the task keeps trying). Content that
+    /// does not list our device (a leave) returns at once: its delayed leave
+    /// is settled after publishing.
+    pub(crate) async fn publishing(&self, event_type: &str, content: &Value) {
+        let (done, settled) = oneshot::channel();
+        let msg = Msg::Publishing {
+            event_type: event_type.to_owned(),
+            content: content.clone(),
+            done,
+        };
+        if self.0.send(msg).is_ok()
+            && tokio::time::timeout(PRESCHEDULE_WAIT, settled)
+                .await
+                .is_err()
+        {
+            warn!("the delayed leave is not scheduled yet; publishing our member event anyway");
+        }
+    }
+
     /// Our member event (`event_type`, `content`) is on the homeserver.
     pub(crate) fn published(&self, event_type: &str, content: &Value) {
         let _ = self.0.send(Msg::Published {
@@ -199,12 +238,15 @@ impl Task {
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
+                    Some(Msg::Publishing { event_type, content, done }) => {
+                        if lists_device(&content, &self.device_id) {
+                            self.want(event_type, content);
+                            self.reconcile().await;
+                        }
+                        let _ = done.send(());
+                    }
                     Some(Msg::Published { event_type, content }) => {
-                        self.wanted = lists_device(&content, &self.device_id).then(|| Planned {
-                            left: membership::left_content(Some(&content), &self.device_id, now_ms()),
-                            event_type,
-                            source: content,
-                        });
+                        self.want(event_type, content);
                         self.reconcile().await;
                     }
                     Some(Msg::Stop(done)) => {
@@ -247,6 +289,24 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// What should be scheduled for our member content `content`: its
+    /// leave if it lists us, nothing otherwise. Content already planned
+    /// (scheduled before publishing, now published) keeps its plan.
+    fn want(&mut self, event_type: String, content: Value) {
+        if self
+            .wanted
+            .as_ref()
+            .is_some_and(|w| w.event_type == event_type && w.source == content)
+        {
+            return;
+        }
+        self.wanted = lists_device(&content, &self.device_id).then(|| Planned {
+            left: membership::left_content(Some(&content), &self.device_id, now_ms()),
+            event_type,
+            source: content,
+        });
     }
 
     /// Makes the scheduled delayed event match `wanted`: schedule the new
