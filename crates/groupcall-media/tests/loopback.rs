@@ -206,7 +206,7 @@ async fn two_peers_exchange_media_and_renegotiate() {
     for (w, stream) in [(&mut b_ev, "streamA"), (&mut a_ev, "streamB")] {
         for kind in [TrackKind::Audio, TrackKind::Video] {
             w.until("first frame", |e| {
-                matches!(e, PeerEvent::FirstFrame { stream_id, kind: k, .. } if stream_id == stream && *k == kind)
+                matches!(e, PeerEvent::FirstFrame { stream_id, kind: k, received, .. } if stream_id == stream && *k == kind && received.frames == 1)
             })
             .await;
         }

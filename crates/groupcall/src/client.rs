@@ -930,15 +930,6 @@ async fn outbox(
     }
 }
 
-impl Peer {
-    /// Asks the worker for the counters unless a request is already out.
-    fn request_stats(&mut self) {
-        if !self.stats_pending && self.ops.send(PeerOp::Stats).is_ok() {
-            self.stats_pending = true;
-        }
-    }
-}
-
 struct Peer {
     /// Operations for the peer's worker, carried out in order.
     ops: mpsc::UnboundedSender<PeerOp>,
@@ -950,9 +941,6 @@ struct Peer {
     media: Option<Arc<MediaPeer>>,
     /// A stats request is with the worker.
     stats_pending: bool,
-    /// A track's first frame came while a stats request was with the worker
-    /// (its answer may predate the frame): ask again when it returns.
-    stats_again: bool,
     device: DeviceKey,
     /// Local track ids that already have a source.
     sourced: Vec<String>,
@@ -1161,16 +1149,16 @@ impl Driver {
                 }
                 None
             }
-            PeerEvent::FirstFrame { .. } => {
-                // Report the counters now rather than at the next
-                // `stats_interval`: when media starts flowing is what a
-                // caller waits for.
-                if let Some(peer) = self.peers.get_mut(&handle) {
-                    if peer.stats_pending {
-                        peer.stats_again = true;
-                    } else {
-                        peer.request_stats();
-                    }
+            PeerEvent::FirstFrame {
+                stream_id,
+                kind,
+                mid,
+                received,
+            } => {
+                // Reported now rather than at the next `stats_interval`:
+                // when media starts flowing is what a caller waits for.
+                if let Some(peer) = self.peers.get(&handle) {
+                    self.report_track(&peer.device, peer.focus, stream_id, mid, kind, received);
                 }
                 None
             }
@@ -1378,9 +1366,6 @@ impl Driver {
             FromPeer::Event(ev) => self.on_peer_event(handle, ev),
             FromPeer::Stats(stats) => {
                 peer.stats_pending = false;
-                if std::mem::take(&mut peer.stats_again) {
-                    peer.request_stats();
-                }
                 if let Some(stats) = stats {
                     let device = peer.device.clone();
                     let focus = peer.focus;
@@ -1410,24 +1395,37 @@ impl Driver {
     /// [`Driver::on_worker`]); at most one request per peer at a time.
     fn request_stats(&mut self) {
         for peer in self.peers.values_mut() {
-            peer.request_stats();
+            if !peer.stats_pending && peer.ops.send(PeerOp::Stats).is_ok() {
+                peer.stats_pending = true;
+            }
         }
+    }
+
+    /// One remote track's counters as [`ClientEvent::Media`]: through a
+    /// focus, each stream is its publisher's.
+    fn report_track(
+        &self,
+        device: &DeviceKey,
+        focus: bool,
+        stream_id: String,
+        mid: String,
+        kind: TrackKind,
+        received: groupcall_media::Counters,
+    ) {
+        let owner = focus.then(|| self.stream_owners.get(&stream_id)).flatten();
+        let _ = self.events.send(ClientEvent::Media {
+            device: owner.unwrap_or(device).clone(),
+            stream_id,
+            mid,
+            kind,
+            frames: received.frames,
+            bytes: received.bytes,
+        });
     }
 
     fn report_stats(&self, device: DeviceKey, focus: bool, stats: PeerStats) {
         for t in stats.remote {
-            // Through a focus, each stream is its publisher's.
-            let owner = focus
-                .then(|| self.stream_owners.get(&t.stream_id))
-                .flatten();
-            let _ = self.events.send(ClientEvent::Media {
-                device: owner.unwrap_or(&device).clone(),
-                stream_id: t.stream_id,
-                mid: t.mid,
-                kind: t.kind,
-                frames: t.received.frames,
-                bytes: t.received.bytes,
-            });
+            self.report_track(&device, focus, t.stream_id, t.mid, t.kind, t.received);
         }
         let mut sent: BTreeMap<&'static str, (TrackKind, u64, u64)> = BTreeMap::new();
         for t in stats.local {
@@ -1553,7 +1551,6 @@ impl Driver {
                     _close: close_tx,
                     media: None,
                     stats_pending: false,
-                    stats_again: false,
                     bitrate_limit: None,
                     device: remote.clone(),
                     sourced: Vec::new(),

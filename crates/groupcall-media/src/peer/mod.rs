@@ -280,6 +280,8 @@ pub enum PeerEvent {
         kind: TrackKind,
         /// The m-line's mid.
         mid: String,
+        /// The track's counters, that frame included.
+        received: crate::types::Counters,
     },
     /// A received frame (only with [`PeerConfig::deliver_frames`]).
     Frame(Frame),

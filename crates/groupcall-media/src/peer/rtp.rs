@@ -75,6 +75,7 @@ impl PeerState {
                         stream_id: r.stream_id.to_string(),
                         kind,
                         mid: mid.to_string(),
+                        received: r.received,
                     };
                     self.emit(first);
                 }

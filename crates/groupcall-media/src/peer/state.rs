@@ -212,6 +212,7 @@ impl PeerState {
             stream_id: r.stream_id.to_string(),
             kind: r.kind,
             mid: d.mid.to_string(),
+            received: r.received,
         });
         let mut pli = false;
         if r.kind == TrackKind::Video {
