@@ -623,18 +623,19 @@ pub async fn join_call(
 
     // Load the room's current call state from the homeserver, then what the
     // first sync brought.
+    // One request for the whole state; room members first, then calls,
+    // then call members, as the core expects them.
     let now = clock_now();
-    for ty in [
+    let types = [
         events::ROOM_MEMBER,
         events::CALL_UNSTABLE,
         events::CALL,
         events::CALL_MEMBER_UNSTABLE,
         events::CALL_MEMBER,
-    ] {
-        for ev in session.fetch_room_state(&room_id, ty).await? {
-            if let Err(e) = call.handle_state(now, &ev) {
-                debug!("ignoring state event: {e}");
-            }
+    ];
+    for ev in session.fetch_room_states(&room_id, &types).await? {
+        if let Err(e) = call.handle_state(now, &ev) {
+            debug!("ignoring state event: {e}");
         }
     }
     for input in early {

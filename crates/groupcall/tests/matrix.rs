@@ -359,6 +359,37 @@ async fn call_room_state_through_sync() {
     })
     .await;
 
+    // Several types from one request: all of the first type, then the
+    // next, whatever order the homeserver lists them in; a repeated type
+    // once; a type the room lacks contributes nothing.
+    let several = bob
+        .session
+        .fetch_room_states(
+            &room,
+            &[
+                "m.call.member",
+                "m.room.member",
+                "m.call.member",
+                "m.nothing.here",
+                CALL_MEMBER_EVENT_TYPE,
+            ],
+        )
+        .await
+        .unwrap();
+    let types: Vec<&str> = several
+        .iter()
+        .map(|v| v["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "m.call.member",
+            "m.room.member",
+            "m.room.member",
+            CALL_MEMBER_EVENT_TYPE
+        ]
+    );
+
     // Unknown room is a typed error.
     let err = bob
         .session

@@ -183,6 +183,18 @@ impl MatrixSession {
         room: &str,
         event_type: &str,
     ) -> Result<Vec<Value>, MatrixError> {
+        self.fetch_room_states(room, &[event_type]).await
+    }
+
+    /// The state events of each of `event_types` in the room's current
+    /// state, from one `GET /rooms/{id}/state`: all events of the first
+    /// type, then all of the second, and so on (the homeserver's order
+    /// within a type). A type listed twice is returned once.
+    pub async fn fetch_room_states(
+        &self,
+        room: &str,
+        event_types: &[&str],
+    ) -> Result<Vec<Value>, MatrixError> {
         let room_id = Self::parse_room_id(room)?;
         let what = format!("fetching the state of {room}");
         let request = get_state_events::v3::Request::new(room_id);
@@ -198,12 +210,24 @@ impl MatrixSession {
             )
             .await
             .map_err(|e| MatrixError::http(what.clone(), e))?;
-        Ok(response
+        let events: Vec<Value> = response
             .room_state
             .iter()
             .filter_map(|raw| raw.deserialize_as::<Value>().ok())
-            .filter(|v| v.get("type").and_then(Value::as_str) == Some(event_type))
-            .collect())
+            .collect();
+        let mut out = Vec::new();
+        for (i, ty) in event_types.iter().enumerate() {
+            if event_types[..i].contains(ty) {
+                continue;
+            }
+            out.extend(
+                events
+                    .iter()
+                    .filter(|v| v.get("type").and_then(Value::as_str) == Some(*ty))
+                    .cloned(),
+            );
+        }
+        Ok(out)
     }
 
     /// Sends a state event with raw JSON content under exactly the given
