@@ -615,15 +615,21 @@ impl State {
     }
 
     /// A datagram arrived on socket `socket`.
-    fn on_datagram(&mut self, socket: usize, from: SocketAddr, data: &[u8]) {
+    /// A datagram from socket `socket`, which arrived at `received`.
+    fn on_datagram(&mut self, socket: usize, from: SocketAddr, data: &[u8], received: Instant) {
         if let Some(f) = self.figures.sockets.get_mut(socket) {
             f.datagrams_in += 1;
         }
         let Some(local) = self.offered_on(socket, from) else {
             return;
         };
-        self.set
-            .handle_input(Instant::now(), SetInput::Datagram { local, from, data });
+        let input = SetInput::Datagram {
+            local,
+            from,
+            data,
+            received,
+        };
+        self.set.handle_input(Instant::now(), input);
     }
 
     /// Every offered address (the peer set's sockets), in socket order.
@@ -1625,9 +1631,9 @@ async fn run(
         };
         tokio::select! {
             (i, r) = udp::recv_any(&sockets, &mut buf, &mut next_socket) => match r {
-                Ok((n, from)) => {
-                    let data = buf.get(..n).unwrap_or_default();
-                    state.on_datagram(i, from, data);
+                Ok(d) => {
+                    let data = buf.get(..d.len).unwrap_or_default();
+                    state.on_datagram(i, d.from, data, d.at);
                 }
                 Err(e) => debug!(socket = i, "media socket: {e}"),
             },

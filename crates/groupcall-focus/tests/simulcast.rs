@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use groupcall::media::ivf::{IvfHeader, IvfReader, IvfWriter, vp8_frame_info};
 use groupcall::media::source::{BUILTIN_PATTERN_LAYERS, FrameSource, OggOpusSource};
+use groupcall::media::udp;
 use groupcall_focus::engine::{Engine, EngineConfig, EngineFigures, EngineInput, EngineOutput};
 use groupcall_focus::focus::FocusConfig;
 use groupcall_focus::forward::ForwarderConfig;
@@ -95,9 +96,8 @@ struct Peer {
 impl Peer {
     fn new(user: &str, device: &str) -> Peer {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        // Arrival times from the kernel (see `recv_stamped`).
-        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
-            .unwrap();
+        // Arrival times from the kernel (see `drive`).
+        udp::stamp_arrivals(&sock);
         sock.set_nonblocking(true).unwrap();
         let addr = sock.local_addr().unwrap();
         let mut rtc = Rtc::builder()
@@ -189,11 +189,15 @@ impl Peer {
     /// Reads its socket, runs str0m, sends what it wants sent.
     fn drive(&mut self) {
         let mut buf = vec![0u8; 2000];
-        while let Ok((n, source, at)) = recv_stamped(&self.sock, &mut buf) {
-            // Each datagram at the time it arrived: a peer reading late
-            // (this task off the CPU on a loaded machine) must not report
-            // its wait as network delay in its congestion feedback.
-            let now = at;
+        // Each datagram at the time it arrived, as libwebrtc stamps them on
+        // Linux (the kernel's time, `udp::try_recv_std`): stamped when
+        // this task got round to reading them, its transport-wide feedback
+        // counted CPU waits as link delay, and under load the focus's
+        // delay-based estimate of its downlink fell below the layer it
+        // received (seen in the suite: a step down from 1280x720 with no
+        // cap).
+        while let Ok(d) = udp::try_recv_std(&self.sock, &mut buf) {
+            let (n, source, now) = (d.len, d.from, d.at);
             if !self.admit(now, n) {
                 self.capped += 1;
                 continue;
@@ -918,46 +922,4 @@ async fn a_capped_subscriber_steps_down_and_back_up_when_lifted() {
     assert!(first_down < Duration::from_secs(3), "{first_down:?}");
     assert!(low_at < Duration::from_secs(10), "{low_at:?}");
     assert!(high_at < Duration::from_secs(15), "{high_at:?}");
-}
-
-/// The next datagram waiting on `sock` (without blocking): its length,
-/// sender and the time the kernel received it (`SO_TIMESTAMPNS`), as
-/// libwebrtc stamps arrivals on Linux. Read at `Instant::now()` instead,
-/// the time a datagram waited for this task counts as queueing on the link
-/// in the transport-wide feedback this peer sends, and under CPU load the
-/// focus's delay-based estimate of its downlink falls below the layer it
-/// receives (seen in the suite: a step down from 1280x720 with no cap).
-fn recv_stamped(
-    sock: &UdpSocket,
-    buf: &mut [u8],
-) -> std::io::Result<(usize, std::net::SocketAddr, Instant)> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
-    use std::os::fd::AsRawFd;
-    let mut iov = [std::io::IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!(nix::sys::time::TimeSpec);
-    let msg = recvmsg::<SockaddrIn>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_DONTWAIT,
-    )
-    .map_err(std::io::Error::from)?;
-    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
-    let mut at = now;
-    for c in msg.cmsgs().into_iter().flatten() {
-        if let ControlMessageOwned::ScmTimestampns(ts) = c
-            && let (Ok(secs), Ok(nanos)) = (u64::try_from(ts.tv_sec()), u32::try_from(ts.tv_nsec()))
-        {
-            let kernel = std::time::UNIX_EPOCH + Duration::new(secs, nanos);
-            // Bounded: a wall clock stepped back or far forward meanwhile
-            // must not throw the time far off.
-            let age = wall.duration_since(kernel).unwrap_or_default();
-            at = now - age.min(Duration::from_secs(1));
-        }
-    }
-    let from = msg
-        .address
-        .map(|a| std::net::SocketAddr::V4(a.into()))
-        .ok_or_else(|| std::io::Error::other("a datagram without a sender"))?;
-    Ok((msg.bytes, from, at))
 }

@@ -158,6 +158,7 @@ impl Net {
                     local: t.destination,
                     from: t.source,
                     data: &t.contents,
+                    received: now,
                 },
             );
         }

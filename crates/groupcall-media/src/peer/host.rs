@@ -280,6 +280,23 @@ impl HostTask {
         true
     }
 
+    /// Feeds the datagram `d` read from socket `i` (its bytes at the
+    /// front of `buf`) to the peer set, if the fault layer lets it in.
+    fn datagram_in(&mut self, now: Instant, i: usize, d: crate::udp::Received, buf: &[u8]) {
+        if !self.pass_in(now, d.len) {
+            return;
+        }
+        if let (Some(&local), Some(data)) = (self.addrs.get(i), buf.get(..d.len)) {
+            let input = SetInput::Datagram {
+                local,
+                from: d.from,
+                data,
+                received: d.at,
+            };
+            self.set.handle_input(now, input);
+        }
+    }
+
     /// Whether the fault layer lets an outgoing datagram go.
     fn pass_out(&self) -> bool {
         #[cfg(feature = "faults")]
@@ -292,7 +309,7 @@ impl HostTask {
 
 enum Wake {
     Command(Option<HostCommand>),
-    Packet(usize, std::io::Result<(usize, SocketAddr)>),
+    Packet(usize, std::io::Result<crate::udp::Received>),
     Lookup(Option<(u64, Vec<SocketAddr>)>),
     Timer,
 }
@@ -334,30 +351,17 @@ impl HostTask {
                     debug!("every handle dropped, closing the media host");
                     self.set.close(now);
                 }
-                Wake::Packet(i, Ok((n, from))) => {
-                    if self.pass_in(now, n)
-                        && let (Some(&local), Some(data)) = (self.addrs.get(i), buf.get(..n))
-                    {
-                        self.set
-                            .handle_input(now, SetInput::Datagram { local, from, data });
-                    }
+                Wake::Packet(i, Ok(d)) => {
+                    self.datagram_in(now, i, d, &buf);
                     // Take what else is waiting on that socket before
                     // sending and sleeping again (bounded, so that timers
                     // and commands still come in between).
                     for _ in 0..RECV_BATCH {
                         let Some(s) = self.sockets.get(i) else { break };
-                        let Ok((n, from)) = s.try_recv_from(&mut buf) else {
+                        let Ok(d) = crate::udp::try_recv(s, &mut buf) else {
                             break;
                         };
-                        if !self.pass_in(Instant::now(), n) {
-                            continue;
-                        }
-                        if let (Some(&local), Some(data)) = (self.addrs.get(i), buf.get(..n)) {
-                            self.set.handle_input(
-                                Instant::now(),
-                                SetInput::Datagram { local, from, data },
-                            );
-                        }
+                        self.datagram_in(Instant::now(), i, d, &buf);
                     }
                 }
                 Wake::Packet(i, Err(e)) => {

@@ -54,6 +54,12 @@ pub enum SetInput<'a> {
         from: SocketAddr,
         /// The payload.
         data: &'a [u8],
+        /// When it arrived: the kernel's receive time where the socket
+        /// tells it ([`crate::udp`]), else when it was read; at or before
+        /// the `now` it is fed with. What str0m's congestion feedback
+        /// reports as its arrival, so the time it waited for the driver
+        /// to read it does not count as delay on the link.
+        received: Instant,
     },
     /// The answer to a [`SetOutput::Resolve`] (empty: not resolved).
     Resolved {
@@ -117,6 +123,8 @@ pub(crate) enum Route {
 /// The sans-IO peer set (see the module docs).
 pub struct PeerSet {
     now: Instant,
+    /// When the datagram being fed arrived (see [`SetInput::Datagram`]).
+    received: Instant,
     sockets: Vec<SocketAddr>,
     peers: BTreeMap<PeerId, PeerState>,
     gather: Gatherer,
@@ -171,6 +179,7 @@ impl PeerSet {
     pub fn new(now: Instant, sockets: Vec<SocketAddr>) -> PeerSet {
         PeerSet {
             now,
+            received: now,
             gather: Gatherer::new(sockets.clone(), now),
             sockets,
             peers: BTreeMap::new(),
@@ -413,7 +422,13 @@ impl PeerSet {
             return;
         }
         match input {
-            SetInput::Datagram { local, from, data } => {
+            SetInput::Datagram {
+                local,
+                from,
+                data,
+                received,
+            } => {
+                self.received = received.min(now);
                 self.datagram(local, from, data);
             }
             SetInput::Resolved { token, addrs } => self.gather.on_resolved(token, addrs, now),
@@ -492,7 +507,7 @@ impl PeerSet {
             trace!(%from, "unrecognised datagram");
             return Route::Dropped;
         };
-        let input = Input::Receive(self.now, recv);
+        let input = Input::Receive(self.received, recv);
         if let Some(p) = self.peers.get_mut(&id) {
             self.dirty.push(id);
             p.now = self.now;
@@ -888,6 +903,7 @@ mod tests {
                 local,
                 from: addr("10.0.0.9:9"),
                 data: DTLS,
+                received: now,
             },
         );
         assert!(set.poll_output().is_none());
@@ -1044,12 +1060,14 @@ mod tests {
                 _ => {}
             }
             let from = SocketAddr::new([10, 0, 0, rng.u8(1..5)].into(), 4000 + rng.u16(0..4));
+            let at = now + Duration::from_millis(u64::from(round));
             set.handle_input(
-                now + Duration::from_millis(u64::from(round)),
+                at,
                 SetInput::Datagram {
                     local,
                     from,
                     data: &data,
+                    received: at,
                 },
             );
             while set.poll_output().is_some() {}
@@ -1237,6 +1255,7 @@ mod tests {
                         local: t.destination,
                         from: t.source,
                         data: &t.contents,
+                        received: now,
                     },
                 );
             }
