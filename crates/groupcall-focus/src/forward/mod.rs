@@ -225,8 +225,15 @@ pub struct ForwarderConfig {
     /// (1 s).
     pub layer_stale: Duration,
     /// A downlink estimate must allow a higher layer this long before the
-    /// subscription moves up (3 s).
+    /// subscription moves up (3 s). A step up that fails (the choice moves
+    /// down again within `up_calm`) doubles the subscription's next hold,
+    /// up to `up_hold_max`; see [`Forwarder::set_downlink_estimate`].
     pub up_hold: Duration,
+    /// The longest hold after failed steps up (24 s).
+    pub up_hold_max: Duration,
+    /// A step up that stays this long has held (10 s): the next hold is
+    /// `up_hold` again.
+    pub up_calm: Duration,
     /// ... at this percentage of the higher layer's bitrate (125).
     pub up_margin_percent: u64,
     /// The most one publisher's media may take, bits per second of payload
@@ -254,6 +261,8 @@ impl Default for ForwarderConfig {
             no_keyframe_skip: Duration::from_secs(10),
             layer_stale: Duration::from_secs(1),
             up_hold: Duration::from_secs(3),
+            up_hold_max: Duration::from_secs(24),
+            up_calm: Duration::from_secs(10),
             up_margin_percent: 125,
             publisher_limit_bps: None,
         }
@@ -629,6 +638,15 @@ struct OutStream {
     switch_since: Option<Instant>,
     /// A higher layer the downlink estimate allows, and since when.
     up: Option<(u8, Instant)>,
+    /// How long the estimate must allow the next step up (`up_hold`,
+    /// doubled by each failed step up).
+    up_hold: Duration,
+    /// The last step up taken on the estimate: when, and the share of the
+    /// estimate it was taken on.
+    up_taken: Option<(Instant, u64)>,
+    /// The share of the estimate a step up failed on: a hold lengthened by
+    /// failures is shortened again once the estimate clearly exceeds it.
+    up_failed_at: Option<u64>,
     /// Switched without a key frame: frames are counted until one comes.
     unkeyed: bool,
     /// The PictureID of the last frame dropped for its temporal layer.
@@ -639,6 +657,53 @@ struct OutStream {
     tl_synced: u8,
     /// The last video packet forwarded did not end its frame (no marker).
     mid_frame: bool,
+}
+
+/// Keeps a subscription's hold before a step up on the estimate
+/// ([`ForwarderConfig::up_hold`]): a step up followed by a move down
+/// within `calm` failed and doubles the hold (up to `max`); one that stays
+/// `calm` long, or an estimate share 25 % above the one a step failed on,
+/// brings it back to `first`. `to` is the layer chosen now, `up` whether
+/// it is above the one targeted (None: not known), `budget` the
+/// subscription's share of the estimate (None: not capped).
+fn backoff(
+    out: &mut OutStream,
+    now: Instant,
+    to: u8,
+    up: Option<bool>,
+    budget: Option<u64>,
+    (calm, first, max): (Duration, Duration, Duration),
+) {
+    if let Some((at, _)) = out.up_taken
+        && elapsed(at, now, calm)
+    {
+        out.up_taken = None;
+        out.up_hold = first;
+    }
+    if let (Some(b), Some(f)) = (budget, out.up_failed_at)
+        && b >= f.saturating_mul(5) / 4
+    {
+        out.up_failed_at = None;
+        out.up_hold = first;
+    }
+    if to == out.target_layer {
+        return;
+    }
+    match (up, budget) {
+        (Some(true), Some(b)) => out.up_taken = Some((now, b)),
+        (Some(false), Some(_)) => {
+            if let Some((_, b)) = out.up_taken.take() {
+                out.up_hold = out.up_hold.saturating_mul(2).min(max);
+                out.up_failed_at = Some(b);
+                tracing::debug!(
+                    subscriber = out.subscriber.0,
+                    hold_ms = out.up_hold.as_millis() as u64,
+                    "forwarder: a step up on the estimate failed; the next waits longer"
+                );
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Whether a subscription asking `want` of a layer of `width` x `height`
@@ -1099,6 +1164,9 @@ impl Forwarder {
                     temporal_auto: true,
                     switch_since: None,
                     up: None,
+                    up_hold: self.config.up_hold,
+                    up_taken: None,
+                    up_failed_at: None,
                     unkeyed: false,
                     skipped_pid: None,
                     tl_synced: u8::MAX,
@@ -1274,7 +1342,9 @@ impl Forwarder {
     /// from the next [`Forwarder::handle_timeout`]; the cap is lifted once
     /// every subscription is back on the layer its requested size picks
     /// with the estimate at [`ForwarderConfig::up_margin_percent`] of that
-    /// rate. Before any congestion the estimate caps nothing: an
+    /// rate. Upward moves wait for the estimate to hold
+    /// ([`ForwarderConfig::up_hold`], lengthened after failed steps up).
+    /// Before any congestion the estimate caps nothing: an
     /// estimator's starting figure is a guess, and it rises only as far as
     /// traffic and probes take it.
     pub fn set_downlink_estimate(&mut self, subscriber: ParticipantId, bps: Option<u64>) {
@@ -1519,7 +1589,17 @@ impl Forwarder {
     /// [`ForwarderConfig::switch_timeout`].
     fn choose_layers(&mut self, now: Instant, only: Option<Key>) {
         let cfg = &self.config;
-        let mut moves: Vec<(Key, TrackId, layers::Choice, bool)> = Vec::new();
+        // Each choice, whether it is a thumbnail, whether it is above the
+        // layer targeted now, and the subscription's share of the estimate.
+        type Move = (
+            Key,
+            TrackId,
+            layers::Choice,
+            bool,
+            Option<bool>,
+            Option<u64>,
+        );
+        let mut moves: Vec<Move> = Vec::new();
         let mut give_up: Vec<(Key, TrackId, u8)> = Vec::new();
         // One-layer video: only the automatic temporal choice.
         let mut thumbs: Vec<(Key, bool)> = Vec::new();
@@ -1593,7 +1673,7 @@ impl Forwarder {
                 };
                 let up_held = out
                     .up
-                    .is_some_and(|(_, since)| elapsed(since, now, cfg.up_hold));
+                    .is_some_and(|(_, since)| elapsed(since, now, out.up_hold));
                 if let Some(ch) = layers::choose(
                     stats,
                     now,
@@ -1605,7 +1685,10 @@ impl Forwarder {
                 ) {
                     let l = stats[usize::from(ch.now)];
                     let thumb = is_thumbnail(out.want, l.width, l.height);
-                    moves.push((o, TrackId(k), ch, thumb));
+                    let up = stats
+                        .get(usize::from(out.target_layer))
+                        .map(|c| (l.width, l.height) > (c.width, c.height));
+                    moves.push((o, TrackId(k), ch, thumb, up, budget));
                 }
             }
         }
@@ -1637,10 +1720,12 @@ impl Forwarder {
                 out.max_temporal = thumb.then_some(0);
             }
         }
-        for (o, track, ch, thumb) in moves {
+        let (calm, first_hold, max_hold) = (cfg.up_calm, cfg.up_hold, cfg.up_hold_max);
+        for (o, track, ch, thumb, up, budget) in moves {
             let Some(out) = self.outs.get_mut(o) else {
                 continue;
             };
+            backoff(out, now, ch.now, up, budget, (calm, first_hold, max_hold));
             if out.temporal_auto {
                 out.max_temporal = thumb.then_some(0);
             }

@@ -1373,6 +1373,24 @@ fn temporal_layers_above_the_maximum_are_dropped_with_continuous_numbering() {
     assert_eq!(h.take(C, MediaKind::Video).len(), 8);
 }
 
+/// Frame `n` (at `n` x 33 ms) of the three simulcast layers, two packets
+/// each, padded to about 15, 110 and 400 kbit/s at 30 fps.
+fn padded_sim_frame(h: &mut H, n: u16, key: bool) {
+    let ms = u64::from(n) * 33;
+    for l in 0..3usize {
+        let ssrc = [3000, 3001, 3002][l];
+        let seq = (l as u16) * 1000 + n * 2;
+        let mut p1 = vp8_sized(n, n as u8, 0, key, true, SIZES[l]);
+        let mut p2 = vp8_sized(n, n as u8, 0, key, false, SIZES[l]);
+        let pad = [0usize, 200, 800][l];
+        p1.resize(p1.len() + pad, 0);
+        p2.resize(p2.len() + pad, 0);
+        let ts = u32::from(n) * 3000;
+        h.rtp(ms, A, ssrc, seq, ts, &p1);
+        h.rtp_end(ms, ssrc, seq + 1, ts, &p2);
+    }
+}
+
 #[test]
 fn downlink_estimate_caps_layers_and_rises_only_after_holding() {
     let mut h = H::new();
@@ -1381,20 +1399,8 @@ fn downlink_estimate_caps_layers_and_rises_only_after_holding() {
     // 2 s of frames: per layer 2 packets of ~30 bytes per frame at 30 fps
     // (~15 kbit/s each; scaled below by padding the high layers).
     let step = |h: &mut H, n: u16, key: bool| {
-        let ms = u64::from(n) * 33;
-        for l in 0..3usize {
-            let ssrc = [3000, 3001, 3002][l];
-            let seq = (l as u16) * 1000 + n * 2;
-            let mut p1 = vp8_sized(n, n as u8, 0, key, true, SIZES[l]);
-            let mut p2 = vp8_sized(n, n as u8, 0, key, false, SIZES[l]);
-            let pad = [0usize, 200, 800][l];
-            p1.resize(p1.len() + pad, 0);
-            p2.resize(p2.len() + pad, 0);
-            let ts = u32::from(n) * 3000;
-            h.rtp(ms, A, ssrc, seq, ts, &p1);
-            h.rtp_end(ms, ssrc, seq + 1, ts, &p2);
-        }
-        h.f.handle_timeout(h.at(ms));
+        padded_sim_frame(h, n, key);
+        h.f.handle_timeout(h.at(u64::from(n) * 33));
     };
     for n in 0..60 {
         step(&mut h, n, n % 15 == 0);
@@ -1693,4 +1699,65 @@ fn a_simulcast_layer_over_the_limit_is_left_for_one_within_it() {
         "C on the mid layer: {layers:?}"
     );
     assert_eq!(h.counters().layers_policed, 1);
+}
+
+#[test]
+fn failed_steps_up_on_the_estimate_wait_longer_until_it_clearly_rises() {
+    let mut h = H::new();
+    h.publish_sim();
+    h.f.subscribe(h.at(0), C, &simkey()).unwrap();
+    // As above: three layers of ~15, ~110 and ~400 kbit/s.
+    // `run` sends up to `frames` frames and stops after the first key
+    // frame of width `until` forwarded: the widths of the key frames
+    // forwarded, and how many frames it sent.
+    let mut n = 0u16;
+    let mut run = |h: &mut H, frames: u16, until: u16| -> (Vec<u16>, u16) {
+        let mut sizes = Vec::new();
+        for i in 0..frames {
+            padded_sim_frame(h, n, n.is_multiple_of(15));
+            h.f.handle_timeout(h.at(u64::from(n) * 33));
+            sizes.extend(H::sizes_of(&h.take(C, MediaKind::Video)));
+            n += 1;
+            if sizes.last() == Some(&until) {
+                return (sizes, i + 1);
+            }
+        }
+        (sizes, frames)
+    };
+    run(&mut h, 60, 0);
+    let t = h.f.subscription_layers().next().unwrap().track;
+    let mut rates: Vec<u64> = (0..3).map(|l| h.f.layer_info(t, l).unwrap().2).collect();
+    rates.sort_unstable();
+    let [low, mid, high] = [rates[0], rates[1], rates[2]];
+    // Congested: down to the low layer.
+    h.f.set_downlink_estimate(C, Some(high * 2));
+    h.f.set_downlink_estimate(C, Some((low + mid) / 2));
+    assert_eq!(run(&mut h, 20, 0).0.last(), Some(&320));
+    // Room for the middle layer (not the top one): up after `up_hold`;
+    // then it falls back within `up_calm`, and the next step up waits
+    // twice as long, then four times; an estimate 25 % above the one the
+    // steps failed on waits `up_hold` again.
+    let room = mid * 13 / 10;
+    let mut waits = Vec::new();
+    for (estimate, fail) in [
+        (room, true),
+        (room, true),
+        (room, true),
+        (room * 13 / 10, false),
+    ] {
+        h.f.set_downlink_estimate(C, Some(estimate));
+        let (sizes, frames) = run(&mut h, 800, 640);
+        assert_eq!(sizes.last(), Some(&640), "a step up");
+        waits.push(u64::from(frames) * 33);
+        if fail {
+            h.f.set_downlink_estimate(C, Some((low + mid) / 2));
+            assert_eq!(run(&mut h, 20, 0).0.last(), Some(&320));
+        }
+    }
+    let near = |got: u64, hold: u64| (hold * 1000..hold * 1000 + 15 * 33 + 200).contains(&got);
+    assert!(near(waits[0], 3), "{waits:?}");
+    assert!(near(waits[1], 6), "{waits:?}");
+    assert!(near(waits[2], 12), "{waits:?}");
+    assert!(near(waits[3], 3), "{waits:?}");
+    assert!(h.f.downlink_constrained(C));
 }
