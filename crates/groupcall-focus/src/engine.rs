@@ -614,7 +614,6 @@ impl State {
             .copied()
     }
 
-    /// A datagram arrived on socket `socket`.
     /// A datagram from socket `socket`, which arrived at `received`.
     fn on_datagram(&mut self, socket: usize, from: SocketAddr, data: &[u8], received: Instant) {
         if let Some(f) = self.figures.sockets.get_mut(socket) {

@@ -45,9 +45,8 @@ pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Binds a non-blocking UDP socket on `addr` for the current tokio
 /// runtime, asking for [`SOCKET_BUFFER`] each way (a refusal is logged and
-/// is not an error).
-/// Its datagrams are stamped with their arrival times where the system
-/// can ([`Received::at`]).
+/// is not an error). Its datagrams are stamped with their arrival times
+/// where the system can ([`Received::at`]).
 pub fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let s = std::net::UdpSocket::bind(addr)?;
     s.set_nonblocking(true)?;

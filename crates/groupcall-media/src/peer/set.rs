@@ -123,8 +123,6 @@ pub(crate) enum Route {
 /// The sans-IO peer set (see the module docs).
 pub struct PeerSet {
     now: Instant,
-    /// When the datagram being fed arrived (see [`SetInput::Datagram`]).
-    received: Instant,
     sockets: Vec<SocketAddr>,
     peers: BTreeMap<PeerId, PeerState>,
     gather: Gatherer,
@@ -179,7 +177,6 @@ impl PeerSet {
     pub fn new(now: Instant, sockets: Vec<SocketAddr>) -> PeerSet {
         PeerSet {
             now,
-            received: now,
             gather: Gatherer::new(sockets.clone(), now),
             sockets,
             peers: BTreeMap::new(),
@@ -428,8 +425,7 @@ impl PeerSet {
                 data,
                 received,
             } => {
-                self.received = received.min(now);
-                self.datagram(local, from, data);
+                self.datagram(local, from, data, received.min(now));
             }
             SetInput::Resolved { token, addrs } => self.gather.on_resolved(token, addrs, now),
             SetInput::Timeout => self.timeout(),
@@ -475,7 +471,13 @@ impl PeerSet {
         }
     }
 
-    fn datagram(&mut self, local: SocketAddr, from: SocketAddr, data: &[u8]) -> Route {
+    fn datagram(
+        &mut self,
+        local: SocketAddr,
+        from: SocketAddr,
+        data: &[u8],
+        received: Instant,
+    ) -> Route {
         if let Some(i) = self.gather.relay_for(local, from) {
             let now = self.now;
             let relayed = self.gather.relays.get(i).and_then(|r| r.client.relayed());
@@ -486,19 +488,26 @@ impl PeerSet {
                 .and_then(|r| r.client.handle_input(now, data))
                 .map(|(peer, payload)| (peer, payload.to_vec()));
             if let (Some((peer, payload)), Some(relayed)) = (unwrapped, relayed) {
-                self.deliver(relayed, peer, &payload);
+                self.deliver(relayed, peer, &payload, received);
             }
             return Route::Relay;
         }
         if stun::is_stun(data) && self.gather.probe_answer(local, from, data) {
             return Route::Probe;
         }
-        self.deliver(local, from, data)
+        self.deliver(local, from, data, received)
     }
 
     /// Routes a datagram (arrived on `local`, a socket or relayed address)
     /// to a peer and feeds it in.
-    fn deliver(&mut self, local: SocketAddr, from: SocketAddr, data: &[u8]) -> Route {
+    /// `received`: when it arrived (see [`SetInput::Datagram`]).
+    fn deliver(
+        &mut self,
+        local: SocketAddr,
+        from: SocketAddr,
+        data: &[u8],
+        received: Instant,
+    ) -> Route {
         let Some(id) = self.route(local, from, data) else {
             trace!(%from, %local, len = data.len(), "datagram for no peer");
             return Route::Dropped;
@@ -507,7 +516,7 @@ impl PeerSet {
             trace!(%from, "unrecognised datagram");
             return Route::Dropped;
         };
-        let input = Input::Receive(self.received, recv);
+        let input = Input::Receive(received, recv);
         if let Some(p) = self.peers.get_mut(&id) {
             self.dirty.push(id);
             p.now = self.now;
@@ -929,10 +938,10 @@ mod tests {
         .u32(0x0024, 1) // PRIORITY
         .integrity(pass.as_bytes())
         .fingerprint();
-        assert_eq!(set.datagram(local, from, &req), Route::Peer(PeerId(2)));
+        assert_eq!(set.datagram(local, from, &req, now), Route::Peer(PeerId(2)));
         assert_eq!(set.learnt.get(&from), Some(&PeerId(2)));
         // Garbage from it goes to peer 2 and does not break anything.
-        assert_eq!(set.datagram(local, from, DTLS), Route::Peer(PeerId(2)));
+        assert_eq!(set.datagram(local, from, DTLS, now), Route::Peer(PeerId(2)));
         assert_eq!(set.peer_count(), 2);
     }
 
