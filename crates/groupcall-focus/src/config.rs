@@ -123,9 +123,10 @@ pub struct MediaConfig {
     pub advertise: Vec<IpAddr>,
     /// `estimate_bandwidth`: estimate each subscriber's downlink
     /// (transport-wide congestion control feedback) and fit its simulcast
-    /// layers to it once it shows congestion. Default false: str0m then
-    /// also paces the subscriber's video to the estimate (see
-    /// docs/focus-forwarding.md).
+    /// layers to it once it shows congestion. Default false: the layers
+    /// follow the requested sizes and the loss the subscriber's receiver
+    /// reports (the estimator misreads a loaded machine as a congested
+    /// link; see docs/focus-forwarding.md).
     pub estimate_bandwidth: bool,
 }
 

@@ -73,13 +73,13 @@ pub struct EngineConfig {
 /// it, and it lets a subscriber start on a high layer.
 pub const INITIAL_DOWNLINK_ESTIMATE: u64 = 1_500_000;
 
-/// How long after a subscriber's layers moved its reported loss is not
-/// taken against it: with a downlink estimate, str0m paces its video to
-/// the estimate, and what was queued before the move (up to the pacer's
-/// 2 s queue limit, drained faster than the link takes it) still goes out
-/// after it; receiver reports come about once a second and cover the
-/// second before.
-const LAYER_SETTLE: Duration = Duration::from_millis(4000);
+/// How long after a subscriber's layers moved by its downlink estimate
+/// its reported loss is not taken against it: receiver reports come about
+/// once a second and cover the second before, so the first ones after a
+/// move still count the layer left (as the loss guard's own moves wait,
+/// `LayerGuard`). Forwarded video is not paced (groupcall-media writes it
+/// unpaced), so nothing of the layer left is still queued at the focus.
+const LAYER_SETTLE: Duration = Duration::from_millis(2000);
 /// While a subscriber's downlink estimate caps its layers, a probe of its
 /// downlink is asked for this often. str0m probes by itself at start, after
 /// a large drop and, while the sending rate stays under 65 % of the

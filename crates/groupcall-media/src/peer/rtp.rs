@@ -173,6 +173,14 @@ impl PeerState {
             trace!(mid = %out.mid, "no send stream on this m-line");
             return Ok(());
         };
+        // Forwarded packets leave as they come, also while str0m estimates
+        // the bandwidth (which otherwise paces video to the estimate): the
+        // publisher paced them already, and a second queue here only holds
+        // back a switch's key frame and, after a step down, keeps sending
+        // the layer left for as long as it queued (up to 2 s). The
+        // estimator still sees every packet (transport-wide sequence
+        // numbers), and its probes are still paced.
+        tx.set_unpaced(true);
         tx.write_rtp(write);
         if let Some(t) = self.tracks.get_mut(idx) {
             t.sent.add(len, keyframe);
