@@ -174,8 +174,9 @@ pub(super) struct Choice {
 
 /// Chooses a layer for one subscription (see the module documentation):
 /// `layers` are the track's layers by index, `current` the one targeted
-/// now, `up_held` whether the estimate has held for `up_candidate` long
-/// enough. `None` when no layer is usable (nothing changes then).
+/// now, `up_held(layer)` whether the estimate has allowed that layer (see
+/// [`covered`]) long enough. `None` when no layer is usable (nothing
+/// changes then).
 pub(super) fn choose(
     layers: &[LayerStats],
     now: Instant,
@@ -183,7 +184,7 @@ pub(super) fn choose(
     wish: Wish,
     current: u8,
     up_margin_percent: u64,
-    up_held: bool,
+    up_held: impl Fn(u8) -> bool,
 ) -> Option<Choice> {
     let mut order = [0u8; super::MAX_LAYERS];
     let mut n = 0;
@@ -246,13 +247,34 @@ pub(super) fn choose(
                     up_candidate: None,
                 });
             }
-            let go = up_held && up <= wanted;
+            let go = up_held(order[up]) && up <= wanted;
             Some(Choice {
                 now: if go { order[up] } else { current },
                 up_candidate: (!go).then_some(order[up]),
             })
         }
     }
+}
+
+/// The layers (by index) whose bitrate with `up_margin_percent` fits
+/// `budget_bps`, the share of the downlink estimate: those a step up may
+/// go to once the estimate has allowed them for the hold. Each layer's
+/// hold runs on its own, from the moment the estimate first allows it, so
+/// that a subscription climbing two layers waits one hold, not two in a
+/// row, when the estimate allowed both all along. None allowed without
+/// a budget.
+pub(super) fn covered(
+    layers: &[LayerStats],
+    budget_bps: Option<u64>,
+    up_margin_percent: u64,
+) -> [bool; super::MAX_LAYERS] {
+    let mut out = [false; super::MAX_LAYERS];
+    if let Some(b) = budget_bps {
+        for (o, l) in out.iter_mut().zip(layers) {
+            *o = l.bps * up_margin_percent / 100 <= b;
+        }
+    }
+    out
 }
 
 /// Tunables of a [`LayerGuard`].
@@ -467,7 +489,7 @@ mod tests {
             layer(t, 640, 360, 350_000),
         ];
         let c = |w, h| {
-            choose(&ls, t, STALE, wish(w, h), 0, 125, false)
+            choose(&ls, t, STALE, wish(w, h), 0, 125, |_| false)
                 .unwrap()
                 .now
         };
@@ -481,7 +503,10 @@ mod tests {
         // A layer with no key frame yet (size unknown) or stopped is skipped.
         let mut ls2 = ls;
         ls2[1].width = 0;
-        let c2 = choose(&ls2, t, STALE, wish(Some(320), Some(180)), 0, 125, false).unwrap();
+        let c2 = choose(&ls2, t, STALE, wish(Some(320), Some(180)), 0, 125, |_| {
+            false
+        })
+        .unwrap();
         assert_eq!(c2.now, 2);
         ls2[1] = ls[1];
         let later = t + Duration::from_millis(1500);
@@ -494,17 +519,17 @@ mod tests {
             wish(Some(640), Some(360)),
             0,
             125,
-            false,
+            |_| false,
         )
         .unwrap();
         assert_eq!(c3.now, 0, "the paused 640x360 layer is skipped");
         // Steps down from the loss guard.
         let mut w = wish(None, None);
         w.steps_down = 1;
-        assert_eq!(choose(&ls, t, STALE, w, 0, 125, false).unwrap().now, 2);
+        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap().now, 2);
         w.steps_down = 5;
-        assert_eq!(choose(&ls, t, STALE, w, 0, 125, false).unwrap().now, 1);
-        assert!(choose(&ls, t + STALE, STALE, w, 0, 125, false).is_none());
+        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap().now, 1);
+        assert!(choose(&ls, t + STALE, STALE, w, 0, 125, |_| false).is_none());
     }
 
     /// A publisher pauses its top layer while the others go on: the layer
@@ -521,7 +546,7 @@ mod tests {
             layer(t, 1280, 720, 900_000),
         ];
         let c = |ls: &[LayerStats], now: Instant| {
-            choose(ls, now, STALE, wish(None, None), 2, 125, false)
+            choose(ls, now, STALE, wish(None, None), 2, 125, |_| false)
                 .unwrap()
                 .now
         };
@@ -546,7 +571,7 @@ mod tests {
         // The whole track silent: no layer is behind another; layer_stale
         // decides.
         assert_eq!(c(&ls, ms(2900)), 2);
-        assert!(choose(&ls, ms(3000), STALE, wish(None, None), 2, 125, false).is_none());
+        assert!(choose(&ls, ms(3000), STALE, wish(None, None), 2, 125, |_| false).is_none());
     }
 
     #[test]
@@ -560,25 +585,25 @@ mod tests {
         let mut w = wish(None, None);
         w.budget_bps = Some(400_000);
         // On the top layer, an estimate of 400 kbit/s: down to 640x360 at once.
-        let c = choose(&ls, t, STALE, w, 2, 125, false).unwrap();
+        let c = choose(&ls, t, STALE, w, 2, 125, |_| false).unwrap();
         assert_eq!(c, ch(1, None));
         // 300 kbit/s: only the low layer fits.
         w.budget_bps = Some(300_000);
-        assert_eq!(choose(&ls, t, STALE, w, 2, 125, false).unwrap().now, 0);
+        assert_eq!(choose(&ls, t, STALE, w, 2, 125, |_| false).unwrap().now, 0);
         // Below every layer: the lowest.
         w.budget_bps = Some(10_000);
-        assert_eq!(choose(&ls, t, STALE, w, 2, 125, false).unwrap().now, 0);
+        assert_eq!(choose(&ls, t, STALE, w, 2, 125, |_| false).unwrap().now, 0);
         // From the low layer with 1 Mbit/s: 900k fits but not with the 25 %
         // margin; 350k * 1.25 does: a candidate, taken only once held.
         w.budget_bps = Some(1_000_000);
-        let c = choose(&ls, t, STALE, w, 0, 125, false).unwrap();
+        let c = choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap();
         assert_eq!(c, ch(0, Some(1)));
-        let c = choose(&ls, t, STALE, w, 0, 125, true).unwrap();
+        let c = choose(&ls, t, STALE, w, 0, 125, |_| true).unwrap();
         assert_eq!(c, ch(1, None));
         // 430 kbit/s on the middle layer: above its rate, below the margin
         // for more: stays, nothing pending.
         w.budget_bps = Some(430_000);
-        let c = choose(&ls, t, STALE, w, 1, 125, false).unwrap();
+        let c = choose(&ls, t, STALE, w, 1, 125, |_| false).unwrap();
         assert_eq!(c, ch(1, None));
     }
 
@@ -595,20 +620,20 @@ mod tests {
         w.steps_down = 2;
         // On the low layer, two loss steps down: the estimate has room for
         // the next layer, whose hold starts although the steps forbid it.
-        let c = choose(&ls, t, STALE, w, 0, 125, false).unwrap();
+        let c = choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap();
         assert_eq!(c, ch(0, Some(1)));
         // Held, but the steps still forbid it: stays, the candidate kept
         // (its timer goes on).
-        let c = choose(&ls, t, STALE, w, 0, 125, true).unwrap();
+        let c = choose(&ls, t, STALE, w, 0, 125, |_| true).unwrap();
         assert_eq!(c, ch(0, Some(1)));
         // One step released: the held candidate is taken at once.
         w.steps_down = 1;
-        let c = choose(&ls, t, STALE, w, 0, 125, true).unwrap();
+        let c = choose(&ls, t, STALE, w, 0, 125, |_| true).unwrap();
         assert_eq!(c, ch(1, None));
         // One layer at a time: from the low layer, the top is never the
         // candidate, however large the estimate.
         w.steps_down = 0;
-        let c = choose(&ls, t, STALE, w, 0, 125, false).unwrap();
+        let c = choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap();
         assert_eq!(c.up_candidate, Some(1));
     }
 

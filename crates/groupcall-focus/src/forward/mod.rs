@@ -225,10 +225,16 @@ pub struct ForwarderConfig {
     /// (1 s).
     pub layer_stale: Duration,
     /// A downlink estimate must allow a higher layer this long before the
-    /// subscription moves up (3 s). A step up that fails (the choice moves
-    /// down again within `up_calm`) doubles the subscription's next hold,
-    /// up to `up_hold_max`; see [`Forwarder::set_downlink_estimate`].
+    /// subscription moves up to it (3 s; each layer's hold runs from when
+    /// the estimate first allowed it). A step up that fails (the choice
+    /// moves down again within `up_calm`) doubles the subscription's next
+    /// hold, up to `up_hold_max`; see [`Forwarder::set_downlink_estimate`].
     pub up_hold: Duration,
+    /// Steps up go one layer at a time, at least this far apart (1 s),
+    /// so that a step that congests the link shows (the estimate falls)
+    /// before the next is taken, even when the estimate has allowed both
+    /// layers for their holds.
+    pub up_step_gap: Duration,
     /// The longest hold after failed steps up (24 s).
     pub up_hold_max: Duration,
     /// A step up that stays this long has held (10 s): the next hold is
@@ -261,6 +267,7 @@ impl Default for ForwarderConfig {
             no_keyframe_skip: Duration::from_secs(10),
             layer_stale: Duration::from_secs(1),
             up_hold: Duration::from_secs(3),
+            up_step_gap: Duration::from_secs(1),
             up_hold_max: Duration::from_secs(24),
             up_calm: Duration::from_secs(10),
             up_margin_percent: 125,
@@ -636,8 +643,9 @@ struct OutStream {
     temporal_auto: bool,
     /// When the switch to `target_layer` was asked for.
     switch_since: Option<Instant>,
-    /// A higher layer the downlink estimate allows, and since when.
-    up: Option<(u8, Instant)>,
+    /// Since when the downlink estimate has allowed each layer (by index;
+    /// `layers::covered`), for the hold before a step up to it.
+    up_since: [Option<Instant>; MAX_LAYERS],
     /// How long the estimate must allow the next step up (`up_hold`,
     /// doubled by each failed step up).
     up_hold: Duration,
@@ -1163,7 +1171,7 @@ impl Forwarder {
                     max_temporal: None,
                     temporal_auto: true,
                     switch_since: None,
-                    up: None,
+                    up_since: [None; MAX_LAYERS],
                     up_hold: self.config.up_hold,
                     up_taken: None,
                     up_failed_at: None,
@@ -1263,7 +1271,6 @@ impl Forwarder {
             return;
         };
         out.target_layer = layer;
-        out.up = None;
         if out.waiting_keyframe {
             out.layer = layer;
         }
@@ -1448,7 +1455,7 @@ impl Forwarder {
                 wish,
                 out.target_layer,
                 100,
-                true,
+                |_| true,
             )
             .map_or(out.layer, |c| c.now);
             wanted += rate(by_size);
@@ -1598,6 +1605,7 @@ impl Forwarder {
             bool,
             Option<bool>,
             Option<u64>,
+            [bool; MAX_LAYERS],
         );
         let mut moves: Vec<Move> = Vec::new();
         let mut give_up: Vec<(Key, TrackId, u8)> = Vec::new();
@@ -1671,9 +1679,19 @@ impl Forwarder {
                     steps_down: p.map_or(0, |p| p.steps_down),
                     budget_bps: budget,
                 };
-                let up_held = out
-                    .up
-                    .is_some_and(|(_, since)| elapsed(since, now, out.up_hold));
+                let gap_passed = out
+                    .up_taken
+                    .is_none_or(|(at, _)| elapsed(at, now, cfg.up_step_gap));
+                let up_held = |l: u8| {
+                    gap_passed
+                        && out
+                            .up_since
+                            .get(usize::from(l))
+                            .copied()
+                            .flatten()
+                            .is_some_and(|since| elapsed(since, now, out.up_hold))
+                };
+                let covered = layers::covered(stats, budget, cfg.up_margin_percent);
                 if let Some(ch) = layers::choose(
                     stats,
                     now,
@@ -1688,7 +1706,7 @@ impl Forwarder {
                     let up = stats
                         .get(usize::from(out.target_layer))
                         .map(|c| (l.width, l.height) > (c.width, c.height));
-                    moves.push((o, TrackId(k), ch, thumb, up, budget));
+                    moves.push((o, TrackId(k), ch, thumb, up, budget, covered));
                 }
             }
         }
@@ -1710,7 +1728,7 @@ impl Forwarder {
                 );
                 out.target_layer = out.layer;
                 out.switch_since = None;
-                out.up = None;
+                out.up_since = [None; MAX_LAYERS];
             }
         }
         for (o, thumb) in thumbs {
@@ -1721,7 +1739,7 @@ impl Forwarder {
             }
         }
         let (calm, first_hold, max_hold) = (cfg.up_calm, cfg.up_hold, cfg.up_hold_max);
-        for (o, track, ch, thumb, up, budget) in moves {
+        for (o, track, ch, thumb, up, budget, covered) in moves {
             let Some(out) = self.outs.get_mut(o) else {
                 continue;
             };
@@ -1729,11 +1747,9 @@ impl Forwarder {
             if out.temporal_auto {
                 out.max_temporal = thumb.then_some(0);
             }
-            out.up = match (ch.up_candidate, out.up) {
-                (Some(l), Some((l0, since))) if l == l0 => Some((l0, since)),
-                (Some(l), _) => Some((l, now)),
-                (None, _) => None,
-            };
+            for (since, c) in out.up_since.iter_mut().zip(covered) {
+                *since = if c { since.or(Some(now)) } else { None };
+            }
             if ch.now != out.target_layer {
                 let subscriber = out.subscriber;
                 let height = |l: u8| {

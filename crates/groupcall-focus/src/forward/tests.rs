@@ -1391,22 +1391,32 @@ fn padded_sim_frame(h: &mut H, n: u16, key: bool) {
     }
 }
 
+/// One frame of [`padded_sim_frame`] at frame `n` (30 fps), then the
+/// forwarder's timeout.
+fn padded_step(h: &mut H, n: u16, key: bool) {
+    padded_sim_frame(h, n, key);
+    h.f.handle_timeout(h.at(u64::from(n) * 33));
+}
+
+/// C subscribed to a simulcast publisher sending 2 s of padded frames
+/// (a key frame every 15); the layers' measured rates by index.
+fn padded_sim_subscriber(h: &mut H) -> Vec<u64> {
+    h.publish_sim();
+    h.f.subscribe(h.at(0), C, &simkey()).unwrap();
+    for n in 0..60 {
+        padded_step(h, n, n % 15 == 0);
+    }
+    let t = h.f.subscription_layers().next().unwrap().track;
+    (0..3).map(|l| h.f.layer_info(t, l).unwrap().2).collect()
+}
+
 #[test]
 fn downlink_estimate_caps_layers_and_rises_only_after_holding() {
     let mut h = H::new();
-    h.publish_sim();
-    h.f.subscribe(h.at(0), C, &simkey()).unwrap();
     // 2 s of frames: per layer 2 packets of ~30 bytes per frame at 30 fps
-    // (~15 kbit/s each; scaled below by padding the high layers).
-    let step = |h: &mut H, n: u16, key: bool| {
-        padded_sim_frame(h, n, key);
-        h.f.handle_timeout(h.at(u64::from(n) * 33));
-    };
-    for n in 0..60 {
-        step(&mut h, n, n % 15 == 0);
-    }
-    let t = h.f.subscription_layers().next().unwrap().track;
-    let rates: Vec<u64> = (0..3).map(|l| h.f.layer_info(t, l).unwrap().2).collect();
+    // (~15 kbit/s each; scaled by padding the high layers).
+    let rates = padded_sim_subscriber(&mut h);
+    let step = padded_step;
     // Layer 1 (low) ~ 2 * 30 B, layer 2 (mid) + 400 B, layer 0 (high) + 1600 B per frame.
     assert!(rates[1] < rates[2] && rates[2] < rates[0], "{rates:?}");
     assert_eq!(
@@ -1443,6 +1453,65 @@ fn downlink_estimate_caps_layers_and_rises_only_after_holding() {
     assert!(
         (3000..3000 + 15 * 33 + 100).contains(&waited),
         "{waited} ms"
+    );
+}
+
+#[test]
+fn each_layers_hold_runs_from_when_the_estimate_first_allows_it() {
+    let mut h = H::new();
+    let rates = padded_sim_subscriber(&mut h);
+    let step = padded_step;
+    // Capped to the low layer (index 1).
+    h.f.set_downlink_estimate(C, Some(rates[0] * 2));
+    h.f.set_downlink_estimate(C, Some(rates[1] * 2));
+    for n in 60..120 {
+        step(&mut h, n, n % 15 == 0);
+    }
+    assert_eq!(H::sizes_of(&h.take(C, MediaKind::Video)).last(), Some(&320));
+    // The estimate allows the high layer (and so the middle one) at once:
+    // up to the middle after its hold, then to the high one a step gap
+    // (1 s) later (its hold ran meanwhile), not one more hold later.
+    let first = |h: &mut H, from: u16, to: u16, size: u16| {
+        (from..to).find(|&n| {
+            step(h, n, n % 15 == 0);
+            H::sizes_of(&h.take(C, MediaKind::Video)).contains(&size)
+        })
+    };
+    h.f.set_downlink_estimate(C, Some(rates[0] * 2));
+    let mid = first(&mut h, 120, 300, 640).expect("the middle layer");
+    let high = first(&mut h, mid + 1, 400, 1280).expect("the high layer");
+    let (mid_ms, high_ms) = (u64::from(mid - 120) * 33, u64::from(high - 120) * 33);
+    assert!(
+        (3000..3000 + 15 * 33 + 100).contains(&mid_ms),
+        "{mid_ms} ms"
+    );
+    assert!(
+        high_ms < mid_ms + 1000 + 15 * 33 + 100,
+        "{high_ms} ms, middle at {mid_ms}"
+    );
+    // Held there past `up_calm` (the steps did not fail, so the next hold
+    // is the first one again); capped again; then an estimate that allows
+    // the middle layer only, and 2 s later the high one: the high layer
+    // waits its own full hold from then.
+    for n in high + 1..high + 400 {
+        step(&mut h, n, n % 15 == 0);
+    }
+    let n0 = high + 400;
+    h.f.set_downlink_estimate(C, Some(rates[1] * 2));
+    for n in n0..n0 + 60 {
+        step(&mut h, n, n % 15 == 0);
+    }
+    assert_eq!(H::sizes_of(&h.take(C, MediaKind::Video)).last(), Some(&320));
+    h.f.set_downlink_estimate(C, Some(rates[2] * 2));
+    for n in n0 + 60..n0 + 120 {
+        step(&mut h, n, n % 15 == 0);
+    }
+    h.f.set_downlink_estimate(C, Some(rates[0] * 2));
+    let high = first(&mut h, n0 + 120, n0 + 300, 1280).expect("the high layer again");
+    let high_ms = u64::from(high - (n0 + 120)) * 33;
+    assert!(
+        (3000..3000 + 15 * 33 + 100).contains(&high_ms),
+        "{high_ms} ms"
     );
 }
 
