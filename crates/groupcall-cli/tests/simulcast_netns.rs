@@ -42,7 +42,22 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
 mod common;
-use common::{FocusSpec, NsFocus, PW, create_call_room, frames_from, in_ns, join_args};
+use common::{FocusSpec, NsFocus, PW, create_call_room, frames_from, http_text, in_ns, join_args};
+
+/// The focus's `subscription_layer_height` series now (label, height of
+/// the layer whose key frame it last forwarded on that subscription).
+async fn layer_heights(http: &str) -> Vec<(String, f64)> {
+    let Some(text) = http_text(&format!("http://{http}/metrics")).await else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("groupcall_focus_subscription_layer_height{")?;
+            let (label, value) = rest.rsplit_once("} ")?;
+            Some((label.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
 
 /// Polls both processes for `d`.
 async fn run_for(procs: &mut [&mut Proc], d: Duration) {
@@ -135,7 +150,7 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
     let NsFocus {
         proc: mut focus,
         focus_ref,
-        ..
+        http,
     } = NsFocus::start(
         &net,
         0,
@@ -201,9 +216,16 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
 
     let ua = alice.user_id.as_str();
     let deadline = Instant::now() + Duration::from_secs(90);
+    // The recording's time 0: bob's first video frame, which he reports
+    // at once (`media`, from the track's first frame), seen here within
+    // about 50 ms.
+    let mut t_rec0 = None;
     loop {
         a.poll();
         b.poll();
+        if t_rec0.is_none() && frames_from(&b, ua, "video") > 0 {
+            t_rec0 = Some(Instant::now());
+        }
         if frames_from(&b, ua, "video") >= 30 && frames_from(&b, ua, "audio") >= 50 {
             break;
         }
@@ -214,10 +236,9 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
             b.report(),
             focus.report()
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The recording's time 0 is about now (its first frame).
-    let t_rec0 = Instant::now();
+    let t_rec0 = t_rec0.unwrap_or_else(Instant::now);
     println!(
         "FIGURE simulcast_netns: bob receives alice through the focus {:.1} s after alice started",
         t_start.elapsed().as_secs_f64()
@@ -237,9 +258,45 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
     });
     // Uncapped: the high layer.
     run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(8)).await;
+    // bob's subscription: the one on the high layer (alice's of bob's
+    // video, if any, is on whatever layer covers her default size).
+    let watched: Vec<String> = layer_heights(&http)
+        .await
+        .into_iter()
+        .filter(|(_, h)| *h >= 720.0)
+        .map(|(l, _)| l)
+        .collect();
+    assert!(
+        !watched.is_empty(),
+        "no subscription on the high layer before the cap"
+    );
     let t_cap = Instant::now();
     net.set(|i| i.rates[2].down_bps = Some(300_000));
-    run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(8)).await;
+    // To line the focus's log (GROUPCALL_TEST_FOCUS_LOG) up with the cap.
+    println!(
+        "simulcast_netns: bob's downlink capped at 300 kbit/s at {:?} (since the Unix epoch)",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    );
+    // When the focus first forwards bob a lower layer's key frame (its
+    // metrics, polled about every 200 ms).
+    let mut focus_down = None;
+    while t_cap.elapsed() < Duration::from_secs(8) {
+        run_for(
+            &mut [&mut a, &mut b, &mut focus],
+            Duration::from_millis(100),
+        )
+        .await;
+        if focus_down.is_none()
+            && layer_heights(&http)
+                .await
+                .iter()
+                .any(|(l, h)| watched.contains(l) && *h < 720.0)
+        {
+            focus_down = Some(t_cap.elapsed());
+        }
+    }
     let (t_settled, audio_settled) = (Instant::now(), frames_from(&b, ua, "audio"));
     run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(12)).await;
     let (t_cap_end, audio_cap_end) = (Instant::now(), frames_from(&b, ua, "audio"));
@@ -288,9 +345,16 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
             .find(|f| f.t >= from && (f.width, f.height) == want)
             .map(|f| f.t - from)
     };
+    // The first frame of any lower layer (a step down may pass 640x360).
+    let first_lower = sizes
+        .iter()
+        .find(|f| f.t >= at(t_cap) && f.height < 720)
+        .map(|f| (f.t - at(t_cap), (f.width, f.height)));
     println!(
-        "FIGURE simulcast_netns: bob's first 320x180 frame {:?} s after the 300 kbit/s cap; first 1280x720 frame {:?} s after the lift to 5 Mbit/s \
-         (recording clock aligned on bob's 30th frame: up to 1 s late)",
+        "FIGURE simulcast_netns: the focus forwarded bob a lower layer's key frame {focus_down:?} after the 300 kbit/s cap; \
+         bob's first frame of a lower layer {:?} (s, size) after the cap, first 320x180 frame {:?} s after it; first 1280x720 frame {:?} s after the lift to 5 Mbit/s \
+         (recording clock aligned on bob's first video frame: up to about 0.1 s late)",
+        first_lower,
         first(at(t_cap), (320, 180)),
         first(at(t_cap_end), (1280, 720))
     );
@@ -312,6 +376,9 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
         "before the cap: {}",
         summary(&high)
     );
+    // The issue's bound: down a layer within 2 s of the drop.
+    let focus_down = focus_down.expect("the focus never moved bob down a layer under the cap");
+    assert!(focus_down < Duration::from_secs(2), "{focus_down:?}");
     assert!(
         !low.is_empty() && share(&low, (320, 180)) >= 0.9,
         "capped at 300 kbit/s: {}",
