@@ -15,8 +15,10 @@
 //! among the subscriber's simulcast subscriptions (the lowest if none
 //! fits). Down moves at once; up one layer at a time, each only once the
 //! estimate has held at [`super::ForwarderConfig::up_margin_percent`] of
-//! that layer's rate for [`super::ForwarderConfig::up_hold`] (without an
-//! estimate, up moves at once, to the wanted layer).
+//! that layer's rate for [`super::ForwarderConfig::up_hold`], counted from
+//! when the estimate first allowed that layer ([`covered`]), and at least
+//! [`super::ForwarderConfig::up_step_gap`] after the last step up (without
+//! an estimate, up moves at once, to the wanted layer).
 //!
 //! Time comes in as [`Instant`] arguments.
 
