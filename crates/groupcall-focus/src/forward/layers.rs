@@ -164,21 +164,16 @@ pub(super) struct Wish {
     pub budget_bps: Option<u64>,
 }
 
-/// The outcome of [`choose`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Choice {
-    /// The layer to switch to now (or stay on).
-    pub now: u8,
-    /// A higher layer the estimate would allow after holding (its timer
-    /// runs while this is `Some`).
-    pub up_candidate: Option<u8>,
+/// Whether a layer of `bps` fits `budget_bps` with `margin_percent`.
+fn fits_budget(bps: u64, budget_bps: u64, margin_percent: u64) -> bool {
+    bps * margin_percent / 100 <= budget_bps
 }
 
 /// Chooses a layer for one subscription (see the module documentation):
 /// `layers` are the track's layers by index, `current` the one targeted
 /// now, `up_held(layer)` whether the estimate has allowed that layer (see
-/// [`covered`]) long enough. `None` when no layer is usable (nothing
-/// changes then).
+/// [`covered`]) long enough. The layer to switch to now (or stay on);
+/// `None` when no layer is usable (nothing changes then).
 pub(super) fn choose(
     layers: &[LayerStats],
     now: Instant,
@@ -187,7 +182,7 @@ pub(super) fn choose(
     current: u8,
     up_margin_percent: u64,
     up_held: impl Fn(u8) -> bool,
-) -> Option<Choice> {
+) -> Option<u8> {
     let mut order = [0u8; super::MAX_LAYERS];
     let mut n = 0;
     let newest = layers.iter().filter_map(|l| l.last_packet).max();
@@ -216,7 +211,7 @@ pub(super) fn choose(
     let wanted = by_size.saturating_sub(usize::from(wish.steps_down));
     let fits = |pos: usize, margin: u64| {
         wish.budget_bps
-            .is_none_or(|b| stat(order[pos]).bps * margin / 100 <= b)
+            .is_none_or(|b| fits_budget(stat(order[pos]).bps, b, margin))
     };
     let highest_fitting =
         |top: usize, margin: u64| (0..=top).rev().find(|&p| fits(p, margin)).unwrap_or(0);
@@ -225,14 +220,8 @@ pub(super) fn choose(
     match cur_pos {
         // The current layer is not usable, or the choice is below it:
         // move at once.
-        None => Some(Choice {
-            now: order[down],
-            up_candidate: None,
-        }),
-        Some(c) if down < c || wish.budget_bps.is_none() => Some(Choice {
-            now: order[down],
-            up_candidate: None,
-        }),
+        None => Some(order[down]),
+        Some(c) if down < c || wish.budget_bps.is_none() => Some(order[down]),
         Some(c) => {
             // One layer up at a time, each after its own hold: an
             // estimate that overshoots (a probe through a capped link's
@@ -243,17 +232,8 @@ pub(super) fn choose(
             // evidence for the next layer gathers, and the move comes as
             // soon as both allow it (not one hold after the other).
             let up = highest_fitting(by_size, up_margin_percent).min(c + 1);
-            if up <= c {
-                return Some(Choice {
-                    now: current,
-                    up_candidate: None,
-                });
-            }
-            let go = up_held(order[up]) && up <= wanted;
-            Some(Choice {
-                now: if go { order[up] } else { current },
-                up_candidate: (!go).then_some(order[up]),
-            })
+            let go = up > c && up <= wanted && up_held(order[up]);
+            Some(if go { order[up] } else { current })
         }
     }
 }
@@ -273,7 +253,7 @@ pub(super) fn covered(
     let mut out = [false; super::MAX_LAYERS];
     if let Some(b) = budget_bps {
         for (o, l) in out.iter_mut().zip(layers) {
-            *o = l.bps * up_margin_percent / 100 <= b;
+            *o = fits_budget(l.bps, b, up_margin_percent);
         }
     }
     out
@@ -466,10 +446,6 @@ mod tests {
         }
     }
 
-    fn ch(now: u8, up_candidate: Option<u8>) -> Choice {
-        Choice { now, up_candidate }
-    }
-
     fn wish(width: Option<u32>, height: Option<u32>) -> Wish {
         Wish {
             width,
@@ -490,11 +466,7 @@ mod tests {
             layer(t, 320, 180, 130_000),
             layer(t, 640, 360, 350_000),
         ];
-        let c = |w, h| {
-            choose(&ls, t, STALE, wish(w, h), 0, 125, |_| false)
-                .unwrap()
-                .now
-        };
+        let c = |w, h| choose(&ls, t, STALE, wish(w, h), 0, 125, |_| false).unwrap();
         assert_eq!(c(Some(320), Some(180)), 1);
         assert_eq!(c(Some(200), None), 1);
         assert_eq!(c(Some(321), Some(180)), 2);
@@ -509,7 +481,7 @@ mod tests {
             false
         })
         .unwrap();
-        assert_eq!(c2.now, 2);
+        assert_eq!(c2, 2);
         ls2[1] = ls[1];
         let later = t + Duration::from_millis(1500);
         ls2[1].last_packet = Some(later);
@@ -524,13 +496,13 @@ mod tests {
             |_| false,
         )
         .unwrap();
-        assert_eq!(c3.now, 0, "the paused 640x360 layer is skipped");
+        assert_eq!(c3, 0, "the paused 640x360 layer is skipped");
         // Steps down from the loss guard.
         let mut w = wish(None, None);
         w.steps_down = 1;
-        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap().now, 2);
+        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap(), 2);
         w.steps_down = 5;
-        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap().now, 1);
+        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap(), 1);
         assert!(choose(&ls, t + STALE, STALE, w, 0, 125, |_| false).is_none());
     }
 
@@ -548,9 +520,7 @@ mod tests {
             layer(t, 1280, 720, 900_000),
         ];
         let c = |ls: &[LayerStats], now: Instant| {
-            choose(ls, now, STALE, wish(None, None), 2, 125, |_| false)
-                .unwrap()
-                .now
+            choose(ls, now, STALE, wish(None, None), 2, 125, |_| false).unwrap()
         };
         // Between frames (33 ms at 30 fps, a layer's packets a little late).
         ls[0].last_packet = Some(ms(100));
@@ -587,26 +557,24 @@ mod tests {
         let mut w = wish(None, None);
         w.budget_bps = Some(400_000);
         // On the top layer, an estimate of 400 kbit/s: down to 640x360 at once.
-        let c = choose(&ls, t, STALE, w, 2, 125, |_| false).unwrap();
-        assert_eq!(c, ch(1, None));
+        assert_eq!(choose(&ls, t, STALE, w, 2, 125, |_| false).unwrap(), 1);
         // 300 kbit/s: only the low layer fits.
         w.budget_bps = Some(300_000);
-        assert_eq!(choose(&ls, t, STALE, w, 2, 125, |_| false).unwrap().now, 0);
+        assert_eq!(choose(&ls, t, STALE, w, 2, 125, |_| false).unwrap(), 0);
         // Below every layer: the lowest.
         w.budget_bps = Some(10_000);
-        assert_eq!(choose(&ls, t, STALE, w, 2, 125, |_| false).unwrap().now, 0);
+        assert_eq!(choose(&ls, t, STALE, w, 2, 125, |_| false).unwrap(), 0);
         // From the low layer with 1 Mbit/s: 900k fits but not with the 25 %
         // margin; 350k * 1.25 does: a candidate, taken only once held.
         w.budget_bps = Some(1_000_000);
-        let c = choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap();
-        assert_eq!(c, ch(0, Some(1)));
-        let c = choose(&ls, t, STALE, w, 0, 125, |_| true).unwrap();
-        assert_eq!(c, ch(1, None));
+        assert_eq!(covered(&ls, w.budget_bps, 125), [true, true, false, false]);
+        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap(), 0);
+        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |l| l == 1).unwrap(), 1);
         // 430 kbit/s on the middle layer: above its rate, below the margin
-        // for more: stays, nothing pending.
+        // for more: stays, nothing pending, however long held.
         w.budget_bps = Some(430_000);
-        let c = choose(&ls, t, STALE, w, 1, 125, |_| false).unwrap();
-        assert_eq!(c, ch(1, None));
+        assert_eq!(covered(&ls, w.budget_bps, 125), [true, false, false, false]);
+        assert_eq!(choose(&ls, t, STALE, w, 1, 125, |_| true).unwrap(), 1);
     }
 
     #[test]
@@ -621,22 +589,21 @@ mod tests {
         w.budget_bps = Some(5_000_000);
         w.steps_down = 2;
         // On the low layer, two loss steps down: the estimate has room for
-        // the next layer, whose hold starts although the steps forbid it.
-        let c = choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap();
-        assert_eq!(c, ch(0, Some(1)));
-        // Held, but the steps still forbid it: stays, the candidate kept
-        // (its timer goes on).
-        let c = choose(&ls, t, STALE, w, 0, 125, |_| true).unwrap();
-        assert_eq!(c, ch(0, Some(1)));
-        // One step released: the held candidate is taken at once.
+        // the next layers, whose holds start although the steps forbid
+        // them (`covered` does not look at the steps).
+        assert_eq!(covered(&ls, w.budget_bps, 125), [true, true, true, false]);
+        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap(), 0);
+        // Held, but the steps still forbid it: stays.
+        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |_| true).unwrap(), 0);
+        // One step released: the held layer is taken at once.
         w.steps_down = 1;
-        let c = choose(&ls, t, STALE, w, 0, 125, |_| true).unwrap();
-        assert_eq!(c, ch(1, None));
-        // One layer at a time: from the low layer, the top is never the
-        // candidate, however large the estimate.
+        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |l| l == 1).unwrap(), 1);
+        // One layer at a time: from the low layer the next is the middle
+        // one, however large the estimate; the top's hold alone moves
+        // nothing.
         w.steps_down = 0;
-        let c = choose(&ls, t, STALE, w, 0, 125, |_| false).unwrap();
-        assert_eq!(c.up_candidate, Some(1));
+        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |_| true).unwrap(), 1);
+        assert_eq!(choose(&ls, t, STALE, w, 0, 125, |l| l == 2).unwrap(), 0);
     }
 
     #[test]

@@ -1457,7 +1457,7 @@ impl Forwarder {
                 100,
                 |_| true,
             )
-            .map_or(out.layer, |c| c.now);
+            .unwrap_or(out.layer);
             wanted += rate(by_size);
             at_wanted &= out.target_layer == by_size;
         }
@@ -1601,7 +1601,7 @@ impl Forwarder {
         type Move = (
             Key,
             TrackId,
-            layers::Choice,
+            u8,
             bool,
             Option<bool>,
             Option<u64>,
@@ -1701,7 +1701,7 @@ impl Forwarder {
                     cfg.up_margin_percent,
                     up_held,
                 ) {
-                    let l = stats[usize::from(ch.now)];
+                    let l = stats[usize::from(ch)];
                     let thumb = is_thumbnail(out.want, l.width, l.height);
                     let up = stats
                         .get(usize::from(out.target_layer))
@@ -1743,14 +1743,14 @@ impl Forwarder {
             let Some(out) = self.outs.get_mut(o) else {
                 continue;
             };
-            backoff(out, now, ch.now, up, budget, (calm, first_hold, max_hold));
+            backoff(out, now, ch, up, budget, (calm, first_hold, max_hold));
             if out.temporal_auto {
                 out.max_temporal = thumb.then_some(0);
             }
             for (since, c) in out.up_since.iter_mut().zip(covered) {
                 *since = if c { since.or(Some(now)) } else { None };
             }
-            if ch.now != out.target_layer {
+            if ch != out.target_layer {
                 let subscriber = out.subscriber;
                 let height = |l: u8| {
                     self.tracks
@@ -1761,11 +1761,11 @@ impl Forwarder {
                 tracing::debug!(
                     subscriber = subscriber.0,
                     from = height(out.target_layer),
-                    to = height(ch.now),
+                    to = height(ch),
                     budget = ?self.participants.get(&subscriber).and_then(|p| p.downlink_bps),
                     "forwarder: layer choice moved (heights)"
                 );
-                self.retarget(now, o, track, ch.now);
+                self.retarget(now, o, track, ch);
                 if let Some(p) = self.participants.get_mut(&subscriber) {
                     p.layers_moved_at = Some(now);
                 }
