@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use groupcall::client::ClientEvent;
+use groupcall::media::TrackKind;
 use groupcall::proto::{CallEvent, Command, PeerStatus};
 use groupcall_testkit::*;
 use tokio::time::Instant;
@@ -216,13 +217,59 @@ async fn a_publisher_over_the_upload_limit_has_its_video_held_back_and_its_audio
         held.duration_since(t0).as_secs_f64()
     );
     // 4 s with the video held back: no video frame either way, the audio
-    // all there (20 ms frames: 200 in 4 s).
+    // all there (20 ms frames: 200 in 4 s). Counted, for each direction and
+    // kind, over the 4 reports after its first report that follows the
+    // hold plus 500 ms: a report is cumulative over its 1 s interval, so
+    // the one that straddles a mark would bring in frames forwarded before
+    // the hold.
     h.log.run_for(Duration::from_millis(500)).await;
-    let since = h.log.mark();
-    h.log.run_for(Duration::from_secs(4)).await;
+    let mark = h.log.mark();
+    let pairs = [(&members[0], &members[1]), (&members[1], &members[0])];
+    let kinds = [TrackKind::Audio, TrackKind::Video];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let firsts: Vec<[Instant; 2]> = loop {
+        let firsts: Option<Vec<[Instant; 2]>> = pairs
+            .iter()
+            .map(|(at, from)| {
+                let [a, v] =
+                    kinds.map(|k| rust_report_after(&h.log.seen, mark, at.idx, &from.dev, k));
+                Some([a?, v?])
+            })
+            .collect();
+        if let Some(f) = firsts {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no media report from both receivers within 5 s"
+        );
+        h.log.run_for(Duration::from_millis(100)).await;
+    };
+    let last = firsts.iter().flatten().max().copied().unwrap_or(mark);
+    // Each report is due 1 s after the one before; 200 ms spare for the
+    // fourth.
+    h.log
+        .run_for((last + Duration::from_millis(4200)).saturating_duration_since(Instant::now()))
+        .await;
     h.log.pump();
-    for (at, from) in [(&members[0], &members[1]), (&members[1], &members[0])] {
-        let (audio, video) = frames(&h.log.seen, since, at, &from.dev);
+    for ((at, from), [a, v]) in pairs.iter().zip(&firsts) {
+        let after = |t: &Instant| *t + Duration::from_millis(1);
+        let audio = rust_frames(
+            &h.log.seen,
+            after(a),
+            at.idx,
+            &from.dev,
+            TrackKind::Audio,
+            None,
+        );
+        let video = rust_frames(
+            &h.log.seen,
+            after(v),
+            at.idx,
+            &from.dev,
+            TrackKind::Video,
+            None,
+        );
         eprintln!(
             "FIGURE limits: {}<-{} in 4 s held back: {audio} audio frames, {video} video frames",
             at.name, from.name

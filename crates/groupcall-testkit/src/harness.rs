@@ -743,6 +743,35 @@ pub fn rust_frames(
     })
 }
 
+/// When `at` first logged an entry matching `pred` after `since`.
+fn first_at(
+    seen: &[Entry],
+    since: Instant,
+    at: usize,
+    mut pred: impl FnMut(&Entry) -> bool,
+) -> Option<Instant> {
+    seen.iter()
+        .find(|e| e.t >= since && e.who == at && pred(e))
+        .map(|e| e.t)
+}
+
+/// When a groupcall participant `at` first reported its counters of
+/// `from`'s `kind` frames after `since`. Counting from there leaves out
+/// the frames of the report interval that straddles `since`, which a
+/// cumulative report cannot split.
+pub fn rust_report_after(
+    seen: &[Entry],
+    since: Instant,
+    at: usize,
+    from: &DeviceKey,
+    kind: TrackKind,
+) -> Option<Instant> {
+    first_at(seen, since, at, |e| {
+        matches!(&e.ev, Ev::Rust(ClientEvent::Media { device, kind: k, .. })
+            if device == from && *k == kind)
+    })
+}
+
 /// The frames a reference's `media` line counts as received: decoded video
 /// frames; for audio the `audible` 10 ms frames (the sinks also produce
 /// silence while no packets arrive).
@@ -790,13 +819,12 @@ pub fn rust_connected_at(
     at: usize,
     dev: &DeviceKey,
 ) -> Option<Instant> {
-    seen.iter()
-        .find(|e| {
-            e.t >= since
-                && e.who == at
-                && matches!(e.call(), Some(CallEvent::PeerState { device, status: PeerStatus::Connected, .. }) if device == dev)
-        })
-        .map(|e| e.t)
+    first_at(
+        seen,
+        since,
+        at,
+        |e| matches!(e.call(), Some(CallEvent::PeerState { device, status: PeerStatus::Connected, .. }) if device == dev),
+    )
 }
 
 /// When reference peer `at` first reported its call with `dev` connected
@@ -807,17 +835,10 @@ pub fn js_connected_at(
     at: usize,
     dev: &DeviceKey,
 ) -> Option<Instant> {
-    seen.iter()
-        .find(|e| {
-            e.t >= since
-                && e.who == at
-                && e.js("call_state").is_some_and(|v| {
-                    v["state"] == "connected"
-                        && v["user_id"] == dev.user_id.as_str()
-                        && v["device_id"] == dev.device_id.as_str()
-                })
-        })
-        .map(|e| e.t)
+    first_at(seen, since, at, |e| {
+        e.js("call_state")
+            .is_some_and(|v| v["state"] == "connected" && about(v, dev))
+    })
 }
 
 /// When the first frame of `kind` from `from` was counted at `at` after
@@ -830,28 +851,18 @@ pub fn first_frames_at(
     kind: TrackKind,
 ) -> Option<Instant> {
     let js_kind = kind.as_str();
-    seen.iter()
-        .find(|e| {
-            e.t >= since
-                && e.who == at
-                && match &e.ev {
-                    Ev::Rust(ClientEvent::Media {
-                        device,
-                        kind: k,
-                        frames,
-                        ..
-                    }) => device == from && *k == kind && *frames > 0,
-                    Ev::Js(v) => {
-                        v["event"] == "media"
-                            && v["user_id"] == from.user_id.as_str()
-                            && v["device_id"] == from.device_id.as_str()
-                            && v["kind"] == js_kind
-                            && js_count(v) > 0
-                    }
-                    _ => false,
-                }
-        })
-        .map(|e| e.t)
+    first_at(seen, since, at, |e| match &e.ev {
+        Ev::Rust(ClientEvent::Media {
+            device,
+            kind: k,
+            frames,
+            ..
+        }) => device == from && *k == kind && *frames > 0,
+        Ev::Js(v) => {
+            v["event"] == "media" && about(v, from) && v["kind"] == js_kind && js_count(v) > 0
+        }
+        _ => false,
+    })
 }
 
 /// A remote feed as groupcall participant `at` saw it appear after `since`.
