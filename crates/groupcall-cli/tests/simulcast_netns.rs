@@ -306,13 +306,48 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
     let t_lifted_end = Instant::now();
     net.set(|i| i.rates[2].down_bps = None);
 
-    // The publisher's uplink.
+    // The publisher's uplink. Each of alice's layer events is timed as it
+    // is read (every 250 ms).
+    let mut layer_times: Vec<(f64, Value)> = Vec::new();
+    let mut read = a.seen.len();
+    let mut timed = |a: &Proc, times: &mut Vec<(f64, Value)>| {
+        for v in a.seen.iter().skip(read) {
+            if v["event"] == "simulcast_layers" {
+                times.push((t_start.elapsed().as_secs_f64(), v.clone()));
+            }
+        }
+        read = a.seen.len();
+    };
     let t_up_cap = Instant::now();
     net.set(|i| i.rates[1].up_bps = Some(400_000));
-    run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(15)).await;
+    while t_up_cap.elapsed() < Duration::from_secs(15) {
+        run_for(
+            &mut [&mut a, &mut b, &mut focus],
+            Duration::from_millis(250),
+        )
+        .await;
+        timed(&a, &mut layer_times);
+    }
     net.set(|i| i.rates[1].up_bps = None);
     let t_up_lift = Instant::now();
-    run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(15)).await;
+    // Lifted: until she sends all three layers again (her estimate grows
+    // back as her probes and padding find the room, and each paused layer
+    // resumes after 3 s of room for it), at most 30 s; then 3 s more.
+    let all_three = |v: &Value| v["sending"].as_array().is_some_and(|l| l.len() == 3);
+    let mut resumed_at = None;
+    while resumed_at.is_none() && t_up_lift.elapsed() < Duration::from_secs(30) {
+        run_for(
+            &mut [&mut a, &mut b, &mut focus],
+            Duration::from_millis(250),
+        )
+        .await;
+        timed(&a, &mut layer_times);
+        if layer_times.last().is_some_and(|(_, v)| all_three(v)) {
+            resumed_at = Some(t_up_lift.elapsed());
+        }
+    }
+    run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(3)).await;
+    timed(&a, &mut layer_times);
 
     // Everyone leaves.
     let _ = bob_in.write_all(b"leave\n").await;
@@ -401,6 +436,21 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
         "simulcast_netns: alice's layer events (uplink capped {:.1}-{:.1} s): {layer_events:?}",
         at(t_up_cap),
         at(t_up_lift)
+    );
+    let timeline: Vec<String> = layer_times
+        .iter()
+        .map(|(t, v)| {
+            format!(
+                "{t:.1} s: sending {} (estimate {})",
+                v["sending"], v["estimate_bps"]
+            )
+        })
+        .collect();
+    println!(
+        "FIGURE simulcast_netns: alice's uplink capped at 400 kbit/s {:.1}-{:.1} s after she started; her layers: {}; all three again {resumed_at:?} after the lift",
+        t_up_cap.duration_since(t_start).as_secs_f64(),
+        t_up_lift.duration_since(t_start).as_secs_f64(),
+        timeline.join("; ")
     );
     let stopped_top = layer_events.iter().any(|v| {
         v["sending"]
