@@ -324,18 +324,15 @@ pub const KEYFRAME_WAITS_KEPT: usize = 64;
 /// video) reaches the loss guards at most this long after it came.
 const PEER_STATS_EVERY: Duration = Duration::from_millis(250);
 
-/// Packets resent to a subscriber on its NACKs within one stats poll that
-/// tell loss on its downlink goes on now (`LayerGuard::nacks`; 3 in
-/// 250 ms). Resends, not NACK messages: a subscriber also NACKs what its
-/// publisher's uplink lost, which the focus never had (nothing to resend),
-/// and a lower layer would not help; str0m stops resending past 15 % of
-/// what it sends, so a link losing most of it shows about 4 a poll on the
-/// high layer, 10 % loss of 100 packets a second about 2.5.
-const RESENDS_HEAVY: u64 = 3;
+/// NACK messages from a subscriber within one stats poll that tell loss
+/// goes on now (`LayerGuard::nacks`; 4 in 250 ms: a receiver NACKs at most
+/// every 33 ms or so per stream, so only loss in most of the window
+/// reaches it; 10 % of 100 packets a second would send about 2.5).
+const NACKS_HEAVY: u64 = 4;
 
 /// Receiver-reported loss (per mille) that lets a falling downlink
 /// estimate cap a subscriber's layers (`ForwarderConfig::estimate_needs_loss`;
-/// 10 %, the loss guard's own step level), as resends at a rate do.
+/// 10 %, the loss guard's own step level), as NACKs at a rate do.
 const LOSS_SIGN_PERMILLE: u16 = 100;
 
 /// With no new receiver report from a subscriber for this long, the loss
@@ -1178,13 +1175,13 @@ impl State {
         let ev = match (what, answer) {
             (Pending::Stats, Ok(Reply::Stats(s))) => {
                 if let Some(m) = self.clients.get_mut(&client) {
-                    let resent_new = s.rtp_resent.saturating_sub(m.nacks.1);
+                    let nacks_new = s.nacks_received.saturating_sub(m.nacks.0);
                     m.nacks = (s.nacks_received, s.rtp_resent);
                     let t = Instant::now();
-                    // Resends on NACKs at a rate tell loss now, before the next
+                    // NACKs at a rate tell loss now, before the next
                     // receiver report: they confirm a lossy report, or
                     // take back a step up the link does not carry.
-                    let heavy = resent_new >= RESENDS_HEAVY;
+                    let heavy = nacks_new >= NACKS_HEAVY;
                     if heavy {
                         self.fwd.note_downlink_loss(part(client), t);
                     }
@@ -1193,10 +1190,10 @@ impl State {
                         if let Some(step) = m.layer_guard.nacks(t, heavy, room) {
                             info!(
                                 client = client.0,
-                                resent = resent_new,
+                                nacks = nacks_new,
                                 ?step,
                                 steps = m.layer_guard.steps(),
-                                "subscriber layers (resends on NACKs)"
+                                "subscriber layers (NACKs)"
                             );
                             self.figures.layer_steps_down += 1;
                             self.fwd
@@ -1229,7 +1226,7 @@ impl State {
                     trace!(
                         client = client.0,
                         ?loss,
-                        resent = resent_new,
+                        nacks = nacks_new,
                         "receiver-reported loss"
                     );
                     // A simulcast subscriber goes down a layer first; its

@@ -433,7 +433,7 @@ impl LayerGuard {
     }
 
     /// One poll of the subscriber's NACKs between receiver reports:
-    /// `heavy`, resends on its NACKs at a rate only loss on its downlink reaches (the
+    /// `heavy`, NACKs at a rate only loss in most of the poll reaches (the
     /// driver's threshold). Known well before the next receiver report,
     /// they take a step down now when they confirm one:
     /// - a report at or above `down_permille` that took no step (as the

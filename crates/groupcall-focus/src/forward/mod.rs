@@ -1384,7 +1384,7 @@ impl Forwarder {
     }
 
     /// A sign of loss on a subscriber's downlink now (a receiver report
-    /// of 10 % or more, resends on its NACKs at a rate): within
+    /// of 10 % or more, NACKs at a rate): within
     /// [`ForwarderConfig::estimate_needs_loss`] of it, a falling estimate
     /// may start a cap.
     pub fn note_downlink_loss(&mut self, subscriber: ParticipantId, now: Instant) {
