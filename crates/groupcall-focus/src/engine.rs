@@ -330,11 +330,6 @@ const PEER_STATS_EVERY: Duration = Duration::from_millis(250);
 /// reaches it; 10 % of 100 packets a second would send about 2.5).
 const NACKS_HEAVY: u64 = 4;
 
-/// Receiver-reported loss (per mille) that lets a falling downlink
-/// estimate cap a subscriber's layers (`ForwarderConfig::estimate_needs_loss`;
-/// 10 %, the loss guard's own step level), as NACKs at a rate do.
-const LOSS_SIGN_PERMILLE: u16 = 100;
-
 /// With no new receiver report from a subscriber for this long, the loss
 /// guards are told so (they judge it as no loss), once per this long.
 const NO_REPORT_AFTER: Duration = Duration::from_millis(2500);
@@ -1181,11 +1176,8 @@ impl State {
                     // NACKs at a rate tell loss now, before the next
                     // receiver report: they confirm a lossy report, or
                     // take back a step up the link does not carry.
-                    let heavy = nacks_new >= NACKS_HEAVY;
-                    if heavy {
-                        self.fwd.note_downlink_loss(part(client), t);
-                    }
                     if !m.loss_guard.dropping() {
+                        let heavy = nacks_new >= NACKS_HEAVY;
                         let room = self.fwd.steps_to_lowest(t, part(client));
                         if let Some(step) = m.layer_guard.nacks(t, heavy, room) {
                             info!(
@@ -1212,11 +1204,6 @@ impl State {
                     let loss = match fresh {
                         Some(at) => {
                             m.loss_seen_at = Some(at);
-                            if s.egress_loss_permille
-                                .is_some_and(|l| l >= LOSS_SIGN_PERMILLE)
-                            {
-                                self.fwd.note_downlink_loss(part(client), t);
-                            }
                             s.egress_loss_permille
                         }
                         None if silent => None,

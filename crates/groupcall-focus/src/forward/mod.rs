@@ -242,15 +242,6 @@ pub struct ForwarderConfig {
     pub up_calm: Duration,
     /// ... at this percentage of the higher layer's bitrate (125).
     pub up_margin_percent: u64,
-    /// A falling downlink estimate starts a cap only within this long of a
-    /// sign of loss on that downlink ([`Forwarder::note_downlink_loss`];
-    /// 3 s); None: the estimate alone. An estimator's delay-based figure
-    /// also falls when the focus or the subscriber is short of CPU (late
-    /// send or receive times look like a queue): on a saturated machine
-    /// with no congestion at all it capped subscribers' layers. A link
-    /// that is too slow loses packets within a fraction of a second
-    /// (its queue fills), and the subscriber's NACKs tell it at once.
-    pub estimate_needs_loss: Option<Duration>,
     /// The most one publisher's media may take, bits per second of payload
     /// (`limits.max_kbps_per_participant`); None: not policed. See the
     /// module documentation.
@@ -280,7 +271,6 @@ impl Default for ForwarderConfig {
             up_hold_max: Duration::from_secs(24),
             up_calm: Duration::from_secs(10),
             up_margin_percent: 125,
-            estimate_needs_loss: Some(Duration::from_secs(3)),
             publisher_limit_bps: None,
         }
     }
@@ -581,9 +571,6 @@ struct Participant {
     estimate_fell: bool,
     /// The estimate caps its layers ([`Forwarder::set_downlink_estimate`]).
     constrained: bool,
-    /// The last sign of loss on its downlink
-    /// ([`Forwarder::note_downlink_loss`]).
-    lossy_at: Option<Instant>,
     tracks: Vec<TrackId>,
     /// Its outgoing streams, active or paused (kept for continuity).
     outs: Vec<Key>,
@@ -865,7 +852,6 @@ impl Forwarder {
                 layers_moved_at: None,
                 estimate_fell: false,
                 constrained: false,
-                lossy_at: None,
                 steps_down: 0,
                 tracks: Vec::new(),
                 outs: Vec::new(),
@@ -1367,8 +1353,7 @@ impl Forwarder {
     /// ([`ForwarderConfig::up_hold`], lengthened after failed steps up).
     /// Before any congestion the estimate caps nothing: an
     /// estimator's starting figure is a guess, and it rises only as far as
-    /// traffic and probes take it. Nor does it without a recent sign of
-    /// loss ([`ForwarderConfig::estimate_needs_loss`]).
+    /// traffic and probes take it.
     pub fn set_downlink_estimate(&mut self, subscriber: ParticipantId, bps: Option<u64>) {
         if let Some(p) = self.participants.get_mut(&subscriber) {
             if let (Some(new), Some(old)) = (bps, p.downlink_bps)
@@ -1380,16 +1365,6 @@ impl Forwarder {
                 p.constrained = false;
             }
             p.downlink_bps = bps;
-        }
-    }
-
-    /// A sign of loss on a subscriber's downlink now (a receiver report
-    /// of 10 % or more, NACKs at a rate): within
-    /// [`ForwarderConfig::estimate_needs_loss`] of it, a falling estimate
-    /// may start a cap.
-    pub fn note_downlink_loss(&mut self, subscriber: ParticipantId, now: Instant) {
-        if let Some(p) = self.participants.get_mut(&subscriber) {
-            p.lossy_at = Some(now);
         }
     }
 
@@ -1424,16 +1399,10 @@ impl Forwarder {
             let fell = std::mem::take(&mut p.estimate_fell);
             // Congested: the estimate fell below what is sent. Clear: back
             // on the wanted layers with room for them.
-            let lossy = match self.config.estimate_needs_loss {
-                None => true,
-                Some(d) => p
-                    .lossy_at
-                    .is_some_and(|t| now.saturating_duration_since(t) < d),
-            };
             let constrained = if p.constrained {
                 !(rates.at_wanted && bps >= rates.wanted * margin / 100)
             } else {
-                fell && bps < rates.current && lossy
+                fell && bps < rates.current
             };
             if constrained != p.constrained {
                 tracing::debug!(
