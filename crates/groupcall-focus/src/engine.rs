@@ -319,20 +319,8 @@ impl EngineFigures {
 pub const KEYFRAME_WAITS_KEPT: usize = 64;
 
 /// How often the engine asks each client's peer for its counters (NACKs,
-/// resends, receiver-reported loss): as often as a forwarding peer's str0m
-/// reports them, so a subscriber's receiver report (once a second for
-/// video) reaches the loss guards at most this long after it came.
-const PEER_STATS_EVERY: Duration = Duration::from_millis(250);
-
-/// NACK messages from a subscriber within one stats poll that tell loss
-/// goes on now (`LayerGuard::nacks`; 4 in 250 ms: a receiver NACKs at most
-/// every 33 ms or so per stream, so only loss in most of the window
-/// reaches it; 10 % of 100 packets a second would send about 2.5).
-const NACKS_HEAVY: u64 = 4;
-
-/// With no new receiver report from a subscriber for this long, the loss
-/// guards are told so (they judge it as no loss), once per this long.
-const NO_REPORT_AFTER: Duration = Duration::from_millis(2500);
+/// resends).
+const PEER_STATS_EVERY: Duration = Duration::from_secs(1);
 
 /// A running engine.
 #[derive(Debug)]
@@ -471,11 +459,6 @@ struct ClientMedia {
     /// The peer's NACK messages received and packets resent, as of its
     /// last stats.
     nacks: (u64, u64),
-    /// When the newest receiver-reported loss the guards judged was
-    /// reported (`PeerStats::egress_loss_at`).
-    loss_seen_at: Option<Instant>,
-    /// When the guards were last given a report (or its absence).
-    guards_fed_at: Option<Instant>,
     /// Drops its video while its receiver reports heavy loss.
     loss_guard: LossGuard,
     /// Before that, steps its simulcast subscriptions down a layer.
@@ -1170,52 +1153,10 @@ impl State {
         let ev = match (what, answer) {
             (Pending::Stats, Ok(Reply::Stats(s))) => {
                 if let Some(m) = self.clients.get_mut(&client) {
-                    let nacks_new = s.nacks_received.saturating_sub(m.nacks.0);
                     m.nacks = (s.nacks_received, s.rtp_resent);
+                    let loss = s.egress_loss_permille;
+                    trace!(client = client.0, ?loss, "receiver-reported loss");
                     let t = Instant::now();
-                    // NACKs at a rate tell loss now, before the next
-                    // receiver report: they confirm a lossy report, or
-                    // take back a step up the link does not carry.
-                    if !m.loss_guard.dropping() {
-                        let heavy = nacks_new >= NACKS_HEAVY;
-                        let room = self.fwd.steps_to_lowest(t, part(client));
-                        if let Some(step) = m.layer_guard.nacks(t, heavy, room) {
-                            info!(
-                                client = client.0,
-                                nacks = nacks_new,
-                                ?step,
-                                steps = m.layer_guard.steps(),
-                                "subscriber layers (NACKs)"
-                            );
-                            self.figures.layer_steps_down += 1;
-                            self.fwd
-                                .set_layer_steps(part(client), m.layer_guard.steps());
-                        }
-                    }
-                    // Polled more often than receiver reports come: only a
-                    // new report is judged, or, after long without one,
-                    // its absence.
-                    let fresh = s
-                        .egress_loss_at
-                        .filter(|at| m.loss_seen_at.is_none_or(|seen| *at > seen));
-                    let silent = m
-                        .guards_fed_at
-                        .is_none_or(|f| t.saturating_duration_since(f) >= NO_REPORT_AFTER);
-                    let loss = match fresh {
-                        Some(at) => {
-                            m.loss_seen_at = Some(at);
-                            s.egress_loss_permille
-                        }
-                        None if silent => None,
-                        None => return,
-                    };
-                    m.guards_fed_at = Some(t);
-                    trace!(
-                        client = client.0,
-                        ?loss,
-                        nacks = nacks_new,
-                        "receiver-reported loss"
-                    );
                     // A simulcast subscriber goes down a layer first; its
                     // video stops only when nothing can go lower.
                     let room = self.fwd.steps_to_lowest(t, part(client));

@@ -287,12 +287,8 @@ pub struct LayerGuardConfig {
     pub calm: Duration,
     /// After a step down, reports are not judged for this long (2 s): the
     /// ones just after still count the loss of the layer left (and the
-    /// switch waits for a key frame of the new one). Also how long after a
-    /// step up heavy NACKs tell that the link does not carry it.
+    /// switch waits for a key frame of the new one).
     pub settle: Duration,
-    /// Heavy NACK polls in a row, this long after a step up, that take it
-    /// back ([`LayerGuard::nacks`]; 2: one is a key frame burst).
-    pub nack_polls: u8,
 }
 
 impl Default for LayerGuardConfig {
@@ -307,7 +303,6 @@ impl Default for LayerGuardConfig {
             max_hold: Duration::from_secs(32),
             calm: Duration::from_secs(10),
             settle: Duration::from_secs(2),
-            nack_polls: 2,
         }
     }
 }
@@ -332,12 +327,6 @@ pub struct LayerGuard {
     cfg: LayerGuardConfig,
     steps: u8,
     high_run: u8,
-    /// The loss of the last report, while it was at or above
-    /// `down_permille` and took no step (a step [`Self::nacks`] can
-    /// confirm).
-    pending: Option<u16>,
-    /// Heavy NACK polls in a row.
-    nack_run: u8,
     clean_since: Option<Instant>,
     hold: Duration,
     last_up: Option<Instant>,
@@ -358,8 +347,6 @@ impl LayerGuard {
             cfg,
             steps: 0,
             high_run: 0,
-            pending: None,
-            nack_run: 0,
             clean_since: None,
             hold,
             last_up: None,
@@ -398,15 +385,27 @@ impl LayerGuard {
             return None;
         }
         let loss = loss_permille.unwrap_or(0);
-        self.pending = None;
         if loss >= self.cfg.down_permille {
             self.clean_since = None;
             self.high_run = self.high_run.saturating_add(1);
             let enough = self.high_run >= self.cfg.reports || loss >= self.cfg.severe_permille;
             if enough && can_go_down {
-                return Some(self.step_down(now, loss, room));
+                self.high_run = 0;
+                let by = if loss >= self.cfg.bottom_permille {
+                    room
+                } else {
+                    1
+                };
+                self.steps = self.steps.saturating_add(by);
+                self.last_down = Some(now);
+                let again = self
+                    .last_up
+                    .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.calm);
+                if again {
+                    self.hold = (self.hold * 2).min(self.cfg.max_hold);
+                }
+                return Some(LayerStep::Down);
             }
-            self.pending = Some(loss);
             return None;
         }
         self.high_run = 0;
@@ -430,62 +429,6 @@ impl LayerGuard {
             self.hold = self.cfg.first_hold;
         }
         None
-    }
-
-    /// One poll of the subscriber's NACKs between receiver reports:
-    /// `heavy`, NACKs at a rate only loss in most of the poll reaches (the
-    /// driver's threshold). Known well before the next receiver report,
-    /// they take a step down now when they confirm one:
-    /// - a report at or above `down_permille` that took no step (as the
-    ///   next report in a row would);
-    /// - a step up of the last [`LayerGuardConfig::settle`] that the
-    ///   link does not carry ([`LayerGuardConfig::nack_polls`] heavy
-    ///   polls in a row after it).
-    ///
-    /// `room` as for [`Self::report`].
-    pub fn nacks(&mut self, now: Instant, heavy: bool, room: u8) -> Option<LayerStep> {
-        if !heavy {
-            self.nack_run = 0;
-            return None;
-        }
-        self.nack_run = self.nack_run.saturating_add(1);
-        if room == 0 || self.settling(now) {
-            return None;
-        }
-        if let Some(loss) = self.pending {
-            return Some(self.step_down(now, loss, room));
-        }
-        let probing = self
-            .last_up
-            .is_some_and(|u| now.saturating_duration_since(u) < self.cfg.settle);
-        if probing && self.nack_run >= self.cfg.nack_polls {
-            return Some(self.step_down(now, self.cfg.down_permille, room));
-        }
-        None
-    }
-
-    /// Takes a step down for a judged `loss`: one layer, or all of `room`
-    /// under `bottom_permille`; a step down soon after a step up doubles
-    /// the next hold.
-    fn step_down(&mut self, now: Instant, loss: u16, room: u8) -> LayerStep {
-        self.high_run = 0;
-        self.nack_run = 0;
-        self.pending = None;
-        self.clean_since = None;
-        let by = if loss >= self.cfg.bottom_permille {
-            room
-        } else {
-            1
-        };
-        self.steps = self.steps.saturating_add(by);
-        self.last_down = Some(now);
-        let again = self
-            .last_up
-            .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.calm);
-        if again {
-            self.hold = (self.hold * 2).min(self.cfg.max_hold);
-        }
-        LayerStep::Down
     }
 }
 
@@ -709,72 +652,6 @@ mod tests {
         }
         assert_eq!(g.report(at(53), Some(0), 2), Some(LayerStep::Up));
         assert_eq!(g.steps(), 0);
-    }
-
-    #[test]
-    fn heavy_nacks_confirm_a_lossy_report_before_the_next_one() {
-        let t0 = Instant::now();
-        let ms = |m: u64| t0 + Duration::from_millis(m);
-        let mut g = LayerGuard::default();
-        // Nothing to confirm: no report yet, then a clean one.
-        assert_eq!(g.nacks(ms(0), true, 2), None);
-        assert_eq!(g.report(ms(0), Some(0), 2), None);
-        assert_eq!(g.nacks(ms(100), true, 2), None);
-        // 15 %: one report is not enough; light NACKs leave it pending,
-        // heavy ones confirm it.
-        assert_eq!(g.report(ms(1000), Some(150), 2), None);
-        assert_eq!(g.nacks(ms(1250), false, 2), None);
-        assert_eq!(g.nacks(ms(1500), true, 2), Some(LayerStep::Down));
-        assert_eq!(g.steps(), 1);
-        // Used up; and settling.
-        assert_eq!(g.nacks(ms(1750), true, 2), None);
-        assert_eq!(g.report(ms(2000), Some(150), 1), None);
-        assert_eq!(g.nacks(ms(2250), true, 1), None);
-        // After the settling time a lossy report again, confirmed once
-        // there is a layer to go to.
-        assert_eq!(g.report(ms(3500), Some(150), 1), None);
-        assert_eq!(g.nacks(ms(3750), true, 0), None, "nothing lower");
-        assert_eq!(g.nacks(ms(4000), true, 1), Some(LayerStep::Down));
-        assert_eq!(g.steps(), 2);
-        // A clean report in between clears what was pending.
-        let mut g = LayerGuard::default();
-        assert_eq!(g.report(ms(0), Some(150), 2), None);
-        assert_eq!(g.report(ms(1000), Some(10), 2), None);
-        assert_eq!(g.nacks(ms(1250), true, 2), None);
-        // 60 % pending (nothing lower then), confirmed when there is
-        // room: straight to the lowest.
-        assert_eq!(g.report(ms(2000), Some(600), 0), None);
-        assert_eq!(g.nacks(ms(2250), true, 2), Some(LayerStep::Down));
-        assert_eq!(g.steps(), 2);
-    }
-
-    #[test]
-    fn heavy_nacks_right_after_a_step_up_take_it_back() {
-        let t0 = Instant::now();
-        let ms = |m: u64| t0 + Duration::from_millis(m);
-        let mut g = LayerGuard::default();
-        assert_eq!(g.report(ms(0), Some(600), 2), Some(LayerStep::Down));
-        for s in 2..6 {
-            assert_eq!(g.report(ms(s * 1000), Some(0), 2), None);
-        }
-        assert_eq!(g.report(ms(6000), Some(0), 2), Some(LayerStep::Up));
-        // One heavy poll (a key frame's burst) is not enough; a light one
-        // starts the count over; two in a row take the step back.
-        assert_eq!(g.nacks(ms(6250), true, 1), None);
-        assert_eq!(g.nacks(ms(6500), false, 1), None);
-        assert_eq!(g.nacks(ms(6750), true, 1), None);
-        assert_eq!(g.nacks(ms(7000), true, 1), Some(LayerStep::Down));
-        assert_eq!(g.steps(), 2);
-        // Failed so soon, the next hold is 8 s.
-        for s in 9..17 {
-            assert_eq!(g.report(ms(s * 1000), Some(0), 2), None, "at {s}");
-        }
-        assert_eq!(g.report(ms(17_000), Some(0), 2), Some(LayerStep::Up));
-        // Heavy NACKs later than `settle` after a step up, with clean
-        // reports: nothing (the reports judge).
-        assert_eq!(g.nacks(ms(19_250), true, 1), None);
-        assert_eq!(g.nacks(ms(19_500), true, 1), None);
-        assert_eq!(g.steps(), 1);
     }
 
     #[test]
