@@ -73,6 +73,15 @@ async fn run_for(procs: &mut [&mut Proc], d: Duration) {
     }
 }
 
+/// A publisher's `simulcast_layers` events read at `t` or later, with
+/// when each was read.
+fn layer_events_since(p: &Proc, t: Instant) -> impl Iterator<Item = (&Value, &Instant)> {
+    p.seen
+        .iter()
+        .zip(&p.seen_at)
+        .filter(move |(v, at)| v["event"] == "simulcast_layers" && **at >= t)
+}
+
 /// The frames of a recording whose time falls in `[from, to)` seconds.
 fn sizes_between(sizes: &[FrameSize], from: f64, to: f64) -> Vec<(u32, u32)> {
     sizes
@@ -306,28 +315,10 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
     let t_lifted_end = Instant::now();
     net.set(|i| i.rates[2].down_bps = None);
 
-    // The publisher's uplink. Each of alice's layer events is timed as it
-    // is read (every 250 ms).
-    let mut layer_times: Vec<(f64, Value)> = Vec::new();
-    let mut read = a.seen.len();
-    let mut timed = |a: &Proc, times: &mut Vec<(f64, Value)>| {
-        for v in a.seen.iter().skip(read) {
-            if v["event"] == "simulcast_layers" {
-                times.push((t_start.elapsed().as_secs_f64(), v.clone()));
-            }
-        }
-        read = a.seen.len();
-    };
+    // The publisher's uplink.
     let t_up_cap = Instant::now();
     net.set(|i| i.rates[1].up_bps = Some(400_000));
-    while t_up_cap.elapsed() < Duration::from_secs(15) {
-        run_for(
-            &mut [&mut a, &mut b, &mut focus],
-            Duration::from_millis(250),
-        )
-        .await;
-        timed(&a, &mut layer_times);
-    }
+    run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(15)).await;
     net.set(|i| i.rates[1].up_bps = None);
     let t_up_lift = Instant::now();
     // Lifted: until she sends all three layers again (her estimate grows
@@ -341,13 +332,11 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
             Duration::from_millis(250),
         )
         .await;
-        timed(&a, &mut layer_times);
-        if layer_times.last().is_some_and(|(_, v)| all_three(v)) {
-            resumed_at = Some(t_up_lift.elapsed());
-        }
+        resumed_at = layer_events_since(&a, t_up_lift)
+            .find(|(v, _)| all_three(v))
+            .map(|(_, at)| at.duration_since(t_up_lift));
     }
     run_for(&mut [&mut a, &mut b, &mut focus], Duration::from_secs(3)).await;
-    timed(&a, &mut layer_times);
 
     // Everyone leaves.
     let _ = bob_in.write_all(b"leave\n").await;
@@ -437,12 +426,13 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
         at(t_up_cap),
         at(t_up_lift)
     );
-    let timeline: Vec<String> = layer_times
-        .iter()
-        .map(|(t, v)| {
+    let timeline: Vec<String> = layer_events_since(&a, t_up_cap)
+        .map(|(v, at)| {
             format!(
-                "{t:.1} s: sending {} (estimate {})",
-                v["sending"], v["estimate_bps"]
+                "{:.1} s: sending {} (estimate {})",
+                at.duration_since(t_start).as_secs_f64(),
+                v["sending"],
+                v["estimate_bps"]
             )
         })
         .collect();

@@ -226,25 +226,21 @@ async fn a_publisher_over_the_upload_limit_has_its_video_held_back_and_its_audio
     let mark = h.log.mark();
     let pairs = [(&members[0], &members[1]), (&members[1], &members[0])];
     let kinds = [TrackKind::Audio, TrackKind::Video];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let firsts: Vec<[Instant; 2]> = loop {
-        let firsts: Option<Vec<[Instant; 2]>> = pairs
+    let firsts_of = |seen: &[Entry]| -> Option<Vec<[Instant; 2]>> {
+        pairs
             .iter()
             .map(|(at, from)| {
-                let [a, v] =
-                    kinds.map(|k| rust_report_after(&h.log.seen, mark, at.idx, &from.dev, k));
+                let [a, v] = kinds.map(|k| rust_report_after(seen, mark, at.idx, &from.dev, k));
                 Some([a?, v?])
             })
-            .collect();
-        if let Some(f) = firsts {
-            break f;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no media report from both receivers within 5 s"
-        );
-        h.log.run_for(Duration::from_millis(100)).await;
+            .collect()
     };
+    h.log
+        .wait_for("a media report from both receivers", 5, |s| {
+            firsts_of(s).is_some()
+        })
+        .await;
+    let firsts = firsts_of(&h.log.seen).expect("waited for");
     let last = firsts.iter().flatten().max().copied().unwrap_or(mark);
     // Each report is due 1 s after the one before; 200 ms spare for the
     // fourth.
@@ -252,24 +248,11 @@ async fn a_publisher_over_the_upload_limit_has_its_video_held_back_and_its_audio
         .run_for((last + Duration::from_millis(4200)).saturating_duration_since(Instant::now()))
         .await;
     h.log.pump();
-    for ((at, from), [a, v]) in pairs.iter().zip(&firsts) {
-        let after = |t: &Instant| *t + Duration::from_millis(1);
-        let audio = rust_frames(
-            &h.log.seen,
-            after(a),
-            at.idx,
-            &from.dev,
-            TrackKind::Audio,
-            None,
-        );
-        let video = rust_frames(
-            &h.log.seen,
-            after(v),
-            at.idx,
-            &from.dev,
-            TrackKind::Video,
-            None,
-        );
+    for ((at, from), first) in pairs.iter().zip(&firsts) {
+        let [audio, video] = [0, 1].map(|i| {
+            let since = first[i] + Duration::from_millis(1);
+            rust_frames(&h.log.seen, since, at.idx, &from.dev, kinds[i], None)
+        });
         eprintln!(
             "FIGURE limits: {}<-{} in 4 s held back: {audio} audio frames, {video} video frames",
             at.name, from.name

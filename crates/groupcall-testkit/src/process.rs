@@ -16,8 +16,10 @@ use tokio::sync::mpsc;
 pub struct Proc {
     pub name: String,
     pub child: tokio::process::Child,
-    lines: mpsc::UnboundedReceiver<Value>,
+    lines: mpsc::UnboundedReceiver<(std::time::Instant, Value)>,
     pub seen: Vec<Value>,
+    /// When each line of `seen` was read from the process (same index).
+    pub seen_at: Vec<std::time::Instant>,
     pub stderr: Arc<Mutex<String>>,
 }
 
@@ -38,7 +40,7 @@ impl Proc {
             while let Ok(Some(line)) = r.next_line().await {
                 let v = serde_json::from_str(&line)
                     .unwrap_or_else(|_| json!({ "event": "NOT JSON", "line": line }));
-                if tx.send(v).is_err() {
+                if tx.send((std::time::Instant::now(), v)).is_err() {
                     break;
                 }
             }
@@ -59,6 +61,7 @@ impl Proc {
             child,
             lines,
             seen: Vec::new(),
+            seen_at: Vec::new(),
             stderr,
         }
     }
@@ -77,10 +80,15 @@ impl Proc {
         Self::spawn_cmd(name, cmd, Stdio::piped())
     }
 
+    fn take(&mut self, (at, v): (std::time::Instant, Value)) {
+        self.seen.push(v);
+        self.seen_at.push(at);
+    }
+
     /// Takes in every line that is there now.
     pub fn poll(&mut self) {
-        while let Ok(v) = self.lines.try_recv() {
-            self.seen.push(v);
+        while let Ok(line) = self.lines.try_recv() {
+            self.take(line);
         }
     }
 
@@ -92,8 +100,9 @@ impl Proc {
         }
         loop {
             match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(v)) => {
-                    self.seen.push(v.clone());
+                Ok(Some(line)) => {
+                    let v = line.1.clone();
+                    self.take(line);
                     if pred(&v) {
                         return v;
                     }
@@ -117,8 +126,8 @@ impl Proc {
             .unwrap_or_else(|_| panic!("{} did not exit; {}", self.name, self.report()))
             .unwrap();
         let rest = async {
-            while let Some(v) = self.lines.recv().await {
-                self.seen.push(v);
+            while let Some(line) = self.lines.recv().await {
+                self.take(line);
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), rest).await;
