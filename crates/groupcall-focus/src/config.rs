@@ -123,10 +123,10 @@ pub struct MediaConfig {
     pub advertise: Vec<IpAddr>,
     /// `estimate_bandwidth`: estimate each subscriber's downlink
     /// (transport-wide congestion control feedback) and fit its simulcast
-    /// layers to it once it shows congestion. Default false: the layers
+    /// layers to it once it shows congestion, together with a sign of loss
+    /// (see docs/focus-forwarding.md). Default true; false: the layers
     /// follow the requested sizes and the loss the subscriber's receiver
-    /// reports (the estimator misreads a loaded machine as a congested
-    /// link; see docs/focus-forwarding.md).
+    /// reports alone.
     pub estimate_bandwidth: bool,
 }
 
@@ -591,7 +591,7 @@ impl Parser<'_> {
         offered_addrs(&bind, &advertise).map_err(|e| self.err("media.advertise", e))?;
         let estimate_bandwidth = self
             .opt_bool(s, "media.", "estimate_bandwidth")?
-            .unwrap_or(false);
+            .unwrap_or(true);
         Ok(MediaConfig {
             bind,
             advertise,
@@ -937,10 +937,10 @@ bind = ["192.0.2.10:50000"]
     }
 
     #[test]
-    fn bandwidth_estimation_is_off_unless_turned_on() {
-        assert!(!parse(MINIMAL).unwrap().media.estimate_bandwidth);
-        let on = MINIMAL.replace("[media]\n", "[media]\nestimate_bandwidth = true\n");
-        assert!(parse(&on).unwrap().media.estimate_bandwidth);
+    fn bandwidth_estimation_is_on_unless_turned_off() {
+        assert!(parse(MINIMAL).unwrap().media.estimate_bandwidth);
+        let off = MINIMAL.replace("[media]\n", "[media]\nestimate_bandwidth = false\n");
+        assert!(!parse(&off).unwrap().media.estimate_bandwidth);
         let bad = MINIMAL.replace("[media]\n", "[media]\nestimate_bandwidth = \"yes\"\n");
         let msg = error(&bad, "media.estimate_bandwidth");
         assert!(msg.contains("must be true or false"), "{msg}");
@@ -959,7 +959,7 @@ bind = ["192.0.2.10:50000"]
             c.media.advertise,
             ["203.0.113.7".parse::<IpAddr>().unwrap()]
         );
-        assert!(!c.media.estimate_bandwidth);
+        assert!(c.media.estimate_bandwidth);
         assert!(c.turn.is_some());
         assert!(c.allow.allows("@alice:example.org"));
         assert!(c.allow.allows("@anyone:example.com"));

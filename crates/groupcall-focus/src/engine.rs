@@ -319,8 +319,31 @@ impl EngineFigures {
 pub const KEYFRAME_WAITS_KEPT: usize = 64;
 
 /// How often the engine asks each client's peer for its counters (NACKs,
-/// resends).
-const PEER_STATS_EVERY: Duration = Duration::from_secs(1);
+/// resends, receiver-reported loss): as often as a forwarding peer's str0m
+/// reports them, so a subscriber's receiver report (once a second for
+/// video) reaches the loss guards at most this long after it came.
+const PEER_STATS_EVERY: Duration = Duration::from_millis(250);
+
+/// Receiver-reported loss (per mille) that lets a falling downlink
+/// estimate cap a subscriber's layers (`ForwarderConfig::estimate_needs_loss`;
+/// 10 %, the layer guard's own step level), as resends at a rate do.
+const LOSS_SIGN_PERMILLE: u16 = 100;
+
+/// Packets resent to a subscriber on its NACKs within one stats poll that
+/// let a falling downlink estimate cap its layers, as a lossy receiver
+/// report does (3 in 250 ms; they come within a round trip of the loss,
+/// a receiver report up to a second later). Resends, not NACK messages: a
+/// subscriber also NACKs what its publisher's uplink lost, which the
+/// focus never had (nothing to resend) and a lower layer would not help.
+/// str0m stops resending past 15 % of what it sends, so a link losing
+/// most of the high layer shows about 4 a poll. Only a sign for the
+/// estimate: alone they move no layer (moderate random loss reaches them
+/// too, and a lower layer would not help it).
+const RESENDS_SIGN: u64 = 3;
+
+/// With no new receiver report from a subscriber for this long, the loss
+/// guards are told so (they judge it as no loss), once per this long.
+const NO_REPORT_AFTER: Duration = Duration::from_millis(2500);
 
 /// A running engine.
 #[derive(Debug)]
@@ -459,6 +482,11 @@ struct ClientMedia {
     /// The peer's NACK messages received and packets resent, as of its
     /// last stats.
     nacks: (u64, u64),
+    /// When the newest receiver-reported loss the guards judged was
+    /// reported (`PeerStats::egress_loss_at`).
+    loss_seen_at: Option<Instant>,
+    /// When the guards were last given a report (or its absence).
+    guards_fed_at: Option<Instant>,
     /// Drops its video while its receiver reports heavy loss.
     loss_guard: LossGuard,
     /// Before that, steps its simulcast subscriptions down a layer.
@@ -1153,10 +1181,36 @@ impl State {
         let ev = match (what, answer) {
             (Pending::Stats, Ok(Reply::Stats(s))) => {
                 if let Some(m) = self.clients.get_mut(&client) {
+                    let resent_new = s.rtp_resent.saturating_sub(m.nacks.1);
                     m.nacks = (s.nacks_received, s.rtp_resent);
-                    let loss = s.egress_loss_permille;
-                    trace!(client = client.0, ?loss, "receiver-reported loss");
                     let t = Instant::now();
+                    if resent_new >= RESENDS_SIGN {
+                        self.fwd.note_downlink_loss(part(client), t);
+                    }
+                    // Polled more often than receiver reports come: only a
+                    // new report is judged, or, after long without one,
+                    // its absence.
+                    let fresh = s
+                        .egress_loss_at
+                        .filter(|at| m.loss_seen_at.is_none_or(|seen| *at > seen));
+                    let silent = m
+                        .guards_fed_at
+                        .is_none_or(|f| t.saturating_duration_since(f) >= NO_REPORT_AFTER);
+                    let loss = match fresh {
+                        Some(at) => {
+                            m.loss_seen_at = Some(at);
+                            if s.egress_loss_permille
+                                .is_some_and(|l| l >= LOSS_SIGN_PERMILLE)
+                            {
+                                self.fwd.note_downlink_loss(part(client), t);
+                            }
+                            s.egress_loss_permille
+                        }
+                        None if silent => None,
+                        None => return,
+                    };
+                    m.guards_fed_at = Some(t);
+                    trace!(client = client.0, ?loss, "receiver-reported loss");
                     // A simulcast subscriber goes down a layer first; its
                     // video stops only when nothing can go lower.
                     let room = self.fwd.steps_to_lowest(t, part(client));

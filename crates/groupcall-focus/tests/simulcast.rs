@@ -699,7 +699,12 @@ fn switch_gaps(frames: &[Frame]) -> (u64, usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_subscriber_gets_its_layer_and_switches_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut w = World::start(ForwarderConfig::default(), 2, None).await;
+    let mut w = World::start(
+        ForwarderConfig::default(),
+        2,
+        Some(groupcall_focus::engine::INITIAL_DOWNLINK_ESTIMATE),
+    )
+    .await;
     w.honour_keyframe_requests = true;
     w.connected().await;
     w.subs[0].subscribe(320, 180);

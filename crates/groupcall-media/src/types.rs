@@ -218,7 +218,7 @@ pub struct PeerStats {
     pub rtp_write_dropped: u64,
     /// Forwarding peers: NACKs the remote sent for our local tracks (str0m
     /// answers them from its send buffer for packets written `nackable`),
-    /// as of str0m's last egress report (once a second).
+    /// as of str0m's last egress report (every 250 ms).
     pub nacks_received: u64,
     /// Forwarding peers: RTP packets str0m re-sent from its send buffer in
     /// answer to those NACKs (its count of packets sent on our local
@@ -226,10 +226,13 @@ pub struct PeerStats {
     /// a lower bound while packets are queued).
     pub rtp_resent: u64,
     /// Forwarding peers: the highest fraction of packets lost, in per
-    /// mille, that the remote's receiver reports gave for one of our local
-    /// streams since str0m's report before (None: no receiver report in
-    /// that second).
+    /// mille, that the remote's newest receiver reports gave for one of
+    /// our local streams (None: no receiver report yet).
     pub egress_loss_permille: Option<u16>,
+    /// When str0m's egress report carrying that loss was made: a reader
+    /// polling more often than receiver reports come tells a new report
+    /// from the one it saw already by this.
+    pub egress_loss_at: Option<std::time::Instant>,
     /// Data channel messages dropped on receipt (binary, not UTF-8, or on
     /// another channel than the first one opened).
     pub channel_messages_dropped: u64,

@@ -242,6 +242,17 @@ pub struct ForwarderConfig {
     pub up_calm: Duration,
     /// ... at this percentage of the higher layer's bitrate (125).
     pub up_margin_percent: u64,
+    /// A falling downlink estimate starts a cap only when the fall and a
+    /// sign of loss on that downlink ([`Forwarder::note_downlink_loss`])
+    /// both came within this long (3 s), in either order; None: the
+    /// estimate alone, at the tick it falls. An estimator's delay-based
+    /// figure also falls when the focus or the subscriber is short of CPU
+    /// (late send or receive times look like a queue): on a saturated
+    /// machine with no congestion at all it capped subscribers' layers. A
+    /// link that is too slow loses packets within a fraction of a second
+    /// (its queue fills), and the next receiver report (about one a
+    /// second) tells it.
+    pub estimate_needs_loss: Option<Duration>,
     /// The most one publisher's media may take, bits per second of payload
     /// (`limits.max_kbps_per_participant`); None: not policed. See the
     /// module documentation.
@@ -271,6 +282,7 @@ impl Default for ForwarderConfig {
             up_hold_max: Duration::from_secs(24),
             up_calm: Duration::from_secs(10),
             up_margin_percent: 125,
+            estimate_needs_loss: Some(Duration::from_secs(3)),
             publisher_limit_bps: None,
         }
     }
@@ -569,8 +581,13 @@ struct Participant {
     layers_moved_at: Option<Instant>,
     /// The estimate fell since the last tick.
     estimate_fell: bool,
+    /// The tick that last saw it fall.
+    fell_at: Option<Instant>,
     /// The estimate caps its layers ([`Forwarder::set_downlink_estimate`]).
     constrained: bool,
+    /// The last sign of loss on its downlink
+    /// ([`Forwarder::note_downlink_loss`]).
+    lossy_at: Option<Instant>,
     tracks: Vec<TrackId>,
     /// Its outgoing streams, active or paused (kept for continuity).
     outs: Vec<Key>,
@@ -851,7 +868,9 @@ impl Forwarder {
                 downlink_bps: None,
                 layers_moved_at: None,
                 estimate_fell: false,
+                fell_at: None,
                 constrained: false,
+                lossy_at: None,
                 steps_down: 0,
                 tracks: Vec::new(),
                 outs: Vec::new(),
@@ -1353,7 +1372,8 @@ impl Forwarder {
     /// ([`ForwarderConfig::up_hold`], lengthened after failed steps up).
     /// Before any congestion the estimate caps nothing: an
     /// estimator's starting figure is a guess, and it rises only as far as
-    /// traffic and probes take it.
+    /// traffic and probes take it. Nor does it without a recent sign of
+    /// loss ([`ForwarderConfig::estimate_needs_loss`]).
     pub fn set_downlink_estimate(&mut self, subscriber: ParticipantId, bps: Option<u64>) {
         if let Some(p) = self.participants.get_mut(&subscriber) {
             if let (Some(new), Some(old)) = (bps, p.downlink_bps)
@@ -1365,6 +1385,16 @@ impl Forwarder {
                 p.constrained = false;
             }
             p.downlink_bps = bps;
+        }
+    }
+
+    /// A sign of loss on a subscriber's downlink now (the engine's: a
+    /// receiver report of 10 % or more): within
+    /// [`ForwarderConfig::estimate_needs_loss`] of it, a falling estimate
+    /// may start a cap.
+    pub fn note_downlink_loss(&mut self, subscriber: ParticipantId, now: Instant) {
+        if let Some(p) = self.participants.get_mut(&subscriber) {
+            p.lossy_at = Some(now);
         }
     }
 
@@ -1396,9 +1426,21 @@ impl Forwarder {
             let Some(bps) = p.downlink_bps else {
                 continue;
             };
-            let fell = std::mem::take(&mut p.estimate_fell);
-            // Congested: the estimate fell below what is sent. Clear: back
-            // on the wanted layers with room for them.
+            if std::mem::take(&mut p.estimate_fell) {
+                p.fell_at = Some(now);
+            }
+            // Congested: the estimate fell below what is sent (and, when
+            // asked, a sign of loss came near the fall: the two may come
+            // in either order, the receiver report up to a second after
+            // the estimate). Clear: back on the wanted layers with room
+            // for them.
+            let within = |at: Option<Instant>, d: Duration| {
+                at.is_some_and(|t| now.saturating_duration_since(t) < d)
+            };
+            let fell = match self.config.estimate_needs_loss {
+                None => p.fell_at == Some(now),
+                Some(d) => within(p.fell_at, d) && within(p.lossy_at, d),
+            };
             let constrained = if p.constrained {
                 !(rates.at_wanted && bps >= rates.wanted * margin / 100)
             } else {

@@ -63,7 +63,10 @@ struct H {
 
 impl H {
     fn new() -> Self {
-        let mut f = Forwarder::new(ForwarderConfig::default());
+        let mut f = Forwarder::new(ForwarderConfig {
+            estimate_needs_loss: None,
+            ..ForwarderConfig::default()
+        });
         f.add_call(CALL).unwrap();
         for p in [A, B, C] {
             f.add_participant(CALL, p).unwrap();
@@ -1454,6 +1457,55 @@ fn downlink_estimate_caps_layers_and_rises_only_after_holding() {
         (3000..3000 + 15 * 33 + 100).contains(&waited),
         "{waited} ms"
     );
+}
+
+#[test]
+fn a_falling_estimate_caps_only_near_a_sign_of_loss() {
+    let mut h = H::with_config(ForwarderConfig::default());
+    let rates = padded_sim_subscriber(&mut h);
+    let step = padded_step;
+    h.f.set_downlink_estimate(C, Some(rates[0] * 2));
+    // It falls below what is sent, with no sign of loss (a CPU-starved
+    // estimator): no cap, the high layer goes on.
+    h.f.set_downlink_estimate(C, Some((rates[2] + rates[0]) / 2));
+    for n in 60..200 {
+        step(&mut h, n, n % 15 == 0);
+    }
+    assert!(!h.f.downlink_constrained(C));
+    assert_eq!(
+        H::sizes_of(&h.take(C, MediaKind::Video)).last(),
+        Some(&1280)
+    );
+    // Loss 4 s ago (longer than 3 s) counts no more.
+    h.f.note_downlink_loss(C, h.at(200 * 33 - 4000));
+    h.f.set_downlink_estimate(C, Some((rates[2] + rates[0]) / 2 - 1));
+    step(&mut h, 200, false);
+    assert!(!h.f.downlink_constrained(C));
+    // Loss now, a little after that fall (a receiver report comes up to
+    // a second after the estimate moved): that fall caps, down to mid at
+    // the next key frame.
+    h.f.note_downlink_loss(C, h.at(220 * 33));
+    for n in 201..236 {
+        step(&mut h, n, n % 15 == 0);
+    }
+    assert!(h.f.downlink_constrained(C));
+    assert_eq!(H::sizes_of(&h.take(C, MediaKind::Video)).last(), Some(&640));
+    // And the other order: loss first, then the fall within 3 s.
+    let mut h = H::with_config(ForwarderConfig::default());
+    let rates = padded_sim_subscriber(&mut h);
+    h.f.set_downlink_estimate(C, Some(rates[0] * 2));
+    for n in 60..100 {
+        step(&mut h, n, n % 15 == 0);
+    }
+    h.f.note_downlink_loss(C, h.at(100 * 33));
+    step(&mut h, 100, false);
+    assert!(!h.f.downlink_constrained(C), "loss alone caps nothing");
+    h.f.set_downlink_estimate(C, Some((rates[2] + rates[0]) / 2));
+    for n in 101..131 {
+        step(&mut h, n, n % 15 == 0);
+    }
+    assert!(h.f.downlink_constrained(C));
+    assert_eq!(H::sizes_of(&h.take(C, MediaKind::Video)).last(), Some(&640));
 }
 
 #[test]

@@ -924,17 +924,25 @@ struct PeerState {
     rtp_write_dropped: u64,
     /// Data channel messages dropped (binary, not UTF-8, other channels).
     channel_dropped: u64,
-    /// Forwarding mode: NACKs received per sent stream, as of str0m's
-    /// last egress stats (its counts are totals).
-    /// And the packets resent (str0m's packets sent on the m-line less the
-    /// packets written on it, as of that report), and the loss the
-    /// receiver reported since the report before: (NACKs, resent, loss).
+    /// Forwarding mode: what str0m's last egress report said of each sent
+    /// stream (its counts are totals).
     egress_nacks: HashMap<(Mid, Option<Rid>), EgressReport>,
 }
 
-/// What str0m's last egress report of one sent stream said: NACKs
-/// received, packets resent, receiver-reported loss.
-type EgressReport = (u64, u64, Option<f32>);
+/// What str0m's egress reports said of one sent stream.
+#[derive(Debug, Clone, Copy, Default)]
+struct EgressReport {
+    /// NACKs received, as of the last report.
+    nacks: u64,
+    /// Packets resent: str0m's packets sent on the m-line less the packets
+    /// written on it, as of the last report.
+    resent: u64,
+    /// The loss the last receiver report gave (a fraction), and the time
+    /// of the egress report that carried it: kept across reports that
+    /// carried none, so a reader that looks less often than str0m reports
+    /// misses none.
+    loss: Option<(f32, Instant)>,
+}
 
 mod channel;
 #[cfg(feature = "faults")]

@@ -619,6 +619,21 @@ impl PeerState {
         let mut current: Vec<&RemoteTrack> = self.remote.values().collect();
         current.sort_by_key(|a| a.mid);
         remote.extend(current.into_iter().map(|r| r.stats(true)));
+        // The newest receiver-reported loss: the highest of the streams
+        // whose reports came with it.
+        let newest_at = self
+            .egress_nacks
+            .values()
+            .filter_map(|v| v.loss.map(|(_, at)| at))
+            .max();
+        let newest_loss = newest_at.map(|at| {
+            let worst = self
+                .egress_nacks
+                .values()
+                .filter_map(|v| v.loss.filter(|(_, t)| *t == at).map(|(l, _)| l))
+                .fold(0.0f32, f32::max);
+            ((worst.clamp(0.0, 1.0) * 1000.0).round() as u16, at)
+        });
         PeerStats {
             connected: self.rtc.is_connected(),
             local: self
@@ -646,14 +661,10 @@ impl PeerState {
             relays: Vec::new(),
             gathering_time: self.gathering_time,
             rtp_write_dropped: self.rtp_write_dropped,
-            nacks_received: self.egress_nacks.values().map(|v| v.0).sum(),
-            rtp_resent: self.egress_nacks.values().map(|v| v.1).sum(),
-            egress_loss_permille: self
-                .egress_nacks
-                .values()
-                .filter_map(|v| v.2)
-                .map(|l| (l.clamp(0.0, 1.0) * 1000.0).round() as u16)
-                .max(),
+            nacks_received: self.egress_nacks.values().map(|v| v.nacks).sum(),
+            rtp_resent: self.egress_nacks.values().map(|v| v.resent).sum(),
+            egress_loss_permille: newest_loss.map(|(l, _)| l),
+            egress_loss_at: newest_loss.map(|(_, at)| at),
             channel_messages_dropped: self.channel_dropped,
         }
     }

@@ -183,8 +183,12 @@ impl PeerState {
                     .sum();
                 let resent = s.packets.saturating_sub(written);
                 trace!(mid = %s.mid, rid = ?s.rid, nacks = s.nacks, resent, loss = ?s.loss, bytes = s.bytes, "egress stats");
-                self.egress_nacks
-                    .insert((s.mid, s.rid), (s.nacks, resent, s.loss));
+                let r = self.egress_nacks.entry((s.mid, s.rid)).or_default();
+                *r = EgressReport {
+                    nacks: s.nacks,
+                    resent,
+                    loss: s.loss.map(|l| (l, s.timestamp)).or(r.loss),
+                };
             }
             Event::Closed => {
                 info!("remote closed the connection");
