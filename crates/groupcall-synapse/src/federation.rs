@@ -599,7 +599,12 @@ mod tests {
 
     #[test]
     fn apply_adds_a_tls_federation_listener_and_loopback_only_settings() {
-        let mut m = crate::overrides(IpAddr::V4(Ipv4Addr::LOCALHOST), 1000, Path::new("/tmp/x"));
+        let mut m = crate::overrides(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            1000,
+            Path::new("/tmp/x"),
+            "hs1",
+        );
         let f = FederationListener {
             port: 1001,
             tls_certificate: "/c.pem".into(),

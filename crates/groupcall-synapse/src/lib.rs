@@ -4,7 +4,9 @@
 //! [`Synapse::start`] makes sure a Python venv with a pinned
 //! `matrix-synapse` exists in a cache directory (installing it with pip
 //! when missing, under a lock file so that concurrent test processes do not
-//! install at once), generates a configuration in a fresh data directory,
+//! install at once), puts a configuration in a fresh data directory (a
+//! copy of one generated once per Synapse version and kept in the cache
+//! directory, with its own name and paths),
 //! tunes it for tests (no rate limits, no sync response cache, MSC4140
 //! delayed events on, open registration, no federation) and starts Synapse
 //! as a child process on a loopback port. [`Federation::start`] starts
@@ -321,6 +323,7 @@ pub struct Synapse {
     // directory is removed.
     process: Option<process::Running>,
     venv: PathBuf,
+    cache_dir: PathBuf,
     data: DataDir,
     port: u16,
     bind_address: IpAddr,
@@ -396,6 +399,7 @@ impl Synapse {
         let mut hs = Synapse {
             process: None,
             venv,
+            cache_dir,
             data,
             port: 0,
             bind_address: options.bind_address,
@@ -574,28 +578,69 @@ impl Synapse {
         self.launch().await
     }
 
+    /// Puts a generated `homeserver.yaml` and signing key into the data
+    /// directory (a directory that holds a config already is reused as
+    /// is). Synapse's `--generate-config` takes about 2 s (it imports all
+    /// of Synapse), so it runs once per Synapse version and its output is
+    /// kept under the cache directory (`synapse-generated/`); every later
+    /// server starts from a copy. The overrides ([`overrides`]) give it its
+    /// own server name and point every path of the generated file into its
+    /// data directory. Servers started so share the signing key and the
+    /// generated secrets (registration, macaroons): fine for throwaway
+    /// local servers, and servers that federate tell each other apart by
+    /// name (a key is fetched per server name).
     async fn generate_config(&self) -> Result<(), SynapseError> {
         let dir = self.data.path();
         if dir.join(CONFIG_FILE).exists() {
             debug!(dir = %dir.display(), "reusing existing Synapse config");
             return Ok(());
         }
+        let generated = self.generated_config().await?;
+        let key = signing_key_file(&self.server_name);
+        for (from, to) in [(CONFIG_FILE, CONFIG_FILE), (GENERATED_KEY, key.as_str())] {
+            std::fs::copy(generated.join(from), dir.join(to)).map_err(SynapseError::io(
+                format!("copying the generated {from} from {}", generated.display()),
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// The directory under the cache holding the generated config (see
+    /// [`Synapse::generate_config`]), generated now if missing.
+    async fn generated_config(&self) -> Result<PathBuf, SynapseError> {
+        let root = self.cache_dir.join("synapse-generated");
+        let target = root.join(install::SYNAPSE_VERSION);
+        let key = GENERATED_KEY;
+        if target.join(CONFIG_FILE).exists() && target.join(key).exists() {
+            return Ok(target);
+        }
+        std::fs::create_dir_all(&root)
+            .map_err(SynapseError::io(format!("creating {}", root.display())))?;
+        // Generated beside its final place and renamed into it, so that a
+        // process reading the cache never sees half of it.
+        let work = tempfile::Builder::new()
+            .prefix(".generating-")
+            .tempdir_in(&root)
+            .map_err(SynapseError::io(format!(
+                "creating a directory in {}",
+                root.display()
+            )))?;
         let out = tokio::process::Command::new(install::venv_python(&self.venv))
-            .current_dir(dir)
+            .current_dir(work.path())
             .args(["-m", "synapse.app.homeserver", "--server-name"])
-            .arg(&self.server_name)
+            .arg(GENERATED_NAME)
             .arg("--config-path")
-            .arg(dir.join(CONFIG_FILE))
+            .arg(work.path().join(CONFIG_FILE))
             .arg("--data-directory")
-            .arg(dir)
+            .arg(work.path())
             .args(["--generate-config", "--report-stats=no"])
             .stdin(std::process::Stdio::null())
             .output()
             .await
             .map_err(SynapseError::io("running synapse --generate-config"))?;
-        if !out.status.success() {
+        if !out.status.success() || !work.path().join(key).exists() {
             return Err(SynapseError::ConfigFailed {
-                dir: dir.to_owned(),
+                dir: work.path().to_owned(),
                 log: format!(
                     "{}{}",
                     String::from_utf8_lossy(&out.stdout),
@@ -603,7 +648,23 @@ impl Synapse {
                 ),
             });
         }
-        Ok(())
+        let work = work.keep();
+        if std::fs::rename(&work, &target).is_err() {
+            // Another process put it there first (a non-empty target), or
+            // an incomplete one is in the way (removed, then ours goes in).
+            let complete = target.join(CONFIG_FILE).exists() && target.join(key).exists();
+            if complete {
+                let _ = std::fs::remove_dir_all(&work);
+                return Ok(target);
+            }
+            let _ = std::fs::remove_dir_all(&target);
+            if let Err(e) = std::fs::rename(&work, &target) {
+                debug!(error = %e, dir = %work.display(), "generated Synapse config not cached");
+                return Ok(work);
+            }
+        }
+        debug!(dir = %target.display(), "generated Synapse config cached");
+        Ok(target)
     }
 
     /// Writes our settings to a second config file that Synapse reads after
@@ -631,7 +692,7 @@ impl Synapse {
         });
         write_json(&dir.join(LOG_CONFIG_FILE), &log_config)?;
 
-        let mut config = overrides(self.bind_address, self.port, dir);
+        let mut config = overrides(self.bind_address, self.port, dir, &self.server_name);
         if let Some(addrs) = config
             .get_mut("listeners")
             .and_then(|l| l.get_mut(0))
@@ -713,11 +774,25 @@ impl Synapse {
     }
 }
 
-/// Our settings on top of the generated config.
+/// The file name `--generate-config` gives the signing key of
+/// `server_name`.
+fn signing_key_file(server_name: &str) -> String {
+    format!("{server_name}.signing.key")
+}
+
+/// The server name the cached config is generated for (each server's
+/// own is set in [`overrides`]), and the key file that names.
+const GENERATED_NAME: &str = "localhost";
+const GENERATED_KEY: &str = "localhost.signing.key";
+
+/// Our settings on top of the generated config. Every path points into
+/// the data directory `dir` (the generated config may come from the
+/// cache, see [`Synapse::generate_config`]).
 fn overrides(
     bind_address: IpAddr,
     port: u16,
     dir: &Path,
+    server_name: &str,
 ) -> serde_json::Map<String, serde_json::Value> {
     // Rate limits: `per_second: 0` never refills, so "unlimited" is a huge
     // rate with a huge burst.
@@ -773,10 +848,21 @@ fn overrides(
             "concurrent": 1_000_000,
         },
     });
-    match value {
+    let mut m = match value {
         serde_json::Value::Object(m) => m,
         _ => serde_json::Map::new(),
-    }
+    };
+    // Its own name and paths over the generated config's (which may be a
+    // copy from the cache).
+    let path = |p: PathBuf| serde_json::Value::String(p.to_string_lossy().into_owned());
+    m.insert("server_name".into(), server_name.into());
+    m.insert("pid_file".into(), path(dir.join("homeserver.pid")));
+    m.insert("media_store_path".into(), path(dir.join("media_store")));
+    m.insert(
+        "signing_key_path".into(),
+        path(dir.join(signing_key_file(server_name))),
+    );
+    m
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), SynapseError> {
@@ -816,8 +902,25 @@ mod tests {
 
     #[test]
     fn overrides_are_valid_json_with_our_keys() {
-        let m = overrides(IpAddr::V4(Ipv4Addr::LOCALHOST), 1234, Path::new("/tmp/x"));
+        let m = overrides(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            1234,
+            Path::new("/tmp/x"),
+            "localhost",
+        );
         assert_eq!(m["listeners"][0]["port"], 1234);
+        // Every path of the generated config points into the data dir.
+        for key in [
+            "pid_file",
+            "media_store_path",
+            "signing_key_path",
+            "log_config",
+        ] {
+            assert!(m[key].as_str().unwrap().starts_with("/tmp/x/"), "{key}");
+        }
+        assert_eq!(m["signing_key_path"], "/tmp/x/localhost.signing.key");
+        assert_eq!(m["server_name"], "localhost");
+        assert_eq!(m["database"]["args"]["database"], "/tmp/x/homeserver.db");
         assert_eq!(m["listeners"][0]["bind_addresses"][0], "127.0.0.1");
         assert_eq!(m["max_event_delay_duration"], "24h");
         assert_eq!(m["caches"]["sync_response_cache_duration"], 0);
