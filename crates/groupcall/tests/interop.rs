@@ -1667,21 +1667,21 @@ async fn a_callee_asleep_for_25_s_gets_media_within_10_s_of_waking() {
 }
 
 /// 90 s asleep: the first invite expires (60 s) and the next is placed at
-/// once. Timers and pause / 3 in the suite (30 s asleep, invites open
-/// 20 s).
+/// once. Timers and pause / 5 in the suite (18 s asleep, invites open
+/// 12 s: it wakes halfway through the second, as at full length).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_callee_asleep_for_90_s_gets_media_within_10_s_of_waking() {
-    let scale = sleep_scale(3);
+    let scale = sleep_scale(5);
     sleeping_callee("asleep 90 s", std::time::Duration::from_secs(90), scale, 2).await;
 }
 
 /// Five minutes asleep: past the MSC's retries, into the backed-off calls.
-/// Timers and pause / 10 in the suite (30 s).
+/// Timers and pause / 15 in the suite (20 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_callee_asleep_for_5_min_gets_media_within_10_s_of_waking() {
-    let scale = sleep_scale(10);
-    // Calls at 0, 1, 2, 3 and 4 min (scaled: 0, 6, 12, 18, 24 s), the last
-    // open 2 min (12 s).
+    let scale = sleep_scale(15);
+    // Calls at 0, 1, 2, 3 and 4 min (scaled: 0, 4, 8, 12, 16 s), the last
+    // open 2 min (8 s): it wakes halfway through it, as at full length.
     sleeping_callee(
         "asleep 5 min",
         std::time::Duration::from_secs(300),
