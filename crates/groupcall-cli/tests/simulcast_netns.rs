@@ -19,8 +19,9 @@
 //! Needs root, `ip netns` and /dev/net/tun (the session and CI have them).
 //! Timers are the product's own (bandwidth estimates settle in seconds);
 //! the phases are long enough for them, which makes this test about 100 s.
-//! The focus runs its downlink estimation (`[media] estimate_bandwidth`),
-//! alice sends simulcast (`--simulcast true`).
+//! The focus runs with its default media settings (downlink estimation
+//! on, `[media] estimate_bandwidth`), alice sends simulcast
+//! (`--simulcast true`).
 //!
 //! Run: `cargo test -p groupcall-cli --test simulcast_netns -- --nocapture`.
 //! To see the focus's decisions, give it a log filter and a file:
@@ -169,7 +170,8 @@ async fn capped_links_move_subscribers_and_publishers_between_layers() {
             user: &focus_user.user_id,
             allow: &alice.user_id,
             top: "",
-            media: "estimate_bandwidth = true",
+            // The focus's defaults: its downlink estimation is on.
+            media: "",
             grace: "1s",
         },
     )
