@@ -9,6 +9,7 @@ use groupcall::matrix::{
     SyncOptions,
 };
 use groupcall_testkit::synapse::{Synapse, SynapseOptions};
+use matrix_sdk::ruma::api::client::membership::joined_rooms;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::sync::mpsc::Receiver;
@@ -540,12 +541,29 @@ async fn login_restore_and_errors() {
     let device = first.device_id();
     assert_ne!(device, user.device_id);
     assert_eq!(first.user_id(), "@carol:localhost");
+    let room = first
+        .create_call_room(CreateRoomOptions::default())
+        .await
+        .unwrap();
     drop(first);
 
     // A second run reuses the device: by restore and by login.
     let restored = MatrixSession::restore(dir.path()).await.unwrap();
     assert_eq!(restored.device_id(), device);
     restored.client().whoami().await.unwrap();
+    // Room operations do not need a sync first: the room state store is
+    // in memory, so a restored session knows no rooms until it syncs.
+    restored.leave_room(&room).await.unwrap();
+    let joined = restored
+        .client()
+        .send(joined_rooms::v3::Request::new())
+        .await
+        .unwrap();
+    assert!(
+        joined.joined_rooms.iter().all(|r| r.as_str() != room),
+        "{:?}",
+        joined.joined_rooms
+    );
     drop(restored);
     let again = MatrixSession::login(&hs.base_url(), "@carol:localhost", "carol-pw", dir.path())
         .await

@@ -67,8 +67,9 @@ struct StoredSession {
     session: SdkSession,
 }
 
-/// A logged-in Matrix device with end-to-end encryption, backed by a
-/// SQLite store in a data directory. Cheap to clone (shares the client).
+/// A logged-in Matrix device with end-to-end encryption: its Olm account
+/// and sessions in a SQLite store in a data directory, the room state it
+/// syncs in memory. Cheap to clone (shares the client).
 #[derive(Clone, Debug)]
 pub struct MatrixSession {
     client: Client,
@@ -385,10 +386,32 @@ fn user_matches(given: &str, stored: &UserId) -> bool {
     given == stored.as_str() || given == stored.localpart()
 }
 
+/// A client whose E2EE (crypto) store is SQLite in `data_dir` and whose
+/// room state store is in memory.
+///
+/// Every sync loop starts with a full initial sync
+/// ([`SyncOptions::from_scratch`](sync::SyncOptions::from_scratch)), so
+/// persisted room state would never be read back; keeping it in memory takes
+/// SQLite off the path of every sync response (matrix-sdk processed one in
+/// 3-4 ms instead of 6-8 in `bench setup`, three of them on a call's setup
+/// path). No room operation depends on that store before the first sync:
+/// leaving is a plain request ([`MatrixSession::leave_room`]), and the
+/// permission checks wait for the first sync.
 async fn build_client(homeserver_url: &str, data_dir: &Path) -> Result<Client, MatrixError> {
+    let crypto = matrix_sdk::SqliteCryptoStore::open(data_dir.join(STORE_DIR), None)
+        .await
+        .map_err(|e| MatrixError::Http {
+            action: format!("opening the E2EE store in {}", data_dir.display()),
+            message: e.to_string(),
+        })?;
+    let stores = matrix_sdk::config::StoreConfig::new(
+        matrix_sdk::cross_process_lock::CrossProcessLockConfig::multi_process("groupcall"),
+    )
+    .state_store(matrix_sdk::MemoryStore::new())
+    .crypto_store(crypto);
     Client::builder()
         .homeserver_url(homeserver_url)
-        .sqlite_store(data_dir.join(STORE_DIR), None)
+        .store_config(stores)
         // No retries inside matrix-sdk (its default retries for up to 15
         // minutes): every retry is ours, in one policy (`retry`), and never
         // stacked on the SDK's. Requests we do not retry (creating a room,

@@ -1,6 +1,7 @@
 //! Room helpers: creating call rooms, joining, reading and writing state.
 
 use matrix_sdk::deserialized_responses::RawAnySyncOrStrippedState;
+use matrix_sdk::ruma::api::client::membership::leave_room;
 use matrix_sdk::ruma::api::client::room::create_room::v3::{
     Request as CreateRoomRequest, RoomPreset,
 };
@@ -113,21 +114,27 @@ impl MatrixSession {
         Ok(room.room_id().to_string())
     }
 
-    /// Leaves a room.
+    /// Leaves a room: a plain `POST /rooms/{id}/leave`, so it works on a
+    /// session that has not synced the room (e.g. just logged in again).
+    /// Leaving is idempotent: transient failures are retried.
     pub async fn leave_room(&self, room: &str) -> Result<(), MatrixError> {
-        let r = self.room(room)?;
+        let room_id = Self::parse_room_id(room)?;
         let what = format!("leaving {room}");
+        let request = leave_room::v3::Request::new(room_id);
         REQUEST
             .run(
                 &what,
-                || async {
-                    r.leave()
-                        .await
-                        .map_err(|e| MatrixError::sdk(what.clone(), e))
+                || {
+                    self.client
+                        .send(request.clone())
+                        .with_request_config(once())
                 },
-                classify_matrix,
+                |e| classify_http(e, Retry::Transient),
             )
             .await
+            .map_err(|e| MatrixError::http(what.clone(), e))?;
+        info!(room_id = room, "left room");
+        Ok(())
     }
 
     /// All state events of `event_type` (every state key) as the local

@@ -86,8 +86,10 @@ pub struct SyncOptions {
     pub channel_capacity: usize,
     /// Start with a full initial sync (no stored `since` token), so that
     /// the channel first carries the whole current state of every joined
-    /// room. With `false`, a restored session continues where its last
-    /// sync stopped and only changes arrive.
+    /// room. With `false`, a loop started again on the same session
+    /// continues where the last one stopped and only changes arrive (the
+    /// room state is kept in memory: a new process starts with a full
+    /// sync either way).
     pub from_scratch: bool,
 }
 
