@@ -141,6 +141,31 @@ impl GroupCall {
         self.mesh(now);
     }
 
+    /// The media of `key` changed state: if `key` is our connected focus and
+    /// its media stopped, it is given up at once (restarting ICE with it is
+    /// no use when the mesh is there to fall back to). Whether it was.
+    pub(super) fn give_up_unreachable_focus(
+        &mut self,
+        now: u64,
+        key: &DeviceKey,
+        state: &MediaState,
+    ) -> bool {
+        let connected = self
+            .peers
+            .get(key)
+            .is_some_and(|p| p.phase == super::peer::Phase::Connected);
+        if !self.is_focus(key)
+            || !connected
+            || !matches!(state, MediaState::Disconnected | MediaState::Failed)
+        {
+            return false;
+        }
+        warn!(device = %key, ?state, "our focus is unreachable");
+        self.close_peer(key, true, FOCUS_UNREACHABLE, true);
+        self.mesh(now);
+        true
+    }
+
     /// A message on the focus peer's data channel.
     pub(super) fn focus_channel_message(&mut self, now: u64, key: &DeviceKey, text: &str) {
         if !self.is_focus(key) {

@@ -11,7 +11,6 @@ use crate::signalling::{
 };
 use crate::types::*;
 
-use super::focus::FOCUS_UNREACHABLE;
 use super::{GroupCall, MAX_PENDING_REMOTE_CANDIDATES};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -689,18 +688,7 @@ impl GroupCall {
     }
 
     pub(super) fn on_media_state(&mut self, now: u64, key: &DeviceKey, state: MediaState) {
-        // A focus that stops answering is given up at once: restarting ICE
-        // with it is no use when the mesh is there to fall back to.
-        if self.is_focus(key)
-            && matches!(state, MediaState::Disconnected | MediaState::Failed)
-            && self
-                .peers
-                .get(key)
-                .is_some_and(|p| p.phase == Phase::Connected)
-        {
-            warn!(device = %key, ?state, "our focus is unreachable");
-            self.close_peer(key, true, FOCUS_UNREACHABLE, true);
-            self.mesh(now);
+        if self.give_up_unreachable_focus(now, key, &state) {
             return;
         }
         let Some(peer) = self.peers.get_mut(key) else {
