@@ -701,11 +701,14 @@ pub async fn join_call(
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let (liveness, hook) = if delayed_leave {
+        let warnings = ev_tx.clone();
         let (l, h) = DelayedLeave::start(
             session.clone(),
             room_id.clone(),
             &opts.liveness,
-            ev_tx.clone(),
+            Box::new(move |w| {
+                let _ = warnings.send(ClientEvent::Warning(w));
+            }),
         );
         (Some(l), Some(h))
     } else {

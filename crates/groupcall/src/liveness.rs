@@ -30,7 +30,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::client::ClientEvent;
 use crate::matrix::{MatrixError, MatrixSession};
 
 /// How fast a vanished participant is detected.
@@ -153,6 +152,10 @@ impl PublishedHook {
     }
 }
 
+/// Where the task reports what the user should know (the client turns it
+/// into `ClientEvent::Warning`).
+pub(crate) type WarningSink = Box<dyn Fn(String) + Send + Sync + 'static>;
+
 /// The delayed "leave" of our device, kept alive by heartbeats. Dropping it
 /// stops the heartbeats without cancelling (as a crash would), so the leave
 /// fires.
@@ -174,7 +177,7 @@ impl DelayedLeave {
         session: MatrixSession,
         room_id: String,
         opts: &LivenessOptions,
-        events: mpsc::UnboundedSender<ClientEvent>,
+        warn: WarningSink,
     ) -> (DelayedLeave, PublishedHook) {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = Task {
@@ -185,7 +188,7 @@ impl DelayedLeave {
             delay_ms: opts.leave_delay.as_millis() as u64,
             current: None,
             wanted: None,
-            events,
+            warn,
         };
         let handle = tokio::spawn(task.run(rx, opts.heartbeat));
         (
@@ -226,7 +229,7 @@ struct Task {
     current: Option<(String, Planned)>,
     /// What should be scheduled (None once we left).
     wanted: Option<Planned>,
-    events: mpsc::UnboundedSender<ClientEvent>,
+    warn: WarningSink,
 }
 
 impl Task {
@@ -340,9 +343,9 @@ impl Task {
                 }
                 Err(e) => {
                     warn!("scheduling the delayed leave failed: {e}");
-                    let _ = self.events.send(ClientEvent::Warning(format!(
+                    (self.warn)(format!(
                         "scheduling the delayed leave failed (retrying): {e}"
-                    )));
+                    ));
                 }
             }
         }
