@@ -398,11 +398,13 @@ fn user_matches(given: &str, stored: &UserId) -> bool {
 /// leaving is a plain request ([`MatrixSession::leave_room`]), and the
 /// permission checks wait for the first sync.
 async fn build_client(homeserver_url: &str, data_dir: &Path) -> Result<Client, MatrixError> {
-    let crypto = matrix_sdk::SqliteCryptoStore::open(data_dir.join(STORE_DIR), None)
+    let store_dir = data_dir.join(STORE_DIR);
+    let crypto = matrix_sdk::SqliteCryptoStore::open(&store_dir, None)
         .await
-        .map_err(|e| MatrixError::Http {
-            action: format!("opening the E2EE store in {}", data_dir.display()),
-            message: e.to_string(),
+        .map_err(|e| MatrixError::Io {
+            what: "opening the E2EE store",
+            path: store_dir.clone(),
+            source: std::io::Error::other(e),
         })?;
     let stores = matrix_sdk::config::StoreConfig::new(
         matrix_sdk::cross_process_lock::CrossProcessLockConfig::multi_process("groupcall"),
